@@ -1,0 +1,39 @@
+# kvmd: two commands for a new machine (see README.md): `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+LISTEN ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint typecheck pytest bench clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Reinstall (editable) whenever the build inputs change: the cffi binding or the protos.
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py kvmd/kvm/_build.py kvmd/kvm/_names.py $(wildcard proto/*.proto)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/kvmd $(LISTEN)
+
+lint: install
+	$(VENV)/bin/ruff check kvmd client tests benchmarks setup.py
+
+typecheck: install
+	$(VENV)/bin/mypy kvmd client
+
+pytest: install
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvmd/api/gen kvmd/kvm/_kvm_cffi*

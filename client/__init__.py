@@ -1,0 +1,1 @@
+"""The kvmd Python client library and the kvmctl CLI."""

@@ -1,0 +1,5 @@
+"""kvmctl (placeholder)."""
+
+
+def main() -> int:
+    return 0

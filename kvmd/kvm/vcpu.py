@@ -1,0 +1,433 @@
+"""Vcpu: one KVM vCPU fd with its kvm_run mapping."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+from typing import Any
+
+from kvmd.kvm._ffi import ffi, ioctl, lib
+from kvmd.kvm._names import EXIT_COUNTER_SLOTS
+from kvmd.kvm.errors import KvmError, check, invalid
+from kvmd.kvm.exits import EXIT_REASON_NAMES, IntrExit, VcpuExit, decode_exit
+from kvmd.kvm.stats import StatsReader
+from kvmd.kvm.types import (
+    CONTROL_NAMES,
+    DTABLE_NAMES,
+    REG_NAMES,
+    SEGMENT_FIELDS,
+    SEGMENT_NAMES,
+    VCPU_EVENT_FIELDS,
+    CpuidEntry,
+    DTable,
+    Fpu,
+    MpState,
+    Regs,
+    Segment,
+    Sregs,
+    VcpuEvents,
+)
+
+LAPIC_SIZE = 1024
+_MAX_MSRS = 256
+
+_kick_lock = threading.Lock()
+_kick_installed = False
+
+
+def kick_signal() -> int:
+    """The signal used to kick a vCPU thread out of KVM_RUN (SIGRTMIN+1)."""
+    return int(lib.kvmd_kick_signal())
+
+
+def _install_kick_handler() -> None:
+    global _kick_installed
+    with _kick_lock:
+        if not _kick_installed:
+            check(lib.kvmd_install_kick_handler(), "sigaction")
+            _kick_installed = True
+
+
+class Vcpu:
+    """A vCPU: registers, CPUID, MSRs, LAPIC, events, and `run()` returning decoded exits.
+
+    Created by `Vm.create_vcpu`, which owns it; `close()` (or closing the VM) kicks a running
+    `run()` out of the kernel, waits for it, then unmaps kvm_run and closes the fd.
+    """
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        _install_kick_handler()
+        ptr = lib.mmap(ffi.NULL, mmap_size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
+        if ptr == ffi.cast("void *", -1):
+            err = ffi.errno
+            os.close(fd)
+            raise KvmError(err, "mmap(kvm_run)")
+        self._fd = fd
+        self.id = vcpu_id
+        self._mmap_size = mmap_size
+        self._run_ptr = ptr
+        self._run = ffi.cast("struct kvm_run *", ptr)
+        self._exit = ffi.new("struct kvmd_exit *")
+        # Per-reason exit counters written only by the running thread (no lock per exit).
+        self._counters = ffi.new("uint64_t[]", EXIT_COUNTER_SLOTS)
+        self._state_lock = threading.Lock()
+        self._idle = threading.Condition(self._state_lock)
+        self._running_thread: int | None = None
+        self._stats: StatsReader | None = None
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Stop any run() in progress, then release kvm_run, the stats fd and the vCPU fd."""
+        with self._state_lock:
+            if self._fd < 0:
+                return
+            while self._running_thread is not None:
+                self._kick_locked()
+                self._idle.wait(0.05)
+            fd, self._fd = self._fd, -1
+            if self._stats is not None:
+                self._stats.close()
+                self._stats = None
+            lib.munmap(self._run_ptr, self._mmap_size)
+            self._run = ffi.NULL
+            os.close(fd)
+
+    def __enter__(self) -> Vcpu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self, op: str) -> int:
+        if self._fd < 0:
+            raise KvmError(errno.EBADF, op, "vcpu is closed")
+        return self._fd
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self) -> VcpuExit:
+        """Enter the guest until the next exit and return it, decoded.
+
+        Blocks in KVM_RUN with the GIL released. Returns IntrExit when kicked (see `kick`);
+        the caller then decides whether to clear `immediate_exit` and run again.
+        """
+        with self._state_lock:
+            fd = self._require_open("KVM_RUN")
+            if self._running_thread is not None:
+                raise KvmError(errno.EBUSY, "KVM_RUN", "vcpu is already running in a thread")
+            self._running_thread = threading.get_ident()
+        try:
+            ret = lib.kvmd_run(fd, self._run, self._exit, self._counters)
+        finally:
+            with self._state_lock:
+                self._running_thread = None
+                self._idle.notify_all()
+        if ret < 0:
+            if -ret == errno.EINTR:
+                self._counters[lib.KVM_EXIT_INTR] += 1
+                return IntrExit()
+            raise KvmError(-ret, "KVM_RUN")
+        return decode_exit(self._exit)
+
+    def set_immediate_exit(self, value: bool) -> None:
+        """Set kvm_run.immediate_exit: while set, KVM_RUN returns EINTR at once."""
+        self._require_open("immediate_exit")
+        lib.kvmd_set_immediate_exit(self._run, 1 if value else 0)
+
+    def kick(self) -> None:
+        """Make a run() in progress in another thread (or the next one) return IntrExit.
+
+        Sets immediate_exit, then signals the running thread so a guest spinning in KVM_RUN
+        is interrupted. The caller clears immediate_exit before running again.
+        """
+        with self._state_lock:
+            self._require_open("kick")
+            self._kick_locked()
+
+    def _kick_locked(self) -> None:
+        lib.kvmd_set_immediate_exit(self._run, 1)
+        if self._running_thread is not None:
+            # The thread cannot leave run() without this lock, so it is alive to signal.
+            signal.pthread_kill(self._running_thread, kick_signal())
+
+    @property
+    def is_running(self) -> bool:
+        return self._running_thread is not None
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Supply the bytes an IN exit reads (size*count); the guest sees them on next run."""
+        self._require_open("complete_io_in")
+        check(lib.kvmd_complete_io_in(self._run, data, len(data)), "complete_io_in",
+              "last exit was not an IO IN of this length")
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Supply the bytes an MMIO read returns (exactly the access length)."""
+        self._require_open("complete_mmio_read")
+        check(lib.kvmd_complete_mmio_read(self._run, data, len(data)), "complete_mmio_read",
+              "last exit was not an MMIO read of this length")
+
+    def complete_msr(self, value: int = 0, error: bool = False) -> None:
+        """Complete an RDMSR (with `value`) or WRMSR exit; `error` injects #GP instead."""
+        self._require_open("complete_msr")
+        check(lib.kvmd_complete_msr(self._run, value, 1 if error else 0), "complete_msr",
+              "last exit was not an MSR exit")
+
+    def complete_hyperv(self, result: int) -> None:
+        """Set the result of a Hyper-V hypercall exit."""
+        self._require_open("complete_hyperv")
+        check(lib.kvmd_complete_hyperv(self._run, result), "complete_hyperv",
+              "last exit was not a Hyper-V hypercall")
+
+    def exit_counts(self) -> dict[str, int]:
+        """Exits seen by this vCPU, by reason name (read without stopping the vCPU)."""
+        counts = {}
+        for number, name in EXIT_REASON_NAMES.items():
+            if number < EXIT_COUNTER_SLOTS - 1:
+                counts[name] = int(self._counters[number])
+        counts["other"] = int(self._counters[EXIT_COUNTER_SLOTS - 1])
+        return counts
+
+    def exit_counters(self) -> Any:
+        """The raw per-reason counter array (uint64_t[EXIT_COUNTER_SLOTS]), for collectors."""
+        return self._counters
+
+    # -- registers ------------------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self._require_open("KVM_GET_REGS"), "KVM_GET_REGS", regs)
+        return Regs(**{name: int(getattr(regs, name)) for name in REG_NAMES})
+
+    def set_regs(self, value: Regs) -> None:
+        regs = ffi.new("struct kvm_regs *")
+        for name in REG_NAMES:
+            setattr(regs, name, _u64(getattr(value, name), name))
+        ioctl(self._require_open("KVM_SET_REGS"), "KVM_SET_REGS", regs)
+
+    def get_sregs(self) -> Sregs:
+        s = ffi.new("struct kvm_sregs *")
+        ioctl(self._require_open("KVM_GET_SREGS"), "KVM_GET_SREGS", s)
+        out = Sregs()
+        for name in SEGMENT_NAMES:
+            seg = getattr(s, name)
+            setattr(out, name, Segment(**{f: int(getattr(seg, f)) for f in SEGMENT_FIELDS}))
+        for name in DTABLE_NAMES:
+            dt = getattr(s, name)
+            setattr(out, name, DTable(int(dt.base), int(dt.limit)))
+        for name in CONTROL_NAMES:
+            setattr(out, name, int(getattr(s, name)))
+        out.interrupt_bitmap = [int(s.interrupt_bitmap[i]) for i in range(4)]
+        return out
+
+    def set_sregs(self, value: Sregs) -> None:
+        s = ffi.new("struct kvm_sregs *")
+        try:
+            for name in SEGMENT_NAMES:
+                seg = getattr(s, name)
+                src = getattr(value, name)
+                for f in SEGMENT_FIELDS:
+                    setattr(seg, f, getattr(src, f))
+            for name in DTABLE_NAMES:
+                dt = getattr(s, name)
+                dt.base = getattr(value, name).base
+                dt.limit = getattr(value, name).limit
+            for name in CONTROL_NAMES:
+                setattr(s, name, getattr(value, name))
+            for i in range(4):
+                s.interrupt_bitmap[i] = value.interrupt_bitmap[i]
+        except (OverflowError, TypeError, IndexError) as exc:
+            raise invalid("KVM_SET_SREGS", str(exc)) from None
+        ioctl(self._require_open("KVM_SET_SREGS"), "KVM_SET_SREGS", s)
+
+    def get_fpu(self) -> Fpu:
+        f = ffi.new("struct kvm_fpu *")
+        ioctl(self._require_open("KVM_GET_FPU"), "KVM_GET_FPU", f)
+        return Fpu(
+            fpr=[bytes(ffi.buffer(f.fpr[i], 16)) for i in range(8)],
+            fcw=int(f.fcw), fsw=int(f.fsw), ftwx=int(f.ftwx), last_opcode=int(f.last_opcode),
+            last_ip=int(f.last_ip), last_dp=int(f.last_dp),
+            xmm=[bytes(ffi.buffer(f.xmm[i], 16)) for i in range(16)],
+            mxcsr=int(f.mxcsr),
+        )
+
+    def set_fpu(self, value: Fpu) -> None:
+        if len(value.fpr) != 8 or len(value.xmm) != 16:
+            raise invalid("KVM_SET_FPU", "need 8 fpr and 16 xmm registers")
+        f = ffi.new("struct kvm_fpu *")
+        try:
+            for i, reg in enumerate(value.fpr):
+                f.fpr[i] = list(_exact(reg, 16, "fpr"))
+            for i, reg in enumerate(value.xmm):
+                f.xmm[i] = list(_exact(reg, 16, "xmm"))
+            f.fcw, f.fsw, f.ftwx = value.fcw, value.fsw, value.ftwx
+            f.last_opcode, f.last_ip, f.last_dp = value.last_opcode, value.last_ip, value.last_dp
+            f.mxcsr = value.mxcsr
+        except (OverflowError, TypeError) as exc:
+            raise invalid("KVM_SET_FPU", str(exc)) from None
+        ioctl(self._require_open("KVM_SET_FPU"), "KVM_SET_FPU", f)
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        """Set the CPUID leaves the guest sees (usually Kvm.get_supported_cpuid())."""
+        c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        try:
+            for i, e in enumerate(entries):
+                dst = c.entries[i]
+                dst.function, dst.index, dst.flags = e.function, e.index, e.flags
+                dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
+        except (OverflowError, TypeError) as exc:
+            raise invalid("KVM_SET_CPUID2", str(exc)) from None
+        ioctl(self._require_open("KVM_SET_CPUID2"), "KVM_SET_CPUID2", c)
+
+    def get_cpuid(self, max_entries: int = 256) -> list[CpuidEntry]:
+        """The CPUID leaves set on this vCPU."""
+        c = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
+        ioctl(self._require_open("KVM_GET_CPUID2"), "KVM_GET_CPUID2", c)
+        return cpuid_entries(c)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read MSRs by index; raises KvmError if the kernel refuses any of them."""
+        if len(indices) > _MAX_MSRS:
+            raise invalid("KVM_GET_MSRS", f"at most {_MAX_MSRS} MSRs per call", errno.E2BIG)
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            m.entries[i].index = _u32(index, "msr index")
+        n = ioctl(self._require_open("KVM_GET_MSRS"), "KVM_GET_MSRS", m)
+        if n != len(indices):
+            raise invalid("KVM_GET_MSRS", f"MSR {indices[n]:#x} is not readable")
+        return {int(m.entries[i].index): int(m.entries[i].data) for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """Write MSRs; raises KvmError naming the first MSR the kernel refused."""
+        if len(values) > _MAX_MSRS:
+            raise invalid("KVM_SET_MSRS", f"at most {_MAX_MSRS} MSRs per call", errno.E2BIG)
+        items = list(values.items())
+        m = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (index, data) in enumerate(items):
+            m.entries[i].index = _u32(index, "msr index")
+            m.entries[i].data = _u64(data, "msr value")
+        n = ioctl(self._require_open("KVM_SET_MSRS"), "KVM_SET_MSRS", m)
+        if n != len(items):
+            raise invalid("KVM_SET_MSRS", f"MSR {items[n][0]:#x} was refused")
+
+    def get_mp_state(self) -> MpState:
+        s = ffi.new("struct kvm_mp_state *")
+        ioctl(self._require_open("KVM_GET_MP_STATE"), "KVM_GET_MP_STATE", s)
+        return MpState(int(s.mp_state))
+
+    def set_mp_state(self, state: MpState | int) -> None:
+        s = ffi.new("struct kvm_mp_state *")
+        s.mp_state = _u32(int(state), "mp_state")
+        ioctl(self._require_open("KVM_SET_MP_STATE"), "KVM_SET_MP_STATE", s)
+
+    def get_lapic(self) -> bytes:
+        """The local APIC register page (1024 bytes); needs the in-kernel irqchip."""
+        s = ffi.new("struct kvm_lapic_state *")
+        ioctl(self._require_open("KVM_GET_LAPIC"), "KVM_GET_LAPIC", s)
+        return bytes(ffi.buffer(s.regs, LAPIC_SIZE))
+
+    def set_lapic(self, regs: bytes) -> None:
+        s = ffi.new("struct kvm_lapic_state *")
+        ffi.memmove(s.regs, _exact(regs, LAPIC_SIZE, "lapic"), LAPIC_SIZE)
+        ioctl(self._require_open("KVM_SET_LAPIC"), "KVM_SET_LAPIC", s)
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        e = ffi.new("struct kvmd_vcpu_events *")
+        check(lib.kvmd_get_vcpu_events(self._require_open("KVM_GET_VCPU_EVENTS"), e),
+              "KVM_GET_VCPU_EVENTS")
+        return VcpuEvents(**{name: int(getattr(e, name)) for name in VCPU_EVENT_FIELDS})
+
+    def set_vcpu_events(self, value: VcpuEvents) -> None:
+        e = ffi.new("struct kvmd_vcpu_events *")
+        try:
+            for name in VCPU_EVENT_FIELDS:
+                setattr(e, name, getattr(value, name))
+        except (OverflowError, TypeError) as exc:
+            raise invalid("KVM_SET_VCPU_EVENTS", str(exc)) from None
+        check(lib.kvmd_set_vcpu_events(self._require_open("KVM_SET_VCPU_EVENTS"), e),
+              "KVM_SET_VCPU_EVENTS")
+
+    def set_signal_mask(self, signals: list[int]) -> None:
+        """Signals blocked while in KVM_RUN (KVM_SET_SIGNAL_MASK)."""
+        arr = ffi.new("int[]", list(signals) or [0])
+        check(lib.kvmd_set_signal_mask(self._require_open("KVM_SET_SIGNAL_MASK"), arr,
+                                       len(signals)), "KVM_SET_SIGNAL_MASK")
+
+    def interrupt(self, vector: int) -> None:
+        """Queue an external interrupt (KVM_INTERRUPT; only without an in-kernel irqchip)."""
+        irq = ffi.new("uint32_t *", _u32(vector, "vector"))
+        if vector > 255:
+            raise invalid("KVM_INTERRUPT", "vector must be 0..255")
+        ioctl(self._require_open("KVM_INTERRUPT"), "KVM_INTERRUPT", irq)
+
+    def nmi(self) -> None:
+        """Inject a non-maskable interrupt (KVM_NMI)."""
+        ioctl(self._require_open("KVM_NMI"), "KVM_NMI")
+
+    def set_single_step(self, enabled: bool) -> None:
+        """Enable single-stepping: each instruction then ends in a DebugExit."""
+        dbg = ffi.new("struct kvm_guest_debug *")
+        if enabled:
+            dbg.control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+        ioctl(self._require_open("KVM_SET_GUEST_DEBUG"), "KVM_SET_GUEST_DEBUG", dbg)
+
+    def enable_cap(self, cap: int, args: tuple[int, ...] = (), flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on this vCPU."""
+        ioctl(self._require_open("KVM_ENABLE_CAP"), "KVM_ENABLE_CAP", enable_cap_struct(
+            cap, args, flags))
+
+    def stats(self) -> StatsReader:
+        """The kernel's binary statistics for this vCPU (fd owned by the vCPU)."""
+        with self._state_lock:
+            if self._stats is None:
+                fd = ioctl(self._require_open("KVM_GET_STATS_FD"), "KVM_GET_STATS_FD")
+                self._stats = StatsReader(fd)
+            return self._stats
+
+
+def cpuid_entries(c: Any) -> list[CpuidEntry]:
+    return [
+        CpuidEntry(
+            function=int(e.function), index=int(e.index), flags=int(e.flags),
+            eax=int(e.eax), ebx=int(e.ebx), ecx=int(e.ecx), edx=int(e.edx),
+        )
+        for e in (c.entries[i] for i in range(c.nent))
+    ]
+
+
+def enable_cap_struct(cap: int, args: tuple[int, ...], flags: int) -> Any:
+    if len(args) > 4:
+        raise invalid("KVM_ENABLE_CAP", "at most 4 arguments")
+    s = ffi.new("struct kvm_enable_cap *")
+    s.cap = _u32(cap, "cap")
+    s.flags = _u32(flags, "flags")
+    for i, a in enumerate(args):
+        s.args[i] = _u64(a, "arg")
+    return s
+
+
+def _u64(value: int, what: str) -> int:
+    if not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise invalid("argument", f"{what} must be an unsigned 64-bit integer")
+    return value
+
+
+def _u32(value: int, what: str) -> int:
+    if not isinstance(value, int) or not 0 <= value < 1 << 32:
+        raise invalid("argument", f"{what} must be an unsigned 32-bit integer")
+    return value
+
+
+def _exact(data: bytes, size: int, what: str) -> bytes:
+    if len(data) != size:
+        raise invalid("argument", f"{what} must be exactly {size} bytes")
+    return bytes(data)
