@@ -1,19 +1,324 @@
-"""The kvmd daemon entry point (placeholder until the gRPC API lands)."""
+"""The kvmd daemon: configuration, listeners, server wiring, signals.
+
+    kvmd [--listen ADDR]... [--config FILE] [--log-level LEVEL] [limits...]
+
+Listens on unix:///run/kvmd/kvmd.sock by default (socket mode 0660). TCP listeners without
+TLS are allowed on loopback only.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
+import json
+import logging
+import os
 import signal
+import socket
 import sys
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from kvmd.kvm import Kvm
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvmd import __version__
+from kvmd.api.interceptors import ErrorInterceptor
+from kvmd.api.services import add_services
+from kvmd.core.errors import DomainError
+from kvmd.core.host import Host
+from kvmd.core.limits import Limits
+
+DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
+SOCKET_MODE = 0o660
+SHUTDOWN_GRACE_SECONDS = 2.0
+EXIT_CONFIG_ERROR = 2
+
+log = logging.getLogger("kvmd")
 
 
-def main(argv: list[str] | None = None) -> int:
-    with Kvm() as kvm:
-        caps = {k: v for k, v in kvm.capabilities().items() if v}
-        print(f"KVM API version {kvm.api_version}, vcpu mmap size {kvm.vcpu_mmap_size}")
-        for name, value in sorted(caps.items()):
-            print(f"  {name} = {value}")
-        sys.stdout.flush()
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+class ConfigError(Exception):
+    """The configuration is unusable; the daemon exits 2 with this one-line reason."""
+
+
+# -- logging -------------------------------------------------------------------------------
+
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per event: ts=... level=... logger=... msg="..." key=value (vm_id, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [f"ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}",
+                 f"logger={record.name}", f"msg={json.dumps(record.getMessage())}"]
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                text = str(value)
+                parts.append(f"{key}={json.dumps(text) if ' ' in text or not text else text}")
+        if record.exc_info:
+            parts.append(f"exc={json.dumps(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- configuration -------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """Daemon settings: the TOML config file mirrors these names; flags win."""
+
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    log_level: str = "info"
+    kvm_device: str = "/dev/kvm"
+    socket_group: str = ""
+    max_vms: int = Limits.max_vms
+    max_vcpus_per_vm: int = Limits.max_vcpus_per_vm
+    max_memory_per_vm_bytes: int = Limits.max_memory_per_vm_bytes
+    max_memory_total_bytes: int = Limits.max_memory_total_bytes
+    max_memory_slots_per_vm: int = Limits.max_memory_slots_per_vm
+    max_irqfds_per_vm: int = Limits.max_irqfds_per_vm
+    max_ioevents_per_vm: int = Limits.max_ioevents_per_vm
+    max_message_bytes: int = Limits.max_message_bytes
+    max_concurrent_rpcs: int = Limits.max_concurrent_rpcs
+    metrics_listen: str = "off"
+
+    def limits(self) -> Limits:
+        names = {f.name for f in fields(Limits)}
+        return Limits(**{k: v for k, v in vars(self).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmd", description="Serve the Linux KVM API over gRPC.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file whose keys mirror these flags (flags win)")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help=f"unix:///path or host:port; repeatable (default {DEFAULT_LISTEN})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--kvm-device", help="KVM device path (default /dev/kvm)")
+    p.add_argument("--socket-group", help="group owning Unix sockets (default: unchanged)")
+    p.add_argument("--metrics-listen", help="metrics HTTP address, or 'off'")
+    for f in fields(Limits):
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
+                       help=f"limit (default {f.default})")
+    p.add_argument("--version", action="version", version=f"kvmd {__version__}")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    cfg = Config()
+    known = {f.name for f in fields(Config)}
+    if args.config:
+        try:
+            with open(args.config, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {args.config}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown key {key!r} in {args.config}")
+            if name == "listen" and isinstance(value, str):
+                value = [value]
+            expected = type(getattr(cfg, name))
+            if not isinstance(value, expected):
+                raise ConfigError(f"{key} in {args.config} must be a {expected.__name__}")
+            setattr(cfg, name, value)
+    for name in known:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    for f in fields(Limits):
+        if getattr(cfg, f.name) <= 0:
+            raise ConfigError(f"{f.name} must be positive")
+    return cfg
+
+
+# -- listeners -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Listener:
+    address: str  # as given
+    target: str  # what grpc binds
+    unix_path: str | None
+
+
+def parse_listen(address: str) -> Listener:
+    if address.startswith("unix:"):
+        path = address[len("unix://"):] if address.startswith("unix://") else address[5:]
+        if not path.startswith("/"):
+            raise ConfigError(f"unix listen address {address!r} needs an absolute path "
+                              "(unix:///run/kvmd/kvmd.sock)")
+        return Listener(address, f"unix://{path}", path)
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"listen address {address!r} is neither unix:///path nor host:port")
+    bare = host.strip("[]")
+    if not _is_loopback(bare):
+        raise ConfigError(f"refusing plain TCP on non-loopback address {address!r}: "
+                          "plain TCP is allowed on loopback only")
+    return Listener(address, address, None)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def prepare_unix_socket(path: str) -> None:
+    """Create the directory; replace a stale socket, refuse if a daemon answers on it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if not os.path.lexists(path):
+        return
+    import stat
+
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: left by a daemon that died
+        log.info("replaced stale socket", extra={"path": path})
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot probe existing socket {path}: {exc}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"another daemon is already listening on {path}")
+
+
+def finish_unix_socket(path: str, group: str) -> None:
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket group {group!r} does not exist") from None
+        os.chown(path, -1, gid)
+    os.chmod(path, SOCKET_MODE)
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+class Daemon:
+    """A running kvmd: the core Host plus a gRPC server on the configured listeners."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.limits = cfg.limits()
+        self.listeners = [parse_listen(a) for a in cfg.listen]
+        self.host: Host | None = None
+        self.server: grpc.Server | None = None
+        self.health = health.HealthServicer()
+        self.stopped = threading.Event()
+        self._owned_sockets: list[str] = []
+
+    def start(self) -> None:
+        try:
+            self.host = Host(self.limits, self.cfg.kvm_device)
+        except DomainError as exc:
+            raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
+        options = [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_send_message_length", self.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
+                                       thread_name_prefix="kvmd-rpc"),
+            interceptors=[ErrorInterceptor()],
+            options=options,
+            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
+        )
+        names = add_services(server, self.host)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        for listener in self.listeners:
+            if listener.unix_path:
+                prepare_unix_socket(listener.unix_path)
+            try:
+                port = server.add_insecure_port(listener.target)
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot listen on {listener.address}: {exc}") from None
+            if listener.unix_path is None:
+                log.warning("listening on plain TCP without TLS (loopback only)",
+                            extra={"address": listener.address, "port": port})
+        server.start()
+        self.server = server
+        for listener in self.listeners:
+            if listener.unix_path:
+                self._owned_sockets.append(listener.unix_path)
+                finish_unix_socket(listener.unix_path, self.cfg.socket_group)
+        for name in ["", *names]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("kvmd listening", extra={"version": __version__,
+                                          "listen": ",".join(self.cfg.listen)})
+
+    def stop(self) -> None:
+        """Stop accepting, end streams, release every VM, remove the sockets."""
+        self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            self.server.stop(SHUTDOWN_GRACE_SECONDS).wait(SHUTDOWN_GRACE_SECONDS + 1)
+        if self.host is not None:
+            self.host.close()
+        for path in self._owned_sockets:
+            if os.path.lexists(path):
+                os.unlink(path)
+        self.stopped.set()
+        log.info("kvmd stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+        setup_logging(cfg.log_level)
+        daemon = Daemon(cfg)
+    except ConfigError as exc:
+        print(f"kvmd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.start()
+    except ConfigError as exc:
+        print(f"kvmd: {exc}", file=sys.stderr)
+        daemon.stop()
+        return EXIT_CONFIG_ERROR
+    while not stop.wait(1.0):
+        pass
+    daemon.stop()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

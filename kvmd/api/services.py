@@ -1,0 +1,409 @@
+"""gRPC servicers: thin translation between proto messages and the core's Host.
+
+No VMM rule lives here: each method parses its request, calls the core, and converts the
+result. Domain errors raised by the core become status codes in `interceptors.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from kvmd.api import convert
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.core.errors import InvalidArgument
+from kvmd.core.events import Subscription
+from kvmd.core.host import Host
+from kvmd.core.vm import Fired, ManagedVcpu, ManagedVm, VmOptions
+from kvmd.kvm.memory import PAGE_SIZE
+
+MiB = 1 << 20
+DEFAULT_CHUNK = MiB
+# Room for the non-payload fields of a streamed message.
+MESSAGE_OVERHEAD = 4096
+WATCH_POLL_SECONDS = 0.5
+
+
+def caller_identity(context: grpc.ServicerContext) -> str:
+    """The authenticated identity of the caller ("local" on the Unix socket)."""
+    identity = getattr(context, "kvmd_identity", None)
+    return identity if isinstance(identity, str) else "local"
+
+
+class _Base:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def _vm(self, vm_id: str) -> ManagedVm:
+        if not vm_id:
+            raise InvalidArgument("vm_id is required")
+        return self.host.get_vm(vm_id)
+
+    def _vcpu(self, ref: pb.VcpuRef) -> ManagedVcpu:
+        return self._vm(ref.vm_id).vcpu(ref.vcpu_id)
+
+    def _chunk_size(self, requested: int) -> int:
+        limit = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
+        return max(1, min(requested or DEFAULT_CHUNK, limit))
+
+
+def _watch(sub: Subscription[Fired], context: grpc.ServicerContext) -> Iterator[Fired]:
+    """Yield fired events until the client goes away or the resource is deleted."""
+    context.add_callback(sub.wake)
+    try:
+        while context.is_active():
+            item = sub.get(WATCH_POLL_SECONDS)
+            if sub.closed:
+                return
+            if item is not None:
+                yield item
+    finally:
+        sub.close()
+
+
+class HypervisorService(_Base, rpc.HypervisorServicer):
+    """What this host's KVM and this daemon can do."""
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.HypervisorInfo:
+        """API version, capabilities by name, vCPU mmap size, limits and daemon version."""
+        lim = self.host.limits
+        return pb.HypervisorInfo(
+            api_version=self.host.kvm.api_version,
+            capabilities=self.host.capabilities(),
+            vcpu_mmap_size=self.host.kvm.vcpu_mmap_size,
+            limits=pb.Limits(
+                max_vms=lim.max_vms, max_vcpus_per_vm=lim.max_vcpus_per_vm,
+                max_memory_per_vm_bytes=lim.max_memory_per_vm_bytes,
+                max_memory_total_bytes=lim.max_memory_total_bytes,
+                max_memory_slots_per_vm=lim.max_memory_slots_per_vm,
+                max_message_bytes=lim.max_message_bytes,
+                max_concurrent_rpcs=lim.max_concurrent_rpcs,
+                max_irqfds_per_vm=lim.max_irqfds_per_vm,
+                max_ioevents_per_vm=lim.max_ioevents_per_vm),
+            daemon_version=self.host.version,
+            vm_count=self.host.vm_count(),
+            memory_in_use_bytes=self.host.budget.in_use,
+            page_size=PAGE_SIZE,
+        )
+
+    def CheckExtension(self, request: pb.CheckExtensionRequest,
+                       context: Any) -> pb.CheckExtensionResponse:
+        """KVM_CHECK_EXTENSION by name or number, on /dev/kvm or a VM's fd."""
+        which = request.WhichOneof("capability")
+        if which is None:
+            raise InvalidArgument("give a capability name or number")
+        cap: int | str = request.name if which == "name" else request.number
+        if which == "name" and not request.name:
+            raise InvalidArgument("capability name is empty")
+        value, number = self.host.check_extension(cap, request.vm_id)
+        return pb.CheckExtensionResponse(value=value, number=number)
+
+    def GetSupportedCpuid(self, request: pb.GetSupportedCpuidRequest,
+                          context: Any) -> pb.CpuidEntries:
+        """KVM_GET_SUPPORTED_CPUID."""
+        return convert.cpuid_to_pb(self.host.supported_cpuid())
+
+
+class VmsService(_Base, rpc.VmsServicer):
+    """Create, inspect, list and delete VMs."""
+
+    def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
+        """Create a VM under a caller-chosen id (duplicate: ALREADY_EXISTS)."""
+        o = request.options
+        options = VmOptions(irqchip=o.irqchip, pit=o.pit, tss_address=o.tss_address,
+                            identity_map_address=o.identity_map_address)
+        vm = self.host.create_vm(request.vm_id, dict(request.labels), options,
+                                 owner=caller_identity(context))
+        return convert.vm_to_pb(vm)
+
+    def GetVm(self, request: pb.GetVmRequest, context: Any) -> pb.Vm:
+        """One VM's state, options and resource counts."""
+        return convert.vm_to_pb(self._vm(request.vm_id))
+
+    def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
+        """Every VM carrying all labels of the selector."""
+        vms = self.host.list_vms(dict(request.label_selector))
+        return pb.ListVmsResponse(vms=[convert.vm_to_pb(v) for v in vms])
+
+    def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
+        """Stop the VM and release everything it owns."""
+        if not request.vm_id:
+            raise InvalidArgument("vm_id is required")
+        self.host.delete_vm(request.vm_id)
+        return pb.DeleteVmResponse()
+
+
+class MemoryService(_Base, rpc.MemoryServicer):
+    """Guest memory slots, contents and dirty logs."""
+
+    def AddMemoryRegion(self, request: pb.AddMemoryRegionRequest,
+                        context: Any) -> pb.MemoryRegion:
+        """Map new daemon-owned memory into the guest; returns the slot."""
+        info = self._vm(request.vm_id).add_memory_region(
+            request.guest_addr, request.size, request.read_only, request.log_dirty)
+        return convert.region_to_pb(info)
+
+    def RemoveMemoryRegion(self, request: pb.RemoveMemoryRegionRequest,
+                           context: Any) -> pb.RemoveMemoryRegionResponse:
+        """Unmap a slot and free its memory."""
+        info = self._vm(request.vm_id).remove_memory_region(request.slot)
+        return pb.RemoveMemoryRegionResponse(region=convert.region_to_pb(info))
+
+    def ListMemoryRegions(self, request: pb.ListMemoryRegionsRequest,
+                          context: Any) -> pb.ListMemoryRegionsResponse:
+        """Every slot of the VM, by guest address."""
+        regions = self._vm(request.vm_id).memory_regions()
+        return pb.ListMemoryRegionsResponse(regions=[convert.region_to_pb(r) for r in regions])
+
+    def WriteGuestMemory(self, request_iterator: Iterable[pb.WriteGuestMemoryRequest],
+                         context: Any) -> pb.WriteGuestMemoryResponse:
+        """Write streamed chunks contiguously from the first message's guest_addr."""
+        vm: ManagedVm | None = None
+        addr = written = 0
+        for msg in request_iterator:
+            if vm is None:
+                vm = self._vm(msg.vm_id)
+                addr = msg.guest_addr
+            elif msg.vm_id and msg.vm_id != vm.id:
+                raise InvalidArgument("every chunk of one write must name the same vm")
+            if msg.data:
+                vm.write_memory(addr + written, msg.data)
+                written += len(msg.data)
+        if vm is None:
+            raise InvalidArgument("empty write: the first message must name vm_id")
+        return pb.WriteGuestMemoryResponse(bytes_written=written)
+
+    def ReadGuestMemory(self, request: pb.ReadGuestMemoryRequest,
+                        context: Any) -> Iterator[pb.GuestMemoryChunk]:
+        """Stream guest memory in chunks; the whole range is checked before the first."""
+        vm = self._vm(request.vm_id)
+        vm.check_range(request.guest_addr, request.length)
+        chunk = self._chunk_size(request.chunk_size)
+        for off in range(0, request.length, chunk):
+            n = min(chunk, request.length - off)
+            addr = request.guest_addr + off
+            yield pb.GuestMemoryChunk(guest_addr=addr, data=vm.read_memory(addr, n))
+
+    def GetDirtyLog(self, request: pb.GetDirtyLogRequest,
+                    context: Any) -> Iterator[pb.DirtyLogChunk]:
+        """Fetch (and reset) the slot's dirty bitmap, streamed in chunks."""
+        info, bitmap = self._vm(request.vm_id).get_dirty_log(request.slot)
+        total_pages = info.size // PAGE_SIZE
+        chunk = self._chunk_size(request.chunk_size)
+        total_dirty = 0
+        offsets = range(0, len(bitmap), chunk)
+        for i, off in enumerate(offsets):
+            piece = bitmap[off : off + chunk]
+            dirty = int.from_bytes(piece, "little").bit_count()
+            total_dirty += dirty
+            last = i == len(offsets) - 1
+            yield pb.DirtyLogChunk(
+                slot=info.slot, first_page=off * 8, bitmap=piece, dirty_pages=dirty,
+                total_pages=total_pages, last=last,
+                total_dirty_pages=total_dirty if last else 0)
+
+
+class InterruptsService(_Base, rpc.InterruptsServicer):
+    """Irqchip lines, GSI routing, MSIs and daemon-owned irqfds."""
+
+    def SetIrqLine(self, request: pb.SetIrqLineRequest, context: Any) -> pb.SetIrqLineResponse:
+        """Raise or lower an in-kernel irqchip input."""
+        self._vm(request.vm_id).set_irq_line(request.irq, request.active)
+        return pb.SetIrqLineResponse()
+
+    def SetGsiRouting(self, request: pb.SetGsiRoutingRequest,
+                      context: Any) -> pb.SetGsiRoutingResponse:
+        """Replace the GSI routing table."""
+        vm = self._vm(request.vm_id)
+        vm.set_gsi_routing([convert.route_from_pb(r) for r in request.routes])
+        return pb.SetGsiRoutingResponse()
+
+    def SignalMsi(self, request: pb.SignalMsiRequest, context: Any) -> pb.SignalMsiResponse:
+        """Inject an MSI; `delivered` is false if the guest blocked it."""
+        msi = request.msi
+        devid = msi.devid if msi.HasField("devid") else None
+        delivered = self._vm(request.vm_id).signal_msi(msi.address, msi.data, devid)
+        return pb.SignalMsiResponse(delivered=delivered)
+
+    def RegisterIrqfd(self, request: pb.RegisterIrqfdRequest, context: Any) -> pb.Irqfd:
+        """Bind a new daemon-owned eventfd to a GSI."""
+        vm = self._vm(request.vm_id)
+        entry = vm.register_irqfd(request.irqfd_id, request.gsi, request.resample)
+        return convert.irqfd_to_pb(vm.id, entry)
+
+    def TriggerIrqfd(self, request: pb.TriggerIrqfdRequest,
+                     context: Any) -> pb.TriggerIrqfdResponse:
+        """Signal the irqfd's eventfd, injecting its interrupt."""
+        self._vm(request.vm_id).trigger_irqfd(request.irqfd_id)
+        return pb.TriggerIrqfdResponse()
+
+    def UnregisterIrqfd(self, request: pb.UnregisterIrqfdRequest,
+                        context: Any) -> pb.UnregisterIrqfdResponse:
+        """Detach and close the irqfd."""
+        self._vm(request.vm_id).unregister_irqfd(request.irqfd_id)
+        return pb.UnregisterIrqfdResponse()
+
+    def ListIrqfds(self, request: pb.ListIrqfdsRequest, context: Any) -> pb.ListIrqfdsResponse:
+        """Every irqfd of the VM with its counters."""
+        vm = self._vm(request.vm_id)
+        return pb.ListIrqfdsResponse(irqfds=[convert.irqfd_to_pb(vm.id, e)
+                                             for e in vm.irqfds()])
+
+    def WatchIrqfdResamples(self, request: pb.WatchIrqfdResamplesRequest,
+                            context: Any) -> Iterator[pb.IrqfdResample]:
+        """Stream each resample notification until cancelled or the VM is deleted."""
+        sub = self._vm(request.vm_id).watch_resamples()
+        for fired in _watch(sub, context):
+            yield pb.IrqfdResample(irqfd_id=fired.resource_id, count=fired.count)
+
+
+class IoEventsService(_Base, rpc.IoEventsServicer):
+    """Daemon-owned ioeventfds and their notifications."""
+
+    def RegisterIoevent(self, request: pb.RegisterIoeventRequest, context: Any) -> pb.Ioevent:
+        """Have KVM signal a daemon-owned eventfd on guest writes to an address."""
+        vm = self._vm(request.vm_id)
+        if request.space not in convert.SPACES:
+            raise InvalidArgument(f"unknown address space {request.space}")
+        datamatch = request.datamatch if request.HasField("datamatch") else None
+        entry = vm.register_ioevent(request.ioevent_id, convert.SPACES[request.space],
+                                    request.address, request.length, datamatch)
+        return convert.ioevent_to_pb(vm.id, entry)
+
+    def UnregisterIoevent(self, request: pb.UnregisterIoeventRequest,
+                          context: Any) -> pb.UnregisterIoeventResponse:
+        """Remove and close an ioevent."""
+        self._vm(request.vm_id).unregister_ioevent(request.ioevent_id)
+        return pb.UnregisterIoeventResponse()
+
+    def ListIoevents(self, request: pb.ListIoeventsRequest,
+                     context: Any) -> pb.ListIoeventsResponse:
+        """Every ioevent of the VM with its fire count."""
+        vm = self._vm(request.vm_id)
+        return pb.ListIoeventsResponse(ioevents=[convert.ioevent_to_pb(vm.id, e)
+                                                 for e in vm.ioevents()])
+
+    def WatchIoevents(self, request: pb.WatchIoeventsRequest,
+                      context: Any) -> Iterator[pb.IoeventFired]:
+        """Stream (ioevent id, count) whenever a guest write fires one."""
+        sub = self._vm(request.vm_id).watch_ioevents()
+        for fired in _watch(sub, context):
+            yield pb.IoeventFired(ioevent_id=fired.resource_id, count=fired.count)
+
+
+class VcpusService(_Base, rpc.VcpusServicer):
+    """vCPU creation and register state."""
+
+    def CreateVcpu(self, request: pb.CreateVcpuRequest, context: Any) -> pb.Vcpu:
+        """Create a vCPU with a caller-chosen numeric id."""
+        vcpu = self._vm(request.vm_id).create_vcpu(request.vcpu_id)
+        return pb.Vcpu(vm_id=request.vm_id, vcpu_id=vcpu.id, state=vcpu.state)
+
+    def ListVcpus(self, request: pb.ListVcpusRequest, context: Any) -> pb.ListVcpusResponse:
+        """Every vCPU of the VM with its state."""
+        vm = self._vm(request.vm_id)
+        return pb.ListVcpusResponse(vcpus=[pb.Vcpu(vm_id=vm.id, vcpu_id=v.id, state=v.state)
+                                           for v in vm.vcpus()])
+
+    def GetRegs(self, request: pb.VcpuRef, context: Any) -> pb.Regs:
+        """General-purpose registers."""
+        return convert.regs_to_pb(self._vcpu(request).get_regs())
+
+    def SetRegs(self, request: pb.SetRegsRequest, context: Any) -> pb.Regs:
+        """Set general-purpose registers; returns them as read back."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.set_regs(convert.regs_from_pb(request.regs))
+        return convert.regs_to_pb(vcpu.get_regs())
+
+    def GetSregs(self, request: pb.VcpuRef, context: Any) -> pb.Sregs:
+        """Segment, descriptor-table and control registers."""
+        return convert.sregs_to_pb(self._vcpu(request).get_sregs())
+
+    def SetSregs(self, request: pb.SetSregsRequest, context: Any) -> pb.Sregs:
+        """Set special registers; returns them as read back."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.set_sregs(convert.sregs_from_pb(request.sregs))
+        return convert.sregs_to_pb(vcpu.get_sregs())
+
+    def GetFpu(self, request: pb.VcpuRef, context: Any) -> pb.Fpu:
+        """x87 and SSE state."""
+        return convert.fpu_to_pb(self._vcpu(request).get_fpu())
+
+    def SetFpu(self, request: pb.SetFpuRequest, context: Any) -> pb.Fpu:
+        """Set x87 and SSE state; returns it as read back."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.set_fpu(convert.fpu_from_pb(request.fpu))
+        return convert.fpu_to_pb(vcpu.get_fpu())
+
+    def SetCpuid(self, request: pb.SetCpuidRequest, context: Any) -> pb.CpuidEntries:
+        """Set the vCPU's CPUID (given entries, or the host's supported set)."""
+        vcpu = self._vcpu(request.vcpu)
+        if request.use_supported and request.entries:
+            raise InvalidArgument("give entries or use_supported, not both")
+        entries = (self.host.supported_cpuid() if request.use_supported
+                   else convert.cpuid_from_pb(request.entries))
+        vcpu.set_cpuid(entries)
+        return convert.cpuid_to_pb(vcpu.get_cpuid())
+
+    def GetCpuid(self, request: pb.VcpuRef, context: Any) -> pb.CpuidEntries:
+        """The vCPU's CPUID entries."""
+        return convert.cpuid_to_pb(self._vcpu(request).get_cpuid())
+
+    def GetMsrs(self, request: pb.GetMsrsRequest, context: Any) -> pb.Msrs:
+        """Read MSRs by index."""
+        values = self._vcpu(request.vcpu).get_msrs(list(request.indices))
+        return pb.Msrs(msrs=[pb.Msr(index=i, value=v) for i, v in values.items()])
+
+    def SetMsrs(self, request: pb.SetMsrsRequest, context: Any) -> pb.Msrs:
+        """Write MSRs; returns them as read back."""
+        vcpu = self._vcpu(request.vcpu)
+        values = {m.index: m.value for m in request.msrs}
+        if len(values) != len(request.msrs):
+            raise InvalidArgument("an MSR index appears twice")
+        vcpu.set_msrs(values)
+        back = vcpu.get_msrs(list(values))
+        return pb.Msrs(msrs=[pb.Msr(index=i, value=v) for i, v in back.items()])
+
+    def GetMpState(self, request: pb.VcpuRef, context: Any) -> pb.MpState:
+        """Multiprocessing state."""
+        return pb.MpState(state=int(self._vcpu(request).get_mp_state()))
+
+    def SetMpState(self, request: pb.SetMpStateRequest, context: Any) -> pb.MpState:
+        """Set multiprocessing state."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.set_mp_state(request.mp_state.state)
+        return pb.MpState(state=int(vcpu.get_mp_state()))
+
+    def GetLapic(self, request: pb.VcpuRef, context: Any) -> pb.Lapic:
+        """Local APIC registers (1024 bytes; needs the in-kernel irqchip)."""
+        return pb.Lapic(regs=self._vcpu(request).get_lapic())
+
+    def SetLapic(self, request: pb.SetLapicRequest, context: Any) -> pb.Lapic:
+        """Set local APIC registers."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.set_lapic(request.lapic.regs)
+        return pb.Lapic(regs=vcpu.get_lapic())
+
+    def GetVcpuEvents(self, request: pb.VcpuRef, context: Any) -> pb.VcpuEvents:
+        """Pending and injected exceptions, interrupts, NMI and SMI."""
+        return convert.events_to_pb(self._vcpu(request).get_vcpu_events())
+
+    def SetVcpuEvents(self, request: pb.SetVcpuEventsRequest, context: Any) -> pb.VcpuEvents:
+        """Set vCPU events; returns them as read back."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.set_vcpu_events(convert.events_from_pb(request.events))
+        return convert.events_to_pb(vcpu.get_vcpu_events())
+
+
+def add_services(server: grpc.Server, host: Host) -> list[str]:
+    """Register every kvmd service on `server`; returns their full names."""
+    rpc.add_HypervisorServicer_to_server(HypervisorService(host), server)
+    rpc.add_VmsServicer_to_server(VmsService(host), server)
+    rpc.add_MemoryServicer_to_server(MemoryService(host), server)
+    rpc.add_InterruptsServicer_to_server(InterruptsService(host), server)
+    rpc.add_IoEventsServicer_to_server(IoEventsService(host), server)
+    rpc.add_VcpusServicer_to_server(VcpusService(host), server)
+    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

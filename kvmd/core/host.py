@@ -1,0 +1,141 @@
+"""Host: the daemon's VM registry over one /dev/kvm, with its limits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from kvmd import __version__
+from kvmd.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from kvmd.core.events import FdWatcher
+from kvmd.core.limits import Limits
+from kvmd.core.vm import ManagedVm, VmOptions, kernel_errors, validate_id, validate_labels
+from kvmd.kvm import CpuidEntry, Kvm, capability_number
+from kvmd.kvm.memory import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+
+class MemoryBudget:
+    """Guest memory reserved across all VMs, against the daemon-wide limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self.in_use + size > self.limit:
+                raise ResourceExhausted(
+                    f"the daemon would hold {self.in_use + size} bytes of guest memory, the "
+                    f"limit is {self.limit}")
+            self.in_use += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.in_use -= size
+
+
+class Host:
+    """Owns /dev/kvm and every VM created through the daemon."""
+
+    def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm") -> None:
+        self.limits = limits or Limits()
+        with kernel_errors("host"):
+            self.kvm = Kvm(kvm_path)
+        self.version = __version__
+        self.budget = MemoryBudget(self.limits.max_memory_total_bytes)
+        self.watcher = FdWatcher()
+        self._vms: dict[str, ManagedVm] = {}
+        self._creating: set[str] = set()
+        self._lock = threading.Lock()
+        self._capabilities: dict[str, int] | None = None
+
+    # -- hypervisor -----------------------------------------------------------------------
+
+    def capabilities(self) -> dict[str, int]:
+        if self._capabilities is None:
+            with kernel_errors("host"):
+                self._capabilities = self.kvm.capabilities()
+        return self._capabilities
+
+    def check_extension(self, cap: int | str, vm_id: str = "") -> tuple[int, int]:
+        """(value, capability number), asked on /dev/kvm or on the VM's fd."""
+        with kernel_errors("host"):
+            number = capability_number(cap)
+            if vm_id:
+                return self.get_vm(vm_id).vm.check_extension(number), number
+            return self.kvm.check_extension(number), number
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        with kernel_errors("host"):
+            return self.kvm.get_supported_cpuid()
+
+    @property
+    def page_size(self) -> int:
+        return PAGE_SIZE
+
+    # -- VMs ------------------------------------------------------------------------------
+
+    def create_vm(self, vm_id: str, labels: dict[str, str], options: VmOptions,
+                  owner: str = "local") -> ManagedVm:
+        validate_id("vm id", vm_id)
+        labels = validate_labels(labels)
+        if options.pit and not options.irqchip:
+            raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
+        with self._lock:
+            if vm_id in self._vms or vm_id in self._creating:
+                raise AlreadyExists(f"vm {vm_id!r} already exists", resource=f"vm/{vm_id}")
+            if len(self._vms) + len(self._creating) >= self.limits.max_vms:
+                raise ResourceExhausted(f"the daemon already has {self.limits.max_vms} VMs, "
+                                        "the limit")
+            self._creating.add(vm_id)
+        try:
+            # Kernel work happens outside the registry lock: other VMs stay responsive.
+            with kernel_errors(f"vm/{vm_id}"):
+                vm = self.kvm.create_vm()
+            managed = ManagedVm.build(vm_id, labels, options, vm, self.limits, self.budget,
+                                      self.watcher, owner)
+        finally:
+            with self._lock:
+                self._creating.discard(vm_id)
+        with self._lock:
+            self._vms[vm_id] = managed
+        log.info("vm created", extra={"vm_id": vm_id})
+        return managed
+
+    def get_vm(self, vm_id: str) -> ManagedVm:
+        with self._lock:
+            vm = self._vms.get(vm_id)
+        if vm is None:
+            raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+        return vm
+
+    def list_vms(self, selector: dict[str, str] | None = None) -> list[ManagedVm]:
+        with self._lock:
+            vms = sorted(self._vms.values(), key=lambda v: v.id)
+        if selector:
+            vms = [v for v in vms if all(v.labels.get(k) == val for k, val in selector.items())]
+        return vms
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self._lock:
+            vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+        vm.close()
+        log.info("vm deleted", extra={"vm_id": vm_id})
+
+    def vm_count(self) -> int:
+        with self._lock:
+            return len(self._vms)
+
+    def close(self) -> None:
+        """Delete every VM, stop the fd watcher, close /dev/kvm."""
+        with self._lock:
+            vms, self._vms = list(self._vms.values()), {}
+        for vm in vms:
+            vm.close()
+        self.watcher.close()
+        self.kvm.close()
