@@ -1,1 +1,57 @@
-"""The kvmd Python client library and the kvmctl CLI."""
+"""The kvmd Python client library and the kvmctl CLI.
+
+``KvmdClient`` wraps every kvmd.v1 RPC with a typed method; failures raise the
+``client.errors.KvmdError`` subclass of their status code.
+"""
+
+from client.errors import (
+    STATUS_TO_ERROR,
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    KvmdError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    from_rpc_error,
+)
+from client.kvmd_client import (
+    DEFAULT_ADDRESS,
+    DirtyLog,
+    KvmdClient,
+    Watch,
+    irqchip_route,
+    msi_route,
+)
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "STATUS_TO_ERROR",
+    "AlreadyExistsError",
+    "CancelledError",
+    "DeadlineExceededError",
+    "DirtyLog",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "KvmdClient",
+    "KvmdError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "Watch",
+    "from_rpc_error",
+    "irqchip_route",
+    "msi_route",
+]

@@ -1,0 +1,867 @@
+"""A typed Python client for the kvmd daemon (proto/vmm.proto, package kvmd.v1).
+
+Usage::
+
+    from client import KvmdClient
+
+    with KvmdClient("unix:///run/kvmd/kvmd.sock") as kvm:
+        kvm.wait_ready(5)
+        kvm.create_vm("vm1", labels={"team": "infra"}, irqchip=True)
+        kvm.add_memory_region("vm1", 0x0, 2 << 20)
+        kvm.write_memory("vm1", 0x1000, b"\\xf4")          # hlt
+        kvm.create_vcpu("vm1", 0)
+        kvm.set_regs("vm1", 0, rip=0x1000, rflags=0x2)   # merged with the current registers
+
+Conventions:
+
+- Methods return the generated protobuf messages (typed by ``vmm_pb2.pyi``); list RPCs return
+  Python lists; responses that wrap a single value are unwrapped (``check_extension`` -> int,
+  ``get_mp_state`` -> state name, ``get_lapic`` -> bytes, ``get_msrs`` -> ``{index: value}``).
+- Setters take either a message or a mapping of field names; a mapping (and keyword fields) is
+  a partial update merged with the vCPU's current state.
+- Every ``grpc.RpcError`` is raised as a :class:`client.errors.KvmdError` subclass.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client._convert import coerce, merge_into
+from client.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    KvmdError,
+    UnavailableError,
+    from_rpc_error,
+)
+from kvmd.api.gen import vmm_pb2, vmm_pb2_grpc
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_MESSAGE_BYTES",
+    "DirtyLog",
+    "KvmdClient",
+    "Watch",
+    "irqchip_route",
+    "msi_route",
+    "normalize_address",
+]
+
+#: The daemon's default listening socket.
+DEFAULT_ADDRESS = "unix:///run/kvmd/kvmd.sock"
+#: Bytes per streamed chunk of guest memory (well below the 4 MiB default message limit).
+DEFAULT_CHUNK_SIZE = 1 << 20
+#: Channel send/receive message limit.
+MAX_MESSAGE_BYTES = 64 << 20
+
+T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+_CHIPS = {
+    "pic-master": "PIC_MASTER",
+    "pic_master": "PIC_MASTER",
+    "pic-slave": "PIC_SLAVE",
+    "pic_slave": "PIC_SLAVE",
+    "ioapic": "IOAPIC",
+}
+_SPACES = {"pio": "PIO", "mmio": "MMIO"}
+
+
+def normalize_address(address: str) -> tuple[str, bool]:
+    """Return ``(grpc_target, is_unix)`` for a kvmd address.
+
+    Accepts ``unix:///abs/path`` (the gRPC form), ``unix:relative/path``, a bare absolute path
+    (``/run/kvmd/kvmd.sock``), ``host:port`` and ``tcp://host:port``.
+    """
+    address = address.strip()
+    if not address:
+        raise ValueError("empty address")
+    if address.startswith(("unix:", "unix-abstract:")):
+        return address, True
+    if address.startswith("/"):
+        return f"unix://{address}", True
+    if address.startswith("tcp://"):
+        return address[len("tcp://") :], False
+    return address, False
+
+
+def irqchip_route(gsi: int, chip: str | int, pin: int) -> vmm_pb2.IrqRoute:
+    """A GSI route to an in-kernel irqchip pin; ``chip`` is pic-master, pic-slave or ioapic."""
+    if isinstance(chip, str):
+        try:
+            chip_name = _CHIPS[chip.lower()]
+        except KeyError:
+            raise ValueError(
+                f"unknown irqchip {chip!r} (choose pic-master, pic-slave or ioapic)"
+            ) from None
+    else:
+        chip_name = vmm_pb2.IrqChipPin.Chip.Name(chip)
+    return vmm_pb2.IrqRoute(gsi=gsi, irqchip=vmm_pb2.IrqChipPin(chip=chip_name, pin=pin))
+
+
+def msi_route(gsi: int, address: int, data: int, devid: int | None = None) -> vmm_pb2.IrqRoute:
+    """A GSI route that delivers an MSI (address/data, optional device id)."""
+    return vmm_pb2.IrqRoute(gsi=gsi, msi=_msi(address, data, devid))
+
+
+def _msi(address: int, data: int, devid: int | None) -> vmm_pb2.MsiMessage:
+    msi = vmm_pb2.MsiMessage(address=address, data=data)
+    if devid is not None:
+        msi.devid = devid
+    return msi
+
+
+@dataclass(frozen=True)
+class DirtyLog:
+    """A slot's dirty-page bitmap (one bit per page, LSB first), as read by ``GetDirtyLog``.
+
+    Unpacks as ``bitmap, dirty_count = client.dirty_log(vm, slot)``.
+    """
+
+    slot: int
+    bitmap: bytes
+    dirty_count: int
+    total_pages: int
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.bitmap, self.dirty_count))
+
+    def pages(self) -> list[int]:
+        """Indices (within the slot) of the dirty pages, ascending."""
+        return _set_bits(self.bitmap, 0, self.total_pages)
+
+
+def _set_bits(bitmap: bytes, first_page: int, limit: int) -> list[int]:
+    pages: list[int] = []
+    for offset, byte in enumerate(bitmap):
+        if not byte:
+            continue
+        base = first_page + offset * 8
+        for bit in range(8):
+            if byte >> bit & 1 and base + bit < limit:
+                pages.append(base + bit)
+    return pages
+
+
+class Watch(Generic[T]):
+    """A cancellable iterator over a server stream (``watch_ioevents``, ...).
+
+    Iterate it for events; call :meth:`cancel` (from any thread) or leave its ``with`` block to
+    end the stream, after which iteration stops quietly. Other stream failures are raised as
+    :class:`KvmdError`.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> Watch[T]:
+        return self
+
+    def __next__(self) -> T:
+        try:
+            item: T = next(self._call)
+        except grpc.RpcError as e:
+            error = from_rpc_error(e)
+            if self._cancelled.is_set() and isinstance(error, CancelledError):
+                raise StopIteration from None
+            raise error from e
+        return item
+
+    def cancel(self) -> None:
+        """End the stream; a blocked ``next()`` returns with StopIteration."""
+        self._cancelled.set()
+        self._call.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancelled.is_set()
+
+    def collect(self, count: int | None = None, duration: float | None = None) -> list[T]:
+        """Gather events until ``count`` arrived or ``duration`` seconds passed, then cancel."""
+        timer = threading.Timer(duration, self.cancel) if duration is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        events: list[T] = []
+        try:
+            for event in self:
+                events.append(event)
+                if count is not None and len(events) >= count:
+                    break
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.cancel()
+        return events
+
+    def __enter__(self) -> Watch[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+_UNSET: Any = object()
+
+
+class KvmdClient:
+    """A connection to one kvmd daemon, with a typed method for every kvmd.v1 RPC.
+
+    Args:
+        address: ``unix:///path.sock`` (default ``unix:///run/kvmd/kvmd.sock``), a bare
+            absolute socket path, or ``host:port`` for TCP.
+        tls_ca: PEM file of the CA that signed the daemon's certificate; with a TCP address it
+            turns on TLS.
+        tls_cert: PEM client certificate (mutual TLS), with ``tls_key``.
+        tls_key: PEM private key of ``tls_cert``.
+        tls_server_name: expected server name when it differs from the host in ``address``.
+        timeout: default deadline in seconds for unary calls and memory streams (None: none).
+            Watch streams never get a default deadline.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        target, is_unix = normalize_address(address)
+        self.address = address
+        self.target = target
+        self.timeout = timeout
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        use_tls = tls_ca is not None or tls_cert is not None or tls_key is not None
+        if use_tls:
+            if is_unix:
+                raise ValueError("TLS options apply to TCP addresses, not Unix sockets")
+            if (tls_cert is None) != (tls_key is None):
+                raise ValueError("tls_cert and tls_key go together")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self.tls = use_tls
+        self._hypervisor = vmm_pb2_grpc.HypervisorStub(self._channel)
+        self._vms = vmm_pb2_grpc.VmsStub(self._channel)
+        self._memory = vmm_pb2_grpc.MemoryStub(self._channel)
+        self._interrupts = vmm_pb2_grpc.InterruptsStub(self._channel)
+        self._ioevents = vmm_pb2_grpc.IoEventsStub(self._channel)
+        self._vcpus = vmm_pb2_grpc.VcpusStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls and watches are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> KvmdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KvmdClient({self.address!r}, tls={self.tls})"
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is _UNSET else timeout
+
+    def _unary(self, method: Callable[..., Resp], request: Any, timeout: Any = _UNSET) -> Resp:
+        try:
+            return method(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def _server_stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+        try:
+            call = method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()  # no-op once complete; ends the stream if the caller stopped early
+
+    def _watch(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Watch[T]:
+        try:
+            return Watch(method(request, timeout=timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    # -- health ----------------------------------------------------------------------------
+
+    def health(self, service: str = "") -> str:
+        """The grpc.health.v1 status of ``service`` ("" = the daemon), e.g. ``"SERVING"``."""
+        response = self._unary(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service)
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the daemon reports SERVING on the health service.
+
+        Raises:
+            UnavailableError: not SERVING within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UnavailableError(
+                    f"kvmd at {self.target} not ready after {timeout:g}s ({last})"
+                )
+            try:
+                response = self._health.Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=min(remaining, 1.0),
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                if not isinstance(error, (UnavailableError, DeadlineExceededError)):
+                    raise error from e
+                last = str(error)
+            else:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+
+    # -- Hypervisor ------------------------------------------------------------------------
+
+    def info(self) -> vmm_pb2.HypervisorInfo:
+        """KVM API version, capabilities by name, vCPU mmap size, limits, daemon version."""
+        return self._unary(self._hypervisor.GetInfo, vmm_pb2.GetInfoRequest())
+
+    def check_extension(self, capability: str | int, vm_id: str | None = None) -> int:
+        """KVM_CHECK_EXTENSION for a capability name ("KVM_CAP_IRQFD"/"irqfd") or number.
+
+        With ``vm_id`` the question is asked on that VM's fd. Returns the value (0 = absent).
+        """
+        request = vmm_pb2.CheckExtensionRequest(vm_id=vm_id or "")
+        if isinstance(capability, int):
+            request.number = capability
+        else:
+            request.name = capability
+        return self._unary(self._hypervisor.CheckExtension, request).value
+
+    def supported_cpuid(self) -> list[vmm_pb2.CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID entries this host can give a guest."""
+        response = self._unary(
+            self._hypervisor.GetSupportedCpuid, vmm_pb2.GetSupportedCpuidRequest()
+        )
+        return list(response.entries)
+
+    # -- Vms -------------------------------------------------------------------------------
+
+    def create_vm(
+        self,
+        vm_id: str,
+        labels: Mapping[str, str] | None = None,
+        *,
+        irqchip: bool = False,
+        pit: bool = False,
+        tss_address: int = 0,
+        identity_map_address: int = 0,
+    ) -> vmm_pb2.Vm:
+        """Create a VM with a caller-chosen id (ALREADY_EXISTS if taken).
+
+        ``irqchip`` creates the in-kernel PIC/IOAPIC/LAPIC; ``pit`` the in-kernel PIT (needs
+        ``irqchip``). Zero addresses mean the daemon's defaults.
+        """
+        request = vmm_pb2.CreateVmRequest(
+            vm_id=vm_id,
+            labels=dict(labels or {}),
+            options=vmm_pb2.VmOptions(
+                irqchip=irqchip,
+                pit=pit,
+                tss_address=tss_address,
+                identity_map_address=identity_map_address,
+            ),
+        )
+        return self._unary(self._vms.CreateVm, request)
+
+    def get_vm(self, vm_id: str) -> vmm_pb2.Vm:
+        """The VM's labels, options, state and resource counts."""
+        return self._unary(self._vms.GetVm, vmm_pb2.GetVmRequest(vm_id=vm_id))
+
+    def list_vms(self, labels: Mapping[str, str] | None = None) -> list[vmm_pb2.Vm]:
+        """Every VM, or only those carrying all of ``labels``."""
+        request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}))
+        return list(self._unary(self._vms.ListVms, request).vms)
+
+    def delete_vm(self, vm_id: str) -> None:
+        """Stop the VM's vCPUs and release everything it owns."""
+        self._unary(self._vms.DeleteVm, vmm_pb2.DeleteVmRequest(vm_id=vm_id))
+
+    # -- Memory ----------------------------------------------------------------------------
+
+    def add_memory_region(
+        self,
+        vm_id: str,
+        guest_addr: int,
+        size: int,
+        *,
+        read_only: bool = False,
+        log_dirty: bool = False,
+    ) -> vmm_pb2.MemoryRegion:
+        """Map ``size`` bytes of new zeroed memory at ``guest_addr``; returns it with its slot."""
+        request = vmm_pb2.AddMemoryRegionRequest(
+            vm_id=vm_id,
+            guest_addr=guest_addr,
+            size=size,
+            read_only=read_only,
+            log_dirty=log_dirty,
+        )
+        return self._unary(self._memory.AddMemoryRegion, request)
+
+    def remove_memory_region(self, vm_id: str, slot: int) -> vmm_pb2.MemoryRegion:
+        """Unmap the slot; returns the region that was removed."""
+        request = vmm_pb2.RemoveMemoryRegionRequest(vm_id=vm_id, slot=slot)
+        return self._unary(self._memory.RemoveMemoryRegion, request).region
+
+    def list_memory_regions(self, vm_id: str) -> list[vmm_pb2.MemoryRegion]:
+        """The VM's memory regions."""
+        request = vmm_pb2.ListMemoryRegionsRequest(vm_id=vm_id)
+        return list(self._unary(self._memory.ListMemoryRegions, request).regions)
+
+    def write_chunks(self, vm_id: str, guest_addr: int, chunks: Iterable[bytes]) -> int:
+        """Stream ``chunks`` into guest memory, one after another from ``guest_addr``.
+
+        Each chunk becomes one message, so keep chunks at or below a few MiB. Returns the number
+        of bytes the daemon wrote.
+        """
+
+        def requests() -> Iterator[vmm_pb2.WriteGuestMemoryRequest]:
+            first = True
+            for chunk in chunks:
+                if first:
+                    yield vmm_pb2.WriteGuestMemoryRequest(
+                        vm_id=vm_id, guest_addr=guest_addr, data=bytes(chunk)
+                    )
+                    first = False
+                elif chunk:
+                    yield vmm_pb2.WriteGuestMemoryRequest(data=bytes(chunk))
+            if first:  # nothing to write: still name the target
+                yield vmm_pb2.WriteGuestMemoryRequest(vm_id=vm_id, guest_addr=guest_addr)
+
+        response = self._unary(self._memory.WriteGuestMemory, requests())
+        return int(response.bytes_written)
+
+    def write_memory(
+        self,
+        vm_id: str,
+        guest_addr: int,
+        data: bytes | bytearray | memoryview,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> int:
+        """Write ``data`` at ``guest_addr``, streamed in ``chunk_size`` chunks.
+
+        Host writes do not mark pages dirty. Returns the number of bytes written.
+        """
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        view = memoryview(data).cast("B")
+        chunks = (view[i : i + chunk_size].tobytes() for i in range(0, len(view), chunk_size))
+        return self.write_chunks(vm_id, guest_addr, chunks)
+
+    def write_file(
+        self,
+        vm_id: str,
+        guest_addr: int,
+        path: str | os.PathLike[str],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> int:
+        """Stream a file (a kernel image, a test program) into guest memory at ``guest_addr``."""
+        with open(path, "rb") as f:
+            return self.write_stream(vm_id, guest_addr, f, chunk_size)
+
+    def write_stream(
+        self,
+        vm_id: str,
+        guest_addr: int,
+        stream: IO[bytes],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> int:
+        """Stream everything readable from a binary file object into guest memory."""
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        return self.write_chunks(vm_id, guest_addr, iter(lambda: stream.read(chunk_size), b""))
+
+    def iter_memory(
+        self, vm_id: str, guest_addr: int, length: int, chunk_size: int = 0
+    ) -> Iterator[vmm_pb2.GuestMemoryChunk]:
+        """Stream ``length`` bytes from ``guest_addr`` as chunks (default 1 MiB each)."""
+        request = vmm_pb2.ReadGuestMemoryRequest(
+            vm_id=vm_id, guest_addr=guest_addr, length=length, chunk_size=chunk_size
+        )
+        return self._server_stream(self._memory.ReadGuestMemory, request)
+
+    def read_memory(
+        self, vm_id: str, guest_addr: int, length: int, chunk_size: int = 0
+    ) -> bytes:
+        """Read ``length`` bytes of guest memory from ``guest_addr``."""
+        out = bytearray()
+        for chunk in self.iter_memory(vm_id, guest_addr, length, chunk_size):
+            out += chunk.data
+        if len(out) != length:
+            raise KvmdError(
+                f"short read: {len(out)} of {length} bytes", code=grpc.StatusCode.DATA_LOSS
+            )
+        return bytes(out)
+
+    def read_to_file(
+        self,
+        vm_id: str,
+        guest_addr: int,
+        length: int,
+        path: str | os.PathLike[str],
+        chunk_size: int = 0,
+    ) -> int:
+        """Stream ``length`` bytes of guest memory into a file; returns the bytes written."""
+        written = 0
+        with open(path, "wb") as f:
+            for chunk in self.iter_memory(vm_id, guest_addr, length, chunk_size):
+                f.write(chunk.data)
+                written += len(chunk.data)
+        if written != length:
+            raise KvmdError(
+                f"short read: {written} of {length} bytes", code=grpc.StatusCode.DATA_LOSS
+            )
+        return written
+
+    def iter_dirty_log(
+        self, vm_id: str, slot: int, chunk_size: int = 0
+    ) -> Iterator[vmm_pb2.DirtyLogChunk]:
+        """Stream the slot's dirty bitmap in chunks; reading resets the log, as KVM does."""
+        request = vmm_pb2.GetDirtyLogRequest(vm_id=vm_id, slot=slot, chunk_size=chunk_size)
+        return self._server_stream(self._memory.GetDirtyLog, request)
+
+    def dirty_log(self, vm_id: str, slot: int, chunk_size: int = 0) -> DirtyLog:
+        """The slot's whole dirty bitmap and dirty-page count (resets the log).
+
+        Unpacks as ``bitmap, dirty_count``; ``.pages()`` lists the dirty page indices.
+        """
+        bitmap = bytearray()
+        dirty = 0
+        total_dirty: int | None = None
+        total_pages = 0
+        for chunk in self.iter_dirty_log(vm_id, slot, chunk_size):
+            bitmap += chunk.bitmap
+            dirty += chunk.dirty_pages
+            total_pages = max(total_pages, chunk.total_pages)
+            if chunk.last:
+                total_dirty = chunk.total_dirty_pages
+        if total_pages == 0:
+            total_pages = len(bitmap) * 8
+        count = total_dirty if total_dirty is not None else dirty
+        return DirtyLog(slot=slot, bitmap=bytes(bitmap), dirty_count=count, total_pages=total_pages)
+
+    def dirty_pages(self, vm_id: str, slot: int) -> list[int]:
+        """Indices (within the slot) of the pages dirtied since the last read (resets the log)."""
+        return self.dirty_log(vm_id, slot).pages()
+
+    # -- Interrupts ------------------------------------------------------------------------
+
+    def set_irq_line(self, vm_id: str, irq: int, active: bool) -> None:
+        """Raise (``active=True``) or lower an in-kernel irqchip line (KVM_IRQ_LINE)."""
+        request = vmm_pb2.SetIrqLineRequest(vm_id=vm_id, irq=irq, active=active)
+        self._unary(self._interrupts.SetIrqLine, request)
+
+    def set_gsi_routing(
+        self, vm_id: str, routes: Iterable[vmm_pb2.IrqRoute | Mapping[str, Any]]
+    ) -> None:
+        """Replace the VM's whole GSI routing table (see :func:`irqchip_route`, :func:`msi_route`).
+        """
+        request = vmm_pb2.SetGsiRoutingRequest(
+            vm_id=vm_id, routes=[coerce(vmm_pb2.IrqRoute, r) for r in routes]
+        )
+        self._unary(self._interrupts.SetGsiRouting, request)
+
+    def signal_msi(
+        self, vm_id: str, address: int, data: int, devid: int | None = None
+    ) -> bool:
+        """Inject an MSI (KVM_SIGNAL_MSI); True if the guest accepted it."""
+        request = vmm_pb2.SignalMsiRequest(vm_id=vm_id, msi=_msi(address, data, devid))
+        return bool(self._unary(self._interrupts.SignalMsi, request).delivered)
+
+    def register_irqfd(
+        self, vm_id: str, irqfd_id: str, gsi: int, *, resample: bool = False
+    ) -> vmm_pb2.Irqfd:
+        """Bind a new daemon-owned eventfd to ``gsi`` (level-triggered with ``resample``)."""
+        request = vmm_pb2.RegisterIrqfdRequest(
+            vm_id=vm_id, irqfd_id=irqfd_id, gsi=gsi, resample=resample
+        )
+        return self._unary(self._interrupts.RegisterIrqfd, request)
+
+    def trigger_irqfd(self, vm_id: str, irqfd_id: str) -> None:
+        """Signal the irqfd's eventfd: injects its interrupt."""
+        request = vmm_pb2.TriggerIrqfdRequest(vm_id=vm_id, irqfd_id=irqfd_id)
+        self._unary(self._interrupts.TriggerIrqfd, request)
+
+    def unregister_irqfd(self, vm_id: str, irqfd_id: str) -> None:
+        """Detach and close the irqfd."""
+        request = vmm_pb2.UnregisterIrqfdRequest(vm_id=vm_id, irqfd_id=irqfd_id)
+        self._unary(self._interrupts.UnregisterIrqfd, request)
+
+    def list_irqfds(self, vm_id: str) -> list[vmm_pb2.Irqfd]:
+        """The VM's irqfds with their trigger and resample counts."""
+        request = vmm_pb2.ListIrqfdsRequest(vm_id=vm_id)
+        return list(self._unary(self._interrupts.ListIrqfds, request).irqfds)
+
+    def watch_irqfd_resamples(
+        self, vm_id: str, timeout: float | None = None
+    ) -> Watch[vmm_pb2.IrqfdResample]:
+        """A stream of resample events (the guest acknowledged a resample irqfd's interrupt)."""
+        request = vmm_pb2.WatchIrqfdResamplesRequest(vm_id=vm_id)
+        return self._watch(self._interrupts.WatchIrqfdResamples, request, timeout)
+
+    # -- IoEvents --------------------------------------------------------------------------
+
+    def register_ioevent(
+        self,
+        vm_id: str,
+        ioevent_id: str,
+        address: int,
+        length: int = 0,
+        *,
+        space: str | int = "pio",
+        datamatch: int | None = None,
+    ) -> vmm_pb2.Ioevent:
+        """Watch guest writes to a PIO or MMIO address through a daemon-owned ioeventfd.
+
+        ``length`` 0 matches any access size, else 1, 2, 4 or 8; ``datamatch`` restricts the
+        event to writes of that value (needs a length).
+        """
+        if isinstance(space, str):
+            try:
+                space_name = _SPACES[space.lower()]
+            except KeyError:
+                raise ValueError(f"unknown address space {space!r} (pio or mmio)") from None
+        else:
+            space_name = vmm_pb2.AddressSpace.Name(space)
+        request = vmm_pb2.RegisterIoeventRequest(
+            vm_id=vm_id, ioevent_id=ioevent_id, space=space_name, address=address, length=length
+        )
+        if datamatch is not None:
+            request.datamatch = datamatch
+        return self._unary(self._ioevents.RegisterIoevent, request)
+
+    def unregister_ioevent(self, vm_id: str, ioevent_id: str) -> None:
+        """Detach and close the ioevent."""
+        request = vmm_pb2.UnregisterIoeventRequest(vm_id=vm_id, ioevent_id=ioevent_id)
+        self._unary(self._ioevents.UnregisterIoevent, request)
+
+    def list_ioevents(self, vm_id: str) -> list[vmm_pb2.Ioevent]:
+        """The VM's ioevents with their fired counts."""
+        request = vmm_pb2.ListIoeventsRequest(vm_id=vm_id)
+        return list(self._unary(self._ioevents.ListIoevents, request).ioevents)
+
+    def watch_ioevents(
+        self, vm_id: str, timeout: float | None = None
+    ) -> Watch[vmm_pb2.IoeventFired]:
+        """A stream of (ioevent id, count) each time guest writes fire an ioevent."""
+        request = vmm_pb2.WatchIoeventsRequest(vm_id=vm_id)
+        return self._watch(self._ioevents.WatchIoevents, request, timeout)
+
+    # -- Vcpus -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _ref(vm_id: str, vcpu_id: int) -> vmm_pb2.VcpuRef:
+        return vmm_pb2.VcpuRef(vm_id=vm_id, vcpu_id=vcpu_id)
+
+    def create_vcpu(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Vcpu:
+        """Create vCPU ``vcpu_id`` in the VM."""
+        request = vmm_pb2.CreateVcpuRequest(vm_id=vm_id, vcpu_id=vcpu_id)
+        return self._unary(self._vcpus.CreateVcpu, request)
+
+    def list_vcpus(self, vm_id: str) -> list[vmm_pb2.Vcpu]:
+        """The VM's vCPUs and their states."""
+        request = vmm_pb2.ListVcpusRequest(vm_id=vm_id)
+        return list(self._unary(self._vcpus.ListVcpus, request).vcpus)
+
+    def get_regs(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Regs:
+        """The vCPU's general-purpose registers (KVM_GET_REGS)."""
+        return self._unary(self._vcpus.GetRegs, self._ref(vm_id, vcpu_id))
+
+    def set_regs(
+        self,
+        vm_id: str,
+        vcpu_id: int,
+        regs: vmm_pb2.Regs | Mapping[str, int] | None = None,
+        **fields: int,
+    ) -> vmm_pb2.Regs:
+        """Set general-purpose registers; returns them as the daemon now reports them.
+
+        A ``Regs`` message is set as given (with ``fields`` applied on top). A mapping and/or
+        keyword fields (``set_regs(vm, 0, rip=0x1000)``) are merged into the current registers.
+        """
+        new = self._merged(self.get_regs, vm_id, vcpu_id, vmm_pb2.Regs, regs, fields)
+        request = vmm_pb2.SetRegsRequest(vcpu=self._ref(vm_id, vcpu_id), regs=new)
+        return self._unary(self._vcpus.SetRegs, request)
+
+    def get_sregs(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Sregs:
+        """The vCPU's special registers: segments, descriptor tables, control registers."""
+        return self._unary(self._vcpus.GetSregs, self._ref(vm_id, vcpu_id))
+
+    def set_sregs(
+        self,
+        vm_id: str,
+        vcpu_id: int,
+        sregs: vmm_pb2.Sregs | Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> vmm_pb2.Sregs:
+        """Set special registers; mappings merge into the current ones, nested too.
+
+        ``set_sregs(vm, 0, cr0=0x11, cs={"base": 0, "selector": 0})`` changes only those.
+        """
+        new = self._merged(self.get_sregs, vm_id, vcpu_id, vmm_pb2.Sregs, sregs, fields)
+        request = vmm_pb2.SetSregsRequest(vcpu=self._ref(vm_id, vcpu_id), sregs=new)
+        return self._unary(self._vcpus.SetSregs, request)
+
+    def get_fpu(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Fpu:
+        """The vCPU's x87/SSE state (KVM_GET_FPU)."""
+        return self._unary(self._vcpus.GetFpu, self._ref(vm_id, vcpu_id))
+
+    def set_fpu(
+        self,
+        vm_id: str,
+        vcpu_id: int,
+        fpu: vmm_pb2.Fpu | Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> vmm_pb2.Fpu:
+        """Set the x87/SSE state; mappings and keyword fields merge into the current state."""
+        new = self._merged(self.get_fpu, vm_id, vcpu_id, vmm_pb2.Fpu, fpu, fields)
+        request = vmm_pb2.SetFpuRequest(vcpu=self._ref(vm_id, vcpu_id), fpu=new)
+        return self._unary(self._vcpus.SetFpu, request)
+
+    def get_cpuid(self, vm_id: str, vcpu_id: int) -> list[vmm_pb2.CpuidEntry]:
+        """The vCPU's CPUID entries (KVM_GET_CPUID2)."""
+        return list(self._unary(self._vcpus.GetCpuid, self._ref(vm_id, vcpu_id)).entries)
+
+    def set_cpuid(
+        self,
+        vm_id: str,
+        vcpu_id: int,
+        entries: Iterable[vmm_pb2.CpuidEntry | Mapping[str, int]] | None = None,
+        *,
+        use_supported: bool = False,
+    ) -> list[vmm_pb2.CpuidEntry]:
+        """Set the vCPU's CPUID entries, or with ``use_supported`` the host's supported set."""
+        request = vmm_pb2.SetCpuidRequest(
+            vcpu=self._ref(vm_id, vcpu_id),
+            entries=[coerce(vmm_pb2.CpuidEntry, e) for e in entries or ()],
+            use_supported=use_supported,
+        )
+        return list(self._unary(self._vcpus.SetCpuid, request).entries)
+
+    def get_msrs(self, vm_id: str, vcpu_id: int, indices: Iterable[int]) -> dict[int, int]:
+        """Read MSRs: ``{index: value}``."""
+        request = vmm_pb2.GetMsrsRequest(vcpu=self._ref(vm_id, vcpu_id), indices=list(indices))
+        return {m.index: m.value for m in self._unary(self._vcpus.GetMsrs, request).msrs}
+
+    def set_msrs(self, vm_id: str, vcpu_id: int, msrs: Mapping[int, int]) -> dict[int, int]:
+        """Write MSRs from ``{index: value}``; returns what the daemon reports back."""
+        request = vmm_pb2.SetMsrsRequest(
+            vcpu=self._ref(vm_id, vcpu_id),
+            msrs=[vmm_pb2.Msr(index=i, value=v) for i, v in msrs.items()],
+        )
+        return {m.index: m.value for m in self._unary(self._vcpus.SetMsrs, request).msrs}
+
+    def get_mp_state(self, vm_id: str, vcpu_id: int) -> str:
+        """The vCPU's multiprocessing state name (RUNNABLE, HALTED, ...)."""
+        response = self._unary(self._vcpus.GetMpState, self._ref(vm_id, vcpu_id))
+        return str(vmm_pb2.MpState.State.Name(response.state))
+
+    def set_mp_state(self, vm_id: str, vcpu_id: int, state: str | int) -> str:
+        """Set the multiprocessing state by name (case-insensitive) or number."""
+        mp_state = coerce(vmm_pb2.MpState, {"state": state})
+        request = vmm_pb2.SetMpStateRequest(vcpu=self._ref(vm_id, vcpu_id), mp_state=mp_state)
+        response = self._unary(self._vcpus.SetMpState, request)
+        return str(vmm_pb2.MpState.State.Name(response.state))
+
+    def get_lapic(self, vm_id: str, vcpu_id: int) -> bytes:
+        """The vCPU's local APIC register page (1024 bytes; needs an in-kernel irqchip)."""
+        return bytes(self._unary(self._vcpus.GetLapic, self._ref(vm_id, vcpu_id)).regs)
+
+    def set_lapic(self, vm_id: str, vcpu_id: int, regs: bytes) -> bytes:
+        """Load the local APIC register page; returns it as the daemon now reports it."""
+        request = vmm_pb2.SetLapicRequest(
+            vcpu=self._ref(vm_id, vcpu_id), lapic=vmm_pb2.Lapic(regs=bytes(regs))
+        )
+        return bytes(self._unary(self._vcpus.SetLapic, request).regs)
+
+    def get_vcpu_events(self, vm_id: str, vcpu_id: int) -> vmm_pb2.VcpuEvents:
+        """Pending/injected exceptions, interrupts, NMIs and SMIs (KVM_GET_VCPU_EVENTS)."""
+        return self._unary(self._vcpus.GetVcpuEvents, self._ref(vm_id, vcpu_id))
+
+    def set_vcpu_events(
+        self,
+        vm_id: str,
+        vcpu_id: int,
+        events: vmm_pb2.VcpuEvents | Mapping[str, int] | None = None,
+        **fields: int,
+    ) -> vmm_pb2.VcpuEvents:
+        """Set vCPU events; mappings and keyword fields merge into the current events."""
+        new = self._merged(
+            self.get_vcpu_events, vm_id, vcpu_id, vmm_pb2.VcpuEvents, events, fields
+        )
+        request = vmm_pb2.SetVcpuEventsRequest(vcpu=self._ref(vm_id, vcpu_id), events=new)
+        return self._unary(self._vcpus.SetVcpuEvents, request)
+
+    @staticmethod
+    def _merged(
+        getter: Callable[[str, int], Any],
+        vm_id: str,
+        vcpu_id: int,
+        cls: type[Any],
+        value: Any,
+        fields: Mapping[str, Any],
+    ) -> Any:
+        """A full message: ``value`` as given if it is one, else current state + updates."""
+        if isinstance(value, cls):
+            return merge_into(coerce(cls, value), fields)
+        if value is None and not fields:
+            raise ValueError(f"nothing to set: pass a {cls.__name__}, a mapping or fields")
+        current = getter(vm_id, vcpu_id)
+        if value is not None:
+            merge_into(current, value)
+        return merge_into(current, fields)
+
+
+def _read(path: str | os.PathLike[str] | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
