@@ -49,7 +49,7 @@ from kvmd.kvm.types import (
     StatDescriptor,
     VcpuEvents,
 )
-from kvmd.kvm.vcpu import Vcpu, kick_signal
+from kvmd.kvm.vcpu import PioMap, Vcpu, kick_signal
 from kvmd.kvm.vm import Device, Vm
 
 __all__ = [
@@ -58,7 +58,7 @@ __all__ = [
     "Fpu", "HltExit", "HypercallExit", "HypervExit", "IntrExit", "InternalErrorExit",
     "IoEventAddress", "IoExit", "IoSpace", "IoapicEoiExit", "IrqChip", "IrqChipRoute",
     "IrqRoute", "Kvm", "KvmError", "MemoryRegionInfo", "MmioExit", "MpState", "MsiRoute",
-    "OtherExit", "RdMsrExit", "Regs", "Segment", "ShutdownExit", "Sregs", "StatDescriptor",
+    "OtherExit", "PioMap", "RdMsrExit", "Regs", "Segment", "ShutdownExit", "Sregs", "StatDescriptor",
     "StatsReader", "SystemEventExit", "Vcpu", "VcpuEvents", "VcpuExit", "Vm", "WrMsrExit",
     "capability_number", "dirty_log_bitmap_size", "kick_signal",
 ]

@@ -192,9 +192,12 @@ int madvise(void *addr, size_t length, int advice);
 #define KVM_GUESTDBG_ENABLE ...
 #define KVM_GUESTDBG_SINGLESTEP ...
 #define EXIT_COUNTER_SLOTS ...
+#define KVMD_PIO_UNCLAIMED ...
 
 /* Helpers (C, in _SOURCE): each is one ioctl or one copy, run with the GIL released. */
 int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters);
+int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
+                  const uint8_t *pio_map);
 void kvmd_set_immediate_exit(struct kvm_run *run, int value);
 int kvmd_complete_io_in(struct kvm_run *run, const uint8_t *data, uint32_t len);
 int kvmd_complete_mmio_read(struct kvm_run *run, const uint8_t *data, uint32_t len);
@@ -228,6 +231,13 @@ _SOURCE = r"""
 #include <linux/kvm.h>
 """ + _FALLBACK_DEFINES + r"""
 #define EXIT_COUNTER_SLOTS %(slots)d
+#define KVMD_COUNTER_FIRST_EXTRA %(first_extra)d
+#define KVMD_COUNTER_IO_IN %(io_in)d
+#define KVMD_COUNTER_IO_OUT %(io_out)d
+#define KVMD_COUNTER_MMIO_READ %(mmio_read)d
+#define KVMD_COUNTER_MMIO_WRITE %(mmio_write)d
+#define KVMD_COUNTER_UNCLAIMED_PIO %(unclaimed_pio)d
+#define KVMD_PIO_UNCLAIMED 1
 
 struct kvmd_exit {
     uint32_t reason;
@@ -264,17 +274,61 @@ struct kvmd_route {
 /* One KVM_RUN, then a copy of the exit out of kvm_run: the decoded exit is plain data and
  * kvm_run itself never leaves this module. `counters` (EXIT_COUNTER_SLOTS words, owned by the
  * vCPU) counts exits per reason without a lock: only this vCPU's thread writes them. */
+static void kvmd_decode(struct kvm_run *run, struct kvmd_exit *out);
+
+/* Count an exit: by reason, and IO/MMIO split by direction. */
+static inline void kvmd_count(struct kvm_run *run, uint64_t *counters)
+{
+    uint32_t reason = run->exit_reason;
+    counters[reason < KVMD_COUNTER_FIRST_EXTRA ? reason : EXIT_COUNTER_SLOTS - 1]++;
+    if (reason == KVM_EXIT_IO)
+        counters[run->io.direction == KVM_EXIT_IO_OUT ? KVMD_COUNTER_IO_OUT : KVMD_COUNTER_IO_IN]++;
+    else if (reason == KVM_EXIT_MMIO)
+        counters[run->mmio.is_write ? KVMD_COUNTER_MMIO_WRITE : KVMD_COUNTER_MMIO_READ]++;
+}
+
 int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters)
 {
     int ret = ioctl(fd, KVM_RUN, 0);
     if (ret < 0)
         return -errno;
+    if (counters)
+        kvmd_count(run, counters);
+    kvmd_decode(run, out);
+    return 0;
+}
+
+/* Run until an exit that userspace code must see. Port IO to a port whose `pio_map` byte is
+ * KVMD_PIO_UNCLAIMED is completed here without returning (writes dropped, reads all-ones)
+ * and counted, so a guest hammering an unclaimed port costs no Python per exit. Returns
+ * -EINTR when kicked (immediate_exit or a signal), like kvmd_run. */
+int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
+                  const uint8_t *pio_map)
+{
+    for (;;) {
+        int ret = ioctl(fd, KVM_RUN, 0);
+        if (ret < 0)
+            return -errno;
+        kvmd_count(run, counters);
+        if (run->exit_reason == KVM_EXIT_IO
+            && __atomic_load_n(&pio_map[run->io.port], __ATOMIC_RELAXED) == KVMD_PIO_UNCLAIMED) {
+            if (run->io.direction == KVM_EXIT_IO_IN)
+                memset((uint8_t *)run + run->io.data_offset, 0xff,
+                       (size_t)run->io.size * run->io.count);
+            counters[KVMD_COUNTER_UNCLAIMED_PIO]++;
+            continue;
+        }
+        kvmd_decode(run, out);
+        return 0;
+    }
+}
+
+static void kvmd_decode(struct kvm_run *run, struct kvmd_exit *out)
+{
     uint32_t reason = run->exit_reason;
     out->reason = reason;
     out->ndata = 0;
     out->data_len = 0;
-    if (counters)
-        counters[reason < EXIT_COUNTER_SLOTS ? reason : EXIT_COUNTER_SLOTS - 1]++;
     switch (reason) {
     case KVM_EXIT_IO: {
         uint64_t len = (uint64_t)run->io.size * run->io.count;
@@ -372,7 +426,6 @@ int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *count
     default:
         break;
     }
-    return 0;
 }
 
 void kvmd_set_immediate_exit(struct kvm_run *run, int value)
@@ -560,7 +613,7 @@ size_t kvmd_sizeof_irq_routing_entry(void) { return sizeof(struct kvm_irq_routin
 size_t kvmd_offsetof_run_io(void) { return offsetof(struct kvm_run, io); }
 size_t kvmd_offsetof_run_mmio(void) { return offsetof(struct kvm_run, mmio); }
 size_t kvmd_offsetof_run_msr(void) { return offsetof(struct kvm_run, msr); }
-""" % {"slots": EXIT_COUNTER_SLOTS}
+""" % {"slots": EXIT_COUNTER_SLOTS, **_names["COUNTER_SLOTS"]}
 
 
 def _defines() -> str:

@@ -100,3 +100,14 @@ EXIT_REASONS: list[str] = [
 # The number of per-exit-reason counters each vCPU keeps in C (reasons above go to the last).
 EXIT_COUNTER_SLOTS = 64
 
+# Counter slots past the exit reasons: direction splits and exits completed in C.
+COUNTER_SLOTS: dict[str, int] = {
+    "first_extra": 48,
+    "io_in": 48,
+    "io_out": 49,
+    "mmio_read": 50,
+    "mmio_write": 51,
+    "unclaimed_pio": 52,
+    "unclaimed_mmio": 53,
+}
+

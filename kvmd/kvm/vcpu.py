@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
-from kvmd.kvm._names import EXIT_COUNTER_SLOTS
+from kvmd.kvm._names import COUNTER_SLOTS, EXIT_COUNTER_SLOTS
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.exits import EXIT_REASON_NAMES, IntrExit, VcpuExit, decode_exit
 from kvmd.kvm.stats import StatsReader
@@ -121,13 +121,25 @@ class Vcpu:
         Blocks in KVM_RUN with the GIL released. Returns IntrExit when kicked (see `kick`);
         the caller then decides whether to clear `immediate_exit` and run again.
         """
+        return self._enter(None)
+
+    def run_until_unhandled(self, pio_map: PioMap) -> VcpuExit:
+        """Like `run()`, but port IO to ports `pio_map` marks unclaimed is completed in C
+        (writes dropped, reads all-ones) and counted, without returning: the exit path for
+        such ports costs no Python and holds no GIL."""
+        return self._enter(pio_map)
+
+    def _enter(self, pio_map: PioMap | None) -> VcpuExit:
         with self._state_lock:
             fd = self._require_open("KVM_RUN")
             if self._running_thread is not None:
                 raise KvmError(errno.EBUSY, "KVM_RUN", "vcpu is already running in a thread")
             self._running_thread = threading.get_ident()
         try:
-            ret = lib.kvmd_run(fd, self._run, self._exit, self._counters)
+            if pio_map is None:
+                ret = lib.kvmd_run(fd, self._run, self._exit, self._counters)
+            else:
+                ret = lib.kvmd_run_loop(fd, self._run, self._exit, self._counters, pio_map.cdata)
         finally:
             with self._state_lock:
                 self._running_thread = None
@@ -189,13 +201,23 @@ class Vcpu:
               "last exit was not a Hyper-V hypercall")
 
     def exit_counts(self) -> dict[str, int]:
-        """Exits seen by this vCPU, by reason name (read without stopping the vCPU)."""
+        """Exits seen by this vCPU, by reason name, plus the IO/MMIO direction splits
+        (io_in, io_out, mmio_read, mmio_write) and unclaimed_pio/unclaimed_mmio. Read
+        without stopping the vCPU: the counters are plain words only its thread writes."""
+        first_extra = COUNTER_SLOTS["first_extra"]
         counts = {}
         for number, name in EXIT_REASON_NAMES.items():
-            if number < EXIT_COUNTER_SLOTS - 1:
+            if number < first_extra:
                 counts[name] = int(self._counters[number])
+        for name, slot in COUNTER_SLOTS.items():
+            if name != "first_extra":
+                counts[name] = int(self._counters[slot])
         counts["other"] = int(self._counters[EXIT_COUNTER_SLOTS - 1])
         return counts
+
+    def count_unclaimed_mmio(self) -> None:
+        """Count an MMIO access completed by the caller as unclaimed (vCPU thread only)."""
+        self._counters[COUNTER_SLOTS["unclaimed_mmio"]] += 1
 
     def exit_counters(self) -> Any:
         """The raw per-reason counter array (uint64_t[EXIT_COUNTER_SLOTS]), for collectors."""
@@ -392,6 +414,27 @@ class Vcpu:
                 fd = ioctl(self._require_open("KVM_GET_STATS_FD"), "KVM_GET_STATS_FD")
                 self._stats = StatsReader(fd)
             return self._stats
+
+
+class PioMap:
+    """Which of the 65536 ports are unclaimed (completed in C by `run_until_unhandled`)
+    and which must reach the caller. Shared by the vCPUs of a VM; updates take effect at
+    the next exit."""
+
+    def __init__(self, unclaimed: bool = True) -> None:
+        self.cdata = ffi.new("uint8_t[]", 1 << 16)
+        if unclaimed:
+            ffi.memmove(self.cdata, bytes([lib.KVMD_PIO_UNCLAIMED]) * (1 << 16), 1 << 16)
+
+    def set_claimed(self, first: int, length: int, claimed: bool) -> None:
+        """Mark ports [first, first+length) as reaching the caller (claimed) or not."""
+        if not 0 <= first or first + length > 1 << 16 or length < 0:
+            raise invalid("PioMap", f"ports {first:#x}+{length} out of range")
+        value = 0 if claimed else lib.KVMD_PIO_UNCLAIMED
+        ffi.memmove(self.cdata + first, bytes([value]) * length, length)
+
+    def is_claimed(self, port: int) -> bool:
+        return int(self.cdata[port]) != lib.KVMD_PIO_UNCLAIMED
 
 
 def cpuid_entries(c: Any) -> list[CpuidEntry]:
