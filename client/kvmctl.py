@@ -1,5 +1,1109 @@
-"""kvmctl (placeholder)."""
+"""kvmctl: the command-line interface to a kvmd daemon.
+
+Human-readable tables by default, ``--json`` for scripts. Exit codes: 0 success, 1 the daemon
+refused or failed the request (``error: <CODE>: <message>`` on stderr), 2 usage error, 3 the
+daemon cannot be reached. Numbers accept decimal and ``0x`` hex; sizes also take K/M/G/T
+suffixes (binary: 2M = 2 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from client._convert import message_to_dict, unflatten
+from client._format import format_kv, format_ranges, format_table, hexdump, human_bytes
+from client.errors import KvmdError, UnavailableError
+from client.kvmd_client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_CHUNK_SIZE,
+    KvmdClient,
+    irqchip_route,
+    msi_route,
+)
+from kvmd.api.gen import vmm_pb2
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+Handler = Callable[[KvmdClient, argparse.Namespace], None]
+
+# ---------------------------------------------------------------------------------------------
+# argument types (raise ArgumentTypeError, so argparse reports a usage error and exits 2)
+
+_SIZE_SUFFIXES = {"k": 10, "m": 20, "g": 30, "t": 40}
 
 
-def main() -> int:
-    return 0
+def parse_int(text: str) -> int:
+    """A non-negative integer in decimal, ``0x`` hex, ``0o`` octal or ``0b`` binary."""
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """A byte count: a number (decimal or hex) with an optional K/M/G/T(iB) suffix."""
+    body = text.strip().lower().replace("_", "")
+    for tail in ("ib", "b"):
+        if body.endswith(tail) and len(body) > len(tail) and body[-len(tail) - 1] in "kmgt":
+            body = body[: -len(tail)]
+            break
+    shift = 0
+    if body and body[-1] in _SIZE_SUFFIXES and not body.startswith("0x"):
+        shift = _SIZE_SUFFIXES[body[-1]]
+        body = body[:-1]
+    return parse_int(body) << shift if body else parse_int(text)
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """``key=value``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``field=value`` or ``msg.field=value`` (the value is converted by the field's type)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return key.strip().lower(), value.strip()
+
+
+def parse_msr_assignment(text: str) -> tuple[int, int]:
+    """``INDEX=VALUE``, both numbers."""
+    index, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected INDEX=VALUE, got {text!r}")
+    return parse_int(index), parse_int(value)
+
+
+def parse_level(text: str) -> bool:
+    """An irq line level: 1/high/on/raise or 0/low/off/lower."""
+    lowered = text.lower()
+    if lowered in ("1", "high", "on", "raise", "true"):
+        return True
+    if lowered in ("0", "low", "off", "lower", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"level must be 1/high/on or 0/low/off, got {text!r}")
+
+
+def parse_irqchip_route(text: str) -> vmm_pb2.IrqRoute:
+    """``GSI:CHIP:PIN`` with CHIP pic-master, pic-slave or ioapic."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected GSI:CHIP:PIN, got {text!r}")
+    try:
+        return irqchip_route(parse_int(parts[0]), parts[1], parse_int(parts[2]))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_msi_route(text: str) -> vmm_pb2.IrqRoute:
+    """``GSI:ADDRESS:DATA[:DEVID]``."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"expected GSI:ADDRESS:DATA[:DEVID], got {text!r}")
+    devid = parse_int(parts[3]) if len(parts) == 4 else None
+    return msi_route(parse_int(parts[0]), parse_int(parts[1]), parse_int(parts[2]), devid)
+
+
+def parse_hex_data(text: str) -> bytes:
+    """Hex bytes; spaces, colons and a leading 0x are ignored."""
+    cleaned = text.strip().lower()
+    cleaned = cleaned.removeprefix("0x")
+    cleaned = "".join(c for c in cleaned if c not in " :_\n\t")
+    try:
+        return bytes.fromhex(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not hex data: {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# output helpers
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def _emit_json_line(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + ("\n" if text and not text.endswith("\n") else ""))
+
+
+def _show(a: argparse.Namespace, message: Any, text: Callable[[Any], str]) -> None:
+    """Print ``message`` as JSON with --json, else as ``text(message)``."""
+    if a.json:
+        _emit_json(message_to_dict(message))
+    else:
+        _out(text(message))
+
+
+def _hex(value: int, width: int = 0) -> str:
+    return f"0x{value:0{width}x}" if width else f"{value:#x}"
+
+
+def _labels(labels: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def _timestamp(unix_ms: int) -> str:
+    if not unix_ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_ms / 1000))
+
+
+def _region_flags(region: vmm_pb2.MemoryRegion) -> str:
+    flags = []
+    if region.read_only:
+        flags.append("read-only")
+    if region.log_dirty:
+        flags.append("log-dirty")
+    return ",".join(flags) or "-"
+
+
+def _regions_table(regions: Iterable[vmm_pb2.MemoryRegion]) -> str:
+    rows = [
+        [
+            r.slot,
+            _hex(r.guest_addr, 12),
+            _hex(r.guest_addr + r.size - 1 if r.size else r.guest_addr, 12),
+            human_bytes(r.size),
+            _region_flags(r),
+        ]
+        for r in regions
+    ]
+    return format_table(["slot", "guest addr", "last addr", "size", "flags"], rows,
+                        empty="No memory regions.")
+
+
+def _vm_details(vm: vmm_pb2.Vm) -> str:
+    options = []
+    if vm.options.irqchip:
+        options.append("irqchip")
+    if vm.options.pit:
+        options.append("pit")
+    if vm.options.tss_address:
+        options.append(f"tss={_hex(vm.options.tss_address)}")
+    if vm.options.identity_map_address:
+        options.append(f"identity-map={_hex(vm.options.identity_map_address)}")
+    return format_kv(
+        [
+            ("vm", vm.vm_id),
+            ("state", vm.state),
+            ("labels", _labels(vm.labels)),
+            ("options", ",".join(options) or "-"),
+            ("vcpus", vm.vcpu_count),
+            ("memory slots", vm.memory_slot_count),
+            ("memory", f"{human_bytes(vm.memory_bytes)} ({vm.memory_bytes} bytes)"),
+            ("owner", vm.owner or "-"),
+            ("created", _timestamp(vm.created_unix_ms)),
+        ]
+    )
+
+
+def _cpuid_table(entries: Sequence[vmm_pb2.CpuidEntry]) -> str:
+    rows = [
+        [
+            _hex(e.function, 8),
+            _hex(e.index, 2),
+            _hex(e.flags, 2),
+            _hex(e.eax, 8),
+            _hex(e.ebx, 8),
+            _hex(e.ecx, 8),
+            _hex(e.edx, 8),
+        ]
+        for e in entries
+    ]
+    return format_table(
+        ["function", "index", "flags", "eax", "ebx", "ecx", "edx"], rows, empty="No entries."
+    )
+
+
+_REG_ORDER = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rip", "rflags",
+]  # fmt: skip
+
+
+def _regs_text(regs: vmm_pb2.Regs) -> str:
+    cells = [f"{name:>6} {_hex(getattr(regs, name), 16)}" for name in _REG_ORDER]
+    return "\n".join("  ".join(cells[i : i + 4]) for i in range(0, len(cells), 4))
+
+
+_SEGMENTS = ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]
+_SEG_FIELDS = ["base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g",
+               "avl", "unusable"]
+
+
+def _sregs_text(sregs: vmm_pb2.Sregs) -> str:
+    seg_rows = []
+    for name in _SEGMENTS:
+        seg = getattr(sregs, name)
+        seg_rows.append(
+            [name, _hex(seg.base, 16), _hex(seg.limit, 8), _hex(seg.selector, 4)]
+            + [getattr(seg, f) for f in _SEG_FIELDS[3:]]
+        )
+    segments = format_table(["seg", *_SEG_FIELDS], seg_rows)
+    tables = format_table(
+        ["table", "base", "limit"],
+        [[n, _hex(getattr(sregs, n).base, 16), _hex(getattr(sregs, n).limit, 4)]
+         for n in ("gdt", "idt")],
+    )
+    control = format_kv(
+        [(n, _hex(getattr(sregs, n), 16)) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+                                                     "apic_base")]
+        + [("interrupt_bitmap", " ".join(_hex(w, 16) for w in sregs.interrupt_bitmap) or "-")]
+    )
+    return f"{segments}\n\n{tables}\n\n{control}"
+
+
+def _fpu_text(fpu: vmm_pb2.Fpu) -> str:
+    head = format_kv(
+        [
+            ("fcw", _hex(fpu.fcw, 4)),
+            ("fsw", _hex(fpu.fsw, 4)),
+            ("ftwx", _hex(fpu.ftwx, 2)),
+            ("last_opcode", _hex(fpu.last_opcode, 4)),
+            ("last_ip", _hex(fpu.last_ip, 16)),
+            ("last_dp", _hex(fpu.last_dp, 16)),
+            ("mxcsr", _hex(fpu.mxcsr, 8)),
+        ]
+    )
+    fpr = format_kv([(f"st{i}", bytes(v).hex()) for i, v in enumerate(fpu.fpr)])
+    xmm = format_kv([(f"xmm{i}", bytes(v).hex()) for i, v in enumerate(fpu.xmm)])
+    return "\n\n".join(part for part in (head, fpr, xmm) if part)
+
+
+def _message_kv(message: Any) -> str:
+    return format_kv((k, v) for k, v in message_to_dict(message).items())
+
+
+def _irqfds_table(irqfds: Iterable[vmm_pb2.Irqfd]) -> str:
+    rows = [
+        [i.irqfd_id, i.gsi, "yes" if i.resample else "no", i.triggers, i.resamples]
+        for i in irqfds
+    ]
+    return format_table(["irqfd", "gsi", "resample", "triggers", "resamples"], rows,
+                        empty="No irqfds.")
+
+
+def _ioevents_table(ioevents: Iterable[vmm_pb2.Ioevent]) -> str:
+    rows = [
+        [
+            e.ioevent_id,
+            vmm_pb2.AddressSpace.Name(e.space),
+            _hex(e.address),
+            e.length or "any",
+            _hex(e.datamatch) if e.HasField("datamatch") else "-",
+            e.fired,
+        ]
+        for e in ioevents
+    ]
+    return format_table(["ioevent", "space", "address", "length", "datamatch", "fired"], rows,
+                        empty="No ioevents.")
+
+
+def _assignments(pairs: Sequence[tuple[str, str]] | None) -> dict[str, Any]:
+    return unflatten(dict(pairs or ()))
+
+
+class UsageError(Exception):
+    """A command-line problem found after parsing (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# command handlers
+
+
+def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
+    info = c.info()
+    if a.json:
+        _emit_json(message_to_dict(info))
+        return
+    caps = sorted(info.capabilities.items())
+    shown = caps if a.all else [(k, v) for k, v in caps if v]
+    limits = info.limits
+    text = format_kv(
+        [
+            ("daemon version", info.daemon_version),
+            ("KVM API version", info.api_version),
+            ("vCPU mmap size", info.vcpu_mmap_size),
+            ("page size", info.page_size),
+            ("VMs", info.vm_count),
+            ("memory in use", human_bytes(info.memory_in_use_bytes)),
+        ]
+    )
+    limit_text = format_kv(
+        [
+            ("max VMs", limits.max_vms),
+            ("max vCPUs per VM", limits.max_vcpus_per_vm),
+            ("max memory per VM", human_bytes(limits.max_memory_per_vm_bytes)),
+            ("max memory total", human_bytes(limits.max_memory_total_bytes)),
+            ("max memory slots per VM", limits.max_memory_slots_per_vm),
+            ("max irqfds per VM", limits.max_irqfds_per_vm),
+            ("max ioevents per VM", limits.max_ioevents_per_vm),
+            ("max message size", human_bytes(limits.max_message_bytes)),
+            ("max concurrent RPCs", limits.max_concurrent_rpcs),
+        ],
+        indent=2,
+    )
+    what = "all" if a.all else f"{len(shown)} of {len(caps)} present"
+    cap_table = format_table(["capability", "value"], shown)
+    _out(f"{text}\n\nlimits:\n{limit_text}\n\ncapabilities ({what}):\n{cap_table}")
+
+
+def cmd_cap(c: KvmdClient, a: argparse.Namespace) -> None:
+    capability: str | int
+    try:
+        capability = int(a.capability, 0)
+    except ValueError:
+        capability = a.capability
+    value = c.check_extension(capability, a.vm)
+    if a.json:
+        _emit_json({"capability": a.capability, "vm_id": a.vm, "value": value})
+    else:
+        _out(f"{a.capability}: {value}{'' if value else ' (absent)'}")
+
+
+def cmd_supported_cpuid(c: KvmdClient, a: argparse.Namespace) -> None:
+    entries = c.supported_cpuid()
+    if a.json:
+        _emit_json([message_to_dict(e) for e in entries])
+    else:
+        _out(_cpuid_table(entries))
+
+
+def cmd_vm_create(c: KvmdClient, a: argparse.Namespace) -> None:
+    vm = c.create_vm(
+        a.vm,
+        dict(a.label or ()),
+        irqchip=a.irqchip,
+        pit=a.pit,
+        tss_address=a.tss_address,
+        identity_map_address=a.identity_map_address,
+    )
+    _show(a, vm, _vm_details)
+
+
+def cmd_vm_get(c: KvmdClient, a: argparse.Namespace) -> None:
+    _show(a, c.get_vm(a.vm), _vm_details)
+
+
+def cmd_vm_list(c: KvmdClient, a: argparse.Namespace) -> None:
+    vms = c.list_vms(dict(a.label or ()))
+    if a.json:
+        _emit_json([message_to_dict(vm) for vm in vms])
+        return
+    rows = [
+        [
+            vm.vm_id,
+            vm.state,
+            vm.vcpu_count,
+            vm.memory_slot_count,
+            human_bytes(vm.memory_bytes),
+            _timestamp(vm.created_unix_ms),
+            _labels(vm.labels),
+        ]
+        for vm in sorted(vms, key=lambda v: v.vm_id)
+    ]
+    _out(format_table(["vm", "state", "vcpus", "slots", "memory", "created", "labels"], rows,
+                      empty="No VMs."))
+
+
+def cmd_vm_delete(c: KvmdClient, a: argparse.Namespace) -> None:
+    for vm_id in a.vm:
+        c.delete_vm(vm_id)
+        if not a.json:
+            _out(f"deleted vm {vm_id}")
+    if a.json:
+        _emit_json({"deleted": a.vm})
+
+
+def cmd_mem_add(c: KvmdClient, a: argparse.Namespace) -> None:
+    region = c.add_memory_region(
+        a.vm, a.guest_addr, a.size, read_only=a.read_only, log_dirty=a.log_dirty
+    )
+    _show(a, region, lambda r: _regions_table([r]))
+
+
+def cmd_mem_rm(c: KvmdClient, a: argparse.Namespace) -> None:
+    region = c.remove_memory_region(a.vm, a.slot)
+    if a.json:
+        _emit_json(message_to_dict(region))
+    else:
+        _out(f"removed slot {region.slot} ({_hex(region.guest_addr)}, "
+             f"{human_bytes(region.size)}) from vm {a.vm}")
+
+
+def cmd_mem_ls(c: KvmdClient, a: argparse.Namespace) -> None:
+    regions = sorted(c.list_memory_regions(a.vm), key=lambda r: r.slot)
+    if a.json:
+        _emit_json([message_to_dict(r) for r in regions])
+    else:
+        _out(_regions_table(regions))
+
+
+def cmd_mem_write(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.file is not None:
+        written = c.write_file(a.vm, a.guest_addr, a.file, chunk_size=a.chunk_size)
+    else:
+        written = c.write_memory(a.vm, a.guest_addr, a.data_hex, chunk_size=a.chunk_size)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "bytes_written": written})
+    else:
+        _out(f"wrote {written} bytes ({human_bytes(written)}) at {_hex(a.guest_addr)} "
+             f"in vm {a.vm}")
+
+
+def cmd_mem_read(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.out is not None:
+        count = c.read_to_file(a.vm, a.guest_addr, a.length, a.out)
+        if a.json:
+            _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "length": count,
+                        "path": a.out})
+        else:
+            _out(f"read {count} bytes ({human_bytes(count)}) from {_hex(a.guest_addr)} "
+                 f"into {a.out}")
+        return
+    data = c.read_memory(a.vm, a.guest_addr, a.length)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "length": len(data),
+                    "data": data.hex()})
+    elif a.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        _out(hexdump(data, a.guest_addr))
+
+
+def cmd_dirty_log(c: KvmdClient, a: argparse.Namespace) -> None:
+    log = c.dirty_log(a.vm, a.slot)
+    pages = log.pages()
+    if a.json:
+        _emit_json({"vm_id": a.vm, "slot": a.slot, "dirty_count": log.dirty_count,
+                    "total_pages": log.total_pages, "pages": pages})
+        return
+    lines = [f"slot {a.slot}: {log.dirty_count} of {log.total_pages} pages dirty"]
+    if pages:
+        lines.append(f"pages: {format_ranges(pages)}")
+    _out("\n".join(lines))
+
+
+def cmd_irq_line(c: KvmdClient, a: argparse.Namespace) -> None:
+    c.set_irq_line(a.vm, a.irq, a.level)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "irq": a.irq, "active": a.level})
+    else:
+        _out(f"irq {a.irq} {'raised' if a.level else 'lowered'} in vm {a.vm}")
+
+
+def cmd_irq_route(c: KvmdClient, a: argparse.Namespace) -> None:
+    routes = [*(a.irqchip or ()), *(a.msi or ())]
+    if not routes and not a.clear:
+        raise UsageError("give --irqchip and/or --msi routes, or --clear for an empty table")
+    c.set_gsi_routing(a.vm, routes)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "routes": [message_to_dict(r) for r in routes]})
+        return
+    rows = []
+    for r in sorted(routes, key=lambda r: r.gsi):
+        if r.HasField("irqchip"):
+            rows.append([r.gsi, "irqchip",
+                         f"{vmm_pb2.IrqChipPin.Chip.Name(r.irqchip.chip)} pin {r.irqchip.pin}"])
+        else:
+            devid = f" devid {r.msi.devid}" if r.msi.HasField("devid") else ""
+            rows.append([r.gsi, "msi", f"address {_hex(r.msi.address)} data "
+                                       f"{_hex(r.msi.data)}{devid}"])
+    _out(f"set {len(routes)} GSI routes in vm {a.vm}")
+    if rows:
+        _out(format_table(["gsi", "type", "target"], rows))
+
+
+def cmd_irq_msi(c: KvmdClient, a: argparse.Namespace) -> None:
+    delivered = c.signal_msi(a.vm, a.msi_address, a.data, a.devid)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "delivered": delivered})
+    else:
+        _out("MSI delivered" if delivered else "MSI not delivered (blocked by the guest)")
+
+
+def cmd_irqfd_add(c: KvmdClient, a: argparse.Namespace) -> None:
+    irqfd = c.register_irqfd(a.vm, a.irqfd, a.gsi, resample=a.resample)
+    _show(a, irqfd, lambda i: _irqfds_table([i]))
+
+
+def cmd_irqfd_trigger(c: KvmdClient, a: argparse.Namespace) -> None:
+    for _ in range(a.count):
+        c.trigger_irqfd(a.vm, a.irqfd)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "irqfd_id": a.irqfd, "triggered": a.count})
+    else:
+        times = "" if a.count == 1 else f" {a.count} times"
+        _out(f"triggered irqfd {a.irqfd}{times}")
+
+
+def cmd_irqfd_rm(c: KvmdClient, a: argparse.Namespace) -> None:
+    c.unregister_irqfd(a.vm, a.irqfd)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "unregistered": a.irqfd})
+    else:
+        _out(f"unregistered irqfd {a.irqfd}")
+
+
+def cmd_irqfd_ls(c: KvmdClient, a: argparse.Namespace) -> None:
+    irqfds = sorted(c.list_irqfds(a.vm), key=lambda i: i.irqfd_id)
+    if a.json:
+        _emit_json([message_to_dict(i) for i in irqfds])
+    else:
+        _out(_irqfds_table(irqfds))
+
+
+def _run_watch(watch: Any, a: argparse.Namespace, id_field: str, kind: str) -> None:
+    if not a.json:
+        sys.stderr.write(f"watching {kind} of vm {a.vm}; Ctrl-C to stop\n")
+        sys.stderr.flush()
+    timer = None
+    if a.duration is not None:
+        timer = threading.Timer(a.duration, watch.cancel)
+        timer.daemon = True
+        timer.start()
+    seen = 0
+    try:
+        for event in watch:
+            seen += 1
+            if a.json:
+                _emit_json_line(message_to_dict(event))
+            else:
+                _out(f"{time.strftime('%H:%M:%S')}  {getattr(event, id_field)}  "
+                     f"count={event.count}")
+                sys.stdout.flush()
+            if a.count is not None and seen >= a.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if timer is not None:
+            timer.cancel()
+        watch.cancel()
+
+
+def cmd_irq_watch(c: KvmdClient, a: argparse.Namespace) -> None:
+    _run_watch(c.watch_irqfd_resamples(a.vm), a, "irqfd_id", "irqfd resamples")
+
+
+def cmd_ioevent_add(c: KvmdClient, a: argparse.Namespace) -> None:
+    ioevent = c.register_ioevent(
+        a.vm, a.ioevent, a.io_address, a.length, space=a.space, datamatch=a.datamatch
+    )
+    _show(a, ioevent, lambda e: _ioevents_table([e]))
+
+
+def cmd_ioevent_rm(c: KvmdClient, a: argparse.Namespace) -> None:
+    c.unregister_ioevent(a.vm, a.ioevent)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "unregistered": a.ioevent})
+    else:
+        _out(f"unregistered ioevent {a.ioevent}")
+
+
+def cmd_ioevent_ls(c: KvmdClient, a: argparse.Namespace) -> None:
+    ioevents = sorted(c.list_ioevents(a.vm), key=lambda e: e.ioevent_id)
+    if a.json:
+        _emit_json([message_to_dict(e) for e in ioevents])
+    else:
+        _out(_ioevents_table(ioevents))
+
+
+def cmd_ioevent_watch(c: KvmdClient, a: argparse.Namespace) -> None:
+    _run_watch(c.watch_ioevents(a.vm), a, "ioevent_id", "ioevents")
+
+
+def cmd_vcpu_create(c: KvmdClient, a: argparse.Namespace) -> None:
+    vcpu = c.create_vcpu(a.vm, a.vcpu)
+    if a.json:
+        _emit_json(message_to_dict(vcpu))
+    else:
+        _out(f"created vcpu {vcpu.vcpu_id} in vm {vcpu.vm_id} ({vcpu.state or 'created'})")
+
+
+def cmd_vcpu_ls(c: KvmdClient, a: argparse.Namespace) -> None:
+    vcpus = sorted(c.list_vcpus(a.vm), key=lambda v: v.vcpu_id)
+    if a.json:
+        _emit_json([message_to_dict(v) for v in vcpus])
+    else:
+        _out(format_table(["vcpu", "state"], [[v.vcpu_id, v.state] for v in vcpus],
+                          empty="No vCPUs."))
+
+
+def cmd_vcpu_regs(c: KvmdClient, a: argparse.Namespace) -> None:
+    _show(a, c.get_regs(a.vm, a.vcpu), _regs_text)
+
+
+def cmd_vcpu_set_regs(c: KvmdClient, a: argparse.Namespace) -> None:
+    _show(a, c.set_regs(a.vm, a.vcpu, _assignments(a.assignments)), _regs_text)
+
+
+def cmd_vcpu_sregs(c: KvmdClient, a: argparse.Namespace) -> None:
+    updates = _assignments(a.assignments)
+    sregs = c.set_sregs(a.vm, a.vcpu, updates) if updates else c.get_sregs(a.vm, a.vcpu)
+    _show(a, sregs, _sregs_text)
+
+
+def cmd_vcpu_fpu(c: KvmdClient, a: argparse.Namespace) -> None:
+    updates = _assignments(a.assignments)
+    fpu = c.set_fpu(a.vm, a.vcpu, updates) if updates else c.get_fpu(a.vm, a.vcpu)
+    _show(a, fpu, _fpu_text)
+
+
+def cmd_vcpu_cpuid(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.set_supported:
+        entries = c.set_cpuid(a.vm, a.vcpu, use_supported=True)
+    else:
+        entries = c.get_cpuid(a.vm, a.vcpu)
+    if a.json:
+        _emit_json([message_to_dict(e) for e in entries])
+    else:
+        _out(_cpuid_table(entries))
+
+
+def cmd_vcpu_msrs(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.set:
+        values = c.set_msrs(a.vm, a.vcpu, dict(a.set))
+        if a.indices:
+            values = {**values, **c.get_msrs(a.vm, a.vcpu, a.indices)}
+    elif a.indices:
+        values = c.get_msrs(a.vm, a.vcpu, a.indices)
+    else:
+        raise UsageError("give MSR indices to read and/or --set INDEX=VALUE")
+    if a.json:
+        _emit_json([{"index": i, "value": v} for i, v in values.items()])
+    else:
+        _out(format_table(["msr", "value"],
+                          [[_hex(i, 8), _hex(v, 16)] for i, v in values.items()]))
+
+
+def cmd_vcpu_mpstate(c: KvmdClient, a: argparse.Namespace) -> None:
+    try:
+        state = (c.set_mp_state(a.vm, a.vcpu, a.state) if a.state is not None
+                 else c.get_mp_state(a.vm, a.vcpu))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if a.json:
+        _emit_json({"state": state})
+    else:
+        _out(state)
+
+
+def cmd_vcpu_lapic(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.load is not None:
+        with open(a.load, "rb") as f:
+            regs = c.set_lapic(a.vm, a.vcpu, f.read())
+    else:
+        regs = c.get_lapic(a.vm, a.vcpu)
+    if a.out is not None:
+        with open(a.out, "wb") as f:
+            f.write(regs)
+    if a.json:
+        _emit_json({"regs": regs.hex()})
+    elif a.out is not None:
+        _out(f"wrote {len(regs)} bytes of LAPIC state to {a.out}")
+    else:
+        _out(hexdump(regs))
+
+
+def cmd_vcpu_events(c: KvmdClient, a: argparse.Namespace) -> None:
+    updates = _assignments(a.assignments)
+    events = (c.set_vcpu_events(a.vm, a.vcpu, updates) if updates
+              else c.get_vcpu_events(a.vm, a.vcpu))
+    _show(a, events, _message_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Connection and output options, accepted both before and after the subcommand."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection and output")
+    group.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=default(os.environ.get("KVMD_ADDRESS", DEFAULT_ADDRESS)),
+        help=f"daemon address: unix:///path.sock or host:port (env KVMD_ADDRESS; default "
+        f"{DEFAULT_ADDRESS})",
+    )
+    group.add_argument("--tls-ca", metavar="PEM", default=default(None),
+                       help="CA certificate of the daemon (turns on TLS for TCP addresses)")
+    group.add_argument("--tls-cert", metavar="PEM", default=default(None),
+                       help="client certificate for mutual TLS")
+    group.add_argument("--tls-key", metavar="PEM", default=default(None),
+                       help="client private key for mutual TLS")
+    group.add_argument("--tls-server-name", metavar="NAME", default=default(None),
+                       help="expected server name in the daemon's certificate")
+    group.add_argument("--timeout", metavar="SECONDS", type=float, default=default(30.0),
+                       help="deadline for each call (default 30)")
+    group.add_argument("--json", action="store_true", default=default(False),
+                       help="machine-readable JSON on stdout")
+
+
+def _subparsers(parser: argparse.ArgumentParser, dest: str) -> Any:
+    return parser.add_subparsers(dest=dest, metavar="COMMAND", title="commands", required=True)
+
+
+def _leaf(
+    subs: Any, name: str, handler: Handler, help_text: str, *, aliases: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subs.add_parser(
+        name, help=help_text, description=help_text, aliases=list(aliases),
+        formatter_class=_Formatter,
+    )
+    p.set_defaults(func=handler)
+    return p
+
+
+def _finish(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_common(p, top=False)
+    return p
+
+
+def _vm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vm", metavar="VM", help="VM id")
+
+
+def _vcpu_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    p.add_argument("vcpu", metavar="VCPU", type=parse_int, help="vCPU id")
+
+
+def _assign_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("assignments", metavar="FIELD=VALUE", nargs="*", type=parse_assignment,
+                   help=f"set these {what} fields (merged with the current state) before "
+                   "showing them")
+
+
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    p.add_argument("--count", type=parse_int, help="stop after this many events")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The kvmctl argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="kvmctl",
+        description="Control a kvmd daemon: VMs, guest memory, interrupts, ioevents, vCPUs.",
+        epilog="Numbers take decimal or 0x hex; sizes also K/M/G suffixes (2M = 2 MiB).\n"
+        "Exit codes: 0 ok, 1 request failed, 2 usage error, 3 daemon unreachable.",
+        formatter_class=_Formatter,
+    )
+    _add_common(parser, top=True)
+    top = _subparsers(parser, "command")
+
+    # info, cap, supported-cpuid
+    p = _leaf(top, "info", cmd_info, "KVM and daemon information, limits, capabilities")
+    p.add_argument("--all", action="store_true", help="list absent capabilities too")
+    _finish(p)
+    p = _leaf(top, "cap", cmd_cap, "check one KVM capability (KVM_CHECK_EXTENSION)")
+    p.add_argument("capability", metavar="CAP", help="name (KVM_CAP_IRQFD or irqfd) or number")
+    p.add_argument("--vm", help="ask on this VM's fd")
+    _finish(p)
+    _finish(_leaf(top, "supported-cpuid", cmd_supported_cpuid,
+                  "the host's supported CPUID entries"))
+
+    # vm
+    vm = top.add_parser("vm", help="create, inspect, list and delete VMs",
+                        description="Create, inspect, list and delete VMs.")
+    vms = _subparsers(vm, "vm_command")
+    p = _leaf(vms, "create", cmd_vm_create, "create a VM")
+    _vm_arg(p)
+    p.add_argument("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
+                   help="attach a label (repeatable)")
+    p.add_argument("--irqchip", action="store_true", help="in-kernel PIC/IOAPIC/LAPIC")
+    p.add_argument("--pit", action="store_true", help="in-kernel PIT (needs --irqchip)")
+    p.add_argument("--tss-address", type=parse_int, default=0, metavar="ADDR",
+                   help="KVM_SET_TSS_ADDR (default: the daemon's)")
+    p.add_argument("--identity-map-address", type=parse_int, default=0, metavar="ADDR",
+                   help="KVM_SET_IDENTITY_MAP_ADDR (default: the daemon's)")
+    _finish(p)
+    p = _leaf(vms, "get", cmd_vm_get, "show one VM", aliases=["show"])
+    _vm_arg(p)
+    _finish(p)
+    p = _leaf(vms, "list", cmd_vm_list, "list VMs", aliases=["ls"])
+    p.add_argument("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
+                   help="only VMs carrying this label (repeatable: all must match)")
+    _finish(p)
+    p = _leaf(vms, "delete", cmd_vm_delete, "delete VMs (stops vCPUs, frees everything)",
+              aliases=["rm"])
+    p.add_argument("vm", metavar="VM", nargs="+", help="VM ids")
+    _finish(p)
+
+    # mem
+    mem = top.add_parser("mem", help="guest memory regions and contents",
+                         description="Guest memory regions and contents.")
+    mems = _subparsers(mem, "mem_command")
+    p = _leaf(mems, "add", cmd_mem_add, "map new zeroed memory into the guest")
+    _vm_arg(p)
+    p.add_argument("guest_addr", metavar="ADDR", type=parse_int, help="page-aligned address")
+    p.add_argument("size", metavar="SIZE", type=parse_size, help="bytes (K/M/G suffixes)")
+    p.add_argument("--read-only", action="store_true", help="guest writes exit as MMIO")
+    p.add_argument("--log-dirty", action="store_true", help="track dirty pages")
+    _finish(p)
+    p = _leaf(mems, "rm", cmd_mem_rm, "remove a memory region", aliases=["remove"])
+    _vm_arg(p)
+    p.add_argument("slot", metavar="SLOT", type=parse_int)
+    _finish(p)
+    p = _leaf(mems, "ls", cmd_mem_ls, "list memory regions", aliases=["list"])
+    _vm_arg(p)
+    _finish(p)
+    p = _leaf(mems, "write", cmd_mem_write, "write bytes into guest memory")
+    _vm_arg(p)
+    p.add_argument("guest_addr", metavar="ADDR", type=parse_int)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", "-f", metavar="PATH", help="stream this file")
+    source.add_argument("--data-hex", "-x", metavar="HEX", type=parse_hex_data,
+                        help="these bytes, in hex (e.g. f4 or 'b8 01 00 f4')")
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+                   help="bytes per streamed message (default 1M)")
+    _finish(p)
+    p = _leaf(mems, "read", cmd_mem_read, "read guest memory (hex dump, raw, or to a file)")
+    _vm_arg(p)
+    p.add_argument("guest_addr", metavar="ADDR", type=parse_int)
+    p.add_argument("--length", "-n", type=parse_size, required=True, help="bytes to read")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", "-o", metavar="PATH", help="write the bytes to this file")
+    out.add_argument("--raw", action="store_true", help="write the raw bytes to stdout")
+    _finish(p)
+
+    # dirty-log
+    p = _leaf(top, "dirty-log", cmd_dirty_log,
+              "dirty pages of a slot since the last read (reading resets the log)")
+    _vm_arg(p)
+    p.add_argument("slot", metavar="SLOT", type=parse_int)
+    _finish(p)
+
+    # irq
+    irq = top.add_parser("irq", help="irq lines, GSI routing, MSIs, irqfds",
+                         description="Interrupts: irq lines, GSI routing, MSIs, irqfds.")
+    irqs = _subparsers(irq, "irq_command")
+    p = _leaf(irqs, "line", cmd_irq_line, "raise or lower an in-kernel irqchip line")
+    _vm_arg(p)
+    p.add_argument("irq", metavar="IRQ", type=parse_int)
+    p.add_argument("level", metavar="LEVEL", type=parse_level, help="1/high/on or 0/low/off")
+    _finish(p)
+    p = _leaf(irqs, "route", cmd_irq_route, "replace the whole GSI routing table")
+    _vm_arg(p)
+    p.add_argument("--irqchip", metavar="GSI:CHIP:PIN", action="append",
+                   type=parse_irqchip_route,
+                   help="route GSI to an irqchip pin; CHIP is pic-master, pic-slave or ioapic")
+    p.add_argument("--msi", metavar="GSI:ADDR:DATA[:DEVID]", action="append",
+                   type=parse_msi_route, help="route GSI to an MSI")
+    p.add_argument("--clear", action="store_true", help="allow an empty table")
+    _finish(p)
+    p = _leaf(irqs, "msi", cmd_irq_msi, "inject an MSI")
+    _vm_arg(p)
+    p.add_argument("msi_address", metavar="ADDR", type=parse_int)
+    p.add_argument("data", metavar="DATA", type=parse_int)
+    p.add_argument("--devid", type=parse_int)
+    _finish(p)
+    p = _leaf(irqs, "irqfd-add", cmd_irqfd_add, "bind a new daemon-owned irqfd to a GSI")
+    _vm_arg(p)
+    p.add_argument("irqfd", metavar="ID")
+    p.add_argument("gsi", metavar="GSI", type=parse_int)
+    p.add_argument("--resample", action="store_true", help="level-triggered, with resample")
+    _finish(p)
+    p = _leaf(irqs, "irqfd-trigger", cmd_irqfd_trigger, "signal an irqfd (inject its irq)")
+    _vm_arg(p)
+    p.add_argument("irqfd", metavar="ID")
+    p.add_argument("--count", type=parse_int, default=1, help="times to trigger (default 1)")
+    _finish(p)
+    p = _leaf(irqs, "irqfd-rm", cmd_irqfd_rm, "unregister an irqfd")
+    _vm_arg(p)
+    p.add_argument("irqfd", metavar="ID")
+    _finish(p)
+    p = _leaf(irqs, "irqfd-ls", cmd_irqfd_ls, "list irqfds")
+    _vm_arg(p)
+    _finish(p)
+    p = _leaf(irqs, "watch-resamples", cmd_irq_watch,
+              "stream resample events (one JSON object per line with --json)")
+    _watch_args(p)
+    _finish(p)
+
+    # ioevent
+    ioe = top.add_parser("ioevent", help="daemon-owned ioeventfds",
+                         description="Guest PIO/MMIO writes observed through ioeventfds.")
+    ioes = _subparsers(ioe, "ioevent_command")
+    p = _leaf(ioes, "add", cmd_ioevent_add, "watch guest writes to a PIO or MMIO address")
+    _vm_arg(p)
+    p.add_argument("ioevent", metavar="ID")
+    p.add_argument("io_address", metavar="ADDR", type=parse_int)
+    space = p.add_mutually_exclusive_group()
+    space.add_argument("--pio", dest="space", action="store_const", const="pio",
+                       help="port I/O address (default)")
+    space.add_argument("--mmio", dest="space", action="store_const", const="mmio",
+                       help="MMIO address")
+    p.set_defaults(space="pio")
+    p.add_argument("--length", type=parse_int, default=0,
+                   help="access size 1, 2, 4 or 8 (default 0: any)")
+    p.add_argument("--datamatch", type=parse_int, help="only writes of this value")
+    _finish(p)
+    p = _leaf(ioes, "rm", cmd_ioevent_rm, "unregister an ioevent", aliases=["remove"])
+    _vm_arg(p)
+    p.add_argument("ioevent", metavar="ID")
+    _finish(p)
+    p = _leaf(ioes, "ls", cmd_ioevent_ls, "list ioevents", aliases=["list"])
+    _vm_arg(p)
+    _finish(p)
+    p = _leaf(ioes, "watch", cmd_ioevent_watch,
+              "stream ioevent firings (one JSON object per line with --json)")
+    _watch_args(p)
+    _finish(p)
+
+    # vcpu
+    vcpu = top.add_parser("vcpu", help="vCPUs and their state",
+                          description="Create vCPUs; get and set their state.")
+    vcpus = _subparsers(vcpu, "vcpu_command")
+    p = _leaf(vcpus, "create", cmd_vcpu_create, "create a vCPU")
+    _vcpu_args(p)
+    _finish(p)
+    p = _leaf(vcpus, "ls", cmd_vcpu_ls, "list vCPUs", aliases=["list"])
+    _vm_arg(p)
+    _finish(p)
+    p = _leaf(vcpus, "regs", cmd_vcpu_regs, "show general-purpose registers")
+    _vcpu_args(p)
+    _finish(p)
+    p = _leaf(vcpus, "set-regs", cmd_vcpu_set_regs,
+              "set general-purpose registers, e.g. rip=0x1000 rflags=0x2")
+    _vcpu_args(p)
+    p.add_argument("assignments", metavar="REG=VALUE", nargs="+", type=parse_assignment,
+                   help="registers to change; the others keep their values")
+    _finish(p)
+    p = _leaf(vcpus, "sregs", cmd_vcpu_sregs,
+              "show (or set, e.g. cr0=0x10 cs.base=0 cs.selector=0) special registers")
+    _vcpu_args(p)
+    _assign_arg(p, "special register")
+    _finish(p)
+    p = _leaf(vcpus, "fpu", cmd_vcpu_fpu, "show (or set, e.g. fcw=0x37f) the FPU/SSE state")
+    _vcpu_args(p)
+    _assign_arg(p, "FPU")
+    _finish(p)
+    p = _leaf(vcpus, "cpuid", cmd_vcpu_cpuid, "show the vCPU's CPUID entries")
+    _vcpu_args(p)
+    p.add_argument("--set-supported", action="store_true",
+                   help="first set the host's supported CPUID")
+    _finish(p)
+    p = _leaf(vcpus, "msrs", cmd_vcpu_msrs, "read (and/or write) MSRs")
+    _vcpu_args(p)
+    p.add_argument("indices", metavar="INDEX", nargs="*", type=parse_int,
+                   help="MSRs to read, e.g. 0x10 0x174")
+    p.add_argument("--set", metavar="INDEX=VALUE", action="append",
+                   type=parse_msr_assignment, help="write an MSR (repeatable)")
+    _finish(p)
+    p = _leaf(vcpus, "mpstate", cmd_vcpu_mpstate, "show (or set) the multiprocessing state")
+    _vcpu_args(p)
+    p.add_argument("state", metavar="STATE", nargs="?",
+                   choices=[v.name.lower() for v in vmm_pb2.MpState.State.DESCRIPTOR.values],
+                   type=str.lower, help="set this state first: %(choices)s")
+    _finish(p)
+    p = _leaf(vcpus, "lapic", cmd_vcpu_lapic, "show (save, load) the local APIC page")
+    _vcpu_args(p)
+    p.add_argument("--out", "-o", metavar="PATH", help="save the 1024-byte page to a file")
+    p.add_argument("--load", metavar="PATH", help="first load the page from a file")
+    _finish(p)
+    p = _leaf(vcpus, "events", cmd_vcpu_events,
+              "show (or set, e.g. nmi_pending=1) pending exceptions/interrupts/NMIs")
+    _vcpu_args(p)
+    _assign_arg(p, "vCPU event")
+    _finish(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run kvmctl with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        client = KvmdClient(
+            args.address,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+            timeout=args.timeout,
+        )
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except OSError as e:
+        return _fail(f"cannot read TLS file: {e}", EXIT_USAGE)
+    try:
+        with client:
+            args.func(client, args)
+            sys.stdout.flush()
+    except UsageError as e:
+        sys.stderr.write(f"kvmctl: error: {e}\n")
+        return EXIT_USAGE
+    except UnavailableError as e:
+        return _fail(f"{e.code_name}: cannot reach kvmd at {args.address}: {e.message}",
+                     EXIT_UNAVAILABLE)
+    except KvmdError as e:
+        return _fail(str(e), EXIT_SERVER_ERROR)
+    except (ValueError, TypeError) as e:  # a field assignment that does not fit its field
+        return _fail(str(e), EXIT_USAGE)
+    except BrokenPipeError:
+        # stdout closed early (kvmctl ... | head): not an error worth a traceback
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
+    except OSError as e:
+        return _fail(str(e), EXIT_SERVER_ERROR)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
