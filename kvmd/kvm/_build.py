@@ -42,6 +42,12 @@ _FALLBACK_DEFINES = """
 #endif
 """
 
+# EXIT_COUNTER_SLOTS and the KVMD_COUNTER_* slot numbers (KVMD_COUNTER_IO_IN, ...).
+_COUNTER_DEFINES = f"#define EXIT_COUNTER_SLOTS {EXIT_COUNTER_SLOTS}\n" + "".join(
+    f"#define KVMD_COUNTER_{name.upper()} {slot}\n"
+    for name, slot in _names["COUNTER_SLOTS"].items()
+)
+
 _CDEF_TYPES = """
 typedef unsigned char __u8;
 typedef unsigned short __u16;
@@ -229,14 +235,7 @@ _SOURCE = r"""
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <linux/kvm.h>
-""" + _FALLBACK_DEFINES + r"""
-#define EXIT_COUNTER_SLOTS %(slots)d
-#define KVMD_COUNTER_FIRST_EXTRA %(first_extra)d
-#define KVMD_COUNTER_IO_IN %(io_in)d
-#define KVMD_COUNTER_IO_OUT %(io_out)d
-#define KVMD_COUNTER_MMIO_READ %(mmio_read)d
-#define KVMD_COUNTER_MMIO_WRITE %(mmio_write)d
-#define KVMD_COUNTER_UNCLAIMED_PIO %(unclaimed_pio)d
+""" + _FALLBACK_DEFINES + _COUNTER_DEFINES + r"""
 #define KVMD_PIO_UNCLAIMED 1
 
 struct kvmd_exit {
@@ -613,7 +612,7 @@ size_t kvmd_sizeof_irq_routing_entry(void) { return sizeof(struct kvm_irq_routin
 size_t kvmd_offsetof_run_io(void) { return offsetof(struct kvm_run, io); }
 size_t kvmd_offsetof_run_mmio(void) { return offsetof(struct kvm_run, mmio); }
 size_t kvmd_offsetof_run_msr(void) { return offsetof(struct kvm_run, msr); }
-""" % {"slots": EXIT_COUNTER_SLOTS, **_names["COUNTER_SLOTS"]}
+"""
 
 
 def _defines() -> str:

@@ -22,7 +22,7 @@ class KvmError(OSError):
         self.detail = detail
 
     def __reduce__(self) -> tuple[type[KvmError], tuple[int, str, str]]:
-        return (type(self), (self.errno, self.ioctl, self.detail))
+        return (type(self), (self.errno or 0, self.ioctl, self.detail))
 
 
 def check(ret: int, ioctl: str, detail: str = "") -> int:
