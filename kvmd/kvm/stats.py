@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
 from kvmd.kvm._ffi import lib
+from kvmd.kvm.errors import KvmError
 from kvmd.kvm.types import StatDescriptor
 
 _HEADER = struct.Struct("=6I")  # struct kvm_stats_header
@@ -22,8 +24,8 @@ class StatsReader:
         self._fd = fd
         try:
             header = os.pread(fd, _HEADER.size, 0)
-            _flags, name_size, num_desc, _id_off, desc_off, data_off = _HEADER.unpack(header)
-            self.id = os.pread(fd, name_size, _HEADER.size).split(b"\0", 1)[0].decode()
+            _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack(header)
+            self.id = os.pread(fd, name_size, id_off).split(b"\0", 1)[0].decode()
             step = _DESC.size + name_size
             raw = os.pread(fd, step * num_desc, desc_off)
             descs = []
@@ -52,6 +54,8 @@ class StatsReader:
 
     def read(self) -> dict[str, int | tuple[int, ...]]:
         """Current values: an int per scalar statistic, a tuple of buckets per histogram."""
+        if self._fd < 0:
+            raise KvmError(errno.EBADF, "read(stats)", "stats fd is closed")
         raw = os.pread(self._fd, self._data_len, self._data_offset)
         out: dict[str, int | tuple[int, ...]] = {}
         for d in self.descriptors:

@@ -402,10 +402,12 @@ class Vcpu:
             dbg.control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
         ioctl(self._require_open("KVM_SET_GUEST_DEBUG"), "KVM_SET_GUEST_DEBUG", dbg)
 
-    def enable_cap(self, cap: int, args: tuple[int, ...] = (), flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on this vCPU."""
+    def enable_cap(self, cap: int | str, args: tuple[int, ...] = (), flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on this vCPU (`cap` by number or name, as for Vm.enable_cap)."""
+        from kvmd.kvm.system import capability_number
+
         ioctl(self._require_open("KVM_ENABLE_CAP"), "KVM_ENABLE_CAP", enable_cap_struct(
-            cap, args, flags))
+            capability_number(cap), args, flags))
 
     def stats(self) -> StatsReader:
         """The kernel's binary statistics for this vCPU (fd owned by the vCPU)."""
@@ -428,7 +430,7 @@ class PioMap:
 
     def set_claimed(self, first: int, length: int, claimed: bool) -> None:
         """Mark ports [first, first+length) as reaching the caller (claimed) or not."""
-        if not 0 <= first or first + length > 1 << 16 or length < 0:
+        if first < 0 or length < 0 or first + length > 1 << 16:
             raise invalid("PioMap", f"ports {first:#x}+{length} out of range")
         value = 0 if claimed else lib.KVMD_PIO_UNCLAIMED
         ffi.memmove(self.cdata + first, bytes([value]) * length, length)

@@ -37,6 +37,7 @@ PIC_PINS = 8
 IOAPIC_PINS = 24
 KVM_MSI_VALID_DEVID = 1
 PIO_LIMIT = 1 << 16
+ANY_WRITE = Datamatch()  # the default ioeventfd match: any write, of any length
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class Vm:
     def memory_fd(self, slot: int) -> int:
         """The memfd behind a slot (still owned by the Vm)."""
         with self._lock:
+            self._open_fd("memory_fd")
             region = self._regions.get(slot)
             if region is None:
                 raise invalid("memory_fd", f"no memory slot {slot}", errno.ENOENT)
@@ -223,6 +225,7 @@ class Vm:
     def msync_memory_region(self, slot: int, offset: int, size: int) -> None:
         """msync part of a slot's memory to its backing file."""
         with self._lock:
+            self._open_fd("msync")
             region = self._regions.get(slot)
             if region is None:
                 raise invalid("msync", f"no memory slot {slot}", errno.ENOENT)
@@ -239,6 +242,7 @@ class Vm:
         if length < 0:
             raise invalid("read", "negative length")
         with self._lock:
+            self._open_fd("read")
             return b"".join(region.read(off, n) for region, off, n in
                             self._pieces("read", guest_addr, length))
 
@@ -247,6 +251,7 @@ class Vm:
         writable from the host, as in KVM)."""
         view = memoryview(data).cast("B")
         with self._lock:
+            self._open_fd("write")
             done = 0
             for region, off, n in self._pieces("write", guest_addr, len(view)):
                 region.write(off, view[done : done + n])
@@ -256,7 +261,7 @@ class Vm:
                 ) -> list[tuple[GuestMemoryRegion, int, int]]:
         if guest_addr < 0 or guest_addr + length > GUEST_ADDR_LIMIT:
             raise invalid(op, f"address {guest_addr:#x} is outside guest memory", errno.EFAULT)
-        pieces = []
+        pieces: list[tuple[GuestMemoryRegion, int, int]] = []
         addr, end = guest_addr, guest_addr + length
         while addr < end or (length == 0 and not pieces):
             region = self._region_at(addr)
@@ -416,13 +421,13 @@ class Vm:
     # -- ioeventfd ------------------------------------------------------------------------
 
     def register_ioevent(self, event: HasFileno | int, addr: IoEventAddress,
-                         datamatch: Datamatch = Datamatch()) -> None:
+                         datamatch: Datamatch = ANY_WRITE) -> None:
         """Signal `event` (instead of exiting) when the guest writes to `addr`, optionally
         only for writes of `datamatch.length` bytes equal to `datamatch.value`."""
         self._ioeventfd(event, addr, datamatch, deassign=False)
 
     def unregister_ioevent(self, event: HasFileno | int, addr: IoEventAddress,
-                           datamatch: Datamatch = Datamatch()) -> None:
+                           datamatch: Datamatch = ANY_WRITE) -> None:
         """Remove an ioeventfd; one never registered is refused (ENOENT)."""
         self._ioeventfd(event, addr, datamatch, deassign=True)
 
@@ -435,7 +440,7 @@ class Vm:
         if dm.value is not None and (dm.length == 0 or not 0 <= dm.value < 1 << (8 * dm.length)):
             raise invalid(op, f"datamatch value {dm.value!r} does not fit {dm.length} bytes")
         limit = PIO_LIMIT if addr.space == IoSpace.PIO else GUEST_ADDR_LIMIT
-        if not 0 <= addr.address or addr.address + max(dm.length, 1) > limit:
+        if addr.address < 0 or addr.address + max(dm.length, 1) > limit:
             raise invalid(op, f"{addr.space.value} address {addr.address:#x} out of range")
         key = (addr.space, addr.address, dm.length, dm.value)
         with self._lock:
