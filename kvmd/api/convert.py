@@ -6,7 +6,8 @@ from typing import Any
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import InvalidArgument
-from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm
+from kvmd.core.vcpu import ManagedVcpu
+from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
 from kvmd.kvm import (
     CpuidEntry,
     DTable,
@@ -136,16 +137,43 @@ def route_from_pb(msg: pb.IrqRoute) -> IrqRoute:
     raise InvalidArgument(f"route for gsi {msg.gsi} has no target (irqchip or msi)")
 
 
+def vm_options_from_pb(o: pb.VmOptions) -> VmOptions:
+    return VmOptions(irqchip=o.irqchip, pit=o.pit, tss_address=o.tss_address,
+                     identity_map_address=o.identity_map_address,
+                     debug_exit_port=o.debug_exit_port, strict_io=o.strict_io,
+                     console_buffer_bytes=o.console_buffer_bytes)
+
+
 def vm_to_pb(vm: ManagedVm) -> pb.Vm:
     regions = vm.memory_regions()
     o = vm.options
-    return pb.Vm(
-        vm_id=vm.id, labels=vm.labels, state=vm.state,
+    vcpus = vm.vcpus()
+    msg = pb.Vm(
+        vm_id=vm.id, labels=vm.labels, state=vm.state, reason=vm.reason,
         options=pb.VmOptions(irqchip=o.irqchip, pit=o.pit, tss_address=o.tss_address,
-                             identity_map_address=o.identity_map_address),
-        vcpu_count=len(vm.vcpus()), memory_slot_count=len(regions),
+                             identity_map_address=o.identity_map_address,
+                             debug_exit_port=vm.debug_exit.base, strict_io=o.strict_io,
+                             console_buffer_bytes=vm.console.capacity),
+        vcpu_count=len(vcpus), memory_slot_count=len(regions),
         memory_bytes=sum(r.size for r in regions), created_unix_ms=vm.created_unix_ms,
-        owner=vm.owner)
+        owner=vm.owner, vcpu_states={v.id: v.state for v in vcpus})
+    if vm.exit_code is not None:
+        msg.exit_code = vm.exit_code
+    return msg
+
+
+def vcpu_to_pb(v: ManagedVcpu) -> pb.Vcpu:
+    return pb.Vcpu(vm_id=v.vm_id, vcpu_id=v.id, state=v.state, reason=v.reason)
+
+
+def event_to_pb(vm_id: str, e: VmEvent) -> pb.VmEvent:
+    msg = pb.VmEvent(vm_id=vm_id, type=e.type, vcpu_id=e.vcpu_id, state=e.state,
+                     reason=e.reason, unix_ms=e.unix_ms)
+    if e.exit_code is not None:
+        msg.exit_code = e.exit_code
+    if e.regs is not None:
+        msg.regs.CopyFrom(regs_to_pb(e.regs))
+    return msg
 
 
 def irqfd_to_pb(vm_id: str, e: IrqfdEntry) -> pb.Irqfd:

@@ -41,7 +41,7 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
 
 def status_code(exc: DomainError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[arg-type]
+        code = STATUS_CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -6,20 +6,24 @@ result. Domain errors raised by the core become status codes in `interceptors.py
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from kvmd.api import convert
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.core.errors import InvalidArgument
+from kvmd.core.errors import InvalidArgument, ResourceExhausted
 from kvmd.core.events import Subscription
 from kvmd.core.host import Host
-from kvmd.core.vm import Fired, ManagedVcpu, ManagedVm, VmOptions
+from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
+from kvmd.core.vcpu import ManagedVcpu
+from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
 
+T = TypeVar("T")
 MiB = 1 << 20
 DEFAULT_CHUNK = MiB
 # Room for the non-payload fields of a streamed message.
@@ -50,7 +54,7 @@ class _Base:
         return max(1, min(requested or DEFAULT_CHUNK, limit))
 
 
-def _watch(sub: Subscription[Fired], context: grpc.ServicerContext) -> Iterator[Fired]:
+def _watch(sub: Subscription[T], context: grpc.ServicerContext) -> Iterator[T]:
     """Yield fired events until the client goes away or the resource is deleted."""
     context.add_callback(sub.wake)
     try:
@@ -112,10 +116,8 @@ class VmsService(_Base, rpc.VmsServicer):
 
     def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
         """Create a VM under a caller-chosen id (duplicate: ALREADY_EXISTS)."""
-        o = request.options
-        options = VmOptions(irqchip=o.irqchip, pit=o.pit, tss_address=o.tss_address,
-                            identity_map_address=o.identity_map_address)
-        vm = self.host.create_vm(request.vm_id, dict(request.labels), options,
+        vm = self.host.create_vm(request.vm_id, dict(request.labels),
+                                 convert.vm_options_from_pb(request.options),
                                  owner=caller_identity(context))
         return convert.vm_to_pb(vm)
 
@@ -134,6 +136,65 @@ class VmsService(_Base, rpc.VmsServicer):
             raise InvalidArgument("vm_id is required")
         self.host.delete_vm(request.vm_id)
         return pb.DeleteVmResponse()
+
+    def StartVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
+        """Start every vCPU in its own thread."""
+        vm = self._vm(request.vm_id)
+        vm.start()
+        return convert.vm_to_pb(vm)
+
+    def PauseVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
+        """Pause every running vCPU; returns once all are out of the guest."""
+        vm = self._vm(request.vm_id)
+        vm.pause()
+        return convert.vm_to_pb(vm)
+
+    def ResumeVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
+        """Resume every paused vCPU where it stopped."""
+        vm = self._vm(request.vm_id)
+        vm.resume()
+        return convert.vm_to_pb(vm)
+
+    def StopVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
+        """Stop every vCPU thread."""
+        vm = self._vm(request.vm_id)
+        vm.stop()
+        return convert.vm_to_pb(vm)
+
+    def WatchVm(self, request: pb.WatchVmRequest, context: Any) -> Iterator[pb.VmEvent]:
+        """Stream state changes until the client cancels or the VM is deleted."""
+        vm = self._vm(request.vm_id)
+        sub = vm.watch()
+        if request.include_current:
+            yield convert.event_to_pb(vm.id, vm.current_event())
+        for event in _watch(sub, context):
+            yield convert.event_to_pb(vm.id, event)
+
+    def GetExitStats(self, request: pb.VmRef, context: Any) -> pb.ExitStats:
+        """Exit counters per vCPU and per VM."""
+        vm = self._vm(request.vm_id)
+        total, per_vcpu = vm.exit_stats()
+        return pb.ExitStats(vm_id=vm.id, total=total, vcpus={
+            vid: pb.ExitCounts(counts=counts) for vid, counts in per_vcpu.items()})
+
+    def StreamConsole(self, request: pb.StreamConsoleRequest,
+                      context: Any) -> Iterator[pb.ConsoleOutput]:
+        """Console output: the backlog (if asked), then live bytes."""
+        backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
+        if backlog:
+            yield pb.ConsoleOutput(data=backlog)
+        for data in _watch(sub, context):
+            yield pb.ConsoleOutput(data=data)
+
+    def WriteConsole(self, request: pb.WriteConsoleRequest,
+                     context: Any) -> pb.WriteConsoleResponse:
+        """Queue input for the guest's COM1; refuses what does not fit the buffer."""
+        vm = self._vm(request.vm_id)
+        accepted = vm.write_console(request.data)
+        if accepted < len(request.data):
+            raise ResourceExhausted(
+                f"console input buffer full: accepted {accepted} of {len(request.data)} bytes")
+        return pb.WriteConsoleResponse(accepted=accepted)
 
 
 class MemoryService(_Base, rpc.MemoryServicer):
@@ -299,14 +360,12 @@ class VcpusService(_Base, rpc.VcpusServicer):
 
     def CreateVcpu(self, request: pb.CreateVcpuRequest, context: Any) -> pb.Vcpu:
         """Create a vCPU with a caller-chosen numeric id."""
-        vcpu = self._vm(request.vm_id).create_vcpu(request.vcpu_id)
-        return pb.Vcpu(vm_id=request.vm_id, vcpu_id=vcpu.id, state=vcpu.state)
+        return convert.vcpu_to_pb(self._vm(request.vm_id).create_vcpu(request.vcpu_id))
 
     def ListVcpus(self, request: pb.ListVcpusRequest, context: Any) -> pb.ListVcpusResponse:
         """Every vCPU of the VM with its state."""
         vm = self._vm(request.vm_id)
-        return pb.ListVcpusResponse(vcpus=[pb.Vcpu(vm_id=vm.id, vcpu_id=v.id, state=v.state)
-                                           for v in vm.vcpus()])
+        return pb.ListVcpusResponse(vcpus=[convert.vcpu_to_pb(v) for v in vm.vcpus()])
 
     def GetRegs(self, request: pb.VcpuRef, context: Any) -> pb.Regs:
         """General-purpose registers."""
@@ -369,13 +428,13 @@ class VcpusService(_Base, rpc.VcpusServicer):
 
     def GetMpState(self, request: pb.VcpuRef, context: Any) -> pb.MpState:
         """Multiprocessing state."""
-        return pb.MpState(state=int(self._vcpu(request).get_mp_state()))
+        return pb.MpState(state=pb.MpState.State.Name(int(self._vcpu(request).get_mp_state())))
 
     def SetMpState(self, request: pb.SetMpStateRequest, context: Any) -> pb.MpState:
         """Set multiprocessing state."""
         vcpu = self._vcpu(request.vcpu)
         vcpu.set_mp_state(request.mp_state.state)
-        return pb.MpState(state=int(vcpu.get_mp_state()))
+        return pb.MpState(state=pb.MpState.State.Name(int(vcpu.get_mp_state())))
 
     def GetLapic(self, request: pb.VcpuRef, context: Any) -> pb.Lapic:
         """Local APIC registers (1024 bytes; needs the in-kernel irqchip)."""
@@ -397,6 +456,99 @@ class VcpusService(_Base, rpc.VcpusServicer):
         vcpu.set_vcpu_events(convert.events_from_pb(request.events))
         return convert.events_to_pb(vcpu.get_vcpu_events())
 
+    def StartVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """Start one vCPU's thread."""
+        vcpu = self._vcpu(request)
+        vcpu.start()
+        return convert.vcpu_to_pb(vcpu)
+
+    def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """Pause one vCPU; returns once it is out of the guest."""
+        vcpu = self._vcpu(request)
+        vcpu.pause()
+        return convert.vcpu_to_pb(vcpu)
+
+    def ResumeVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """Resume one paused or halted vCPU."""
+        vcpu = self._vcpu(request)
+        vcpu.resume()
+        return convert.vcpu_to_pb(vcpu)
+
+    def StopVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """Stop one vCPU's thread."""
+        vcpu = self._vcpu(request)
+        vcpu.stop()
+        return convert.vcpu_to_pb(vcpu)
+
+    def GetVcpuState(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """The vCPU's state and the reason it stopped or crashed."""
+        return convert.vcpu_to_pb(self._vcpu(request))
+
+    def InjectInterrupt(self, request: pb.InjectInterruptRequest, context: Any) -> pb.Vcpu:
+        """Queue an interrupt for a vCPU of a VM without the in-kernel irqchip."""
+        vcpu = self._vcpu(request.vcpu)
+        vcpu.inject_interrupt(request.vector)
+        return convert.vcpu_to_pb(vcpu)
+
+
+class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
+    """Remote device emulation over a bidirectional stream."""
+
+    def HandleExits(self, request_iterator: Iterator[pb.ExitHandlerMessage],
+                    context: Any) -> Iterator[pb.ExitHandlerEvent]:
+        """First message: a claim. Then exits flow out and replies flow in until either
+        side ends; the claims die with the stream."""
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("message") != "claim":
+            raise InvalidArgument("the first message of HandleExits must be a claim")
+        claim = first.claim
+        vm = self._vm(claim.vm_id)
+        deadline = claim.deadline_ms or DEFAULT_DEADLINE_MS
+        if deadline > MAX_DEADLINE_MS:
+            raise InvalidArgument(f"deadline_ms must be at most {MAX_DEADLINE_MS}")
+        ranges = []
+        for r in claim.ranges:
+            if r.space not in convert.SPACES:
+                raise InvalidArgument(f"unknown address space {r.space}")
+            ranges.append(ClaimRange(convert.SPACES[r.space], r.base, r.length))
+        handler = vm.add_handler(ranges, deadline)
+        context.add_callback(lambda: vm.release_handler(handler, "client went away"))
+        replies = threading.Thread(target=self._read_replies, name=f"exits-{handler.id}",
+                                   args=(request_iterator, handler, vm), daemon=True)
+        replies.start()
+        try:
+            yield pb.ExitHandlerEvent(claimed=pb.Claimed(handler_id=handler.id,
+                                                         ranges=claim.ranges))
+            while True:
+                item = handler.outbound.get()
+                if item is None:
+                    break
+                yield pb.ExitHandlerEvent(exit=pb.ExitRequest(
+                    exit_id=item.id, vcpu_id=item.vcpu_id, space=convert.SPACES_PB[item.space],
+                    address=item.address, size=item.size, is_write=item.is_write,
+                    data=item.data))
+        finally:
+            vm.release_handler(handler, "stream ended")
+        if handler.close_reason.startswith("bad reply"):
+            raise InvalidArgument(handler.close_reason)
+
+    @staticmethod
+    def _read_replies(requests: Iterator[pb.ExitHandlerMessage], handler: RemoteHandler,
+                      vm: ManagedVm) -> None:
+        try:
+            for msg in requests:
+                if msg.WhichOneof("message") != "reply":
+                    vm.release_handler(handler, "bad reply: only replies may follow the claim")
+                    return
+                error = handler.answer(msg.reply.exit_id, msg.reply.data)
+                if error is not None:
+                    vm.release_handler(handler, f"bad reply: {error}")
+                    return
+        except grpc.RpcError:
+            pass
+        finally:
+            vm.release_handler(handler, "client closed its side")
+
 
 def add_services(server: grpc.Server, host: Host) -> list[str]:
     """Register every kvmd service on `server`; returns their full names."""
@@ -406,4 +558,5 @@ def add_services(server: grpc.Server, host: Host) -> list[str]:
     rpc.add_InterruptsServicer_to_server(InterruptsService(host), server)
     rpc.add_IoEventsServicer_to_server(IoEventsService(host), server)
     rpc.add_VcpusServicer_to_server(VcpusService(host), server)
+    rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host), server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -8,6 +8,7 @@ import threading
 from kvmd import __version__
 from kvmd.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from kvmd.core.events import FdWatcher
+from kvmd.core.histogram import Histogram
 from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions, kernel_errors, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, Kvm, capability_number
@@ -51,6 +52,8 @@ class Host:
         self._creating: set[str] = set()
         self._lock = threading.Lock()
         self._capabilities: dict[str, int] | None = None
+        # Time vCPUs waited for remote exit handlers, across VMs (exported as a histogram).
+        self.remote_wait = Histogram()
 
     # -- hypervisor -----------------------------------------------------------------------
 
@@ -96,7 +99,7 @@ class Host:
             with kernel_errors(f"vm/{vm_id}"):
                 vm = self.kvm.create_vm()
             managed = ManagedVm.build(vm_id, labels, options, vm, self.limits, self.budget,
-                                      self.watcher, owner)
+                                      self.watcher, owner, self.remote_wait)
         finally:
             with self._lock:
                 self._creating.discard(vm_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -10,37 +11,69 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmd.core.devices import (
+    COM1_IRQ,
+    DEFAULT_CONSOLE_BUFFER,
+    DEFAULT_DEBUG_EXIT_PORT,
+    Console,
+    DebugExit,
+    DeviceBus,
+    Uart16550,
+)
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
+    InvalidState,
     NotFound,
     ResourceExhausted,
     from_kvm_error,
 )
 from kvmd.core.events import Broadcaster, FdWatcher, Subscription
+from kvmd.core.histogram import Histogram
 from kvmd.core.limits import Limits
+from kvmd.core.remote import ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.vcpu import (
+    CONTINUE,
+    CRASHED,
+    CREATED,
+    HALT,
+    PAUSED,
+    STOPPED,
+    ManagedVcpu,
+    Outcome,
+)
 from kvmd.kvm import (
-    CpuidEntry,
     Datamatch,
     EventFd,
-    Fpu,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
     IoEventAddress,
+    IoExit,
     IoSpace,
     IrqRoute,
     KvmError,
     MemoryRegionInfo,
-    MpState,
+    MmioExit,
+    PioMap,
+    RdMsrExit,
     Regs,
-    Sregs,
-    Vcpu,
-    VcpuEvents,
+    ShutdownExit,
+    SystemEventExit,
+    VcpuExit,
     Vm,
+    WrMsrExit,
+)
+from kvmd.kvm import (
+    DebugExit as KvmDebugExit,
 )
 from kvmd.kvm.memory import PAGE_SIZE, round_up_to_page
 
 if TYPE_CHECKING:
     from kvmd.core.host import MemoryBudget
 
+log = logging.getLogger(__name__)
+COM1_BASE_RANGE = (0x3F8, 0x400)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_TSS_ADDRESS = 0xFFFBD000
 DEFAULT_IDENTITY_MAP_ADDRESS = 0xFFFBC000
@@ -80,12 +113,29 @@ def kernel_errors(resource: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class VmOptions:
-    """How a VM is built: in-kernel irqchip and PIT, TSS and identity-map addresses."""
+    """How a VM is built: in-kernel irqchip and PIT, TSS and identity-map addresses, the
+    debug-exit port, strict IO, and the console backlog size."""
 
     irqchip: bool = False
     pit: bool = False
     tss_address: int = 0
     identity_map_address: int = 0
+    debug_exit_port: int = 0
+    strict_io: bool = False
+    console_buffer_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class VmEvent:
+    """A state change of a VM or one of its vCPUs, as WatchVm reports it."""
+
+    type: str
+    vcpu_id: int
+    state: str
+    reason: str = ""
+    exit_code: int | None = None
+    regs: Regs | None = None
+    unix_ms: int = 0
 
 
 @dataclass
@@ -129,83 +179,6 @@ class Fired:
     count: int
 
 
-class ManagedVcpu:
-    """A vCPU as the daemon sees it: the binding's Vcpu plus its lifecycle state."""
-
-    def __init__(self, vm_id: str, vcpu: Vcpu) -> None:
-        self.vm_id = vm_id
-        self.vcpu = vcpu
-        self.id = vcpu.id
-        self.state = "created"
-        self.lock = threading.RLock()
-
-    @property
-    def resource(self) -> str:
-        return f"vm/{self.vm_id}/vcpu/{self.id}"
-
-    def _call(self, fn, *args):  # type: ignore[no-untyped-def]
-        with self.lock, kernel_errors(self.resource):
-            return fn(*args)
-
-    def get_regs(self) -> Regs:
-        return self._call(self.vcpu.get_regs)  # type: ignore[no-any-return]
-
-    def set_regs(self, regs: Regs) -> None:
-        self._call(self.vcpu.set_regs, regs)
-
-    def get_sregs(self) -> Sregs:
-        return self._call(self.vcpu.get_sregs)  # type: ignore[no-any-return]
-
-    def set_sregs(self, sregs: Sregs) -> None:
-        self._call(self.vcpu.set_sregs, sregs)
-
-    def get_fpu(self) -> Fpu:
-        return self._call(self.vcpu.get_fpu)  # type: ignore[no-any-return]
-
-    def set_fpu(self, fpu: Fpu) -> None:
-        self._call(self.vcpu.set_fpu, fpu)
-
-    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
-        if not entries:
-            raise InvalidArgument("no CPUID entries given")
-        self._call(self.vcpu.set_cpuid, entries)
-
-    def get_cpuid(self) -> list[CpuidEntry]:
-        return self._call(self.vcpu.get_cpuid)  # type: ignore[no-any-return]
-
-    def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        if not indices:
-            raise InvalidArgument("no MSR indices given")
-        return self._call(self.vcpu.get_msrs, indices)  # type: ignore[no-any-return]
-
-    def set_msrs(self, values: dict[int, int]) -> None:
-        if not values:
-            raise InvalidArgument("no MSRs given")
-        self._call(self.vcpu.set_msrs, values)
-
-    def get_mp_state(self) -> MpState:
-        return self._call(self.vcpu.get_mp_state)  # type: ignore[no-any-return]
-
-    def set_mp_state(self, state: int) -> None:
-        if state not in set(MpState):
-            raise InvalidArgument(f"unknown mp_state {state}")
-        self._call(self.vcpu.set_mp_state, MpState(state))
-
-    def get_lapic(self) -> bytes:
-        return self._call(self.vcpu.get_lapic)  # type: ignore[no-any-return]
-
-    def set_lapic(self, regs: bytes) -> None:
-        if len(regs) != 1024:
-            raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}")
-        self._call(self.vcpu.set_lapic, regs)
-
-    def get_vcpu_events(self) -> VcpuEvents:
-        return self._call(self.vcpu.get_vcpu_events)  # type: ignore[no-any-return]
-
-    def set_vcpu_events(self, events: VcpuEvents) -> None:
-        self._call(self.vcpu.set_vcpu_events, events)
-
-
 class ManagedVm:
     """A VM owned by the daemon: its kernel VM (and through it every guest memory mapping
     and vCPU fd), the eventfds it hands out by id, and watchers of those eventfds.
@@ -215,13 +188,13 @@ class ManagedVm:
     """
 
     def __init__(self, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-                 limits: Limits, budget: MemoryBudget, watcher: FdWatcher, owner: str) -> None:
+                 limits: Limits, budget: MemoryBudget, watcher: FdWatcher, owner: str,
+                 remote_wait: Histogram | None = None) -> None:
         self.id = vm_id
         self.labels = labels
         self.options = options
         self.owner = owner
         self.created_unix_ms = int(time.time() * 1000)
-        self.state = "created"
         self.vm = vm
         self._limits = limits
         self._budget = budget
@@ -232,12 +205,30 @@ class ManagedVm:
         self._ioevents: dict[str, IoeventEntry] = {}
         self.ioevent_fired: Broadcaster[Fired] = Broadcaster()
         self.irqfd_resampled: Broadcaster[Fired] = Broadcaster()
+        self.events: Broadcaster[VmEvent] = Broadcaster()
         self.closed = False
+        self.reason = ""
+        self.exit_code: int | None = None
+        self.crash_count = 0
+        # Devices and claims: what the vCPU threads dispatch exits to.
+        self.console = Console(options.console_buffer_bytes or DEFAULT_CONSOLE_BUFFER)
+        self.uart = Uart16550(self.console, raise_irq=self._pulse_com1_irq
+                              if options.irqchip else None)
+        self.debug_exit = DebugExit(options.debug_exit_port or DEFAULT_DEBUG_EXIT_PORT)
+        self.bus = DeviceBus()
+        self.bus.add(self.uart)
+        self.bus.add(self.debug_exit)
+        self.claims = ClaimTable()
+        self._remote_wait = remote_wait
+        # Ports completed in C without Python: all but devices and claims (none if strict).
+        self.pio_map = PioMap(unclaimed=not options.strict_io)
+        for device in self.bus:
+            self.pio_map.set_claimed(device.base, device.length, True)
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
               limits: Limits, budget: MemoryBudget, watcher: FdWatcher,
-              owner: str) -> ManagedVm:
+              owner: str, remote_wait: Histogram | None = None) -> ManagedVm:
         """Configure the kernel VM per `options`; closes `vm` if that fails."""
         try:
             with kernel_errors(f"vm/{vm_id}"):
@@ -252,7 +243,14 @@ class ManagedVm:
                     if not options.irqchip:
                         raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
                     vm.create_pit2()
-            return cls(vm_id, labels, options, vm, limits, budget, watcher, owner)
+            if options.debug_exit_port and not 0 < options.debug_exit_port < 1 << 16:
+                raise InvalidArgument(f"debug_exit_port {options.debug_exit_port:#x} is not "
+                                      "a port")
+            if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
+                    COM1_BASE_RANGE[1]:
+                raise InvalidArgument("debug_exit_port collides with the COM1 UART")
+            return cls(vm_id, labels, options, vm, limits, budget, watcher, owner,
+                       remote_wait)
         except BaseException:
             vm.close()
             raise
@@ -262,11 +260,23 @@ class ManagedVm:
         return f"vm/{self.id}"
 
     def close(self) -> None:
-        """Stop watchers, release eventfds, the VM, its vCPUs and its memory."""
+        """Stop vCPU threads and remote handlers, release eventfds, the VM, its vCPUs and
+        its memory."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
+            vcpus = list(self._vcpus.values())
+        for handler in self.claims.handlers():
+            self.release_handler(handler, "vm deleted")
+        for mvcpu in vcpus:
+            mvcpu.request_stop("vm deleted")
+        for mvcpu in vcpus:
+            try:
+                mvcpu.join()
+            except Exception:  # closing the fd below kicks it again and waits
+                pass
+        with self.lock:
             for irqfd in self._irqfds.values():
                 self._release_irqfd(irqfd)
             for ioevent in self._ioevents.values():
@@ -275,6 +285,8 @@ class ManagedVm:
             self._ioevents.clear()
             self.ioevent_fired.end()
             self.irqfd_resampled.end()
+            self.events.end()
+            self.console.end()
             memory = self.vm.memory_size
             self.vm.close()
             self._vcpus.clear()
@@ -506,7 +518,7 @@ class ManagedVm:
                     f"{self._limits.max_vcpus_per_vm}")
             with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
                 vcpu = self.vm.create_vcpu(vcpu_id)
-            managed = ManagedVcpu(self.id, vcpu)
+            managed = ManagedVcpu(self, vcpu)
             self._vcpus[vcpu_id] = managed
             return managed
 
@@ -520,4 +532,234 @@ class ManagedVm:
     def vcpus(self) -> list[ManagedVcpu]:
         with self.lock:
             return [self._vcpus[k] for k in sorted(self._vcpus)]
+
+    # -- run control ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """created, running, paused, stopped or crashed, from the vCPU states."""
+        states = {v.state for v in self.vcpus()}
+        if not states:
+            return CREATED
+        if CRASHED in states:
+            return CRASHED
+        if states & {"running", "halted"}:
+            return "running"
+        if PAUSED in states:
+            return PAUSED
+        if states == {CREATED}:
+            return CREATED
+        return STOPPED
+
+    def start(self) -> None:
+        vcpus = self.vcpus()
+        if not vcpus:
+            raise InvalidState(f"vm {self.id} has no vcpus to start", resource=self.resource)
+        bad = [v for v in vcpus if v.state not in (CREATED, STOPPED)]
+        if bad:
+            raise InvalidState(f"vm {self.id} is {self.state} (vcpu {bad[0].id} is "
+                               f"{bad[0].state}); stop it before starting it again",
+                               resource=self.resource)
+        self.reason, self.exit_code = "", None
+        for v in vcpus:
+            v.start()
+
+    def pause(self) -> None:
+        vcpus = [v for v in self.vcpus() if v.state in ("running", "halted")]
+        if not vcpus:
+            raise InvalidState(f"vm {self.id} is {self.state}; only a running vm can be "
+                               "paused", resource=self.resource)
+        for v in vcpus:
+            v.pause()
+
+    def resume(self) -> None:
+        vcpus = [v for v in self.vcpus() if v.state in (PAUSED, "halted")]
+        if not vcpus:
+            raise InvalidState(f"vm {self.id} is {self.state}; only a paused vm can be "
+                               "resumed", resource=self.resource)
+        for v in vcpus:
+            v.resume()
+
+    def stop(self) -> None:
+        vcpus = [v for v in self.vcpus() if v.state not in (STOPPED, CRASHED)]
+        if not vcpus:
+            raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource)
+        for v in vcpus:
+            v.request_stop("stopped by request")
+        for v in vcpus:
+            if v.state == CREATED:
+                v.stop()
+            else:
+                v.join()
+        if not self.reason:
+            self.reason = "stopped by request"
+
+    def on_vcpu_event(self, vcpu: ManagedVcpu, event: str, reason: str,
+                      exit_code: int | None) -> None:
+        """Called by a vCPU (under its lock) on every state change: publish it."""
+        regs = vcpu.crash_regs if event == "crashed" else None
+        self.events.publish(VmEvent(event, vcpu.id, self.state, reason, exit_code, regs,
+                                    int(time.time() * 1000)))
+
+    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
+        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
+        if outcome.action == "crash":
+            self.crash_count += 1
+        if not self.reason:
+            self.reason = outcome.reason
+        if outcome.exit_code is not None:
+            self.exit_code = outcome.exit_code
+        for other in self.vcpus():
+            if other is not vcpu:
+                other.request_stop(f"vcpu {vcpu.id} {outcome.reason}")
+
+    def watch(self) -> Subscription[VmEvent]:
+        return self.events.subscribe()
+
+    def current_event(self) -> VmEvent:
+        return VmEvent("state", -1, self.state, self.reason, self.exit_code, None,
+                       int(time.time() * 1000))
+
+    def exit_stats(self) -> tuple[dict[str, int], dict[int, dict[str, int]]]:
+        """Exit counters summed over the VM and per vCPU."""
+        per_vcpu = {v.id: v.exit_counts() for v in self.vcpus()}
+        total: dict[str, int] = {}
+        for counts in per_vcpu.values():
+            for name, n in counts.items():
+                total[name] = total.get(name, 0) + n
+        return total, per_vcpu
+
+    def write_console(self, data: bytes) -> int:
+        return self.uart.feed(data)
+
+    def _pulse_com1_irq(self) -> None:
+        try:
+            self.vm.set_irq_line(COM1_IRQ, True)
+            self.vm.set_irq_line(COM1_IRQ, False)
+        except KvmError as exc:
+            log.warning("COM1 interrupt failed", extra={"vm_id": self.id, "error": str(exc)})
+
+    # -- exit dispatch (vCPU threads) -----------------------------------------------------
+
+    def dispatch(self, vcpu: ManagedVcpu, exit_: VcpuExit) -> Outcome:
+        """Decide what an exit means: device access, remote claim, HLT, crash."""
+        if isinstance(exit_, IoExit):
+            return self._port_io(vcpu, exit_)
+        if isinstance(exit_, MmioExit):
+            return self._mmio(vcpu, exit_)
+        if isinstance(exit_, HltExit):
+            return HALT
+        if isinstance(exit_, ShutdownExit):
+            return Outcome("crash", "shutdown: triple fault")
+        if isinstance(exit_, FailEntryExit):
+            return Outcome("crash", f"fail_entry: hardware entry failure reason "
+                           f"{exit_.hardware_entry_failure_reason:#x} on cpu {exit_.cpu}")
+        if isinstance(exit_, InternalErrorExit):
+            return Outcome("crash", f"internal_error: {exit_.suberror_name} "
+                           f"{[hex(w) for w in exit_.data]}")
+        if isinstance(exit_, SystemEventExit):
+            if exit_.event == "crash":
+                return Outcome("crash", "system_event: crash")
+            if exit_.event in ("shutdown", "reset"):
+                return Outcome("stop", exit_.event)
+            return CONTINUE
+        if isinstance(exit_, KvmDebugExit):
+            return Outcome("pause", "debug")
+        if isinstance(exit_, (RdMsrExit, WrMsrExit)):
+            return CONTINUE  # left failed by the binding: the guest gets #GP
+        return Outcome("crash", f"unhandled exit {exit_.name}")
+
+    def _port_io(self, vcpu: ManagedVcpu, exit_: IoExit) -> Outcome:
+        port, size, count = exit_.port, exit_.size, exit_.count
+        device = self.bus.find(port)
+        if device is self.debug_exit and exit_.is_write:
+            return Outcome("stop", "debug_exit", DebugExit.code(exit_.data[:size]))
+        if device is not None:
+            if exit_.is_write:
+                for i in range(count):
+                    device.write(port, exit_.data[i * size : (i + 1) * size])
+            else:
+                vcpu.vcpu.complete_io_in(b"".join(device.read(port, size)
+                                                  for _ in range(count)))
+            return CONTINUE
+        reply = self._remote(vcpu, IoSpace.PIO, port, size * count, exit_.is_write,
+                             exit_.data)
+        if reply is not None:
+            if not exit_.is_write:
+                vcpu.vcpu.complete_io_in(reply)
+            return CONTINUE
+        if self.options.strict_io:
+            return Outcome("crash", f"unclaimed port {'write' if exit_.is_write else 'read'} "
+                           f"at {port:#x}")
+        vcpu.vcpu.count_unclaimed(IoSpace.PIO)
+        if not exit_.is_write:
+            vcpu.vcpu.complete_io_in(b"\xff" * (size * count))
+        return CONTINUE
+
+    def _mmio(self, vcpu: ManagedVcpu, exit_: MmioExit) -> Outcome:
+        reply = self._remote(vcpu, IoSpace.MMIO, exit_.address, exit_.length, exit_.is_write,
+                             exit_.data)
+        if reply is not None:
+            if not exit_.is_write:
+                vcpu.vcpu.complete_mmio_read(reply)
+            return CONTINUE
+        if self.options.strict_io:
+            return Outcome("crash", f"unclaimed MMIO {'write' if exit_.is_write else 'read'} "
+                           f"at {exit_.address:#x}")
+        vcpu.vcpu.count_unclaimed(IoSpace.MMIO)
+        if not exit_.is_write:
+            vcpu.vcpu.complete_mmio_read(b"\xff" * exit_.length)
+        return CONTINUE
+
+    def _remote(self, vcpu: ManagedVcpu, space: IoSpace, address: int, size: int,
+                is_write: bool, data: bytes) -> bytes | None:
+        handler = self.claims.find(space, address)
+        if handler is None:
+            return None
+        return handler.submit(RemoteExit(vcpu.id, space, address, size, is_write, data))
+
+    # -- remote exit handlers -------------------------------------------------------------
+
+    def add_handler(self, ranges: list[ClaimRange], deadline_ms: int) -> RemoteHandler:
+        """Claim ranges for a remote handler: all or nothing."""
+        if not ranges:
+            raise InvalidArgument("a claim needs at least one range")
+        for r in ranges:
+            limit = 1 << 16 if r.space == IoSpace.PIO else 1 << 52
+            if r.length <= 0 or r.base + r.length > limit:
+                raise InvalidArgument(f"{r.space.value} range {r.base:#x}+{r.length:#x} is "
+                                      "empty or out of range")
+            if r.space == IoSpace.PIO:
+                device = self.bus.overlapping(r.base, r.length)
+                if device is not None:
+                    raise AlreadyExists(f"ports {r.base:#x}+{r.length:#x} overlap the "
+                                        f"in-daemon {device.name}", resource=self.resource)
+        for i, a in enumerate(ranges):
+            for b in ranges[i + 1 :]:
+                if a.overlaps(b):
+                    raise InvalidArgument("the claimed ranges overlap each other")
+        handler = RemoteHandler(self.id, ranges, deadline_ms,
+                                self._remote_wait.observe if self._remote_wait else None)
+        handler.on_close = lambda: self._drop_claims(handler)
+        with self.lock:
+            if self.closed:
+                raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            clash = self.claims.add(handler)
+            if clash is not None:
+                raise AlreadyExists(f"{clash.space.value} range {clash.base:#x}+"
+                                    f"{clash.length:#x} is already claimed",
+                                    resource=self.resource)
+            for r in ranges:
+                if r.space == IoSpace.PIO:
+                    self.pio_map.set_claimed(r.base, r.length, True)
+        return handler
+
+    def release_handler(self, handler: RemoteHandler, reason: str) -> None:
+        handler.close(reason)  # calls _drop_claims
+
+    def _drop_claims(self, handler: RemoteHandler) -> None:
+        with self.lock:
+            for r in self.claims.remove(handler):
+                if r.space == IoSpace.PIO:
+                    self.pio_map.set_claimed(r.base, r.length, self.options.strict_io)
 

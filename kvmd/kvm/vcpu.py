@@ -9,9 +9,9 @@ import threading
 from typing import Any
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
-from kvmd.kvm._names import COUNTER_SLOTS, EXIT_COUNTER_SLOTS
+from kvmd.kvm._names import COUNTER_SLOTS, EXIT_COUNTER_SLOTS, X86_EXIT_REASONS
 from kvmd.kvm.errors import KvmError, check, invalid
-from kvmd.kvm.exits import EXIT_REASON_NAMES, IntrExit, VcpuExit, decode_exit
+from kvmd.kvm.exits import IntrExit, VcpuExit, decode_exit
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.types import (
     CONTROL_NAMES,
@@ -23,6 +23,7 @@ from kvmd.kvm.types import (
     CpuidEntry,
     DTable,
     Fpu,
+    IoSpace,
     MpState,
     Regs,
     Segment,
@@ -32,6 +33,11 @@ from kvmd.kvm.types import (
 
 LAPIC_SIZE = 1024
 _MAX_MSRS = 256
+
+# (number, short name) of every x86 exit reason, in kernel order: what exit_counts reports.
+X86_EXIT_NUMBERS: list[tuple[int, str]] = [
+    (int(getattr(lib, name)), name.removeprefix("KVM_EXIT_").lower()) for name in X86_EXIT_REASONS
+]
 
 _kick_lock = threading.Lock()
 _kick_installed = False
@@ -204,20 +210,18 @@ class Vcpu:
         """Exits seen by this vCPU, by reason name, plus the IO/MMIO direction splits
         (io_in, io_out, mmio_read, mmio_write) and unclaimed_pio/unclaimed_mmio. Read
         without stopping the vCPU: the counters are plain words only its thread writes."""
-        first_extra = COUNTER_SLOTS["first_extra"]
-        counts = {}
-        for number, name in EXIT_REASON_NAMES.items():
-            if number < first_extra:
-                counts[name] = int(self._counters[number])
+        counts = {name: int(self._counters[number]) for number, name in X86_EXIT_NUMBERS}
         for name, slot in COUNTER_SLOTS.items():
             if name != "first_extra":
                 counts[name] = int(self._counters[slot])
         counts["other"] = int(self._counters[EXIT_COUNTER_SLOTS - 1])
         return counts
 
-    def count_unclaimed_mmio(self) -> None:
-        """Count an MMIO access completed by the caller as unclaimed (vCPU thread only)."""
-        self._counters[COUNTER_SLOTS["unclaimed_mmio"]] += 1
+    def count_unclaimed(self, space: IoSpace) -> None:
+        """Count a port or MMIO access the caller completed as unclaimed (call from the
+        vCPU's own thread, which is the only writer of its counters)."""
+        slot = "unclaimed_pio" if space == IoSpace.PIO else "unclaimed_mmio"
+        self._counters[COUNTER_SLOTS[slot]] += 1
 
     def exit_counters(self) -> Any:
         """The raw per-reason counter array (uint64_t[EXIT_COUNTER_SLOTS]), for collectors."""

@@ -1,0 +1,156 @@
+"""Remote exit handling: clients claim PIO/MMIO ranges and answer the guest's accesses.
+
+A vCPU thread that hits a claimed range hands a RemoteExit to the claiming handler and
+waits, at most the claim's deadline, for the reply. A handler that misses a deadline or
+disconnects is closed: its claims are released and every exit waiting on it continues as
+an unclaimed access. A vCPU is never left waiting on a handler that is gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvmd.kvm import IoSpace
+
+DEFAULT_DEADLINE_MS = 1000
+MAX_DEADLINE_MS = 60_000
+_exit_ids = itertools.count(1)
+_handler_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ClaimRange:
+    """A claimed range of port or MMIO addresses."""
+
+    space: IoSpace
+    base: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+    def contains(self, space: IoSpace, address: int) -> bool:
+        return space == self.space and self.base <= address < self.end
+
+    def overlaps(self, other: ClaimRange) -> bool:
+        return self.space == other.space and self.base < other.end and other.base < self.end
+
+
+@dataclass
+class RemoteExit:
+    """One guest access waiting for a remote answer."""
+
+    vcpu_id: int
+    space: IoSpace
+    address: int
+    size: int
+    is_write: bool
+    data: bytes
+    id: int = field(default_factory=lambda: next(_exit_ids))
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: bytes | None = None
+
+
+class RemoteHandler:
+    """One HandleExits stream: its claims, the exits sent to it, and their replies."""
+
+    def __init__(self, vm_id: str, ranges: list[ClaimRange], deadline_ms: int,
+                 observe_wait: Callable[[float], None] | None = None) -> None:
+        self.id = f"h{next(_handler_ids)}"
+        self.vm_id = vm_id
+        self.ranges = ranges
+        self.deadline = deadline_ms / 1000.0
+        self.outbound: queue.Queue[RemoteExit | None] = queue.Queue()
+        self._pending: dict[int, RemoteExit] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+        self.close_reason = ""
+        self._observe_wait = observe_wait
+        # Set by the VM: releases this handler's claims when it closes, however it closes.
+        self.on_close: Callable[[], None] | None = None
+
+    def submit(self, exit_: RemoteExit) -> bytes | None:
+        """Called by a vCPU thread: send the exit, wait for the reply or the deadline.
+        Returns the reply (empty for writes) or None when the handler failed."""
+        with self._lock:
+            if self.closed:
+                return None
+            self._pending[exit_.id] = exit_
+        started = time.monotonic()
+        self.outbound.put(exit_)
+        answered = exit_.done.wait(self.deadline)
+        elapsed = time.monotonic() - started
+        if self._observe_wait is not None:
+            self._observe_wait(elapsed)
+        with self._lock:
+            self._pending.pop(exit_.id, None)
+        if not answered:
+            self.close(f"missed the {int(self.deadline * 1000)} ms deadline")
+        return exit_.reply
+
+    def answer(self, exit_id: int, data: bytes) -> str | None:
+        """Called for a client reply; returns an error message for a bad reply."""
+        with self._lock:
+            exit_ = self._pending.get(exit_id)
+        if exit_ is None:
+            return f"no exit {exit_id} is waiting for a reply"
+        if not exit_.is_write and len(data) != exit_.size:
+            return f"exit {exit_id} is a {exit_.size}-byte read; the reply has {len(data)} bytes"
+        exit_.reply = data if not exit_.is_write else b""
+        exit_.done.set()
+        return None
+
+    def close(self, reason: str) -> None:
+        """Fail every pending exit (they continue as unclaimed) and end the stream."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.close_reason = reason
+            pending, self._pending = list(self._pending.values()), {}
+        if self.on_close is not None:
+            self.on_close()
+        for exit_ in pending:
+            exit_.done.set()
+        self.outbound.put(None)
+
+
+class ClaimTable:
+    """The claims of one VM. Lookups happen on every claimed exit; the table is small."""
+
+    def __init__(self) -> None:
+        self._claims: list[tuple[ClaimRange, RemoteHandler]] = []
+        self._lock = threading.Lock()
+
+    def add(self, handler: RemoteHandler) -> ClaimRange | None:
+        """Add all of the handler's ranges, or none: returns the first conflicting range."""
+        with self._lock:
+            for wanted in handler.ranges:
+                for existing, _h in self._claims:
+                    if wanted.overlaps(existing):
+                        return existing
+            self._claims.extend((r, handler) for r in handler.ranges)
+        return None
+
+    def remove(self, handler: RemoteHandler) -> list[ClaimRange]:
+        with self._lock:
+            mine = [r for r, h in self._claims if h is handler]
+            self._claims = [(r, h) for r, h in self._claims if h is not handler]
+        return mine
+
+    def find(self, space: IoSpace, address: int) -> RemoteHandler | None:
+        with self._lock:
+            for claim, handler in self._claims:
+                if claim.contains(space, address):
+                    return handler
+        return None
+
+    def handlers(self) -> list[RemoteHandler]:
+        with self._lock:
+            return list({id(h): h for _r, h in self._claims}.values())

@@ -1,0 +1,345 @@
+"""ManagedVcpu: a vCPU, its daemon thread and its run-control state machine.
+
+States: created -> running <-> paused, running -> halted (HLT without an in-kernel irqchip)
+-> running, and stopped / crashed at the end. Each started vCPU has one thread running
+KVM_RUN with the GIL released. Pause and stop set a flag, then kick the thread out of the
+guest (immediate_exit plus a signal), so they take effect even while the guest spins.
+Register access is allowed only while the vCPU is not in the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kvmd.core.errors import InvalidArgument, InvalidState, KernelError
+from kvmd.kvm import (
+    CpuidEntry,
+    Fpu,
+    IntrExit,
+    KvmError,
+    MpState,
+    Regs,
+    Sregs,
+    Vcpu,
+    VcpuEvents,
+    VcpuExit,
+)
+
+if TYPE_CHECKING:
+    from kvmd.core.vm import ManagedVm
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED = (
+    "created", "running", "paused", "halted", "stopped", "crashed")
+IN_GUEST = (RUNNING,)
+STARTABLE = (CREATED, STOPPED)
+PAUSABLE = (RUNNING, HALTED)
+RESUMABLE = (PAUSED, HALTED)
+STATE_CHANGE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the VM's exit dispatcher tells the vCPU thread to do next."""
+
+    action: str  # continue, halt, pause, stop, crash
+    reason: str = ""
+    exit_code: int | None = None
+
+
+CONTINUE = Outcome("continue")
+HALT = Outcome("halt")
+
+
+class ManagedVcpu:
+    """A vCPU as the daemon sees it: the binding's Vcpu, its thread and its state."""
+
+    def __init__(self, vm: ManagedVm, vcpu: Vcpu) -> None:
+        self.vm = vm
+        self.vm_id = vm.id
+        self.vcpu = vcpu
+        self.id = vcpu.id
+        self.state = CREATED
+        self.reason = ""
+        self.crash_regs: Regs | None = None
+        self.cond = threading.Condition(threading.RLock())
+        self._thread: threading.Thread | None = None
+        self._pause_requested = False
+        self._stop_requested = False
+        self._stop_reason = ""
+        self._pending_irqs: deque[int] = deque()
+
+    @property
+    def resource(self) -> str:
+        return f"vm/{self.vm_id}/vcpu/{self.id}"
+
+    # -- run control (API threads) --------------------------------------------------------
+
+    def start(self) -> None:
+        with self.cond:
+            if self.state not in STARTABLE:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
+                                   "a created or stopped vcpu can be started",
+                                   resource=self.resource)
+            self._join_finished_thread()
+            self._pause_requested = self._stop_requested = False
+            self._stop_reason = self.reason = ""
+            self.vcpu.set_immediate_exit(False)
+            self._set_state(RUNNING, "started")
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name=f"vcpu-{self.vm_id}-{self.id}")
+            self._thread.start()
+
+    def pause(self) -> None:
+        """Kick the vCPU out of the guest; returns once it is paused (or ended)."""
+        with self.cond:
+            if self.state not in PAUSABLE:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
+                                   "a running or halted vcpu can be paused",
+                                   resource=self.resource)
+            self._pause_requested = True
+            self.vcpu.kick()
+            self.cond.notify_all()
+            self._wait_until(lambda: self.state not in PAUSABLE, "pause")
+
+    def resume(self) -> None:
+        """Continue a paused or halted vCPU exactly where it stopped."""
+        with self.cond:
+            if self.state not in RESUMABLE:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
+                                   "a paused or halted vcpu can be resumed",
+                                   resource=self.resource)
+            self._pause_requested = False
+            self._set_state(RUNNING, "resumed")
+            self.cond.notify_all()
+
+    def stop(self, reason: str = "stopped by request") -> None:
+        """End the vCPU's thread (from an API thread); waits for it."""
+        with self.cond:
+            if self.state in (STOPPED, CRASHED):
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is already "
+                                   f"{self.state}", resource=self.resource)
+            if self.state == CREATED:
+                self._set_state(STOPPED, "stopped", reason)
+                return
+        self.request_stop(reason)
+        self.join()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the thread to end without waiting (safe from any thread, even a vCPU's)."""
+        with self.cond:
+            if self._thread is None or not self._thread.is_alive():
+                return
+            self._stop_requested = True
+            self._stop_reason = self._stop_reason or reason
+            self.vcpu.kick()
+            self.cond.notify_all()
+
+    def join(self, timeout: float = STATE_CHANGE_TIMEOUT) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not stop within "
+                                  f"{timeout} s", resource=self.resource)
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Queue an interrupt (no in-kernel irqchip); wakes a halted vCPU."""
+        if not 0 <= vector <= 255:
+            raise InvalidArgument(f"interrupt vector {vector} is not 0..255")
+        if self.vm.options.irqchip:
+            raise InvalidState("with the in-kernel irqchip, inject through SetIrqLine, an "
+                               "irqfd or an MSI", resource=self.resource)
+        with self.cond:
+            if self.state in (STOPPED, CRASHED):
+                raise InvalidState(f"vcpu {self.id} is {self.state}", resource=self.resource)
+            self._pending_irqs.append(vector)
+            if self.state == HALTED:
+                self._set_state(RUNNING, "resumed", "interrupt")
+            if self.state == RUNNING:
+                self.vcpu.kick()  # deliver it now rather than at the next exit
+            self.cond.notify_all()
+
+    def _wait_until(self, done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not {what} within "
+                                  f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource)
+            self.cond.wait(left)
+
+    def _join_finished_thread(self) -> None:
+        if self._thread is not None:
+            self._thread.join(STATE_CHANGE_TIMEOUT)
+            self._thread = None
+
+    def _set_state(self, state: str, event: str, reason: str = "",
+                   exit_code: int | None = None) -> None:
+        self.state = state
+        if reason:
+            self.reason = reason
+        self.cond.notify_all()
+        self.vm.on_vcpu_event(self, event, reason, exit_code)
+
+    # -- the vCPU thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        pio_map = self.vm.pio_map
+        try:
+            while True:
+                with self.cond:
+                    if not self._wait_for_go():
+                        return
+                    irqs = list(self._pending_irqs)
+                    self._pending_irqs.clear()
+                for vector in irqs:
+                    try:
+                        vcpu.interrupt(vector)
+                    except KvmError as exc:  # e.g. EEXIST: one is still pending
+                        log.warning("interrupt not injected", extra={
+                            "vm_id": self.vm_id, "vcpu": self.id, "vector": vector,
+                            "error": str(exc)})
+                exit_ = vcpu.run_until_unhandled(pio_map)
+                if isinstance(exit_, IntrExit):
+                    # Kicked: clear the flag first, then the loop head sees why.
+                    vcpu.set_immediate_exit(False)
+                    continue
+                if not self._apply(self.vm.dispatch(self, exit_), exit_):
+                    return
+        except Exception as exc:  # the daemon must survive any guest
+            log.exception("vcpu thread failed", extra={"vm_id": self.vm_id, "vcpu": self.id})
+            reason = f"daemon error: {type(exc).__name__}: {exc}"
+            with self.cond:
+                self._crash(reason)
+            self.vm.on_vcpu_ended(self, Outcome("crash", reason))
+
+    def _wait_for_go(self) -> bool:
+        """Under cond: wait while paused or halted; False when the thread must end."""
+        while True:
+            if self._stop_requested:
+                self._set_state(STOPPED, "stopped", self._stop_reason)
+                return False
+            if self._pause_requested:
+                if self.state != PAUSED:
+                    self._set_state(PAUSED, "paused")
+                self.cond.wait()
+                continue
+            if self.state == HALTED and not self._pending_irqs:
+                self.cond.wait()
+                continue
+            if self.state != RUNNING:
+                self._set_state(RUNNING, "resumed")
+            return True
+
+    def _apply(self, outcome: Outcome, exit_: VcpuExit) -> bool:
+        """Act on the dispatcher's verdict; False when the thread must end."""
+        if outcome.action == "continue":
+            return True
+        with self.cond:
+            if outcome.action == "halt":
+                if not self._pending_irqs and not self._stop_requested:
+                    self._set_state(HALTED, "halted", "hlt")
+                return True
+            if outcome.action == "pause":
+                self._pause_requested = True
+                self._set_state(PAUSED, "paused", outcome.reason)
+                return True
+            if outcome.action == "stop":
+                self._set_state(STOPPED, outcome.reason or "stopped", outcome.reason,
+                                outcome.exit_code)
+            else:
+                self._crash(outcome.reason)
+        # Outside our lock: ending the other vCPUs takes theirs.
+        self.vm.on_vcpu_ended(self, outcome)
+        return False
+
+    def _crash(self, reason: str) -> None:
+        """Under cond: capture registers and enter the crashed state."""
+        try:
+            self.crash_regs = self.vcpu.get_regs()
+        except KvmError:
+            self.crash_regs = None
+        self._set_state(CRASHED, "crashed", reason)
+
+    # -- state access (allowed only outside the guest) ------------------------------------
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        from kvmd.core.vm import kernel_errors
+
+        with self.cond:
+            if self.state in IN_GUEST:
+                raise InvalidState(f"cannot {what} vcpu {self.id} of vm {self.vm_id} while it "
+                                   "is running; pause it first", resource=self.resource)
+            with kernel_errors(self.resource):
+                return fn(*args)
+
+    def get_regs(self) -> Regs:
+        return self._call("read registers of", self.vcpu.get_regs)
+
+    def set_regs(self, regs: Regs) -> None:
+        self._call("set registers of", self.vcpu.set_regs, regs)
+
+    def get_sregs(self) -> Sregs:
+        return self._call("read registers of", self.vcpu.get_sregs)
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        self._call("set registers of", self.vcpu.set_sregs, sregs)
+
+    def get_fpu(self) -> Fpu:
+        return self._call("read the FPU of", self.vcpu.get_fpu)
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        self._call("set the FPU of", self.vcpu.set_fpu, fpu)
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        if not entries:
+            raise InvalidArgument("no CPUID entries given")
+        self._call("set CPUID of", self.vcpu.set_cpuid, entries)
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        return self._call("read CPUID of", self.vcpu.get_cpuid)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        if not indices:
+            raise InvalidArgument("no MSR indices given")
+        return self._call("read MSRs of", self.vcpu.get_msrs, indices)
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        if not values:
+            raise InvalidArgument("no MSRs given")
+        self._call("set MSRs of", self.vcpu.set_msrs, values)
+
+    def get_mp_state(self) -> MpState:
+        return self._call("read the mp_state of", self.vcpu.get_mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        if state not in set(MpState):
+            raise InvalidArgument(f"unknown mp_state {state}")
+        self._call("set the mp_state of", self.vcpu.set_mp_state, MpState(state))
+
+    def get_lapic(self) -> bytes:
+        return self._call("read the LAPIC of", self.vcpu.get_lapic)
+
+    def set_lapic(self, regs: bytes) -> None:
+        if len(regs) != 1024:
+            raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}")
+        self._call("set the LAPIC of", self.vcpu.set_lapic, regs)
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        return self._call("read events of", self.vcpu.get_vcpu_events)
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        self._call("set events of", self.vcpu.set_vcpu_events, events)
+
+    def exit_counts(self) -> dict[str, int]:
+        return self.vcpu.exit_counts()
