@@ -196,9 +196,10 @@ def mmio_write_read_program(value: int, offset: int = 0) -> bytes:
 
 
 def store_pages_program(first_page: int, count: int, stride: int = PAGE_SIZE,
-                        value: int = 0xAB) -> bytes:
+                        value: int = 0xAB, *, end: bytes = HLT) -> bytes:
     """Real mode: store `value` at the first byte of `count` pages starting at guest page
-    `first_page` (addresses below 64 KiB), `stride` bytes apart, then halt."""
+    `first_page` (addresses below 64 KiB), `stride` bytes apart, then `end` (HLT by
+    default; b"" to chain another program after it)."""
     addr = first_page * PAGE_SIZE
     if addr + (count - 1) * stride >= 0x10000:
         raise ValueError("store_pages_program reaches only the first 64 KiB")
@@ -211,7 +212,7 @@ def store_pages_program(first_page: int, count: int, stride: int = PAGE_SIZE,
         [0xC6, 0x07, value & 0xFF],             # mov byte [bx], value
         [0x81, 0xC3], struct.pack("<H", stride),  # add bx, stride
         [0xE2, 0xF7],                           # loop loop    (dec cx; jnz)
-        HLT,                                    # hlt
+        end,
     )
 
 

@@ -387,6 +387,8 @@ class Vm:
         arr = ffi.new("struct kvmd_route[]", max(1, len(routes)))
         for i, route in enumerate(routes):
             dst = arr[i]
+            if not isinstance(route, IrqChipRoute | MsiRoute):
+                raise invalid(op, f"not a route: {route!r}")
             if not 0 <= route.gsi < MAX_IRQ_ROUTES:
                 raise invalid(op, f"gsi {route.gsi} out of range")
             dst.gsi = route.gsi
@@ -395,23 +397,25 @@ class Vm:
                 if route.chip not in tuple(IrqChip) or not 0 <= route.pin < pins:
                     raise invalid(op, f"pin {route.pin} is not a pin of {route.chip!r}")
                 dst.kind, dst.irqchip, dst.pin = 0, int(route.chip), route.pin
-            elif isinstance(route, MsiRoute):
+            else:
                 if not 0 <= route.address < 1 << 64 or not 0 <= route.data < 1 << 32:
                     raise invalid(op, "MSI address must fit 64 bits and data 32 bits")
+                if route.devid is not None and not 0 <= route.devid < 1 << 32:
+                    raise invalid(op, "MSI devid must fit 32 bits")
                 dst.kind = 1
                 dst.address_lo = route.address & 0xFFFFFFFF
                 dst.address_hi = route.address >> 32
                 dst.data = route.data
                 if route.devid is not None:
                     dst.flags, dst.devid = KVM_MSI_VALID_DEVID, route.devid
-            else:
-                raise invalid(op, f"not a route: {route!r}")
         check(lib.kvmd_set_gsi_routing(self._open_fd(op), arr, len(routes)), op)
 
     def signal_msi(self, address: int, data: int, devid: int | None = None) -> int:
         """Inject an MSI directly; returns >0 if delivered, 0 if the guest blocked it."""
         if not 0 <= address < 1 << 64 or not 0 <= data < 1 << 32:
             raise invalid("KVM_SIGNAL_MSI", "MSI address must fit 64 bits and data 32 bits")
+        if devid is not None and not 0 <= devid < 1 << 32:
+            raise invalid("KVM_SIGNAL_MSI", "MSI devid must fit 32 bits")
         m = ffi.new("struct kvm_msi *")
         m.address_lo, m.address_hi, m.data = address & 0xFFFFFFFF, address >> 32, data
         if devid is not None:
