@@ -1,1 +1,311 @@
-"""Prometheus metrics for kvmd."""
+"""Prometheus metrics for kvmd, read at scrape time from the core's own counters.
+
+Exit counters live in plain per-vCPU C words (incremented by the run loop, no lock, no
+allocation); the collector below reads them when Prometheus scrapes. The kernel's binary
+statistics (KVM_GET_STATS_FD) are read the same way. Series of a deleted VM disappear with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import start_http_server
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from kvmd.core.host import Host
+from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
+from kvmd.kvm import KvmError, StatDescriptor, StatsReader
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
+VCPU_STATES = (CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED)
+# Exit-counter names that are not exit reasons, or are split by direction instead.
+_SPLIT = {"io": ("io_in", "io_out"), "mmio": ("mmio_read", "mmio_write")}
+_NOT_REASONS = {"unclaimed_pio", "unclaimed_mmio"}
+_UNIT_SUFFIX = re.compile(r"_(ns|us|ms|sec|seconds|cycles|bytes)$")
+
+
+def exit_reasons(counts: dict[str, int]) -> Iterator[tuple[str, int]]:
+    """(reason, count) with io and mmio replaced by their direction splits."""
+    split_parts = {p for parts in _SPLIT.values() for p in parts}
+    for name, value in counts.items():
+        if name in _SPLIT or name in _NOT_REASONS or name in split_parts:
+            continue
+        yield name, value
+    for parts in _SPLIT.values():
+        for part in parts:
+            yield part, counts.get(part, 0)
+
+
+def _kernel_metric_name(scope: str, desc: StatDescriptor) -> tuple[str, float]:
+    """Prometheus name and value scale for a kernel statistic (seconds in base units)."""
+    name = desc.name
+    scale = 1.0
+    if desc.unit == "seconds":
+        name = _UNIT_SUFFIX.sub("", name) + "_seconds"
+        scale = (2.0 if desc.base == 2 else 10.0) ** desc.exponent
+    elif desc.unit == "bytes":
+        name = _UNIT_SUFFIX.sub("", name) + "_bytes"
+        scale = (2.0 if desc.base == 2 else 10.0) ** desc.exponent
+    return f"kvmd_kvm_{scope}_{name}", scale
+
+
+class KvmdCollector(Collector):
+    """Everything kvmd knows about its VMs, read at scrape time."""
+
+    def __init__(self, host: Host, vcpu_label: bool = False) -> None:
+        self.host = host
+        self.vcpu_label = vcpu_label
+
+    def describe(self) -> list[Metric]:
+        return []  # labels depend on the VMs present at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        host = self.host
+        vms = host.list_vms()
+        labels = ["vm", "reason"] + (["vcpu"] if self.vcpu_label else [])
+        exits = CounterMetricFamily("kvmd_vcpu_exits", "vCPU exits by reason (io and mmio "
+                                    "split by direction)", labels=labels)
+        unclaimed = CounterMetricFamily("kvmd_unclaimed_accesses", "Guest port/MMIO accesses "
+                                        "no device or handler claimed", labels=["vm", "space"])
+        memory = GaugeMetricFamily("kvmd_guest_memory_bytes", "Guest memory mapped per VM",
+                                   labels=["vm"])
+        slots = GaugeMetricFamily("kvmd_memory_slots", "Memory slots per VM", labels=["vm"])
+        dirty = CounterMetricFamily("kvmd_dirty_pages", "Dirty pages reported by dirty-log "
+                                    "fetches", labels=["vm"])
+        console = CounterMetricFamily("kvmd_console_bytes", "Bytes through the guest console",
+                                      labels=["vm", "direction"])
+        vm_state = GaugeMetricFamily("kvmd_vm_state", "1 for the state each VM is in",
+                                     labels=["vm", "state"])
+        vcpus = {state: 0 for state in VCPU_STATES}
+        kernel: dict[str, Any] = {}
+        for vm in vms:
+            per_vcpu: list[tuple[int, dict[str, int]]] = []
+            for v in vm.vcpus():
+                vcpus[v.state] = vcpus.get(v.state, 0) + 1
+                per_vcpu.append((v.id, v.exit_counts()))
+            if self.vcpu_label:
+                for vid, counts in per_vcpu:
+                    for reason, n in exit_reasons(counts):
+                        exits.add_metric([vm.id, reason, str(vid)], n)
+            else:
+                total: dict[str, int] = {}
+                for _vid, counts in per_vcpu:
+                    for name, n in counts.items():
+                        total[name] = total.get(name, 0) + n
+                if not per_vcpu:  # zero from VM creation, every known reason
+                    total = {name: 0 for name in _zero_counts()}
+                for reason, n in exit_reasons(total):
+                    exits.add_metric([vm.id, reason], n)
+            for space in ("pio", "mmio"):
+                unclaimed.add_metric([vm.id, space], sum(
+                    c.get(f"unclaimed_{space}", 0) for _vid, c in per_vcpu))
+            regions = vm.memory_regions()
+            memory.add_metric([vm.id], sum(r.size for r in regions))
+            slots.add_metric([vm.id], len(regions))
+            dirty.add_metric([vm.id], vm.dirty_pages_total)
+            console.add_metric([vm.id, "out"], vm.console.bytes_out)
+            console.add_metric([vm.id, "in"], vm.console.bytes_in)
+            for state in ("created", "running", "paused", "stopped", "crashed"):
+                vm_state.add_metric([vm.id, state], 1 if vm.state == state else 0)
+            self._kernel_stats(vm, kernel)
+        yield exits
+        yield unclaimed
+        yield memory
+        yield slots
+        yield dirty
+        yield console
+        yield vm_state
+        yield GaugeMetricFamily("kvmd_vms", "VMs held by the daemon", value=len(vms))
+        vcpu_gauge = GaugeMetricFamily("kvmd_vcpus", "vCPUs by state", labels=["state"])
+        for state, n in vcpus.items():
+            vcpu_gauge.add_metric([state], n)
+        yield vcpu_gauge
+        crashes = CounterMetricFamily("kvmd_vm_crashes", "VM crashes by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(host.crashes.items()):
+            crashes.add_metric([reason], n)
+        yield crashes
+        yield GaugeMetricFamily("kvmd_guest_memory_in_use_bytes",
+                                "Guest memory held across all VMs", value=host.budget.in_use)
+        buckets, total_sum, _count = host.remote_wait.snapshot()
+        remote = HistogramMetricFamily(
+            "kvmd_remote_exit_seconds", "Time a vCPU waited for a remote exit handler")
+        remote.add_metric([], [(_bound(b), n) for b, n in buckets], total_sum)
+        yield remote
+        yield from kernel.values()
+
+    def _kernel_stats(self, vm: Any, out: dict[str, Any]) -> None:
+        """The kernel's per-VM and per-vCPU binary statistics for one VM; vCPU values are
+        summed per VM (peaks: the maximum)."""
+        try:
+            readers: list[tuple[str, StatsReader]] = [("vm", vm.vm.stats())]
+            readers += [("vcpu", v.vcpu.stats()) for v in vm.vcpus()]
+        except KvmError:
+            return  # no binary stats on this kernel, or the VM is going away
+        scalars: dict[tuple[str, str], float] = {}
+        hists: dict[tuple[str, str], list[int]] = {}
+        descs: dict[tuple[str, str], StatDescriptor] = {}
+        for scope, reader in readers:
+            try:
+                values = reader.read()
+            except OSError:
+                continue
+            for desc in reader.descriptors:
+                key = (scope, desc.name)
+                descs[key] = desc
+                value = values[desc.name]
+                if isinstance(value, tuple):
+                    prev = hists.get(key)
+                    hists[key] = ([a + b for a, b in zip(prev, value, strict=True)]
+                                  if prev is not None else list(value))
+                elif desc.kind == "peak":
+                    scalars[key] = max(scalars.get(key, 0.0), float(value))
+                else:
+                    scalars[key] = scalars.get(key, 0.0) + value
+        for key, desc in descs.items():
+            scope, kname = key
+            name, scale = _kernel_metric_name(scope, desc)
+            help_text = f"KVM {scope} statistic {kname} ({desc.kind})"
+            if key in hists:
+                if name not in out:
+                    out[name] = HistogramMetricFamily(name, help_text, labels=["vm"])
+                out[name].add_metric([vm.id], _hist_buckets(desc, hists[key], scale), None)
+            elif key in scalars:
+                if name not in out:
+                    cls = CounterMetricFamily if desc.kind == "cumulative" else GaugeMetricFamily
+                    out[name] = cls(name, help_text, labels=["vm"])
+                out[name].add_metric([vm.id], scalars[key] * scale)
+
+
+def _bound(b: float) -> str:
+    return "+Inf" if b == float("inf") else repr(float(f"{b:.6g}"))
+
+
+def _hist_buckets(desc: StatDescriptor, counts: list[int], scale: float) -> list[tuple[str, int]]:
+    """Cumulative Prometheus buckets of a kernel linear or log2 histogram."""
+    out, running = [], 0
+    for i, n in enumerate(counts):
+        running += n
+        if i == len(counts) - 1:
+            bound = float("inf")
+        elif desc.kind == "log_hist":
+            bound = float((1 << i) - 1) * scale if i else 0.0  # bucket i: [2^(i-1), 2^i)
+        else:
+            bound = float((i + 1) * desc.bucket_size) * scale
+        out.append((_bound(bound), running))
+    return out
+
+
+def _zero_counts() -> dict[str, int]:
+    from kvmd.kvm._names import COUNTER_SLOTS, X86_EXIT_REASONS
+
+    names = [n.removeprefix("KVM_EXIT_").lower() for n in X86_EXIT_REASONS]
+    return {n: 0 for n in [*names, *COUNTER_SLOTS, "other"] if n != "first_extra"}
+
+
+class RpcMetrics:
+    """gRPC request counts and latencies, filled by MetricsInterceptor."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("kvmd_grpc_requests", "gRPC requests by method and status code",
+                                ["method", "code"], registry=registry)
+        self.duration = Histogram("kvmd_grpc_request_duration_seconds",
+                                  "gRPC request duration (streams: until the stream ends)",
+                                  ["method"], registry=registry)
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.duration.labels(method).observe(seconds)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and final status code and times it, streams included."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        observe = self.metrics.observe
+
+        def finish(context: grpc.ServicerContext, started: float, failed: bool) -> None:
+            code = context.code()  # type: ignore[attr-defined]
+            name = code.name if isinstance(code, grpc.StatusCode) else (
+                "UNKNOWN" if failed else "OK")
+            observe(method, name, time.perf_counter() - started)
+
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+                started, failed = time.perf_counter(), True
+                try:
+                    result = behavior(request, context)
+                    failed = False
+                    return result
+                finally:
+                    finish(context, started, failed)
+            return wrapper
+
+        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
+                started, failed = time.perf_counter(), True
+                try:
+                    yield from behavior(request, context)
+                    failed = False
+                finally:
+                    finish(context, started, failed)
+            return wrapper
+
+        kinds = (("unary_unary", unary, grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", stream, grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", unary, grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", stream, grpc.stream_stream_rpc_method_handler))
+        for attr, wrap, make in kinds:
+            behavior = getattr(handler, attr)
+            if behavior:
+                return make(wrap(behavior), handler.request_deserializer,
+                            handler.response_serializer)
+        return handler
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint (Prometheus text, or OpenMetrics when asked)."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._server, self._thread = start_http_server(int(port), host.strip("[]") or
+                                                       "127.0.0.1", registry)
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def build_registry(host: Host, vcpu_label: bool = False) -> tuple[CollectorRegistry, RpcMetrics]:
+    """A registry of its own: kvmd metrics, gRPC metrics and process metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KvmdCollector(host, vcpu_label))
+    ProcessCollector(registry=registry)
+    rpc = RpcMetrics(registry)
+    return registry, rpc
+

@@ -34,6 +34,12 @@ from kvmd.api.services import add_services
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.limits import Limits
+from kvmd.metrics import (
+    DEFAULT_METRICS_LISTEN,
+    MetricsInterceptor,
+    MetricsServer,
+    build_registry,
+)
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 SOCKET_MODE = 0o660
@@ -95,7 +101,9 @@ class Config:
     max_ioevents_per_vm: int = Limits.max_ioevents_per_vm
     max_message_bytes: int = Limits.max_message_bytes
     max_concurrent_rpcs: int = Limits.max_concurrent_rpcs
+    # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
     metrics_listen: str = "off"
+    metrics_vcpu_label: bool = False
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -112,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--kvm-device", help="KVM device path (default /dev/kvm)")
     p.add_argument("--socket-group", help="group owning Unix sockets (default: unchanged)")
-    p.add_argument("--metrics-listen", help="metrics HTTP address, or 'off'")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help=f"Prometheus /metrics address, or 'off' (default "
+                        f"{DEFAULT_METRICS_LISTEN})")
+    p.add_argument("--metrics-vcpu-label", action="store_const", const=True,
+                   help="add a vcpu label to kvmd_vcpu_exits_total")
     for f in fields(Limits):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
                        help=f"limit (default {f.default})")
@@ -121,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    cfg = Config()
+    cfg = Config(metrics_listen=DEFAULT_METRICS_LISTEN)
     known = {f.name for f in fields(Config)}
     if args.config:
         try:
@@ -232,6 +244,7 @@ class Daemon:
         self.host: Host | None = None
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
+        self.metrics_server: MetricsServer | None = None
         self.stopped = threading.Event()
         self._owned_sockets: list[str] = []
 
@@ -240,6 +253,7 @@ class Daemon:
             self.host = Host(self.limits, self.cfg.kvm_device)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
+        registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         options = [
             ("grpc.max_receive_message_length", self.limits.max_message_bytes),
             ("grpc.max_send_message_length", self.limits.max_message_bytes),
@@ -248,7 +262,7 @@ class Daemon:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
                                        thread_name_prefix="kvmd-rpc"),
-            interceptors=[ErrorInterceptor()],
+            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor()],
             options=options,
             maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
         )
@@ -268,6 +282,14 @@ class Daemon:
                             extra={"address": listener.address, "port": port})
         server.start()
         self.server = server
+        if self.cfg.metrics_listen != "off":
+            try:
+                self.metrics_server = MetricsServer(registry, self.cfg.metrics_listen)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot serve metrics on {self.cfg.metrics_listen}: "
+                                  f"{exc}") from None
+            log.info("metrics listening", extra={"address": self.cfg.metrics_listen,
+                                                 "port": self.metrics_server.port})
         for listener in self.listeners:
             if listener.unix_path:
                 self._owned_sockets.append(listener.unix_path)
@@ -282,6 +304,8 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         if self.server is not None:
             self.server.stop(SHUTDOWN_GRACE_SECONDS).wait(SHUTDOWN_GRACE_SECONDS + 1)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.host is not None:
             self.host.close()
         for path in self._owned_sockets:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 
 from kvmd import __version__
 from kvmd.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
@@ -38,6 +39,25 @@ class MemoryBudget:
             self.in_use -= size
 
 
+@dataclass
+class HostShared:
+    """What every VM of a host shares: limits, the memory budget, the eventfd watcher,
+    the remote-wait histogram and the crash counters (which outlive deleted VMs)."""
+
+    limits: Limits
+    budget: MemoryBudget
+    watcher: FdWatcher
+    remote_wait: Histogram
+    crashes: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_crash(self, reason: str) -> None:
+        # A small label set: the reason's kind ("shutdown", "internal_error", ...).
+        kind = reason.split(":", 1)[0].split(" ", 1)[0] or "unknown"
+        with self._lock:
+            self.crashes[kind] = self.crashes.get(kind, 0) + 1
+
+
 class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
@@ -54,6 +74,8 @@ class Host:
         self._capabilities: dict[str, int] | None = None
         # Time vCPUs waited for remote exit handlers, across VMs (exported as a histogram).
         self.remote_wait = Histogram()
+        self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait)
+        self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------
 
@@ -98,8 +120,7 @@ class Host:
             # Kernel work happens outside the registry lock: other VMs stay responsive.
             with kernel_errors(f"vm/{vm_id}"):
                 vm = self.kvm.create_vm()
-            managed = ManagedVm.build(vm_id, labels, options, vm, self.limits, self.budget,
-                                      self.watcher, owner, self.remote_wait)
+            managed = ManagedVm.build(vm_id, labels, options, vm, self.shared, owner)
         finally:
             with self._lock:
                 self._creating.discard(vm_id)

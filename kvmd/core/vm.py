@@ -28,9 +28,7 @@ from kvmd.core.errors import (
     ResourceExhausted,
     from_kvm_error,
 )
-from kvmd.core.events import Broadcaster, FdWatcher, Subscription
-from kvmd.core.histogram import Histogram
-from kvmd.core.limits import Limits
+from kvmd.core.events import Broadcaster, Subscription
 from kvmd.core.remote import ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.vcpu import (
     CONTINUE,
@@ -70,7 +68,7 @@ from kvmd.kvm import (
 from kvmd.kvm.memory import PAGE_SIZE, round_up_to_page
 
 if TYPE_CHECKING:
-    from kvmd.core.host import MemoryBudget
+    from kvmd.core.host import HostShared
 
 log = logging.getLogger(__name__)
 COM1_BASE_RANGE = (0x3F8, 0x400)
@@ -188,17 +186,18 @@ class ManagedVm:
     """
 
     def __init__(self, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-                 limits: Limits, budget: MemoryBudget, watcher: FdWatcher, owner: str,
-                 remote_wait: Histogram | None = None) -> None:
+                 shared: HostShared, owner: str) -> None:
         self.id = vm_id
         self.labels = labels
         self.options = options
         self.owner = owner
         self.created_unix_ms = int(time.time() * 1000)
         self.vm = vm
-        self._limits = limits
-        self._budget = budget
-        self._watcher = watcher
+        self._shared = shared
+        self._limits = shared.limits
+        self._budget = shared.budget
+        self._watcher = shared.watcher
+        self.dirty_pages_total = 0
         self.lock = threading.RLock()
         self._vcpus: dict[int, ManagedVcpu] = {}
         self._irqfds: dict[str, IrqfdEntry] = {}
@@ -219,7 +218,6 @@ class ManagedVm:
         self.bus.add(self.uart)
         self.bus.add(self.debug_exit)
         self.claims = ClaimTable()
-        self._remote_wait = remote_wait
         # Ports completed in C without Python: all but devices and claims (none if strict).
         self.pio_map = PioMap(unclaimed=not options.strict_io)
         for device in self.bus:
@@ -227,8 +225,7 @@ class ManagedVm:
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-              limits: Limits, budget: MemoryBudget, watcher: FdWatcher,
-              owner: str, remote_wait: Histogram | None = None) -> ManagedVm:
+              shared: HostShared, owner: str) -> ManagedVm:
         """Configure the kernel VM per `options`; closes `vm` if that fails."""
         try:
             with kernel_errors(f"vm/{vm_id}"):
@@ -249,8 +246,7 @@ class ManagedVm:
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
                 raise InvalidArgument("debug_exit_port collides with the COM1 UART")
-            return cls(vm_id, labels, options, vm, limits, budget, watcher, owner,
-                       remote_wait)
+            return cls(vm_id, labels, options, vm, shared, owner)
         except BaseException:
             vm.close()
             raise
@@ -357,7 +353,9 @@ class ManagedVm:
     def get_dirty_log(self, slot: int) -> tuple[MemoryRegionInfo, bytes]:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.memory_region(slot)
-            return info, self.vm.get_dirty_log(slot)
+            bitmap = self.vm.get_dirty_log(slot)
+            self.dirty_pages_total += int.from_bytes(bitmap, "little").bit_count()
+            return info, bitmap
 
     # -- interrupts -----------------------------------------------------------------------
 
@@ -605,6 +603,7 @@ class ManagedVm:
         """A vCPU stopped or crashed by itself: the whole VM ends with it."""
         if outcome.action == "crash":
             self.crash_count += 1
+            self._shared.count_crash(outcome.reason)
         if not self.reason:
             self.reason = outcome.reason
         if outcome.exit_code is not None:
@@ -738,8 +737,7 @@ class ManagedVm:
             for b in ranges[i + 1 :]:
                 if a.overlaps(b):
                     raise InvalidArgument("the claimed ranges overlap each other")
-        handler = RemoteHandler(self.id, ranges, deadline_ms,
-                                self._remote_wait.observe if self._remote_wait else None)
+        handler = RemoteHandler(self.id, ranges, deadline_ms, self._shared.remote_wait.observe)
         handler.on_close = lambda: self._drop_claims(handler)
         with self.lock:
             if self.closed:
