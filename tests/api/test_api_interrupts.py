@@ -1,0 +1,191 @@
+"""Interrupts service: irq lines, GSI routing, MSIs and daemon-owned irqfds."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from conftest import RunningDaemon
+
+from kvmd.api.gen import vmm_pb2 as pb
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXISTS = grpc.StatusCode.ALREADY_EXISTS
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+IOAPIC = pb.IrqChipPin.IOAPIC
+PIC_MASTER = pb.IrqChipPin.PIC_MASTER
+PIC_SLAVE = pb.IrqChipPin.PIC_SLAVE
+
+
+@pytest.fixture
+def vm(api: RunningDaemon) -> str:
+    api.create_vm("irq", irqchip=True)
+    api.create_vcpu("irq")
+    return "irq"
+
+
+@pytest.fixture
+def plain_vm(api: RunningDaemon) -> str:
+    api.create_vm("plain")
+    return "plain"
+
+
+def _route(gsi: int, chip: int, pin: int) -> pb.IrqRoute:
+    return pb.IrqRoute(gsi=gsi, irqchip=pb.IrqChipPin(chip=chip, pin=pin))  # type: ignore[arg-type]
+
+
+def _msi_route(gsi: int, address: int = 0xFEE00000, data: int = 0x41) -> pb.IrqRoute:
+    return pb.IrqRoute(gsi=gsi, msi=pb.MsiMessage(address=address, data=data))
+
+
+def test_set_irq_line(api: RunningDaemon, vm: str) -> None:
+    for irq in (0, 4, 23):
+        api.interrupts.SetIrqLine(pb.SetIrqLineRequest(vm_id=vm, irq=irq, active=True))
+        api.interrupts.SetIrqLine(pb.SetIrqLineRequest(vm_id=vm, irq=irq, active=False))
+
+
+def test_set_gsi_routing(api: RunningDaemon, vm: str) -> None:
+    routes = [_route(0, PIC_MASTER, 0), _route(0, IOAPIC, 2), _route(9, PIC_SLAVE, 1),
+              _route(9, IOAPIC, 9), _route(23, IOAPIC, 23), _msi_route(24), _msi_route(25)]
+    api.interrupts.SetGsiRouting(pb.SetGsiRoutingRequest(vm_id=vm, routes=routes))
+    # The new table is in force: an irqfd on an MSI-routed GSI triggers.
+    api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id=vm, irqfd_id="m", gsi=24))
+    api.interrupts.TriggerIrqfd(pb.TriggerIrqfdRequest(vm_id=vm, irqfd_id="m"))
+    # An empty table is allowed too.
+    api.interrupts.SetGsiRouting(pb.SetGsiRoutingRequest(vm_id=vm))
+
+
+def test_msi_with_devid(api: RunningDaemon, vm: str) -> None:
+    # x86 KVM accepts KVM_MSI_VALID_DEVID on MSI routes and KVM_SIGNAL_MSI (and ignores it).
+    route = pb.IrqRoute(gsi=30, msi=pb.MsiMessage(address=0xFEE00000, data=1, devid=7))
+    api.interrupts.SetGsiRouting(pb.SetGsiRoutingRequest(vm_id=vm, routes=[route]))
+    api.interrupts.SignalMsi(pb.SignalMsiRequest(
+        vm_id=vm, msi=pb.MsiMessage(address=0xFEE00000, data=0x30, devid=7)))
+
+
+def test_signal_msi(api: RunningDaemon, vm: str) -> None:
+    resp = api.interrupts.SignalMsi(pb.SignalMsiRequest(
+        vm_id=vm, msi=pb.MsiMessage(address=0xFEE00000, data=0x30)))
+    assert isinstance(resp.delivered, bool)
+
+
+def test_irqfd_lifecycle(api: RunningDaemon, vm: str) -> None:
+    a = api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id=vm, irqfd_id="a", gsi=5))
+    b = api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(
+        vm_id=vm, irqfd_id="b", gsi=10, resample=True))
+    assert (a.vm_id, a.irqfd_id, a.gsi, a.resample, a.triggers, a.resamples) == (
+        vm, "a", 5, False, 0, 0)
+    assert (b.irqfd_id, b.gsi, b.resample) == ("b", 10, True)
+
+    for _ in range(3):
+        api.interrupts.TriggerIrqfd(pb.TriggerIrqfdRequest(vm_id=vm, irqfd_id="a"))
+    api.interrupts.TriggerIrqfd(pb.TriggerIrqfdRequest(vm_id=vm, irqfd_id="b"))
+    listed = api.interrupts.ListIrqfds(pb.ListIrqfdsRequest(vm_id=vm)).irqfds
+    assert sorted((i.irqfd_id, i.gsi, i.resample, i.triggers) for i in listed) == [
+        ("a", 5, False, 3), ("b", 10, True, 1)]
+
+    api.interrupts.UnregisterIrqfd(pb.UnregisterIrqfdRequest(vm_id=vm, irqfd_id="a"))
+    listed = api.interrupts.ListIrqfds(pb.ListIrqfdsRequest(vm_id=vm)).irqfds
+    assert [i.irqfd_id for i in listed] == ["b"]
+    api.assert_code(lambda: api.interrupts.TriggerIrqfd(
+        pb.TriggerIrqfdRequest(vm_id=vm, irqfd_id="a")), NOT_FOUND)
+    # The id (and its gsi) can be used again.
+    api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id=vm, irqfd_id="a", gsi=5))
+
+
+def test_two_irqfds_on_one_gsi(api: RunningDaemon, vm: str) -> None:
+    for name in ("x", "y"):
+        api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id=vm, irqfd_id=name, gsi=7))
+    assert len(api.interrupts.ListIrqfds(pb.ListIrqfdsRequest(vm_id=vm)).irqfds) == 2
+
+
+def test_watch_irqfd_resamples_ends_on_cancel(api: RunningDaemon, vm: str) -> None:
+    stream = api.interrupts.WatchIrqfdResamples(pb.WatchIrqfdResamplesRequest(vm_id=vm))
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stream)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+    api.assert_healthy()
+
+
+def test_irq_bad_inputs_unknown_vm(api: RunningDaemon) -> None:
+    i = api.interrupts
+    api.assert_code(lambda: i.SetIrqLine(pb.SetIrqLineRequest(vm_id="nope", irq=1)), NOT_FOUND)
+    api.assert_code(lambda: i.SetGsiRouting(pb.SetGsiRoutingRequest(vm_id="nope")), NOT_FOUND)
+    api.assert_code(lambda: i.SignalMsi(pb.SignalMsiRequest(vm_id="nope")), NOT_FOUND)
+    api.assert_code(lambda: i.RegisterIrqfd(pb.RegisterIrqfdRequest(
+        vm_id="nope", irqfd_id="a", gsi=1)), NOT_FOUND)
+    api.assert_code(lambda: i.TriggerIrqfd(pb.TriggerIrqfdRequest(
+        vm_id="nope", irqfd_id="a")), NOT_FOUND)
+    api.assert_code(lambda: i.UnregisterIrqfd(pb.UnregisterIrqfdRequest(
+        vm_id="nope", irqfd_id="a")), NOT_FOUND)
+    api.assert_code(lambda: i.ListIrqfds(pb.ListIrqfdsRequest(vm_id="nope")), NOT_FOUND)
+    api.assert_code(lambda: list(i.WatchIrqfdResamples(
+        pb.WatchIrqfdResamplesRequest(vm_id="nope"))), NOT_FOUND)
+
+
+def test_irq_without_irqchip_is_failed_precondition(api: RunningDaemon, plain_vm: str) -> None:
+    i, vm = api.interrupts, plain_vm
+    api.assert_code(lambda: i.SetIrqLine(pb.SetIrqLineRequest(vm_id=vm, irq=1)), PRECONDITION)
+    api.assert_code(lambda: i.SetGsiRouting(pb.SetGsiRoutingRequest(
+        vm_id=vm, routes=[_route(1, IOAPIC, 1)])), PRECONDITION)
+    api.assert_code(lambda: i.SignalMsi(pb.SignalMsiRequest(
+        vm_id=vm, msi=pb.MsiMessage(address=0xFEE00000, data=0x30))), PRECONDITION)
+    api.assert_code(lambda: i.RegisterIrqfd(pb.RegisterIrqfdRequest(
+        vm_id=vm, irqfd_id="a", gsi=1)), PRECONDITION)
+    assert list(i.ListIrqfds(pb.ListIrqfdsRequest(vm_id=vm)).irqfds) == []
+
+
+def test_set_irq_line_out_of_range(api: RunningDaemon, vm: str) -> None:
+    api.assert_code(lambda: api.interrupts.SetIrqLine(
+        pb.SetIrqLineRequest(vm_id=vm, irq=4096, active=True)), INVALID)
+    api.assert_code(lambda: api.interrupts.SetIrqLine(
+        pb.SetIrqLineRequest(vm_id=vm, irq=2**32 - 1, active=True)), INVALID)
+
+
+@pytest.mark.parametrize("route", [
+    pytest.param(_route(1, IOAPIC, 24), id="ioapic-pin-24"),
+    pytest.param(_route(1, PIC_MASTER, 8), id="pic-master-pin-8"),
+    pytest.param(_route(1, PIC_SLAVE, 8), id="pic-slave-pin-8"),
+    pytest.param(_route(1, IOAPIC, 2**32 - 1), id="pin-2^32-1"),
+    pytest.param(_route(4096, IOAPIC, 1), id="gsi-4096"),
+    pytest.param(_msi_route(2**32 - 1), id="msi-gsi-2^32-1"),
+    pytest.param(pb.IrqRoute(gsi=1), id="no-target"),
+    pytest.param(_route(1, 3, 1), id="unknown-chip-3"),
+])
+def test_set_gsi_routing_invalid_entry(api: RunningDaemon, vm: str, route: pb.IrqRoute) -> None:
+    good = _route(0, IOAPIC, 2)
+    api.assert_code(lambda: api.interrupts.SetGsiRouting(
+        pb.SetGsiRoutingRequest(vm_id=vm, routes=[good, route])), INVALID)
+
+
+def test_set_gsi_routing_too_many_routes(api: RunningDaemon, vm: str) -> None:
+    routes = [_msi_route(gsi % 4096, data=gsi) for gsi in range(4097)]
+    api.assert_code(lambda: api.interrupts.SetGsiRouting(
+        pb.SetGsiRoutingRequest(vm_id=vm, routes=routes)), INVALID)
+
+
+def test_irqfd_bad_inputs(api: RunningDaemon, vm: str) -> None:
+    i = api.interrupts
+
+    def register(irqfd_id: str, gsi: int = 5, resample: bool = False) -> pb.Irqfd:
+        return i.RegisterIrqfd(pb.RegisterIrqfdRequest(
+            vm_id=vm, irqfd_id=irqfd_id, gsi=gsi, resample=resample))
+
+    register("taken", resample=True)
+    api.assert_code(lambda: register("taken", gsi=6), EXISTS)                # duplicate id
+    api.assert_code(lambda: register("second", resample=True), EXISTS)       # 2nd resample
+    api.assert_code(lambda: register("far", gsi=4096), INVALID)
+    api.assert_code(lambda: register(""), INVALID)
+    api.assert_code(lambda: register("x" * 65), INVALID)
+    api.assert_code(lambda: register("bad id"), INVALID)
+    api.assert_code(lambda: register("bad/id"), INVALID)
+    api.assert_code(lambda: i.TriggerIrqfd(pb.TriggerIrqfdRequest(
+        vm_id=vm, irqfd_id="never")), NOT_FOUND)
+    api.assert_code(lambda: i.UnregisterIrqfd(pb.UnregisterIrqfdRequest(
+        vm_id=vm, irqfd_id="never")), NOT_FOUND)
+    i.UnregisterIrqfd(pb.UnregisterIrqfdRequest(vm_id=vm, irqfd_id="taken"))
+    api.assert_code(lambda: i.UnregisterIrqfd(pb.UnregisterIrqfdRequest(
+        vm_id=vm, irqfd_id="taken")), NOT_FOUND)                            # double unregister
+    assert list(i.ListIrqfds(pb.ListIrqfdsRequest(vm_id=vm)).irqfds) == []
