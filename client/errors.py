@@ -229,7 +229,7 @@ def from_rpc_error(error: grpc.RpcError) -> KvmdError:
 def _error_info(error: grpc.RpcError) -> tuple[str | None, str | None, dict[str, str]]:
     """Decode the first ``google.rpc.ErrorInfo`` in the call's rich status, if any."""
     try:
-        from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+        from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
         status: Any = rpc_status.from_call(error)  # type: ignore[arg-type]

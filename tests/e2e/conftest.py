@@ -37,14 +37,6 @@ def kvmd_command(*args: str) -> list[str]:
             *args]
 
 
-def kvmctl_command(*args: str) -> list[str]:
-    """The kvmctl console script next to this interpreter (or the module, if not installed)."""
-    script = BIN_DIR / "kvmctl"
-    if script.exists():
-        return [str(script), *args]
-    return [sys.executable, "-m", "client.kvmctl", *args]
-
-
 class Daemon:
     """One kvmd process listening on a Unix socket in ``directory``."""
 

@@ -1,0 +1,453 @@
+"""End-to-end tests of kvmctl against the kvmd process.
+
+Most tests call ``client.kvmctl.main([...])`` in-process (output captured with capsys); the
+``test_subprocess_*`` tests run the installed ``kvmctl`` console script for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import KvmdClient
+from client.kvmctl import build_parser, main
+
+Healthy = Callable[[], None]
+
+
+@dataclass
+class Result:
+    """One kvmctl run: exit code and captured output."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        """stdout parsed as JSON (fails the test if it is not valid JSON)."""
+        return json.loads(self.out)
+
+
+Kvmctl = Callable[..., Result]
+
+
+@pytest.fixture
+def kvmctl(address: str, capsys: pytest.CaptureFixture[str]) -> Kvmctl:
+    """Run kvmctl in-process against the session daemon."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()  # drop anything printed before
+        code = main(["--address", address, *args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def ok(result: Result) -> Result:
+    """Assert success (showing stderr otherwise) and pass the result on."""
+    assert result.code == 0, f"exit {result.code}: {result.err}"
+    assert result.err == ""
+    return result
+
+
+@pytest.fixture
+def vm(vm_id: str, kvmctl: Kvmctl) -> str:
+    """A VM with an in-kernel irqchip and 1 MiB of memory at 0 (slot 0, dirty logging)."""
+    ok(kvmctl("vm", "create", vm_id, "--irqchip"))
+    ok(kvmctl("mem", "add", vm_id, "0", "1M", "--log-dirty"))
+    return vm_id
+
+
+# ---------------------------------------------------------------------------------------------
+# help and usage
+
+
+def _command_paths(parser: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen: set[int] = set()
+            for name, sub in action.choices.items():
+                if id(sub) in seen:  # aliases
+                    continue
+                seen.add(id(sub))
+                yield (*prefix, name)
+                yield from _command_paths(sub, (*prefix, name))
+
+
+ALL_COMMANDS = list(_command_paths(build_parser()))
+
+
+def test_every_command_is_there() -> None:
+    names = {" ".join(p) for p in ALL_COMMANDS}
+    for expected in [
+        "info", "vm create", "vm get", "vm list", "vm delete",
+        "mem add", "mem rm", "mem ls", "mem write", "mem read", "dirty-log",
+        "irq line", "irq route", "irq msi", "irq irqfd-add", "irq irqfd-trigger",
+        "irq irqfd-rm", "irq irqfd-ls", "irq watch-resamples",
+        "ioevent add", "ioevent rm", "ioevent ls", "ioevent watch",
+        "vcpu create", "vcpu ls", "vcpu regs", "vcpu set-regs", "vcpu sregs", "vcpu fpu",
+        "vcpu cpuid", "vcpu msrs", "vcpu mpstate", "vcpu lapic", "vcpu events",
+    ]:  # fmt: skip
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", [(), *ALL_COMMANDS], ids=lambda p: " ".join(p) or "kvmctl")
+def test_help_everywhere(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*path, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kvmctl")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["vm"],
+        ["vm", "create"],
+        ["vm", "create", "x", "--label", "novalue"],
+        ["mem", "add", "x", "0xZZ", "4096"],
+        ["mem", "add", "x", "0", "-5"],
+        ["mem", "write", "x", "0"],
+        ["mem", "write", "x", "0", "--data-hex", "abc"],
+        ["mem", "read", "x", "0"],
+        ["irq", "line", "x", "4", "sideways"],
+        ["irq", "route", "x", "--irqchip", "0:nochip:1"],
+        ["vcpu", "set-regs", "x", "0"],
+        ["vcpu", "set-regs", "x", "0", "rip"],
+        ["vcpu", "mpstate", "x", "0", "dancing"],
+        ["--timeout", "soon", "info"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "usage:" in captured.err or "error:" in captured.err
+
+
+def test_usage_errors_found_after_parsing(kvmctl: Kvmctl, vm: str) -> None:
+    ok(kvmctl("vcpu", "create", vm, "0"))
+    result = kvmctl("vcpu", "set-regs", vm, "0", "rpi=0x1000")  # no such register
+    assert result.code == 2
+    assert "rpi" in result.err
+    result = kvmctl("vcpu", "sregs", vm, "0", "cs.base=notanumber")
+    assert result.code == 2
+    assert kvmctl("irq", "route", vm).code == 2  # an empty table needs --clear
+
+
+# ---------------------------------------------------------------------------------------------
+# exit codes for server errors and an unreachable daemon
+
+
+def test_not_found_exits_1(kvmctl: Kvmctl, assert_healthy: Healthy) -> None:
+    result = kvmctl("vm", "get", "no-such-vm")
+    assert result.code == 1
+    assert result.out == ""
+    assert result.err.startswith("error: NOT_FOUND: ")
+    assert "no-such-vm" in result.err
+    assert kvmctl("vm", "delete", "no-such-vm").code == 1
+    assert kvmctl("mem", "ls", "no-such-vm").code == 1
+    assert_healthy()
+
+
+def test_server_errors_exit_1(kvmctl: Kvmctl, vm: str, assert_healthy: Healthy) -> None:
+    result = kvmctl("vm", "create", vm)
+    assert (result.code, result.err.split(":")[:2]) == (1, ["error", " ALREADY_EXISTS"])
+    result = kvmctl("mem", "add", vm, "0x1001", "4096")
+    assert result.code == 1
+    assert result.err.startswith("error: INVALID_ARGUMENT: ")
+    result = kvmctl("vm", "create", "bad/name")
+    assert result.err.startswith("error: INVALID_ARGUMENT: ")
+    assert_healthy()
+
+
+def test_unreachable_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--address", f"unix://{tmp_path}/nobody.sock", "vm", "list"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.startswith("error: UNAVAILABLE: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def test_info(kvmctl: Kvmctl) -> None:
+    text = ok(kvmctl("info")).out
+    assert "KVM API version  12" in text
+    assert "KVM_CAP_IRQFD" in text
+    assert "limits:" in text
+    data = ok(kvmctl("info", "--json")).json()
+    assert data["api_version"] == 12
+    assert data["capabilities"]["KVM_CAP_IRQFD"] > 0
+    assert isinstance(data["limits"]["max_memory_total_bytes"], int)
+    everything = ok(kvmctl("info", "--all")).out
+    assert len(everything.splitlines()) >= len(text.splitlines())
+    # global options work before the subcommand as well as after it
+    assert ok(kvmctl("--json", "info")).json()["api_version"] == 12
+
+
+def test_cap_and_supported_cpuid(kvmctl: Kvmctl) -> None:
+    assert ok(kvmctl("cap", "irqfd")).out.startswith("irqfd: ")
+    assert ok(kvmctl("cap", "KVM_CAP_IRQFD", "--json")).json()["value"] > 0
+    assert ok(kvmctl("cap", "32", "--json")).json()["value"] > 0
+    entries = ok(kvmctl("supported-cpuid", "--json")).json()
+    assert any(e["function"] == 0 for e in entries)
+    assert "FUNCTION" in ok(kvmctl("supported-cpuid")).out
+
+
+def test_vm_create_list_get_delete(kvmctl: Kvmctl, vm_ids: Callable[[], str]) -> None:
+    a, b = vm_ids(), vm_ids()
+    text = ok(kvmctl("vm", "create", a, "--label", "team=infra", "-l", "env=dev",
+                     "--irqchip", "--pit")).out
+    assert f"vm            {a}" in text
+    assert "irqchip,pit" in text
+    created = ok(kvmctl("vm", "create", b, "--json")).json()
+    assert created["vm_id"] == b and created["state"] == "created"
+
+    table = ok(kvmctl("vm", "list")).out.splitlines()
+    assert table[0].split()[:3] == ["VM", "STATE", "VCPUS"]
+    assert any(line.startswith(a + " ") for line in table)
+    listed = ok(kvmctl("vm", "ls", "--label", "team=infra", "--json")).json()
+    assert [v["vm_id"] for v in listed] == [a]
+    assert listed[0]["labels"] == {"team": "infra", "env": "dev"}
+    assert listed[0]["options"]["irqchip"] is True
+
+    got = ok(kvmctl("vm", "get", a, "--json")).json()
+    assert got["vm_id"] == a and got["options"]["pit"] is True
+    assert "env=dev,team=infra" in ok(kvmctl("vm", "get", a)).out
+
+    assert ok(kvmctl("vm", "delete", a, b)).out.splitlines() == [
+        f"deleted vm {a}", f"deleted vm {b}"]
+    assert kvmctl("vm", "get", a).code == 1
+    assert ok(kvmctl("vm", "list", "--label", "team=infra")).out.strip() == "No VMs."
+
+
+def test_mem_add_ls_rm(kvmctl: Kvmctl, vm_id: str) -> None:
+    ok(kvmctl("vm", "create", vm_id))
+    region = ok(kvmctl("mem", "add", vm_id, "0x0", "2M", "--json")).json()
+    assert region == {"slot": 0, "guest_addr": 0, "size": 2 << 20, "read_only": False,
+                      "log_dirty": False}
+    text = ok(kvmctl("mem", "add", vm_id, "0x400000", "16K", "--read-only")).out
+    assert "read-only" in text and "16 KiB" in text
+    ok(kvmctl("mem", "add", vm_id, "8388608", "4096", "--log-dirty"))
+    table = ok(kvmctl("mem", "ls", vm_id)).out.splitlines()
+    assert table[0].split() == ["SLOT", "GUEST", "ADDR", "LAST", "ADDR", "SIZE", "FLAGS"]
+    assert len(table) == 4
+    assert "0x000000400000" in table[2] and "0x000000403fff" in table[2]
+    regions = ok(kvmctl("mem", "ls", vm_id, "--json")).json()
+    assert [r["slot"] for r in regions] == [0, 1, 2]
+    assert ok(kvmctl("mem", "rm", vm_id, "1")).out.startswith("removed slot 1 (0x400000")
+    assert [r["slot"] for r in ok(kvmctl("mem", "ls", vm_id, "--json")).json()] == [0, 2]
+    assert kvmctl("mem", "rm", vm_id, "1").code == 1
+
+
+def test_mem_write_read_roundtrip(kvmctl: Kvmctl, vm: str, tmp_path: Path) -> None:
+    written = ok(kvmctl("mem", "write", vm, "0x1000", "--data-hex", "b8 34 12 a3 00 40 f4"))
+    assert written.out.startswith("wrote 7 bytes")
+    dump = ok(kvmctl("mem", "read", vm, "0x1000", "--length", "16")).out.splitlines()
+    assert dump[0].startswith("00001000  b8 34 12 a3 00 40 f4 00")
+    assert dump[-1] == "00001010"
+    data = ok(kvmctl("mem", "read", vm, "0x1000", "-n", "7", "--json")).json()
+    assert data == {"vm_id": vm, "guest_addr": 0x1000, "length": 7, "data": "b83412a30040f4"}
+
+    payload = os.urandom(300 * 1024 + 5)
+    src = tmp_path / "in.bin"
+    src.write_bytes(payload)
+    result = ok(kvmctl("mem", "write", vm, "0x20000", "--file", str(src), "--json"))
+    assert result.json()["bytes_written"] == len(payload)
+    dst = tmp_path / "out.bin"
+    ok(kvmctl("mem", "read", vm, "0x20000", "--length", str(len(payload)), "--out", str(dst)))
+    assert dst.read_bytes() == payload
+
+
+def test_mem_errors(kvmctl: Kvmctl, vm: str, tmp_path: Path, assert_healthy: Healthy) -> None:
+    result = kvmctl("mem", "read", vm, "0xffffc", "--length", "8")  # straddles the end
+    assert result.code == 1 and result.err.startswith("error: INVALID_ARGUMENT: ")
+    result = kvmctl("mem", "write", vm, "0", "--file", str(tmp_path / "missing.bin"))
+    assert result.code == 1 and "missing.bin" in result.err
+    assert_healthy()
+
+
+def test_dirty_log(kvmctl: Kvmctl, vm: str) -> None:
+    ok(kvmctl("mem", "write", vm, "0x3000", "--data-hex", "ff"))  # host writes stay clean
+    assert ok(kvmctl("dirty-log", vm, "0")).out.strip() == "slot 0: 0 of 256 pages dirty"
+    data = ok(kvmctl("dirty-log", vm, "0", "--json")).json()
+    assert data == {"vm_id": vm, "slot": 0, "dirty_count": 0, "total_pages": 256, "pages": []}
+    assert kvmctl("dirty-log", vm, "7").code == 1
+
+
+def test_irqfds(kvmctl: Kvmctl, vm: str) -> None:
+    added = ok(kvmctl("irq", "irqfd-add", vm, "net0", "5", "--json")).json()
+    assert added == {"vm_id": vm, "irqfd_id": "net0", "gsi": 5, "resample": False,
+                     "triggers": 0, "resamples": 0}
+    assert "yes" in ok(kvmctl("irq", "irqfd-add", vm, "blk0", "0x0a", "--resample")).out
+    assert ok(kvmctl("irq", "irqfd-trigger", vm, "net0")).out.strip() == "triggered irqfd net0"
+    ok(kvmctl("irq", "irqfd-trigger", vm, "net0", "--count", "2"))
+    table = ok(kvmctl("irq", "irqfd-ls", vm)).out.splitlines()
+    assert table[0].split() == ["IRQFD", "GSI", "RESAMPLE", "TRIGGERS", "RESAMPLES"]
+    assert table[1].split() == ["blk0", "10", "yes", "0", "0"]
+    assert table[2].split() == ["net0", "5", "no", "3", "0"]
+    ok(kvmctl("irq", "irqfd-rm", vm, "net0"))
+    assert [i["irqfd_id"] for i in ok(kvmctl("irq", "irqfd-ls", vm, "--json")).json()] == [
+        "blk0"]
+    result = kvmctl("irq", "irqfd-rm", vm, "net0")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+
+
+def test_irq_line_route_msi(kvmctl: Kvmctl, vm: str) -> None:
+    assert ok(kvmctl("irq", "line", vm, "4", "1")).out.strip() == f"irq 4 raised in vm {vm}"
+    ok(kvmctl("irq", "line", vm, "4", "low"))
+    out = ok(kvmctl("irq", "route", vm, "--irqchip", "0:pic-master:0",
+                    "--irqchip", "4:ioapic:4", "--msi", "24:0xfee00000:0x30")).out
+    assert "set 3 GSI routes" in out and "IOAPIC pin 4" in out
+    routes = ok(kvmctl("irq", "route", vm, "--msi", "24:0xfee00000:0x30:7", "--json")).json()
+    assert routes["routes"] == [{"gsi": 24, "msi": {"address": 0xFEE00000, "data": 0x30,
+                                                    "devid": 7}}]
+    ok(kvmctl("irq", "route", vm, "--clear"))
+    ok(kvmctl("vcpu", "create", vm, "0"))
+    assert isinstance(ok(kvmctl("irq", "msi", vm, "0xfee00000", "0x30", "--json")).json()[
+        "delivered"], bool)
+
+
+def test_ioevents(kvmctl: Kvmctl, vm: str) -> None:
+    added = ok(kvmctl("ioevent", "add", vm, "uart", "0x3f8", "--length", "1", "--json")).json()
+    assert added == {"vm_id": vm, "ioevent_id": "uart", "space": "PIO", "address": 0x3F8,
+                     "length": 1, "datamatch": None, "fired": 0}
+    text = ok(kvmctl("ioevent", "add", vm, "bell", "0xd0000000", "--mmio", "--length", "4",
+                     "--datamatch", "0x1234")).out
+    assert "MMIO" in text and "0x1234" in text
+    table = ok(kvmctl("ioevent", "ls", vm)).out.splitlines()
+    assert table[0].split() == ["IOEVENT", "SPACE", "ADDRESS", "LENGTH", "DATAMATCH", "FIRED"]
+    assert table[1].split() == ["bell", "MMIO", "0xd0000000", "4", "0x1234", "0"]
+    assert table[2].split() == ["uart", "PIO", "0x3f8", "1", "-", "0"]
+    ok(kvmctl("ioevent", "rm", vm, "uart"))
+    assert [e["ioevent_id"] for e in ok(kvmctl("ioevent", "ls", vm, "--json")).json()] == [
+        "bell"]
+    result = kvmctl("ioevent", "add", vm, "odd", "0x80", "--length", "3")
+    assert result.code == 1 and result.err.startswith("error: INVALID_ARGUMENT: ")
+
+
+def test_watch_commands_end_cleanly(kvmctl: Kvmctl, vm: str) -> None:
+    ok(kvmctl("ioevent", "add", vm, "uart", "0x3f8"))
+    result = kvmctl("ioevent", "watch", vm, "--duration", "0.3")
+    assert result.code == 0 and result.out == ""
+    result = kvmctl("irq", "watch-resamples", vm, "--duration", "0.3", "--json")
+    assert result.code == 0 and result.out == ""
+    result = kvmctl("ioevent", "watch", "no-such-vm", "--duration", "5")
+    assert result.code == 1 and "NOT_FOUND" in result.err
+
+
+def test_vcpu_commands(kvmctl: Kvmctl, vm: str) -> None:
+    assert ok(kvmctl("vcpu", "create", vm, "0")).out.startswith(f"created vcpu 0 in vm {vm}")
+    assert ok(kvmctl("vcpu", "create", vm, "1", "--json")).json()["vcpu_id"] == 1
+    table = ok(kvmctl("vcpu", "ls", vm)).out.splitlines()
+    assert [line.split()[0] for line in table] == ["VCPU", "0", "1"]
+
+    regs_text = ok(kvmctl("vcpu", "regs", vm, "0")).out
+    assert "rip 0x000000000000fff0" in regs_text
+    new = ok(kvmctl("vcpu", "set-regs", vm, "0", "rip=0x1000", "rax=42", "--json")).json()
+    assert (new["rip"], new["rax"], new["rflags"]) == (0x1000, 42, 0x2)  # rflags kept
+    assert ok(kvmctl("vcpu", "regs", vm, "0", "--json")).json() == new
+    assert "rip 0x0000000000001000" in ok(kvmctl("vcpu", "set-regs", vm, "0", "rbx=1")).out
+
+    sregs = ok(kvmctl("vcpu", "sregs", vm, "0", "cs.base=0", "cs.selector=0", "--json")).json()
+    assert (sregs["cs"]["base"], sregs["cs"]["selector"]) == (0, 0)
+    assert "cr0" in ok(kvmctl("vcpu", "sregs", vm, "0")).out
+
+    assert ok(kvmctl("vcpu", "fpu", vm, "0", "fcw=0x27f", "--json")).json()["fcw"] == 0x27F
+    assert "fcw" in ok(kvmctl("vcpu", "fpu", vm, "0")).out
+
+    cpuid = ok(kvmctl("vcpu", "cpuid", vm, "0", "--set-supported", "--json")).json()
+    assert any(e["function"] == 0 for e in cpuid)
+
+    msrs = ok(kvmctl("vcpu", "msrs", vm, "0", "--set", "0x174=0x10", "--json")).json()
+    assert msrs == [{"index": 0x174, "value": 0x10}]
+    assert "0x00000174" in ok(kvmctl("vcpu", "msrs", vm, "0", "0x174")).out
+
+    assert ok(kvmctl("vcpu", "mpstate", vm, "0")).out.strip() == "RUNNABLE"
+    assert ok(kvmctl("vcpu", "mpstate", vm, "0", "halted", "--json")).json() == {
+        "state": "HALTED"}
+
+    lapic = ok(kvmctl("vcpu", "lapic", vm, "0", "--json")).json()
+    assert len(bytes.fromhex(lapic["regs"])) == 1024
+    assert ok(kvmctl("vcpu", "lapic", vm, "0")).out.splitlines()[-1] == "00000400"
+
+    events = ok(kvmctl("vcpu", "events", vm, "0", "nmi_pending=1", "--json")).json()
+    assert events["nmi_pending"] == 1
+    assert "nmi_pending" in ok(kvmctl("vcpu", "events", vm, "0")).out
+
+    result = kvmctl("vcpu", "regs", vm, "7")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+
+
+def test_daemon_state_matches(kvmctl: Kvmctl, vm: str, client: KvmdClient) -> None:
+    """What kvmctl did is what the library sees."""
+    ok(kvmctl("vcpu", "create", vm, "0"))
+    ok(kvmctl("vcpu", "set-regs", vm, "0", "rip=0x7c00"))
+    assert client.get_regs(vm, 0).rip == 0x7C00
+    assert client.get_vm(vm).memory_bytes == 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# the real console script
+
+
+def kvmctl_command(*args: str) -> list[str]:
+    """The installed kvmctl console script next to this interpreter."""
+    script = os.path.join(os.path.dirname(sys.executable), "kvmctl")
+    if os.path.exists(script):
+        return [script, *args]
+    return [sys.executable, "-m", "client.kvmctl", *args]
+
+
+def _run(address: str | None, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the kvmctl script with KVMD_ADDRESS (not --address) pointing at ``address``."""
+    env = dict(os.environ)
+    env.pop("KVMD_ADDRESS", None)
+    if address is not None:
+        env["KVMD_ADDRESS"] = address
+    return subprocess.run(kvmctl_command(*args), env=env, capture_output=True, timeout=60)
+
+
+def test_subprocess_info_json(address: str) -> None:
+    proc = _run(address, "info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["api_version"] == 12
+
+
+def test_subprocess_vm_roundtrip(address: str, vm_id: str) -> None:
+    assert _run(address, "vm", "create", vm_id, "-l", "via=subprocess").returncode == 0
+    proc = _run(address, "vm", "list", "--label", "via=subprocess", "--json")
+    assert [v["vm_id"] for v in json.loads(proc.stdout)] == [vm_id]
+    assert _run(address, "mem", "add", vm_id, "0", "64K").returncode == 0
+    assert _run(address, "mem", "write", vm_id, "0x100", "-x", "68656c6c6f").returncode == 0
+    proc = _run(address, "mem", "read", vm_id, "0x100", "-n", "5", "--raw")
+    assert (proc.returncode, proc.stdout) == (0, b"hello")
+    proc = _run(address, "vm", "delete", vm_id)
+    assert proc.returncode == 0 and proc.stdout == f"deleted vm {vm_id}\n".encode()
+
+
+def test_subprocess_exit_codes(address: str, tmp_path: Path) -> None:
+    proc = _run(address, "vm", "get", "no-such-vm")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(b"error: NOT_FOUND: ")
+    proc = _run(address, "vm", "frobnicate")
+    assert proc.returncode == 2
+    assert b"usage:" in proc.stderr
+    proc = _run(f"unix://{tmp_path}/nobody.sock", "info")
+    assert proc.returncode == 3
+    assert proc.stderr.startswith(b"error: UNAVAILABLE: ")
+    proc = _run(None, "--address", address, "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith(b"usage: kvmctl")
