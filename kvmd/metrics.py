@@ -227,6 +227,11 @@ class RpcMetrics:
         self.duration = Histogram("kvmd_grpc_request_duration_seconds",
                                   "gRPC request duration (streams: until the stream ends)",
                                   ["method"], registry=registry)
+        self.denials = Counter("kvmd_authorization_denials", "Calls refused by authentication "
+                               "or authorization", ["method", "reason"], registry=registry)
+
+    def count_denial(self, method: str, reason: str) -> None:
+        self.denials.labels(method, reason).inc()
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

@@ -29,8 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmd import __version__
+from kvmd.api.auth import AuthInterceptor, Authorizer, Policy
 from kvmd.api.interceptors import ErrorInterceptor
 from kvmd.api.services import add_services
+from kvmd.api.tls import TlsFiles
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.limits import Limits
@@ -40,6 +42,7 @@ from kvmd.metrics import (
     MetricsServer,
     build_registry,
 )
+from kvmd.systemd import Watchdog, notify, watchdog_interval
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 SOCKET_MODE = 0o660
@@ -101,6 +104,10 @@ class Config:
     max_ioevents_per_vm: int = Limits.max_ioevents_per_vm
     max_message_bytes: int = Limits.max_message_bytes
     max_concurrent_rpcs: int = Limits.max_concurrent_rpcs
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    authorization: dict[str, Any] = field(default_factory=dict)
     # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
     metrics_listen: str = "off"
     metrics_vcpu_label: bool = False
@@ -125,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_METRICS_LISTEN})")
     p.add_argument("--metrics-vcpu-label", action="store_const", const=True,
                    help="add a vcpu label to kvmd_vcpu_exits_total")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate for TCP listeners")
+    p.add_argument("--tls-key", metavar="PEM", help="server private key for TCP listeners")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="require client certificates signed by this CA (mTLS)")
     for f in fields(Limits):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
                        help=f"limit (default {f.default})")
@@ -147,6 +158,8 @@ def load_config(args: argparse.Namespace) -> Config:
                 raise ConfigError(f"unknown key {key!r} in {args.config}")
             if name == "listen" and isinstance(value, str):
                 value = [value]
+            if name == "authorization" and not isinstance(value, dict):
+                raise ConfigError(f"[authorization] in {args.config} must be a table")
             expected = type(getattr(cfg, name))
             if not isinstance(value, expected):
                 raise ConfigError(f"{key} in {args.config} must be a {expected.__name__}")
@@ -158,7 +171,26 @@ def load_config(args: argparse.Namespace) -> Config:
     for f in fields(Limits):
         if getattr(cfg, f.name) <= 0:
             raise ConfigError(f"{f.name} must be positive")
+    validate_tls(cfg)
     return cfg
+
+
+def validate_tls(cfg: Config) -> None:
+    """Refuse TLS settings that cannot work or would silently weaken security."""
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
+                          "be verified over TLS")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    for what, path in (("certificate", cfg.tls_cert), ("key", cfg.tls_key),
+                       ("client CA", cfg.tls_client_ca)):
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    if b"-----BEGIN" not in fh.read():
+                        raise ConfigError(f"TLS {what} {path} is not PEM")
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS {what} {path}: {exc.strerror}") from None
 
 
 # -- listeners -----------------------------------------------------------------------------
@@ -170,7 +202,7 @@ class Listener:
     unix_path: str | None
 
 
-def parse_listen(address: str) -> Listener:
+def parse_listen(address: str, tls: bool = False) -> Listener:
     if address.startswith("unix:"):
         path = address[len("unix://"):] if address.startswith("unix://") else address[5:]
         if not path.startswith("/"):
@@ -181,9 +213,9 @@ def parse_listen(address: str) -> Listener:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"listen address {address!r} is neither unix:///path nor host:port")
     bare = host.strip("[]")
-    if not _is_loopback(bare):
+    if not tls and not _is_loopback(bare):
         raise ConfigError(f"refusing plain TCP on non-loopback address {address!r}: "
-                          "plain TCP is allowed on loopback only")
+                          "use --tls-cert/--tls-key, or listen on loopback")
     return Listener(address, address, None)
 
 
@@ -240,13 +272,21 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.limits = cfg.limits()
-        self.listeners = [parse_listen(a) for a in cfg.listen]
+        self.listeners = [parse_listen(a, bool(cfg.tls_cert)) for a in cfg.listen]
+        try:
+            self.policy = Policy.from_config(cfg.authorization)
+        except ValueError as exc:
+            raise ConfigError(f"authorization: {exc}") from None
+        self.tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert \
+            else None
+        self.watchdog: Watchdog | None = None
         self.host: Host | None = None
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
         self.metrics_server: MetricsServer | None = None
         self.stopped = threading.Event()
         self._owned_sockets: list[str] = []
+        self.ports: dict[str, int] = {}
 
     def start(self) -> None:
         try:
@@ -254,6 +294,9 @@ class Daemon:
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
+        authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
+        if not self.policy.enabled:
+            log.warning("no authorization policy: every caller that can connect is an admin")
         options = [
             ("grpc.max_receive_message_length", self.limits.max_message_bytes),
             ("grpc.max_send_message_length", self.limits.max_message_bytes),
@@ -262,11 +305,12 @@ class Daemon:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
                                        thread_name_prefix="kvmd-rpc"),
-            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor()],
+            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor(),
+                          AuthInterceptor(authorizer)],
             options=options,
             maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
         )
-        names = add_services(server, self.host)
+        names = add_services(server, self.host, authorizer.visible)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -274,12 +318,21 @@ class Daemon:
             if listener.unix_path:
                 prepare_unix_socket(listener.unix_path)
             try:
-                port = server.add_insecure_port(listener.target)
+                if listener.unix_path is None and self.tls is not None:
+                    port = server.add_secure_port(listener.target, self.tls.credentials())
+                else:
+                    port = server.add_insecure_port(listener.target)
             except RuntimeError as exc:
                 raise ConfigError(f"cannot listen on {listener.address}: {exc}") from None
             if listener.unix_path is None:
-                log.warning("listening on plain TCP without TLS (loopback only)",
-                            extra={"address": listener.address, "port": port})
+                self.ports[listener.address] = port
+                if self.tls is None:
+                    log.warning("listening on plain TCP without TLS (loopback only)",
+                                extra={"address": listener.address, "port": port})
+                else:
+                    log.info("listening with TLS", extra={
+                        "address": listener.address, "port": port,
+                        "mtls": bool(self.cfg.tls_client_ca)})
         server.start()
         self.server = server
         if self.cfg.metrics_listen != "off":
@@ -298,9 +351,33 @@ class Daemon:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("kvmd listening", extra={"version": __version__,
                                           "listen": ",".join(self.cfg.listen)})
+        notify(f"READY=1\nSTATUS=serving on {', '.join(self.cfg.listen)}")
+        interval = watchdog_interval()
+        if interval:
+            self.watchdog = Watchdog(interval, self.healthy)
+            self.watchdog.start()
+
+    def healthy(self) -> bool:
+        """The daemon's own health check: KVM answers and the server is up."""
+        if self.host is None or self.server is None or self.stopped.is_set():
+            return False
+        try:
+            self.host.kvm.check_extension("KVM_CAP_USER_MEMORY")
+        except Exception:
+            return False
+        return True
+
+    def reload_tls(self) -> None:
+        """Re-read certificates now (SIGHUP); they are also re-read when the files change."""
+        if self.tls is not None:
+            self.tls.force_reload()
+            log.info("TLS certificates will be reloaded on the next handshake")
 
     def stop(self) -> None:
         """Stop accepting, end streams, release every VM, remove the sockets."""
+        notify("STOPPING=1\nSTATUS=stopping")
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.health.enter_graceful_shutdown()
         if self.server is not None:
             self.server.stop(SHUTDOWN_GRACE_SECONDS).wait(SHUTDOWN_GRACE_SECONDS + 1)
@@ -332,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.reload_tls())
     try:
         daemon.start()
     except ConfigError as exc:

@@ -7,12 +7,13 @@ result. Domain errors raised by the core become status codes in `interceptors.py
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 
 from kvmd.api import convert
+from kvmd.api.auth import current_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import InvalidArgument, ResourceExhausted
@@ -31,10 +32,9 @@ MESSAGE_OVERHEAD = 4096
 WATCH_POLL_SECONDS = 0.5
 
 
-def caller_identity(context: grpc.ServicerContext) -> str:
+def caller_identity() -> str:
     """The authenticated identity of the caller ("local" on the Unix socket)."""
-    identity = getattr(context, "kvmd_identity", None)
-    return identity if isinstance(identity, str) else "local"
+    return current_identity.get()
 
 
 class _Base:
@@ -112,13 +112,17 @@ class HypervisorService(_Base, rpc.HypervisorServicer):
 
 
 class VmsService(_Base, rpc.VmsServicer):
-    """Create, inspect, list and delete VMs."""
+    """Create, inspect, list and delete VMs; run control; console; exit statistics."""
+
+    def __init__(self, host: Host, visible: Callable[[str, str], bool]) -> None:
+        super().__init__(host)
+        self.visible = visible
 
     def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
         """Create a VM under a caller-chosen id (duplicate: ALREADY_EXISTS)."""
         vm = self.host.create_vm(request.vm_id, dict(request.labels),
                                  convert.vm_options_from_pb(request.options),
-                                 owner=caller_identity(context))
+                                 owner=caller_identity())
         return convert.vm_to_pb(vm)
 
     def GetVm(self, request: pb.GetVmRequest, context: Any) -> pb.Vm:
@@ -127,7 +131,9 @@ class VmsService(_Base, rpc.VmsServicer):
 
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
         """Every VM carrying all labels of the selector."""
-        vms = self.host.list_vms(dict(request.label_selector))
+        identity = caller_identity()
+        vms = [v for v in self.host.list_vms(dict(request.label_selector))
+               if self.visible(identity, v.owner)]
         return pb.ListVmsResponse(vms=[convert.vm_to_pb(v) for v in vms])
 
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
@@ -550,10 +556,13 @@ class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
             vm.release_handler(handler, "client closed its side")
 
 
-def add_services(server: grpc.Server, host: Host) -> list[str]:
-    """Register every kvmd service on `server`; returns their full names."""
+def add_services(server: grpc.Server, host: Host,
+                 visible: Callable[[str, str], bool] = lambda identity, owner: True
+                 ) -> list[str]:
+    """Register every kvmd service on `server`; returns their full names. `visible` decides
+    which VMs ListVms shows to a caller (identity, owner)."""
     rpc.add_HypervisorServicer_to_server(HypervisorService(host), server)
-    rpc.add_VmsServicer_to_server(VmsService(host), server)
+    rpc.add_VmsServicer_to_server(VmsService(host, visible), server)
     rpc.add_MemoryServicer_to_server(MemoryService(host), server)
     rpc.add_InterruptsServicer_to_server(InterruptsService(host), server)
     rpc.add_IoEventsServicer_to_server(IoEventsService(host), server)
