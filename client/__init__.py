@@ -25,8 +25,10 @@ from client.errors import (
 from client.kvmd_client import (
     DEFAULT_ADDRESS,
     DirtyLog,
+    ExitHandlerSession,
     KvmdClient,
     Watch,
+    address_range,
     irqchip_route,
     msi_route,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "CancelledError",
     "DeadlineExceededError",
     "DirtyLog",
+    "ExitHandlerSession",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
@@ -51,6 +54,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "Watch",
+    "address_range",
     "from_rpc_error",
     "irqchip_route",
     "msi_route",

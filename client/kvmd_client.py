@@ -25,6 +25,7 @@ Conventions:
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -49,8 +50,10 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_MESSAGE_BYTES",
     "DirtyLog",
+    "ExitHandlerSession",
     "KvmdClient",
     "Watch",
+    "address_range",
     "irqchip_route",
     "msi_route",
     "normalize_address",
@@ -178,6 +181,19 @@ class Watch(Generic[T]):
             raise error from e
         return item
 
+    def next(self, timeout: float | None = None) -> T | None:
+        """The next event, or None if ``timeout`` seconds pass (the stream is then cancelled)
+        or the stream ended."""
+        timer = threading.Timer(timeout, self.cancel) if timeout is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            return next(self, None)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     def cancel(self) -> None:
         """End the stream; a blocked ``next()`` returns with StopIteration."""
         self._cancelled.set()
@@ -211,6 +227,111 @@ class Watch(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.cancel()
+
+
+def address_range(space: str | int, base: int, length: int) -> vmm_pb2.AddressRange:
+    """A PIO or MMIO address range for :meth:`KvmdClient.handle_exits`."""
+    return vmm_pb2.AddressRange(space=_space_name(space), base=base, length=length)
+
+
+def _space_name(space: str | int) -> str:
+    if isinstance(space, str):
+        try:
+            return _SPACES[space.lower()]
+        except KeyError:
+            raise ValueError(f"unknown address space {space!r} (pio or mmio)") from None
+    return vmm_pb2.AddressSpace.Name(space)
+
+
+class ExitHandlerSession(Watch[vmm_pb2.ExitRequest]):
+    """PIO/MMIO ranges of a VM claimed by this client (remote device emulation).
+
+    Iterate it for :class:`ExitRequest` s (each a guest access that waits for an answer),
+    and answer each with :meth:`reply` (the read data; nothing for writes) before the claim's
+    deadline. :meth:`serve` does both with a callback. Leaving the ``with`` block (or
+    :meth:`close`) releases the claims after the queued replies went out; :meth:`cancel`
+    releases them at once.
+
+    Attributes:
+        handler_id: the daemon's id for this handler.
+        ranges: the claimed ranges as the daemon confirmed them.
+    """
+
+    def __init__(self, method: Callable[..., Any], claim: vmm_pb2.ClaimRequest) -> None:
+        self._outbox: queue.Queue[vmm_pb2.ExitHandlerMessage | None] = queue.Queue()
+        self._outbox.put(vmm_pb2.ExitHandlerMessage(claim=claim))
+
+        def requests() -> Iterator[vmm_pb2.ExitHandlerMessage]:
+            while (message := self._outbox.get()) is not None:
+                yield message
+
+        try:
+            call = method(requests())
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        super().__init__(call)
+        try:
+            first = next(self._call)
+        except grpc.RpcError as e:
+            self._outbox.put(None)
+            raise from_rpc_error(e) from e
+        except StopIteration:
+            self._outbox.put(None)
+            raise KvmdError("the daemon ended the exit handler stream before confirming "
+                            "the claim", code=grpc.StatusCode.UNKNOWN) from None
+        self.handler_id: str = first.claimed.handler_id
+        self.ranges: list[vmm_pb2.AddressRange] = list(first.claimed.ranges)
+
+    def __next__(self) -> vmm_pb2.ExitRequest:
+        while True:
+            event: Any = super().__next__()
+            if event.WhichOneof("event") == "exit":
+                exit_request: vmm_pb2.ExitRequest = event.exit
+                return exit_request
+
+    def reply(self, exit_id: int, data: bytes = b"") -> None:
+        """Answer one exit: ``data`` is exactly the access size for reads, empty for writes."""
+        reply = vmm_pb2.ExitReply(exit_id=exit_id, data=bytes(data))
+        self._outbox.put(vmm_pb2.ExitHandlerMessage(reply=reply))
+
+    def serve(
+        self,
+        handler: Callable[[vmm_pb2.ExitRequest], bytes | None],
+        count: int | None = None,
+    ) -> int:
+        """Answer exits with ``handler(exit)`` (read data, or None) until the stream ends or
+        ``count`` exits were handled; returns the number handled."""
+        handled = 0
+        for exit_request in self:
+            self.reply(exit_request.exit_id, handler(exit_request) or b"")
+            handled += 1
+            if count is not None and handled >= count:
+                break
+        return handled
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Release the claims gracefully: finish sending queued replies, half-close, and wait
+        up to ``timeout`` seconds for the daemon to end the stream (then cancel it)."""
+        self._outbox.put(None)
+        timer = threading.Timer(timeout, super().cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            for _ in self:  # exits arriving now cannot be answered: the vCPU times out
+                pass
+        except KvmdError:
+            pass
+        finally:
+            timer.cancel()
+            super().cancel()
+
+    def cancel(self) -> None:
+        """Release the claims at once, dropping replies not yet sent."""
+        self._outbox.put(None)
+        super().cancel()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _UNSET: Any = object()
@@ -272,6 +393,7 @@ class KvmdClient:
         self._interrupts = vmm_pb2_grpc.InterruptsStub(self._channel)
         self._ioevents = vmm_pb2_grpc.IoEventsStub(self._channel)
         self._vcpus = vmm_pb2_grpc.VcpusStub(self._channel)
+        self._exit_handlers = vmm_pb2_grpc.ExitHandlersStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -424,6 +546,76 @@ class KvmdClient:
     def delete_vm(self, vm_id: str) -> None:
         """Stop the VM's vCPUs and release everything it owns."""
         self._unary(self._vms.DeleteVm, vmm_pb2.DeleteVmRequest(vm_id=vm_id))
+
+    # -- run control (Vms) -----------------------------------------------------------------
+
+    def start_vm(self, vm_id: str) -> vmm_pb2.Vm:
+        """Start every vCPU (created or stopped) in its own daemon thread."""
+        return self._unary(self._vms.StartVm, vmm_pb2.VmRef(vm_id=vm_id))
+
+    def pause_vm(self, vm_id: str) -> vmm_pb2.Vm:
+        """Kick every running or halted vCPU out of the guest; returns once all are paused."""
+        return self._unary(self._vms.PauseVm, vmm_pb2.VmRef(vm_id=vm_id))
+
+    def resume_vm(self, vm_id: str) -> vmm_pb2.Vm:
+        """Continue every paused (or halted) vCPU where it stopped."""
+        return self._unary(self._vms.ResumeVm, vmm_pb2.VmRef(vm_id=vm_id))
+
+    def stop_vm(self, vm_id: str) -> vmm_pb2.Vm:
+        """Stop every vCPU thread; the VM can be inspected or started again."""
+        return self._unary(self._vms.StopVm, vmm_pb2.VmRef(vm_id=vm_id))
+
+    def watch_vm(
+        self, vm_id: str, *, include_current: bool = False, timeout: float | None = None
+    ) -> Watch[vmm_pb2.VmEvent]:
+        """A stream of the VM's state changes (started, paused, halted, stopped, crashed,
+        debug_exit, ...); with ``include_current``, first one ``state`` event."""
+        request = vmm_pb2.WatchVmRequest(vm_id=vm_id, include_current=include_current)
+        return self._watch(self._vms.WatchVm, request, timeout)
+
+    def wait_vm(
+        self,
+        vm_id: str,
+        *,
+        states: Iterable[str] = ("stopped", "crashed"),
+        events: Iterable[str] = (),
+        timeout: float = 30.0,
+    ) -> vmm_pb2.VmEvent:
+        """Block until the VM is in one of ``states`` or one of ``events`` happens.
+
+        Returns the matching event (a ``state`` event if the VM already was there).
+
+        Raises:
+            DeadlineExceededError: nothing matched within ``timeout`` seconds.
+        """
+        wanted_states, wanted_events = set(states), set(events)
+        with self.watch_vm(vm_id, include_current=True) as watch:
+            deadline = time.monotonic() + timeout
+            while True:
+                event = watch.next(max(deadline - time.monotonic(), 0.0))
+                if event is None:
+                    raise DeadlineExceededError(
+                        f"vm {vm_id} reached none of states {sorted(wanted_states)} / events "
+                        f"{sorted(wanted_events)} within {timeout:g}s"
+                    )
+                if event.state in wanted_states or event.type in wanted_events:
+                    return event
+
+    def exit_stats(self, vm_id: str) -> vmm_pb2.ExitStats:
+        """VM exit counters by reason, summed per VM and per vCPU."""
+        return self._unary(self._vms.GetExitStats, vmm_pb2.VmRef(vm_id=vm_id))
+
+    def stream_console(
+        self, vm_id: str, *, backlog: bool = True, timeout: float | None = None
+    ) -> Watch[vmm_pb2.ConsoleOutput]:
+        """The guest's COM1 output: the buffered backlog first (with ``backlog``), then live."""
+        request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=backlog)
+        return self._watch(self._vms.StreamConsole, request, timeout)
+
+    def write_console(self, vm_id: str, data: bytes) -> int:
+        """Queue input for the guest's COM1 receiver; returns the bytes accepted."""
+        request = vmm_pb2.WriteConsoleRequest(vm_id=vm_id, data=bytes(data))
+        return int(self._unary(self._vms.WriteConsole, request).accepted)
 
     # -- Memory ----------------------------------------------------------------------------
 
@@ -664,13 +856,7 @@ class KvmdClient:
         ``length`` 0 matches any access size, else 1, 2, 4 or 8; ``datamatch`` restricts the
         event to writes of that value (needs a length).
         """
-        if isinstance(space, str):
-            try:
-                space_name = _SPACES[space.lower()]
-            except KeyError:
-                raise ValueError(f"unknown address space {space!r} (pio or mmio)") from None
-        else:
-            space_name = vmm_pb2.AddressSpace.Name(space)
+        space_name = _space_name(space)
         request = vmm_pb2.RegisterIoeventRequest(
             vm_id=vm_id, ioevent_id=ioevent_id, space=space_name, address=address, length=length
         )
@@ -710,6 +896,31 @@ class KvmdClient:
         """The VM's vCPUs and their states."""
         request = vmm_pb2.ListVcpusRequest(vm_id=vm_id)
         return list(self._unary(self._vcpus.ListVcpus, request).vcpus)
+
+    def start_vcpu(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Vcpu:
+        """Start one vCPU's thread."""
+        return self._unary(self._vcpus.StartVcpu, self._ref(vm_id, vcpu_id))
+
+    def pause_vcpu(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Vcpu:
+        """Pause one vCPU; returns once it is out of the guest."""
+        return self._unary(self._vcpus.PauseVcpu, self._ref(vm_id, vcpu_id))
+
+    def resume_vcpu(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Vcpu:
+        """Continue one paused (or halted) vCPU."""
+        return self._unary(self._vcpus.ResumeVcpu, self._ref(vm_id, vcpu_id))
+
+    def stop_vcpu(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Vcpu:
+        """Stop one vCPU's thread."""
+        return self._unary(self._vcpus.StopVcpu, self._ref(vm_id, vcpu_id))
+
+    def get_vcpu_state(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Vcpu:
+        """One vCPU's run state (created, running, paused, halted, stopped, crashed)."""
+        return self._unary(self._vcpus.GetVcpuState, self._ref(vm_id, vcpu_id))
+
+    def inject_interrupt(self, vm_id: str, vcpu_id: int, vector: int) -> vmm_pb2.Vcpu:
+        """Queue an external interrupt (KVM_INTERRUPT) for a VM without in-kernel irqchip."""
+        request = vmm_pb2.InjectInterruptRequest(vcpu=self._ref(vm_id, vcpu_id), vector=vector)
+        return self._unary(self._vcpus.InjectInterrupt, request)
 
     def get_regs(self, vm_id: str, vcpu_id: int) -> vmm_pb2.Regs:
         """The vCPU's general-purpose registers (KVM_GET_REGS)."""
@@ -839,6 +1050,29 @@ class KvmdClient:
         )
         request = vmm_pb2.SetVcpuEventsRequest(vcpu=self._ref(vm_id, vcpu_id), events=new)
         return self._unary(self._vcpus.SetVcpuEvents, request)
+
+    # -- ExitHandlers ----------------------------------------------------------------------
+
+    def handle_exits(
+        self,
+        vm_id: str,
+        ranges: Iterable[vmm_pb2.AddressRange | tuple[str | int, int, int]],
+        *,
+        deadline_ms: int = 0,
+    ) -> ExitHandlerSession:
+        """Claim PIO/MMIO ranges of a VM and handle the guest's accesses to them remotely.
+
+        ``ranges`` holds :func:`address_range` messages or ``(space, base, length)`` tuples;
+        ``deadline_ms`` is how long a vCPU waits for each reply (0: the daemon's 1000 ms).
+        Overlapping claims raise AlreadyExistsError.
+        """
+        claim = vmm_pb2.ClaimRequest(
+            vm_id=vm_id,
+            ranges=[r if isinstance(r, vmm_pb2.AddressRange) else address_range(*r)
+                    for r in ranges],
+            deadline_ms=deadline_ms,
+        )
+        return ExitHandlerSession(self._exit_handlers.HandleExits, claim)
 
     @staticmethod
     def _merged(
