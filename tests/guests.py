@@ -22,11 +22,17 @@ The standard layout, used unless a test says otherwise (all below GUEST_MEM_SIZE
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import threading
 from collections.abc import Iterable
 
 from kvmd.kvm import KvmError, Regs, Segment, Sregs, Vcpu, VcpuExit, Vm
+
+# True on hosts whose /dev/kvm is the "PVM" software nested virtualization (kvm_pvm module):
+# every guest instruction is emulated there, and a few KVM behaviours differ (see
+# tests/kvm/test_kvm_pvm_quirks.py).
+ON_PVM = os.path.isdir("/sys/module/kvm_pvm")
 
 PAGE_SIZE = 0x1000
 CODE_ADDR = 0x1000

@@ -276,6 +276,8 @@ class Vcpu:
         ioctl(self._require_open("KVM_SET_SREGS"), "KVM_SET_SREGS", s)
 
     def get_fpu(self) -> Fpu:
+        """x87 and SSE registers (KVM_GET_FPU). KVM transfers no MXCSR in KVM_GET_FPU or
+        KVM_SET_FPU: `mxcsr` always reads 0 and is ignored when set."""
         f = ffi.new("struct kvm_fpu *")
         ioctl(self._require_open("KVM_GET_FPU"), "KVM_GET_FPU", f)
         return Fpu(
@@ -287,6 +289,7 @@ class Vcpu:
         )
 
     def set_fpu(self, value: Fpu) -> None:
+        """Set x87 and SSE registers (KVM_SET_FPU; `mxcsr` is ignored by KVM)."""
         if len(value.fpr) != 8 or len(value.xmm) != 16:
             raise invalid("KVM_SET_FPU", "need 8 fpr and 16 xmm registers")
         f = ffi.new("struct kvm_fpu *")
