@@ -1,0 +1,151 @@
+"""The in-daemon COM1 UART and debug-exit port, through StreamConsole/WriteConsole/WatchVm."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from guests_runctl import DATA_ADDR, echo_program, print_program
+from runctl_api import STREAM_TIMEOUT, WAIT, Api, Code, wait_until
+
+from kvmd.api.gen import vmm_pb2 as pb
+
+
+class ConsoleReader:
+    """Reads a StreamConsole stream into a buffer from a background thread."""
+
+    def __init__(self, api: Api, vm_id: str, backlog: bool) -> None:
+        self.call = api.vms.StreamConsole(pb.StreamConsoleRequest(vm_id=vm_id, backlog=backlog),
+                                          timeout=STREAM_TIMEOUT)
+        self.data = bytearray()
+        self.chunks = 0
+        self.code: grpc.StatusCode | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self.call:
+                with self._lock:
+                    self.data += chunk.data
+                    self.chunks += 1
+            self.code = Code.OK
+        except grpc.RpcError as exc:
+            self.code = exc.code()  # type: ignore[attr-defined]
+
+    def text(self) -> bytes:
+        with self._lock:
+            return bytes(self.data)
+
+    def wait_for(self, expected: bytes, timeout: float = WAIT) -> bytes:
+        wait_until(lambda: expected in self.text(), timeout,
+                   f"{expected!r} on the console (have {self.text()!r})")
+        return self.text()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+
+
+GREETING = b"hello from the guest\r\n"
+
+
+def test_guest_prints_through_uart_live_and_backlog_replayed(api: Api) -> None:
+    api.boot("printer", print_program(GREETING, 0x2A))
+    live = ConsoleReader(api, "printer", backlog=False)
+    # The subscription is registered once the stream's first message is requested: wait
+    # until the daemon has it before starting the guest.
+    vm_obj = api.daemon.host.get_vm("printer")  # type: ignore[union-attr]
+    wait_until(lambda: vm_obj.console._live.subscriber_count == 1, WAIT, "the subscriber")
+    watch = api.watch("printer")
+    api.start("printer")
+    assert live.wait_for(GREETING) == GREETING
+    assert watch.wait_for("debug_exit").exit_code == 0x2A
+
+    # A late subscriber asking for the backlog gets everything printed so far, first.
+    late = ConsoleReader(api, "printer", backlog=True)
+    assert late.wait_for(GREETING) == GREETING
+    # A late subscriber without backlog gets nothing of the past.
+    late_live = ConsoleReader(api, "printer", backlog=False)
+    wait_until(lambda: vm_obj.console._live.subscriber_count == 3, WAIT, "3 subscribers")
+    assert late_live.text() == b""
+    for reader in (live, late, late_live):
+        reader.cancel()
+    api.delete("printer")
+
+
+def test_console_backlog_is_bounded_to_console_buffer_bytes(api: Api) -> None:
+    text = bytes(range(0x41, 0x41 + 26)) + b"0123456789"  # 36 bytes
+    api.boot("small-ring", print_program(text, 1), console_buffer_bytes=16)
+    watch = api.watch("small-ring")
+    api.start("small-ring")
+    watch.wait_for("debug_exit")
+    late = ConsoleReader(api, "small-ring", backlog=True)
+    assert late.wait_for(text[-16:]) == text[-16:]  # only the newest 16 bytes are kept
+    late.cancel()
+    api.delete("small-ring")
+
+
+def test_guest_reads_console_input_and_echoes_it(api: Api) -> None:
+    api.boot("echo", echo_program())
+    console = ConsoleReader(api, "echo", backlog=True)
+    watch = api.watch("echo")
+    # Some input before the guest runs, the rest while it polls the LSR.
+    assert api.vms.WriteConsole(pb.WriteConsoleRequest(vm_id="echo", data=b"ping")).accepted == 4
+    api.start("echo")
+    console.wait_for(b"ping")
+    api.vms.WriteConsole(pb.WriteConsoleRequest(vm_id="echo", data=b" pong\n"))
+    event = watch.wait_for("debug_exit")
+    assert event.exit_code == len(b"ping pong\n")  # bytes the guest counted
+    assert console.wait_for(b"ping pong\n") == b"ping pong\n"
+    assert api.read("echo", DATA_ADDR, 10) == b"ping pong\n"  # and stored in its memory
+    console.cancel()
+    api.delete("echo")
+
+
+def test_console_rpcs_on_a_missing_vm(api: Api) -> None:
+    api.assert_code(lambda: api.vms.WriteConsole(
+        pb.WriteConsoleRequest(vm_id="ghost", data=b"x")), Code.NOT_FOUND)
+    api.assert_code(lambda: list(api.vms.StreamConsole(
+        pb.StreamConsoleRequest(vm_id="ghost"), timeout=WAIT)), Code.NOT_FOUND)
+    api.assert_code(lambda: list(api.vms.WatchVm(
+        pb.WatchVmRequest(vm_id="ghost"), timeout=WAIT)), Code.NOT_FOUND)
+
+
+def test_debug_exit_reports_code_in_watch_and_getvm(api: Api) -> None:
+    api.boot("dexit", print_program(b"", 0x1234))
+    watch = api.watch("dexit")
+    assert watch.wait_for("state").state == "created"
+    api.start("dexit")
+    event = watch.wait_for("debug_exit")
+    assert event.exit_code == 0x1234
+    assert event.state == "stopped"
+    types = watch.types()
+    assert types.index("state") < types.index("started") < types.index("debug_exit")
+    vm = api.get_vm("dexit")
+    assert vm.state == "stopped"
+    assert vm.HasField("exit_code") and vm.exit_code == 0x1234
+    assert vm.reason == "debug_exit"
+    assert vm.vcpu_states[0] == "stopped"
+    # A debug-exited VM can be inspected and deleted; it is not running.
+    api.assert_code(lambda: api.pause("dexit"), Code.FAILED_PRECONDITION)
+    api.delete("dexit")
+    assert watch.wait_ended() is not None  # the watch ends with the VM
+
+
+def test_debug_exit_on_a_custom_port(api: Api) -> None:
+    api.boot("dexit-port", print_program(b"", 9).replace(b"\x01\x05", b"\x34\x12"),
+             debug_exit_port=0x1234)
+    watch = api.watch("dexit-port")
+    api.start("dexit-port")
+    assert watch.wait_for("debug_exit").exit_code == 9
+    assert api.get_vm("dexit-port").options.debug_exit_port == 0x1234
+    api.delete("dexit-port")
+
+
+def test_debug_exit_port_on_the_uart_is_refused(api: Api) -> None:
+    api.assert_code(lambda: api.create_vm("bad-port", debug_exit_port=0x3FA),
+                    Code.INVALID_ARGUMENT)
+    api.assert_code(lambda: api.create_vm("bad-port", debug_exit_port=0x10000),
+                    Code.INVALID_ARGUMENT)
