@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 LISTEN ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench clean
+.PHONY: run test install lint typecheck pytest bench clean system-install uninstall
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -34,6 +34,13 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# Install as a systemd service (a virtualenv under /opt/kvmd, unit, config); idempotent.
+system-install:
+	deploy/install.sh
+
+uninstall:
+	deploy/install.sh --uninstall
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvmd/api/gen kvmd/kvm/_kvm_cffi*
