@@ -216,6 +216,10 @@ def _vm_details(vm: vmm_pb2.Vm) -> str:
             ("memory", f"{human_bytes(vm.memory_bytes)} ({vm.memory_bytes} bytes)"),
             ("owner", vm.owner or "-"),
             ("created", _timestamp(vm.created_unix_ms)),
+            ("reason", vm.reason or "-"),
+            ("exit code", vm.exit_code if vm.HasField("exit_code") else "-"),
+            ("vcpu states",
+             ", ".join(f"{k}={v}" for k, v in sorted(vm.vcpu_states.items())) or "-"),
         ]
     )
 
@@ -579,7 +583,10 @@ def cmd_irqfd_ls(c: KvmdClient, a: argparse.Namespace) -> None:
         _out(_irqfds_table(irqfds))
 
 
-def _run_watch(watch: Any, a: argparse.Namespace, id_field: str, kind: str) -> None:
+def _run_stream(watch: Any, a: argparse.Namespace, kind: str,
+                line: Callable[[Any], str]) -> None:
+    """Print a watch's events as they come (JSON lines with --json) until --count events,
+    --duration seconds, Ctrl-C or the end of the stream."""
     if not a.json:
         sys.stderr.write(f"watching {kind} of vm {a.vm}; Ctrl-C to stop\n")
         sys.stderr.flush()
@@ -595,8 +602,7 @@ def _run_watch(watch: Any, a: argparse.Namespace, id_field: str, kind: str) -> N
             if a.json:
                 _emit_json_line(message_to_dict(event))
             else:
-                _out(f"{time.strftime('%H:%M:%S')}  {getattr(event, id_field)}  "
-                     f"count={event.count}")
+                _out(line(event))
                 sys.stdout.flush()
             if a.count is not None and seen >= a.count:
                 break
@@ -608,8 +614,15 @@ def _run_watch(watch: Any, a: argparse.Namespace, id_field: str, kind: str) -> N
         watch.cancel()
 
 
+def _count_line(id_field: str) -> Callable[[Any], str]:
+    def line(event: Any) -> str:
+        return f"{time.strftime('%H:%M:%S')}  {getattr(event, id_field)}  count={event.count}"
+
+    return line
+
+
 def cmd_irq_watch(c: KvmdClient, a: argparse.Namespace) -> None:
-    _run_watch(c.watch_irqfd_resamples(a.vm), a, "irqfd_id", "irqfd resamples")
+    _run_stream(c.watch_irqfd_resamples(a.vm), a, "irqfd resamples", _count_line("irqfd_id"))
 
 
 def cmd_ioevent_add(c: KvmdClient, a: argparse.Namespace) -> None:
@@ -636,7 +649,7 @@ def cmd_ioevent_ls(c: KvmdClient, a: argparse.Namespace) -> None:
 
 
 def cmd_ioevent_watch(c: KvmdClient, a: argparse.Namespace) -> None:
-    _run_watch(c.watch_ioevents(a.vm), a, "ioevent_id", "ioevents")
+    _run_stream(c.watch_ioevents(a.vm), a, "ioevents", _count_line("ioevent_id"))
 
 
 def cmd_vcpu_create(c: KvmdClient, a: argparse.Namespace) -> None:
@@ -737,6 +750,117 @@ def cmd_vcpu_events(c: KvmdClient, a: argparse.Namespace) -> None:
     events = (c.set_vcpu_events(a.vm, a.vcpu, updates) if updates
               else c.get_vcpu_events(a.vm, a.vcpu))
     _show(a, events, _message_kv)
+
+
+def _vm_state_line(vm: vmm_pb2.Vm) -> str:
+    extra = f" ({vm.reason})" if vm.reason else ""
+    if vm.HasField("exit_code"):
+        extra += f" exit code {vm.exit_code}"
+    return f"vm {vm.vm_id}: {vm.state}{extra}"
+
+
+def _vm_action(action: str) -> Handler:
+    def run(c: KvmdClient, a: argparse.Namespace) -> None:
+        vm = getattr(c, f"{action}_vm")(a.vm)
+        _show(a, vm, _vm_state_line)
+
+    run.__doc__ = f"kvmctl vm {action}"
+    return run
+
+
+def _event_line(event: vmm_pb2.VmEvent) -> str:
+    who = f"vcpu {event.vcpu_id}" if event.vcpu_id >= 0 else "vm"
+    parts = [_timestamp(event.unix_ms), f"{event.type:<10}", f"{who:<7}", f"-> {event.state}"]
+    if event.reason:
+        parts.append(f"({event.reason})")
+    if event.HasField("exit_code"):
+        parts.append(f"exit code {event.exit_code}")
+    if event.type == "crashed" and event.HasField("regs"):
+        parts.append(f"rip={_hex(event.regs.rip)}")
+    return "  ".join(parts)
+
+
+def cmd_vm_watch(c: KvmdClient, a: argparse.Namespace) -> None:
+    watch = c.watch_vm(a.vm, include_current=a.current)
+    _run_stream(watch, a, "events", _event_line)
+
+
+def cmd_vm_wait(c: KvmdClient, a: argparse.Namespace) -> None:
+    states = a.state or ([] if a.event else ["stopped", "crashed"])
+    event = c.wait_vm(a.vm, states=states, events=a.event or (), timeout=a.within)
+    _show(a, event, _event_line)
+
+
+def cmd_vm_stats(c: KvmdClient, a: argparse.Namespace) -> None:
+    stats = c.exit_stats(a.vm)
+    if a.json:
+        _emit_json(message_to_dict(stats))
+        return
+    vcpu_ids = sorted(stats.vcpus)
+    reasons = sorted(stats.total)
+    if not a.all:
+        reasons = [r for r in reasons if stats.total[r]]
+    rows = [[r, stats.total[r], *(stats.vcpus[v].counts.get(r, 0) for v in vcpu_ids)]
+            for r in reasons]
+    _out(format_table(["reason", "total", *(f"vcpu{v}" for v in vcpu_ids)], rows,
+                      empty="No exits yet."))
+
+
+def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
+    watch = c.stream_console(a.vm, backlog=not a.no_backlog)
+    timer = None
+    if a.duration is not None:
+        timer = threading.Timer(a.duration, watch.cancel)
+        timer.daemon = True
+        timer.start()
+    try:
+        for chunk in watch:
+            if a.json:
+                _emit_json_line({"data": chunk.data.decode("latin-1")})
+            else:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(chunk.data)
+                sys.stdout.buffer.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if timer is not None:
+            timer.cancel()
+        watch.cancel()
+
+
+def cmd_vm_console_write(c: KvmdClient, a: argparse.Namespace) -> None:
+    data = a.hex if a.hex is not None else (a.text or "").encode()
+    if a.newline:
+        data += b"\n"
+    accepted = c.write_console(a.vm, data)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "accepted": accepted})
+    else:
+        _out(f"sent {accepted} bytes to the console of vm {a.vm}")
+
+
+def _vcpu_line(vcpu: vmm_pb2.Vcpu) -> str:
+    extra = f" ({vcpu.reason})" if vcpu.reason else ""
+    return f"vcpu {vcpu.vcpu_id} of vm {vcpu.vm_id}: {vcpu.state}{extra}"
+
+
+def _vcpu_action(action: str) -> Handler:
+    method = "get_vcpu_state" if action == "state" else f"{action}_vcpu"
+
+    def run(c: KvmdClient, a: argparse.Namespace) -> None:
+        _show(a, getattr(c, method)(a.vm, a.vcpu), _vcpu_line)
+
+    run.__doc__ = f"kvmctl vcpu {action}"
+    return run
+
+
+def cmd_vcpu_inject(c: KvmdClient, a: argparse.Namespace) -> None:
+    vcpu = c.inject_interrupt(a.vm, a.vcpu, a.vector)
+    if a.json:
+        _emit_json(message_to_dict(vcpu))
+    else:
+        _out(f"queued vector {_hex(a.vector)} for vcpu {a.vcpu} of vm {a.vm}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,8 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "the host's supported CPUID entries"))
 
     # vm
-    vm = top.add_parser("vm", help="create, inspect, list and delete VMs",
-                        description="Create, inspect, list and delete VMs.")
+    vm = top.add_parser("vm", help="create, inspect, list, run and delete VMs",
+                        description="Create, inspect, list, run and delete VMs.")
     vms = _subparsers(vm, "vm_command")
     p = _leaf(vms, "create", cmd_vm_create, "create a VM")
     _vm_arg(p)
@@ -865,6 +989,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(vms, "delete", cmd_vm_delete, "delete VMs (stops vCPUs, frees everything)",
               aliases=["rm"])
     p.add_argument("vm", metavar="VM", nargs="+", help="VM ids")
+    _finish(p)
+    for action, text in [
+        ("start", "start every vCPU in its own thread"),
+        ("pause", "pause every running vCPU"),
+        ("resume", "resume every paused vCPU"),
+        ("stop", "stop every vCPU (the VM can be inspected and started again)"),
+    ]:
+        p = _leaf(vms, action, _vm_action(action), text)
+        _vm_arg(p)
+        _finish(p)
+    p = _leaf(vms, "watch", cmd_vm_watch,
+              "stream state changes (one JSON object per line with --json)")
+    _watch_args(p)
+    p.add_argument("--current", action="store_true", help="first show the current state")
+    _finish(p)
+    p = _leaf(vms, "wait", cmd_vm_wait,
+              "wait until the VM reaches a state (default: stopped or crashed) or an event")
+    _vm_arg(p)
+    p.add_argument("--state", action="append", metavar="STATE",
+                   help="a state to wait for (repeatable)")
+    p.add_argument("--event", action="append", metavar="TYPE",
+                   help="an event type to wait for, e.g. halted, debug_exit (repeatable)")
+    p.add_argument("--within", type=float, default=30.0, metavar="SECONDS",
+                   help="give up after this long (default 30; exit code 1)")
+    _finish(p)
+    p = _leaf(vms, "stats", cmd_vm_stats, "VM exit counters by reason, per vCPU")
+    _vm_arg(p)
+    p.add_argument("--all", action="store_true", help="show reasons with no exits too")
+    _finish(p)
+    p = _leaf(vms, "console", cmd_vm_console,
+              "the guest's COM1 output: backlog, then live (raw bytes on stdout)")
+    _vm_arg(p)
+    p.add_argument("--no-backlog", action="store_true", help="only new output")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    _finish(p)
+    p = _leaf(vms, "console-write", cmd_vm_console_write, "send input to the guest's COM1")
+    _vm_arg(p)
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("text", metavar="TEXT", nargs="?", help="text to send")
+    data.add_argument("--hex", "-x", type=parse_hex_data, help="bytes to send, in hex")
+    p.add_argument("--newline", "-n", action="store_true", help="append a newline")
     _finish(p)
 
     # mem
@@ -989,14 +1154,29 @@ def build_parser() -> argparse.ArgumentParser:
     _finish(p)
 
     # vcpu
-    vcpu = top.add_parser("vcpu", help="vCPUs and their state",
-                          description="Create vCPUs; get and set their state.")
+    vcpu = top.add_parser("vcpu", help="vCPUs: run control and register state",
+                          description="Create, run and pause vCPUs; get and set their state.")
     vcpus = _subparsers(vcpu, "vcpu_command")
     p = _leaf(vcpus, "create", cmd_vcpu_create, "create a vCPU")
     _vcpu_args(p)
     _finish(p)
     p = _leaf(vcpus, "ls", cmd_vcpu_ls, "list vCPUs", aliases=["list"])
     _vm_arg(p)
+    _finish(p)
+    for action, text in [
+        ("start", "start one vCPU's thread"),
+        ("pause", "pause one vCPU"),
+        ("resume", "resume one vCPU"),
+        ("stop", "stop one vCPU"),
+        ("state", "show one vCPU's run state"),
+    ]:
+        p = _leaf(vcpus, action, _vcpu_action(action), text)
+        _vcpu_args(p)
+        _finish(p)
+    p = _leaf(vcpus, "inject", cmd_vcpu_inject,
+              "queue an external interrupt (VMs without the in-kernel irqchip)")
+    _vcpu_args(p)
+    p.add_argument("vector", metavar="VECTOR", type=parse_int)
     _finish(p)
     p = _leaf(vcpus, "regs", cmd_vcpu_regs, "show general-purpose registers")
     _vcpu_args(p)
