@@ -1,0 +1,122 @@
+"""HLT without an in-kernel irqchip: the vCPU waits without spinning until an interrupt is
+injected or it is resumed (or stopped)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from guests import HLT
+from guests_runctl import halt_then_exit, interrupt_program
+from runctl_api import Api, Code
+
+from kvmd.api.gen import vmm_pb2 as pb
+
+
+def ref(vm_id: str, vcpu_id: int = 0) -> pb.VcpuRef:
+    return pb.VcpuRef(vm_id=vm_id, vcpu_id=vcpu_id)
+
+
+def vcpu_thread(vm_id: str, vcpu_id: int = 0) -> threading.Thread:
+    (thread,) = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-{vcpu_id}"]
+    return thread
+
+
+def thread_cpu_seconds(thread: threading.Thread) -> float:
+    """CPU time used by one thread (Linux: /proc/self/task/TID/stat utime+stime)."""
+    with open(f"/proc/self/task/{thread.native_id}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_hlt_without_irqchip_halts_and_uses_no_cpu(api: Api) -> None:
+    api.boot("sleeper", halt_then_exit(0x77))
+    watch = api.watch("sleeper")
+    api.start("sleeper")
+    assert watch.wait_for("halted").vcpu_id == 0
+    assert api.wait_vcpu_state("sleeper", "halted").reason == "hlt"
+    assert api.get_vm("sleeper").state == "running"  # halted vCPUs count as running
+    thread = vcpu_thread("sleeper")
+    cpu_before = thread_cpu_seconds(thread)
+    hlt_before = api.stats("sleeper").vcpus[0].counts["hlt"]
+    time.sleep(0.3)
+    # No busy loop: exactly one HLT exit, and the thread slept.
+    assert hlt_before == 1
+    assert api.stats("sleeper").vcpus[0].counts["hlt"] == 1
+    assert api.vcpu_state("sleeper").state == "halted"
+    assert thread_cpu_seconds(thread) - cpu_before < 0.1
+    # Registers may be read while halted (the vCPU is outside the guest): RIP is past HLT.
+    assert api.regs("sleeper").rip == 0x1002
+    api.stop("sleeper")
+    api.delete("sleeper")
+
+
+def test_resume_vcpu_on_a_halted_vcpu_continues_after_the_hlt(api: Api) -> None:
+    api.boot("wake", halt_then_exit(0x77))
+    watch = api.watch("wake")
+    api.start("wake")
+    api.wait_vcpu_state("wake", "halted")
+    assert api.vcpus.ResumeVcpu(ref("wake")).state in ("running", "stopped")
+    event = watch.wait_for("debug_exit")
+    assert event.exit_code == 0x77  # the code right after the hlt ran
+    assert api.get_vm("wake").exit_code == 0x77
+    api.delete("wake")
+
+
+def test_resume_vm_on_a_halted_vm_continues_after_the_hlt(api: Api) -> None:
+    api.boot("wake-vm", halt_then_exit(0x78))
+    watch = api.watch("wake-vm")
+    api.start("wake-vm")
+    api.wait_vcpu_state("wake-vm", "halted")
+    api.resume("wake-vm")
+    assert watch.wait_for("debug_exit").exit_code == 0x78
+    api.delete("wake-vm")
+
+
+def test_pause_a_halted_vcpu_then_resume(api: Api) -> None:
+    api.boot("nap", halt_then_exit(0x79))
+    watch = api.watch("nap")
+    api.start("nap")
+    api.wait_vcpu_state("nap", "halted")
+    assert api.pause("nap").vcpu_states[0] == "paused"
+    assert api.vcpu_state("nap").state == "paused"
+    api.resume("nap")
+    assert watch.wait_for("debug_exit").exit_code == 0x79
+    api.delete("nap")
+
+
+def test_stop_a_halted_vcpu(api: Api) -> None:
+    api.boot("halt-stop", HLT)
+    api.start("halt-stop")
+    api.wait_vcpu_state("halt-stop", "halted")
+    assert api.stop("halt-stop").state == "stopped"
+    api.delete("halt-stop")
+
+
+def test_injected_interrupt_wakes_a_halted_vcpu(api: Api) -> None:
+    vector = 0x40
+    api.boot("irq", interrupt_program(vector))
+    watch = api.watch("irq")
+    api.start("irq")
+    api.wait_vcpu_state("irq", "halted")
+    assert api.read("irq", vector * 4, 4) != b"\0\0\0\0"  # the guest set its IVT entry
+    api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(vcpu=ref("irq"), vector=vector))
+    event = watch.wait_for("debug_exit")
+    assert event.exit_code == 0x100 + vector  # the IVT handler for that vector ran
+    api.delete("irq")
+
+
+def test_inject_interrupt_bad_inputs(api: Api) -> None:
+    api.boot("irq-bad", HLT)
+    api.assert_code(lambda: api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(
+        vcpu=ref("irq-bad"), vector=256)), Code.INVALID_ARGUMENT)
+    api.assert_code(lambda: api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(
+        vcpu=ref("irq-bad", 3), vector=32)), Code.NOT_FOUND)
+    api.create_vm("irq-chip", irqchip=True)
+    api.vcpus.CreateVcpu(pb.CreateVcpuRequest(vm_id="irq-chip", vcpu_id=0))
+    # With the in-kernel irqchip, interrupts go through SetIrqLine/irqfd/MSI instead.
+    api.assert_code(lambda: api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(
+        vcpu=ref("irq-chip"), vector=32)), Code.FAILED_PRECONDITION)
+    api.delete("irq-bad")
+    api.delete("irq-chip")
