@@ -711,3 +711,151 @@ def test_live_socket_is_not_taken(start_kvmd: Callable[..., Any]) -> None:
     assert code != 0, "a second daemon took over a live socket"
     with KvmdClient(first.address, timeout=10) as c:
         assert c.health() == "SERVING"
+
+
+# ---------------------------------------------------------------------------------------------
+# running guests (run control): hand-assembled real-mode programs at 0x1000
+
+DEBUG_EXIT_PORT = 0x501  # the daemon's default debug-exit device: a write stops the VM
+COM1 = 0x3F8
+
+
+def _out_dx(port: int, *values: int) -> bytes:
+    """mov dx, port; then for each value: mov al, value; out dx, al."""
+    code = bytes([0xBA, port & 0xFF, port >> 8])
+    for v in values:
+        code += bytes([0xB0, v, 0xEE])
+    return code
+
+
+def _debug_exit(code: int) -> bytes:
+    """Stop the VM with exit code ``code``, then hlt (never reached)."""
+    return _out_dx(DEBUG_EXIT_PORT, code) + bytes([0xF4])
+
+
+def _boot(client: KvmdClient, vm_id: str, program: bytes, *, irqchip: bool = False,
+          log_dirty: bool = False) -> None:
+    """64 KiB of RAM at 0, ``program`` at 0x1000, vCPU 0 in flat real mode at 0x1000."""
+    client.create_vm(vm_id, irqchip=irqchip)
+    client.add_memory_region(vm_id, 0, 0x10000, log_dirty=log_dirty)
+    client.write_memory(vm_id, 0x1000, program)
+    client.create_vcpu(vm_id, 0)
+    flat = {"base": 0, "selector": 0}
+    client.set_sregs(vm_id, 0, cs=flat, ds=flat, es=flat, fs=flat, gs=flat, ss=flat)
+    client.set_regs(vm_id, 0, rip=0x1000, rsp=0x8000, rflags=0x2)
+
+
+def test_guest_runs_to_debug_exit(client: KvmdClient, vm_id: str) -> None:
+    """Load with WriteGuestMemory, set registers, run: console output, a guest store that
+    dirties one page, the exit code, the events and the exit counters all come back."""
+    program = (
+        _out_dx(COM1, ord("H"), ord("i"))
+        + bytes([0xB8, 0x34, 0x12, 0xA3, 0x00, 0x40])  # mov ax, 0x1234; mov [0x4000], ax
+        + _debug_exit(42)
+    )
+    _boot(client, vm_id, program, log_dirty=True)
+    assert client.dirty_log(vm_id, 0).dirty_count == 0
+    with client.watch_vm(vm_id) as events:
+        assert client.start_vm(vm_id).state in ("running", "stopped")
+        final = client.wait_vm(vm_id, timeout=30)
+        seen = events.collect(duration=0.5)
+    assert (final.state, final.reason, final.exit_code) == ("stopped", "debug_exit", 42)
+    assert "started" in [e.type for e in seen]
+    vm = client.get_vm(vm_id)
+    assert (vm.state, vm.exit_code) == ("stopped", 42)
+
+    assert client.read_memory(vm_id, 0x4000, 2) == b"\x34\x12"
+    log = client.dirty_log(vm_id, 0)
+    assert log.pages() == [4]  # the guest's store, and only that (the log was reset above)
+    assert log.dirty_count == 1
+    assert client.dirty_pages(vm_id, 0) == []  # reading reset the log
+
+    with client.stream_console(vm_id) as console:
+        first = console.next(5)
+    assert first is not None and first.data == b"Hi"
+
+    stats = client.exit_stats(vm_id)
+    assert stats.total["io_out"] == 3  # 'H', 'i', the debug exit
+    assert stats.vcpus[0].counts["io_out"] == 3
+
+
+def test_guest_fires_ioevents(client: KvmdClient, vm_id: str) -> None:
+    _boot(client, vm_id, _out_dx(0x600, 1, 2, 3) + _debug_exit(0))
+    client.register_ioevent(vm_id, "door", 0x600, 1)
+    with client.watch_ioevents(vm_id) as watch:
+        client.start_vm(vm_id)
+        client.wait_vm(vm_id, timeout=30)
+        fired = 0
+        while fired < 3:
+            event = watch.next(5)
+            assert event is not None, f"only {fired} of 3 ioevent writes reported"
+            assert event.ioevent_id == "door"
+            fired += event.count
+    assert fired == 3
+    assert client.list_ioevents(vm_id)[0].fired == 3
+    assert client.exit_stats(vm_id).total["io_out"] == 1  # the ioevent writes never exited
+
+
+def test_remote_exit_handler(client: KvmdClient, vm_id: str, assert_healthy: Healthy) -> None:
+    program = bytes([
+        0xBA, 0x00, 0x07,  # mov dx, 0x700
+        0xEC,              # in al, dx        (claimed: answered by this test)
+        0xA2, 0x00, 0x40,  # mov [0x4000], al
+        0xB0, 0x77,        # mov al, 0x77
+        0xEE,              # out dx, al       (claimed: a write the test sees)
+        0xA0, 0x00, 0x40,  # mov al, [0x4000]
+    ]) + bytes([0xBA, 0x01, 0x05, 0xEE, 0xF4])  # debug exit with the value read
+    _boot(client, vm_id, program)
+    seen = []
+
+    def device(exit_request: vmm_pb2.ExitRequest) -> bytes | None:
+        seen.append((exit_request.address, exit_request.is_write, bytes(exit_request.data)))
+        return None if exit_request.is_write else b"\x5a"
+
+    with client.handle_exits(vm_id, [("pio", 0x700, 1)], deadline_ms=10_000) as handler:
+        assert [(r.base, r.length) for r in handler.ranges] == [(0x700, 1)]
+        with pytest.raises(AlreadyExistsError):  # overlapping claims are refused
+            client.handle_exits(vm_id, [("pio", 0x700, 2)])
+        client.start_vm(vm_id)
+        assert handler.serve(device, count=2) == 2
+    assert seen == [(0x700, False, b""), (0x700, True, b"\x77")]
+    final = client.wait_vm(vm_id, timeout=30)
+    assert final.exit_code == 0x5A
+    assert_healthy()
+
+
+def test_pause_resume_stop(client: KvmdClient, vm_id: str, assert_healthy: Healthy) -> None:
+    _boot(client, vm_id, bytes([0xEB, 0xFE]))  # jmp $: spins forever
+    with pytest.raises(FailedPreconditionError):
+        client.pause_vm(vm_id)  # not running yet
+    client.start_vm(vm_id)
+    with pytest.raises(FailedPreconditionError):
+        client.start_vm(vm_id)  # already running
+    assert client.pause_vm(vm_id).state == "paused"
+    assert client.get_vcpu_state(vm_id, 0).state == "paused"
+    assert client.get_regs(vm_id, 0).rip == 0x1000  # paused inside the loop
+    assert client.resume_vm(vm_id).state == "running"
+    assert client.stop_vm(vm_id).state == "stopped"
+    with pytest.raises(FailedPreconditionError):
+        client.stop_vm(vm_id)
+    assert_healthy()
+
+
+def test_vcpu_run_control(client: KvmdClient, vm_id: str) -> None:
+    _boot(client, vm_id, bytes([0xEB, 0xFE]))
+    assert client.get_vcpu_state(vm_id, 0).state == "created"
+    assert client.start_vcpu(vm_id, 0).state == "running"
+    assert client.pause_vcpu(vm_id, 0).state == "paused"
+    assert client.resume_vcpu(vm_id, 0).state == "running"
+    assert client.stop_vcpu(vm_id, 0).state == "stopped"
+    with pytest.raises(NotFoundError):
+        client.start_vcpu(vm_id, 9)
+
+
+def test_delete_running_vm(client: KvmdClient, vm_ids: VmIds) -> None:
+    vm_id = vm_ids()
+    _boot(client, vm_id, bytes([0xEB, 0xFE]))
+    client.start_vm(vm_id)
+    client.delete_vm(vm_id)  # stops the spinning vCPU first
+    with pytest.raises(NotFoundError):
+        client.get_vm(vm_id)

@@ -97,6 +97,9 @@ def test_every_command_is_there() -> None:
         "ioevent add", "ioevent rm", "ioevent ls", "ioevent watch",
         "vcpu create", "vcpu ls", "vcpu regs", "vcpu set-regs", "vcpu sregs", "vcpu fpu",
         "vcpu cpuid", "vcpu msrs", "vcpu mpstate", "vcpu lapic", "vcpu events",
+        "vm start", "vm pause", "vm resume", "vm stop", "vm watch", "vm wait", "vm stats",
+        "vm console", "vm console-write", "vcpu start", "vcpu pause", "vcpu resume",
+        "vcpu stop", "vcpu state", "vcpu inject",
     ]:  # fmt: skip
         assert expected in names
 
@@ -398,6 +401,54 @@ def test_daemon_state_matches(kvmctl: Kvmctl, vm: str, client: KvmdClient) -> No
     ok(kvmctl("vcpu", "set-regs", vm, "0", "rip=0x7c00"))
     assert client.get_regs(vm, 0).rip == 0x7C00
     assert client.get_vm(vm).memory_bytes == 1 << 20
+
+
+def test_run_a_guest(kvmctl: Kvmctl, vm_id: str) -> None:
+    """The whole story from the shell: load a real-mode program, point the vCPU at it, run it,
+    and read back its console output, its memory store, its dirty page and its exit code."""
+    program = (
+        "ba f8 03 b0 48 ee b0 69 ee"  # mov dx, 0x3f8; out 'H'; out 'i'   (COM1)
+        "b8 34 12 a3 00 40"           # mov ax, 0x1234; mov [0x4000], ax
+        "ba 01 05 b0 2a ee f4"        # mov dx, 0x501; mov al, 42; out dx, al (debug exit)
+    )
+    ok(kvmctl("vm", "create", vm_id))
+    ok(kvmctl("mem", "add", vm_id, "0", "64K", "--log-dirty"))
+    ok(kvmctl("mem", "write", vm_id, "0x1000", "--data-hex", program))
+    ok(kvmctl("vcpu", "create", vm_id, "0"))
+    flat = [f"{seg}.{field}=0" for seg in ("cs", "ds", "ss") for field in ("base", "selector")]
+    ok(kvmctl("vcpu", "sregs", vm_id, "0", *flat))
+    ok(kvmctl("vcpu", "set-regs", vm_id, "0", "rip=0x1000", "rsp=0x8000"))
+    assert ok(kvmctl("vm", "start", vm_id)).out.startswith(f"vm {vm_id}: ")
+    final = ok(kvmctl("vm", "wait", vm_id, "--within", "30", "--json")).json()
+    assert (final["state"], final["reason"], final["exit_code"]) == ("stopped", "debug_exit", 42)
+    assert "exit code     42" in ok(kvmctl("vm", "get", vm_id)).out
+    assert ok(kvmctl("vm", "console", vm_id, "--duration", "0.5")).out == "Hi"
+    assert ok(kvmctl("dirty-log", vm_id, "0")).out.splitlines() == [
+        "slot 0: 1 of 16 pages dirty", "pages: 4"]
+    assert ok(kvmctl("mem", "read", vm_id, "0x4000", "-n", "2", "--json")).json()["data"] == (
+        "3412")
+    stats = ok(kvmctl("vm", "stats", vm_id)).out.splitlines()
+    assert stats[0].split() == ["REASON", "TOTAL", "VCPU0"]
+    assert ["io_out", "3", "3"] in [line.split() for line in stats]  # 'H', 'i', debug exit
+    state = ok(kvmctl("vcpu", "state", vm_id, "0", "--json")).json()
+    assert state["state"] == "stopped"
+    result = kvmctl("vm", "wait", vm_id, "--event", "halted", "--within", "0.3")
+    assert result.code == 1 and result.err.startswith("error: DEADLINE_EXCEEDED: ")
+
+
+def test_pause_resume_from_the_shell(kvmctl: Kvmctl, vm_id: str) -> None:
+    ok(kvmctl("vm", "create", vm_id))
+    ok(kvmctl("mem", "add", vm_id, "0", "64K"))
+    ok(kvmctl("mem", "write", vm_id, "0x1000", "-x", "eb fe"))  # jmp $
+    ok(kvmctl("vcpu", "create", vm_id, "0"))
+    ok(kvmctl("vcpu", "sregs", vm_id, "0", "cs.base=0", "cs.selector=0"))
+    ok(kvmctl("vcpu", "set-regs", vm_id, "0", "rip=0x1000"))
+    assert ok(kvmctl("vm", "start", vm_id, "--json")).json()["state"] == "running"
+    assert ok(kvmctl("vm", "pause", vm_id)).out.strip() == f"vm {vm_id}: paused"
+    result = kvmctl("vm", "pause", vm_id)
+    assert result.code == 1 and result.err.startswith("error: FAILED_PRECONDITION: ")
+    assert ok(kvmctl("vm", "resume", vm_id)).out.strip() == f"vm {vm_id}: running"
+    assert ok(kvmctl("vm", "stop", vm_id)).out.startswith(f"vm {vm_id}: stopped")
 
 
 # ---------------------------------------------------------------------------------------------
