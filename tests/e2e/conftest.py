@@ -11,9 +11,11 @@ import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,46 @@ def assert_healthy(client: KvmdClient) -> Callable[[], None]:
         assert client.info().api_version == 12
 
     return check
+
+
+@dataclass
+class TlsFiles:
+    """A throwaway CA with a server certificate (localhost, 127.0.0.1) and a client one."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """Certificates made with the openssl CLI for the TLS/mTLS tests."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS tests need the openssl command (Debian package openssl)")
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=kvmd test CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, ext in (("server", "server.ext"), ("client", "client.ext")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=kvmd-{name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", f"{name}.pem",
+                 cwd=d)
+    return TlsFiles(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
+                    d / "client.key")
+
+
+@pytest.fixture
+def tcp_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -859,3 +859,52 @@ def test_delete_running_vm(client: KvmdClient, vm_ids: VmIds) -> None:
     client.delete_vm(vm_id)  # stops the spinning vCPU first
     with pytest.raises(NotFoundError):
         client.get_vm(vm_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS over TCP
+
+
+@pytest.fixture
+def tls_daemon(start_kvmd: Callable[..., Any], tls_files: Any, tcp_port: int) -> str:
+    """A private daemon with an mTLS TCP listener on loopback; returns its TCP address."""
+    address = f"127.0.0.1:{tcp_port}"
+    start_kvmd("--listen", address, "--tls-cert", str(tls_files.server_cert),
+               "--tls-key", str(tls_files.server_key), "--tls-client-ca", str(tls_files.ca))
+    return address
+
+
+def test_mutual_tls(tls_daemon: str, tls_files: Any) -> None:
+    with KvmdClient(tls_daemon, tls_ca=tls_files.ca, tls_cert=tls_files.client_cert,
+                    tls_key=tls_files.client_key, timeout=10) as c:
+        c.wait_ready(10)
+        assert c.info().api_version == 12
+        c.create_vm("over-tls")
+        assert [v.vm_id for v in c.list_vms()] == ["over-tls"]
+    # the name in the certificate is checked: localhost is in it too
+    localhost = tls_daemon.replace("127.0.0.1", "localhost")
+    with KvmdClient(localhost, tls_ca=tls_files.ca, tls_cert=tls_files.client_cert,
+                    tls_key=tls_files.client_key, timeout=10) as c:
+        assert c.health() == "SERVING"
+
+
+@pytest.mark.parametrize("credentials", ["plaintext", "no-client-cert", "untrusted-server"])
+def test_tls_refuses_clients_without_a_certificate(
+    tls_daemon: str, tls_files: Any, credentials: str
+) -> None:
+    if credentials == "plaintext":
+        c = KvmdClient(tls_daemon, timeout=5)
+    elif credentials == "no-client-cert":  # TLS, but no client certificate for mTLS
+        c = KvmdClient(tls_daemon, tls_ca=tls_files.ca, timeout=5)
+    else:  # a client certificate, but the daemon's CA is not trusted (system roots only)
+        c = KvmdClient(tls_daemon, tls_cert=tls_files.client_cert, tls_key=tls_files.client_key,
+                       timeout=5)
+    with c, pytest.raises(UnavailableError):
+        c.info()
+
+
+def test_tls_option_checks(tls_files: Any) -> None:
+    with pytest.raises(ValueError, match="together"):
+        KvmdClient("127.0.0.1:1", tls_ca=tls_files.ca, tls_cert=tls_files.client_cert)
+    with pytest.raises(OSError):
+        KvmdClient("127.0.0.1:1", tls_ca="/nonexistent/ca.pem")

@@ -502,3 +502,22 @@ def test_subprocess_exit_codes(address: str, tmp_path: Path) -> None:
     assert proc.stderr.startswith(b"error: UNAVAILABLE: ")
     proc = _run(None, "--address", address, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith(b"usage: kvmctl")
+
+
+def test_subprocess_over_mutual_tls(
+    start_kvmd: Callable[..., Any], tls_files: Any, tcp_port: int
+) -> None:
+    address = f"127.0.0.1:{tcp_port}"
+    start_kvmd("--listen", address, "--tls-cert", str(tls_files.server_cert),
+               "--tls-key", str(tls_files.server_key), "--tls-client-ca", str(tls_files.ca))
+    tls = ["--tls-ca", str(tls_files.ca), "--tls-cert", str(tls_files.client_cert),
+           "--tls-key", str(tls_files.client_key)]
+    proc = _run(address, "info", "--json", *tls)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["api_version"] == 12
+    proc = _run(address, "info")  # no certificate: the handshake fails
+    assert proc.returncode == 3
+    proc = _run(address, "info", "--tls-ca", str(tls_files.ca), "--tls-cert",
+                str(tls_files.client_cert))  # a certificate without its key
+    assert proc.returncode == 2
+    assert b"tls_cert and tls_key go together" in proc.stderr
