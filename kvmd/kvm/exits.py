@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -207,51 +208,52 @@ class OtherExit(VcpuExit):
 
 
 def _words(ex: Any) -> tuple[int, ...]:
-    return tuple(int(ex.words[i]) for i in range(ex.ndata))
+    return tuple(ex.words[0 : ex.ndata])
+
+
+# Exit reasons as plain ints: decode_exit runs once per exit, so it avoids attribute
+# lookups on `lib` and keyword construction (both measurable at a few microseconds per exit).
+_IO = int(lib.KVM_EXIT_IO)
+_IO_OUT = int(lib.KVM_EXIT_IO_OUT)
+_MMIO = int(lib.KVM_EXIT_MMIO)
+_HLT = int(lib.KVM_EXIT_HLT)
+_UNKNOWN = int(lib.KVM_EXIT_UNKNOWN)
+_HLT_EXIT = HltExit()
+_SHUTDOWN_EXIT = ShutdownExit()
+_INTR_EXIT = IntrExit()
+_buffer = ffi.buffer
 
 
 def decode_exit(ex: Any) -> VcpuExit:
     """Turn a filled `struct kvmd_exit` into a VcpuExit dataclass."""
-    reason = int(ex.reason)
-    if reason == lib.KVM_EXIT_IO:
-        return IoExit(
-            is_write=ex.direction == lib.KVM_EXIT_IO_OUT,
-            port=int(ex.address),
-            size=int(ex.size),
-            count=int(ex.count),
-            data=bytes(ffi.buffer(ex.data, ex.data_len)),
-        )
-    if reason == lib.KVM_EXIT_MMIO:
-        return MmioExit(
-            address=int(ex.address),
-            length=int(ex.size),
-            is_write=bool(ex.direction),
-            data=bytes(ffi.buffer(ex.data, ex.data_len)),
-        )
-    if reason == lib.KVM_EXIT_HLT:
-        return HltExit()
-    if reason == lib.KVM_EXIT_SHUTDOWN:
-        return ShutdownExit()
-    if reason == lib.KVM_EXIT_FAIL_ENTRY:
-        return FailEntryExit(int(ex.value), int(ex.subtype))
-    if reason == lib.KVM_EXIT_INTERNAL_ERROR:
-        return InternalErrorExit(int(ex.subtype), _words(ex))
-    if reason == lib.KVM_EXIT_SYSTEM_EVENT:
-        return SystemEventExit(int(ex.subtype), int(ex.value), _words(ex))
-    if reason == lib.KVM_EXIT_X86_RDMSR:
-        return RdMsrExit(int(ex.address), int(ex.subtype))
-    if reason == lib.KVM_EXIT_X86_WRMSR:
-        return WrMsrExit(int(ex.address), int(ex.value), int(ex.subtype))
-    if reason == lib.KVM_EXIT_HYPERV:
-        return HypervExit(int(ex.subtype), _words(ex))
-    if reason == lib.KVM_EXIT_IOAPIC_EOI:
-        return IoapicEoiExit(int(ex.value))
-    if reason == lib.KVM_EXIT_DEBUG:
-        return DebugExit(int(ex.subtype), int(ex.value), int(ex.words[0]), int(ex.words[1]))
-    if reason == lib.KVM_EXIT_INTR:
-        return IntrExit()
-    if reason == lib.KVM_EXIT_EXCEPTION:
-        return ExceptionExit(int(ex.subtype), int(ex.value))
-    if reason == lib.KVM_EXIT_HYPERCALL:
-        return HypercallExit(int(ex.value), _words(ex))
-    return OtherExit(reason, int(ex.value) if reason == lib.KVM_EXIT_UNKNOWN else 0)
+    reason = ex.reason
+    if reason == _IO:
+        return IoExit(ex.direction == _IO_OUT, ex.address, ex.size, ex.count,
+                      _buffer(ex.data, ex.data_len)[:])
+    if reason == _MMIO:
+        return MmioExit(ex.address, ex.size, bool(ex.direction),
+                        _buffer(ex.data, ex.data_len)[:])
+    if reason == _HLT:
+        return _HLT_EXIT
+    return _DECODERS.get(reason, _other)(ex)
+
+
+def _other(ex: Any) -> VcpuExit:
+    reason = ex.reason
+    return OtherExit(reason, ex.value if reason == _UNKNOWN else 0)
+
+
+_DECODERS: dict[int, Callable[[Any], VcpuExit]] = {
+    lib.KVM_EXIT_SHUTDOWN: lambda ex: _SHUTDOWN_EXIT,
+    lib.KVM_EXIT_FAIL_ENTRY: lambda ex: FailEntryExit(ex.value, ex.subtype),
+    lib.KVM_EXIT_INTERNAL_ERROR: lambda ex: InternalErrorExit(ex.subtype, _words(ex)),
+    lib.KVM_EXIT_SYSTEM_EVENT: lambda ex: SystemEventExit(ex.subtype, ex.value, _words(ex)),
+    lib.KVM_EXIT_X86_RDMSR: lambda ex: RdMsrExit(ex.address, ex.subtype),
+    lib.KVM_EXIT_X86_WRMSR: lambda ex: WrMsrExit(ex.address, ex.value, ex.subtype),
+    lib.KVM_EXIT_HYPERV: lambda ex: HypervExit(ex.subtype, _words(ex)),
+    lib.KVM_EXIT_IOAPIC_EOI: lambda ex: IoapicEoiExit(ex.value),
+    lib.KVM_EXIT_DEBUG: lambda ex: DebugExit(ex.subtype, ex.value, ex.words[0], ex.words[1]),
+    lib.KVM_EXIT_INTR: lambda ex: _INTR_EXIT,
+    lib.KVM_EXIT_EXCEPTION: lambda ex: ExceptionExit(ex.subtype, ex.value),
+    lib.KVM_EXIT_HYPERCALL: lambda ex: HypercallExit(ex.value, _words(ex)),
+}

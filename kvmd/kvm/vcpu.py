@@ -39,6 +39,9 @@ X86_EXIT_NUMBERS: list[tuple[int, str]] = [
     (int(getattr(lib, name)), name.removeprefix("KVM_EXIT_").lower()) for name in X86_EXIT_REASONS
 ]
 
+_get_ident = threading.get_ident
+_kvmd_run = lib.kvmd_run
+
 _kick_lock = threading.Lock()
 _kick_installed = False
 
@@ -81,6 +84,7 @@ class Vcpu:
         self._state_lock = threading.Lock()
         self._idle = threading.Condition(self._state_lock)
         self._running_thread: int | None = None
+        self._closers = 0  # threads in close() waiting for run() to return
         self._stats: StatsReader | None = None
 
     # -- lifetime -------------------------------------------------------------------------
@@ -97,9 +101,13 @@ class Vcpu:
         with self._state_lock:
             if self._fd < 0:
                 return
-            while self._running_thread is not None:
-                self._kick_locked()
-                self._idle.wait(0.05)
+            self._closers += 1
+            try:
+                while self._running_thread is not None:
+                    self._kick_locked()
+                    self._idle.wait(0.05)
+            finally:
+                self._closers -= 1
             fd, self._fd = self._fd, -1
             if self._stats is not None:
                 self._stats.close()
@@ -136,20 +144,25 @@ class Vcpu:
         return self._enter(pio_map)
 
     def _enter(self, pio_map: PioMap | None) -> VcpuExit:
-        with self._state_lock:
-            fd = self._require_open("KVM_RUN")
+        # The per-exit path: kept to two uncontended lock round trips and one C call.
+        lock = self._state_lock
+        with lock:
+            fd = self._fd
+            if fd < 0:
+                raise KvmError(errno.EBADF, "KVM_RUN", "vcpu is closed")
             if self._running_thread is not None:
                 raise KvmError(errno.EBUSY, "KVM_RUN", "vcpu is already running in a thread")
-            self._running_thread = threading.get_ident()
+            self._running_thread = _get_ident()
         try:
             if pio_map is None:
-                ret = lib.kvmd_run(fd, self._run, self._exit, self._counters)
+                ret = _kvmd_run(fd, self._run, self._exit, self._counters)
             else:
                 ret = lib.kvmd_run_loop(fd, self._run, self._exit, self._counters, pio_map.cdata)
         finally:
-            with self._state_lock:
+            with lock:
                 self._running_thread = None
-                self._idle.notify_all()
+                if self._closers:
+                    self._idle.notify_all()
         if ret < 0:
             if -ret == errno.EINTR:
                 self._counters[lib.KVM_EXIT_INTR] += 1
