@@ -228,7 +228,8 @@ def test_multi_vcpu_pause_vm_and_per_vcpu_control(api: Api) -> None:
     r0, r1 = api.regs("duo", 0), api.regs("duo", 1)
     assert 0x1000 <= r0.rip < 0x1004 and 0x1100 <= r1.rip < 0x1104
     assert r0.rbx > 0 and r1.rbx > 0
-    assert len([e for e in watch.types() if e == "paused"]) >= 2
+    paused = {watch.wait_for("paused", n).vcpu_id for n in (1, 2)}
+    assert paused == {0, 1}  # one event per vCPU
 
     vm = api.resume("duo")
     assert dict(vm.vcpu_states) == {0: "running", 1: "running"}

@@ -1,0 +1,110 @@
+"""Many VMs running at once while other clients call other RPCs; then everything is
+released."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+from guests_runctl import OUT_SPAM_PORT, port_loop
+from runctl_api import Api, Code, fd_count, vcpu_threads, wait_until
+
+from kvmd.api.gen import vmm_pb2 as pb
+
+N_VMS = 8
+
+
+def test_many_vms_run_pause_resume_while_clients_call_other_rpcs(api: Api) -> None:
+    api.assert_healthy()
+    fds_before = fd_count()
+    threads_before = len(vcpu_threads())
+    ids = [f"many-{i}" for i in range(N_VMS)]
+    for vm_id in ids:
+        api.boot(vm_id, port_loop(OUT_SPAM_PORT))  # an OUT exit per loop, handled in C
+    for vm_id in ids:
+        assert api.start(vm_id).state == "running"
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    calls = [0]
+
+    def busy_client(k: int) -> None:
+        try:
+            while not stop.is_set():
+                vm_id = ids[(calls[0] + k) % N_VMS]
+                assert api.get_vm(vm_id).state in ("running", "paused")
+                assert len(api.vms.ListVms(pb.ListVmsRequest()).vms) == N_VMS
+                stats = api.stats(vm_id)
+                assert stats.total["io_out"] == stats.vcpus[0].counts["io_out"]
+                calls[0] += 1
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    clients = [threading.Thread(target=busy_client, args=(k,), daemon=True) for k in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        # Every guest makes progress at once.
+        first = {v: api.stats(v).total["io_out"] for v in ids}
+        wait_until(lambda: all(api.stats(v).total["io_out"] > first[v] + 100 for v in ids),
+                   10, "every VM to make progress")
+        for _round in range(3):
+            for vm_id in ids[::2]:
+                assert api.pause(vm_id).state == "paused"
+            # Paused VMs are frozen; the others keep running.
+            frozen = {v: api.stats(v).total["io_out"] for v in ids[::2]}
+            moving = {v: api.stats(v).total["io_out"] for v in ids[1::2]}
+            wait_until(lambda: all(api.stats(v).total["io_out"] > moving[v]  # noqa: B023
+                                   for v in ids[1::2]), 10, "the running VMs to progress")
+            time.sleep(0.05)
+            assert {v: api.stats(v).total["io_out"] for v in ids[::2]} == frozen
+            for vm_id in ids[::2]:
+                assert api.resume(vm_id).state == "running"
+        assert all(api.get_vm(v).state == "running" for v in ids)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(10)
+    assert not errors, errors[0]
+    assert calls[0] > 0
+
+    for vm_id in ids:
+        api.delete(vm_id)  # running: each is stopped first
+    assert api.vms.ListVms(pb.ListVmsRequest()).vms == []
+    for vm_id in ids:
+        api.assert_code(lambda v=vm_id: api.get_vm(v), Code.NOT_FOUND)  # type: ignore[misc]
+    wait_until(lambda: len(vcpu_threads()) == threads_before, 10, "vCPU threads to end")
+    api.assert_healthy()
+    wait_until(lambda: fd_count() <= fds_before, 10,
+               f"the fd count to return to {fds_before} (now {fd_count()})")
+
+
+def test_concurrent_run_control_on_one_vm_never_breaks_the_daemon(api: Api) -> None:
+    """Clients racing pause/resume/stop/start on one VM get answers or
+    FAILED_PRECONDITION, never anything else, and the VM ends in a consistent state."""
+    api.boot("race", port_loop(OUT_SPAM_PORT))
+    api.start("race")
+    allowed = {Code.FAILED_PRECONDITION}
+    bad: list[str] = []
+    ops = [api.pause, api.resume, api.stop, api.start]
+
+    def hammer(k: int) -> None:
+        for i in range(40):
+            try:
+                ops[(i + k) % len(ops)]("race")
+            except grpc.RpcError as exc:
+                if exc.code() not in allowed:  # type: ignore[attr-defined]
+                    bad.append(f"{exc.code()}: {exc.details()}")  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=hammer, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not bad, bad
+    vm = api.get_vm("race")
+    assert vm.state in ("running", "paused", "stopped"), vm
+    assert vm.vcpu_states[0] == vm.state
+    api.delete("race")
+    api.assert_healthy()

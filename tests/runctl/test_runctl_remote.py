@@ -1,0 +1,238 @@
+"""Remote exit handlers (HandleExits): claims, replies, and every way a handler can fail
+without leaving a vCPU hung or a claim behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_program, port_loop
+from runctl_api import Api, Code, ExitHandler, mmio, pio
+
+from kvmd.api.gen import vmm_pb2 as pb
+
+LONG_DEADLINE_MS = 30_000  # longer than any wait below: only the failure can release it
+
+
+def ref(vm_id: str, vcpu_id: int = 0) -> pb.VcpuRef:
+    return pb.VcpuRef(vm_id=vm_id, vcpu_id=vcpu_id)
+
+
+def refused(api: Api, handler: ExitHandler, code: grpc.StatusCode) -> None:
+    assert handler.wait_ended() == code, f"{handler.code}: {handler.details}"
+    assert handler.incoming.get(timeout=1) is None  # nothing was claimed
+    api.assert_healthy()
+
+
+def second_read_served(api: Api, vm_id: str) -> ExitHandler:
+    """After the first read went unclaimed: a new handler claims the same port, serves the
+    second read with 0x42, and the guest debug-exits with (0x42 << 8) | first read."""
+    api.wait_vcpu_state(vm_id, "halted")
+    assert api.regs(vm_id).rbx & 0xFF == 0xFF  # the first read completed as unclaimed
+    stats = api.stats(vm_id).total
+    assert stats["unclaimed_pio"] == 1 and stats["io_in"] == 1
+    handler = api.handler(vm_id, [pio(CLAIM_PORT)])  # the same range: released
+    handler.claimed()
+    handler.serve(lambda e: b"\x42")
+    watch = api.watch(vm_id)
+    api.vcpus.ResumeVcpu(ref(vm_id))
+    assert watch.wait_for("debug_exit").exit_code == 0x42FF
+    return handler
+
+
+@pytest.mark.parametrize("how", ["cancel", "half-close"])
+def test_handler_disconnecting_mid_exit_releases_vcpu_and_claims(api: Api, how: str) -> None:
+    api.boot("drop", in_twice_program())
+    first = api.handler("drop", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    first.claimed()
+    api.start("drop")
+    exit_ = first.next_exit()
+    assert (exit_.address, exit_.size, exit_.is_write) == (CLAIM_PORT, 1, False)
+    assert api.vcpu_state("drop").state == "running"  # waiting for our answer
+    if how == "cancel":
+        first.cancel()  # the client dies with the vCPU waiting on it
+    else:
+        first.close()  # the client ends its side of the stream
+    first.wait_ended()
+    second_read_served(api, "drop")
+    api.delete("drop")
+
+
+def test_handler_missing_its_deadline_releases_vcpu_and_claims(api: Api) -> None:
+    api.boot("slow", in_twice_program())
+    slow = api.handler("slow", [pio(CLAIM_PORT)], deadline_ms=100)
+    slow.claimed()
+    api.start("slow")
+    exit_ = slow.next_exit()
+    # Never answer: after 100 ms the daemon gives up on us, ends our stream and the vCPU
+    # reads all-ones.
+    assert slow.wait_ended() is not None, "the late handler's stream did not end"
+    second_read_served(api, "slow")
+    # A reply that comes too late changes nothing.
+    slow.reply(exit_.exit_id, b"\x01")
+    api.assert_healthy()
+    api.delete("slow")
+
+
+def test_bad_reply_size_ends_stream_with_invalid_argument(api: Api) -> None:
+    api.boot("badsize", in_twice_program())
+    bad = api.handler("badsize", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    bad.claimed()
+    api.start("badsize")
+    exit_ = bad.next_exit()
+    bad.reply(exit_.exit_id, b"\x01\x02")  # a 1-byte read answered with 2 bytes
+    assert bad.wait_ended() == Code.INVALID_ARGUMENT, bad.details
+    second_read_served(api, "badsize")
+    api.delete("badsize")
+
+
+def test_reply_to_unknown_exit_ends_stream_with_invalid_argument(api: Api) -> None:
+    api.create_vm("unknown-exit")
+    handler = api.handler("unknown-exit", [pio(CLAIM_PORT)])
+    handler.claimed()
+    handler.reply(123456789, b"\x00")
+    assert handler.wait_ended() == Code.INVALID_ARGUMENT
+    api.assert_healthy()
+    # The claim died with the stream.
+    again = api.handler("unknown-exit", [pio(CLAIM_PORT)])
+    again.claimed()
+    again.close()
+    api.delete("unknown-exit")
+
+
+def test_second_claim_message_ends_stream_with_invalid_argument(api: Api) -> None:
+    api.create_vm("two-claims")
+    handler = api.handler("two-claims", [pio(CLAIM_PORT)])
+    handler.claimed()
+    handler.send(pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="two-claims",
+                                                             ranges=[pio(0x310)])))
+    assert handler.wait_ended() == Code.INVALID_ARGUMENT
+    api.assert_healthy()
+    api.delete("two-claims")
+
+
+def test_bad_claims_are_refused(api: Api) -> None:
+    api.create_vm("claims")
+    cases: list[tuple[pb.ExitHandlerMessage, grpc.StatusCode]] = [
+        (pb.ExitHandlerMessage(reply=pb.ExitReply(exit_id=1)), Code.INVALID_ARGUMENT),
+        (pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="ghost", ranges=[pio(0x300)])),
+         Code.NOT_FOUND),
+        (pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="claims")),
+         Code.INVALID_ARGUMENT),                                      # no ranges
+        (pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="claims",
+                                                     ranges=[pio(0x300, 0)])),
+         Code.INVALID_ARGUMENT),                                      # empty range
+        (pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="claims",
+                                                     ranges=[pio(0xFFFF, 2)])),
+         Code.INVALID_ARGUMENT),                                      # past port 0xffff
+        (pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="claims",
+                                                     ranges=[pio(0x300, 8), pio(0x304)])),
+         Code.INVALID_ARGUMENT),                                      # overlap each other
+        (pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id="claims", ranges=[pio(0x300)],
+                                                     deadline_ms=60_001)),
+         Code.INVALID_ARGUMENT),                                      # deadline too long
+    ]
+    for first, code in cases:
+        refused(api, api.handler("claims", [], first=first), code)
+    api.delete("claims")
+
+
+def test_overlapping_claims_are_already_exists(api: Api) -> None:
+    api.create_vm("overlap")
+    a = api.handler("overlap", [pio(0x300, 8), mmio(MMIO_BASE, 0x1000)])
+    a.claimed()
+    refused(api, api.handler("overlap", [pio(0x304, 8)]), Code.ALREADY_EXISTS)
+    refused(api, api.handler("overlap", [pio(0x2FF, 2)]), Code.ALREADY_EXISTS)
+    refused(api, api.handler("overlap", [mmio(MMIO_BASE + 0xFFF, 0x10)]),
+            Code.ALREADY_EXISTS)
+    # All or nothing: a refused claim leaves none of its ranges claimed.
+    refused(api, api.handler("overlap", [pio(0x310), pio(0x300)]), Code.ALREADY_EXISTS)
+    c = api.handler("overlap", [pio(0x310)])
+    c.claimed()
+    # Adjacent ranges, and the same numbers in the other space, do not overlap.
+    d = api.handler("overlap", [pio(0x308, 8), mmio(0x300, 8), mmio(MMIO_BASE + 0x1000, 8)])
+    d.claimed()
+    for h in (a, c, d):
+        h.close()
+    for h in (a, c, d):
+        assert h.wait_ended() == Code.OK
+    # Claims are released with their streams.
+    e = api.handler("overlap", [pio(0x300, 0x20), mmio(MMIO_BASE, 0x2000)])
+    e.claimed()
+    e.close()
+    api.delete("overlap")
+
+
+def test_claims_overlapping_in_daemon_devices_are_already_exists(api: Api) -> None:
+    api.create_vm("devices")
+    refused(api, api.handler("devices", [pio(0x3F8)]), Code.ALREADY_EXISTS)      # COM1
+    refused(api, api.handler("devices", [pio(0x3F0, 0x10)]), Code.ALREADY_EXISTS)
+    refused(api, api.handler("devices", [pio(0x3FF)]), Code.ALREADY_EXISTS)
+    refused(api, api.handler("devices", [pio(DEBUG_EXIT_PORT)]), Code.ALREADY_EXISTS)
+    ok = api.handler("devices", [pio(0x3F0, 8), pio(0x400, 1)])  # right next to COM1
+    ok.claimed()
+    ok.close()
+    api.delete("devices")
+
+
+def test_deleting_the_vm_ends_its_handlers(api: Api) -> None:
+    api.create_vm("gone")
+    handler = api.handler("gone", [pio(CLAIM_PORT)])
+    handler.claimed()
+    api.delete("gone")
+    assert handler.wait_ended() is not None
+    api.assert_healthy()
+
+
+def test_handler_serves_every_exit_of_a_loop(api: Api) -> None:
+    api.boot("served", port_loop(CLAIM_PORT, 0x5A))
+    seen: list[pb.ExitRequest] = []
+    handler = api.handler("served", [pio(CLAIM_PORT)])
+    handler.claimed()
+    handler.serve(lambda e: b"", seen)
+    api.start("served")
+    time.sleep(0.2)
+    api.pause("served")
+    served = handler.served
+    total = api.stats("served").total
+    assert served > 10
+    # Paused: every exit the guest made was answered (one may have been waiting at pause).
+    assert total["io_out"] in (served, served + 1)
+    assert total["unclaimed_pio"] == 0
+    assert all(e.is_write and e.data == b"\x5a" and e.address == CLAIM_PORT for e in seen)
+    api.stop("served")
+    handler.close()
+    api.delete("served")
+
+
+def test_stop_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
+    """StopVm must not hang (or fail) while a vCPU waits for a slow handler: the
+    handler's deadline here is longer than the test waits."""
+    api.boot("stuck", in_twice_program())
+    handler = api.handler("stuck", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("stuck")
+    handler.next_exit()
+    vm = api.vms.StopVm(pb.VmRef(vm_id="stuck"), timeout=10)
+    assert vm.state == "stopped"
+    api.assert_healthy()
+    api.delete("stuck")
+
+
+def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
+    """PauseVm while a vCPU waits for a slow handler must not fail with INTERNAL: the
+    pause takes effect (at the latest once the exit is answered)."""
+    api.boot("stuck-pause", in_twice_program())
+    handler = api.handler("stuck-pause", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("stuck-pause")
+    exit_ = handler.next_exit()
+    # Answer after 6 s: longer than the daemon's internal 5 s state-change wait.
+    threading.Timer(6.0, handler.reply, (exit_.exit_id, b"\x07")).start()
+    vm = api.vms.PauseVm(pb.VmRef(vm_id="stuck-pause"), timeout=15)
+    assert vm.state == "paused"
+    assert api.regs("stuck-pause").rbx & 0xFF == 0x07  # the answer reached the guest
+    api.stop("stuck-pause")
+    api.delete("stuck-pause")
