@@ -328,9 +328,11 @@ class ManagedVcpu:
         self._call("set the mp_state of", self.vcpu.set_mp_state, MpState(state))
 
     def get_lapic(self) -> bytes:
+        self.vm._require_irqchip("GetLapic")
         return self._call("read the LAPIC of", self.vcpu.get_lapic)
 
     def set_lapic(self, regs: bytes) -> None:
+        self.vm._require_irqchip("SetLapic")
         if len(regs) != 1024:
             raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}")
         self._call("set the LAPIC of", self.vcpu.set_lapic, regs)

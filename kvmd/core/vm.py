@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import threading
@@ -371,14 +372,18 @@ class ManagedVm:
 
     def signal_msi(self, address: int, data: int, devid: int | None) -> bool:
         self._require_irqchip("SignalMsi")
-        with kernel_errors(self.resource):
+        try:
             return self.vm.signal_msi(address, data, devid) > 0
+        except KvmError as exc:
+            # KVM returns -1 (seen as EPERM) when the message has no destination vCPU.
+            if exc.errno == errno.EPERM:
+                return False
+            raise from_kvm_error(exc, self.resource) from exc
 
     def _require_irqchip(self, what: str) -> None:
         if not self.options.irqchip:
-            from kvmd.core.errors import InvalidState
-
-            raise InvalidState(f"{what} needs a VM created with the in-kernel irqchip")
+            raise InvalidState(f"{what} needs a VM created with the in-kernel irqchip",
+                               resource=self.resource)
 
     def register_irqfd(self, irqfd_id: str, gsi: int, resample: bool) -> IrqfdEntry:
         validate_id("irqfd id", irqfd_id)

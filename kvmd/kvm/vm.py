@@ -395,7 +395,8 @@ class Vm:
             if isinstance(route, IrqChipRoute):
                 pins = IOAPIC_PINS if route.chip == IrqChip.IOAPIC else PIC_PINS
                 if route.chip not in tuple(IrqChip) or not 0 <= route.pin < pins:
-                    raise invalid(op, f"pin {route.pin} is not a pin of {route.chip!r}")
+                    raise invalid(op, f"pin {route.pin} is not a pin of the "
+                                  f"{IrqChip(route.chip).name} (0..{pins - 1})")
                 dst.kind, dst.irqchip, dst.pin = 0, int(route.chip), route.pin
             else:
                 if not 0 <= route.address < 1 << 64 or not 0 <= route.data < 1 << 32:
