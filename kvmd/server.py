@@ -284,6 +284,7 @@ class Daemon:
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer()
         self.metrics_server: MetricsServer | None = None
+        self.executor: futures.ThreadPoolExecutor | None = None
         self.stopped = threading.Event()
         self._owned_sockets: list[str] = []
         self.ports: dict[str, int] = {}
@@ -302,9 +303,10 @@ class Daemon:
             ("grpc.max_send_message_length", self.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
+                                                   thread_name_prefix="kvmd-rpc")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
-                                       thread_name_prefix="kvmd-rpc"),
+            self.executor,
             interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor(),
                           AuthInterceptor(authorizer)],
             options=options,
@@ -381,6 +383,10 @@ class Daemon:
         self.health.enter_graceful_shutdown()
         if self.server is not None:
             self.server.stop(SHUTDOWN_GRACE_SECONDS).wait(SHUTDOWN_GRACE_SECONDS + 1)
+            # grpc does not own the executor: end its worker threads too.
+            if self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+            self.server = None
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.host is not None:
