@@ -393,8 +393,11 @@ class Vm:
                 raise invalid(op, f"gsi {route.gsi} out of range")
             dst.gsi = route.gsi
             if isinstance(route, IrqChipRoute):
+                if route.chip not in tuple(IrqChip):
+                    raise invalid(op, f"irqchip {route.chip!r} is not PIC_MASTER (0), "
+                                  "PIC_SLAVE (1) or IOAPIC (2)")
                 pins = IOAPIC_PINS if route.chip == IrqChip.IOAPIC else PIC_PINS
-                if route.chip not in tuple(IrqChip) or not 0 <= route.pin < pins:
+                if not 0 <= route.pin < pins:
                     raise invalid(op, f"pin {route.pin} is not a pin of the "
                                   f"{IrqChip(route.chip).name} (0..{pins - 1})")
                 dst.kind, dst.irqchip, dst.pin = 0, int(route.chip), route.pin
