@@ -21,6 +21,7 @@ import grpc
 import trustme
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from guests import CODE_ADDR, GUEST_MEM_SIZE, STACK_TOP, UART_PORT, out_bytes_program
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmd.api.gen import vmm_pb2 as pb
@@ -176,22 +177,126 @@ class Stubs:
     def delete_vm(self, vm_id: str) -> None:
         self.vms.DeleteVm(pb.DeleteVmRequest(vm_id=vm_id), timeout=RPC_TIMEOUT)
 
+    def boot(self, vm_id: str, message: bytes = b"hi", **options: Any) -> pb.Vm:
+        """A real-mode VM (RAM at 0, one vCPU) whose guest writes `message` to COM1 and
+        halts. Not started."""
+        vm = self.vms.CreateVm(pb.CreateVmRequest(vm_id=vm_id, options=pb.VmOptions(**options)),
+                               timeout=RPC_TIMEOUT)
+        self.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+            vm_id=vm_id, guest_addr=0, size=GUEST_MEM_SIZE), timeout=RPC_TIMEOUT)
+        self.memory.WriteGuestMemory(iter([pb.WriteGuestMemoryRequest(
+            vm_id=vm_id, guest_addr=CODE_ADDR,
+            data=out_bytes_program(message, UART_PORT))]), timeout=RPC_TIMEOUT)
+        self.vcpus.CreateVcpu(pb.CreateVcpuRequest(vm_id=vm_id, vcpu_id=0), timeout=RPC_TIMEOUT)
+        ref = pb.VcpuRef(vm_id=vm_id, vcpu_id=0)
+        sregs = self.vcpus.GetSregs(ref, timeout=RPC_TIMEOUT)
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            getattr(sregs, name).base = 0
+            getattr(sregs, name).selector = 0
+        self.vcpus.SetSregs(pb.SetSregsRequest(vcpu=ref, sregs=sregs), timeout=RPC_TIMEOUT)
+        self.vcpus.SetRegs(pb.SetRegsRequest(vcpu=ref, regs=pb.Regs(
+            rip=CODE_ADDR, rflags=2, rsp=STACK_TOP)), timeout=RPC_TIMEOUT)
+        return vm
+
+    def console_backlog(self, vm_id: str, length: int) -> bytes:
+        """The first `length` bytes of the VM's console (backlog, then live)."""
+        call = self.vms.StreamConsole(pb.StreamConsoleRequest(vm_id=vm_id, backlog=True),
+                                      timeout=RPC_TIMEOUT)
+        data = b""
+        try:
+            for chunk in call:
+                data += chunk.data
+                if len(data) >= length:
+                    break
+        finally:
+            call.cancel()
+        return data
+
+    def first_event(self, vm_id: str) -> pb.VmEvent:
+        call = self.vms.WatchVm(pb.WatchVmRequest(vm_id=vm_id, include_current=True),
+                                timeout=RPC_TIMEOUT)
+        try:
+            return next(call)
+        finally:
+            call.cancel()
+
     def serving(self) -> bool:
         reply = self.health.Check(health_pb2.HealthCheckRequest(service=""),
                                   timeout=RPC_TIMEOUT)
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def vm_calls(s: Stubs, vm_id: str) -> dict[str, Callable[[], Any]]:
+    """One call per kind of RPC that acts on (or reads) the VM `vm_id` and its vCPU 0:
+    {"Service/Method": call}. Streams are returned unconsumed (see `rpc_code`)."""
+    ref = pb.VcpuRef(vm_id=vm_id, vcpu_id=0)
+    t = RPC_TIMEOUT
+    return {
+        "Vms/GetVm": lambda: s.vms.GetVm(pb.GetVmRequest(vm_id=vm_id), timeout=t),
+        "Vms/DeleteVm": lambda: s.vms.DeleteVm(pb.DeleteVmRequest(vm_id=vm_id), timeout=t),
+        "Vms/StartVm": lambda: s.vms.StartVm(pb.VmRef(vm_id=vm_id), timeout=t),
+        "Vms/PauseVm": lambda: s.vms.PauseVm(pb.VmRef(vm_id=vm_id), timeout=t),
+        "Vms/StopVm": lambda: s.vms.StopVm(pb.VmRef(vm_id=vm_id), timeout=t),
+        "Vms/WatchVm": lambda: s.vms.WatchVm(
+            pb.WatchVmRequest(vm_id=vm_id, include_current=True), timeout=t),
+        "Vms/GetExitStats": lambda: s.vms.GetExitStats(pb.VmRef(vm_id=vm_id), timeout=t),
+        "Vms/StreamConsole": lambda: s.vms.StreamConsole(
+            pb.StreamConsoleRequest(vm_id=vm_id, backlog=True), timeout=t),
+        "Vms/WriteConsole": lambda: s.vms.WriteConsole(
+            pb.WriteConsoleRequest(vm_id=vm_id, data=b"x"), timeout=t),
+        "Memory/AddMemoryRegion": lambda: s.memory.AddMemoryRegion(
+            pb.AddMemoryRegionRequest(vm_id=vm_id, guest_addr=0x100000, size=0x1000),
+            timeout=t),
+        "Memory/RemoveMemoryRegion": lambda: s.memory.RemoveMemoryRegion(
+            pb.RemoveMemoryRegionRequest(vm_id=vm_id, slot=0), timeout=t),
+        "Memory/ListMemoryRegions": lambda: s.memory.ListMemoryRegions(
+            pb.ListMemoryRegionsRequest(vm_id=vm_id), timeout=t),
+        "Memory/WriteGuestMemory": lambda: s.memory.WriteGuestMemory(iter([
+            pb.WriteGuestMemoryRequest(vm_id=vm_id, guest_addr=0x4000, data=b"x")]),
+            timeout=t),
+        "Memory/ReadGuestMemory": lambda: s.memory.ReadGuestMemory(
+            pb.ReadGuestMemoryRequest(vm_id=vm_id, guest_addr=CODE_ADDR, length=16),
+            timeout=t),
+        "Memory/GetDirtyLog": lambda: s.memory.GetDirtyLog(
+            pb.GetDirtyLogRequest(vm_id=vm_id, slot=0), timeout=t),
+        "Interrupts/SetIrqLine": lambda: s.interrupts.SetIrqLine(
+            pb.SetIrqLineRequest(vm_id=vm_id, irq=4, active=True), timeout=t),
+        "IoEvents/RegisterIoevent": lambda: s.ioevents.RegisterIoevent(
+            pb.RegisterIoeventRequest(vm_id=vm_id, ioevent_id="ev", space=pb.PIO,
+                                      address=0x600, length=1), timeout=t),
+        "Vcpus/CreateVcpu": lambda: s.vcpus.CreateVcpu(
+            pb.CreateVcpuRequest(vm_id=vm_id, vcpu_id=1), timeout=t),
+        "Vcpus/ListVcpus": lambda: s.vcpus.ListVcpus(pb.ListVcpusRequest(vm_id=vm_id),
+                                                     timeout=t),
+        "Vcpus/GetRegs": lambda: s.vcpus.GetRegs(ref, timeout=t),
+        "Vcpus/SetRegs": lambda: s.vcpus.SetRegs(
+            pb.SetRegsRequest(vcpu=ref, regs=pb.Regs(rip=CODE_ADDR, rflags=2)), timeout=t),
+        "Vcpus/StartVcpu": lambda: s.vcpus.StartVcpu(ref, timeout=t),
+        "Vcpus/GetVcpuState": lambda: s.vcpus.GetVcpuState(ref, timeout=t),
+        "ExitHandlers/HandleExits": lambda: s.exits.HandleExits(iter([
+            pb.ExitHandlerMessage(claim=pb.ClaimRequest(vm_id=vm_id, ranges=[
+                pb.AddressRange(space=pb.PIO, base=0x700, length=1)]))]), timeout=t),
+    }
+
+
 def rpc_code(call: Callable[[], Any]) -> grpc.StatusCode:
-    """Run `call` (consuming a returned stream); the status code it failed with, or OK."""
+    """Run `call`; the status code it failed with, or OK. A returned stream counts as OK
+    once its first message arrives (or it ends cleanly); it is then cancelled."""
     try:
         result = call()
         if hasattr(result, "__next__"):
-            for _ in result:
-                pass
+            try:
+                next(result, None)
+            finally:
+                result.cancel()
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[no-any-return,attr-defined]
     return grpc.StatusCode.OK
+
+
+def codes(calls: dict[str, Callable[[], Any]]) -> dict[str, str]:
+    """{name: status code name} for each call (run in order)."""
+    return {name: rpc_code(call).name for name, call in calls.items()}
 
 
 # -- in-process daemons --------------------------------------------------------------------
