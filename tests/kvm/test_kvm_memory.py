@@ -18,6 +18,7 @@ from guests import (
     MMIO_ADDR,
     mmio_write_read_program,
     mov_al_mem16,
+    open_kvm_fds,
     real_mode_program,
     run_guarded,
     setup_real_mode,
@@ -147,9 +148,9 @@ def test_add_memory_too_large_for_kvm(vm: Vm) -> None:
     # 8 TiB fits the guest physical address space, but a slot may not exceed
     # KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages: the kernel refuses it, and the memfd and
     # mapping the binding made for it are released.
-    fds_before = len(os.listdir("/proc/self/fd"))
+    fds_before = open_kvm_fds()
     assert _errno_of(vm.add_memory_region, 1 << 32, 1 << 43) == errno.EINVAL
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert open_kvm_fds() == fds_before
     assert vm.memory_regions() == []
 
 

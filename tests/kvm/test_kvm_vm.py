@@ -8,7 +8,7 @@ import os
 import threading
 
 import pytest
-from guests import boot_real_mode, out_bytes_program, run_guarded
+from guests import boot_real_mode, open_kvm_fds, out_bytes_program, run_guarded
 
 from kvmd.kvm import (
     Datamatch,
@@ -153,7 +153,7 @@ def test_closed_vm_gives_ebadf(vm: Vm) -> None:
 
 
 def test_vm_context_manager_releases_everything(kvm: Kvm) -> None:
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_kvm_fds()
     with kvm.create_vm() as vm:
         vm.create_irq_chip()
         vm.add_memory_region(0, 0x10000)
@@ -163,4 +163,4 @@ def test_vm_context_manager_releases_everything(kvm: Kvm) -> None:
         vm.stats()
         vm.create_device(lib.KVM_DEV_TYPE_VFIO)
     assert vm.closed and vcpu.closed
-    assert set(os.listdir("/proc/self/fd")) == before
+    assert open_kvm_fds() == before
