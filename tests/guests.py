@@ -3,11 +3,16 @@
 Nothing here needs an assembler: each program is a list of bytes with the instruction it
 encodes beside it (checked against nasm when written). Two CPU modes are offered:
 
-* real mode (16-bit, CS base 0): `setup_real_mode(vcpu, entry)`. On this host's nested
-  "PVM" KVM every real-mode instruction is emulated (~0.45 us each), so keep programs short.
+* real mode (16-bit, CS base 0): `setup_real_mode(vcpu, entry)`, or `boot_real_mode(vm,
+  code)` for memory, program, vCPU and registers in one call.
 * long mode (64-bit, paging on): `setup_long_mode(vm, vcpu, entry)` writes an identity map
   of the first GiB (2 MiB pages: PML4 -> PDPT -> PD) and a flat GDT into guest memory, and
-  loads `long_mode_sregs(...)`.
+  loads `long_mode_sregs(...)`; `boot_long_mode(vm, code)` does it all.
+
+On this project's hosts /dev/kvm is "PVM" nested virtualization: every guest instruction,
+in any mode, goes through KVM's instruction emulator (~0.45 us each). Keep programs to a
+few thousand instructions, and to integer instructions: SSE, and `int n` outside real
+mode, end in an emulation failure there (see tests/kvm/test_kvm_pvm_quirks.py).
 
 The standard layout, used unless a test says otherwise (all below GUEST_MEM_SIZE):
 
