@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--slot-gib", type=int, default=4, help="slot size in GiB")
     args = parser.parse_args()
-    logging.disable(logging.INFO)
+    logging.disable(logging.WARNING)
     size = args.slot_gib * GiB
     bitmap_bytes = dirty_log_bitmap_size(size)
 

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="untimed operations first")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     args = parser.parse_args()
-    logging.disable(logging.INFO)
+    logging.disable(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="kvmd-bench-") as tmp:
         kvmd_address = f"unix://{tmp}/kvmd.sock"
