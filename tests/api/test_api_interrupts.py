@@ -160,6 +160,18 @@ def test_set_gsi_routing_invalid_entry(api: RunningDaemon, vm: str, route: pb.Ir
         pb.SetGsiRoutingRequest(vm_id=vm, routes=[good, route])), INVALID)
 
 
+@pytest.mark.parametrize("pair", [
+    pytest.param((_msi_route(30, data=1), _msi_route(30, data=2)), id="two-msi-one-gsi"),
+    pytest.param((_route(5, IOAPIC, 5), _msi_route(5)), id="irqchip-and-msi-one-gsi"),
+    pytest.param((_route(5, IOAPIC, 5), _route(5, IOAPIC, 6)), id="one-chip-twice-one-gsi"),
+])
+def test_set_gsi_routing_conflicting_entries(api: RunningDaemon, vm: str,
+                                             pair: tuple[pb.IrqRoute, pb.IrqRoute]) -> None:
+    # One GSI may reach several irqchips, but each chip once, and an MSI only alone.
+    api.assert_code(lambda: api.interrupts.SetGsiRouting(
+        pb.SetGsiRoutingRequest(vm_id=vm, routes=list(pair))), INVALID)
+
+
 def test_set_gsi_routing_too_many_routes(api: RunningDaemon, vm: str) -> None:
     routes = [_msi_route(gsi % 4096, data=gsi) for gsi in range(4097)]
     api.assert_code(lambda: api.interrupts.SetGsiRouting(
