@@ -377,8 +377,32 @@ def notify_socket(directory: Path) -> Iterator[tuple[str, socket.socket]]:
             os.unlink(path)
 
 
-def run_kvmd(*args: str, env: dict[str, str] | None = None,
-             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run the kvmd console script to completion (for configurations it must refuse)."""
-    return subprocess.run([kvmd_script(), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False)
+def run_kvmd(*args: str, socket_path: str | None = None, timeout: float = 30.0,
+             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run the kvmd console script with a configuration it should refuse. Returns once it
+    exits; if it starts serving instead (`socket_path` appears and stays), it is stopped
+    and the test fails saying so."""
+    proc = subprocess.Popen([*prefix, kvmd_script(), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        served_at: float | None = None
+        while proc.poll() is None and time.monotonic() < deadline:
+            if served_at is None and socket_path and os.path.exists(socket_path):
+                served_at = time.monotonic()
+            if served_at is not None and time.monotonic() - served_at > 2.0:
+                break
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.terminate()
+            out, err = proc.communicate(timeout=10)
+            raise AssertionError(
+                f"kvmd accepted the configuration {list(args)} and "
+                f"{'started serving' if served_at else 'kept running'} (expected exit 2); "
+                f"stderr:\n{err}")
+        out, err = proc.communicate(timeout=10)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
