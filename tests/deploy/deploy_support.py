@@ -305,13 +305,15 @@ class TlsDaemon:
     """An in-process kvmd with a Unix socket and a TLS TCP listener on 127.0.0.1."""
 
     def __init__(self, pki: Pki, socket_dir: Path, *, mtls: bool = True,
-                 policy: list[dict[str, Any]] | None = None, **config: Any) -> None:
+                 policy: list[dict[str, Any]] | None = None, server: CertFiles | None = None,
+                 client_ca: str | None = None, **config: Any) -> None:
         self.pki = pki
         self.socket_path = socket_dir / "kvmd.sock"
+        server = server or pki.server
         cfg = Config(
             listen=[f"unix://{self.socket_path}", "127.0.0.1:0"],
-            tls_cert=pki.server.cert, tls_key=pki.server.key,
-            tls_client_ca=pki.ca_file if mtls else "",
+            tls_cert=server.cert, tls_key=server.key,
+            tls_client_ca=client_ca or (pki.ca_file if mtls else ""),
             authorization={"identities": policy} if policy is not None else {},
             **config,
         )
