@@ -32,6 +32,7 @@ from kvmd.kvm import KvmError, StatDescriptor, StatsReader
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
+DEADLINE_SLACK_SECONDS = 0.1
 VCPU_STATES = (CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED)
 # Exit-counter names that are not exit reasons, or are split by direction instead.
 _SPLIT = {"io": ("io_in", "io_out"), "mmio": ("mmio_read", "mmio_write")}
@@ -254,8 +255,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
         def finish(context: grpc.ServicerContext, started: float, failed: bool) -> None:
             code = context.code()  # type: ignore[attr-defined]
-            name = code.name if isinstance(code, grpc.StatusCode) else (
-                "UNKNOWN" if failed else "OK")
+            if isinstance(code, grpc.StatusCode):
+                name = code.name
+            elif not context.is_active():
+                # The client went away: its deadline passed, or it cancelled.
+                # The server's view of the deadline can lag the client's by a few ms.
+                remaining = context.time_remaining()
+                name = ("DEADLINE_EXCEEDED" if remaining is not None
+                        and remaining < DEADLINE_SLACK_SECONDS else "CANCELLED")
+            else:
+                name = "UNKNOWN" if failed else "OK"
             observe(method, name, time.perf_counter() - started)
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:

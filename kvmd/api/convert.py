@@ -130,7 +130,10 @@ def region_to_pb(r: MemoryRegionInfo) -> pb.MemoryRegion:
 def route_from_pb(msg: pb.IrqRoute) -> IrqRoute:
     which = msg.WhichOneof("target")
     if which == "irqchip":
-        return IrqChipRoute(msg.gsi, IrqChip(msg.irqchip.chip), msg.irqchip.pin)
+        chip = int(msg.irqchip.chip)
+        if chip not in tuple(IrqChip):
+            raise InvalidArgument(f"route for gsi {msg.gsi}: unknown irqchip {chip}")
+        return IrqChipRoute(msg.gsi, IrqChip(chip), msg.irqchip.pin)
     if which == "msi":
         devid = msg.msi.devid if msg.msi.HasField("devid") else None
         return MsiRoute(msg.gsi, msg.msi.address, msg.msi.data, devid)

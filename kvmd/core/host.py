@@ -130,6 +130,7 @@ class Host:
         return managed
 
     def get_vm(self, vm_id: str) -> ManagedVm:
+        validate_id("vm id", vm_id)
         with self._lock:
             vm = self._vms.get(vm_id)
         if vm is None:
@@ -144,6 +145,7 @@ class Host:
         return vms
 
     def delete_vm(self, vm_id: str) -> None:
+        validate_id("vm id", vm_id)
         with self._lock:
             vm = self._vms.pop(vm_id, None)
         if vm is None:

@@ -55,6 +55,7 @@ class RemoteExit:
     id: int = field(default_factory=lambda: next(_exit_ids))
     done: threading.Event = field(default_factory=threading.Event)
     reply: bytes | None = None
+    abandoned: bool = False  # the vCPU stopped waiting (it is being stopped)
 
 
 class RemoteHandler:
@@ -68,6 +69,7 @@ class RemoteHandler:
         self.deadline = deadline_ms / 1000.0
         self.outbound: queue.Queue[RemoteExit | None] = queue.Queue()
         self._pending: dict[int, RemoteExit] = {}
+        self._abandoned: set[int] = set()
         self._lock = threading.Lock()
         self.closed = False
         self.close_reason = ""
@@ -90,14 +92,29 @@ class RemoteHandler:
             self._observe_wait(elapsed)
         with self._lock:
             self._pending.pop(exit_.id, None)
+        if exit_.abandoned:
+            return None
         if not answered:
             self.close(f"missed the {int(self.deadline * 1000)} ms deadline")
         return exit_.reply
+
+    def abandon(self, exit_: RemoteExit) -> None:
+        """Stop waiting for this exit (its vCPU is being stopped); a late reply to it is
+        ignored rather than treated as a protocol error."""
+        with self._lock:
+            if self._pending.pop(exit_.id, None) is None:
+                return
+            self._abandoned.add(exit_.id)
+            exit_.abandoned = True
+        exit_.done.set()
 
     def answer(self, exit_id: int, data: bytes) -> str | None:
         """Called for a client reply; returns an error message for a bad reply."""
         with self._lock:
             exit_ = self._pending.get(exit_id)
+            if exit_ is None and exit_id in self._abandoned:
+                self._abandoned.discard(exit_id)
+                return None
         if exit_ is None:
             return f"no exit {exit_id} is waiting for a reply"
         if not exit_.is_write and len(data) != exit_.size:

@@ -22,7 +22,9 @@ from kvmd.kvm import (
     CpuidEntry,
     Fpu,
     IntrExit,
+    IoExit,
     KvmError,
+    MmioExit,
     MpState,
     Regs,
     Sregs,
@@ -32,6 +34,7 @@ from kvmd.kvm import (
 )
 
 if TYPE_CHECKING:
+    from kvmd.core.remote import RemoteExit, RemoteHandler
     from kvmd.core.vm import ManagedVm
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,9 @@ class ManagedVcpu:
         self._stop_requested = False
         self._stop_reason = ""
         self._pending_irqs: deque[int] = deque()
+        self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
+        # Set while this vCPU's thread waits for a remote exit handler's reply.
+        self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
 
     @property
     def resource(self) -> str:
@@ -91,6 +97,7 @@ class ManagedVcpu:
                                    resource=self.resource)
             self._join_finished_thread()
             self._pause_requested = self._stop_requested = False
+            self._io_pending = False
             self._stop_reason = self.reason = ""
             self.vcpu.set_immediate_exit(False)
             self._set_state(RUNNING, "started")
@@ -108,7 +115,10 @@ class ManagedVcpu:
             self._pause_requested = True
             self.vcpu.kick()
             self.cond.notify_all()
-            self._wait_until(lambda: self.state not in PAUSABLE, "pause")
+            # A vCPU waiting for a remote handler pauses once the reply (or deadline) comes.
+            waiting = self.waiting_remote
+            extra = waiting[0].deadline if waiting is not None else 0.0
+            self._wait_until(lambda: self.state not in PAUSABLE, "pause", extra)
 
     def resume(self) -> None:
         """Continue a paused or halted vCPU exactly where it stopped."""
@@ -142,6 +152,9 @@ class ManagedVcpu:
             self._stop_reason = self._stop_reason or reason
             self.vcpu.kick()
             self.cond.notify_all()
+        waiting = self.waiting_remote
+        if waiting is not None:
+            waiting[0].abandon(waiting[1])
 
     def join(self, timeout: float = STATE_CHANGE_TIMEOUT) -> None:
         thread = self._thread
@@ -168,8 +181,8 @@ class ManagedVcpu:
                 self.vcpu.kick()  # deliver it now rather than at the next exit
             self.cond.notify_all()
 
-    def _wait_until(self, done: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT
+    def _wait_until(self, done: Callable[[], bool], what: str, extra: float = 0.0) -> None:
+        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT + extra
         while not done():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -198,10 +211,16 @@ class ManagedVcpu:
         try:
             while True:
                 with self.cond:
-                    if not self._wait_for_go():
-                        return
-                    irqs = list(self._pending_irqs)
-                    self._pending_irqs.clear()
+                    finish_io = self._io_pending and (self._pause_requested
+                                                      or self._stop_requested)
+                    if not finish_io:
+                        if not self._wait_for_go():
+                            return
+                        irqs = list(self._pending_irqs)
+                        self._pending_irqs.clear()
+                if finish_io:
+                    self._finish_pending_io()
+                    continue
                 for vector in irqs:
                     try:
                         vcpu.interrupt(vector)
@@ -214,6 +233,7 @@ class ManagedVcpu:
                     # Kicked: clear the flag first, then the loop head sees why.
                     vcpu.set_immediate_exit(False)
                     continue
+                self._io_pending = isinstance(exit_, (IoExit, MmioExit))
                 if not self._apply(self.vm.dispatch(self, exit_), exit_):
                     return
         except Exception as exc:  # the daemon must survive any guest
@@ -222,6 +242,19 @@ class ManagedVcpu:
             with self.cond:
                 self._crash(reason)
             self.vm.on_vcpu_ended(self, Outcome("crash", reason))
+
+    def _finish_pending_io(self) -> None:
+        """KVM completes an IO/MMIO access (IN data into the register, RIP past the
+        instruction) only on the next KVM_RUN. Before parking for a pause or stop, enter
+        once with immediate_exit set: the access completes and no guest code runs, so the
+        registers a paused vCPU shows are consistent."""
+        self._io_pending = False
+        self.vcpu.set_immediate_exit(True)
+        exit_ = self.vcpu.run()
+        self.vcpu.set_immediate_exit(False)
+        if not isinstance(exit_, IntrExit):  # not expected: KVM checks immediate_exit first
+            log.warning("unexpected exit while completing IO", extra={
+                "vm_id": self.vm_id, "vcpu": self.id, "exit": exit_.name})
 
     def _wait_for_go(self) -> bool:
         """Under cond: wait while paused or halted; False when the thread must end."""

@@ -445,6 +445,7 @@ class ManagedVm:
             return list(self._irqfds.values())
 
     def _irqfd(self, irqfd_id: str) -> IrqfdEntry:
+        validate_id("irqfd id", irqfd_id)
         entry = self._irqfds.get(irqfd_id)
         if entry is None:
             raise NotFound(f"no irqfd {irqfd_id!r} in vm {self.id}")
@@ -486,6 +487,7 @@ class ManagedVm:
             self.ioevent_fired.publish(Fired(entry.ioevent_id, count))
 
     def unregister_ioevent(self, ioevent_id: str) -> None:
+        validate_id("ioevent id", ioevent_id)
         with self.lock:
             entry = self._ioevents.get(ioevent_id)
             if entry is None:
@@ -720,7 +722,16 @@ class ManagedVm:
         handler = self.claims.find(space, address)
         if handler is None:
             return None
-        return handler.submit(RemoteExit(vcpu.id, space, address, size, is_write, data))
+        exit_ = RemoteExit(vcpu.id, space, address, size, is_write, data)
+        vcpu.waiting_remote = (handler, exit_)
+        try:
+            reply = handler.submit(exit_)
+        finally:
+            vcpu.waiting_remote = None
+        if exit_.abandoned:
+            # The vCPU is being stopped: complete the access quietly, never crash for it.
+            return b"" if is_write else b"\xff" * size
+        return reply
 
     # -- remote exit handlers -------------------------------------------------------------
 

@@ -398,8 +398,9 @@ class Vm:
                                   "PIC_SLAVE (1) or IOAPIC (2)")
                 pins = IOAPIC_PINS if route.chip == IrqChip.IOAPIC else PIC_PINS
                 if not 0 <= route.pin < pins:
-                    raise invalid(op, f"pin {route.pin} is not a pin of the "
-                                  f"{IrqChip(route.chip).name} (0..{pins - 1})")
+                    chip = (IrqChip(route.chip).name if route.chip in tuple(IrqChip)
+                            else f"unknown irqchip {int(route.chip)}")
+                    raise invalid(op, f"pin {route.pin} is not a pin of {chip}")
                 dst.kind, dst.irqchip, dst.pin = 0, int(route.chip), route.pin
             else:
                 if not 0 <= route.address < 1 << 64 or not 0 <= route.data < 1 << 32:
