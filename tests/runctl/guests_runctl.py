@@ -160,14 +160,15 @@ def halt_then_exit(code: int) -> bytes:
     return bytes([0xFA]) + HLT + debug_exit(code)               # cli; hlt; <debug exit>
 
 
-def interrupt_program(vector: int, code_base: int = 0x100) -> bytes:
-    """Point IVT entry `vector` at a handler, then `sti; hlt` (and spin, should the halt
-    ever end without the interrupt). The handler debug-exits with code_base + vector."""
+def interrupt_program(vector: int, code_base: int = 0x100, *, halt: bool = True) -> bytes:
+    """Point IVT entry `vector` at a handler, then `sti; hlt` (with halt=False just `sti`)
+    and spin, should the halt ever end without the interrupt. The handler debug-exits with
+    code_base + vector."""
     a = Asm()
     a([0xFA], [0x31, 0xC0], mov_ds_ax())                        # cli; xor ax, ax; mov ds, ax
     a.mov_word_mem_label(vector * 4, "handler")                 # mov word [v*4], handler
     a([0xC7, 0x06], struct.pack("<HH", vector * 4 + 2, 0))      # mov word [v*4+2], 0
-    a([0xFB], HLT)                                              # sti; hlt
+    a([0xFB], HLT if halt else b"")                             # sti; (hlt)
     a.label("spin").jmp("spin")                                 # spin: jmp spin
     a.label("handler")
     a(debug_exit(code_base + vector))

@@ -149,3 +149,10 @@ def test_debug_exit_port_on_the_uart_is_refused(api: Api) -> None:
                     Code.INVALID_ARGUMENT)
     api.assert_code(lambda: api.create_vm("bad-port", debug_exit_port=0x10000),
                     Code.INVALID_ARGUMENT)
+
+
+def test_console_input_beyond_the_buffer_is_resource_exhausted(api: Api) -> None:
+    api.create_vm("flood")
+    api.assert_code(lambda: api.vms.WriteConsole(pb.WriteConsoleRequest(
+        vm_id="flood", data=b"x" * 5000)), Code.RESOURCE_EXHAUSTED)
+    api.delete("flood")

@@ -120,3 +120,36 @@ def test_inject_interrupt_bad_inputs(api: Api) -> None:
         vcpu=ref("irq-chip"), vector=32)), Code.FAILED_PRECONDITION)
     api.delete("irq-bad")
     api.delete("irq-chip")
+
+
+def test_injected_interrupt_reaches_a_spinning_guest(api: Api) -> None:
+    vector = 0x41
+    api.boot("irq-spin", interrupt_program(vector, halt=False))
+    watch = api.watch("irq-spin")
+    api.start("irq-spin")
+    time.sleep(0.05)  # let it set up its IVT entry and enable interrupts
+    assert api.vcpu_state("irq-spin").state == "running"
+    api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(vcpu=ref("irq-spin"), vector=vector))
+    assert watch.wait_for("debug_exit").exit_code == 0x100 + vector
+    api.delete("irq-spin")
+
+
+def test_hlt_with_in_kernel_irqchip_stays_in_the_kernel_and_pauses(api: Api) -> None:
+    """With the in-kernel irqchip KVM handles HLT itself: no HLT exit, the vCPU stays
+    'running' (blocked in KVM_RUN), and PauseVm must still kick it out."""
+    api.boot("kernel-hlt", halt_then_exit(0x7A), irqchip=True)
+    watch = api.watch("kernel-hlt")
+    api.start("kernel-hlt")
+    time.sleep(0.2)
+    assert api.vcpu_state("kernel-hlt").state == "running"
+    thread = vcpu_thread("kernel-hlt")
+    cpu_before = thread_cpu_seconds(thread)
+    time.sleep(0.3)
+    assert thread_cpu_seconds(thread) - cpu_before < 0.1  # blocked in the kernel, not spinning
+    assert api.stats("kernel-hlt").total["hlt"] == 0
+    assert api.pause("kernel-hlt").state == "paused"
+    assert api.regs("kernel-hlt").rip == 0x1002  # past the hlt
+    assert api.vcpus.GetMpState(ref("kernel-hlt")).state == pb.MpState.HALTED
+    assert "debug_exit" not in watch.types()
+    api.stop("kernel-hlt")
+    api.delete("kernel-hlt")

@@ -252,3 +252,47 @@ def test_multi_vcpu_pause_vm_and_per_vcpu_control(api: Api) -> None:
     vm = api.stop("duo")
     assert dict(vm.vcpu_states) == {0: "stopped", 1: "stopped"} and vm.state == "stopped"
     api.delete("duo")
+
+
+def test_start_one_vcpu_of_two(api: Api) -> None:
+    api.boot("half", {0x1000: SPIN, 0x1100: SPIN}, entries={0: 0x1000, 1: 0x1100})
+    assert api.vcpus.StartVcpu(ref("half", 0)).state == "running"
+    vm = api.get_vm("half")
+    assert dict(vm.vcpu_states) == {0: "running", 1: "created"} and vm.state == "running"
+    # StartVm needs every vCPU created or stopped.
+    api.assert_code(lambda: api.start("half"), Code.FAILED_PRECONDITION)
+    assert api.vcpus.StartVcpu(ref("half", 1)).state == "running"
+    vm = api.pause("half")
+    assert dict(vm.vcpu_states) == {0: "paused", 1: "paused"}
+    api.delete("half")
+
+
+def test_debug_exit_on_one_vcpu_stops_the_whole_vm(api: Api) -> None:
+    api.boot("dexit-duo", {0x1000: SPIN, 0x1100: debug_exit(0x44)},
+             entries={0: 0x1000, 1: 0x1100})
+    watch = api.watch("dexit-duo")
+    api.start("dexit-duo")
+    event = watch.wait_for("debug_exit")
+    assert event.vcpu_id == 1 and event.exit_code == 0x44
+    vm = api.wait_vm_state("dexit-duo", "stopped")
+    assert dict(vm.vcpu_states) == {0: "stopped", 1: "stopped"}
+    assert vm.exit_code == 0x44
+    api.delete("dexit-duo")
+
+
+def test_triple_fault_on_one_vcpu_crashes_the_vm_and_stops_the_other(api: Api) -> None:
+    api.boot("tf-duo", {0x1000: UD2, 0x1100: SPIN}, entries={0: 0x1000, 1: 0x1100})
+    sregs = api.vcpus.GetSregs(ref("tf-duo", 0))
+    api.vcpus.SetSregs(pb.SetSregsRequest(vcpu=ref("tf-duo", 0),
+                                          sregs=protected_mode_idt0(sregs)))
+    api.set_regs("tf-duo", pb.Regs(rip=0x1000, rsp=0x8000, rflags=2), 0)
+    watch = api.watch("tf-duo")
+    api.start("tf-duo")
+    assert watch.wait_for("crashed").vcpu_id == 0
+    wait_until(lambda: api.vcpu_state("tf-duo", 1).state == "stopped", 10,
+               "the healthy vCPU to be stopped")
+    vm = api.get_vm("tf-duo")
+    assert vm.state == "crashed" and "shutdown" in vm.reason
+    assert dict(vm.vcpu_states) == {0: "crashed", 1: "stopped"}
+    api.assert_healthy()
+    api.delete("tf-duo")
