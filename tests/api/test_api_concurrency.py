@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from conftest import RunningDaemon, Stubs
+from api_support import RunningDaemon, Stubs
 
 from kvmd.api.gen import vmm_pb2 as pb
 

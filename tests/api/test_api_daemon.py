@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Stubs
+from api_support import Stubs
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.server import Config, ConfigError, Daemon

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import RunningDaemon, error_info
+from api_support import RunningDaemon, error_info
 
 from kvmd.api.gen import vmm_pb2 as pb
 

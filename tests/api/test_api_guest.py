@@ -31,7 +31,7 @@ from api_guest import (
     run_vcpu,
     setup_real_mode,
 )
-from conftest import RunningDaemon
+from api_support import RunningDaemon
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.kvm import HltExit, IoExit

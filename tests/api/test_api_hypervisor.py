@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import grpc
-from conftest import DaemonFactory, RunningDaemon
+from api_support import DaemonFactory, RunningDaemon
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from conftest import RunningDaemon
+from api_support import RunningDaemon
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 

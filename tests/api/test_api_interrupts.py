@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import RunningDaemon
+from api_support import RunningDaemon
 
 from kvmd.api.gen import vmm_pb2 as pb
 

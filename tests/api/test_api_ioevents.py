@@ -7,7 +7,7 @@ import threading
 
 import grpc
 import pytest
-from conftest import RunningDaemon
+from api_support import RunningDaemon
 
 from kvmd.api.gen import vmm_pb2 as pb
 

@@ -6,7 +6,7 @@ import threading
 import time
 
 import grpc
-from conftest import GRPC_NATIVE, DaemonFactory
+from api_support import GRPC_NATIVE, DaemonFactory
 
 from kvmd.api.gen import vmm_pb2 as pb
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import GRPC_NATIVE, DaemonFactory, RunningDaemon
+from api_support import GRPC_NATIVE, DaemonFactory, RunningDaemon
 
 from kvmd.api.gen import vmm_pb2 as pb
 

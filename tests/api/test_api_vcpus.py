@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import DaemonFactory, RunningDaemon
+from api_support import DaemonFactory, RunningDaemon
 
 from kvmd.api.gen import vmm_pb2 as pb
 

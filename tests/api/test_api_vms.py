@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from conftest import RunningDaemon
+from api_support import RunningDaemon
 
 from kvmd.api.gen import vmm_pb2 as pb
 
