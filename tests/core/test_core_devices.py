@@ -1,0 +1,122 @@
+"""Devices, claims and event fan-out as units (no vCPU needed)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvmd.core.devices import Console, DebugExit, DeviceBus, Uart16550
+from kvmd.core.events import Broadcaster
+from kvmd.core.histogram import Histogram
+from kvmd.core.remote import ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.kvm import IoSpace
+
+COM1 = 0x3F8
+LSR = COM1 + 5
+
+
+def test_uart_transmits_to_the_console_and_reports_line_status() -> None:
+    console = Console(capacity=8)
+    uart = Uart16550(console)
+    assert uart.read(LSR, 1)[0] & 0x60 == 0x60  # THR empty, transmitter idle
+    for ch in b"hello, world":
+        uart.write(COM1, bytes([ch]))
+    assert console.backlog() == b"o, world"  # bounded: only the last 8 bytes are kept
+    assert console.bytes_out == len(b"hello, world")
+
+
+def test_uart_receives_input_and_honours_dlab() -> None:
+    uart = Uart16550(Console(64))
+    assert uart.read(LSR, 1)[0] & 1 == 0
+    assert uart.feed(b"ab") == 2
+    assert uart.read(LSR, 1)[0] & 1 == 1
+    assert uart.read(COM1, 1) == b"a"
+    assert uart.read(COM1, 1) == b"b"
+    assert uart.read(LSR, 1)[0] & 1 == 0
+    uart.write(COM1 + 3, b"\x80")  # LCR: DLAB on
+    uart.write(COM1, b"\x01")      # divisor latch low, not output
+    assert uart.read(COM1, 1) == b"\x01"
+    uart.write(COM1 + 3, b"\x03")
+    assert uart.console.backlog() == b""
+
+
+def test_uart_input_is_bounded() -> None:
+    uart = Uart16550(Console(64))
+    assert uart.feed(b"x" * 10_000) == 4096
+
+
+def test_console_subscription_continues_exactly_after_the_backlog() -> None:
+    console = Console(64)
+    console.output(b"early ")
+    backlog, sub = console.subscribe(backlog=True)
+    console.output(b"late")
+    assert backlog == b"early " and sub.get(1.0) == b"late"
+    console.end()
+    assert sub.get(1.0) is None and sub.closed
+
+
+def test_device_bus_refuses_overlaps() -> None:
+    bus = DeviceBus()
+    bus.add(Uart16550(Console(8)))
+    with pytest.raises(ValueError):
+        bus.add(DebugExit(COM1 + 2))
+    bus.add(DebugExit(0x501))
+    assert bus.find(0x501) is not None and bus.find(0x500) is None
+    assert DebugExit.code(b"\x2a\x00") == 42
+
+
+def test_claims_are_all_or_nothing() -> None:
+    table = ClaimTable()
+    a = RemoteHandler("vm", [ClaimRange(IoSpace.PIO, 0x60, 4)], 100)
+    b = RemoteHandler("vm", [ClaimRange(IoSpace.MMIO, 0x1000, 0x10),
+                             ClaimRange(IoSpace.PIO, 0x63, 1)], 100)
+    assert table.add(a) is None
+    assert table.add(b) == ClaimRange(IoSpace.PIO, 0x60, 4)
+    assert table.find(IoSpace.MMIO, 0x1000) is None  # nothing of b was added
+    assert table.find(IoSpace.PIO, 0x63) is a
+    assert table.remove(a) == [ClaimRange(IoSpace.PIO, 0x60, 4)]
+    assert table.add(b) is None
+
+
+def test_remote_handler_deadline_closes_it_and_releases() -> None:
+    released = []
+    h = RemoteHandler("vm", [ClaimRange(IoSpace.PIO, 0x60, 1)], 50)
+    h.on_close = lambda: released.append(True)
+    assert h.submit(RemoteExit(0, IoSpace.PIO, 0x60, 1, False, b"")) is None
+    assert h.closed and "deadline" in h.close_reason and released == [True]
+    assert h.submit(RemoteExit(0, IoSpace.PIO, 0x60, 1, False, b"")) is None  # stays closed
+
+
+def test_remote_handler_rejects_a_wrong_sized_reply() -> None:
+    h = RemoteHandler("vm", [ClaimRange(IoSpace.PIO, 0x60, 1)], 5000)
+    assert h.answer(99, b"") is not None  # nothing waits for exit 99
+
+    exit_ = RemoteExit(0, IoSpace.PIO, 0x60, 2, False, b"")
+    result: list[bytes | None] = []
+    t = threading.Thread(target=lambda: result.append(h.submit(exit_)))
+    t.start()
+    sent = h.outbound.get(timeout=5)
+    assert sent is exit_
+    assert h.answer(exit_.id, b"\x01") is not None  # a 2-byte read needs 2 bytes
+    assert h.answer(exit_.id, b"\x01\x02") is None
+    t.join(5)
+    assert result == [b"\x01\x02"]
+
+
+def test_broadcaster_drops_oldest_for_a_slow_watcher() -> None:
+    b: Broadcaster[int] = Broadcaster(maxsize=3)
+    sub = b.subscribe()
+    for i in range(5):
+        b.publish(i)
+    assert [sub.get(0.1) for _ in range(3)] == [2, 3, 4]
+    assert sub.dropped == 2
+
+
+def test_histogram_is_cumulative() -> None:
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.5, 5.0):
+        h.observe(v)
+    buckets, total, count = h.snapshot()
+    assert buckets == [(0.1, 1), (1.0, 2), (float("inf"), 3)]
+    assert count == 3 and total == pytest.approx(5.55)
