@@ -27,6 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deploy_support import Pki, TlsDaemon
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: creates a virtualenv and pip-installs the "
+                            "project (deploy/install.sh); deselect with -m 'not slow'")
+
+
 def require_kvm() -> None:
     if not os.path.exists("/dev/kvm"):
         pytest.skip("/dev/kvm is absent: the deployment tests run the daemon on real KVM")
