@@ -8,9 +8,13 @@ exit on these nested-virtualization hosts).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -133,9 +137,12 @@ class MetricsDaemon:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def scrape(self, accept: str | None = None) -> Scrape:
+        return self.scrape_with_timeout(RPC_TIMEOUT, accept)
+
+    def scrape_with_timeout(self, timeout: float, accept: str | None = None) -> Scrape:
         headers = {"Accept": accept} if accept else {}
         req = urllib.request.Request(self.metrics_url, headers=headers)
-        with urllib.request.urlopen(req, timeout=RPC_TIMEOUT) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             assert resp.status == 200
             return Scrape(resp.headers["Content-Type"], resp.read().decode())
 
@@ -196,6 +203,71 @@ class MetricsDaemon:
     def close(self) -> None:
         self.channel.close()
         self.daemon.stop()
+
+
+class KvmdProcess(MetricsDaemon):
+    """kvmd as a process (the console script next to this interpreter), with /metrics on a
+    free loopback port; the same stubs and guest helpers as the in-process daemon. `stop()`
+    sends SIGTERM and, if the daemon does not exit within STOP_SECONDS, SIGKILL."""
+
+    STOP_SECONDS = 10.0
+
+    def __init__(self, directory: Path, *flags: str) -> None:
+        self.socket_path = directory / "kvmd.sock"
+        self.address = f"unix://{self.socket_path}"
+        self.port = free_port()
+        script = Path(sys.executable).with_name("kvmd")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "kvmd.server"]
+        self.log_path = directory / "kvmd.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*command, "--listen", self.address, "--metrics-listen", f"127.0.0.1:{self.port}",
+             "--log-level", "info", *flags], stdout=self._log, stderr=subprocess.STDOUT)
+        self.killed = False
+        self.stopped = False
+        self.channel = grpc.insecure_channel(self.address)
+        self.vms = rpc.VmsStub(self.channel)
+        self.memory = rpc.MemoryStub(self.channel)
+        self.vcpus = rpc.VcpusStub(self.channel)
+        self.hypervisor = rpc.HypervisorStub(self.channel)
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"kvmd exited early:\n{self.log()}"
+            try:
+                self.hypervisor.GetInfo(pb.GetInfoRequest(), timeout=1)
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except (grpc.RpcError, OSError):
+                return False
+
+        wait_for(ready, "kvmd to serve gRPC and /metrics", 30.0, 0.1)
+
+    @property
+    def metrics_port(self) -> int:
+        return self.port
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if needed; the exit code (negative: killed by a signal)."""
+        if self.stopped:
+            return self.proc.returncode
+        self.stopped = True
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=self.STOP_SECONDS)
+        self._log.close()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
 
 
 # -- PromQL metric names -------------------------------------------------------------------
