@@ -175,6 +175,27 @@ def interrupt_program(vector: int, code_base: int = 0x100, *, halt: bool = True)
     return a.bytes()
 
 
+COUNTERS = DATA_ADDR  # where two_vector_counter_program counts its interrupts
+
+
+def two_vector_counter_program(v1: int, v2: int) -> bytes:
+    """IVT entries for two vectors whose handlers count into bytes COUNTERS and
+    COUNTERS+1 and `iret`; the main loop is `sti; hlt; jmp` (one HLT exit per wait)."""
+    a = Asm()
+    a([0xFA], [0x31, 0xC0], mov_ds_ax())                        # cli; xor ax, ax; mov ds, ax
+    for vector, handler in ((v1, "h1"), (v2, "h2")):
+        a.mov_word_mem_label(vector * 4, handler)               # mov word [v*4], handler
+        a([0xC7, 0x06], struct.pack("<HH", vector * 4 + 2, 0))  # mov word [v*4+2], 0
+    a.label("idle")
+    a([0xFB], HLT)                                              # idle: sti; hlt
+    a.jmp("idle")                                               #       jmp idle
+    for i, handler in enumerate(("h1", "h2")):
+        a.label(handler)
+        a([0xFE, 0x06], struct.pack("<H", COUNTERS + i))        # inc byte [COUNTERS+i]
+        a([0xCF])                                               # iret
+    return a.bytes()
+
+
 def unclaimed_in_program(port: int = UNCLAIMED_PORT) -> bytes:
     """`in ax, port`, then debug-exit with the word read (0xffff if unclaimed)."""
     return mov_dx(port) + IN_AX_DX + debug_exit_ax()            # mov dx, port; in ax, dx; ...
@@ -198,6 +219,29 @@ def in_twice_program(port: int = CLAIM_PORT) -> bytes:
             + bytes([0xFA]) + HLT                               # cli; hlt
             + IN_AL_DX + bytes([0x88, 0xC7])                    # in al, dx; mov bh, al
             + bytes([0x89, 0xD8]) + debug_exit_ax())            # mov ax, bx; <debug exit ax>
+
+
+STRING_SRC = DATA_ADDR          # string_io_program's OUT source
+STRING_IN = DATA_ADDR + 0x100   # where it stores 4 bytes of `rep insb`
+STRING_IN32 = DATA_ADDR + 0x200  # and 3 dwords of `rep insd`
+
+
+def string_io_program(text_len: int, in_port: int) -> bytes:
+    """`rep outsb` of `text_len` bytes at STRING_SRC to COM1, `rep insb` of 4 bytes from
+    `in_port` to STRING_IN, `rep insd` of 3 dwords from `in_port` to STRING_IN32, then
+    debug-exit 0x11. DS = ES = 0."""
+    return b"".join([
+        bytes([0xBE]), struct.pack("<H", STRING_SRC),           # mov si, STRING_SRC
+        bytes([0xB9]), struct.pack("<H", text_len),             # mov cx, text_len
+        mov_dx(UART_PORT), bytes([0xF3, 0x6E]),                 # mov dx, 0x3f8; rep outsb
+        bytes([0xBF]), struct.pack("<H", STRING_IN),            # mov di, STRING_IN
+        bytes([0xB9]), struct.pack("<H", 4),                    # mov cx, 4
+        mov_dx(in_port), bytes([0xF3, 0x6C]),                   # mov dx, in_port; rep insb
+        bytes([0xBF]), struct.pack("<H", STRING_IN32),          # mov di, STRING_IN32
+        bytes([0xB9]), struct.pack("<H", 3),                    # mov cx, 3
+        bytes([0x66, 0xF3, 0x6D]),                              # rep insd
+        debug_exit(0x11),
+    ])
 
 
 def scenario_program() -> bytes:

@@ -253,6 +253,13 @@ class Api:
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._watchers: list[Watcher] = []
         self._handlers: list[ExitHandler] = []
+        self._stopped = False
+
+    def stop_daemon(self) -> None:
+        """Stop the daemon (once), with whatever clients are still attached."""
+        if not self._stopped:
+            self._stopped = True
+            self.daemon.stop()
 
     def close(self) -> None:
         for w in self._watchers:
@@ -260,7 +267,7 @@ class Api:
         for h in self._handlers:
             h.call.cancel()
         self.channel.close()
-        self.daemon.stop()
+        self.stop_daemon()
 
     # -- health and errors ----------------------------------------------------------------
 

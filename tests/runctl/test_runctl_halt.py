@@ -8,8 +8,8 @@ import threading
 import time
 
 from guests import HLT
-from guests_runctl import halt_then_exit, interrupt_program
-from runctl_api import Api, Code
+from guests_runctl import COUNTERS, halt_then_exit, interrupt_program, two_vector_counter_program
+from runctl_api import Api, Code, wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 
@@ -153,3 +153,46 @@ def test_hlt_with_in_kernel_irqchip_stays_in_the_kernel_and_pauses(api: Api) -> 
     assert "debug_exit" not in watch.types()
     api.stop("kernel-hlt")
     api.delete("kernel-hlt")
+
+
+def test_interrupt_into_cli_hlt_does_not_wake_the_guest(api: Api) -> None:
+    """A guest halted with interrupts disabled (`cli; hlt`) stays halted when an interrupt
+    is injected: a maskable interrupt cannot end that HLT."""
+    api.boot("cli-hlt", halt_then_exit(0x77))
+    watch = api.watch("cli-hlt")
+    api.start("cli-hlt")
+    api.wait_vcpu_state("cli-hlt", "halted")
+    api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(vcpu=ref("cli-hlt"), vector=0x40))
+    time.sleep(0.3)
+    assert api.vcpu_state("cli-hlt").state == "halted"
+    assert "debug_exit" not in watch.types()
+    api.stop("cli-hlt")
+    api.delete("cli-hlt")
+
+
+def test_two_interrupts_injected_back_to_back_are_both_delivered(api: Api) -> None:
+    api.boot("two-irqs", two_vector_counter_program(0x40, 0x41))
+    api.start("two-irqs")
+    api.wait_vcpu_state("two-irqs", "halted")
+    for vector in (0x40, 0x41, 0x40):
+        api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(vcpu=ref("two-irqs"),
+                                                            vector=vector))
+        api.wait_vcpu_state("two-irqs", "halted")  # handled, back in the idle hlt
+    # Each handler counts its interrupts in memory.
+    assert api.read("two-irqs", COUNTERS, 2) == bytes([2, 1])
+    api.stop("two-irqs")
+    api.delete("two-irqs")
+
+
+def test_interrupts_injected_at_once_are_not_lost(api: Api) -> None:
+    """Two different vectors injected without waiting: KVM_INTERRUPT holds one pending
+    vector at a time, so the daemon must not drop the second."""
+    api.boot("burst", two_vector_counter_program(0x40, 0x41))
+    api.start("burst")
+    api.wait_vcpu_state("burst", "halted")
+    for vector in (0x40, 0x41):
+        api.vcpus.InjectInterrupt(pb.InjectInterruptRequest(vcpu=ref("burst"), vector=vector))
+    wait_until(lambda: api.read("burst", COUNTERS, 2) == b"\x01\x01", 10,
+               "both handlers to run")
+    api.stop("burst")
+    api.delete("burst")

@@ -12,15 +12,21 @@ from guests_runctl import (
     DIRTY_SLOT_ADDR,
     DIRTY_SLOT_PAGES,
     MMIO_BASE,
+    OUT_SPAM_PORT,
+    STRING_IN,
+    STRING_IN32,
+    STRING_SRC,
     UNCLAIMED_PORT,
     debug_exit,
     debug_exit_ax,
     outs_then_hlt,
+    port_loop,
     print_program,
     scenario_program,
+    string_io_program,
     unclaimed_in_program,
 )
-from runctl_api import Api, mmio, pio
+from runctl_api import Api, fd_count, mmio, pio, vcpu_threads, wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 
@@ -186,3 +192,51 @@ def test_kvm_ioctls_style_scenario_end_to_end(api: Api) -> None:
     handler.close()
     handler.wait_ended()
     api.delete(vm_id)
+
+
+def test_string_io_to_the_uart_and_from_unclaimed_and_claimed_ports(api: Api) -> None:
+    text = b"rep outsb!"
+    api.boot("strio", {0x1000: string_io_program(len(text), UNCLAIMED_PORT),
+                       STRING_SRC: text})
+    watch = api.watch("strio")
+    api.start("strio")
+    assert watch.wait_for("debug_exit").exit_code == 0x11
+    console = next(iter(api.vms.StreamConsole(pb.StreamConsoleRequest(
+        vm_id="strio", backlog=True), timeout=10)))
+    assert console.data == text
+    assert api.read("strio", STRING_IN, 5) == b"\xff" * 4 + b"\0"
+    assert api.read("strio", STRING_IN32, 13) == b"\xff" * 12 + b"\0"
+    api.delete("strio")
+
+    # The same reads from a claimed port: the handler supplies every byte.
+    api.boot("strio-remote", {0x1000: string_io_program(len(text), CLAIM_PORT),
+                              STRING_SRC: text})
+    handler = api.handler("strio-remote", [pio(CLAIM_PORT)])
+    handler.claimed()
+    seen: list[pb.ExitRequest] = []
+    handler.serve(lambda e: bytes(range(1, e.size + 1)), seen)
+    watch = api.watch("strio-remote")
+    api.start("strio-remote")
+    assert watch.wait_for("debug_exit").exit_code == 0x11
+    assert sum(e.size for e in seen) == 4 + 12 and not any(e.is_write for e in seen)
+    got = api.read("strio-remote", STRING_IN, 4) + api.read("strio-remote", STRING_IN32, 12)
+    expected = b"".join(bytes(range(1, e.size + 1)) for e in seen)
+    assert got == expected
+    handler.close()
+    api.delete("strio-remote")
+
+
+def test_start_stop_cycles_leak_no_threads_or_fds(api: Api) -> None:
+    api.boot("cycles", port_loop(OUT_SPAM_PORT))
+    api.start("cycles")
+    api.stop("cycles")
+    fds = fd_count()
+    for _ in range(20):
+        api.start("cycles")
+        api.pause("cycles")
+        api.resume("cycles")
+        api.stop("cycles")
+    assert api.get_vm("cycles").state == "stopped"
+    assert not [t for t in vcpu_threads() if t.name == "vcpu-cycles-0"]
+    wait_until(lambda: fd_count() <= fds, 10, "fds to settle")
+    api.delete("cycles")
