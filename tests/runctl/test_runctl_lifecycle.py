@@ -44,6 +44,7 @@ def test_spinning_guest_is_paused_and_rip_is_in_the_loop(api: Api) -> None:
 
 def test_pause_resume_continues_exactly_where_it_stopped(api: Api) -> None:
     api.boot("counter", counting_loop())
+    watch = api.watch("counter")
     api.start("counter")
     time.sleep(0.05)
     api.pause("counter")
@@ -59,6 +60,9 @@ def test_pause_resume_continues_exactly_where_it_stopped(api: Api) -> None:
     second = api.regs("counter")
     assert second.rbx > first.rbx  # it kept counting from where it was
     assert LOOP <= second.rip < LOOP + COUNTING_LOOP_LEN
+    watch.wait_for("paused", nth=2)
+    types = watch.types()
+    assert types[:5] == ["state", "started", "paused", "resumed", "paused"], types
     api.stop("counter")
     api.delete("counter")
 
@@ -296,3 +300,17 @@ def test_triple_fault_on_one_vcpu_crashes_the_vm_and_stops_the_other(api: Api) -
     assert dict(vm.vcpu_states) == {0: "crashed", 1: "stopped"}
     api.assert_healthy()
     api.delete("tf-duo")
+
+
+def test_restart_after_debug_exit_clears_the_exit_code(api: Api) -> None:
+    api.boot("rerun", {LOOP: debug_exit(0x21), EXIT_STUB: SPIN})
+    watch = api.watch("rerun")
+    api.start("rerun")
+    watch.wait_for("debug_exit")
+    assert api.get_vm("rerun").exit_code == 0x21
+    api.set_regs("rerun", pb.Regs(rip=EXIT_STUB, rflags=2))
+    vm = api.start("rerun")
+    assert vm.state == "running" and not vm.HasField("exit_code"), vm
+    assert api.get_vm("rerun").reason == ""
+    api.stop("rerun")
+    api.delete("rerun")

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_program, port_loop
-from runctl_api import Api, Code, ExitHandler, mmio, pio
+from runctl_api import Api, Code, ExitHandler, mmio, pio, wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 
@@ -269,3 +269,45 @@ def test_delete_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="stuck-del"), timeout=10)
     assert handler.wait_ended() is not None
     api.assert_code(lambda: api.get_vm("stuck-del"), Code.NOT_FOUND)
+
+
+def test_one_handler_answers_two_vcpus_out_of_order(api: Api) -> None:
+    """Two vCPUs wait on one handler at once; replies go by exit_id, not by order."""
+    read_then_halt = in_twice_program()[:8]  # mov dx, 0x300; in al, dx; mov bl, al; cli; hlt
+    api.boot("ooo", {0x1000: read_then_halt, 0x1100: read_then_halt},
+             entries={0: 0x1000, 1: 0x1100})
+    handler = api.handler("ooo", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("ooo")
+    first, second = handler.next_exit(), handler.next_exit()
+    assert {first.vcpu_id, second.vcpu_id} == {0, 1} and first.exit_id != second.exit_id
+    handler.reply(second.exit_id, bytes([0x20 + second.vcpu_id]))
+    handler.reply(first.exit_id, bytes([0x20 + first.vcpu_id]))
+    api.wait_vcpu_state("ooo", "halted", 0)
+    api.wait_vcpu_state("ooo", "halted", 1)
+    assert api.regs("ooo", 0).rbx & 0xFF == 0x20
+    assert api.regs("ooo", 1).rbx & 0xFF == 0x21
+    handler.close()
+    api.stop("ooo")
+    api.delete("ooo")
+
+
+def test_two_handlers_serve_two_vcpus_in_parallel(api: Api) -> None:
+    api.boot("par", {0x1000: port_loop(CLAIM_PORT, 0xA0), 0x1100: port_loop(0x310, 0xA1)},
+             entries={0: 0x1000, 1: 0x1100})
+    logs: dict[int, list[pb.ExitRequest]] = {CLAIM_PORT: [], 0x310: []}
+    for port in logs:
+        h = api.handler("par", [pio(port)])
+        h.claimed()
+        h.serve(lambda e: b"", logs[port])
+    api.start("par")
+    wait_until(lambda: all(len(v) > 20 for v in logs.values()), 10,
+               "both handlers to serve exits")
+    api.pause("par")
+    stats = api.stats("par")
+    for port, vcpu_id, value in ((CLAIM_PORT, 0, 0xA0), (0x310, 1, 0xA1)):
+        assert {(e.vcpu_id, e.address, e.data) for e in logs[port]} == {
+            (vcpu_id, port, bytes([value]))}
+        assert stats.vcpus[vcpu_id].counts["io_out"] == len(logs[port])
+    api.stop("par")
+    api.delete("par")
