@@ -21,6 +21,7 @@ import grp
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -109,7 +110,7 @@ def unit_syscall_allow_list() -> tuple[list[str], int]:
 @pytest.fixture
 def socket_group() -> Iterator[str]:
     """A temporary group in the role of the unit's Group=kvmd / socket_group = "kvmd"."""
-    name = f"kvmds{os.getpid() % 100000}"
+    name = f"kvmds{secrets.token_hex(4)}"
     groupadd, groupdel = shutil.which("groupadd"), shutil.which("groupdel")
     if not (groupadd and groupdel):
         pytest.skip("groupadd/groupdel are needed for a temporary socket group")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grp
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ def require_kvm() -> None:
 def socket_group() -> Iterator[grp.struct_group]:
     """A temporary group made for the test (removed after); an existing unprivileged
     group if groupadd is unavailable."""
-    name = f"kvmdt{os.getpid() % 100000}"
+    name = f"kvmdt{secrets.token_hex(4)}"
     groupadd, groupdel = shutil.which("groupadd"), shutil.which("groupdel")
     if groupadd and groupdel and os.geteuid() == 0:
         subprocess.run([groupadd, "--system", name], check=True, capture_output=True)
@@ -42,13 +43,10 @@ def socket_group() -> Iterator[grp.struct_group]:
         finally:
             subprocess.run([groupdel, name], check=False, capture_output=True)
         return
-    for existing in ("kvm", "disk"):
-        try:
-            yield grp.getgrnam(existing)
-            return
-        except KeyError:
-            continue
-    pytest.skip("no groupadd and no kvm/disk group to own the socket")
+    existing = [g for g in grp.getgrall() if g.gr_name in ("kvm", "disk")]
+    if not existing:
+        pytest.skip("no groupadd and no kvm/disk group to own the socket")
+    yield existing[0]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
