@@ -311,3 +311,41 @@ def test_two_handlers_serve_two_vcpus_in_parallel(api: Api) -> None:
         assert stats.vcpus[vcpu_id].counts["io_out"] == len(logs[port])
     api.stop("par")
     api.delete("par")
+
+
+def test_claiming_a_port_the_guest_is_already_hammering(api: Api) -> None:
+    """A port completed in C as unclaimed switches to the handler when claimed, and back
+    to unclaimed when the handler goes, without stopping the guest."""
+    api.boot("switch", port_loop(CLAIM_PORT, 0x33))
+    api.start("switch")
+    wait_until(lambda: api.stats("switch").total["unclaimed_pio"] > 100, 10,
+               "unclaimed exits")
+    seen: list[pb.ExitRequest] = []
+    handler = api.handler("switch", [pio(CLAIM_PORT)])
+    handler.claimed()
+    handler.serve(lambda e: b"", seen)
+    wait_until(lambda: len(seen) > 20, 10, "the handler to receive the guest's OUTs")
+    handler.close()
+    handler.wait_ended()
+    unclaimed = api.stats("switch").total["unclaimed_pio"]
+    wait_until(lambda: api.stats("switch").total["unclaimed_pio"] > unclaimed + 100, 10,
+               "the port to be unclaimed again")
+    assert api.get_vm("switch").state == "running"
+    api.delete("switch")
+
+
+def test_strict_io_vm_crashes_once_its_handler_is_gone(api: Api) -> None:
+    api.boot("strict-claim", in_twice_program(), strict_io=True)
+    handler = api.handler("strict-claim", [pio(CLAIM_PORT)])
+    handler.claimed()
+    handler.serve(lambda e: b"\x05")
+    watch = api.watch("strict-claim")
+    api.start("strict-claim")
+    api.wait_vcpu_state("strict-claim", "halted")
+    assert api.regs("strict-claim").rbx & 0xFF == 0x05  # served while claimed
+    handler.close()
+    handler.wait_ended()
+    api.vcpus.ResumeVcpu(ref("strict-claim"))
+    assert "unclaimed port read" in watch.wait_for("crashed").reason
+    api.assert_healthy()
+    api.delete("strict-claim")
