@@ -202,7 +202,7 @@ def run_vms(d: Daemon, code: bytes, count: int, seconds: float, tag: str) -> lis
 class Stream:
     """A bidi call fed from a queue, its responses read on the calling thread."""
 
-    def __init__(self, start: Callable[[Iterator[Any]], Iterator[Any]], first: Any) -> None:
+    def __init__(self, start: Callable[[Iterator[Any]], Any], first: Any) -> None:
         self._out: queue.Queue[Any] = queue.Queue()
         self._out.put(first)
         self.call = start(self._requests())
@@ -269,7 +269,8 @@ def ping_pong_round_trips(sock: str, n: int) -> list[float]:
             time.sleep(0.05)
         channel = grpc.insecure_channel(f"unix://{sock}")
         grpc.channel_ready_future(channel).result(timeout=20)
-        start = channel.stream_stream(ECHO_METHOD)  # raw bytes both ways
+        start = channel.stream_stream(ECHO_METHOD, request_serializer=None,
+                                      response_deserializer=None)  # raw bytes both ways
         payload = b"x" * 32  # about the size of an ExitRequest
         stream = Stream(start, payload)
         next(stream.responses)

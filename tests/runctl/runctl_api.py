@@ -99,7 +99,7 @@ class Watcher:
                     self.events.append(event)
                     self._cond.notify_all()
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code = exc.code()
         with self._cond:
             self.ended, self.code = True, code
             self._cond.notify_all()
@@ -167,7 +167,7 @@ class ExitHandler:
             for event in self.call:
                 self.incoming.put(event)
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            code, details = exc.code(), exc.details() or ""
         self.code, self.details = code, details
         self.ended.set()
         self.incoming.put(None)
@@ -286,8 +286,8 @@ class Api:
             err = exc
         else:
             raise AssertionError(f"expected {code.name}, the call succeeded")
-        got = err.code()  # type: ignore[attr-defined]
-        assert got == code, f"expected {code.name}, got {got.name}: {err.details()}"  # type: ignore[attr-defined]
+        got = err.code()
+        assert got == code, f"expected {code.name}, got {got.name}: {err.details()}"
         status = rpc_status.from_call(err)  # type: ignore[arg-type]
         assert status is not None, f"{code.name} without rich status details"
         infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]

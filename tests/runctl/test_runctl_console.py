@@ -32,7 +32,7 @@ class ConsoleReader:
                     self.chunks += 1
             self.code = Code.OK
         except grpc.RpcError as exc:
-            self.code = exc.code()  # type: ignore[attr-defined]
+            self.code = exc.code()
 
     def text(self) -> bytes:
         with self._lock:

@@ -94,8 +94,8 @@ def test_concurrent_run_control_on_one_vm_never_breaks_the_daemon(api: Api) -> N
             try:
                 ops[(i + k) % len(ops)]("race")
             except grpc.RpcError as exc:
-                if exc.code() not in allowed:  # type: ignore[attr-defined]
-                    bad.append(f"{exc.code()}: {exc.details()}")  # type: ignore[attr-defined]
+                if exc.code() not in allowed:
+                    bad.append(f"{exc.code()}: {exc.details()}")
 
     threads = [threading.Thread(target=hammer, args=(k,), daemon=True) for k in range(4)]
     for t in threads:
