@@ -156,3 +156,15 @@ def test_console_input_beyond_the_buffer_is_resource_exhausted(api: Api) -> None
     api.assert_code(lambda: api.vms.WriteConsole(pb.WriteConsoleRequest(
         vm_id="flood", data=b"x" * 5000)), Code.RESOURCE_EXHAUSTED)
     api.delete("flood")
+
+
+def test_deleting_the_vm_ends_console_streams(api: Api) -> None:
+    api.boot("console-gone", print_program(b"bye", 0))
+    watch = api.watch("console-gone")
+    api.start("console-gone")
+    watch.wait_for("debug_exit")
+    reader = ConsoleReader(api, "console-gone", backlog=True)
+    reader.wait_for(b"bye")
+    api.delete("console-gone")
+    wait_until(lambda: reader.code is not None, WAIT, "the console stream to end")
+    api.assert_healthy()
