@@ -30,16 +30,20 @@ ADMIN, OPERATOR, VIEWER = "admin", "operator", "viewer"
 ROLES = (ADMIN, OPERATOR, VIEWER)
 LOCAL = "local"
 
-# The identity of the caller of the RPC running in this thread (set by AuthInterceptor).
+# The identity of the caller of the RPC running in this thread, and its VM quota (0 = none),
+# set by AuthInterceptor for the handler.
 current_identity: contextvars.ContextVar[str] = contextvars.ContextVar(
     "kvmd_identity", default=LOCAL)
+current_quota: contextvars.ContextVar[int] = contextvars.ContextVar("kvmd_quota", default=0)
 
 # RPCs that only read: what a viewer may call.
 READ_ONLY_METHODS = frozenset({
     "Hypervisor/GetInfo", "Hypervisor/CheckExtension", "Hypervisor/GetSupportedCpuid",
     "Vms/GetVm", "Vms/ListVms", "Vms/WatchVm", "Vms/GetExitStats",
     "Memory/ListMemoryRegions", "Interrupts/ListIrqfds", "IoEvents/ListIoevents",
-    "Vcpus/ListVcpus", "Vcpus/GetVcpuState",
+    "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetRegs", "Vcpus/GetSregs",
+    "Vcpus/GetFpu", "Vcpus/GetCpuid", "Vcpus/GetMsrs", "Vcpus/GetMpState", "Vcpus/GetLapic",
+    "Vcpus/GetVcpuEvents",
     "grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch",
 })
 # RPCs about the host, not a VM: any authenticated caller.
@@ -73,8 +77,14 @@ class Policy:
         """Parse `[authorization]`: `identities = [{name, role, vm_prefix?, max_vms?}]`."""
         if not table:
             return cls()
+        unknown_keys = set(table) - {"identities"}
+        if unknown_keys:
+            raise ValueError(f"unknown keys {sorted(unknown_keys)} (only 'identities')")
+        identities = table.get("identities", [])
+        if not isinstance(identities, list):
+            raise ValueError("identities must be a list of tables")
         grants: dict[str, Grant] = {}
-        for entry in table.get("identities", []):
+        for entry in identities:
             if not isinstance(entry, dict):
                 raise ValueError("authorization.identities entries must be tables")
             name, role = entry.get("name"), entry.get("role")
@@ -85,8 +95,14 @@ class Policy:
             unknown = set(entry) - {"name", "role", "vm_prefix", "max_vms"}
             if unknown:
                 raise ValueError(f"identity {name!r}: unknown keys {sorted(unknown)}")
-            grants[name] = Grant(name, role, str(entry.get("vm_prefix", "")),
-                                 int(entry.get("max_vms", 0)))
+            prefix, quota = entry.get("vm_prefix", ""), entry.get("max_vms", 0)
+            if not isinstance(prefix, str):
+                raise ValueError(f"identity {name!r}: vm_prefix must be a string")
+            if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
+                raise ValueError(f"identity {name!r}: max_vms must be a non-negative integer")
+            if name in grants:
+                raise ValueError(f"identity {name!r} appears twice")
+            grants[name] = Grant(name, role, prefix, quota)
         return cls(grants, enabled=True)
 
     def grant_for(self, names: list[str]) -> Grant | None:
@@ -162,11 +178,7 @@ class Authorizer:
             if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
                 raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
                                        f"with {grant.vm_prefix!r}")
-            if grant.max_vms:
-                owned = sum(1 for vm in self.host.list_vms() if vm.owner == identity)
-                if owned >= grant.max_vms:
-                    raise PermissionDenied(f"{identity!r} already owns {owned} VMs, its quota")
-            return
+            return  # the quota (max_vms) is enforced atomically by the registry
         if not vm_id:
             raise PermissionDenied(f"{identity!r} may not call {short}")
         try:
@@ -203,6 +215,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             try:
                 identity, grant = authz.identify(context)
                 current_identity.set(identity)
+                current_quota.set(grant.max_vms if grant is not None else 0)
                 authz.check(method, grant, identity, request)
             except DomainError as exc:
                 log.warning("rpc denied", extra={"method": method, "peer": context.peer(),

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kvmd.api import convert
-from kvmd.api.auth import current_identity
+from kvmd.api.auth import current_identity, current_quota
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import InvalidArgument, ResourceExhausted
@@ -122,7 +122,7 @@ class VmsService(_Base, rpc.VmsServicer):
         """Create a VM under a caller-chosen id (duplicate: ALREADY_EXISTS)."""
         vm = self.host.create_vm(request.vm_id, dict(request.labels),
                                  convert.vm_options_from_pb(request.options),
-                                 owner=caller_identity())
+                                 owner=caller_identity(), owner_quota=current_quota.get())
         return convert.vm_to_pb(vm)
 
     def GetVm(self, request: pb.GetVmRequest, context: Any) -> pb.Vm:

@@ -69,7 +69,7 @@ class Host:
         self.budget = MemoryBudget(self.limits.max_memory_total_bytes)
         self.watcher = FdWatcher()
         self._vms: dict[str, ManagedVm] = {}
-        self._creating: set[str] = set()
+        self._creating: dict[str, str] = {}  # vm id -> owner, while being created
         self._lock = threading.Lock()
         self._capabilities: dict[str, int] | None = None
         # Time vCPUs waited for remote exit handlers, across VMs (exported as a histogram).
@@ -104,7 +104,9 @@ class Host:
     # -- VMs ------------------------------------------------------------------------------
 
     def create_vm(self, vm_id: str, labels: dict[str, str], options: VmOptions,
-                  owner: str = "local") -> ManagedVm:
+                  owner: str = "local", owner_quota: int = 0) -> ManagedVm:
+        """Create and register a VM. `owner_quota` (0 = none) caps how many VMs `owner` may
+        hold, counted atomically with creations in flight."""
         validate_id("vm id", vm_id)
         labels = validate_labels(labels)
         if options.pit and not options.irqchip:
@@ -115,7 +117,12 @@ class Host:
             if len(self._vms) + len(self._creating) >= self.limits.max_vms:
                 raise ResourceExhausted(f"the daemon already has {self.limits.max_vms} VMs, "
                                         "the limit")
-            self._creating.add(vm_id)
+            if owner_quota:
+                owned = sum(1 for v in self._vms.values() if v.owner == owner) + sum(
+                    1 for o in self._creating.values() if o == owner)
+                if owned >= owner_quota:
+                    raise ResourceExhausted(f"{owner!r} already holds {owned} VMs, its quota")
+            self._creating[vm_id] = owner
         try:
             # Kernel work happens outside the registry lock: other VMs stay responsive.
             with kernel_errors(f"vm/{vm_id}"):
@@ -123,7 +130,7 @@ class Host:
             managed = ManagedVm.build(vm_id, labels, options, vm, self.shared, owner)
         finally:
             with self._lock:
-                self._creating.discard(vm_id)
+                self._creating.pop(vm_id, None)
         with self._lock:
             self._vms[vm_id] = managed
         log.info("vm created", extra={"vm_id": vm_id})

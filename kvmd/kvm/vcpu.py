@@ -85,7 +85,16 @@ class Vcpu:
         self._idle = threading.Condition(self._state_lock)
         self._running_thread: int | None = None
         self._closers = 0  # threads in close() waiting for run() to return
+        # Opened now, not on first use: KVM_GET_STATS_FD takes the vCPU's kernel mutex,
+        # which a vCPU spinning in KVM_RUN holds indefinitely.
         self._stats: StatsReader | None = None
+        self._stats_error: KvmError | None = None
+        try:
+            self._stats = StatsReader(ioctl(fd, "KVM_GET_STATS_FD"))
+        except KvmError as exc:  # kernels without binary stats (before 5.14)
+            self._stats_error = exc
+        except OSError as exc:
+            self._stats_error = KvmError(exc.errno or errno.EIO, "KVM_GET_STATS_FD", "read")
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -431,11 +440,10 @@ class Vcpu:
 
     def stats(self) -> StatsReader:
         """The kernel's binary statistics for this vCPU (fd owned by the vCPU)."""
-        with self._state_lock:
-            if self._stats is None:
-                fd = ioctl(self._require_open("KVM_GET_STATS_FD"), "KVM_GET_STATS_FD")
-                self._stats = StatsReader(fd)
-            return self._stats
+        self._require_open("KVM_GET_STATS_FD")
+        if self._stats is None:
+            raise self._stats_error or KvmError(errno.ENOTTY, "KVM_GET_STATS_FD")
+        return self._stats
 
 
 class PioMap:
