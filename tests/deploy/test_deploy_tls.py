@@ -172,3 +172,18 @@ def test_kvmctl_with_tls_options(tls_daemon: Callable[..., TlsDaemon], pki: Pki)
     removed = kvmctl("operator-a", "vm", "delete", "ctl-vm")
     assert removed.returncode == 0, removed.stderr
     assert "ctl-vm" not in d.tls("admin-1").list_ids()
+
+
+def test_client_library_checks_the_server_name(tls_daemon: Callable[..., TlsDaemon],
+                                               pki: Pki) -> None:
+    """The server certificate names localhost and 127.0.0.1: tls_server_name may pick
+    either, a name the certificate lacks fails the handshake."""
+    d = tls_daemon(policy=POLICY)
+    admin = pki.clients["admin-1"]
+    with KvmdClient(d.target, tls_ca=pki.ca_file, tls_cert=admin.cert, tls_key=admin.key,
+                    tls_server_name="localhost", timeout=RPC_TIMEOUT) as client:
+        assert client.list_vms() == []
+    with KvmdClient(d.target, tls_ca=pki.ca_file, tls_cert=admin.cert, tls_key=admin.key,
+                    tls_server_name="not-kvmd.example", timeout=FAIL_TIMEOUT) as client, \
+            pytest.raises(UnavailableError):
+        client.list_vms()
