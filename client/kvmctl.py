@@ -9,6 +9,7 @@ suffixes (binary: 2M = 2 MiB).
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -17,13 +18,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from client import demo_guest
 from client._convert import message_to_dict, unflatten
 from client._format import format_kv, format_ranges, format_table, hexdump, human_bytes
+from client.demo import DemoResult, console_backlog, new_demo_vm_id, run_demo
 from client.errors import KvmdError, UnavailableError
 from client.kvmd_client import (
     DEFAULT_ADDRESS,
     DEFAULT_CHUNK_SIZE,
     KvmdClient,
+    Watch,
     irqchip_route,
     msi_route,
 )
@@ -34,7 +38,8 @@ EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
-Handler = Callable[[KvmdClient, argparse.Namespace], None]
+#: A command handler; it may return an exit code (None means success).
+Handler = Callable[[KvmdClient, argparse.Namespace], int | None]
 
 # ---------------------------------------------------------------------------------------------
 # argument types (raise ArgumentTypeError, so argparse reports a usage error and exits 2)
@@ -791,23 +796,103 @@ def cmd_vm_wait(c: KvmdClient, a: argparse.Namespace) -> None:
     _show(a, event, _event_line)
 
 
-def cmd_vm_stats(c: KvmdClient, a: argparse.Namespace) -> None:
+def _exit_counts(c: KvmdClient, a: argparse.Namespace) -> tuple[
+        vmm_pb2.ExitStats, list[int]]:
+    """The VM's exit stats and the vCPU ids to show (all, or the one --vcpu names)."""
     stats = c.exit_stats(a.vm)
+    if a.vcpu is None:
+        return stats, sorted(stats.vcpus)
+    if a.vcpu not in stats.vcpus:
+        c.get_vcpu_state(a.vm, a.vcpu)  # NOT_FOUND if there is no such vCPU
+    return stats, [a.vcpu]
+
+
+def cmd_exits(c: KvmdClient, a: argparse.Namespace) -> None:
+    """Exit counters by reason: the VM total and one column per vCPU (only reasons with
+    exits unless --all; only one vCPU with --vcpu)."""
+    stats, vcpu_ids = _exit_counts(c, a)
+
+    def counts(vcpu_id: int) -> Any:
+        return stats.vcpus[vcpu_id].counts if vcpu_id in stats.vcpus else {}
+
+    def shown(values: Any) -> dict[str, int]:
+        return {r: int(n) for r, n in sorted(values.items()) if n or a.all}
+
     if a.json:
-        _emit_json(message_to_dict(stats))
+        if a.vcpu is not None:
+            _emit_json({"vm_id": stats.vm_id, "vcpu_id": a.vcpu, "counts": shown(counts(a.vcpu))})
+        else:
+            _emit_json({"vm_id": stats.vm_id, "total": shown(stats.total),
+                        "vcpus": {str(v): shown(counts(v)) for v in vcpu_ids}})
         return
-    vcpu_ids = sorted(stats.vcpus)
-    reasons = sorted(stats.total)
-    if not a.all:
-        reasons = [r for r in reasons if stats.total[r]]
-    rows = [[r, stats.total[r], *(stats.vcpus[v].counts.get(r, 0) for v in vcpu_ids)]
-            for r in reasons]
+    if a.vcpu is not None:
+        column = counts(a.vcpu)
+        reasons = sorted(set(stats.total) | set(column))
+        rows = [[r, column.get(r, 0)] for r in reasons if a.all or column.get(r, 0)]
+        _out(format_table(["reason", f"vcpu{a.vcpu}"], rows, empty="No exits yet."))
+        return
+    reasons = [r for r in sorted(stats.total) if a.all or stats.total[r]]
+    rows = [[r, stats.total[r], *(counts(v).get(r, 0) for v in vcpu_ids)] for r in reasons]
     _out(format_table(["reason", "total", *(f"vcpu{v}" for v in vcpu_ids)], rows,
                       empty="No exits yet."))
 
 
+def _write_console_output(a: argparse.Namespace, data: bytes) -> None:
+    if a.json:
+        _emit_json_line({"data": data.decode("latin-1")})
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError, OSError):  # closed or replaced stdin
+        return False
+
+
+def _forward_stdin(c: KvmdClient, vm_id: str, watch: Watch[Any], end_on_eof: bool) -> None:
+    """Send each stdin line (newline included) to the guest's COM1 until EOF or an error;
+    at EOF on a terminal (Ctrl-D) also end the console session."""
+    try:
+        for line in iter(sys.stdin.readline, ""):
+            if watch.cancelled:
+                return
+            c.write_console(vm_id, line.encode())
+    except KvmdError as e:
+        if not watch.cancelled:
+            sys.stderr.write(f"kvmctl: console input stopped: {e}\n")
+            sys.stderr.flush()
+        return
+    except (OSError, ValueError):  # stdin closed under us
+        return
+    if end_on_eof:
+        watch.cancel()
+
+
 def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
+    """Print the console backlog, then (unless --no-follow) live output until Ctrl-C,
+    --duration or the VM's deletion; with --interactive also send stdin lines to the guest."""
+    if a.no_follow:
+        if a.no_backlog:
+            raise UsageError("--no-follow with --no-backlog would print nothing")
+        c.get_vm(a.vm)  # NOT_FOUND now rather than an empty backlog
+        data = console_backlog(c, a.vm, timeout=a.backlog_wait)
+        if data:
+            _write_console_output(a, data)
+        return
+    interactive = a.interactive if a.interactive is not None else _stdin_is_tty()
     watch = c.stream_console(a.vm, backlog=not a.no_backlog)
+    if interactive:
+        tty = _stdin_is_tty()
+        if tty and not a.json:
+            sys.stderr.write(f"console of vm {a.vm}: lines you type go to the guest; "
+                             "Ctrl-D stops input, Ctrl-C quits\n")
+            sys.stderr.flush()
+        threading.Thread(target=_forward_stdin, args=(c, a.vm, watch, tty),
+                         name="kvmctl-console-input", daemon=True).start()
     timer = None
     if a.duration is not None:
         timer = threading.Timer(a.duration, watch.cancel)
@@ -815,12 +900,7 @@ def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
         timer.start()
     try:
         for chunk in watch:
-            if a.json:
-                _emit_json_line({"data": chunk.data.decode("latin-1")})
-            else:
-                sys.stdout.flush()
-                sys.stdout.buffer.write(chunk.data)
-                sys.stdout.buffer.flush()
+            _write_console_output(a, chunk.data)
     except KeyboardInterrupt:
         pass
     finally:
@@ -861,6 +941,76 @@ def cmd_vcpu_inject(c: KvmdClient, a: argparse.Namespace) -> None:
         _emit_json(message_to_dict(vcpu))
     else:
         _out(f"queued vector {_hex(a.vector)} for vcpu {a.vcpu} of vm {a.vm}")
+
+
+# What the demo's exit counters mean for this guest.
+_DEMO_EXIT_NOTES = {
+    "io": "port I/O exits (KVM_EXIT_IO), split below",
+    "io_in": "port reads: the UART line status register, polled before each byte",
+    "io_out": "port writes: UART bytes, counts to port 0x80, the debug exit",
+    "unclaimed_pio": "accesses to ports no device claims (0x80): counted, dropped",
+    "hlt": "HLT instructions",
+}
+
+
+class _ConsolePrinter:
+    """Writes console bytes to stdout as text, remembering whether a line is open."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.at_line_start = True
+
+    def __call__(self, data: bytes) -> None:
+        text = self._decoder.decode(data)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.at_line_start = text.endswith("\n")
+
+
+def _demo_outcome(result: DemoResult) -> str:
+    if result.reason == "debug_exit" and result.exit_code is not None:
+        code = result.exit_code
+        verdict = "" if result.ok else f" (expected {demo_guest.EXIT_CODE})"
+        return (f"debug exit: the guest wrote {_hex(code)} to port "
+                f"{_hex(demo_guest.DEBUG_EXIT_PORT)}: exit code {code}{verdict}, "
+                f"{result.elapsed_seconds * 1000:.1f} ms after StartVm")
+    return f"the guest did not exit cleanly: vm {result.state} ({result.reason or 'no reason'})"
+
+
+def cmd_demo(c: KvmdClient, a: argparse.Namespace) -> int:
+    """Create a VM, run the demo guest with its console live on stdout, and report its exit
+    code and exit counters; exit code 1 unless the guest ended with the expected code."""
+    vm_id = a.vm_id or new_demo_vm_id()
+    printer = _ConsolePrinter()
+
+    def started(vm: str) -> None:
+        _out(f"kvmctl demo: vm {vm} on {c.address}\n"
+             f"  {human_bytes(demo_guest.MEMORY_SIZE)} of memory at 0x0, one vCPU in real "
+             f"mode, a {len(demo_guest.IMAGE)}-byte guest at {_hex(demo_guest.LOAD_ADDRESS)}\n"
+             "--- guest console (COM1) ---")
+        sys.stdout.flush()
+
+    if a.json:
+        result = run_demo(c, vm_id, keep=a.keep, within=a.within)
+        _emit_json({"address": c.address, **result.to_json()})
+        return EXIT_OK if result.ok else EXIT_SERVER_ERROR
+    result = run_demo(c, vm_id, keep=a.keep, within=a.within, on_output=printer,
+                      on_started=started)
+    if not printer.at_line_start:
+        _out("")
+    _out("--- end of console ---")
+    _out(_demo_outcome(result))
+    counts = result.vcpu_exit_counts.get(0, result.exit_counts)
+    rows = [[reason, n, _DEMO_EXIT_NOTES.get(reason, "")] for reason, n in counts.items()]
+    _out("exits of vcpu 0, by reason:")
+    _out(format_table(["reason", "count", "what"], rows, empty="No exits."))
+    if result.deleted:
+        _out(f"deleted vm {result.vm_id} (--keep keeps it)")
+    else:
+        _out(f"kept vm {result.vm_id}: try kvmctl exits {result.vm_id}, "
+             f"kvmctl vm console {result.vm_id} --no-follow, kvmctl vm delete {result.vm_id}")
+    return EXIT_OK if result.ok else EXIT_SERVER_ERROR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,12 +1091,19 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
 
 
+def _exits_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    p.add_argument("--vcpu", type=parse_int, metavar="N", help="only this vCPU's counters")
+    p.add_argument("--all", action="store_true", help="show reasons with no exits too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The kvmctl argument parser."""
     parser = argparse.ArgumentParser(
         prog="kvmctl",
         description="Control a kvmd daemon: VMs, guest memory, interrupts, ioevents, vCPUs.",
-        epilog="Numbers take decimal or 0x hex; sizes also K/M/G suffixes (2M = 2 MiB).\n"
+        epilog="New here? Start the daemon (make run), then try: kvmctl demo\n"
+        "Numbers take decimal or 0x hex; sizes also K/M/G suffixes (2M = 2 MiB).\n"
         "Exit codes: 0 ok, 1 request failed, 2 usage error, 3 daemon unreachable.",
         formatter_class=_Formatter,
     )
@@ -1014,15 +1171,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--within", type=float, default=30.0, metavar="SECONDS",
                    help="give up after this long (default 30; exit code 1)")
     _finish(p)
-    p = _leaf(vms, "stats", cmd_vm_stats, "VM exit counters by reason, per vCPU")
-    _vm_arg(p)
-    p.add_argument("--all", action="store_true", help="show reasons with no exits too")
+    p = _leaf(vms, "stats", cmd_exits, "VM exit counters by reason, per vCPU "
+              "(the same as kvmctl exits)")
+    _exits_args(p)
     _finish(p)
     p = _leaf(vms, "console", cmd_vm_console,
-              "the guest's COM1 output: backlog, then live (raw bytes on stdout)")
+              "the guest's COM1 output: backlog, then live (raw bytes on stdout); "
+              "Ctrl-C quits")
     _vm_arg(p)
     p.add_argument("--no-backlog", action="store_true", help="only new output")
+    p.add_argument("--no-follow", action="store_true",
+                   help="print the backlog and return (like cat, not tail -f)")
+    p.add_argument("--backlog-wait", type=float, default=1.0, metavar="SECONDS",
+                   help="with --no-follow, how long to wait for the backlog (default 1; "
+                   "an empty backlog always takes this long)")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--interactive", "-i", dest="interactive", action="store_true",
+                      default=None,
+                      help="send stdin lines to the guest (default when stdin is a terminal)")
+    mode.add_argument("--no-interactive", dest="interactive", action="store_false",
+                      help="never read stdin")
     _finish(p)
     p = _leaf(vms, "console-write", cmd_vm_console_write, "send input to the guest's COM1")
     _vm_arg(p)
@@ -1030,6 +1199,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("text", metavar="TEXT", nargs="?", help="text to send")
     data.add_argument("--hex", "-x", type=parse_hex_data, help="bytes to send, in hex")
     p.add_argument("--newline", "-n", action="store_true", help="append a newline")
+    _finish(p)
+
+    # exits, demo
+    p = _leaf(top, "exits", cmd_exits,
+              "VM exit counters by reason: the VM total and per vCPU")
+    _exits_args(p)
+    _finish(p)
+    p = _leaf(top, "demo", cmd_demo,
+              "run a tiny guest that greets you on its console, counts and exits: "
+              "shows the console and the exit counters, then deletes the VM")
+    p.add_argument("--vm-id", metavar="ID", help="the VM's id (default demo-<random>)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the VM afterwards (inspect it with vm get, exits, vm console)")
+    p.add_argument("--within", type=float, default=30.0, metavar="SECONDS",
+                   help="give up if the guest has not stopped after this long (default 30)")
     _finish(p)
 
     # mem
@@ -1258,7 +1442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot read TLS file: {e}", EXIT_USAGE)
     try:
         with client:
-            args.func(client, args)
+            code = args.func(client, args)
             sys.stdout.flush()
     except UsageError as e:
         sys.stderr.write(f"kvmctl: error: {e}\n")
@@ -1282,7 +1466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), EXIT_SERVER_ERROR)
     except KeyboardInterrupt:
         return 130
-    return EXIT_OK
+    return code if isinstance(code, int) else EXIT_OK
 
 
 if __name__ == "__main__":
