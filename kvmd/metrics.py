@@ -8,7 +8,9 @@ statistics (KVM_GET_STATS_FD) are read the same way. Series of a deleted VM disa
 from __future__ import annotations
 
 import logging
+import os
 import re
+import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -22,7 +24,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import start_http_server
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from kvmd.core.host import Host
@@ -315,11 +316,58 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+class ProcessMetrics(Collector):
+    """process_* metrics that need only this process's own /proc entries, so they survive
+    systemd's ProcSubset=pid (which hides /proc/stat, where prometheus-client's collector
+    reads the boot time)."""
+
+    def __init__(self) -> None:
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.start_time = self._start_time()
+
+    def _start_time(self) -> float:
+        try:
+            with open("/proc/self/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            started_after_boot = int(fields[19]) / self._ticks  # field 22: starttime
+            boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+            return boot + started_after_boot
+        except (OSError, IndexError, ValueError):
+            return time.time()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        yield CounterMetricFamily("process_cpu_seconds", "User and system CPU time in seconds",
+                                  value=usage.ru_utime + usage.ru_stime)
+        try:
+            with open("/proc/self/statm", "rb") as fh:
+                size, resident = (int(x) for x in fh.read().split()[:2])
+            yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size",
+                                    value=size * self._page)
+            yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size",
+                                    value=resident * self._page)
+        except (OSError, ValueError):
+            pass
+        try:
+            yield GaugeMetricFamily("process_open_fds", "Open file descriptors",
+                                    value=len(os.listdir("/proc/self/fd")))
+        except OSError:
+            pass
+        yield GaugeMetricFamily("process_max_fds", "Maximum open file descriptors",
+                                value=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        yield GaugeMetricFamily("process_start_time_seconds", "Start time since the epoch",
+                                value=self.start_time)
+
+
 def build_registry(host: Host, vcpu_label: bool = False) -> tuple[CollectorRegistry, RpcMetrics]:
     """A registry of its own: kvmd metrics, gRPC metrics and process metrics."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KvmdCollector(host, vcpu_label))
-    ProcessCollector(registry=registry)
+    registry.register(ProcessMetrics())
     rpc = RpcMetrics(registry)
     return registry, rpc
 

@@ -260,7 +260,13 @@ def finish_unix_socket(path: str, group: str) -> None:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ConfigError(f"socket group {group!r} does not exist") from None
-        os.chown(path, -1, gid)
+        # Under systemd (Group=kvmd) the socket already has the group: no CAP_CHOWN needed.
+        if os.stat(path).st_gid != gid:
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise ConfigError(f"cannot give {path} to group {group!r}: run the daemon "
+                                  "with that group (systemd Group=) or as root") from None
     os.chmod(path, SOCKET_MODE)
 
 
