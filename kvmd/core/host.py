@@ -48,6 +48,7 @@ class HostShared:
     budget: MemoryBudget
     watcher: FdWatcher
     remote_wait: Histogram
+    capabilities: dict[str, int]  # of /dev/kvm, read once
     crashes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -74,7 +75,8 @@ class Host:
         self._capabilities: dict[str, int] | None = None
         # Time vCPUs waited for remote exit handlers, across VMs (exported as a histogram).
         self.remote_wait = Histogram()
-        self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait)
+        self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
+                                 self.capabilities())
         self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------

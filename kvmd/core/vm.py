@@ -230,9 +230,10 @@ class ManagedVm:
         """Configure the kernel VM per `options`; closes `vm` if that fails."""
         try:
             with kernel_errors(f"vm/{vm_id}"):
-                if vm.check_extension("KVM_CAP_SET_TSS_ADDR"):
+                caps = shared.capabilities
+                if caps.get("KVM_CAP_SET_TSS_ADDR"):
                     vm.set_tss_address(options.tss_address or DEFAULT_TSS_ADDRESS)
-                if vm.check_extension("KVM_CAP_SET_IDENTITY_MAP_ADDR"):
+                if caps.get("KVM_CAP_SET_IDENTITY_MAP_ADDR"):
                     vm.set_identity_map_address(
                         options.identity_map_address or DEFAULT_IDENTITY_MAP_ADDRESS)
                 if options.irqchip:

@@ -28,27 +28,11 @@ class StatsReader:
             self.id = os.pread(fd, name_size, id_off).split(b"\0", 1)[0].decode()
             step = _DESC.size + name_size
             raw = os.pread(fd, step * num_desc, desc_off)
-            descs = []
-            for i in range(num_desc):
-                base = i * step
-                flags, exponent, size, offset, bucket = _DESC.unpack_from(raw, base)
-                name = raw[base + _DESC.size : base + step].split(b"\0", 1)[0].decode()
-                descs.append(
-                    StatDescriptor(
-                        name=name,
-                        kind=_KINDS.get(flags & lib.KVM_STATS_TYPE_MASK, "unknown"),
-                        unit=_UNITS.get((flags & lib.KVM_STATS_UNIT_MASK) >> 4, "unknown"),
-                        base=2 if (flags & lib.KVM_STATS_BASE_MASK) >> 8 else 10,
-                        exponent=exponent,
-                        size=size,
-                        offset=offset,
-                        bucket_size=bucket,
-                    )
-                )
+            descs = _parse_descriptors(raw, step, num_desc)
         except BaseException:
             os.close(fd)
             raise
-        self.descriptors: tuple[StatDescriptor, ...] = tuple(descs)
+        self.descriptors: tuple[StatDescriptor, ...] = descs
         self._data_offset = data_off
         self._data_len = max((d.offset + 8 * d.size for d in descs), default=0)
 
@@ -70,3 +54,33 @@ class StatsReader:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+
+# Every VM (and every vCPU) of a kernel describes its statistics identically: parse each
+# distinct descriptor block once, not once per vCPU.
+_parsed: dict[bytes, tuple[StatDescriptor, ...]] = {}
+
+
+def _parse_descriptors(raw: bytes, step: int, count: int) -> tuple[StatDescriptor, ...]:
+    cached = _parsed.get(raw)
+    if cached is not None:
+        return cached
+    descs = []
+    for i in range(count):
+        base = i * step
+        flags, exponent, size, offset, bucket = _DESC.unpack_from(raw, base)
+        name = raw[base + _DESC.size : base + step].split(b"\0", 1)[0].decode()
+        descs.append(StatDescriptor(
+            name=name,
+            kind=_KINDS.get(flags & lib.KVM_STATS_TYPE_MASK, "unknown"),
+            unit=_UNITS.get((flags & lib.KVM_STATS_UNIT_MASK) >> 4, "unknown"),
+            base=2 if (flags & lib.KVM_STATS_BASE_MASK) >> 8 else 10,
+            exponent=exponent,
+            size=size,
+            offset=offset,
+            bucket_size=bucket,
+        ))
+    result = tuple(descs)
+    if len(_parsed) < 16:
+        _parsed[raw] = result
+    return result
