@@ -88,11 +88,6 @@ def main() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     eperm = scmp_act_errno(errno.EPERM)
     filters: list[Filter] = []
-    if "allow" in spec:
-        f = Filter(lib, scmp_act_errno(int(spec.get("errno", errno.EPERM))))
-        for name in spec["allow"]:
-            f.rule(SCMP_ACT_ALLOW, name)
-        filters.append(f)
     if spec.get("mdwe"):
         f = Filter(lib, SCMP_ACT_ALLOW)
         wx = mmap.PROT_WRITE | mmap.PROT_EXEC
@@ -109,6 +104,12 @@ def main() -> None:
             if family not in allowed:
                 f.rule(deny, "socket", (0, SCMP_CMP_EQ, family, 0))
         f.rule(deny, "socket", (0, SCMP_CMP_GT, allowed[-1], 0))
+        filters.append(f)
+    # The allow list goes last: it may itself forbid seccomp(), which loading needs.
+    if "allow" in spec:
+        f = Filter(lib, scmp_act_errno(int(spec.get("errno", errno.EPERM))))
+        for name in spec["allow"]:
+            f.rule(SCMP_ACT_ALLOW, name)
         filters.append(f)
     for f in filters:
         f.load()

@@ -194,11 +194,23 @@ def test_control_run_without_sandbox(short_dir: Path, socket_group: str, pki: Pk
     assert "process_cpu_seconds_total" in result["metrics"]
 
 
+def setpriv_prefix(group: str, *drop: str) -> list[str]:
+    """User=root, Group=`group` (the unit's Group=kvmd: the socket is created with that
+    group), plus any further setpriv options."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to run as the unit's Group=")
+    assert unit_values("Group")[-1:] == ["kvmd"], "the unit's Group= changed"
+    return [setpriv, "--reuid=0", f"--regid={grp.getgrnam(group).gr_gid}", "--clear-groups",
+            *drop]
+
+
 def test_daemon_lives_with_the_units_system_call_filter(short_dir: Path, socket_group: str,
                                                         pki: Pki) -> None:
     allowed, code = unit_syscall_allow_list()
-    run_workload(seccomp_prefix(short_dir, {"allow": allowed, "errno": code}), short_dir,
-                 socket_group, pki)
+    prefix = setpriv_prefix(socket_group) + seccomp_prefix(
+        short_dir, {"allow": allowed, "errno": code})
+    run_workload(prefix, short_dir, socket_group, pki)
 
 
 def test_daemon_lives_with_memory_deny_write_execute(short_dir: Path, socket_group: str,
@@ -220,19 +232,20 @@ def test_daemon_lives_with_the_restricted_address_families(short_dir: Path,
 def test_daemon_lives_without_capabilities(short_dir: Path, socket_group: str,
                                            pki: Pki) -> None:
     """User=root, Group=<the socket group>, CapabilityBoundingSet= (empty),
-    NoNewPrivileges=yes. The directory of the socket is the group's, as RuntimeDirectory=
-    would make it."""
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is needed to drop capabilities")
+    NoNewPrivileges=yes."""
     assert unit_values("CapabilityBoundingSet")[-1:] == [""]
     assert unit_values("User")[-1:] == ["root"]
-    gid = grp.getgrnam(socket_group).gr_gid
-    os.chown(short_dir, 0, gid)
-    short_dir.chmod(0o770)
-    prefix = [setpriv, "--reuid=0", f"--regid={gid}", "--clear-groups",
-              "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+    assert unit_values("NoNewPrivileges")[-1:] == ["yes"]
+    prefix = setpriv_prefix(socket_group, "--bounding-set=-all", "--inh-caps=-all",
+                            "--no-new-privs")
     run_workload(prefix, short_dir, socket_group, pki)
+
+
+def private_proc_prefix(unshare: str) -> list[str]:
+    """A private mount namespace whose /proc is mounted as ProcSubset=pid and
+    ProtectProc=invisible make it."""
+    return [unshare, "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"', "sh"]
 
 
 def test_process_metrics_survive_proc_subset_pid(short_dir: Path, socket_group: str,
@@ -248,11 +261,28 @@ def test_process_metrics_survive_proc_subset_pid(short_dir: Path, socket_group: 
                             "test ! -e /proc/stat"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a subset=pid /proc here: {probe.stderr!r}")
-    prefix = [unshare, "--mount", "--propagation", "private", "sh", "-c",
-              'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"', "sh"]
+    prefix = private_proc_prefix(unshare)
     result = run_workload(prefix, short_dir, socket_group, pki)
     names = {line.split("{")[0].split(" ")[0] for line in result["metrics"].splitlines()
              if line and not line.startswith("#")}
     missing = sorted({"process_cpu_seconds_total", "process_resident_memory_bytes",
                       "process_open_fds", "process_start_time_seconds"} - names)
     assert not missing, f"under ProcSubset=pid /metrics lacks {missing}"
+
+
+def test_daemon_lives_in_the_whole_sandbox(short_dir: Path, socket_group: str,
+                                           pki: Pki) -> None:
+    """Every part at once, nested as systemd applies them: private /proc, then Group= with
+    no capabilities and no_new_privs, then the seccomp filters."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is needed for a private /proc")
+    allowed, code = unit_syscall_allow_list()
+    families = " ".join(unit_values("RestrictAddressFamilies")).split()
+    prefix = [*private_proc_prefix(unshare),
+              *setpriv_prefix(socket_group, "--bounding-set=-all", "--inh-caps=-all",
+                              "--no-new-privs"),
+              *seccomp_prefix(short_dir, {"allow": allowed, "errno": code, "mdwe": True,
+                                          "families": [FAMILIES[f] for f in families]})]
+    result = run_workload(prefix, short_dir, socket_group, pki)
+    assert "process_cpu_seconds_total" in result["metrics"]
