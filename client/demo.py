@@ -82,15 +82,9 @@ class DemoResult:
 
 
 def console_backlog(client: KvmdClient, vm_id: str, timeout: float = BACKLOG_TIMEOUT) -> bytes:
-    """The VM's buffered console output, without following it.
-
-    The daemon sends the backlog as the first message of ``StreamConsole``; an empty backlog
-    sends nothing, so an empty result costs ``timeout`` seconds (and output the guest writes
-    within that window is returned as if it had been buffered).
-    """
-    with client.stream_console(vm_id, backlog=True) as watch:
-        first = watch.next(timeout)
-    return bytes(first.data) if first is not None else b""
+    """The VM's buffered console output, without following it (``timeout`` is unused: the
+    daemon ends a ``no_follow`` stream right after the backlog)."""
+    return client.console_backlog(vm_id)
 
 
 class _LiveConsole:

@@ -612,6 +612,15 @@ class KvmdClient:
         request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=backlog)
         return self._watch(self._vms.StreamConsole, request, timeout)
 
+    def console_backlog(self, vm_id: str) -> bytes:
+        """The buffered console output now, without following it."""
+        request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=True, no_follow=True)
+        try:
+            return b"".join(bytes(m.data) for m in self._vms.StreamConsole(
+                request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
     def write_console(self, vm_id: str, data: bytes) -> int:
         """Queue input for the guest's COM1 receiver; returns the bytes accepted."""
         request = vmm_pb2.WriteConsoleRequest(vm_id=vm_id, data=bytes(data))

@@ -185,10 +185,13 @@ class VmsService(_Base, rpc.VmsServicer):
 
     def StreamConsole(self, request: pb.StreamConsoleRequest,
                       context: Any) -> Iterator[pb.ConsoleOutput]:
-        """Console output: the backlog (if asked), then live bytes."""
+        """Console output: the backlog (if asked), then live bytes unless no_follow."""
         backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
         if backlog:
             yield pb.ConsoleOutput(data=backlog)
+        if request.no_follow:
+            sub.close()
+            return
         for data in _watch(sub, context):
             yield pb.ConsoleOutput(data=data)
 
