@@ -37,6 +37,11 @@ fi
 "$prefix/venv/bin/pip" install -q --upgrade pip
 "$prefix/venv/bin/pip" install -q "$src"
 install -m 0644 "$src/README.md" "$prefix/README.md"
+# Examples: the commented config, Prometheus scrape config and rules, Grafana dashboard.
+install -d "$prefix/examples/prometheus" "$prefix/examples/grafana"
+install -m 0644 "$src/deploy/config/kvmd.toml" "$prefix/examples/kvmd.toml"
+install -m 0644 "$src"/deploy/prometheus/*.yml "$prefix/examples/prometheus/"
+install -m 0644 "$src/deploy/grafana/kvmd-dashboard.json" "$prefix/examples/grafana/"
 install -m 0644 "$src/deploy/systemd/kvmd.service" "$unitdir/kvmd.service"
 install -m 0644 "$src/deploy/systemd/kvmd.sysusers" "$root/usr/lib/sysusers.d/kvmd.conf"
 install -m 0644 "$src/deploy/systemd/kvmd.tmpfiles" "$root/usr/lib/tmpfiles.d/kvmd.conf"

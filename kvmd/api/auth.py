@@ -124,7 +124,8 @@ def peer_names(context: grpc.ServicerContext) -> list[str]:
     for key in ("x509_common_name", "x509_subject_alternative_name"):
         for value in auth.get(key, []):
             text = value.decode() if isinstance(value, bytes) else str(value)
-            if text and text not in names:
+            # "local" names the Unix socket only: a certificate cannot claim it.
+            if text and text != LOCAL and text not in names:
                 names.append(text)
     return names
 
