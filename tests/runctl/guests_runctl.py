@@ -178,14 +178,19 @@ def interrupt_program(vector: int, code_base: int = 0x100, *, halt: bool = True)
 COUNTERS = DATA_ADDR  # where two_vector_counter_program counts its interrupts
 
 
-def two_vector_counter_program(v1: int, v2: int) -> bytes:
+def two_vector_counter_program(v1: int, v2: int, *, masked_spin: bool = False) -> bytes:
     """IVT entries for two vectors whose handlers count into bytes COUNTERS and
-    COUNTERS+1 and `iret`; the main loop is `sti; hlt; jmp` (one HLT exit per wait)."""
+    COUNTERS+1 and `iret`; the main loop is `sti; hlt; jmp` (one HLT exit per wait).
+
+    With masked_spin, the program instead spins with interrupts disabled (`jmp $`) right
+    after setting up the IVT; a test moves RIP to MASKED_IDLE to enter the idle loop."""
     a = Asm()
     a([0xFA], [0x31, 0xC0], mov_ds_ax())                        # cli; xor ax, ax; mov ds, ax
     for vector, handler in ((v1, "h1"), (v2, "h2")):
         a.mov_word_mem_label(vector * 4, handler)               # mov word [v*4], handler
         a([0xC7, 0x06], struct.pack("<HH", vector * 4 + 2, 0))  # mov word [v*4+2], 0
+    if masked_spin:
+        a.label("masked").jmp("masked")                         # masked: jmp masked
     a.label("idle")
     a([0xFB], HLT)                                              # idle: sti; hlt
     a.jmp("idle")                                               #       jmp idle
@@ -193,7 +198,12 @@ def two_vector_counter_program(v1: int, v2: int) -> bytes:
         a.label(handler)
         a([0xFE, 0x06], struct.pack("<H", COUNTERS + i))        # inc byte [COUNTERS+i]
         a([0xCF])                                               # iret
+    assert not masked_spin or a.labels["idle"] == MASKED_IDLE
     return a.bytes()
+
+
+# Where two_vector_counter_program(masked_spin=True) has its `sti; hlt` idle loop.
+MASKED_IDLE = CODE_ADDR + 0x1F
 
 
 def unclaimed_in_program(port: int = UNCLAIMED_PORT) -> bytes:
