@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from kvmd.api.interceptors import rewrap
 from kvmd.core.host import Host
 from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
 from kvmd.kvm import KvmError, StatDescriptor, StatsReader
@@ -249,8 +250,6 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
         observe = self.metrics.observe
 
@@ -289,16 +288,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     finish(context, started, failed)
             return wrapper
 
-        kinds = (("unary_unary", unary, grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", stream, grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", unary, grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", stream, grpc.stream_stream_rpc_method_handler))
-        for attr, wrap, make in kinds:
-            behavior = getattr(handler, attr)
-            if behavior:
-                return make(wrap(behavior), handler.request_deserializer,
-                            handler.response_serializer)
-        return handler
+        return rewrap(handler, lambda kind, behavior: (
+            stream(behavior) if kind.endswith("_stream") else unary(behavior)))
 
 
 class MetricsServer:

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from kvmd.api.interceptors import rewrap
 from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
 from kvmd.core.host import Host
 
@@ -256,13 +257,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 yield from behavior(first_then_rest(requests, context), context)
             return wrapper
 
-        kinds = (("unary_unary", unary, grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", unary_stream, grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", stream_unary, grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", stream_stream, grpc.stream_stream_rpc_method_handler))
-        for attr, wrap, make in kinds:
-            behavior = getattr(handler, attr)
-            if behavior:
-                return make(wrap(behavior), handler.request_deserializer,
-                            handler.response_serializer)
-        return handler
+        wrappers = {"unary_unary": unary, "unary_stream": unary_stream,
+                    "stream_unary": stream_unary, "stream_stream": stream_stream}
+        return rewrap(handler, lambda kind, behavior: wrappers[kind](behavior))

@@ -54,29 +54,35 @@ def _is_abort(exc: BaseException) -> bool:
     return type(exc) is Exception and not exc.args
 
 
+# The four kinds of handler behavior and the constructor of each.
+_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+          ("unary_stream", grpc.unary_stream_rpc_method_handler),
+          ("stream_unary", grpc.stream_unary_rpc_method_handler),
+          ("stream_stream", grpc.stream_stream_rpc_method_handler))
+
+
+def rewrap(handler: Any, wrap: Callable[[str, Behavior], Behavior]) -> Any:
+    """A copy of `handler` whose behavior is `wrap(kind, behavior)`; kind is one of
+    unary_unary, unary_stream, stream_unary, stream_stream. Shared by every interceptor."""
+    if handler is None:
+        return None
+    for kind, make in _KINDS:
+        behavior = getattr(handler, kind)
+        if behavior:
+            return make(wrap(kind, behavior), handler.request_deserializer,
+                        handler.response_serializer)
+    return handler
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Map DomainError (and anything unexpected, as INTERNAL) to a rich status."""
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
-                handler.request_deserializer, handler.response_serializer)
-        return handler
+
+        def wrap(kind: str, behavior: Behavior) -> Behavior:
+            streams_out = kind.endswith("_stream")
+            return _wrap_stream(behavior, method) if streams_out else _wrap_unary(behavior,
+                                                                                  method)
+        return rewrap(continuation(handler_call_details), wrap)

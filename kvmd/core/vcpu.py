@@ -9,6 +9,7 @@ Register access is allowed only while the vCPU is not in the guest.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -175,7 +176,9 @@ class ManagedVcpu:
             if self.state in (STOPPED, CRASHED):
                 raise InvalidState(f"vcpu {self.id} is {self.state}", resource=self.resource)
             self._pending_irqs.append(vector)
-            if self.state == HALTED:
+            # A maskable interrupt ends HLT only if the guest has interrupts enabled; with
+            # `cli; hlt` it stays queued until the vCPU is resumed some other way.
+            if self.state == HALTED and self.vcpu.interrupts_enabled:
                 self._set_state(RUNNING, "resumed", "interrupt")
             if self.state == RUNNING:
                 self.vcpu.kick()  # deliver it now rather than at the next exit
@@ -213,21 +216,12 @@ class ManagedVcpu:
                 with self.cond:
                     finish_io = self._io_pending and (self._pause_requested
                                                       or self._stop_requested)
-                    if not finish_io:
-                        if not self._wait_for_go():
-                            return
-                        irqs = list(self._pending_irqs)
-                        self._pending_irqs.clear()
+                    if not finish_io and not self._wait_for_go():
+                        return
                 if finish_io:
                     self._finish_pending_io()
                     continue
-                for vector in irqs:
-                    try:
-                        vcpu.interrupt(vector)
-                    except KvmError as exc:  # e.g. EEXIST: one is still pending
-                        log.warning("interrupt not injected", extra={
-                            "vm_id": self.vm_id, "vcpu": self.id, "vector": vector,
-                            "error": str(exc)})
+                self._deliver_interrupt()
                 exit_ = vcpu.run_until_unhandled(pio_map)
                 if isinstance(exit_, IntrExit):
                     # Kicked: clear the flag first, then the loop head sees why.
@@ -242,6 +236,32 @@ class ManagedVcpu:
             with self.cond:
                 self._crash(reason)
             self.vm.on_vcpu_ended(self, Outcome("crash", reason))
+
+    def _can_take_interrupt(self) -> bool:
+        """Under cond: a queued interrupt can end a HLT (the guest has IF set)."""
+        return bool(self._pending_irqs) and self.vcpu.interrupts_enabled
+
+    def _deliver_interrupt(self) -> None:
+        """Inject the oldest queued interrupt when the guest can take one. KVM holds only one
+        KVM_INTERRUPT at a time, so the rest wait: the vCPU asks KVM for an exit as soon as
+        the guest can take the next (IRQ_WINDOW_OPEN), and none is ever dropped."""
+        with self.cond:
+            vector = self._pending_irqs[0] if self._pending_irqs else None
+        if vector is not None and self.vcpu.ready_for_interrupt_injection:
+            try:
+                self.vcpu.interrupt(vector)
+                delivered = True
+            except KvmError as exc:
+                delivered = exc.errno != errno.EEXIST  # EEXIST: retry at the next window
+                if delivered:
+                    log.warning("interrupt refused", extra={
+                        "vm_id": self.vm_id, "vcpu": self.id, "vector": vector,
+                        "error": str(exc)})
+            if delivered:
+                with self.cond:
+                    self._pending_irqs.popleft()
+        with self.cond:
+            self.vcpu.set_request_interrupt_window(bool(self._pending_irqs))
 
     def _finish_pending_io(self) -> None:
         """KVM completes an IO/MMIO access (IN data into the register, RIP past the
@@ -267,7 +287,7 @@ class ManagedVcpu:
                     self._set_state(PAUSED, "paused")
                 self.cond.wait()
                 continue
-            if self.state == HALTED and not self._pending_irqs:
+            if self.state == HALTED and not self._can_take_interrupt():
                 self.cond.wait()
                 continue
             if self.state != RUNNING:
@@ -280,7 +300,7 @@ class ManagedVcpu:
             return True
         with self.cond:
             if outcome.action == "halt":
-                if not self._pending_irqs and not self._stop_requested:
+                if not self._can_take_interrupt() and not self._stop_requested:
                     self._set_state(HALTED, "halted", "hlt")
                 return True
             if outcome.action == "pause":

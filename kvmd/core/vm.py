@@ -674,6 +674,8 @@ class ManagedVm:
             return Outcome("pause", "debug")
         if isinstance(exit_, (RdMsrExit, WrMsrExit)):
             return CONTINUE  # left failed by the binding: the guest gets #GP
+        if exit_.name == "irq_window_open":
+            return CONTINUE  # the vCPU thread injects its next queued interrupt
         return Outcome("crash", f"unhandled exit {exit_.name}")
 
     def _port_io(self, vcpu: ManagedVcpu, exit_: IoExit) -> Outcome:

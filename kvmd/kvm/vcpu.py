@@ -420,6 +420,24 @@ class Vcpu:
             raise invalid("KVM_INTERRUPT", "vector must be 0..255")
         ioctl(self._require_open("KVM_INTERRUPT"), "KVM_INTERRUPT", irq)
 
+    @property
+    def ready_for_interrupt_injection(self) -> bool:
+        """kvm_run.ready_for_interrupt_injection after the last exit: KVM_INTERRUPT would be
+        taken at the next entry (only meaningful without an in-kernel irqchip)."""
+        self._require_open("ready_for_interrupt_injection")
+        return bool(self._run.ready_for_interrupt_injection)
+
+    @property
+    def interrupts_enabled(self) -> bool:
+        """kvm_run.if_flag after the last exit: the guest's RFLAGS.IF."""
+        self._require_open("if_flag")
+        return bool(self._run.if_flag)
+
+    def set_request_interrupt_window(self, value: bool) -> None:
+        """Ask KVM to exit (IRQ_WINDOW_OPEN) as soon as the guest can take an interrupt."""
+        self._require_open("request_interrupt_window")
+        self._run.request_interrupt_window = 1 if value else 0
+
     def nmi(self) -> None:
         """Inject a non-maskable interrupt (KVM_NMI)."""
         ioctl(self._require_open("KVM_NMI"), "KVM_NMI")
