@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 
 from kvmd.core.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     DomainError,
     InvalidArgument,
     InvalidState,
@@ -35,6 +36,7 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     KernelError: grpc.StatusCode.INTERNAL,
 }
 

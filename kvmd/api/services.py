@@ -16,7 +16,7 @@ from kvmd.api import convert
 from kvmd.api.auth import current_identity, current_quota
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.core.errors import InvalidArgument, ResourceExhausted
+from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from kvmd.core.events import Subscription
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
@@ -202,7 +202,8 @@ class VmsService(_Base, rpc.VmsServicer):
         accepted = vm.write_console(request.data)
         if accepted < len(request.data):
             raise ResourceExhausted(
-                f"console input buffer full: accepted {accepted} of {len(request.data)} bytes")
+                f"console input buffer has room for {accepted} bytes, not "
+                f"{len(request.data)}: nothing was queued")
         return pb.WriteConsoleResponse(accepted=accepted)
 
 
@@ -535,11 +536,14 @@ class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
                 yield pb.ExitHandlerEvent(exit=pb.ExitRequest(
                     exit_id=item.id, vcpu_id=item.vcpu_id, space=convert.SPACES_PB[item.space],
                     address=item.address, size=item.size, is_write=item.is_write,
-                    data=item.data))
+                    data=item.data, count=item.count))
         finally:
             vm.release_handler(handler, "stream ended")
         if handler.close_reason.startswith("bad reply"):
             raise InvalidArgument(handler.close_reason)
+        if handler.close_reason.startswith("missed"):
+            raise DeadlineExceeded(f"handler {handler.id} {handler.close_reason}; its claims "
+                                   "were released")
 
     @staticmethod
     def _read_replies(requests: Iterator[pb.ExitHandlerMessage], handler: RemoteHandler,

@@ -111,10 +111,13 @@ class Uart16550(PioDevice):
         self._thre_pending = False
 
     def feed(self, data: bytes) -> int:
-        """Queue input for the guest; returns how many bytes fit (the rest is refused)."""
+        """Queue input for the guest, all or nothing: returns len(data) when it fit,
+        otherwise the free room (and queues nothing, so a retry never duplicates input)."""
         with self._lock:
             room = CONSOLE_INPUT_LIMIT - len(self._rx)
-            taken = data[: max(0, room)]
+            if len(data) > room:
+                return room
+            taken = data
             self._rx.extend(taken)
             notify = bool(taken) and self._ier & _IER_RDA
         self.console.bytes_in += len(taken)

@@ -70,6 +70,12 @@ class Unsupported(DomainError):
     reason = "UNIMPLEMENTED"
 
 
+class DeadlineExceeded(DomainError):
+    """Something the request waited on did not happen in time (a remote handler's reply)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
 class KernelError(DomainError):
     """An unexpected failure of a KVM ioctl (errno and ioctl name attached)."""
 

@@ -49,9 +49,10 @@ class RemoteExit:
     vcpu_id: int
     space: IoSpace
     address: int
-    size: int
+    size: int  # bytes per access
     is_write: bool
     data: bytes
+    count: int = 1  # accesses of a string instruction (rep ins/outs): data is size*count
     id: int = field(default_factory=lambda: next(_exit_ids))
     done: threading.Event = field(default_factory=threading.Event)
     reply: bytes | None = None
@@ -117,8 +118,9 @@ class RemoteHandler:
                 return None
         if exit_ is None:
             return f"no exit {exit_id} is waiting for a reply"
-        if not exit_.is_write and len(data) != exit_.size:
-            return f"exit {exit_id} is a {exit_.size}-byte read; the reply has {len(data)} bytes"
+        want = exit_.size * exit_.count
+        if not exit_.is_write and len(data) != want:
+            return f"exit {exit_id} reads {want} bytes; the reply has {len(data)}"
         exit_.reply = data if not exit_.is_write else b""
         exit_.done.set()
         return None

@@ -691,8 +691,7 @@ class ManagedVm:
                 vcpu.vcpu.complete_io_in(b"".join(device.read(port, size)
                                                   for _ in range(count)))
             return CONTINUE
-        reply = self._remote(vcpu, IoSpace.PIO, port, size * count, exit_.is_write,
-                             exit_.data)
+        reply = self._remote(vcpu, IoSpace.PIO, port, size, exit_.is_write, exit_.data, count)
         if reply is not None:
             if not exit_.is_write:
                 vcpu.vcpu.complete_io_in(reply)
@@ -721,11 +720,11 @@ class ManagedVm:
         return CONTINUE
 
     def _remote(self, vcpu: ManagedVcpu, space: IoSpace, address: int, size: int,
-                is_write: bool, data: bytes) -> bytes | None:
+                is_write: bool, data: bytes, count: int = 1) -> bytes | None:
         handler = self.claims.find(space, address)
         if handler is None:
             return None
-        exit_ = RemoteExit(vcpu.id, space, address, size, is_write, data)
+        exit_ = RemoteExit(vcpu.id, space, address, size, is_write, data, count)
         vcpu.waiting_remote = (handler, exit_)
         try:
             reply = handler.submit(exit_)
@@ -733,7 +732,7 @@ class ManagedVm:
             vcpu.waiting_remote = None
         if exit_.abandoned:
             # The vCPU is being stopped: complete the access quietly, never crash for it.
-            return b"" if is_write else b"\xff" * size
+            return b"" if is_write else b"\xff" * (size * count)
         return reply
 
     # -- remote exit handlers -------------------------------------------------------------

@@ -41,9 +41,12 @@ def test_uart_receives_input_and_honours_dlab() -> None:
     assert uart.console.backlog() == b""
 
 
-def test_uart_input_is_bounded() -> None:
+def test_uart_input_is_bounded_and_all_or_nothing() -> None:
     uart = Uart16550(Console(64))
-    assert uart.feed(b"x" * 10_000) == 4096
+    assert uart.feed(b"x" * 10_000) == 4096  # the room there is; nothing queued
+    assert uart.read(LSR, 1)[0] & 1 == 0
+    assert uart.feed(b"y" * 4096) == 4096
+    assert uart.feed(b"z") == 0
 
 
 def test_console_subscription_continues_exactly_after_the_backlog() -> None:

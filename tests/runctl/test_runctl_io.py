@@ -214,13 +214,15 @@ def test_string_io_to_the_uart_and_from_unclaimed_and_claimed_ports(api: Api) ->
     handler = api.handler("strio-remote", [pio(CLAIM_PORT)])
     handler.claimed()
     seen: list[pb.ExitRequest] = []
-    handler.serve(lambda e: bytes(range(1, e.size + 1)), seen)
+    handler.serve(lambda e: bytes(range(1, e.size * e.count + 1)), seen)
     watch = api.watch("strio-remote")
     api.start("strio-remote")
     assert watch.wait_for("debug_exit").exit_code == 0x11
-    assert sum(e.size for e in seen) == 4 + 12 and not any(e.is_write for e in seen)
+    # One exit per string instruction: its element size and count (rep insb: 1 x 4).
+    assert sum(e.size * e.count for e in seen) == 4 + 12 and not any(e.is_write for e in seen)
+    assert [(e.size, e.count) for e in seen] == [(1, 4), (4, 3)]
     got = api.read("strio-remote", STRING_IN, 4) + api.read("strio-remote", STRING_IN32, 12)
-    expected = b"".join(bytes(range(1, e.size + 1)) for e in seen)
+    expected = b"".join(bytes(range(1, e.size * e.count + 1)) for e in seen)
     assert got == expected
     handler.close()
     api.delete("strio-remote")
