@@ -1,4 +1,5 @@
-"""ManagedVm and ManagedVcpu: a KVM VM with its rules, limits and daemon-owned eventfds."""
+"""ManagedVm: a KVM VM with its rules and limits, its devices and remote claims, the
+eventfds it hands out by id, and the dispatch of its vCPUs' exits."""
 
 from __future__ import annotations
 
@@ -209,7 +210,6 @@ class ManagedVm:
         self.closed = False
         self.reason = ""
         self.exit_code: int | None = None
-        self.crash_count = 0
         # Devices and claims: what the vCPU threads dispatch exits to.
         self.console = Console(options.console_buffer_bytes or DEFAULT_CONSOLE_BUFFER)
         self.uart = Uart16550(self.console, raise_irq=self._pulse_com1_irq
@@ -610,7 +610,6 @@ class ManagedVm:
     def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
         """A vCPU stopped or crashed by itself: the whole VM ends with it."""
         if outcome.action == "crash":
-            self.crash_count += 1
             self._shared.count_crash(outcome.reason)
         if not self.reason:
             self.reason = outcome.reason

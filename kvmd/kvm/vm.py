@@ -7,7 +7,6 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm.errors import KvmError, check, invalid
@@ -527,6 +526,3 @@ class Vm:
         c = ffi.new("struct kvm_clock_data *")
         c.clock = ns
         ioctl(self._open_fd("KVM_SET_CLOCK"), "KVM_SET_CLOCK", c)
-
-    def _debug_state(self) -> dict[str, Any]:
-        return {"irqfds": sorted(self._irqfds), "ioevents": len(self._ioevents)}
