@@ -269,12 +269,7 @@ class ManagedVcpu:
         once with immediate_exit set: the access completes and no guest code runs, so the
         registers a paused vCPU shows are consistent."""
         self._io_pending = False
-        self.vcpu.set_immediate_exit(True)
-        exit_ = self.vcpu.run()
-        self.vcpu.set_immediate_exit(False)
-        if not isinstance(exit_, IntrExit):  # not expected: KVM checks immediate_exit first
-            log.warning("unexpected exit while completing IO", extra={
-                "vm_id": self.vm_id, "vcpu": self.id, "exit": exit_.name})
+        self.vcpu.complete_pending_io()
 
     def _wait_for_go(self) -> bool:
         """Under cond: wait while paused or halted; False when the thread must end."""
@@ -298,6 +293,9 @@ class ManagedVcpu:
         """Act on the dispatcher's verdict; False when the thread must end."""
         if outcome.action == "continue":
             return True
+        if outcome.action == "stop" and self._io_pending:
+            # e.g. the debug-exit OUT: complete it, so a stopped vCPU's RIP is past it.
+            self._finish_pending_io()
         with self.cond:
             if outcome.action == "halt":
                 if not self._can_take_interrupt() and not self._stop_requested:

@@ -179,6 +179,27 @@ class Vcpu:
             raise KvmError(-ret, "KVM_RUN")
         return decode_exit(self._exit)
 
+    def complete_pending_io(self) -> None:
+        """Finish the last IO/MMIO exit inside KVM (IN data into the register, RIP past the
+        instruction) without running guest code: one KVM_RUN with immediate_exit set, as
+        the KVM API documents. Not counted as an exit. Call from the vCPU's own thread."""
+        with self._state_lock:
+            fd = self._require_open("KVM_RUN")
+            if self._running_thread is not None:
+                raise KvmError(errno.EBUSY, "KVM_RUN", "vcpu is already running in a thread")
+            self._running_thread = threading.get_ident()
+        try:
+            lib.kvmd_set_immediate_exit(self._run, 1)
+            ret = lib.kvmd_run(fd, self._run, self._exit, ffi.NULL)
+            lib.kvmd_set_immediate_exit(self._run, 0)
+        finally:
+            with self._state_lock:
+                self._running_thread = None
+                if self._closers:
+                    self._idle.notify_all()
+        if ret < 0 and -ret != errno.EINTR:
+            raise KvmError(-ret, "KVM_RUN", "completing pending IO")
+
     def set_immediate_exit(self, value: bool) -> None:
         """Set kvm_run.immediate_exit: while set, KVM_RUN returns EINTR at once."""
         self._require_open("immediate_exit")

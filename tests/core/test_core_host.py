@@ -110,6 +110,8 @@ def test_debug_exit_stops_every_vcpu_and_records_the_code(host: Host) -> None:
     vm.start()
     wait_for(lambda: vm.state == "stopped", "the VM to stop")
     assert vm.exit_code == 0x2A and vm.reason == "debug_exit"
+    # The OUT that ended the VM was completed: the stopped vCPU's RIP is past it.
+    assert 0x1006 in {v.get_regs().rip for v in vm.vcpus()}
     seen = []
     while (e := events.get(0.1)) is not None:
         seen.append(e.type)

@@ -98,6 +98,21 @@ def test_pio_in_value_reaches_the_guest(vm: Vm) -> None:
     assert vcpu.exit_counts()["io_in"] == 1
 
 
+def test_complete_pending_io_finishes_the_in_without_running_the_guest(vm: Vm) -> None:
+    # KVM writes IN data into AL and moves RIP past the instruction only at the next
+    # KVM_RUN; complete_pending_io does that entry with immediate_exit, running no guest code.
+    vcpu = boot_real_mode(vm, in_then_out_program(0x10, 0x11))
+    assert run_guarded(vcpu) == _in(0x10)
+    rip_at_in = vcpu.get_regs().rip
+    vcpu.complete_io_in(b"\x41")
+    before = vcpu.exit_counts()
+    vcpu.complete_pending_io()
+    regs = vcpu.get_regs()
+    assert regs.rax & 0xFF == 0x41 and regs.rip == rip_at_in + 1  # `in al, dx` is 1 byte
+    assert vcpu.exit_counts() == before  # not counted as an exit
+    assert run_guarded(vcpu) == _out(b"\x42", 0x11)  # and the guest goes on normally
+
+
 def test_complete_io_in_refused(vm: Vm) -> None:
     vcpu = boot_real_mode(vm, in_then_out_program(0x10, 0x11))
     assert run_guarded(vcpu) == _in(0x10)
