@@ -118,15 +118,17 @@ class Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvmd", description="Serve the Linux KVM API over gRPC.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML file whose keys mirror these flags (flags win)")
+    # Defaults are in the help texts: unset flags are None so the config file can fill them.
+    p = argparse.ArgumentParser(prog="kvmd", description="Serve the Linux KVM API over gRPC.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file whose keys mirror these flags (flags win)")
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help=f"unix:///path or host:port; repeatable (default {DEFAULT_LISTEN})")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--kvm-device", help="KVM device path (default /dev/kvm)")
-    p.add_argument("--socket-group", help="group owning Unix sockets (default: unchanged)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info")
+    p.add_argument("--kvm-device", metavar="PATH", help="KVM device path (default /dev/kvm)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group owning Unix sockets (default: unchanged)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help=f"Prometheus /metrics address, or 'off' (default "
                         f"{DEFAULT_METRICS_LISTEN})")
