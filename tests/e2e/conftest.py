@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kvmctl_support import kvmctl
 
 from client import KvmdClient, KvmdError, NotFoundError
+
+__all__ = ["kvmctl"]  # the in-process kvmctl fixture, shared by the test files
 
 BIN_DIR = Path(sys.executable).parent
 READY_TIMEOUT = 20.0

@@ -17,11 +17,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from kvmctl_support import Kvmctl, kvmctl_command, ok
 
 from client import KvmdClient, NotFoundError
 from client import demo_guest as guest
@@ -51,50 +50,6 @@ ECHO_GUEST = bytes([
     0xEE,              # 14       out dx, al
     0xF4,              # 15       hlt
 ])  # fmt: skip
-
-
-@dataclass
-class Result:
-    """One kvmctl run: exit code and captured output."""
-
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        """stdout parsed as JSON (fails the test if it is not valid JSON)."""
-        return json.loads(self.out)
-
-
-Kvmctl = Callable[..., Result]
-
-
-@pytest.fixture
-def kvmctl(address: str, capsys: pytest.CaptureFixture[str]) -> Kvmctl:
-    """Run kvmctl in-process against the session daemon."""
-
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        code = main(["--address", address, *args])
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
-
-
-def ok(result: Result) -> Result:
-    """Assert success (showing stderr otherwise) and pass the result on."""
-    assert result.code == 0, f"exit {result.code}: {result.err}"
-    assert result.err == ""
-    return result
-
-
-def kvmctl_command(*args: str) -> list[str]:
-    """The installed kvmctl console script next to this interpreter."""
-    script = os.path.join(os.path.dirname(sys.executable), "kvmctl")
-    if os.path.exists(script):
-        return [script, *args]
-    return [sys.executable, "-m", "client.kvmctl", *args]
 
 
 def run_script(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

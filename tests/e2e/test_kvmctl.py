@@ -10,54 +10,17 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kvmctl_support import Kvmctl, kvmctl_command, ok
 
 from client import KvmdClient
 from client.kvmctl import build_parser, main
 
 Healthy = Callable[[], None]
-
-
-@dataclass
-class Result:
-    """One kvmctl run: exit code and captured output."""
-
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        """stdout parsed as JSON (fails the test if it is not valid JSON)."""
-        return json.loads(self.out)
-
-
-Kvmctl = Callable[..., Result]
-
-
-@pytest.fixture
-def kvmctl(address: str, capsys: pytest.CaptureFixture[str]) -> Kvmctl:
-    """Run kvmctl in-process against the session daemon."""
-
-    def run(*args: str) -> Result:
-        capsys.readouterr()  # drop anything printed before
-        code = main(["--address", address, *args])
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
-
-
-def ok(result: Result) -> Result:
-    """Assert success (showing stderr otherwise) and pass the result on."""
-    assert result.code == 0, f"exit {result.code}: {result.err}"
-    assert result.err == ""
-    return result
 
 
 @pytest.fixture
@@ -453,14 +416,6 @@ def test_pause_resume_from_the_shell(kvmctl: Kvmctl, vm_id: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the real console script
-
-
-def kvmctl_command(*args: str) -> list[str]:
-    """The installed kvmctl console script next to this interpreter."""
-    script = os.path.join(os.path.dirname(sys.executable), "kvmctl")
-    if os.path.exists(script):
-        return [script, *args]
-    return [sys.executable, "-m", "client.kvmctl", *args]
 
 
 def _run(address: str | None, *args: str) -> subprocess.CompletedProcess[bytes]:
