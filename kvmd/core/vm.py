@@ -8,7 +8,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -690,32 +690,31 @@ class ManagedVm:
                 vcpu.vcpu.complete_io_in(b"".join(device.read(port, size)
                                                   for _ in range(count)))
             return CONTINUE
-        reply = self._remote(vcpu, IoSpace.PIO, port, size, exit_.is_write, exit_.data, count)
-        if reply is not None:
-            if not exit_.is_write:
-                vcpu.vcpu.complete_io_in(reply)
-            return CONTINUE
-        if self.options.strict_io:
-            return Outcome("crash", f"unclaimed port {'write' if exit_.is_write else 'read'} "
-                           f"at {port:#x}")
-        vcpu.vcpu.count_unclaimed(IoSpace.PIO)
-        if not exit_.is_write:
-            vcpu.vcpu.complete_io_in(b"\xff" * (size * count))
-        return CONTINUE
+        return self._claimed_or_unclaimed(vcpu, IoSpace.PIO, port, size, count, exit_.is_write,
+                                          exit_.data, vcpu.vcpu.complete_io_in)
 
     def _mmio(self, vcpu: ManagedVcpu, exit_: MmioExit) -> Outcome:
-        reply = self._remote(vcpu, IoSpace.MMIO, exit_.address, exit_.length, exit_.is_write,
-                             exit_.data)
+        return self._claimed_or_unclaimed(vcpu, IoSpace.MMIO, exit_.address, exit_.length, 1,
+                                          exit_.is_write, exit_.data,
+                                          vcpu.vcpu.complete_mmio_read)
+
+    def _claimed_or_unclaimed(self, vcpu: ManagedVcpu, space: IoSpace, address: int,
+                              size: int, count: int, is_write: bool, data: bytes,
+                              complete_read: Callable[[bytes], None]) -> Outcome:
+        """An access no in-daemon device took: a remote handler's if claimed, else
+        all-ones reads and dropped writes (counted), or a crash for strict-IO VMs."""
+        reply = self._remote(vcpu, space, address, size, is_write, data, count)
         if reply is not None:
-            if not exit_.is_write:
-                vcpu.vcpu.complete_mmio_read(reply)
+            if not is_write:
+                complete_read(reply)
             return CONTINUE
         if self.options.strict_io:
-            return Outcome("crash", f"unclaimed MMIO {'write' if exit_.is_write else 'read'} "
-                           f"at {exit_.address:#x}")
-        vcpu.vcpu.count_unclaimed(IoSpace.MMIO)
-        if not exit_.is_write:
-            vcpu.vcpu.complete_mmio_read(b"\xff" * exit_.length)
+            what = "port" if space == IoSpace.PIO else "MMIO"
+            return Outcome("crash", f"unclaimed {what} {'write' if is_write else 'read'} "
+                           f"at {address:#x}")
+        vcpu.vcpu.count_unclaimed(space)
+        if not is_write:
+            complete_read(b"\xff" * (size * count))
         return CONTINUE
 
     def _remote(self, vcpu: ManagedVcpu, space: IoSpace, address: int, size: int,
