@@ -24,8 +24,10 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+from kvmd_stubs import DefaultTimeout
+from kvmd_stubs import Stubs as StubsBase
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
@@ -44,61 +46,16 @@ CLIENT_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
 GRPC_NATIVE = object()
 
 
-class _DefaultTimeout(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        if details.timeout is not None:
-            return details
-        return _CallDetails(details.method, DEFAULT_TIMEOUT, details.metadata,
-                            details.credentials, details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-
-@dataclass(frozen=True)
-class _CallDetails(grpc.ClientCallDetails):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: Any
-    compression: Any
-
-
-@dataclass
-class Stubs:
-    """One channel and a stub per kvmd service (plus health)."""
-
-    channel: grpc.Channel
-    hypervisor: rpc.HypervisorStub
-    vms: rpc.VmsStub
-    memory: rpc.MemoryStub
-    interrupts: rpc.InterruptsStub
-    ioevents: rpc.IoEventsStub
-    vcpus: rpc.VcpusStub
-    health: health_pb2_grpc.HealthStub
+class Stubs(StubsBase):
+    """One channel and a stub per kvmd service (plus health); every call has a deadline."""
 
     @classmethod
     def connect(cls, address: str) -> Stubs:
         channel = grpc.intercept_channel(
-            grpc.insecure_channel(address, options=CLIENT_OPTIONS), _DefaultTimeout())
-        return cls(channel, rpc.HypervisorStub(channel), rpc.VmsStub(channel),
-                   rpc.MemoryStub(channel), rpc.InterruptsStub(channel),
-                   rpc.IoEventsStub(channel), rpc.VcpusStub(channel),
-                   health_pb2_grpc.HealthStub(channel))
-
-    def close(self) -> None:
-        self.channel.close()
+            grpc.insecure_channel(address, options=CLIENT_OPTIONS),
+            DefaultTimeout(DEFAULT_TIMEOUT))
+        stubs: Stubs = cls.of(channel)
+        return stubs
 
 
 def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:

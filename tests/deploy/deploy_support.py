@@ -20,12 +20,12 @@ from typing import Any
 import grpc
 import trustme
 from cryptography import x509
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from guests import CODE_ADDR, GUEST_MEM_SIZE, STACK_TOP, UART_PORT, out_bytes_program
+from kvmd_stubs import Stubs as StubsBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
 
 BIN_DIR = Path(sys.executable).parent
@@ -139,29 +139,8 @@ def peer_certificate(port: int, pki: Pki, client: CertFiles | None = None) -> by
 
 # -- stubs ---------------------------------------------------------------------------------
 
-@dataclass
-class Stubs:
-    """One channel and a stub per kvmd service (plus health)."""
-
-    channel: grpc.Channel
-    hypervisor: rpc.HypervisorStub
-    vms: rpc.VmsStub
-    memory: rpc.MemoryStub
-    interrupts: rpc.InterruptsStub
-    ioevents: rpc.IoEventsStub
-    vcpus: rpc.VcpusStub
-    exits: rpc.ExitHandlersStub
-    health: health_pb2_grpc.HealthStub
-
-    @classmethod
-    def of(cls, channel: grpc.Channel) -> Stubs:
-        return cls(channel, rpc.HypervisorStub(channel), rpc.VmsStub(channel),
-                   rpc.MemoryStub(channel), rpc.InterruptsStub(channel),
-                   rpc.IoEventsStub(channel), rpc.VcpusStub(channel),
-                   rpc.ExitHandlersStub(channel), health_pb2_grpc.HealthStub(channel))
-
-    def close(self) -> None:
-        self.channel.close()
+class Stubs(StubsBase):
+    """One channel and a stub per kvmd service (plus health), with conveniences."""
 
     # Small conveniences used by many tests (all with a deadline).
     def create_vm(self, vm_id: str) -> pb.Vm:

@@ -12,13 +12,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from kvmd_stubs import DefaultTimeout
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
@@ -29,32 +29,6 @@ WAIT = 10.0            # how long to wait for a guest to reach a state or an eve
 STREAM_TIMEOUT = 120.0  # deadline of long-lived streams (watch, console, exit handlers)
 
 Code = grpc.StatusCode
-
-
-class _DefaultTimeout(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    """Give unary calls a deadline unless they set one."""
-
-    def _with_timeout(self, details: Any) -> Any:
-        if details.timeout is not None:
-            return details
-        return _Details(details.method, CALL_TIMEOUT, details.metadata, details.credentials,
-                        details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._with_timeout(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._with_timeout(details), requests)
-
-
-@dataclass(frozen=True)
-class _Details(grpc.ClientCallDetails):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: Any
-    compression: Any
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = WAIT,
@@ -244,7 +218,7 @@ class Api:
         self.daemon = Daemon(Config(listen=[self.address], **config))
         self.daemon.start()
         self.channel = grpc.intercept_channel(grpc.insecure_channel(self.address),
-                                              _DefaultTimeout())
+                                              DefaultTimeout(CALL_TIMEOUT, streams=False))
         self.vms = rpc.VmsStub(self.channel)
         self.vcpus = rpc.VcpusStub(self.channel)
         self.memory = rpc.MemoryStub(self.channel)
