@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from guests import CODE_ADDR, GUEST_MEM_SIZE, real_mode_sregs
 
 from kvmd.core.vm import ManagedVm
@@ -21,14 +18,6 @@ def boot(vm: ManagedVm, code: bytes, vcpus: int = 1) -> None:
         v = vm.create_vcpu(i)
         v.set_sregs(real_mode_sregs(v.get_sregs()))
         v.set_regs(Regs(rip=CODE_ADDR, rflags=2, rsp=0x8000))
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def debug_exit_program(code: int) -> bytes:

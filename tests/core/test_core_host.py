@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from core_guests import SPIN, boot, debug_exit_program, wait_for
+from core_guests import SPIN, boot, debug_exit_program
+from polling import wait_until
 
 from kvmd.core.errors import (
     AlreadyExists,
@@ -70,7 +71,7 @@ def test_delete_running_vm_releases_every_fd(host: Host) -> None:
     boot(vm, SPIN, vcpus=2)
     vm.register_irqfd("i", 4, resample=True)
     vm.start()
-    wait_for(lambda: vm.state == "running", "running")
+    wait_until(lambda: vm.state == "running", 10, "running")
     vcpus = vm.vcpus()
     host.delete_vm("run")
     assert [v.state for v in vcpus] == ["stopped", "stopped"]
@@ -108,7 +109,7 @@ def test_debug_exit_stops_every_vcpu_and_records_the_code(host: Host) -> None:
     boot(vm, debug_exit_program(0x2A), vcpus=2)
     events = vm.watch()
     vm.start()
-    wait_for(lambda: vm.state == "stopped", "the VM to stop")
+    wait_until(lambda: vm.state == "stopped", 10, "the VM to stop")
     assert vm.exit_code == 0x2A and vm.reason == "debug_exit"
     # The OUT that ended the VM was completed: the stopped vCPU's RIP is past it.
     assert 0x1006 in {v.get_regs().rip for v in vm.vcpus()}

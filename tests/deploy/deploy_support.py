@@ -58,15 +58,6 @@ def kvmctl_script() -> str:
     return found
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 # -- PKI -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -11,16 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
-from deploy_support import (
-    RPC_TIMEOUT,
-    SAN_SUFFIX,
-    Stubs,
-    TlsDaemon,
-    codes,
-    rpc_code,
-    vm_calls,
-    wait_until,
-)
+from deploy_support import RPC_TIMEOUT, SAN_SUFFIX, Stubs, TlsDaemon, codes, rpc_code, vm_calls
+from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 

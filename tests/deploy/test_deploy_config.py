@@ -9,7 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from deploy_support import Pki, kvmd_script, run_kvmd, wait_until
+from deploy_support import Pki, kvmd_script, run_kvmd
+from polling import wait_until
 
 EXIT_CONFIG = 2
 

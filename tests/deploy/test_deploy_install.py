@@ -16,7 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from deploy_support import Stubs, wait_until
+from deploy_support import Stubs
+from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 

@@ -24,8 +24,8 @@ from deploy_support import (
     peer_certificate,
     read,
     rpc_code,
-    wait_until,
 )
+from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 

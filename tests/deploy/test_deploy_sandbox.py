@@ -32,7 +32,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from deploy_support import RPC_TIMEOUT, Pki, Stubs, kvmd_script, wait_until
+from deploy_support import RPC_TIMEOUT, Pki, Stubs, kvmd_script
+from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from deploy_support import Stubs, kvmd_script, notify_socket, wait_until
+from deploy_support import Stubs, kvmd_script, notify_socket
+from polling import wait_until
 
 from kvmd.server import Config, Daemon
 

@@ -13,7 +13,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from runctl_api import Api, vcpu_threads, wait_until
+from polling import wait_until
+from runctl_api import Api, vcpu_threads
 
 if not os.path.exists("/dev/kvm"):
     pytest.skip("/dev/kvm is absent: the run-control tests need real KVM",

@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from kvmd_stubs import DefaultTimeout
+from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
@@ -29,19 +30,6 @@ WAIT = 10.0            # how long to wait for a guest to reach a state or an eve
 STREAM_TIMEOUT = 120.0  # deadline of long-lived streams (watch, console, exit handlers)
 
 Code = grpc.StatusCode
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT,
-               what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def fd_count() -> int:

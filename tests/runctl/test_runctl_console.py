@@ -6,7 +6,8 @@ import threading
 
 import grpc
 from guests_runctl import DATA_ADDR, echo_program, print_program
-from runctl_api import STREAM_TIMEOUT, WAIT, Api, Code, wait_until
+from polling import wait_until
+from runctl_api import STREAM_TIMEOUT, WAIT, Api, Code
 
 from kvmd.api.gen import vmm_pb2 as pb
 

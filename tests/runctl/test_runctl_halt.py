@@ -16,7 +16,8 @@ from guests_runctl import (
     interrupt_program,
     two_vector_counter_program,
 )
-from runctl_api import Api, Code, wait_until
+from polling import wait_until
+from runctl_api import Api, Code
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc

@@ -26,7 +26,8 @@ from guests_runctl import (
     string_io_program,
     unclaimed_in_program,
 )
-from runctl_api import Api, fd_count, mmio, pio, vcpu_threads, wait_until
+from polling import wait_until
+from runctl_api import Api, fd_count, mmio, pio, vcpu_threads
 
 from kvmd.api.gen import vmm_pb2 as pb
 

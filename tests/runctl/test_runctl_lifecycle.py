@@ -13,7 +13,8 @@ from guests_runctl import (
     debug_exit,
     protected_mode_idt0,
 )
-from runctl_api import Api, Code, fd_count, vcpu_threads, wait_until
+from polling import wait_until
+from runctl_api import Api, Code, fd_count, vcpu_threads
 
 from kvmd.api.gen import vmm_pb2 as pb
 

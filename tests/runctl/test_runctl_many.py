@@ -8,7 +8,8 @@ import time
 
 import grpc
 from guests_runctl import OUT_SPAM_PORT, port_loop
-from runctl_api import Api, Code, fd_count, vcpu_threads, wait_until
+from polling import wait_until
+from runctl_api import Api, Code, fd_count, vcpu_threads
 
 from kvmd.api.gen import vmm_pb2 as pb
 

@@ -9,7 +9,8 @@ import time
 import grpc
 import pytest
 from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_program, port_loop
-from runctl_api import Api, Code, ExitHandler, mmio, pio, wait_until
+from polling import wait_until
+from runctl_api import Api, Code, ExitHandler, mmio, pio
 
 from kvmd.api.gen import vmm_pb2 as pb
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from guests import SPIN
 from guests_runctl import CLAIM_PORT, in_twice_program
-from runctl_api import Api, vcpu_threads, wait_until
+from polling import wait_until
+from runctl_api import Api, vcpu_threads
 
 from kvmd.api.gen import vmm_pb2 as pb
 
