@@ -103,7 +103,12 @@ def test_fpu_roundtrip(api: RunningDaemon, ref: pb.VcpuRef) -> None:
 def test_cpuid_use_supported_and_explicit(api: RunningDaemon, ref: pb.VcpuRef) -> None:
     supported = api.hypervisor.GetSupportedCpuid(pb.GetSupportedCpuidRequest()).entries
     back = api.vcpus.SetCpuid(pb.SetCpuidRequest(vcpu=ref, use_supported=True))
-    assert len(back.entries) == len(supported)
+    # KVM may drop all-zero AMX leaves 0x1D/0x1E (tests/kvm/test_kvm_vcpu.py): the rest
+    # comes back.
+    wanted = {(e.function, e.index) for e in supported
+              if e.function not in (0x1D, 0x1E) or e.eax or e.ebx or e.ecx or e.edx}
+    assert wanted <= {(e.function, e.index) for e in back.entries} <= {
+        (e.function, e.index) for e in supported}
     assert api.vcpus.GetCpuid(ref) == back
 
     # A second vCPU with an explicit, smaller CPUID.

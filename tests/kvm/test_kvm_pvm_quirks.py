@@ -196,6 +196,25 @@ def test_supported_cpuid_understates_what_the_guest_sees(kvm: Kvm, vm: Vm) -> No
         assert seen_ecx & SSE3 == leaf1.ecx & SSE3
 
 
+def test_set_cpuid_drops_empty_amx_leaves(kvm: Kvm, vm: Vm) -> None:
+    # Documentation: KVM_GET_CPUID2 returns the table KVM_SET_CPUID2 set. On this kernel
+    # (6.18) the all-zero AMX leaves 0x1D and 0x1E that KVM_GET_SUPPORTED_CPUID offers are
+    # gone from the table afterwards, and nothing else is. A guest reading them sees zeros
+    # either way, so a saved CPUID restores to the same guest-visible CPUID.
+    supported = kvm.get_supported_cpuid()
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid(supported)
+    kept = {(e.function, e.index) for e in vcpu.get_cpuid()}
+    dropped = [e for e in supported if (e.function, e.index) not in kept]
+    for e in dropped:
+        assert e.function in (0x1D, 0x1E)
+        assert (e.eax, e.ebx, e.ecx, e.edx) == (0, 0, 0, 0)
+    # Setting the table read back is a fixed point.
+    again = vcpu.get_cpuid()
+    vcpu.set_cpuid(again)
+    assert {(e.function, e.index) for e in vcpu.get_cpuid()} == kept
+
+
 def test_run_without_any_memory(vm: Vm) -> None:
     # Not covered by the documentation: with no memory slot at all, KVM_RUN fails with
     # ENOSPC on PVM (with one slot, anywhere, the same vCPU gets an emulation failure at
