@@ -12,7 +12,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Reinstall (editable) whenever the build inputs change: the cffi binding or the protos.
-$(STAMP): $(VENV)/bin/python pyproject.toml setup.py kvmd/kvm/_build.py kvmd/kvm/_names.py $(wildcard proto/*.proto)
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py kvmd/kvm/_build.py kvmd/kvm/_names.py $(wildcard kvmd/kvm/c/*) $(wildcard proto/*.proto)
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 

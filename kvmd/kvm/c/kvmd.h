@@ -1,0 +1,79 @@
+/* kvmd's own C interface: the flat structs the binding copies kernel unions into, and the
+ * helpers (each one ioctl or one copy, run with the GIL released).
+ *
+ * This file is read twice: by cffi's parser (ffibuilder.cdef, in _build.py) and by the C
+ * compiler (every .c file includes it after <linux/kvm.h>). Both therefore see the one
+ * definition of each struct. Keep it to what cffi can parse: no #include, no #if, integer
+ * #defines only.
+ */
+
+#define KVMD_PIO_UNCLAIMED 1
+
+/* A decoded exit, copied out of kvm_run so kvm_run never leaves the binding. */
+struct kvmd_exit {
+    uint32_t reason;
+    uint32_t direction;       /* IO: 1 out / 0 in; MMIO: 1 write / 0 read */
+    uint64_t address;         /* IO port, MMIO address, MSR index */
+    uint32_t size;            /* IO access size, MMIO length */
+    uint32_t count;           /* IO repeat count */
+    uint64_t value;           /* WRMSR data, HW reason, IOAPIC EOI vector, MSR exit reason */
+    uint32_t subtype;         /* internal error suberror, system event type, hyperv type,
+                                 FAIL_ENTRY cpu, exception number */
+    uint32_t ndata;           /* number of valid words in `words` */
+    uint64_t words[16];       /* internal error data, system event data, hyperv fields,
+                                 debug exit arch info */
+    uint32_t data_len;        /* bytes valid in data */
+    uint8_t data[4096];       /* IO OUT / MMIO write payload */
+};
+
+/* struct kvm_vcpu_events without its anonymous structs. */
+struct kvmd_vcpu_events {
+    uint8_t exception_injected, exception_nr, exception_has_error_code, exception_pending;
+    uint32_t exception_error_code;
+    uint8_t interrupt_injected, interrupt_nr, interrupt_soft, interrupt_shadow;
+    uint8_t nmi_injected, nmi_pending, nmi_masked;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    uint8_t smi_smm, smi_pending, smi_smm_inside_nmi, smi_latched_init;
+    uint8_t triple_fault_pending;
+    uint8_t exception_has_payload;
+    uint64_t exception_payload;
+};
+
+/* One GSI route (struct kvm_irq_routing_entry without its union). */
+struct kvmd_route {
+    uint32_t gsi;
+    uint32_t kind;            /* 0 irqchip, 1 msi */
+    uint32_t irqchip, pin;
+    uint32_t address_lo, address_hi, data, flags, devid;
+};
+
+/* run.c: entering the guest and completing exits. */
+int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters);
+int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
+                  const uint8_t *pio_map);
+void kvmd_set_immediate_exit(struct kvm_run *run, int value);
+int kvmd_complete_io_in(struct kvm_run *run, const uint8_t *data, uint32_t len);
+int kvmd_complete_mmio_read(struct kvm_run *run, const uint8_t *data, uint32_t len);
+int kvmd_complete_msr(struct kvm_run *run, uint64_t data, uint8_t error);
+int kvmd_complete_hyperv(struct kvm_run *run, uint64_t result);
+
+/* vm.c: VM ioctls whose structs carry unions or flexible arrays. */
+int kvmd_get_dirty_log(int vmfd, uint32_t slot, void *bitmap);
+int kvmd_irq_line(int vmfd, uint32_t irq, uint32_t level);
+int kvmd_set_gsi_routing(int vmfd, const struct kvmd_route *routes, uint32_t n);
+
+/* vcpu.c: vCPU events, the signal mask and the kick signal. */
+int kvmd_get_vcpu_events(int fd, struct kvmd_vcpu_events *out);
+int kvmd_set_vcpu_events(int fd, const struct kvmd_vcpu_events *in);
+int kvmd_set_signal_mask(int fd, const int *signals, int n);
+int kvmd_install_kick_handler(void);
+int kvmd_kick_signal(void);
+
+/* abi.c: sizes and offsets of kernel structs, for the ABI test. */
+size_t kvmd_sizeof_irq_level(void);
+size_t kvmd_sizeof_dirty_log(void);
+size_t kvmd_sizeof_irq_routing_entry(void);
+size_t kvmd_offsetof_run_io(void);
+size_t kvmd_offsetof_run_mmio(void);
+size_t kvmd_offsetof_run_msr(void);
