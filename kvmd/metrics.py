@@ -7,15 +7,18 @@ statistics (KVM_GET_STATS_FD) are read the same way. Series of a deleted VM disa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import resource
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
+import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -26,7 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from kvmd.api.interceptors import rewrap
+from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.host import Host
 from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
 from kvmd.kvm import KvmError, StatDescriptor, StatsReader
@@ -241,55 +244,35 @@ class RpcMetrics:
         self.duration.labels(method).observe(seconds)
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(ScopedInterceptor):
     """Counts every RPC by method and final status code and times it, streams included."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        observe = self.metrics.observe
-
-        def finish(context: grpc.ServicerContext, started: float, failed: bool) -> None:
-            code = context.code()  # type: ignore[attr-defined]
-            if isinstance(code, grpc.StatusCode):
-                name = code.name
-            elif not context.is_active():
-                # The client went away: its deadline passed, or it cancelled.
-                # The server's view of the deadline can lag the client's by a few ms.
-                remaining = context.time_remaining()
-                name = ("DEADLINE_EXCEEDED" if remaining is not None
-                        and remaining < DEADLINE_SLACK_SECONDS else "CANCELLED")
-            else:
-                name = "UNKNOWN" if failed else "OK"
-            observe(method, name, time.perf_counter() - started)
-
-        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-                started, failed = time.perf_counter(), True
-                try:
-                    result = behavior(request, context)
-                    failed = False
-                    return result
-                finally:
-                    finish(context, started, failed)
-            return wrapper
-
-        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                started, failed = time.perf_counter(), True
-                try:
-                    yield from behavior(request, context)
-                    failed = False
-                finally:
-                    finish(context, started, failed)
-            return wrapper
-
-        return rewrap(handler, lambda kind, behavior: (
-            stream(behavior) if kind.endswith("_stream") else unary(behavior)))
+    @asynccontextmanager
+    async def scope(self, method: str, kind: str, request: Any,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            yield request
+        except grpc.aio.AbortError:
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: its deadline passed, or it cancelled. The server's view
+            # of the deadline can lag the client's by a few ms.
+            remaining = context.time_remaining()
+            code = ("DEADLINE_EXCEEDED" if remaining is not None
+                    and remaining < DEADLINE_SLACK_SECONDS else "CANCELLED")
+            raise
+        except BaseException:
+            code = "UNKNOWN"
+            raise
+        finally:
+            self.metrics.observe(method, code, time.perf_counter() - started)
 
 
 class MetricsServer:

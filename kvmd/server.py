@@ -9,6 +9,7 @@ TLS are allowed on loopback only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import logging
@@ -19,19 +20,22 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmd import __version__
 from kvmd.api.auth import AuthInterceptor, Authorizer, Policy
-from kvmd.api.interceptors import ErrorInterceptor
-from kvmd.api.services import add_services
+from kvmd.api.budget import Budget, BudgetInterceptor
+from kvmd.api.interceptors import BlockingAdapter, ErrorInterceptor
+from kvmd.api.services import Runtime, add_services
+from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
@@ -46,8 +50,12 @@ from kvmd.systemd import Watchdog, notify, watchdog_interval
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 SOCKET_MODE = 0o660
+# The umask while grpc binds a Unix socket, so it is born 0660: no window in which another
+# user could connect and be taken for the "local" identity.
+SOCKET_UMASK = 0o117
 SHUTDOWN_GRACE_SECONDS = 2.0
 EXIT_CONFIG_ERROR = 2
+T = TypeVar("T")
 
 log = logging.getLogger("kvmd")
 
@@ -104,6 +112,9 @@ class Config:
     max_ioevents_per_vm: int = Limits.max_ioevents_per_vm
     max_message_bytes: int = Limits.max_message_bytes
     max_concurrent_rpcs: int = Limits.max_concurrent_rpcs
+    max_calls_per_identity: int = Limits.max_calls_per_identity
+    max_streams: int = Limits.max_streams
+    max_streams_per_identity: int = Limits.max_streams_per_identity
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -272,10 +283,46 @@ def finish_unix_socket(path: str, group: str) -> None:
     os.chmod(path, SOCKET_MODE)
 
 
+# -- the event loop ------------------------------------------------------------------------
+
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_anchor: Any = None
+
+
+def grpc_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for gRPC, in its own daemon thread ("kvmd-grpc").
+
+    grpc.aio keeps one completion queue per process, bound to the loop that first used it
+    and torn down when its last server or channel goes away; a loop that stops, or a
+    teardown racing its poller, breaks every other aio object in the process. So every
+    Daemon of a process (one in production, several in tests) shares this loop, which
+    never stops, and a never-used channel created on it keeps grpc.aio initialised.
+    """
+    global _loop, _loop_anchor
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="kvmd-grpc", daemon=True).start()
+
+            async def anchor() -> Any:
+                return grpc.aio.insecure_channel("unix:///nonexistent/kvmd-grpc-anchor")
+
+            _loop_anchor = asyncio.run_coroutine_threadsafe(anchor(), loop).result()
+            _loop = loop
+        return _loop
+
+
 # -- the daemon ----------------------------------------------------------------------------
 
 class Daemon:
-    """A running kvmd: the core Host plus a gRPC server on the configured listeners."""
+    """A running kvmd: the core Host plus a grpc.aio server on the configured listeners.
+
+    The server runs on the process's gRPC event loop (`grpc_loop`, its own thread), so
+    `start()` and `stop()` are plain blocking calls for the CLI and for tests. Unary
+    handlers run in a pool of `max_concurrent_rpcs` threads; streams wait on the loop and
+    cost no thread.
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -289,13 +336,26 @@ class Daemon:
             else None
         self.watchdog: Watchdog | None = None
         self.host: Host | None = None
-        self.server: grpc.Server | None = None
-        self.health = health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self.metrics_server: MetricsServer | None = None
         self.executor: futures.ThreadPoolExecutor | None = None
+        self.streams = StreamRegistry()
+        self.budget = Budget(self.limits.max_concurrent_rpcs, self.limits.max_calls_per_identity,
+                             self.limits.max_streams, self.limits.max_streams_per_identity)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stopped = threading.Event()
         self._owned_sockets: list[str] = []
         self.ports: dict[str, int] = {}
+
+    # -- the event loop -------------------------------------------------------------------
+
+    def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the server's loop from another thread and wait for it."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
         try:
@@ -306,45 +366,14 @@ class Daemon:
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
         if not self.policy.enabled:
             log.warning("no authorization policy: every caller that can connect is an admin")
-        options = [
-            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
-            ("grpc.max_send_message_length", self.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
         self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
                                                    thread_name_prefix="kvmd-rpc")
-        server = grpc.server(
-            self.executor,
-            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor(),
-                          AuthInterceptor(authorizer)],
-            options=options,
-            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
-        )
-        names = add_services(server, self.host, authorizer.visible)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        for listener in self.listeners:
-            if listener.unix_path:
-                prepare_unix_socket(listener.unix_path)
-            try:
-                if listener.unix_path is None and self.tls is not None:
-                    port = server.add_secure_port(listener.target, self.tls.credentials())
-                else:
-                    port = server.add_insecure_port(listener.target)
-            except RuntimeError as exc:
-                raise ConfigError(f"cannot listen on {listener.address}: {exc}") from None
-            if listener.unix_path is None:
-                self.ports[listener.address] = port
-                if self.tls is None:
-                    log.warning("listening on plain TCP without TLS (loopback only)",
-                                extra={"address": listener.address, "port": port})
-                else:
-                    log.info("listening with TLS", extra={
-                        "address": listener.address, "port": port,
-                        "mtls": bool(self.cfg.tls_client_ca)})
-        server.start()
-        self.server = server
+        self.loop = grpc_loop()
+        try:
+            names = self.on_loop(self._serve(authorizer, rpc_metrics))
+        except BaseException:
+            self._remove_sockets()
+            raise
         if self.cfg.metrics_listen != "off":
             try:
                 self.metrics_server = MetricsServer(registry, self.cfg.metrics_listen)
@@ -355,10 +384,8 @@ class Daemon:
                                                  "port": self.metrics_server.port})
         for listener in self.listeners:
             if listener.unix_path:
-                self._owned_sockets.append(listener.unix_path)
                 finish_unix_socket(listener.unix_path, self.cfg.socket_group)
-        for name in ["", *names]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.on_loop(self._set_serving(["", *names]))
         log.info("kvmd listening", extra={"version": __version__,
                                           "listen": ",".join(self.cfg.listen)})
         notify(f"READY=1\nSTATUS=serving on {', '.join(self.cfg.listen)}")
@@ -366,6 +393,70 @@ class Daemon:
         if interval:
             self.watchdog = Watchdog(interval, self.healthy)
             self.watchdog.start()
+
+    async def _serve(self, authorizer: Authorizer, rpc_metrics: Any) -> list[str]:
+        """Build, bind and start the server (on the loop); returns the service names."""
+        assert self.host is not None and self.executor is not None
+        # grpc core queues calls the server has not picked up yet and, past a soft limit
+        # (1,000 by default), rejects them at random (CANCELLED): a burst of streams within
+        # our own budgets must never meet that, so its limits sit above the budgets.
+        pending = self.limits.max_streams + 4 * self.limits.max_concurrent_rpcs
+        options = [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_send_message_length", self.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+        ]
+        server = grpc.aio.server(
+            migration_thread_pool=self.executor,
+            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor(),
+                          AuthInterceptor(authorizer), BudgetInterceptor(self.budget),
+                          BlockingAdapter(self.executor)],
+            options=options,
+        )
+        runtime = Runtime(self.executor, self.streams)
+        names = add_services(server, self.host, runtime, authorizer.visible)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        for listener in self.listeners:
+            self._bind(server, listener)
+        await server.start()
+        self.server = server
+        return names
+
+    def _bind(self, server: grpc.aio.Server, listener: Listener) -> None:
+        if listener.unix_path:
+            prepare_unix_socket(listener.unix_path)
+        old_umask = os.umask(SOCKET_UMASK) if listener.unix_path else None
+        try:
+            if listener.unix_path is None and self.tls is not None:
+                port = server.add_secure_port(listener.target, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(listener.target)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {listener.address}: {exc}") from None
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+        if listener.unix_path:
+            self._owned_sockets.append(listener.unix_path)
+            return
+        self.ports[listener.address] = port
+        if self.tls is None:
+            log.warning("listening on plain TCP without TLS (loopback only)",
+                        extra={"address": listener.address, "port": port})
+        else:
+            log.info("listening with TLS", extra={
+                "address": listener.address, "port": port,
+                "mtls": bool(self.cfg.tls_client_ca)})
+
+    async def _set_serving(self, names: list[str]) -> None:
+        assert self.health is not None
+        for name in names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def healthy(self) -> bool:
         """The daemon's own health check: KVM answers and the server is up."""
@@ -383,27 +474,45 @@ class Daemon:
             self.tls.force_reload()
             log.info("TLS certificates will be reloaded on the next handshake")
 
+    async def _shutdown_server(self) -> None:
+        """End every stream cleanly, then stop accepting; unary calls in flight get the
+        grace period."""
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        self.streams.shutdown()
+        if self.server is not None:
+            await self.server.stop(SHUTDOWN_GRACE_SECONDS)
+            await self.server.wait_for_termination()
+
     def stop(self) -> None:
-        """Stop accepting, end streams, release every VM, remove the sockets."""
+        """Stop accepting, end streams, release every VM, remove the sockets (once)."""
+        if self.stopped.is_set():
+            return
         notify("STOPPING=1\nSTATUS=stopping")
         if self.watchdog is not None:
             self.watchdog.stop()
-        self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            self.server.stop(SHUTDOWN_GRACE_SECONDS).wait(SHUTDOWN_GRACE_SECONDS + 1)
-            # grpc does not own the executor: end its worker threads too.
-            if self.executor is not None:
-                self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.loop is not None:
+            try:
+                self.on_loop(self._shutdown_server(), timeout=SHUTDOWN_GRACE_SECONDS + 5)
+            except (futures.TimeoutError, RuntimeError):
+                log.warning("the gRPC server did not stop in time")
             self.server = None
+        # grpc does not own the executor: end its worker threads too.
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.host is not None:
             self.host.close()
+        self._remove_sockets()
+        self.stopped.set()
+        log.info("kvmd stopped")
+
+    def _remove_sockets(self) -> None:
         for path in self._owned_sockets:
             if os.path.lexists(path):
                 os.unlink(path)
-        self.stopped.set()
-        log.info("kvmd stopped")
+        self._owned_sockets.clear()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

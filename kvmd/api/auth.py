@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import grpc
+import grpc.aio
 
-from kvmd.api.interceptors import rewrap
+from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
 from kvmd.core.host import Host
 
@@ -64,6 +65,11 @@ class Grant:
     role: str
     vm_prefix: str = ""
     max_vms: int = 0  # 0 = no quota
+
+
+# The caller's grant (None: no role), set with current_identity.
+current_grant: contextvars.ContextVar[Grant | None] = contextvars.ContextVar(
+    "kvmd_grant", default=None)
 
 
 @dataclass
@@ -114,7 +120,15 @@ class Policy:
         return None
 
 
-def peer_names(context: grpc.ServicerContext) -> list[str]:
+class PeerContext(Protocol):
+    """What identification needs of a call's context (sync or aio)."""
+
+    def peer(self) -> str: ...
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
+
+
+def peer_names(context: PeerContext) -> list[str]:
     """Names the caller is known by: "local" on a Unix socket, the certificate's CN and
     SANs with mTLS; empty when it presented no identity."""
     peer = context.peer() or ""
@@ -129,6 +143,15 @@ def peer_names(context: grpc.ServicerContext) -> list[str]:
             if text and text != LOCAL and text not in names:
                 names.append(text)
     return names
+
+
+def peer_host(context: PeerContext) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.1:5000" -> "10.0.0.1")."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0] or rest
+    return peer
 
 
 def _request_vm_id(request: Any) -> str:
@@ -152,7 +175,7 @@ class Authorizer:
         self.host = host
         self.on_denied = on_denied
 
-    def identify(self, context: grpc.ServicerContext) -> tuple[str, Grant | None]:
+    def identify(self, context: PeerContext) -> tuple[str, Grant | None]:
         names = peer_names(context)
         if not self.policy.enabled:
             return (names[0] if names else "anonymous"), Grant("*", ADMIN)
@@ -161,6 +184,14 @@ class Authorizer:
                                   "client certificate")
         grant = self.policy.grant_for(names)
         return (grant.identity if grant else names[0]), grant
+
+    def identify_softly(self, context: PeerContext) -> tuple[str, Grant | None]:
+        """Like identify, for open methods: a caller without identity is named by its peer
+        address instead of being refused."""
+        try:
+            return self.identify(context)
+        except Unauthenticated:
+            return f"peer:{peer_host(context)}", None
 
     def check(self, method: str, grant: Grant | None, identity: str, request: Any) -> None:
         short = method.lstrip("/").removeprefix("kvmd.v1.")
@@ -198,65 +229,57 @@ class Authorizer:
         return grant is not None and (grant.role != OPERATOR or owner == identity)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+def _is_open(method: str) -> bool:
+    return method.startswith(OPEN_PREFIXES)
+
+
+class AuthInterceptor(ScopedInterceptor):
     """Authenticates and authorizes every call before its handler runs; denials become
-    PERMISSION_DENIED or UNAUTHENTICATED statuses, are logged and counted."""
+    PERMISSION_DENIED or UNAUTHENTICATED statuses, are logged and counted. Health and
+    reflection are open to all, but their callers are still identified (for budgets)."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
+    def admit(self, method: str, request: Any, context: PeerContext) -> None:
         authz = self.authorizer
-
-        def admit(request: Any, context: grpc.ServicerContext) -> None:
-            try:
+        try:
+            if _is_open(method):
+                identity, grant = authz.identify_softly(context)
+            else:
                 identity, grant = authz.identify(context)
-                current_identity.set(identity)
-                current_quota.set(grant.max_vms if grant is not None else 0)
+            current_identity.set(identity)
+            current_grant.set(grant)
+            current_quota.set(grant.max_vms if grant is not None else 0)
+            if not _is_open(method):
                 authz.check(method, grant, identity, request)
-            except DomainError as exc:
-                log.warning("rpc denied", extra={"method": method, "peer": context.peer(),
-                                                 "reason": exc.message})
-                if authz.on_denied is not None:
-                    authz.on_denied(method, exc.reason)
-                raise
+        except DomainError as exc:
+            log.warning("rpc denied", extra={"method": method, "peer": context.peer(),
+                                             "reason": exc.message})
+            if authz.on_denied is not None:
+                authz.on_denied(method, exc.reason)
+            raise
 
-        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-                admit(request, context)
-                return behavior(request, context)
-            return wrapper
+    @asynccontextmanager
+    async def scope(self, method: str, kind: str, request: Any,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if not kind.startswith("stream_"):
+            self.admit(method, request, context)
+            yield request
+            return
+        # A request stream: authorize on its first message (it names the VM), then hand the
+        # handler that message followed by the rest.
+        iterator = request.__aiter__()
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            first = None
+        self.admit(method, first, context)
+        yield _prepend(first, iterator)
 
-        def unary_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                admit(request, context)
-                yield from behavior(request, context)
-            return wrapper
 
-        def first_then_rest(requests: Iterator[Any], context: grpc.ServicerContext
-                            ) -> Iterator[Any]:
-            first = next(requests, None)
-            admit(first, context)
-            if first is not None:
-                yield first
-            yield from requests
-
-        def stream_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                return behavior(first_then_rest(requests, context), context)
-            return wrapper
-
-        def stream_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def wrapper(requests: Iterator[Any], context: grpc.ServicerContext
-                        ) -> Iterator[Any]:
-                yield from behavior(first_then_rest(requests, context), context)
-            return wrapper
-
-        wrappers = {"unary_unary": unary, "unary_stream": unary_stream,
-                    "stream_unary": stream_unary, "stream_stream": stream_stream}
-        return rewrap(handler, lambda kind, behavior: wrappers[kind](behavior))
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+        async for item in rest:
+            yield item

@@ -1,58 +1,38 @@
-"""Server interceptors: the single place where exceptions become gRPC statuses."""
+"""Server interceptors for the grpc.aio server, and the one place exceptions become statuses.
+
+Every handler the server sees is async. Unary servicer methods are plain functions: the
+innermost interceptor (`BlockingAdapter`) runs them in the daemon's bounded thread pool.
+Streaming methods are async generators or coroutines and run on the event loop, so an idle
+stream costs no thread. Each other interceptor wraps a call in one async *scope* (an async
+context manager around the whole call, a stream's every message included):
+
+    MetricsInterceptor -> ErrorInterceptor -> AuthInterceptor -> BudgetInterceptor
+        -> BlockingAdapter -> servicer
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent import futures
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from kvmd.api.errors import to_status
 from kvmd.core.errors import DomainError, KernelError
 
 log = logging.getLogger("kvmd.api")
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
-
-
-def _abort(exc: BaseException, method: str, context: grpc.ServicerContext) -> None:
-    status = to_status(exc)
-    if isinstance(exc, DomainError) and not isinstance(exc, KernelError):
-        log.info("rpc failed", extra={"method": method, "code": status.code.name,
-                                      "error": exc.message})
-    else:
-        log.error("rpc failed", exc_info=exc, extra={"method": method,
-                                                      "code": status.code.name})
-    context.abort_with_status(status)
-
-
-def _wrap_unary(behavior: Behavior, method: str) -> Behavior:
-    def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return behavior(request, context)
-        except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or _is_abort(exc):
-                raise
-            _abort(exc, method, context)
-    return wrapper
-
-
-def _wrap_stream(behavior: Behavior, method: str) -> Behavior:
-    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from behavior(request, context)
-        except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or _is_abort(exc):
-                raise
-            _abort(exc, method, context)
-    return wrapper
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # grpc raises a bare Exception from context.abort(); let it through untouched.
-    return type(exc) is Exception and not exc.args
-
+Behavior = Callable[..., Any]
+# (method, kind, request, context) -> a scope yielding the request the inner behavior gets
+# (an interceptor may replace a request stream, e.g. after reading its first message).
+Scope = Callable[[str, str, Any, grpc.aio.ServicerContext], AbstractAsyncContextManager[Any]]
 
 # The four kinds of handler behavior and the constructor of each.
 _KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -74,15 +54,100 @@ def rewrap(handler: Any, wrap: Callable[[str, Behavior], Behavior]) -> Any:
     return handler
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Map DomainError (and anything unexpected, as INTERNAL) to a rich status."""
+def streams_responses(kind: str) -> bool:
+    return kind.endswith("_stream")
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+
+def scoped(method: str, kind: str, behavior: Behavior, scope: Scope) -> Behavior:
+    """An async behavior that runs `behavior` (async) inside `scope`."""
+    if streams_responses(kind):
+        async def streaming(request: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:
+            async with scope(method, kind, request, context) as inner_request:
+                async for item in behavior(inner_request, context):
+                    yield item
+        return streaming
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with scope(method, kind, request, context) as inner_request:
+            return await behavior(inner_request, context)
+    return unary
+
+
+class ScopedInterceptor(grpc.aio.ServerInterceptor):
+    """Base of the interceptors below: wraps every behavior in `self.scope`."""
+
+    def scope(self, method: str, kind: str, request: Any,
+              context: grpc.aio.ServicerContext) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+            handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        return rewrap(handler, lambda kind, behavior: scoped(method, kind, behavior,
+                                                             self.scope))
 
-        def wrap(kind: str, behavior: Behavior) -> Behavior:
-            streams_out = kind.endswith("_stream")
-            return _wrap_stream(behavior, method) if streams_out else _wrap_unary(behavior,
-                                                                                  method)
-        return rewrap(continuation(handler_call_details), wrap)
+
+def is_abort(exc: BaseException) -> bool:
+    """A status already sent by context.abort (or a client that went away)."""
+    return isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError | GeneratorExit)
+
+
+class ErrorInterceptor(ScopedInterceptor):
+    """Map DomainError (and anything unexpected, as INTERNAL) to a rich status: the single
+    place where exceptions become gRPC statuses."""
+
+    @asynccontextmanager
+    async def scope(self, method: str, kind: str, request: Any,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            yield request
+        except Exception as exc:
+            if is_abort(exc):
+                raise
+            status = to_status(exc)
+            if isinstance(exc, DomainError) and not isinstance(exc, KernelError):
+                log.info("rpc failed", extra={"method": method, "code": status.code.name,
+                                              "error": exc.message})
+            else:
+                log.error("rpc failed", exc_info=exc, extra={"method": method,
+                                                              "code": status.code.name})
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class BlockingAdapter(grpc.aio.ServerInterceptor):
+    """Runs plain (sync) unary servicer methods in the daemon's bounded thread pool, with the
+    caller's context variables (identity, quota). Streaming methods must be async: a sync
+    stream would hold a thread for its whole life, which is what this server avoids."""
+
+    def __init__(self, pool: futures.ThreadPoolExecutor) -> None:
+        self.pool = pool
+
+    def adapt(self, method: str, kind: str, behavior: Behavior) -> Behavior:
+        if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+            return behavior
+        if kind != "unary_unary":
+            raise TypeError(f"{method}: a {kind} method must be async (async def)")
+        pool = self.pool
+
+        async def in_pool(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, call.run, behavior, request, context)
+        return in_pool
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+            handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        return rewrap(handler, lambda kind, behavior: self.adapt(method, kind, behavior))
+
+
+async def run_blocking(pool: futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking core work from an async handler in the pool, with the caller's context
+    variables."""
+    call = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(pool, call.run, fn, *args)

@@ -6,18 +6,23 @@ result. Domain errors raised by the core become status codes in `interceptors.py
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 
 from kvmd.api import convert
 from kvmd.api.auth import current_identity, current_quota
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.api.interceptors import run_blocking
+from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from kvmd.core.events import Subscription
+from kvmd.core.events import Mailbox
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
 from kvmd.core.vcpu import ManagedVcpu
@@ -29,7 +34,6 @@ MiB = 1 << 20
 DEFAULT_CHUNK = MiB
 # Room for the non-payload fields of a streamed message.
 MESSAGE_OVERHEAD = 4096
-WATCH_POLL_SECONDS = 0.5
 
 
 def caller_identity() -> str:
@@ -37,9 +41,28 @@ def caller_identity() -> str:
     return current_identity.get()
 
 
+@dataclass
+class Runtime:
+    """What async handlers need besides the core: the pool for blocking work and the
+    registry of open streams."""
+
+    pool: futures.ThreadPoolExecutor
+    streams: StreamRegistry
+
+
 class _Base:
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, runtime: Runtime) -> None:
         self.host = host
+        self.runtime = runtime
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking core work (ioctls, copies, locks) from an async handler."""
+        result: T = await run_blocking(self.runtime.pool, fn, *args)
+        return result
+
+    def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[T]:
+        return follow(mailbox, self.runtime.streams, context)
 
     def _vm(self, vm_id: str) -> ManagedVm:
         if not vm_id:
@@ -52,20 +75,6 @@ class _Base:
     def _chunk_size(self, requested: int) -> int:
         limit = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
         return max(1, min(requested or DEFAULT_CHUNK, limit))
-
-
-def _watch(sub: Subscription[T], context: grpc.ServicerContext) -> Iterator[T]:
-    """Yield fired events until the client goes away or the resource is deleted."""
-    context.add_callback(sub.wake)
-    try:
-        while context.is_active():
-            item = sub.get(WATCH_POLL_SECONDS)
-            if sub.closed:
-                return
-            if item is not None:
-                yield item
-    finally:
-        sub.close()
 
 
 class HypervisorService(_Base, rpc.HypervisorServicer):
@@ -86,7 +95,10 @@ class HypervisorService(_Base, rpc.HypervisorServicer):
                 max_message_bytes=lim.max_message_bytes,
                 max_concurrent_rpcs=lim.max_concurrent_rpcs,
                 max_irqfds_per_vm=lim.max_irqfds_per_vm,
-                max_ioevents_per_vm=lim.max_ioevents_per_vm),
+                max_ioevents_per_vm=lim.max_ioevents_per_vm,
+                max_calls_per_identity=lim.max_calls_per_identity,
+                max_streams=lim.max_streams,
+                max_streams_per_identity=lim.max_streams_per_identity),
             daemon_version=self.host.version,
             vm_count=self.host.vm_count(),
             memory_in_use_bytes=self.host.budget.in_use,
@@ -114,8 +126,9 @@ class HypervisorService(_Base, rpc.HypervisorServicer):
 class VmsService(_Base, rpc.VmsServicer):
     """Create, inspect, list and delete VMs; run control; console; exit statistics."""
 
-    def __init__(self, host: Host, visible: Callable[[str, str], bool]) -> None:
-        super().__init__(host)
+    def __init__(self, host: Host, runtime: Runtime,
+                 visible: Callable[[str, str], bool]) -> None:
+        super().__init__(host, runtime)
         self.visible = visible
 
     def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
@@ -167,14 +180,18 @@ class VmsService(_Base, rpc.VmsServicer):
         vm.stop()
         return convert.vm_to_pb(vm)
 
-    def WatchVm(self, request: pb.WatchVmRequest, context: Any) -> Iterator[pb.VmEvent]:
+    async def WatchVm(self, request: pb.WatchVmRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VmEvent]:
         """Stream state changes until the client cancels or the VM is deleted."""
         vm = self._vm(request.vm_id)
         sub = vm.watch()
-        if request.include_current:
-            yield convert.event_to_pb(vm.id, vm.current_event())
-        for event in _watch(sub, context):
-            yield convert.event_to_pb(vm.id, event)
+        try:
+            if request.include_current:
+                yield convert.event_to_pb(vm.id, vm.current_event())
+            async for event in self._follow(sub, context):
+                yield convert.event_to_pb(vm.id, event)
+        finally:
+            sub.close()
 
     def GetExitStats(self, request: pb.VmRef, context: Any) -> pb.ExitStats:
         """Exit counters per vCPU and per VM."""
@@ -183,17 +200,20 @@ class VmsService(_Base, rpc.VmsServicer):
         return pb.ExitStats(vm_id=vm.id, total=total, vcpus={
             vid: pb.ExitCounts(counts=counts) for vid, counts in per_vcpu.items()})
 
-    def StreamConsole(self, request: pb.StreamConsoleRequest,
-                      context: Any) -> Iterator[pb.ConsoleOutput]:
+    async def StreamConsole(self, request: pb.StreamConsoleRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.ConsoleOutput]:
         """Console output: the backlog (if asked), then live bytes unless no_follow."""
         backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
-        if backlog:
-            yield pb.ConsoleOutput(data=backlog)
-        if request.no_follow:
+        try:
+            if backlog:
+                yield pb.ConsoleOutput(data=backlog)
+            if request.no_follow:
+                return
+            async for data in self._follow(sub, context):
+                yield pb.ConsoleOutput(data=data)
+        finally:
             sub.close()
-            return
-        for data in _watch(sub, context):
-            yield pb.ConsoleOutput(data=data)
 
     def WriteConsole(self, request: pb.WriteConsoleRequest,
                      context: Any) -> pb.WriteConsoleResponse:
@@ -229,26 +249,29 @@ class MemoryService(_Base, rpc.MemoryServicer):
         regions = self._vm(request.vm_id).memory_regions()
         return pb.ListMemoryRegionsResponse(regions=[convert.region_to_pb(r) for r in regions])
 
-    def WriteGuestMemory(self, request_iterator: Iterable[pb.WriteGuestMemoryRequest],
-                         context: Any) -> pb.WriteGuestMemoryResponse:
+    async def WriteGuestMemory(self,
+                               request_iterator: AsyncIterator[pb.WriteGuestMemoryRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> pb.WriteGuestMemoryResponse:
         """Write streamed chunks contiguously from the first message's guest_addr."""
         vm: ManagedVm | None = None
         addr = written = 0
-        for msg in request_iterator:
+        async for msg in request_iterator:
             if vm is None:
                 vm = self._vm(msg.vm_id)
                 addr = msg.guest_addr
             elif msg.vm_id and msg.vm_id != vm.id:
                 raise InvalidArgument("every chunk of one write must name the same vm")
             if msg.data:
-                vm.write_memory(addr + written, msg.data)
+                await self._blocking(vm.write_memory, addr + written, msg.data)
                 written += len(msg.data)
         if vm is None:
             raise InvalidArgument("empty write: the first message must name vm_id")
         return pb.WriteGuestMemoryResponse(bytes_written=written)
 
-    def ReadGuestMemory(self, request: pb.ReadGuestMemoryRequest,
-                        context: Any) -> Iterator[pb.GuestMemoryChunk]:
+    async def ReadGuestMemory(self, request: pb.ReadGuestMemoryRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.GuestMemoryChunk]:
         """Stream guest memory in chunks; the whole range is checked before the first."""
         vm = self._vm(request.vm_id)
         vm.check_range(request.guest_addr, request.length)
@@ -256,12 +279,15 @@ class MemoryService(_Base, rpc.MemoryServicer):
         for off in range(0, request.length, chunk):
             n = min(chunk, request.length - off)
             addr = request.guest_addr + off
-            yield pb.GuestMemoryChunk(guest_addr=addr, data=vm.read_memory(addr, n))
+            data = await self._blocking(vm.read_memory, addr, n)
+            yield pb.GuestMemoryChunk(guest_addr=addr, data=data)
 
-    def GetDirtyLog(self, request: pb.GetDirtyLogRequest,
-                    context: Any) -> Iterator[pb.DirtyLogChunk]:
+    async def GetDirtyLog(self, request: pb.GetDirtyLogRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.DirtyLogChunk]:
         """Fetch (and reset) the slot's dirty bitmap, streamed in chunks."""
-        info, bitmap = self._vm(request.vm_id).get_dirty_log(request.slot)
+        vm = self._vm(request.vm_id)
+        info, bitmap = await self._blocking(vm.get_dirty_log, request.slot)
         total_pages = info.size // PAGE_SIZE
         chunk = self._chunk_size(request.chunk_size)
         total_dirty = 0
@@ -323,12 +349,16 @@ class InterruptsService(_Base, rpc.InterruptsServicer):
         return pb.ListIrqfdsResponse(irqfds=[convert.irqfd_to_pb(vm.id, e)
                                              for e in vm.irqfds()])
 
-    def WatchIrqfdResamples(self, request: pb.WatchIrqfdResamplesRequest,
-                            context: Any) -> Iterator[pb.IrqfdResample]:
+    async def WatchIrqfdResamples(self, request: pb.WatchIrqfdResamplesRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> AsyncIterator[pb.IrqfdResample]:
         """Stream each resample notification until cancelled or the VM is deleted."""
         sub = self._vm(request.vm_id).watch_resamples()
-        for fired in _watch(sub, context):
-            yield pb.IrqfdResample(irqfd_id=fired.resource_id, count=fired.count)
+        try:
+            async for fired in self._follow(sub, context):
+                yield pb.IrqfdResample(irqfd_id=fired.resource_id, count=fired.count)
+        finally:
+            sub.close()
 
 
 class IoEventsService(_Base, rpc.IoEventsServicer):
@@ -357,12 +387,16 @@ class IoEventsService(_Base, rpc.IoEventsServicer):
         return pb.ListIoeventsResponse(ioevents=[convert.ioevent_to_pb(vm.id, e)
                                                  for e in vm.ioevents()])
 
-    def WatchIoevents(self, request: pb.WatchIoeventsRequest,
-                      context: Any) -> Iterator[pb.IoeventFired]:
+    async def WatchIoevents(self, request: pb.WatchIoeventsRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[pb.IoeventFired]:
         """Stream (ioevent id, count) whenever a guest write fires one."""
         sub = self._vm(request.vm_id).watch_ioevents()
-        for fired in _watch(sub, context):
-            yield pb.IoeventFired(ioevent_id=fired.resource_id, count=fired.count)
+        try:
+            async for fired in self._follow(sub, context):
+                yield pb.IoeventFired(ioevent_id=fired.resource_id, count=fired.count)
+        finally:
+            sub.close()
 
 
 class VcpusService(_Base, rpc.VcpusServicer):
@@ -504,11 +538,16 @@ class VcpusService(_Base, rpc.VcpusServicer):
 class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
     """Remote device emulation over a bidirectional stream."""
 
-    def HandleExits(self, request_iterator: Iterator[pb.ExitHandlerMessage],
-                    context: Any) -> Iterator[pb.ExitHandlerEvent]:
+    async def HandleExits(self, request_iterator: AsyncIterator[pb.ExitHandlerMessage],
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.ExitHandlerEvent]:
         """First message: a claim. Then exits flow out and replies flow in until either
         side ends; the claims die with the stream."""
-        first = next(request_iterator, None)
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            first = None
         if first is None or first.WhichOneof("message") != "claim":
             raise InvalidArgument("the first message of HandleExits must be a claim")
         claim = first.claim
@@ -521,24 +560,21 @@ class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
             if r.space not in convert.SPACES:
                 raise InvalidArgument(f"unknown address space {r.space}")
             ranges.append(ClaimRange(convert.SPACES[r.space], r.base, r.length))
-        handler = vm.add_handler(ranges, deadline)
-        context.add_callback(lambda: vm.release_handler(handler, "client went away"))
-        replies = threading.Thread(target=self._read_replies, name=f"exits-{handler.id}",
-                                   args=(request_iterator, handler, vm), daemon=True)
-        replies.start()
+        # The VM's lock can be held for milliseconds (a slot being mapped): not on the loop.
+        handler = await self._blocking(vm.add_handler, ranges, deadline)
+        replies = asyncio.get_running_loop().create_task(
+            self._read_replies(requests, handler), name=f"exits-{handler.id}")
         try:
             yield pb.ExitHandlerEvent(claimed=pb.Claimed(handler_id=handler.id,
                                                          ranges=claim.ranges))
-            while True:
-                item = handler.outbound.get()
-                if item is None:
-                    break
+            async for item in self._follow(handler.outbound, context):
                 yield pb.ExitHandlerEvent(exit=pb.ExitRequest(
                     exit_id=item.id, vcpu_id=item.vcpu_id, space=convert.SPACES_PB[item.space],
                     address=item.address, size=item.size, is_write=item.is_write,
                     data=item.data, count=item.count))
         finally:
-            vm.release_handler(handler, "stream ended")
+            replies.cancel()
+            await self._blocking(vm.release_handler, handler, "stream ended")
         if handler.close_reason.startswith("bad reply"):
             raise InvalidArgument(handler.close_reason)
         if handler.close_reason.startswith("missed"):
@@ -546,33 +582,40 @@ class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
                                    "were released")
 
     @staticmethod
-    def _read_replies(requests: Iterator[pb.ExitHandlerMessage], handler: RemoteHandler,
-                      vm: ManagedVm) -> None:
+    async def _read_replies(requests: AsyncIterator[pb.ExitHandlerMessage],
+                            handler: RemoteHandler) -> None:
+        """Hand each reply to the waiting vCPU. A bad message, or the client closing its
+        side, ends the handler's outbound stream; HandleExits then releases the claims."""
+        reason = "client closed its side"
         try:
-            for msg in requests:
+            async for msg in requests:
                 if msg.WhichOneof("message") != "reply":
-                    vm.release_handler(handler, "bad reply: only replies may follow the claim")
+                    reason = "bad reply: only replies may follow the claim"
                     return
                 error = handler.answer(msg.reply.exit_id, msg.reply.data)
                 if error is not None:
-                    vm.release_handler(handler, f"bad reply: {error}")
+                    reason = f"bad reply: {error}"
                     return
-        except grpc.RpcError:
-            pass
+        except asyncio.CancelledError:
+            reason = ""  # HandleExits is ending and releases the claims itself
+            raise
+        except Exception:  # the request stream broke: the client is gone
+            reason = "client went away"
         finally:
-            vm.release_handler(handler, "client closed its side")
+            if reason:
+                handler.fail(reason)
 
 
-def add_services(server: grpc.Server, host: Host,
+def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
                  visible: Callable[[str, str], bool] = lambda identity, owner: True
                  ) -> list[str]:
     """Register every kvmd service on `server`; returns their full names. `visible` decides
     which VMs ListVms shows to a caller (identity, owner)."""
-    rpc.add_HypervisorServicer_to_server(HypervisorService(host), server)
-    rpc.add_VmsServicer_to_server(VmsService(host, visible), server)
-    rpc.add_MemoryServicer_to_server(MemoryService(host), server)
-    rpc.add_InterruptsServicer_to_server(InterruptsService(host), server)
-    rpc.add_IoEventsServicer_to_server(IoEventsService(host), server)
-    rpc.add_VcpusServicer_to_server(VcpusService(host), server)
-    rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host), server)
+    rpc.add_HypervisorServicer_to_server(HypervisorService(host, runtime), server)
+    rpc.add_VmsServicer_to_server(VmsService(host, runtime, visible), server)
+    rpc.add_MemoryServicer_to_server(MemoryService(host, runtime), server)
+    rpc.add_InterruptsServicer_to_server(InterruptsService(host, runtime), server)
+    rpc.add_IoEventsServicer_to_server(IoEventsService(host, runtime), server)
+    rpc.add_VcpusServicer_to_server(VcpusService(host, runtime), server)
+    rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host, runtime), server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -1,11 +1,11 @@
-"""Fan-out of eventfd activity: one poller thread for the daemon, queues for watchers."""
+"""Fan-out of eventfd activity: one poller thread for the daemon, mailboxes for watchers."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -70,43 +70,88 @@ class FdWatcher:
             self._wake.close()
 
 
-class Subscription(Generic[T]):
-    """One watcher's bounded queue. `get` returns None on timeout; `closed` after the
-    broadcaster ended (its resource was deleted)."""
+class Mailbox(Generic[T]):
+    """A thread-safe queue from producers (vCPU threads, the fd watcher) to one consumer.
 
-    def __init__(self, owner: Broadcaster[T], maxsize: int) -> None:
-        self._owner = owner
-        self._queue: queue.Queue[T | None] = queue.Queue(maxsize)
-        self.closed = False
+    The consumer is either a thread, blocking in `get`, or an event loop: it installs a
+    waker (called, from the producer's thread, after every put and at the end) and takes
+    what arrived with `drain`. Core code stays free of asyncio; the API layer bridges.
+    With `maxsize`, a full mailbox drops its oldest item (counted in `dropped`): a consumer
+    that stopped reading never blocks a producer.
+    """
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self._items: deque[T] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._maxsize = maxsize
+        self._waker: Callable[[], None] | None = None
+        self._ended = False
         self.dropped = 0
 
-    def put(self, item: T | None) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            # A watcher that stopped reading loses its oldest events, never blocks the VM.
-            self.dropped += 1
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._queue.put_nowait(item)
+    def put(self, item: T) -> None:
+        with self._cond:
+            if self._ended:
+                return
+            if self._maxsize and len(self._items) >= self._maxsize:
+                self._items.popleft()
+                self.dropped += 1
+            self._items.append(item)
+            self._cond.notify()
+            waker = self._waker
+        if waker is not None:
+            waker()
+
+    def end(self) -> None:
+        """No more items will come; the consumer sees `closed` once it took the rest."""
+        with self._cond:
+            if self._ended:
+                return
+            self._ended = True
+            self._cond.notify_all()
+            waker = self._waker
+        if waker is not None:
+            waker()
+
+    @property
+    def closed(self) -> bool:
+        """Ended, and every item taken."""
+        with self._cond:
+            return self._ended and not self._items
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Call `waker` (from the producer's thread) whenever an item arrives or the mailbox
+        ends; called once at once if something is already waiting."""
+        with self._cond:
+            self._waker = waker
+            pending = bool(self._items) or self._ended
+        if waker is not None and pending:
+            waker()
+
+    def drain(self) -> list[T]:
+        """Every item waiting now, without blocking."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            return items
 
     def get(self, timeout: float) -> T | None:
-        try:
-            item = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if item is None:
-            self.closed = True
-        return item
+        """The next item, or None after `timeout` seconds or once ended and empty."""
+        with self._cond:
+            if not self._items and not self._ended:
+                self._cond.wait(timeout)
+            return self._items.popleft() if self._items else None
 
-    def wake(self) -> None:
-        """Unblock a pending get (e.g. the RPC was cancelled)."""
-        self.put(None)
+
+class Subscription(Mailbox[T]):
+    """One watcher of a Broadcaster: a bounded mailbox that unsubscribes on `close`."""
+
+    def __init__(self, owner: Broadcaster[T], maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._owner = owner
 
     def close(self) -> None:
         self._owner.unsubscribe(self)
+        self.end()
 
 
 class Broadcaster(Generic[T]):
@@ -122,7 +167,7 @@ class Broadcaster(Generic[T]):
         sub: Subscription[T] = Subscription(self, self._maxsize)
         with self._lock:
             if self._ended:
-                sub.put(None)
+                sub.end()
             else:
                 self._subs.add(sub)
         return sub
@@ -148,4 +193,4 @@ class Broadcaster(Generic[T]):
             self._ended = True
             subs, self._subs = self._subs, set()
         for sub in subs:
-            sub.put(None)
+            sub.end()

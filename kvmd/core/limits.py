@@ -20,4 +20,10 @@ class Limits:
     max_irqfds_per_vm: int = 256
     max_ioevents_per_vm: int = 256
     max_message_bytes: int = 16 * MiB
-    max_concurrent_rpcs: int = 256
+    # Threads serving unary calls; streams wait on the event loop and cost none.
+    max_concurrent_rpcs: int = 64
+    # Unary calls one identity may have in flight.
+    max_calls_per_identity: int = 16
+    # Open streams (watch, console, exit handlers, memory transfers) in all, and per identity.
+    max_streams: int = 4096
+    max_streams_per_identity: int = 256

@@ -8,17 +8,22 @@ an unclaimed access. A vCPU is never left waiting on a handler that is gone.
 
 from __future__ import annotations
 
+import bisect
 import itertools
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmd.core.events import Mailbox
 from kvmd.kvm import IoSpace
 
 DEFAULT_DEADLINE_MS = 1000
 MAX_DEADLINE_MS = 60_000
+# A claim names at most this many ranges, and a VM holds at most MAX_CLAIMED_RANGES: every
+# check is O(log n) per range, so a claim costs microseconds, never a core for minutes.
+MAX_RANGES_PER_CLAIM = 1024
+MAX_CLAIMED_RANGES = 16384
 _exit_ids = itertools.count(1)
 _handler_ids = itertools.count(1)
 
@@ -68,7 +73,8 @@ class RemoteHandler:
         self.vm_id = vm_id
         self.ranges = ranges
         self.deadline = deadline_ms / 1000.0
-        self.outbound: queue.Queue[RemoteExit | None] = queue.Queue()
+        # Exits for the client; unbounded, but each waiting vCPU adds at most one.
+        self.outbound: Mailbox[RemoteExit] = Mailbox()
         self._pending: dict[int, RemoteExit] = {}
         self._abandoned: set[int] = set()
         self._lock = threading.Lock()
@@ -125,51 +131,107 @@ class RemoteHandler:
         exit_.done.set()
         return None
 
+    def fail(self, reason: str) -> None:
+        """Record why the handler ends and end its outbound stream without taking any lock
+        but its own (safe from an event loop); whoever serves the stream then calls the
+        VM's release_handler, which closes the handler and frees its claims."""
+        with self._lock:
+            if not self.close_reason:
+                self.close_reason = reason
+        self.outbound.end()
+
     def close(self, reason: str) -> None:
         """Fail every pending exit (they continue as unclaimed) and end the stream."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            self.close_reason = reason
+            self.close_reason = self.close_reason or reason
             pending, self._pending = list(self._pending.values()), {}
         if self.on_close is not None:
             self.on_close()
         for exit_ in pending:
             exit_.done.set()
-        self.outbound.put(None)
+        self.outbound.end()
+
+
+class ClaimConflict(Exception):
+    """A claim cannot be added: `reason` says why (overlapping itself, or too many ranges);
+    `clash` is the existing claimed range it overlaps, if that is the reason."""
+
+    def __init__(self, reason: str, clash: ClaimRange | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.clash = clash
 
 
 class ClaimTable:
-    """The claims of one VM. Lookups happen on every claimed exit; the table is small."""
+    """The claims of one VM: per address space, disjoint ranges sorted by base, so a lookup
+    (on every claimed exit) and each overlap check is a binary search."""
 
     def __init__(self) -> None:
-        self._claims: list[tuple[ClaimRange, RemoteHandler]] = []
+        self._bases: dict[IoSpace, list[int]] = {IoSpace.PIO: [], IoSpace.MMIO: []}
+        self._entries: dict[IoSpace, list[tuple[ClaimRange, RemoteHandler]]] = {
+            IoSpace.PIO: [], IoSpace.MMIO: []}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def check_disjoint(ranges: list[ClaimRange]) -> None:
+        """Raise ClaimConflict if the ranges of one claim overlap each other."""
+        if len(ranges) > MAX_RANGES_PER_CLAIM:
+            raise ClaimConflict(f"a claim may name at most {MAX_RANGES_PER_CLAIM} ranges, not "
+                                f"{len(ranges)}")
+        ordered = sorted(ranges, key=lambda r: (r.space.value, r.base))
+        for a, b in itertools.pairwise(ordered):
+            if a.overlaps(b):
+                raise ClaimConflict("the claimed ranges overlap each other")
+
+    def _clash(self, wanted: ClaimRange) -> ClaimRange | None:
+        bases, entries = self._bases[wanted.space], self._entries[wanted.space]
+        i = bisect.bisect_left(bases, wanted.end)  # entries from i on start at/after its end
+        if i > 0 and entries[i - 1][0].end > wanted.base:
+            return entries[i - 1][0]
+        return None
+
     def add(self, handler: RemoteHandler) -> ClaimRange | None:
-        """Add all of the handler's ranges, or none: returns the first conflicting range."""
+        """Add all of the handler's ranges, or none: returns the first conflicting range.
+        Raises ClaimConflict for a claim that overlaps itself or exceeds the limits."""
+        self.check_disjoint(handler.ranges)
         with self._lock:
+            held = sum(len(e) for e in self._entries.values())
+            if held + len(handler.ranges) > MAX_CLAIMED_RANGES:
+                raise ClaimConflict(f"the VM would hold more than {MAX_CLAIMED_RANGES} "
+                                    "claimed ranges")
             for wanted in handler.ranges:
-                for existing, _h in self._claims:
-                    if wanted.overlaps(existing):
-                        return existing
-            self._claims.extend((r, handler) for r in handler.ranges)
+                clash = self._clash(wanted)
+                if clash is not None:
+                    return clash
+            for r in handler.ranges:
+                i = bisect.bisect_left(self._bases[r.space], r.base)
+                self._bases[r.space].insert(i, r.base)
+                self._entries[r.space].insert(i, (r, handler))
         return None
 
     def remove(self, handler: RemoteHandler) -> list[ClaimRange]:
         with self._lock:
-            mine = [r for r, h in self._claims if h is handler]
-            self._claims = [(r, h) for r, h in self._claims if h is not handler]
+            mine: list[ClaimRange] = []
+            for space, entries in self._entries.items():
+                keep = [(r, h) for r, h in entries if h is not handler]
+                mine += [r for r, h in entries if h is handler]
+                self._entries[space] = keep
+                self._bases[space] = [r.base for r, _h in keep]
         return mine
 
     def find(self, space: IoSpace, address: int) -> RemoteHandler | None:
         with self._lock:
-            for claim, handler in self._claims:
-                if claim.contains(space, address):
+            i = bisect.bisect_right(self._bases[space], address) - 1
+            if i >= 0:
+                claim, handler = self._entries[space][i]
+                if address < claim.end:
                     return handler
         return None
 
     def handlers(self) -> list[RemoteHandler]:
         with self._lock:
-            return list({id(h): h for _r, h in self._claims}.values())
+            found = {id(h): h for entries in self._entries.values() for _r, h in entries}
+        return list(found.values())

@@ -31,7 +31,7 @@ from kvmd.core.errors import (
     from_kvm_error,
 )
 from kvmd.core.events import Broadcaster, Subscription
-from kvmd.core.remote import ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.vcpu import (
     CONTINUE,
     CRASHED,
@@ -749,16 +749,19 @@ class ManagedVm:
                 if device is not None:
                     raise AlreadyExists(f"ports {r.base:#x}+{r.length:#x} overlap the "
                                         f"in-daemon {device.name}", resource=self.resource)
-        for i, a in enumerate(ranges):
-            for b in ranges[i + 1 :]:
-                if a.overlaps(b):
-                    raise InvalidArgument("the claimed ranges overlap each other")
+        try:
+            ClaimTable.check_disjoint(ranges)
+        except ClaimConflict as exc:
+            raise InvalidArgument(exc.reason, resource=self.resource) from None
         handler = RemoteHandler(self.id, ranges, deadline_ms, self._shared.remote_wait.observe)
         handler.on_close = lambda: self._drop_claims(handler)
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
-            clash = self.claims.add(handler)
+            try:
+                clash = self.claims.add(handler)
+            except ClaimConflict as exc:
+                raise ResourceExhausted(exc.reason, resource=self.resource) from None
             if clash is not None:
                 raise AlreadyExists(f"{clash.space.value} range {clash.base:#x}+"
                                     f"{clash.length:#x} is already claimed",

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import grpc
 from api_support import GRPC_NATIVE, DaemonFactory
 
@@ -115,49 +112,3 @@ def test_max_message_bytes(daemon_factory: DaemonFactory) -> None:
     api.assert_code(lambda: api.write("a", 0, bytes(MiB + 1), chunk=MiB + 1), EXHAUSTED,
                     details=GRPC_NATIVE)
     assert api.write("a", 0, bytes(2 * MiB), chunk=MiB // 2) == 2 * MiB  # chunks fit
-
-
-def test_max_concurrent_rpcs(daemon_factory: DaemonFactory) -> None:
-    api = daemon_factory(max_concurrent_rpcs=2)
-    api.create_vm("a")
-    # Two open watch streams occupy both RPC slots.
-    streams = [api.ioevents.WatchIoevents(pb.WatchIoeventsRequest(vm_id="a"), timeout=30)
-               for _ in range(2)]
-    consumers = [threading.Thread(target=lambda s=s: _drain(s), daemon=True) for s in streams]
-    for t in consumers:
-        t.start()
-
-    code = None
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the streams take their slots asynchronously
-        try:
-            api.vms.GetVm(pb.GetVmRequest(vm_id="a"), timeout=5)
-        except grpc.RpcError as err:
-            code = err.code()  # type: ignore[attr-defined]
-            break
-        time.sleep(0.05)
-    assert code == EXHAUSTED
-
-    for s in streams:
-        s.cancel()
-    for t in consumers:
-        t.join(10)
-    # Slots are given back once the streams end.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            api.assert_healthy()
-            break
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    assert api.vms.GetVm(pb.GetVmRequest(vm_id="a")).vm_id == "a"
-
-
-def _drain(stream: object) -> None:
-    try:
-        for _ in stream:  # type: ignore[attr-defined]
-            pass
-    except grpc.RpcError:
-        pass

@@ -1,0 +1,65 @@
+"""The call and stream budgets (kvmd.api.budget): per identity, in all, and the reserve that
+non-admin callers leave for admins."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+
+import pytest
+
+from kvmd.api.budget import Budget, reserve_of
+from kvmd.core.errors import ResourceExhausted
+
+
+def test_reserve_is_an_eighth_at_least_one() -> None:
+    assert [reserve_of(n) for n in (1, 2, 8, 16, 64)] == [0, 1, 1, 2, 8]
+
+
+async def hold(budget: Budget, stack: AsyncExitStack, identity: str, admin: bool,
+               stream: bool, n: int) -> None:
+    for _ in range(n):
+        await stack.enter_async_context(budget.held(identity, admin, stream))
+
+
+def test_calls_per_identity_and_reserve_for_admins() -> None:
+    budget = Budget(max_calls=8, max_calls_per_identity=5, max_streams=100,
+                    max_streams_per_identity=100)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            await hold(budget, stack, "op-a", False, False, 5)
+            with pytest.raises(ResourceExhausted, match="per identity"):
+                await hold(budget, stack, "op-a", False, False, 1)
+            # Non-admins together stop at 8 - 1 (the reserve)...
+            await hold(budget, stack, "op-b", False, False, 2)
+            with pytest.raises(ResourceExhausted, match="non-admin"):
+                await hold(budget, stack, "op-c", False, False, 1)
+            # ...and an admin still gets a call.
+            await hold(budget, stack, "local", True, False, 1)
+            assert budget.usage("op-a").calls == 5 and budget.calls == 8
+        assert budget.calls == 0 and budget.usage("op-a").calls == 0
+
+    asyncio.run(scenario())
+
+
+def test_streams_per_identity_in_all_and_reserve() -> None:
+    budget = Budget(max_calls=8, max_calls_per_identity=8, max_streams=16,
+                    max_streams_per_identity=10)
+
+    async def scenario() -> None:
+        async with AsyncExitStack() as stack:
+            await hold(budget, stack, "viewer", False, True, 10)
+            with pytest.raises(ResourceExhausted, match="max_streams_per_identity"):
+                await hold(budget, stack, "viewer", False, True, 1)
+            await hold(budget, stack, "viewer-2", False, True, 4)  # 14 = 16 - reserve 2
+            with pytest.raises(ResourceExhausted, match="open streams"):
+                await hold(budget, stack, "viewer-3", False, True, 1)
+            await hold(budget, stack, "local", True, True, 2)
+            with pytest.raises(ResourceExhausted, match="open streams"):
+                await hold(budget, stack, "local", True, True, 1)
+            # Streams and calls are separate budgets.
+            await hold(budget, stack, "viewer", False, False, 1)
+        assert budget.streams == 0 and budget.calls == 0
+
+    asyncio.run(scenario())
