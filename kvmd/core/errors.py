@@ -46,6 +46,13 @@ class InvalidState(DomainError):
     reason = "FAILED_PRECONDITION"
 
 
+class Aborted(DomainError):
+    """A concurrent request superseded this one (a resume cancelled a pause in flight);
+    retrying is safe."""
+
+    reason = "ABORTED"
+
+
 class ResourceExhausted(DomainError):
     """A limit of this daemon or of KVM has been reached."""
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvmd.core.errors import InvalidArgument, InvalidState, KernelError
+from kvmd.core.errors import Aborted, InvalidArgument, InvalidState, KernelError
 from kvmd.kvm import (
     CpuidEntry,
     Fpu,
@@ -44,10 +44,22 @@ T = TypeVar("T")
 CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED = (
     "created", "running", "paused", "halted", "stopped", "crashed")
 IN_GUEST = (RUNNING,)
-STARTABLE = (CREATED, STOPPED)
+# A crashed vCPU may be started again: from its registers as they are (set them first to
+# reset it), as an operator restarts a machine.
+STARTABLE = (CREATED, STOPPED, CRASHED)
 PAUSABLE = (RUNNING, HALTED)
 RESUMABLE = (PAUSED, HALTED)
+ENDED = (STOPPED, CRASHED)
 STATE_CHANGE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class PauseTicket:
+    """What `wait_paused` compares against: the vCPU's park and resume counts when the
+    pause was requested."""
+
+    parks: int
+    resumes: int
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,10 @@ class ManagedVcpu:
         self._stop_requested = False
         self._stop_reason = ""
         self._pending_irqs: deque[int] = deque()
+        # Times the thread parked paused, and times a resume was granted: a pause waits for
+        # the first to move, and is cancelled (ABORTED) if only the second did.
+        self._parks = 0
+        self._resumes = 0
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
@@ -106,43 +122,80 @@ class ManagedVcpu:
                                             name=f"vcpu-{self.vm_id}-{self.id}")
             self._thread.start()
 
-    def pause(self) -> None:
-        """Kick the vCPU out of the guest; returns once it is paused (or ended)."""
+    def request_pause(self) -> PauseTicket:
+        """Ask the vCPU to leave the guest and park (kicked at once); `wait_paused` waits.
+        Split so a VM kicks all its vCPUs before waiting for any."""
         with self.cond:
             if self.state not in PAUSABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a running or halted vcpu can be paused",
                                    resource=self.resource)
+            ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
             self.cond.notify_all()
+            return ticket
+
+    def wait_paused(self, ticket: PauseTicket) -> None:
+        """Return once the vCPU parked since `ticket` was taken (a resume granted after
+        that leaves it running: the pause did happen), or ended. A resume granted before it
+        parked cancelled the pause: ABORTED, never a timeout."""
+        with self.cond:
             # A vCPU waiting for a remote handler pauses once the reply (or deadline) comes.
             waiting = self.waiting_remote
             extra = waiting[0].deadline if waiting is not None else 0.0
-            self._wait_until(lambda: self.state not in PAUSABLE, "pause", extra)
+            self._wait_until(lambda: (self._parks != ticket.parks
+                                      or self._resumes != ticket.resumes
+                                      or self.state in ENDED), "pause", extra)
+            if self._parks == ticket.parks and self._resumes != ticket.resumes:
+                raise Aborted(f"vcpu {self.id} of vm {self.vm_id} was resumed by another call "
+                              "before it paused", resource=self.resource)
+
+    def pause(self) -> None:
+        """Kick the vCPU out of the guest; returns once it is paused (or ended)."""
+        self.wait_paused(self.request_pause())
+
+    @property
+    def pause_pending(self) -> bool:
+        """A pause was requested and the vCPU has not parked yet."""
+        with self.cond:
+            return self._pause_requested and self.state in PAUSABLE
 
     def resume(self) -> None:
-        """Continue a paused or halted vCPU exactly where it stopped."""
+        """Continue a paused or halted vCPU exactly where it stopped; on a vCPU whose pause
+        is still in flight, cancel that pause (the last request wins)."""
         with self.cond:
-            if self.state not in RESUMABLE:
+            if self.state in RESUMABLE:
+                self._pause_requested = False
+                self._resumes += 1
+                self._set_state(RUNNING, "resumed")
+            elif self.state == RUNNING and self._pause_requested:
+                self._pause_requested = False
+                self._resumes += 1
+            else:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a paused or halted vcpu can be resumed",
                                    resource=self.resource)
-            self._pause_requested = False
-            self._set_state(RUNNING, "resumed")
             self.cond.notify_all()
 
     def stop(self, reason: str = "stopped by request") -> None:
-        """End the vCPU's thread (from an API thread); waits for it."""
+        """End the vCPU's thread (from an API thread); waits for it. A crashed vCPU (its
+        thread already gone) becomes stopped, keeping why it crashed."""
         with self.cond:
-            if self.state in (STOPPED, CRASHED):
+            if self.state == STOPPED:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is already "
                                    f"{self.state}", resource=self.resource)
             if self.state == CREATED:
                 self._set_state(STOPPED, "stopped", reason)
                 return
+            if self.state == CRASHED and not self._thread_alive():
+                self._set_state(STOPPED, "stopped")
+                return
         self.request_stop(reason)
         self.join()
+
+    def _thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def request_stop(self, reason: str) -> None:
         """Ask the thread to end without waiting (safe from any thread, even a vCPU's)."""
@@ -201,6 +254,8 @@ class ManagedVcpu:
     def _set_state(self, state: str, event: str, reason: str = "",
                    exit_code: int | None = None) -> None:
         self.state = state
+        if state == PAUSED:
+            self._parks += 1
         if reason:
             self.reason = reason
         self.cond.notify_all()

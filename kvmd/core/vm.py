@@ -37,7 +37,10 @@ from kvmd.core.vcpu import (
     CRASHED,
     CREATED,
     HALT,
+    PAUSABLE,
     PAUSED,
+    RESUMABLE,
+    STARTABLE,
     STOPPED,
     ManagedVcpu,
     Outcome,
@@ -558,10 +561,12 @@ class ManagedVm:
         return STOPPED
 
     def start(self) -> None:
+        """Start every vCPU. A stopped or crashed VM starts again from its registers as
+        they are (an operator resets a crashed guest by setting them first)."""
         vcpus = self.vcpus()
         if not vcpus:
             raise InvalidState(f"vm {self.id} has no vcpus to start", resource=self.resource)
-        bad = [v for v in vcpus if v.state not in (CREATED, STOPPED)]
+        bad = [v for v in vcpus if v.state not in STARTABLE]
         if bad:
             raise InvalidState(f"vm {self.id} is {self.state} (vcpu {bad[0].id} is "
                                f"{bad[0].state}); stop it before starting it again",
@@ -571,30 +576,45 @@ class ManagedVm:
             v.start()
 
     def pause(self) -> None:
-        vcpus = [v for v in self.vcpus() if v.state in ("running", "halted")]
+        """Kick every running or halted vCPU at once, then wait for each to park."""
+        vcpus = [v for v in self.vcpus() if v.state in PAUSABLE]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is {self.state}; only a running vm can be "
                                "paused", resource=self.resource)
+        tickets = []
         for v in vcpus:
-            v.pause()
+            try:
+                tickets.append((v, v.request_pause()))
+            except InvalidState:
+                pass  # it parked or ended by itself meanwhile: nothing to wait for
+        for v, ticket in tickets:
+            v.wait_paused(ticket)
 
     def resume(self) -> None:
-        vcpus = [v for v in self.vcpus() if v.state in (PAUSED, "halted")]
+        """Resume every paused or halted vCPU, and cancel pauses still in flight."""
+        vcpus = [v for v in self.vcpus() if v.state in RESUMABLE or v.pause_pending]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is {self.state}; only a paused vm can be "
                                "resumed", resource=self.resource)
         for v in vcpus:
-            v.resume()
+            try:
+                v.resume()
+            except InvalidState:
+                pass  # it ended, or another resume got there first
 
     def stop(self) -> None:
-        vcpus = [v for v in self.vcpus() if v.state not in (STOPPED, CRASHED)]
+        """Stop every vCPU thread; a crashed VM becomes stopped (its crash reason kept)."""
+        vcpus = [v for v in self.vcpus() if v.state != STOPPED]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource)
         for v in vcpus:
             v.request_stop("stopped by request")
         for v in vcpus:
-            if v.state == CREATED:
-                v.stop()
+            if v.state in (CREATED, CRASHED):
+                try:
+                    v.stop()
+                except InvalidState:
+                    pass  # it stopped meanwhile
             else:
                 v.join()
         if not self.reason:

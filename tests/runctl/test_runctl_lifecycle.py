@@ -199,10 +199,20 @@ def test_triple_fault_crashes_vm_with_reason_and_regs(api: Api) -> None:
     assert state.state == "crashed" and "shutdown" in state.reason
     assert api.stats("tf").total["shutdown"] == 1
     api.assert_healthy()
-    # A crashed VM cannot be started or paused, but it can be inspected and deleted.
-    api.assert_code(lambda: api.start("tf"), Code.FAILED_PRECONDITION)
+    # A crashed VM cannot be paused or resumed; it can be inspected, stopped (keeping why
+    # it crashed) and started again from its registers as they are.
     api.assert_code(lambda: api.pause("tf"), Code.FAILED_PRECONDITION)
+    api.assert_code(lambda: api.vms.ResumeVm(pb.VmRef(vm_id="tf")), Code.FAILED_PRECONDITION)
     assert api.regs("tf").rip == 0x1000
+    stopped = api.vms.StopVm(pb.VmRef(vm_id="tf"))
+    assert stopped.state == "stopped" and "shutdown" in stopped.reason
+    assert api.vcpu_state("tf").state == "stopped"
+    api.assert_code(lambda: api.vms.StopVm(pb.VmRef(vm_id="tf")), Code.FAILED_PRECONDITION)
+    api.start("tf")  # the same ud2 at the same rip: it crashes again
+    assert "shutdown" in watch.wait_for("crashed").reason
+    api.start("tf")  # a crashed VM also starts directly
+    assert "shutdown" in watch.wait_for("crashed").reason
+    assert api.stats("tf").total["shutdown"] == 3
     api.delete("tf")
 
 
