@@ -49,13 +49,14 @@ from kvmd.kvm.types import (
     StatDescriptor,
     VcpuEvents,
 )
-from kvmd.kvm.vcpu import PioMap, Vcpu, kick_signal
+from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, Vcpu, kick_signal
 from kvmd.kvm.vm import Device, Vm
 
 __all__ = [
     "CAPABILITY_NUMBERS",
     "EXIT_REASON_NAMES",
     "KVM_API_VERSION",
+    "MAX_MSRS_PER_CALL",
     "PAGE_SIZE",
     "CpuidEntry",
     "DTable",

@@ -32,7 +32,11 @@ from kvmd.kvm.types import (
 )
 
 LAPIC_SIZE = 1024
-_MAX_MSRS = 256
+# KVM_GET_MSRS/KVM_SET_MSRS refuse nmsrs >= MAX_IO_MSRS (256) with E2BIG (arch/x86/kvm/x86.c
+# msr_io): 255 per call is the kernel's real limit, not the 256 of rust-vmm's
+# KVM_MAX_MSR_ENTRIES.
+MAX_MSRS_PER_CALL = 255
+_MAX_MSRS = MAX_MSRS_PER_CALL
 
 # (number, short name) of every x86 exit reason, in kernel order: what exit_counts reports.
 X86_EXIT_NUMBERS: list[tuple[int, str]] = [
