@@ -97,6 +97,10 @@ struct kvm_stats_desc { __u32 flags; __s16 exponent; __u16 size; __u32 offset;
                         __u32 bucket_size; ...; };
 struct kvm_debugregs { __u64 db[4]; __u64 dr6; __u64 dr7; __u64 flags; ...; };
 struct kvm_guest_debug { __u32 control; __u32 pad; ...; };
+/* VM and vCPU state (snapshot/restore) */
+struct kvm_xsave { __u32 region[1024]; ...; };
+struct kvm_xcr { __u32 xcr; __u32 reserved; __u64 value; ...; };
+struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[...]; ...; };
 
 """
 
@@ -150,6 +154,9 @@ int madvise(void *addr, size_t length, int advice);
 #define KVM_GUESTDBG_ENABLE ...
 #define KVM_GUESTDBG_SINGLESTEP ...
 #define EXIT_COUNTER_SLOTS ...
+#define KVM_MAX_XCRS ...
+#define KVM_GUESTDBG_USE_SW_BP ...
+#define KVM_GUESTDBG_USE_HW_BP ...
 """
 
 def _defines() -> str:

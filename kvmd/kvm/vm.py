@@ -18,6 +18,7 @@ from kvmd.kvm.memory import (
     dirty_log_bitmap_size,
     round_up_to_page,
 )
+from kvmd.kvm.state_types import XSAVE_LEGACY_SIZE
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.types import (
     Datamatch,
@@ -483,8 +484,10 @@ class Vm:
             fd = self._open_fd(op)
             if vcpu_id in self._vcpus:
                 raise invalid(op, f"vcpu {vcpu_id} already exists", errno.EEXIST)
+            xsave2 = self._xsave2_cap()
             vfd = ioctl(fd, op, vcpu_id)
             vcpu = Vcpu(vfd, vcpu_id, self._vcpu_mmap_size)
+            vcpu._xsave2_size = xsave2
             self._vcpus[vcpu_id] = vcpu
             return vcpu
 
@@ -526,3 +529,17 @@ class Vm:
         c = ffi.new("struct kvm_clock_data *")
         c.clock = ns
         ioctl(self._open_fd("KVM_SET_CLOCK"), "KVM_SET_CLOCK", c)
+
+    # -- state for snapshot/restore -------------------------------------------------------
+
+    _xsave2: int | None = None  # KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2), asked once
+
+    def _xsave2_cap(self) -> int:
+        if self._xsave2 is None:
+            self._xsave2 = self.check_extension("KVM_CAP_XSAVE2")
+        return self._xsave2
+
+    def xsave_size(self) -> int:
+        """Bytes in this VM's vCPU XSAVE images: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the
+        VM fd (never less than 4096), or 4096 on kernels without it."""
+        return self._xsave2_cap() or XSAVE_LEGACY_SIZE
