@@ -1,10 +1,11 @@
-"""vCPU state for snapshot/restore, on the real /dev/kvm: XSAVE, XCRs, debug registers,
-TSC rate, kvmclock control, the MSRs to save, and the vCPU restore order.
+"""VM and vCPU state for snapshot/restore, on the real /dev/kvm: XSAVE, XCRs, debug
+registers, TSC rate, kvmclock control, the MSRs to save, the in-kernel PICs, IOAPIC and PIT,
+the kvmclock, the vCPU restore order, and a whole save -> new VM -> restore cycle.
 
 Each get/set pair is checked by a round trip with non-default values and, where the state
-has one, by its effect on a real guest (which reads the register or memory the state lives
-behind). Where this host's KVM (PVM, every instruction emulated) differs from the
-documentation, the test asserts what PVM does on PVM and what the documentation says
+has one, by its effect on a real guest (which reads the register, port or MMIO window the
+state lives behind). Where this host's KVM (PVM, every instruction emulated) differs from
+the documentation, the test asserts what PVM does on PVM and what the documentation says
 elsewhere, as in test_kvm_pvm_quirks.py.
 """
 
@@ -14,6 +15,7 @@ import copy
 import dataclasses
 import errno
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +27,15 @@ from guests import (
     GUEST_MEM_SIZE,
     HLT,
     ON_PVM,
+    PDPT_ADDR,
+    PIC_READY,
+    PTE_HUGE,
+    PTE_PRESENT,
+    PTE_WRITABLE,
+    SPIN,
     boot_long_mode,
     boot_real_mode,
+    interrupt_program,
     jmp_rel8,
     mov_al,
     mov_al_mem16,
@@ -37,6 +46,9 @@ from guests import (
 )
 
 from kvmd.kvm import (
+    KVM_CLOCK_HOST_TSC,
+    KVM_CLOCK_REALTIME,
+    KVM_CLOCK_TSC_STABLE,
     MAX_MSRS_PER_CALL,
     XSAVE_LEGACY_SIZE,
     ClockData,
@@ -46,6 +58,7 @@ from kvmd.kvm import (
     InternalErrorExit,
     IoapicState,
     IoExit,
+    IrqChip,
     Kvm,
     KvmError,
     MpState,
@@ -61,6 +74,7 @@ from kvmd.kvm import (
 )
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm.state_types import (
+    IOAPIC_REDIR_MASKED,
     XFEATURE_AVX,
     XFEATURE_SSE,
     XFEATURE_X87,
@@ -83,12 +97,17 @@ MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 LAPIC_TPR = 0x80
 LAPIC_SPIV = 0xF0
 LAPIC_LVTT = 0x320
+LAPIC_TMCCT = 0x390      # the timer's current count: moves while the timer runs
 APIC_SW_ENABLE = 1 << 8
 LVTT_MASKED = 1 << 16
 LVTT_TSC_DEADLINE = 2 << 17
 KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
 PVCLOCK_FLAGS = 29       # offset of `flags` in struct pvclock_vcpu_time_info
 PVCLOCK_GUEST_STOPPED = 1 << 1
+PIT_RW_STATE_WORD0 = 3   # count_latched: low byte next, then high byte
+IOAPIC_BASE = 0xFEC00000
+IOAPIC_WINDOW = 0x10
+IOAPIC_PD_ADDR = 0xC000  # a page directory for guest physical 3-4 GiB (the IOAPIC window)
 PVCLOCK_ADDR = 0x5000
 FX_IMAGE = DATA_ADDR + 0x200   # where guests FXSAVE (16-byte aligned)
 
@@ -118,6 +137,15 @@ def _enable_sse(kvm: Kvm, vcpu: Vcpu) -> None:
     vcpu.set_sregs(sregs)
 
 
+def _map_ioapic(vm: Vm) -> None:
+    """Extend guests.setup_long_mode's identity map to the 2 MiB page holding the IOAPIC
+    (PDPT entry 3 -> a second page directory)."""
+    flags = PTE_PRESENT | PTE_WRITABLE
+    vm.write(PDPT_ADDR + 3 * 8, struct.pack("<Q", IOAPIC_PD_ADDR | flags))
+    index = (IOAPIC_BASE - (3 << 30)) >> 21
+    vm.write(IOAPIC_PD_ADDR + index * 8, struct.pack("<Q", IOAPIC_BASE | flags | PTE_HUGE))
+
+
 def _supported_xcr0(kvm: Kvm) -> int:
     leaf = next(e for e in kvm.get_supported_cpuid() if (e.function, e.index) == (0xD, 0))
     return leaf.eax | leaf.edx << 32
@@ -142,7 +170,19 @@ def test_state_struct_layouts() -> None:
     assert ffi.sizeof("struct kvm_xcrs") == 392
     assert ffi.offsetof("struct kvm_xcrs", "xcrs") == 8
     assert ffi.sizeof("struct kvm_xcr") == 16
+    assert ffi.sizeof("struct kvm_pit_channel_state") == 24
+    assert ffi.offsetof("struct kvm_pit_channel_state", "count_load_time") == 16
+    assert ffi.sizeof("struct kvm_pit_state2") == 112
+    assert ffi.offsetof("struct kvm_pit_state2", "flags") == 72
+    assert ffi.sizeof("struct kvm_clock_data") == 48
+    assert ffi.offsetof("struct kvm_clock_data", "realtime") == 16
+    assert ffi.offsetof("struct kvm_clock_data", "host_tsc") == 24
+    # struct kvm_irqchip: chip_id, pad, then a 512-byte union of the PIC and IOAPIC.
+    assert lib.kvmd_sizeof_irqchip() == 520
     assert lib.KVM_MAX_XCRS == 16
+    assert lib.KVM_IOAPIC_NUM_PINS == 24
+    assert (KVM_CLOCK_TSC_STABLE, KVM_CLOCK_REALTIME, KVM_CLOCK_HOST_TSC) == (
+        lib.KVM_CLOCK_TSC_STABLE, lib.KVM_CLOCK_REALTIME, lib.KVM_CLOCK_HOST_TSC)
 
 
 def test_state_dataclasses_are_plain_data() -> None:
@@ -708,6 +748,292 @@ def test_async_pf_int_msr_is_read_only_without_lapic(kvm: Kvm, vm: Vm) -> None:
     assert _errno_of(vcpu.set_msrs, {msr_kvm_async_pf_int: 0}) == errno.EINVAL
 
 
+# -- the in-kernel PICs ------------------------------------------------------------------
+
+MASTER = PicState(last_irr=0x01, irr=0x10, imr=0xA5, isr=0x02, priority_add=0,
+                  irq_base=0x20, read_reg_select=1, poll=0, special_mask=0, init_state=0,
+                  auto_eoi=0, rotate_on_auto_eoi=0, special_fully_nested_mode=1, init4=1,
+                  elcr=0x08, elcr_mask=0xF8)
+SLAVE = PicState(last_irr=0, irr=0x40, imr=0x5A, isr=0, priority_add=3, irq_base=0x28,
+                 read_reg_select=0, poll=0, special_mask=1, init_state=0, auto_eoi=1,
+                 rotate_on_auto_eoi=0, special_fully_nested_mode=0, init4=1, elcr=0x0C,
+                 elcr_mask=0xDE)
+
+
+def test_irqchip_reset_state(vm: Vm) -> None:
+    vm.create_irq_chip()
+    assert vm.get_irqchip(IrqChip.PIC_MASTER) == PicState(elcr_mask=0xF8)
+    assert vm.get_irqchip(IrqChip.PIC_SLAVE) == PicState(elcr_mask=0xDE)
+    assert vm.get_irqchip(IrqChip.IOAPIC) == IoapicState()
+
+
+def test_pic_roundtrip(vm: Vm) -> None:
+    vm.create_irq_chip()
+    vm.set_irqchip(IrqChip.PIC_MASTER, MASTER)
+    vm.set_irqchip(IrqChip.PIC_SLAVE, SLAVE)
+    assert vm.get_irqchip(IrqChip.PIC_MASTER) == MASTER
+    assert vm.get_irqchip(IrqChip.PIC_SLAVE) == SLAVE
+    assert vm.get_irqchip(0) == MASTER   # plain chip numbers work too
+
+
+def test_pic_state_reaches_the_guest(vm: Vm) -> None:
+    # Port reads go to the in-kernel PIC: the guest reads the restored registers. The
+    # first read of port 0x20 returns the ISR because read_reg_select (OCW3) was restored.
+    vm.create_irq_chip()
+    vcpu = boot_real_mode(vm, real_mode_program(
+        _in_al_out(0x20),                              # ISR (read_reg_select = 1)
+        _in_al_out(0x21),                              # master IMR
+        _in_al_out(0xA1),                              # slave IMR
+        mov_al(0x0A), out_imm8_al(0x20),               # OCW3: read IRR
+        _in_al_out(0x20),                              # master IRR
+        mov_al(0x0A), out_imm8_al(0xA0),
+        _in_al_out(0xA0),                              # slave IRR
+        SPIN,   # IF=0: a HLT would wait in the kernel for an interrupt that cannot come
+    ))
+    vm.set_irqchip(IrqChip.PIC_MASTER, MASTER)
+    vm.set_irqchip(IrqChip.PIC_SLAVE, SLAVE)
+    assert _outs(vcpu, 5) == [_out(MASTER.isr), _out(MASTER.imr), _out(SLAVE.imr),
+                              _out(MASTER.irr), _out(SLAVE.irr)]
+
+
+def test_restored_pic_delivers_without_guest_setup(vm: Vm) -> None:
+    # A PIC restored as initialized (vectors from 0x40, only IRQ3 unmasked) delivers IRQ3
+    # as vector 0x43 to a guest that never programmed it. A reset PIC would use vector 3.
+    vm.create_irq_chip()
+    vcpu = boot_real_mode(vm, interrupt_program(0x43))
+    vm.set_irqchip(IrqChip.PIC_MASTER, PicState(imr=0xFF & ~(1 << 3), irq_base=0x40,
+                                                init4=1, elcr_mask=0xF8))
+    assert run_guarded(vcpu) == _out(PIC_READY)
+    vm.set_irq_line(3, True)
+    vm.set_irq_line(3, False)
+    assert run_guarded(vcpu) == _out(0x43)
+    assert vm.get_irqchip(IrqChip.PIC_MASTER).isr == 1 << 3   # in service, no EOI yet
+
+
+# -- the in-kernel IOAPIC ----------------------------------------------------------------
+
+# Pin 1: vector 0x31, lowest priority, logical, active low, level, masked, destination 0x0F.
+REDIR_PIN1 = 0x31 | 1 << 8 | 1 << 11 | 1 << 13 | 1 << 15 | IOAPIC_REDIR_MASKED | 0x0F << 56
+IOAPIC = IoapicState(base_address=IOAPIC_BASE, ioregsel=0x13, id=5, irr=1 << 1,
+                     redirtbl=[IOAPIC_REDIR_MASKED | 0x20 + i for i in range(24)])
+IOAPIC.redirtbl[1] = REDIR_PIN1
+
+
+def test_ioapic_roundtrip(vm: Vm) -> None:
+    vm.create_irq_chip()
+    vm.set_irqchip(IrqChip.IOAPIC, IOAPIC)
+    assert vm.get_irqchip(IrqChip.IOAPIC) == IOAPIC
+
+
+def test_ioapic_state_reaches_the_guest(vm: Vm) -> None:
+    # A 64-bit guest reads the IOAPIC through its MMIO window (IOREGSEL at +0, IOWIN at
+    # +0x10): first IOWIN with the restored IOREGSEL (0x13: pin 1, high half), then the
+    # ID register, then pin 1's low half.
+    vm.create_irq_chip()
+
+    def select(register: int) -> bytes:
+        return bytes([0xC7, 0x03]) + struct.pack("<I", register)   # mov dword [rbx], reg
+
+    read_window = bytes([0x8B, 0x43, IOAPIC_WINDOW]) + OUT_DX_EAX  # mov eax, [rbx+0x10]
+    vcpu = boot_long_mode(vm, bytes([0xBB]) + struct.pack("<I", IOAPIC_BASE)   # mov ebx
+                          + MOV_EDX_DEBUG_PORT + read_window
+                          + select(0x00) + read_window
+                          + select(0x12) + read_window + HLT)
+    _map_ioapic(vm)
+    vm.set_irqchip(IrqChip.IOAPIC, IOAPIC)
+    assert _outs(vcpu, 3) == [_out(REDIR_PIN1 >> 32, 4), _out(5 << 24, 4),
+                              _out(REDIR_PIN1 & 0xFFFFFFFF, 4)]
+    assert vm.get_irqchip(IrqChip.IOAPIC).ioregsel == 0x12   # the guest's last select
+
+
+# -- the in-kernel PIT -------------------------------------------------------------------
+
+PIT = PitState([
+    PitChannelState(count=50000, latched_count=0x1234, count_latched=PIT_RW_STATE_WORD0,
+                    status_latched=0, status=0, read_state=3, write_state=3, write_latch=0,
+                    rw_mode=3, mode=2, bcd=0, gate=1),
+    PitChannelState(count=18, read_state=1, write_state=1, rw_mode=1, mode=2, gate=1),
+    PitChannelState(count=1193, status_latched=1, status=0xAB, read_state=3,
+                    write_state=3, rw_mode=3, mode=3, gate=0),
+], flags=lib.KVM_PIT_FLAGS_HPET_LEGACY)
+
+
+def _without_load_time(pit: PitState) -> PitState:
+    return PitState([dataclasses.replace(ch, count_load_time=0) for ch in pit.channels],
+                    pit.flags)
+
+
+def _pit_vm(vm: Vm) -> None:
+    vm.create_irq_chip()
+    vm.create_pit2()
+
+
+def test_pit_reset_state(vm: Vm) -> None:
+    _pit_vm(vm)
+    pit = vm.get_pit2()
+    assert pit.flags == 0
+    assert [(ch.count, ch.mode, ch.gate) for ch in pit.channels] == [
+        (0x10000, 0xFF, 1), (0x10000, 0xFF, 1), (0x10000, 0xFF, 0)]
+
+
+def test_pit_roundtrip(vm: Vm) -> None:
+    # Every field comes back but the load time of channels 1 and 2, which KVM reloads
+    # now; channel 0's (unused: its timer keeps the time) is stored as given.
+    _pit_vm(vm)
+    pit = copy.deepcopy(PIT)
+    for i, ch in enumerate(pit.channels):
+        ch.count_load_time = -1000 - i
+    before = time.monotonic_ns()
+    vm.set_pit2(pit)
+    got = vm.get_pit2()
+    assert _without_load_time(got) == PIT
+    assert got.channels[0].count_load_time == -1000
+    assert all(before <= ch.count_load_time <= time.monotonic_ns() for ch in got.channels[1:])
+
+
+def test_pit_state_reaches_the_guest(vm: Vm) -> None:
+    # The guest reads what set_pit2 restored: channel 0's latched count (two bytes),
+    # channel 2's latched status, then channel 0's live status (read-back command: mode
+    # 2, low/high byte access) and a live count latched now. With HPET_LEGACY KVM runs no
+    # channel 0 timer, so that count is still exactly the restored one.
+    _pit_vm(vm)
+    vcpu = boot_real_mode(vm, real_mode_program(
+        _in_al_out(0x40), _in_al_out(0x40),           # latched count: low, high
+        _in_al_out(0x42),                             # channel 2: latched status
+        mov_al(0xE2), out_imm8_al(0x43),              # read-back: status of channel 0
+        _in_al_out(0x40),
+        mov_al(0x00), out_imm8_al(0x43),              # latch channel 0's count
+        _in_al_out(0x40), _in_al_out(0x40),
+        SPIN,
+    ))
+    vm.set_pit2(PIT)
+    outs = _outs(vcpu, 6)
+    assert outs[:3] == [_out(0x34), _out(0x12), _out(0xAB)]
+    assert outs[3].data[0] & 0x7F == 3 << 4 | 2 << 1   # bit 7 is the OUT pin
+    assert outs[4:] == [_out(50000 & 0xFF), _out(50000 >> 8)]
+
+
+def test_pit_counts_down_from_the_restored_count(vm: Vm) -> None:
+    # Without HPET_LEGACY channel 0 runs (mode 2, 50000 ticks of 1.19 MHz): a count
+    # latched by the guest lies below the restored count.
+    _pit_vm(vm)
+    vcpu = boot_real_mode(vm, real_mode_program(
+        mov_al(0x00), out_imm8_al(0x43),
+        _in_al_out(0x40), _in_al_out(0x40),
+        SPIN,
+    ))
+    pit = copy.deepcopy(PIT)
+    pit.flags = 0
+    pit.channels[0].count_latched = 0
+    vm.set_pit2(pit)
+    low, high = _outs(vcpu, 2)
+    assert isinstance(low, IoExit) and isinstance(high, IoExit)
+    assert 0 < low.data[0] | high.data[0] << 8 < 50000
+
+
+def test_pit_needs_create_pit2(vm: Vm) -> None:
+    assert _errno_of(vm.get_pit2) == errno.ENXIO
+    vm.create_irq_chip()
+    assert _errno_of(vm.get_pit2) == errno.ENXIO
+    assert _errno_of(vm.set_pit2, PitState()) == errno.ENXIO
+
+
+def test_pit_refused(vm: Vm) -> None:
+    _pit_vm(vm)
+    assert _errno_of(vm.set_pit2, PitState(channels=[PitChannelState()] * 2)) == errno.EINVAL
+    bad = copy.deepcopy(PIT)
+    bad.channels[1].mode = 256
+    assert _errno_of(vm.set_pit2, bad) == errno.EINVAL
+    assert vm.get_pit2().channels[0].mode == 0xFF   # untouched
+
+
+# -- the kvmclock ------------------------------------------------------------------------
+
+
+def test_clock_roundtrip(vm: Vm) -> None:
+    vm.create_vcpu(0)
+    vm.set_clock(ClockData(clock=10**12))
+    got = vm.get_clock()
+    assert 10**12 <= got.clock < 10**12 + 10 * 10**9
+    supported = vm.check_extension("KVM_CAP_ADJUST_CLOCK")
+    assert got.flags & ~supported == 0
+    if got.flags & KVM_CLOCK_REALTIME:
+        assert abs(got.realtime - time.time_ns()) < 10 * 10**9
+    if got.flags & KVM_CLOCK_HOST_TSC:
+        assert got.host_tsc > 0
+    vm.set_clock(got)   # what get_clock returns is always accepted back
+
+
+def test_clock_flags_follow_the_master_clock(kvm: Kvm, vm: Vm) -> None:
+    # KVM decides whether its master clock is on (flags TSC_STABLE, REALTIME, HOST_TSC)
+    # when KVM_SET_CLOCK runs or a vCPU enters, not when the VM is created: a new VM
+    # reports no flags, even with a vCPU, until then.
+    assert vm.get_clock().flags == 0
+    vm.create_vcpu(0)
+    assert vm.get_clock().flags == 0
+    vm.set_clock(vm.get_clock())
+    flags = vm.get_clock().flags
+    # With a TSC clocksource on the host (here) all three are on.
+    with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+        if f.read().strip() == "tsc":
+            assert flags == KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC
+    assert kvm.check_extension("KVM_CAP_ADJUST_CLOCK") & flags == flags
+
+
+def test_set_clock_realtime_adds_the_elapsed_wall_time(vm: Vm) -> None:
+    # A clock saved 5 s ago (by the wall clock) resumes 5 s further on.
+    vm.set_clock(ClockData(clock=10**12, flags=KVM_CLOCK_REALTIME,
+                           realtime=time.time_ns() - 5 * 10**9))
+    assert 10**12 + 5 * 10**9 <= vm.get_clock().clock < 10**12 + 15 * 10**9
+    # A realtime in the future never moves the clock back.
+    vm.set_clock(ClockData(clock=10**12, flags=KVM_CLOCK_REALTIME,
+                           realtime=time.time_ns() + 60 * 10**9))
+    assert 10**12 <= vm.get_clock().clock < 10**12 + 10 * 10**9
+
+
+def test_set_clock_plain_ns_still_works(vm: Vm) -> None:
+    vm.set_clock(2 * 10**12)
+    assert vm.get_clock().clock >= 2 * 10**12
+
+
+def test_set_clock_refused(vm: Vm) -> None:
+    assert _errno_of(vm.set_clock, ClockData(flags=1)) == errno.EINVAL        # kernel
+    assert _errno_of(vm.set_clock, ClockData(flags=1 << 4)) == errno.EINVAL   # kernel
+    assert _errno_of(vm.set_clock, ClockData(clock=1 << 64)) == errno.EINVAL  # binding
+
+
+# -- irqchip bad inputs ------------------------------------------------------------------
+
+
+def test_irqchip_needs_the_in_kernel_irqchip(vm: Vm) -> None:
+    assert _errno_of(vm.get_irqchip, IrqChip.PIC_MASTER) == errno.ENXIO
+    assert _errno_of(vm.get_irqchip, IrqChip.IOAPIC) == errno.ENXIO
+    assert _errno_of(vm.set_irqchip, IrqChip.PIC_SLAVE, PicState()) == errno.ENXIO
+
+
+def test_irqchip_wrong_chip(vm: Vm) -> None:
+    vm.create_irq_chip()
+    # The binding refuses unknown chips with the kernel's own errno...
+    assert _errno_of(vm.get_irqchip, 3) == errno.EINVAL
+    assert _errno_of(vm.get_irqchip, -1) == errno.EINVAL
+    assert _errno_of(vm.set_irqchip, 3, PicState()) == errno.EINVAL
+    # ...which is what the kernel says (the C helper passes the id through).
+    chip = ffi.new("struct kvmd_irqchip *")
+    chip.chip_id = 3
+    assert lib.kvmd_get_irqchip(vm.fileno(), chip) == -errno.EINVAL
+    assert lib.kvmd_set_irqchip(vm.fileno(), chip) == -errno.EINVAL
+
+
+def test_irqchip_state_of_the_wrong_kind(vm: Vm) -> None:
+    vm.create_irq_chip()
+    assert _errno_of(vm.set_irqchip, IrqChip.IOAPIC, PicState()) == errno.EINVAL
+    assert _errno_of(vm.set_irqchip, IrqChip.PIC_MASTER, IoapicState()) == errno.EINVAL
+    assert _errno_of(vm.set_irqchip, IrqChip.IOAPIC,
+                     IoapicState(redirtbl=[0] * 23)) == errno.EINVAL
+    assert _errno_of(vm.set_irqchip, IrqChip.PIC_MASTER, PicState(imr=256)) == errno.EINVAL
+    assert vm.get_irqchip(IrqChip.PIC_MASTER) == PicState(elcr_mask=0xF8)
+
+
 # -- closed file descriptors -------------------------------------------------------------
 
 
@@ -720,6 +1046,16 @@ def test_closed_vcpu_state_calls_give_ebadf(vm: Vm) -> None:
                        (vcpu.get_debugregs, ()), (vcpu.set_debugregs, (DebugRegs(),)),
                        (vcpu.get_tsc_khz, ()), (vcpu.set_tsc_khz, (0,)),
                        (vcpu.kvmclock_ctrl, ()), (vcpu.saveable_msrs, ([0x174],))):
+        assert _errno_of(call, *args) == errno.EBADF, call
+
+
+def test_closed_vm_state_calls_give_ebadf(vm: Vm) -> None:
+    vm.close()
+    for call, args in ((vm.get_irqchip, (IrqChip.PIC_MASTER,)),
+                       (vm.set_irqchip, (IrqChip.IOAPIC, IoapicState())),
+                       (vm.get_pit2, ()), (vm.set_pit2, (PitState(),)),
+                       (vm.get_clock, ()), (vm.set_clock, (ClockData(),)),
+                       (vm.xsave_size, ())):
         assert _errno_of(call, *args) == errno.EBADF, call
 
 
@@ -825,3 +1161,127 @@ def test_xsave_does_not_depend_on_cpuid(kvm: Kvm, vm: Vm) -> None:
     assert vcpu.get_xsave().xstate_bv & XFEATURE_AVX
 
 
+# -- a whole VM: save, restore into a new VM, compare, run both --------------------------
+
+OBSERVER = (
+    MOV_EDI_DATA + bytes([
+        0xB0, 0x53,                   # mov al, 'S'
+    ]) + out_imm8_al(DEBUG_PORT) + bytes([   # out DEBUG_PORT, al      <- saved here
+        0x0F, 0x11, 0x07,             # movups [rdi], xmm0            (XSAVE)
+        0xD9, 0x7F, 0x10,             # fnstcw [rdi+0x10]             (XSAVE, x87)
+        0x0F, 0x21, 0xC0,             # mov rax, dr0                  (debug registers)
+        0x48, 0x89, 0x47, 0x18,       # mov [rdi+0x18], rax
+    ]) + _in_al_out(0x21)             # PIC master IMR
+    + _in_al_out(0xA1)                # PIC slave IMR
+    + _in_al_out(0x40) + _in_al_out(0x40)   # PIT channel 0 latched count
+    + bytes([0xBB]) + struct.pack("<I", IOAPIC_BASE)   # mov ebx, IOAPIC_BASE
+    + MOV_EDX_DEBUG_PORT
+    + bytes([0x8B, 0x43, IOAPIC_WINDOW]) + OUT_DX_EAX  # IOWIN under the restored IOREGSEL
+    + bytes([0x0F, 0x32])             # rdmsr (ECX = SYSENTER_EIP: set in the registers)
+    + MOV_EDX_DEBUG_PORT + OUT_DX_EAX   # out (low half)
+    + SPIN   # IF=0 with the in-kernel LAPIC: a HLT would wait in the kernel for good
+)
+SEEN_AFTER_SAVE = 6   # exits the observer makes after the 'S'
+
+
+def _setup_source(kvm: Kvm, vm: Vm) -> Vcpu:
+    """A VM with every piece of state set away from its reset value."""
+    vm.create_irq_chip()
+    vm.create_pit2()
+    vcpu = boot_long_mode(vm, OBSERVER, rcx=MSR_IA32_SYSENTER_EIP)
+    _map_ioapic(vm)
+    _enable_sse(kvm, vcpu)
+    xsave = vcpu.get_xsave()
+    xsave.set_xmm(0, b"restored XMM0..!")
+    xsave.set_xmm(9, b"and XMM9........")
+    xsave.set_fcw(0x27F)
+    vcpu.set_xsave(xsave)
+    vcpu.set_xcrs(Xcrs([Xcr(0, XFEATURE_X87 | XFEATURE_SSE | XFEATURE_AVX)]))
+    vcpu.set_debugregs(WATCH)
+    lapic = bytearray(vcpu.get_lapic())
+    struct.pack_into("<I", lapic, LAPIC_SPIV, APIC_SW_ENABLE | 0xFF)
+    struct.pack_into("<I", lapic, LAPIC_TPR, 0x20)
+    vcpu.set_lapic(bytes(lapic))
+    vcpu.set_msrs({MSR_IA32_SYSENTER_CS: 0x10, MSR_IA32_SYSENTER_ESP: 0x7000,
+                   MSR_IA32_SYSENTER_EIP: 0xFFFF_8000_0000_1234,
+                   MSR_KVM_SYSTEM_TIME_NEW: PVCLOCK_ADDR | 1})
+    vm.set_irqchip(IrqChip.PIC_MASTER, MASTER)
+    vm.set_irqchip(IrqChip.PIC_SLAVE, SLAVE)
+    vm.set_irqchip(IrqChip.IOAPIC, IOAPIC)
+    vm.set_pit2(PIT)
+    vm.set_clock(ClockData(clock=10**12))
+    return vcpu
+
+
+def _save_vm(vm: Vm) -> dict[str, Any]:
+    return {"pic_master": vm.get_irqchip(IrqChip.PIC_MASTER),
+            "pic_slave": vm.get_irqchip(IrqChip.PIC_SLAVE),
+            "ioapic": vm.get_irqchip(IrqChip.IOAPIC),
+            "pit": vm.get_pit2(), "clock": vm.get_clock()}
+
+
+def _save_vcpu(kvm: Kvm, vcpu: Vcpu) -> dict[str, Any]:
+    # mp_state first (KVM_GET_MP_STATE may accept pending INIT/SIPI), events last.
+    state: dict[str, Any] = {"set_mp_state": vcpu.get_mp_state()}
+    state["set_cpuid"] = vcpu.get_cpuid()
+    state["set_tsc_khz"] = vcpu.get_tsc_khz()
+    state["set_regs"] = vcpu.get_regs()
+    state["set_sregs"] = vcpu.get_sregs()
+    state["set_xsave"] = vcpu.get_xsave()
+    state["set_xcrs"] = vcpu.get_xcrs()
+    state["set_debugregs"] = vcpu.get_debugregs()
+    state["set_lapic"] = vcpu.get_lapic()
+    state["set_msrs"] = vcpu.get_msrs(vcpu.saveable_msrs(kvm.get_msr_index_list()))
+    state["set_vcpu_events"] = vcpu.get_vcpu_events()
+    return state
+
+
+def _comparable(vm_state: dict[str, Any], vcpu_state: dict[str, Any]) -> dict[str, Any]:
+    """What must be identical after a restore: all of it but the moving clocks (the
+    kvmclock, the TSC, the PIT's host load time)."""
+    both = {**copy.deepcopy(vm_state), **copy.deepcopy(vcpu_state)}
+    both["pit"] = _without_load_time(both["pit"])
+    del both["clock"]
+    both["set_msrs"].pop(MSR_IA32_TSC)
+    return both
+
+
+def test_save_restore_cycle(kvm: Kvm, vm: Vm) -> None:
+    src = _setup_source(kvm, vm)
+    assert run_guarded(src) == _out(ord("S"))
+    src.complete_pending_io()            # save with no IO in flight
+    vm_state, vcpu_state = _save_vm(vm), _save_vcpu(kvm, src)
+    memory = vm.read(0, GUEST_MEM_SIZE)
+
+    with kvm.create_vm() as dst_vm:
+        dst_vm.create_irq_chip()
+        dst_vm.create_pit2()
+        dst_vm.add_memory_region(0, GUEST_MEM_SIZE)
+        dst_vm.write(0, memory)
+        dst_vm.set_irqchip(IrqChip.PIC_MASTER, vm_state["pic_master"])
+        dst_vm.set_irqchip(IrqChip.PIC_SLAVE, vm_state["pic_slave"])
+        dst_vm.set_irqchip(IrqChip.IOAPIC, vm_state["ioapic"])
+        dst_vm.set_pit2(vm_state["pit"])
+        dst_vm.set_clock(vm_state["clock"])
+        dst = dst_vm.create_vcpu(0)
+        for name, _ in Vcpu.state_restore_order():
+            getattr(dst, name)(vcpu_state[name])
+
+        # Identical get results (the clocks only move forward).
+        again_vm, again_vcpu = _save_vm(dst_vm), _save_vcpu(kvm, dst)
+        assert _comparable(again_vm, again_vcpu) == _comparable(vm_state, vcpu_state)
+        assert again_vm["clock"].clock >= vm_state["clock"].clock
+        assert again_vcpu["set_msrs"][MSR_IA32_TSC] >= vcpu_state["set_msrs"][MSR_IA32_TSC]
+        assert vcpu_state["set_lapic"][LAPIC_TMCCT:LAPIC_TMCCT + 4] == bytes(4)  # no timer
+
+        # The kvmclock page came with the MSRs: the restored guest can be told it paused.
+        dst.kvmclock_ctrl()
+
+        # Both guests go on from the save point and see the same machine.
+        src_seen, dst_seen = _outs(src, SEEN_AFTER_SAVE), _outs(dst, SEEN_AFTER_SAVE)
+        assert src_seen == dst_seen == [
+            _out(MASTER.imr), _out(SLAVE.imr), _out(0x34), _out(0x12),
+            _out(REDIR_PIN1 >> 32, 4), _out(0x1234, 4)]
+        assert dst_vm.read(DATA_ADDR, 0x20) == vm.read(DATA_ADDR, 0x20)
+        assert vm.read(DATA_ADDR, 16) == b"restored XMM0..!"
+        assert struct.unpack("<HxxxxxxQ", vm.read(DATA_ADDR + 0x10, 16)) == (0x27F, 0x7000)
