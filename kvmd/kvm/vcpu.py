@@ -525,25 +525,27 @@ class Vcpu:
     def state_restore_order(cls) -> tuple[tuple[str, str], ...]:
         """How to restore a vCPU from saved state: (Vcpu method, reason) in order.
 
-        Restore into a vCPU that has not run, of a VM whose in-kernel irqchip and PIT
-        exist and whose VM-level state (Vm.set_irqchip for the two PICs and the IOAPIC,
-        Vm.set_pit2, Vm.set_clock) is restored, as Firecracker's Vm::restore_state does
-        before its vCPUs. Save in the reverse spirit: get_mp_state first (KVM_GET_MP_STATE
-        can accept pending INIT/SIPI, changing CS:RIP and the LAPIC), get_vcpu_events
-        last. After restore, on the first resume, call kvmclock_ctrl() on each vCPU (QEMU
-        does it on every transition to running, ignoring EINVAL from guests without
-        kvmclock).
+        Restore into a vCPU that has not run, in a VM whose in-kernel irqchip and PIT
+        exist (KVM_CREATE_IRQCHIP must precede the vCPUs). Then restore the VM-level state
+        (Vm.set_irqchip for both PICs and the IOAPIC, Vm.set_pit2, Vm.set_clock) after
+        all vCPUs, as Firecracker does: KVM_SET_CLOCK decides KVM's master clock from the
+        vCPUs present (with none, KVM_GET_CLOCK reports no flags until a vCPU runs), and
+        KVM_SET_IRQCHIP asks existing vCPUs to rescan the IOAPIC. Save in the reverse
+        spirit: get_mp_state first (KVM_GET_MP_STATE can accept a pending INIT/SIPI,
+        changing CS:RIP and the LAPIC), get_vcpu_events last. On the first resume, call
+        kvmclock_ctrl() on each vCPU (QEMU does it on every transition to running,
+        ignoring EINVAL from guests without kvmclock).
 
         Sources: Firecracker src/vmm/src/vstate/vcpu/x86_64.rs restore_state (cpuid,
-        mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, vcpu_events; the
-        same in Cloud Hypervisor's hypervisor/src/kvm/mod.rs set_state) and its ordering
-        comments; QEMU target/i386/kvm/kvm.c kvm_arch_put_registers (sregs, TSC rate,
-        regs, xsave, xcrs, msrs, vcpu_events, mp_state, the TSC-deadline MSR after the
-        LAPIC, debugregs; CPUID at vCPU init). Where the two differ, this order follows
-        the kernel: mp_state goes after sregs because __set_sregs_common() makes a BSP
-        at the reset vector RUNNABLE (Firecracker sets mp_state before sregs), and the
-        TSC rate before MSRs as QEMU does (tests/kvm/test_kvm_state.py shows each
-        dependency this host's KVM has).
+        mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, vcpu_events, with
+        its ordering comments; Cloud Hypervisor's set_state is the same) and
+        src/vmm/src/builder.rs (TSC rate before, VM state after the vCPUs); QEMU
+        target/i386/kvm/kvm.c kvm_arch_put_registers (sregs, TSC rate, regs, xsave,
+        xcrs, msrs, vcpu_events, mp_state, the TSC-deadline MSR after the LAPIC,
+        debugregs; CPUID at vCPU init). Where they differ this order follows the kernel:
+        mp_state after sregs, because __set_sregs_common() makes a BSP at the reset
+        vector RUNNABLE (Firecracker sets mp_state before sregs). Each dependency this
+        host's KVM has is shown by a test in tests/kvm/test_kvm_state.py.
         """
         return cls.STATE_RESTORE_ORDER
 

@@ -1258,19 +1258,21 @@ def test_save_restore_cycle(kvm: Kvm, vm: Vm) -> None:
         dst_vm.create_pit2()
         dst_vm.add_memory_region(0, GUEST_MEM_SIZE)
         dst_vm.write(0, memory)
+        dst = dst_vm.create_vcpu(0)
+        for name, _ in Vcpu.state_restore_order():
+            getattr(dst, name)(vcpu_state[name])
+        # The VM-level state after the vCPUs (see Vcpu.state_restore_order).
         dst_vm.set_irqchip(IrqChip.PIC_MASTER, vm_state["pic_master"])
         dst_vm.set_irqchip(IrqChip.PIC_SLAVE, vm_state["pic_slave"])
         dst_vm.set_irqchip(IrqChip.IOAPIC, vm_state["ioapic"])
         dst_vm.set_pit2(vm_state["pit"])
         dst_vm.set_clock(vm_state["clock"])
-        dst = dst_vm.create_vcpu(0)
-        for name, _ in Vcpu.state_restore_order():
-            getattr(dst, name)(vcpu_state[name])
 
         # Identical get results (the clocks only move forward).
         again_vm, again_vcpu = _save_vm(dst_vm), _save_vcpu(kvm, dst)
         assert _comparable(again_vm, again_vcpu) == _comparable(vm_state, vcpu_state)
         assert again_vm["clock"].clock >= vm_state["clock"].clock
+        assert again_vm["clock"].flags == vm_state["clock"].flags   # master clock on
         assert again_vcpu["set_msrs"][MSR_IA32_TSC] >= vcpu_state["set_msrs"][MSR_IA32_TSC]
         assert vcpu_state["set_lapic"][LAPIC_TMCCT:LAPIC_TMCCT + 4] == bytes(4)  # no timer
 
