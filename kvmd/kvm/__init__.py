@@ -29,6 +29,21 @@ from kvmd.kvm.exits import (
     WrMsrExit,
 )
 from kvmd.kvm.memory import PAGE_SIZE, MemoryRegionInfo, dirty_log_bitmap_size
+from kvmd.kvm.state_types import (
+    KVM_CLOCK_HOST_TSC,
+    KVM_CLOCK_REALTIME,
+    KVM_CLOCK_TSC_STABLE,
+    XSAVE_LEGACY_SIZE,
+    ClockData,
+    DebugRegs,
+    IoapicState,
+    PicState,
+    PitChannelState,
+    PitState,
+    Xcr,
+    Xcrs,
+    Xsave,
+)
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.system import CAPABILITY_NUMBERS, KVM_API_VERSION, Kvm, capability_number
 from kvmd.kvm.types import (
@@ -49,18 +64,25 @@ from kvmd.kvm.types import (
     StatDescriptor,
     VcpuEvents,
 )
-from kvmd.kvm.vcpu import PioMap, Vcpu, kick_signal
+from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, Vcpu, kick_signal
 from kvmd.kvm.vm import Device, Vm
 
 __all__ = [
     "CAPABILITY_NUMBERS",
     "EXIT_REASON_NAMES",
     "KVM_API_VERSION",
+    "KVM_CLOCK_HOST_TSC",
+    "KVM_CLOCK_REALTIME",
+    "KVM_CLOCK_TSC_STABLE",
+    "MAX_MSRS_PER_CALL",
     "PAGE_SIZE",
+    "XSAVE_LEGACY_SIZE",
+    "ClockData",
     "CpuidEntry",
     "DTable",
     "Datamatch",
     "DebugExit",
+    "DebugRegs",
     "Device",
     "EventFd",
     "ExceptionExit",
@@ -75,6 +97,7 @@ __all__ = [
     "IoExit",
     "IoSpace",
     "IoapicEoiExit",
+    "IoapicState",
     "IrqChip",
     "IrqChipRoute",
     "IrqRoute",
@@ -85,7 +108,10 @@ __all__ = [
     "MpState",
     "MsiRoute",
     "OtherExit",
+    "PicState",
     "PioMap",
+    "PitChannelState",
+    "PitState",
     "RdMsrExit",
     "Regs",
     "Segment",
@@ -99,6 +125,9 @@ __all__ = [
     "VcpuExit",
     "Vm",
     "WrMsrExit",
+    "Xcr",
+    "Xcrs",
+    "Xsave",
     "capability_number",
     "dirty_log_bitmap_size",
     "kick_signal",

@@ -25,7 +25,7 @@ EXIT_REASONS = _names["EXIT_REASONS"]
 EXIT_COUNTER_SLOTS = _names["EXIT_COUNTER_SLOTS"]
 
 _C_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c")
-_C_SOURCES = ["run.c", "vm.c", "vcpu.c", "abi.c"]
+_C_SOURCES = ["run.c", "vm.c", "vcpu.c", "abi.c", "state.c"]
 
 # EXIT_COUNTER_SLOTS and the KVMD_COUNTER_* slot numbers (KVMD_COUNTER_IO_IN, ...), for the C
 # files: the tables live in _names.py.
@@ -88,7 +88,7 @@ struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __
 struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 struct kvm_create_device { __u32 type; __u32 fd; __u32 flags; ...; };
 struct kvm_pit_config { __u32 flags; ...; };
-struct kvm_clock_data { __u64 clock; __u32 flags; ...; };
+struct kvm_clock_data { __u64 clock; __u32 flags; __u64 realtime; __u64 host_tsc; ...; };
 struct kvm_stats_header {
     __u32 flags; __u32 name_size; __u32 num_desc; __u32 id_offset; __u32 desc_offset;
     __u32 data_offset; ...;
@@ -97,6 +97,16 @@ struct kvm_stats_desc { __u32 flags; __s16 exponent; __u16 size; __u32 offset;
                         __u32 bucket_size; ...; };
 struct kvm_debugregs { __u64 db[4]; __u64 dr6; __u64 dr7; __u64 flags; ...; };
 struct kvm_guest_debug { __u32 control; __u32 pad; ...; };
+/* VM and vCPU state (snapshot/restore) */
+struct kvm_xsave { __u32 region[1024]; ...; };
+struct kvm_xcr { __u32 xcr; __u32 reserved; __u64 value; ...; };
+struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[...]; ...; };
+struct kvm_pit_channel_state {
+    __u32 count; __u16 latched_count; __u8 count_latched; __u8 status_latched; __u8 status;
+    __u8 read_state; __u8 write_state; __u8 write_latch; __u8 rw_mode; __u8 mode; __u8 bcd;
+    __u8 gate; int64_t count_load_time; ...;
+};
+struct kvm_pit_state2 { struct kvm_pit_channel_state channels[3]; __u32 flags; ...; };
 
 """
 
@@ -150,6 +160,15 @@ int madvise(void *addr, size_t length, int advice);
 #define KVM_GUESTDBG_ENABLE ...
 #define KVM_GUESTDBG_SINGLESTEP ...
 #define EXIT_COUNTER_SLOTS ...
+#define KVM_MAX_XCRS ...
+#define KVM_IOAPIC_NUM_PINS ...
+#define KVM_CLOCK_TSC_STABLE ...
+#define KVM_CLOCK_REALTIME ...
+#define KVM_CLOCK_HOST_TSC ...
+#define KVM_PIT_FLAGS_HPET_LEGACY ...
+#define KVM_PIT_FLAGS_SPEAKER_DATA_ON ...
+#define KVM_GUESTDBG_USE_SW_BP ...
+#define KVM_GUESTDBG_USE_HW_BP ...
 """
 
 def _defines() -> str:

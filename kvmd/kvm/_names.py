@@ -49,6 +49,21 @@ IOCTLS: list[tuple[str, str]] = [
     ("KVM_GET_CLOCK", "KVM_CAP_ADJUST_CLOCK"),
     ("KVM_SET_CLOCK", "KVM_CAP_ADJUST_CLOCK"),
     ("KVM_SET_GUEST_DEBUG", "KVM_CAP_SET_GUEST_DEBUG"),
+    # VM and vCPU state (snapshot/restore)
+    ("KVM_GET_XSAVE", "KVM_CAP_XSAVE"),
+    ("KVM_GET_XSAVE2", "KVM_CAP_XSAVE2"),
+    ("KVM_SET_XSAVE", "KVM_CAP_XSAVE"),
+    ("KVM_GET_XCRS", "KVM_CAP_XCRS"),
+    ("KVM_SET_XCRS", "KVM_CAP_XCRS"),
+    ("KVM_GET_DEBUGREGS", "KVM_CAP_DEBUGREGS"),
+    ("KVM_SET_DEBUGREGS", "KVM_CAP_DEBUGREGS"),
+    ("KVM_GET_IRQCHIP", "KVM_CAP_IRQCHIP"),
+    ("KVM_SET_IRQCHIP", "KVM_CAP_IRQCHIP"),
+    ("KVM_GET_PIT2", "KVM_CAP_PIT_STATE2"),
+    ("KVM_SET_PIT2", "KVM_CAP_PIT_STATE2"),
+    ("KVM_GET_TSC_KHZ", "KVM_CAP_GET_TSC_KHZ"),
+    ("KVM_SET_TSC_KHZ", "KVM_CAP_TSC_CONTROL"),  # without it: only rates KVM can emulate
+    ("KVM_KVMCLOCK_CTRL", "KVM_CAP_KVMCLOCK_CTRL"),
 ]
 
 # Capabilities exposed by name. Names newer than the build headers get a fallback value.
@@ -81,6 +96,7 @@ CAPABILITIES: list[str] = [
     "KVM_CAP_VM_COPY_ENC_CONTEXT_FROM", "KVM_CAP_PMU_CAPABILITY", "KVM_CAP_X86_NOTIFY_VMEXIT",
     "KVM_CAP_DEVICE_CTRL", "KVM_CAP_GUEST_DEBUG_HW_BPS",
     "KVM_CAP_MEMORY_FAULT_INFO", "KVM_CAP_GUEST_MEMFD", "KVM_CAP_USER_MEMORY2",
+    "KVM_CAP_KVMCLOCK_CTRL",  # VM and vCPU state (snapshot/restore)
 ]
 
 # Exit reasons, in kernel numbering; newer ones than the headers get fallbacks.

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm._names import COUNTER_SLOTS, EXIT_COUNTER_SLOTS, X86_EXIT_REASONS
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.exits import IntrExit, VcpuExit, decode_exit
+from kvmd.kvm.state_types import XSAVE_LEGACY_SIZE, DebugRegs, Xcr, Xcrs, Xsave
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.types import (
     CONTROL_NAMES,
@@ -32,7 +35,11 @@ from kvmd.kvm.types import (
 )
 
 LAPIC_SIZE = 1024
-_MAX_MSRS = 256
+# KVM_GET_MSRS/KVM_SET_MSRS refuse nmsrs >= MAX_IO_MSRS (256) with E2BIG (arch/x86/kvm/x86.c
+# msr_io): 255 per call is the kernel's real limit, not the 256 of rust-vmm's
+# KVM_MAX_MSR_ENTRIES.
+MAX_MSRS_PER_CALL = 255
+_MAX_MSRS = MAX_MSRS_PER_CALL
 
 # (number, short name) of every x86 exit reason, in kernel order: what exit_counts reports.
 X86_EXIT_NUMBERS: list[tuple[int, str]] = [
@@ -483,6 +490,200 @@ class Vcpu:
         if self._stats is None:
             raise self._stats_error or KvmError(errno.ENOTTY, "KVM_GET_STATS_FD")
         return self._stats
+
+    # -- state for snapshot/restore -------------------------------------------------------
+
+    # KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM fd, set by Vm.create_vcpu (the guest's
+    # XSAVE permissions, hence this size, are fixed once a vCPU exists). 0: the kernel has
+    # no KVM_GET_XSAVE2, and the XSAVE image is KVM_GET_XSAVE's 4096 bytes.
+    _xsave2_size: int = 0
+
+    # The order in which the core layer restores a vCPU, as (Vcpu method, why here).
+    # See state_restore_order() for the sources.
+    STATE_RESTORE_ORDER: tuple[tuple[str, str], ...] = (
+        ("set_cpuid", "first: CPUID decides what later steps accept (XCR0, x2APIC mode in "
+         "the APIC base, MSRs, the LAPIC timer's TSC-deadline mode)"),
+        ("set_tsc_khz", "before MSRs: MSR_IA32_TSC and the TSC deadline count guest TSC "
+         "ticks of this rate"),
+        ("set_regs", "before vcpu events: KVM_SET_REGS drops a pending exception"),
+        ("set_sregs", "before mp_state (it makes a BSP at F000:FFF0 RUNNABLE) and the "
+         "LAPIC (it restores the APIC base)"),
+        ("set_xsave", "no ioctl dependency (KVM checks it against the host's features, "
+         "not CPUID); never KVM_SET_FPU instead: that leaves XSTATE_BV alone"),
+        ("set_xcrs", "after CPUID: XCR0 must be a subset of the guest's XSAVE features"),
+        ("set_debugregs", "no dependency; before events, with the other registers"),
+        ("set_lapic", "after sregs (APIC base), before MSRs (TSC deadline)"),
+        ("set_msrs", "after the LAPIC: MSR_IA32_TSC_DEADLINE is dropped unless LVTT is "
+         "already in TSC-deadline mode; after CPUID and the TSC rate"),
+        ("set_mp_state", "after sregs and the LAPIC (non-RUNNABLE states need the "
+         "in-kernel LAPIC); QEMU sets it after events: the same for a consistent state"),
+        ("set_vcpu_events", "last: it overwrites the pending exception KVM_SET_REGS drops "
+         "and the interrupt KVM_SET_SREGS queues from interrupt_bitmap"),
+    )
+
+    @classmethod
+    def state_restore_order(cls) -> tuple[tuple[str, str], ...]:
+        """How to restore a vCPU from saved state: (Vcpu method, reason) in order.
+
+        Restore into a vCPU that has not run, in a VM whose in-kernel irqchip and PIT
+        exist (KVM_CREATE_IRQCHIP must precede the vCPUs). Then restore the VM-level state
+        (Vm.set_irqchip for both PICs and the IOAPIC, Vm.set_pit2, Vm.set_clock) after
+        all vCPUs, as Firecracker does: KVM_SET_CLOCK decides KVM's master clock from the
+        vCPUs present (with none, KVM_GET_CLOCK reports no flags until a vCPU runs), and
+        KVM_SET_IRQCHIP asks existing vCPUs to rescan the IOAPIC. Save in the reverse
+        spirit: get_mp_state first (KVM_GET_MP_STATE can accept a pending INIT/SIPI,
+        changing CS:RIP and the LAPIC), get_vcpu_events last. On the first resume, call
+        kvmclock_ctrl() on each vCPU (QEMU does it on every transition to running,
+        ignoring EINVAL from guests without kvmclock).
+
+        Sources: Firecracker src/vmm/src/vstate/vcpu/x86_64.rs restore_state (cpuid,
+        mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, vcpu_events, with
+        its ordering comments; Cloud Hypervisor's set_state is the same) and
+        src/vmm/src/builder.rs (TSC rate before, VM state after the vCPUs); QEMU
+        target/i386/kvm/kvm.c kvm_arch_put_registers (sregs, TSC rate, regs, xsave,
+        xcrs, msrs, vcpu_events, mp_state, the TSC-deadline MSR after the LAPIC,
+        debugregs; CPUID at vCPU init). Where they differ this order follows the kernel:
+        mp_state after sregs, because __set_sregs_common() makes a BSP at the reset
+        vector RUNNABLE (Firecracker sets mp_state before sregs). Each dependency this
+        host's KVM has is shown by a test in tests/kvm/test_kvm_state.py.
+        """
+        return cls.STATE_RESTORE_ORDER
+
+    @property
+    def xsave_size(self) -> int:
+        """Bytes in this vCPU's XSAVE image (Xsave.region): the VM's KVM_CAP_XSAVE2 size,
+        or 4096 without it."""
+        return self._xsave2_size or XSAVE_LEGACY_SIZE
+
+    def get_xsave(self) -> Xsave:
+        """The x87/SSE/AVX/... state: KVM_GET_XSAVE2 (xsave_size bytes) where the kernel
+        has it, else KVM_GET_XSAVE (4096 bytes)."""
+        op = "KVM_GET_XSAVE2" if self._xsave2_size else "KVM_GET_XSAVE"
+        fd = self._require_open(op)
+        buf = ffi.new("uint8_t[]", self.xsave_size)
+        ioctl(fd, op, ffi.cast("struct kvm_xsave *", buf))
+        return Xsave(bytes(ffi.buffer(buf)))
+
+    def set_xsave(self, value: Xsave) -> None:
+        """Restore the x87/SSE/AVX/... state (KVM_SET_XSAVE). The image must be exactly
+        xsave_size bytes (else EINVAL, before the kernel: it reads that many bytes
+        whatever it is given). KVM refuses (EINVAL) XSTATE_BV bits this host's KVM does
+        not support (it does not look at the guest's CPUID), a non-zero XCOMP_BV or
+        reserved header bytes, and MXCSR bits outside MXCSR_MASK."""
+        size = self.xsave_size
+        if len(value.region) != size:
+            raise invalid("KVM_SET_XSAVE", f"the XSAVE image of this vCPU is {size} bytes, "
+                          f"not {len(value.region)}")
+        buf = ffi.new("uint8_t[]", value.region)
+        ioctl(self._require_open("KVM_SET_XSAVE"), "KVM_SET_XSAVE",
+              ffi.cast("struct kvm_xsave *", buf))
+
+    def get_xcrs(self) -> Xcrs:
+        """Extended control registers (KVM_GET_XCRS): XCR0, with KVM's flags."""
+        x = ffi.new("struct kvm_xcrs *")
+        ioctl(self._require_open("KVM_GET_XCRS"), "KVM_GET_XCRS", x)
+        n = min(int(x.nr_xcrs), lib.KVM_MAX_XCRS)
+        return Xcrs([Xcr(int(x.xcrs[i].xcr), int(x.xcrs[i].value)) for i in range(n)],
+                    int(x.flags))
+
+    def set_xcrs(self, value: Xcrs) -> None:
+        """Set extended control registers (KVM_SET_XCRS; at most 16 entries). KVM applies
+        the XCR0 entry and ignores others; it refuses (EINVAL) non-zero flags and an XCR0
+        without x87, with AVX but not SSE, or with features outside the guest's CPUID
+        (so set CPUID first)."""
+        op = "KVM_SET_XCRS"
+        if len(value.xcrs) > lib.KVM_MAX_XCRS:
+            raise invalid(op, f"at most {lib.KVM_MAX_XCRS} XCRs")
+        x = ffi.new("struct kvm_xcrs *")
+        x.nr_xcrs = len(value.xcrs)
+        x.flags = _u32(value.flags, "xcrs flags")
+        for i, xcr in enumerate(value.xcrs):
+            x.xcrs[i].xcr = _u32(xcr.xcr, "xcr index")
+            x.xcrs[i].value = _u64(xcr.value, "xcr value")
+        ioctl(self._require_open(op), op, x)
+
+    def get_debugregs(self) -> DebugRegs:
+        """DR0-3, DR6, DR7 (KVM_GET_DEBUGREGS): the guest's own, not those of
+        KVM_SET_GUEST_DEBUG."""
+        d = ffi.new("struct kvm_debugregs *")
+        ioctl(self._require_open("KVM_GET_DEBUGREGS"), "KVM_GET_DEBUGREGS", d)
+        return DebugRegs([int(d.db[i]) for i in range(4)], int(d.dr6), int(d.dr7),
+                         int(d.flags))
+
+    def set_debugregs(self, value: DebugRegs) -> None:
+        """Set DR0-3, DR6, DR7 (KVM_SET_DEBUGREGS). KVM refuses (EINVAL) non-zero flags
+        and bits above 31 in DR6 or DR7."""
+        op = "KVM_SET_DEBUGREGS"
+        if len(value.db) != 4:
+            raise invalid(op, "need 4 breakpoint address registers (DR0-DR3)")
+        d = ffi.new("struct kvm_debugregs *")
+        for i, addr in enumerate(value.db):
+            d.db[i] = _u64(addr, "debug address")
+        d.dr6 = _u64(value.dr6, "dr6")
+        d.dr7 = _u64(value.dr7, "dr7")
+        d.flags = _u64(value.flags, "debugregs flags")
+        ioctl(self._require_open(op), op, d)
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return ioctl(self._require_open("KVM_GET_TSC_KHZ"), "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Set the guest TSC frequency (KVM_SET_TSC_KHZ; 0 means the host's).
+
+        With KVM_CAP_TSC_CONTROL (hardware TSC scaling) any rate below the kernel's
+        maximum works. Without it (this host), KVM accepts the host rate (within
+        tsc_tolerance_ppm), and faster rates by catching the guest TSC up in software,
+        but refuses slower ones with EINVAL: a snapshot from a slower host cannot be
+        restored at its rate; callers map that to UNIMPLEMENTED. KVM records a refused
+        rate before refusing it (KVM_GET_TSC_KHZ then reports it), so on failure this
+        puts the previous rate back before raising.
+        """
+        op = "KVM_SET_TSC_KHZ"
+        fd = self._require_open(op)
+        _u32(khz, "tsc khz")
+        before = ioctl(fd, "KVM_GET_TSC_KHZ")
+        try:
+            ioctl(fd, op, khz)
+        except KvmError as exc:
+            with contextlib.suppress(KvmError):
+                ioctl(fd, op, before)
+            raise KvmError(exc.errno or errno.EINVAL, op,
+                           f"the guest TSC cannot run at {khz} kHz here (without "
+                           "KVM_CAP_TSC_CONTROL only the host rate or faster)") from None
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell the guest it was paused (KVM_KVMCLOCK_CTRL): KVM sets PVCLOCK_GUEST_STOPPED
+        in the vCPU's kvmclock page at the next entry, so the guest's soft-lockup watchdog
+        ignores the gap. EINVAL when the guest has not enabled kvmclock
+        (MSR_KVM_SYSTEM_TIME_NEW), which callers may ignore as QEMU does."""
+        ioctl(self._require_open("KVM_KVMCLOCK_CTRL"), "KVM_KVMCLOCK_CTRL")
+
+    def saveable_msrs(self, candidates: Iterable[int]) -> list[int]:
+        """The MSRs of `candidates` (usually Kvm.get_msr_index_list()) that KVM_GET_MSRS
+        reads on this vCPU, in their order, without duplicates: the MSR list to save.
+
+        KVM_GET_MSRS reads entries in order and stops at the first it refuses, returning
+        how many it read. So one ioctl per batch of up to MAX_MSRS_PER_CALL, plus one per
+        refused MSR: read the batch, keep what was read, skip the refused one, go on from
+        the next. What KVM accepts depends on CPUID: call after set_cpuid. Readable is
+        not always writable: without the in-kernel LAPIC, KVM reads MSR_KVM_ASYNC_PF_INT
+        but refuses to write it back (tests/kvm/test_kvm_state.py).
+        """
+        op = "KVM_GET_MSRS"
+        fd = self._require_open(op)
+        pending = [_u32(i, "msr index") for i in dict.fromkeys(candidates)]
+        kept: list[int] = []
+        while pending:
+            batch = pending[:MAX_MSRS_PER_CALL]
+            m = ffi.new("struct kvm_msrs *", {"nmsrs": len(batch), "entries": len(batch)})
+            for i, index in enumerate(batch):
+                m.entries[i].index = index
+            n = ioctl(fd, op, m)
+            kept += batch[:n]
+            # batch[n], if any, was refused: drop it and carry on after it.
+            pending = pending[n + 1:] if n < len(batch) else pending[n:]
+        return kept
 
 
 class PioMap:

@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm.errors import KvmError, check, invalid
@@ -17,6 +18,16 @@ from kvmd.kvm.memory import (
     MemoryRegionInfo,
     dirty_log_bitmap_size,
     round_up_to_page,
+)
+from kvmd.kvm.state_types import (
+    PIC_STATE_FIELDS,
+    PIT_CHANNEL_FIELDS,
+    XSAVE_LEGACY_SIZE,
+    ClockData,
+    IoapicState,
+    PicState,
+    PitChannelState,
+    PitState,
 )
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.types import (
@@ -483,8 +494,10 @@ class Vm:
             fd = self._open_fd(op)
             if vcpu_id in self._vcpus:
                 raise invalid(op, f"vcpu {vcpu_id} already exists", errno.EEXIST)
+            xsave2 = self._xsave2_cap()
             vfd = ioctl(fd, op, vcpu_id)
             vcpu = Vcpu(vfd, vcpu_id, self._vcpu_mmap_size)
+            vcpu._xsave2_size = xsave2
             self._vcpus[vcpu_id] = vcpu
             return vcpu
 
@@ -516,13 +529,125 @@ class Vm:
                 self._stats = StatsReader(fd)
             return self._stats
 
-    def get_clock(self) -> int:
-        """The kvmclock value in ns (KVM_GET_CLOCK)."""
+    def get_clock(self) -> ClockData:
+        """The kvmclock (KVM_GET_CLOCK): `clock` in ns and, when `flags` says so, the host
+        wall clock and TSC it was read at. KVM reports KVM_CLOCK_TSC_STABLE, REALTIME and
+        HOST_TSC only while its master clock is on, which it decides when a vCPU runs or
+        KVM_SET_CLOCK is called, not at VM creation."""
         c = ffi.new("struct kvm_clock_data *")
         ioctl(self._open_fd("KVM_GET_CLOCK"), "KVM_GET_CLOCK", c)
-        return int(c.clock)
+        return ClockData(int(c.clock), int(c.flags), int(c.realtime), int(c.host_tsc))
 
-    def set_clock(self, ns: int) -> None:
+    def set_clock(self, value: ClockData | int) -> None:
+        """Set the kvmclock (KVM_SET_CLOCK) from a ClockData, or from a plain ns value (no
+        flags). With KVM_CLOCK_REALTIME in flags, KVM adds the wall time elapsed since
+        `realtime` (if positive), so a ClockData saved by get_clock resumes where the wall
+        clock is now; other flags are accepted and ignored, unknown ones refused (EINVAL)."""
+        data = ClockData(value) if isinstance(value, int) else value
         c = ffi.new("struct kvm_clock_data *")
-        c.clock = ns
+        try:
+            c.clock, c.flags = data.clock, data.flags
+            c.realtime, c.host_tsc = data.realtime, data.host_tsc
+        except (OverflowError, TypeError) as exc:
+            raise invalid("KVM_SET_CLOCK", str(exc)) from None
         ioctl(self._open_fd("KVM_SET_CLOCK"), "KVM_SET_CLOCK", c)
+
+    # -- state for snapshot/restore -------------------------------------------------------
+
+    _xsave2: int | None = None  # KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2), asked once
+
+    def _xsave2_cap(self) -> int:
+        if self._xsave2 is None:
+            self._xsave2 = self.check_extension("KVM_CAP_XSAVE2")
+        return self._xsave2
+
+    def xsave_size(self) -> int:
+        """Bytes in this VM's vCPU XSAVE images: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the
+        VM fd (never less than 4096), or 4096 on kernels without it."""
+        return self._xsave2_cap() or XSAVE_LEGACY_SIZE
+
+    @overload
+    def get_irqchip(self, chip: Literal[IrqChip.PIC_MASTER, IrqChip.PIC_SLAVE]) -> PicState:
+        ...
+
+    @overload
+    def get_irqchip(self, chip: Literal[IrqChip.IOAPIC]) -> IoapicState:
+        ...
+
+    @overload
+    def get_irqchip(self, chip: IrqChip | int) -> PicState | IoapicState:
+        ...
+
+    def get_irqchip(self, chip: IrqChip | int) -> PicState | IoapicState:
+        """The state of one in-kernel interrupt controller (KVM_GET_IRQCHIP): a PicState
+        for PIC_MASTER or PIC_SLAVE, an IoapicState for IOAPIC. ENXIO without the
+        in-kernel irqchip (or with the split irqchip); EINVAL for any other chip."""
+        op = "KVM_GET_IRQCHIP"
+        c = ffi.new("struct kvmd_irqchip *")
+        c.chip_id = _chip_id(op, chip)
+        check(lib.kvmd_get_irqchip(self._open_fd(op), c), op)
+        if c.chip_id == IrqChip.IOAPIC:
+            io = c.ioapic
+            return IoapicState(int(io.base_address), int(io.ioregsel), int(io.id),
+                               int(io.irr), [int(io.redirtbl[i]) for i in range(IOAPIC_PINS)])
+        return PicState(**{name: int(getattr(c.pic, name)) for name in PIC_STATE_FIELDS})
+
+    def set_irqchip(self, chip: IrqChip | int, state: PicState | IoapicState) -> None:
+        """Restore one in-kernel interrupt controller (KVM_SET_IRQCHIP): a PicState for
+        PIC_MASTER or PIC_SLAVE, an IoapicState for IOAPIC (else EINVAL). KVM re-evaluates
+        the chip's output at once: an unmasked IRR bit can interrupt a vCPU."""
+        op = "KVM_SET_IRQCHIP"
+        c = ffi.new("struct kvmd_irqchip *")
+        c.chip_id = _chip_id(op, chip)
+        try:
+            if c.chip_id == IrqChip.IOAPIC:
+                if not isinstance(state, IoapicState):
+                    raise invalid(op, "the IOAPIC takes an IoapicState")
+                if len(state.redirtbl) != IOAPIC_PINS:
+                    raise invalid(op, f"the IOAPIC has {IOAPIC_PINS} redirection entries")
+                io = c.ioapic
+                io.base_address, io.ioregsel = state.base_address, state.ioregsel
+                io.id, io.irr = state.id, state.irr
+                for i, entry in enumerate(state.redirtbl):
+                    io.redirtbl[i] = entry
+            else:
+                if not isinstance(state, PicState):
+                    raise invalid(op, f"{IrqChip(c.chip_id).name} takes a PicState")
+                for name in PIC_STATE_FIELDS:
+                    setattr(c.pic, name, getattr(state, name))
+        except (OverflowError, TypeError) as exc:
+            raise invalid(op, str(exc)) from None
+        check(lib.kvmd_set_irqchip(self._open_fd(op), c), op)
+
+    def get_pit2(self) -> PitState:
+        """The in-kernel PIT's state (KVM_GET_PIT2); ENXIO without create_pit2()."""
+        p = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self._open_fd("KVM_GET_PIT2"), "KVM_GET_PIT2", p)
+        return PitState([PitChannelState(**{name: int(getattr(ch, name))
+                                            for name in PIT_CHANNEL_FIELDS})
+                         for ch in p.channels], int(p.flags))
+
+    def set_pit2(self, state: PitState) -> None:
+        """Restore the in-kernel PIT (KVM_SET_PIT2). KVM reloads each channel's count at
+        the time of this call (channels 1 and 2 get a new count_load_time) and restarts
+        channel 0's timer for its mode, unless flags has KVM_PIT_FLAGS_HPET_LEGACY (the
+        HPET drives IRQ0 then: no PIT timer, and channel 0's count stands still)."""
+        op = "KVM_SET_PIT2"
+        if len(state.channels) != 3:
+            raise invalid(op, "the PIT has 3 channels")
+        p = ffi.new("struct kvm_pit_state2 *")
+        try:
+            for ch, src in zip(p.channels, state.channels, strict=True):
+                for name in PIT_CHANNEL_FIELDS:
+                    setattr(ch, name, getattr(src, name))
+            p.flags = state.flags
+        except (OverflowError, TypeError) as exc:
+            raise invalid(op, str(exc)) from None
+        ioctl(self._open_fd(op), op, p)
+
+
+def _chip_id(op: str, chip: IrqChip | int) -> int:
+    """The kernel's chip id for `chip`, refusing (EINVAL, as KVM does) unknown chips."""
+    if not isinstance(chip, int) or chip not in tuple(IrqChip):
+        raise invalid(op, f"chip {chip!r} is not PIC_MASTER (0), PIC_SLAVE (1) or IOAPIC (2)")
+    return int(chip)

@@ -77,3 +77,30 @@ size_t kvmd_sizeof_irq_routing_entry(void);
 size_t kvmd_offsetof_run_io(void);
 size_t kvmd_offsetof_run_mmio(void);
 size_t kvmd_offsetof_run_msr(void);
+
+/* state.c: VM and vCPU state for snapshot/restore. struct kvm_irqchip carries a union (PIC
+ * or IOAPIC) and the IOAPIC's redirection table is an array of unions: these flat copies
+ * are what the binding sees. */
+struct kvmd_pic_state {
+    uint8_t last_irr, irr, imr, isr, priority_add, irq_base, read_reg_select, poll;
+    uint8_t special_mask, init_state, auto_eoi, rotate_on_auto_eoi;
+    uint8_t special_fully_nested_mode, init4, elcr, elcr_mask;
+};
+
+struct kvmd_ioapic_state {
+    uint64_t base_address;
+    uint32_t ioregsel, id, irr;
+    uint64_t redirtbl[24];    /* KVM_IOAPIC_NUM_PINS entries, as the kernel's `bits` */
+};
+
+/* One chip: chip_id is passed to the kernel unchanged (so a bad id gets the kernel's
+ * errno); `pic` is used for PIC_MASTER/PIC_SLAVE, `ioapic` for IOAPIC. */
+struct kvmd_irqchip {
+    uint32_t chip_id;
+    struct kvmd_pic_state pic;
+    struct kvmd_ioapic_state ioapic;
+};
+
+int kvmd_get_irqchip(int vmfd, struct kvmd_irqchip *chip);
+int kvmd_set_irqchip(int vmfd, const struct kvmd_irqchip *chip);
+size_t kvmd_sizeof_irqchip(void);
