@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmd.core.events import Broadcaster, Subscription
+from kvmd.core.state import ConsoleState, UartState
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -83,6 +84,16 @@ class Console:
         with self._lock:
             return bytes(self._backlog)
 
+    def save_state(self) -> ConsoleState:
+        with self._lock:
+            return ConsoleState(bytes(self._backlog), self.bytes_out, self.bytes_in)
+
+    def restore_state(self, state: ConsoleState) -> None:
+        """Before the VM runs: the backlog (its newest `capacity` bytes) and the counts."""
+        with self._lock:
+            self._backlog = bytearray(state.backlog[-self.capacity:])
+            self.bytes_out, self.bytes_in = state.bytes_out, state.bytes_in
+
     def end(self) -> None:
         self._live.end()
 
@@ -124,6 +135,19 @@ class Uart16550(PioDevice):
         if notify and self._raise_irq is not None:
             self._raise_irq()
         return len(taken)
+
+    def save_state(self) -> UartState:
+        with self._lock:
+            return UartState(self._ier, self._lcr, self._mcr, self._scr, self._dll,
+                             self._dlm, self._thre_pending, bytes(self._rx))
+
+    def restore_state(self, state: UartState) -> None:
+        """Before the VM runs: registers and the receive FIFO (bounded as on input)."""
+        with self._lock:
+            self._ier, self._lcr, self._mcr, self._scr = (state.ier, state.lcr, state.mcr,
+                                                          state.scr)
+            self._dll, self._dlm, self._thre_pending = state.dll, state.dlm, state.thre_pending
+            self._rx = deque(state.rx[-CONSOLE_INPUT_LIMIT:])
 
     def _iir(self) -> int:
         if self._ier & _IER_RDA and self._rx:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from kvmd.kvm import KvmError
 
@@ -115,3 +117,12 @@ def from_kvm_error(exc: KvmError, resource: str | None = None) -> DomainError:
     """Translate a binding error into the domain error a caller should see."""
     cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
     return cls(str(exc), errno=exc.errno, ioctl=exc.ioctl, resource=resource)
+
+
+@contextmanager
+def kernel_errors(resource: str) -> Iterator[None]:
+    """Turn binding errors raised inside the block into domain errors naming `resource`."""
+    try:
+        yield
+    except KvmError as exc:
+        raise from_kvm_error(exc, resource) from exc

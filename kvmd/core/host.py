@@ -7,11 +7,17 @@ import threading
 from dataclasses import dataclass, field
 
 from kvmd import __version__
-from kvmd.core.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from kvmd.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    kernel_errors,
+)
 from kvmd.core.events import FdWatcher
 from kvmd.core.histogram import Histogram
 from kvmd.core.limits import Limits
-from kvmd.core.vm import ManagedVm, VmOptions, kernel_errors, validate_id, validate_labels
+from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
 
@@ -49,6 +55,7 @@ class HostShared:
     watcher: FdWatcher
     remote_wait: Histogram
     capabilities: dict[str, int]  # of /dev/kvm, read once
+    msr_index_list: list[int]  # KVM_GET_MSR_INDEX_LIST, read once: the MSRs to save
     crashes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,8 +82,10 @@ class Host:
         self._capabilities: dict[str, int] | None = None
         # Time vCPUs waited for remote exit handlers, across VMs (exported as a histogram).
         self.remote_wait = Histogram()
+        with kernel_errors("host"):
+            msr_index_list = self.kvm.get_msr_index_list()
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
-                                 self.capabilities())
+                                 self.capabilities(), msr_index_list)
         self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------

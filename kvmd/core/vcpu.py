@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvmd.core.errors import Aborted, InvalidArgument, InvalidState, KernelError
+from kvmd.core.errors import Aborted, InvalidArgument, InvalidState, KernelError, kernel_errors
+from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
     Fpu,
@@ -33,6 +34,7 @@ from kvmd.kvm import (
     VcpuEvents,
     VcpuExit,
 )
+from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL
 
 if TYPE_CHECKING:
     from kvmd.core.remote import RemoteExit, RemoteHandler
@@ -380,8 +382,6 @@ class ManagedVcpu:
     # -- state access (allowed only outside the guest) ------------------------------------
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        from kvmd.core.vm import kernel_errors
-
         with self.cond:
             if self.state in IN_GUEST:
                 raise InvalidState(f"cannot {what} vcpu {self.id} of vm {self.vm_id} while it "
@@ -451,3 +451,105 @@ class ManagedVcpu:
 
     def exit_counts(self) -> dict[str, int]:
         return self.vcpu.exit_counts()
+
+    # -- save and restore -----------------------------------------------------------------
+
+    def save_state(self, run_state: str | None = None) -> VcpuState:
+        """Everything KVM lets userspace save about this vCPU, plus the daemon's own part
+        (run state, queued interrupts, exit counters). The vCPU must not be in the guest:
+        a paused vCPU has completed its in-flight IO, so its registers are exact.
+        `run_state` is what to record as its state (the VM's state before it paused it)."""
+        shared = self.vm.shared
+        with self.cond:
+            if self.state in IN_GUEST:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is running; pause it "
+                                   "before saving it", resource=self.resource)
+            v = self.vcpu
+            with kernel_errors(self.resource):
+                with_xsave = bool(shared.capabilities.get("KVM_CAP_XSAVE"))
+                msr_indices = v.saveable_msrs(shared.msr_index_list)
+                msrs: dict[int, int] = {}
+                for i in range(0, len(msr_indices), MAX_MSRS_PER_CALL):
+                    msrs.update(v.get_msrs(msr_indices[i:i + MAX_MSRS_PER_CALL]))
+                return VcpuState(
+                    vcpu_id=self.id,
+                    run_state=run_state or self.state,
+                    reason=self.reason,
+                    cpuid=v.get_cpuid(),
+                    tsc_khz=v.get_tsc_khz() if shared.capabilities.get(
+                        "KVM_CAP_GET_TSC_KHZ") else 0,
+                    regs=v.get_regs(),
+                    sregs=v.get_sregs(),
+                    xsave=v.get_xsave() if with_xsave else None,
+                    fpu=None if with_xsave else v.get_fpu(),
+                    xcrs=v.get_xcrs() if shared.capabilities.get("KVM_CAP_XCRS") else None,
+                    debugregs=v.get_debugregs() if shared.capabilities.get(
+                        "KVM_CAP_DEBUGREGS") else None,
+                    lapic=v.get_lapic() if self.vm.options.irqchip else b"",
+                    msrs=msrs,
+                    mp_state=int(v.get_mp_state()),
+                    events=v.get_vcpu_events(),
+                    pending_irqs=list(self._pending_irqs),
+                    exit_counts=v.exit_counts(),
+                )
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Restore into this vCPU before it has ever run, in the order the binding documents
+        (kvmd.kvm.Vcpu.state_restore_order): CPUID first (it decides what the rest may
+        hold), TSC rate, regs, sregs, XSAVE (or FPU), XCRs, debug registers, LAPIC, MSRs
+        (after the LAPIC, for the TSC deadline), mp_state, vCPU events last. The VM-level
+        state (irqchip, PIT, clock) follows every vCPU (ManagedVm.restore_state)."""
+        with self.cond:
+            if self.state != CREATED:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} has run; restore "
+                                   "only into a new vcpu", resource=self.resource)
+            v = self.vcpu
+            with kernel_errors(self.resource):
+                if state.cpuid:
+                    v.set_cpuid(state.cpuid)
+                if state.tsc_khz and state.tsc_khz != v.get_tsc_khz():
+                    try:
+                        v.set_tsc_khz(state.tsc_khz)
+                    except KvmError as exc:  # no TSC scaling on this host: time runs on
+                        log.warning("guest TSC rate not restored", extra={
+                            "vm_id": self.vm_id, "vcpu": self.id, "tsc_khz": state.tsc_khz,
+                            "error": str(exc)})
+                v.set_regs(state.regs)
+                v.set_sregs(state.sregs)
+                if state.xsave is not None:
+                    v.set_xsave(state.xsave)
+                elif state.fpu is not None:
+                    v.set_fpu(state.fpu)
+                if state.xcrs is not None:
+                    v.set_xcrs(state.xcrs)
+                if state.debugregs is not None:
+                    v.set_debugregs(state.debugregs)
+                if state.lapic:
+                    v.set_lapic(state.lapic)
+                self._restore_msrs(state.msrs)
+                v.set_mp_state(state.mp_state)
+                v.set_vcpu_events(state.events)
+                v.restore_exit_counts(state.exit_counts)
+            self._pending_irqs = deque(state.pending_irqs)
+            self.reason = state.reason
+            if state.run_state == CRASHED:
+                self.crash_regs = state.regs
+
+    def _restore_msrs(self, msrs: dict[int, int]) -> None:
+        """Write the saved MSRs; one the kernel refuses in this VM's configuration (e.g.
+        MSR_KVM_ASYNC_PF_INT without the in-kernel LAPIC) is logged and skipped."""
+        items = list(msrs.items())
+        for i in range(0, len(items), MAX_MSRS_PER_CALL):
+            batch = dict(items[i:i + MAX_MSRS_PER_CALL])
+            try:
+                self.vcpu.set_msrs(batch)
+                continue
+            except KvmError:
+                pass
+            for index, value in batch.items():
+                try:
+                    self.vcpu.set_msrs({index: value})
+                except KvmError as exc:
+                    log.warning("MSR not restored", extra={
+                        "vm_id": self.vm_id, "vcpu": self.id, "msr": hex(index),
+                        "value": hex(value), "error": str(exc)})

@@ -8,8 +8,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +28,7 @@ from kvmd.core.errors import (
     NotFound,
     ResourceExhausted,
     from_kvm_error,
+    kernel_errors,
 )
 from kvmd.core.events import Broadcaster, Subscription
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
@@ -103,15 +103,6 @@ def validate_labels(labels: dict[str, str]) -> dict[str, str]:
                 f"label keys must be 1-{MAX_LABEL_LEN} characters and values at most "
                 f"{MAX_LABEL_LEN}")
     return dict(labels)
-
-
-@contextmanager
-def kernel_errors(resource: str) -> Iterator[None]:
-    """Turn binding errors into domain errors naming `resource`."""
-    try:
-        yield
-    except KvmError as exc:
-        raise from_kvm_error(exc, resource) from exc
 
 
 @dataclass(frozen=True)
@@ -198,7 +189,7 @@ class ManagedVm:
         self.owner = owner
         self.created_unix_ms = int(time.time() * 1000)
         self.vm = vm
-        self._shared = shared
+        self.shared = shared
         self._limits = shared.limits
         self._budget = shared.budget
         self._watcher = shared.watcher
@@ -630,7 +621,7 @@ class ManagedVm:
     def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
         """A vCPU stopped or crashed by itself: the whole VM ends with it."""
         if outcome.action == "crash":
-            self._shared.count_crash(outcome.reason)
+            self.shared.count_crash(outcome.reason)
         if not self.reason:
             self.reason = outcome.reason
         if outcome.exit_code is not None:
@@ -773,7 +764,7 @@ class ManagedVm:
             ClaimTable.check_disjoint(ranges)
         except ClaimConflict as exc:
             raise InvalidArgument(exc.reason, resource=self.resource) from None
-        handler = RemoteHandler(self.id, ranges, deadline_ms, self._shared.remote_wait.observe)
+        handler = RemoteHandler(self.id, ranges, deadline_ms, self.shared.remote_wait.observe)
         handler.on_close = lambda: self._drop_claims(handler)
         with self.lock:
             if self.closed:

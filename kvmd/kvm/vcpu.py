@@ -267,6 +267,17 @@ class Vcpu:
         counts["other"] = int(self._counters[EXIT_COUNTER_SLOTS - 1])
         return counts
 
+    def restore_exit_counts(self, counts: dict[str, int]) -> None:
+        """Set the counters from `exit_counts()` of another vCPU (a restore: before this
+        one runs). Names it does not know are ignored; missing ones stay as they are."""
+        slots = {name: number for number, name in X86_EXIT_NUMBERS}
+        slots.update({n: s for n, s in COUNTER_SLOTS.items() if n != "first_extra"})
+        slots["other"] = EXIT_COUNTER_SLOTS - 1
+        for name, value in counts.items():
+            slot = slots.get(name)
+            if slot is not None:
+                self._counters[slot] = _u64(value, f"exit count {name}")
+
     def count_unclaimed(self, space: IoSpace) -> None:
         """Count a port or MMIO access the caller completed as unclaimed (call from the
         vCPU's own thread, which is the only writer of its counters)."""
