@@ -49,6 +49,9 @@ IOCTLS: list[tuple[str, str]] = [
     ("KVM_GET_CLOCK", "KVM_CAP_ADJUST_CLOCK"),
     ("KVM_SET_CLOCK", "KVM_CAP_ADJUST_CLOCK"),
     ("KVM_SET_GUEST_DEBUG", "KVM_CAP_SET_GUEST_DEBUG"),
+    # Dirty-page tracking
+    ("KVM_CLEAR_DIRTY_LOG", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
+    ("KVM_RESET_DIRTY_RINGS", "KVM_CAP_DIRTY_LOG_RING"),
 ]
 
 # Capabilities exposed by name. Names newer than the build headers get a fallback value.
