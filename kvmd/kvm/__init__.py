@@ -6,11 +6,13 @@ failure is a `KvmError` carrying the errno and the ioctl's name. Imports only th
 cffi: nothing of gRPC, Prometheus or the daemon.
 """
 
+from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes
 from kvmd.kvm.errors import KvmError
 from kvmd.kvm.eventfd import EventFd
 from kvmd.kvm.exits import (
     EXIT_REASON_NAMES,
     DebugExit,
+    DirtyRingFullExit,
     ExceptionExit,
     FailEntryExit,
     HltExit,
@@ -28,7 +30,14 @@ from kvmd.kvm.exits import (
     VcpuExit,
     WrMsrExit,
 )
-from kvmd.kvm.memory import PAGE_SIZE, MemoryRegionInfo, dirty_log_bitmap_size
+from kvmd.kvm.memory import (
+    PAGE_SIZE,
+    FileBacking,
+    FileMapping,
+    MemfdBacking,
+    MemoryRegionInfo,
+    dirty_log_bitmap_size,
+)
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.system import CAPABILITY_NUMBERS, KVM_API_VERSION, Kvm, capability_number
 from kvmd.kvm.types import (
@@ -62,9 +71,14 @@ __all__ = [
     "Datamatch",
     "DebugExit",
     "Device",
+    "DirtyBitmaps",
+    "DirtyLogModes",
+    "DirtyRingFullExit",
     "EventFd",
     "ExceptionExit",
     "FailEntryExit",
+    "FileBacking",
+    "FileMapping",
     "Fpu",
     "HltExit",
     "HypercallExit",
@@ -80,6 +94,7 @@ __all__ = [
     "IrqRoute",
     "Kvm",
     "KvmError",
+    "MemfdBacking",
     "MemoryRegionInfo",
     "MmioExit",
     "MpState",
