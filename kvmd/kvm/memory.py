@@ -181,7 +181,8 @@ class GuestMemoryRegion:
                          ) -> list[tuple[int, int]]:
         """The (offset, length) ranges of [offset, offset+size) whose pages hold data in the
         region's own backing (SEEK_DATA/SEEK_HOLE): pages never touched, or discarded, are
-        holes. Ranges overlaid by `map_fd` files are left out (see `file_mappings`)."""
+        holes (a read of a hole through a shared mapping allocates it, zeroed). Ranges
+        overlaid by `map_fd` files are left out (see `file_mappings`)."""
         start, end = self._range("populated_ranges", offset, size)
         ranges: list[tuple[int, int]] = []
         pos = start

@@ -515,8 +515,10 @@ class Vm:
     def populated_ranges(self, slot: int, offset: int = 0, size: int | None = None
                          ) -> list[tuple[int, int]]:
         """(offset, length) ranges of the slot, within [offset, offset+size), whose pages
-        exist in its own backing: pages never touched (by guest or host) and discarded ones
-        are left out, and so are ranges overlaid by `map_fd` (see `file_mappings`).
+        exist in its own backing: pages never touched and discarded ones are left out, and
+        so are ranges overlaid by `map_fd` (see `file_mappings`). A read touches too: the
+        kernel allocates a page of shared memfd memory on a read fault, so guest or host
+        reads of untouched memory populate it (with zeros; see `nonzero_page_runs`).
         Offset and size page aligned (EINVAL)."""
         with self._lock:
             return self._region("populated_ranges", slot).populated_ranges(offset, size)
@@ -556,10 +558,11 @@ class Vm:
         """Map `size` bytes of file `fd` (from `fd_offset`) over [offset, offset+size) of a
         slot (crosvm's add_fd_mapping): the guest sees the file there, MAP_SHARED, until
         `unmap_fd`. The Vm dups fd. `writable=False` maps it read-only: host writes there
-        are refused (EACCES), and a guest write makes KVM_RUN fail unless the slot is
-        read-only (then it is an MMIO exit). Refuses an unknown slot (ENOENT), unaligned or
-        empty ranges, ranges outside the slot, a file shorter than fd_offset+size (EINVAL),
-        an overlap with another mapped file (EEXIST) and a closed fd (EBADF)."""
+        are refused (EACCES); a guest write is an MMIO exit in a read-only slot, and in a
+        writable one makes KVM_RUN fail with EFAULT (PVM: an MMIO exit too). Refuses an
+        unknown slot (ENOENT), unaligned or empty ranges, ranges outside the slot, a
+        file-backed slot, a file shorter than fd_offset+size (EINVAL), an overlap with
+        another mapped file (EEXIST) and a closed fd (EBADF)."""
         op = "map_fd"
         with self._lock:
             region = self._region(op, slot)
