@@ -375,6 +375,13 @@ def test_ring_mapping_is_released_with_the_vcpu(kvm: Kvm) -> None:
     assert _errno_of(vm.harvest_dirty_rings, DirtyBitmaps({})) == errno.EBADF
 
 
+def test_dirty_gfn_layout() -> None:
+    # struct kvm_dirty_gfn as cffi sees it and as the C harvest helper was compiled.
+    assert DIRTY_GFN_SIZE == ffi.sizeof("struct kvm_dirty_gfn") == lib.kvmd_sizeof_dirty_gfn()
+    assert DIRTY_GFN_SIZE == 16
+    assert ffi.offsetof("struct kvm_dirty_gfn", "offset") == 8
+
+
 def test_dirty_bitmaps_argument_checks() -> None:
     bitmaps = DirtyBitmaps({0: 100 * PAGE_SIZE, 3: PAGE_SIZE})
     assert bitmaps.slots == [0, 3]
