@@ -6,11 +6,13 @@ failure is a `KvmError` carrying the errno and the ioctl's name. Imports only th
 cffi: nothing of gRPC, Prometheus or the daemon.
 """
 
+from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes
 from kvmd.kvm.errors import KvmError
 from kvmd.kvm.eventfd import EventFd
 from kvmd.kvm.exits import (
     EXIT_REASON_NAMES,
     DebugExit,
+    DirtyRingFullExit,
     ExceptionExit,
     FailEntryExit,
     HltExit,
@@ -28,7 +30,14 @@ from kvmd.kvm.exits import (
     VcpuExit,
     WrMsrExit,
 )
-from kvmd.kvm.memory import PAGE_SIZE, MemoryRegionInfo, dirty_log_bitmap_size
+from kvmd.kvm.memory import (
+    PAGE_SIZE,
+    FileBacking,
+    FileMapping,
+    MemfdBacking,
+    MemoryRegionInfo,
+    dirty_log_bitmap_size,
+)
 from kvmd.kvm.state_types import (
     KVM_CLOCK_HOST_TSC,
     KVM_CLOCK_REALTIME,
@@ -84,9 +93,14 @@ __all__ = [
     "DebugExit",
     "DebugRegs",
     "Device",
+    "DirtyBitmaps",
+    "DirtyLogModes",
+    "DirtyRingFullExit",
     "EventFd",
     "ExceptionExit",
     "FailEntryExit",
+    "FileBacking",
+    "FileMapping",
     "Fpu",
     "HltExit",
     "HypercallExit",
@@ -103,6 +117,7 @@ __all__ = [
     "IrqRoute",
     "Kvm",
     "KvmError",
+    "MemfdBacking",
     "MemoryRegionInfo",
     "MmioExit",
     "MpState",

@@ -64,6 +64,9 @@ IOCTLS: list[tuple[str, str]] = [
     ("KVM_GET_TSC_KHZ", "KVM_CAP_GET_TSC_KHZ"),
     ("KVM_SET_TSC_KHZ", "KVM_CAP_TSC_CONTROL"),  # without it: only rates KVM can emulate
     ("KVM_KVMCLOCK_CTRL", "KVM_CAP_KVMCLOCK_CTRL"),
+    # Dirty-page tracking
+    ("KVM_CLEAR_DIRTY_LOG", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"),
+    ("KVM_RESET_DIRTY_RINGS", "KVM_CAP_DIRTY_LOG_RING"),
 ]
 
 # Capabilities exposed by name. Names newer than the build headers get a fallback value.

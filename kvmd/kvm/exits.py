@@ -257,3 +257,20 @@ _DECODERS: dict[int, Callable[[Any], VcpuExit]] = {
     lib.KVM_EXIT_EXCEPTION: lambda ex: ExceptionExit(ex.subtype, ex.value),
     lib.KVM_EXIT_HYPERCALL: lambda ex: HypercallExit(ex.value, _words(ex)),
 }
+
+
+# -- dirty ring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirtyRingFullExit(VcpuExit):
+    """The vCPU's dirty ring is (soft-)full: KVM stopped it before it dirties pages it could
+    not record. The caller harvests (`Vm.harvest_dirty_rings` or
+    `Vcpu.harvest_dirty_ring`), calls `Vm.reset_dirty_rings()`, then runs the vCPU again;
+    running it again without the reset returns this exit at once."""
+
+    reason: ClassVar[int] = lib.KVM_EXIT_DIRTY_RING_FULL
+
+
+_DIRTY_RING_FULL_EXIT = DirtyRingFullExit()
+_DECODERS[lib.KVM_EXIT_DIRTY_RING_FULL] = lambda ex: _DIRTY_RING_FULL_EXIT

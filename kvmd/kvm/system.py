@@ -7,6 +7,7 @@ import os
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm._names import CAPABILITIES
+from kvmd.kvm.dirty import DirtyLogModes, dirty_log_modes
 from kvmd.kvm.errors import KvmError, invalid
 from kvmd.kvm.types import CpuidEntry
 from kvmd.kvm.vcpu import cpuid_entries
@@ -115,3 +116,8 @@ class Kvm:
         except BaseException:
             os.close(fd)
             raise
+
+    def dirty_log_modes(self) -> DirtyLogModes:
+        """Which dirty-tracking modes the kernel offers (bitmap always; manual protect with
+        or without initially-set; dirty ring with its maximum size and acquire/release)."""
+        return dirty_log_modes(self.check_extension)

@@ -12,6 +12,7 @@ from typing import Any
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm._names import COUNTER_SLOTS, EXIT_COUNTER_SLOTS, X86_EXIT_REASONS
+from kvmd.kvm.dirty import DirtyBitmaps, DirtyRing
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.exits import IntrExit, VcpuExit, decode_exit
 from kvmd.kvm.state_types import XSAVE_LEGACY_SIZE, DebugRegs, Xcr, Xcrs, Xsave
@@ -130,6 +131,8 @@ class Vcpu:
                 self._stats = None
             lib.munmap(self._run_ptr, self._mmap_size)
             self._run = ffi.NULL
+            if self._dirty_ring is not None:
+                self._dirty_ring.close()
             os.close(fd)
 
     def __enter__(self) -> Vcpu:
@@ -695,6 +698,30 @@ class Vcpu:
             # batch[n], if any, was refused: drop it and carry on after it.
             pending = pending[n + 1:] if n < len(batch) else pending[n:]
         return kept
+    # -- dirty ring (KVM_CAP_DIRTY_LOG_RING) -----------------------------------------------
+
+    # Set by Vm.create_vcpu when the VM has a dirty ring; a class default keeps __init__ as is.
+    _dirty_ring: DirtyRing | None = None
+
+    def _attach_dirty_ring(self, size_bytes: int) -> None:
+        self._dirty_ring = DirtyRing(self._require_open("mmap(dirty ring)"), size_bytes)
+
+    @property
+    def dirty_ring_entries(self) -> int:
+        """Entries in this vCPU's dirty ring (0: the VM has no dirty ring)."""
+        return 0 if self._dirty_ring is None else self._dirty_ring.entries
+
+    def harvest_dirty_ring(self, bitmaps: DirtyBitmaps) -> int:
+        """Collect this vCPU's dirty ring into `bitmaps` (in C, no Python per entry) and
+        mark the entries for reset; returns how many were collected. Safe while the vCPU
+        runs. The pages are re-protected and the entries reused after
+        `Vm.reset_dirty_rings()`."""
+        ring = self._dirty_ring
+        if ring is None:
+            self._require_open("harvest_dirty_ring")
+            raise invalid("harvest_dirty_ring", "the VM has no dirty ring (enable_dirty_ring)",
+                          errno.ENXIO)
+        return ring.harvest(bitmaps)
 
 
 class PioMap:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import errno
 import os
 import threading
@@ -10,11 +11,21 @@ from dataclasses import dataclass
 from typing import Literal, overload
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
+from kvmd.kvm.dirty import (
+    CLEAR_DIRTY_LOG_ALIGN,
+    MIN_DIRTY_RING_BYTES,
+    DirtyBitmaps,
+    DirtyLogModes,
+    dirty_log_modes,
+)
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.eventfd import HasFileno, fd_of
 from kvmd.kvm.memory import (
     PAGE_SIZE,
+    FileBacking,
+    FileMapping,
     GuestMemoryRegion,
+    MemfdBacking,
     MemoryRegionInfo,
     dirty_log_bitmap_size,
     round_up_to_page,
@@ -149,13 +160,20 @@ class Vm:
     # -- guest memory ---------------------------------------------------------------------
 
     def add_memory_region(self, guest_addr: int, size: int, read_only: bool = False,
-                          log_dirty: bool = False) -> int:
-        """Map `size` bytes (rounded up to pages) of new zeroed memory at `guest_addr`.
+                          log_dirty: bool = False,
+                          backing: FileBacking | MemfdBacking | None = None) -> int:
+        """Map `size` bytes (rounded up to pages) of new zeroed memory at `guest_addr`, or,
+        with `backing`, of an existing file (`FileBacking`: memory by reference, read-only
+        slot when not writable) or memfd (`MemfdBacking`: adopted guest RAM). The Vm dups
+        a backing fd and owns the dup; the caller keeps its own.
 
-        Returns the slot: the lowest free slot number, so freed slots are reused first.
-        Refuses zero or negative sizes and unaligned addresses (EINVAL), ranges past the
-        guest physical address space (EOVERFLOW), overlaps (EEXIST) and a full slot table
-        (ENOSPC).
+        A read-only slot may log dirty pages, as KVM allows (guest writes to it exit as
+        MMIO and mark nothing). Returns the slot: the lowest free slot number, so freed
+        slots are reused first. Refuses zero or negative sizes and unaligned addresses
+        (EINVAL), ranges past the guest physical address space (EOVERFLOW), overlaps
+        (EEXIST), a full slot table (ENOSPC), a closed backing fd (EBADF), and a backing
+        file that is not a regular file, has an unaligned offset or is shorter than
+        offset+size (EINVAL).
         """
         op = "KVM_SET_USER_MEMORY_REGION"
         if not isinstance(guest_addr, int) or guest_addr < 0 or guest_addr % PAGE_SIZE:
@@ -166,8 +184,10 @@ class Vm:
         if guest_addr + size > GUEST_ADDR_LIMIT:
             raise invalid(op, f"{guest_addr:#x}+{size:#x} is beyond guest physical addresses",
                           errno.EOVERFLOW)
-        if read_only and log_dirty:
-            raise invalid(op, "a read-only slot cannot log dirty pages")
+        if isinstance(backing, FileBacking) and not backing.writable:
+            read_only = True  # a read-only mapping can only back a read-only slot
+        elif backing is not None and not isinstance(backing, FileBacking | MemfdBacking):
+            raise invalid(op, f"not a memory backing: {backing!r}")
         with self._lock:
             fd = self._open_fd(op)
             clash = self._overlapping(guest_addr, size)
@@ -179,7 +199,13 @@ class Vm:
                 raise invalid(op, f"all {self._max_slots} memory slots are in use",
                               errno.ENOSPC)
             info = MemoryRegionInfo(slot, guest_addr, size, read_only, log_dirty)
-            region = GuestMemoryRegion(info, f"kvmd-slot{slot}")
+            if backing is None:
+                region = GuestMemoryRegion(info, f"kvmd-slot{slot}")
+            elif isinstance(backing, FileBacking):
+                region = GuestMemoryRegion.from_fd(info, backing.fd, backing.offset,
+                                                   backing.writable, is_file=True)
+            else:
+                region = GuestMemoryRegion.from_fd(info, backing.fd, backing.offset)
             try:
                 self._set_region(fd, info, region.host_address)
             except BaseException:
@@ -219,12 +245,16 @@ class Vm:
             return region.info
 
     def memory_fd(self, slot: int) -> int:
-        """The memfd behind a slot (still owned by the Vm)."""
+        """The memfd behind a slot (still owned by the Vm; an adopted memfd is the Vm's dup,
+        mapped from its `MemfdBacking.offset`). A file-backed slot has none (EINVAL): see
+        `file_mappings`."""
         with self._lock:
             self._open_fd("memory_fd")
             region = self._regions.get(slot)
             if region is None:
                 raise invalid("memory_fd", f"no memory slot {slot}", errno.ENOENT)
+            if region.is_file:
+                raise invalid("memory_fd", f"slot {slot} is file-backed, not a memfd")
             return region.memfd
 
     @property
@@ -258,12 +288,16 @@ class Vm:
 
     def write(self, guest_addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory (host writes do not mark the dirty log; read-only slots are
-        writable from the host, as in KVM)."""
+        writable from the host, as in KVM, except where a file is mapped read-only: EACCES,
+        and nothing is written)."""
         view = memoryview(data).cast("B")
         with self._lock:
             self._open_fd("write")
             done = 0
-            for region, off, n in self._pieces("write", guest_addr, len(view)):
+            pieces = self._pieces("write", guest_addr, len(view))
+            for region, off, n in pieces:
+                region.check_writable("write", off, n)
+            for region, off, n in pieces:
                 region.write(off, view[done : done + n])
                 done += n
 
@@ -310,7 +344,9 @@ class Vm:
 
     def get_dirty_log(self, slot: int) -> bytes:
         """The slot's dirty bitmap (one bit per page, dirty_log_bitmap_size bytes); reading
-        it resets the log, as KVM does. Only guest writes mark pages."""
+        it resets the log, as KVM does, unless manual protect is enabled (then see
+        `clear_dirty_log`). Only guest writes mark pages. With a dirty ring the kernel has
+        no bitmap (ENXIO)."""
         op = "KVM_GET_DIRTY_LOG"
         with self._lock:
             fd = self._open_fd(op)
@@ -324,6 +360,255 @@ class Vm:
             buf = ffi.new("uint8_t[]", (size + 7) // 8 * 8)
             check(lib.kvmd_get_dirty_log(fd, slot, buf), op)
             return bytes(ffi.buffer(buf, size))
+
+    # -- dirty-page tracking: modes, manual protect, dirty ring, logging per slot ---------
+
+    # Class defaults, so __init__ stays as it was: set by the enable_* methods below.
+    _manual_protect_flags = 0
+    _dirty_ring_bytes = 0
+
+    def dirty_log_modes(self) -> DirtyLogModes:
+        """Which dirty-tracking modes this VM can use (asked on the VM fd)."""
+        return dirty_log_modes(self.check_extension)
+
+    @property
+    def manual_dirty_log_protect(self) -> int:
+        """The KVM_DIRTY_LOG_* flags enabled by `enable_manual_dirty_log_protect` (0: off)."""
+        return self._manual_protect_flags
+
+    def enable_manual_dirty_log_protect(self, initially_set: bool | None = None) -> int:
+        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: from now on `get_dirty_log` only reads
+        the bitmap and `clear_dirty_log` re-protects pages. `initially_set` (default: where
+        the kernel offers it) makes slots that start logging report every page dirty until
+        cleared. Returns the flags enabled. A kernel without the capability, or without
+        initially-set when asked for it, refuses (EINVAL)."""
+        op = "KVM_ENABLE_CAP"
+        with self._lock:
+            offered = self.check_extension("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+            if initially_set is None:
+                initially_set = bool(offered & lib.KVM_DIRTY_LOG_INITIALLY_SET)
+            flags = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            if initially_set:
+                flags |= lib.KVM_DIRTY_LOG_INITIALLY_SET
+            ioctl(self._open_fd(op), op, enable_cap_struct(
+                lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, (flags,), 0))
+            self._manual_protect_flags = flags
+            return flags
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        bitmap: bytes | bytearray | memoryview | None = None) -> None:
+        """Re-protect pages of a slot (KVM_CLEAR_DIRTY_LOG, manual protect only): the pages
+        first_page+i whose bit i is set in `bitmap` (default: all `num_pages`) read clean
+        until the guest writes them again. The kernel's rules, checked here first (EINVAL):
+        `first_page` a multiple of 64, `num_pages` a multiple of 64 unless the range reaches
+        the end of the slot, the range inside the slot, `bitmap` at least num_pages bits.
+        Refused without manual protect (EINVAL): the kernel would accept it (and clear
+        bits GET_DIRTY_LOG already cleared), but it is always the caller's mistake. For a
+        slot without logging, the kernel's ENOENT; with a dirty ring, its ENXIO."""
+        op = "KVM_CLEAR_DIRTY_LOG"
+        with self._lock:
+            fd = self._open_fd(op)
+            region = self._regions.get(slot)
+            if region is None:
+                raise invalid(op, f"no memory slot {slot}", errno.ENOENT)
+            if not self._manual_protect_flags and not self._dirty_ring_bytes:
+                raise invalid(op, "manual dirty log protect is not enabled "
+                              "(enable_manual_dirty_log_protect)")
+            npages = region.info.size // PAGE_SIZE
+            if not isinstance(first_page, int) or not isinstance(num_pages, int):
+                raise invalid(op, "first_page and num_pages must be integers")
+            if first_page < 0 or first_page % CLEAR_DIRTY_LOG_ALIGN:
+                raise invalid(op, f"first_page {first_page} is not a multiple of "
+                              f"{CLEAR_DIRTY_LOG_ALIGN}")
+            if num_pages < 0 or first_page + num_pages > npages:
+                raise invalid(op, f"pages {first_page}+{num_pages} are outside slot {slot} "
+                              f"({npages} pages)")
+            if num_pages % CLEAR_DIRTY_LOG_ALIGN and first_page + num_pages != npages:
+                raise invalid(op, f"num_pages {num_pages} is not a multiple of "
+                              f"{CLEAR_DIRTY_LOG_ALIGN} and does not reach the end of the slot")
+            words = max(1, (num_pages + 63) // 64)
+            buf = ffi.new("uint64_t[]", words)
+            if bitmap is None:
+                ffi.memmove(buf, b"\xff" * (words * 8), words * 8)
+            else:
+                view = memoryview(bitmap).cast("B")
+                if len(view) * 8 < num_pages:
+                    raise invalid(op, f"bitmap has {len(view) * 8} bits for {num_pages} pages")
+                ffi.memmove(buf, view[: words * 8], min(len(view), words * 8))
+            check(lib.kvmd_clear_dirty_log(fd, slot, first_page, num_pages, buf), op)
+
+    def set_dirty_logging(self, slot: int, enabled: bool) -> MemoryRegionInfo:
+        """Start or stop dirty logging on an existing slot: KVM_SET_USER_MEMORY_REGION again
+        with the same slot, address, size and memory, only KVM_MEM_LOG_DIRTY_PAGES changed
+        (a flag change KVM allows). The memory and its contents stay. Turning logging on
+        starts a clean log (all dirty with initially-set); turning it off drops the log.
+        Returns the slot's new info."""
+        op = "KVM_SET_USER_MEMORY_REGION"
+        with self._lock:
+            fd = self._open_fd(op)
+            region = self._regions.get(slot)
+            if region is None:
+                raise invalid(op, f"no memory slot {slot}", errno.ENOENT)
+            info = dataclasses.replace(region.info, log_dirty=bool(enabled))
+            if info != region.info:
+                self._set_region(fd, info, region.host_address)
+                region.info = info
+            return info
+
+    @property
+    def dirty_ring_bytes(self) -> int:
+        """Each vCPU's dirty ring size in bytes (0: no dirty ring)."""
+        return self._dirty_ring_bytes
+
+    def enable_dirty_ring(self, size_bytes: int) -> None:
+        """Switch the VM to dirty rings of `size_bytes` per vCPU: KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+        where offered, else KVM_CAP_DIRTY_LOG_RING. Must come before any vCPU exists (else
+        the kernel's EINVAL); every vCPU created afterwards maps its ring. The size is a
+        power of two from MIN_DIRTY_RING_BYTES (the kernel may need more: it reserves
+        entries) to `dirty_log_modes().ring_max_bytes` (E2BIG past it). Once on, the VM has
+        no dirty bitmaps: `get_dirty_log` and `clear_dirty_log` fail (ENXIO), slots still
+        need `log_dirty` to be tracked, and harvesting replaces them."""
+        op = "KVM_ENABLE_CAP"
+        with self._lock:
+            fd = self._open_fd(op)
+            if not isinstance(size_bytes, int) or size_bytes < MIN_DIRTY_RING_BYTES or (
+                    size_bytes & (size_bytes - 1)):
+                raise invalid(op, f"dirty ring size {size_bytes!r} is not a power of two of at "
+                              f"least {MIN_DIRTY_RING_BYTES} bytes")
+            modes = self.dirty_log_modes()
+            if not modes.ring:
+                raise invalid(op, "the kernel offers no dirty ring", errno.EINVAL)
+            if size_bytes > modes.ring_max_bytes:
+                raise invalid(op, f"dirty ring size {size_bytes} is above the kernel's "
+                              f"{modes.ring_max_bytes}", errno.E2BIG)
+            cap = ("KVM_CAP_DIRTY_LOG_RING_ACQ_REL" if modes.ring_acq_rel
+                   else "KVM_CAP_DIRTY_LOG_RING")
+            ioctl(fd, op, enable_cap_struct(getattr(lib, cap), (size_bytes,), 0))
+            self._dirty_ring_bytes = size_bytes
+
+    def dirty_bitmaps(self) -> DirtyBitmaps:
+        """Fresh `DirtyBitmaps` for every slot that logs dirty pages now."""
+        with self._lock:
+            return DirtyBitmaps.for_regions(r.info for r in self._regions.values())
+
+    def harvest_dirty_rings(self, bitmaps: DirtyBitmaps) -> int:
+        """Collect every vCPU's dirty ring into `bitmaps` (see `Vcpu.harvest_dirty_ring`);
+        returns the entries collected. Follow with `reset_dirty_rings()`."""
+        with self._lock:
+            self._open_fd("harvest_dirty_rings")
+            if not self._dirty_ring_bytes:
+                raise invalid("harvest_dirty_rings", "the VM has no dirty ring", errno.ENXIO)
+            vcpus = list(self._vcpus.values())
+        return sum(v.harvest_dirty_ring(bitmaps) for v in vcpus)
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: re-protect the pages of every harvested ring entry and
+        make the entries reusable; returns how many the kernel reset. A vCPU that exited
+        with DirtyRingFullExit can run again afterwards."""
+        op = "KVM_RESET_DIRTY_RINGS"
+        return ioctl(self._open_fd(op), op)
+
+    # -- guest memory backing: what the guest has, discard, files mapped over slots -------
+
+    def _region(self, op: str, slot: int) -> GuestMemoryRegion:
+        self._open_fd(op)
+        region = self._regions.get(slot)
+        if region is None:
+            raise invalid(op, f"no memory slot {slot}", errno.ENOENT)
+        return region
+
+    def allocated_bytes(self, slot: int) -> int:
+        """Bytes the slot's backing file holds in memory or on disk (st_blocks * 512): for
+        the Vm's own memfd, the host RAM the slot costs now."""
+        with self._lock:
+            return self._region("allocated_bytes", slot).allocated_bytes
+
+    def populated_ranges(self, slot: int, offset: int = 0, size: int | None = None
+                         ) -> list[tuple[int, int]]:
+        """(offset, length) ranges of the slot, within [offset, offset+size), whose pages
+        exist in its own backing: pages never touched and discarded ones are left out, and
+        so are ranges overlaid by `map_fd` (see `file_mappings`). A read touches too: the
+        kernel allocates a page of shared memfd memory on a read fault, so guest or host
+        reads of untouched memory populate it (with zeros; see `nonzero_page_runs`).
+        Offset and size page aligned (EINVAL)."""
+        with self._lock:
+            return self._region("populated_ranges", slot).populated_ranges(offset, size)
+
+    def nonzero_page_runs(self, slot: int, offset: int = 0, size: int | None = None
+                          ) -> list[tuple[int, int]]:
+        """(offset, length) runs of the slot's pages that hold a non-zero byte: the
+        populated ranges less the pages that read all zeros (found in C, GIL released).
+        What a sparse snapshot or a migration sends; the rest of the slot reads as zeros."""
+        with self._lock:
+            return self._region("nonzero_page_runs", slot).nonzero_page_runs(offset, size)
+
+    def discard(self, guest_addr: int, size: int) -> int:
+        """Give the host pages behind guest [guest_addr, guest_addr+size) back (as crosvm's
+        balloon inflate): holes are punched in the memfds (fallocate PUNCH_HOLE|KEEP_SIZE),
+        the slots stay mapped, the range reads as zeros and a guest touching it again gets
+        fresh zero pages. The range may span adjacent slots but must be backed throughout
+        (EFAULT) by the slots' own memory, not by files (EINVAL: the file is the caller's),
+        page aligned and non-empty (EINVAL). Nothing is discarded if any check fails.
+        Returns the bytes the backing files released (allocated size before - after)."""
+        op = "discard"
+        if not isinstance(guest_addr, int) or not isinstance(size, int) or size <= 0:
+            raise invalid(op, f"{guest_addr!r}+{size!r} is not a positive range")
+        if guest_addr % PAGE_SIZE or size % PAGE_SIZE:
+            raise invalid(op, f"{guest_addr:#x}+{size:#x} is not page aligned")
+        with self._lock:
+            self._open_fd(op)
+            pieces = self._pieces(op, guest_addr, size)
+            for region, off, n in pieces:
+                if region.is_file or region.overlaps_overlay(off, n):
+                    raise invalid(op, f"slot {region.info.slot} offset {off:#x}+{n:#x} is "
+                                  "backed by a file")
+            return sum(region.discard(off, n) for region, off, n in pieces)
+
+    def map_fd(self, slot: int, offset: int, size: int, fd: int, fd_offset: int = 0,
+               writable: bool = True) -> FileMapping:
+        """Map `size` bytes of file `fd` (from `fd_offset`) over [offset, offset+size) of a
+        slot (crosvm's add_fd_mapping): the guest sees the file there, MAP_SHARED, until
+        `unmap_fd`. The Vm dups fd. `writable=False` maps it read-only: host writes there
+        are refused (EACCES); a guest write is an MMIO exit in a read-only slot, and in a
+        writable one makes KVM_RUN fail with EFAULT (PVM: an MMIO exit too). Refuses an
+        unknown slot (ENOENT), unaligned or empty ranges, ranges outside the slot, a
+        file-backed slot, a file shorter than fd_offset+size (EINVAL), an overlap with
+        another mapped file (EEXIST) and a closed fd (EBADF)."""
+        op = "map_fd"
+        with self._lock:
+            region = self._region(op, slot)
+            if not all(isinstance(v, int) for v in (offset, size, fd_offset)) or size <= 0:
+                raise invalid(op, f"{offset!r}+{size!r} is not a positive range")
+            if offset % PAGE_SIZE or size % PAGE_SIZE:
+                raise invalid(op, f"{offset:#x}+{size:#x} is not page aligned")
+            if offset < 0 or offset + size > region.info.size:
+                raise invalid(op, f"{offset:#x}+{size:#x} is outside slot {slot} "
+                              f"({region.info.size:#x} bytes)")
+            if region.is_file:
+                raise invalid(op, f"slot {slot} is file-backed as a whole")
+            if region.overlaps_overlay(offset, size):
+                raise invalid(op, f"{offset:#x}+{size:#x} overlaps a file already mapped in "
+                              f"slot {slot}", errno.EEXIST)
+            return region.map_fd(offset, size, fd, fd_offset, writable)
+
+    def unmap_fd(self, slot: int, offset: int, size: int) -> FileMapping:
+        """Undo `map_fd` (crosvm's remove_mapping): msync the file if writable, map the
+        slot's own memory back over the range (its earlier contents reappear; guest writes
+        meanwhile went to the file) and close the dup. `offset` and `size` must be exactly
+        those of a mapping (else ENOENT). Returns the mapping removed."""
+        op = "unmap_fd"
+        with self._lock:
+            region = self._region(op, slot)
+            if region.overlay_at(offset, size) is None:
+                raise invalid(op, f"no file is mapped at {offset!r}+{size!r} of slot {slot}",
+                              errno.ENOENT)
+            return region.unmap_fd(offset)
+
+    def file_mappings(self) -> list[FileMapping]:
+        """Every file range mapped into guest memory (file-backed slots and `map_fd`
+        overlays), in guest address order: what snapshots record by reference."""
+        with self._lock:
+            return [m for a in self._starts for m in self._by_start[a].file_mappings()]
 
     # -- interrupt controller, timers -----------------------------------------------------
 
@@ -498,6 +783,12 @@ class Vm:
             vfd = ioctl(fd, op, vcpu_id)
             vcpu = Vcpu(vfd, vcpu_id, self._vcpu_mmap_size)
             vcpu._xsave2_size = xsave2
+            if self._dirty_ring_bytes:
+                try:
+                    vcpu._attach_dirty_ring(self._dirty_ring_bytes)
+                except BaseException:
+                    vcpu.close()
+                    raise
             self._vcpus[vcpu_id] = vcpu
             return vcpu
 

@@ -88,8 +88,6 @@ def test_add_region_bad_inputs(api: RunningDaemon, vm: str) -> None:
     api.assert_code(lambda: add(vm, 0xFF000, 0x2000), EXISTS)          # overlaps the start
     api.assert_code(lambda: add(vm, 0x0, 0x200000), EXISTS)            # covers it
     api.assert_code(lambda: add(vm, 0x104000, 0x1000), EXISTS)         # inside it
-    api.assert_code(lambda: add(vm, 0x200000, 0x1000, read_only=True, log_dirty=True),
-                    INVALID)                                           # ro + dirty log
     api.assert_code(lambda: add(vm, 1 << 63, 0x1000), INVALID)         # beyond guest phys
     api.assert_code(lambda: add(vm, (1 << 52) - 0x1000, 0x2000), INVALID)  # crosses 2^52
     assert _regions(api, vm) == [(0, 0x100000, 0x10000, False, False)]

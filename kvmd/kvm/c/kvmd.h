@@ -104,3 +104,15 @@ struct kvmd_irqchip {
 int kvmd_get_irqchip(int vmfd, struct kvmd_irqchip *chip);
 int kvmd_set_irqchip(int vmfd, const struct kvmd_irqchip *chip);
 size_t kvmd_sizeof_irqchip(void);
+
+/* dirty.c, memory.c: dirty-page tracking (clear log, ring harvest) and guest memory
+ * backing (hole punching, zero-page scan). */
+int kvmd_clear_dirty_log(int vmfd, uint32_t slot, uint64_t first_page, uint32_t num_pages,
+                         void *bitmap);
+int64_t kvmd_dirty_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries,
+                                uint32_t *fetch_index, uint64_t *const *bitmaps,
+                                const uint64_t *npages, uint32_t nslots, uint64_t *dropped);
+size_t kvmd_sizeof_dirty_gfn(void);
+int kvmd_punch_hole(int fd, uint64_t offset, uint64_t length);
+int64_t kvmd_nonzero_page_runs(const uint8_t *base, uint64_t npages, uint64_t page_size,
+                               uint64_t *runs, uint64_t max_runs, uint64_t *scanned);
