@@ -502,26 +502,22 @@ class VcpusService(_Base, rpc.VcpusServicer):
 
     def StartVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Start one vCPU's thread."""
-        vcpu = self._vcpu(request)
-        vcpu.start()
+        vcpu = self._vm(request.vm_id).start_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Pause one vCPU; returns once it is out of the guest."""
-        vcpu = self._vcpu(request)
-        vcpu.pause()
+        vcpu = self._vm(request.vm_id).pause_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def ResumeVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Resume one paused or halted vCPU."""
-        vcpu = self._vcpu(request)
-        vcpu.resume()
+        vcpu = self._vm(request.vm_id).resume_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def StopVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Stop one vCPU's thread."""
-        vcpu = self._vcpu(request)
-        vcpu.stop()
+        vcpu = self._vm(request.vm_id).stop_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def GetVcpuState(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
