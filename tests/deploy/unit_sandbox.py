@@ -21,6 +21,7 @@ inside:
 from __future__ import annotations
 
 import errno
+import grp
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -208,7 +210,6 @@ class Identity:
             require(tool)
         tag = secrets.token_hex(4)
         ident = cls(f"kvmdu{tag}", f"kvmdg{tag}", f"kvmk{tag}")
-        import grp
         import pwd
 
         for name in (ident.group, ident.kvm_group):
@@ -397,6 +398,9 @@ def run_workload(prefix: list[str], runtime: Path, log_path: Path, group: str,
         wait_until(lambda: "kvmd listening" in log_text() or proc.poll() is not None, 30,
                    "kvmd to start")
         assert proc.poll() is None, step("kvmd did not start")
+        st = os.stat(sock)  # in the runtime directory, for the socket group only
+        assert stat.S_IMODE(st.st_mode) == 0o660, step(f"socket mode {st.st_mode:o}")
+        assert st.st_gid == grp.getgrnam(group).gr_gid, step(f"socket group {st.st_gid}")
         stubs = Stubs.of(grpc.insecure_channel(f"unix://{sock}"))
         try:
             assert stubs.serving()
