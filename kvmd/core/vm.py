@@ -3,6 +3,7 @@ eventfds it hands out by id, and the dispatch of its vCPUs' exits."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import logging
@@ -215,6 +216,7 @@ class ManagedVm:
         # The snapshot a diff snapshot of this VM applies on: the last one taken of it, or
         # the one it was restored from.
         self.last_snapshot_id = ""
+        self.last_snapshot_layout: list[SlotState] = []
         self.lock = threading.RLock()
         self._vcpus: dict[int, ManagedVcpu] = {}
         self._irqfds: dict[str, IrqfdEntry] = {}
@@ -789,15 +791,19 @@ class ManagedVm:
                                            self.vm.get_irqchip(IrqChip.IOAPIC))
                 if self.options.pit:
                     pit = self.vm.get_pit2()
+                    # A channel's load time is the host's monotonic clock: saved relative
+                    # to now, rebased on the restoring host's clock (its count resumes).
+                    now = time.monotonic_ns()
+                    for channel in pit.channels:
+                        if channel.count_load_time:
+                            channel.count_load_time -= now
                 if self.shared.capabilities.get("KVM_CAP_ADJUST_CLOCK"):
                     clock = self.vm.get_clock()
             return VmState(
                 vm_id=self.id, labels=dict(self.labels), owner=self.owner,
                 options=dataclasses.asdict(self.options), reason=self.reason,
                 exit_code=self.exit_code,
-                slots=[SlotState(r.slot, r.guest_addr, r.size, r.read_only, r.log_dirty)
-                       for r in self.vm.memory_regions()],
-                vcpus=vcpus, irqchip=irqchip, pit=pit, clock=clock,
+                slots=self.memory_layout(), vcpus=vcpus, irqchip=irqchip, pit=pit, clock=clock,
                 gsi_routes=list(self._gsi_routes) if self._gsi_routes is not None else None,
                 irqfds=[IrqfdState(e.irqfd_id, e.gsi, e.resample is not None, e.triggers,
                                    e.resamples) for e in self._irqfds.values()],
@@ -806,24 +812,41 @@ class ManagedVm:
                 uart=self.uart.save_state(), console=self.console.save_state(),
             )
 
-    def restore_state(self, state: VmState,
-                      memfds: dict[int, int] | None = None) -> None:
-        """Recreate a saved VM in this new VM (built with the saved options), which has not
-        run. Slots first (zeroed, for the caller to fill; or, with `memfds` {slot: fd}, the
-        adopted memory of a take-over), then every vCPU in the binding's order, then the
-        VM-level state KVM wants after the vCPUs (irqchip, PIT, clock), the GSI routes
-        before the irqfds that may use them, ioevents, devices. vCPU threads are not
-        started (see resume_run_states). On failure the caller closes the VM, which releases
-        all of it."""
+    def memory_layout(self) -> list[SlotState]:
+        """The slot table as a restore recreates it."""
+        return [SlotState(r.slot, r.guest_addr, r.size, r.read_only, r.log_dirty)
+                for r in self.vm.memory_regions()]
+
+    def restore_memory_layout(self, slots: list[SlotState],
+                              memfds: dict[int, int] | None = None) -> None:
+        """First step of a restore into this new VM: the slot table, each slot at its saved
+        number, zeroed for the caller to fill, or (a take-over) adopting the memfd given
+        for it in `memfds` {slot: fd}. Within the VM's and the daemon's limits."""
         with self.lock:
             if self._vcpus or self.vm.memory_regions():
                 raise InvalidState(f"vm {self.id} is not new; restore only into a new vm",
                                    resource=self.resource)
-            for s in state.slots:
+            if len(slots) > self._limits.max_memory_slots_per_vm:
+                raise ResourceExhausted(f"the saved vm has {len(slots)} memory slots, the "
+                                        f"limit is {self._limits.max_memory_slots_per_vm}")
+            for s in slots:
                 fd = (memfds or {}).get(s.slot)
                 self.add_memory_region(s.guest_addr, s.size, s.read_only, s.log_dirty,
                                        slot=s.slot,
                                        backing=MemfdBacking(fd) if fd is not None else None)
+
+    def restore_state(self, state: VmState) -> None:
+        """Last step of a restore, once the memory is in: every vCPU in the binding's order,
+        then the VM-level state KVM wants after the vCPUs (irqchip, PIT, clock), the GSI
+        routes before the irqfds that may use them, ioevents, devices. vCPU threads are not
+        started (see resume_run_states). On failure the caller closes the VM, which releases
+        all of it."""
+        with self.lock:
+            if self._vcpus:
+                raise InvalidState(f"vm {self.id} already has vcpus", resource=self.resource)
+            if len(state.vcpus) > self._limits.max_vcpus_per_vm:
+                raise ResourceExhausted(f"the saved vm has {len(state.vcpus)} vcpus, the "
+                                        f"limit is {self._limits.max_vcpus_per_vm}")
             for vs in state.vcpus:
                 self.create_vcpu(vs.vcpu_id).restore_state(vs)
             with kernel_errors(self.resource):
@@ -832,7 +855,12 @@ class ManagedVm:
                     self.vm.set_irqchip(IrqChip.PIC_SLAVE, state.irqchip.pic_slave)
                     self.vm.set_irqchip(IrqChip.IOAPIC, state.irqchip.ioapic)
                 if state.pit is not None:
-                    self.vm.set_pit2(state.pit)
+                    pit = copy.deepcopy(state.pit)
+                    now = time.monotonic_ns()
+                    for channel in pit.channels:
+                        if channel.count_load_time:
+                            channel.count_load_time += now
+                    self.vm.set_pit2(pit)
                 if state.clock is not None:
                     # The saved value, without KVM_CLOCK_REALTIME: guest time stands still
                     # while the VM was saved (as Firecracker); its NTP catches up.
@@ -853,7 +881,8 @@ class ManagedVm:
     def resume_run_states(self, state: VmState, start: bool) -> None:
         """After restore_state (and the memory): put each vCPU back in its saved run state.
         vCPUs that had been started get their thread, parked paused; with `start`, every
-        one of them then runs. Created, stopped and crashed ones stay so."""
+        one of them then runs (and a VM saved before it ever started is started, as StartVm
+        would). Created, stopped and crashed ones stay so otherwise."""
         started = []
         for vs in state.vcpus:
             vcpu = self.vcpu(vs.vcpu_id)
@@ -862,9 +891,11 @@ class ManagedVm:
                 started.append(vcpu)
             elif vs.run_state in (STOPPED, CRASHED):
                 vcpu.mark_ended(vs.run_state, vs.reason)
-        if start:
+        if start and started:
             for vcpu in started:
                 vcpu.resume()
+        elif start and all(vs.run_state == CREATED for vs in state.vcpus) and state.vcpus:
+            self.start()
 
     # -- exit dispatch (vCPU threads) -----------------------------------------------------
 
