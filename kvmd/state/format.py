@@ -80,6 +80,11 @@ class SnapshotWriter:
         return frame
 
     def record(self, record: pb.SnapshotRecord) -> bytes:
+        kind = record.WhichOneof("record")
+        if kind == "memory":
+            self.memory_pages += len(record.memory.data) // PAGE_SIZE
+        elif kind == "zero":
+            self.memory_pages += record.zero.length // PAGE_SIZE
         return self._frame(record.SerializeToString())
 
     def memory(self, slot: int, offset: int, data: bytes) -> bytes:
@@ -97,7 +102,6 @@ class SnapshotWriter:
         return frame
 
     def zero(self, slot: int, offset: int, length: int) -> bytes:
-        self.memory_pages += length // PAGE_SIZE
         return self.record(pb.SnapshotRecord(zero=pb.MemoryZero(slot=slot, offset=offset,
                                                                 length=length)))
 

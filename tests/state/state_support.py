@@ -74,9 +74,12 @@ class Node:
         s.vcpus.SetRegs(pb.SetRegsRequest(vcpu=ref, regs=pb.Regs(rip=0, rsp=STACK_TOP,
                                                                  rflags=2)))
 
-    def write(self, vm_id: str, addr: int, data: bytes) -> None:
-        self.stubs.memory.WriteGuestMemory(iter([pb.WriteGuestMemoryRequest(
-            vm_id=vm_id, guest_addr=addr, data=data)]))
+    def write(self, vm_id: str, addr: int, data: bytes, chunk: int = 1 << 20) -> None:
+        def requests() -> Iterator[pb.WriteGuestMemoryRequest]:
+            yield pb.WriteGuestMemoryRequest(vm_id=vm_id, guest_addr=addr, data=data[:chunk])
+            for off in range(chunk, len(data), chunk):
+                yield pb.WriteGuestMemoryRequest(data=data[off:off + chunk])
+        self.stubs.memory.WriteGuestMemory(requests())
 
     def read(self, vm_id: str, addr: int, length: int) -> bytes:
         return b"".join(c.data for c in self.stubs.memory.ReadGuestMemory(

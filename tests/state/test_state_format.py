@@ -1,0 +1,104 @@
+"""The snapshot byte format (kvmd.state.format): framing, order and checksum, read back
+whatever the chunking."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.errors import InvalidArgument, InvalidState
+from kvmd.state.format import (
+    FORMAT_VERSION,
+    MAGIC,
+    CorruptSnapshot,
+    SnapshotReader,
+    SnapshotWriter,
+    varint,
+)
+
+PAGE = 4096
+
+
+def header(**fields: object) -> pb.SnapshotRecord:
+    values: dict[str, object] = {"magic": MAGIC, "format_version": FORMAT_VERSION,
+                                 "snapshot_id": "s1", "page_size": PAGE}
+    values.update(fields)
+    return pb.SnapshotRecord(header=pb.SnapshotHeader(**values))  # type: ignore[arg-type]
+
+
+def small_snapshot() -> bytes:
+    w = SnapshotWriter()
+    return b"".join([w.record(header()), w.record(pb.SnapshotRecord(vm=pb.SavedVm(vm_id="a"))),
+                     w.memory(0, 0, b"\x01" * PAGE), w.zero(0, PAGE, 2 * PAGE),
+                     w.memory(1, 8 * PAGE, b"\x02" * (3 * PAGE)), w.trailer()])
+
+
+def test_varint() -> None:
+    assert [varint(v) for v in (0, 1, 127, 128, 300)] == [
+        b"\x00", b"\x01", b"\x7f", b"\x80\x01", b"\xac\x02"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 100, 1 << 20])
+def test_read_back_whatever_the_chunking(chunk: int) -> None:
+    data = small_snapshot()
+    reader = SnapshotReader()
+    records = []
+    for i in range(0, len(data), chunk):
+        records += reader.feed(data[i:i + chunk])
+    reader.finish()
+    kinds = [r.WhichOneof("record") for r in records]
+    assert kinds == ["header", "vm", "memory", "zero", "memory", "trailer"]
+    assert records[4].memory.data == b"\x02" * (3 * PAGE) and records[4].memory.slot == 1
+    assert records[-1].trailer.memory_pages == 6 and records[-1].trailer.records == 5
+    assert reader.snapshots == 1 and reader.bytes_read == len(data)
+
+
+def test_hand_encoded_memory_is_what_protobuf_reads() -> None:
+    w = SnapshotWriter()
+    frame = w.memory(3, 5 * PAGE, b"xyz" * 10)
+    reader = SnapshotReader()
+    reader._expect = "body"  # type: ignore[attr-defined]  # a frame out of context
+    (record,) = reader.feed(frame)
+    assert (record.memory.slot, record.memory.offset, record.memory.data) == (
+        3, 5 * PAGE, b"xyz" * 10)
+
+
+@pytest.mark.parametrize("records", [
+    ["vm"],                     # no header first
+    ["header", "memory"],       # memory before the VM's state
+    ["header", "vm", "header"],  # a header inside a snapshot
+    ["header", "trailer"],      # a trailer before the VM's state
+])
+def test_records_out_of_order_are_refused(records: list[str]) -> None:
+    w = SnapshotWriter()
+    made = {"header": lambda: w.record(header()),
+            "vm": lambda: w.record(pb.SnapshotRecord(vm=pb.SavedVm())),
+            "memory": lambda: w.memory(0, 0, b"\x01" * PAGE),
+            "trailer": w.trailer}
+    data = b"".join(made[k]() for k in records)
+    with pytest.raises(CorruptSnapshot):
+        SnapshotReader().feed(data)
+
+
+def test_header_checks() -> None:
+    for bad, error in ((header(magic="x"), CorruptSnapshot),
+                       (header(format_version=FORMAT_VERSION + 1), InvalidState),
+                       (header(format_version=0), CorruptSnapshot),
+                       (header(page_size=2 * PAGE), InvalidState)):
+        with pytest.raises(error):
+            SnapshotReader().feed(SnapshotWriter().record(bad))
+    assert issubclass(CorruptSnapshot, InvalidArgument)
+
+
+def test_end_of_stream_checks() -> None:
+    data = small_snapshot()
+    reader = SnapshotReader()
+    reader.feed(data[:-3])
+    with pytest.raises(CorruptSnapshot, match="truncated"):
+        reader.finish()
+    with pytest.raises(CorruptSnapshot, match="empty"):
+        SnapshotReader().finish()
+    two = SnapshotReader()
+    two.feed(data + data)
+    two.finish()
+    assert two.snapshots == 2

@@ -1,0 +1,167 @@
+"""Restores that must be refused: each gets its exact status code, and nothing is left
+behind (no VM, the id free again, no memory charged, no file descriptor or mapping)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import grpc
+import pytest
+from state_guests import COUNTER_SOURCE
+from state_support import Node, NodeFactory
+
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.state.format import SnapshotReader, SnapshotWriter, varint
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def rewrite(data: bytes, edit: Callable[[pb.SnapshotRecord], None]) -> bytes:
+    """The snapshot re-framed after `edit` changed its records, with a valid checksum: so a
+    refusal is about the contents, not a checksum mismatch."""
+    reader = SnapshotReader()
+    records = reader.feed(data)
+    writer = SnapshotWriter()
+    out = b""
+    for record in records:
+        if record.HasField("trailer"):
+            out += writer.trailer()
+            writer = SnapshotWriter()
+            continue
+        edit(record)
+        out += writer.record(record)
+    return out
+
+
+def resources() -> tuple[int, int]:
+    """This process's open fds, and its guest memory and vCPU mappings (the daemon under
+    test is in process; other mappings come and go with pool threads)."""
+    with open("/proc/self/maps") as fh:
+        maps = sum(1 for line in fh if "memfd:kvmd" in line or "kvm-vcpu" in line)
+    return len(os.listdir("/proc/self/fd")), maps
+
+
+@pytest.fixture
+def snapshot(node: Node) -> bytes:
+    node.boot("src", COUNTER_SOURCE, irqchip=True)
+    node.stubs.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+        vm_id="src", guest_addr=1 << 20, size=4 << 20, log_dirty=True))
+    node.write("src", 1 << 20, b"\x77" * (2 << 20))
+    node.start("src")
+    node.wait_u32("src", 0x2000, 5)
+    data, _ = node.snapshot("src")
+    return data
+
+
+def assert_refused(node: Node, data: bytes, code: grpc.StatusCode, words: str = "",
+                   vm_id: str = "new") -> None:
+    info = node.stubs.hypervisor.GetInfo(pb.GetInfoRequest())
+    before = resources()
+    with pytest.raises(grpc.RpcError) as err:
+        node.restore(vm_id, data, chunk=64 << 10)
+    assert err.value.code() == code, err.value.details()  # type: ignore[attr-defined]
+    assert words in (err.value.details() or "")  # type: ignore[attr-defined]
+    assert node.healthy()
+    assert node.vm_ids() == ["src"]
+    after = node.stubs.hypervisor.GetInfo(pb.GetInfoRequest())
+    assert after.memory_in_use_bytes == info.memory_in_use_bytes
+    assert resources() == before
+
+
+def test_truncated_anywhere(node: Node, snapshot: bytes) -> None:
+    for cut in (0, 1, 10, 200, len(snapshot) // 2, len(snapshot) - 40, len(snapshot) - 1):
+        assert_refused(node, snapshot[:cut], INVALID)
+
+
+def test_bit_flipped_anywhere(node: Node, snapshot: bytes) -> None:
+    for pos in (0, 3, 100, 700, len(snapshot) // 3, len(snapshot) // 2,
+                len(snapshot) - 50, len(snapshot) - 5):
+        bad = bytearray(snapshot)
+        bad[pos] ^= 0x10
+        assert_refused(node, bytes(bad), INVALID)
+    # The id was never taken: the intact snapshot restores under it.
+    assert node.restore("new", snapshot).vm_id == "new"
+
+
+def test_garbage_and_foreign_input(node: Node, snapshot: bytes) -> None:
+    assert_refused(node, os.urandom(4096), INVALID)
+    assert_refused(node, b"\x00" * 100, INVALID)
+    assert_refused(node, varint(1 << 40) + b"x", INVALID, "record")  # refused unbuffered
+
+    def bad_magic(r: pb.SnapshotRecord) -> None:
+        if r.HasField("header"):
+            r.header.magic = "qemu-vmstate"
+    assert_refused(node, rewrite(snapshot, bad_magic), INVALID, "magic")
+
+
+def test_newer_format_version(node: Node, snapshot: bytes) -> None:
+    def newer(r: pb.SnapshotRecord) -> None:
+        if r.HasField("header"):
+            r.header.format_version = 2
+            r.header.kvmd_version = "9.9.9"
+    assert_refused(node, rewrite(snapshot, newer), PRECONDITION, "format version 2")
+
+
+def test_incompatible_host(node: Node, snapshot: bytes) -> None:
+    def bigger_xsave(r: pb.SnapshotRecord) -> None:
+        if r.HasField("header"):
+            r.header.host.xsave_size = 1 << 16
+    assert_refused(node, rewrite(snapshot, bigger_xsave), PRECONDITION, "incompatible host")
+
+
+def test_contents_that_cannot_be_right(node: Node, snapshot: bytes) -> None:
+    def outside(r: pb.SnapshotRecord) -> None:
+        if r.HasField("memory"):
+            r.memory.offset = 64 << 20
+    assert_refused(node, rewrite(snapshot, outside), INVALID, "slot")
+
+    def short_lapic(r: pb.SnapshotRecord) -> None:
+        if r.HasField("vm"):
+            r.vm.vcpus[0].lapic = b"\x00" * 100
+    assert_refused(node, rewrite(snapshot, short_lapic), INVALID, "LAPIC")
+
+    def no_vm(r: pb.SnapshotRecord) -> None:
+        if r.HasField("vm"):
+            r.ClearField("vm")
+            r.zero.CopyFrom(pb.MemoryZero(slot=0, offset=0, length=4096))
+    assert_refused(node, rewrite(snapshot, no_vm), INVALID)
+
+
+def test_existing_id_and_bad_ids(node: Node, snapshot: bytes) -> None:
+    assert_refused(node, snapshot, grpc.StatusCode.ALREADY_EXISTS, vm_id="src")
+    assert_refused(node, snapshot, INVALID, vm_id="../etc")
+    assert_refused(node, snapshot, INVALID, vm_id="")
+
+
+def test_over_the_target_limits(node_factory: NodeFactory, node: Node,
+                                snapshot: bytes) -> None:
+    small = node_factory(max_memory_per_vm_bytes=1 << 20)
+    small.boot("src", COUNTER_SOURCE)  # so assert_refused's "only src" holds there too
+    assert_refused(small, snapshot, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory")
+    few = node_factory(max_vcpus_per_vm=1)
+    few.boot("src", COUNTER_SOURCE)
+
+    def two_vcpus(r: pb.SnapshotRecord) -> None:
+        if r.HasField("vm"):
+            extra = r.vm.vcpus.add()
+            extra.CopyFrom(r.vm.vcpus[0])
+            extra.vcpu_id = 1
+    assert_refused(few, rewrite(snapshot, two_vcpus), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   "vcpus")
+
+
+def test_malformed_requests(node: Node, snapshot: bytes) -> None:
+    restore = node.stubs.snapshots.RestoreVm
+    cases = [
+        [],                                                           # nothing at all
+        [pb.RestoreVmRequest(data=snapshot)],                         # no options first
+        [pb.RestoreVmRequest(options=pb.RestoreVmOptions(vm_id="a")),
+         pb.RestoreVmRequest(options=pb.RestoreVmOptions(vm_id="b"))],  # options twice
+    ]
+    for requests in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            restore(iter(requests))
+        assert err.value.code() == INVALID  # type: ignore[attr-defined]
+    assert node.vm_ids() == ["src"] and node.healthy()
