@@ -6,6 +6,7 @@
 
 from client.errors import (
     STATUS_TO_ERROR,
+    AbortedError,
     AlreadyExistsError,
     CancelledError,
     DeadlineExceededError,
@@ -36,6 +37,7 @@ from client.kvmd_client import (
 __all__ = [
     "DEFAULT_ADDRESS",
     "STATUS_TO_ERROR",
+    "AbortedError",
     "AlreadyExistsError",
     "CancelledError",
     "DeadlineExceededError",

@@ -166,6 +166,12 @@ class CancelledError(KvmdError):
     grpc_status_code = grpc.StatusCode.CANCELLED
 
 
+class AbortedError(KvmdError):
+    """A concurrent call superseded this one (a resume cancelled a pause); retry (ABORTED)."""
+
+    grpc_status_code = grpc.StatusCode.ABORTED
+
+
 class OutOfRangeError(KvmdError):
     """An offset or length past the end of a valid range (OUT_OF_RANGE)."""
 
@@ -188,6 +194,7 @@ STATUS_TO_ERROR: dict[grpc.StatusCode, type[KvmdError]] = {
         UnavailableError,
         DeadlineExceededError,
         CancelledError,
+        AbortedError,
         OutOfRangeError,
     )
     if cls.grpc_status_code is not None

@@ -872,6 +872,58 @@ def _forward_stdin(c: KvmdClient, vm_id: str, watch: Watch[Any], end_on_eof: boo
         watch.cancel()
 
 
+def _snapshot_row(i: vmm_pb2.SnapshotInfo) -> list[Any]:
+    return [i.file or "-", i.vm_id, "diff" if i.diff else "full", human_bytes(i.size_bytes),
+            human_bytes(i.guest_memory_bytes), _timestamp(i.created_unix_ms), i.owner,
+            i.snapshot_id[:12]]
+
+
+SNAPSHOT_COLUMNS = ["file", "vm", "kind", "size", "guest memory", "created", "owner", "id"]
+
+
+def cmd_vm_snapshot(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.state_dir_name:
+        info = c.snapshot_vm_to_state_dir(a.vm, a.state_dir_name, diff=a.diff,
+                                          leave_paused=a.leave_paused)
+    else:
+        if not a.file:
+            raise KvmdError("give FILE (on this machine), or --to-state-dir NAME")
+        _data, info = c.snapshot_vm(a.vm, a.file, diff=a.diff, leave_paused=a.leave_paused)
+    if a.json:
+        _emit_json(message_to_dict(info))
+        return
+    where = f"state directory file {info.file}" if info.file else a.file
+    _out(f"{'diff' if info.diff else 'full'} snapshot {info.snapshot_id} of vm {info.vm_id} "
+         f"-> {where}: {human_bytes(info.size_bytes)}, {info.memory_pages} pages of guest "
+         f"memory, vm held {info.seconds * 1000:.1f} ms")
+
+
+def cmd_vm_restore(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.from_state_dir:
+        vm = c.restore_vm(a.vm, start=a.start, files=a.from_state_dir)
+    else:
+        if not a.file:
+            raise KvmdError("give FILE (on this machine), or --from-state-dir NAME")
+        vm = c.restore_vm(a.vm, *(a.base or []), a.file, start=a.start)
+    _show(a, vm, _vm_details)
+
+
+def cmd_snapshot_list(c: KvmdClient, a: argparse.Namespace) -> None:
+    infos = c.list_snapshots()
+    if a.json:
+        _emit_json([message_to_dict(i) for i in infos])
+        return
+    _out(format_table(SNAPSHOT_COLUMNS, [_snapshot_row(i) for i in infos],
+                      empty="No snapshot files."))
+
+
+def cmd_snapshot_delete(c: KvmdClient, a: argparse.Namespace) -> None:
+    for name in a.name:
+        c.delete_snapshot(name)
+        if not a.json:
+            _out(f"deleted snapshot file {name}")
+
+
 def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
     """Print the console backlog, then (unless --no-follow) live output until Ctrl-C,
     --duration or the VM's deletion; with --interactive also send stdin lines to the guest."""
@@ -1199,6 +1251,40 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("text", metavar="TEXT", nargs="?", help="text to send")
     data.add_argument("--hex", "-x", type=parse_hex_data, help="bytes to send, in hex")
     p.add_argument("--newline", "-n", action="store_true", help="append a newline")
+    _finish(p)
+
+    p = _leaf(vms, "snapshot", cmd_vm_snapshot,
+              "save the VM's complete state and memory into FILE on this machine (the VM is "
+              "held paused meanwhile, then runs again unless --leave-paused)")
+    _vm_arg(p)
+    p.add_argument("file", metavar="FILE", nargs="?", help="where to write it, locally")
+    p.add_argument("--diff", action="store_true",
+                   help="only pages dirtied since the VM's last snapshot (restore with --base)")
+    p.add_argument("--leave-paused", action="store_true", help="keep the VM paused afterwards")
+    p.add_argument("--to-state-dir", dest="state_dir_name", metavar="NAME",
+                   help="write it to NAME in the daemon's state directory instead")
+    _finish(p)
+    p = _leaf(vms, "restore", cmd_vm_restore,
+              "create VM NEWID from a snapshot FILE on this machine (paused unless --start)")
+    p.add_argument("vm", metavar="NEWID", help="the new VM's id")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the snapshot (the last diff)")
+    p.add_argument("--base", metavar="FILE", action="append",
+                   help="the full snapshot FILE is a diff on (repeat for a chain, oldest first)")
+    p.add_argument("--start", action="store_true", help="run it at once")
+    p.add_argument("--from-state-dir", metavar="NAME", action="append",
+                   help="restore from NAME in the daemon's state directory (repeat: the full "
+                   "snapshot first, then its diffs)")
+    _finish(p)
+
+    # snapshot files
+    snap = top.add_parser("snapshot", help="snapshot files in the daemon's state directory",
+                          description="Snapshot files in the daemon's state directory "
+                          "(kvmd --state-dir). Take them with kvmctl vm snapshot VM "
+                          "--to-state-dir NAME.")
+    snaps = _subparsers(snap, "snapshot_command")
+    _finish(_leaf(snaps, "list", cmd_snapshot_list, "list snapshot files", aliases=["ls"]))
+    p = _leaf(snaps, "delete", cmd_snapshot_delete, "delete snapshot files", aliases=["rm"])
+    p.add_argument("name", metavar="NAME", nargs="+", help="file names")
     _finish(p)
 
     # exits, demo

@@ -394,6 +394,7 @@ class KvmdClient:
         self._ioevents = vmm_pb2_grpc.IoEventsStub(self._channel)
         self._vcpus = vmm_pb2_grpc.VcpusStub(self._channel)
         self._exit_handlers = vmm_pb2_grpc.ExitHandlersStub(self._channel)
+        self._snapshots = vmm_pb2_grpc.SnapshotsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -1082,6 +1083,97 @@ class KvmdClient:
             deadline_ms=deadline_ms,
         )
         return ExitHandlerSession(self._exit_handlers.HandleExits, claim)
+
+    # -- Snapshots -------------------------------------------------------------------------
+
+    def iter_snapshot(
+        self, vm_id: str, *, diff: bool = False, leave_paused: bool = False,
+        chunk_size: int = 0,
+    ) -> Iterator[vmm_pb2.SnapshotVmResponse]:
+        """Stream a snapshot of the VM: ``data`` messages, then the ``done`` summary. The VM
+        is held paused while it streams (it runs again afterwards unless ``leave_paused``);
+        stop iterating early and the VM is left as it was."""
+        request = vmm_pb2.SnapshotVmRequest(vm_id=vm_id, diff=diff, leave_paused=leave_paused,
+                                            chunk_size=chunk_size)
+        return self._server_stream(self._snapshots.SnapshotVm, request)
+
+    def snapshot_vm(
+        self, vm_id: str, out: IO[bytes] | str | os.PathLike[str] | None = None, *,
+        diff: bool = False, leave_paused: bool = False,
+    ) -> tuple[bytes, vmm_pb2.SnapshotInfo]:
+        """Snapshot a VM to the client: into ``out`` (a path or a binary file object; the
+        bytes returned are then empty), or returned as bytes. Returns (bytes, summary).
+        ``diff`` carries only the pages dirtied since the VM's last snapshot."""
+        if isinstance(out, str | os.PathLike):
+            with open(out, "wb") as fh:
+                return self.snapshot_vm(vm_id, fh, diff=diff, leave_paused=leave_paused)
+        parts: list[bytes] = []
+        done = None
+        for msg in self.iter_snapshot(vm_id, diff=diff, leave_paused=leave_paused):
+            if msg.WhichOneof("payload") == "data":
+                if out is None:
+                    parts.append(msg.data)
+                else:
+                    out.write(msg.data)
+            else:
+                done = msg.done
+        if done is None:
+            raise KvmdError("the snapshot stream ended without its summary",
+                            code=grpc.StatusCode.DATA_LOSS)
+        return b"".join(parts), done
+
+    def snapshot_vm_to_state_dir(
+        self, vm_id: str, name: str, *, diff: bool = False, leave_paused: bool = False,
+    ) -> vmm_pb2.SnapshotInfo:
+        """Snapshot a VM into a file of the daemon's state directory (a name, not a path)."""
+        request = vmm_pb2.SnapshotVmRequest(vm_id=vm_id, diff=diff, leave_paused=leave_paused,
+                                            file=name)
+        last = None
+        for msg in self._server_stream(self._snapshots.SnapshotVm, request):
+            last = msg
+        assert last is not None and last.WhichOneof("payload") == "done"
+        return last.done
+
+    def restore_vm(
+        self, vm_id: str, *sources: bytes | IO[bytes] | str | os.PathLike[str],
+        start: bool = False, files: Iterable[str] = (), chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> vmm_pb2.Vm:
+        """Create VM ``vm_id`` from snapshots on the client's side: ``sources`` are bytes,
+        binary file objects or paths, a full snapshot first, then diffs on it. Or, with
+        ``files``, from names in the daemon's state directory. Restored paused unless
+        ``start``; a bad snapshot leaves nothing behind."""
+        names = list(files)
+        if names and sources:
+            raise ValueError("give snapshot sources or state-directory files, not both")
+
+        def chunks(source: bytes | IO[bytes] | str | os.PathLike[str]) -> Iterator[bytes]:
+            if isinstance(source, bytes | bytearray | memoryview):
+                view = memoryview(source)
+                for i in range(0, len(view), chunk_size):
+                    yield view[i:i + chunk_size].tobytes()
+            elif isinstance(source, str | os.PathLike):
+                with open(source, "rb") as fh:
+                    yield from iter(lambda: fh.read(chunk_size), b"")
+            else:
+                yield from iter(lambda: source.read(chunk_size), b"")
+
+        def requests() -> Iterator[vmm_pb2.RestoreVmRequest]:
+            yield vmm_pb2.RestoreVmRequest(options=vmm_pb2.RestoreVmOptions(
+                vm_id=vm_id, start=start, files=names))
+            for source in sources:
+                for chunk in chunks(source):
+                    yield vmm_pb2.RestoreVmRequest(data=chunk)
+
+        return self._unary(self._snapshots.RestoreVm, requests())
+
+    def list_snapshots(self) -> list[vmm_pb2.SnapshotInfo]:
+        """Snapshot files in the daemon's state directory (of VMs this caller may see)."""
+        response = self._unary(self._snapshots.ListSnapshots, vmm_pb2.ListSnapshotsRequest())
+        return list(response.snapshots)
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete a snapshot file of the daemon's state directory."""
+        self._unary(self._snapshots.DeleteSnapshot, vmm_pb2.DeleteSnapshotRequest(file=name))
 
     @staticmethod
     def _merged(

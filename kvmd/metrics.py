@@ -43,6 +43,9 @@ VCPU_STATES = (CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED)
 _SPLIT = {"io": ("io_in", "io_out"), "mmio": ("mmio_read", "mmio_write")}
 _NOT_REASONS = {"unclaimed_pio", "unclaimed_mmio"}
 _UNIT_SUFFIX = re.compile(r"_(ns|us|ms|sec|seconds|cycles|bytes)$")
+# Whole-VM operations and the counter name of each; their kinds.
+OPERATIONS = (("snapshot", "snapshots"), ("restore", "restores"))
+OPERATION_KINDS = {"snapshot": ("full", "diff"), "restore": ("full", "diff")}
 
 
 def exit_reasons(counts: dict[str, int]) -> Iterator[tuple[str, int]]:
@@ -153,7 +156,33 @@ class KvmdCollector(Collector):
             "kvmd_remote_exit_seconds", "Time a vCPU waited for a remote exit handler")
         remote.add_metric([], [(_bound(b), n) for b, n in buckets], total_sum)
         yield remote
+        yield from self._operations()
         yield from kernel.values()
+
+    def _operations(self) -> Iterator[Metric]:
+        """Whole-VM operations (snapshots, restores, migrations): counts by kind and
+        result, bytes moved, durations. Zero from the start for every known operation."""
+        counts, nbytes, seconds = self.host.shared.operations.snapshot()
+        for op, noun in OPERATIONS:
+            total = CounterMetricFamily(f"kvmd_{noun}", f"VM {op}s by kind and result",
+                                        labels=["kind", "result"])
+            mine = {(k, r): n for (o, k, r), n in counts.items() if o == op}
+            for kind in OPERATION_KINDS[op]:
+                for result in ("ok", "error"):
+                    mine.setdefault((kind, result), 0)
+            for (kind, result), n in sorted(mine.items()):
+                total.add_metric([kind, result], n)
+            yield total
+            yield CounterMetricFamily(f"kvmd_{op}_bytes", f"Bytes of VM {op}s",
+                                      value=nbytes.get(op, 0))
+            hist = HistogramMetricFamily(f"kvmd_{op}_seconds", f"Duration of VM {op}s")
+            h = seconds.get(op)
+            if h is None:
+                hist.add_metric([], [("+Inf", 0)], 0.0)
+            else:
+                buckets, total_sum, _count = h.snapshot()
+                hist.add_metric([], [(_bound(b), n) for b, n in buckets], total_sum)
+            yield hist
 
     def _kernel_stats(self, vm: Any, out: dict[str, Any]) -> None:
         """The kernel's per-VM and per-vCPU binary statistics for one VM; vCPU values are

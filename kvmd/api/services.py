@@ -18,7 +18,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.api.snapshots import SnapshotsService
+from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
@@ -566,6 +566,5 @@ def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
     rpc.add_IoEventsServicer_to_server(IoEventsService(host, runtime), server)
     rpc.add_VcpusServicer_to_server(VcpusService(host, runtime), server)
     rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host, runtime), server)
-    rpc.add_SnapshotsServicer_to_server(SnapshotsService(host, runtime, store, visible),
-                                        server)
+    add_snapshots_service(server, SnapshotsService(host, runtime, store, visible))
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -18,6 +18,71 @@ from kvmd.state.snapshot import Restorer, SnapshotSummary, SnapshotTaker
 from kvmd.state.store import SnapshotStore, StoredSnapshot
 
 DEFAULT_CHUNK = 1 << 20
+# Wire tags of the bulk fields: SnapshotVmResponse.data (1) and RestoreVmRequest.data (2).
+_TAG_RESPONSE_DATA = (1 << 3) | 2
+_TAG_REQUEST_DATA = (2 << 3) | 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class DataResponse:
+    """A SnapshotVmResponse{data} already in wire form: the snapshot's frames are joined
+    once, into the message, instead of into bytes and then again by protobuf."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        size = sum(len(f) for f in frames)
+        self.wire = b"".join([bytes([_TAG_RESPONSE_DATA]), _varint(size), *frames])
+
+
+def _serialize_response(message: pb.SnapshotVmResponse | DataResponse) -> bytes:
+    if isinstance(message, DataResponse):
+        return message.wire
+    return message.SerializeToString()
+
+
+def _parse_request(wire: bytes) -> pb.RestoreVmRequest | memoryview:
+    """A RestoreVmRequest; its `data` form as a view of the received bytes (no copy)."""
+    if wire[:1] == bytes([_TAG_REQUEST_DATA]):
+        length = shift = 0
+        pos = 1
+        while pos < len(wire) and pos < 11:
+            byte = wire[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if pos + length == len(wire):
+                    return memoryview(wire)[pos:]
+                break
+    return pb.RestoreVmRequest.FromString(wire)
+
+
+def add_snapshots_service(server: grpc.aio.Server, servicer: SnapshotsService) -> None:
+    """Register the Snapshots service as the generated code does, but with the bulk-data
+    (de)serializers above for SnapshotVm responses and RestoreVm requests."""
+    handlers = {
+        "SnapshotVm": grpc.unary_stream_rpc_method_handler(
+            servicer.SnapshotVm, request_deserializer=pb.SnapshotVmRequest.FromString,
+            response_serializer=_serialize_response),
+        "RestoreVm": grpc.stream_unary_rpc_method_handler(
+            servicer.RestoreVm, request_deserializer=_parse_request,
+            response_serializer=pb.Vm.SerializeToString),
+        "ListSnapshots": grpc.unary_unary_rpc_method_handler(
+            servicer.ListSnapshots, request_deserializer=pb.ListSnapshotsRequest.FromString,
+            response_serializer=pb.ListSnapshotsResponse.SerializeToString),
+        "DeleteSnapshot": grpc.unary_unary_rpc_method_handler(
+            servicer.DeleteSnapshot, request_deserializer=pb.DeleteSnapshotRequest.FromString,
+            response_serializer=pb.DeleteSnapshotResponse.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Snapshots"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
 
 
 def summary_to_pb(s: SnapshotSummary, file: str = "") -> pb.SnapshotInfo:
@@ -74,12 +139,13 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         taker = SnapshotTaker(vm, request.diff, request.leave_paused)
         try:
             if store is not None:
-                await self._blocking(store.write, request.file,
-                                     iter(lambda: taker.pull(DEFAULT_CHUNK), None))
+                await self._blocking(store.write, request.file, (
+                    frame for frames in iter(lambda: taker.pull(DEFAULT_CHUNK), None)
+                    for frame in frames))
             else:
                 size = self._chunk_size(request.chunk_size or DEFAULT_CHUNK)
-                while (data := await self._blocking(taker.pull, size)) is not None:
-                    yield pb.SnapshotVmResponse(data=data)
+                while (frames := await self._blocking(taker.pull, size)) is not None:
+                    yield DataResponse(frames)  # type: ignore[misc]
         finally:
             # A client that went away: end the snapshot now, so the VM runs again (close
             # waits for a pull still running in the pool).
@@ -95,7 +161,8 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
             first = await requests.__anext__()
         except StopAsyncIteration:
             first = None
-        if first is None or first.WhichOneof("payload") != "options":
+        if not isinstance(first, pb.RestoreVmRequest) or first.WhichOneof(
+                "payload") != "options":
             raise InvalidArgument("the first message of RestoreVm must carry its options")
         options = first.options
         for name in options.files:
@@ -109,10 +176,15 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                     for chunk in store.read(name):
                         await self._blocking(restorer.feed, chunk)
             else:
-                async for msg in requests:
-                    if msg.WhichOneof("payload") != "data":
-                        raise InvalidArgument("only snapshot data may follow the options")
-                    await self._blocking(restorer.feed, msg.data)
+                async for msg in requests:  # data arrives as views (see _parse_request)
+                    data: bytes | memoryview
+                    if isinstance(msg, pb.RestoreVmRequest):
+                        if msg.WhichOneof("payload") != "data":
+                            raise InvalidArgument("only snapshot data may follow the options")
+                        data = msg.data
+                    else:
+                        data = msg
+                    await self._blocking(restorer.feed, data)
             vm = await self._blocking(restorer.finish)
         except BaseException:
             await self._blocking(restorer.abort)

@@ -146,10 +146,15 @@ class GuestMemoryRegion:
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
-        for done in range(0, length, COPY_CHUNK):
-            n = min(COPY_CHUNK, length - done)
-            out[done : done + n] = ffi.buffer(self.ptr + offset + done, n)
+        self.read_into(offset, memoryview(out))
         return bytes(out)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Copy len(out) bytes from `offset` into `out` (one copy, in pieces so other
+        threads get the GIL)."""
+        for done in range(0, len(out), COPY_CHUNK):
+            n = min(COPY_CHUNK, len(out) - done)
+            ffi.memmove(out[done : done + n], self.ptr + offset + done, n)
 
     def check_writable(self, op: str, offset: int, length: int) -> None:
         """Refuse (EACCES) a host write to a part mapped read-only, which would fault."""

@@ -295,6 +295,17 @@ class Vm:
             return b"".join(region.read(off, n) for region, off, n in
                             self._pieces("read", guest_addr, length))
 
+    def read_into(self, guest_addr: int, out: bytearray | memoryview) -> None:
+        """Read len(out) bytes of guest memory into `out`: `read` without its extra copies
+        (snapshots and migration copy each guest page once, straight into their message)."""
+        view = memoryview(out).cast("B")
+        with self._lock:
+            self._open_fd("read")
+            done = 0
+            for region, off, n in self._pieces("read", guest_addr, len(view)):
+                region.read_into(off, view[done:done + n])
+                done += n
+
     def write(self, guest_addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory (host writes do not mark the dirty log; read-only slots are
         writable from the host, as in KVM, except where a file is mapped read-only: EACCES,

@@ -29,6 +29,8 @@ from kvmd.state.format import (
     MAGIC,
     MEMORY_RECORD_BYTES,
     CorruptSnapshot,
+    MemoryRecord,
+    Record,
     SnapshotReader,
     SnapshotWriter,
 )
@@ -148,8 +150,9 @@ class SnapshotTaker:
             created_unix_ms=int(time.time() * 1000), seconds=time.monotonic() - started,
             owner=vm.owner)
 
-    def pull(self, size: int) -> bytes | None:
-        """About `size` bytes more of the snapshot (None when it is complete)."""
+    def pull(self, size: int) -> list[bytes] | None:
+        """The next frames of the snapshot, about `size` bytes of them (None when it is
+        complete). Frames, not one joined buffer: each frame is sent without a copy."""
         with self._lock:
             if self._chunks is None:
                 self._chunks = iter(self)
@@ -160,7 +163,7 @@ class SnapshotTaker:
                 got += len(piece)
                 if got >= size:
                     break
-            return b"".join(parts) if parts else None
+            return parts or None
 
     def close(self) -> None:
         """End the snapshot now (complete or not): the VM is released at once."""
@@ -191,10 +194,14 @@ class SnapshotTaker:
 
     def _data(self, writer: SnapshotWriter, s: SlotState, offset: int,
               length: int) -> Iterator[bytes]:
+        read_into = self.vm.vm.read_into
         for done in range(0, length, MEMORY_RECORD_BYTES):
             n = min(MEMORY_RECORD_BYTES, length - done)
-            data = self.vm.vm.read(s.guest_addr + offset + done, n)
-            yield writer.memory(s.slot, offset + done, data)
+            addr = s.guest_addr + offset + done
+
+            def fill(view: memoryview, addr: int = addr) -> None:
+                read_into(addr, view)
+            yield writer.memory_filled(s.slot, offset + done, n, fill)  # type: ignore[misc]
 
 
 class Restorer:
@@ -234,7 +241,12 @@ class Restorer:
                 self.abort()
                 raise
 
-    def _apply(self, record: pb.SnapshotRecord) -> None:
+    def _apply(self, record: Record) -> None:
+        if isinstance(record, MemoryRecord):  # the bulk: copied once, into the guest
+            slot = self._slot(record.slot, record.offset, len(record.data))
+            assert self.vm is not None
+            self.vm.vm.write(slot.guest_addr + record.offset, record.data)
+            return
         kind = record.WhichOneof("record")
         if kind == "header":
             self._on_header(record.header)

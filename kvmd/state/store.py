@@ -23,10 +23,10 @@ from kvmd.core.errors import (
     NotFound,
     ResourceExhausted,
 )
-from kvmd.state.format import CorruptSnapshot, SnapshotReader
+from kvmd.state.format import CorruptSnapshot, MemoryRecord, SnapshotReader
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-READ_CHUNK = 1 << 20
+READ_CHUNK = 16 << 20  # large reads: few frames straddle two of them
 
 
 @dataclass
@@ -116,6 +116,8 @@ class SnapshotStore:
             size = os.path.getsize(path)
             for chunk in self.read(name):
                 for record in reader.feed(chunk):
+                    if isinstance(record, MemoryRecord):
+                        continue
                     if record.HasField("header"):
                         header = record.header
                     elif record.HasField("vm") and header is not None:

@@ -279,6 +279,7 @@ class TlsDaemon:
                  client_ca: str | None = None, **config: Any) -> None:
         self.pki = pki
         self.socket_path = socket_dir / "kvmd.sock"
+        config.setdefault("state_dir", str(socket_dir / "state"))
         server = server or pki.server
         cfg = Config(
             listen=[f"unix://{self.socket_path}", "127.0.0.1:0"],

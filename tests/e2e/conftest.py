@@ -59,7 +59,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             kvmd_command(
                 "--listen", self.address, "--metrics-listen", "off", "--log-level", "info",
-                *extra,
+                "--state-dir", str(self.directory / f"{self.socket.stem}-state"), *extra,
             ),
             stdout=log,
             stderr=subprocess.STDOUT,

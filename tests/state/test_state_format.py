@@ -11,8 +11,10 @@ from kvmd.state.format import (
     FORMAT_VERSION,
     MAGIC,
     CorruptSnapshot,
+    MemoryRecord,
     SnapshotReader,
     SnapshotWriter,
+    as_message,
     varint,
 )
 
@@ -44,7 +46,7 @@ def test_read_back_whatever_the_chunking(chunk: int) -> None:
     reader = SnapshotReader()
     records = []
     for i in range(0, len(data), chunk):
-        records += reader.feed(data[i:i + chunk])
+        records += [as_message(r) for r in reader.feed(data[i:i + chunk])]
     reader.finish()
     kinds = [r.WhichOneof("record") for r in records]
     assert kinds == ["header", "vm", "memory", "zero", "memory", "trailer"]
@@ -58,9 +60,15 @@ def test_hand_encoded_memory_is_what_protobuf_reads() -> None:
     frame = w.memory(3, 5 * PAGE, b"xyz" * 10)
     reader = SnapshotReader()
     reader._expect = "body"  # type: ignore[attr-defined]  # a frame out of context
-    (record,) = reader.feed(frame)
+    (record,) = [as_message(r) for r in reader.feed(frame)]
     assert (record.memory.slot, record.memory.offset, record.memory.data) == (
         3, 5 * PAGE, b"xyz" * 10)
+    # The reader hands it out in place (a view of the bytes fed), not as a copy.
+    reader = SnapshotReader()
+    reader._expect = "body"  # type: ignore[attr-defined]
+    fed = bytearray(frame)
+    (view,) = reader.feed(fed)
+    assert isinstance(view, MemoryRecord) and view.data.obj is fed
 
 
 @pytest.mark.parametrize("records", [

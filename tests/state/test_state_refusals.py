@@ -12,7 +12,7 @@ from state_guests import COUNTER_SOURCE
 from state_support import Node, NodeFactory
 
 from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.state.format import SnapshotReader, SnapshotWriter, varint
+from kvmd.state.format import SnapshotReader, SnapshotWriter, as_message, varint
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -22,7 +22,7 @@ def rewrite(data: bytes, edit: Callable[[pb.SnapshotRecord], None]) -> bytes:
     """The snapshot re-framed after `edit` changed its records, with a valid checksum: so a
     refusal is about the contents, not a checksum mismatch."""
     reader = SnapshotReader()
-    records = reader.feed(data)
+    records = [as_message(r) for r in reader.feed(data)]
     writer = SnapshotWriter()
     out = b""
     for record in records:

@@ -15,7 +15,7 @@ from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.host import Host
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import IoSpace, IrqChip, IrqChipRoute, MsiRoute, Regs
-from kvmd.state.format import SnapshotReader
+from kvmd.state.format import SnapshotReader, as_message
 from kvmd.state.snapshot import SnapshotTaker, restore_bytes
 
 MSR_STAR, MSR_LSTAR, MSR_KERNEL_GS_BASE, MSR_SYSENTER_CS = (
@@ -36,7 +36,7 @@ def host() -> Iterator[Host]:
 
 def decoded(data: bytes) -> tuple[pb.SnapshotHeader, pb.SavedVm, list[pb.SnapshotRecord]]:
     reader = SnapshotReader()
-    records = reader.feed(data)
+    records = [as_message(r) for r in reader.feed(data)]
     reader.finish()
     return records[0].header, records[1].vm, records[2:-1]
 
