@@ -126,7 +126,7 @@ def main() -> None:
         memory.AddMemoryRegion(pb.AddMemoryRegionRequest(vm_id="big", guest_addr=0,
                                                          size=args.guest_mib * MiB))
         memory.WriteGuestMemory(pb.WriteGuestMemoryRequest(
-            vm_id="big" if i == 0 else "", guest_addr=0 if i == 0 else 0,
+            vm_id="big" if i == 0 else "", guest_addr=0,
             data=data[i:i + 8 * MiB]) for i in range(0, touched, 8 * MiB))
         vcpus.CreateVcpu(pb.CreateVcpuRequest(vm_id="big", vcpu_id=0))
 
