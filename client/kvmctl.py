@@ -410,6 +410,8 @@ def cmd_vm_create(c: KvmdClient, a: argparse.Namespace) -> None:
         pit=a.pit,
         tss_address=a.tss_address,
         identity_map_address=a.identity_map_address,
+        dirty_tracking=a.dirty_tracking,
+        dirty_ring_bytes=a.dirty_ring_bytes,
     )
     _show(a, vm, _vm_details)
 
@@ -509,6 +511,14 @@ def cmd_mem_read(c: KvmdClient, a: argparse.Namespace) -> None:
 def cmd_dirty_log(c: KvmdClient, a: argparse.Namespace) -> None:
     log = c.dirty_log(a.vm, a.slot)
     pages = log.pages()
+    if a.clear and pages:  # manual mode: the pages read are handled
+        runs: list[tuple[int, int]] = []
+        for p in pages:
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        c.clear_dirty_log(a.vm, a.slot, runs)
     if a.json:
         _emit_json({"vm_id": a.vm, "slot": a.slot, "dirty_count": log.dirty_count,
                     "total_pages": log.total_pages, "pages": pages})
@@ -517,6 +527,18 @@ def cmd_dirty_log(c: KvmdClient, a: argparse.Namespace) -> None:
     if pages:
         lines.append(f"pages: {format_ranges(pages)}")
     _out("\n".join(lines))
+
+
+def cmd_dirty_logging(c: KvmdClient, a: argparse.Namespace) -> None:
+    region = c.set_dirty_logging(a.vm, a.slot, a.state == "on")
+    _show(a, region, lambda r: f"slot {r.slot}: dirty logging "
+          f"{'on' if r.log_dirty else 'off'}")
+
+
+def cmd_dirty_rate(c: KvmdClient, a: argparse.Namespace) -> None:
+    rate = c.measure_dirty_rate(a.vm, int(a.duration * 1000))
+    _show(a, rate, lambda r: f"vm {a.vm}: {r.dirty_pages_per_second:.0f} pages/s "
+          f"({r.dirty_pages} pages in {r.seconds:.2f} s)")
 
 
 def cmd_irq_line(c: KvmdClient, a: argparse.Namespace) -> None:
@@ -1182,6 +1204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
                    help="attach a label (repeatable)")
     p.add_argument("--irqchip", action="store_true", help="in-kernel PIC/IOAPIC/LAPIC")
+    p.add_argument("--dirty-tracking", choices=["bitmap", "manual", "ring"], default="",
+                   help="how KVM reports dirty pages (default bitmap; see kvmctl info)")
+    p.add_argument("--dirty-ring-bytes", type=parse_size, default=0, metavar="SIZE",
+                   help="per-vCPU dirty ring size with --dirty-tracking ring (default 64K)")
     p.add_argument("--pit", action="store_true", help="in-kernel PIT (needs --irqchip)")
     p.add_argument("--tss-address", type=parse_int, default=0, metavar="ADDR",
                    help="KVM_SET_TSS_ADDR (default: the daemon's)")
@@ -1341,9 +1367,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     # dirty-log
     p = _leaf(top, "dirty-log", cmd_dirty_log,
-              "dirty pages of a slot since the last read (reading resets the log)")
+              "dirty pages of a slot since the last read (reading resets the log, except in "
+              "manual mode: see --clear)")
     _vm_arg(p)
     p.add_argument("slot", metavar="SLOT", type=parse_int)
+    p.add_argument("--clear", action="store_true",
+                   help="manual mode: then mark the pages read clean (ClearDirtyLog)")
+    _finish(p)
+    p = _leaf(top, "dirty-logging", cmd_dirty_logging,
+              "turn dirty logging of an existing slot on or off")
+    _vm_arg(p)
+    p.add_argument("slot", metavar="SLOT", type=parse_int)
+    p.add_argument("state", choices=["on", "off"])
+    _finish(p)
+    p = _leaf(top, "dirty-rate", cmd_dirty_rate,
+              "measure the VM's dirty rate (pages per second) over a period")
+    _vm_arg(p)
+    p.add_argument("--duration", type=float, default=1.0, metavar="SECONDS",
+                   help="how long to measure (default 1)")
     _finish(p)
 
     # irq

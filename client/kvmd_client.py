@@ -517,11 +517,14 @@ class KvmdClient:
         pit: bool = False,
         tss_address: int = 0,
         identity_map_address: int = 0,
+        dirty_tracking: str = "",
+        dirty_ring_bytes: int = 0,
     ) -> vmm_pb2.Vm:
         """Create a VM with a caller-chosen id (ALREADY_EXISTS if taken).
 
         ``irqchip`` creates the in-kernel PIC/IOAPIC/LAPIC; ``pit`` the in-kernel PIT (needs
-        ``irqchip``). Zero addresses mean the daemon's defaults.
+        ``irqchip``). Zero addresses mean the daemon's defaults. ``dirty_tracking`` is
+        "bitmap" (default), "manual" or "ring" (see ``info().dirty_log_modes``).
         """
         request = vmm_pb2.CreateVmRequest(
             vm_id=vm_id,
@@ -531,6 +534,8 @@ class KvmdClient:
                 pit=pit,
                 tss_address=tss_address,
                 identity_map_address=identity_map_address,
+                dirty_tracking=dirty_tracking,
+                dirty_ring_bytes=dirty_ring_bytes,
             ),
         )
         return self._unary(self._vms.CreateVm, request)
@@ -764,10 +769,13 @@ class KvmdClient:
         return written
 
     def iter_dirty_log(
-        self, vm_id: str, slot: int, chunk_size: int = 0
+        self, vm_id: str, slot: int, chunk_size: int = 0, form: str = "bitmap"
     ) -> Iterator[vmm_pb2.DirtyLogChunk]:
-        """Stream the slot's dirty bitmap in chunks; reading resets the log, as KVM does."""
-        request = vmm_pb2.GetDirtyLogRequest(vm_id=vm_id, slot=slot, chunk_size=chunk_size)
+        """Stream the slot's dirty pages in chunks, as a bitmap (default), "ranges", or
+        "auto" (whichever is shorter); reading resets the log, as KVM does."""
+        request = vmm_pb2.GetDirtyLogRequest(
+            vm_id=vm_id, slot=slot, chunk_size=chunk_size,
+            form=vmm_pb2.GetDirtyLogRequest.Form.Value(form.upper()))
         return self._server_stream(self._memory.GetDirtyLog, request)
 
     def dirty_log(self, vm_id: str, slot: int, chunk_size: int = 0) -> DirtyLog:
@@ -776,19 +784,43 @@ class KvmdClient:
         Unpacks as ``bitmap, dirty_count``; ``.pages()`` lists the dirty page indices.
         """
         bitmap = bytearray()
+        bits = 0  # pages the daemon sent as ranges (it picks the shorter form)
         dirty = 0
         total_dirty: int | None = None
         total_pages = 0
-        for chunk in self.iter_dirty_log(vm_id, slot, chunk_size):
+        for chunk in self.iter_dirty_log(vm_id, slot, chunk_size, form="auto"):
             bitmap += chunk.bitmap
+            for r in chunk.ranges:
+                bits |= ((1 << r.pages) - 1) << r.first_page
             dirty += chunk.dirty_pages
             total_pages = max(total_pages, chunk.total_pages)
             if chunk.last:
                 total_dirty = chunk.total_dirty_pages
         if total_pages == 0:
             total_pages = len(bitmap) * 8
+        if bits or not bitmap:
+            bitmap = bytearray(bits.to_bytes((total_pages + 7) // 8, "little"))
         count = total_dirty if total_dirty is not None else dirty
         return DirtyLog(slot=slot, bitmap=bytes(bitmap), dirty_count=count, total_pages=total_pages)
+
+    def clear_dirty_log(self, vm_id: str, slot: int,
+                        ranges: Iterable[tuple[int, int]]) -> None:
+        """Manual mode: mark pages clean, as (first_page, pages) ranges."""
+        request = vmm_pb2.ClearDirtyLogRequest(vm_id=vm_id, slot=slot, ranges=[
+            vmm_pb2.PageRange(first_page=a, pages=n) for a, n in ranges])
+        self._unary(self._memory.ClearDirtyLog, request)
+
+    def set_dirty_logging(self, vm_id: str, slot: int, enabled: bool) -> vmm_pb2.MemoryRegion:
+        """Turn dirty logging of an existing slot on or off (its memory stays)."""
+        request = vmm_pb2.SetDirtyLoggingRequest(vm_id=vm_id, slot=slot, enabled=enabled)
+        return self._unary(self._memory.SetDirtyLogging, request)
+
+    def measure_dirty_rate(self, vm_id: str, duration_ms: int = 1000
+                           ) -> vmm_pb2.MeasureDirtyRateResponse:
+        """The VM's dirty rate over ``duration_ms`` (pages per second)."""
+        request = vmm_pb2.MeasureDirtyRateRequest(vm_id=vm_id, duration_ms=duration_ms)
+        timeout = None if self.timeout is None else self.timeout + duration_ms / 1000
+        return self._unary(self._memory.MeasureDirtyRate, request, timeout)
 
     def dirty_pages(self, vm_id: str, slot: int) -> list[int]:
         """Indices (within the slot) of the pages dirtied since the last read (resets the log)."""

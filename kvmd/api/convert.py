@@ -4,9 +4,11 @@ register files, CPUID and routes convert in kvmd.state.codec (shared with snapsh
 from __future__ import annotations
 
 from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.dirty import page_runs
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
 from kvmd.kvm import (
+    DirtyLogModes,
     IoSpace,
     MemoryRegionInfo,
 )
@@ -34,7 +36,8 @@ def vm_options_from_pb(o: pb.VmOptions) -> VmOptions:
     return VmOptions(irqchip=o.irqchip, pit=o.pit, tss_address=o.tss_address,
                      identity_map_address=o.identity_map_address,
                      debug_exit_port=o.debug_exit_port, strict_io=o.strict_io,
-                     console_buffer_bytes=o.console_buffer_bytes)
+                     console_buffer_bytes=o.console_buffer_bytes,
+                     dirty_tracking=o.dirty_tracking, dirty_ring_bytes=o.dirty_ring_bytes)
 
 
 def vm_to_pb(vm: ManagedVm) -> pb.Vm:
@@ -46,10 +49,13 @@ def vm_to_pb(vm: ManagedVm) -> pb.Vm:
         options=pb.VmOptions(irqchip=o.irqchip, pit=o.pit, tss_address=o.tss_address,
                              identity_map_address=o.identity_map_address,
                              debug_exit_port=vm.debug_exit.base, strict_io=o.strict_io,
-                             console_buffer_bytes=vm.console.capacity),
+                             console_buffer_bytes=vm.console.capacity,
+                             dirty_tracking=vm.dirty.mode,
+                             dirty_ring_bytes=vm.vm.dirty_ring_bytes),
         vcpu_count=len(vcpus), memory_slot_count=len(regions),
         memory_bytes=sum(r.size for r in regions), created_unix_ms=vm.created_unix_ms,
-        owner=vm.owner, vcpu_states={v.id: v.state for v in vcpus})
+        owner=vm.owner, vcpu_states={v.id: v.state for v in vcpus},
+        dirty_pages_per_second=vm.dirty.rate, dirty_rate_unix_ms=vm.dirty.rate_unix_ms)
     if vm.exit_code is not None:
         msg.exit_code = vm.exit_code
     return msg
@@ -86,11 +92,41 @@ def ioevent_to_pb(vm_id: str, e: IoeventEntry) -> pb.Ioevent:
     return msg
 
 
+def dirty_modes_to_pb(m: DirtyLogModes) -> pb.DirtyLogModes:
+    return pb.DirtyLogModes(bitmap=m.bitmap, manual_protect=m.manual_protect,
+                            initially_set=m.initially_set, ring_max_bytes=m.ring_max_bytes,
+                            ring_acq_rel=m.ring_acq_rel)
+
+
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def page_range_chunks(bitmap: bytes, limit: int, force: bool
+                      ) -> list[list[pb.PageRange]] | None:
+    """The dirty pages as ranges, in lists of at most about `limit` bytes each, when that
+    is shorter than the bitmap or `force`d; None to send the bitmap."""
+    runs = page_runs(int.from_bytes(bitmap, "little"))
+    sizes = [4 + _varint_len(a) + _varint_len(n) for a, n in runs]
+    if not force and sum(sizes) >= len(bitmap):
+        return None
+    chunks: list[list[pb.PageRange]] = [[]]
+    used = 0
+    for (first, pages), size in zip(runs, sizes, strict=True):
+        if used + size > limit and chunks[-1]:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(pb.PageRange(first_page=first, pages=pages))
+        used += size
+    return chunks
+
+
 __all__ = [
     "SPACES",
     "SPACES_PB",
     "cpuid_from_pb",
     "cpuid_to_pb",
+    "dirty_modes_to_pb",
     "event_to_pb",
     "events_from_pb",
     "events_to_pb",
@@ -98,6 +134,7 @@ __all__ = [
     "fpu_to_pb",
     "ioevent_to_pb",
     "irqfd_to_pb",
+    "page_range_chunks",
     "region_to_pb",
     "regs_from_pb",
     "regs_to_pb",

@@ -53,6 +53,7 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
             vm_count=self.host.vm_count(),
             memory_in_use_bytes=self.host.budget.in_use,
             page_size=PAGE_SIZE,
+            dirty_log_modes=convert.dirty_modes_to_pb(self.host.dirty_log_modes()),
         )
 
     def CheckExtension(self, request: pb.CheckExtensionRequest,
@@ -240,6 +241,22 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         info, bitmap = await self._blocking(vm.get_dirty_log, request.slot)
         total_pages = info.size // PAGE_SIZE
         chunk = self._chunk_size(request.chunk_size)
+        form = request.form
+        if form not in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
+                        pb.GetDirtyLogRequest.RANGES):
+            raise InvalidArgument(f"unknown dirty-log form {form}")
+        ranges = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_range_chunks(
+            bitmap, chunk, force=form == pb.GetDirtyLogRequest.RANGES)
+        if ranges is not None:
+            total = 0
+            for i, part in enumerate(ranges):
+                dirty = sum(r.pages for r in part)
+                total += dirty
+                last = i == len(ranges) - 1
+                yield pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
+                                       ranges=part, dirty_pages=dirty,
+                                       total_dirty_pages=total if last else 0)
+            return
         total_dirty = 0
         offsets = range(0, len(bitmap), chunk)
         for i, off in enumerate(offsets):
@@ -251,6 +268,27 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
                 slot=info.slot, first_page=off * 8, bitmap=piece, dirty_pages=dirty,
                 total_pages=total_pages, last=last,
                 total_dirty_pages=total_dirty if last else 0)
+
+
+    def ClearDirtyLog(self, request: pb.ClearDirtyLogRequest,
+                      context: Any) -> pb.ClearDirtyLogResponse:
+        """Manual mode: mark handled pages clean."""
+        self._vm(request.vm_id).clear_dirty_log(
+            request.slot, [(r.first_page, r.pages) for r in request.ranges])
+        return pb.ClearDirtyLogResponse()
+
+    def SetDirtyLogging(self, request: pb.SetDirtyLoggingRequest,
+                        context: Any) -> pb.MemoryRegion:
+        """Turn dirty logging of a slot on or off."""
+        return convert.region_to_pb(self._vm(request.vm_id).set_dirty_logging(
+            request.slot, request.enabled))
+
+    def MeasureDirtyRate(self, request: pb.MeasureDirtyRateRequest,
+                         context: Any) -> pb.MeasureDirtyRateResponse:
+        """The VM's dirty rate over a period (the calling thread waits for it)."""
+        pages, seconds = self._vm(request.vm_id).measure_dirty_rate(request.duration_ms)
+        return pb.MeasureDirtyRateResponse(dirty_pages_per_second=pages / seconds,
+                                           dirty_pages=pages, seconds=seconds)
 
 
 class InterruptsService(ServicerBase, rpc.InterruptsServicer):

@@ -13,23 +13,35 @@ one bit per page of the slot, least significant bit first, as KVM's.
 from __future__ import annotations
 
 import threading
+import time
 
-from kvmd.kvm import PAGE_SIZE, MemoryRegionInfo, Vm
+from kvmd.kvm import PAGE_SIZE, DirtyBitmaps, MemoryRegionInfo, Vm
 
 API = "api"  # GetDirtyLog: always present (KVM's log starts at the slot's creation)
 SNAPSHOT = "snapshot"  # diff snapshots: pages dirtied since the last snapshot
 MIGRATION = "migration"  # a migration's current round
 
+# How KVM reports dirty pages for a VM (chosen at creation; see kvmd.kvm.dirty):
+BITMAP = "bitmap"  # KVM_GET_DIRTY_LOG, which also re-protects what it reports
+MANUAL = "manual"  # KVM_GET_DIRTY_LOG only reads; KVM_CLEAR_DIRTY_LOG re-protects
+RING = "ring"  # per-vCPU dirty rings, harvested by the daemon
+MODES = (BITMAP, MANUAL, RING)
+
 
 class DirtyTracker:
-    """Per-consumer dirty bitmaps over one VM's logging slots. Thread-safe."""
+    """Per-consumer dirty bitmaps over one VM's logging slots, filled from KVM in the VM's
+    mode. Thread-safe."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, mode: str = BITMAP) -> None:
         self._vm = vm
+        self.mode = mode
         self._lock = threading.Lock()
+        self._harvest_lock = threading.Lock()  # one harvest at a time (rings, clears)
         # consumer -> slot -> bitmap as an int (bit i: page i of the slot)
         self._consumers: dict[str, dict[int, int]] = {API: {}}
         self.harvested_pages = 0  # dirty pages KVM reported, all slots, ever
+        self.rate = 0.0  # pages/s, from the last MeasureDirtyRate or migration round
+        self.rate_unix_ms = 0
 
     # -- consumers ------------------------------------------------------------------------
 
@@ -49,20 +61,79 @@ class DirtyTracker:
 
     # -- reading --------------------------------------------------------------------------
 
-    def harvest(self, slots: list[MemoryRegionInfo] | None = None) -> None:
-        """Read KVM's log of each logging slot (all of them by default) into every
-        consumer's bitmap. The caller holds whatever keeps the slots alive (the VM lock)."""
-        regions = slots if slots is not None else self._vm.memory_regions()
-        for info in regions:
-            if not info.log_dirty:
-                continue
-            bits = int.from_bytes(self._vm.get_dirty_log(info.slot), "little")
-            if not bits:
-                continue
-            with self._lock:
-                self.harvested_pages += bits.bit_count()
-                for bitmaps in self._consumers.values():
-                    bitmaps[info.slot] = bitmaps.get(info.slot, 0) | bits
+    def harvest(self, slots: list[MemoryRegionInfo] | None = None) -> int:
+        """Read KVM's dirty pages of each logging slot (all of them by default) into every
+        consumer's bitmap, re-protecting them; returns the pages KVM reported. The caller
+        holds whatever keeps the slots alive (the VM lock). With rings every slot is
+        harvested whatever `slots` says: a ring holds them all."""
+        with self._harvest_lock:
+            if self.mode == RING:
+                return self._harvest_rings()
+            regions = slots if slots is not None else self._vm.memory_regions()
+            total = 0
+            for info in regions:
+                if not info.log_dirty:
+                    continue
+                raw = self._vm.get_dirty_log(info.slot)
+                bits = int.from_bytes(raw, "little")
+                if not bits:
+                    continue
+                if self.mode == MANUAL:  # re-protect exactly what was reported
+                    self._vm.clear_dirty_log(info.slot, 0, info.size // PAGE_SIZE, raw)
+                total += self._distribute(info.slot, bits)
+            return total
+
+    def _harvest_rings(self) -> int:
+        bitmaps = DirtyBitmaps.for_regions(self._vm.memory_regions())
+        self._vm.harvest_dirty_rings(bitmaps)
+        self._vm.reset_dirty_rings()
+        total = 0
+        for slot in bitmaps.slots:
+            bits = int.from_bytes(bitmaps.bitmap(slot), "little")
+            if bits:
+                total += self._distribute(slot, bits)
+        return total
+
+    def _distribute(self, slot: int, bits: int) -> int:
+        pages = bits.bit_count()
+        with self._lock:
+            self.harvested_pages += pages
+            for bitmaps in self._consumers.values():
+                bitmaps[slot] = bitmaps.get(slot, 0) | bits
+        return pages
+
+    def peek(self, name: str, info: MemoryRegionInfo) -> int:
+        """Harvest the slot, then return `name`'s bitmap of it without clearing it (the
+        API's manual mode: the caller clears the ranges it handled)."""
+        self.harvest([info])
+        with self._lock:
+            return self._consumers.get(name, {}).get(info.slot, 0)
+
+    def clear(self, name: str, slot: int, first_page: int, pages: int) -> None:
+        """Clear pages [first_page, first_page+pages) of `name`'s bitmap of a slot."""
+        mask = ((1 << pages) - 1) << first_page
+        with self._lock:
+            bitmaps = self._consumers.get(name)
+            if bitmaps is not None and slot in bitmaps:
+                bitmaps[slot] &= ~mask
+
+    def measure_rate(self, seconds: float) -> tuple[int, float]:
+        """Pages the guest dirtied over `seconds`, and the seconds it took (as QEMU's
+        calc-dirty-rate): harvest, wait, harvest again. The pages still go to every
+        consumer: nothing is lost. Records the rate."""
+        self.harvest()
+        started = time.monotonic()
+        time.sleep(seconds)
+        pages = self.harvest()
+        elapsed = time.monotonic() - started
+        self.note_rate(pages, elapsed)
+        return pages, elapsed
+
+    def note_rate(self, pages: int, seconds: float) -> None:
+        """Record a dirty rate measured elsewhere (a migration round)."""
+        if seconds > 0:
+            self.rate = pages / seconds
+            self.rate_unix_ms = int(time.time() * 1000)
 
     def take(self, name: str, info: MemoryRegionInfo) -> int:
         """Harvest the slot, then return and clear `name`'s bitmap of it (as an int)."""

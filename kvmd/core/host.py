@@ -19,7 +19,7 @@ from kvmd.core.histogram import Histogram
 from kvmd.core.limits import Limits
 from kvmd.core.stats import OperationStats
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
-from kvmd.kvm import CpuidEntry, Kvm, capability_number
+from kvmd.kvm import CpuidEntry, DirtyLogModes, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ class Host:
             if vm_id:
                 return self.get_vm(vm_id).vm.check_extension(number), number
             return self.kvm.check_extension(number), number
+
+    def dirty_log_modes(self) -> DirtyLogModes:
+        with kernel_errors("host"):
+            return self.kvm.dirty_log_modes()
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         with kernel_errors("host"):

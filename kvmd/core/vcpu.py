@@ -98,6 +98,7 @@ class ManagedVcpu:
         # the first to move, and is cancelled (ABORTED) if only the second did.
         self._parks = 0
         self._resumes = 0
+        self.stuck_ring_exits = 0  # dirty-ring-full exits in a row with nothing harvested
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None

@@ -24,13 +24,24 @@ from kvmd.core.devices import (
     DeviceBus,
     Uart16550,
 )
-from kvmd.core.dirty import API, DirtyTracker, bitmap_bytes
+from kvmd.core.dirty import (
+    API,
+    BITMAP,
+    MANUAL,
+    MIGRATION,
+    MODES,
+    RING,
+    SNAPSHOT,
+    DirtyTracker,
+    bitmap_bytes,
+)
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
     InvalidState,
     NotFound,
     ResourceExhausted,
+    Unsupported,
     from_kvm_error,
     kernel_errors,
 )
@@ -85,6 +96,7 @@ from kvmd.kvm import (
 from kvmd.kvm import (
     DebugExit as KvmDebugExit,
 )
+from kvmd.kvm.exits import DirtyRingFullExit
 from kvmd.kvm.memory import PAGE_SIZE, round_up_to_page
 
 if TYPE_CHECKING:
@@ -93,6 +105,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 COM1_BASE_RANGE = (0x3F8, 0x400)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_DIRTY_RING_BYTES = 64 << 10  # 4096 entries per vCPU
+# A vCPU whose ring is full but yields nothing to harvest this many times in a row is
+# stuck (seen on PVM under a tight store loop): crash it rather than spin.
+STUCK_RING_EXITS = 1000
 DEFAULT_TSS_ADDRESS = 0xFFFBD000
 DEFAULT_IDENTITY_MAP_ADDRESS = 0xFFFBC000
 MAX_LABELS = 64
@@ -123,7 +139,8 @@ def validate_labels(labels: dict[str, str]) -> dict[str, str]:
 @dataclass(frozen=True)
 class VmOptions:
     """How a VM is built: in-kernel irqchip and PIT, TSS and identity-map addresses, the
-    debug-exit port, strict IO, and the console backlog size."""
+    debug-exit port, strict IO, the console backlog size, and how KVM reports dirty pages
+    (bitmap, manual or ring; the ring's size per vCPU)."""
 
     irqchip: bool = False
     pit: bool = False
@@ -132,6 +149,8 @@ class VmOptions:
     debug_exit_port: int = 0
     strict_io: bool = False
     console_buffer_bytes: int = 0
+    dirty_tracking: str = ""  # "" = bitmap
+    dirty_ring_bytes: int = 0  # 0 = DEFAULT_DIRTY_RING_BYTES (ring mode only)
 
 
 @dataclass(frozen=True)
@@ -208,7 +227,7 @@ class ManagedVm:
         self._limits = shared.limits
         self._budget = shared.budget
         self._watcher = shared.watcher
-        self.dirty = DirtyTracker(vm)
+        self.dirty = DirtyTracker(vm, options.dirty_tracking or BITMAP)
         # The GSI routing table this VM set (KVM cannot return it); None: KVM's default.
         self._gsi_routes: list[IrqRoute] | None = None
         # Set while a snapshot (or migration) holds the VM paused: run control must wait.
@@ -259,6 +278,7 @@ class ManagedVm:
                     if not options.irqchip:
                         raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
                     vm.create_pit2()
+                cls._enable_dirty_mode(vm, options)
             if options.debug_exit_port and not 0 < options.debug_exit_port < 1 << 16:
                 raise InvalidArgument(f"debug_exit_port {options.debug_exit_port:#x} is not "
                                       "a port")
@@ -269,6 +289,29 @@ class ManagedVm:
         except BaseException:
             vm.close()
             raise
+
+    @staticmethod
+    def _enable_dirty_mode(vm: Vm, options: VmOptions) -> None:
+        """Turn on the VM's dirty-tracking mode (before any vCPU: rings need that)."""
+        mode = options.dirty_tracking or BITMAP
+        if mode not in MODES:
+            raise InvalidArgument(f"dirty_tracking {mode!r} is not one of {', '.join(MODES)}")
+        offered = vm.dirty_log_modes()
+        if mode == MANUAL:
+            if not offered.manual_protect:
+                raise Unsupported("this kernel has no manual dirty-log protect "
+                                  "(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+            vm.enable_manual_dirty_log_protect()
+        elif mode == RING:
+            if not offered.ring:
+                raise Unsupported("this kernel has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+            size = options.dirty_ring_bytes or DEFAULT_DIRTY_RING_BYTES
+            if size > offered.ring_max_bytes:
+                raise InvalidArgument(f"dirty_ring_bytes {size} is above this kernel's "
+                                      f"{offered.ring_max_bytes}")
+            vm.enable_dirty_ring(size)
+        elif options.dirty_ring_bytes:
+            raise InvalidArgument("dirty_ring_bytes needs dirty_tracking \"ring\"")
 
     @property
     def resource(self) -> str:
@@ -394,8 +437,53 @@ class ManagedVm:
             if not info.log_dirty:
                 raise InvalidArgument(f"slot {slot} was added without dirty logging",
                                       resource=f"{self.resource}/slot/{slot}")
-            bits = self.dirty.take(API, info)
+            # Manual mode: reading does not reset the API's view; ClearDirtyLog does.
+            bits = (self.dirty.peek(API, info) if self.dirty.mode == MANUAL
+                    else self.dirty.take(API, info))
             return info, bitmap_bytes(bits, info.size // PAGE_SIZE)
+
+    def measure_dirty_rate(self, duration_ms: int) -> tuple[int, float]:
+        """Pages dirtied over `duration_ms` (see DirtyTracker.measure_rate)."""
+        if not 0 <= duration_ms <= 60_000:
+            raise InvalidArgument("duration_ms must be 1-60000 (0: 1000)")
+        if not any(r.log_dirty for r in self.vm.memory_regions()):
+            raise InvalidState(f"vm {self.id} has no slot with dirty logging",
+                               resource=self.resource)
+        with kernel_errors(self.resource):
+            return self.dirty.measure_rate((duration_ms or 1000) / 1000)
+
+    def clear_dirty_log(self, slot: int, ranges: list[tuple[int, int]]) -> None:
+        """Manual mode: mark pages [first, first+count) of the API's view of a slot clean
+        (the caller has dealt with them), as KVM_CLEAR_DIRTY_LOG does."""
+        if self.dirty.mode != MANUAL:
+            raise InvalidState(f"vm {self.id} tracks dirty pages in {self.dirty.mode} mode; "
+                               "ClearDirtyLog is for manual mode (GetDirtyLog resets the "
+                               "log in the others)", resource=self.resource)
+        with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            info = self.vm.memory_region(slot)
+            pages = info.size // PAGE_SIZE
+            for first, count in ranges:
+                if first < 0 or count <= 0 or first + count > pages:
+                    raise InvalidArgument(f"pages {first}+{count} are outside slot {slot} "
+                                          f"({pages} pages)")
+            for first, count in ranges:
+                self.dirty.clear(API, slot, first, count)
+
+    def set_dirty_logging(self, slot: int, enabled: bool) -> MemoryRegionInfo:
+        """Turn dirty logging of an existing slot on or off, keeping its memory. While off,
+        nothing tracks the slot: the daemon's own consumers (diff snapshots, a migration)
+        then count every page of it as dirty, so nothing is missed."""
+        with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            info = self.vm.memory_region(slot)
+            if info.log_dirty == enabled:
+                return info
+            if not enabled:
+                self.dirty.harvest([info])  # what KVM logged so far reaches every consumer
+            info = self.vm.set_dirty_logging(slot, enabled)
+            if not enabled:
+                for consumer in (SNAPSHOT, MIGRATION):
+                    self.dirty.mark_all(consumer, info)
+            return info
 
     # -- interrupts -----------------------------------------------------------------------
 
@@ -927,7 +1015,19 @@ class ManagedVm:
             return CONTINUE  # left failed by the binding: the guest gets #GP
         if exit_.name == "irq_window_open":
             return CONTINUE  # the vCPU thread injects its next queued interrupt
+        if isinstance(exit_, DirtyRingFullExit):
+            return self._ring_full(vcpu)
         return Outcome("crash", f"unhandled exit {exit_.name}")
+
+    def _ring_full(self, vcpu: ManagedVcpu) -> Outcome:
+        """A vCPU's dirty ring filled: harvest every ring (into each consumer) and go on."""
+        with kernel_errors(self.resource):
+            harvested = self.dirty.harvest()
+        vcpu.stuck_ring_exits = 0 if harvested else vcpu.stuck_ring_exits + 1
+        if vcpu.stuck_ring_exits >= STUCK_RING_EXITS:
+            return Outcome("crash", f"dirty ring full with nothing to harvest "
+                           f"{STUCK_RING_EXITS} times in a row (the kernel lost track)")
+        return CONTINUE
 
     def _port_io(self, vcpu: ManagedVcpu, exit_: IoExit) -> Outcome:
         port, size, count = exit_.port, exit_.size, exit_.count

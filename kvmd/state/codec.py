@@ -57,7 +57,8 @@ LAPIC_BYTES = 1024
 SPACE_NAMES = {pb.PIO: "pio", pb.MMIO: "mmio"}
 SPACE_VALUES = {v: k for k, v in SPACE_NAMES.items()}
 VM_OPTION_FIELDS = ("irqchip", "pit", "tss_address", "identity_map_address",
-                    "debug_exit_port", "strict_io", "console_buffer_bytes")
+                    "debug_exit_port", "strict_io", "console_buffer_bytes", "dirty_tracking",
+                    "dirty_ring_bytes")
 
 
 # -- the binding's register files, CPUID and routes ----------------------------------------

@@ -165,9 +165,10 @@ class RunningDaemon:
             vm_id=vm_id, guest_addr=guest_addr, length=length, chunk_size=chunk_size))
         return b"".join(c.data for c in chunks)
 
-    def dirty_log(self, vm_id: str, slot: int, chunk_size: int = 0) -> list[pb.DirtyLogChunk]:
+    def dirty_log(self, vm_id: str, slot: int, chunk_size: int = 0,
+                  form: int = pb.GetDirtyLogRequest.BITMAP) -> list[pb.DirtyLogChunk]:
         return list(self.memory.GetDirtyLog(pb.GetDirtyLogRequest(
-            vm_id=vm_id, slot=slot, chunk_size=chunk_size)))
+            vm_id=vm_id, slot=slot, chunk_size=chunk_size, form=form)))
 
     def create_vcpu(self, vm_id: str, vcpu_id: int = 0) -> pb.Vcpu:
         return self.vcpus.CreateVcpu(pb.CreateVcpuRequest(vm_id=vm_id, vcpu_id=vcpu_id))

@@ -283,6 +283,9 @@ def test_dirty_log_of_untouched_slot(api: RunningDaemon, vm: str) -> None:
     assert (c.slot, c.first_page, c.total_pages, c.dirty_pages, c.last,
             c.total_dirty_pages) == (region.slot, 0, 16384, 0, True, 0)
     assert c.bitmap == bytes(2048)
+    # AUTO: no dirty page is shorter as the (empty) list of ranges than as 2048 zero bytes.
+    (auto,) = api.dirty_log(vm, region.slot, form=pb.GetDirtyLogRequest.AUTO)
+    assert auto.bitmap == b"" and list(auto.ranges) == [] and auto.last
 
 
 def test_dirty_log_chunks(api: RunningDaemon, vm: str) -> None:

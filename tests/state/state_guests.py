@@ -129,3 +129,38 @@ def counter_numbers(text: bytes) -> list[int]:
     """The complete numbers a counter guest printed (a trailing partial line dropped)."""
     lines = text.split(b"\n")
     return [int(x) for x in lines[:-1] if x]
+
+# Stores one word into each of 20 pages from 0x30000, 2 pages apart, with a port write (an
+# exit) after each store (dirty rings behave on PVM only for guests that exit often; see
+# tests/kvm/test_kvm_dirty.py), then halts. DIRTY_PAGES_STORED: the page indices (in a slot
+# at 0) it dirties.
+DIRTY_PAGES_SOURCE = r"""
+    .code16
+start:
+    mov $0x3000, %bx
+    mov $20, %cx
+1:  mov %bx, %es
+    movw $0xBEEF, %es:0
+    out %al, $0x80
+    add $0x200, %bx             # the next page but one (0x2000 bytes on)
+    loop 1b
+    hlt
+"""
+DIRTY_PAGES_STORED = [0x30 + 2 * i for i in range(20)]
+
+# Increments a word in each of the 16 pages from 0x30000, over and over (for dirty rates and
+# migration rounds), with a port write (an exit) after each pass.
+DIRTY_LOOP_SOURCE = r"""
+    .code16
+start:
+    mov $0x3000, %ax
+    mov %ax, %es
+again:
+    xor %di, %di
+1:  incw %es:(%di)
+    add $0x1000, %di
+    cmp $0x0, %di
+    jne 1b
+    out %al, $0x80
+    jmp again
+"""
