@@ -454,6 +454,58 @@ def test_run_a_guest(kvmctl: Kvmctl, vm_id: str) -> None:
     assert result.code == 1 and result.err.startswith("error: DEADLINE_EXCEEDED: ")
 
 
+DIRTIED_FIRST = [0x20, 0x41, 0x42, 0x43, 0x9F]  # across 64-page words of the bitmap
+DIRTIED_THEN = [0x05, 0x80, 0xFF]
+
+
+def _store_to_pages(pages: list[int]) -> str:
+    """Real mode: one byte stored at the start of each page (below 1 MiB), as hex."""
+    # mov ax, page << 8 (the segment of the page); mov ds, ax; mov [0], al
+    return "".join(f"b8 00 {p:02x} 8e d8 a2 00 00 " for p in pages)
+
+
+def test_guest_dirtied_pages_through_the_api_and_kvmctl(kvmctl: Kvmctl, client: KvmdClient,
+                                                         vm_id: str) -> None:
+    """A started guest stores to chosen pages of a dirty-logged slot, halts, then stores to
+    others and exits: GetDirtyLog (client, whole and chunked) and kvmctl dirty-log report
+    exactly the pages of each round, and reading resets the log."""
+    program = (_store_to_pages(DIRTIED_FIRST) + "fa f4 "   # cli; hlt
+               + _store_to_pages(DIRTIED_THEN) + "ba 01 05 b0 2a ee")  # debug exit 42
+    ok(kvmctl("vm", "create", vm_id))
+    ok(kvmctl("mem", "add", vm_id, "0", "1M", "--log-dirty"))  # 256 pages
+    ok(kvmctl("mem", "write", vm_id, "0x1000", "--data-hex", program))
+    ok(kvmctl("vcpu", "create", vm_id, "0"))
+    ok(kvmctl("vcpu", "sregs", vm_id, "0", "cs.base=0", "cs.selector=0"))
+    ok(kvmctl("vcpu", "set-regs", vm_id, "0", "rip=0x1000", "rflags=2"))
+    ok(kvmctl("vm", "start", vm_id))
+    wait_until(lambda: client.get_vcpu_state(vm_id, 0).state == "halted", 10,
+               "the guest's first round of stores")
+    log = client.dirty_log(vm_id, 0)
+    assert (log.pages(), log.dirty_count, log.total_pages) == (DIRTIED_FIRST, 5, 256)
+    assert client.dirty_pages(vm_id, 0) == []  # the read reset it; the guest is halted
+
+    ok(kvmctl("vcpu", "resume", vm_id, "0"))
+    assert ok(kvmctl("vm", "wait", vm_id, "--json")).json()["exit_code"] == 42
+    chunks = list(client.iter_dirty_log(vm_id, 0, chunk_size=8))  # 64 pages a chunk
+    assert [c.dirty_pages for c in chunks] == [1, 0, 1, 1]
+    assert [c.first_page + bit for c in chunks for bit in range(64)
+            if int.from_bytes(c.bitmap, "little") >> bit & 1] == DIRTIED_THEN
+    # Read above (chunked): gone now. Dirty the same pages again for kvmctl to report.
+    ok(kvmctl("vcpu", "set-regs", vm_id, "0", "rip=0x1000"))
+    ok(kvmctl("vm", "start", vm_id))
+    wait_until(lambda: client.get_vcpu_state(vm_id, 0).state == "halted", 10,
+               "the guest's first round of stores, again")
+    assert ok(kvmctl("dirty-log", vm_id, "0")).out.splitlines() == [
+        "slot 0: 5 of 256 pages dirty", "pages: 32,65-67,159"]
+    ok(kvmctl("vcpu", "resume", vm_id, "0"))
+    ok(kvmctl("vm", "wait", vm_id))
+    assert ok(kvmctl("dirty-log", vm_id, "0", "--json")).json() == {
+        "vm_id": vm_id, "slot": 0, "dirty_count": 3, "total_pages": 256,
+        "pages": DIRTIED_THEN}
+    assert ok(kvmctl("dirty-log", vm_id, "0")).out.splitlines() == [
+        "slot 0: 0 of 256 pages dirty"]
+
+
 def test_pause_resume_from_the_shell(kvmctl: Kvmctl, vm_id: str) -> None:
     ok(kvmctl("vm", "create", vm_id))
     ok(kvmctl("mem", "add", vm_id, "0", "64K"))
