@@ -18,6 +18,17 @@ from typing import Any
 
 import grpc
 import pytest
+from guests import PIC_VECTOR_BASE
+from interrupt_guests import (
+    COUNTERS,
+    LAPIC_ES,
+    MSI_ADDRESS,
+    counter_program,
+    counts,
+    lapic_enabled,
+    wait_for_count,
+    wait_ready,
+)
 
 from client import (
     STATUS_TO_ERROR,
@@ -416,20 +427,49 @@ def test_real_mode_program_loaded(client: KvmdClient, vm_id: str) -> None:
 
 
 def test_irq_line_routing_msi(client: KvmdClient, vm_id: str, assert_healthy: Healthy) -> None:
+    """Each way in reaches a started guest that counts its interrupts in memory
+    (tests/interrupt_guests.py): an irq line, an MSI, and irqfds on routed GSIs."""
     client.create_vm(vm_id, irqchip=True)
+    client.add_memory_region(vm_id, 0, 0x10000)
+    client.write_memory(vm_id, 0x1000, counter_program(pic_irqs=(4,), lapic_vectors=(0x30,
+                                                                                    0x31)))
     client.create_vcpu(vm_id, 0)
-    client.set_irq_line(vm_id, 4, True)
+    flat = {"base": 0, "selector": 0}
+    client.set_sregs(vm_id, 0, cs=flat, ds=flat, ss=flat, es=LAPIC_ES)
+    client.set_regs(vm_id, 0, rip=0x1000, rsp=0x8000, rflags=0x2)
+    assert client.signal_msi(vm_id, MSI_ADDRESS, 0x30) is False  # the LAPIC is disabled
+    client.set_lapic(vm_id, 0, lapic_enabled(client.get_lapic(vm_id, 0)))
+    client.start_vm(vm_id)
+
+    def read(addr: int, length: int) -> bytes:
+        return client.read_memory(vm_id, addr, length)
+
+    wait_ready(read)
+    client.set_irq_line(vm_id, 4, True)   # default routes: GSI 4 is PIC pin 4
     client.set_irq_line(vm_id, 4, False)
+    assert wait_for_count(read, PIC_VECTOR_BASE + 4, 1) == 1
+    assert client.signal_msi(vm_id, MSI_ADDRESS, 0x30) is True
+    assert wait_for_count(read, 0x30, 1) == 1
     client.set_gsi_routing(
         vm_id,
         [
             irqchip_route(0, "pic-master", 0),
             irqchip_route(4, "ioapic", 4),
-            msi_route(24, 0xFEE00000, 0x30),
-            {"gsi": 25, "msi": {"address": 0xFEE00000, "data": 0x31}},
+            msi_route(24, MSI_ADDRESS, 0x31),
+            {"gsi": 25, "msi": {"address": MSI_ADDRESS, "data": 0x30}},
         ],
     )
-    assert isinstance(client.signal_msi(vm_id, 0xFEE00000, 0x30), bool)
+    client.register_irqfd(vm_id, "msi24", 24)
+    client.register_irqfd(vm_id, "msi25", 25)
+    client.trigger_irqfd(vm_id, "msi24")
+    assert wait_for_count(read, 0x31, 1) == 1
+    client.trigger_irqfd(vm_id, "msi25")
+    assert wait_for_count(read, 0x30, 2) == 2
+    # GSI 4 now goes to the IOAPIC only, where the guest takes nothing.
+    client.set_irq_line(vm_id, 4, True)
+    client.set_irq_line(vm_id, 4, False)
+    time.sleep(0.2)
+    assert counts(read(COUNTERS, 256)) == {PIC_VECTOR_BASE + 4: 1, 0x30: 2, 0x31: 1}
     with pytest.raises(InvalidArgumentError) as info:
         client.set_gsi_routing(vm_id, [irqchip_route(0, "ioapic", 99)])
     assert info.value.ioctl == "KVM_SET_GSI_ROUTING"

@@ -10,12 +10,16 @@ import argparse
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from guests import PIC_VECTOR_BASE
+from interrupt_guests import COUNTERS, LAPIC_BASE, READY, counter_program, counts, lapic_enabled
 from kvmctl_support import Kvmctl, kvmctl_command, ok
+from polling import wait_until
 
 from client import KvmdClient
 from client.kvmctl import build_parser, main
@@ -272,19 +276,70 @@ def test_irqfds(kvmctl: Kvmctl, vm: str) -> None:
     assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
 
 
-def test_irq_line_route_msi(kvmctl: Kvmctl, vm: str) -> None:
-    assert ok(kvmctl("irq", "line", vm, "4", "1")).out.strip() == f"irq 4 raised in vm {vm}"
-    ok(kvmctl("irq", "line", vm, "4", "low"))
-    out = ok(kvmctl("irq", "route", vm, "--irqchip", "0:pic-master:0",
-                    "--irqchip", "4:ioapic:4", "--msi", "24:0xfee00000:0x30")).out
-    assert "set 3 GSI routes" in out and "IOAPIC pin 4" in out
-    routes = ok(kvmctl("irq", "route", vm, "--msi", "24:0xfee00000:0x30:7", "--json")).json()
-    assert routes["routes"] == [{"gsi": 24, "msi": {"address": 0xFEE00000, "data": 0x30,
-                                                    "devid": 7}}]
-    ok(kvmctl("irq", "route", vm, "--clear"))
+def _guest_counts(kvmctl: Kvmctl, vm: str) -> dict[int, int]:
+    """The counting guest's interrupt counters, read with kvmctl mem read."""
+    data = ok(kvmctl("mem", "read", vm, hex(COUNTERS), "--length", "256", "--json")).json()
+    return counts(bytes.fromhex(data["data"]))
+
+
+def _wait_counts(kvmctl: Kvmctl, vm: str, expected: dict[int, int]) -> None:
+    wait_until(lambda: _guest_counts(kvmctl, vm) == expected, 10,
+               f"the guest to count {expected}")
+
+
+def test_irq_line_route_msi(kvmctl: Kvmctl, vm: str, tmp_path: Path) -> None:
+    """Raise a line, signal MSIs, route GSIs: each reaches a guest that counts its
+    interrupts (tests/interrupt_guests.py), all set up and observed with kvmctl."""
+    program = counter_program(pic_irqs=(4,), lapic_vectors=(0x30, 0x31))
+    ok(kvmctl("mem", "write", vm, "0x1000", "--data-hex", program.hex()))
     ok(kvmctl("vcpu", "create", vm, "0"))
-    assert isinstance(ok(kvmctl("irq", "msi", vm, "0xfee00000", "0x30", "--json")).json()[
-        "delivered"], bool)
+    ok(kvmctl("vcpu", "sregs", vm, "0", "cs.base=0", "cs.selector=0",
+              f"es.base={LAPIC_BASE:#x}", "es.selector=0"))  # ES: the handlers' LAPIC EOI
+    ok(kvmctl("vcpu", "set-regs", vm, "0", "rip=0x1000", "rsp=0x8000", "rflags=2"))
+    # The LAPIC is software-disabled after reset: the MSI is refused.
+    assert ok(kvmctl("irq", "msi", vm, "0xfee00000", "0x30")).out.strip() == (
+        "MSI not delivered (blocked by the guest)")
+    assert ok(kvmctl("irq", "msi", vm, "0xfee00000", "0x30", "--json")).json() == {
+        "vm_id": vm, "delivered": False}
+    ok(kvmctl("vcpu", "lapic", vm, "0", "--out", str(tmp_path / "lapic")))
+    (tmp_path / "lapic").write_bytes(lapic_enabled((tmp_path / "lapic").read_bytes()))
+    ok(kvmctl("vcpu", "lapic", vm, "0", "--load", str(tmp_path / "lapic")))
+    ok(kvmctl("vm", "start", vm))
+    wait_until(lambda: ok(kvmctl("mem", "read", vm, hex(READY), "--length", "1", "--json")
+                          ).json()["data"] == "01", 10, "the guest to be ready")
+
+    # irq line: with the default routes GSI 4 is PIC pin 4, which the guest unmasked.
+    assert ok(kvmctl("irq", "line", vm, "4", "1")).out.strip() == f"irq 4 raised in vm {vm}"
+    assert ok(kvmctl("irq", "line", vm, "4", "low")).out.strip() == f"irq 4 lowered in vm {vm}"
+    _wait_counts(kvmctl, vm, {PIC_VECTOR_BASE + 4: 1})
+    # irq msi: delivered now, and taken.
+    assert ok(kvmctl("irq", "msi", vm, "0xfee00000", "0x30")).out.strip() == "MSI delivered"
+    _wait_counts(kvmctl, vm, {PIC_VECTOR_BASE + 4: 1, 0x30: 1})
+
+    # irq route: the table replaces the defaults; an irqfd on an MSI-routed GSI reaches the
+    # guest as that MSI's vector, one on a GSI routed to PIC pin 4 as vector 0x24.
+    out = ok(kvmctl("irq", "route", vm, "--irqchip", "0:pic-master:0",
+                    "--irqchip", "4:ioapic:4", "--irqchip", "30:pic-master:4",
+                    "--msi", "24:0xfee00000:0x31")).out
+    assert "set 4 GSI routes" in out and "IOAPIC pin 4" in out and "PIC_MASTER pin 4" in out
+    ok(kvmctl("irq", "irqfd-add", vm, "msi", "24"))
+    ok(kvmctl("irq", "irqfd-add", vm, "pin4", "30"))
+    ok(kvmctl("irq", "irqfd-trigger", vm, "msi"))
+    _wait_counts(kvmctl, vm, {PIC_VECTOR_BASE + 4: 1, 0x30: 1, 0x31: 1})
+    ok(kvmctl("irq", "irqfd-trigger", vm, "pin4"))
+    _wait_counts(kvmctl, vm, {PIC_VECTOR_BASE + 4: 2, 0x30: 1, 0x31: 1})
+    routes = ok(kvmctl("irq", "route", vm, "--msi", "24:0xfee00000:0x31:7", "--json")).json()
+    assert routes["routes"] == [{"gsi": 24, "msi": {"address": 0xFEE00000, "data": 0x31,
+                                                    "devid": 7}}]
+    ok(kvmctl("irq", "irqfd-trigger", vm, "msi"))  # a devid is accepted and ignored on x86
+    _wait_counts(kvmctl, vm, {PIC_VECTOR_BASE + 4: 2, 0x30: 1, 0x31: 2})
+    # An empty table: neither the irqfds nor line 4 reach the guest any more.
+    ok(kvmctl("irq", "route", vm, "--clear"))
+    ok(kvmctl("irq", "irqfd-trigger", vm, "msi"))
+    ok(kvmctl("irq", "irqfd-trigger", vm, "pin4"))
+    ok(kvmctl("irq", "line", vm, "4", "1"))
+    time.sleep(0.2)
+    assert _guest_counts(kvmctl, vm) == {PIC_VECTOR_BASE + 4: 2, 0x30: 1, 0x31: 2}
 
 
 def test_ioevents(kvmctl: Kvmctl, vm: str) -> None:
@@ -397,6 +452,58 @@ def test_run_a_guest(kvmctl: Kvmctl, vm_id: str) -> None:
     assert state["state"] == "stopped"
     result = kvmctl("vm", "wait", vm_id, "--event", "halted", "--within", "0.3")
     assert result.code == 1 and result.err.startswith("error: DEADLINE_EXCEEDED: ")
+
+
+DIRTIED_FIRST = [0x20, 0x41, 0x42, 0x43, 0x9F]  # across 64-page words of the bitmap
+DIRTIED_THEN = [0x05, 0x80, 0xFF]
+
+
+def _store_to_pages(pages: list[int]) -> str:
+    """Real mode: one byte stored at the start of each page (below 1 MiB), as hex."""
+    # mov ax, page << 8 (the segment of the page); mov ds, ax; mov [0], al
+    return "".join(f"b8 00 {p:02x} 8e d8 a2 00 00 " for p in pages)
+
+
+def test_guest_dirtied_pages_through_the_api_and_kvmctl(kvmctl: Kvmctl, client: KvmdClient,
+                                                         vm_id: str) -> None:
+    """A started guest stores to chosen pages of a dirty-logged slot, halts, then stores to
+    others and exits: GetDirtyLog (client, whole and chunked) and kvmctl dirty-log report
+    exactly the pages of each round, and reading resets the log."""
+    program = (_store_to_pages(DIRTIED_FIRST) + "fa f4 "   # cli; hlt
+               + _store_to_pages(DIRTIED_THEN) + "ba 01 05 b0 2a ee")  # debug exit 42
+    ok(kvmctl("vm", "create", vm_id))
+    ok(kvmctl("mem", "add", vm_id, "0", "1M", "--log-dirty"))  # 256 pages
+    ok(kvmctl("mem", "write", vm_id, "0x1000", "--data-hex", program))
+    ok(kvmctl("vcpu", "create", vm_id, "0"))
+    ok(kvmctl("vcpu", "sregs", vm_id, "0", "cs.base=0", "cs.selector=0"))
+    ok(kvmctl("vcpu", "set-regs", vm_id, "0", "rip=0x1000", "rflags=2"))
+    ok(kvmctl("vm", "start", vm_id))
+    wait_until(lambda: client.get_vcpu_state(vm_id, 0).state == "halted", 10,
+               "the guest's first round of stores")
+    log = client.dirty_log(vm_id, 0)
+    assert (log.pages(), log.dirty_count, log.total_pages) == (DIRTIED_FIRST, 5, 256)
+    assert client.dirty_pages(vm_id, 0) == []  # the read reset it; the guest is halted
+
+    ok(kvmctl("vcpu", "resume", vm_id, "0"))
+    assert ok(kvmctl("vm", "wait", vm_id, "--json")).json()["exit_code"] == 42
+    chunks = list(client.iter_dirty_log(vm_id, 0, chunk_size=8))  # 64 pages a chunk
+    assert [c.dirty_pages for c in chunks] == [1, 0, 1, 1]
+    assert [c.first_page + bit for c in chunks for bit in range(64)
+            if int.from_bytes(c.bitmap, "little") >> bit & 1] == DIRTIED_THEN
+    # Read above (chunked): gone now. Dirty the same pages again for kvmctl to report.
+    ok(kvmctl("vcpu", "set-regs", vm_id, "0", "rip=0x1000"))
+    ok(kvmctl("vm", "start", vm_id))
+    wait_until(lambda: client.get_vcpu_state(vm_id, 0).state == "halted", 10,
+               "the guest's first round of stores, again")
+    assert ok(kvmctl("dirty-log", vm_id, "0")).out.splitlines() == [
+        "slot 0: 5 of 256 pages dirty", "pages: 32,65-67,159"]
+    ok(kvmctl("vcpu", "resume", vm_id, "0"))
+    ok(kvmctl("vm", "wait", vm_id))
+    assert ok(kvmctl("dirty-log", vm_id, "0", "--json")).json() == {
+        "vm_id": vm_id, "slot": 0, "dirty_count": 3, "total_pages": 256,
+        "pages": DIRTIED_THEN}
+    assert ok(kvmctl("dirty-log", vm_id, "0")).out.splitlines() == [
+        "slot 0: 0 of 256 pages dirty"]
 
 
 def test_pause_resume_from_the_shell(kvmctl: Kvmctl, vm_id: str) -> None:

@@ -4,15 +4,26 @@ the eventfd. crosvm's register_ioevent and unregister_ioevent come first."""
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Iterator
 
 import pytest
 from guests import (
     DEBUG_PORT,
+    HLT,
     MMIO_ADDR,
+    MMIO_SEGMENT,
+    OUT_DX_AL,
+    boot_long_mode,
     boot_real_mode,
     mmio_write_read_program,
+    mov_al,
+    mov_ax,
+    mov_ds_ax,
+    mov_dx,
+    mov_mem16_al,
     out_bytes_program,
+    real_mode_program,
     run_guarded,
 )
 
@@ -38,33 +49,107 @@ def _errno_of(call: object, *args: object) -> int | None:
 
 
 # -- crosvm's tests ----------------------------------------------------------------------
+# crosvm registers MMIO ioevents at 0x1000; here that is the guest's code, so they sit at
+# MMIO_ADDR (unbacked) instead, where the guest's writes can show that they fire.
+
+# Real mode: one write for each ioevent test_register_ioevent registers, the matching ones
+# first; then a 4-byte OUT to the port with a u64 datamatch (never matches: port IO is at
+# most 4 bytes wide), then HLT.
+REGISTERED_WRITES = real_mode_program(
+    mov_dx(0xF4), mov_al(0x01), OUT_DX_AL,            # out 0xf4, al        (any length)
+    mov_dx(0xC1), mov_al(0x7F), OUT_DX_AL,            # out 0xc1, al = 0x7f (u8)
+    mov_dx(0xC2), mov_ax(0x1337), [0xEF],             # out 0xc2, ax = 0x1337 (u16)
+    mov_dx(0xC4), [0x66, 0xB8], struct.pack("<I", 0xDEADBEEF),  # mov eax, 0xdeadbeef
+    [0x66, 0xEF],                                     # out 0xc4, eax       (u32)
+    mov_ax(MMIO_SEGMENT), mov_ds_ax(), mov_mem16_al(0),  # mov [MMIO_ADDR], al (any length)
+    [0x66, 0xB8], struct.pack("<I", 0xDEADBEEF),     # mov eax, 0xdeadbeef (again)
+    mov_dx(0xC8), [0x66, 0xEF],                       # out 0xc8, eax       (the u64 one)
+    HLT,
+)
 
 
 def test_register_ioevent(vm: Vm, ev: EventFd) -> None:
     vm.register_ioevent(ev, Pio(0xF4), Datamatch.any_length())
-    vm.register_ioevent(ev, Mmio(0x1000), Datamatch.any_length())
+    vm.register_ioevent(ev, Mmio(MMIO_ADDR), Datamatch.any_length())
     vm.register_ioevent(ev, Pio(0xC1), Datamatch.u8(0x7F))
     vm.register_ioevent(ev, Pio(0xC2), Datamatch.u16(0x1337))
     vm.register_ioevent(ev, Pio(0xC4), Datamatch.u32(0xDEADBEEF))
     vm.register_ioevent(ev, Pio(0xC8), Datamatch.u64(0xDEADBEEF_DEADBEEF))
+    vcpu = boot_real_mode(vm, REGISTERED_WRITES)
+    # The five matching writes complete in the kernel (no exit), each signalling the eventfd;
+    # the first exit is the OUT no ioevent matches.
+    assert run_guarded(vcpu) == IoExit(is_write=True, port=0xC8, size=4, count=1,
+                                       data=struct.pack("<I", 0xDEADBEEF))
+    assert ev.read() == 5
+    assert isinstance(run_guarded(vcpu), HltExit)
+    assert ev.read() == 0
 
 
 def test_unregister_ioevent(vm: Vm, ev: EventFd) -> None:
     vm.register_ioevent(ev, Pio(0xF4), Datamatch.any_length())
-    vm.register_ioevent(ev, Mmio(0x1000), Datamatch.any_length())
-    vm.register_ioevent(ev, Mmio(0x1004), Datamatch.u8(0x7F))
+    vm.register_ioevent(ev, Mmio(MMIO_ADDR), Datamatch.any_length())
+    vm.register_ioevent(ev, Mmio(MMIO_ADDR + 4), Datamatch.u8(0x7F))
     vm.unregister_ioevent(ev, Pio(0xF4), Datamatch.any_length())
-    vm.unregister_ioevent(ev, Mmio(0x1000), Datamatch.any_length())
-    vm.unregister_ioevent(ev, Mmio(0x1004), Datamatch.u8(0x7F))
+    vm.unregister_ioevent(ev, Mmio(MMIO_ADDR), Datamatch.any_length())
+    vm.unregister_ioevent(ev, Mmio(MMIO_ADDR + 4), Datamatch.u8(0x7F))
+    # Writes that each registration would have matched now exit to userspace instead.
+    vcpu = boot_real_mode(vm, real_mode_program(
+        mov_dx(0xF4), mov_al(0x7F), OUT_DX_AL,        # out 0xf4, al
+        mov_ax(MMIO_SEGMENT), mov_ds_ax(),            # ds = MMIO_ADDR >> 4
+        mov_al(0x7F), mov_mem16_al(0), mov_mem16_al(4),  # mov [0], al; mov [4], al
+        HLT,
+    ))
+    assert run_guarded(vcpu) == IoExit(is_write=True, port=0xF4, size=1, count=1, data=b"\x7f")
+    assert run_guarded(vcpu) == MmioExit(address=MMIO_ADDR, length=1, is_write=True,
+                                         data=b"\x7f")
+    assert run_guarded(vcpu) == MmioExit(address=MMIO_ADDR + 4, length=1, is_write=True,
+                                         data=b"\x7f")
+    assert isinstance(run_guarded(vcpu), HltExit)
+    assert ev.read() == 0
 
 
 # -- rules -------------------------------------------------------------------------------
 
+PIO_PORTS = {1: 0x100, 2: 0x108, 4: 0x110, 8: 0x118}
+MMIO_ADDRS = {1: MMIO_ADDR, 2: MMIO_ADDR + 8, 4: MMIO_ADDR + 16, 8: MMIO_ADDR + 24}
+# Long mode: one OUT of each width to the PIO ports, one 1-valued store of each width to the
+# MMIO addresses; a 4-byte OUT to the 8-byte port (its only exit, as no PIO is 8 bytes wide)
+# and an 8-byte store of 2 (not the datamatch value) in between; then HLT.
+WIDTH_WRITES = b"".join([
+    bytes([0xBA]), struct.pack("<I", PIO_PORTS[1]), bytes([0xB0, 0x01, 0xEE]),  # out dx, al
+    bytes([0xBA]), struct.pack("<I", PIO_PORTS[2]),
+    bytes([0x66, 0xB8, 0x01, 0x00, 0x66, 0xEF]),              # mov ax, 1; out dx, ax
+    bytes([0xBA]), struct.pack("<I", PIO_PORTS[4]),
+    bytes([0xB8, 0x01, 0x00, 0x00, 0x00, 0xEF]),              # mov eax, 1; out dx, eax
+    bytes([0xBA]), struct.pack("<I", PIO_PORTS[8]), bytes([0xEF]),  # out dx, eax -> exit
+    bytes([0xBB]), struct.pack("<I", MMIO_ADDR),              # mov ebx, MMIO_ADDR
+    bytes([0xC6, 0x03, 0x01]),                                # mov byte [rbx], 1
+    bytes([0x66, 0xC7, 0x43, 0x08, 0x01, 0x00]),              # mov word [rbx+8], 1
+    bytes([0xC7, 0x43, 0x10, 0x01, 0x00, 0x00, 0x00]),        # mov dword [rbx+16], 1
+    bytes([0x48, 0xC7, 0x43, 0x18, 0x02, 0x00, 0x00, 0x00]),  # mov qword [rbx+24], 2 -> exit
+    bytes([0x48, 0xC7, 0x43, 0x18, 0x01, 0x00, 0x00, 0x00]),  # mov qword [rbx+24], 1
+    bytes([0xF4]),                                            # hlt
+])
 
-def test_datamatch_lengths(vm: Vm, ev: EventFd) -> None:
-    for port, length in enumerate((1, 2, 4, 8)):
-        vm.register_ioevent(ev, Pio(0x100 + 8 * port), Datamatch(length))          # any value
-        vm.register_ioevent(ev, Mmio(0x2000 + 8 * port), Datamatch(length, 1))    # value 1
+
+def test_datamatch_lengths(vm: Vm) -> None:
+    pio = {n: EventFd() for n in PIO_PORTS}
+    mmio = {n: EventFd() for n in MMIO_ADDRS}
+    try:
+        for n in PIO_PORTS:
+            vm.register_ioevent(pio[n], Pio(PIO_PORTS[n]), Datamatch(n))        # any value
+            vm.register_ioevent(mmio[n], Mmio(MMIO_ADDRS[n]), Datamatch(n, 1))  # value 1
+        vcpu = boot_long_mode(vm, WIDTH_WRITES)
+        assert run_guarded(vcpu) == IoExit(is_write=True, port=PIO_PORTS[8], size=4, count=1,
+                                           data=struct.pack("<I", 1))
+        assert {n: e.read() for n, e in pio.items()} == {1: 1, 2: 1, 4: 1, 8: 0}
+        assert run_guarded(vcpu) == MmioExit(address=MMIO_ADDRS[8], length=8, is_write=True,
+                                             data=struct.pack("<Q", 2))
+        assert isinstance(run_guarded(vcpu), HltExit)
+        assert {n: e.read() for n, e in mmio.items()} == {1: 1, 2: 1, 4: 1, 8: 1}
+    finally:
+        for e in (*pio.values(), *mmio.values()):
+            e.close()
 
 
 @pytest.mark.parametrize("length", [3, 5, 6, 7, 16, -1])

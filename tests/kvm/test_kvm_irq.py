@@ -22,10 +22,19 @@ from guests import (
     pic_irq_program,
     run_guarded,
 )
+from interrupt_guests import (
+    COUNTERS,
+    GuestThread,
+    boot_counter_guest,
+    counts,
+    wait_for_count,
+    wait_ready,
+)
 
 from kvmd.kvm import (
     EventFd,
     HltExit,
+    IntrExit,
     IoExit,
     IrqChip,
     IrqChipRoute,
@@ -41,6 +50,9 @@ LAPIC_LVT0 = 0x350
 APIC_SW_ENABLE = 1 << 8
 MSI_ADDRESS = 0xFEE0_0000  # LAPIC MSI window, destination APIC id 0
 MSI_VECTOR = 0x30
+# How long an interrupt that must not arrive is given to arrive anyway (one arrives in well
+# under a millisecond here).
+NOT_DELIVERED_WAIT = 0.2
 
 
 @pytest.fixture
@@ -105,8 +117,20 @@ def test_unregister_irqfd(vm: Vm, events: list[EventFd]) -> None:
     vm.unregister_irqfd(4, ev1)
     vm.unregister_irqfd(8, ev2)
     vm.unregister_irqfd(4, ev3)
-    # Once unregistered, an eventfd can go to another GSI.
-    vm.register_irqfd(9, ev1)
+    # Unregistered, an eventfd no longer reaches the guest (which takes PIC pins 3 and 4) ...
+    vcpu = boot_counter_guest(vm, pic_irqs=(3, 4))
+    guest = GuestThread(vcpu)
+    wait_ready(vm.read)
+    ev1.write(1)
+    ev3.write(1)
+    time.sleep(NOT_DELIVERED_WAIT)
+    assert counts(vm.read(COUNTERS, 256)) == {}
+    # ... and can go to another GSI, where it does.
+    vm.register_irqfd(3, ev1)
+    ev1.write(1)
+    assert wait_for_count(vm.read, PIC_VECTOR_BASE + 3, 1) == 1
+    assert counts(vm.read(COUNTERS, 256)) == {PIC_VECTOR_BASE + 3: 1}
+    assert isinstance(guest.stop(), IntrExit)
 
 
 def test_unregister_unknown_irqfd_is_enoent(vm: Vm, events: list[EventFd]) -> None:
@@ -170,27 +194,61 @@ def test_create_pit2(vm: Vm) -> None:
 def test_set_irq_line(vm: Vm) -> None:
     assert _errno_of(vm.set_irq_line, 4, True) == errno.ENXIO   # no irqchip
     vm.create_irq_chip()
+    # GSI 4 reaches master PIC pin 4 and IOAPIC pin 4 (the default routes): raising it sets
+    # both request registers, even with every pin masked.
     vm.set_irq_line(4, True)
+    pic, ioapic = vm.get_irqchip(IrqChip.PIC_MASTER), vm.get_irqchip(IrqChip.IOAPIC)
+    assert pic.irr == pic.last_irr == 1 << 4
+    assert ioapic.irr == 1 << 4
+    # Lowered: the IOAPIC request goes; the PIC keeps the latched edge (irr) until a CPU
+    # takes it, but the line itself (last_irr) is low.
     vm.set_irq_line(4, False)
+    pic, ioapic = vm.get_irqchip(IrqChip.PIC_MASTER), vm.get_irqchip(IrqChip.IOAPIC)
+    assert (pic.irr, pic.last_irr, ioapic.irr) == (1 << 4, 0, 0)
+    # GSI 23 exists on the IOAPIC only.
     vm.set_irq_line(23, True)
+    assert vm.get_irqchip(IrqChip.IOAPIC).irr == 1 << 23
+    assert vm.get_irqchip(IrqChip.PIC_SLAVE).irr == 0
     assert _errno_of(vm.set_irq_line, 4096, True) == errno.EINVAL
 
 
 # -- GSI routing -------------------------------------------------------------------------
 
 
-def test_set_gsi_routing(vm: Vm) -> None:
+def test_set_gsi_routing(vm: Vm, events: list[EventFd]) -> None:
     assert _errno_of(vm.set_gsi_routing, []) == errno.EINVAL   # needs the irqchip
     vm.create_irq_chip()
+    vcpu = boot_counter_guest(vm, pic_irqs=(4,), lapic_vectors=(MSI_VECTOR, 0x31))
     vm.set_gsi_routing([
         IrqChipRoute(0, IrqChip.PIC_MASTER, 0),
         IrqChipRoute(0, IrqChip.IOAPIC, 2),     # one GSI on two chips is fine
         IrqChipRoute(9, IrqChip.PIC_SLAVE, 1),
         IrqChipRoute(23, IrqChip.IOAPIC, 23),
+        IrqChipRoute(30, IrqChip.PIC_MASTER, 4),  # any GSI may drive any pin
         MsiRoute(24, MSI_ADDRESS, MSI_VECTOR),
-        MsiRoute(25, MSI_ADDRESS | 1 << 12, 0x31),
+        MsiRoute(25, MSI_ADDRESS | 1 << 12, 0x31),  # destination APIC id 1: no such vCPU
     ])
-    vm.set_gsi_routing([])   # an empty table is allowed
+    to_pic, to_msi, to_nobody = events
+    vm.register_irqfd(30, to_pic)
+    vm.register_irqfd(24, to_msi)
+    vm.register_irqfd(25, to_nobody)
+    guest = GuestThread(vcpu)
+    wait_ready(vm.read)
+    # The table is in force: GSI 30 arrives as PIC pin 4, GSI 24 as the MSI's vector.
+    to_pic.write(1)
+    assert wait_for_count(vm.read, PIC_VECTOR_BASE + 4, 1) == 1
+    to_msi.write(1)
+    assert wait_for_count(vm.read, MSI_VECTOR, 1) == 1
+    to_nobody.write(1)
+    time.sleep(NOT_DELIVERED_WAIT)
+    assert counts(vm.read(COUNTERS, 256)) == {PIC_VECTOR_BASE + 4: 1, MSI_VECTOR: 1}
+    # An empty table is allowed, and replaces the old one: nothing reaches the guest now.
+    vm.set_gsi_routing([])
+    for ev in events:
+        ev.write(1)
+    time.sleep(NOT_DELIVERED_WAIT)
+    assert counts(vm.read(COUNTERS, 256)) == {PIC_VECTOR_BASE + 4: 1, MSI_VECTOR: 1}
+    assert isinstance(guest.stop(), IntrExit)
 
 
 @pytest.mark.parametrize("routes", [

@@ -49,9 +49,26 @@ SSSE3 = 1 << 9
 SSE4_2 = 1 << 20
 
 
-def test_host_is_pvm_when_kvm_pvm_is_loaded() -> None:
-    # Recorded so a reader of the test log knows which branch the tests below took.
-    print(f"PVM host: {ON_PVM}")
+def _cpu_flags() -> set[str]:
+    flags: set[str] = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags |= set(line.partition(":")[2].split())
+    return flags
+
+
+def test_host_is_pvm_when_kvm_pvm_is_loaded(kvm: Kvm) -> None:
+    # ON_PVM (the kvm_pvm module is present) decides which branch the tests below take; it
+    # must agree with the CPU: KVM on hardware needs VMX or SVM, and PVM is how these hosts
+    # have a working /dev/kvm (the fixture opened it: API version 12) without either.
+    hardware = _cpu_flags() & {"vmx", "svm"}
+    print(f"PVM host: {ON_PVM}; hardware virtualization flags: {sorted(hardware) or 'none'}")
+    assert kvm.api_version == 12
+    if ON_PVM:
+        assert not hardware, f"kvm_pvm is loaded on a CPU with {sorted(hardware)}"
+    else:
+        assert hardware, "/dev/kvm works without kvm_pvm, VMX or SVM"
 
 
 def test_io_exits_statistic(vm: Vm) -> None:

@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from guests import mov_al_mem16, mov_ax, mov_ds_ax, mov_mem16_al
 from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_program, port_loop
 from polling import wait_until
 from runctl_api import Api, Code, ExitHandler, mmio, pio
@@ -259,6 +260,65 @@ def test_registers_read_while_paused_reflect_a_completed_in(api: Api) -> None:
         f"paused with rip={regs.rip:#x} al={regs.rax & 0xFF:#x}: the IN is not retired")
     api.stop("pause-in")
     api.delete("pause-in")
+
+
+# mov ax, MMIO_BASE >> 4; mov ds, ax (5 bytes); the access at 0x1005 (3 bytes); cli; hlt.
+MMIO_ACCESS_AT = 0x1005
+MMIO_PROGRAMS = {
+    "read": mov_ax(MMIO_BASE >> 4) + mov_ds_ax() + mov_al_mem16(8) + bytes([0xFA, 0xF4]),
+    "write": mov_ax(MMIO_BASE >> 4) + mov_ds_ax() + mov_mem16_al(8) + bytes([0xFA, 0xF4]),
+}  # the write stores AL = 0x00 (the low byte of MMIO_BASE >> 4)
+
+
+@pytest.mark.parametrize("access", ["read", "write"])
+def test_registers_read_while_paused_reflect_a_completed_mmio_access(api: Api,
+                                                                    access: str) -> None:
+    """The MMIO twin of the test above: paused while its claimed MMIO access waits for the
+    handler, then answered, the vCPU must show the access retired: RIP past the instruction
+    and, for a read, the reply in AL."""
+    api.boot("pause-mmio", MMIO_PROGRAMS[access])
+    handler = api.handler("pause-mmio", [mmio(MMIO_BASE, 0x10)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("pause-mmio")
+    exit_ = handler.next_exit()
+    assert (exit_.address, exit_.size, exit_.is_write) == (MMIO_BASE + 8, 1, access == "write")
+    reply = b"\x5a" if access == "read" else b""
+    threading.Timer(0.5, handler.reply, (exit_.exit_id, reply)).start()
+    assert api.vms.PauseVm(pb.VmRef(vm_id="pause-mmio"), timeout=15).state == "paused"
+    regs = api.regs("pause-mmio")
+    assert regs.rip == MMIO_ACCESS_AT + 3, (
+        f"paused with rip={regs.rip:#x}: the MMIO {access} is not retired")
+    assert regs.rax & 0xFF == (0x5A if access == "read" else 0x00)
+    # Resumed, it goes on from there to its hlt.
+    api.resume("pause-mmio")
+    api.wait_vcpu_state("pause-mmio", "halted")
+    assert api.regs("pause-mmio").rip == MMIO_ACCESS_AT + 5
+    api.stop("pause-mmio")
+    api.delete("pause-mmio")
+
+
+@pytest.mark.parametrize(("deadline_ms", "bound"), [(300, 2.0), (0, 5.0)],
+                         ids=["300ms", "default-1000ms"])
+def test_a_handler_that_never_replies_is_given_up_after_its_deadline(
+        api: Api, deadline_ms: int, bound: float) -> None:
+    """The vCPU waits for the claim's deadline (0: the default 1000 ms), not much longer:
+    then the handler's stream ends with DEADLINE_EXCEEDED and the guest goes on with the
+    unclaimed read (all-ones). The bounds are generous (slow hosts); a deadline applied
+    ten times too long exceeds them."""
+    api.boot("late", in_twice_program())
+    late = api.handler("late", [pio(CLAIM_PORT)], deadline_ms)
+    late.claimed()
+    api.start("late")
+    late.next_exit()  # the vCPU has been waiting since just before this arrived
+    waiting_since = time.monotonic()
+    assert late.wait_ended(bound + 10) == Code.DEADLINE_EXCEEDED, late.details
+    api.wait_vcpu_state("late", "halted", timeout=bound + 10)
+    waited = time.monotonic() - waiting_since
+    deadline = (deadline_ms or 1000) / 1000
+    assert deadline / 2 < waited < bound, (
+        f"the guest went on after {waited:.2f} s with a {deadline:g} s deadline")
+    assert api.regs("late").rbx & 0xFF == 0xFF  # the unclaimed read
+    api.delete("late")
 
 
 def test_delete_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
