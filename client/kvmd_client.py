@@ -773,9 +773,8 @@ class KvmdClient:
     ) -> Iterator[vmm_pb2.DirtyLogChunk]:
         """Stream the slot's dirty pages in chunks, as a bitmap (default), "ranges", or
         "auto" (whichever is shorter); reading resets the log, as KVM does."""
-        request = vmm_pb2.GetDirtyLogRequest(
-            vm_id=vm_id, slot=slot, chunk_size=chunk_size,
-            form=vmm_pb2.GetDirtyLogRequest.Form.Value(form.upper()))
+        request = vmm_pb2.GetDirtyLogRequest(vm_id=vm_id, slot=slot, chunk_size=chunk_size,
+                                             form=form.upper())
         return self._server_stream(self._memory.GetDirtyLog, request)
 
     def dirty_log(self, vm_id: str, slot: int, chunk_size: int = 0) -> DirtyLog:

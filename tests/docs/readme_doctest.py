@@ -121,7 +121,8 @@ class DocDaemon:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("kvmd")), "--listen", self.address,
-             "--metrics-listen", "off", "--log-level", "warning"],
+             "--metrics-listen", "off", "--log-level", "warning",
+             "--state-dir", str(directory / "state")],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             with KvmdClient(self.address) as client:
