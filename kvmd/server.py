@@ -39,6 +39,7 @@ from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
+from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
 from kvmd.core.limits import Limits
 from kvmd.metrics import (
     DEFAULT_METRICS_LISTEN,
@@ -122,6 +123,10 @@ class Config:
     # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
     metrics_listen: str = "off"
     metrics_vcpu_label: bool = False
+    # Files that may back guest memory (AddMemoryRegion/MapGuestMemory name them relative to
+    # it). The default may be absent (file-backed memory is then off); any other setting
+    # must be an existing directory.
+    images_dir: str = DEFAULT_IMAGES_DIR
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -149,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="PEM", help="server private key for TCP listeners")
     p.add_argument("--tls-client-ca", metavar="PEM",
                    help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--images-dir", metavar="DIR",
+                   help="directory of the files guest memory may be backed by (default "
+                        f"{DEFAULT_IMAGES_DIR}; absent: file-backed memory is off)")
     for f in fields(Limits):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
                        help=f"limit (default {f.default})")
@@ -358,8 +366,15 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
+        images_dir = self.cfg.images_dir
+        problem = validate_images_dir(images_dir, required=images_dir != DEFAULT_IMAGES_DIR)
+        if problem:
+            raise ConfigError(problem)
+        if not os.path.isdir(images_dir):
+            log.info("no images directory: file-backed guest memory is off",
+                     extra={"images_dir": images_dir})
         try:
-            self.host = Host(self.limits, self.cfg.kvm_device)
+            self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
