@@ -342,6 +342,10 @@ class Daemon:
             raise ConfigError(f"authorization: {exc}") from None
         self.tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert \
             else None
+        problem = validate_images_dir(cfg.images_dir,
+                                      required=cfg.images_dir != DEFAULT_IMAGES_DIR)
+        if problem:
+            raise ConfigError(problem)
         self.watchdog: Watchdog | None = None
         self.host: Host | None = None
         self.server: grpc.aio.Server | None = None
@@ -366,15 +370,11 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
-        images_dir = self.cfg.images_dir
-        problem = validate_images_dir(images_dir, required=images_dir != DEFAULT_IMAGES_DIR)
-        if problem:
-            raise ConfigError(problem)
-        if not os.path.isdir(images_dir):
+        if not os.path.isdir(self.cfg.images_dir):
             log.info("no images directory: file-backed guest memory is off",
-                     extra={"images_dir": images_dir})
+                     extra={"images_dir": self.cfg.images_dir})
         try:
-            self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
+            self.host = Host(self.limits, self.cfg.kvm_device, self.cfg.images_dir)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
