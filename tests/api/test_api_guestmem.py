@@ -448,12 +448,15 @@ def test_map_sync_unmap_a_file_over_part_of_a_slot(gm: RunningDaemon, images: Pa
 
 def test_read_only_file_over_a_read_only_slot(gm: RunningDaemon, images: Path) -> None:
     api = gm
-    api.create_vm("rorom")
+    long_mode_vm(api, "rorom", program(load_or(DATA + 8), store(DATA + 8, 0x5A)))
     slot = api.add_memory("rorom", DATA, 8 * P, read_only=True).slot
     api.memory.MapGuestMemory(pb.MapGuestMemoryRequest(
         vm_id="rorom", slot=slot, offset=0, size=P, file=memory_file("small.img",
                                                                      read_only=True)))
     assert api.read("rorom", DATA, 2) == b"\x01\x01"
+    assert run_to_exit(api, "rorom") == 0x01      # read the file; the store exited as MMIO
+    stats = api.vms.GetExitStats(pb.VmRef(vm_id="rorom")).total
+    assert stats["mmio_write"] == 1 and stats["unclaimed_mmio"] == 1
     api.assert_code(lambda: api.write("rorom", DATA, b"x"), Code.FAILED_PRECONDITION)
     api.write("rorom", DATA + P, b"own")               # the slot's own memory: fine
     assert (images / "small.img").read_bytes() == b"\x01" * P
