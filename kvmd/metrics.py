@@ -26,13 +26,13 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.host import Host
 from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
 from kvmd.kvm import KvmError, StatDescriptor, StatsReader
+from kvmd.metrics_http import MetricsHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -284,19 +284,14 @@ class MetricsInterceptor(ScopedInterceptor):
             self.metrics.observe(method, code, time.perf_counter() - started)
 
 
-class MetricsServer:
-    """The /metrics HTTP endpoint (Prometheus text, or OpenMetrics when asked)."""
+class MetricsServer(MetricsHttpServer):
+    """The /metrics endpoint (Prometheus text, or OpenMetrics when asked by Accept header).
 
-    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host.strip("[]") or
-                                                       "127.0.0.1", registry)
-        self.port = self._server.server_port
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+    `MetricsServer(registry, "host:port")` serves plain HTTP; keyword arguments add TLS
+    (`tls_cert=`, `tls_key=`), client certificates (`tls_client_ca=`), and bound the
+    connections (`max_connections=`, `idle_timeout=`). One thread serves every connection;
+    see kvmd.metrics_http. `.port` is the bound port, `.close()` stops it.
+    """
 
 
 class ProcessMetrics(Collector):

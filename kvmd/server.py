@@ -8,21 +8,15 @@ TLS are allowed on loopback only.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ipaddress
-import json
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
-import time
-import tomllib
 from collections.abc import Coroutine, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import grpc
@@ -37,19 +31,26 @@ from kvmd.api.interceptors import BlockingAdapter, ErrorInterceptor
 from kvmd.api.services import Runtime, add_services
 from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
+from kvmd.config import (
+    Config,
+    ConfigError,
+    Listener,
+    build_parser,
+    load_config,
+    parse_listen,
+)
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
-from kvmd.core.limits import Limits
+from kvmd.logs import setup_logging
 from kvmd.metrics import (
-    DEFAULT_METRICS_LISTEN,
     MetricsInterceptor,
     MetricsServer,
     build_registry,
 )
+from kvmd.state.store import SnapshotStore
 from kvmd.systemd import Watchdog, notify, watchdog_interval
 
-DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 SOCKET_MODE = 0o660
 # The umask while grpc binds a Unix socket, so it is born 0660: no window in which another
 # user could connect and be taken for the "local" identity.
@@ -59,194 +60,6 @@ EXIT_CONFIG_ERROR = 2
 T = TypeVar("T")
 
 log = logging.getLogger("kvmd")
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; the daemon exits 2 with this one-line reason."""
-
-
-# -- logging -------------------------------------------------------------------------------
-
-_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-class KeyValueFormatter(logging.Formatter):
-    """One line per event: ts=... level=... logger=... msg="..." key=value (vm_id, ...)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}",
-                 f"logger={record.name}", f"msg={json.dumps(record.getMessage())}"]
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                text = str(value)
-                parts.append(f"{key}={json.dumps(text) if ' ' in text or not text else text}")
-        if record.exc_info:
-            parts.append(f"exc={json.dumps(self.formatException(record.exc_info))}")
-        return " ".join(parts)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-# -- configuration -------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    """Daemon settings: the TOML config file mirrors these names; flags win."""
-
-    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
-    log_level: str = "info"
-    kvm_device: str = "/dev/kvm"
-    socket_group: str = ""
-    max_vms: int = Limits.max_vms
-    max_vcpus_per_vm: int = Limits.max_vcpus_per_vm
-    max_memory_per_vm_bytes: int = Limits.max_memory_per_vm_bytes
-    max_memory_total_bytes: int = Limits.max_memory_total_bytes
-    max_memory_slots_per_vm: int = Limits.max_memory_slots_per_vm
-    max_irqfds_per_vm: int = Limits.max_irqfds_per_vm
-    max_ioevents_per_vm: int = Limits.max_ioevents_per_vm
-    max_message_bytes: int = Limits.max_message_bytes
-    max_concurrent_rpcs: int = Limits.max_concurrent_rpcs
-    max_calls_per_identity: int = Limits.max_calls_per_identity
-    max_streams: int = Limits.max_streams
-    max_streams_per_identity: int = Limits.max_streams_per_identity
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
-    authorization: dict[str, Any] = field(default_factory=dict)
-    # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
-    metrics_listen: str = "off"
-    metrics_vcpu_label: bool = False
-    # Files that may back guest memory (AddMemoryRegion/MapGuestMemory name them relative to
-    # it). The default may be absent (file-backed memory is then off); any other setting
-    # must be an existing directory.
-    images_dir: str = DEFAULT_IMAGES_DIR
-
-    def limits(self) -> Limits:
-        names = {f.name for f in fields(Limits)}
-        return Limits(**{k: v for k, v in vars(self).items() if k in names})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    # Defaults are in the help texts: unset flags are None so the config file can fill them.
-    p = argparse.ArgumentParser(prog="kvmd", description="Serve the Linux KVM API over gRPC.")
-    p.add_argument("--config", metavar="FILE",
-                   help="TOML file whose keys mirror these flags (flags win)")
-    p.add_argument("--listen", action="append", metavar="ADDR",
-                   help=f"unix:///path or host:port; repeatable (default {DEFAULT_LISTEN})")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="default info")
-    p.add_argument("--kvm-device", metavar="PATH", help="KVM device path (default /dev/kvm)")
-    p.add_argument("--socket-group", metavar="GROUP",
-                   help="group owning Unix sockets (default: unchanged)")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help=f"Prometheus /metrics address, or 'off' (default "
-                        f"{DEFAULT_METRICS_LISTEN})")
-    p.add_argument("--metrics-vcpu-label", action="store_const", const=True,
-                   help="add a vcpu label to kvmd_vcpu_exits_total")
-    p.add_argument("--tls-cert", metavar="PEM", help="server certificate for TCP listeners")
-    p.add_argument("--tls-key", metavar="PEM", help="server private key for TCP listeners")
-    p.add_argument("--tls-client-ca", metavar="PEM",
-                   help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--images-dir", metavar="DIR",
-                   help="directory of the files guest memory may be backed by (default "
-                        f"{DEFAULT_IMAGES_DIR}; absent: file-backed memory is off)")
-    for f in fields(Limits):
-        p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
-                       help=f"limit (default {f.default})")
-    p.add_argument("--version", action="version", version=f"kvmd {__version__}")
-    return p
-
-
-def load_config(args: argparse.Namespace) -> Config:
-    cfg = Config(metrics_listen=DEFAULT_METRICS_LISTEN)
-    known = {f.name for f in fields(Config)}
-    if args.config:
-        try:
-            with open(args.config, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config {args.config}: {exc}") from None
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"unknown key {key!r} in {args.config}")
-            if name == "listen" and isinstance(value, str):
-                value = [value]
-            if name == "authorization" and not isinstance(value, dict):
-                raise ConfigError(f"[authorization] in {args.config} must be a table")
-            expected = type(getattr(cfg, name))
-            if not isinstance(value, expected):
-                raise ConfigError(f"{key} in {args.config} must be a {expected.__name__}")
-            setattr(cfg, name, value)
-    for name in known:
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(cfg, name, value)
-    for f in fields(Limits):
-        if getattr(cfg, f.name) <= 0:
-            raise ConfigError(f"{f.name} must be positive")
-    validate_tls(cfg)
-    return cfg
-
-
-def validate_tls(cfg: Config) -> None:
-    """Refuse TLS settings that cannot work or would silently weaken security."""
-    if cfg.tls_client_ca and not cfg.tls_cert:
-        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
-                          "be verified over TLS")
-    if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    for what, path in (("certificate", cfg.tls_cert), ("key", cfg.tls_key),
-                       ("client CA", cfg.tls_client_ca)):
-        if path:
-            try:
-                with open(path, "rb") as fh:
-                    if b"-----BEGIN" not in fh.read():
-                        raise ConfigError(f"TLS {what} {path} is not PEM")
-            except OSError as exc:
-                raise ConfigError(f"cannot read TLS {what} {path}: {exc.strerror}") from None
-
-
-# -- listeners -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Listener:
-    address: str  # as given
-    target: str  # what grpc binds
-    unix_path: str | None
-
-
-def parse_listen(address: str, tls: bool = False) -> Listener:
-    if address.startswith("unix:"):
-        path = address[len("unix://"):] if address.startswith("unix://") else address[5:]
-        if not path.startswith("/"):
-            raise ConfigError(f"unix listen address {address!r} needs an absolute path "
-                              "(unix:///run/kvmd/kvmd.sock)")
-        return Listener(address, f"unix://{path}", path)
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"listen address {address!r} is neither unix:///path nor host:port")
-    bare = host.strip("[]")
-    if not tls and not _is_loopback(bare):
-        raise ConfigError(f"refusing plain TCP on non-loopback address {address!r}: "
-                          "use --tls-cert/--tls-key, or listen on loopback")
-    return Listener(address, address, None)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def prepare_unix_socket(path: str) -> None:
@@ -342,10 +155,11 @@ class Daemon:
             raise ConfigError(f"authorization: {exc}") from None
         self.tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert \
             else None
-        problem = validate_images_dir(cfg.images_dir,
-                                      required=cfg.images_dir != DEFAULT_IMAGES_DIR)
-        if problem:
-            raise ConfigError(problem)
+        if cfg.images_dir:
+            problem = validate_images_dir(cfg.images_dir,
+                                          required=cfg.images_dir != DEFAULT_IMAGES_DIR)
+            if problem:
+                raise ConfigError(problem)
         self.watchdog: Watchdog | None = None
         self.host: Host | None = None
         self.server: grpc.aio.Server | None = None
@@ -370,11 +184,12 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
-        if not os.path.isdir(self.cfg.images_dir):
+        images_dir = self.cfg.images_dir or None
+        if images_dir is None or not os.path.isdir(images_dir):
             log.info("no images directory: file-backed guest memory is off",
-                     extra={"images_dir": self.cfg.images_dir})
+                     extra={"images_dir": images_dir or "-"})
         try:
-            self.host = Host(self.limits, self.cfg.kvm_device, self.cfg.images_dir)
+            self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
@@ -391,7 +206,10 @@ class Daemon:
             raise
         if self.cfg.metrics_listen != "off":
             try:
-                self.metrics_server = MetricsServer(registry, self.cfg.metrics_listen)
+                self.metrics_server = MetricsServer(
+                    registry, self.cfg.metrics_listen, tls_cert=self.cfg.metrics_tls_cert,
+                    tls_key=self.cfg.metrics_tls_key,
+                    tls_client_ca=self.cfg.metrics_tls_client_ca)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot serve metrics on {self.cfg.metrics_listen}: "
                                   f"{exc}") from None
@@ -431,7 +249,8 @@ class Daemon:
             options=options,
         )
         runtime = Runtime(self.executor, self.streams)
-        names = add_services(server, self.host, runtime, authorizer.visible)
+        store = SnapshotStore(self.cfg.state_dir) if self.cfg.state_dir else None
+        names = add_services(server, self.host, runtime, authorizer.visible, store)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -534,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
-        setup_logging(cfg.log_level)
+        setup_logging(cfg.log_level, cfg.log_format)
         daemon = Daemon(cfg)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)

@@ -64,13 +64,15 @@ class Stubs:
     vcpus: rpc.VcpusStub
     exits: rpc.ExitHandlersStub
     health: health_pb2_grpc.HealthStub
+    snapshots: rpc.SnapshotsStub
 
     @classmethod
     def of(cls, channel: grpc.Channel) -> Any:
         return cls(channel, rpc.HypervisorStub(channel), rpc.VmsStub(channel),
                    rpc.MemoryStub(channel), rpc.InterruptsStub(channel),
                    rpc.IoEventsStub(channel), rpc.VcpusStub(channel),
-                   rpc.ExitHandlersStub(channel), health_pb2_grpc.HealthStub(channel))
+                   rpc.ExitHandlersStub(channel), health_pb2_grpc.HealthStub(channel),
+                   rpc.SnapshotsStub(channel))
 
     def close(self) -> None:
         self.channel.close()

@@ -53,6 +53,11 @@ HOST_METHODS = frozenset({
     "Hypervisor/GetInfo", "Hypervisor/CheckExtension", "Hypervisor/GetSupportedCpuid",
     "Vms/ListVms",
 })
+# RPCs that create a VM: operators only under their prefix (and within their quota).
+CREATING_METHODS = frozenset({"Vms/CreateVm", "Snapshots/RestoreVm"})
+# RPCs over the state directory's files: operators see only files of their own VMs (the
+# handler filters by owner).
+OPERATOR_FILE_METHODS = frozenset({"Snapshots/ListSnapshots", "Snapshots/DeleteSnapshot"})
 # Always allowed, even without an identity: health and reflection.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -155,7 +160,7 @@ def peer_host(context: PeerContext) -> str:
 
 
 def _request_vm_id(request: Any) -> str:
-    for path in (("vm_id",), ("vcpu", "vm_id"), ("claim", "vm_id")):
+    for path in (("vm_id",), ("vcpu", "vm_id"), ("claim", "vm_id"), ("options", "vm_id")):
         obj = request
         for attr in path:
             obj = getattr(obj, attr, None)
@@ -204,10 +209,10 @@ class Authorizer:
                 raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}")
             return
         # operator
-        if short in HOST_METHODS:
+        if short in HOST_METHODS or short in OPERATOR_FILE_METHODS:
             return
         vm_id = _request_vm_id(request)
-        if short == "Vms/CreateVm":
+        if short in CREATING_METHODS:
             if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
                 raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
                                        f"with {grant.vm_prefix!r}")

@@ -8,76 +8,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from concurrent import futures
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from kvmd.api import convert
-from kvmd.api.auth import current_identity, current_quota
+from kvmd.api.auth import current_quota
+from kvmd.api.base import Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.api.interceptors import run_blocking
-from kvmd.api.streams import StreamRegistry, follow
+from kvmd.api.snapshots import SnapshotsService
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from kvmd.core.events import Mailbox
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
-from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
-
-T = TypeVar("T")
-MiB = 1 << 20
-DEFAULT_CHUNK = MiB
-# Room for the non-payload fields of a streamed message.
-MESSAGE_OVERHEAD = 4096
+from kvmd.state.store import SnapshotStore
 
 
-def caller_identity() -> str:
-    """The authenticated identity of the caller ("local" on the Unix socket)."""
-    return current_identity.get()
-
-
-@dataclass
-class Runtime:
-    """What async handlers need besides the core: the pool for blocking work and the
-    registry of open streams."""
-
-    pool: futures.ThreadPoolExecutor
-    streams: StreamRegistry
-
-
-class _Base:
-    def __init__(self, host: Host, runtime: Runtime) -> None:
-        self.host = host
-        self.runtime = runtime
-
-    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking core work (ioctls, copies, locks) from an async handler."""
-        result: T = await run_blocking(self.runtime.pool, fn, *args)
-        return result
-
-    def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext
-                ) -> AsyncIterator[T]:
-        return follow(mailbox, self.runtime.streams, context)
-
-    def _vm(self, vm_id: str) -> ManagedVm:
-        if not vm_id:
-            raise InvalidArgument("vm_id is required")
-        return self.host.get_vm(vm_id)
-
-    def _vcpu(self, ref: pb.VcpuRef) -> ManagedVcpu:
-        return self._vm(ref.vm_id).vcpu(ref.vcpu_id)
-
-    def _chunk_size(self, requested: int) -> int:
-        limit = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
-        return max(1, min(requested or DEFAULT_CHUNK, limit))
-
-
-class HypervisorService(_Base, rpc.HypervisorServicer):
+class HypervisorService(ServicerBase, rpc.HypervisorServicer):
     """What this host's KVM and this daemon can do."""
 
     def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.HypervisorInfo:
@@ -123,7 +73,7 @@ class HypervisorService(_Base, rpc.HypervisorServicer):
         return convert.cpuid_to_pb(self.host.supported_cpuid())
 
 
-class VmsService(_Base, rpc.VmsServicer):
+class VmsService(ServicerBase, rpc.VmsServicer):
     """Create, inspect, list and delete VMs; run control; console; exit statistics."""
 
     def __init__(self, host: Host, runtime: Runtime,
@@ -227,7 +177,7 @@ class VmsService(_Base, rpc.VmsServicer):
         return pb.WriteConsoleResponse(accepted=accepted)
 
 
-class MemoryService(_Base, rpc.MemoryServicer):
+class MemoryService(ServicerBase, rpc.MemoryServicer):
     """Guest memory slots, contents and dirty logs."""
 
     def AddMemoryRegion(self, request: pb.AddMemoryRegionRequest,
@@ -342,7 +292,7 @@ class MemoryService(_Base, rpc.MemoryServicer):
         return pb.SyncGuestMemoryResponse(synced_bytes=synced)
 
 
-class InterruptsService(_Base, rpc.InterruptsServicer):
+class InterruptsService(ServicerBase, rpc.InterruptsServicer):
     """Irqchip lines, GSI routing, MSIs and daemon-owned irqfds."""
 
     def SetIrqLine(self, request: pb.SetIrqLineRequest, context: Any) -> pb.SetIrqLineResponse:
@@ -400,7 +350,7 @@ class InterruptsService(_Base, rpc.InterruptsServicer):
             sub.close()
 
 
-class IoEventsService(_Base, rpc.IoEventsServicer):
+class IoEventsService(ServicerBase, rpc.IoEventsServicer):
     """Daemon-owned ioeventfds and their notifications."""
 
     def RegisterIoevent(self, request: pb.RegisterIoeventRequest, context: Any) -> pb.Ioevent:
@@ -438,7 +388,7 @@ class IoEventsService(_Base, rpc.IoEventsServicer):
             sub.close()
 
 
-class VcpusService(_Base, rpc.VcpusServicer):
+class VcpusService(ServicerBase, rpc.VcpusServicer):
     """vCPU creation and register state."""
 
     def CreateVcpu(self, request: pb.CreateVcpuRequest, context: Any) -> pb.Vcpu:
@@ -541,26 +491,22 @@ class VcpusService(_Base, rpc.VcpusServicer):
 
     def StartVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Start one vCPU's thread."""
-        vcpu = self._vcpu(request)
-        vcpu.start()
+        vcpu = self._vm(request.vm_id).start_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Pause one vCPU; returns once it is out of the guest."""
-        vcpu = self._vcpu(request)
-        vcpu.pause()
+        vcpu = self._vm(request.vm_id).pause_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def ResumeVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Resume one paused or halted vCPU."""
-        vcpu = self._vcpu(request)
-        vcpu.resume()
+        vcpu = self._vm(request.vm_id).resume_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def StopVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Stop one vCPU's thread."""
-        vcpu = self._vcpu(request)
-        vcpu.stop()
+        vcpu = self._vm(request.vm_id).stop_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
     def GetVcpuState(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
@@ -574,7 +520,7 @@ class VcpusService(_Base, rpc.VcpusServicer):
         return convert.vcpu_to_pb(vcpu)
 
 
-class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
+class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
     """Remote device emulation over a bidirectional stream."""
 
     async def HandleExits(self, request_iterator: AsyncIterator[pb.ExitHandlerMessage],
@@ -646,10 +592,12 @@ class ExitHandlersService(_Base, rpc.ExitHandlersServicer):
 
 
 def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
-                 visible: Callable[[str, str], bool] = lambda identity, owner: True
-                 ) -> list[str]:
+                 visible: Callable[[str, str], bool] = lambda identity, owner: True,
+                 store: SnapshotStore | None = None) -> list[str]:
     """Register every kvmd service on `server`; returns their full names. `visible` decides
-    which VMs ListVms shows to a caller (identity, owner)."""
+    which VMs (and snapshot files, by their VM's owner) a caller sees (identity, owner);
+    `store` holds the state directory's snapshot files (None: no state directory)."""
+
     rpc.add_HypervisorServicer_to_server(HypervisorService(host, runtime), server)
     rpc.add_VmsServicer_to_server(VmsService(host, runtime, visible), server)
     rpc.add_MemoryServicer_to_server(MemoryService(host, runtime), server)
@@ -657,4 +605,6 @@ def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
     rpc.add_IoEventsServicer_to_server(IoEventsService(host, runtime), server)
     rpc.add_VcpusServicer_to_server(VcpusService(host, runtime), server)
     rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host, runtime), server)
+    rpc.add_SnapshotsServicer_to_server(SnapshotsService(host, runtime, store, visible),
+                                        server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -16,8 +16,9 @@ from kvmd.core.errors import (
 )
 from kvmd.core.events import FdWatcher
 from kvmd.core.histogram import Histogram
-from kvmd.core.images import DEFAULT_IMAGES_DIR, ImagesDir
+from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
+from kvmd.core.stats import OperationStats
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
@@ -57,6 +58,7 @@ class HostShared:
     remote_wait: Histogram
     capabilities: dict[str, int]  # of /dev/kvm, read once
     msr_index_list: list[int]  # KVM_GET_MSR_INDEX_LIST, read once: the MSRs to save
+    operations: OperationStats = field(default_factory=OperationStats)
     crashes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Where file-backed guest memory comes from (None: file-backed memory is off).
@@ -73,7 +75,7 @@ class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
     def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
-                 images_dir: str | None = DEFAULT_IMAGES_DIR) -> None:
+                 images_dir: str | None = None) -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -123,10 +125,21 @@ class Host:
                   owner: str = "local", owner_quota: int = 0) -> ManagedVm:
         """Create and register a VM. `owner_quota` (0 = none) caps how many VMs `owner` may
         hold, counted atomically with creations in flight."""
-        validate_id("vm id", vm_id)
         labels = validate_labels(labels)
         if options.pit and not options.irqchip:
             raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
+        self.reserve_id(vm_id, owner, owner_quota)
+        try:
+            managed = self.build_vm(vm_id, labels, options, owner)
+            self.register(managed)
+        finally:
+            self.release_id(vm_id)
+        return managed
+
+    def reserve_id(self, vm_id: str, owner: str, owner_quota: int = 0) -> None:
+        """Hold `vm_id` (and a place in `owner`'s quota) for a VM being made: creation or a
+        restore that streams in. Pair with release_id, whatever happens."""
+        validate_id("vm id", vm_id)
         with self._lock:
             if vm_id in self._vms or vm_id in self._creating:
                 raise AlreadyExists(f"vm {vm_id!r} already exists", resource=f"vm/{vm_id}")
@@ -139,18 +152,24 @@ class Host:
                 if owned >= owner_quota:
                     raise ResourceExhausted(f"{owner!r} already holds {owned} VMs, its quota")
             self._creating[vm_id] = owner
-        try:
-            # Kernel work happens outside the registry lock: other VMs stay responsive.
-            with kernel_errors(f"vm/{vm_id}"):
-                vm = self.kvm.create_vm()
-            managed = ManagedVm.build(vm_id, labels, options, vm, self.shared, owner)
-        finally:
-            with self._lock:
-                self._creating.pop(vm_id, None)
+
+    def release_id(self, vm_id: str) -> None:
         with self._lock:
-            self._vms[vm_id] = managed
-        log.info("vm created", extra={"vm_id": vm_id})
-        return managed
+            self._creating.pop(vm_id, None)
+
+    def build_vm(self, vm_id: str, labels: dict[str, str], options: VmOptions,
+                 owner: str) -> ManagedVm:
+        """A configured VM, not yet visible (the caller registers or closes it). Kernel work
+        happens outside the registry lock: other VMs stay responsive."""
+        with kernel_errors(f"vm/{vm_id}"):
+            vm = self.kvm.create_vm()
+        return ManagedVm.build(vm_id, labels, options, vm, self.shared, owner)
+
+    def register(self, vm: ManagedVm) -> None:
+        """Make a built VM visible under its (reserved) id."""
+        with self._lock:
+            self._vms[vm.id] = vm
+        log.info("vm created", extra={"vm_id": vm.id})
 
     def get_vm(self, vm_id: str) -> ManagedVm:
         validate_id("vm id", vm_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -27,3 +27,55 @@ class Limits:
     # Open streams (watch, console, exit handlers, memory transfers) in all, and per identity.
     max_streams: int = 4096
     max_streams_per_identity: int = 256
+
+
+# Guest memory is overcommitted lazily (memfd pages are allocated when first touched), but
+# the daemon never maps more than the host can back: the default total leaves the larger of
+# 1 GiB or 10% of the host (or of the service's cgroup memory.max) to the daemon and host.
+HOST_RESERVE_MIN = GiB
+HOST_RESERVE_FRACTION = 10
+# What KVM itself allocates per slot before the guest touches it (reverse maps, dirty and
+# large-page bookkeeping): about 0.3% of the slot, charged to the budget with the slot.
+KERNEL_BYTES_PER_GUEST_PAGE = 12
+
+
+def kernel_overhead(size: int) -> int:
+    """Kernel memory a slot of `size` bytes costs up front (see KERNEL_BYTES_PER_GUEST_PAGE)."""
+    return (size // 4096) * KERNEL_BYTES_PER_GUEST_PAGE
+
+
+def host_memory_bytes(meminfo: str = "/proc/meminfo",
+                      cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Memory this daemon can use: MemTotal, or its cgroup's memory.max if lower."""
+    total = 0
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/self/cgroup") as fh:
+            path = next((ln.split(":", 2)[2].strip() for ln in fh if ln.startswith("0::")), "")
+        with open(f"{cgroup_root}{path}/memory.max") as fh:
+            raw = fh.read().strip()
+        if raw != "max":
+            total = min(total, int(raw)) if total else int(raw)
+    except (OSError, ValueError, StopIteration):
+        pass
+    return total
+
+
+def host_limits(memory: int | None = None) -> Limits:
+    """The defaults for this host: guest memory in all is the host's memory minus a reserve
+    (never above what it has), and no single VM may take more than that."""
+    total = host_memory_bytes() if memory is None else memory
+    base = Limits()
+    if total <= 0:
+        return base
+    reserve = max(HOST_RESERVE_MIN, total // HOST_RESERVE_FRACTION)
+    guest_total = max(256 * MiB, total - reserve)
+    return replace(base, max_memory_total_bytes=guest_total,
+                   max_memory_per_vm_bytes=min(base.max_memory_per_vm_bytes, guest_total))

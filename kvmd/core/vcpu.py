@@ -124,6 +124,23 @@ class ManagedVcpu:
                                             name=f"vcpu-{self.vm_id}-{self.id}")
             self._thread.start()
 
+    def start_paused(self) -> None:
+        """Start the vCPU's thread parked, without entering the guest (a restored vCPU that
+        had been running); returns once it is paused."""
+        with self.cond:  # held until the flag is set: the new thread parks before KVM_RUN
+            self.start()
+            ticket = PauseTicket(self._parks, self._resumes)
+            self._pause_requested = True
+        self.wait_paused(ticket)
+
+    def mark_ended(self, state: str, reason: str) -> None:
+        """A restored vCPU that had stopped or crashed: record that, without a thread."""
+        with self.cond:
+            if self.state != CREATED or state not in ENDED:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}",
+                                   resource=self.resource)
+            self._set_state(state, state, reason)
+
     def request_pause(self) -> PauseTicket:
         """Ask the vCPU to leave the guest and park (kicked at once); `wait_paused` waits.
         Split so a VM kicks all its vCPUs before waiting for any."""

@@ -3,12 +3,15 @@ eventfds it hands out by id, and the dispatch of its vCPUs' exits."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import errno
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +24,7 @@ from kvmd.core.devices import (
     DeviceBus,
     Uart16550,
 )
+from kvmd.core.dirty import API, DirtyTracker, bitmap_bytes
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -39,14 +43,23 @@ from kvmd.core.images import (
     normalize_name,
 )
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.state import (
+    IoeventState,
+    IrqchipState,
+    IrqfdState,
+    SlotState,
+    VmState,
+)
 from kvmd.core.vcpu import (
     CONTINUE,
     CRASHED,
     CREATED,
     HALT,
+    HALTED,
     PAUSABLE,
     PAUSED,
     RESUMABLE,
+    RUNNING,
     STARTABLE,
     STOPPED,
     ManagedVcpu,
@@ -62,8 +75,10 @@ from kvmd.kvm import (
     IoEventAddress,
     IoExit,
     IoSpace,
+    IrqChip,
     IrqRoute,
     KvmError,
+    MemfdBacking,
     MemoryRegionInfo,
     MmioExit,
     PioMap,
@@ -201,7 +216,15 @@ class ManagedVm:
         self._limits = shared.limits
         self._budget = shared.budget
         self._watcher = shared.watcher
-        self.dirty_pages_total = 0
+        self.dirty = DirtyTracker(vm)
+        # The GSI routing table this VM set (KVM cannot return it); None: KVM's default.
+        self._gsi_routes: list[IrqRoute] | None = None
+        # Set while a snapshot (or migration) holds the VM paused: run control must wait.
+        self.busy = ""
+        # The snapshot a diff snapshot of this VM applies on: the last one taken of it, or
+        # the one it was restored from.
+        self.last_snapshot_id = ""
+        self.last_snapshot_layout: list[SlotState] = []
         self.lock = threading.RLock()
         self._vcpus: dict[int, ManagedVcpu] = {}
         self._irqfds: dict[str, IrqfdEntry] = {}
@@ -295,8 +318,12 @@ class ManagedVm:
     # -- memory ---------------------------------------------------------------------------
 
     def add_memory_region(self, guest_addr: int, size: int, read_only: bool,
-                          log_dirty: bool, backing: FileBacking | None = None
+                          log_dirty: bool, *, slot: int | None = None,
+                          backing: FileBacking | MemfdBacking | None = None
                           ) -> MemoryRegionInfo:
+        """Map new zeroed guest memory (or, for a take-over, an adopted memfd; or a file of
+        the images directory, see add_file_memory_region) within the VM's and the daemon's
+        limits. `slot` asks for an exact slot number (restores)."""
         if size <= 0:
             raise InvalidArgument("memory region size must be positive")
         if guest_addr % PAGE_SIZE:
@@ -318,7 +345,7 @@ class ManagedVm:
             try:
                 with kernel_errors(self.resource):
                     slot = self.vm.add_memory_region(guest_addr, rounded, read_only, log_dirty,
-                                                     backing=backing)
+                                                     backing=backing, slot=slot)
                     return self.vm.memory_region(slot)
             except BaseException:
                 self._budget.release(rounded)
@@ -327,6 +354,7 @@ class ManagedVm:
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.remove_memory_region(slot)
+            self.dirty.forget_slot(slot)
             self._forget_files(slot)
         self._budget.release(info.size)
         return info
@@ -334,9 +362,21 @@ class ManagedVm:
     def memory_regions(self) -> list[MemoryRegionInfo]:
         return self.vm.memory_regions()
 
+    @property
+    def dirty_pages_total(self) -> int:
+        """Dirty pages the kernel reported for this VM (every consumer's harvests)."""
+        return self.dirty.harvested_pages
+
     def write_memory(self, guest_addr: int, data: bytes | memoryview) -> None:
+        """Write guest memory from the host; the pages count as dirty for every dirty-page
+        consumer (KVM logs only guest writes)."""
         with kernel_errors(self.resource):
             self.vm.write(guest_addr, data)
+        end = guest_addr + len(data)
+        for r in self.vm.memory_regions():
+            lo, hi = max(r.guest_addr, guest_addr), min(r.end, end)
+            if lo < hi and r.log_dirty:
+                self.dirty.mark(r.slot, lo - r.guest_addr, hi - lo)
 
     def read_memory(self, guest_addr: int, length: int) -> bytes:
         with kernel_errors(self.resource):
@@ -358,11 +398,15 @@ class ManagedVm:
                         f"{guest_addr:#x}+{length:#x} is not entirely backed by guest memory")
 
     def get_dirty_log(self, slot: int) -> tuple[MemoryRegionInfo, bytes]:
+        """The slot's pages dirtied since the last GetDirtyLog (guest writes, and host
+        writes through the daemon); reading resets this view only, not other consumers'."""
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.memory_region(slot)
-            bitmap = self.vm.get_dirty_log(slot)
-            self.dirty_pages_total += int.from_bytes(bitmap, "little").bit_count()
-            return info, bitmap
+            if not info.log_dirty:
+                raise InvalidArgument(f"slot {slot} was added without dirty logging",
+                                      resource=f"{self.resource}/slot/{slot}")
+            bits = self.dirty.take(API, info)
+            return info, bitmap_bytes(bits, info.size // PAGE_SIZE)
 
     # -- discard and file-backed memory ---------------------------------------------------
     #
@@ -619,8 +663,9 @@ class ManagedVm:
 
     def set_gsi_routing(self, routes: list[IrqRoute]) -> None:
         self._require_irqchip("SetGsiRouting")
-        with kernel_errors(self.resource):
+        with self.lock, kernel_errors(self.resource):
             self.vm.set_gsi_routing(routes)
+            self._gsi_routes = list(routes)
 
     def signal_msi(self, address: int, data: int, devid: int | None) -> bool:
         self._require_irqchip("SignalMsi")
@@ -808,9 +853,16 @@ class ManagedVm:
             return CREATED
         return STOPPED
 
+    def check_not_busy(self) -> None:
+        """Run control waits for no one: while a snapshot holds the VM paused, refuse."""
+        if self.busy:
+            raise InvalidState(f"vm {self.id} is held paused for a {self.busy}; try again "
+                               "when it is done", resource=self.resource)
+
     def start(self) -> None:
         """Start every vCPU. A stopped or crashed VM starts again from its registers as
         they are (an operator resets a crashed guest by setting them first)."""
+        self.check_not_busy()
         vcpus = self.vcpus()
         if not vcpus:
             raise InvalidState(f"vm {self.id} has no vcpus to start", resource=self.resource)
@@ -825,6 +877,7 @@ class ManagedVm:
 
     def pause(self) -> None:
         """Kick every running or halted vCPU at once, then wait for each to park."""
+        self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state in PAUSABLE]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is {self.state}; only a running vm can be "
@@ -840,6 +893,7 @@ class ManagedVm:
 
     def resume(self) -> None:
         """Resume every paused or halted vCPU, and cancel pauses still in flight."""
+        self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state in RESUMABLE or v.pause_pending]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is {self.state}; only a paused vm can be "
@@ -852,6 +906,7 @@ class ManagedVm:
 
     def stop(self) -> None:
         """Stop every vCPU thread; a crashed VM becomes stopped (its crash reason kept)."""
+        self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state != STOPPED]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource)
@@ -867,6 +922,33 @@ class ManagedVm:
                 v.join()
         if not self.reason:
             self.reason = "stopped by request"
+
+    # Run control of one vCPU (the Vcpus service): refused like the VM-wide forms while a
+    # snapshot holds the VM.
+
+    def start_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        self.check_not_busy()
+        vcpu = self.vcpu(vcpu_id)
+        vcpu.start()
+        return vcpu
+
+    def pause_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        self.check_not_busy()
+        vcpu = self.vcpu(vcpu_id)
+        vcpu.pause()
+        return vcpu
+
+    def resume_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        self.check_not_busy()
+        vcpu = self.vcpu(vcpu_id)
+        vcpu.resume()
+        return vcpu
+
+    def stop_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        self.check_not_busy()
+        vcpu = self.vcpu(vcpu_id)
+        vcpu.stop()
+        return vcpu
 
     def on_vcpu_event(self, vcpu: ManagedVcpu, event: str, reason: str,
                       exit_code: int | None) -> None:
@@ -912,6 +994,165 @@ class ManagedVm:
             self.vm.set_irq_line(COM1_IRQ, False)
         except KvmError as exc:
             log.warning("COM1 interrupt failed", extra={"vm_id": self.id, "error": str(exc)})
+
+    # -- save and restore -----------------------------------------------------------------
+
+    @contextmanager
+    def held_paused(self, purpose: str, leave_paused: bool = False
+                    ) -> Iterator[dict[int, str]]:
+        """Hold the VM paused for `purpose` ("snapshot", "migration"): running and halted
+        vCPUs are paused (in-flight IO completed), run control is refused meanwhile, and
+        afterwards they run again unless `leave_paused`. Yields each vCPU's state from
+        before, which is what a saved VcpuState records."""
+        with self.lock:
+            if self.closed:
+                raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            self.check_not_busy()
+            self.busy = purpose
+        try:
+            before = {v.id: v.state for v in self.vcpus()}
+            tickets = []
+            for v in self.vcpus():
+                if v.state in PAUSABLE:
+                    try:
+                        tickets.append((v, v.request_pause()))
+                    except InvalidState:
+                        pass  # it parked or ended by itself
+            for v, ticket in tickets:
+                v.wait_paused(ticket)
+            try:
+                yield before
+            finally:
+                if not leave_paused:
+                    for v, _ticket in tickets:
+                        try:
+                            v.resume()
+                        except InvalidState:
+                            pass  # it ended meanwhile (deleted, crashed)
+        finally:
+            self.busy = ""
+
+    def save_state(self, run_states: dict[int, str] | None = None) -> VmState:
+        """Everything about the VM but its memory contents. No vCPU may be in the guest
+        (see held_paused); `run_states` records each vCPU's state from before the pause."""
+        states = run_states or {}
+        with self.lock:
+            if self.closed:
+                raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
+            irqchip = pit = clock = None
+            with kernel_errors(self.resource):
+                if self.options.irqchip:
+                    irqchip = IrqchipState(self.vm.get_irqchip(IrqChip.PIC_MASTER),
+                                           self.vm.get_irqchip(IrqChip.PIC_SLAVE),
+                                           self.vm.get_irqchip(IrqChip.IOAPIC))
+                if self.options.pit:
+                    pit = self.vm.get_pit2()
+                    # A channel's load time is the host's monotonic clock: saved relative
+                    # to now, rebased on the restoring host's clock (its count resumes).
+                    now = time.monotonic_ns()
+                    for channel in pit.channels:
+                        if channel.count_load_time:
+                            channel.count_load_time -= now
+                if self.shared.capabilities.get("KVM_CAP_ADJUST_CLOCK"):
+                    clock = self.vm.get_clock()
+            return VmState(
+                vm_id=self.id, labels=dict(self.labels), owner=self.owner,
+                options=dataclasses.asdict(self.options), reason=self.reason,
+                exit_code=self.exit_code,
+                slots=self.memory_layout(), vcpus=vcpus, irqchip=irqchip, pit=pit, clock=clock,
+                gsi_routes=list(self._gsi_routes) if self._gsi_routes is not None else None,
+                irqfds=[IrqfdState(e.irqfd_id, e.gsi, e.resample is not None, e.triggers,
+                                   e.resamples) for e in self._irqfds.values()],
+                ioevents=[IoeventState(e.ioevent_id, e.space.value, e.address, e.length,
+                                       e.datamatch, e.fired) for e in self._ioevents.values()],
+                uart=self.uart.save_state(), console=self.console.save_state(),
+            )
+
+    def memory_layout(self) -> list[SlotState]:
+        """The slot table as a restore recreates it."""
+        return [SlotState(r.slot, r.guest_addr, r.size, r.read_only, r.log_dirty)
+                for r in self.vm.memory_regions()]
+
+    def restore_memory_layout(self, slots: list[SlotState],
+                              memfds: dict[int, int] | None = None) -> None:
+        """First step of a restore into this new VM: the slot table, each slot at its saved
+        number, zeroed for the caller to fill, or (a take-over) adopting the memfd given
+        for it in `memfds` {slot: fd}. Within the VM's and the daemon's limits."""
+        with self.lock:
+            if self._vcpus or self.vm.memory_regions():
+                raise InvalidState(f"vm {self.id} is not new; restore only into a new vm",
+                                   resource=self.resource)
+            if len(slots) > self._limits.max_memory_slots_per_vm:
+                raise ResourceExhausted(f"the saved vm has {len(slots)} memory slots, the "
+                                        f"limit is {self._limits.max_memory_slots_per_vm}")
+            for s in slots:
+                fd = (memfds or {}).get(s.slot)
+                self.add_memory_region(s.guest_addr, s.size, s.read_only, s.log_dirty,
+                                       slot=s.slot,
+                                       backing=MemfdBacking(fd) if fd is not None else None)
+
+    def restore_state(self, state: VmState) -> None:
+        """Last step of a restore, once the memory is in: every vCPU in the binding's order,
+        then the VM-level state KVM wants after the vCPUs (irqchip, PIT, clock), the GSI
+        routes before the irqfds that may use them, ioevents, devices. vCPU threads are not
+        started (see resume_run_states). On failure the caller closes the VM, which releases
+        all of it."""
+        with self.lock:
+            if self._vcpus:
+                raise InvalidState(f"vm {self.id} already has vcpus", resource=self.resource)
+            if len(state.vcpus) > self._limits.max_vcpus_per_vm:
+                raise ResourceExhausted(f"the saved vm has {len(state.vcpus)} vcpus, the "
+                                        f"limit is {self._limits.max_vcpus_per_vm}")
+            for vs in state.vcpus:
+                self.create_vcpu(vs.vcpu_id).restore_state(vs)
+            with kernel_errors(self.resource):
+                if state.irqchip is not None:
+                    self.vm.set_irqchip(IrqChip.PIC_MASTER, state.irqchip.pic_master)
+                    self.vm.set_irqchip(IrqChip.PIC_SLAVE, state.irqchip.pic_slave)
+                    self.vm.set_irqchip(IrqChip.IOAPIC, state.irqchip.ioapic)
+                if state.pit is not None:
+                    pit = copy.deepcopy(state.pit)
+                    now = time.monotonic_ns()
+                    for channel in pit.channels:
+                        if channel.count_load_time:
+                            channel.count_load_time += now
+                    self.vm.set_pit2(pit)
+                if state.clock is not None:
+                    # The saved value, without KVM_CLOCK_REALTIME: guest time stands still
+                    # while the VM was saved (as Firecracker); its NTP catches up.
+                    self.vm.set_clock(state.clock.clock)
+            if state.gsi_routes is not None:
+                self.set_gsi_routing(state.gsi_routes)
+            for irqfd in state.irqfds:
+                entry = self.register_irqfd(irqfd.irqfd_id, irqfd.gsi, irqfd.resample)
+                entry.triggers, entry.resamples = irqfd.triggers, irqfd.resamples
+            for ioevent in state.ioevents:
+                ev = self.register_ioevent(ioevent.ioevent_id, IoSpace(ioevent.space),
+                                           ioevent.address, ioevent.length, ioevent.datamatch)
+                ev.fired = ioevent.fired
+            self.uart.restore_state(state.uart)
+            self.console.restore_state(state.console)
+            self.reason, self.exit_code = state.reason, state.exit_code
+
+    def resume_run_states(self, state: VmState, start: bool) -> None:
+        """After restore_state (and the memory): put each vCPU back in its saved run state.
+        vCPUs that had been started get their thread, parked paused; with `start`, every
+        one of them then runs (and a VM saved before it ever started is started, as StartVm
+        would). Created, stopped and crashed ones stay so otherwise."""
+        started = []
+        for vs in state.vcpus:
+            vcpu = self.vcpu(vs.vcpu_id)
+            if vs.run_state in (RUNNING, HALTED, PAUSED):
+                vcpu.start_paused()
+                started.append(vcpu)
+            elif vs.run_state in (STOPPED, CRASHED):
+                vcpu.mark_ended(vs.run_state, vs.reason)
+        if start and started:
+            for vcpu in started:
+                vcpu.resume()
+        elif start and all(vs.run_state == CREATED for vs in state.vcpus) and state.vcpus:
+            self.start()
 
     # -- exit dispatch (vCPU threads) -----------------------------------------------------
 

@@ -161,7 +161,8 @@ class Vm:
 
     def add_memory_region(self, guest_addr: int, size: int, read_only: bool = False,
                           log_dirty: bool = False,
-                          backing: FileBacking | MemfdBacking | None = None) -> int:
+                          backing: FileBacking | MemfdBacking | None = None,
+                          slot: int | None = None) -> int:
         """Map `size` bytes (rounded up to pages) of new zeroed memory at `guest_addr`, or,
         with `backing`, of an existing file (`FileBacking`: memory by reference, read-only
         slot when not writable) or memfd (`MemfdBacking`: adopted guest RAM). The Vm dups
@@ -173,7 +174,8 @@ class Vm:
         (EINVAL), ranges past the guest physical address space (EOVERFLOW), overlaps
         (EEXIST), a full slot table (ENOSPC), a closed backing fd (EBADF), and a backing
         file that is not a regular file, has an unaligned offset or is shorter than
-        offset+size (EINVAL).
+        offset+size (EINVAL). `slot` asks for that exact slot number (a restore recreates
+        the slot table as it was): EEXIST if it is taken, EINVAL beyond the table.
         """
         op = "KVM_SET_USER_MEMORY_REGION"
         if not isinstance(guest_addr, int) or guest_addr < 0 or guest_addr % PAGE_SIZE:
@@ -194,7 +196,14 @@ class Vm:
             if clash is not None:
                 raise invalid(op, f"{guest_addr:#x}+{size:#x} overlaps slot {clash.slot} at "
                               f"{clash.guest_addr:#x}+{clash.size:#x}", errno.EEXIST)
-            slot = next(i for i in range(len(self._regions) + 1) if i not in self._regions)
+            if slot is None:
+                slot = next(i for i in range(len(self._regions) + 1)
+                            if i not in self._regions)
+            elif not isinstance(slot, int) or not 0 <= slot < self._max_slots:
+                raise invalid(op, f"slot {slot!r} is not a slot number below "
+                              f"{self._max_slots}")
+            elif slot in self._regions:
+                raise invalid(op, f"slot {slot} is in use", errno.EEXIST)
             if slot >= self._max_slots:
                 raise invalid(op, f"all {self._max_slots} memory slots are in use",
                               errno.ENOSPC)

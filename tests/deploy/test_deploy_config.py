@@ -140,6 +140,15 @@ BAD_CONFIGS = {
     "identities-not-a-list": ('[authorization]\nidentities = 5\n', "identities"),
     "authorization-unknown-key": ('[authorization]\nidentites = '
                                   '[{ name = "local", role = "admin" }]\n', "identites"),
+    # A schema for every key: choices, no booleans for numbers, lists of strings.
+    "log-level-not-a-level": ('log_level = "verbose"\n', "log_level"),
+    "log-format-unknown": ('log_format = "xml"\n', "log_format"),
+    "limit-a-boolean": ("max_vms = true\n", "max_vms"),
+    "limit-zero": ("max_streams = 0\n", "max_streams"),
+    "listen-not-strings": ("listen = [1]\n", "listen"),
+    "listen-empty": ("listen = []\n", "listen"),
+    "flag-a-number": ('metrics_vcpu_label = 1\n', "metrics_vcpu_label"),
+    "state-dir-a-number": ("state_dir = 5\n", "state_dir"),
 }
 
 
@@ -150,6 +159,30 @@ def test_broken_config_file_is_refused(tmp_path: Path, sock: str, case: str) -> 
     cfg.write_text(text)
     assert_refused(refuse(sock, "--config", str(cfg)), reason)
     assert not os.path.exists(sock.removeprefix("unix://")), "a refused daemon left a socket"
+
+
+def test_tls_on_the_network_without_client_certificates_or_policy_is_refused(
+        pki: Pki, sock: str, tmp_path: Path) -> None:
+    """Every peer would be an admin (it once created VMs owned by "anonymous")."""
+    tls = ("--tls-cert", pki.server.cert, "--tls-key", pki.server.key)
+    assert_refused(refuse(sock, "--listen", "0.0.0.0:0", *tls), "0.0.0.0:0", "admin",
+                   "allow_anonymous_admin")
+    # Each safeguard alone lets it start: client certificates, a policy, or the opt-in.
+    cfg = tmp_path / "kvmd.toml"
+    cfg.write_text(POLICY_OK)
+    path = sock.removeprefix("unix://")
+    for extra in (("--tls-client-ca", pki.ca_file), ("--config", str(cfg)),
+                  ("--allow-anonymous-admin",)):
+        proc = subprocess.Popen([kvmd_script(), *base_args(sock), "--listen", "0.0.0.0:0",
+                                 *tls, *extra], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda p=proc: os.path.exists(path) or p.poll() is not None, 30,
+                       "the daemon to create its socket")
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=10)
 
 
 def test_missing_config_file_is_refused(tmp_path: Path, sock: str) -> None:

@@ -20,8 +20,12 @@ SYSUSERS = REPO / "deploy" / "systemd" / "kvmd.sysusers"
 TMPFILES = REPO / "deploy" / "systemd" / "kvmd.tmpfiles"
 CONFIG = REPO / "deploy" / "config" / "kvmd.toml"
 INSTALLED_KVMD = "/opt/kvmd/venv/bin/kvmd"
-# "no worse than MEDIUM": systemd rates 0-1.9 PERFECT/SAFE, 2-4.9 OK, 5-6.9 MEDIUM.
-MAX_EXPOSURE = 6.9
+# The issue's target for `systemd-analyze security --offline=yes`.
+MAX_EXPOSURE = 1.5
+# Directives newer than the systemd here that the unit sets on purpose (it explains each):
+# {key: first systemd version that knows it}. An older `systemd-analyze verify` warns
+# "Unknown key" about them and nothing else.
+NEWER_DIRECTIVES = {"FileDescriptorStorePreserve": 254}
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -108,7 +112,7 @@ def test_unit_hardening_lists_and_limits(service: dict[str, list[str]]) -> None:
     assert int(service["LimitNOFILE"][-1].split(":")[-1]) >= 4096
 
 
-@pytest.mark.parametrize("directive", ["PrivateDevices", "PrivateUsers"])
+@pytest.mark.parametrize("directive", ["PrivateUsers", "PrivateNetwork", "IPAddressDeny"])
 def test_left_out_directives_say_why(service: dict[str, list[str]], directive: str) -> None:
     """Standard hardening the daemon cannot live with is absent, with a comment."""
     assert directive not in service
@@ -124,7 +128,7 @@ def test_sysusers_and_tmpfiles_entries() -> None:
     run = [e for e in entries if e[1] == "/run/kvmd"]
     assert run and run[0][0] == "d", entries
     mode, owner, group = run[0][2:5]
-    assert group == "kvmd" and owner == "root", run[0]
+    assert group == "kvmd" and owner == "kvmd", run[0]  # the unit's User= and Group=
     assert int(mode, 8) & 0o007 == 0, f"/run/kvmd is open to others: {mode}"
 
 
@@ -166,15 +170,33 @@ def runnable_unit(directory: Path) -> Path:
     return unit
 
 
+def systemd_version(tool: str) -> int:
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    match = re.match(r"systemd (\d+)", out)
+    assert match, out
+    return int(match.group(1))
+
+
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """verify passes; its only complaints are "Unknown key" for directives newer than this
+    systemd (each documented in the unit)."""
     tool = systemd_analyze()
+    version = systemd_version(tool)
     unit = runnable_unit(tmp_path)
     result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
                   if "kvmd.service" in line]
-    assert not complaints, complaints
+    expected = {key for key, since in NEWER_DIRECTIVES.items() if version < since}
+    unknown = {m.group(1) for line in complaints
+               if (m := re.search(r"Unknown key '(\w+)' in section \[Service\]", line))}
+    assert unknown <= expected, complaints
+    assert all("Unknown key" in line for line in complaints), complaints
+    text = UNIT.read_text()
+    for key in expected:
+        assert f"{key}=" in text and str(NEWER_DIRECTIVES[key]) in comments(UNIT), key
 
 
 def test_systemd_analyze_security_exposure(tmp_path: Path,

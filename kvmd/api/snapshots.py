@@ -1,0 +1,142 @@
+"""The Snapshots service: thin translation to kvmd.state (which holds every rule of the
+format and of saving and restoring) and to the state directory's files."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc.aio
+
+from kvmd.api import convert
+from kvmd.api.auth import current_quota
+from kvmd.api.base import Runtime, ServicerBase, caller_identity
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.core.errors import InvalidArgument, InvalidState, NotFound
+from kvmd.core.host import Host
+from kvmd.state.snapshot import Restorer, SnapshotSummary, SnapshotTaker
+from kvmd.state.store import SnapshotStore, StoredSnapshot
+
+DEFAULT_CHUNK = 1 << 20
+
+
+def summary_to_pb(s: SnapshotSummary, file: str = "") -> pb.SnapshotInfo:
+    return pb.SnapshotInfo(
+        snapshot_id=s.snapshot_id, base_snapshot_id=s.base_snapshot_id, vm_id=s.vm_id,
+        diff=s.diff, size_bytes=s.size_bytes, memory_pages=s.memory_pages,
+        guest_memory_bytes=s.guest_memory_bytes, created_unix_ms=s.created_unix_ms,
+        file=file, seconds=s.seconds, owner=s.owner, format_version=s.format_version,
+        kvmd_version=s.kvmd_version)
+
+
+def stored_to_pb(s: StoredSnapshot) -> pb.SnapshotInfo:
+    h = s.header
+    return pb.SnapshotInfo(
+        snapshot_id=h.snapshot_id, base_snapshot_id=h.base_snapshot_id, vm_id=s.vm_id,
+        diff=bool(h.base_snapshot_id), size_bytes=s.size_bytes,
+        guest_memory_bytes=s.guest_memory_bytes, created_unix_ms=h.created_unix_ms,
+        file=s.name, owner=s.owner, format_version=h.format_version,
+        kvmd_version=h.kvmd_version)
+
+
+class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
+    """Snapshots of whole VMs: streamed to the client or written to the state directory;
+    restored from a client stream or from state-directory files."""
+
+    def __init__(self, host: Host, runtime: Runtime, store: SnapshotStore | None,
+                 visible: Callable[[str, str], bool]) -> None:
+        super().__init__(host, runtime)
+        self.store = store
+        self.visible = visible
+
+    def _store(self) -> SnapshotStore:
+        if self.store is None:
+            raise InvalidState("this daemon has no state directory (--state-dir): snapshot "
+                               "files are not available; stream the snapshot instead")
+        return self.store
+
+    def _own_file(self, name: str) -> StoredSnapshot:
+        """A file the caller may use: one of a VM it may see (NOT_FOUND otherwise, so its
+        existence does not leak)."""
+        stored = self._store().describe(name)
+        if not self.visible(caller_identity(), stored.owner):
+            raise NotFound(f"no snapshot file {name!r}")
+        return stored
+
+    async def SnapshotVm(self, request: pb.SnapshotVmRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[pb.SnapshotVmResponse]:
+        """Save the VM (held paused meanwhile); stream it, or write it to a file."""
+        vm = self._vm(request.vm_id)
+        store = self._store() if request.file else None
+        if store is not None:
+            store.path(request.file)  # a bad name is refused before the VM is touched
+        taker = SnapshotTaker(vm, request.diff, request.leave_paused)
+        try:
+            if store is not None:
+                await self._blocking(store.write, request.file,
+                                     iter(lambda: taker.pull(DEFAULT_CHUNK), None))
+            else:
+                size = self._chunk_size(request.chunk_size or DEFAULT_CHUNK)
+                while (data := await self._blocking(taker.pull, size)) is not None:
+                    yield pb.SnapshotVmResponse(data=data)
+        finally:
+            # A client that went away: end the snapshot now, so the VM runs again (close
+            # waits for a pull still running in the pool).
+            await self._blocking(taker.close)
+        assert taker.summary is not None
+        yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, request.file))
+
+    async def RestoreVm(self, request_iterator: AsyncIterator[pb.RestoreVmRequest],
+                        context: grpc.aio.ServicerContext) -> pb.Vm:
+        """Build a VM from snapshot bytes (the stream, or files); visible only when done."""
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            first = None
+        if first is None or first.WhichOneof("payload") != "options":
+            raise InvalidArgument("the first message of RestoreVm must carry its options")
+        options = first.options
+        for name in options.files:
+            self._own_file(name)  # checked before anything is created
+        restorer = Restorer(self.host, options.vm_id, caller_identity(), current_quota.get(),
+                            options.start)
+        try:
+            if options.files:
+                store = self._store()
+                for name in options.files:
+                    for chunk in store.read(name):
+                        await self._blocking(restorer.feed, chunk)
+            else:
+                async for msg in requests:
+                    if msg.WhichOneof("payload") != "data":
+                        raise InvalidArgument("only snapshot data may follow the options")
+                    await self._blocking(restorer.feed, msg.data)
+            vm = await self._blocking(restorer.finish)
+        except BaseException:
+            await self._blocking(restorer.abort)
+            raise
+        return convert.vm_to_pb(vm)
+
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest,
+                      context: grpc.aio.ServicerContext) -> pb.ListSnapshotsResponse:
+        """The state directory's snapshot files of VMs the caller may see."""
+        store = self._store()
+        identity = caller_identity()
+        out = []
+        for name in store.names():
+            try:
+                stored = store.describe(name)
+            except (NotFound, InvalidArgument):
+                continue  # deleted meanwhile, or not a snapshot: not listed
+            if self.visible(identity, stored.owner):
+                out.append(stored_to_pb(stored))
+        return pb.ListSnapshotsResponse(snapshots=out)
+
+    def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,
+                       context: grpc.aio.ServicerContext) -> pb.DeleteSnapshotResponse:
+        """Delete a snapshot file of a VM the caller may see."""
+        self._own_file(request.file)
+        self._store().delete(request.file)
+        return pb.DeleteSnapshotResponse()

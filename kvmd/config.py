@@ -1,0 +1,247 @@
+"""kvmd's configuration: the TOML file, the flags that mirror it, and the one schema both go
+through. Anything unusable or unsafe is refused with a one-line reason (the daemon exits 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kvmd import __version__
+from kvmd.core.images import DEFAULT_IMAGES_DIR
+from kvmd.core.limits import Limits, host_limits
+
+DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
+DEFAULT_STATE_DIR = "/var/lib/kvmd"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
+# Guest memory limits default to what this host can hold (read once, at import).
+HOST_LIMITS = host_limits()
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the daemon exits 2 with this one-line reason."""
+
+
+@dataclass
+class Config:
+    """Daemon settings: the TOML config file mirrors these names; flags win. The guest
+    memory limits default to what this host can hold (kvmd.core.limits.host_limits)."""
+
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    kvm_device: str = "/dev/kvm"
+    socket_group: str = ""
+    # Snapshot files (SnapshotVm/RestoreVm with `file`). Embedded daemons (tests) have none
+    # unless given; the CLI defaults to /var/lib/kvmd.
+    state_dir: str = ""
+    # Files that may back guest memory (AddMemoryRegion/MapGuestMemory name them relative to
+    # it). Embedded daemons (tests) have none unless given (file-backed memory is off); the
+    # CLI defaults to /var/lib/kvmd/images, which may be absent (off too). Any other setting
+    # must be an existing directory.
+    images_dir: str = ""
+    max_vms: int = Limits.max_vms
+    max_vcpus_per_vm: int = Limits.max_vcpus_per_vm
+    max_memory_per_vm_bytes: int = HOST_LIMITS.max_memory_per_vm_bytes
+    max_memory_total_bytes: int = HOST_LIMITS.max_memory_total_bytes
+    max_memory_slots_per_vm: int = Limits.max_memory_slots_per_vm
+    max_irqfds_per_vm: int = Limits.max_irqfds_per_vm
+    max_ioevents_per_vm: int = Limits.max_ioevents_per_vm
+    max_message_bytes: int = Limits.max_message_bytes
+    max_concurrent_rpcs: int = Limits.max_concurrent_rpcs
+    max_calls_per_identity: int = Limits.max_calls_per_identity
+    max_streams: int = Limits.max_streams
+    max_streams_per_identity: int = Limits.max_streams_per_identity
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # The one way to run TLS on the network without client certificates and without an
+    # [authorization] table, where every peer would be an admin: say so explicitly.
+    allow_anonymous_admin: bool = False
+    authorization: dict[str, Any] = field(default_factory=dict)
+    # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
+    metrics_listen: str = "off"
+    metrics_vcpu_label: bool = False
+    metrics_tls_cert: str = ""
+    metrics_tls_key: str = ""
+    metrics_tls_client_ca: str = ""
+
+    def limits(self) -> Limits:
+        names = {f.name for f in fields(Limits)}
+        return Limits(**{k: v for k, v in vars(self).items() if k in names})
+
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+# The schema: each key's type as written in Config (with postponed annotations: a string).
+_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Config)}
+_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
+
+
+def check_value(name: str, value: Any, where: str) -> Any:
+    """`value` for key `name`, checked against the schema (bools are not integers here,
+    and a single listen address may be written as a string)."""
+    kind = _TYPES[name]
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} in {where} must be an integer, not {value!r}")
+        if name in LIMIT_NAMES and value <= 0:
+            raise ConfigError(f"{name} in {where} must be positive, not {value}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} in {where} must be true or false, not {value!r}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} in {where} must be a string, not {value!r}")
+        choices = _CHOICES.get(name)
+        if choices and value not in choices:
+            raise ConfigError(f"{name} in {where} must be one of {', '.join(choices)}, not "
+                              f"{value!r}")
+    elif kind == "list[str]":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{name} in {where} must be a non-empty list of strings, not "
+                              f"{value!r}")
+    elif kind.startswith("dict") and not isinstance(value, dict):
+        raise ConfigError(f"[{name}] in {where} must be a table")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Defaults are in the help texts: unset flags are None so the config file can fill them.
+    p = argparse.ArgumentParser(prog="kvmd", description="Serve the Linux KVM API over gRPC.")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file whose keys mirror these flags (flags win)")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help=f"unix:///path or host:port; repeatable (default {DEFAULT_LISTEN})")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="logfmt key=value lines (default) or one JSON object per line")
+    p.add_argument("--kvm-device", metavar="PATH", help="KVM device path (default /dev/kvm)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group owning Unix sockets (default: unchanged)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help=f"where snapshot files live (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--images-dir", metavar="DIR",
+                   help="directory of the files guest memory may be backed by (default "
+                        f"{DEFAULT_IMAGES_DIR}; absent: file-backed memory is off)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help=f"Prometheus /metrics address, or 'off' (default "
+                        f"{DEFAULT_METRICS_LISTEN})")
+    p.add_argument("--metrics-vcpu-label", action="store_const", const=True,
+                   help="add a vcpu label to kvmd_vcpu_exits_total")
+    p.add_argument("--metrics-tls-cert", metavar="PEM", help="serve /metrics over TLS")
+    p.add_argument("--metrics-tls-key", metavar="PEM", help="key for --metrics-tls-cert")
+    p.add_argument("--metrics-tls-client-ca", metavar="PEM",
+                   help="require scrapers' client certificates from this CA")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate for TCP listeners")
+    p.add_argument("--tls-key", metavar="PEM", help="server private key for TCP listeners")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--allow-anonymous-admin", action="store_const", const=True,
+                   help="allow TLS on a non-loopback address without client certificates "
+                        "or an authorization table (every peer is an admin)")
+    for f in fields(Limits):
+        default = getattr(HOST_LIMITS, f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
+                       help=f"limit (default {default}" + (
+                           ", from this host's memory)" if default != f.default else ")"))
+    p.add_argument("--version", action="version", version=f"kvmd {__version__}")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The file (if any), then the flags, then the derived defaults and safety checks."""
+    cfg = Config(metrics_listen=DEFAULT_METRICS_LISTEN, state_dir=DEFAULT_STATE_DIR,
+                 images_dir=DEFAULT_IMAGES_DIR)
+    if args.config:
+        try:
+            with open(args.config, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {args.config}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _TYPES:
+                raise ConfigError(f"unknown key {key!r} in {args.config}")
+            setattr(cfg, name, check_value(name, value, args.config))
+    for name in _TYPES:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, check_value(name, value, "the command line"))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys: TLS settings that cannot work or would weaken security."""
+    for name in _TYPES:
+        check_value(name, getattr(cfg, name), "the configuration")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
+                          "be verified over TLS")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if bool(cfg.metrics_tls_cert) != bool(cfg.metrics_tls_key):
+        raise ConfigError("--metrics-tls-cert and --metrics-tls-key go together")
+    for what, path in (("certificate", cfg.tls_cert), ("key", cfg.tls_key),
+                       ("client CA", cfg.tls_client_ca)):
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    if b"-----BEGIN" not in fh.read():
+                        raise ConfigError(f"TLS {what} {path} is not PEM")
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS {what} {path}: {exc.strerror}") from None
+    listeners = [parse_listen(a, bool(cfg.tls_cert)) for a in cfg.listen]
+    remote = [x.address for x in listeners if x.unix_path is None and not x.loopback]
+    if (remote and cfg.tls_cert and not cfg.tls_client_ca and not cfg.authorization
+            and not cfg.allow_anonymous_admin):
+        raise ConfigError(
+            f"refusing to serve {remote[0]} with TLS but neither client certificates "
+            "(--tls-client-ca) nor an [authorization] table: every peer on the network "
+            "would be an admin; add one of them, or set allow_anonymous_admin = true")
+
+
+# -- listeners -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Listener:
+    """One listen address: a Unix socket path, or TCP host:port (loopback or not)."""
+
+    address: str  # as given
+    target: str  # what grpc binds
+    unix_path: str | None
+    loopback: bool = False
+
+
+def parse_listen(address: str, tls: bool = False) -> Listener:
+    if address.startswith("unix:"):
+        path = address[len("unix://"):] if address.startswith("unix://") else address[5:]
+        if not path.startswith("/"):
+            raise ConfigError(f"unix listen address {address!r} needs an absolute path "
+                              "(unix:///run/kvmd/kvmd.sock)")
+        return Listener(address, f"unix://{path}", path)
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"listen address {address!r} is neither unix:///path nor host:port")
+    loopback = is_loopback(host.strip("[]"))
+    if not tls and not loopback:
+        raise ConfigError(f"refusing plain TCP on non-loopback address {address!r}: "
+                          "use --tls-cert/--tls-key, or listen on loopback")
+    return Listener(address, address, None, loopback)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

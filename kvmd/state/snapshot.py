@@ -1,0 +1,344 @@
+"""Saving a VM into the snapshot format, and building a VM from one.
+
+`SnapshotTaker` holds the VM paused while it yields the snapshot's bytes: header, the VM's
+state (each object saved its own), guest memory (sparse: only pages with data; for a diff,
+the pages dirtied since the last snapshot, zero ones as MemoryZero), trailer. `Restorer`
+takes the same bytes as they arrive, builds the VM out of sight, and registers it only when
+every snapshot in the stream has been verified; anything else leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvmd import __version__
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.dirty import SNAPSHOT, page_runs
+from kvmd.core.errors import InvalidState
+from kvmd.core.host import Host
+from kvmd.core.state import SlotState, VmState
+from kvmd.core.vm import ManagedVm, VmOptions
+from kvmd.kvm import PAGE_SIZE
+from kvmd.state.codec import vm_state_from_pb, vm_state_to_pb
+from kvmd.state.format import (
+    FORMAT_VERSION,
+    MAGIC,
+    MEMORY_RECORD_BYTES,
+    CorruptSnapshot,
+    SnapshotReader,
+    SnapshotWriter,
+)
+
+# The capabilities a saved state depends on (recorded, and checked against the target).
+STATE_CAPABILITIES = ("KVM_CAP_XSAVE", "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CAP_DEBUGREGS",
+                      "KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_PIT_STATE2",
+                      "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_TSC_CONTROL", "KVM_CAP_VCPU_EVENTS")
+LEGACY_XSAVE_BYTES = 4096
+
+
+@dataclass
+class SnapshotSummary:
+    """What a finished snapshot holds (SnapshotInfo in the API)."""
+
+    snapshot_id: str
+    base_snapshot_id: str
+    vm_id: str
+    diff: bool
+    size_bytes: int
+    memory_pages: int
+    guest_memory_bytes: int
+    created_unix_ms: int
+    seconds: float
+    owner: str
+    format_version: int = FORMAT_VERSION
+    kvmd_version: str = __version__
+
+
+def xsave_size(capabilities: dict[str, int]) -> int:
+    """Bytes of a vCPU's XSAVE image on a host with these capabilities (0: no XSAVE)."""
+    if not capabilities.get("KVM_CAP_XSAVE"):
+        return 0
+    return max(LEGACY_XSAVE_BYTES, capabilities.get("KVM_CAP_XSAVE2", 0))
+
+
+def host_features(capabilities: dict[str, int]) -> pb.HostFeatures:
+    return pb.HostFeatures(xsave_size=xsave_size(capabilities),
+                           capabilities={c: capabilities.get(c, 0) for c in STATE_CAPABILITIES})
+
+
+def check_host(features: pb.HostFeatures, state: VmState,
+               capabilities: dict[str, int]) -> None:
+    """Refuse a state this host cannot hold (FAILED_PRECONDITION), with the reason."""
+    here = xsave_size(capabilities)
+    if features.xsave_size and features.xsave_size != here:
+        raise InvalidState(f"incompatible host: the snapshot's vCPUs have {features.xsave_size}"
+                           f"-byte XSAVE images, this host's take {here}")
+    needs = {"irqchip": "KVM_CAP_IRQCHIP", "pit": "KVM_CAP_PIT2"}
+    for option, cap in needs.items():
+        if state.options.get(option) and not capabilities.get(cap):
+            raise InvalidState(f"incompatible host: the VM uses the in-kernel {option}, which "
+                               f"this host's KVM lacks ({cap})")
+
+
+class SnapshotTaker:
+    """Iterate to get a snapshot of `vm` as bytes, the VM held paused meanwhile; `summary`
+    is set once the last byte is out. Close the iterator early (a client went away) and the
+    VM is left as it was: running again unless asked otherwise, and a diff's dirty pages
+    still owed to the next snapshot."""
+
+    def __init__(self, vm: ManagedVm, diff: bool = False, leave_paused: bool = False) -> None:
+        self.vm = vm
+        self.diff = diff
+        self.leave_paused = leave_paused
+        self.summary: SnapshotSummary | None = None
+        self.snapshot_id = uuid.uuid4().hex
+        # pull() and close() may come from different threads (an RPC's pool work, then its
+        # cancellation): one at a time, and close() waits for a pull in progress.
+        self._lock = threading.Lock()
+        self._chunks: Iterator[bytes] | None = None
+        if diff and not vm.last_snapshot_id:
+            raise InvalidState(f"vm {vm.id} has no snapshot to diff against: take a full "
+                               "snapshot first", resource=vm.resource)
+
+    def __iter__(self) -> Iterator[bytes]:
+        vm = self.vm
+        started = time.monotonic()
+        writer = SnapshotWriter()
+        taken: dict[int, int] = {}  # slot -> dirty bits taken (given back on failure)
+        done = False
+        with vm.held_paused("snapshot", self.leave_paused) as run_states:
+            try:
+                state = vm.save_state(run_states)
+                layout = state.slots
+                if self.diff and layout != vm.last_snapshot_layout:
+                    raise InvalidState(f"vm {vm.id}'s memory slots changed since its last "
+                                       "snapshot: take a full snapshot", resource=vm.resource)
+                base = vm.last_snapshot_id if self.diff else ""
+                vm.dirty.add_consumer(SNAPSHOT)
+                for s in layout:
+                    if s.log_dirty:
+                        taken[s.slot] = vm.dirty.take(SNAPSHOT, vm.vm.memory_region(s.slot))
+                yield writer.record(pb.SnapshotRecord(header=pb.SnapshotHeader(
+                    magic=MAGIC, format_version=FORMAT_VERSION, kvmd_version=__version__,
+                    snapshot_id=self.snapshot_id, base_snapshot_id=base,
+                    created_unix_ms=int(time.time() * 1000), page_size=PAGE_SIZE,
+                    host=host_features(vm.shared.capabilities))))
+                yield writer.record(pb.SnapshotRecord(vm=vm_state_to_pb(state)))
+                for s in layout:
+                    yield from self._slot_memory(writer, s, taken)
+                yield writer.trailer()
+                done = True
+            finally:
+                if done:
+                    vm.last_snapshot_id, vm.last_snapshot_layout = self.snapshot_id, layout
+                else:
+                    for slot, bits in taken.items():
+                        vm.dirty.put_back(SNAPSHOT, slot, bits)
+                vm.shared.operations.record("snapshot", "diff" if self.diff else "full",
+                                            "ok" if done else "error", writer.size,
+                                            time.monotonic() - started)
+        self.summary = SnapshotSummary(
+            snapshot_id=self.snapshot_id, base_snapshot_id=base, vm_id=vm.id, diff=self.diff,
+            size_bytes=writer.size, memory_pages=writer.memory_pages,
+            guest_memory_bytes=sum(s.size for s in layout),
+            created_unix_ms=int(time.time() * 1000), seconds=time.monotonic() - started,
+            owner=vm.owner)
+
+    def pull(self, size: int) -> bytes | None:
+        """About `size` bytes more of the snapshot (None when it is complete)."""
+        with self._lock:
+            if self._chunks is None:
+                self._chunks = iter(self)
+            parts: list[bytes] = []
+            got = 0
+            for piece in self._chunks:
+                parts.append(piece)
+                got += len(piece)
+                if got >= size:
+                    break
+            return b"".join(parts) if parts else None
+
+    def close(self) -> None:
+        """End the snapshot now (complete or not): the VM is released at once."""
+        with self._lock:
+            if self._chunks is not None:
+                self._chunks.close()  # type: ignore[attr-defined]
+
+    def _slot_memory(self, writer: SnapshotWriter, s: SlotState,
+                     taken: dict[int, int]) -> Iterator[bytes]:
+        """The records of one slot: a full snapshot sends its pages with data; a diff sends
+        its dirty pages (every page of a slot without dirty logging), zero ones as zero."""
+        vm = self.vm.vm
+        if not self.diff:
+            for offset, length in vm.nonzero_page_runs(s.slot):
+                yield from self._data(writer, s, offset, length)
+            return
+        pages = s.size // PAGE_SIZE
+        bits = taken.get(s.slot, 0) if s.log_dirty else (1 << pages) - 1
+        for first, count in page_runs(bits):
+            offset, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+            for data_off, data_len in vm.nonzero_page_runs(s.slot, offset, end - offset):
+                if data_off > offset:
+                    yield writer.zero(s.slot, offset, data_off - offset)
+                yield from self._data(writer, s, data_off, data_len)
+                offset = data_off + data_len
+            if offset < end:
+                yield writer.zero(s.slot, offset, end - offset)
+
+    def _data(self, writer: SnapshotWriter, s: SlotState, offset: int,
+              length: int) -> Iterator[bytes]:
+        for done in range(0, length, MEMORY_RECORD_BYTES):
+            n = min(MEMORY_RECORD_BYTES, length - done)
+            data = self.vm.vm.read(s.guest_addr + offset + done, n)
+            yield writer.memory(s.slot, offset + done, data)
+
+
+class Restorer:
+    """Build a VM named `vm_id` from snapshot bytes fed as they arrive (a full snapshot,
+    then diffs on it). Nothing is visible before `finish`, which registers the VM; `abort`
+    (or any error) releases everything: no VM, no fd, no memory, the id free again."""
+
+    def __init__(self, host: Host, vm_id: str, owner: str, owner_quota: int = 0,
+                 start: bool = False) -> None:
+        self.host = host
+        self.vm_id = vm_id
+        self.owner = owner
+        self.start = start
+        self.reader = SnapshotReader()
+        self.vm: ManagedVm | None = None
+        self._header: pb.SnapshotHeader | None = None
+        self._state: VmState | None = None  # of the snapshot being read
+        self._final: VmState | None = None  # of the last complete snapshot
+        self._slots: dict[int, SlotState] = {}
+        self._last_id = ""
+        self._done = False
+        self._started = time.monotonic()
+        # feed/finish and abort may come from different threads (an RPC's pool work, then
+        # its cancellation): one at a time.
+        self._lock = threading.RLock()
+        host.reserve_id(vm_id, owner, owner_quota)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Apply what `data` completes; raises (after releasing everything) on bad input."""
+        with self._lock:
+            if self._done:
+                raise InvalidState(f"the restore of {self.vm_id} has ended")
+            try:
+                for record in self.reader.feed(data):
+                    self._apply(record)
+            except BaseException:
+                self.abort()
+                raise
+
+    def _apply(self, record: pb.SnapshotRecord) -> None:
+        kind = record.WhichOneof("record")
+        if kind == "header":
+            self._on_header(record.header)
+        elif kind == "vm":
+            self._on_vm(record.vm)
+        elif kind == "memory":
+            m = record.memory
+            slot = self._slot(m.slot, m.offset, len(m.data))
+            assert self.vm is not None
+            self.vm.vm.write(slot.guest_addr + m.offset, m.data)
+        elif kind == "zero":
+            z = record.zero
+            slot = self._slot(z.slot, z.offset, z.length)
+            assert self.vm is not None
+            self.vm.vm.discard(slot.guest_addr + z.offset, z.length)
+        elif kind == "trailer":
+            assert self._header is not None
+            self._last_id, self._final = self._header.snapshot_id, self._state
+
+    def _on_header(self, header: pb.SnapshotHeader) -> None:
+        if not self._last_id and header.base_snapshot_id:
+            raise InvalidState(f"snapshot {header.snapshot_id} is a diff on "
+                               f"{header.base_snapshot_id}: restore its base first")
+        if self._last_id and header.base_snapshot_id != self._last_id:
+            raise InvalidState(f"snapshot {header.snapshot_id} applies on "
+                               f"{header.base_snapshot_id or 'nothing (it is full)'}, not on "
+                               f"{self._last_id}: wrong base")
+        self._header = header
+
+    def _on_vm(self, saved: pb.SavedVm) -> None:
+        assert self._header is not None
+        state = vm_state_from_pb(saved)
+        check_host(self._header.host, state, self.host.capabilities())
+        self._state = state
+        if self.vm is None:
+            try:
+                options = VmOptions(**state.options)  # type: ignore[arg-type]
+            except TypeError as exc:
+                raise CorruptSnapshot(f"corrupt snapshot: VM options {exc}") from None
+            self.vm = self.host.build_vm(self.vm_id, state.labels, options, self.owner)
+            self.vm.restore_memory_layout(state.slots)
+            self._slots = {s.slot: s for s in state.slots}
+        elif {s.slot: s for s in state.slots} != self._slots:
+            raise InvalidState(f"snapshot {self._header.snapshot_id} has other memory slots "
+                               "than its base")
+
+    def _slot(self, number: int, offset: int, length: int) -> SlotState:
+        slot = self._slots.get(number)
+        if slot is None or offset % PAGE_SIZE or length % PAGE_SIZE or \
+                offset + length > slot.size:
+            raise CorruptSnapshot(f"corrupt snapshot: memory {offset:#x}+{length:#x} is not "
+                                  f"whole pages of slot {number}")
+        return slot
+
+    def finish(self) -> ManagedVm:
+        """The stream ended: restore the vCPUs and devices of the last snapshot, put each
+        vCPU back in its run state (or start the VM), and make it visible."""
+        with self._lock:
+            if self._done:
+                raise InvalidState(f"the restore of {self.vm_id} has ended")
+            return self._finish()
+
+    def _finish(self) -> ManagedVm:
+        try:
+            self.reader.finish()
+            assert self.vm is not None and self._final is not None
+            vm = self.vm
+            vm.restore_state(self._final)
+            vm.last_snapshot_id = self._last_id
+            vm.last_snapshot_layout = list(self._final.slots)
+            vm.dirty.add_consumer(SNAPSHOT)  # a diff of it applies on what was restored
+            vm.resume_run_states(self._final, self.start)
+            self.host.register(vm)
+            self._done = True
+            self._record("ok")
+            return vm
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.host.release_id(self.vm_id)
+
+    def abort(self) -> None:
+        """Give up: close the half-built VM (its memory and fds) and free the id."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            if self.vm is not None:
+                self.vm.close()
+                self.vm = None
+            self.host.release_id(self.vm_id)
+            self._record("error")
+
+    def _record(self, result: str) -> None:
+        kind = "diff" if self.reader.snapshots > 1 else "full"
+        self.host.shared.operations.record("restore", kind, result, self.reader.bytes_read,
+                                           time.monotonic() - self._started)
+
+
+def restore_bytes(host: Host, vm_id: str, owner: str, chunks: Iterator[bytes],
+                  start: bool = False, owner_quota: int = 0) -> ManagedVm:
+    """Restore from an iterator of snapshot bytes (files, tests)."""
+    restorer = Restorer(host, vm_id, owner, owner_quota, start)
+    for chunk in chunks:
+        restorer.feed(chunk)
+    return restorer.finish()

@@ -1,0 +1,143 @@
+"""Snapshot files in the daemon's state directory (`--state-dir`, default /var/lib/kvmd).
+
+Clients name files, never paths: a name is 1-64 characters of [A-Za-z0-9._-] and lives in
+`<state-dir>/snapshots/`. Files are written to a temporary name, synced, then linked into
+place only if the name is free (no snapshot is ever replaced or seen half-written), mode
+0600: they hold guest memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    InvalidState,
+    KernelError,
+    NotFound,
+    ResourceExhausted,
+)
+from kvmd.state.format import CorruptSnapshot, SnapshotReader
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+READ_CHUNK = 1 << 20
+
+
+@dataclass
+class StoredSnapshot:
+    """A snapshot file as ListSnapshots shows it (read from its first records)."""
+
+    name: str
+    size_bytes: int
+    header: pb.SnapshotHeader
+    vm_id: str
+    owner: str
+    guest_memory_bytes: int
+
+
+def _os_error(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"{what}: the state directory is full")
+    return KernelError(f"{what}: {exc.strerror}", errno=exc.errno)
+
+
+class SnapshotStore:
+    """The snapshot files of one state directory."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "snapshots")
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot create {self.dir}") from None
+
+    def path(self, name: str) -> str:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InvalidArgument(f"snapshot file {name[:80]!r} is not a valid name (1-64 "
+                                  "characters of A-Z a-z 0-9 . _ -, starting with a letter or "
+                                  "digit)")
+        return os.path.join(self.dir, name)
+
+    def write(self, name: str, chunks: Iterable[bytes]) -> int:
+        """Write a new file from `chunks`; returns its size. An existing name is refused
+        before anything is written, and a failure leaves no file behind."""
+        final = self.path(name)
+        if os.path.lexists(final):
+            raise AlreadyExists(f"snapshot file {name!r} already exists")
+        tmp = os.path.join(self.dir, f".{name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot write {name}") from None
+        size = 0
+        try:
+            try:
+                with os.fdopen(fd, "wb", buffering=0) as fh:
+                    for chunk in chunks:
+                        fh.write(chunk)
+                        size += len(chunk)
+                    os.fsync(fh.fileno())
+                os.link(tmp, final)  # fails if the name was taken meanwhile: never replaces
+            except FileExistsError:
+                raise AlreadyExists(f"snapshot file {name!r} already exists") from None
+            except OSError as exc:
+                raise _os_error(exc, f"cannot write {name}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        return size
+
+    def read(self, name: str) -> Iterator[bytes]:
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise NotFound(f"no snapshot file {name!r}") from None
+        except OSError as exc:
+            raise _os_error(exc, f"cannot read {name}") from None
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            while chunk := fh.read(READ_CHUNK):
+                yield chunk
+
+    def describe(self, name: str) -> StoredSnapshot:
+        """Header, VM id and owner of a file (its first records)."""
+        path = self.path(name)
+        reader = SnapshotReader()
+        header: pb.SnapshotHeader | None = None
+        try:
+            size = os.path.getsize(path)
+            for chunk in self.read(name):
+                for record in reader.feed(chunk):
+                    if record.HasField("header"):
+                        header = record.header
+                    elif record.HasField("vm") and header is not None:
+                        vm = record.vm
+                        return StoredSnapshot(name, size, header, vm.vm_id, vm.owner,
+                                              sum(s.size for s in vm.slots))
+        except FileNotFoundError:
+            raise NotFound(f"no snapshot file {name!r}") from None
+        except (CorruptSnapshot, InvalidState) as exc:
+            raise CorruptSnapshot(f"snapshot file {name!r}: {exc}") from None
+        raise CorruptSnapshot(f"snapshot file {name!r} has no VM state")
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.dir) if NAME.match(n))
+        except OSError as exc:
+            raise _os_error(exc, f"cannot list {self.dir}") from None
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            raise NotFound(f"no snapshot file {name!r}") from None
+        except OSError as exc:
+            raise _os_error(exc, f"cannot delete {name}") from None
