@@ -493,6 +493,12 @@ class ManagedVm:
             with kernel_errors(self.resource):
                 released = self.vm.discard(guest_addr, size)
             self.discarded_bytes_total += released
+            # The range now reads zeros: a change, like a host write, for diff snapshots and
+            # migration (GetDirtyLog follows KVM: guest writes only).
+            for region in self.vm.memory_regions():
+                lo, hi = max(region.guest_addr, guest_addr), min(region.end, end)
+                if lo < hi and region.log_dirty:
+                    self.dirty.mark(region.slot, lo - region.guest_addr, hi - lo)
         log.debug("guest memory discarded", extra={"vm_id": self.id, "size": size,
                                                     "released": released})
         return released
@@ -640,6 +646,18 @@ class ManagedVm:
                     self.vm.msync_memory_region(slot, lo, hi - lo)
                 synced += hi - lo
         return synced
+
+    def check_no_files(self, purpose: str) -> None:
+        """Refuse (InvalidState) to save a VM with files of the images directory mapped:
+        a saved VmState carries guest memory by value and has no place yet for memory that
+        travels by reference (`file_backed_ranges`), so the copy would silently lose them."""
+        with self.lock:
+            files = sorted({r.image for r in self._files().values()})
+        if files:
+            raise InvalidState(
+                f"vm {self.id} has memory files mapped ({', '.join(files)}): a {purpose} of "
+                "file-backed memory is not supported yet; unmap or remove them first",
+                resource=self.resource)
 
     def file_backed_ranges(self) -> list[FileBackedRange]:
         """Every file of the images directory mapped into the VM (whole slots and parts of
@@ -1039,6 +1057,7 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            self.check_no_files("saved state")
             vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
             irqchip = pit = clock = None
             with kernel_errors(self.resource):
