@@ -41,6 +41,8 @@ def _request_with_vm_id(method: MethodDescriptor, vm_id: str) -> Any | None:
         return req
     if "vcpu" in fields:
         return cls(vcpu=pb.VcpuRef(vm_id=vm_id))
+    if method.name == "RestoreVm":  # the first message's options name the new VM
+        return cls(options=pb.RestoreVmOptions(vm_id=vm_id))
     if method.name == "HandleExits":
         return cls(claim=pb.ClaimRequest(vm_id=vm_id, ranges=[
             pb.AddressRange(space=pb.PIO, base=0x3F0, length=1)]))
@@ -93,7 +95,8 @@ def _codes_for_vm_id(api: RunningDaemon, vm_id: str) -> dict[str, str]:
 
 def test_every_vm_scoped_rpc_is_covered() -> None:
     without = [m.name for m in _methods() if _request_with_vm_id(m, "a") is None]
-    assert without == ["GetInfo", "GetSupportedCpuid", "ListVms"]
+    assert without == ["GetInfo", "GetSupportedCpuid", "ListVms", "ListSnapshots",
+                       "DeleteSnapshot"]
 
 
 def test_empty_vm_id_is_invalid_argument_on_every_rpc(api: RunningDaemon) -> None:
