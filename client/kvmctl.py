@@ -182,6 +182,10 @@ def _region_flags(region: vmm_pb2.MemoryRegion) -> str:
         flags.append("read-only")
     if region.log_dirty:
         flags.append("log-dirty")
+    if region.file.name:
+        flags.append(f"file={region.file.name}")
+    if region.mappings:
+        flags.append(f"files-mapped={len(region.mappings)}")
     return ",".join(flags) or "-"
 
 
@@ -219,6 +223,10 @@ def _vm_details(vm: vmm_pb2.Vm) -> str:
             ("vcpus", vm.vcpu_count),
             ("memory slots", vm.memory_slot_count),
             ("memory", f"{human_bytes(vm.memory_bytes)} ({vm.memory_bytes} bytes)"),
+            ("allocated", f"{human_bytes(vm.memory_allocated_bytes)} "
+                          f"({vm.memory_allocated_bytes} bytes of host memory)"),
+            ("discarded", f"{human_bytes(vm.discarded_bytes)} "
+                          f"({vm.discarded_bytes} bytes released, in all)"),
             ("owner", vm.owner or "-"),
             ("created", _timestamp(vm.created_unix_ms)),
             ("reason", vm.reason or "-"),
@@ -451,8 +459,11 @@ def cmd_vm_delete(c: KvmdClient, a: argparse.Namespace) -> None:
 
 
 def cmd_mem_add(c: KvmdClient, a: argparse.Namespace) -> None:
+    if a.offset and a.file is None:
+        raise UsageError("--offset needs --file")
     region = c.add_memory_region(
-        a.vm, a.guest_addr, a.size, read_only=a.read_only, log_dirty=a.log_dirty
+        a.vm, a.guest_addr, a.size, read_only=a.read_only, log_dirty=a.log_dirty,
+        file=a.file, file_offset=a.offset,
     )
     _show(a, region, lambda r: _regions_table([r]))
 
@@ -506,6 +517,44 @@ def cmd_mem_read(c: KvmdClient, a: argparse.Namespace) -> None:
         sys.stdout.buffer.flush()
     else:
         _out(hexdump(data, a.guest_addr))
+
+
+# -- mem discard / map / unmap / sync (guest memory: discard and files) --
+
+
+def _mapping_line(m: vmm_pb2.GuestFileMapping) -> str:
+    mode = "read-only" if m.file.read_only else "read-write"
+    return (f"slot {m.slot} {_hex(m.offset)}+{human_bytes(m.size)} (guest {_hex(m.guest_addr)}): "
+            f"{m.file.name} from {_hex(m.file.offset)}, {mode}")
+
+
+def cmd_mem_discard(c: KvmdClient, a: argparse.Namespace) -> None:
+    released = c.discard_guest_memory(a.vm, a.guest_addr, a.size)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "size": a.size,
+                    "released_bytes": released})
+    else:
+        _out(f"discarded {_hex(a.guest_addr)}+{human_bytes(a.size)} in vm {a.vm}: "
+             f"{human_bytes(released)} ({released} bytes) of host memory released")
+
+
+def cmd_mem_map(c: KvmdClient, a: argparse.Namespace) -> None:
+    mapping = c.map_guest_memory(a.vm, a.slot, a.offset, a.size, a.file,
+                                 file_offset=a.file_offset, read_only=a.read_only)
+    _show(a, mapping, lambda m: "mapped " + _mapping_line(m))
+
+
+def cmd_mem_unmap(c: KvmdClient, a: argparse.Namespace) -> None:
+    mapping = c.unmap_guest_memory(a.vm, a.slot, a.offset, a.size)
+    _show(a, mapping, lambda m: "unmapped " + _mapping_line(m))
+
+
+def cmd_mem_sync(c: KvmdClient, a: argparse.Namespace) -> None:
+    synced = c.sync_guest_memory(a.vm, a.slot, a.offset, a.size)
+    if a.json:
+        _emit_json({"vm_id": a.vm, "slot": a.slot, "synced_bytes": synced})
+    else:
+        _out(f"synced {human_bytes(synced)} ({synced} bytes) of slot {a.slot} to its files")
 
 
 def cmd_dirty_log(c: KvmdClient, a: argparse.Namespace) -> None:
@@ -1336,8 +1385,14 @@ def build_parser() -> argparse.ArgumentParser:
     _vm_arg(p)
     p.add_argument("guest_addr", metavar="ADDR", type=parse_int, help="page-aligned address")
     p.add_argument("size", metavar="SIZE", type=parse_size, help="bytes (K/M/G suffixes)")
-    p.add_argument("--read-only", action="store_true", help="guest writes exit as MMIO")
+    p.add_argument("--read-only", action="store_true",
+                   help="guest writes exit as MMIO (with --file: the file is opened read-only)")
     p.add_argument("--log-dirty", action="store_true", help="track dirty pages")
+    p.add_argument("--file", metavar="NAME",
+                   help="back the slot with this file of the daemon's images directory "
+                   "(shared: guest writes reach it)")
+    p.add_argument("--offset", type=parse_int, default=0, metavar="N",
+                   help="with --file: where the slot starts in the file (page aligned)")
     _finish(p)
     p = _leaf(mems, "rm", cmd_mem_rm, "remove a memory region", aliases=["remove"])
     _vm_arg(p)
@@ -1363,6 +1418,43 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--out", "-o", metavar="PATH", help="write the bytes to this file")
     out.add_argument("--raw", action="store_true", help="write the raw bytes to stdout")
+    _finish(p)
+    # mem discard / map / unmap / sync
+    p = _leaf(mems, "discard", cmd_mem_discard,
+              "give the host pages behind a guest range back (balloon inflate); the range "
+              "reads zeros until the guest writes it again")
+    _vm_arg(p)
+    p.add_argument("guest_addr", metavar="ADDR", type=parse_int, help="page-aligned address")
+    p.add_argument("size", metavar="SIZE", type=parse_size, help="page-aligned bytes")
+    _finish(p)
+    p = _leaf(mems, "map", cmd_mem_map,
+              "map a file of the daemon's images directory over part of a slot")
+    _vm_arg(p)
+    p.add_argument("slot", metavar="SLOT", type=parse_int)
+    p.add_argument("offset", metavar="OFFSET", type=parse_int, help="within the slot")
+    p.add_argument("size", metavar="SIZE", type=parse_size, help="page-aligned bytes")
+    p.add_argument("--file", metavar="NAME", required=True,
+                   help="file name relative to the images directory")
+    p.add_argument("--file-offset", type=parse_int, default=0, metavar="N",
+                   help="where the mapping starts in the file (page aligned)")
+    p.add_argument("--read-only", action="store_true",
+                   help="open and map the file read-only (needs a read-only slot)")
+    _finish(p)
+    p = _leaf(mems, "unmap", cmd_mem_unmap,
+              "unmap a file mapped over part of a slot (msync first)")
+    _vm_arg(p)
+    p.add_argument("slot", metavar="SLOT", type=parse_int)
+    p.add_argument("offset", metavar="OFFSET", type=parse_int)
+    p.add_argument("size", metavar="SIZE", type=parse_size)
+    _finish(p)
+    p = _leaf(mems, "sync", cmd_mem_sync,
+              "write guest writes to a slot's files back to disk (msync)")
+    _vm_arg(p)
+    p.add_argument("slot", metavar="SLOT", type=parse_int)
+    p.add_argument("--offset", type=parse_int, default=0, metavar="N",
+                   help="start within the slot (default 0)")
+    p.add_argument("--size", type=parse_size, default=0, metavar="N",
+                   help="bytes (default: to the end of the slot)")
     _finish(p)
 
     # dirty-log

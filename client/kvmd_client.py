@@ -642,8 +642,15 @@ class KvmdClient:
         *,
         read_only: bool = False,
         log_dirty: bool = False,
+        file: str | None = None,
+        file_offset: int = 0,
     ) -> vmm_pb2.MemoryRegion:
-        """Map ``size`` bytes of new zeroed memory at ``guest_addr``; returns it with its slot."""
+        """Map ``size`` bytes of new zeroed memory at ``guest_addr``; returns it with its slot.
+
+        With ``file`` (a name in the daemon's images directory), the slot is that file from
+        ``file_offset`` instead, mapped shared (guest writes reach the file; see
+        :meth:`sync_guest_memory`); ``read_only`` then opens and maps the file read-only too.
+        """
         request = vmm_pb2.AddMemoryRegionRequest(
             vm_id=vm_id,
             guest_addr=guest_addr,
@@ -651,6 +658,12 @@ class KvmdClient:
             read_only=read_only,
             log_dirty=log_dirty,
         )
+        if file is not None:
+            request.file.CopyFrom(
+                vmm_pb2.MemoryFile(name=file, offset=file_offset, read_only=read_only)
+            )
+        elif file_offset:
+            raise ValueError("file_offset needs a file")
         return self._unary(self._memory.AddMemoryRegion, request)
 
     def remove_memory_region(self, vm_id: str, slot: int) -> vmm_pb2.MemoryRegion:
@@ -824,6 +837,52 @@ class KvmdClient:
     def dirty_pages(self, vm_id: str, slot: int) -> list[int]:
         """Indices (within the slot) of the pages dirtied since the last read (resets the log)."""
         return self.dirty_log(vm_id, slot).pages()
+
+    # -- Memory: discard and files of the images directory ---------------------------------
+
+    def discard_guest_memory(self, vm_id: str, guest_addr: int, size: int) -> int:
+        """Give the host pages behind ``[guest_addr, guest_addr+size)`` back (balloon
+        inflate; page aligned, not file-backed). The range reads zeros afterwards; the guest
+        touching it again gets fresh pages. Returns the bytes of host memory released."""
+        request = vmm_pb2.DiscardGuestMemoryRequest(vm_id=vm_id, guest_addr=guest_addr, size=size)
+        return int(self._unary(self._memory.DiscardGuestMemory, request).released_bytes)
+
+    def map_guest_memory(
+        self,
+        vm_id: str,
+        slot: int,
+        offset: int,
+        size: int,
+        file: str,
+        *,
+        file_offset: int = 0,
+        read_only: bool = False,
+    ) -> vmm_pb2.GuestFileMapping:
+        """Map ``size`` bytes of ``file`` (a name in the images directory, from
+        ``file_offset``) over ``[offset, offset+size)`` of ``slot``. A read-only file needs a
+        read-only slot."""
+        request = vmm_pb2.MapGuestMemoryRequest(
+            vm_id=vm_id,
+            slot=slot,
+            offset=offset,
+            size=size,
+            file=vmm_pb2.MemoryFile(name=file, offset=file_offset, read_only=read_only),
+        )
+        return self._unary(self._memory.MapGuestMemory, request)
+
+    def unmap_guest_memory(
+        self, vm_id: str, slot: int, offset: int, size: int
+    ) -> vmm_pb2.GuestFileMapping:
+        """Undo :meth:`map_guest_memory` (msync first); the slot's own memory reappears.
+        Returns the mapping removed."""
+        request = vmm_pb2.UnmapGuestMemoryRequest(vm_id=vm_id, slot=slot, offset=offset, size=size)
+        return self._unary(self._memory.UnmapGuestMemory, request).mapping
+
+    def sync_guest_memory(self, vm_id: str, slot: int, offset: int = 0, size: int = 0) -> int:
+        """msync the writable files mapped in ``[offset, offset+size)`` of ``slot`` (size 0:
+        to the slot's end); returns the bytes written back."""
+        request = vmm_pb2.SyncGuestMemoryRequest(vm_id=vm_id, slot=slot, offset=offset, size=size)
+        return int(self._unary(self._memory.SyncGuestMemory, request).synced_bytes)
 
     # -- Interrupts ------------------------------------------------------------------------
 

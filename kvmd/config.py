@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kvmd import __version__
+from kvmd.core.images import DEFAULT_IMAGES_DIR
 from kvmd.core.limits import Limits, host_limits
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
@@ -39,6 +40,11 @@ class Config:
     # Snapshot files (SnapshotVm/RestoreVm with `file`). Embedded daemons (tests) have none
     # unless given; the CLI defaults to /var/lib/kvmd.
     state_dir: str = ""
+    # Files that may back guest memory (AddMemoryRegion/MapGuestMemory name them relative to
+    # it). Embedded daemons (tests) have none unless given (file-backed memory is off); the
+    # CLI defaults to /var/lib/kvmd/images, which may be absent (off too). Any other setting
+    # must be an existing directory.
+    images_dir: str = ""
     max_vms: int = Limits.max_vms
     max_vcpus_per_vm: int = Limits.max_vcpus_per_vm
     max_memory_per_vm_bytes: int = HOST_LIMITS.max_memory_per_vm_bytes
@@ -122,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group owning Unix sockets (default: unchanged)")
     p.add_argument("--state-dir", metavar="DIR",
                    help=f"where snapshot files live (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--images-dir", metavar="DIR",
+                   help="directory of the files guest memory may be backed by (default "
+                        f"{DEFAULT_IMAGES_DIR}; absent: file-backed memory is off)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help=f"Prometheus /metrics address, or 'off' (default "
                         f"{DEFAULT_METRICS_LISTEN})")
@@ -149,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> Config:
     """The file (if any), then the flags, then the derived defaults and safety checks."""
-    cfg = Config(metrics_listen=DEFAULT_METRICS_LISTEN, state_dir=DEFAULT_STATE_DIR)
+    cfg = Config(metrics_listen=DEFAULT_METRICS_LISTEN, state_dir=DEFAULT_STATE_DIR,
+                 images_dir=DEFAULT_IMAGES_DIR)
     if args.config:
         try:
             with open(args.config, "rb") as fh:

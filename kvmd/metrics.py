@@ -100,6 +100,11 @@ class KvmdCollector(Collector):
                                       labels=["vm", "direction"])
         vm_state = GaugeMetricFamily("kvmd_vm_state", "1 for the state each VM is in",
                                      labels=["vm", "state"])
+        discarded = CounterMetricFamily("kvmd_guest_memory_discarded_bytes", "Host memory "
+                                        "released by DiscardGuestMemory", labels=["vm"])
+        allocated = GaugeMetricFamily("kvmd_guest_memory_allocated_bytes", "Host memory the "
+                                      "VM's own guest memory holds now (memfd blocks; "
+                                      "file-backed slots excluded)", labels=["vm"])
         vcpus = {state: 0 for state in VCPU_STATES}
         kernel: dict[str, Any] = {}
         for vm in vms:
@@ -131,6 +136,8 @@ class KvmdCollector(Collector):
             console.add_metric([vm.id, "in"], vm.console.bytes_in)
             for state in ("created", "running", "paused", "stopped", "crashed"):
                 vm_state.add_metric([vm.id, state], 1 if vm.state == state else 0)
+            discarded.add_metric([vm.id], vm.discarded_bytes_total)
+            allocated.add_metric([vm.id], vm.memory_allocated_bytes())
             self._kernel_stats(vm, kernel)
         yield exits
         yield unclaimed
@@ -139,6 +146,8 @@ class KvmdCollector(Collector):
         yield dirty
         yield console
         yield vm_state
+        yield discarded
+        yield allocated
         yield GaugeMetricFamily("kvmd_vms", "VMs held by the daemon", value=len(vms))
         vcpu_gauge = GaugeMetricFamily("kvmd_vcpus", "vCPUs by state", labels=["state"])
         for state, n in vcpus.items():

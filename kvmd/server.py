@@ -41,6 +41,7 @@ from kvmd.config import (
 )
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
+from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
 from kvmd.logs import setup_logging
 from kvmd.metrics import (
     MetricsInterceptor,
@@ -154,6 +155,11 @@ class Daemon:
             raise ConfigError(f"authorization: {exc}") from None
         self.tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert \
             else None
+        if cfg.images_dir:
+            problem = validate_images_dir(cfg.images_dir,
+                                          required=cfg.images_dir != DEFAULT_IMAGES_DIR)
+            if problem:
+                raise ConfigError(problem)
         self.watchdog: Watchdog | None = None
         self.host: Host | None = None
         self.server: grpc.aio.Server | None = None
@@ -178,8 +184,12 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
+        images_dir = self.cfg.images_dir or None
+        if images_dir is None or not os.path.isdir(images_dir):
+            log.info("no images directory: file-backed guest memory is off",
+                     extra={"images_dir": images_dir or "-"})
         try:
-            self.host = Host(self.limits, self.cfg.kvm_device)
+            self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)

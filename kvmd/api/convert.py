@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import page_runs
+from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
 from kvmd.kvm import (
@@ -27,9 +28,35 @@ from kvmd.state.codec import (
 )
 
 
-def region_to_pb(r: MemoryRegionInfo) -> pb.MemoryRegion:
-    return pb.MemoryRegion(slot=r.slot, guest_addr=r.guest_addr, size=r.size,
-                           read_only=r.read_only, log_dirty=r.log_dirty)
+def region_to_pb(r: MemoryRegionInfo, files: list[FileBackedRange] | None = None,
+                 allocated_bytes: int = 0) -> pb.MemoryRegion:
+    msg = pb.MemoryRegion(slot=r.slot, guest_addr=r.guest_addr, size=r.size,
+                          read_only=r.read_only, log_dirty=r.log_dirty,
+                          allocated_bytes=allocated_bytes)
+    for f in files or []:
+        if f.whole_slot:
+            msg.file.CopyFrom(memory_file_to_pb(f.memory_file))
+        else:
+            msg.mappings.append(file_mapping_to_pb(f))
+    return msg
+
+
+def vm_region_to_pb(vm: ManagedVm, r: MemoryRegionInfo) -> pb.MemoryRegion:
+    """A slot of `vm` with its files and the host memory it holds now."""
+    return region_to_pb(r, vm.region_files(r.slot), vm.slot_allocated_bytes(r.slot))
+
+
+def memory_file_to_pb(f: MemoryFile) -> pb.MemoryFile:
+    return pb.MemoryFile(name=f.name, offset=f.offset, read_only=f.read_only)
+
+
+def memory_file_from_pb(msg: pb.MemoryFile) -> MemoryFile:
+    return MemoryFile(msg.name, msg.offset, msg.read_only)
+
+
+def file_mapping_to_pb(f: FileBackedRange) -> pb.GuestFileMapping:
+    return pb.GuestFileMapping(slot=f.slot, offset=f.offset, size=f.size,
+                               guest_addr=f.guest_addr, file=memory_file_to_pb(f.memory_file))
 
 
 def vm_options_from_pb(o: pb.VmOptions) -> VmOptions:
@@ -55,7 +82,9 @@ def vm_to_pb(vm: ManagedVm) -> pb.Vm:
         vcpu_count=len(vcpus), memory_slot_count=len(regions),
         memory_bytes=sum(r.size for r in regions), created_unix_ms=vm.created_unix_ms,
         owner=vm.owner, vcpu_states={v.id: v.state for v in vcpus},
-        dirty_pages_per_second=vm.dirty.rate, dirty_rate_unix_ms=vm.dirty.rate_unix_ms)
+        dirty_pages_per_second=vm.dirty.rate, dirty_rate_unix_ms=vm.dirty.rate_unix_ms,
+        discarded_bytes=vm.discarded_bytes_total,
+        memory_allocated_bytes=vm.memory_allocated_bytes())
     if vm.exit_code is not None:
         msg.exit_code = vm.exit_code
     return msg

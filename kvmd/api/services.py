@@ -183,22 +183,32 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
 
     def AddMemoryRegion(self, request: pb.AddMemoryRegionRequest,
                         context: Any) -> pb.MemoryRegion:
-        """Map new daemon-owned memory into the guest; returns the slot."""
-        info = self._vm(request.vm_id).add_memory_region(
-            request.guest_addr, request.size, request.read_only, request.log_dirty)
-        return convert.region_to_pb(info)
+        """Map new daemon-owned memory (or a file of the images directory) into the
+        guest; returns the slot."""
+        vm = self._vm(request.vm_id)
+        if request.HasField("file"):
+            info = vm.add_file_memory_region(
+                request.guest_addr, request.size, request.read_only, request.log_dirty,
+                convert.memory_file_from_pb(request.file))
+        else:
+            info = vm.add_memory_region(
+                request.guest_addr, request.size, request.read_only, request.log_dirty)
+        return convert.vm_region_to_pb(vm, info)
 
     def RemoveMemoryRegion(self, request: pb.RemoveMemoryRegionRequest,
                            context: Any) -> pb.RemoveMemoryRegionResponse:
-        """Unmap a slot and free its memory."""
-        info = self._vm(request.vm_id).remove_memory_region(request.slot)
-        return pb.RemoveMemoryRegionResponse(region=convert.region_to_pb(info))
+        """Unmap a slot and free its memory (msync-ing its files)."""
+        vm = self._vm(request.vm_id)
+        files = vm.region_files(request.slot)
+        info = vm.remove_memory_region(request.slot)
+        return pb.RemoveMemoryRegionResponse(region=convert.region_to_pb(info, files))
 
     def ListMemoryRegions(self, request: pb.ListMemoryRegionsRequest,
                           context: Any) -> pb.ListMemoryRegionsResponse:
         """Every slot of the VM, by guest address."""
-        regions = self._vm(request.vm_id).memory_regions()
-        return pb.ListMemoryRegionsResponse(regions=[convert.region_to_pb(r) for r in regions])
+        vm = self._vm(request.vm_id)
+        return pb.ListMemoryRegionsResponse(regions=[convert.vm_region_to_pb(vm, r)
+                                                     for r in vm.memory_regions()])
 
     async def WriteGuestMemory(self,
                                request_iterator: AsyncIterator[pb.WriteGuestMemoryRequest],
@@ -268,6 +278,35 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
                 slot=info.slot, first_page=off * 8, bitmap=piece, dirty_pages=dirty,
                 total_pages=total_pages, last=last,
                 total_dirty_pages=total_dirty if last else 0)
+
+    def DiscardGuestMemory(self, request: pb.DiscardGuestMemoryRequest,
+                           context: Any) -> pb.DiscardGuestMemoryResponse:
+        """Release the host pages behind a range of guest memory (balloon inflate)."""
+        released = self._vm(request.vm_id).discard_memory(request.guest_addr, request.size)
+        return pb.DiscardGuestMemoryResponse(released_bytes=released)
+
+    def MapGuestMemory(self, request: pb.MapGuestMemoryRequest,
+                       context: Any) -> pb.GuestFileMapping:
+        """Map a file of the images directory over part of a slot."""
+        vm = self._vm(request.vm_id)
+        if not request.HasField("file"):
+            raise InvalidArgument("MapGuestMemory needs a file")
+        record = vm.map_file(request.slot, request.offset, request.size,
+                             convert.memory_file_from_pb(request.file))
+        return convert.file_mapping_to_pb(record)
+
+    def UnmapGuestMemory(self, request: pb.UnmapGuestMemoryRequest,
+                         context: Any) -> pb.UnmapGuestMemoryResponse:
+        """Unmap a file mapped over part of a slot (msync first)."""
+        record = self._vm(request.vm_id).unmap_file(request.slot, request.offset, request.size)
+        return pb.UnmapGuestMemoryResponse(mapping=convert.file_mapping_to_pb(record))
+
+    def SyncGuestMemory(self, request: pb.SyncGuestMemoryRequest,
+                        context: Any) -> pb.SyncGuestMemoryResponse:
+        """msync the writable files mapped in part of a slot."""
+        synced = self._vm(request.vm_id).sync_memory(request.slot, request.offset,
+                                                     request.size)
+        return pb.SyncGuestMemoryResponse(synced_bytes=synced)
 
 
     def ClearDirtyLog(self, request: pb.ClearDirtyLogRequest,

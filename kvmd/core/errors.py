@@ -110,6 +110,7 @@ _ERRNO_CLASSES: dict[int, type[DomainError]] = {
     _errno.ENODEV: Unsupported,
     _errno.ENOTTY: Unsupported,
     _errno.EBADF: InvalidState,
+    _errno.EACCES: InvalidState,  # a host write where a file is mapped read-only
 }
 
 

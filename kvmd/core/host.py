@@ -16,6 +16,7 @@ from kvmd.core.errors import (
 )
 from kvmd.core.events import FdWatcher
 from kvmd.core.histogram import Histogram
+from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
 from kvmd.core.stats import OperationStats
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
@@ -60,6 +61,8 @@ class HostShared:
     operations: OperationStats = field(default_factory=OperationStats)
     crashes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Where file-backed guest memory comes from (None: file-backed memory is off).
+    images: ImagesDir | None = None
 
     def count_crash(self, reason: str) -> None:
         # A small label set: the reason's kind ("shutdown", "internal_error", ...).
@@ -71,7 +74,8 @@ class HostShared:
 class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
-    def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm") -> None:
+    def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
+                 images_dir: str | None = None) -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -87,7 +91,8 @@ class Host:
         with kernel_errors("host"):
             msr_index_list = self.kvm.get_msr_index_list()
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
-                                 self.capabilities(), msr_index_list)
+                                 self.capabilities(), msr_index_list,
+                                 images=ImagesDir(images_dir) if images_dir else None)
         self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------

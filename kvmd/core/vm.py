@@ -46,6 +46,13 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.events import Broadcaster, Subscription
+from kvmd.core.images import (
+    FileBackedRange,
+    ImagesDir,
+    MemoryFile,
+    OpenedImage,
+    normalize_name,
+)
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.state import (
     IoeventState,
@@ -73,6 +80,7 @@ from kvmd.kvm import (
     Datamatch,
     EventFd,
     FailEntryExit,
+    FileBacking,
     HltExit,
     InternalErrorExit,
     IoEventAddress,
@@ -354,9 +362,11 @@ class ManagedVm:
 
     def add_memory_region(self, guest_addr: int, size: int, read_only: bool,
                           log_dirty: bool, *, slot: int | None = None,
-                          backing: MemfdBacking | None = None) -> MemoryRegionInfo:
-        """Map new zeroed guest memory (or, for a take-over, an adopted memfd) within the
-        VM's and the daemon's limits. `slot` asks for an exact slot number (restores)."""
+                          backing: FileBacking | MemfdBacking | None = None
+                          ) -> MemoryRegionInfo:
+        """Map new zeroed guest memory (or, for a take-over, an adopted memfd; or a file of
+        the images directory, see add_file_memory_region) within the VM's and the daemon's
+        limits. `slot` asks for an exact slot number (restores)."""
         if size <= 0:
             raise InvalidArgument("memory region size must be positive")
         if guest_addr % PAGE_SIZE:
@@ -388,6 +398,7 @@ class ManagedVm:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.remove_memory_region(slot)
             self.dirty.forget_slot(slot)
+            self._forget_files(slot)
         self._budget.release(info.size)
         return info
 
@@ -484,6 +495,270 @@ class ManagedVm:
                 for consumer in (SNAPSHOT, MIGRATION):
                     self.dirty.mark_all(consumer, info)
             return info
+
+    # -- discard and file-backed memory ---------------------------------------------------
+    #
+    # "Pages the guest has" are the pages its slots' own memfds hold: the binding reads them
+    # (allocated_bytes: st_blocks; populated_ranges: SEEK_DATA/SEEK_HOLE; nonzero_page_runs)
+    # and this section is the one place the daemon asks. DiscardGuestMemory punches holes
+    # there; sparse snapshots and migration copy only what `guest_pages` returns.
+    #
+    # The memory budget charges reservations, not allocations: a slot reserves its full size
+    # from AddMemoryRegion to RemoveMemoryRegion (or DeleteVm), file-backed or not, and a
+    # discard does not give any of it back. The guest may touch a discarded range again at
+    # any time, without asking, and the daemon cannot refuse that page fault; a budget that
+    # shrank on discard would let the guests' possible memory exceed max_memory_total_bytes.
+    # What the host pays now is reported beside the reservation: memory_allocated_bytes,
+    # allocated_bytes per slot, kvmd_guest_memory_allocated_bytes.
+
+    # Class defaults, so __init__ stays as it was: set by the methods below, under the lock.
+    discarded_bytes_total = 0  # bytes DiscardGuestMemory released over the VM's life
+    _file_ranges: dict[tuple[int, int], FileBackedRange] | None = None  # (slot, offset) ->
+
+    def _files(self) -> dict[tuple[int, int], FileBackedRange]:
+        if self._file_ranges is None:
+            self._file_ranges = {}
+        return self._file_ranges
+
+    def _forget_files(self, slot: int) -> None:
+        """Drop the records of a removed slot (its files were msync'ed and closed)."""
+        for key in [k for k in self._files() if k[0] == slot]:
+            del self._files()[key]
+
+    def _images(self) -> ImagesDir:
+        images = self.shared.images
+        if images is None:
+            raise InvalidState("this daemon has no images directory (--images-dir): "
+                               "file-backed memory is off", resource=self.resource)
+        return images
+
+    def _slot(self, slot: int) -> MemoryRegionInfo:
+        with kernel_errors(f"{self.resource}/slot/{slot}"):
+            return self.vm.memory_region(slot)
+
+    @staticmethod
+    def _check_pages(what: str, offset: int, size: int, allow_empty: bool = False) -> None:
+        if size < 0 or (size == 0 and not allow_empty):
+            raise InvalidArgument(f"{what} size must be positive")
+        if offset % PAGE_SIZE or size % PAGE_SIZE:
+            raise InvalidArgument(f"{what} {offset:#x}+{size:#x} is not page aligned "
+                                  f"({PAGE_SIZE} bytes)")
+
+    @staticmethod
+    def _check_file(file: MemoryFile) -> None:
+        normalize_name(file.name)
+        if file.offset % PAGE_SIZE:
+            raise InvalidArgument(f"file offset {file.offset:#x} is not page aligned "
+                                  f"({PAGE_SIZE} bytes)")
+
+    @staticmethod
+    def _check_file_size(image: OpenedImage, file: MemoryFile, size: int) -> None:
+        if image.identity.size < file.offset + size:
+            raise InvalidArgument(
+                f"memory file {image.name!r} has {image.identity.size} bytes; the mapping "
+                f"needs {file.offset + size} (offset {file.offset:#x} + size {size:#x})",
+                resource=f"images/{image.name}")
+
+    def discard_memory(self, guest_addr: int, size: int) -> int:
+        """Release the host pages behind guest [guest_addr, guest_addr+size): page aligned,
+        inside guest memory (it may span adjacent slots) and backed by the slots' own
+        memory, not by files (InvalidState). The range reads zeros afterwards; the guest
+        touching it again gets fresh pages. Returns the bytes the kernel freed."""
+        self._check_pages("discard", guest_addr, size)
+        with self.lock:
+            end = guest_addr + size
+            covered = sum(max(0, min(r.end, end) - max(r.guest_addr, guest_addr))
+                          for r in self.vm.memory_regions())
+            if covered != size:
+                raise InvalidArgument(f"{guest_addr:#x}+{size:#x} is not entirely inside "
+                                      "guest memory", resource=self.resource)
+            for r in self._files().values():
+                if r.guest_addr < end and guest_addr < r.guest_addr + r.size:
+                    raise InvalidState(
+                        f"{guest_addr:#x}+{size:#x} overlaps memory file {r.image!r} at "
+                        f"{r.guest_addr:#x}+{r.size:#x}: only the daemon's own memory can be "
+                        "discarded", resource=f"{self.resource}/slot/{r.slot}")
+            with kernel_errors(self.resource):
+                released = self.vm.discard(guest_addr, size)
+            self.discarded_bytes_total += released
+            # The range now reads zeros: a change, like a host write, for diff snapshots and
+            # migration (GetDirtyLog follows KVM: guest writes only).
+            for region in self.vm.memory_regions():
+                lo, hi = max(region.guest_addr, guest_addr), min(region.end, end)
+                if lo < hi and region.log_dirty:
+                    self.dirty.mark(region.slot, lo - region.guest_addr, hi - lo)
+        log.debug("guest memory discarded", extra={"vm_id": self.id, "size": size,
+                                                    "released": released})
+        return released
+
+    def slot_allocated_bytes(self, slot: int) -> int:
+        """Host memory the slot's own memfd holds now; 0 for a file-backed slot, and for a
+        slot removed meanwhile."""
+        if (slot, 0) in self._files() and self._files()[(slot, 0)].whole_slot:
+            return 0
+        try:
+            return self.vm.allocated_bytes(slot)
+        except KvmError:
+            return 0
+
+    def memory_allocated_bytes(self) -> int:
+        """Host memory the VM's own guest memory holds now (the sum over its slots)."""
+        return sum(self.slot_allocated_bytes(r.slot) for r in self.vm.memory_regions())
+
+    def guest_pages(self, slot: int, offset: int = 0, size: int | None = None,
+                    nonzero: bool = False) -> list[tuple[int, int]]:
+        """The (offset, length) ranges of a slot the guest has: pages its memfd holds
+        (never touched and discarded pages are holes; files mapped over the slot are left
+        out), or with `nonzero` only pages holding a non-zero byte. What a sparse snapshot
+        or a migration copies; everything else reads as zeros. A file-backed slot has none
+        (see `file_backed_ranges`)."""
+        with self.lock:
+            if (slot, 0) in self._files() and self._files()[(slot, 0)].whole_slot:
+                self._slot(slot)
+                return []
+            with kernel_errors(f"{self.resource}/slot/{slot}"):
+                if nonzero:
+                    return self.vm.nonzero_page_runs(slot, offset, size)
+                return self.vm.populated_ranges(slot, offset, size)
+
+    def add_file_memory_region(self, guest_addr: int, size: int, read_only: bool,
+                               log_dirty: bool, file: MemoryFile) -> MemoryRegionInfo:
+        """A slot backed by a file of the images directory (MAP_SHARED; guest writes reach
+        the file). A read-only file makes a read-only slot (guest writes exit as MMIO). The
+        slot is charged to the memory budget like any other."""
+        if size <= 0:
+            raise InvalidArgument("memory region size must be positive")
+        if guest_addr % PAGE_SIZE:
+            raise InvalidArgument(f"guest address {guest_addr:#x} is not page aligned "
+                                  f"({PAGE_SIZE} bytes)")
+        self._check_file(file)
+        rounded = round_up_to_page(size)
+        writable = not file.read_only
+        with self._images().open(file.name, writable) as image:
+            self._check_file_size(image, file, rounded)
+            with self.lock:
+                info = self.add_memory_region(
+                    guest_addr, rounded, read_only or file.read_only, log_dirty,
+                    backing=FileBacking(image.fd, file.offset, writable))
+                self._files()[(info.slot, 0)] = FileBackedRange(
+                    info.slot, info.guest_addr, 0, info.size, image.name, file.offset,
+                    writable, True, image.identity)
+        log.info("file-backed memory added", extra={
+            "vm_id": self.id, "slot": info.slot, "image": image.name, "writable": writable})
+        return info
+
+    def map_file(self, slot: int, offset: int, size: int, file: MemoryFile
+                 ) -> FileBackedRange:
+        """Map a file of the images directory over [offset, offset+size) of a slot of the
+        daemon's own memory. A read-only file needs a read-only slot (InvalidState): with a
+        writable slot a guest write to it would fail KVM_RUN (EFAULT) instead of exiting."""
+        self._check_pages("mapping", offset, size)
+        self._check_file(file)
+        writable = not file.read_only
+        with self.lock:
+            info = self._slot(slot)
+            if offset + size > info.size:
+                raise InvalidArgument(f"{offset:#x}+{size:#x} is outside slot {slot} "
+                                      f"({info.size:#x} bytes)")
+            whole = self._files().get((slot, 0))
+            if whole is not None and whole.whole_slot:
+                raise InvalidState(f"slot {slot} is backed by memory file {whole.image!r} as "
+                                   "a whole", resource=f"{self.resource}/slot/{slot}")
+            if file.read_only and not info.read_only:
+                raise InvalidState(
+                    f"a read-only file needs a read-only slot: slot {slot} is writable, and "
+                    "a guest write there would fail instead of exiting as MMIO",
+                    resource=f"{self.resource}/slot/{slot}")
+            for r in self._files().values():
+                if r.slot == slot and r.offset < offset + size and offset < r.end:
+                    raise AlreadyExists(f"{offset:#x}+{size:#x} overlaps memory file "
+                                        f"{r.image!r} mapped at {r.offset:#x}+{r.size:#x} "
+                                        f"of slot {slot}",
+                                        resource=f"{self.resource}/slot/{slot}")
+            with self._images().open(file.name, writable) as image:
+                self._check_file_size(image, file, size)
+                with kernel_errors(f"{self.resource}/slot/{slot}"):
+                    self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                record = FileBackedRange(slot, info.guest_addr + offset, offset, size,
+                                         image.name, file.offset, writable, False,
+                                         image.identity)
+                self._files()[(slot, offset)] = record
+        log.info("memory file mapped", extra={"vm_id": self.id, "slot": slot,
+                                              "image": record.image, "writable": writable})
+        return record
+
+    def unmap_file(self, slot: int, offset: int, size: int) -> FileBackedRange:
+        """Undo `map_file` (offset and size exactly as mapped): msync a writable file and
+        map the slot's own memory back; its earlier contents reappear."""
+        with self.lock:
+            self._slot(slot)
+            record = self._files().get((slot, offset))
+            if record is None or record.whole_slot or record.size != size:
+                raise NotFound(f"no memory file is mapped at {offset:#x}+{size:#x} of slot "
+                               f"{slot}", resource=f"{self.resource}/slot/{slot}")
+            try:
+                with kernel_errors(f"{self.resource}/slot/{slot}"):
+                    self.vm.unmap_fd(slot, offset, size)
+            finally:
+                # The binding restores the slot's memory even when the msync fails.
+                if not any(m.slot == slot and m.offset == offset
+                           for m in self.vm.file_mappings()):
+                    del self._files()[(slot, offset)]
+        log.info("memory file unmapped", extra={"vm_id": self.id, "slot": slot,
+                                                "image": record.image})
+        return record
+
+    def sync_memory(self, slot: int, offset: int = 0, size: int = 0) -> int:
+        """msync the writable files mapped in [offset, offset+size) of a slot (size 0: to
+        the slot's end); returns the bytes synced. A range without any file mapped is
+        InvalidState (there is nothing to write back)."""
+        self._check_pages("sync", offset, size, allow_empty=True)
+        with self.lock:
+            info = self._slot(slot)
+            end = info.size if size == 0 else offset + size
+            if offset >= info.size or end > info.size:
+                raise InvalidArgument(f"{offset:#x}+{end - offset:#x} is outside slot {slot} "
+                                      f"({info.size:#x} bytes)")
+            ranges = [r for r in self._files().values()
+                      if r.slot == slot and r.offset < end and offset < r.end]
+            if not ranges:
+                raise InvalidState(f"no memory file is mapped in {offset:#x}+"
+                                   f"{end - offset:#x} of slot {slot}",
+                                   resource=f"{self.resource}/slot/{slot}")
+            synced = 0
+            for r in ranges:
+                if not r.writable:
+                    continue
+                lo, hi = max(offset, r.offset), min(end, r.end)
+                with kernel_errors(f"{self.resource}/slot/{slot}"):
+                    self.vm.msync_memory_region(slot, lo, hi - lo)
+                synced += hi - lo
+        return synced
+
+    def check_no_files(self, purpose: str) -> None:
+        """Refuse (InvalidState) to save a VM with files of the images directory mapped:
+        a saved VmState carries guest memory by value and has no place yet for memory that
+        travels by reference (`file_backed_ranges`), so the copy would silently lose them."""
+        with self.lock:
+            files = sorted({r.image for r in self._files().values()})
+        if files:
+            raise InvalidState(
+                f"vm {self.id} has memory files mapped ({', '.join(files)}): a {purpose} of "
+                "file-backed memory is not supported yet; unmap or remove them first",
+                resource=self.resource)
+
+    def file_backed_ranges(self) -> list[FileBackedRange]:
+        """Every file of the images directory mapped into the VM (whole slots and parts of
+        slots), by guest address: what a snapshot, migration or take-over records by
+        reference (image name, offsets, size, writable, and the file's identity)."""
+        with self.lock:
+            return sorted(self._files().values(), key=lambda r: r.guest_addr)
+
+    def region_files(self, slot: int) -> list[FileBackedRange]:
+        """The files mapped in one slot, by offset (the whole slot's first)."""
+        with self.lock:
+            return sorted((r for r in self._files().values() if r.slot == slot),
+                          key=lambda r: (not r.whole_slot, r.offset))
 
     # -- interrupts -----------------------------------------------------------------------
 
@@ -870,6 +1145,7 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            self.check_no_files("saved state")
             vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
             irqchip = pit = clock = None
             with kernel_errors(self.resource):

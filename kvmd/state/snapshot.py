@@ -175,16 +175,17 @@ class SnapshotTaker:
                      taken: dict[int, int]) -> Iterator[bytes]:
         """The records of one slot: a full snapshot sends its pages with data; a diff sends
         its dirty pages (every page of a slot without dirty logging), zero ones as zero."""
-        vm = self.vm.vm
+        vm = self.vm  # "pages the guest has", as discard counts them: ManagedVm.guest_pages
         if not self.diff:
-            for offset, length in vm.nonzero_page_runs(s.slot):
+            for offset, length in vm.guest_pages(s.slot, nonzero=True):
                 yield from self._data(writer, s, offset, length)
             return
         pages = s.size // PAGE_SIZE
         bits = taken.get(s.slot, 0) if s.log_dirty else (1 << pages) - 1
         for first, count in page_runs(bits):
             offset, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            for data_off, data_len in vm.nonzero_page_runs(s.slot, offset, end - offset):
+            for data_off, data_len in vm.guest_pages(s.slot, offset, end - offset,
+                                                     nonzero=True):
                 if data_off > offset:
                     yield writer.zero(s.slot, offset, data_off - offset)
                 yield from self._data(writer, s, data_off, data_len)

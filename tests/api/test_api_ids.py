@@ -41,6 +41,8 @@ def _request_with_vm_id(method: MethodDescriptor, vm_id: str) -> Any | None:
         return req
     if "vcpu" in fields:
         return cls(vcpu=pb.VcpuRef(vm_id=vm_id))
+    if method.name == "RestoreVm":  # the first message's options name the new VM
+        return cls(options=pb.RestoreVmOptions(vm_id=vm_id))
     if method.name == "HandleExits":
         return cls(claim=pb.ClaimRequest(vm_id=vm_id, ranges=[
             pb.AddressRange(space=pb.PIO, base=0x3F0, length=1)]))

@@ -208,7 +208,8 @@ def test_mem_add_ls_rm(kvmctl: Kvmctl, vm_id: str) -> None:
     ok(kvmctl("vm", "create", vm_id))
     region = ok(kvmctl("mem", "add", vm_id, "0x0", "2M", "--json")).json()
     assert region == {"slot": 0, "guest_addr": 0, "size": 2 << 20, "read_only": False,
-                      "log_dirty": False}
+                      "log_dirty": False, "allocated_bytes": 0, "mappings": [],
+                      "file": {"name": "", "offset": 0, "read_only": False}}
     text = ok(kvmctl("mem", "add", vm_id, "0x400000", "16K", "--read-only")).out
     assert "read-only" in text and "16 KiB" in text
     ok(kvmctl("mem", "add", vm_id, "8388608", "4096", "--log-dirty"))
