@@ -395,6 +395,7 @@ class KvmdClient:
         self._vcpus = vmm_pb2_grpc.VcpusStub(self._channel)
         self._exit_handlers = vmm_pb2_grpc.ExitHandlersStub(self._channel)
         self._snapshots = vmm_pb2_grpc.SnapshotsStub(self._channel)
+        self._migration = vmm_pb2_grpc.MigrationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -1264,6 +1265,73 @@ class KvmdClient:
     def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot file of the daemon's state directory."""
         self._unary(self._snapshots.DeleteSnapshot, vmm_pb2.DeleteSnapshotRequest(file=name))
+
+    # -- Migration -----------------------------------------------------------------------
+
+    def prepare_incoming_migration(self, vm_id: str, *, ttl_seconds: int = 0
+                                   ) -> vmm_pb2.IncomingMigration:
+        """On the target daemon: expect VM ``vm_id`` (reserved meanwhile); returns the
+        one-time ``token`` the source's :meth:`migrate_vm` must present (valid
+        ``ttl_seconds``, default 300)."""
+        request = vmm_pb2.PrepareIncomingMigrationRequest(vm_id=vm_id, ttl_seconds=ttl_seconds)
+        return self._unary(self._migration.PrepareIncomingMigration, request)
+
+    def iter_migrate_vm(
+        self, vm_id: str, target: str, token: str, *, max_downtime_ms: int = 0,
+        bandwidth_bytes_per_second: int = 0, max_rounds: int = 0, auto_converge: bool = False,
+        tls_server_name: str = "", timeout_ms: int = 0, deadline: float | None = None,
+    ) -> Iterator[vmm_pb2.MigrationProgress]:
+        """On the source daemon: live-migrate the VM to the daemon at ``target`` (host:port)
+        with the target's ``token``; yields progress until the VM runs there (the last
+        message has phase COMPLETED). Stop iterating before that and the migration is
+        cancelled: the VM keeps running here. ``deadline``: seconds for the whole migration
+        (default none, whatever the client's timeout)."""
+        request = vmm_pb2.MigrateVmRequest(
+            vm_id=vm_id, target=target, token=token, options=vmm_pb2.MigrationOptions(
+                max_downtime_ms=max_downtime_ms,
+                bandwidth_bytes_per_second=bandwidth_bytes_per_second, max_rounds=max_rounds,
+                auto_converge=auto_converge, tls_server_name=tls_server_name,
+                timeout_ms=timeout_ms))
+        try:
+            call = self._migration.MigrateVm(request, timeout=deadline)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()  # no-op once complete; cancels the migration if stopped early
+
+    def migrate_vm(
+        self, vm_id: str, target: str, token: str, *,
+        on_progress: Callable[[vmm_pb2.MigrationProgress], None] | None = None,
+        **options: Any,
+    ) -> vmm_pb2.MigrationProgress:
+        """Live-migrate and wait: returns the final progress (phase COMPLETED, with the
+        measured ``downtime_ms``); ``on_progress`` sees every update. Options as
+        :meth:`iter_migrate_vm`. Failures raise, and leave the VM running here (an
+        :class:`UnknownOutcomeError` leaves it paused: check the target)."""
+        last = None
+        for progress in self.iter_migrate_vm(vm_id, target, token, **options):
+            last = progress
+            if on_progress is not None:
+                on_progress(progress)
+        if last is None or last.phase != vmm_pb2.MigrationProgress.COMPLETED:
+            raise KvmdError("the migration stream ended before the migration completed",
+                            code=grpc.StatusCode.DATA_LOSS)
+        return last
+
+    def cancel_migration(self, vm_id: str) -> None:
+        """Cancel the VM's outgoing migration (before its switch-over): it keeps running
+        here."""
+        self._unary(self._migration.CancelMigration,
+                    vmm_pb2.CancelMigrationRequest(vm_id=vm_id))
+
+    def list_migrations(self) -> list[vmm_pb2.MigrationInfo]:
+        """Migrations in progress on this daemon, outgoing and incoming."""
+        return list(self._unary(self._migration.ListMigrations,
+                                vmm_pb2.ListMigrationsRequest()).migrations)
 
     @staticmethod
     def _merged(

@@ -37,6 +37,7 @@ from kvmd.config import (
     Listener,
     build_parser,
     load_config,
+    migration_tls_files,
     parse_listen,
 )
 from kvmd.core.errors import DomainError
@@ -48,6 +49,8 @@ from kvmd.metrics import (
     MetricsServer,
     build_registry,
 )
+from kvmd.migration.registry import Migrations
+from kvmd.migration.transport import MigrationTls
 from kvmd.state.store import SnapshotStore
 from kvmd.systemd import Watchdog, notify, watchdog_interval
 
@@ -173,6 +176,7 @@ class Daemon:
         self.stopped = threading.Event()
         self._owned_sockets: list[str] = []
         self.ports: dict[str, int] = {}
+        self.migrations: Migrations | None = None
 
     # -- the event loop -------------------------------------------------------------------
 
@@ -250,7 +254,10 @@ class Daemon:
         )
         runtime = Runtime(self.executor, self.streams)
         store = SnapshotStore(self.cfg.state_dir) if self.cfg.state_dir else None
-        names = add_services(server, self.host, runtime, authorizer.visible, store)
+        tls_files = migration_tls_files(self.cfg)
+        self.migrations = Migrations(self.host, MigrationTls(*tls_files) if tls_files else None)
+        names = add_services(server, self.host, runtime, authorizer.visible, store,
+                             self.migrations)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -325,6 +332,8 @@ class Daemon:
         notify("STOPPING=1\nSTATUS=stopping")
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self.migrations is not None:
+            self.migrations.close()  # outgoing ones cancelled: their VMs run on here
         if self.loop is not None:
             try:
                 self.on_loop(self._shutdown_server(), timeout=SHUTDOWN_GRACE_SECONDS + 5)

@@ -45,7 +45,7 @@ READ_ONLY_METHODS = frozenset({
     "Memory/ListMemoryRegions", "Interrupts/ListIrqfds", "IoEvents/ListIoevents",
     "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetRegs", "Vcpus/GetSregs",
     "Vcpus/GetFpu", "Vcpus/GetCpuid", "Vcpus/GetMsrs", "Vcpus/GetMpState", "Vcpus/GetLapic",
-    "Vcpus/GetVcpuEvents",
+    "Vcpus/GetVcpuEvents", "Migration/ListMigrations",
     "grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch",
 })
 # RPCs about the host, not a VM: any authenticated caller.
@@ -54,10 +54,16 @@ HOST_METHODS = frozenset({
     "Vms/ListVms",
 })
 # RPCs that create a VM: operators only under their prefix (and within their quota).
-CREATING_METHODS = frozenset({"Vms/CreateVm", "Snapshots/RestoreVm"})
+CREATING_METHODS = frozenset({"Vms/CreateVm", "Snapshots/RestoreVm",
+                              "Migration/PrepareIncomingMigration"})
 # RPCs over the state directory's files: operators see only files of their own VMs (the
 # handler filters by owner).
 OPERATOR_FILE_METHODS = frozenset({"Snapshots/ListSnapshots", "Snapshots/DeleteSnapshot"})
+# Lists the handler filters by owner, as ListVms.
+OPERATOR_LIST_METHODS = frozenset({"Migration/ListMigrations"})
+# Authorized by what they carry, not by a role: the source daemon's migration stream holds
+# the one-time token the target handed to the orchestrator (any authenticated peer).
+TOKEN_METHODS = frozenset({"Migration/ReceiveMigration"})
 # Always allowed, even without an identity: health and reflection.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -200,6 +206,8 @@ class Authorizer:
 
     def check(self, method: str, grant: Grant | None, identity: str, request: Any) -> None:
         short = method.lstrip("/").removeprefix("kvmd.v1.")
+        if short in TOKEN_METHODS:
+            return  # the handler checks the token
         if grant is None:
             raise PermissionDenied(f"identity {identity!r} has no role on this daemon")
         if grant.role == ADMIN:
@@ -209,7 +217,8 @@ class Authorizer:
                 raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}")
             return
         # operator
-        if short in HOST_METHODS or short in OPERATOR_FILE_METHODS:
+        if short in HOST_METHODS or short in OPERATOR_FILE_METHODS or \
+                short in OPERATOR_LIST_METHODS:
             return
         vm_id = _request_vm_id(request)
         if short in CREATING_METHODS:

@@ -84,7 +84,7 @@ def vm_to_pb(vm: ManagedVm) -> pb.Vm:
         owner=vm.owner, vcpu_states={v.id: v.state for v in vcpus},
         dirty_pages_per_second=vm.dirty.rate, dirty_rate_unix_ms=vm.dirty.rate_unix_ms,
         discarded_bytes=vm.discarded_bytes_total,
-        memory_allocated_bytes=vm.memory_allocated_bytes())
+        memory_allocated_bytes=vm.memory_allocated_bytes(), migrating_to=vm.migrating_to)
     if vm.exit_code is not None:
         msg.exit_code = vm.exit_code
     return msg

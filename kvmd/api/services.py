@@ -18,12 +18,14 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
 from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
+from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
 
 
@@ -631,10 +633,12 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
 
 def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
                  visible: Callable[[str, str], bool] = lambda identity, owner: True,
-                 store: SnapshotStore | None = None) -> list[str]:
+                 store: SnapshotStore | None = None,
+                 migrations: Migrations | None = None) -> list[str]:
     """Register every kvmd service on `server`; returns their full names. `visible` decides
     which VMs (and snapshot files, by their VM's owner) a caller sees (identity, owner);
-    `store` holds the state directory's snapshot files (None: no state directory)."""
+    `store` holds the state directory's snapshot files (None: no state directory);
+    `migrations` the daemon's live migrations (default: plain TCP to loopback only)."""
 
     rpc.add_HypervisorServicer_to_server(HypervisorService(host, runtime), server)
     rpc.add_VmsServicer_to_server(VmsService(host, runtime, visible), server)
@@ -644,4 +648,6 @@ def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
     rpc.add_VcpusServicer_to_server(VcpusService(host, runtime), server)
     rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host, runtime), server)
     add_snapshots_service(server, SnapshotsService(host, runtime, store, visible))
+    add_migration_service(server, MigrationService(
+        host, runtime, migrations if migrations is not None else Migrations(host), visible))
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

@@ -168,7 +168,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         for name in options.files:
             self._own_file(name)  # checked before anything is created
         restorer = Restorer(self.host, options.vm_id, caller_identity(), current_quota.get(),
-                            options.start)
+                            "start" if options.start else "paused")
         try:
             if options.files:
                 store = self._store()

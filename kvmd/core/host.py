@@ -18,7 +18,7 @@ from kvmd.core.events import FdWatcher
 from kvmd.core.histogram import Histogram
 from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
-from kvmd.core.stats import OperationStats
+from kvmd.core.stats import MigrationStats, OperationStats
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, DirtyLogModes, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
@@ -59,6 +59,7 @@ class HostShared:
     capabilities: dict[str, int]  # of /dev/kvm, read once
     msr_index_list: list[int]  # KVM_GET_MSR_INDEX_LIST, read once: the MSRs to save
     operations: OperationStats = field(default_factory=OperationStats)
+    migration: MigrationStats = field(default_factory=MigrationStats)
     crashes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Where file-backed guest memory comes from (None: file-backed memory is off).
@@ -191,13 +192,25 @@ class Host:
         return vms
 
     def delete_vm(self, vm_id: str) -> None:
+        """Delete a VM (not one that is migrating: cancel that first)."""
         validate_id("vm id", vm_id)
         with self._lock:
-            vm = self._vms.pop(vm_id, None)
+            vm = self._vms.get(vm_id)
+            if vm is not None:
+                vm.check_deletable()
+                del self._vms[vm_id]
         if vm is None:
             raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
         vm.close()
         log.info("vm deleted", extra={"vm_id": vm_id})
+
+    def remove_migrated(self, vm: ManagedVm) -> None:
+        """A VM that now runs on another daemon: gone from this one."""
+        with self._lock:
+            if self._vms.get(vm.id) is vm:
+                del self._vms[vm.id]
+        vm.close()
+        log.info("vm migrated away", extra={"vm_id": vm.id})
 
     def vm_count(self) -> int:
         with self._lock:

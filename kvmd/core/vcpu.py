@@ -100,6 +100,7 @@ class ManagedVcpu:
         self._resumes = 0
         self.stuck_ring_exits = 0  # dirty-ring-full exits in a row with nothing harvested
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
+        self._throttle_until = 0.0  # auto-converge: stay out of the guest until then
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
 
@@ -181,14 +182,15 @@ class ManagedVcpu:
         with self.cond:
             return self._pause_requested and self.state in PAUSABLE
 
-    def resume(self) -> None:
+    def resume(self, halted: bool = False) -> None:
         """Continue a paused or halted vCPU exactly where it stopped; on a vCPU whose pause
-        is still in flight, cancel that pause (the last request wins)."""
+        is still in flight, cancel that pause (the last request wins). `halted`: a vCPU
+        paused while halted goes back to waiting for an interrupt."""
         with self.cond:
             if self.state in RESUMABLE:
                 self._pause_requested = False
                 self._resumes += 1
-                self._set_state(RUNNING, "resumed")
+                self._set_state(HALTED if halted else RUNNING, "resumed")
             elif self.state == RUNNING and self._pause_requested:
                 self._pause_requested = False
                 self._resumes += 1
@@ -213,6 +215,14 @@ class ManagedVcpu:
                 return
         self.request_stop(reason)
         self.join()
+
+    def throttle(self, seconds: float) -> None:
+        """Keep a running vCPU out of the guest for `seconds` (kicked at once), still
+        RUNNING: see VcpuThrottler."""
+        with self.cond:
+            if self.state == RUNNING and not self._pause_requested:
+                self._throttle_until = time.monotonic() + seconds
+                self.vcpu.kick()
 
     def _thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -347,7 +357,14 @@ class ManagedVcpu:
         self.vcpu.complete_pending_io()
 
     def _wait_for_go(self) -> bool:
-        """Under cond: wait while paused or halted; False when the thread must end."""
+        """Under cond: wait while paused or halted (or throttled); False when the thread
+        must end."""
+        while self._throttle_until and not (self._pause_requested or self._stop_requested):
+            left = self._throttle_until - time.monotonic()
+            if left <= 0:
+                break
+            self.cond.wait(left)
+        self._throttle_until = 0.0
         while True:
             if self._stop_requested:
                 self._set_state(STOPPED, "stopped", self._stop_reason)

@@ -72,6 +72,7 @@ from kvmd.core.vcpu import (
     RESUMABLE,
     RUNNING,
     STARTABLE,
+    STATE_CHANGE_TIMEOUT,
     STOPPED,
     ManagedVcpu,
     Outcome,
@@ -215,6 +216,48 @@ class Fired:
     count: int
 
 
+class VcpuThrottler:
+    """Auto-converge's throttle of one VM: every slice, each running vCPU is kicked out of
+    the guest and sleeps for percent/(100-percent) of a slice (QEMU's cpu-throttle), so the
+    guest runs (100-percent)% of the time. Stays RUNNING meanwhile: a pause or stop ends
+    the sleep at once."""
+
+    SLICE_SECONDS = 0.010
+
+    def __init__(self, vm: ManagedVm) -> None:
+        self.vm = vm
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"throttle-{vm.id}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(STATE_CHANGE_TIMEOUT)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            percent = self.vm.throttle_percent
+            if not percent:
+                return
+            sleep = self.SLICE_SECONDS * percent / (100 - percent)
+            for vcpu in self.vm.vcpus():
+                vcpu.throttle(sleep)
+            self._stopped.wait(self.SLICE_SECONDS + sleep)
+
+
+@dataclass
+class PausedHold:
+    """A VM held paused (ManagedVm.held_paused): each vCPU's state from before, and whether
+    the VM stays paused when the hold ends."""
+
+    run_states: dict[int, str]
+    leave_paused: bool = False
+
+
 class ManagedVm:
     """A VM owned by the daemon: its kernel VM (and through it every guest memory mapping
     and vCPU fd), the eventfds it hands out by id, and watchers of those eventfds.
@@ -333,6 +376,9 @@ class ManagedVm:
                 return
             self.closed = True
             vcpus = list(self._vcpus.values())
+            throttler, self._throttler = self._throttler, None
+        if throttler is not None:
+            throttler.stop()
         for handler in self.claims.handlers():
             self.release_handler(handler, "vm deleted")
         for mvcpu in vcpus:
@@ -374,6 +420,7 @@ class ManagedVm:
                                   f"({PAGE_SIZE} bytes)")
         rounded = round_up_to_page(size)
         with self.lock:
+            self.check_layout_fixed("add memory to")
             regions = self.vm.memory_regions()
             if len(regions) >= self._limits.max_memory_slots_per_vm:
                 raise ResourceExhausted(
@@ -396,6 +443,7 @@ class ManagedVm:
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            self.check_layout_fixed("remove memory from")
             info = self.vm.remove_memory_region(slot)
             self.dirty.forget_slot(slot)
             self._forget_files(slot)
@@ -403,7 +451,12 @@ class ManagedVm:
         return info
 
     def memory_regions(self) -> list[MemoryRegionInfo]:
-        return self.vm.memory_regions()
+        """The slots as callers set them up (logging a migration turned on is not shown)."""
+        regions = self.vm.memory_regions()
+        if not self._forced_logging:
+            return regions
+        return [dataclasses.replace(r, log_dirty=False) if r.slot in self._forced_logging
+                else r for r in regions]
 
     @property
     def dirty_pages_total(self) -> int:
@@ -445,7 +498,7 @@ class ManagedVm:
         writes through the daemon); reading resets this view only, not other consumers'."""
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.memory_region(slot)
-            if not info.log_dirty:
+            if not info.log_dirty or slot in self._forced_logging:
                 raise InvalidArgument(f"slot {slot} was added without dirty logging",
                                       resource=f"{self.resource}/slot/{slot}")
             # Manual mode: reading does not reset the API's view; ClearDirtyLog does.
@@ -485,6 +538,7 @@ class ManagedVm:
         nothing tracks the slot: the daemon's own consumers (diff snapshots, a migration)
         then count every page of it as dirty, so nothing is missed."""
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            self.check_layout_fixed("change dirty logging of")
             info = self.vm.memory_region(slot)
             if info.log_dirty == enabled:
                 return info
@@ -1104,19 +1158,19 @@ class ManagedVm:
     # -- save and restore -----------------------------------------------------------------
 
     @contextmanager
-    def held_paused(self, purpose: str, leave_paused: bool = False
-                    ) -> Iterator[dict[int, str]]:
+    def held_paused(self, purpose: str, leave_paused: bool = False) -> Iterator[PausedHold]:
         """Hold the VM paused for `purpose` ("snapshot", "migration"): running and halted
         vCPUs are paused (in-flight IO completed), run control is refused meanwhile, and
-        afterwards they run again unless `leave_paused`. Yields each vCPU's state from
-        before, which is what a saved VcpuState records."""
+        afterwards they run again unless the hold's `leave_paused` (set here, or by the
+        holder as it learns the outcome). The hold's `run_states` are each vCPU's state
+        from before, which is what a saved VcpuState records."""
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
             self.check_not_busy()
             self.busy = purpose
         try:
-            before = {v.id: v.state for v in self.vcpus()}
+            hold = PausedHold({v.id: v.state for v in self.vcpus()}, leave_paused)
             tickets = []
             for v in self.vcpus():
                 if v.state in PAUSABLE:
@@ -1127,12 +1181,12 @@ class ManagedVm:
             for v, ticket in tickets:
                 v.wait_paused(ticket)
             try:
-                yield before
+                yield hold
             finally:
-                if not leave_paused:
+                if not hold.leave_paused:
                     for v, _ticket in tickets:
                         try:
-                            v.resume()
+                            v.resume(halted=hold.run_states.get(v.id) == HALTED)
                         except InvalidState:
                             pass  # it ended meanwhile (deleted, crashed)
         finally:
@@ -1177,9 +1231,92 @@ class ManagedVm:
             )
 
     def memory_layout(self) -> list[SlotState]:
-        """The slot table as a restore recreates it."""
+        """The slot table as a restore recreates it (as callers set it up)."""
         return [SlotState(r.slot, r.guest_addr, r.size, r.read_only, r.log_dirty)
-                for r in self.vm.memory_regions()]
+                for r in self.memory_regions()]
+
+    # -- live migration (the source's side) -----------------------------------------------
+    #
+    # While a VM migrates its memory layout is fixed (slots, files, logging flags: the
+    # rounds sent so far describe it), it cannot be deleted, and every slot is dirty-logged
+    # for the MIGRATION consumer: slots without logging get it for the migration's time,
+    # hidden from callers (memory_regions) and turned off again at its end.
+
+    migrating_to = ""  # the target's address while a migration runs (class default)
+    _forced_logging: frozenset[int] = frozenset()  # slots logging only for the migration
+    throttle_percent = 0
+
+    def check_layout_fixed(self, what: str) -> None:
+        """Under the lock: refuse to change the memory layout while the VM migrates."""
+        if self.migrating_to:
+            raise InvalidState(f"cannot {what} vm {self.id} while it migrates to "
+                               f"{self.migrating_to}; cancel the migration first",
+                               resource=self.resource)
+
+    def check_deletable(self) -> None:
+        with self.lock:
+            self.check_layout_fixed("delete")
+
+    def begin_migration(self, target: str) -> None:
+        """Mark the VM migrating to `target` and start tracking every slot's dirty pages
+        for the MIGRATION consumer (pages the migration must send from now on)."""
+        with self.lock:
+            if self.closed:
+                raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            if self.migrating_to:
+                raise InvalidState(f"vm {self.id} is already migrating to "
+                                   f"{self.migrating_to}", resource=self.resource)
+            self.check_not_busy()
+            self.check_no_files("live migration")
+            forced: set[int] = set()
+            try:
+                with kernel_errors(self.resource):
+                    for info in self.vm.memory_regions():
+                        if not info.log_dirty:
+                            self.vm.set_dirty_logging(info.slot, True)
+                            forced.add(info.slot)
+            except BaseException:
+                for slot in forced:
+                    self.vm.set_dirty_logging(slot, False)
+                raise
+            self._forced_logging = frozenset(forced)
+            self.dirty.add_consumer(MIGRATION)
+            self.migrating_to = target
+
+    def end_migration(self) -> None:
+        """The migration ended (whatever its outcome): logging back as callers set it, no
+        throttle, no MIGRATION consumer. Safe to call twice, and on a deleted VM."""
+        self.set_throttle(0)
+        with self.lock:
+            forced, self._forced_logging = self._forced_logging, frozenset()
+            if not self.closed:
+                for slot in forced:
+                    try:
+                        self.vm.set_dirty_logging(slot, False)
+                    except KvmError as exc:
+                        log.warning("could not turn dirty logging off after a migration",
+                                    extra={"vm_id": self.id, "slot": slot, "error": str(exc)})
+            self.dirty.remove_consumer(MIGRATION)
+            self.migrating_to = ""
+
+    def set_throttle(self, percent: int) -> None:
+        """Keep every vCPU out of the guest `percent`% of the time (0: off), as QEMU's
+        auto-converge does: a guest that dirties memory faster than a migration can send it
+        is slowed until the migration converges."""
+        if not 0 <= percent <= 99:
+            raise InvalidArgument(f"throttle {percent}% is not 0-99")
+        with self.lock:
+            self.throttle_percent = percent
+            throttler = self._throttler
+            if percent and throttler is None and not self.closed:
+                throttler = self._throttler = VcpuThrottler(self)
+                throttler.start()
+            elif not percent and throttler is not None:
+                self._throttler = None
+        if not percent and throttler is not None:
+            throttler.stop()
+
+    _throttler: VcpuThrottler | None = None
 
     def restore_memory_layout(self, slots: list[SlotState],
                               memfds: dict[int, int] | None = None) -> None:
@@ -1242,24 +1379,34 @@ class ManagedVm:
             self.console.restore_state(state.console)
             self.reason, self.exit_code = state.reason, state.exit_code
 
-    def resume_run_states(self, state: VmState, start: bool) -> None:
+    def resume_run_states(self, state: VmState, start: bool, parked: bool = False) -> None:
         """After restore_state (and the memory): put each vCPU back in its saved run state.
-        vCPUs that had been started get their thread, parked paused; with `start`, every
-        one of them then runs (and a VM saved before it ever started is started, as StartVm
-        would). Created, stopped and crashed ones stay so otherwise."""
+        vCPUs that had been started get their thread, parked paused (`parked`: they already
+        have it, from an earlier call); with `start`, every one of them then runs (and a VM
+        saved before it ever started is started, as StartVm would). Created, stopped and
+        crashed ones stay so otherwise."""
         started = []
         for vs in state.vcpus:
             vcpu = self.vcpu(vs.vcpu_id)
             if vs.run_state in (RUNNING, HALTED, PAUSED):
-                vcpu.start_paused()
+                if not parked:
+                    vcpu.start_paused()
                 started.append(vcpu)
-            elif vs.run_state in (STOPPED, CRASHED):
+            elif vs.run_state in (STOPPED, CRASHED) and not parked:
                 vcpu.mark_ended(vs.run_state, vs.reason)
         if start and started:
             for vcpu in started:
                 vcpu.resume()
         elif start and all(vs.run_state == CREATED for vs in state.vcpus) and state.vcpus:
             self.start()
+
+    def resume_saved_run_states(self, state: VmState) -> None:
+        """After resume_run_states(start=False): each vCPU exactly as it was saved (a
+        migration: the VM goes on as it was). Running ones run, halted ones wait for an
+        interrupt, paused ones stay paused."""
+        for vs in state.vcpus:
+            if vs.run_state in (RUNNING, HALTED):
+                self.vcpu(vs.vcpu_id).resume(halted=vs.run_state == HALTED)
 
     # -- exit dispatch (vCPU threads) -----------------------------------------------------
 
