@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc.aio
 
 from kvmd.api.interceptors import ScopedInterceptor
-from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
+from kvmd.core.errors import DomainError, PermissionDenied, Unauthenticated
 from kvmd.core.host import Host
 
 log = logging.getLogger("kvmd.auth")
@@ -228,9 +228,8 @@ class Authorizer:
             return  # the quota (max_vms) is enforced atomically by the registry
         if not vm_id:
             raise PermissionDenied(f"{identity!r} may not call {short}")
-        try:
-            owner = self.host.get_vm(vm_id).owner
-        except NotFound:
+        owner = self.host.owner_of(vm_id)  # a VM, or an id reserved for one
+        if owner is None:
             return  # let the handler report NOT_FOUND
         if owner != identity:
             raise PermissionDenied(f"vm {vm_id!r} belongs to another identity")

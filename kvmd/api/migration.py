@@ -131,8 +131,9 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
 
     def CancelMigration(self, request: pb.CancelMigrationRequest,
                         context: grpc.aio.ServicerContext) -> pb.CancelMigrationResponse:
-        """Cancel the VM's outgoing migration before its switch-over."""
-        self._vm(request.vm_id)
+        """Cancel the VM's migration: outgoing (before its switch-over), or incoming."""
+        if not request.vm_id:
+            raise InvalidArgument("vm_id is required")
         self.migrations.cancel(request.vm_id)
         return pb.CancelMigrationResponse()
 
@@ -172,6 +173,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
             while incoming.state != COMMITTED:
                 wait = COMMIT_WAIT_SECONDS if incoming.state == READY else RECEIVE_IDLE_SECONDS
                 msg = await self._next(requests, wait)
+                incoming.check_cancelled()
                 if msg is None:
                     break  # the source ended the stream without a commit: discard
                 if isinstance(msg, memoryview):

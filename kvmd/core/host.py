@@ -184,6 +184,13 @@ class Host:
             raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
         return vm
 
+    def owner_of(self, vm_id: str) -> str | None:
+        """Who owns `vm_id`: a VM's owner, or who reserved the id for a VM being made (a
+        creation, a restore, an incoming migration); None when nobody has it."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            return vm.owner if vm is not None else self._creating.get(vm_id)
+
     def list_vms(self, selector: dict[str, str] | None = None) -> list[ManagedVm]:
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda v: v.id)

@@ -1168,6 +1168,8 @@ class ManagedVm:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
             self.check_not_busy()
+            if purpose != "migration":  # its switch-over must find the VM free
+                self.check_layout_fixed(purpose)
             self.busy = purpose
         try:
             hold = PausedHold({v.id: v.state for v in self.vcpus()}, leave_paused)

@@ -16,7 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kvmd.core.errors import InvalidArgument, InvalidState, PermissionDenied, ResourceExhausted
+from kvmd.core.errors import (
+    Aborted,
+    InvalidArgument,
+    InvalidState,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from kvmd.core.host import Host
 from kvmd.core.vm import ManagedVm
 from kvmd.state.format import FORMAT_VERSION
@@ -46,6 +52,7 @@ class IncomingMigration:
     source_vm_id: str = ""
     restorer: Restorer | None = None
     timer: threading.Timer | None = field(default=None, repr=False)
+    cancelled: bool = False  # CancelMigration on this side: the stream ends at its next message
 
     def begin(self, source_vm_id: str, format_version: int) -> None:
         """The source presented the token: start building the VM."""
@@ -56,6 +63,11 @@ class IncomingMigration:
         self.restorer = Restorer(self.host, self.vm_id, self.owner, self.owner_quota,
                                  run="as_saved", kind="migration_in", reserved=True)
         self.state = RECEIVING
+
+    def check_cancelled(self) -> None:
+        if self.cancelled:
+            raise Aborted(f"the incoming migration of vm {self.vm_id} was cancelled on the "
+                          "target")
 
     def feed(self, data: bytes | memoryview) -> None:
         if self.state != RECEIVING or self.restorer is None:
@@ -147,6 +159,26 @@ class IncomingMigrations:
             found.timer.cancel()
         found.peer = peer
         return found
+
+    def cancel(self, vm_id: str) -> bool:
+        """Void the token for `vm_id` (the id is free again), or end its running stream at
+        the next message. False when there is no incoming migration of that VM."""
+        with self._lock:
+            for token, incoming in list(self._prepared.items()):
+                if incoming.vm_id == vm_id:
+                    del self._prepared[token]
+                    break
+            else:
+                for incoming in self._running:
+                    if incoming.vm_id == vm_id and incoming.state != COMMITTED:
+                        incoming.cancelled = True
+                        return True
+                return False
+        if incoming.timer is not None:
+            incoming.timer.cancel()
+        self.host.release_id(vm_id)
+        log.info("incoming migration cancelled", extra={"vm_id": vm_id})
+        return True
 
     def ended(self, incoming: IncomingMigration) -> None:
         """The stream of a claimed migration ended (after commit or abort)."""

@@ -69,11 +69,18 @@ class Migrations:
         return migration
 
     def cancel(self, vm_id: str) -> None:
-        """Cancel the VM's outgoing migration; FAILED_PRECONDITION once it committed."""
-        migration = self.get(vm_id)
-        if not migration.cancel("cancelled by CancelMigration"):
-            raise InvalidState(f"the migration of vm {vm_id} is past its switch-over; it "
-                               "can no longer be cancelled", resource=f"vm/{vm_id}")
+        """Cancel the VM's migration: an outgoing one before its switch-over (then
+        FAILED_PRECONDITION), or an incoming one (its token voided, or its stream ended)."""
+        with self._lock:
+            migration = self._outgoing.get(vm_id)
+        if migration is not None:
+            if not migration.cancel("cancelled by CancelMigration"):
+                raise InvalidState(f"the migration of vm {vm_id} is past its switch-over; "
+                                   "it can no longer be cancelled", resource=f"vm/{vm_id}")
+            return
+        if not self.incoming.cancel(vm_id):
+            raise NotFound(f"vm {vm_id!r} has no migration in progress",
+                           resource=f"vm/{vm_id}")
 
     def outgoing(self) -> list[OutgoingMigration]:
         with self._lock:

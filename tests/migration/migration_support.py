@@ -326,9 +326,10 @@ class LinkProxy:
         self.listener.close()
         with self._lock:
             for s in self._sockets:
-                try:
+                try:  # RST to both daemons, as from a dead link (shutdown wakes the pumps)
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                    s.close()  # RST, as a dead peer
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
                 except OSError:
                     pass
 
@@ -349,13 +350,64 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("migration-pki"))
 
 
-@pytest.fixture
-def hosts(tmp_path: Path, pki: Pki) -> Iterator[tuple[Host, Host]]:
-    """Two daemons with mTLS between them: the source and the target."""
-    a = Host(tmp_path / "a", pki, "kvmd-a")
-    b = Host(tmp_path / "b", pki, "kvmd-b")
+class HostPair:
+    """The session's source and target daemons, restarted when a test killed one."""
+
+    def __init__(self, directory: Path, pki: Pki) -> None:
+        self.directory = directory
+        self.pki = pki
+        self.starts = 0
+        self.a = self._start("kvmd-a")
+        self.b = self._start("kvmd-b")
+
+    def _start(self, name: str) -> Host:
+        self.starts += 1
+        return Host(self.directory / f"{name}-{self.starts}", self.pki, name)
+
+    def fresh(self) -> tuple[Host, Host]:
+        if self.a.proc.poll() is not None:
+            self.a.stop()
+            self.a = self._start("kvmd-a")
+        if self.b.proc.poll() is not None:
+            self.b.stop()
+            self.b = self._start("kvmd-b")
+        return self.a, self.b
+
+    def clean(self) -> None:
+        """After a test: no migration, no VM left on either daemon that still runs."""
+        for host in (self.a, self.b):
+            if host.proc.poll() is not None:
+                continue
+            for m in host.migrations():
+                try:
+                    host.stubs.migration.CancelMigration(
+                        pb.CancelMigrationRequest(vm_id=m.vm_id))
+                except grpc.RpcError:
+                    pass  # ended meanwhile
+            wait_for(lambda h=host: not h.migrations(), 30, f"{host.name}'s migrations to end")
+            for vm_id in host.vm_ids():
+                host.stubs.vms.DeleteVm(pb.DeleteVmRequest(vm_id=vm_id))
+
+    def stop(self) -> None:
+        self.a.stop()
+        self.b.stop()
+
+
+@pytest.fixture(scope="session")
+def host_pair(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[HostPair]:
+    pair = HostPair(tmp_path_factory.mktemp("migration"), pki)
     try:
-        yield a, b
+        yield pair
     finally:
-        a.stop()
-        b.stop()
+        pair.stop()
+
+
+@pytest.fixture
+def hosts(host_pair: HostPair) -> Iterator[tuple[Host, Host]]:
+    """Two daemons with mTLS between them, the source and the target, each without VMs
+    or migrations at the start of the test."""
+    pair = host_pair.fresh()
+    try:
+        yield pair
+    finally:
+        host_pair.clean()
