@@ -12,7 +12,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.core.errors import DeadlineExceeded, InvalidArgument
+from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument
 from kvmd.core.host import Host
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
 from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Progress
@@ -174,8 +174,9 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                 wait = COMMIT_WAIT_SECONDS if incoming.state == READY else RECEIVE_IDLE_SECONDS
                 msg = await self._next(requests, wait)
                 incoming.check_cancelled()
-                if msg is None:
-                    break  # the source ended the stream without a commit: discard
+                if msg is None:  # the source ended the stream without a commit: discard
+                    raise Aborted(f"the migration stream of vm {incoming.vm_id} ended before "
+                                  "its commit: nothing was kept")
                 if isinstance(msg, memoryview):
                     await self._blocking(incoming.feed, msg)
                     continue

@@ -114,7 +114,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 COM1_BASE_RANGE = (0x3F8, 0x400)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DEFAULT_DIRTY_RING_BYTES = 64 << 10  # 4096 entries per vCPU
+# 65536 entries per vCPU (or the kernel's maximum, if smaller): with the daemon's reaper
+# (kvmd.core.dirty) a ring this long never fills between two harvests, even on hosts whose
+# KVM pushes an entry for every emulated store.
+DEFAULT_DIRTY_RING_BYTES = 1 << 20
 # A vCPU whose ring is full but yields nothing to harvest this many times in a row is
 # stuck (seen on PVM under a tight store loop): crash it rather than spin.
 STUCK_RING_EXITS = 1000
@@ -336,10 +339,12 @@ class ManagedVm:
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
                 raise InvalidArgument("debug_exit_port collides with the COM1 UART")
-            return cls(vm_id, labels, options, vm, shared, owner)
+            managed = cls(vm_id, labels, options, vm, shared, owner)
         except BaseException:
             vm.close()
             raise
+        managed.dirty.start_reaper(vm_id)
+        return managed
 
     @staticmethod
     def _enable_dirty_mode(vm: Vm, options: VmOptions) -> None:
@@ -356,7 +361,8 @@ class ManagedVm:
         elif mode == RING:
             if not offered.ring:
                 raise Unsupported("this kernel has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
-            size = options.dirty_ring_bytes or DEFAULT_DIRTY_RING_BYTES
+            size = options.dirty_ring_bytes or min(DEFAULT_DIRTY_RING_BYTES,
+                                                   offered.ring_max_bytes)
             if size > offered.ring_max_bytes:
                 raise InvalidArgument(f"dirty_ring_bytes {size} is above this kernel's "
                                       f"{offered.ring_max_bytes}")
@@ -379,6 +385,7 @@ class ManagedVm:
             throttler, self._throttler = self._throttler, None
         if throttler is not None:
             throttler.stop()
+        self.dirty.stop_reaper()
         for handler in self.claims.handlers():
             self.release_handler(handler, "vm deleted")
         for mvcpu in vcpus:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import grpc
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "state"))
 
@@ -153,6 +155,7 @@ class Host:
         self.name = name
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
         self.socket = directory / "kvmd.sock"
         self.address = f"unix://{self.socket}"
         self.log_path = directory / "kvmd.log"
@@ -164,7 +167,8 @@ class Host:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(script), "--listen", self.address, "--listen", self.target,
-             "--metrics-listen", "off", "--state-dir", str(directory / "state"), *tls, *args],
+             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+             "--state-dir", str(directory / "state"), *tls, *args],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.node = Node(self.address, connect(self.address))
         deadline = time.monotonic() + 30
@@ -180,6 +184,14 @@ class Host:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Scrape /metrics: {(sample name, sorted labels): value}."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
 
     @property
     def stubs(self) -> Any:
@@ -229,13 +241,14 @@ class Host:
         return list(self.stubs.migration.ListMigrations(pb.ListMigrationsRequest()).migrations)
 
     def boot_working_set(self, vm_id: str, *, pages: int = WS_PAGES,
-                         static: bytes = b"", **options: Any) -> None:
+                         static: bytes = b"", log_dirty: bool = True,
+                         **options: Any) -> None:
         """The self-checking working-set guest (not started); `static` is written at
         STATIC_BASE."""
         s = self.stubs
         s.vms.CreateVm(pb.CreateVmRequest(vm_id=vm_id, options=pb.VmOptions(**options)))
         s.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
-            vm_id=vm_id, guest_addr=0, size=GUEST_MEM, log_dirty=True))
+            vm_id=vm_id, guest_addr=0, size=GUEST_MEM, log_dirty=log_dirty))
         node = self.node
         node.write(vm_id, 0x1000, assemble(working_set_source(pages)))
         if static:
