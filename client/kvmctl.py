@@ -352,6 +352,18 @@ class UsageError(Exception):
 # command handlers
 
 
+def cmd_health(c: KvmdClient, a: argparse.Namespace) -> int:
+    """The daemon's grpc.health.v1 status; with --wait, first wait until it serves."""
+    if a.wait:
+        c.wait_ready(a.wait)
+    status = c.health()
+    if a.json:
+        _emit_json({"status": status})
+    else:
+        _out(status)
+    return EXIT_OK if status == "SERVING" else EXIT_SERVER_ERROR
+
+
 def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
     info = c.info()
     if a.json:
@@ -1312,6 +1324,11 @@ def build_parser() -> argparse.ArgumentParser:
     top = _subparsers(parser, "command")
 
     # info, cap, supported-cpuid
+    p = _leaf(top, "health", cmd_health,
+              "the daemon's health (SERVING: exit 0); --wait for one that is starting")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS for the daemon to serve")
+    _finish(p)
     p = _leaf(top, "info", cmd_info, "KVM and daemon information, limits, capabilities")
     p.add_argument("--all", action="store_true", help="list absent capabilities too")
     _finish(p)
