@@ -9,6 +9,7 @@ TLS are allowed on loopback only.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -188,6 +189,7 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
+        tune_allocator()
         images_dir = self.cfg.images_dir or None
         if images_dir is None or not os.path.isdir(images_dir):
             log.info("no images directory: file-backed guest memory is off",
@@ -356,6 +358,26 @@ class Daemon:
             if os.path.lexists(path):
                 os.unlink(path)
         self._owned_sockets.clear()
+
+
+# glibc malloc tuning for the daemon process (mallopt parameters).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD = 8 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+
+
+def tune_allocator() -> None:
+    """Keep the buffers snapshots and migrations churn through (1-4 MiB frames and
+    messages, hundreds a second) in malloc's free lists. By default glibc maps each one
+    fresh and unmaps it on free, so every buffer costs a page fault per page (about 6 us
+    each on nested hosts: more than copying the bytes); here up to MALLOC_TRIM_THRESHOLD of
+    freed memory per arena stays for reuse."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its defaults stand
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

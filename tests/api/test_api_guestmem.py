@@ -110,13 +110,15 @@ def run_to_exit(api: RunningDaemon, vm_id: str) -> int:
 # -- measuring ---------------------------------------------------------------------------
 
 
-def vm_rss() -> int:
-    """This process's resident set (the daemon is in-process here), in bytes."""
-    with open("/proc/self/status") as f:
+def host_shmem() -> int:
+    """The host's shared memory (memfds included), in bytes: /proc/meminfo Shmem. Guest
+    memory the daemon writes from the host goes into its memfds' pages without mapping
+    them, so it is there, not in the daemon's resident set."""
+    with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith("Shmem:"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError("no Shmem in /proc/meminfo")
 
 
 def regions(api: RunningDaemon, vm_id: str) -> list[pb.MemoryRegion]:
@@ -213,7 +215,7 @@ def add_file(api: RunningDaemon, vm_id: str, addr: int, size: int, name: str,
 # -- discard -----------------------------------------------------------------------------
 
 
-def test_discard_64_mib_drops_rss_and_allocation_and_the_guest_sees_zeros(
+def test_discard_64_mib_drops_host_memory_and_allocation_and_the_guest_sees_zeros(
         gm: RunningDaemon, record_property: pytest.RecordProperty) -> None:
     api, size = gm, 64 * MiB
     marks = [DATA + 5 * P, DATA + 40 * MiB + 3, DATA + size - 1]
@@ -224,22 +226,23 @@ def test_discard_64_mib_drops_rss_and_allocation_and_the_guest_sees_zeros(
     before = region(api, "balloon", slot).allocated_bytes
     assert before >= size
     assert get_vm(api, "balloon").memory_allocated_bytes >= size
-    rss_before = vm_rss()
+    shmem_before = host_shmem()
 
     released = api.memory.DiscardGuestMemory(pb.DiscardGuestMemoryRequest(
         vm_id="balloon", guest_addr=DATA, size=size)).released_bytes
 
-    rss_after = vm_rss()
+    shmem_after = host_shmem()
     after = region(api, "balloon", slot).allocated_bytes
     print(f"\n64 MiB discard: released {released} bytes; memfd allocated {before} -> {after}; "
-          f"daemon VmRSS {rss_before} -> {rss_after} (-{(rss_before - rss_after) / MiB:.1f} "
-          "MiB)")
-    record_property("rss_drop_bytes", rss_before - rss_after)
+          f"host Shmem {shmem_before} -> {shmem_after} "
+          f"(-{(shmem_before - shmem_after) / MiB:.1f} MiB)")
+    record_property("shmem_drop_bytes", shmem_before - shmem_after)
     record_property("allocated_drop_bytes", before - after)
     assert released == before - after
     assert released >= size - MiB
     assert after < MiB
-    assert rss_before - rss_after >= size - 4 * MiB
+    # Host-wide, so other processes may allocate meanwhile: most of it, not all.
+    assert shmem_before - shmem_after >= size // 2
     vm = get_vm(api, "balloon")
     assert vm.discarded_bytes == released
     assert vm.memory_allocated_bytes == sum(r.allocated_bytes for r in regions(api, "balloon"))
