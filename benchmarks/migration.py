@@ -42,6 +42,14 @@ THROUGHPUT_TARGET = 0.5
 DOWNTIME_TARGET_MS = 50.0
 
 
+def _receive_all(server: socket.socket, got: list[int]) -> None:
+    conn, _ = server.accept()
+    view = memoryview(bytearray(MiB))
+    while n := conn.recv_into(view):
+        got[0] += n
+    conn.close()
+
+
 def bare_tcp_seconds(data: memoryview, rounds: int = 3) -> float:
     """Best time to stream `data` over a loopback TCP connection (1 MiB sends)."""
     best = float("inf")
@@ -50,15 +58,7 @@ def bare_tcp_seconds(data: memoryview, rounds: int = 3) -> float:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         got = [0]
-
-        def receive() -> None:
-            conn, _ = server.accept()
-            buf = bytearray(MiB)
-            view = memoryview(buf)
-            while n := conn.recv_into(view):
-                got[0] += n
-            conn.close()
-        thread = threading.Thread(target=receive)
+        thread = threading.Thread(target=_receive_all, args=(server, got))
         thread.start()
         client = socket.create_connection(server.getsockname())
         started = time.perf_counter()
