@@ -124,6 +124,25 @@ def _msi(address: int, data: int, devid: int | None) -> vmm_pb2.MsiMessage:
     return msi
 
 
+def runs_to_bitmap(runs: Iterable[tuple[int, int]], total_pages: int) -> bytearray:
+    """A dirty bitmap (bit i, least significant first: page i) from (first page, pages)
+    runs: whole bytes at once inside a run, so the cost follows the bitmap and the runs."""
+    bitmap = bytearray((total_pages + 7) // 8)
+    for first, pages in runs:
+        end = first + pages
+        while first < end and first % 8:
+            bitmap[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = (end - first) // 8
+        if whole:
+            bitmap[first >> 3:(first >> 3) + whole] = b"\xff" * whole
+            first += whole * 8
+        while first < end:
+            bitmap[first >> 3] |= 1 << (first & 7)
+            first += 1
+    return bitmap
+
+
 @dataclass(frozen=True)
 class DirtyLog:
     """A slot's dirty-page bitmap (one bit per page, LSB first), as read by ``GetDirtyLog``.
@@ -797,22 +816,21 @@ class KvmdClient:
         Unpacks as ``bitmap, dirty_count``; ``.pages()`` lists the dirty page indices.
         """
         bitmap = bytearray()
-        bits = 0  # pages the daemon sent as ranges (it picks the shorter form)
+        runs: list[tuple[int, int]] = []  # when the daemon sent runs (the shorter form)
         dirty = 0
         total_dirty: int | None = None
         total_pages = 0
         for chunk in self.iter_dirty_log(vm_id, slot, chunk_size, form="auto"):
             bitmap += chunk.bitmap
-            for r in chunk.ranges:
-                bits |= ((1 << r.pages) - 1) << r.first_page
+            runs += zip(chunk.run_first_pages, chunk.run_pages, strict=True)
             dirty += chunk.dirty_pages
             total_pages = max(total_pages, chunk.total_pages)
             if chunk.last:
                 total_dirty = chunk.total_dirty_pages
         if total_pages == 0:
             total_pages = len(bitmap) * 8
-        if bits or not bitmap:
-            bitmap = bytearray(bits.to_bytes((total_pages + 7) // 8, "little"))
+        if runs or not bitmap:
+            bitmap = runs_to_bitmap(runs, total_pages)
         count = total_dirty if total_dirty is not None else dirty
         return DirtyLog(slot=slot, bitmap=bytes(bitmap), dirty_count=count, total_pages=total_pages)
 

@@ -257,17 +257,19 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         if form not in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
                         pb.GetDirtyLogRequest.RANGES):
             raise InvalidArgument(f"unknown dirty-log form {form}")
-        ranges = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_range_chunks(
+        runs = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_run_chunks(
             bitmap, chunk, force=form == pb.GetDirtyLogRequest.RANGES)
-        if ranges is not None:
+        if runs is not None:
             total = 0
-            for i, part in enumerate(ranges):
-                dirty = sum(r.pages for r in part)
+            for i, (firsts, counts) in enumerate(runs):
+                dirty = sum(counts)
                 total += dirty
-                last = i == len(ranges) - 1
-                yield pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
-                                       ranges=part, dirty_pages=dirty,
-                                       total_dirty_pages=total if last else 0)
+                last = i == len(runs) - 1
+                msg = pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
+                                       dirty_pages=dirty, total_dirty_pages=total if last else 0)
+                msg.run_first_pages.extend(firsts)
+                msg.run_pages.extend(counts)
+                yield msg
             return
         total_dirty = 0
         offsets = range(0, len(bitmap), chunk)

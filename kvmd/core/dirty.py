@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from kvmd.kvm import PAGE_SIZE, DirtyBitmaps, MemoryRegionInfo, Vm
+from kvmd.kvm import PAGE_SIZE, DirtyBitmaps, MemoryRegionInfo, Vm, bitmap_runs
 
 API = "api"  # GetDirtyLog: always present (KVM's log starts at the slot's creation)
 SNAPSHOT = "snapshot"  # diff snapshots: pages dirtied since the last snapshot
@@ -218,15 +218,9 @@ def bitmap_bytes(bits: int, pages: int) -> bytes:
 
 
 def page_runs(bits: int) -> list[tuple[int, int]]:
-    """The runs of set bits as (first page, page count), in order."""
-    runs: list[tuple[int, int]] = []
-    base = 0
-    while bits:
-        skip = (bits & -bits).bit_length() - 1  # trailing zeros
-        bits >>= skip
-        base += skip
-        ones = (~bits & (bits + 1)).bit_length() - 1  # trailing ones
-        runs.append((base, ones))
-        bits >>= ones
-        base += ones
-    return runs
+    """The runs of set bits as (first page, page count), in order (in C: the cost follows
+    the bitmap's size, whatever its runs)."""
+    if bits <= 0:
+        return []
+    firsts, counts = bitmap_runs(bits.to_bytes((bits.bit_length() + 7) // 8, "little"))
+    return list(zip(firsts, counts, strict=True))
