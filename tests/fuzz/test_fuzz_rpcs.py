@@ -36,9 +36,9 @@ def test_reflection_serves_exactly_the_fuzzed_methods(fuzz_daemon: FuzzDaemon) -
     assert reflected_methods(fuzz_daemon.channel) == fuzzed
 
 
-def _step(fz: FuzzDaemon, method: Method, request: Any) -> None:
+def _step(fz: FuzzDaemon, method: Method, request: Any, cancel_after: int | None) -> None:
     before = fz.ensure_world(fz.last)
-    outcome, after = fz.check_call(method, request, before)
+    outcome, after = fz.check_call(method, request, before, cancel_after)
     # A call that succeeded and may have changed something (even invisibly, e.g. a vCPU's
     # registers) gets a fresh world before the next example.
     fz.last = None if outcome.ok and method.name not in NON_MUTATING else after
@@ -48,8 +48,12 @@ def _step(fz: FuzzDaemon, method: Method, request: Any) -> None:
 @fuzz_settings(EXAMPLES_PER_RPC)
 @given(data=st.data())
 def test_rpc_fuzz(fuzz_daemon: FuzzDaemon, method: Method, data: st.DataObject) -> None:
-    """One random or boundary request to `method` against the world."""
-    _step(fuzz_daemon, method, data.draw(request_strategy(method), label="request"))
+    """One random or boundary request to `method` against the world; server streams are
+    sometimes cancelled by the client part way."""
+    request = data.draw(request_strategy(method), label="request")
+    cancel_after = data.draw(st.one_of(st.none(), st.integers(0, 2)), label="cancel_after") \
+        if method.server_streaming else None
+    _step(fuzz_daemon, method, request, cancel_after)
 
 
 CALLS = st.sampled_from(METHODS).flatmap(
