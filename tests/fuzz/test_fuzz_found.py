@@ -12,6 +12,7 @@ from fuzz_support import CALL_TIMEOUT, FuzzDaemon
 from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.errors import NotFound
 
 MESSAGE_LIMIT = 16 << 10
 UART, DEBUG_EXIT = 0x3F8, 0x501
@@ -118,5 +119,30 @@ def test_a_create_vm_whose_answer_is_too_large_creates_nothing() -> None:
             host = fz.daemon.host
             assert host is not None
             assert host.vm_count() == 0, "the failed CreateVm created the VM"
+    finally:
+        fz.stop()
+
+
+def test_starting_a_vcpu_of_a_vm_deleted_meanwhile_is_not_found() -> None:
+    """Found by test_concurrent_random_calls_on_shared_vms (one INTERNAL in 180,000 calls
+    of a 5-minute soak): StartVm (or StartVcpu) holds the vCPUs it looked up; when a
+    concurrent DeleteVm closed the VM before it started them, it started them anyway: the
+    caller got INTERNAL ("immediate_exit: Bad file descriptor (vcpu is closed)"), or a
+    vCPU thread ran on a VM being closed, outside its stop requests, and then crashed with
+    a daemon error. That interleaving, made deterministic: the vCPU as the servicer holds
+    it, the VM deleted, then the start."""
+    fz = FuzzDaemon.start()
+    try:
+        fz.vms.CreateVm(pb.CreateVmRequest(vm_id="late"), timeout=CALL_TIMEOUT)
+        fz.vcpus.CreateVcpu(pb.CreateVcpuRequest(vm_id="late", vcpu_id=0),
+                            timeout=CALL_TIMEOUT)
+        host = fz.daemon.host
+        assert host is not None
+        vcpu = host.get_vm("late").vcpu(0)  # what StartVcpu/StartVm hold after the lookup
+        fz.vms.DeleteVm(pb.DeleteVmRequest(vm_id="late"), timeout=CALL_TIMEOUT)
+        with pytest.raises(NotFound):
+            vcpu.start()
+        assert vcpu.state == "created"
+        fz.assert_healthy()
     finally:
         fz.stop()
