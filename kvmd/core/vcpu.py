@@ -18,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvmd.core.errors import Aborted, InvalidArgument, InvalidState, KernelError, kernel_errors
+from kvmd.core.errors import (
+    Aborted,
+    InvalidArgument,
+    InvalidState,
+    KernelError,
+    NotFound,
+    kernel_errors,
+)
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -110,6 +117,10 @@ class ManagedVcpu:
 
     def start(self) -> None:
         with self.cond:
+            # A caller that looked this vCPU up before a concurrent DeleteVm closed the VM:
+            # checked under our lock, which the close's stop request also takes.
+            if self.vm.closed:
+                raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             if self.state not in STARTABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a created or stopped vcpu can be started",
