@@ -55,7 +55,7 @@ Code = grpc.StatusCode
 MAX_RPCS = 8               # --max-concurrent-rpcs: the daemon's unary thread pool
 CALLS_PER_IDENTITY = 6     # --max-calls-per-identity: below the clients, so budgets bite
 CALL_TIMEOUT = 30.0
-HEALTH_TIMEOUT = 2.0
+HEALTH_TIMEOUT = 5.0  # a check slower than this counts as failed
 RETRY_PAUSE = 0.005
 MAX_RETRIES = 2000
 SHARED_VM = "soak-shared"
@@ -437,6 +437,7 @@ class Report:
     rss_end_mib: float
     rss_max_mib: float
     rss_slope_mib_per_min: float
+    rss_slope_second_half_mib_per_min: float  # without the warm-up's growth
     samples: int
     fds_baseline: int
     fds_end: int
@@ -479,7 +480,8 @@ class Report:
             f"between answers {self.health_longest_gap_s:.2f} s",
             f"daemon RSS: {self.rss_start_mib:.1f} -> {self.rss_end_mib:.1f} MiB (max "
             f"{self.rss_max_mib:.1f}), slope {self.rss_slope_mib_per_min:+.3f} MiB/min over "
-            f"{self.samples} samples",
+            f"{self.samples} samples ({self.rss_slope_second_half_mib_per_min:+.3f} over the "
+            "second half)",
             f"daemon fds {self.fds_baseline} -> {self.fds_end}, threads "
             f"{self.threads_baseline} -> {self.threads_end}, VMs left {self.vms_end}, exit "
             f"{self.daemon_exit}",
@@ -550,7 +552,9 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
         health_longest_gap_s=health.longest_gap,
         rss_start_mib=rss[0][1] if rss else 0.0, rss_end_mib=rss[-1][1] if rss else 0.0,
         rss_max_mib=max((r for _, r in rss), default=0.0),
-        rss_slope_mib_per_min=slope_per_minute(rss), samples=len(rss),
+        rss_slope_mib_per_min=slope_per_minute(rss),
+        rss_slope_second_half_mib_per_min=slope_per_minute(rss[len(rss) // 2:]),
+        samples=len(rss),
         fds_baseline=fds0, fds_end=fds1, threads_baseline=threads0, threads_end=threads1,
         vms_end=vms_end, daemon_exit=code, unexpected=recorder.unexpected)
 

@@ -332,7 +332,6 @@ def bytes_strategy(max_random: int = 64) -> st.SearchStrategy[bytes]:
 VM_IDS = id_strategy([VM_A, VM_B, VM_C, VM_NEW])
 IRQFD_IDS = id_strategy([IRQFD_A, "irq-new"])
 IOEVENT_IDS = id_strategy([IOEVENT_A, "io-new"])
-SMALL_U32 = ints(0, U32_MAX, [0, 1, 2, 3, 4, 5, 255, 256, 1023, 1024, U32_MAX])
 ADDRESSES = ints(0, U64_MAX, [*U64_BOUNDS, 0x600, 0x3F8, 0x3FF, 0x400, 0xFFFF, 0xFEE00000,
                               0xFEC00000])
 
