@@ -1,7 +1,7 @@
 """Concurrent random calls on a few shared VMs: run control (VM and vCPU), deletion and
 re-creation, memory slots, registers and interrupts from many clients at once, on guests
 that halt or spin. Nothing can be predicted about who wins, so only invariants are
-checked: every call ends with a documented code (never UNKNOWN, INTERNAL, or a hang), the
+checked: every call ends with a documented code (never UNKNOWN, INTERNAL, or a hang of 25 s), the
 daemon stays healthy, and once the clients stop, GetInfo's counts equal what the List RPCs
 show, no call or stream is left in the budgets, and deleting every VM ends every vCPU
 thread.
@@ -39,7 +39,7 @@ SECONDS = CI_SECONDS * (SOAK_FACTOR if PROFILE == "soak" else 1)
 CLIENTS = 8
 VM_IDS = ["c0", "c1", "c2"]
 CALL_TIMEOUT = 30.0
-SLOW_CALL = 10.0  # a call slower than this is reported as a hang
+SLOW_CALL = 25.0  # a call slower than this is reported as a hang (stops wait 5 s a vCPU)
 DOCUMENTED = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS,
               Code.FAILED_PRECONDITION, Code.ABORTED, Code.RESOURCE_EXHAUSTED}
 LIMITS = dict(max_vms=6, max_vcpus_per_vm=4, max_memory_per_vm_bytes=1 << 20,
