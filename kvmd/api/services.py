@@ -159,8 +159,10 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         """Console output: the backlog (if asked), then live bytes unless no_follow."""
         backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
         try:
-            if backlog:
-                yield pb.ConsoleOutput(data=backlog)
+            # The backlog may exceed one message (console_buffer_bytes): chunks.
+            step = self._chunk_size(0)
+            for off in range(0, len(backlog), step):
+                yield pb.ConsoleOutput(data=backlog[off:off + step])
             if request.no_follow:
                 return
             async for data in self._follow(sub, context):

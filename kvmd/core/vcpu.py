@@ -18,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvmd.core.errors import Aborted, InvalidArgument, InvalidState, KernelError, kernel_errors
+from kvmd.core.errors import (
+    Aborted,
+    InvalidArgument,
+    InvalidState,
+    KernelError,
+    NotFound,
+    kernel_errors,
+)
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -112,6 +119,10 @@ class ManagedVcpu:
 
     def start(self) -> None:
         with self.cond:
+            # A caller that looked this vCPU up before a concurrent DeleteVm closed the VM:
+            # checked under our lock, which the close's stop request also takes.
+            if self.vm.closed:
+                raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             if self.state not in STARTABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a created or stopped vcpu can be started",
@@ -213,8 +224,9 @@ class ManagedVcpu:
             if self.state == CRASHED and not self._thread_alive():
                 self._set_state(STOPPED, "stopped")
                 return
-        self.request_stop(reason)
-        self.join()
+        thread = self.request_stop(reason)
+        if thread is not None:
+            self.join(thread=thread)
 
     def throttle(self, seconds: float) -> None:
         """Keep a running vCPU out of the guest for `seconds` (kicked at once), still
@@ -227,11 +239,14 @@ class ManagedVcpu:
     def _thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the thread to end without waiting (safe from any thread, even a vCPU's)."""
+    def request_stop(self, reason: str) -> threading.Thread | None:
+        """Ask the thread to end without waiting (safe from any thread, even a vCPU's).
+        Returns the thread asked (None if none runs): the one to join, as a start racing
+        in later may begin another."""
         with self.cond:
-            if self._thread is None or not self._thread.is_alive():
-                return
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return None
             self._stop_requested = True
             self._stop_reason = self._stop_reason or reason
             self.vcpu.kick()
@@ -239,10 +254,14 @@ class ManagedVcpu:
         waiting = self.waiting_remote
         if waiting is not None:
             waiting[0].abandon(waiting[1])
+        return thread
 
-    def join(self, timeout: float = STATE_CHANGE_TIMEOUT) -> None:
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+    def join(self, timeout: float = STATE_CHANGE_TIMEOUT,
+             thread: threading.Thread | None = None) -> None:
+        """Wait for `thread` (default: the current one, if it was started) to end."""
+        thread = thread if thread is not None else self._thread
+        if thread is not None and thread.ident is not None \
+                and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not stop within "

@@ -1077,16 +1077,16 @@ class ManagedVm:
         vcpus = [v for v in self.vcpus() if v.state != STOPPED]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource)
-        for v in vcpus:
-            v.request_stop("stopped by request")
-        for v in vcpus:
+        # Wait only for the threads asked to stop: a start racing in later wins.
+        asked = [(v, v.request_stop("stopped by request")) for v in vcpus]
+        for v, thread in asked:
+            if thread is not None:
+                v.join(thread=thread)
             if v.state in (CREATED, CRASHED):
                 try:
                     v.stop()
                 except InvalidState:
                     pass  # it stopped meanwhile
-            else:
-                v.join()
         if not self.reason:
             self.reason = "stopped by request"
 
