@@ -565,9 +565,17 @@ class KvmdClient:
         return self._unary(self._vms.GetVm, vmm_pb2.GetVmRequest(vm_id=vm_id))
 
     def list_vms(self, labels: Mapping[str, str] | None = None) -> list[vmm_pb2.Vm]:
-        """Every VM, or only those carrying all of ``labels``."""
-        request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}))
-        return list(self._unary(self._vms.ListVms, request).vms)
+        """Every VM, or only those carrying all of ``labels`` (all pages)."""
+        vms: list[vmm_pb2.Vm] = []
+        token = ""
+        while True:
+            request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}),
+                                             page_token=token)
+            page = self._unary(self._vms.ListVms, request)
+            vms += page.vms
+            token = page.next_page_token
+            if not token:
+                return vms
 
     def delete_vm(self, vm_id: str) -> None:
         """Stop the VM's vCPUs and release everything it owns."""

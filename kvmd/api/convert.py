@@ -3,9 +3,11 @@ register files, CPUID and routes convert in kvmd.state.codec (shared with snapsh
 
 from __future__ import annotations
 
+import base64
 from array import array
 
 from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.errors import InvalidArgument
 from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
@@ -129,6 +131,28 @@ def dirty_modes_to_pb(m: DirtyLogModes) -> pb.DirtyLogModes:
                             ring_acq_rel=m.ring_acq_rel)
 
 
+_TOKEN_PREFIX = "after:"
+
+
+def page_token(last_id: str) -> str:
+    """An opaque page token: the listing resumes after this id."""
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode()
+
+
+def page_token_id(token: str) -> str:
+    """The id a page token resumes after ("" for the first page); INVALID_ARGUMENT for a
+    token this daemon did not make."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    if not text.startswith(_TOKEN_PREFIX):
+        raise InvalidArgument("page_token is not one this daemon gave")
+    return text[len(_TOKEN_PREFIX):]
+
+
 def _varint_len(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
@@ -163,6 +187,8 @@ __all__ = [
     "ioevent_to_pb",
     "irqfd_to_pb",
     "page_run_chunks",
+    "page_token",
+    "page_token_id",
     "region_to_pb",
     "regs_from_pb",
     "regs_to_pb",

@@ -15,7 +15,7 @@ import grpc.aio
 
 from kvmd.api import convert
 from kvmd.api.auth import current_quota
-from kvmd.api.base import Runtime, ServicerBase, caller_identity
+from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.api.migration import MigrationService, add_migration_service
@@ -28,6 +28,8 @@ from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
 
+# ListVms: the most VMs one page holds (fewer when they would not fit in a message).
+MAX_PAGE_SIZE = 1000
 
 class HypervisorService(ServicerBase, rpc.HypervisorServicer):
     """What this host's KVM and this daemon can do."""
@@ -96,11 +98,27 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         return convert.vm_to_pb(self._vm(request.vm_id))
 
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        """Every VM carrying all labels of the selector."""
+        """The VMs carrying all labels of the selector, in id order, a page at a time: as
+        many as page_size says and one message holds."""
         identity = caller_identity()
-        vms = [v for v in self.host.list_vms(dict(request.label_selector))
-               if self.visible(identity, v.owner)]
-        return pb.ListVmsResponse(vms=[convert.vm_to_pb(v) for v in vms])
+        after = convert.page_token_id(request.page_token)
+        page_size = request.page_size or MAX_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}")
+        budget = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
+        response = pb.ListVmsResponse()
+        used = 0
+        for v in self.host.list_vms(dict(request.label_selector)):
+            if v.id <= after or not self.visible(identity, v.owner):
+                continue
+            vm = convert.vm_to_pb(v)
+            size = vm.ByteSize() + 8
+            if len(response.vms) == page_size or (response.vms and used + size > budget):
+                response.next_page_token = convert.page_token(response.vms[-1].vm_id)
+                break
+            response.vms.append(vm)
+            used += size
+        return response
 
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
         """Stop the VM and release everything it owns."""

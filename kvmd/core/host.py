@@ -25,6 +25,11 @@ from kvmd.kvm.memory import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
+# Bytes of an answer about one VM besides its labels (id, state, options, counters, ...)
+# and per vCPU (its state in Vm.vcpu_states): what check_labels_fit keeps free.
+VM_ANSWER_OVERHEAD = 2048
+VCPU_STATE_BYTES = 16
+
 
 class MemoryBudget:
     """Guest memory reserved across all VMs, against the daemon-wide limit."""
@@ -141,6 +146,18 @@ class Host:
             self.release_id(vm_id)
         return managed
 
+    def check_labels_fit(self, labels: dict[str, str]) -> None:
+        """Every answer about one VM (its labels, state, options, vCPU states) must fit in
+        one message of max_message_bytes, or the VM could be made but never described:
+        refuse labels that leave too little room (INVALID_ARGUMENT)."""
+        size = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in labels.items())
+        room = self.limits.max_message_bytes - VM_ANSWER_OVERHEAD \
+            - VCPU_STATE_BYTES * self.limits.max_vcpus_per_vm
+        if size > room:
+            raise InvalidArgument(f"the labels take {size} bytes; with max_message_bytes "
+                                  f"{self.limits.max_message_bytes} at most {max(room, 0)} "
+                                  "fit in an answer about the VM")
+
     def reserve_id(self, vm_id: str, owner: str, owner_quota: int = 0) -> None:
         """Hold `vm_id` (and a place in `owner`'s quota) for a VM being made: creation or a
         restore that streams in. Pair with release_id, whatever happens."""
@@ -166,6 +183,7 @@ class Host:
                  owner: str) -> ManagedVm:
         """A configured VM, not yet visible (the caller registers or closes it). Kernel work
         happens outside the registry lock: other VMs stay responsive."""
+        self.check_labels_fit(labels)
         with kernel_errors(f"vm/{vm_id}"):
             vm = self.kvm.create_vm()
         return ManagedVm.build(vm_id, labels, options, vm, self.shared, owner)
