@@ -3,6 +3,7 @@ open streams, and the caller's identity."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ class ServicerBase:
         """Run blocking core work (ioctls, copies, locks) from an async handler."""
         result: T = await run_blocking(self.runtime.pool, fn, *args)
         return result
+
+    async def _cleanup(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run blocking cleanup (release a VM half-built, a handler, a held pause) to its
+        end, even when this call is being cancelled: a cancelled task is cancelled again at
+        each await, which would abandon the cleanup half way and leak what it releases."""
+        task = asyncio.ensure_future(self._blocking(fn, *args))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass  # the cleanup finishes in the pool; the cancellation goes on
 
     def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext
                 ) -> AsyncIterator[T]:

@@ -194,7 +194,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                                           "migration stream")
         finally:
             if incoming.state != COMMITTED:
-                await self._blocking(incoming.abort)
+                await self._cleanup(incoming.abort)  # the source gone: everything released
             self.migrations.incoming.ended(incoming)
 
     @staticmethod

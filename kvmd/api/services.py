@@ -621,7 +621,7 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                     data=item.data, count=item.count))
         finally:
             replies.cancel()
-            await self._blocking(vm.release_handler, handler, "stream ended")
+            await self._cleanup(vm.release_handler, handler, "stream ended")
         if handler.close_reason.startswith("bad reply"):
             raise InvalidArgument(handler.close_reason)
         if handler.close_reason.startswith("missed"):

@@ -149,7 +149,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         finally:
             # A client that went away: end the snapshot now, so the VM runs again (close
             # waits for a pull still running in the pool).
-            await self._blocking(taker.close)
+            await self._cleanup(taker.close)
         assert taker.summary is not None
         yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, request.file))
 
@@ -187,7 +187,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                     await self._blocking(restorer.feed, data)
             vm = await self._blocking(restorer.finish)
         except BaseException:
-            await self._blocking(restorer.abort)
+            await self._cleanup(restorer.abort)
             raise
         return convert.vm_to_pb(vm)
 

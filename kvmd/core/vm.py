@@ -37,6 +37,7 @@ from kvmd.core.dirty import (
 )
 from kvmd.core.errors import (
     AlreadyExists,
+    DomainError,
     InvalidArgument,
     InvalidState,
     NotFound,
@@ -55,6 +56,7 @@ from kvmd.core.images import (
 )
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.state import (
+    FileMappingState,
     IoeventState,
     IrqchipState,
     IrqfdState,
@@ -683,10 +685,12 @@ class ManagedVm:
                 return self.vm.populated_ranges(slot, offset, size)
 
     def add_file_memory_region(self, guest_addr: int, size: int, read_only: bool,
-                               log_dirty: bool, file: MemoryFile) -> MemoryRegionInfo:
+                               log_dirty: bool, file: MemoryFile, *, slot: int | None = None
+                               ) -> MemoryRegionInfo:
         """A slot backed by a file of the images directory (MAP_SHARED; guest writes reach
         the file). A read-only file makes a read-only slot (guest writes exit as MMIO). The
-        slot is charged to the memory budget like any other."""
+        slot is charged to the memory budget like any other. `slot`: an exact number
+        (restores)."""
         if size <= 0:
             raise InvalidArgument("memory region size must be positive")
         if guest_addr % PAGE_SIZE:
@@ -700,7 +704,7 @@ class ManagedVm:
             with self.lock:
                 info = self.add_memory_region(
                     guest_addr, rounded, read_only or file.read_only, log_dirty,
-                    backing=FileBacking(image.fd, file.offset, writable))
+                    backing=FileBacking(image.fd, file.offset, writable), slot=slot)
                 self._files()[(info.slot, 0)] = FileBackedRange(
                     info.slot, info.guest_addr, 0, info.size, image.name, file.offset,
                     writable, True, image.identity)
@@ -796,17 +800,22 @@ class ManagedVm:
                 synced += hi - lo
         return synced
 
-    def check_no_files(self, purpose: str) -> None:
-        """Refuse (InvalidState) to save a VM with files of the images directory mapped:
-        a saved VmState carries guest memory by value and has no place yet for memory that
-        travels by reference (`file_backed_ranges`), so the copy would silently lose them."""
-        with self.lock:
-            files = sorted({r.image for r in self._files().values()})
-        if files:
-            raise InvalidState(
-                f"vm {self.id} has memory files mapped ({', '.join(files)}): a {purpose} of "
-                "file-backed memory is not supported yet; unmap or remove them first",
-                resource=self.resource)
+    def file_mapping_states(self, sync: bool) -> list[FileMappingState]:
+        """The files mapped into the VM as a saved state carries them (by reference; the
+        state layer adds each one's digest). `sync`: write back the writable ones first,
+        so the files hold what the guest wrote (the VM is held paused)."""
+        out = []
+        for r in self.file_backed_ranges():
+            if sync and r.writable:
+                with kernel_errors(f"{self.resource}/slot/{r.slot}"):
+                    self.vm.msync_memory_region(r.slot, r.offset, r.size)
+            try:
+                file_size = self._images().stat(r.image).st_size
+            except DomainError:
+                file_size = r.identity.size
+            out.append(FileMappingState(r.slot, r.offset, r.size, r.image, r.file_offset,
+                                        r.writable, r.whole_slot, file_size))
+        return out
 
     def file_backed_ranges(self) -> list[FileBackedRange]:
         """Every file of the images directory mapped into the VM (whole slots and parts of
@@ -1208,7 +1217,6 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
-            self.check_no_files("saved state")
             vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
             irqchip = pit = clock = None
             with kernel_errors(self.resource):
@@ -1237,6 +1245,7 @@ class ManagedVm:
                 ioevents=[IoeventState(e.ioevent_id, e.space.value, e.address, e.length,
                                        e.datamatch, e.fired) for e in self._ioevents.values()],
                 uart=self.uart.save_state(), console=self.console.save_state(),
+                files=self.file_mapping_states(sync=True),
             )
 
     def memory_layout(self) -> list[SlotState]:
@@ -1276,7 +1285,6 @@ class ManagedVm:
                 raise InvalidState(f"vm {self.id} is already migrating to "
                                    f"{self.migrating_to}", resource=self.resource)
             self.check_not_busy()
-            self.check_no_files("live migration")
             forced: set[int] = set()
             try:
                 with kernel_errors(self.resource):
@@ -1328,10 +1336,15 @@ class ManagedVm:
     _throttler: VcpuThrottler | None = None
 
     def restore_memory_layout(self, slots: list[SlotState],
-                              memfds: dict[int, int] | None = None) -> None:
+                              memfds: dict[int, int] | None = None,
+                              files: list[FileMappingState] | None = None) -> None:
         """First step of a restore into this new VM: the slot table, each slot at its saved
         number, zeroed for the caller to fill, or (a take-over) adopting the memfd given
-        for it in `memfds` {slot: fd}. Within the VM's and the daemon's limits."""
+        for it in `memfds` {slot: fd}; then the files of the images directory the VM had
+        mapped (`files`: whole slots, and over parts of slots), from this daemon's images
+        directory. Within the VM's and the daemon's limits."""
+        files = files or []
+        whole = {f.slot: f for f in files if f.whole_slot}
         with self.lock:
             if self._vcpus or self.vm.memory_regions():
                 raise InvalidState(f"vm {self.id} is not new; restore only into a new vm",
@@ -1340,10 +1353,20 @@ class ManagedVm:
                 raise ResourceExhausted(f"the saved vm has {len(slots)} memory slots, the "
                                         f"limit is {self._limits.max_memory_slots_per_vm}")
             for s in slots:
+                f = whole.get(s.slot)
+                if f is not None:
+                    self.add_file_memory_region(
+                        s.guest_addr, s.size, s.read_only, s.log_dirty,
+                        MemoryFile(f.image, f.file_offset, not f.writable), slot=s.slot)
+                    continue
                 fd = (memfds or {}).get(s.slot)
                 self.add_memory_region(s.guest_addr, s.size, s.read_only, s.log_dirty,
                                        slot=s.slot,
                                        backing=MemfdBacking(fd) if fd is not None else None)
+            for f in files:
+                if not f.whole_slot:
+                    self.map_file(f.slot, f.offset, f.size,
+                                  MemoryFile(f.image, f.file_offset, not f.writable))
 
     def restore_state(self, state: VmState) -> None:
         """Last step of a restore, once the memory is in: every vCPU in the binding's order,

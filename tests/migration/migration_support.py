@@ -370,12 +370,16 @@ class HostPair:
         self.directory = directory
         self.pki = pki
         self.starts = 0
+        # One images directory for both: shared storage, as between two hosts of a cluster.
+        self.images = directory / "images"
+        self.images.mkdir(mode=0o750)
         self.a = self._start("kvmd-a")
         self.b = self._start("kvmd-b")
 
     def _start(self, name: str) -> Host:
         self.starts += 1
-        return Host(self.directory / f"{name}-{self.starts}", self.pki, name)
+        return Host(self.directory / f"{name}-{self.starts}", self.pki, name,
+                    "--images-dir", str(self.images))
 
     def fresh(self) -> tuple[Host, Host]:
         if self.a.proc.poll() is not None:
