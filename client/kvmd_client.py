@@ -443,9 +443,12 @@ class KvmdClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def _server_stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+    def _server_stream(self, method: Callable[..., Any], request: Any,
+                       timeout: float | object | None = ...) -> Iterator[Any]:
+        """Iterate a server stream (`timeout`: the whole stream's deadline; default the
+        client's); stopping early cancels the call."""
         try:
-            call = method(request, timeout=self.timeout)
+            call = method(request, timeout=self.timeout if timeout is ... else timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         try:
@@ -1318,16 +1321,8 @@ class KvmdClient:
                 bandwidth_bytes_per_second=bandwidth_bytes_per_second, max_rounds=max_rounds,
                 auto_converge=auto_converge, tls_server_name=tls_server_name,
                 timeout_ms=timeout_ms))
-        try:
-            call = self._migration.MigrateVm(request, timeout=deadline)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
-        finally:
-            call.cancel()  # no-op once complete; cancels the migration if stopped early
+        # Stopping early cancels the call, and with it the migration.
+        yield from self._server_stream(self._migration.MigrateVm, request, deadline)
 
     def migrate_vm(
         self, vm_id: str, target: str, token: str, *,

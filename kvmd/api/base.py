@@ -28,6 +28,24 @@ DEFAULT_CHUNK = MiB
 MESSAGE_OVERHEAD = 4096
 
 
+def data_field_view(wire: bytes, tag: int) -> memoryview | None:
+    """When the serialized message `wire` is exactly one length-delimited field with wire
+    tag `tag` (a bulk `bytes data` field alone), a view of its contents: no copy, no
+    protobuf parse. None for anything else (the caller parses it as a message)."""
+    if wire[:1] != bytes([tag]):
+        return None
+    length = shift = 0
+    pos = 1
+    while pos < len(wire) and pos < 11:
+        byte = wire[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return memoryview(wire)[pos:] if pos + length == len(wire) else None
+    return None
+
+
 def caller_identity() -> str:
     """The authenticated identity of the caller ("local" on the Unix socket)."""
     return current_identity.get()
