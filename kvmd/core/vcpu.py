@@ -134,6 +134,18 @@ class ManagedVcpu:
             self._pause_requested = True
         self.wait_paused(ticket)
 
+    def resume_halted(self) -> None:
+        """A daemon hand-over: a vCPU restored parked that had been halted (HLT without an
+        in-kernel irqchip) halts again, waiting for an interrupt as before, instead of
+        running on past its HLT."""
+        with self.cond:
+            if self.state != PAUSED:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}, not "
+                                   "paused", resource=self.resource)
+            self._pause_requested = False
+            self._resumes += 1
+            self._set_state(HALTED, "halted", "hlt")
+
     def mark_ended(self, state: str, reason: str) -> None:
         """A restored vCPU that had stopped or crashed: record that, without a thread."""
         with self.cond:
