@@ -702,6 +702,7 @@ class Handover:
         self._pending: Incoming | None = None
         self._pending_manifest: dict[str, Any] = {}
         self._started_ns = process_start_ns()
+        self.given_away = False  # a take-over committed: the VMs here are another's
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -891,9 +892,9 @@ class Handover:
         if self.files is None:
             log.error("no runtime directory: the VMs end with this daemon")
             return False
-        if not self.host.vm_count() and not self.stranded.all():
-            return False
         with self._lock:
+            if self.given_away or (not self.host.vm_count() and not self.stranded.all()):
+                return False  # nothing here is ours to keep (a take-over took it all)
             frozen = boottime_ns()
             self._freeze(strict=False)
             out = Outgoing(self.host, frozen)
@@ -1071,7 +1072,7 @@ class Handover:
             verdict = chan.expect("restored", EXCHANGE_SECONDS)
             # The switch: from here on these VMs are the new daemon's and never run here.
             chan.send_json({"op": "commit"})
-            committed = True
+            committed = self.given_away = True
             failed = {k: v for k, v in verdict.get("results", {}).items() if v}
             log.info("vms handed over", extra={
                 "vms": len(out.saved), "stranded_there": len(failed),
