@@ -7,7 +7,8 @@ The guests run (an in-kernel HLT loop woken by the PIT). Each restart's times co
 new daemon's GetHandoverReport: save (old daemon: pause and save every VM), start (from the
 save to the restore's start: the old process exiting and the new one starting under
 systemd; the transfer for a take-over), restore (re-creating the VMs, memory adopted, not
-copied), the longest guest pause and the API's unavailability. Median of --rounds rounds.
+copied), the longest guest pause and the API's unavailability; and, for a restart, how long
+the old process took from SIGTERM to its exit. Median of --rounds rounds.
 
 systemd is emulated as in tests/handover (a notify socket that keeps FDSTORE fds and passes
 them as LISTEN_FDS to the next process).
@@ -141,11 +142,14 @@ class Service:
             raise RuntimeError("kvmd did not become ready")
         return self.notify.ready_at - started
 
-    def stop(self) -> None:
+    def stop(self) -> float:
+        """SIGTERM; returns seconds until the process exited."""
         assert self.proc is not None
+        started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         if self.proc.wait(120) != 0:
             raise RuntimeError(f"kvmd exited {self.proc.returncode}")
+        return time.monotonic() - started
 
 
 def boot(c: KvmdClient, vm_id: str, mib: int) -> None:
@@ -177,8 +181,9 @@ def measure(mode: str, vms: int, mib: int, rounds: int) -> dict[str, float]:
         rows = []
         try:
             for _ in range(rounds):
+                exited = 0.0
                 if mode == "fd-store":
-                    svc.stop()
+                    exited = svc.stop()
                     svc.start()
                 else:
                     old = svc.proc
@@ -189,7 +194,7 @@ def measure(mode: str, vms: int, mib: int, rounds: int) -> dict[str, float]:
                     svc.proc = new
                 report = client.handover_report()
                 assert report.restored == vms, report
-                rows.append(report_row(report))
+                rows.append({**report_row(report), "exit": exited})
                 for v in client.list_vms():
                     assert v.state == "running", v
         finally:
@@ -231,13 +236,14 @@ def main() -> int:
     floor = startup_floor(a.rounds)
     print(f"daemon start-up (exec -> READY=1, no VMs): {ms(floor)}  <- the floor under "
           "systemd\n")
-    print(f"{'mode':9} {'VMs':>3} {'save':>10} {'start':>10} {'restore':>10} "
-          f"{'guest pause':>12} {'API down':>10}  pause/floor  target")
+    print(f"{'mode':9} {'VMs':>3} {'save':>10} {'start':>10} {'(old exit)':>10} "
+          f"{'restore':>10} {'guest pause':>12} {'API down':>10}  pause/floor  target")
     for mode in ("fd-store", "take-over"):
         for n in counts:
             r = measure(mode, n, a.mib, a.rounds)
             verdict = "ok" if r["pause"] < TARGET_SECONDS else "over"
-            print(f"{mode:9} {n:>3} {ms(r['save'])} {ms(r['start'])} {ms(r['restore'])} "
+            print(f"{mode:9} {n:>3} {ms(r['save'])} {ms(r['start'])} {ms(r['exit'])} "
+                  f"{ms(r['restore'])} "
                   f"{ms(r['pause']):>12} {ms(r['api'])}  {r['pause'] / floor:10.2f}x  "
                   f"{verdict} (<{TARGET_SECONDS:g} s)", flush=True)
     return 0

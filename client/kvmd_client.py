@@ -236,6 +236,9 @@ class Watch(Generic[T]):
                 if self._cancelled.is_set() or self._reopen is None or \
                         _metadata(self._call, _END_KEY) not in _RESTART_ENDS:
                     raise
+                retry = retry or _Reconnect(self._retry_timeout)
+                if not retry.wait(self._cancelled):
+                    raise
             except grpc.RpcError as e:
                 error = from_rpc_error(e)
                 if self._cancelled.is_set() and isinstance(error, CancelledError):

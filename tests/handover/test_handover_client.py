@@ -169,3 +169,22 @@ def test_handover_service_refusals(daemon: Daemon) -> None:
         with pytest.raises(InvalidArgumentError):
             c.delete_stranded_vm("../x")
         assert c.health() == "SERVING"
+
+
+def test_kvmctl_rides_out_a_handover(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    from client import kvmctl
+
+    daemon.gate.close()
+    reopen_later(daemon, 0.5)
+    assert kvmctl.main(["--address", address(daemon), "vm", "create", "k1"]) == 0
+    daemon.gate.close()
+    try:
+        assert kvmctl.main(["--address", address(daemon), "--retry-timeout", "0",
+                            "vm", "list"]) == 3  # unreachable, without retries
+    finally:
+        daemon.gate.open()
+    capsys.readouterr()
+    assert kvmctl.main(["--address", address(daemon), "handover", "report"]) == 0
+    assert kvmctl.main(["--address", address(daemon), "handover", "stranded"]) == 0
+    out = capsys.readouterr().out
+    assert "did not take VMs over" in out and "No stranded VMs." in out
