@@ -344,12 +344,13 @@ class Daemon:
             await self.server.stop(SHUTDOWN_GRACE_SECONDS)
             await self.server.wait_for_termination()
 
-    def stop(self, keep_vms: bool = False) -> None:
+    def stop(self, keep_vms: bool = False) -> bool:
         """Stop accepting, end streams, release every VM, remove the sockets (once). With
         `keep_vms` (SIGTERM under systemd, on_stop = "keep"), the VMs are paused, saved and
-        their memory put in systemd's fd store for the next daemon first."""
+        their memory put in systemd's fd store for the next daemon first. True if the VMs
+        were handed over so (the next daemon waits for this process to end)."""
         if self.stopped.is_set():
-            return
+            return False
         notify("STOPPING=1\nSTATUS=stopping")
         if self.watchdog is not None:
             self.watchdog.stop()
@@ -372,6 +373,8 @@ class Daemon:
         if self.host is not None:
             if self.handover is not None:
                 self.handover.stranded.forget_all()
+                if kept:
+                    self.handover.close_vms()  # in parallel: the guests wait for it
             self.host.close()
         paths = list(self._owned_sockets)
         self._remove_sockets()
@@ -381,6 +384,7 @@ class Daemon:
         self.stopped.set()
         log.info("kvmd stopped", extra={
             "vms": "handed over" if kept or self._handed_over else "ended"})
+        return kept
 
     # -- hand-over hooks (kvmd.handover.DaemonHooks) --------------------------------------
 
@@ -488,7 +492,11 @@ def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
     if keep and not under_systemd():
         log.info("not under systemd: no fd store to keep the VMs in; they end (upgrade with "
                  "kvmd --take-over to keep them)")
-    daemon.stop(keep_vms=keep and under_systemd())
+    if daemon.stop(keep_vms=keep and under_systemd()):
+        # The next daemon starts once this process is gone and the guests wait for it:
+        # everything is saved, stored and closed, so skip the interpreter's teardown.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
