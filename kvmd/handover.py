@@ -77,6 +77,7 @@ DRAIN_SECONDS = 5.0
 # The old daemon waits this long for the new one's verdict, the new one for the states.
 EXCHANGE_SECONDS = 120.0
 FD_BATCH = min(250, SCM_MAX_FD)
+RESTORE_WORKERS = 4
 MAX_FRAME = 1 << 30
 
 
@@ -290,25 +291,33 @@ class Incoming:
         self.finished_ns = 0
 
     def restore(self, items: list[Carried]) -> None:
+        """Restore every item, a few at a time: most of a restore is kernel work (creating
+        the VM, its irqchip, vCPUs, mappings) that runs without the GIL."""
         self.started_ns = boottime_ns()
-        for item in items:
-            try:
-                record = carry.read_state(item.data, item.vm_id)
-                vm = carry.restore_vm(self.host, record, item.fds)
-            except DomainError as exc:
-                reason = exc.message
-                if item.stranded and item.stranded not in reason:
-                    reason = f"{reason} (stranded before: {item.stranded})"
-                log.error("vm not restored: kept for a retry or a forced delete",
-                          extra={"vm_id": item.vm_id, "error": reason})
-                self.failed.append((item, reason))
-                continue
-            except Exception as exc:  # a bug must not cost the other VMs
-                log.exception("vm not restored", extra={"vm_id": item.vm_id})
-                self.failed.append((item, f"{type(exc).__name__}: {exc}"))
-                continue
-            self.restored.append(Restored(vm, record, item))
+        workers = max(1, min(RESTORE_WORKERS, len(items)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvmd-restore") as pool:
+            results = list(pool.map(self._restore_one, items))
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, Restored):
+                self.restored.append(result)
+            else:
+                self.failed.append((item, result))
         self.finished_ns = boottime_ns()
+
+    def _restore_one(self, item: Carried) -> Restored | str:
+        try:
+            record = carry.read_state(item.data, item.vm_id)
+            return Restored(carry.restore_vm(self.host, record, item.fds), record, item)
+        except DomainError as exc:
+            reason = exc.message
+            if item.stranded and item.stranded not in reason:
+                reason = f"{reason} (stranded before: {item.stranded})"
+            log.error("vm not restored: kept for a retry or a forced delete",
+                      extra={"vm_id": item.vm_id, "error": reason})
+            return reason
+        except Exception as exc:  # a bug must not cost the other VMs
+            log.exception("vm not restored", extra={"vm_id": item.vm_id})
+            return f"{type(exc).__name__}: {exc}"
 
     def resume(self, before_each: Callable[[Restored], None] | None = None) -> None:
         """Each VM back in its run state (before_each runs first, e.g. removing its state
