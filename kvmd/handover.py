@@ -544,6 +544,11 @@ class StateFiles:
                          s.carried.state_file)} for s in stranded]}).encode())
 
 
+def _no_state(item: Carried) -> str:
+    return item.stranded or ("its memory was passed but its saved state is missing"
+                             if item.fds else "no saved state")
+
+
 def group_fds(fds: list[tuple[str, int]]) -> list[Carried]:
     """Passed memfds grouped by the VM their name says; fds of other names are closed."""
     items: dict[str, Carried] = {}
@@ -709,7 +714,6 @@ class Handover:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._pending: Incoming | None = None
         self._pending_manifest: dict[str, Any] = {}
         self._started_ns = process_start_ns()
         self.given_away = False  # a take-over committed: the VMs here are another's
@@ -736,14 +740,10 @@ class Handover:
             manifest, items = self.files.load(fds)
         self._pending_manifest = manifest
         incoming = Incoming(self.host)
-        live = [i for i in items if i.data]
         for item in items:
             if not item.data:
-                reason = item.stranded or (
-                    "its memory was passed but its saved state is missing" if item.fds else
-                    "no saved state")
-                self._strand(item, reason)
-        incoming.restore(live)
+                self._strand(item, _no_state(item))
+        incoming.restore([i for i in items if i.data])
         for item, reason in incoming.failed:
             self._strand(item, reason)
         files = self.files
@@ -761,7 +761,6 @@ class Handover:
             r.carried.close()
         if self.files is not None:
             self.files.rewrite_manifest(self.stranded.all())
-        self._pending = incoming
         self.report = incoming.report("fd-store", self._pending_manifest)
 
     def _strand(self, item: Carried, reason: str) -> None:
@@ -796,7 +795,7 @@ class Handover:
             log.info("taking over", extra={"from_pid": pid})
             manifest = chan.expect("manifest", EXCHANGE_SECONDS)
             items = self._receive_items(chan, manifest)
-            live = [i for i in items if not i.stranded or i.data]
+            live = [i for i in items if i.data]
             incoming.restore(live)
             if live and not incoming.restored:
                 reasons = "; ".join(f"{c.vm_id}: {r}" for c, r in incoming.failed[:3])
@@ -814,23 +813,23 @@ class Handover:
             except (HandoverError, OSError) as exc:
                 log.warning("the old daemon did not confirm it released its listeners",
                             extra={"error": str(exc)})
-        except (HandoverError, OSError, ValueError) as exc:
+        except Exception as exc:  # before the switch: the old daemon resumes its VMs
             if not committed:
                 incoming.abort()
                 for item in items:
                     item.close()
                 raise HandoverError(f"take-over failed: {exc}") from None
+            log.exception("after the switch")
         finally:
             chan.close()
         for item, reason in incoming.failed:
             self._strand(item, reason)
         for item in items:
-            if not item.data and item.stranded:
-                self._strand(item, item.stranded)
+            if not item.data:
+                self._strand(item, _no_state(item))
         for r in incoming.restored:
             r.carried.close()
         self.host.crashes.update(manifest.get("crashes") or {})
-        self._pending = incoming
         self._pending_manifest = manifest
         self.report = incoming.report("take-over", manifest)
 
@@ -889,7 +888,6 @@ class Handover:
                 "api_unavailable_ms": round(report.api_unavailable_seconds * 1000, 1),
                 "startup_ms": round(report.startup_seconds * 1000, 1),
                 "from_version": report.previous_version})
-        self._pending = None
         if self.unix_path is not None:
             self._listen(socket_path(self.unix_path))
 
