@@ -528,7 +528,6 @@ class StateFiles:
     def remove(self, vm_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(vm_id))
-        _sync_dir(self.dir)
 
     def rewrite_manifest(self, stranded: list[Stranded]) -> None:
         """After a restore: the manifest lists what is still kept (none: it goes)."""
@@ -563,26 +562,17 @@ def group_fds(fds: list[tuple[str, int]]) -> list[Carried]:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary name, then rename: never seen half-written. No fsync: a state
+    is worth something only while its memfds live, and they do not outlive the boot."""
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _sync_dir(os.path.dirname(path))
-
-
-def _sync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # -- the wire (take-over) --------------------------------------------------------------------
