@@ -244,7 +244,10 @@ class Daemon:
         log.info("kvmd listening", extra={"version": __version__,
                                           "listen": ",".join(self.cfg.listen)})
         self.handover.serving()
-        notify(f"READY=1\nSTATUS=serving on {', '.join(self.cfg.listen)}")
+        stranded = len(self.handover.stranded.all())
+        notify(f"READY=1\nSTATUS=serving on {', '.join(self.cfg.listen)}" + (
+            f"; {stranded} VMs stranded by the hand-over (kvmctl handover stranded)"
+            if stranded else ""))
         interval = watchdog_interval()
         if interval:
             self.watchdog = Watchdog(interval, self.healthy)

@@ -167,6 +167,7 @@ def test_corrupt_state_and_missing_memfd_strand_only_their_vm(
                                                                  "nomem.state"]
     assert memfd_name("corrupt", 0) in sd.names()
     assert "ok.state" not in os.listdir(state_dir)
+    assert any("2 VMs stranded" in m for m in sd.messages)  # systemctl status shows it
     logged = second.log_lines("vm stranded: its state and memory are kept for a retry or a "
                               "forced delete")
     assert sorted(x["vm_id"] for x in logged) == ["corrupt", "nomem"]
