@@ -19,6 +19,7 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
 DEFAULT_STATE_DIR = "/var/lib/kvmd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
+ON_STOP = ("keep", "end")
 # Guest memory limits default to what this host can hold (read once, at import).
 HOST_LIMITS = host_limits()
 
@@ -77,6 +78,14 @@ class Config:
     migration_tls_cert: str = ""
     migration_tls_key: str = ""
     migration_tls_ca: str = ""
+    # What SIGTERM does to the VMs under systemd (NOTIFY_SOCKET set): "keep" hands their
+    # memory to systemd's fd store and their state to runtime_dir, for the next daemon
+    # (a restart, or a stop and start where systemd keeps the store); "end" ends them.
+    # Without systemd there is no store: SIGTERM ends them (upgrade with --take-over).
+    on_stop: str = "keep"
+    # Where hand-over state files live (<runtime_dir>/handover/). "" = $RUNTIME_DIRECTORY
+    # (systemd's RuntimeDirectory=), else the directory of the first Unix socket.
+    runtime_dir: str = ""
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -86,7 +95,8 @@ class Config:
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 # The schema: each key's type as written in Config (with postponed annotations: a string).
 _TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Config)}
-_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
+_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS,
+                                        "on_stop": ON_STOP}
 
 
 def check_value(name: str, value: Any, where: str) -> Any:
@@ -160,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-anonymous-admin", action="store_const", const=True,
                    help="allow TLS on a non-loopback address without client certificates "
                         "or an authorization table (every peer is an admin)")
+    p.add_argument("--on-stop", choices=ON_STOP,
+                   help="under systemd, what SIGTERM does to the VMs: keep them for the next "
+                        "daemon (its fd store holds their memory) or end them (default keep)")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="where hand-over state is kept (default $RUNTIME_DIRECTORY, else the "
+                        "directory of the first Unix socket)")
+    p.add_argument("--take-over", action="store_true", default=False,
+                   help="take the VMs and the listeners over from the daemon running on the "
+                        "same Unix socket, which then exits (an upgrade without systemd)")
     for f in fields(Limits):
         default = getattr(HOST_LIMITS, f.name)
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",

@@ -28,6 +28,10 @@ DEFAULT_CHUNK = MiB
 MESSAGE_OVERHEAD = 4096
 
 
+# Cleanup tasks still running for calls that were cancelled (see ServicerBase._cleanup).
+_CLEANUPS: set[asyncio.Future[Any]] = set()
+
+
 def data_field_view(wire: bytes, tag: int) -> memoryview | None:
     """When the serialized message `wire` is exactly one length-delimited field with wire
     tag `tag` (a bulk `bytes data` field alone), a view of its contents: no copy, no
@@ -75,6 +79,10 @@ class ServicerBase:
         end, even when this call is being cancelled: a cancelled task is cancelled again at
         each await, which would abandon the cleanup half way and leak what it releases."""
         task = asyncio.ensure_future(self._blocking(fn, *args))
+        # The loop keeps only weak references to tasks: hold this one until it is done, or
+        # a cancelled caller's cleanup could be collected half way.
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:

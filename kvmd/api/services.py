@@ -20,6 +20,7 @@ from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
+from kvmd.api.streams import END_KEY, END_LAGGED
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
@@ -174,17 +175,28 @@ class VmsService(ServicerBase, rpc.VmsServicer):
     async def StreamConsole(self, request: pb.StreamConsoleRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[pb.ConsoleOutput]:
-        """Console output: the backlog (if asked), then live bytes unless no_follow."""
-        backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
+        """Console output: the backlog (if asked, or from `from_offset`), then live bytes
+        unless no_follow; each message says where its bytes lie in the whole output."""
+        start = request.from_offset if request.from_offset else 0 if request.backlog else None
+        backlog, offset, sub = self._vm(request.vm_id).console.subscribe_from(start)
         try:
-            # The backlog may exceed one message (console_buffer_bytes): chunks.
+            # The backlog may exceed one message (console_buffer_bytes): chunks, each with
+            # its console offset (a client resumes from the last one it saw).
             step = self._chunk_size(0)
             for off in range(0, len(backlog), step):
-                yield pb.ConsoleOutput(data=backlog[off:off + step])
+                piece = backlog[off:off + step]
+                yield pb.ConsoleOutput(data=piece, offset=offset)
+                offset += len(piece)
             if request.no_follow:
                 return
             async for data in self._follow(sub, context):
-                yield pb.ConsoleOutput(data=data)
+                if sub.dropped:
+                    # This reader fell so far behind that output was dropped: the offsets
+                    # would lie. End the stream; a client resumes from its offset.
+                    context.set_trailing_metadata(((END_KEY, END_LAGGED),))
+                    return
+                yield pb.ConsoleOutput(data=data, offset=offset)
+                offset += len(data)
         finally:
             sub.close()
 

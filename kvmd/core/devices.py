@@ -84,6 +84,18 @@ class Console:
         with self._lock:
             return bytes(self._backlog)
 
+    def subscribe_from(self, offset: int | None) -> tuple[bytes, int, Subscription[bytes]]:
+        """Resumable reading: the backlog from absolute output offset `offset` (clamped to
+        what the backlog still holds; None: nothing), the offset of its first byte, and a
+        subscription that continues exactly after it. Offsets count every byte the guest
+        printed (`bytes_out`), which restores and hand-overs carry."""
+        with self._lock:
+            start = self.bytes_out - len(self._backlog)
+            if offset is None or offset > self.bytes_out:
+                offset = self.bytes_out if offset is None else start
+            offset = max(offset, start)
+            return bytes(self._backlog[offset - start:]), offset, self._live.subscribe()
+
     def save_state(self) -> ConsoleState:
         with self._lock:
             return ConsoleState(bytes(self._backlog), self.bytes_out, self.bytes_in)

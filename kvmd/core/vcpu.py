@@ -146,6 +146,18 @@ class ManagedVcpu:
             self._pause_requested = True
         self.wait_paused(ticket)
 
+    def resume_halted(self) -> None:
+        """A vCPU parked (by a hold, or restored parked by a hand-over or migration) that
+        had been halted (HLT without an in-kernel irqchip) halts again, waiting for an
+        interrupt as before, instead of running on past its HLT."""
+        with self.cond:
+            if self.state != PAUSED:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}, not "
+                                   "paused", resource=self.resource)
+            self._pause_requested = False
+            self._resumes += 1
+            self._set_state(HALTED, "halted", "hlt")
+
     def mark_ended(self, state: str, reason: str) -> None:
         """A restored vCPU that had stopped or crashed: record that, without a thread."""
         with self.cond:
@@ -193,15 +205,14 @@ class ManagedVcpu:
         with self.cond:
             return self._pause_requested and self.state in PAUSABLE
 
-    def resume(self, halted: bool = False) -> None:
+    def resume(self) -> None:
         """Continue a paused or halted vCPU exactly where it stopped; on a vCPU whose pause
-        is still in flight, cancel that pause (the last request wins). `halted`: a vCPU
-        paused while halted goes back to waiting for an interrupt."""
+        is still in flight, cancel that pause (the last request wins)."""
         with self.cond:
             if self.state in RESUMABLE:
                 self._pause_requested = False
                 self._resumes += 1
-                self._set_state(HALTED if halted else RUNNING, "resumed")
+                self._set_state(RUNNING, "resumed")
             elif self.state == RUNNING and self._pause_requested:
                 self._pause_requested = False
                 self._resumes += 1

@@ -1204,7 +1204,10 @@ class ManagedVm:
                 if not hold.leave_paused:
                     for v, _ticket in tickets:
                         try:
-                            v.resume(halted=hold.run_states.get(v.id) == HALTED)
+                            if hold.run_states.get(v.id) == HALTED:
+                                v.resume_halted()
+                            else:
+                                v.resume()
                         except InvalidState:
                             pass  # it ended meanwhile (deleted, crashed)
         finally:
@@ -1432,13 +1435,19 @@ class ManagedVm:
         elif start and all(vs.run_state == CREATED for vs in state.vcpus) and state.vcpus:
             self.start()
 
-    def resume_saved_run_states(self, state: VmState) -> None:
+    def resume_saved_run_states(self, state: VmState) -> bool:
         """After resume_run_states(start=False): each vCPU exactly as it was saved (a
-        migration: the VM goes on as it was). Running ones run, halted ones wait for an
-        interrupt, paused ones stay paused."""
+        migration, a hand-over: the VM goes on as it was). Running ones run, halted ones
+        wait for an interrupt, paused ones stay paused. True if any vCPU runs again."""
+        ran = False
         for vs in state.vcpus:
-            if vs.run_state in (RUNNING, HALTED):
-                self.vcpu(vs.vcpu_id).resume(halted=vs.run_state == HALTED)
+            if vs.run_state == RUNNING:
+                self.vcpu(vs.vcpu_id).resume()
+                ran = True
+            elif vs.run_state == HALTED:
+                self.vcpu(vs.vcpu_id).resume_halted()
+                ran = True
+        return ran
 
     # -- exit dispatch (vCPU threads) -----------------------------------------------------
 

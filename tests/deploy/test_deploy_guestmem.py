@@ -120,6 +120,9 @@ class _Host:
     def get_vm(self, vm_id: str) -> Any:
         return type("Vm", (), {"owner": self.owners[vm_id]})()
 
+    def owner_of(self, vm_id: str) -> str | None:
+        return self.owners.get(vm_id)
+
 
 def test_rule_table_for_the_new_methods() -> None:
     for method in GUESTMEM_METHODS:

@@ -1,0 +1,78 @@
+"""The API gate a daemon hand-over closes (kvmd.handover): while it is closed, every new
+call fails at once with UNAVAILABLE and trailing metadata `kvmd-retry: handover` (the call
+did nothing, so a client may retry any call, idempotent or not); it counts the calls in
+flight, by method, so the hand-over can wait for them before it pauses and saves the VMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from kvmd.api.interceptors import ScopedInterceptor
+
+RETRY_KEY = "kvmd-retry"
+RETRY_HANDOVER = "handover"
+# Streams that live as long as a client wants: a hand-over ends them (clients re-open).
+LONG_LIVED = frozenset({
+    "/kvmd.v1.Vms/WatchVm", "/kvmd.v1.Vms/StreamConsole", "/kvmd.v1.ExitHandlers/HandleExits",
+    "/kvmd.v1.IoEvents/WatchIoevents", "/kvmd.v1.Interrupts/WatchIrqfdResamples",
+    "/grpc.health.v1.Health/Watch",
+})
+
+
+class Gate(ScopedInterceptor):
+    """Admits calls while open and counts those in flight; closed by a hand-over."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._closed = False
+        self._in_flight: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, kind: str, request: Any,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with self._cond:
+            admitted = not self._closed
+            if admitted:
+                self._in_flight[method] += 1
+        if not admitted:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the daemon is handing over to a new process; retry",
+                                trailing_metadata=((RETRY_KEY, RETRY_HANDOVER),))
+        try:
+            yield request
+        finally:
+            with self._cond:
+                self._in_flight[method] -= 1
+                if not self._in_flight[method]:
+                    del self._in_flight[method]
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+
+    def open(self) -> None:
+        with self._cond:
+            self._closed = False
+
+    def wait_idle(self, timeout: float, long_lived: bool = True) -> dict[str, int]:
+        """Wait until no call is in flight (with `long_lived` False: none but the
+        long-lived streams); returns what is still in flight after `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                busy = {m: n for m, n in self._in_flight.items()
+                        if long_lived or m not in LONG_LIVED}
+                left = deadline - time.monotonic()
+                if not busy or left <= 0:
+                    return busy
+                self._cond.wait(left)
