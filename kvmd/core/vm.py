@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from kvmd.core.devices import (
     COM1_IRQ,
+    CONSOLE_INPUT_LIMIT,
     DEFAULT_CONSOLE_BUFFER,
     DEFAULT_DEBUG_EXIT_PORT,
     Console,
@@ -1092,6 +1093,12 @@ class ManagedVm:
         return total, per_vcpu
 
     def write_console(self, data: bytes) -> int:
+        """Queue input for COM1, all or nothing (see Uart16550.feed). Input larger than the
+        whole input buffer could never be taken: InvalidArgument, not a retryable limit."""
+        if len(data) > CONSOLE_INPUT_LIMIT:
+            raise InvalidArgument(f"console input of {len(data)} bytes is larger than the "
+                                  f"COM1 input buffer ({CONSOLE_INPUT_LIMIT} bytes): send it "
+                                  "in parts", resource=self.resource)
         return self.uart.feed(data)
 
     def _pulse_com1_irq(self) -> None:
