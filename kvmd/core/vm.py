@@ -798,8 +798,6 @@ class ManagedVm:
             if len(self._irqfds) >= self._limits.max_irqfds_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit")
-            if resample and any(e.gsi == gsi and e.resample for e in self._irqfds.values()):
-                raise AlreadyExists(f"gsi {gsi} already has a resample irqfd")
             event = EventFd()
             resample_fd = EventFd() if resample else None
             entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
