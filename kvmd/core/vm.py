@@ -54,6 +54,7 @@ from kvmd.core.images import (
     OpenedImage,
     normalize_name,
 )
+from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.state import (
     IoeventState,
@@ -870,6 +871,7 @@ class ManagedVm:
             if len(self._ioevents) >= self._limits.max_ioevents_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit")
+            self.check_addresses_free(IOEVENT, [ioevent_range(space, address, length)])
             event = EventFd()
             entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
             try:
@@ -881,6 +883,13 @@ class ManagedVm:
             self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             self._ioevents[ioevent_id] = entry
             return entry
+
+    def check_addresses_free(self, kind: str, ranges: list[ClaimRange]) -> None:
+        """Under the lock: one owner per address among devices, claims and ioevents (see
+        kvmd.core.owners); AlreadyExists otherwise."""
+        check_free(kind, ranges, devices=self.bus, claims=self.claims, ioevents=(
+            Owned(e.space, e.address, max(1, e.length), f"ioevent {e.ioevent_id!r}")
+            for e in self._ioevents.values()), resource=self.resource)
 
     def _on_ioevent(self, entry: IoeventEntry) -> None:
         count = entry.event.read()
@@ -1377,11 +1386,6 @@ class ManagedVm:
             if r.length <= 0 or r.base + r.length > limit:
                 raise InvalidArgument(f"{r.space.value} range {r.base:#x}+{r.length:#x} is "
                                       "empty or out of range")
-            if r.space == IoSpace.PIO:
-                device = self.bus.overlapping(r.base, r.length)
-                if device is not None:
-                    raise AlreadyExists(f"ports {r.base:#x}+{r.length:#x} overlap the "
-                                        f"in-daemon {device.name}", resource=self.resource)
         try:
             ClaimTable.check_disjoint(ranges)
         except ClaimConflict as exc:
@@ -1391,6 +1395,7 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            self.check_addresses_free(CLAIM, ranges)
             try:
                 clash = self.claims.add(handler)
             except ClaimConflict as exc:
