@@ -6,7 +6,10 @@ client certificate's subject CN and SAN names for mTLS. Roles:
 - admin: everything.
 - operator: create VMs (optionally only ids with a prefix, and at most `max_vms` of them),
   and act on the VMs it created; sees only its own VMs.
-- viewer: Get/List/Watch RPCs and host information only.
+- viewer: host information and the metadata of every VM: Get/List/Watch RPCs for states,
+  counters, layouts and events, never guest data (guest memory, the console, and the
+  guest's CPU state: registers, FPU/XMM, MSRs, LAPIC, pending exceptions; crash events
+  come without their registers).
 
 Without an authorization policy every caller is an admin (the daemon logs this at start).
 """
@@ -38,15 +41,23 @@ current_identity: contextvars.ContextVar[str] = contextvars.ContextVar(
     "kvmd_identity", default=LOCAL)
 current_quota: contextvars.ContextVar[int] = contextvars.ContextVar("kvmd_quota", default=0)
 
-# RPCs that only read: what a viewer may call.
+# RPCs that only read metadata: what a viewer may call. States, counters, layouts, ids,
+# events (WatchVm strips a crash's registers for viewers: see may_read_guest_state) and the
+# CPUID the host gave a vCPU; never guest data.
 READ_ONLY_METHODS = frozenset({
     "Hypervisor/GetInfo", "Hypervisor/CheckExtension", "Hypervisor/GetSupportedCpuid",
     "Vms/GetVm", "Vms/ListVms", "Vms/WatchVm", "Vms/GetExitStats",
     "Memory/ListMemoryRegions", "Interrupts/ListIrqfds", "IoEvents/ListIoevents",
-    "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetRegs", "Vcpus/GetSregs",
-    "Vcpus/GetFpu", "Vcpus/GetCpuid", "Vcpus/GetMsrs", "Vcpus/GetMpState", "Vcpus/GetLapic",
-    "Vcpus/GetVcpuEvents",
+    "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetCpuid", "Vcpus/GetMpState",
     "grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch",
+})
+# Reads of guest data, for admins and the VM's owner only: the guest's CPU state (registers,
+# FPU/XMM, MSRs such as the GS base, the LAPIC, pending exceptions with a page fault's
+# address), its memory, its console and its dirty pages.
+GUEST_DATA_READS = frozenset({
+    "Vcpus/GetRegs", "Vcpus/GetSregs", "Vcpus/GetFpu", "Vcpus/GetMsrs", "Vcpus/GetLapic",
+    "Vcpus/GetVcpuEvents", "Memory/ReadGuestMemory", "Memory/GetDirtyLog",
+    "Vms/StreamConsole", "Snapshots/SnapshotVm",
 })
 # RPCs about the host, not a VM: any authenticated caller.
 HOST_METHODS = frozenset({
@@ -75,6 +86,13 @@ class Grant:
 # The caller's grant (None: no role), set with current_identity.
 current_grant: contextvars.ContextVar[Grant | None] = contextvars.ContextVar(
     "kvmd_grant", default=None)
+
+
+def may_read_guest_state(grant: Grant | None) -> bool:
+    """May a caller who passed authorization for a VM see its guest's CPU state where an
+    RPC open to viewers would carry it (a crash's registers in WatchVm)? Admins and the
+    VM's owner (an operator only reaches its own VMs) may; viewers may not."""
+    return grant is not None and grant.role in (ADMIN, OPERATOR)
 
 
 @dataclass
@@ -205,6 +223,9 @@ class Authorizer:
         if grant.role == ADMIN:
             return
         if grant.role == VIEWER:
+            if short in GUEST_DATA_READS:
+                raise PermissionDenied(f"{identity!r} is a viewer: {short} reads guest data, "
+                                       "which only admins and the VM's owner may")
             if short not in READ_ONLY_METHODS:
                 raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}")
             return

@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 
 from kvmd.api import convert
-from kvmd.api.auth import current_quota
+from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
 from kvmd.api.base import Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
@@ -133,14 +133,16 @@ class VmsService(ServicerBase, rpc.VmsServicer):
 
     async def WatchVm(self, request: pb.WatchVmRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VmEvent]:
-        """Stream state changes until the client cancels or the VM is deleted."""
+        """Stream state changes until the client cancels or the VM is deleted. A crash's
+        registers are guest data: viewers get the event without them."""
         vm = self._vm(request.vm_id)
+        with_regs = may_read_guest_state(current_grant.get())
         sub = vm.watch()
         try:
             if request.include_current:
                 yield convert.event_to_pb(vm.id, vm.current_event())
             async for event in self._follow(sub, context):
-                yield convert.event_to_pb(vm.id, event)
+                yield convert.event_to_pb(vm.id, event, with_regs)
         finally:
             sub.close()
 

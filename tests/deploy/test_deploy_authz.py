@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from deploy_support import RPC_TIMEOUT, SAN_SUFFIX, Stubs, TlsDaemon, codes, rpc_code, vm_calls
+from guests import CODE_ADDR, out_bytes_program
 from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
@@ -218,31 +219,94 @@ def test_viewer_reads_but_cannot_create_or_mutate(d: TlsDaemon) -> None:
     b.delete_vm("b-vm")
 
 
-def test_viewer_can_call_every_side_effect_free_vcpu_get(d: TlsDaemon) -> None:
-    """The issue gives viewers "Get/List/Watch": the vCPU state getters are Get RPCs that
-    change nothing, so a viewer may call them (GetDirtyLog, which resets the log, is
-    excluded on purpose)."""
-    viewer, admin = d.tls("viewer-1"), d.tls("admin-1")
-    admin.boot("adm-vm", irqchip=True)
-    ref = pb.VcpuRef(vm_id="adm-vm", vcpu_id=0)
+def vcpu_getters(s: Stubs, vm_id: str) -> dict[str, Callable[[], Any]]:
+    ref = pb.VcpuRef(vm_id=vm_id, vcpu_id=0)
     t = RPC_TIMEOUT
-    getters: dict[str, Callable[[], Any]] = {
-        "Vcpus/GetRegs": lambda: viewer.vcpus.GetRegs(ref, timeout=t),
-        "Vcpus/GetSregs": lambda: viewer.vcpus.GetSregs(ref, timeout=t),
-        "Vcpus/GetFpu": lambda: viewer.vcpus.GetFpu(ref, timeout=t),
-        "Vcpus/GetCpuid": lambda: viewer.vcpus.GetCpuid(ref, timeout=t),
-        "Vcpus/GetMsrs": lambda: viewer.vcpus.GetMsrs(
-            pb.GetMsrsRequest(vcpu=ref, indices=[0x10]), timeout=t),
-        "Vcpus/GetMpState": lambda: viewer.vcpus.GetMpState(ref, timeout=t),
-        "Vcpus/GetLapic": lambda: viewer.vcpus.GetLapic(ref, timeout=t),
-        "Vcpus/GetVcpuEvents": lambda: viewer.vcpus.GetVcpuEvents(ref, timeout=t),
+    return {
+        "Vcpus/GetRegs": lambda: s.vcpus.GetRegs(ref, timeout=t),
+        "Vcpus/GetSregs": lambda: s.vcpus.GetSregs(ref, timeout=t),
+        "Vcpus/GetFpu": lambda: s.vcpus.GetFpu(ref, timeout=t),
+        "Vcpus/GetMsrs": lambda: s.vcpus.GetMsrs(
+            pb.GetMsrsRequest(vcpu=ref, indices=[0x10, 0xC0000101]), timeout=t),  # TSC, GS base
+        "Vcpus/GetLapic": lambda: s.vcpus.GetLapic(ref, timeout=t),
+        "Vcpus/GetVcpuEvents": lambda: s.vcpus.GetVcpuEvents(ref, timeout=t),
+        "Vcpus/GetCpuid": lambda: s.vcpus.GetCpuid(ref, timeout=t),
+        "Vcpus/GetMpState": lambda: s.vcpus.GetMpState(ref, timeout=t),
+        "Vcpus/GetVcpuState": lambda: s.vcpus.GetVcpuState(ref, timeout=t),
     }
+
+
+# Guest CPU state is guest data: registers, FPU/XMM, MSRs (the GS base, syscall entry points,
+# keys in MSRs), the LAPIC and pending exceptions (a page fault's address).
+GUEST_CPU_STATE = ("Vcpus/GetRegs", "Vcpus/GetSregs", "Vcpus/GetFpu", "Vcpus/GetMsrs",
+                   "Vcpus/GetLapic", "Vcpus/GetVcpuEvents")
+# What a viewer may read about a vCPU: its run state and the configuration the host gave it.
+VCPU_METADATA = ("Vcpus/GetCpuid", "Vcpus/GetMpState", "Vcpus/GetVcpuState")
+
+
+def test_viewer_reads_no_guest_cpu_state(d: TlsDaemon) -> None:
+    """Viewers see metadata, states, counters and events, never the guest's CPU state; the
+    VM's owner (and admins) read all of it."""
+    viewer, admin, b = d.tls("viewer-1"), d.tls("admin-1"), d.tls("operator-b")
+    admin.boot("adm-vm", irqchip=True)
+    b.boot("b-vm", irqchip=True)
     try:
-        results = codes(getters)
-        denied = sorted(k for k, v in results.items() if v != OK)
-        assert not denied, f"a viewer may not call these Get RPCs: {denied} ({results})"
+        for vm_id in ("adm-vm", "b-vm"):
+            results = codes(vcpu_getters(viewer, vm_id))
+            assert {k: results[k] for k in GUEST_CPU_STATE} == dict.fromkeys(
+                GUEST_CPU_STATE, DENIED), results
+            assert {k: results[k] for k in VCPU_METADATA} == dict.fromkeys(
+                VCPU_METADATA, OK), results
+        for s, vm_id in ((admin, "adm-vm"), (admin, "b-vm"), (b, "b-vm")):
+            results = codes(vcpu_getters(s, vm_id))
+            assert results == dict.fromkeys(results, OK), (vm_id, results)
     finally:
         admin.delete_vm("adm-vm")
+        b.delete_vm("b-vm")
+
+
+def crash_events(s: Stubs, vm_id: str, out: list[pb.VmEvent], ready: threading.Event) -> None:
+    """Collect `vm_id`'s WatchVm events until it crashes."""
+    call = s.vms.WatchVm(pb.WatchVmRequest(vm_id=vm_id, include_current=True),
+                         timeout=RPC_TIMEOUT)
+    try:
+        for event in call:
+            out.append(event)
+            ready.set()
+            if event.type == "crashed":
+                return
+    finally:
+        call.cancel()
+
+
+def test_crash_events_carry_registers_only_for_those_who_may_read_them(d: TlsDaemon) -> None:
+    """WatchVm's crashed event carries the vCPU's registers for the owner and admins; a
+    viewer gets the same event (type, reason, state) without them."""
+    admin, viewer, b = d.tls("admin-1"), d.tls("viewer-1"), d.tls("operator-b")
+    b.boot("b-crash", strict_io=True)
+    # An unclaimed port write (0xe9) crashes a strict-IO VM.
+    b.memory.WriteGuestMemory(iter([pb.WriteGuestMemoryRequest(
+        vm_id="b-crash", guest_addr=CODE_ADDR, data=out_bytes_program(b"x", 0xE9))]),
+        timeout=RPC_TIMEOUT)
+    seen: dict[str, list[pb.VmEvent]] = {"admin": [], "owner": [], "viewer": []}
+    threads = []
+    for name, s in (("admin", admin), ("owner", b), ("viewer", viewer)):
+        ready = threading.Event()
+        thread = threading.Thread(target=crash_events, args=(s, "b-crash", seen[name], ready))
+        thread.start()
+        assert ready.wait(RPC_TIMEOUT), f"the {name}'s watch did not start"
+        threads.append(thread)
+    b.vms.StartVm(pb.VmRef(vm_id="b-crash"), timeout=RPC_TIMEOUT)
+    for thread in threads:
+        thread.join(RPC_TIMEOUT)
+    crashed = {name: [e for e in events if e.type == "crashed"] for name, events in seen.items()}
+    assert all(len(c) == 1 for c in crashed.values()), seen
+    for name in ("admin", "owner"):
+        assert crashed[name][0].HasField("regs") and crashed[name][0].regs.rip > CODE_ADDR
+    assert not crashed["viewer"][0].HasField("regs"), crashed["viewer"][0]
+    assert crashed["viewer"][0].reason == crashed["owner"][0].reason != ""
+    assert crashed["viewer"][0].state == "crashed"
+    b.delete_vm("b-crash")
 
 
 def test_identity_not_in_policy_is_denied(d: TlsDaemon) -> None:
