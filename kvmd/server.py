@@ -162,6 +162,7 @@ class Daemon:
                 raise ConfigError(problem)
         self.watchdog: Watchdog | None = None
         self.host: Host | None = None
+        self.authorizer: Authorizer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self.metrics_server: MetricsServer | None = None
@@ -194,6 +195,7 @@ class Daemon:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
+        self.authorizer = authorizer
         if not self.policy.enabled:
             log.warning("no authorization policy: every caller that can connect is an admin")
         self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,

@@ -5,7 +5,9 @@ client certificate's subject CN and SAN names for mTLS. Roles:
 
 - admin: everything.
 - operator: create VMs (optionally only ids with a prefix, and at most `max_vms` of them),
-  and act on the VMs it created; sees only its own VMs.
+  and act on the VMs it created; sees only its own VMs. Another identity's VM answers
+  exactly as a missing one (NOT_FOUND), and ids inside another identity's prefix are
+  reserved for it.
 - viewer: host information and the metadata of every VM: Get/List/Watch RPCs for states,
   counters, layouts and events, never guest data (guest memory, the console, and the
   guest's CPU state: registers, FPU/XMM, MSRs, LAPIC, pending exceptions; crash events
@@ -27,7 +29,8 @@ import grpc.aio
 
 from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
-from kvmd.core.host import Host
+from kvmd.core.host import Host, missing_vm
+from kvmd.core.vm import ManagedVm
 
 log = logging.getLogger("kvmd.auth")
 
@@ -69,6 +72,8 @@ CREATING_METHODS = frozenset({"Vms/CreateVm", "Snapshots/RestoreVm"})
 # RPCs over the state directory's files: operators see only files of their own VMs (the
 # handler filters by owner).
 OPERATOR_FILE_METHODS = frozenset({"Snapshots/ListSnapshots", "Snapshots/DeleteSnapshot"})
+# What an operator may call without naming a VM.
+VM_LESS_METHODS = HOST_METHODS | OPERATOR_FILE_METHODS
 # Always allowed, even without an identity: health and reflection.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -86,6 +91,16 @@ class Grant:
 # The caller's grant (None: no role), set with current_identity.
 current_grant: contextvars.ContextVar[Grant | None] = contextvars.ContextVar(
     "kvmd_grant", default=None)
+# The VM the call was authorized for, as (vm id, object), set with current_identity: the
+# handler acts on exactly this object (ServicerBase._vm), so a VM deleted and re-created
+# under the same id by another tenant between the check and the handler is never touched.
+authorized_vm: contextvars.ContextVar[tuple[str, ManagedVm] | None] = contextvars.ContextVar(
+    "kvmd_authorized_vm", default=None)
+
+
+class Hidden(NotFound):
+    """A denial answered as NOT_FOUND, word for word what a missing VM answers: a VM the
+    caller may not see. Logged and counted as a denial like PermissionDenied."""
 
 
 def may_read_guest_state(grant: Grant | None) -> bool:
@@ -132,6 +147,11 @@ class Policy:
                 raise ValueError(f"identity {name!r}: max_vms must be a non-negative integer")
             if name in grants:
                 raise ValueError(f"identity {name!r} appears twice")
+            if prefix:
+                twin = next((g for g in grants.values() if g.vm_prefix == prefix), None)
+                if twin is not None:
+                    raise ValueError(f"identities {twin.identity!r} and {name!r} have the same "
+                                     f"vm_prefix {prefix!r}: a prefix is one identity's")
             grants[name] = Grant(name, role, prefix, quota)
         return cls(grants, enabled=True)
 
@@ -141,6 +161,16 @@ class Policy:
             if grant is not None:
                 return grant
         return None
+
+    def prefix_owner(self, vm_id: str) -> Grant | None:
+        """The identity whose vm_prefix reserves `vm_id`: the longest prefix it starts with
+        (so a prefix nested in another's, "a-b-" in "a-", is its own identity's)."""
+        best: Grant | None = None
+        for grant in self.grants.values():
+            if grant.vm_prefix and vm_id.startswith(grant.vm_prefix) and (
+                    best is None or len(grant.vm_prefix) > len(best.vm_prefix)):
+                best = grant
+        return best
 
 
 class PeerContext(Protocol):
@@ -216,36 +246,51 @@ class Authorizer:
         except Unauthenticated:
             return f"peer:{peer_host(context)}", None
 
-    def check(self, method: str, grant: Grant | None, identity: str, request: Any) -> None:
+    def check(self, method: str, grant: Grant | None, identity: str, request: Any
+              ) -> ManagedVm | None:
+        """Raise the domain error of a denial (PermissionDenied; Hidden for a VM the caller
+        may not see), or return the VM the request names, as found now (None if it names
+        none, or none exists and the caller may learn that): the handler acts on exactly
+        this object."""
         short = method.lstrip("/").removeprefix("kvmd.v1.")
         if grant is None:
             raise PermissionDenied(f"identity {identity!r} has no role on this daemon")
-        if grant.role == ADMIN:
-            return
+        vm_id = _request_vm_id(request)
         if grant.role == VIEWER:
             if short in GUEST_DATA_READS:
                 raise PermissionDenied(f"{identity!r} is a viewer: {short} reads guest data, "
                                        "which only admins and the VM's owner may")
             if short not in READ_ONLY_METHODS:
                 raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}")
-            return
-        # operator
-        if short in HOST_METHODS or short in OPERATOR_FILE_METHODS:
-            return
-        vm_id = _request_vm_id(request)
         if short in CREATING_METHODS:
-            if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
-                raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
-                                       f"with {grant.vm_prefix!r}")
-            return  # the quota (max_vms) is enforced atomically by the registry
-        if not vm_id:
+            if grant.role == OPERATOR:
+                self._check_new_id(grant, identity, vm_id)
+            return None  # the quota (max_vms) is enforced atomically by the registry
+        if grant.role == OPERATOR and not vm_id and short not in VM_LESS_METHODS:
             raise PermissionDenied(f"{identity!r} may not call {short}")
+        if not vm_id:
+            return None
         try:
-            owner = self.host.get_vm(vm_id).owner
+            vm = self.host.get_vm(vm_id)
         except NotFound:
-            return  # let the handler report NOT_FOUND
-        if owner != identity:
-            raise PermissionDenied(f"vm {vm_id!r} belongs to another identity")
+            if grant.role == OPERATOR:
+                raise  # as for a VM it may not see: nothing reaches the handler
+            return None  # the handler reports it
+        if grant.role == OPERATOR and vm.owner != identity:
+            hidden = missing_vm(vm_id)
+            raise Hidden(hidden.message, resource=hidden.resource)
+        return vm
+
+    def _check_new_id(self, grant: Grant, identity: str, vm_id: str) -> None:
+        """An operator's new VM id: under its own prefix if it has one, and never inside a
+        prefix the policy reserves for another identity."""
+        if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
+            raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
+                                   f"with {grant.vm_prefix!r}")
+        owner = self.policy.prefix_owner(vm_id)
+        if owner is not None and owner.identity != grant.identity:
+            raise PermissionDenied(f"ids starting with {owner.vm_prefix!r} are reserved for "
+                                   "another identity")
 
     def visible(self, identity: str, owner: str) -> bool:
         """May this identity see a VM in ListVms?"""
@@ -277,9 +322,14 @@ class AuthInterceptor(ScopedInterceptor):
             current_identity.set(identity)
             current_grant.set(grant)
             current_quota.set(grant.max_vms if grant is not None else 0)
+            authorized_vm.set(None)
             if not _is_open(method):
-                authz.check(method, grant, identity, request)
+                vm = authz.check(method, grant, identity, request)
+                if vm is not None:
+                    authorized_vm.set((vm.id, vm))
         except DomainError as exc:
+            if not isinstance(exc, PermissionDenied | Unauthenticated | Hidden):
+                raise  # a missing VM or a malformed id: an answer, not a denial
             log.warning("rpc denied", extra={"method": method, "peer": context.peer(),
                                              "reason": exc.message})
             if authz.on_denied is not None:

@@ -65,7 +65,8 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
         cap: int | str = request.name if which == "name" else request.number
         if which == "name" and not request.name:
             raise InvalidArgument("capability name is empty")
-        value, number = self.host.check_extension(cap, request.vm_id)
+        value, number = self.host.check_extension(
+            cap, self._vm(request.vm_id) if request.vm_id else "")
         return pb.CheckExtensionResponse(value=value, number=number)
 
     def GetSupportedCpuid(self, request: pb.GetSupportedCpuidRequest,
@@ -102,9 +103,8 @@ class VmsService(ServicerBase, rpc.VmsServicer):
 
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
         """Stop the VM and release everything it owns."""
-        if not request.vm_id:
-            raise InvalidArgument("vm_id is required")
-        self.host.delete_vm(request.vm_id)
+        vm = self._vm(request.vm_id)
+        self.host.delete_vm(vm.id, vm)
         return pb.DeleteVmResponse()
 
     def StartVm(self, request: pb.VmRef, context: Any) -> pb.Vm:

@@ -47,6 +47,12 @@ class MemoryBudget:
             self.in_use -= size
 
 
+def missing_vm(vm_id: str) -> NotFound:
+    """What asking for a VM that does not exist answers (and, word for word, a VM the caller
+    may not see: the API's authorization uses this too)."""
+    return NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+
+
 @dataclass
 class HostShared:
     """What every VM of a host shares: limits, the memory budget, the eventfd watcher,
@@ -103,12 +109,14 @@ class Host:
                 self._capabilities = self.kvm.capabilities()
         return self._capabilities
 
-    def check_extension(self, cap: int | str, vm_id: str = "") -> tuple[int, int]:
-        """(value, capability number), asked on /dev/kvm or on the VM's fd."""
+    def check_extension(self, cap: int | str, vm: str | ManagedVm = "") -> tuple[int, int]:
+        """(value, capability number), asked on /dev/kvm or on the VM's fd (a VM or its
+        id)."""
         with kernel_errors("host"):
             number = capability_number(cap)
-            if vm_id:
-                return self.get_vm(vm_id).vm.check_extension(number), number
+            if vm:
+                managed = self.get_vm(vm) if isinstance(vm, str) else vm
+                return managed.vm.check_extension(number), number
             return self.kvm.check_extension(number), number
 
     def dirty_log_modes(self) -> DirtyLogModes:
@@ -180,7 +188,7 @@ class Host:
         with self._lock:
             vm = self._vms.get(vm_id)
         if vm is None:
-            raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+            raise missing_vm(vm_id)
         return vm
 
     def list_vms(self, selector: dict[str, str] | None = None) -> list[ManagedVm]:
@@ -190,12 +198,15 @@ class Host:
             vms = [v for v in vms if all(v.labels.get(k) == val for k, val in selector.items())]
         return vms
 
-    def delete_vm(self, vm_id: str) -> None:
+    def delete_vm(self, vm_id: str, expected: ManagedVm | None = None) -> None:
+        """Delete the VM `vm_id`; with `expected`, only if that is still this very object
+        (NotFound otherwise: it was deleted, and maybe re-created, meanwhile)."""
         validate_id("vm id", vm_id)
         with self._lock:
-            vm = self._vms.pop(vm_id, None)
-        if vm is None:
-            raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+            vm = self._vms.get(vm_id)
+            if vm is None or (expected is not None and vm is not expected):
+                raise missing_vm(vm_id)
+            del self._vms[vm_id]
         vm.close()
         log.info("vm deleted", extra={"vm_id": vm_id})
 

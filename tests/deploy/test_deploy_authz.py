@@ -16,9 +16,11 @@ from guests import CODE_ADDR, out_bytes_program
 from polling import wait_until
 
 from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.core.vm import VmOptions
 
 OK = "OK"
 DENIED = "PERMISSION_DENIED"
+HIDDEN = "NOT_FOUND"  # what an operator gets for another tenant's VM: as for a missing one
 QUOTA = 2
 
 POLICY: list[dict[str, Any]] = [
@@ -102,12 +104,13 @@ def test_operator_cannot_touch_another_operators_vm(d: TlsDaemon) -> None:
     b.boot("b-vm")
     a.boot("a-1")
     before = snapshot(b, "b-vm")
+    # Another tenant's VM does not exist for a (NOT_FOUND, as a missing VM).
     results = codes(vm_calls(a, "b-vm"))
-    assert results == dict.fromkeys(results, DENIED)
+    assert results == dict.fromkeys(results, HIDDEN)
     # Nor through a vCPU RPC that names the VM inside a VcpuRef.
     sregs = rpc_code(lambda: a.vcpus.GetSregs(pb.VcpuRef(vm_id="b-vm", vcpu_id=0),
                                               timeout=RPC_TIMEOUT))
-    assert sregs == grpc.StatusCode.PERMISSION_DENIED
+    assert sregs == grpc.StatusCode.NOT_FOUND
     assert a.list_ids() == {"a-1"}
     assert b.list_ids() == {"b-vm"}
     assert admin.list_ids() == {"a-1", "b-vm"}
@@ -116,7 +119,7 @@ def test_operator_cannot_touch_another_operators_vm(d: TlsDaemon) -> None:
     assert snapshot(b, "b-vm") == before
     # ... and the other way round.
     results = codes(vm_calls(b, "a-1"))
-    assert results == dict.fromkeys(results, DENIED)
+    assert results == dict.fromkeys(results, HIDDEN)
     # The owner still has its VM and full control of it.
     run_and_read_console(b, "b-vm")
     b.delete_vm("b-vm")
@@ -357,7 +360,7 @@ def test_local_identity_follows_its_grant(d: TlsDaemon,
     assert rpc_code(lambda: local.create_vm("x-1")) == grpc.StatusCode.PERMISSION_DENIED
     admin.create_vm("adm-vm")
     assert local.list_ids() == {"l-1"}
-    assert rpc_code(lambda: local.get_vm("adm-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_code(lambda: local.get_vm("adm-vm")) == grpc.StatusCode.NOT_FOUND
     assert admin.get_vm("l-1").owner == "local"
     local.delete_vm("l-1")
     admin.delete_vm("adm-vm")
@@ -419,3 +422,167 @@ def test_denials_are_counted_and_logged(d: TlsDaemon, tls_daemon: Callable[..., 
     anonymous = tls_only.tls()
     assert rpc_code(lambda: anonymous.list_ids()) == grpc.StatusCode.UNAUTHENTICATED
     assert denials(tls_only).get(("/kvmd.v1.Vms/ListVms", "UNAUTHENTICATED")) == 1
+
+
+# -- tenants: namespaces and existence (issue 13 #8) --------------------------------------
+
+def details(code_and_error: tuple[grpc.StatusCode, str], vm_id: str) -> tuple[str, str]:
+    code, text = code_and_error
+    return code.name, text.replace(repr(vm_id), "<vm>").replace(vm_id, "<vm>")
+
+
+def failure(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    """(code, details) of a call that must fail (a stream's first message counts)."""
+    try:
+        result = call()
+        if hasattr(result, "__next__"):
+            try:
+                next(result, None)
+            finally:
+                result.cancel()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()  # type: ignore[attr-defined]
+    raise AssertionError("the call succeeded")
+
+
+def test_another_tenants_vm_is_not_found_exactly_like_a_missing_one(d: TlsDaemon) -> None:
+    """An operator cannot tell another tenant's VM from no VM: every call answers what a
+    missing VM answers (NOT_FOUND, the same message), and nothing changes."""
+    a, b = d.tls("operator-a"), d.tls("operator-b")
+    b.boot("b-vm")
+    before = snapshot(b, "b-vm")
+    counted = denials(d)
+    foreign = {k: details(failure(call), "b-vm") for k, call in vm_calls(a, "b-vm").items()}
+    # The daemon's operators see the probing: each is a denial (reason NOT_FOUND).
+    wait_until(lambda: sum(denials(d).values()) - sum(counted.values()) >= len(foreign), 5,
+               "the denials counted")
+    assert {m: n - counted.get((m, r), 0) for (m, r), n in denials(d).items()
+            if n != counted.get((m, r), 0)} == {
+                f"/kvmd.v1.{k}": 1 for k in foreign}
+    assert all(r == HIDDEN for (_m, r), n in denials(d).items() if n != counted.get((_m, r)))
+    counted = denials(d)
+    missing = {k: details(failure(call), "b-zz") for k, call in vm_calls(a, "b-zz").items()}
+    assert foreign == missing
+    assert denials(d) == counted  # a missing VM is an answer, not a denial
+    assert {code for code, _ in foreign.values()} == {"NOT_FOUND"}
+    refs = (pb.VcpuRef(vm_id="b-vm", vcpu_id=0), pb.VcpuRef(vm_id="b-zz", vcpu_id=0))
+    assert details(failure(lambda: a.vcpus.GetSregs(refs[0], timeout=RPC_TIMEOUT)), "b-vm") \
+        == details(failure(lambda: a.vcpus.GetSregs(refs[1], timeout=RPC_TIMEOUT)), "b-zz")
+    assert snapshot(b, "b-vm") == before
+    b.delete_vm("b-vm")
+
+
+def test_check_extension_on_another_tenants_vm_is_not_found(d: TlsDaemon) -> None:
+    a, b, viewer = d.tls("operator-a"), d.tls("operator-b"), d.tls("viewer-1")
+    b.create_vm("b-vm")
+    a.create_vm("a-vm")
+
+    def check(s: Stubs, vm_id: str) -> Any:
+        return s.hypervisor.CheckExtension(pb.CheckExtensionRequest(
+            name="KVM_CAP_IRQFD", vm_id=vm_id), timeout=RPC_TIMEOUT)
+
+    assert details(failure(lambda: check(a, "b-vm")), "b-vm") == \
+        details(failure(lambda: check(a, "b-zz")), "b-zz")
+    assert failure(lambda: check(a, "b-vm"))[0] == grpc.StatusCode.NOT_FOUND
+    assert check(a, "a-vm").value > 0      # its own VM
+    assert check(b, "b-vm").value > 0
+    assert check(viewer, "b-vm").value > 0  # viewers see every VM's metadata
+    assert a.hypervisor.CheckExtension(pb.CheckExtensionRequest(name="KVM_CAP_IRQFD"),
+                                       timeout=RPC_TIMEOUT).value > 0  # /dev/kvm: anyone
+    a.delete_vm("a-vm")
+    b.delete_vm("b-vm")
+
+
+def test_prefixes_are_reserved_for_their_identity(tls_daemon: Callable[..., TlsDaemon]) -> None:
+    """An operator without a prefix (or with a shorter one) cannot squat ids inside another
+    identity's prefix, by CreateVm or RestoreVm; admins may."""
+    d = tls_daemon(policy=[
+        {"name": "admin-1", "role": "admin"},
+        {"name": "operator-a", "role": "operator", "vm_prefix": "a-"},
+        {"name": "operator-b", "role": "operator", "vm_prefix": "a-b-"},
+        {"name": "stranger", "role": "operator"},
+    ])
+    a, b, free, admin = d.tls("operator-a"), d.tls("operator-b"), d.tls("stranger"), \
+        d.tls("admin-1")
+    for vm_id in ("a-1", "a-b-1", "a-"):
+        assert rpc_code(lambda vm_id=vm_id: free.create_vm(vm_id)) == \
+            grpc.StatusCode.PERMISSION_DENIED, vm_id
+    assert rpc_code(lambda: a.create_vm("a-b-2")) == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_code(lambda: free.vms.GetVm(pb.GetVmRequest(vm_id="a-1"),
+                                           timeout=RPC_TIMEOUT)) == grpc.StatusCode.NOT_FOUND
+    restore = pb.RestoreVmRequest(options=pb.RestoreVmOptions(vm_id="a-9"))
+    assert rpc_code(lambda: free.snapshots.RestoreVm(iter([restore]), timeout=RPC_TIMEOUT)) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    assert free.create_vm("free-1").owner == "stranger"
+    assert a.create_vm("a-1").owner == "operator-a"
+    assert b.create_vm("a-b-1").owner == "operator-b"
+    assert admin.create_vm("a-b-admin").owner == "admin-1"
+    assert admin.list_ids() == {"free-1", "a-1", "a-b-1", "a-b-admin"}
+    for vm_id in admin.list_ids():
+        admin.delete_vm(vm_id)
+
+
+def test_a_policy_may_not_give_two_identities_one_prefix() -> None:
+    from kvmd.api.auth import Policy
+    with pytest.raises(ValueError, match="prefix"):
+        Policy.from_config({"identities": [
+            {"name": "x", "role": "operator", "vm_prefix": "p-"},
+            {"name": "y", "role": "operator", "vm_prefix": "p-"}]})
+
+
+def test_a_call_acts_on_the_vm_it_was_authorized_for(
+        tls_daemon: Callable[..., TlsDaemon]) -> None:
+    """The VM checked is the VM acted on: when an operator's VM is deleted and another
+    tenant's VM takes its id between the check and the handler, the call answers NOT_FOUND
+    and leaves the new VM alone."""
+    d = tls_daemon(policy=[{"name": "admin-1", "role": "admin"},
+                           {"name": "operator-a", "role": "operator"},
+                           {"name": "operator-b", "role": "operator"}])
+    a, b = d.tls("operator-a"), d.tls("operator-b")
+    host = d.daemon.host
+    assert host is not None
+    authorizer_check = d.daemon.authorizer.check
+    swapped: list[str] = []
+
+    def check_then_swap(method: str, grant: Any, identity: str, request: Any) -> Any:
+        result = authorizer_check(method, grant, identity, request)
+        if identity == "operator-a" and "shared" in str(request):
+            # Between the check and the handler: a's VM goes, b's takes its id.
+            host.delete_vm("shared")
+            host.create_vm("shared", {}, VmOptions(), owner="operator-b")
+            swapped.append(method)
+        return result
+
+    calls: dict[str, Callable[[], Any]] = {
+        "DeleteVm": lambda: a.delete_vm("shared"),
+        "StartVm": lambda: a.vms.StartVm(pb.VmRef(vm_id="shared"), timeout=RPC_TIMEOUT),
+        "AddMemoryRegion": lambda: a.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+            vm_id="shared", guest_addr=0, size=0x1000), timeout=RPC_TIMEOUT),
+        "CreateVcpu": lambda: a.vcpus.CreateVcpu(pb.CreateVcpuRequest(
+            vm_id="shared", vcpu_id=0), timeout=RPC_TIMEOUT),
+        "WriteGuestMemory": lambda: a.memory.WriteGuestMemory(iter([
+            pb.WriteGuestMemoryRequest(vm_id="shared", guest_addr=0, data=b"x")]),
+            timeout=RPC_TIMEOUT),
+        "HandleExits": lambda: a.exits.HandleExits(iter([pb.ExitHandlerMessage(
+            claim=pb.ClaimRequest(vm_id="shared", ranges=[
+                pb.AddressRange(space=pb.PIO, base=0x700, length=1)]))]),
+            timeout=RPC_TIMEOUT),
+        "CheckExtension": lambda: a.hypervisor.CheckExtension(pb.CheckExtensionRequest(
+            name="KVM_CAP_IRQFD", vm_id="shared"), timeout=RPC_TIMEOUT),
+    }
+    d.daemon.authorizer.check = check_then_swap  # type: ignore[method-assign]
+    try:
+        for name, call in calls.items():
+            host.create_vm("shared", {}, VmOptions(), owner="operator-a")
+            if name == "WriteGuestMemory":
+                host.get_vm("shared").add_memory_region(0, 0x1000, False, False)
+            code = rpc_code(call)
+            new = host.get_vm("shared")
+            assert code == grpc.StatusCode.NOT_FOUND, (name, code)
+            assert (new.owner, len(new.vcpus()), new.memory_regions(), new.state,
+                    list(new.claims.handlers())) == ("operator-b", 0, [], "created", []), name
+            host.delete_vm("shared")
+    finally:
+        d.daemon.authorizer.check = authorizer_check  # type: ignore[method-assign]
+    assert len(swapped) == len(calls)
+    assert b.list_ids() == set()
