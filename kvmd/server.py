@@ -340,6 +340,8 @@ class Daemon:
             self.metrics_server.close()
         if self.host is not None:
             self.host.close()
+        if self.authorizer is not None:
+            self.authorizer.denial_log.flush()
         self._remove_sockets()
         self.stopped.set()
         log.info("kvmd stopped")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -223,10 +225,12 @@ class Authorizer:
     """Checks one call against the policy; raises the domain error of a denial."""
 
     def __init__(self, policy: Policy, host: Host,
-                 on_denied: Callable[[str, str], None] | None = None) -> None:
+                 on_denied: Callable[[str, str], None] | None = None,
+                 denial_log: DenialLog | None = None) -> None:
         self.policy = policy
         self.host = host
         self.on_denied = on_denied
+        self.denial_log = denial_log or DenialLog()
 
     def identify(self, context: PeerContext) -> tuple[str, Grant | None]:
         names = peer_names(context)
@@ -300,6 +304,69 @@ class Authorizer:
         return grant is not None and (grant.role != OPERATOR or owner == identity)
 
 
+@dataclass
+class _Window:
+    started: float
+    count: int = 0
+
+
+class DenialLog:
+    """Logs denials without letting a caller flood the log: per (identity, method), the
+    first `per_key` denials of each `interval` seconds are logged, the others only counted,
+    and summed up in one line ("rpc denials not logged", with `suppressed`) once their
+    interval is over, at the next denial of anyone or when the daemon stops. At most
+    `max_keys` pairs are tracked at once; beyond that, denials share one ("*", "*") pair.
+    (Every denial is still counted in kvmd_authorization_denials_total.)"""
+
+    def __init__(self, per_key: int = 5, interval: float = 60.0, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_key = per_key
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._lock = threading.Lock()
+
+    def denied(self, identity: str, method: str, fields: dict[str, Any]) -> None:
+        now = self._clock()
+        with self._lock:
+            ended = self._take_ended(now)
+            key = (identity, method)
+            window = self._windows.get(key)
+            if window is None:
+                if len(self._windows) >= self.max_keys:
+                    key = ("*", "*")
+                    window = self._windows.get(key)
+                if window is None:
+                    window = self._windows[key] = _Window(now)
+            window.count += 1
+            logged = window.count <= self.per_key
+        self._summarize(ended)
+        if logged:
+            log.warning("rpc denied", extra={"identity": identity, "method": method, **fields})
+
+    def flush(self) -> None:
+        """Sum up every window now (the daemon is stopping)."""
+        with self._lock:
+            ended = self._take_ended(None)
+        self._summarize(ended)
+
+    def _take_ended(self, now: float | None) -> list[tuple[tuple[str, str], _Window]]:
+        ended = [(k, w) for k, w in self._windows.items()
+                 if now is None or now - w.started >= self.interval]
+        for key, _w in ended:
+            del self._windows[key]
+        return ended
+
+    def _summarize(self, ended: list[tuple[tuple[str, str], _Window]]) -> None:
+        for (identity, method), window in ended:
+            if window.count > self.per_key:
+                log.warning("rpc denials not logged", extra={
+                    "identity": identity, "method": method,
+                    "suppressed": window.count - self.per_key,
+                    "seconds": round(self._clock() - window.started, 1)})
+
+
 def _is_open(method: str) -> bool:
     return method.startswith(OPEN_PREFIXES)
 
@@ -314,6 +381,7 @@ class AuthInterceptor(ScopedInterceptor):
 
     def admit(self, method: str, request: Any, context: PeerContext) -> None:
         authz = self.authorizer
+        identity = f"peer:{peer_host(context)}"  # until the caller is identified
         try:
             if _is_open(method):
                 identity, grant = authz.identify_softly(context)
@@ -330,8 +398,8 @@ class AuthInterceptor(ScopedInterceptor):
         except DomainError as exc:
             if not isinstance(exc, PermissionDenied | Unauthenticated | Hidden):
                 raise  # a missing VM or a malformed id: an answer, not a denial
-            log.warning("rpc denied", extra={"method": method, "peer": context.peer(),
-                                             "reason": exc.message})
+            authz.denial_log.denied(identity, method, {"peer": context.peer(),
+                                                       "reason": exc.message})
             if authz.on_denied is not None:
                 authz.on_denied(method, exc.reason)
             raise

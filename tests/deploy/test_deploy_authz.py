@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -586,3 +587,50 @@ def test_a_call_acts_on_the_vm_it_was_authorized_for(
         d.daemon.authorizer.check = authorizer_check  # type: ignore[method-assign]
     assert len(swapped) == len(calls)
     assert b.list_ids() == set()
+
+
+def denied_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "kvmd.auth"
+            and r.getMessage() == "rpc denied"]
+
+
+def test_a_flood_of_denials_logs_a_few_lines(d: TlsDaemon,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A low-privilege identity cannot flood the log with its denials: per identity and
+    method only the first few of an interval are logged (each is still counted)."""
+    caplog.set_level(logging.WARNING, logger="kvmd.auth")
+    viewer = d.tls("viewer-1")
+    before = denials(d)
+    for _ in range(200):
+        assert rpc_code(lambda: viewer.create_vm("v-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    assert 1 <= len(denied_lines(caplog)) <= 10, len(denied_lines(caplog))
+    wait_until(lambda: sum(denials(d).values()) - sum(before.values()) == 200, 5,
+               "every denial counted")
+
+
+def test_denial_logs_are_rate_limited_per_identity_and_method(
+        d: TlsDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    """The first `per_key` denials of each identity and method per interval are logged;
+    the rest are summed up in one line once the interval is over."""
+    from kvmd.api.auth import DenialLog
+    assert d.daemon.authorizer is not None
+    limit, interval = 3, 0.5
+    d.daemon.authorizer.denial_log = DenialLog(per_key=limit, interval=interval)
+    caplog.set_level(logging.WARNING, logger="kvmd.auth")
+    viewer, local = d.tls("viewer-1"), d.local()
+    for _ in range(40):
+        assert rpc_code(lambda: viewer.create_vm("v-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    for _ in range(4):
+        assert rpc_code(lambda: local.delete_vm("x")) == grpc.StatusCode.PERMISSION_DENIED
+    lines = denied_lines(caplog)
+    assert len(lines) == 2 * limit, [r.__dict__ for r in lines]  # 3 of each kind
+    time.sleep(interval * 1.5)
+    # The next denial (of anyone) ends the interval: the suppressed ones are summed up.
+    assert rpc_code(lambda: viewer.create_vm("v-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    summaries = {(r.identity, r.method): r.suppressed  # type: ignore[attr-defined]
+                 for r in caplog.records if r.getMessage() == "rpc denials not logged"}
+    assert summaries == {("viewer-1", "/kvmd.v1.Vms/CreateVm"): 40 - limit,
+                         ("local", "/kvmd.v1.Vms/DeleteVm"): 4 - limit}
+    lines = denied_lines(caplog)
+    assert len(lines) == 2 * limit + 1
+    assert lines[-1].method == "/kvmd.v1.Vms/CreateVm"  # type: ignore[attr-defined]
