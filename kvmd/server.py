@@ -42,7 +42,7 @@ from kvmd.config import (
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
-from kvmd.logs import setup_logging
+from kvmd.logs import setup_daemon_logging
 from kvmd.metrics import (
     MetricsInterceptor,
     MetricsServer,
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
-        setup_logging(cfg.log_level, cfg.log_format)
+        setup_daemon_logging(cfg.log_level, cfg.log_format)
         daemon = Daemon(cfg)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
