@@ -985,9 +985,24 @@ class ManagedVm:
             raise InvalidState(f"vm {self.id} is {self.state} (vcpu {bad[0].id} is "
                                f"{bad[0].state}); stop it before starting it again",
                                resource=self.resource)
+        # Every thread first, held at its gate: if one cannot be created (a tasks limit),
+        # the others end unseen and every vCPU is as it was.
+        launches = []
+        try:
+            for v in vcpus:
+                launches.append(v.launch())
+        except BaseException:
+            for launch in launches:
+                launch.cancel()
+            raise
         self.reason, self.exit_code = "", None
-        for v in vcpus:
-            v.start()
+        for i, launch in enumerate(launches):
+            try:
+                launch.commit()
+            except BaseException:
+                for rest in launches[i + 1:]:
+                    rest.cancel()
+                raise
 
     def pause(self) -> None:
         """Kick every running or halted vCPU at once, then wait for each to park."""
