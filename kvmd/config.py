@@ -57,6 +57,8 @@ class Config:
     max_calls_per_identity: int = Limits.max_calls_per_identity
     max_streams: int = Limits.max_streams
     max_streams_per_identity: int = Limits.max_streams_per_identity
+    max_fds: int = HOST_LIMITS.max_fds
+    max_fds_per_identity: int = HOST_LIMITS.max_fds_per_identity
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -149,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or an authorization table (every peer is an admin)")
     for f in fields(Limits):
         default = getattr(HOST_LIMITS, f.name)
+        where = (", from RLIMIT_NOFILE)" if f.name.startswith("max_fds") else
+                 ", from this host's memory)" if default != f.default else ")")
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
-                       help=f"limit (default {default}" + (
-                           ", from this host's memory)" if default != f.default else ")"))
+                       help=f"limit (default {default}{where}")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 

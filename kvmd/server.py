@@ -196,6 +196,7 @@ class Daemon:
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
         self.authorizer = authorizer
+        self.host.fds.privileged = authorizer.privileged
         if not self.policy.enabled:
             log.warning("no authorization policy: every caller that can connect is an admin")
         self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,

@@ -296,6 +296,14 @@ class Authorizer:
             raise PermissionDenied(f"ids starting with {owner.vm_prefix!r} are reserved for "
                                    "another identity")
 
+    def privileged(self, owner: str) -> bool:
+        """Is `owner` an admin (every caller is, without a policy)? Admins are exempt from
+        per-identity shares of host resources (kvmd.core.fds) and may use their reserve."""
+        if not self.policy.enabled:
+            return True
+        grant = self.policy.grants.get(owner)
+        return grant is not None and grant.role == ADMIN
+
     def visible(self, identity: str, owner: str) -> bool:
         """May this identity see a VM in ListVms?"""
         if not self.policy.enabled:

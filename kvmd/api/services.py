@@ -48,12 +48,14 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
                 max_ioevents_per_vm=lim.max_ioevents_per_vm,
                 max_calls_per_identity=lim.max_calls_per_identity,
                 max_streams=lim.max_streams,
-                max_streams_per_identity=lim.max_streams_per_identity),
+                max_streams_per_identity=lim.max_streams_per_identity,
+                max_fds=lim.max_fds, max_fds_per_identity=lim.max_fds_per_identity),
             daemon_version=self.host.version,
             vm_count=self.host.vm_count(),
             memory_in_use_bytes=self.host.budget.in_use,
             page_size=PAGE_SIZE,
             dirty_log_modes=convert.dirty_modes_to_pb(self.host.dirty_log_modes()),
+            fds_in_use=self.host.fds.in_use,
         )
 
     def CheckExtension(self, request: pb.CheckExtensionRequest,

@@ -47,6 +47,15 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.events import Broadcaster, Subscription
+from kvmd.core.fds import (
+    FDS_PER_FILE_MAPPING,
+    FDS_PER_IOEVENT,
+    FDS_PER_SLOT,
+    FDS_PER_VCPU,
+    FDS_PER_VM,
+    FdAccount,
+    irqfd_fds,
+)
 from kvmd.core.images import (
     FileBackedRange,
     ImagesDir,
@@ -226,8 +235,11 @@ class ManagedVm:
     """
 
     def __init__(self, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-                 shared: HostShared, owner: str) -> None:
+                 shared: HostShared, owner: str, fds: FdAccount | None = None) -> None:
         self.id = vm_id
+        # The descriptors this VM holds, charged to its owner (kvmd.core.fds): the VM's own
+        # (charged before it was made, by Host.build_vm), then each object's before it is.
+        self.fds = fds if fds is not None else shared.fds.account(owner, FDS_PER_VM)
         self.labels = labels
         self.options = options
         self.owner = owner
@@ -272,7 +284,7 @@ class ManagedVm:
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-              shared: HostShared, owner: str) -> ManagedVm:
+              shared: HostShared, owner: str, fds: FdAccount | None = None) -> ManagedVm:
         """Configure the kernel VM per `options`; closes `vm` if that fails."""
         try:
             with kernel_errors(f"vm/{vm_id}"):
@@ -295,7 +307,7 @@ class ManagedVm:
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
                 raise InvalidArgument("debug_exit_port collides with the COM1 UART")
-            return cls(vm_id, labels, options, vm, shared, owner)
+            return cls(vm_id, labels, options, vm, shared, owner, fds)
         except BaseException:
             vm.close()
             raise
@@ -359,6 +371,7 @@ class ManagedVm:
             self.vm.close()
             self._vcpus.clear()
             self._budget.release(memory)
+            self.fds.close()
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -386,7 +399,12 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} would have {in_use + rounded} bytes of guest memory, the "
                     f"limit is {self._limits.max_memory_per_vm_bytes}")
-            self._budget.reserve(rounded)
+            self.fds.take(FDS_PER_SLOT, "a memory slot")
+            try:
+                self._budget.reserve(rounded)
+            except BaseException:
+                self.fds.give(FDS_PER_SLOT)
+                raise
             try:
                 with kernel_errors(self.resource):
                     slot = self.vm.add_memory_region(guest_addr, rounded, read_only, log_dirty,
@@ -394,13 +412,17 @@ class ManagedVm:
                     return self.vm.memory_region(slot)
             except BaseException:
                 self._budget.release(rounded)
+                self.fds.give(FDS_PER_SLOT)
                 raise
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.remove_memory_region(slot)
             self.dirty.forget_slot(slot)
+            overlays = sum(1 for r in self._files().values() if r.slot == slot
+                           and not r.whole_slot)
             self._forget_files(slot)
+            self.fds.give(FDS_PER_SLOT + FDS_PER_FILE_MAPPING * overlays)
         self._budget.release(info.size)
         return info
 
@@ -679,8 +701,13 @@ class ManagedVm:
                                         resource=f"{self.resource}/slot/{slot}")
             with self._images().open(file.name, writable) as image:
                 self._check_file_size(image, file, size)
-                with kernel_errors(f"{self.resource}/slot/{slot}"):
-                    self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                self.fds.take(FDS_PER_FILE_MAPPING, "a file mapping")
+                try:
+                    with kernel_errors(f"{self.resource}/slot/{slot}"):
+                        self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                except BaseException:
+                    self.fds.give(FDS_PER_FILE_MAPPING)
+                    raise
                 record = FileBackedRange(slot, info.guest_addr + offset, offset, size,
                                          image.name, file.offset, writable, False,
                                          image.identity)
@@ -706,6 +733,7 @@ class ManagedVm:
                 if not any(m.slot == slot and m.offset == offset
                            for m in self.vm.file_mappings()):
                     del self._files()[(slot, offset)]
+                    self.fds.give(FDS_PER_FILE_MAPPING)
         log.info("memory file unmapped", extra={"vm_id": self.id, "slot": slot,
                                                 "image": record.image})
         return record
@@ -799,19 +827,28 @@ class ManagedVm:
             if len(self._irqfds) >= self._limits.max_irqfds_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit")
-            event = EventFd()
-            resample_fd = EventFd() if resample else None
-            entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
+            self.fds.take(irqfd_fds(resample), "an irqfd")
+            event = resample_fd = None
+            registered = False
             try:
                 with kernel_errors(f"{self.resource}/irqfd/{irqfd_id}"):
+                    event = EventFd()
+                    resample_fd = EventFd() if resample else None
+                    entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
                     self.vm.register_irqfd(gsi, event, resample_fd)
+                    registered = True
+                    if resample_fd is not None:
+                        self._watcher.add(resample_fd.fileno(),
+                                          lambda: self._on_resample(entry))
             except BaseException:
-                event.close()
-                if resample_fd is not None:
-                    resample_fd.close()
+                # Nothing half-made stays: not in KVM, no eventfd, nothing charged.
+                if registered and event is not None:
+                    self.vm.unregister_irqfd(gsi, event)
+                for fd in (event, resample_fd):
+                    if fd is not None:
+                        fd.close()
+                self.fds.give(irqfd_fds(resample))
                 raise
-            if resample_fd is not None:
-                self._watcher.add(resample_fd.fileno(), lambda: self._on_resample(entry))
             self._irqfds[irqfd_id] = entry
             return entry
 
@@ -836,6 +873,7 @@ class ManagedVm:
                 self.vm.unregister_irqfd(entry.gsi, entry.event)
             del self._irqfds[irqfd_id]
             self._release_irqfd(entry)
+            self.fds.give(irqfd_fds(entry.resample is not None))
 
     def _release_irqfd(self, entry: IrqfdEntry) -> None:
         if entry.resample is not None:
@@ -872,15 +910,24 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit")
             self.check_addresses_free(IOEVENT, [ioevent_range(space, address, length)])
-            event = EventFd()
-            entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
+            self.fds.take(FDS_PER_IOEVENT, "an ioevent")
+            event = None
+            registered = False
             try:
                 with kernel_errors(f"{self.resource}/ioevent/{ioevent_id}"):
+                    event = EventFd()
+                    entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
                     self.vm.register_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                    registered = True
+                    self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             except BaseException:
-                event.close()
+                # Nothing half-made stays: not in KVM, no eventfd, nothing charged.
+                if registered and event is not None:
+                    self.vm.unregister_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                if event is not None:
+                    event.close()
+                self.fds.give(FDS_PER_IOEVENT)
                 raise
-            self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             self._ioevents[ioevent_id] = entry
             return entry
 
@@ -907,6 +954,7 @@ class ManagedVm:
                 self.vm.unregister_ioevent(entry.event, entry.kvm_address, entry.kvm_datamatch)
             del self._ioevents[ioevent_id]
             self._release_ioevent(entry)
+            self.fds.give(FDS_PER_IOEVENT)
 
     def _release_ioevent(self, entry: IoeventEntry) -> None:
         self._watcher.remove(entry.event.fileno())
@@ -932,8 +980,13 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {len(self._vcpus)} vcpus, the limit is "
                     f"{self._limits.max_vcpus_per_vm}")
-            with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
-                vcpu = self.vm.create_vcpu(vcpu_id)
+            self.fds.take(FDS_PER_VCPU, "a vcpu")
+            try:
+                with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
+                    vcpu = self.vm.create_vcpu(vcpu_id)
+            except BaseException:
+                self.fds.give(FDS_PER_VCPU)
+                raise
             managed = ManagedVcpu(self, vcpu)
             self._vcpus[vcpu_id] = managed
             return managed
