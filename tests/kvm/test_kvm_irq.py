@@ -170,8 +170,11 @@ def test_several_resample_irqfds_share_a_gsi(vm: Vm, events: list[EventFd]) -> N
     try:
         vm.register_irqfd(4, ev1, resample=ev2)
         vm.register_irqfd(4, ev3, resample=extra)
+        # The same eventfd twice is still refused; each of the two can go on its own.
+        assert _errno_of(vm.register_irqfd, 4, ev1, ev2) == errno.EEXIST
         vm.unregister_irqfd(4, ev1)
         vm.unregister_irqfd(4, ev3)
+        assert _errno_of(vm.unregister_irqfd, 4, ev3) == errno.ENOENT
     finally:
         extra.close()
 
