@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 LISTEN ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench clean system-install uninstall
+.PHONY: run test install lint typecheck pytest bench soak clean system-install uninstall
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -34,6 +34,16 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# Long runs, not part of `make test` (see README "Limits"): the load workload for
+# SOAK_SECONDS (default 10 minutes) with a report of calls/s, p50/p99 per RPC and the
+# daemon's RSS slope, then the fuzz tests with FUZZ_FACTOR times their CI examples.
+SOAK_SECONDS ?= 600
+FUZZ_FACTOR ?= 10
+soak: install
+	$(PY) benchmarks/soak.py --duration $(SOAK_SECONDS)
+	KVMD_FUZZ_PROFILE=soak KVMD_FUZZ_SOAK_FACTOR=$(FUZZ_FACTOR) $(VENV)/bin/pytest -q -s \
+		-p no:cacheprovider --timeout 0 tests/fuzz
 
 # Install as a systemd service (a virtualenv under /opt/kvmd, unit, config); idempotent.
 system-install:

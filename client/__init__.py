@@ -21,6 +21,7 @@ from client.errors import (
     UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
+    UnknownOutcomeError,
     from_rpc_error,
 )
 from client.kvmd_client import (
@@ -55,6 +56,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "UnknownOutcomeError",
     "Watch",
     "address_range",
     "from_rpc_error",

@@ -172,6 +172,13 @@ class AbortedError(KvmdError):
     grpc_status_code = grpc.StatusCode.ABORTED
 
 
+class UnknownOutcomeError(KvmdError):
+    """The call may or may not have taken effect (UNKNOWN): e.g. a migration whose commit
+    was sent but not confirmed; check before acting again."""
+
+    grpc_status_code = grpc.StatusCode.UNKNOWN
+
+
 class OutOfRangeError(KvmdError):
     """An offset or length past the end of a valid range (OUT_OF_RANGE)."""
 
@@ -195,6 +202,7 @@ STATUS_TO_ERROR: dict[grpc.StatusCode, type[KvmdError]] = {
         DeadlineExceededError,
         CancelledError,
         AbortedError,
+        UnknownOutcomeError,
         OutOfRangeError,
     )
     if cls.grpc_status_code is not None

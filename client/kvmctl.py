@@ -352,6 +352,18 @@ class UsageError(Exception):
 # command handlers
 
 
+def cmd_health(c: KvmdClient, a: argparse.Namespace) -> int:
+    """The daemon's grpc.health.v1 status; with --wait, first wait until it serves."""
+    if a.wait:
+        c.wait_ready(a.wait)
+    status = c.health()
+    if a.json:
+        _emit_json({"status": status})
+    else:
+        _out(status)
+    return EXIT_OK if status == "SERVING" else EXIT_SERVER_ERROR
+
+
 def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
     info = c.info()
     if a.json:
@@ -998,6 +1010,84 @@ def cmd_snapshot_delete(c: KvmdClient, a: argparse.Namespace) -> None:
             _out(f"deleted snapshot file {name}")
 
 
+_PHASE_NAMES = {vmm_pb2.MigrationProgress.CONNECTING: "connecting",
+                vmm_pb2.MigrationProgress.COPYING: "copying",
+                vmm_pb2.MigrationProgress.SWITCHING_OVER: "switching over",
+                vmm_pb2.MigrationProgress.COMPLETED: "completed"}
+
+
+def _progress_line(p: vmm_pb2.MigrationProgress) -> str:
+    phase = _PHASE_NAMES.get(p.phase, "?")
+    line = (f"{phase:<15} round {p.round:>3}  sent {human_bytes(p.bytes_sent):>9}  "
+            f"remaining {p.pages_remaining:>7} pages")
+    if p.throughput_bytes_per_second:
+        line += f"  link {human_bytes(int(p.throughput_bytes_per_second))}/s"
+    if p.dirty_pages_per_second:
+        line += f"  dirty {p.dirty_pages_per_second:,.0f} pages/s"
+    if p.expected_downtime_ms:
+        line += f"  expected downtime {p.expected_downtime_ms:.1f} ms"
+    if p.throttle_percent:
+        line += f"  throttle {p.throttle_percent}%"
+    return line
+
+
+def _target_client(c: KvmdClient, a: argparse.Namespace) -> KvmdClient:
+    """A client of the target daemon, with kvmctl's own credentials."""
+    return KvmdClient(a.target_address or a.to, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
+                      tls_key=a.tls_key, tls_server_name=a.tls_server_name, timeout=a.timeout)
+
+
+def cmd_vm_migrate(c: KvmdClient, a: argparse.Namespace) -> None:
+    """Prepare the target (unless --token), then migrate, printing progress."""
+    token = a.token
+    target_vm = a.target_vm or a.vm
+    if not token:
+        with _target_client(c, a) as target:
+            token = target.prepare_incoming_migration(target_vm).token
+    last = None
+    for progress in c.iter_migrate_vm(
+            a.vm, a.to, token, max_downtime_ms=a.max_downtime_ms,
+            bandwidth_bytes_per_second=a.bandwidth or 0, max_rounds=a.max_rounds,
+            auto_converge=a.auto_converge, tls_server_name=a.migration_server_name or ""):
+        last = progress
+        if a.json:
+            _emit_json_line(message_to_dict(progress))
+        elif progress.phase != vmm_pb2.MigrationProgress.COMPLETED:
+            _out(_progress_line(progress))
+    if last is None or last.phase != vmm_pb2.MigrationProgress.COMPLETED:
+        raise KvmdError("the migration ended before it completed")
+    if not a.json:
+        _out(f"vm {a.vm} migrated to {a.to} as {last.target_vm_id}: "
+             f"{human_bytes(last.bytes_sent)} in {last.elapsed_seconds:.2f} s, "
+             f"{last.round} dirty rounds, downtime {last.downtime_ms:.1f} ms")
+
+
+def cmd_migration_prepare(c: KvmdClient, a: argparse.Namespace) -> None:
+    incoming = c.prepare_incoming_migration(a.vm, ttl_seconds=a.ttl)
+    if a.json:
+        _emit_json(message_to_dict(incoming))
+        return
+    _out(incoming.token)
+
+
+def cmd_migration_list(c: KvmdClient, a: argparse.Namespace) -> None:
+    infos = c.list_migrations()
+    if a.json:
+        _emit_json([message_to_dict(i) for i in infos])
+        return
+    rows = [[i.vm_id, i.direction, i.peer or "-", i.state,
+             human_bytes(i.progress.bytes_sent) if i.direction == "outgoing" else "-",
+             str(i.progress.round) if i.direction == "outgoing" else "-"] for i in infos]
+    _out(format_table(["vm", "direction", "peer", "state", "sent", "round"], rows,
+                      empty="No migrations in progress."))
+
+
+def cmd_migration_cancel(c: KvmdClient, a: argparse.Namespace) -> None:
+    c.cancel_migration(a.vm)
+    if not a.json:
+        _out(f"cancelled the migration of vm {a.vm}; it runs on here")
+
+
 def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
     """Print the console backlog, then (unless --no-follow) live output until Ctrl-C,
     --duration or the VM's deletion; with --interactive also send stdin lines to the guest."""
@@ -1237,6 +1327,11 @@ def build_parser() -> argparse.ArgumentParser:
     top = _subparsers(parser, "command")
 
     # info, cap, supported-cpuid
+    p = _leaf(top, "health", cmd_health,
+              "the daemon's health (SERVING: exit 0); --wait for one that is starting")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS for the daemon to serve")
+    _finish(p)
     p = _leaf(top, "info", cmd_info, "KVM and daemon information, limits, capabilities")
     p.add_argument("--all", action="store_true", help="list absent capabilities too")
     _finish(p)
@@ -1352,6 +1447,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-state-dir", metavar="NAME", action="append",
                    help="restore from NAME in the daemon's state directory (repeat: the full "
                    "snapshot first, then its diffs)")
+    _finish(p)
+
+    p = _leaf(vms, "migrate", cmd_vm_migrate,
+              "live-migrate the VM to the kvmd at --to (host:port, as this daemon reaches it): "
+              "the VM runs on there and is deleted here; any failure before the switch-over "
+              "leaves it running here")
+    _vm_arg(p)
+    p.add_argument("--to", metavar="ADDRESS", required=True,
+                   help="the target daemon's gRPC address (host:port), dialed by the source")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="from 'kvmctl migration prepare' on the target (default: kvmctl "
+                   "prepares the target itself, through --target-address)")
+    p.add_argument("--target-address", metavar="ADDR",
+                   help="the target daemon as kvmctl reaches it (default: --to)")
+    p.add_argument("--target-vm", metavar="ID", help="the VM's id on the target (default VM)")
+    p.add_argument("--max-downtime-ms", type=parse_int, default=0, metavar="N",
+                   help="longest pause for the switch-over (default 300)")
+    p.add_argument("--bandwidth", type=parse_size, metavar="BYTES",
+                   help="bytes per second for the pre-copy rounds, e.g. 100M (default: as "
+                   "fast as the link goes)")
+    p.add_argument("--max-rounds", type=parse_int, default=0, metavar="N",
+                   help="dirty rounds before giving up (default 30)")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the guest while it dirties memory faster than the link")
+    p.add_argument("--migration-server-name", metavar="NAME",
+                   help="the name the target's certificate must carry (default: --to's host)")
+    _finish(p)
+
+    mig = top.add_parser("migration", help="live migrations: prepare a target, list, cancel",
+                         description="Live migrations. A target daemon hands out a one-time "
+                         "token for an incoming VM; 'kvmctl vm migrate' on the source uses it.")
+    migs = _subparsers(mig, "migration_command")
+    p = _leaf(migs, "prepare", cmd_migration_prepare,
+              "on the target daemon: expect VM (its id here), print the one-time token")
+    _vm_arg(p)
+    p.add_argument("--ttl", type=parse_int, default=0, metavar="SECONDS",
+                   help="how long the token is valid (default 300)")
+    _finish(p)
+    _finish(_leaf(migs, "list", cmd_migration_list, "migrations in progress", aliases=["ls"]))
+    p = _leaf(migs, "cancel", cmd_migration_cancel,
+              "cancel the VM's outgoing migration (before its switch-over)")
+    _vm_arg(p)
     _finish(p)
 
     # snapshot files

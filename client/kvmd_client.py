@@ -124,6 +124,25 @@ def _msi(address: int, data: int, devid: int | None) -> vmm_pb2.MsiMessage:
     return msi
 
 
+def runs_to_bitmap(runs: Iterable[tuple[int, int]], total_pages: int) -> bytearray:
+    """A dirty bitmap (bit i, least significant first: page i) from (first page, pages)
+    runs: whole bytes at once inside a run, so the cost follows the bitmap and the runs."""
+    bitmap = bytearray((total_pages + 7) // 8)
+    for first, pages in runs:
+        end = first + pages
+        while first < end and first % 8:
+            bitmap[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = (end - first) // 8
+        if whole:
+            bitmap[first >> 3:(first >> 3) + whole] = b"\xff" * whole
+            first += whole * 8
+        while first < end:
+            bitmap[first >> 3] |= 1 << (first & 7)
+            first += 1
+    return bitmap
+
+
 @dataclass(frozen=True)
 class DirtyLog:
     """A slot's dirty-page bitmap (one bit per page, LSB first), as read by ``GetDirtyLog``.
@@ -395,6 +414,7 @@ class KvmdClient:
         self._vcpus = vmm_pb2_grpc.VcpusStub(self._channel)
         self._exit_handlers = vmm_pb2_grpc.ExitHandlersStub(self._channel)
         self._snapshots = vmm_pb2_grpc.SnapshotsStub(self._channel)
+        self._migration = vmm_pb2_grpc.MigrationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -423,9 +443,12 @@ class KvmdClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def _server_stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+    def _server_stream(self, method: Callable[..., Any], request: Any,
+                       timeout: float | object | None = ...) -> Iterator[Any]:
+        """Iterate a server stream (`timeout`: the whole stream's deadline; default the
+        client's); stopping early cancels the call."""
         try:
-            call = method(request, timeout=self.timeout)
+            call = method(request, timeout=self.timeout if timeout is ... else timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         try:
@@ -545,9 +568,17 @@ class KvmdClient:
         return self._unary(self._vms.GetVm, vmm_pb2.GetVmRequest(vm_id=vm_id))
 
     def list_vms(self, labels: Mapping[str, str] | None = None) -> list[vmm_pb2.Vm]:
-        """Every VM, or only those carrying all of ``labels``."""
-        request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}))
-        return list(self._unary(self._vms.ListVms, request).vms)
+        """Every VM, or only those carrying all of ``labels`` (all pages)."""
+        vms: list[vmm_pb2.Vm] = []
+        token = ""
+        while True:
+            request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}),
+                                             page_token=token)
+            page = self._unary(self._vms.ListVms, request)
+            vms += page.vms
+            token = page.next_page_token
+            if not token:
+                return vms
 
     def delete_vm(self, vm_id: str) -> None:
         """Stop the VM's vCPUs and release everything it owns."""
@@ -796,22 +827,21 @@ class KvmdClient:
         Unpacks as ``bitmap, dirty_count``; ``.pages()`` lists the dirty page indices.
         """
         bitmap = bytearray()
-        bits = 0  # pages the daemon sent as ranges (it picks the shorter form)
+        runs: list[tuple[int, int]] = []  # when the daemon sent runs (the shorter form)
         dirty = 0
         total_dirty: int | None = None
         total_pages = 0
         for chunk in self.iter_dirty_log(vm_id, slot, chunk_size, form="auto"):
             bitmap += chunk.bitmap
-            for r in chunk.ranges:
-                bits |= ((1 << r.pages) - 1) << r.first_page
+            runs += zip(chunk.run_first_pages, chunk.run_pages, strict=True)
             dirty += chunk.dirty_pages
             total_pages = max(total_pages, chunk.total_pages)
             if chunk.last:
                 total_dirty = chunk.total_dirty_pages
         if total_pages == 0:
             total_pages = len(bitmap) * 8
-        if bits or not bitmap:
-            bitmap = bytearray(bits.to_bytes((total_pages + 7) // 8, "little"))
+        if runs or not bitmap:
+            bitmap = runs_to_bitmap(runs, total_pages)
         count = total_dirty if total_dirty is not None else dirty
         return DirtyLog(slot=slot, bitmap=bytes(bitmap), dirty_count=count, total_pages=total_pages)
 
@@ -1264,6 +1294,65 @@ class KvmdClient:
     def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot file of the daemon's state directory."""
         self._unary(self._snapshots.DeleteSnapshot, vmm_pb2.DeleteSnapshotRequest(file=name))
+
+    # -- Migration -----------------------------------------------------------------------
+
+    def prepare_incoming_migration(self, vm_id: str, *, ttl_seconds: int = 0
+                                   ) -> vmm_pb2.IncomingMigration:
+        """On the target daemon: expect VM ``vm_id`` (reserved meanwhile); returns the
+        one-time ``token`` the source's :meth:`migrate_vm` must present (valid
+        ``ttl_seconds``, default 300)."""
+        request = vmm_pb2.PrepareIncomingMigrationRequest(vm_id=vm_id, ttl_seconds=ttl_seconds)
+        return self._unary(self._migration.PrepareIncomingMigration, request)
+
+    def iter_migrate_vm(
+        self, vm_id: str, target: str, token: str, *, max_downtime_ms: int = 0,
+        bandwidth_bytes_per_second: int = 0, max_rounds: int = 0, auto_converge: bool = False,
+        tls_server_name: str = "", timeout_ms: int = 0, deadline: float | None = None,
+    ) -> Iterator[vmm_pb2.MigrationProgress]:
+        """On the source daemon: live-migrate the VM to the daemon at ``target`` (host:port)
+        with the target's ``token``; yields progress until the VM runs there (the last
+        message has phase COMPLETED). Stop iterating before that and the migration is
+        cancelled: the VM keeps running here. ``deadline``: seconds for the whole migration
+        (default none, whatever the client's timeout)."""
+        request = vmm_pb2.MigrateVmRequest(
+            vm_id=vm_id, target=target, token=token, options=vmm_pb2.MigrationOptions(
+                max_downtime_ms=max_downtime_ms,
+                bandwidth_bytes_per_second=bandwidth_bytes_per_second, max_rounds=max_rounds,
+                auto_converge=auto_converge, tls_server_name=tls_server_name,
+                timeout_ms=timeout_ms))
+        # Stopping early cancels the call, and with it the migration.
+        yield from self._server_stream(self._migration.MigrateVm, request, deadline)
+
+    def migrate_vm(
+        self, vm_id: str, target: str, token: str, *,
+        on_progress: Callable[[vmm_pb2.MigrationProgress], None] | None = None,
+        **options: Any,
+    ) -> vmm_pb2.MigrationProgress:
+        """Live-migrate and wait: returns the final progress (phase COMPLETED, with the
+        measured ``downtime_ms``); ``on_progress`` sees every update. Options as
+        :meth:`iter_migrate_vm`. Failures raise, and leave the VM running here (an
+        :class:`UnknownOutcomeError` leaves it paused: check the target)."""
+        last = None
+        for progress in self.iter_migrate_vm(vm_id, target, token, **options):
+            last = progress
+            if on_progress is not None:
+                on_progress(progress)
+        if last is None or last.phase != vmm_pb2.MigrationProgress.COMPLETED:
+            raise KvmdError("the migration stream ended before the migration completed",
+                            code=grpc.StatusCode.DATA_LOSS)
+        return last
+
+    def cancel_migration(self, vm_id: str) -> None:
+        """Cancel the VM's outgoing migration (before its switch-over): it keeps running
+        here."""
+        self._unary(self._migration.CancelMigration,
+                    vmm_pb2.CancelMigrationRequest(vm_id=vm_id))
+
+    def list_migrations(self) -> list[vmm_pb2.MigrationInfo]:
+        """Migrations in progress on this daemon, outgoing and incoming."""
+        return list(self._unary(self._migration.ListMigrations,
+                                vmm_pb2.ListMigrationsRequest()).migrations)
 
     @staticmethod
     def _merged(

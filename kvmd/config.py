@@ -72,6 +72,13 @@ class Config:
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
+    # Outgoing live migrations: the certificate and key this daemon presents to a target,
+    # and the CA the target's certificate must chain to. Unset: tls_cert, tls_key and
+    # tls_client_ca (one certificate per host, one CA). Without any: plain TCP, to loopback
+    # targets only.
+    migration_tls_cert: str = ""
+    migration_tls_key: str = ""
+    migration_tls_ca: str = ""
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -142,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-tls-key", metavar="PEM", help="key for --metrics-tls-cert")
     p.add_argument("--metrics-tls-client-ca", metavar="PEM",
                    help="require scrapers' client certificates from this CA")
+    p.add_argument("--migration-tls-cert", metavar="PEM",
+                   help="certificate presented to migration targets (default --tls-cert)")
+    p.add_argument("--migration-tls-key", metavar="PEM",
+                   help="key for --migration-tls-cert (default --tls-key)")
+    p.add_argument("--migration-tls-ca", metavar="PEM",
+                   help="CA of migration targets' certificates (default --tls-client-ca)")
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate for TCP listeners")
     p.add_argument("--tls-key", metavar="PEM", help="server private key for TCP listeners")
     p.add_argument("--tls-client-ca", metavar="PEM",
@@ -193,8 +206,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
     if bool(cfg.metrics_tls_cert) != bool(cfg.metrics_tls_key):
         raise ConfigError("--metrics-tls-cert and --metrics-tls-key go together")
+    if bool(cfg.migration_tls_cert) != bool(cfg.migration_tls_key):
+        raise ConfigError("--migration-tls-cert and --migration-tls-key go together")
     for what, path in (("certificate", cfg.tls_cert), ("key", cfg.tls_key),
-                       ("client CA", cfg.tls_client_ca)):
+                       ("client CA", cfg.tls_client_ca),
+                       ("migration certificate", cfg.migration_tls_cert),
+                       ("migration key", cfg.migration_tls_key),
+                       ("migration CA", cfg.migration_tls_ca)):
         if path:
             try:
                 with open(path, "rb") as fh:
@@ -248,3 +266,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def migration_tls_files(cfg: Config) -> tuple[str, str, str] | None:
+    """(cert, key, ca) for outgoing migrations, or None: plain TCP to loopback only."""
+    cert = cfg.migration_tls_cert or cfg.tls_cert
+    key = cfg.migration_tls_key or cfg.tls_key
+    ca = cfg.migration_tls_ca or cfg.tls_client_ca
+    if not (cert or ca):
+        return None
+    return cert, key, ca

@@ -46,6 +46,9 @@ _UNIT_SUFFIX = re.compile(r"_(ns|us|ms|sec|seconds|cycles|bytes)$")
 # Whole-VM operations and the counter name of each; their kinds.
 OPERATIONS = (("snapshot", "snapshots"), ("restore", "restores"))
 OPERATION_KINDS = {"snapshot": ("full", "diff"), "restore": ("full", "diff")}
+# Live migrations: (direction label, operation recorded by the core), and their results.
+MIGRATION_OPERATIONS = (("outgoing", "migration_out"), ("incoming", "migration_in"))
+MIGRATION_RESULTS = ("ok", "cancelled", "failed", "unknown")
 
 
 def exit_reasons(counts: dict[str, int]) -> Iterator[tuple[str, int]]:
@@ -96,6 +99,9 @@ class KvmdCollector(Collector):
         slots = GaugeMetricFamily("kvmd_memory_slots", "Memory slots per VM", labels=["vm"])
         dirty = CounterMetricFamily("kvmd_dirty_pages", "Dirty pages reported by dirty-log "
                                     "fetches", labels=["vm"])
+        dirty_rate = GaugeMetricFamily("kvmd_dirty_pages_per_second", "The VM's last measured "
+                                       "dirty rate (MeasureDirtyRate or a migration round)",
+                                       labels=["vm"])
         console = CounterMetricFamily("kvmd_console_bytes", "Bytes through the guest console",
                                       labels=["vm", "direction"])
         vm_state = GaugeMetricFamily("kvmd_vm_state", "1 for the state each VM is in",
@@ -132,6 +138,7 @@ class KvmdCollector(Collector):
             memory.add_metric([vm.id], sum(r.size for r in regions))
             slots.add_metric([vm.id], len(regions))
             dirty.add_metric([vm.id], vm.dirty_pages_total)
+            dirty_rate.add_metric([vm.id], vm.dirty.rate)
             console.add_metric([vm.id, "out"], vm.console.bytes_out)
             console.add_metric([vm.id, "in"], vm.console.bytes_in)
             for state in ("created", "running", "paused", "stopped", "crashed"):
@@ -144,6 +151,7 @@ class KvmdCollector(Collector):
         yield memory
         yield slots
         yield dirty
+        yield dirty_rate
         yield console
         yield vm_state
         yield discarded
@@ -170,6 +178,7 @@ class KvmdCollector(Collector):
         remote.add_metric([], [(_bound(b), n) for b, n in buckets], total_sum)
         yield remote
         yield from self._operations()
+        yield from self._migrations(vms)
         yield from kernel.values()
 
     def _operations(self) -> Iterator[Metric]:
@@ -196,6 +205,49 @@ class KvmdCollector(Collector):
                 buckets, total_sum, _count = h.snapshot()
                 hist.add_metric([], [(_bound(b), n) for b, n in buckets], total_sum)
             yield hist
+
+    def _migrations(self, vms: list[Any]) -> Iterator[Metric]:
+        """Live migrations, out of and into this daemon: counts by result, bytes, total
+        durations; downtime and pre-copy rounds of the completed outgoing ones."""
+        counts, nbytes, seconds = self.host.shared.operations.snapshot()
+        total = CounterMetricFamily("kvmd_migrations", "Live migrations by direction and result",
+                                    labels=["direction", "result"])
+        sent = CounterMetricFamily("kvmd_migration_bytes", "Bytes of live migration streams",
+                                   labels=["direction"])
+        hist = HistogramMetricFamily("kvmd_migration_seconds",
+                                     "Duration of live migrations, connect to completion",
+                                     labels=["direction"])
+        for direction, op in MIGRATION_OPERATIONS:
+            mine = dict.fromkeys(MIGRATION_RESULTS, 0)
+            for (o, _kind, result), n in counts.items():
+                if o == op:
+                    key = "failed" if result == "error" else result
+                    mine[key] = mine.get(key, 0) + n
+            for result, n in mine.items():
+                total.add_metric([direction, result], n)
+            sent.add_metric([direction], nbytes.get(op, 0))
+            h = seconds.get(op)
+            if h is None:
+                hist.add_metric([direction], [("+Inf", 0)], 0.0)
+            else:
+                buckets, total_sum, _count = h.snapshot()
+                hist.add_metric([direction], [(_bound(b), n) for b, n in buckets], total_sum)
+        yield total
+        yield sent
+        yield hist
+        stats = self.host.shared.migration
+        buckets, total_sum, _count = stats.downtime.snapshot()
+        downtime = HistogramMetricFamily(
+            "kvmd_migration_downtime_seconds",
+            "How long completed outgoing migrations paused their VM (the switch-over)")
+        downtime.add_metric([], [(_bound(b), n) for b, n in buckets], total_sum)
+        yield downtime
+        yield CounterMetricFamily("kvmd_migration_rounds",
+                                  "Pre-copy rounds of completed outgoing migrations",
+                                  value=stats.rounds_total)
+        yield GaugeMetricFamily("kvmd_migrations_in_progress",
+                                "Outgoing live migrations running now",
+                                value=sum(1 for vm in vms if vm.migrating_to))
 
     def _kernel_stats(self, vm: Any, out: dict[str, Any]) -> None:
         """The kernel's per-VM and per-vCPU binary statistics for one VM; vCPU values are

@@ -65,6 +65,7 @@ class Stubs:
     exits: rpc.ExitHandlersStub
     health: health_pb2_grpc.HealthStub
     snapshots: rpc.SnapshotsStub
+    migration: rpc.MigrationStub
 
     @classmethod
     def of(cls, channel: grpc.Channel) -> Any:
@@ -72,7 +73,7 @@ class Stubs:
                    rpc.MemoryStub(channel), rpc.InterruptsStub(channel),
                    rpc.IoEventsStub(channel), rpc.VcpusStub(channel),
                    rpc.ExitHandlersStub(channel), health_pb2_grpc.HealthStub(channel),
-                   rpc.SnapshotsStub(channel))
+                   rpc.SnapshotsStub(channel), rpc.MigrationStub(channel))
 
     def close(self) -> None:
         self.channel.close()

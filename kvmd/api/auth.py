@@ -54,6 +54,7 @@ READ_ONLY_METHODS = frozenset({
     "Vms/GetVm", "Vms/ListVms", "Vms/WatchVm", "Vms/GetExitStats",
     "Memory/ListMemoryRegions", "Interrupts/ListIrqfds", "IoEvents/ListIoevents",
     "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetCpuid", "Vcpus/GetMpState",
+    "Migration/ListMigrations",
     "grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch",
 })
 # Reads of guest data, for admins and the VM's owner only: the guest's CPU state (registers,
@@ -70,12 +71,18 @@ HOST_METHODS = frozenset({
     "Vms/ListVms",
 })
 # RPCs that create a VM: operators only under their prefix (and within their quota).
-CREATING_METHODS = frozenset({"Vms/CreateVm", "Snapshots/RestoreVm"})
+CREATING_METHODS = frozenset({"Vms/CreateVm", "Snapshots/RestoreVm",
+                              "Migration/PrepareIncomingMigration"})
 # RPCs over the state directory's files: operators see only files of their own VMs (the
 # handler filters by owner).
 OPERATOR_FILE_METHODS = frozenset({"Snapshots/ListSnapshots", "Snapshots/DeleteSnapshot"})
+# Lists the handler filters by owner, as ListVms.
+OPERATOR_LIST_METHODS = frozenset({"Migration/ListMigrations"})
+# Authorized by what they carry, not by a role: the source daemon's migration stream holds
+# the one-time token the target handed to the orchestrator (any authenticated peer).
+TOKEN_METHODS = frozenset({"Migration/ReceiveMigration"})
 # What an operator may call without naming a VM.
-VM_LESS_METHODS = HOST_METHODS | OPERATOR_FILE_METHODS
+VM_LESS_METHODS = HOST_METHODS | OPERATOR_FILE_METHODS | OPERATOR_LIST_METHODS
 # Always allowed, even without an identity: health and reflection.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -257,6 +264,8 @@ class Authorizer:
         none, or none exists and the caller may learn that): the handler acts on exactly
         this object."""
         short = method.lstrip("/").removeprefix("kvmd.v1.")
+        if short in TOKEN_METHODS:
+            return None  # the handler checks the token
         if grant is None:
             raise PermissionDenied(f"identity {identity!r} has no role on this daemon")
         vm_id = _request_vm_id(request)
@@ -275,14 +284,17 @@ class Authorizer:
         if not vm_id:
             return None
         try:
-            vm = self.host.get_vm(vm_id)
+            vm: ManagedVm | None = self.host.get_vm(vm_id)  # a bad id: InvalidArgument
         except NotFound:
-            if grant.role == OPERATOR:
-                raise  # as for a VM it may not see: nothing reaches the handler
-            return None  # the handler reports it
-        if grant.role == OPERATOR and vm.owner != identity:
-            hidden = missing_vm(vm_id)
-            raise Hidden(hidden.message, resource=hidden.resource)
+            vm = None
+        # A VM's owner, or who reserved the id for a VM being made (an incoming migration).
+        owner = vm.owner if vm is not None else self.host.owner_of(vm_id)
+        if grant.role == OPERATOR:
+            if owner is None:
+                raise missing_vm(vm_id)  # nothing reaches the handler; not a denial
+            if owner != identity:
+                hidden = missing_vm(vm_id)  # word for word what a missing VM answers
+                raise Hidden(hidden.message, resource=hidden.resource)
         return vm
 
     def _check_new_id(self, grant: Grant, identity: str, vm_id: str) -> None:

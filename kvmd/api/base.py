@@ -3,6 +3,7 @@ open streams, and the caller's identity."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ MiB = 1 << 20
 DEFAULT_CHUNK = MiB
 # Room for the non-payload fields of a streamed message.
 MESSAGE_OVERHEAD = 4096
+
+
+def data_field_view(wire: bytes, tag: int) -> memoryview | None:
+    """When the serialized message `wire` is exactly one length-delimited field with wire
+    tag `tag` (a bulk `bytes data` field alone), a view of its contents: no copy, no
+    protobuf parse. None for anything else (the caller parses it as a message)."""
+    if wire[:1] != bytes([tag]):
+        return None
+    length = shift = 0
+    pos = 1
+    while pos < len(wire) and pos < 11:
+        byte = wire[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return memoryview(wire)[pos:] if pos + length == len(wire) else None
+    return None
 
 
 def caller_identity() -> str:
@@ -51,6 +70,16 @@ class ServicerBase:
         result: T = await run_blocking(self.runtime.pool, fn, *args)
         return result
 
+    async def _cleanup(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run blocking cleanup (release a VM half-built, a handler, a held pause) to its
+        end, even when this call is being cancelled: a cancelled task is cancelled again at
+        each await, which would abandon the cleanup half way and leak what it releases."""
+        task = asyncio.ensure_future(self._blocking(fn, *args))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass  # the cleanup finishes in the pool; the cancellation goes on
+
     def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext
                 ) -> AsyncIterator[T]:
         return follow(mailbox, self.runtime.streams, context)
@@ -72,6 +101,21 @@ class ServicerBase:
             self.host.get_vm(vm_id)  # a bad id is still INVALID_ARGUMENT
             raise missing_vm(vm_id)
         return self.host.get_vm(vm_id)
+
+    def _check_id(self, vm_id: str) -> None:
+        """For calls that act on an id rather than a VM object (an incoming migration's
+        reserved id): the VM authorized, if there was one, is still the one under the id,
+        and a caller other than an admin still owns the id (NotFound otherwise)."""
+        if not vm_id:
+            raise InvalidArgument("vm_id is required")
+        bound = authorized_vm.get()
+        if bound is not None and bound[0] == vm_id:
+            self._vm(vm_id)
+            return
+        grant = current_grant.get()
+        if (grant is None or grant.role != ADMIN) and \
+                self.host.owner_of(vm_id) != caller_identity():
+            raise missing_vm(vm_id)
 
     def _vcpu(self, ref: pb.VcpuRef) -> ManagedVcpu:
         return self._vm(ref.vm_id).vcpu(ref.vcpu_id)

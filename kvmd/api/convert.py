@@ -3,8 +3,11 @@ register files, CPUID and routes convert in kvmd.state.codec (shared with snapsh
 
 from __future__ import annotations
 
+import base64
+from array import array
+
 from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.core.dirty import page_runs
+from kvmd.core.errors import InvalidArgument
 from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
@@ -12,6 +15,7 @@ from kvmd.kvm import (
     DirtyLogModes,
     IoSpace,
     MemoryRegionInfo,
+    bitmap_runs,
 )
 from kvmd.state.codec import (
     cpuid_from_pb,
@@ -84,7 +88,7 @@ def vm_to_pb(vm: ManagedVm) -> pb.Vm:
         owner=vm.owner, vcpu_states={v.id: v.state for v in vcpus},
         dirty_pages_per_second=vm.dirty.rate, dirty_rate_unix_ms=vm.dirty.rate_unix_ms,
         discarded_bytes=vm.discarded_bytes_total,
-        memory_allocated_bytes=vm.memory_allocated_bytes())
+        memory_allocated_bytes=vm.memory_allocated_bytes(), migrating_to=vm.migrating_to)
     if vm.exit_code is not None:
         msg.exit_code = vm.exit_code
     return msg
@@ -128,27 +132,46 @@ def dirty_modes_to_pb(m: DirtyLogModes) -> pb.DirtyLogModes:
                             ring_acq_rel=m.ring_acq_rel)
 
 
+_TOKEN_PREFIX = "after:"
+
+
+def page_token(last_id: str) -> str:
+    """An opaque page token: the listing resumes after this id."""
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode()
+
+
+def page_token_id(token: str) -> str:
+    """The id a page token resumes after ("" for the first page); INVALID_ARGUMENT for a
+    token this daemon did not make."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    if not text.startswith(_TOKEN_PREFIX):
+        raise InvalidArgument("page_token is not one this daemon gave")
+    return text[len(_TOKEN_PREFIX):]
+
+
 def _varint_len(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def page_range_chunks(bitmap: bytes, limit: int, force: bool
-                      ) -> list[list[pb.PageRange]] | None:
-    """The dirty pages as ranges, in lists of at most about `limit` bytes each, when that
-    is shorter than the bitmap or `force`d; None to send the bitmap."""
-    runs = page_runs(int.from_bytes(bitmap, "little"))
-    sizes = [4 + _varint_len(a) + _varint_len(n) for a, n in runs]
-    if not force and sum(sizes) >= len(bitmap):
+def page_run_chunks(bitmap: bytes, limit: int, force: bool
+                    ) -> list[tuple[array[int], array[int]]] | None:
+    """The dirty pages as runs (first pages, page counts), in parts of at most about
+    `limit` bytes each, when that is shorter than the bitmap or `force`d; None to send the
+    bitmap."""
+    firsts, counts = bitmap_runs(bitmap)
+    # Packed varints: the first pages grow, so sizing by the largest is close and safe.
+    per_run = _varint_len(firsts[-1] if firsts else 0) + _varint_len(
+        max(counts) if counts else 0)
+    if not force and len(firsts) * per_run + 8 >= len(bitmap):
         return None
-    chunks: list[list[pb.PageRange]] = [[]]
-    used = 0
-    for (first, pages), size in zip(runs, sizes, strict=True):
-        if used + size > limit and chunks[-1]:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(pb.PageRange(first_page=first, pages=pages))
-        used += size
-    return chunks
+    step = max(1, limit // per_run)
+    return [(firsts[i:i + step], counts[i:i + step])
+            for i in range(0, len(firsts), step)] or [(firsts, counts)]
 
 
 __all__ = [
@@ -164,7 +187,9 @@ __all__ = [
     "fpu_to_pb",
     "ioevent_to_pb",
     "irqfd_to_pb",
-    "page_range_chunks",
+    "page_run_chunks",
+    "page_token",
+    "page_token_id",
     "region_to_pb",
     "regs_from_pb",
     "regs_to_pb",

@@ -18,9 +18,11 @@ from kvmd.core.errors import (
     InvalidState,
     KernelError,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
     Unsupported,
 )
 
@@ -39,6 +41,8 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    OutcomeUnknown: grpc.StatusCode.UNKNOWN,
     KernelError: grpc.StatusCode.INTERNAL,
 }
 

@@ -15,17 +15,21 @@ import grpc.aio
 
 from kvmd.api import convert
 from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
-from kvmd.api.base import Runtime, ServicerBase, caller_identity
+from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
 from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
+from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
 
+# ListVms: the most VMs one page holds (fewer when they would not fit in a message).
+MAX_PAGE_SIZE = 1000
 
 class HypervisorService(ServicerBase, rpc.HypervisorServicer):
     """What this host's KVM and this daemon can do."""
@@ -97,11 +101,27 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         return convert.vm_to_pb(self._vm(request.vm_id))
 
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        """Every VM carrying all labels of the selector."""
+        """The VMs carrying all labels of the selector, in id order, a page at a time: as
+        many as page_size says and one message holds."""
         identity = caller_identity()
-        vms = [v for v in self.host.list_vms(dict(request.label_selector))
-               if self.visible(identity, v.owner)]
-        return pb.ListVmsResponse(vms=[convert.vm_to_pb(v) for v in vms])
+        after = convert.page_token_id(request.page_token)
+        page_size = request.page_size or MAX_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}")
+        budget = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
+        response = pb.ListVmsResponse()
+        used = 0
+        for v in self.host.list_vms(dict(request.label_selector)):
+            if v.id <= after or not self.visible(identity, v.owner):
+                continue
+            vm = convert.vm_to_pb(v)
+            size = vm.ByteSize() + 8
+            if len(response.vms) == page_size or (response.vms and used + size > budget):
+                response.next_page_token = convert.page_token(response.vms[-1].vm_id)
+                break
+            response.vms.append(vm)
+            used += size
+        return response
 
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
         """Stop the VM and release everything it owns."""
@@ -161,8 +181,10 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         """Console output: the backlog (if asked), then live bytes unless no_follow."""
         backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
         try:
-            if backlog:
-                yield pb.ConsoleOutput(data=backlog)
+            # The backlog may exceed one message (console_buffer_bytes): chunks.
+            step = self._chunk_size(0)
+            for off in range(0, len(backlog), step):
+                yield pb.ConsoleOutput(data=backlog[off:off + step])
             if request.no_follow:
                 return
             async for data in self._follow(sub, context):
@@ -259,17 +281,19 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         if form not in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
                         pb.GetDirtyLogRequest.RANGES):
             raise InvalidArgument(f"unknown dirty-log form {form}")
-        ranges = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_range_chunks(
+        runs = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_run_chunks(
             bitmap, chunk, force=form == pb.GetDirtyLogRequest.RANGES)
-        if ranges is not None:
+        if runs is not None:
             total = 0
-            for i, part in enumerate(ranges):
-                dirty = sum(r.pages for r in part)
+            for i, (firsts, counts) in enumerate(runs):
+                dirty = sum(counts)
                 total += dirty
-                last = i == len(ranges) - 1
-                yield pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
-                                       ranges=part, dirty_pages=dirty,
-                                       total_dirty_pages=total if last else 0)
+                last = i == len(runs) - 1
+                msg = pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
+                                       dirty_pages=dirty, total_dirty_pages=total if last else 0)
+                msg.run_first_pages.extend(firsts)
+                msg.run_pages.extend(counts)
+                yield msg
             return
         total_dirty = 0
         offsets = range(0, len(bitmap), chunk)
@@ -601,7 +625,7 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                     data=item.data, count=item.count))
         finally:
             replies.cancel()
-            await self._blocking(vm.release_handler, handler, "stream ended")
+            await self._cleanup(vm.release_handler, handler, "stream ended")
         if handler.close_reason.startswith("bad reply"):
             raise InvalidArgument(handler.close_reason)
         if handler.close_reason.startswith("missed"):
@@ -635,10 +659,12 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
 
 def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
                  visible: Callable[[str, str], bool] = lambda identity, owner: True,
-                 store: SnapshotStore | None = None) -> list[str]:
+                 store: SnapshotStore | None = None,
+                 migrations: Migrations | None = None) -> list[str]:
     """Register every kvmd service on `server`; returns their full names. `visible` decides
     which VMs (and snapshot files, by their VM's owner) a caller sees (identity, owner);
-    `store` holds the state directory's snapshot files (None: no state directory)."""
+    `store` holds the state directory's snapshot files (None: no state directory);
+    `migrations` the daemon's live migrations (default: plain TCP to loopback only)."""
 
     rpc.add_HypervisorServicer_to_server(HypervisorService(host, runtime), server)
     rpc.add_VmsServicer_to_server(VmsService(host, runtime, visible), server)
@@ -648,4 +674,6 @@ def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
     rpc.add_VcpusServicer_to_server(VcpusService(host, runtime), server)
     rpc.add_ExitHandlersServicer_to_server(ExitHandlersService(host, runtime), server)
     add_snapshots_service(server, SnapshotsService(host, runtime, store, visible))
+    add_migration_service(server, MigrationService(
+        host, runtime, migrations if migrations is not None else Migrations(host), visible))
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

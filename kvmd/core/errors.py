@@ -85,6 +85,20 @@ class DeadlineExceeded(DomainError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Unavailable(DomainError):
+    """Another daemon this request needs (a migration's target) cannot be reached, or was
+    lost; nothing was changed here, retrying may work."""
+
+    reason = "UNAVAILABLE"
+
+
+class OutcomeUnknown(DomainError):
+    """The request may or may not have taken effect elsewhere (a migration's commit sent,
+    its answer lost): the caller must check before acting again."""
+
+    reason = "UNKNOWN"
+
+
 class KernelError(DomainError):
     """An unexpected failure of a KVM ioctl (errno and ioctl name attached)."""
 

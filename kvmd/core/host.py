@@ -27,12 +27,17 @@ from kvmd.core.fds import (
 from kvmd.core.histogram import Histogram
 from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
-from kvmd.core.stats import OperationStats
+from kvmd.core.stats import MigrationStats, OperationStats
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, DirtyLogModes, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
 
 log = logging.getLogger(__name__)
+
+# Bytes of an answer about one VM besides its labels (id, state, options, counters, ...)
+# and per vCPU (its state in Vm.vcpu_states): what check_labels_fit keeps free.
+VM_ANSWER_OVERHEAD = 2048
+VCPU_STATE_BYTES = 16
 
 
 class MemoryBudget:
@@ -74,6 +79,7 @@ class HostShared:
     capabilities: dict[str, int]  # of /dev/kvm, read once
     msr_index_list: list[int]  # KVM_GET_MSR_INDEX_LIST, read once: the MSRs to save
     operations: OperationStats = field(default_factory=OperationStats)
+    migration: MigrationStats = field(default_factory=MigrationStats)
     crashes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Where file-backed guest memory comes from (None: file-backed memory is off).
@@ -183,6 +189,18 @@ class Host:
             self.release_id(vm_id)
         return managed
 
+    def check_labels_fit(self, labels: dict[str, str]) -> None:
+        """Every answer about one VM (its labels, state, options, vCPU states) must fit in
+        one message of max_message_bytes, or the VM could be made but never described:
+        refuse labels that leave too little room (INVALID_ARGUMENT)."""
+        size = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in labels.items())
+        room = self.limits.max_message_bytes - VM_ANSWER_OVERHEAD \
+            - VCPU_STATE_BYTES * self.limits.max_vcpus_per_vm
+        if size > room:
+            raise InvalidArgument(f"the labels take {size} bytes; with max_message_bytes "
+                                  f"{self.limits.max_message_bytes} at most {max(room, 0)} "
+                                  "fit in an answer about the VM")
+
     def reserve_id(self, vm_id: str, owner: str, owner_quota: int = 0) -> None:
         """Hold `vm_id` (and a place in `owner`'s quota) for a VM being made: creation or a
         restore that streams in. Pair with release_id, whatever happens."""
@@ -208,6 +226,7 @@ class Host:
                  owner: str) -> ManagedVm:
         """A configured VM, not yet visible (the caller registers or closes it). Kernel work
         happens outside the registry lock: other VMs stay responsive."""
+        self.check_labels_fit(labels)
         account = self.fds.account(owner)
         account.take(FDS_PER_VM, "a vm")  # before the kernel is asked
         try:
@@ -232,6 +251,13 @@ class Host:
             raise missing_vm(vm_id)
         return vm
 
+    def owner_of(self, vm_id: str) -> str | None:
+        """Who owns `vm_id`: a VM's owner, or who reserved the id for a VM being made (a
+        creation, a restore, an incoming migration); None when nobody has it."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            return vm.owner if vm is not None else self._creating.get(vm_id)
+
     def list_vms(self, selector: dict[str, str] | None = None) -> list[ManagedVm]:
         with self._lock:
             vms = sorted(self._vms.values(), key=lambda v: v.id)
@@ -240,16 +266,26 @@ class Host:
         return vms
 
     def delete_vm(self, vm_id: str, expected: ManagedVm | None = None) -> None:
-        """Delete the VM `vm_id`; with `expected`, only if that is still this very object
-        (NotFound otherwise: it was deleted, and maybe re-created, meanwhile)."""
+        """Delete a VM (not one that is migrating: cancel that first); with `expected`,
+        only if that is still this very object (NotFound otherwise: it was deleted, and
+        maybe re-created, meanwhile)."""
         validate_id("vm id", vm_id)
         with self._lock:
             vm = self._vms.get(vm_id)
             if vm is None or (expected is not None and vm is not expected):
                 raise missing_vm(vm_id)
+            vm.check_deletable()
             del self._vms[vm_id]
         vm.close()
         log.info("vm deleted", extra={"vm_id": vm_id})
+
+    def remove_migrated(self, vm: ManagedVm) -> None:
+        """A VM that now runs on another daemon: gone from this one."""
+        with self._lock:
+            if self._vms.get(vm.id) is vm:
+                del self._vms[vm.id]
+        vm.close()
+        log.info("vm migrated away", extra={"vm_id": vm.id})
 
     def vm_count(self) -> int:
         with self._lock:

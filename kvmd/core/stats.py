@@ -38,3 +38,21 @@ class OperationStats:
                                 dict[str, Histogram]]:
         with self._lock:
             return dict(self.counts), dict(self.bytes), dict(self.seconds)
+
+
+# Seconds a migrated VM was paused for its switch-over: from a millisecond to seconds.
+DOWNTIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class MigrationStats:
+    """Completed outgoing migrations: their downtimes and pre-copy rounds."""
+
+    downtime: Histogram = field(default_factory=lambda: Histogram(DOWNTIME_BUCKETS))
+    rounds_total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, downtime_seconds: float, rounds: int) -> None:
+        with self._lock:
+            self.rounds_total += rounds
+        self.downtime.observe(downtime_seconds)

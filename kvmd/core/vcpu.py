@@ -129,6 +129,7 @@ class ManagedVcpu:
         self.stuck_ring_exits = 0  # dirty-ring-full exits in a row with nothing harvested
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
         self._launching = False  # a Launch of this vCPU awaits its commit or cancel
+        self._throttle_until = 0.0  # auto-converge: stay out of the guest until then
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
 
@@ -145,6 +146,10 @@ class ManagedVcpu:
         """Create the vCPU's thread, held at its gate; nothing else changes. A thread that
         cannot be created is ResourceExhausted."""
         with self.cond:
+            # A caller that looked this vCPU up before a concurrent DeleteVm closed the VM:
+            # checked under our lock, which the close's stop request also takes.
+            if self.vm.closed:
+                raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             if self.state not in STARTABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a created or stopped vcpu can be started",
@@ -244,14 +249,15 @@ class ManagedVcpu:
         with self.cond:
             return self._pause_requested and self.state in PAUSABLE
 
-    def resume(self) -> None:
+    def resume(self, halted: bool = False) -> None:
         """Continue a paused or halted vCPU exactly where it stopped; on a vCPU whose pause
-        is still in flight, cancel that pause (the last request wins)."""
+        is still in flight, cancel that pause (the last request wins). `halted`: a vCPU
+        paused while halted goes back to waiting for an interrupt."""
         with self.cond:
             if self.state in RESUMABLE:
                 self._pause_requested = False
                 self._resumes += 1
-                self._set_state(RUNNING, "resumed")
+                self._set_state(HALTED if halted else RUNNING, "resumed")
             elif self.state == RUNNING and self._pause_requested:
                 self._pause_requested = False
                 self._resumes += 1
@@ -274,17 +280,29 @@ class ManagedVcpu:
             if self.state == CRASHED and not self._thread_alive():
                 self._set_state(STOPPED, "stopped")
                 return
-        self.request_stop(reason)
-        self.join()
+        thread = self.request_stop(reason)
+        if thread is not None:
+            self.join(thread=thread)
+
+    def throttle(self, seconds: float) -> None:
+        """Keep a running vCPU out of the guest for `seconds` (kicked at once), still
+        RUNNING: see VcpuThrottler."""
+        with self.cond:
+            if self.state == RUNNING and not self._pause_requested:
+                self._throttle_until = time.monotonic() + seconds
+                self.vcpu.kick()
 
     def _thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the thread to end without waiting (safe from any thread, even a vCPU's)."""
+    def request_stop(self, reason: str) -> threading.Thread | None:
+        """Ask the thread to end without waiting (safe from any thread, even a vCPU's).
+        Returns the thread asked (None if none runs): the one to join, as a start racing
+        in later may begin another."""
         with self.cond:
-            if self._thread is None or not self._thread.is_alive():
-                return
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return None
             self._stop_requested = True
             self._stop_reason = self._stop_reason or reason
             self.vcpu.kick()
@@ -292,10 +310,14 @@ class ManagedVcpu:
         waiting = self.waiting_remote
         if waiting is not None:
             waiting[0].abandon(waiting[1])
+        return thread
 
-    def join(self, timeout: float = STATE_CHANGE_TIMEOUT) -> None:
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+    def join(self, timeout: float = STATE_CHANGE_TIMEOUT,
+             thread: threading.Thread | None = None) -> None:
+        """Wait for `thread` (default: the current one, if it was started) to end."""
+        thread = thread if thread is not None else self._thread
+        if thread is not None and thread.ident is not None \
+                and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not stop within "
@@ -410,7 +432,14 @@ class ManagedVcpu:
         self.vcpu.complete_pending_io()
 
     def _wait_for_go(self) -> bool:
-        """Under cond: wait while paused or halted; False when the thread must end."""
+        """Under cond: wait while paused or halted (or throttled); False when the thread
+        must end."""
+        while self._throttle_until and not (self._pause_requested or self._stop_requested):
+            left = self._throttle_until - time.monotonic()
+            if left <= 0:
+                break
+            self.cond.wait(left)
+        self._throttle_until = 0.0
         while True:
             if self._stop_requested:
                 self._set_state(STOPPED, "stopped", self._stop_reason)

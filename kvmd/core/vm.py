@@ -38,6 +38,7 @@ from kvmd.core.dirty import (
 )
 from kvmd.core.errors import (
     AlreadyExists,
+    DomainError,
     InvalidArgument,
     InvalidState,
     NotFound,
@@ -66,6 +67,7 @@ from kvmd.core.images import (
 from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.state import (
+    FileMappingState,
     IoeventState,
     IrqchipState,
     IrqfdState,
@@ -83,6 +85,7 @@ from kvmd.core.vcpu import (
     RESUMABLE,
     RUNNING,
     STARTABLE,
+    STATE_CHANGE_TIMEOUT,
     STOPPED,
     ManagedVcpu,
     Outcome,
@@ -124,7 +127,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 COM1_BASE_RANGE = (0x3F8, 0x400)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DEFAULT_DIRTY_RING_BYTES = 64 << 10  # 4096 entries per vCPU
+# 65536 entries per vCPU (or the kernel's maximum, if smaller): with the daemon's reaper
+# (kvmd.core.dirty) a ring this long never fills between two harvests, even on hosts whose
+# KVM pushes an entry for every emulated store.
+DEFAULT_DIRTY_RING_BYTES = 1 << 20
 # A vCPU whose ring is full but yields nothing to harvest this many times in a row is
 # stuck (seen on PVM under a tight store loop): crash it rather than spin.
 STUCK_RING_EXITS = 1000
@@ -226,6 +232,48 @@ class Fired:
     count: int
 
 
+class VcpuThrottler:
+    """Auto-converge's throttle of one VM: every slice, each running vCPU is kicked out of
+    the guest and sleeps for percent/(100-percent) of a slice (QEMU's cpu-throttle), so the
+    guest runs (100-percent)% of the time. Stays RUNNING meanwhile: a pause or stop ends
+    the sleep at once."""
+
+    SLICE_SECONDS = 0.010
+
+    def __init__(self, vm: ManagedVm) -> None:
+        self.vm = vm
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"throttle-{vm.id}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(STATE_CHANGE_TIMEOUT)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            percent = self.vm.throttle_percent
+            if not percent:
+                return
+            sleep = self.SLICE_SECONDS * percent / (100 - percent)
+            for vcpu in self.vm.vcpus():
+                vcpu.throttle(sleep)
+            self._stopped.wait(self.SLICE_SECONDS + sleep)
+
+
+@dataclass
+class PausedHold:
+    """A VM held paused (ManagedVm.held_paused): each vCPU's state from before, and whether
+    the VM stays paused when the hold ends."""
+
+    run_states: dict[int, str]
+    leave_paused: bool = False
+
+
 class ManagedVm:
     """A VM owned by the daemon: its kernel VM (and through it every guest memory mapping
     and vCPU fd), the eventfds it hands out by id, and watchers of those eventfds.
@@ -307,10 +355,17 @@ class ManagedVm:
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
                 raise InvalidArgument("debug_exit_port collides with the COM1 UART")
-            return cls(vm_id, labels, options, vm, shared, owner, fds)
+            managed = cls(vm_id, labels, options, vm, shared, owner, fds)
         except BaseException:
             vm.close()
             raise
+        try:
+            managed.dirty.start_reaper(vm_id)
+        except RuntimeError as exc:  # "can't start new thread": a tasks limit
+            managed.close()
+            raise ResourceExhausted(f"cannot start the dirty-ring reaper of vm {vm_id}: "
+                                    f"{exc}", resource=f"vm/{vm_id}") from None
+        return managed
 
     @staticmethod
     def _enable_dirty_mode(vm: Vm, options: VmOptions) -> None:
@@ -327,7 +382,8 @@ class ManagedVm:
         elif mode == RING:
             if not offered.ring:
                 raise Unsupported("this kernel has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
-            size = options.dirty_ring_bytes or DEFAULT_DIRTY_RING_BYTES
+            size = options.dirty_ring_bytes or min(DEFAULT_DIRTY_RING_BYTES,
+                                                   offered.ring_max_bytes)
             if size > offered.ring_max_bytes:
                 raise InvalidArgument(f"dirty_ring_bytes {size} is above this kernel's "
                                       f"{offered.ring_max_bytes}")
@@ -347,6 +403,10 @@ class ManagedVm:
                 return
             self.closed = True
             vcpus = list(self._vcpus.values())
+            throttler, self._throttler = self._throttler, None
+        if throttler is not None:
+            throttler.stop()
+        self.dirty.stop_reaper()
         for handler in self.claims.handlers():
             self.release_handler(handler, "vm deleted")
         for mvcpu in vcpus:
@@ -389,6 +449,7 @@ class ManagedVm:
                                   f"({PAGE_SIZE} bytes)")
         rounded = round_up_to_page(size)
         with self.lock:
+            self.check_layout_fixed("add memory to")
             regions = self.vm.memory_regions()
             if len(regions) >= self._limits.max_memory_slots_per_vm:
                 raise ResourceExhausted(
@@ -417,6 +478,7 @@ class ManagedVm:
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            self.check_layout_fixed("remove memory from")
             info = self.vm.remove_memory_region(slot)
             self.dirty.forget_slot(slot)
             overlays = sum(1 for r in self._files().values() if r.slot == slot
@@ -427,7 +489,12 @@ class ManagedVm:
         return info
 
     def memory_regions(self) -> list[MemoryRegionInfo]:
-        return self.vm.memory_regions()
+        """The slots as callers set them up (logging a migration turned on is not shown)."""
+        regions = self.vm.memory_regions()
+        if not self._forced_logging:
+            return regions
+        return [dataclasses.replace(r, log_dirty=False) if r.slot in self._forced_logging
+                else r for r in regions]
 
     @property
     def dirty_pages_total(self) -> int:
@@ -469,7 +536,7 @@ class ManagedVm:
         writes through the daemon); reading resets this view only, not other consumers'."""
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.memory_region(slot)
-            if not info.log_dirty:
+            if not info.log_dirty or slot in self._forced_logging:
                 raise InvalidArgument(f"slot {slot} was added without dirty logging",
                                       resource=f"{self.resource}/slot/{slot}")
             # Manual mode: reading does not reset the API's view; ClearDirtyLog does.
@@ -509,6 +576,7 @@ class ManagedVm:
         nothing tracks the slot: the daemon's own consumers (diff snapshots, a migration)
         then count every page of it as dirty, so nothing is missed."""
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            self.check_layout_fixed("change dirty logging of")
             info = self.vm.memory_region(slot)
             if info.log_dirty == enabled:
                 return info
@@ -646,10 +714,12 @@ class ManagedVm:
                 return self.vm.populated_ranges(slot, offset, size)
 
     def add_file_memory_region(self, guest_addr: int, size: int, read_only: bool,
-                               log_dirty: bool, file: MemoryFile) -> MemoryRegionInfo:
+                               log_dirty: bool, file: MemoryFile, *, slot: int | None = None
+                               ) -> MemoryRegionInfo:
         """A slot backed by a file of the images directory (MAP_SHARED; guest writes reach
         the file). A read-only file makes a read-only slot (guest writes exit as MMIO). The
-        slot is charged to the memory budget like any other."""
+        slot is charged to the memory budget like any other. `slot`: an exact number
+        (restores)."""
         if size <= 0:
             raise InvalidArgument("memory region size must be positive")
         if guest_addr % PAGE_SIZE:
@@ -663,7 +733,7 @@ class ManagedVm:
             with self.lock:
                 info = self.add_memory_region(
                     guest_addr, rounded, read_only or file.read_only, log_dirty,
-                    backing=FileBacking(image.fd, file.offset, writable))
+                    backing=FileBacking(image.fd, file.offset, writable), slot=slot)
                 self._files()[(info.slot, 0)] = FileBackedRange(
                     info.slot, info.guest_addr, 0, info.size, image.name, file.offset,
                     writable, True, image.identity)
@@ -765,17 +835,22 @@ class ManagedVm:
                 synced += hi - lo
         return synced
 
-    def check_no_files(self, purpose: str) -> None:
-        """Refuse (InvalidState) to save a VM with files of the images directory mapped:
-        a saved VmState carries guest memory by value and has no place yet for memory that
-        travels by reference (`file_backed_ranges`), so the copy would silently lose them."""
-        with self.lock:
-            files = sorted({r.image for r in self._files().values()})
-        if files:
-            raise InvalidState(
-                f"vm {self.id} has memory files mapped ({', '.join(files)}): a {purpose} of "
-                "file-backed memory is not supported yet; unmap or remove them first",
-                resource=self.resource)
+    def file_mapping_states(self, sync: bool) -> list[FileMappingState]:
+        """The files mapped into the VM as a saved state carries them (by reference; the
+        state layer adds each one's digest). `sync`: write back the writable ones first,
+        so the files hold what the guest wrote (the VM is held paused)."""
+        out = []
+        for r in self.file_backed_ranges():
+            if sync and r.writable:
+                with kernel_errors(f"{self.resource}/slot/{r.slot}"):
+                    self.vm.msync_memory_region(r.slot, r.offset, r.size)
+            try:
+                file_size = self._images().stat(r.image).st_size
+            except DomainError:
+                file_size = r.identity.size
+            out.append(FileMappingState(r.slot, r.offset, r.size, r.image, r.file_offset,
+                                        r.writable, r.whole_slot, file_size))
+        return out
 
     def file_backed_ranges(self) -> list[FileBackedRange]:
         """Every file of the images directory mapped into the VM (whole slots and parts of
@@ -1092,16 +1167,16 @@ class ManagedVm:
         vcpus = [v for v in self.vcpus() if v.state != STOPPED]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource)
-        for v in vcpus:
-            v.request_stop("stopped by request")
-        for v in vcpus:
+        # Wait only for the threads asked to stop: a start racing in later wins.
+        asked = [(v, v.request_stop("stopped by request")) for v in vcpus]
+        for v, thread in asked:
+            if thread is not None:
+                v.join(thread=thread)
             if v.state in (CREATED, CRASHED):
                 try:
                     v.stop()
                 except InvalidState:
                     pass  # it stopped meanwhile
-            else:
-                v.join()
         if not self.reason:
             self.reason = "stopped by request"
 
@@ -1186,19 +1261,21 @@ class ManagedVm:
     # -- save and restore -----------------------------------------------------------------
 
     @contextmanager
-    def held_paused(self, purpose: str, leave_paused: bool = False
-                    ) -> Iterator[dict[int, str]]:
+    def held_paused(self, purpose: str, leave_paused: bool = False) -> Iterator[PausedHold]:
         """Hold the VM paused for `purpose` ("snapshot", "migration"): running and halted
         vCPUs are paused (in-flight IO completed), run control is refused meanwhile, and
-        afterwards they run again unless `leave_paused`. Yields each vCPU's state from
-        before, which is what a saved VcpuState records."""
+        afterwards they run again unless the hold's `leave_paused` (set here, or by the
+        holder as it learns the outcome). The hold's `run_states` are each vCPU's state
+        from before, which is what a saved VcpuState records."""
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
             self.check_not_busy()
+            if purpose != "migration":  # its switch-over must find the VM free
+                self.check_layout_fixed(purpose)
             self.busy = purpose
         try:
-            before = {v.id: v.state for v in self.vcpus()}
+            hold = PausedHold({v.id: v.state for v in self.vcpus()}, leave_paused)
             tickets = []
             for v in self.vcpus():
                 if v.state in PAUSABLE:
@@ -1209,12 +1286,12 @@ class ManagedVm:
             for v, ticket in tickets:
                 v.wait_paused(ticket)
             try:
-                yield before
+                yield hold
             finally:
-                if not leave_paused:
+                if not hold.leave_paused:
                     for v, _ticket in tickets:
                         try:
-                            v.resume()
+                            v.resume(halted=hold.run_states.get(v.id) == HALTED)
                         except InvalidState:
                             pass  # it ended meanwhile (deleted, crashed)
         finally:
@@ -1227,7 +1304,6 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
-            self.check_no_files("saved state")
             vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
             irqchip = pit = clock = None
             with kernel_errors(self.resource):
@@ -1256,18 +1332,106 @@ class ManagedVm:
                 ioevents=[IoeventState(e.ioevent_id, e.space.value, e.address, e.length,
                                        e.datamatch, e.fired) for e in self._ioevents.values()],
                 uart=self.uart.save_state(), console=self.console.save_state(),
+                files=self.file_mapping_states(sync=True),
             )
 
     def memory_layout(self) -> list[SlotState]:
-        """The slot table as a restore recreates it."""
+        """The slot table as a restore recreates it (as callers set it up)."""
         return [SlotState(r.slot, r.guest_addr, r.size, r.read_only, r.log_dirty)
-                for r in self.vm.memory_regions()]
+                for r in self.memory_regions()]
+
+    # -- live migration (the source's side) -----------------------------------------------
+    #
+    # While a VM migrates its memory layout is fixed (slots, files, logging flags: the
+    # rounds sent so far describe it), it cannot be deleted, and every slot is dirty-logged
+    # for the MIGRATION consumer: slots without logging get it for the migration's time,
+    # hidden from callers (memory_regions) and turned off again at its end.
+
+    migrating_to = ""  # the target's address while a migration runs (class default)
+    _forced_logging: frozenset[int] = frozenset()  # slots logging only for the migration
+    throttle_percent = 0
+
+    def check_layout_fixed(self, what: str) -> None:
+        """Under the lock: refuse to change the memory layout while the VM migrates."""
+        if self.migrating_to:
+            raise InvalidState(f"cannot {what} vm {self.id} while it migrates to "
+                               f"{self.migrating_to}; cancel the migration first",
+                               resource=self.resource)
+
+    def check_deletable(self) -> None:
+        with self.lock:
+            self.check_layout_fixed("delete")
+
+    def begin_migration(self, target: str) -> None:
+        """Mark the VM migrating to `target` and start tracking every slot's dirty pages
+        for the MIGRATION consumer (pages the migration must send from now on)."""
+        with self.lock:
+            if self.closed:
+                raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            if self.migrating_to:
+                raise InvalidState(f"vm {self.id} is already migrating to "
+                                   f"{self.migrating_to}", resource=self.resource)
+            self.check_not_busy()
+            forced: set[int] = set()
+            try:
+                with kernel_errors(self.resource):
+                    for info in self.vm.memory_regions():
+                        if not info.log_dirty:
+                            self.vm.set_dirty_logging(info.slot, True)
+                            forced.add(info.slot)
+            except BaseException:
+                for slot in forced:
+                    self.vm.set_dirty_logging(slot, False)
+                raise
+            self._forced_logging = frozenset(forced)
+            self.dirty.add_consumer(MIGRATION)
+            self.migrating_to = target
+
+    def end_migration(self) -> None:
+        """The migration ended (whatever its outcome): logging back as callers set it, no
+        throttle, no MIGRATION consumer. Safe to call twice, and on a deleted VM."""
+        self.set_throttle(0)
+        with self.lock:
+            forced, self._forced_logging = self._forced_logging, frozenset()
+            if not self.closed:
+                for slot in forced:
+                    try:
+                        self.vm.set_dirty_logging(slot, False)
+                    except KvmError as exc:
+                        log.warning("could not turn dirty logging off after a migration",
+                                    extra={"vm_id": self.id, "slot": slot, "error": str(exc)})
+            self.dirty.remove_consumer(MIGRATION)
+            self.migrating_to = ""
+
+    def set_throttle(self, percent: int) -> None:
+        """Keep every vCPU out of the guest `percent`% of the time (0: off), as QEMU's
+        auto-converge does: a guest that dirties memory faster than a migration can send it
+        is slowed until the migration converges."""
+        if not 0 <= percent <= 99:
+            raise InvalidArgument(f"throttle {percent}% is not 0-99")
+        with self.lock:
+            self.throttle_percent = percent
+            throttler = self._throttler
+            if percent and throttler is None and not self.closed:
+                throttler = self._throttler = VcpuThrottler(self)
+                throttler.start()
+            elif not percent and throttler is not None:
+                self._throttler = None
+        if not percent and throttler is not None:
+            throttler.stop()
+
+    _throttler: VcpuThrottler | None = None
 
     def restore_memory_layout(self, slots: list[SlotState],
-                              memfds: dict[int, int] | None = None) -> None:
+                              memfds: dict[int, int] | None = None,
+                              files: list[FileMappingState] | None = None) -> None:
         """First step of a restore into this new VM: the slot table, each slot at its saved
         number, zeroed for the caller to fill, or (a take-over) adopting the memfd given
-        for it in `memfds` {slot: fd}. Within the VM's and the daemon's limits."""
+        for it in `memfds` {slot: fd}; then the files of the images directory the VM had
+        mapped (`files`: whole slots, and over parts of slots), from this daemon's images
+        directory. Within the VM's and the daemon's limits."""
+        files = files or []
+        whole = {f.slot: f for f in files if f.whole_slot}
         with self.lock:
             if self._vcpus or self.vm.memory_regions():
                 raise InvalidState(f"vm {self.id} is not new; restore only into a new vm",
@@ -1276,10 +1440,20 @@ class ManagedVm:
                 raise ResourceExhausted(f"the saved vm has {len(slots)} memory slots, the "
                                         f"limit is {self._limits.max_memory_slots_per_vm}")
             for s in slots:
+                f = whole.get(s.slot)
+                if f is not None:
+                    self.add_file_memory_region(
+                        s.guest_addr, s.size, s.read_only, s.log_dirty,
+                        MemoryFile(f.image, f.file_offset, not f.writable), slot=s.slot)
+                    continue
                 fd = (memfds or {}).get(s.slot)
                 self.add_memory_region(s.guest_addr, s.size, s.read_only, s.log_dirty,
                                        slot=s.slot,
                                        backing=MemfdBacking(fd) if fd is not None else None)
+            for f in files:
+                if not f.whole_slot:
+                    self.map_file(f.slot, f.offset, f.size,
+                                  MemoryFile(f.image, f.file_offset, not f.writable))
 
     def restore_state(self, state: VmState) -> None:
         """Last step of a restore, once the memory is in: every vCPU in the binding's order,
@@ -1324,24 +1498,34 @@ class ManagedVm:
             self.console.restore_state(state.console)
             self.reason, self.exit_code = state.reason, state.exit_code
 
-    def resume_run_states(self, state: VmState, start: bool) -> None:
+    def resume_run_states(self, state: VmState, start: bool, parked: bool = False) -> None:
         """After restore_state (and the memory): put each vCPU back in its saved run state.
-        vCPUs that had been started get their thread, parked paused; with `start`, every
-        one of them then runs (and a VM saved before it ever started is started, as StartVm
-        would). Created, stopped and crashed ones stay so otherwise."""
+        vCPUs that had been started get their thread, parked paused (`parked`: they already
+        have it, from an earlier call); with `start`, every one of them then runs (and a VM
+        saved before it ever started is started, as StartVm would). Created, stopped and
+        crashed ones stay so otherwise."""
         started = []
         for vs in state.vcpus:
             vcpu = self.vcpu(vs.vcpu_id)
             if vs.run_state in (RUNNING, HALTED, PAUSED):
-                vcpu.start_paused()
+                if not parked:
+                    vcpu.start_paused()
                 started.append(vcpu)
-            elif vs.run_state in (STOPPED, CRASHED):
+            elif vs.run_state in (STOPPED, CRASHED) and not parked:
                 vcpu.mark_ended(vs.run_state, vs.reason)
         if start and started:
             for vcpu in started:
                 vcpu.resume()
         elif start and all(vs.run_state == CREATED for vs in state.vcpus) and state.vcpus:
             self.start()
+
+    def resume_saved_run_states(self, state: VmState) -> None:
+        """After resume_run_states(start=False): each vCPU exactly as it was saved (a
+        migration: the VM goes on as it was). Running ones run, halted ones wait for an
+        interrupt, paused ones stay paused."""
+        for vs in state.vcpus:
+            if vs.run_state in (RUNNING, HALTED):
+                self.vcpu(vs.vcpu_id).resume(halted=vs.run_state == HALTED)
 
     # -- exit dispatch (vCPU threads) -----------------------------------------------------
 

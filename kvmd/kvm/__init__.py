@@ -6,7 +6,7 @@ failure is a `KvmError` carrying the errno and the ioctl's name. Imports only th
 cffi: nothing of gRPC, Prometheus or the daemon.
 """
 
-from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes
+from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes, bitmap_runs
 from kvmd.kvm.errors import KvmError
 from kvmd.kvm.eventfd import EventFd
 from kvmd.kvm.exits import (
@@ -143,6 +143,7 @@ __all__ = [
     "Xcr",
     "Xcrs",
     "Xsave",
+    "bitmap_runs",
     "capability_number",
     "dirty_log_bitmap_size",
     "kick_signal",

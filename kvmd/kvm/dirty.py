@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -208,3 +209,20 @@ class DirtyRing:
                 lib.munmap(self._ptr, self.size_bytes)
                 self._ptr = ffi.NULL
                 self._gfns = ffi.NULL
+
+
+def bitmap_runs(bitmap: bytes | bytearray | memoryview) -> tuple[array[int], array[int]]:
+    """The runs of set bits of a dirty bitmap (bit i, least significant first: page i), as
+    two arrays of the same length: first pages and page counts. In C, word by word: a
+    4 GiB slot's 128 KiB bitmap takes well under a millisecond whatever its runs."""
+    view = memoryview(bitmap).cast("B")
+    pad = -len(view) % 8
+    data = bytes(view) + bytes(pad) if pad else view
+    nwords = len(data) // 8
+    words = ffi.from_buffer("uint64_t[]", data)
+    n = lib.kvmd_bitmap_runs(words, nwords, ffi.NULL, ffi.NULL)
+    firsts, counts = array("Q", bytes(8 * n)), array("Q", bytes(8 * n))
+    if n:
+        lib.kvmd_bitmap_runs(words, nwords, ffi.from_buffer("uint64_t[]", firsts),
+                             ffi.from_buffer("uint64_t[]", counts))
+    return firsts, counts

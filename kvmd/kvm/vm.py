@@ -562,8 +562,9 @@ class Vm:
         """(offset, length) ranges of the slot, within [offset, offset+size), whose pages
         exist in its own backing: pages never touched and discarded ones are left out, and
         so are ranges overlaid by `map_fd` (see `file_mappings`). A read touches too: the
-        kernel allocates a page of shared memfd memory on a read fault, so guest or host
-        reads of untouched memory populate it (with zeros; see `nonzero_page_runs`).
+        kernel allocates a page of shared memfd memory on a read fault, so guest reads of
+        untouched memory populate it (with zeros; see `nonzero_page_runs`); host reads
+        (`read`, `read_into`) go through the file and do not.
         Offset and size page aligned (EINVAL)."""
         with self._lock:
             return self._region("populated_ranges", slot).populated_ranges(offset, size)

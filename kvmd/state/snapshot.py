@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from kvmd import __version__
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import SNAPSHOT, page_runs
-from kvmd.core.errors import InvalidState
+from kvmd.core.errors import InvalidArgument, InvalidState
 from kvmd.core.host import Host
-from kvmd.core.state import SlotState, VmState
+from kvmd.core.state import FileMappingState, SlotState, VmState
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import PAGE_SIZE
 from kvmd.state.codec import vm_state_from_pb, vm_state_to_pb
@@ -33,6 +33,7 @@ from kvmd.state.format import (
     Record,
     SnapshotReader,
     SnapshotWriter,
+    checksum,
 )
 
 # The capabilities a saved state depends on (recorded, and checked against the target).
@@ -40,6 +41,8 @@ STATE_CAPABILITIES = ("KVM_CAP_XSAVE", "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CA
                       "KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_PIT_STATE2",
                       "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_TSC_CONTROL", "KVM_CAP_VCPU_EVENTS")
 LEGACY_XSAVE_BYTES = 4096
+# How a restored VM's vCPUs run once it is visible (see Restorer).
+RUN_MODES = ("paused", "start", "as_saved")
 
 
 @dataclass
@@ -86,6 +89,109 @@ def check_host(features: pb.HostFeatures, state: VmState,
                                f"this host's KVM lacks ({cap})")
 
 
+DIGEST_CHUNK = 4 << 20
+
+
+def file_digest(vm: ManagedVm, slots: list[SlotState], f: FileMappingState) -> bytes:
+    """XXH3-128 of the bytes a file mapping shows the guest (read through the VM)."""
+    base = next(s.guest_addr for s in slots if s.slot == f.slot)
+    h = checksum()
+    buf = bytearray(min(DIGEST_CHUNK, f.size))
+    view = memoryview(buf)
+    for done in range(0, f.size, DIGEST_CHUNK):
+        n = min(DIGEST_CHUNK, f.size - done)
+        vm.vm.read_into(base + f.offset + done, view[:n])
+        h.update(view[:n])
+    return h.digest()
+
+
+def fill_file_digests(vm: ManagedVm, state: VmState,
+                      known: dict[tuple[object, ...], bytes] | None = None) -> None:
+    """Give each file mapping of a saved state the digest its restore checks (`known`:
+    digests already taken of read-only mappings, which cannot have changed)."""
+    for f in state.files:
+        cached = (known or {}).get(f.place()) if not f.writable else None
+        f.digest = cached if cached is not None else file_digest(vm, state.slots, f)
+
+
+def check_file_digests(vm: ManagedVm, state: VmState) -> None:
+    """After a restore mapped the files: each must show the bytes it showed when saved."""
+    for f in state.files:
+        if not f.digest:
+            raise CorruptSnapshot(f"corrupt snapshot: memory file {f.image!r} has no digest")
+        if file_digest(vm, state.slots, f) != f.digest:
+            raise InvalidState(
+                f"memory file {f.image!r} (slot {f.slot} at {f.offset:#x}+{f.size:#x}) is "
+                f"not the one the VM had: its bytes differ (it was {f.file_size} bytes when "
+                "saved); put the same file in this daemon's images directory")
+
+
+def _file_mask(state: VmState, slot: int) -> int:
+    """The pages of a slot that files cover: their bytes travel by reference."""
+    mask = 0
+    for f in state.files:
+        if f.slot == slot:
+            first, pages = f.offset // PAGE_SIZE, f.size // PAGE_SIZE
+            mask |= ((1 << pages) - 1) << first
+    return mask
+
+
+def snapshot_frames(writer: SnapshotWriter, vm: ManagedVm, state: VmState,
+                    snapshot_id: str, base_id: str, memory: dict[int, int] | None,
+                    memory_only: bool = False) -> Iterator[bytes]:
+    """The frames of one snapshot of `vm`: header, `state`, guest memory, trailer.
+
+    `memory` None: every page of the slots that has data (a full snapshot). Otherwise
+    {slot: bitmap}: the pages to send, zero ones as MemoryZero (a diff, a migration round).
+    `memory_only` (a pre-copy round of a running VM): `state` holds only the options,
+    labels, slots and file mappings. Pages of files mapped into the VM never go: the
+    files travel by reference. Pages are read as they are now: a page the guest writes meanwhile is
+    dirty again, and the next round carries it."""
+    yield writer.record(pb.SnapshotRecord(header=pb.SnapshotHeader(
+        magic=MAGIC, format_version=FORMAT_VERSION, kvmd_version=__version__,
+        snapshot_id=snapshot_id, base_snapshot_id=base_id,
+        created_unix_ms=int(time.time() * 1000), page_size=PAGE_SIZE,
+        host=host_features(vm.shared.capabilities), memory_only=memory_only)))
+    yield writer.record(pb.SnapshotRecord(vm=vm_state_to_pb(state)))
+    for s in state.slots:
+        if memory is None:
+            # "pages the guest has", as discard counts them: ManagedVm.guest_pages
+            for offset, length in vm.guest_pages(s.slot, nonzero=True):
+                yield from _data(writer, vm, s, offset, length)
+        else:
+            bits = memory.get(s.slot, 0)
+            mask = _file_mask(state, s.slot)
+            yield from _pages(writer, vm, s, bits & ~mask if mask else bits)
+    yield writer.trailer()
+
+
+def _pages(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, bits: int
+           ) -> Iterator[bytes]:
+    """The records of the pages of a slot in `bits`: data where there is some, zero
+    where the page reads zero (or was discarded)."""
+    for first, count in page_runs(bits):
+        offset, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+        for data_off, data_len in vm.guest_pages(s.slot, offset, end - offset, nonzero=True):
+            if data_off > offset:
+                yield writer.zero(s.slot, offset, data_off - offset)
+            yield from _data(writer, vm, s, data_off, data_len)
+            offset = data_off + data_len
+        if offset < end:
+            yield writer.zero(s.slot, offset, end - offset)
+
+
+def _data(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, offset: int,
+          length: int) -> Iterator[bytes]:
+    read_into = vm.vm.read_into
+    for done in range(0, length, MEMORY_RECORD_BYTES):
+        n = min(MEMORY_RECORD_BYTES, length - done)
+        addr = s.guest_addr + offset + done
+
+        def fill(view: memoryview, addr: int = addr) -> None:
+            read_into(addr, view)
+        yield writer.memory_filled(s.slot, offset + done, n, fill)  # type: ignore[misc]
+
+
 class SnapshotTaker:
     """Iterate to get a snapshot of `vm` as bytes, the VM held paused meanwhile; `summary`
     is set once the last byte is out. Close the iterator early (a client went away) and the
@@ -112,9 +218,10 @@ class SnapshotTaker:
         writer = SnapshotWriter()
         taken: dict[int, int] = {}  # slot -> dirty bits taken (given back on failure)
         done = False
-        with vm.held_paused("snapshot", self.leave_paused) as run_states:
+        with vm.held_paused("snapshot", self.leave_paused) as hold:
             try:
-                state = vm.save_state(run_states)
+                state = vm.save_state(hold.run_states)
+                fill_file_digests(vm, state)
                 layout = state.slots
                 if self.diff and layout != vm.last_snapshot_layout:
                     raise InvalidState(f"vm {vm.id}'s memory slots changed since its last "
@@ -124,15 +231,11 @@ class SnapshotTaker:
                 for s in layout:
                     if s.log_dirty:
                         taken[s.slot] = vm.dirty.take(SNAPSHOT, vm.vm.memory_region(s.slot))
-                yield writer.record(pb.SnapshotRecord(header=pb.SnapshotHeader(
-                    magic=MAGIC, format_version=FORMAT_VERSION, kvmd_version=__version__,
-                    snapshot_id=self.snapshot_id, base_snapshot_id=base,
-                    created_unix_ms=int(time.time() * 1000), page_size=PAGE_SIZE,
-                    host=host_features(vm.shared.capabilities))))
-                yield writer.record(pb.SnapshotRecord(vm=vm_state_to_pb(state)))
-                for s in layout:
-                    yield from self._slot_memory(writer, s, taken)
-                yield writer.trailer()
+                memory = None
+                if self.diff:  # a slot without dirty logging is sent whole
+                    memory = {s.slot: taken.get(s.slot, 0) if s.log_dirty
+                              else (1 << s.size // PAGE_SIZE) - 1 for s in layout}
+                yield from snapshot_frames(writer, vm, state, self.snapshot_id, base, memory)
                 done = True
             finally:
                 if done:
@@ -171,69 +274,52 @@ class SnapshotTaker:
             if self._chunks is not None:
                 self._chunks.close()  # type: ignore[attr-defined]
 
-    def _slot_memory(self, writer: SnapshotWriter, s: SlotState,
-                     taken: dict[int, int]) -> Iterator[bytes]:
-        """The records of one slot: a full snapshot sends its pages with data; a diff sends
-        its dirty pages (every page of a slot without dirty logging), zero ones as zero."""
-        vm = self.vm  # "pages the guest has", as discard counts them: ManagedVm.guest_pages
-        if not self.diff:
-            for offset, length in vm.guest_pages(s.slot, nonzero=True):
-                yield from self._data(writer, s, offset, length)
-            return
-        pages = s.size // PAGE_SIZE
-        bits = taken.get(s.slot, 0) if s.log_dirty else (1 << pages) - 1
-        for first, count in page_runs(bits):
-            offset, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            for data_off, data_len in vm.guest_pages(s.slot, offset, end - offset,
-                                                     nonzero=True):
-                if data_off > offset:
-                    yield writer.zero(s.slot, offset, data_off - offset)
-                yield from self._data(writer, s, data_off, data_len)
-                offset = data_off + data_len
-            if offset < end:
-                yield writer.zero(s.slot, offset, end - offset)
-
-    def _data(self, writer: SnapshotWriter, s: SlotState, offset: int,
-              length: int) -> Iterator[bytes]:
-        read_into = self.vm.vm.read_into
-        for done in range(0, length, MEMORY_RECORD_BYTES):
-            n = min(MEMORY_RECORD_BYTES, length - done)
-            addr = s.guest_addr + offset + done
-
-            def fill(view: memoryview, addr: int = addr) -> None:
-                read_into(addr, view)
-            yield writer.memory_filled(s.slot, offset + done, n, fill)  # type: ignore[misc]
-
 
 class Restorer:
     """Build a VM named `vm_id` from snapshot bytes fed as they arrive (a full snapshot,
-    then diffs on it). Nothing is visible before `finish`, which registers the VM; `abort`
-    (or any error) releases everything: no VM, no fd, no memory, the id free again."""
+    then diffs on it; a migration's memory-only rounds, then its final state). Nothing is
+    visible before `finish` (or `prepare` then `commit`), which registers the VM; `abort`
+    (or any error) releases everything: no VM, no fd, no memory, the id free again.
+
+    `run`: "paused" (the vCPUs that had been started wait paused), "start" (they run, and
+    a VM saved before it ever ran is started) or "as_saved" (each vCPU in the run state it
+    was saved in: a migration)."""
 
     def __init__(self, host: Host, vm_id: str, owner: str, owner_quota: int = 0,
-                 start: bool = False) -> None:
+                 run: str = "paused", kind: str = "restore", reserved: bool = False) -> None:
+        if run not in RUN_MODES:
+            raise InvalidArgument(f"run mode {run!r} is not one of {', '.join(RUN_MODES)}")
         self.host = host
         self.vm_id = vm_id
         self.owner = owner
-        self.start = start
+        self.run = run
+        self.kind = kind  # the operation counted in the metrics: restore, migration_in
         self.reader = SnapshotReader()
         self.vm: ManagedVm | None = None
         self._header: pb.SnapshotHeader | None = None
         self._state: VmState | None = None  # of the snapshot being read
-        self._final: VmState | None = None  # of the last complete snapshot
+        self._final: VmState | None = None  # of the last complete snapshot with a state
         self._slots: dict[int, SlotState] = {}
+        self._files: list[tuple[object, ...]] = []  # where files are mapped (FileMappingState)
         self._last_id = ""
+        self._last_memory_only = False
+        self._prepared = False
         self._done = False
         self._started = time.monotonic()
         # feed/finish and abort may come from different threads (an RPC's pool work, then
         # its cancellation): one at a time.
         self._lock = threading.RLock()
-        host.reserve_id(vm_id, owner, owner_quota)
+        if not reserved:  # `reserved`: the caller holds the id already (and hands it over)
+            host.reserve_id(vm_id, owner, owner_quota)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
 
     def feed(self, data: bytes | memoryview) -> None:
         """Apply what `data` completes; raises (after releasing everything) on bad input."""
         with self._lock:
-            if self._done:
+            if self._done or self._prepared:
                 raise InvalidState(f"the restore of {self.vm_id} has ended")
             try:
                 for record in self.reader.feed(data):
@@ -265,7 +351,10 @@ class Restorer:
             self.vm.vm.discard(slot.guest_addr + z.offset, z.length)
         elif kind == "trailer":
             assert self._header is not None
-            self._last_id, self._final = self._header.snapshot_id, self._state
+            self._last_id = self._header.snapshot_id
+            self._last_memory_only = self._header.memory_only
+            if not self._header.memory_only:
+                self._final = self._state
 
     def _on_header(self, header: pb.SnapshotHeader) -> None:
         if not self._last_id and header.base_snapshot_id:
@@ -288,11 +377,13 @@ class Restorer:
             except TypeError as exc:
                 raise CorruptSnapshot(f"corrupt snapshot: VM options {exc}") from None
             self.vm = self.host.build_vm(self.vm_id, state.labels, options, self.owner)
-            self.vm.restore_memory_layout(state.slots)
+            self._files = [f.place() for f in state.files]
+            self.vm.restore_memory_layout(state.slots, files=state.files)
             self._slots = {s.slot: s for s in state.slots}
-        elif {s.slot: s for s in state.slots} != self._slots:
+        elif {s.slot: s for s in state.slots} != self._slots or \
+                [f.place() for f in state.files] != self._files:
             raise InvalidState(f"snapshot {self._header.snapshot_id} has other memory slots "
-                               "than its base")
+                               "or files than its base")
 
     def _slot(self, number: int, offset: int, length: int) -> SlotState:
         slot = self._slots.get(number)
@@ -306,29 +397,54 @@ class Restorer:
         """The stream ended: restore the vCPUs and devices of the last snapshot, put each
         vCPU back in its run state (or start the VM), and make it visible."""
         with self._lock:
-            if self._done:
-                raise InvalidState(f"the restore of {self.vm_id} has ended")
-            return self._finish()
+            self.prepare()
+            return self.commit()
 
-    def _finish(self) -> ManagedVm:
-        try:
-            self.reader.finish()
+    def prepare(self) -> None:
+        """Everything but making the VM visible: the stream must be complete, the last
+        snapshot must carry a state (not a memory-only round); the vCPUs and devices are
+        restored, started vCPUs wait paused. The id stays reserved until commit or abort."""
+        with self._lock:
+            if self._done or self._prepared:
+                raise InvalidState(f"the restore of {self.vm_id} has ended")
+            try:
+                self.reader.finish()
+                if self._last_memory_only or self._final is None:
+                    raise CorruptSnapshot("the stream ends with a memory-only snapshot (a "
+                                          "pre-copy round): the VM's state is missing")
+                assert self.vm is not None
+                vm = self.vm
+                check_file_digests(vm, self._final)
+                vm.restore_state(self._final)
+                vm.last_snapshot_id = self._last_id
+                vm.last_snapshot_layout = list(self._final.slots)
+                vm.dirty.add_consumer(SNAPSHOT)  # a diff of it applies on what was restored
+                vm.resume_run_states(self._final, start=False)
+                self._prepared = True
+            except BaseException:
+                self.abort()
+                raise
+
+    def commit(self) -> ManagedVm:
+        """Make the prepared VM visible and run it as `run` says."""
+        with self._lock:
+            if self._done or not self._prepared:
+                raise InvalidState(f"the restore of {self.vm_id} is not ready to commit")
             assert self.vm is not None and self._final is not None
             vm = self.vm
-            vm.restore_state(self._final)
-            vm.last_snapshot_id = self._last_id
-            vm.last_snapshot_layout = list(self._final.slots)
-            vm.dirty.add_consumer(SNAPSHOT)  # a diff of it applies on what was restored
-            vm.resume_run_states(self._final, self.start)
-            self.host.register(vm)
+            try:
+                self.host.register(vm)
+            except BaseException:
+                self.abort()
+                raise
             self._done = True
-            self._record("ok")
-            return vm
-        except BaseException:
-            self.abort()
-            raise
-        finally:
             self.host.release_id(self.vm_id)
+            self._record("ok")
+            if self.run == "start":
+                vm.resume_run_states(self._final, start=True, parked=True)
+            elif self.run == "as_saved":
+                vm.resume_saved_run_states(self._final)
+            return vm
 
     def abort(self) -> None:
         """Give up: close the half-built VM (its memory and fds) and free the id."""
@@ -344,14 +460,16 @@ class Restorer:
 
     def _record(self, result: str) -> None:
         kind = "diff" if self.reader.snapshots > 1 else "full"
-        self.host.shared.operations.record("restore", kind, result, self.reader.bytes_read,
+        if self.kind != "restore":
+            kind = "live"
+        self.host.shared.operations.record(self.kind, kind, result, self.reader.bytes_read,
                                            time.monotonic() - self._started)
 
 
 def restore_bytes(host: Host, vm_id: str, owner: str, chunks: Iterator[bytes],
                   start: bool = False, owner_quota: int = 0) -> ManagedVm:
     """Restore from an iterator of snapshot bytes (files, tests)."""
-    restorer = Restorer(host, vm_id, owner, owner_quota, start)
+    restorer = Restorer(host, vm_id, owner, owner_quota, "start" if start else "paused")
     for chunk in chunks:
         restorer.feed(chunk)
     return restorer.finish()

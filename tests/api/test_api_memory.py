@@ -285,7 +285,7 @@ def test_dirty_log_of_untouched_slot(api: RunningDaemon, vm: str) -> None:
     assert c.bitmap == bytes(2048)
     # AUTO: no dirty page is shorter as the (empty) list of ranges than as 2048 zero bytes.
     (auto,) = api.dirty_log(vm, region.slot, form=pb.GetDirtyLogRequest.AUTO)
-    assert auto.bitmap == b"" and list(auto.ranges) == [] and auto.last
+    assert auto.bitmap == b"" and list(auto.run_first_pages) == [] and auto.last
 
 
 def test_dirty_log_chunks(api: RunningDaemon, vm: str) -> None:

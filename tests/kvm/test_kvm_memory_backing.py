@@ -114,10 +114,10 @@ def test_populated_ranges_are_exactly_the_touched_pages(vm: Vm) -> None:
     assert vm.populated_ranges(slot, 4 * P, 60 * P) == [(5 * P, P), (50 * P, P)]
     assert vm.populated_ranges(slot, P, P) == [(P, P)]
     assert vm.allocated_bytes(slot) == 5 * P
-    # Reading a hole populates it too: shared memfd (shmem) memory allocates a page on a
-    # read fault, so host and guest reads of untouched memory cost host RAM.
-    vm.read(DATA_SLOT_ADDR + 10 * P, 1)
-    assert vm.populated_ranges(slot, 10 * P, P) == [(10 * P, P)]
+    # A host read of a hole reads the file (pread), which allocates nothing: through the
+    # mapping it would (shmem allocates a page on a read fault, as for a guest read).
+    assert vm.read(DATA_SLOT_ADDR + 10 * P, P) == bytes(P)
+    assert vm.populated_ranges(slot, 10 * P, P) == []
     assert vm.nonzero_page_runs(slot, 10 * P, P) == []
     for off, size in ((1, P), (0, 1), (-P, P), (0, 129 * P), (128 * P, P)):
         assert _errno_of(vm.populated_ranges, slot, off, size) == errno.EINVAL, (off, size)
@@ -198,9 +198,11 @@ def test_discard_spans_adjacent_slots(vm: Vm) -> None:
     assert vm.populated_ranges(a) == [(0, 6 * P)]
     assert vm.populated_ranges(b) == [(2 * P, 6 * P)]
     assert vm.discard(DATA_SLOT_ADDR + 6 * P, 4 * P) == 0     # holes: nothing to release
-    # Reading the holes populated them again (see above): then there is something.
+    # Host reads of the holes read zeros and allocate nothing (see above); writes do.
     assert vm.read(DATA_SLOT_ADDR + 6 * P, 4 * P) == bytes(4 * P)
     assert vm.read(DATA_SLOT_ADDR + 10 * P, 1) == b"\x01"
+    assert vm.discard(DATA_SLOT_ADDR + 6 * P, 4 * P) == 0
+    vm.write(DATA_SLOT_ADDR + 6 * P, bytes(4 * P))
     assert vm.discard(DATA_SLOT_ADDR + 6 * P, 4 * P) == 4 * P
 
 

@@ -381,3 +381,23 @@ def test_a_start_that_fails_half_way_rolls_back(api: Api, monkeypatch: pytest.Mo
         watch.wait_for("stopped", nth=4)
         watch.cancel()
     api.delete("half")
+
+
+def test_a_vm_whose_reaper_thread_cannot_start_is_not_made(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dirty-ring VM needs a reaper thread: under a tasks limit CreateVm answers
+    RESOURCE_EXHAUSTED and leaves no VM, descriptor or thread behind."""
+    import kvmd.core.dirty as dirty_module
+
+    host = api.daemon.host
+    assert host is not None
+    api.assert_healthy()  # the client's and the daemon's descriptors for calls are open
+    fds, in_use = fd_count(), host.fds.in_use
+    with monkeypatch.context() as m:
+        m.setattr(dirty_module, "threading", FailingThreads(ok=0))
+        api.assert_code(lambda: api.create_vm("reaperless", dirty_tracking="ring"),
+                        Code.RESOURCE_EXHAUSTED)
+    assert "reaperless" not in {v.vm_id for v in api.vms.ListVms(pb.ListVmsRequest()).vms}
+    assert (fd_count(), host.fds.in_use) == (fds, in_use)
+    api.create_vm("reaperless", dirty_tracking="ring")
+    api.delete("reaperless")

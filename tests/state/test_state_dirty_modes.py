@@ -25,8 +25,8 @@ def dirty_pages(node: Node, vm_id: str, slot: int = 0) -> tuple[list[int], list[
                                                                       slot=slot)))
     pages: list[int] = []
     for c in chunks:
-        for r in c.ranges:
-            pages += range(r.first_page, r.first_page + r.pages)
+        for first, count in zip(c.run_first_pages, c.run_pages, strict=True):
+            pages += range(first, first + count)
         bits = int.from_bytes(c.bitmap, "little")
         pages += [c.first_page + i for i in range(len(c.bitmap) * 8) if bits >> i & 1]
     return sorted(pages), chunks
@@ -73,7 +73,7 @@ def test_guest_dirtied_pages_in_every_mode(node: Node, mode: str) -> None:
     assert [p for p in pages if p >= 0x30] == DIRTY_PAGES_STORED, (mode, pages)
     assert len(stack_and_code) <= 2
     # 20 scattered pages of 4096: ranges are shorter than the 512-byte bitmap.
-    assert chunks[0].ranges and not chunks[0].bitmap
+    assert chunks[0].run_first_pages and not chunks[0].bitmap
     assert chunks[-1].total_dirty_pages == len(pages)
     again, _ = dirty_pages(node, "d")
     if mode == "manual":  # reading does not reset in manual mode; clearing does
@@ -159,10 +159,11 @@ def test_ranges_form_is_chunked_like_bitmaps(node: Node) -> None:
     wait_until(lambda: node.stubs.vms.GetVm(pb.GetVmRequest(vm_id="f")).vcpu_states[0]
                == "halted", 10, "the stores")
     chunks = list(node.stubs.memory.GetDirtyLog(pb.GetDirtyLogRequest(
-        vm_id="f", slot=0, chunk_size=32, form=pb.GetDirtyLogRequest.RANGES)))
+        vm_id="f", slot=0, chunk_size=8, form=pb.GetDirtyLogRequest.RANGES)))
     assert len(chunks) > 2 and all(not c.bitmap for c in chunks)
     assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
-    pages = [p for c in chunks for r in c.ranges
-             for p in range(r.first_page, r.first_page + r.pages)]
+    pages = [p for c in chunks
+             for first, count in zip(c.run_first_pages, c.run_pages, strict=True)
+             for p in range(first, first + count)]
     assert [p for p in pages if p >= 0x30] == DIRTY_PAGES_STORED
     assert chunks[-1].total_dirty_pages == len(pages) == sum(c.dirty_pages for c in chunks)

@@ -54,3 +54,61 @@ int64_t kvmd_dirty_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries,
 }
 
 size_t kvmd_sizeof_dirty_gfn(void) { return sizeof(struct kvm_dirty_gfn); }
+
+/* The runs of set bits of a bitmap of `nwords` little-endian 64-bit words (bit i: page i),
+ * as first pages and lengths into `firsts` and `counts` (both NULL: only count them).
+ * Returns the number of runs. Word by word: an empty or full word costs one test, a mixed
+ * one a few count-trailing-zeros; a caller counts first, then sizes its arrays exactly. */
+uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firsts,
+                          uint64_t *counts)
+{
+    const uint64_t none = UINT64_MAX;
+    uint64_t n = 0, open = none;
+#define EMIT(first, count) do { if (firsts) { firsts[n] = (first); counts[n] = (count); } \
+                                n++; } while (0)
+    for (uint64_t i = 0; i < nwords; i++) {
+        uint64_t w = words[i], base = i * 64;
+        if (w == 0) {
+            if (open != none) {
+                EMIT(open, base - open);
+                open = none;
+            }
+            continue;
+        }
+        if (w == ~(uint64_t)0) {
+            if (open == none)
+                open = base;
+            continue;
+        }
+        uint64_t at = 0;
+        while (at < 64) {
+            uint64_t rest = w >> at;
+            if (rest == 0) {
+                if (open != none) {
+                    EMIT(open, base + at - open);
+                    open = none;
+                }
+                break;
+            }
+            uint64_t zeros = (uint64_t)__builtin_ctzll(rest);
+            if (zeros && open != none) {
+                EMIT(open, base + at - open);
+                open = none;
+            }
+            at += zeros;
+            /* The top `at` bits of ~(w >> at) are ones, so it is never 0 here. */
+            uint64_t ones = (uint64_t)__builtin_ctzll(~(w >> at));
+            if (open == none)
+                open = base + at;
+            at += ones;
+            if (at < 64) {
+                EMIT(open, base + at - open);
+                open = none;
+            }
+        }
+    }
+    if (open != none)
+        EMIT(open, nwords * 64 - open);
+#undef EMIT
+    return n;
+}

@@ -113,6 +113,8 @@ int64_t kvmd_dirty_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries,
                                 uint32_t *fetch_index, uint64_t *const *bitmaps,
                                 const uint64_t *npages, uint32_t nslots, uint64_t *dropped);
 size_t kvmd_sizeof_dirty_gfn(void);
+uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firsts,
+                          uint64_t *counts);
 int kvmd_punch_hole(int fd, uint64_t offset, uint64_t length);
 int64_t kvmd_nonzero_page_runs(const uint8_t *base, uint64_t npages, uint64_t page_size,
                                uint64_t *runs, uint64_t max_runs, uint64_t *scanned);

@@ -1,0 +1,197 @@
+"""The Migration service: thin translation to kvmd.migration (which holds every rule of the
+pre-copy loop, the tokens and the daemon-to-daemon link)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import grpc.aio
+
+from kvmd.api.auth import current_quota
+from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument
+from kvmd.core.host import Host
+from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
+from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Progress
+from kvmd.migration.registry import Migrations
+
+# The target gives up on a source that sends nothing for this long (the VM reservation and
+# its memory are released), and on one that does not commit a ready VM.
+RECEIVE_IDLE_SECONDS = 60.0
+COMMIT_WAIT_SECONDS = 30.0
+_TAG_DATA = (2 << 3) | 2  # MigrationMessage.data
+
+_PHASES = {"connecting": pb.MigrationProgress.CONNECTING,
+           "copying": pb.MigrationProgress.COPYING,
+           "switching_over": pb.MigrationProgress.SWITCHING_OVER,
+           "completed": pb.MigrationProgress.COMPLETED}
+
+
+def progress_to_pb(p: Progress) -> pb.MigrationProgress:
+    return pb.MigrationProgress(
+        phase=_PHASES.get(p.phase, pb.MigrationProgress.PHASE_UNSPECIFIED), round=p.round,
+        pages_sent=p.pages_sent, bytes_sent=p.bytes_sent, pages_remaining=p.pages_remaining,
+        dirty_pages_per_second=p.dirty_pages_per_second,
+        throughput_bytes_per_second=p.throughput_bytes_per_second,
+        expected_downtime_ms=p.expected_downtime_ms, throttle_percent=p.throttle_percent,
+        elapsed_seconds=p.elapsed_seconds, downtime_ms=p.downtime_ms,
+        target_vm_id=p.target_vm_id, guest_memory_bytes=p.guest_memory_bytes)
+
+
+def options_from_pb(o: pb.MigrationOptions) -> MigrationOptions:
+    return MigrationOptions(
+        max_downtime_ms=o.max_downtime_ms, bandwidth_bytes_per_second=o.bandwidth_bytes_per_second,
+        max_rounds=o.max_rounds, auto_converge=o.auto_converge,
+        tls_server_name=o.tls_server_name, timeout_ms=o.timeout_ms)
+
+
+def _parse_message(wire: bytes) -> pb.MigrationMessage | memoryview:
+    """A MigrationMessage; its `data` form as a view of the received bytes (no copy)."""
+    view = data_field_view(wire, _TAG_DATA)
+    return view if view is not None else pb.MigrationMessage.FromString(wire)
+
+
+def add_migration_service(server: grpc.aio.Server, servicer: MigrationService) -> None:
+    """Register the Migration service as the generated code does, but with the bulk-data
+    parser above for ReceiveMigration's messages."""
+    handlers = {
+        "PrepareIncomingMigration": grpc.unary_unary_rpc_method_handler(
+            servicer.PrepareIncomingMigration,
+            request_deserializer=pb.PrepareIncomingMigrationRequest.FromString,
+            response_serializer=pb.IncomingMigration.SerializeToString),
+        "MigrateVm": grpc.unary_stream_rpc_method_handler(
+            servicer.MigrateVm, request_deserializer=pb.MigrateVmRequest.FromString,
+            response_serializer=pb.MigrationProgress.SerializeToString),
+        "CancelMigration": grpc.unary_unary_rpc_method_handler(
+            servicer.CancelMigration, request_deserializer=pb.CancelMigrationRequest.FromString,
+            response_serializer=pb.CancelMigrationResponse.SerializeToString),
+        "ListMigrations": grpc.unary_unary_rpc_method_handler(
+            servicer.ListMigrations, request_deserializer=pb.ListMigrationsRequest.FromString,
+            response_serializer=pb.ListMigrationsResponse.SerializeToString),
+        "ReceiveMigration": grpc.stream_stream_rpc_method_handler(
+            servicer.ReceiveMigration, request_deserializer=_parse_message,
+            response_serializer=pb.MigrationReply.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Migration"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+
+
+class MigrationService(ServicerBase, rpc.MigrationServicer):
+    """Live migration: the target's tokens, the source's MigrateVm, and the stream between
+    the two daemons."""
+
+    def __init__(self, host: Host, runtime: Runtime, migrations: Migrations,
+                 visible: Callable[[str, str], bool]) -> None:
+        super().__init__(host, runtime)
+        self.migrations = migrations
+        self.visible = visible
+
+    def PrepareIncomingMigration(self, request: pb.PrepareIncomingMigrationRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.IncomingMigration:
+        """Expect a VM under `vm_id` (reserved meanwhile); returns its one-time token."""
+        if not request.vm_id:
+            raise InvalidArgument("vm_id is required")
+        incoming = self.migrations.incoming.prepare(request.vm_id, caller_identity(),
+                                                    current_quota.get(), request.ttl_seconds)
+        return pb.IncomingMigration(vm_id=incoming.vm_id, token=incoming.token,
+                                    expires_unix_ms=incoming.expires_unix_ms)
+
+    async def MigrateVm(self, request: pb.MigrateVmRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.MigrationProgress]:
+        """Move the VM to the target; progress until it runs there. The call ending early
+        (a client gone, the daemon stopping) cancels the migration before its commit."""
+        vm = self._vm(request.vm_id)
+        migration: OutgoingMigration = await self._blocking(
+            self.migrations.start, vm, request.target, request.token,
+            options_from_pb(request.options))
+        updates = migration.watch()
+        try:
+            async for progress in self._follow(updates, context):
+                yield progress_to_pb(progress)
+        finally:
+            updates.close()
+            if not migration.done.is_set():
+                migration.cancel("cancelled: its MigrateVm call ended")
+        if migration.error is not None:
+            raise migration.error
+
+    def CancelMigration(self, request: pb.CancelMigrationRequest,
+                        context: grpc.aio.ServicerContext) -> pb.CancelMigrationResponse:
+        """Cancel the VM's migration: outgoing (before its switch-over), or incoming."""
+        self._check_id(request.vm_id)
+        self.migrations.cancel(request.vm_id)
+        return pb.CancelMigrationResponse()
+
+    def ListMigrations(self, request: pb.ListMigrationsRequest,
+                       context: grpc.aio.ServicerContext) -> pb.ListMigrationsResponse:
+        """Outgoing and incoming migrations of VMs the caller may see."""
+        identity = caller_identity()
+        out = []
+        for m in self.migrations.outgoing():
+            if self.visible(identity, m.vm.owner):
+                p = m.snapshot_progress()
+                out.append(pb.MigrationInfo(vm_id=m.vm.id, direction="outgoing",
+                                            peer=m.target, state=p.phase,
+                                            progress=progress_to_pb(p)))
+        for i in self.migrations.incoming.list():
+            if self.visible(identity, i.owner):
+                out.append(pb.MigrationInfo(
+                    vm_id=i.vm_id, direction="incoming", peer=i.peer, state=i.state,
+                    expires_unix_ms=i.expires_unix_ms if not i.peer else 0))
+        return pb.ListMigrationsResponse(migrations=out)
+
+    async def ReceiveMigration(self, request_iterator: AsyncIterator[pb.MigrationMessage],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.MigrationReply]:
+        """The source daemon's stream: start (the token), snapshot data, finish, commit.
+        Anything but a commit leaves nothing here."""
+        requests = request_iterator.__aiter__()
+        first = await self._next(requests, RECEIVE_IDLE_SECONDS)
+        if not isinstance(first, pb.MigrationMessage) or first.WhichOneof("message") != "start":
+            raise InvalidArgument("a migration stream starts with its token (start)")
+        start = first.start
+        incoming: IncomingMigration = self.migrations.incoming.claim(start.token,
+                                                                     context.peer() or "")
+        try:
+            await self._blocking(incoming.begin, start.source_vm_id, start.format_version)
+            yield pb.MigrationReply(accepted=pb.MigrationAccepted(vm_id=incoming.vm_id))
+            while incoming.state != COMMITTED:
+                wait = COMMIT_WAIT_SECONDS if incoming.state == READY else RECEIVE_IDLE_SECONDS
+                msg = await self._next(requests, wait)
+                incoming.check_cancelled()
+                if msg is None:  # the source ended the stream without a commit: discard
+                    raise Aborted(f"the migration stream of vm {incoming.vm_id} ended before "
+                                  "its commit: nothing was kept")
+                if isinstance(msg, memoryview):
+                    await self._blocking(incoming.feed, msg)
+                    continue
+                kind = msg.WhichOneof("message")
+                if kind == "data":
+                    await self._blocking(incoming.feed, msg.data)
+                elif kind == "finish":
+                    await self._blocking(incoming.finish)
+                    yield pb.MigrationReply(ready=pb.MigrationReady())
+                elif kind == "commit":
+                    await self._blocking(incoming.commit)
+                    yield pb.MigrationReply(committed=pb.MigrationCommitted())
+                else:
+                    raise InvalidArgument(f"unexpected {kind or 'empty'} message in a "
+                                          "migration stream")
+        finally:
+            if incoming.state != COMMITTED:
+                await self._cleanup(incoming.abort)  # the source gone: everything released
+            self.migrations.incoming.ended(incoming)
+
+    @staticmethod
+    async def _next(requests: AsyncIterator[pb.MigrationMessage | memoryview],
+                    timeout: float) -> pb.MigrationMessage | memoryview | None:
+        try:
+            return await asyncio.wait_for(requests.__anext__(), timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise DeadlineExceeded(f"the migration source sent nothing for {timeout:g} s")\
+                from None

@@ -1,0 +1,99 @@
+"""The migrations of one daemon: outgoing ones by VM, and the incoming tokens."""
+
+from __future__ import annotations
+
+import threading
+
+from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, ResourceExhausted
+from kvmd.core.host import Host
+from kvmd.core.vm import ManagedVm
+from kvmd.migration.incoming import IncomingMigrations
+from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Transport
+from kvmd.migration.transport import MigrationTls, check_target, connect
+
+MAX_OUTGOING = 8  # migrations this daemon sends at once
+
+
+class Migrations:
+    """Starts, lists and cancels outgoing migrations; holds the incoming ones. `tls`: the
+    files outgoing migrations connect with (None: plain TCP, to loopback targets only)."""
+
+    def __init__(self, host: Host, tls: MigrationTls | None = None) -> None:
+        self.host = host
+        self.tls = tls
+        self.incoming = IncomingMigrations(host)
+        self._outgoing: dict[str, OutgoingMigration] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, vm: ManagedVm, target: str, token: str,
+              options: MigrationOptions) -> OutgoingMigration:
+        """Start migrating `vm` to `target` with the target's `token` (checked there)."""
+        if not target:
+            raise InvalidArgument("target is required: the target daemon's host:port")
+        if not token:
+            raise InvalidArgument("token is required: the target's PrepareIncomingMigration "
+                                  "gives it")
+        check_target(target, self.tls)
+        options = options.validated()
+
+        def link() -> Transport:
+            return connect(target, token, self.tls, options)
+
+        migration = OutgoingMigration(self.host, vm, target, options, link,
+                                      on_end=self._ended)
+        with self._lock:
+            if self._closed:
+                raise InvalidState("the daemon is stopping")
+            if vm.id in self._outgoing:
+                raise InvalidState(f"vm {vm.id} is already migrating to "
+                                   f"{self._outgoing[vm.id].target}", resource=vm.resource)
+            if len(self._outgoing) >= MAX_OUTGOING:
+                raise ResourceExhausted(f"{MAX_OUTGOING} migrations are already running "
+                                        "from this daemon")
+            migration.start()  # claims the VM (refused if it is busy or migrating)
+            self._outgoing[vm.id] = migration
+        return migration
+
+    def _ended(self, migration: OutgoingMigration) -> None:
+        with self._lock:
+            if self._outgoing.get(migration.vm.id) is migration:
+                del self._outgoing[migration.vm.id]
+
+    def get(self, vm_id: str) -> OutgoingMigration:
+        with self._lock:
+            migration = self._outgoing.get(vm_id)
+        if migration is None:
+            raise NotFound(f"vm {vm_id!r} has no migration in progress",
+                           resource=f"vm/{vm_id}")
+        return migration
+
+    def cancel(self, vm_id: str) -> None:
+        """Cancel the VM's migration: an outgoing one before its switch-over (then
+        FAILED_PRECONDITION), or an incoming one (its token voided, or its stream ended)."""
+        with self._lock:
+            migration = self._outgoing.get(vm_id)
+        if migration is not None:
+            if not migration.cancel("cancelled by CancelMigration"):
+                raise InvalidState(f"the migration of vm {vm_id} is past its switch-over; "
+                                   "it can no longer be cancelled", resource=f"vm/{vm_id}")
+            return
+        if not self.incoming.cancel(vm_id):
+            raise NotFound(f"vm {vm_id!r} has no migration in progress",
+                           resource=f"vm/{vm_id}")
+
+    def outgoing(self) -> list[OutgoingMigration]:
+        with self._lock:
+            return sorted(self._outgoing.values(), key=lambda m: m.vm.id)
+
+    def close(self) -> None:
+        """The daemon stops: outgoing migrations are cancelled (their VMs run on here)
+        and waited for; unused incoming tokens are void."""
+        with self._lock:
+            self._closed = True
+            running = list(self._outgoing.values())
+        for migration in running:
+            migration.cancel("cancelled: the daemon is stopping")
+        for migration in running:
+            migration.join(30)
+        self.incoming.close()

@@ -1,0 +1,280 @@
+"""The daemon-to-daemon link of a migration: the source calls the target's
+Migration/ReceiveMigration, a bidirectional gRPC stream, over TLS (mutual, with the
+certificates of the source's configuration) or, to a loopback target only, plain TCP.
+
+Messages are MigrationMessage (source to target) and MigrationReply (back). Snapshot bytes
+go as `data` messages encoded here by hand: the frames are joined once, into the message.
+A bounded queue between the migration thread and grpc's sending thread is the flow control:
+`send` blocks while the link is full, and fails (Unavailable) when the target stops reading
+for longer than the timeout. Replies are read by a small thread into a queue, so every wait
+for the target has a deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvmd import __version__
+from kvmd.api.gen import vmm_pb2 as pb
+from kvmd.config import is_loopback
+from kvmd.core.errors import (
+    Aborted,
+    DomainError,
+    InvalidArgument,
+    InvalidState,
+    OutcomeUnknown,
+    Unavailable,
+)
+from kvmd.migration.precopy import MigrationOptions
+from kvmd.state.format import FORMAT_VERSION, varint
+
+METHOD = "/kvmd.v1.Migration/ReceiveMigration"
+# Bytes of snapshot data per gRPC message (well under every daemon's max_message_bytes).
+MAX_DATA_MESSAGE = 2 << 20
+_TAG_DATA = (2 << 3) | 2  # MigrationMessage.data
+QUEUE_MESSAGES = 4
+_END = object()  # ends the request stream (half-close)
+
+
+@dataclass(frozen=True)
+class MigrationTls:
+    """PEM files for outgoing migrations: this daemon's certificate and key (presented to
+    the target), and the CA that must have signed the target's certificate."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as fh:
+                    return fh.read()
+            except OSError as exc:
+                raise InvalidState(f"cannot read migration TLS file {path}: "
+                                   f"{exc.strerror}") from None
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca),
+                                            private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """host:port (or [v6]:port) of a target address; INVALID_ARGUMENT otherwise."""
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or \
+            "/" in target:
+        raise InvalidArgument(f"migration target {target!r} is not host:port")
+    return host, int(port)
+
+
+def check_target(target: str, tls: MigrationTls | None) -> None:
+    """Refuse (before anything starts) a target this daemon may not migrate to."""
+    host, _port = split_target(target)
+    if tls is None and not is_loopback(host):
+        raise InvalidState(f"refusing to migrate to {target} over plain TCP: configure "
+                           "migration TLS (migration_tls_cert/key/ca, or tls_cert/key and "
+                           "tls_client_ca) or migrate over loopback")
+
+
+# The domain error for each status code the target may answer with.
+_BY_CODE: dict[str, type[DomainError]] = {
+    cls.reason: cls for cls in DomainError.__subclasses__() if cls.reason != "ERROR"}
+
+
+def target_error(target: str, exc: grpc.RpcError) -> DomainError:
+    """What a failed call to the target means here."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        hint = ""
+        lowered = details.lower()
+        if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
+            hint = " (TLS: check the certificates of both daemons)"
+        return Unavailable(f"cannot reach migration target {target}: {details}{hint}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return InvalidArgument(f"migration target {target} refused the token: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return InvalidState(f"migration target {target} does not accept this daemon's "
+                            f"identity ({details}): configure migration_tls_cert/key")
+    if code == grpc.StatusCode.UNIMPLEMENTED and "ReceiveMigration" in details + METHOD and \
+            "Method not found" in details:
+        return InvalidState(f"{target} does not accept migrations (not a kvmd with "
+                            "live migration)")
+    if code == grpc.StatusCode.CANCELLED:
+        return Aborted(f"the link to migration target {target} was closed")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"migration target {target} did not answer in time")
+    cls = _BY_CODE.get(code.name, InvalidState)
+    return cls(f"migration target {target}: {details}")
+
+
+class GrpcTransport:
+    """A migration's stream to one target (see kvmd.migration.precopy.Transport)."""
+
+    def __init__(self, target: str, token: str, tls: MigrationTls | None,
+                 options: MigrationOptions) -> None:
+        check_target(target, tls)
+        if not token:
+            raise InvalidArgument("token is required: the target's PrepareIncomingMigration "
+                                  "gives it")
+        self.target = target
+        self.token = token
+        self.timeout = options.timeout_ms / 1000
+        channel_options: list[tuple[str, int | str]] = [
+                           ("grpc.max_send_message_length", MAX_DATA_MESSAGE + 4096),
+                           ("grpc.max_receive_message_length", 1 << 20),
+                           ("grpc.enable_retries", 0)]
+        if options.tls_server_name:
+            channel_options.append(("grpc.ssl_target_name_override", options.tls_server_name))
+        if tls is not None:
+            self._channel = grpc.secure_channel(target, tls.credentials(), channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, channel_options)
+        self._requests: queue.Queue[object] = queue.Queue(QUEUE_MESSAGES)
+        self._replies: queue.Queue[pb.MigrationReply | DomainError | None] = queue.Queue()
+        self._call: Any = None  # grpc's call iterator (also a grpc.Future)
+        self._closed = threading.Event()
+        self._failure: DomainError | None = None
+        self._lock = threading.Lock()
+
+    # -- the stream ------------------------------------------------------------------------
+
+    def _request_stream(self) -> Iterator[bytes]:
+        while True:
+            try:
+                item = self._requests.get(timeout=0.2)
+            except queue.Empty:
+                if self._closed.is_set():
+                    return
+                continue
+            if item is _END:
+                return
+            assert isinstance(item, bytes)
+            yield item
+
+    def _read_replies(self) -> None:
+        assert self._call is not None
+        try:
+            for reply in self._call:
+                self._replies.put(reply)
+            self._replies.put(None)  # the target ended the stream
+        except grpc.RpcError as exc:
+            error = target_error(self.target, exc)
+            self._failure = error
+            self._replies.put(error)
+
+    def _next_reply(self, what: str, timeout: float | None = None) -> pb.MigrationReply:
+        try:
+            reply = self._replies.get(timeout=timeout if timeout is not None else self.timeout)
+        except queue.Empty:
+            raise Unavailable(f"migration target {self.target} did not answer ({what}) "
+                              f"within {self.timeout:g} s") from None
+        if isinstance(reply, DomainError):
+            raise reply
+        if reply is None:
+            raise Unavailable(f"migration target {self.target} ended the migration "
+                              f"({what})")
+        return reply
+
+    def _put(self, message: bytes) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if self._closed.is_set():
+                raise Aborted(f"the link to migration target {self.target} was closed")
+            try:
+                self._requests.put(message, timeout=0.05)
+                return
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"migration target {self.target} stopped reading for "
+                                      f"{self.timeout:g} s") from None
+
+    # -- Transport --------------------------------------------------------------------------
+
+    def start(self, source_vm_id: str) -> str:
+        # No wait for the channel: a target that cannot be reached (refused, unknown host,
+        # a failed TLS handshake) fails the call at once, and grpc's reason comes with it.
+        stream = self._channel.stream_stream(
+            METHOD, request_serializer=lambda b: b,
+            response_deserializer=pb.MigrationReply.FromString)
+        with self._lock:
+            if self._closed.is_set():
+                raise Aborted(f"the link to migration target {self.target} was closed")
+            self._call = stream(self._request_stream())
+        threading.Thread(target=self._read_replies, daemon=True,
+                         name="migration-replies").start()
+        self._put(pb.MigrationMessage(start=pb.MigrationStart(
+            token=self.token, source_vm_id=source_vm_id, kvmd_version=__version__,
+            format_version=FORMAT_VERSION)).SerializeToString())
+        reply = self._next_reply("accept")
+        if reply.WhichOneof("reply") != "accepted":
+            raise InvalidState(f"migration target {self.target} answered "
+                               f"{reply.WhichOneof('reply')} instead of accepting")
+        return reply.accepted.vm_id
+
+    def send(self, frames: list[bytes]) -> None:
+        message: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if size and size + len(frame) > MAX_DATA_MESSAGE:
+                self._send_data(message, size)
+                message, size = [], 0
+            if len(frame) > MAX_DATA_MESSAGE:  # a huge state record: in pieces
+                view = memoryview(frame)
+                for at in range(0, len(view), MAX_DATA_MESSAGE):
+                    piece = view[at:at + MAX_DATA_MESSAGE]
+                    self._send_data([piece.tobytes()], len(piece))
+                continue
+            message.append(frame)
+            size += len(frame)
+        if message:
+            self._send_data(message, size)
+
+    def _send_data(self, frames: list[bytes], size: int) -> None:
+        self._put(b"".join([bytes([_TAG_DATA]), varint(size), *frames]))
+
+    def finish(self) -> None:
+        self._put(pb.MigrationMessage(finish=pb.MigrationFinish()).SerializeToString())
+        reply = self._next_reply("ready")
+        if reply.WhichOneof("reply") != "ready":
+            raise InvalidState(f"migration target {self.target} answered "
+                               f"{reply.WhichOneof('reply')} instead of ready")
+
+    def commit(self) -> None:
+        try:
+            self._put(pb.MigrationMessage(commit=pb.MigrationCommit()).SerializeToString())
+            reply = self._next_reply("commit")
+        except DomainError as exc:
+            raise OutcomeUnknown(f"the commit to migration target {self.target} was not "
+                                 f"confirmed ({exc.message}); the VM may run there") from exc
+        if reply.WhichOneof("reply") != "committed":
+            raise OutcomeUnknown(f"migration target {self.target} answered "
+                                 f"{reply.WhichOneof('reply')} to the commit")
+        self._put(_END)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            call = self._call
+        if call is not None:
+            call.cancel()
+        self._channel.close()
+
+
+def connect(target: str, token: str, tls: MigrationTls | None,
+            options: MigrationOptions) -> GrpcTransport:
+    return GrpcTransport(target, token, tls, options)
