@@ -380,6 +380,7 @@ def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
             ("page size", info.page_size),
             ("VMs", info.vm_count),
             ("memory in use", human_bytes(info.memory_in_use_bytes)),
+            ("fds in use", f"{info.fds_in_use} of {info.limits.max_fds}"),
         ]
     )
     limit_text = format_kv(
@@ -393,6 +394,8 @@ def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
             ("max ioevents per VM", limits.max_ioevents_per_vm),
             ("max message size", human_bytes(limits.max_message_bytes)),
             ("max concurrent RPCs", limits.max_concurrent_rpcs),
+            ("max file descriptors", limits.max_fds),
+            ("max file descriptors per identity", limits.max_fds_per_identity),
         ],
         indent=2,
     )

@@ -58,6 +58,8 @@ class Config:
     max_calls_per_identity: int = Limits.max_calls_per_identity
     max_streams: int = Limits.max_streams
     max_streams_per_identity: int = Limits.max_streams_per_identity
+    max_fds: int = HOST_LIMITS.max_fds
+    max_fds_per_identity: int = HOST_LIMITS.max_fds_per_identity
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -181,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "same Unix socket, which then exits (an upgrade without systemd)")
     for f in fields(Limits):
         default = getattr(HOST_LIMITS, f.name)
+        where = (", from RLIMIT_NOFILE)" if f.name.startswith("max_fds") else
+                 ", from this host's memory)" if default != f.default else ")")
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
-                       help=f"limit (default {default}" + (
-                           ", from this host's memory)" if default != f.default else ")"))
+                       help=f"limit (default {default}{where}")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 

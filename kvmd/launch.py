@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from kvmd.config import ConfigError, build_parser, load_config
-    from kvmd.logs import setup_logging
+    from kvmd.logs import setup_daemon_logging
 
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
-        setup_logging(cfg.log_level, cfg.log_format)
+        setup_daemon_logging(cfg.log_level, cfg.log_format)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
         return 2

@@ -168,6 +168,10 @@ class KvmdCollector(Collector):
         yield crashes
         yield GaugeMetricFamily("kvmd_guest_memory_in_use_bytes",
                                 "Guest memory held across all VMs", value=host.budget.in_use)
+        yield GaugeMetricFamily("kvmd_vm_fds", "File descriptors VM objects hold, across "
+                                "all VMs (of kvmd_vm_fds_limit)", value=host.fds.in_use)
+        yield GaugeMetricFamily("kvmd_vm_fds_limit", "File descriptors VM objects may hold "
+                                "(max_fds, under RLIMIT_NOFILE)", value=host.fds.limit)
         buckets, total_sum, _count = host.remote_wait.snapshot()
         remote = HistogramMetricFamily(
             "kvmd_remote_exit_seconds", "Time a vCPU waited for a remote exit handler")

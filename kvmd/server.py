@@ -48,7 +48,7 @@ from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
 from kvmd.handover import Handover, HandoverError, leave_placeholder
-from kvmd.logs import setup_logging
+from kvmd.logs import setup_daemon_logging
 from kvmd.metrics import (
     MetricsInterceptor,
     MetricsServer,
@@ -179,6 +179,7 @@ class Daemon:
                 raise ConfigError(problem)
         self.watchdog: Watchdog | None = None
         self.host: Host | None = handover.host if handover is not None else None
+        self.authorizer: Authorizer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self.metrics_server: MetricsServer | None = None
@@ -215,6 +216,8 @@ class Daemon:
                     from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
+        self.authorizer = authorizer
+        self.host.fds.privileged = authorizer.privileged
         if not self.policy.enabled:
             log.warning("no authorization policy: every caller that can connect is an admin")
         self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
@@ -390,6 +393,8 @@ class Daemon:
                 if kept:
                     self.handover.close_vms()  # in parallel: the guests wait for it
             self.host.close()
+        if self.authorizer is not None:
+            self.authorizer.denial_log.flush()
         paths = list(self._owned_sockets)
         self._remove_sockets()
         if kept:
@@ -484,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
-        setup_logging(cfg.log_level, cfg.log_format)
+        setup_daemon_logging(cfg.log_level, cfg.log_format)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

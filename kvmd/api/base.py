@@ -11,13 +11,13 @@ from typing import Any, TypeVar
 
 import grpc.aio
 
-from kvmd.api.auth import current_identity
+from kvmd.api.auth import ADMIN, authorized_vm, current_grant, current_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.interceptors import run_blocking
 from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.events import Mailbox
-from kvmd.core.host import Host
+from kvmd.core.host import Host, missing_vm
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import ManagedVm
 
@@ -93,9 +93,37 @@ class ServicerBase:
         return follow(mailbox, self.runtime.streams, context)
 
     def _vm(self, vm_id: str) -> ManagedVm:
+        """The VM the call was authorized for (see auth.authorized_vm), if it still exists
+        as that very object; NotFound otherwise, never another VM that took its id. Only
+        admins reach a VM the authorizer did not name."""
         if not vm_id:
             raise InvalidArgument("vm_id is required")
+        bound = authorized_vm.get()
+        if bound is not None and bound[0] == vm_id:
+            vm = bound[1]
+            if self.host.get_vm(vm_id) is not vm:
+                raise missing_vm(vm_id)
+            return vm
+        grant = current_grant.get()
+        if grant is None or grant.role != ADMIN:
+            self.host.get_vm(vm_id)  # a bad id is still INVALID_ARGUMENT
+            raise missing_vm(vm_id)
         return self.host.get_vm(vm_id)
+
+    def _check_id(self, vm_id: str) -> None:
+        """For calls that act on an id rather than a VM object (an incoming migration's
+        reserved id): the VM authorized, if there was one, is still the one under the id,
+        and a caller other than an admin still owns the id (NotFound otherwise)."""
+        if not vm_id:
+            raise InvalidArgument("vm_id is required")
+        bound = authorized_vm.get()
+        if bound is not None and bound[0] == vm_id:
+            self._vm(vm_id)
+            return
+        grant = current_grant.get()
+        if (grant is None or grant.role != ADMIN) and \
+                self.host.owner_of(vm_id) != caller_identity():
+            raise missing_vm(vm_id)
 
     def _vcpu(self, ref: pb.VcpuRef) -> ManagedVcpu:
         return self._vm(ref.vm_id).vcpu(ref.vcpu_id)

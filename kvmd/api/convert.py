@@ -98,12 +98,13 @@ def vcpu_to_pb(v: ManagedVcpu) -> pb.Vcpu:
     return pb.Vcpu(vm_id=v.vm_id, vcpu_id=v.id, state=v.state, reason=v.reason)
 
 
-def event_to_pb(vm_id: str, e: VmEvent) -> pb.VmEvent:
+def event_to_pb(vm_id: str, e: VmEvent, with_regs: bool = True) -> pb.VmEvent:
+    """A VmEvent; `with_regs` False leaves a crash's registers out (guest data)."""
     msg = pb.VmEvent(vm_id=vm_id, type=e.type, vcpu_id=e.vcpu_id, state=e.state,
                      reason=e.reason, unix_ms=e.unix_ms)
     if e.exit_code is not None:
         msg.exit_code = e.exit_code
-    if e.regs is not None:
+    if e.regs is not None and with_regs:
         msg.regs.CopyFrom(regs_to_pb(e.regs))
     return msg
 

@@ -25,7 +25,7 @@ import grpc
 import grpc.aio
 
 from kvmd.api.errors import to_status
-from kvmd.core.errors import DomainError, KernelError
+from kvmd.core.errors import EXHAUSTION_ERRNOS, DomainError, KernelError, from_os_error
 
 log = logging.getLogger("kvmd.api")
 
@@ -107,6 +107,10 @@ class ErrorInterceptor(ScopedInterceptor):
         except Exception as exc:
             if is_abort(exc):
                 raise
+            if isinstance(exc, OSError) and exc.errno in EXHAUSTION_ERRNOS:
+                # The host ran out (memory, descriptors) in a call the core did not wrap:
+                # a limit for the caller, not a daemon bug with a traceback.
+                exc = from_os_error(exc)
             status = to_status(exc)
             if isinstance(exc, DomainError) and not isinstance(exc, KernelError):
                 log.info("rpc failed", extra={"method": method, "code": status.code.name,

@@ -121,8 +121,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
     def CancelMigration(self, request: pb.CancelMigrationRequest,
                         context: grpc.aio.ServicerContext) -> pb.CancelMigrationResponse:
         """Cancel the VM's migration: outgoing (before its switch-over), or incoming."""
-        if not request.vm_id:
-            raise InvalidArgument("vm_id is required")
+        self._check_id(request.vm_id)
         self.migrations.cancel(request.vm_id)
         return pb.CancelMigrationResponse()
 

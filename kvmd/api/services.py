@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 
 from kvmd.api import convert
-from kvmd.api.auth import current_quota
+from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
 from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
@@ -53,12 +53,14 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
                 max_ioevents_per_vm=lim.max_ioevents_per_vm,
                 max_calls_per_identity=lim.max_calls_per_identity,
                 max_streams=lim.max_streams,
-                max_streams_per_identity=lim.max_streams_per_identity),
+                max_streams_per_identity=lim.max_streams_per_identity,
+                max_fds=lim.max_fds, max_fds_per_identity=lim.max_fds_per_identity),
             daemon_version=self.host.version,
             vm_count=self.host.vm_count(),
             memory_in_use_bytes=self.host.budget.in_use,
             page_size=PAGE_SIZE,
             dirty_log_modes=convert.dirty_modes_to_pb(self.host.dirty_log_modes()),
+            fds_in_use=self.host.fds.in_use,
         )
 
     def CheckExtension(self, request: pb.CheckExtensionRequest,
@@ -70,7 +72,8 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
         cap: int | str = request.name if which == "name" else request.number
         if which == "name" and not request.name:
             raise InvalidArgument("capability name is empty")
-        value, number = self.host.check_extension(cap, request.vm_id)
+        value, number = self.host.check_extension(
+            cap, self._vm(request.vm_id) if request.vm_id else "")
         return pb.CheckExtensionResponse(value=value, number=number)
 
     def GetSupportedCpuid(self, request: pb.GetSupportedCpuidRequest,
@@ -123,9 +126,8 @@ class VmsService(ServicerBase, rpc.VmsServicer):
 
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
         """Stop the VM and release everything it owns."""
-        if not request.vm_id:
-            raise InvalidArgument("vm_id is required")
-        self.host.delete_vm(request.vm_id)
+        vm = self._vm(request.vm_id)
+        self.host.delete_vm(vm.id, vm)
         return pb.DeleteVmResponse()
 
     def StartVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
@@ -154,14 +156,16 @@ class VmsService(ServicerBase, rpc.VmsServicer):
 
     async def WatchVm(self, request: pb.WatchVmRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VmEvent]:
-        """Stream state changes until the client cancels or the VM is deleted."""
+        """Stream state changes until the client cancels or the VM is deleted. A crash's
+        registers are guest data: viewers get the event without them."""
         vm = self._vm(request.vm_id)
+        with_regs = may_read_guest_state(current_grant.get())
         sub = vm.watch()
         try:
             if request.include_current:
                 yield convert.event_to_pb(vm.id, vm.current_event())
             async for event in self._follow(sub, context):
-                yield convert.event_to_pb(vm.id, event)
+                yield convert.event_to_pb(vm.id, event, with_regs)
         finally:
             sub.close()
 

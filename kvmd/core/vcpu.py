@@ -24,6 +24,7 @@ from kvmd.core.errors import (
     InvalidState,
     KernelError,
     NotFound,
+    ResourceExhausted,
     kernel_errors,
 )
 from kvmd.core.state import VcpuState
@@ -84,6 +85,26 @@ CONTINUE = Outcome("continue")
 HALT = Outcome("halt")
 
 
+class Launch:
+    """A vCPU thread that exists but waits at its gate, the vCPU's state untouched: the
+    first half of a start. `commit()` lets it run (the vCPU is then running); `cancel()`
+    ends it unseen. A VM starts all its vCPUs this way, so a thread that cannot be created
+    (a tasks limit) leaves every vCPU as it was."""
+
+    def __init__(self, vcpu: ManagedVcpu) -> None:
+        self.vcpu = vcpu
+        self.go = False
+        self.gate = threading.Event()
+        self.thread = threading.Thread(target=vcpu._gated_loop, args=(self,), daemon=True,
+                                       name=f"vcpu-{vcpu.vm_id}-{vcpu.id}")
+
+    def commit(self) -> None:
+        self.vcpu._commit(self)
+
+    def cancel(self) -> None:
+        self.vcpu._cancel(self)
+
+
 class ManagedVcpu:
     """A vCPU as the daemon sees it: the binding's Vcpu, its thread and its state."""
 
@@ -107,6 +128,7 @@ class ManagedVcpu:
         self._resumes = 0
         self.stuck_ring_exits = 0  # dirty-ring-full exits in a row with nothing harvested
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
+        self._launching = False  # a Launch of this vCPU awaits its commit or cancel
         self._throttle_until = 0.0  # auto-converge: stay out of the guest until then
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
@@ -118,6 +140,11 @@ class ManagedVcpu:
     # -- run control (API threads) --------------------------------------------------------
 
     def start(self) -> None:
+        self.launch().commit()
+
+    def launch(self) -> Launch:
+        """Create the vCPU's thread, held at its gate; nothing else changes. A thread that
+        cannot be created is ResourceExhausted."""
         with self.cond:
             # A caller that looked this vCPU up before a concurrent DeleteVm closed the VM:
             # checked under our lock, which the close's stop request also takes.
@@ -127,15 +154,44 @@ class ManagedVcpu:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a created or stopped vcpu can be started",
                                    resource=self.resource)
+            if self._launching:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is being started",
+                                   resource=self.resource)
             self._join_finished_thread()
+            launch = Launch(self)
+            try:
+                launch.thread.start()
+            except RuntimeError as exc:  # "can't start new thread": a tasks limit
+                raise ResourceExhausted(f"cannot start a thread for vcpu {self.id} of vm "
+                                        f"{self.vm_id}: {exc}", resource=self.resource) from None
+            self._launching = True
+            return launch
+
+    def _gated_loop(self, launch: Launch) -> None:
+        launch.gate.wait()
+        if launch.go:
+            self._loop()
+
+    def _commit(self, launch: Launch) -> None:
+        with self.cond:
+            self._launching = False
+            if self.vm.closed:  # deleted meanwhile: its close saw no thread to stop
+                launch.gate.set()
+                raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             self._pause_requested = self._stop_requested = False
             self._io_pending = False
             self._stop_reason = self.reason = ""
             self.vcpu.set_immediate_exit(False)
+            self._thread = launch.thread
             self._set_state(RUNNING, "started")
-            self._thread = threading.Thread(target=self._loop, daemon=True,
-                                            name=f"vcpu-{self.vm_id}-{self.id}")
-            self._thread.start()
+            launch.go = True
+            launch.gate.set()
+
+    def _cancel(self, launch: Launch) -> None:
+        with self.cond:
+            self._launching = False
+        launch.gate.set()  # go stays False: the thread ends without entering the guest
+        launch.thread.join(STATE_CHANGE_TIMEOUT)
 
     def start_paused(self) -> None:
         """Start the vCPU's thread parked, without entering the guest (a restored vCPU that

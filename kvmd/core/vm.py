@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from kvmd.core.devices import (
     COM1_IRQ,
+    CONSOLE_INPUT_LIMIT,
     DEFAULT_CONSOLE_BUFFER,
     DEFAULT_DEBUG_EXIT_PORT,
     Console,
@@ -47,6 +48,15 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.events import Broadcaster, Subscription
+from kvmd.core.fds import (
+    FDS_PER_FILE_MAPPING,
+    FDS_PER_IOEVENT,
+    FDS_PER_SLOT,
+    FDS_PER_VCPU,
+    FDS_PER_VM,
+    FdAccount,
+    irqfd_fds,
+)
 from kvmd.core.images import (
     FileBackedRange,
     ImagesDir,
@@ -54,6 +64,7 @@ from kvmd.core.images import (
     OpenedImage,
     normalize_name,
 )
+from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.state import (
     FileMappingState,
@@ -272,8 +283,11 @@ class ManagedVm:
     """
 
     def __init__(self, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-                 shared: HostShared, owner: str) -> None:
+                 shared: HostShared, owner: str, fds: FdAccount | None = None) -> None:
         self.id = vm_id
+        # The descriptors this VM holds, charged to its owner (kvmd.core.fds): the VM's own
+        # (charged before it was made, by Host.build_vm), then each object's before it is.
+        self.fds = fds if fds is not None else shared.fds.account(owner, FDS_PER_VM)
         self.labels = labels
         self.options = options
         self.owner = owner
@@ -318,7 +332,7 @@ class ManagedVm:
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-              shared: HostShared, owner: str) -> ManagedVm:
+              shared: HostShared, owner: str, fds: FdAccount | None = None) -> ManagedVm:
         """Configure the kernel VM per `options`; closes `vm` if that fails."""
         try:
             with kernel_errors(f"vm/{vm_id}"):
@@ -341,11 +355,16 @@ class ManagedVm:
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
                 raise InvalidArgument("debug_exit_port collides with the COM1 UART")
-            managed = cls(vm_id, labels, options, vm, shared, owner)
+            managed = cls(vm_id, labels, options, vm, shared, owner, fds)
         except BaseException:
             vm.close()
             raise
-        managed.dirty.start_reaper(vm_id)
+        try:
+            managed.dirty.start_reaper(vm_id)
+        except RuntimeError as exc:  # "can't start new thread": a tasks limit
+            managed.close()
+            raise ResourceExhausted(f"cannot start the dirty-ring reaper of vm {vm_id}: "
+                                    f"{exc}", resource=f"vm/{vm_id}") from None
         return managed
 
     @staticmethod
@@ -412,6 +431,7 @@ class ManagedVm:
             self.vm.close()
             self._vcpus.clear()
             self._budget.release(memory)
+            self.fds.close()
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -440,7 +460,12 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} would have {in_use + rounded} bytes of guest memory, the "
                     f"limit is {self._limits.max_memory_per_vm_bytes}")
-            self._budget.reserve(rounded)
+            self.fds.take(FDS_PER_SLOT, "a memory slot")
+            try:
+                self._budget.reserve(rounded)
+            except BaseException:
+                self.fds.give(FDS_PER_SLOT)
+                raise
             try:
                 with kernel_errors(self.resource):
                     slot = self.vm.add_memory_region(guest_addr, rounded, read_only, log_dirty,
@@ -448,6 +473,7 @@ class ManagedVm:
                     return self.vm.memory_region(slot)
             except BaseException:
                 self._budget.release(rounded)
+                self.fds.give(FDS_PER_SLOT)
                 raise
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
@@ -455,7 +481,10 @@ class ManagedVm:
             self.check_layout_fixed("remove memory from")
             info = self.vm.remove_memory_region(slot)
             self.dirty.forget_slot(slot)
+            overlays = sum(1 for r in self._files().values() if r.slot == slot
+                           and not r.whole_slot)
             self._forget_files(slot)
+            self.fds.give(FDS_PER_SLOT + FDS_PER_FILE_MAPPING * overlays)
         self._budget.release(info.size)
         return info
 
@@ -742,8 +771,13 @@ class ManagedVm:
                                         resource=f"{self.resource}/slot/{slot}")
             with self._images().open(file.name, writable) as image:
                 self._check_file_size(image, file, size)
-                with kernel_errors(f"{self.resource}/slot/{slot}"):
-                    self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                self.fds.take(FDS_PER_FILE_MAPPING, "a file mapping")
+                try:
+                    with kernel_errors(f"{self.resource}/slot/{slot}"):
+                        self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                except BaseException:
+                    self.fds.give(FDS_PER_FILE_MAPPING)
+                    raise
                 record = FileBackedRange(slot, info.guest_addr + offset, offset, size,
                                          image.name, file.offset, writable, False,
                                          image.identity)
@@ -769,6 +803,7 @@ class ManagedVm:
                 if not any(m.slot == slot and m.offset == offset
                            for m in self.vm.file_mappings()):
                     del self._files()[(slot, offset)]
+                    self.fds.give(FDS_PER_FILE_MAPPING)
         log.info("memory file unmapped", extra={"vm_id": self.id, "slot": slot,
                                                 "image": record.image})
         return record
@@ -867,21 +902,28 @@ class ManagedVm:
             if len(self._irqfds) >= self._limits.max_irqfds_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit")
-            if resample and any(e.gsi == gsi and e.resample for e in self._irqfds.values()):
-                raise AlreadyExists(f"gsi {gsi} already has a resample irqfd")
-            event = EventFd()
-            resample_fd = EventFd() if resample else None
-            entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
+            self.fds.take(irqfd_fds(resample), "an irqfd")
+            event = resample_fd = None
+            registered = False
             try:
                 with kernel_errors(f"{self.resource}/irqfd/{irqfd_id}"):
+                    event = EventFd()
+                    resample_fd = EventFd() if resample else None
+                    entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
                     self.vm.register_irqfd(gsi, event, resample_fd)
+                    registered = True
+                    if resample_fd is not None:
+                        self._watcher.add(resample_fd.fileno(),
+                                          lambda: self._on_resample(entry))
             except BaseException:
-                event.close()
-                if resample_fd is not None:
-                    resample_fd.close()
+                # Nothing half-made stays: not in KVM, no eventfd, nothing charged.
+                if registered and event is not None:
+                    self.vm.unregister_irqfd(gsi, event)
+                for fd in (event, resample_fd):
+                    if fd is not None:
+                        fd.close()
+                self.fds.give(irqfd_fds(resample))
                 raise
-            if resample_fd is not None:
-                self._watcher.add(resample_fd.fileno(), lambda: self._on_resample(entry))
             self._irqfds[irqfd_id] = entry
             return entry
 
@@ -906,6 +948,7 @@ class ManagedVm:
                 self.vm.unregister_irqfd(entry.gsi, entry.event)
             del self._irqfds[irqfd_id]
             self._release_irqfd(entry)
+            self.fds.give(irqfd_fds(entry.resample is not None))
 
     def _release_irqfd(self, entry: IrqfdEntry) -> None:
         if entry.resample is not None:
@@ -941,17 +984,34 @@ class ManagedVm:
             if len(self._ioevents) >= self._limits.max_ioevents_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit")
-            event = EventFd()
-            entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
+            self.check_addresses_free(IOEVENT, [ioevent_range(space, address, length)])
+            self.fds.take(FDS_PER_IOEVENT, "an ioevent")
+            event = None
+            registered = False
             try:
                 with kernel_errors(f"{self.resource}/ioevent/{ioevent_id}"):
+                    event = EventFd()
+                    entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
                     self.vm.register_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                    registered = True
+                    self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             except BaseException:
-                event.close()
+                # Nothing half-made stays: not in KVM, no eventfd, nothing charged.
+                if registered and event is not None:
+                    self.vm.unregister_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                if event is not None:
+                    event.close()
+                self.fds.give(FDS_PER_IOEVENT)
                 raise
-            self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             self._ioevents[ioevent_id] = entry
             return entry
+
+    def check_addresses_free(self, kind: str, ranges: list[ClaimRange]) -> None:
+        """Under the lock: one owner per address among devices, claims and ioevents (see
+        kvmd.core.owners); AlreadyExists otherwise."""
+        check_free(kind, ranges, devices=self.bus, claims=self.claims, ioevents=(
+            Owned(e.space, e.address, max(1, e.length), f"ioevent {e.ioevent_id!r}")
+            for e in self._ioevents.values()), resource=self.resource)
 
     def _on_ioevent(self, entry: IoeventEntry) -> None:
         count = entry.event.read()
@@ -969,6 +1029,7 @@ class ManagedVm:
                 self.vm.unregister_ioevent(entry.event, entry.kvm_address, entry.kvm_datamatch)
             del self._ioevents[ioevent_id]
             self._release_ioevent(entry)
+            self.fds.give(FDS_PER_IOEVENT)
 
     def _release_ioevent(self, entry: IoeventEntry) -> None:
         self._watcher.remove(entry.event.fileno())
@@ -994,8 +1055,13 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {len(self._vcpus)} vcpus, the limit is "
                     f"{self._limits.max_vcpus_per_vm}")
-            with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
-                vcpu = self.vm.create_vcpu(vcpu_id)
+            self.fds.take(FDS_PER_VCPU, "a vcpu")
+            try:
+                with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
+                    vcpu = self.vm.create_vcpu(vcpu_id)
+            except BaseException:
+                self.fds.give(FDS_PER_VCPU)
+                raise
             managed = ManagedVcpu(self, vcpu)
             self._vcpus[vcpu_id] = managed
             return managed
@@ -1047,9 +1113,24 @@ class ManagedVm:
             raise InvalidState(f"vm {self.id} is {self.state} (vcpu {bad[0].id} is "
                                f"{bad[0].state}); stop it before starting it again",
                                resource=self.resource)
+        # Every thread first, held at its gate: if one cannot be created (a tasks limit),
+        # the others end unseen and every vCPU is as it was.
+        launches = []
+        try:
+            for v in vcpus:
+                launches.append(v.launch())
+        except BaseException:
+            for launch in launches:
+                launch.cancel()
+            raise
         self.reason, self.exit_code = "", None
-        for v in vcpus:
-            v.start()
+        for i, launch in enumerate(launches):
+            try:
+                launch.commit()
+            except BaseException:
+                for rest in launches[i + 1:]:
+                    rest.cancel()
+                raise
 
     def pause(self) -> None:
         """Kick every running or halted vCPU at once, then wait for each to park."""
@@ -1162,6 +1243,12 @@ class ManagedVm:
         return total, per_vcpu
 
     def write_console(self, data: bytes) -> int:
+        """Queue input for COM1, all or nothing (see Uart16550.feed). Input larger than the
+        whole input buffer could never be taken: InvalidArgument, not a retryable limit."""
+        if len(data) > CONSOLE_INPUT_LIMIT:
+            raise InvalidArgument(f"console input of {len(data)} bytes is larger than the "
+                                  f"COM1 input buffer ({CONSOLE_INPUT_LIMIT} bytes): send it "
+                                  "in parts", resource=self.resource)
         return self.uart.feed(data)
 
     def _pulse_com1_irq(self) -> None:
@@ -1560,11 +1647,6 @@ class ManagedVm:
             if r.length <= 0 or r.base + r.length > limit:
                 raise InvalidArgument(f"{r.space.value} range {r.base:#x}+{r.length:#x} is "
                                       "empty or out of range")
-            if r.space == IoSpace.PIO:
-                device = self.bus.overlapping(r.base, r.length)
-                if device is not None:
-                    raise AlreadyExists(f"ports {r.base:#x}+{r.length:#x} overlap the "
-                                        f"in-daemon {device.name}", resource=self.resource)
         try:
             ClaimTable.check_disjoint(ranges)
         except ClaimConflict as exc:
@@ -1574,6 +1656,7 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            self.check_addresses_free(CLAIM, ranges)
             try:
                 clash = self.claims.add(handler)
             except ClaimConflict as exc:

@@ -61,6 +61,20 @@ PIO_LIMIT = 1 << 16
 ANY_WRITE = Datamatch()  # the default ioeventfd match: any write, of any length
 
 
+def _check_fds_available(fd: int, n: int, op: str) -> None:
+    """Raise EMFILE/ENFILE now unless `n` more descriptors can be opened (duplicates of
+    `fd`, closed again at once)."""
+    held: list[int] = []
+    try:
+        for _ in range(n):
+            held.append(os.dup(fd))
+    except OSError as exc:
+        raise KvmError(exc.errno or errno.EMFILE, op, "descriptors for a new vcpu") from None
+    finally:
+        for dup in held:
+            os.close(dup)
+
+
 @dataclass(frozen=True)
 class Device:
     """A device created with KVM_CREATE_DEVICE; its fd is owned by the Vm."""
@@ -794,13 +808,17 @@ class Vm:
     # -- vCPUs, devices, stats ------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """A new vCPU with its kvm_run mapping; owned (and closed) by this Vm."""
+        """A new vCPU with its kvm_run mapping; owned (and closed) by this Vm. KVM cannot
+        destroy a vCPU before its VM: the descriptors it needs (its fd, its stats fd) are
+        made sure of first, so running out refuses it (EMFILE) instead of leaving its id
+        taken by a vCPU nobody holds."""
         op = "KVM_CREATE_VCPU"
         with self._lock:
             fd = self._open_fd(op)
             if vcpu_id in self._vcpus:
                 raise invalid(op, f"vcpu {vcpu_id} already exists", errno.EEXIST)
             xsave2 = self._xsave2_cap()
+            _check_fds_available(fd, 2, op)
             vfd = ioctl(fd, op, vcpu_id)
             vcpu = Vcpu(vfd, vcpu_id, self._vcpu_mmap_size)
             vcpu._xsave2_size = xsave2
