@@ -7,18 +7,14 @@ statistics (KVM_GET_STATS_FD) are read the same way. Series of a deleted VM disa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
 import resource
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
-import grpc
-import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,7 +24,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.host import Host
 from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
 from kvmd.kvm import KvmError, StatDescriptor, StatsReader
@@ -37,7 +32,6 @@ from kvmd.metrics_http import MetricsHttpServer
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
-DEADLINE_SLACK_SECONDS = 0.1
 VCPU_STATES = (CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED)
 # Exit-counter names that are not exit reasons, or are split by direction instead.
 _SPLIT = {"io": ("io_in", "io_out"), "mmio": ("mmio_read", "mmio_write")}
@@ -282,35 +276,16 @@ class RpcMetrics:
         self.duration.labels(method).observe(seconds)
 
 
-class MetricsInterceptor(ScopedInterceptor):
-    """Counts every RPC by method and final status code and times it, streams included."""
+class MetricsInterceptor:
+    """Counts every RPC by method and final status code and times it, streams included: the
+    observer of the server's CallChain (which decides the code, see
+    kvmd.api.interceptors.status_code_name)."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
 
-    @asynccontextmanager
-    async def scope(self, method: str, kind: str, request: Any,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            yield request
-        except grpc.aio.AbortError:
-            status = context.code()
-            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away: its deadline passed, or it cancelled. The server's view
-            # of the deadline can lag the client's by a few ms.
-            remaining = context.time_remaining()
-            code = ("DEADLINE_EXCEEDED" if remaining is not None
-                    and remaining < DEADLINE_SLACK_SECONDS else "CANCELLED")
-            raise
-        except BaseException:
-            code = "UNKNOWN"
-            raise
-        finally:
-            self.metrics.observe(method, code, time.perf_counter() - started)
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.metrics.observe(method, code, seconds)
 
 
 class MetricsServer(MetricsHttpServer):

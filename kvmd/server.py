@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from kvmd import __version__
 from kvmd.api.auth import AuthInterceptor, Authorizer, Policy
 from kvmd.api.budget import Budget, BudgetInterceptor
-from kvmd.api.interceptors import BlockingAdapter, ErrorInterceptor
+from kvmd.api.interceptors import CallChain
 from kvmd.api.services import Runtime, add_services
 from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
@@ -243,9 +243,9 @@ class Daemon:
         ]
         server = grpc.aio.server(
             migration_thread_pool=self.executor,
-            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor(),
-                          AuthInterceptor(authorizer), BudgetInterceptor(self.budget),
-                          BlockingAdapter(self.executor)],
+            interceptors=[CallChain(self.executor, [AuthInterceptor(authorizer),
+                                                     BudgetInterceptor(self.budget)],
+                                    metrics=MetricsInterceptor(rpc_metrics))],
             options=options,
         )
         runtime = Runtime(self.executor, self.streams)

@@ -3,6 +3,7 @@ open streams, and the caller's identity."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.events import Mailbox
 from kvmd.core.host import Host
-from kvmd.core.vcpu import ManagedVcpu
+from kvmd.core.vcpu import ManagedVcpu, PauseTicket
 from kvmd.core.vm import ManagedVm
 
 T = TypeVar("T")
@@ -50,6 +51,43 @@ class ServicerBase:
         """Run blocking core work (ioctls, copies, locks) from an async handler."""
         result: T = await run_blocking(self.runtime.pool, fn, *args)
         return result
+
+    async def _paused(self, waits: list[tuple[ManagedVcpu, PauseTicket]]) -> None:
+        """Wait on the event loop, holding no thread, until every vCPU of `waits` paused
+        (or ended); the same outcomes as ManagedVcpu.wait_paused in a thread (ABORTED when
+        a resume came first, INTERNAL after the timeout). Each vCPU's state changes wake
+        the loop through a listener."""
+        if not waits:
+            return
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:  # from the vCPU's thread, under its lock
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                pass
+
+        for vcpu, _ticket in waits:
+            vcpu.add_listener(wake)
+        try:
+            deadline = loop.time() + max(vcpu.pause_timeout() for vcpu, _ticket in waits)
+            for vcpu, ticket in waits:
+                while True:
+                    ready.clear()
+                    if vcpu.pause_done(ticket):
+                        break
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise vcpu.timed_out("pause")
+                    try:
+                        async with asyncio.timeout(left):
+                            await ready.wait()
+                    except TimeoutError:
+                        pass
+        finally:
+            for vcpu, _ticket in waits:
+                vcpu.remove_listener(wake)
 
     def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext
                 ) -> AsyncIterator[T]:

@@ -102,6 +102,9 @@ class ManagedVcpu:
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
+        # Called (under cond, from whichever thread) after every change of state, parks or
+        # resumes: how a caller that cannot block on cond (an event loop) learns of them.
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def resource(self) -> str:
@@ -161,15 +164,52 @@ class ManagedVcpu:
         that leaves it running: the pause did happen), or ended. A resume granted before it
         parked cancelled the pause: ABORTED, never a timeout."""
         with self.cond:
-            # A vCPU waiting for a remote handler pauses once the reply (or deadline) comes.
-            waiting = self.waiting_remote
-            extra = waiting[0].deadline if waiting is not None else 0.0
-            self._wait_until(lambda: (self._parks != ticket.parks
-                                      or self._resumes != ticket.resumes
-                                      or self.state in ENDED), "pause", extra)
+            deadline = time.monotonic() + self.pause_timeout()
+            while not self.pause_done(ticket):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.timed_out("pause")
+                self.cond.wait(left)
+
+    def pause_done(self, ticket: PauseTicket) -> bool:
+        """Whether the pause of `ticket` is over: parked since, or ended (True); not yet
+        (False). Raises Aborted if a resume came first. Never blocks on the vCPU."""
+        with self.cond:
+            if (self._parks == ticket.parks and self._resumes == ticket.resumes
+                    and self.state not in ENDED):
+                return False
             if self._parks == ticket.parks and self._resumes != ticket.resumes:
                 raise Aborted(f"vcpu {self.id} of vm {self.vm_id} was resumed by another call "
                               "before it paused", resource=self.resource)
+            return True
+
+    def pause_timeout(self) -> float:
+        """Seconds a pause may take: the usual bound, plus the deadline of a remote handler
+        this vCPU waits for (it pauses once the reply, or the deadline, comes)."""
+        waiting = self.waiting_remote
+        return STATE_CHANGE_TIMEOUT + (waiting[0].deadline if waiting is not None else 0.0)
+
+    def timed_out(self, what: str) -> KernelError:
+        return KernelError(f"vcpu {self.id} of vm {self.vm_id} did not {what} within "
+                           f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every state change (from the changing thread, under
+        cond: it must only hand the news on, e.g. wake an event loop)."""
+        with self.cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        """Under cond: wake waiters and listeners after a change of state, parks or
+        resumes."""
+        self.cond.notify_all()
+        for listener in self._listeners:
+            listener()
 
     def pause(self) -> None:
         """Kick the vCPU out of the guest; returns once it is paused (or ended)."""
@@ -196,7 +236,7 @@ class ManagedVcpu:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a paused or halted vcpu can be resumed",
                                    resource=self.resource)
-            self.cond.notify_all()
+            self._changed()
 
     def stop(self, reason: str = "stopped by request") -> None:
         """End the vCPU's thread (from an API thread); waits for it. A crashed vCPU (its
@@ -257,15 +297,6 @@ class ManagedVcpu:
                 self.vcpu.kick()  # deliver it now rather than at the next exit
             self.cond.notify_all()
 
-    def _wait_until(self, done: Callable[[], bool], what: str, extra: float = 0.0) -> None:
-        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT + extra
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not {what} within "
-                                  f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource)
-            self.cond.wait(left)
-
     def _join_finished_thread(self) -> None:
         if self._thread is not None:
             self._thread.join(STATE_CHANGE_TIMEOUT)
@@ -278,7 +309,7 @@ class ManagedVcpu:
             self._parks += 1
         if reason:
             self.reason = reason
-        self.cond.notify_all()
+        self._changed()
         self.vm.on_vcpu_event(self, event, reason, exit_code)
 
     # -- the vCPU thread ------------------------------------------------------------------

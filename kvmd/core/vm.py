@@ -75,6 +75,7 @@ from kvmd.core.vcpu import (
     STOPPED,
     ManagedVcpu,
     Outcome,
+    PauseTicket,
 )
 from kvmd.kvm import (
     Datamatch,
@@ -246,6 +247,10 @@ class ManagedVm:
         self.last_snapshot_layout: list[SlotState] = []
         self.lock = threading.RLock()
         self._vcpus: dict[int, ManagedVcpu] = {}
+        # The vCPUs by id, replaced (never changed in place) under the lock: `vcpus()` and
+        # `vcpu()` read without the lock, so state reads (GetVm, the events a vCPU publishes
+        # under its own lock) never wait behind a long holder of the VM's lock.
+        self._vcpu_list: tuple[ManagedVcpu, ...] = ()
         self._irqfds: dict[str, IrqfdEntry] = {}
         self._ioevents: dict[str, IoeventEntry] = {}
         self.ioevent_fired: Broadcaster[Fired] = Broadcaster()
@@ -356,6 +361,7 @@ class ManagedVm:
             memory = self.vm.memory_size
             self.vm.close()
             self._vcpus.clear()
+            self._vcpu_list = ()
             self._budget.release(memory)
 
     # -- memory ---------------------------------------------------------------------------
@@ -928,18 +934,18 @@ class ManagedVm:
                 vcpu = self.vm.create_vcpu(vcpu_id)
             managed = ManagedVcpu(self, vcpu)
             self._vcpus[vcpu_id] = managed
+            self._vcpu_list = tuple(self._vcpus[k] for k in sorted(self._vcpus))
             return managed
 
     def vcpu(self, vcpu_id: int) -> ManagedVcpu:
-        with self.lock:
-            managed = self._vcpus.get(vcpu_id)
-            if managed is None:
-                raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
-            return managed
+        managed = self._vcpus.get(vcpu_id)  # one dict lookup: no lock needed
+        if managed is None:
+            raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
+        return managed
 
     def vcpus(self) -> list[ManagedVcpu]:
-        with self.lock:
-            return [self._vcpus[k] for k in sorted(self._vcpus)]
+        """The vCPUs by id; takes no lock (see _vcpu_list)."""
+        return list(self._vcpu_list)
 
     # -- run control ----------------------------------------------------------------------
 
@@ -983,6 +989,13 @@ class ManagedVm:
 
     def pause(self) -> None:
         """Kick every running or halted vCPU at once, then wait for each to park."""
+        for v, ticket in self.request_pause():
+            v.wait_paused(ticket)
+
+    def request_pause(self) -> list[tuple[ManagedVcpu, PauseTicket]]:
+        """The first half of `pause`, which never blocks: kick every running or halted vCPU
+        and return what to wait for (ManagedVcpu.wait_paused, or pause_done polled on each
+        state change, see add_listener)."""
         self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state in PAUSABLE]
         if not vcpus:
@@ -994,8 +1007,7 @@ class ManagedVm:
                 tickets.append((v, v.request_pause()))
             except InvalidState:
                 pass  # it parked or ended by itself meanwhile: nothing to wait for
-        for v, ticket in tickets:
-            v.wait_paused(ticket)
+        return tickets
 
     def resume(self) -> None:
         """Resume every paused or halted vCPU, and cancel pauses still in flight."""
@@ -1039,10 +1051,15 @@ class ManagedVm:
         return vcpu
 
     def pause_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        vcpu, ticket = self.request_pause_vcpu(vcpu_id)
+        vcpu.wait_paused(ticket)
+        return vcpu
+
+    def request_pause_vcpu(self, vcpu_id: int) -> tuple[ManagedVcpu, PauseTicket]:
+        """The first half of pause_vcpu, which never blocks (see request_pause)."""
         self.check_not_busy()
         vcpu = self.vcpu(vcpu_id)
-        vcpu.pause()
-        return vcpu
+        return vcpu, vcpu.request_pause()
 
     def resume_vcpu(self, vcpu_id: int) -> ManagedVcpu:
         self.check_not_busy()
