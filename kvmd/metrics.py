@@ -7,6 +7,7 @@ statistics (KVM_GET_STATS_FD) are read the same way. Series of a deleted VM disa
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -256,24 +257,58 @@ def _zero_counts() -> dict[str, int]:
     return {n: 0 for n in [*names, *COUNTER_SLOTS, "other"] if n != "first_extra"}
 
 
-class RpcMetrics:
-    """gRPC request counts and latencies, filled by MetricsInterceptor."""
+# The request-duration buckets (prometheus_client's defaults, as before).
+RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0)
+
+
+class RpcMetrics(Collector):
+    """gRPC request counts and latencies, filled by MetricsInterceptor for every call.
+
+    Plain dicts and lists, no lock and no prometheus_client object per call: `observe` runs
+    on the event loop (the one writer, so increments cannot race), and the collector copies
+    them when Prometheus scrapes (a dict copy is atomic under the GIL)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("kvmd_grpc_requests", "gRPC requests by method and status code",
-                                ["method", "code"], registry=registry)
-        self.duration = Histogram("kvmd_grpc_request_duration_seconds",
-                                  "gRPC request duration (streams: until the stream ends)",
-                                  ["method"], registry=registry)
+        self.counts: dict[tuple[str, str], int] = {}
+        # method -> [count per bucket (the last: +Inf), sum of seconds]
+        self.durations: dict[str, tuple[list[int], list[float]]] = {}
         self.denials = Counter("kvmd_authorization_denials", "Calls refused by authentication "
                                "or authorization", ["method", "reason"], registry=registry)
+        registry.register(self)
 
     def count_denial(self, method: str, reason: str) -> None:
         self.denials.labels(method, reason).inc()
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.duration.labels(method).observe(seconds)
+        key = (method, code)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        entry = self.durations.get(method)
+        if entry is None:
+            entry = self.durations[method] = ([0] * (len(RPC_BUCKETS) + 1), [0.0])
+        entry[0][bisect.bisect_left(RPC_BUCKETS, seconds)] += 1
+        entry[1][0] += seconds
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("kvmd_grpc_requests", "gRPC requests by method and "
+                                       "status code", labels=["method", "code"])
+        for (method, code), n in sorted(dict(self.counts).items()):
+            requests.add_metric([method, code], n)
+        yield requests
+        duration = HistogramMetricFamily("kvmd_grpc_request_duration_seconds", "gRPC request "
+                                         "duration (streams: until the stream ends)",
+                                         labels=["method"])
+        for method, (buckets, total) in sorted(dict(self.durations).items()):
+            running, cumulative = 0, []
+            for bound, n in zip((*RPC_BUCKETS, float("inf")), list(buckets), strict=True):
+                running += n
+                cumulative.append((_bound(bound), running))
+            duration.add_metric([method], cumulative, total[0])
+        yield duration
 
 
 class MetricsInterceptor:
