@@ -19,6 +19,7 @@ from kvmd.core.devices import (
     COM1_IRQ,
     DEFAULT_CONSOLE_BUFFER,
     DEFAULT_DEBUG_EXIT_PORT,
+    MAX_CONSOLE_BUFFER,
     Console,
     DebugExit,
     DeviceBus,
@@ -261,8 +262,14 @@ class ManagedVm:
         self.exit_code: int | None = None
         # Devices and claims: what the vCPU threads dispatch exits to.
         self.console = Console(options.console_buffer_bytes or DEFAULT_CONSOLE_BUFFER)
+        # The UART's registers live in C and the run loop completes the guest's accesses;
+        # this eventfd fires when its transmit ring gets bytes, and the fd watcher drains
+        # them into the console in bulk.
+        self._console_ready = EventFd()
         self.uart = Uart16550(self.console, raise_irq=self._pulse_com1_irq
-                              if options.irqchip else None)
+                              if options.irqchip else None,
+                              notify_fd=self._console_ready.fileno())
+        self._watcher.add(self._console_ready.fileno(), self._on_console_ready)
         self.debug_exit = DebugExit(options.debug_exit_port or DEFAULT_DEBUG_EXIT_PORT)
         self.bus = DeviceBus()
         self.bus.add(self.uart)
@@ -272,6 +279,7 @@ class ManagedVm:
         self.pio_map = PioMap(unclaimed=not options.strict_io)
         for device in self.bus:
             self.pio_map.set_claimed(device.base, device.length, True)
+        self.pio_map.attach_uart(self.uart.regs)
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
@@ -292,6 +300,9 @@ class ManagedVm:
                         raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
                     vm.create_pit2()
                 cls._enable_dirty_mode(vm, options)
+            if options.console_buffer_bytes > MAX_CONSOLE_BUFFER:
+                raise InvalidArgument(f"console_buffer_bytes {options.console_buffer_bytes} is "
+                                      f"above {MAX_CONSOLE_BUFFER} (16 MiB)")
             if options.debug_exit_port and not 0 < options.debug_exit_port < 1 << 16:
                 raise InvalidArgument(f"debug_exit_port {options.debug_exit_port:#x} is not "
                                       "a port")
@@ -363,6 +374,8 @@ class ManagedVm:
             self._vcpus.clear()
             self._vcpu_list = ()
             self._budget.release(memory)
+            self._watcher.remove(self._console_ready.fileno())
+            self._console_ready.close()
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -1110,6 +1123,11 @@ class ManagedVm:
 
     def write_console(self, data: bytes) -> int:
         return self.uart.feed(data)
+
+    def _on_console_ready(self) -> None:
+        """The fd watcher: the UART's transmit ring got bytes; move them to the console."""
+        self._console_ready.read()
+        self.uart.drain()
 
     def _pulse_com1_irq(self) -> None:
         try:
