@@ -17,6 +17,7 @@ from kvmd.core.limits import Limits, host_limits
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
 DEFAULT_STATE_DIR = "/var/lib/kvmd"
+DEFAULT_VCPU_NICE = 10
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 # Guest memory limits default to what this host can hold (read once, at import).
@@ -67,6 +68,9 @@ class Config:
     # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
     metrics_listen: str = "off"
     metrics_vcpu_label: bool = False
+    # The nice value of vCPU threads (0-19; 0: the same priority as the API's threads). A
+    # higher value keeps the control plane responsive while guests burn every CPU.
+    vcpu_nice: int = DEFAULT_VCPU_NICE
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -152,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
                        help=f"limit (default {default}" + (
                            ", from this host's memory)" if default != f.default else ")"))
+    p.add_argument("--vcpu-nice", type=int, metavar="N",
+                   help="nice value of vCPU threads, 0-19 (default "
+                        f"{DEFAULT_VCPU_NICE}; 0: as the API's threads)")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 
@@ -183,6 +190,8 @@ def validate(cfg: Config) -> None:
     """Checks across keys: TLS settings that cannot work or would weaken security."""
     for name in _TYPES:
         check_value(name, getattr(cfg, name), "the configuration")
+    if not 0 <= cfg.vcpu_nice <= 19:
+        raise ConfigError(f"vcpu_nice must be 0-19, not {cfg.vcpu_nice}")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
                           "be verified over TLS")

@@ -189,7 +189,8 @@ class Daemon:
             log.info("no images directory: file-backed guest memory is off",
                      extra={"images_dir": images_dir or "-"})
         try:
-            self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
+            self.host = Host(self.limits, self.cfg.kvm_device, images_dir,
+                             vcpu_nice=self.cfg.vcpu_nice)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)

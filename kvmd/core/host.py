@@ -63,6 +63,8 @@ class HostShared:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Where file-backed guest memory comes from (None: file-backed memory is off).
     images: ImagesDir | None = None
+    # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
+    vcpu_nice: int = 0
 
     def count_crash(self, reason: str) -> None:
         # A small label set: the reason's kind ("shutdown", "internal_error", ...).
@@ -75,7 +77,7 @@ class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
     def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
-                 images_dir: str | None = None) -> None:
+                 images_dir: str | None = None, vcpu_nice: int = 0) -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -92,7 +94,8 @@ class Host:
             msr_index_list = self.kvm.get_msr_index_list()
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
                                  self.capabilities(), msr_index_list,
-                                 images=ImagesDir(images_dir) if images_dir else None)
+                                 images=ImagesDir(images_dir) if images_dir else None,
+                                 vcpu_nice=vcpu_nice)
         self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -53,6 +54,25 @@ PAUSABLE = (RUNNING, HALTED)
 RESUMABLE = (PAUSED, HALTED)
 ENDED = (STOPPED, CRASHED)
 STATE_CHANGE_TIMEOUT = 5.0
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread a nice value of `nice` (Linux: per thread). vCPU threads call
+    it first, so the API's event loop and call threads (nice 0) win the CPU from guests that
+    spin: the control plane stays responsive on a host whose vCPUs outnumber its cores.
+    Raising one's own nice needs no privilege; failure is logged once and ignored."""
+    global _nice_failed
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        if not _nice_failed:
+            _nice_failed = True
+            log.warning("cannot lower vCPU thread priority", extra={"error": str(exc)})
+
+
+_nice_failed = False
 
 
 @dataclass(frozen=True)
@@ -317,6 +337,7 @@ class ManagedVcpu:
     def _loop(self) -> None:
         vcpu = self.vcpu
         pio_map = self.vm.pio_map
+        lower_priority(self.vm.shared.vcpu_nice)
         try:
             while True:
                 with self.cond:
