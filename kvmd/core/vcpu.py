@@ -114,6 +114,7 @@ class ManagedVcpu:
         self._stop_requested = False
         self._stop_reason = ""
         self._pending_irqs: deque[int] = deque()
+        self._window_requested = False  # kvm_run.request_interrupt_window is set
         # Times the thread parked paused, and times a resume was granted: a pause waits for
         # the first to move, and is cancelled (ABORTED) if only the second did.
         self._parks = 0
@@ -372,6 +373,8 @@ class ManagedVcpu:
         """Inject the oldest queued interrupt when the guest can take one. KVM holds only one
         KVM_INTERRUPT at a time, so the rest wait: the vCPU asks KVM for an exit as soon as
         the guest can take the next (IRQ_WINDOW_OPEN), and none is ever dropped."""
+        if not self._pending_irqs and not self._window_requested:
+            return  # the common case, every exit: nothing queued, no window asked for
         with self.cond:
             vector = self._pending_irqs[0] if self._pending_irqs else None
         if vector is not None and self.vcpu.ready_for_interrupt_injection:
@@ -388,7 +391,8 @@ class ManagedVcpu:
                 with self.cond:
                     self._pending_irqs.popleft()
         with self.cond:
-            self.vcpu.set_request_interrupt_window(bool(self._pending_irqs))
+            self._window_requested = bool(self._pending_irqs)
+            self.vcpu.set_request_interrupt_window(self._window_requested)
 
     def _finish_pending_io(self) -> None:
         """KVM completes an IO/MMIO access (IN data into the register, RIP past the
