@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 LISTEN ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench clean system-install uninstall
+.PHONY: run test install lint typecheck pytest bench bench-quick clean system-install uninstall
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test: lint typecheck pytest
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The figures of the README's benchmark table, in short runs (under 3 minutes).
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 # Install as a systemd service (a virtualenv under /opt/kvmd, unit, config); idempotent.
 system-install:
