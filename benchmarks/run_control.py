@@ -134,7 +134,9 @@ class Daemon:
 
     @classmethod
     def start(cls, sock: str) -> Daemon:
-        kvmd = os.path.join(os.path.dirname(sys.executable), "kvmd")
+        # KVMD_BENCH_DAEMON names another build's kvmd (a before/after comparison).
+        kvmd = os.environ.get("KVMD_BENCH_DAEMON") or os.path.join(
+            os.path.dirname(sys.executable), "kvmd")
         address = f"unix://{sock}"
         proc = subprocess.Popen([kvmd, "--listen", address, "--log-level", "error"])
         deadline = time.monotonic() + 20

@@ -93,6 +93,8 @@ class KvmdCollector(Collector):
                                     "fetches", labels=["vm"])
         console = CounterMetricFamily("kvmd_console_bytes", "Bytes through the guest console",
                                       labels=["vm", "direction"])
+        overruns = CounterMetricFamily("kvmd_console_rx_overruns", "Bytes the UART's receive "
+                                       "FIFO dropped (full, in loopback mode)", labels=["vm"])
         vm_state = GaugeMetricFamily("kvmd_vm_state", "1 for the state each VM is in",
                                      labels=["vm", "state"])
         discarded = CounterMetricFamily("kvmd_guest_memory_discarded_bytes", "Host memory "
@@ -127,8 +129,10 @@ class KvmdCollector(Collector):
             memory.add_metric([vm.id], sum(r.size for r in regions))
             slots.add_metric([vm.id], len(regions))
             dirty.add_metric([vm.id], vm.dirty_pages_total)
+            vm.console.flush()  # bytes still in the UART's ring count too
             console.add_metric([vm.id, "out"], vm.console.bytes_out)
             console.add_metric([vm.id, "in"], vm.console.bytes_in)
+            overruns.add_metric([vm.id], vm.uart.rx_overruns)
             for state in ("created", "running", "paused", "stopped", "crashed"):
                 vm_state.add_metric([vm.id, state], 1 if vm.state == state else 0)
             discarded.add_metric([vm.id], vm.discarded_bytes_total)
@@ -140,6 +144,7 @@ class KvmdCollector(Collector):
         yield slots
         yield dirty
         yield console
+        yield overruns
         yield vm_state
         yield discarded
         yield allocated
