@@ -63,7 +63,14 @@ class Qmp:
                 raise RuntimeError(f"QEMU did not start: {err.strip()}")
             time.sleep(0.02)
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(sock)
+        while True:  # the socket file appears (bind) just before QEMU listens
+            try:
+                self.sock.connect(sock)
+                break
+            except ConnectionRefusedError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.file = self.sock.makefile("rwb", buffering=0)
         self.file.readline()  # greeting
         self.command("qmp_capabilities")
