@@ -56,20 +56,20 @@ ENDED = (STOPPED, CRASHED)
 STATE_CHANGE_TIMEOUT = 5.0
 
 
-def lower_priority(nice: int) -> None:
-    """Give the calling thread a nice value of `nice` (Linux: per thread). vCPU threads call
-    it first, so the API's event loop and call threads (nice 0) win the CPU from guests that
-    spin: the control plane stays responsive on a host whose vCPUs outnumber its cores.
-    Raising one's own nice needs no privilege; failure is logged once and ignored."""
+def set_thread_nice(tid: int, nice: int) -> bool:
+    """Set a thread's nice value (Linux: per thread; `tid` its native id). Raising it needs
+    no privilege; lowering it needs CAP_SYS_NICE or RLIMIT_NICE (the unit's LimitNICE=).
+    Returns whether it worked; the first failure is logged, later ones are not."""
     global _nice_failed
-    if nice <= 0:
-        return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return True
     except OSError as exc:
         if not _nice_failed:
             _nice_failed = True
-            log.warning("cannot lower vCPU thread priority", extra={"error": str(exc)})
+            log.warning("cannot set a vCPU thread's priority", extra={
+                "nice": nice, "error": str(exc)})
+        return False
 
 
 _nice_failed = False
@@ -126,6 +126,12 @@ class ManagedVcpu:
         # Called (under cond, from whichever thread) after every change of state, parks or
         # resumes: how a caller that cannot block on cond (an event loop) learns of them.
         self._listeners: list[Callable[[], None]] = []
+        # vCPU threads run at the host's vcpu_nice, so spinning guests cannot starve the API;
+        # a pause gives the kicked thread the API's priority back until it runs again, so it
+        # leaves the guest promptly even when the host is busy.
+        self._nice = vm.shared.vcpu_nice
+        self._tid = 0  # the thread's native id, once it runs
+        self._boosted = False
 
     @property
     def resource(self) -> str:
@@ -142,6 +148,7 @@ class ManagedVcpu:
             self._join_finished_thread()
             self._pause_requested = self._stop_requested = False
             self._io_pending = False
+            self._tid, self._boosted = 0, False  # the new thread sets its own
             self._stop_reason = self.reason = ""
             self.vcpu.set_immediate_exit(False)
             self._set_state(RUNNING, "started")
@@ -177,6 +184,8 @@ class ManagedVcpu:
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
+            if self._nice > 0 and self._tid and not self._boosted:
+                self._boosted = set_thread_nice(self._tid, 0)
             self.cond.notify_all()
             return ticket
 
@@ -338,7 +347,10 @@ class ManagedVcpu:
     def _loop(self) -> None:
         vcpu = self.vcpu
         pio_map = self.vm.pio_map
-        lower_priority(self.vm.shared.vcpu_nice)
+        with self.cond:
+            self._tid = threading.get_native_id()
+        if self._nice > 0:
+            set_thread_nice(self._tid, self._nice)
         try:
             while True:
                 with self.cond:
@@ -346,6 +358,9 @@ class ManagedVcpu:
                                                       or self._stop_requested)
                     if not finish_io and not self._wait_for_go():
                         return
+                    if self._boosted and not finish_io:  # back to the guest: lower again
+                        self._boosted = False
+                        set_thread_nice(self._tid, self._nice)
                 if finish_io:
                     self._finish_pending_io()
                     continue

@@ -11,6 +11,7 @@ from guests import SPIN
 from polling import wait_until
 from runctl_api import WAIT, Api
 
+from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.config import DEFAULT_VCPU_NICE
 
 
@@ -28,6 +29,12 @@ def test_vcpu_threads_run_at_the_configured_nice_value(api_factory: Callable[...
     # The API's threads (and this test's) are untouched.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
     assert api.get_vm("spin").state == "running"
+    # Paused, the thread has the API's priority back (so it leaves the guest promptly on a
+    # busy host); resumed, it lowers itself again.
+    assert api.pause("spin").state == "paused"
+    assert vcpu_thread_nice("spin") == 0
+    api.vms.ResumeVm(pb.VmRef(vm_id="spin"))
+    wait_until(lambda: vcpu_thread_nice("spin") == DEFAULT_VCPU_NICE, WAIT, "nice again")
     api.delete("spin")
 
     off = api_factory(vcpu_nice=0)
