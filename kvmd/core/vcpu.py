@@ -377,6 +377,7 @@ class ManagedVcpu:
             log.exception("vcpu thread failed", extra={"vm_id": self.vm_id, "vcpu": self.id})
             reason = f"daemon error: {type(exc).__name__}: {exc}"
             with self.cond:
+                self.vm.record_outcome(Outcome("crash", reason))
                 self._crash(reason)
             self.vm.on_vcpu_ended(self, Outcome("crash", reason))
 
@@ -451,6 +452,7 @@ class ManagedVcpu:
                 self._pause_requested = True
                 self._set_state(PAUSED, "paused", outcome.reason)
                 return True
+            self.vm.record_outcome(outcome)
             if outcome.action == "stop":
                 self._set_state(STOPPED, outcome.reason or "stopped", outcome.reason,
                                 outcome.exit_code)

@@ -1093,14 +1093,19 @@ class ManagedVm:
         self.events.publish(VmEvent(event, vcpu.id, self.state, reason, exit_code, regs,
                                     int(time.time() * 1000)))
 
-    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
-        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
-        if outcome.action == "crash":
-            self.shared.count_crash(outcome.reason)
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Why the VM ends (the first reason; the exit code), recorded by the vCPU that ends
+        it before its state changes: whoever sees that state (WatchVm, GetVm) sees these."""
         if not self.reason:
             self.reason = outcome.reason
         if outcome.exit_code is not None:
             self.exit_code = outcome.exit_code
+
+    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
+        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
+        if outcome.action == "crash":
+            self.shared.count_crash(outcome.reason)
+        self.record_outcome(outcome)
         for other in self.vcpus():
             if other is not vcpu:
                 other.request_stop(f"vcpu {vcpu.id} {outcome.reason}")
