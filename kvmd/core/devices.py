@@ -7,13 +7,18 @@ accesses to it without Python, and its transmitted bytes reach the console in bu
 
 from __future__ import annotations
 
+import logging
+import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmd.core.events import Broadcaster, Subscription
 from kvmd.core.state import ConsoleState, UartState
-from kvmd.kvm import UartRegs, UartRegsState
+from kvmd.kvm import EventFd, UartRegs, UartRegsState
+
+log = logging.getLogger(__name__)
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -30,6 +35,9 @@ UART_TX_RING = 64 << 10
 # loses the oldest output, never grows the daemon.
 SUBSCRIBER_CHUNKS = 4096
 MIN_SUBSCRIBER_BYTES = 64 << 10
+# After draining a UART the pump waits this long before asking for the next signal: output
+# of a guest that prints fast reaches the console in batches, at most this late.
+CONSOLE_BATCH_SECONDS = 0.002
 
 class PioDevice:
     """A device on the port bus: `read` returns `size` bytes, `write` consumes them."""
@@ -107,9 +115,9 @@ class Uart16550(PioDevice):
     divisor latches, scratch, loopback. The registers, the transmit ring and the receive
     FIFO are kept in C (`regs`, kvmd.kvm.UartRegs): the vCPU run loop completes the
     guest's accesses there (see ManagedVm: the VM's PioMap attaches `regs`). Output goes to
-    the VM's Console when drained: by `drain()` (the fd watcher calls it when `notify_fd`
-    fires; console readers and save_state call it first; the Python path when the ring is
-    full).
+    the VM's Console when drained: by `drain()` (the daemon's ConsolePump calls it when
+    `notify_fd` fires, and in batches after; console readers and save_state call it first;
+    the Python path when the ring is full).
     Input comes from `feed()`, bounded by the FIFO (CONSOLE_INPUT_LIMIT bytes); in loopback
     mode bytes beyond it are dropped and counted (`rx_overruns`, LSR.OE), as on hardware.
     With an in-kernel irqchip, `raise_irq` pulses IRQ 4 for received data."""
@@ -176,6 +184,83 @@ class Uart16550(PioDevice):
         value = data[0] if data else 0
         while not self.regs.write(offset, value):
             self.drain()  # the ring is full: make room, then transmit
+
+
+class ConsolePump:
+    """Moves the daemon's UART output into consoles: one thread ("kvmd-console") for every
+    VM. A UART's first transmitted byte after it was armed signals its eventfd; the pump
+    drains the ring at once, waits CONSOLE_BATCH_SECONDS (what the guest prints meanwhile
+    signals nothing), drains again and re-arms. So a line of output reaches StreamConsole
+    within microseconds, and a flood costs one wake-up per batch, not one per byte."""
+
+    def __init__(self, interval: float = CONSOLE_BATCH_SECONDS) -> None:
+        self.interval = interval
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._uarts: dict[int, tuple[EventFd, Uart16550]] = {}
+        self._due: dict[int, float] = {}  # fd -> when to drain again and re-arm
+        self._wake = EventFd()
+        self._epoll.register(self._wake.fileno(), select.EPOLLIN)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="kvmd-console", daemon=True)
+        self._thread.start()
+
+    def add(self, event: EventFd, uart: Uart16550) -> None:
+        """Pump `uart`, whose notify_fd is `event`."""
+        with self._lock:
+            self._uarts[event.fileno()] = (event, uart)
+            self._epoll.register(event.fileno(), select.EPOLLIN)
+
+    def remove(self, event: EventFd) -> None:
+        """Stop pumping; once this returns the pump no longer touches the UART or `event`."""
+        with self._lock:
+            if self._uarts.pop(event.fileno(), None) is not None:
+                self._due.pop(event.fileno(), None)
+                self._epoll.unregister(event.fileno())
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            with self._lock:
+                due = min(self._due.values(), default=None)
+            timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
+            try:
+                ready = self._epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            with self._lock:
+                now = time.monotonic()
+                for fd, _mask in ready:
+                    if fd == self._wake.fileno():
+                        self._wake.read()
+                        continue
+                    entry = self._uarts.get(fd)
+                    if entry is not None:
+                        entry[0].read()
+                        self._drain(entry[1])
+                        self._due[fd] = now + self.interval
+                for fd, when in list(self._due.items()):
+                    if when <= now:
+                        uart = self._uarts[fd][1]
+                        self._drain(uart)
+                        if uart.regs.arm():  # bytes came after the drain: another round
+                            self._due[fd] = now + self.interval
+                        else:
+                            del self._due[fd]
+
+    @staticmethod
+    def _drain(uart: Uart16550) -> None:
+        try:
+            uart.drain()
+        except Exception:  # a console bug must not stop every console
+            log.exception("console drain failed")
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.write(1)
+        self._thread.join(timeout=5)
+        with self._lock:
+            self._epoll.close()
+            self._wake.close()
 
 
 @dataclass

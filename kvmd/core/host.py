@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from kvmd import __version__
+from kvmd.core.devices import ConsolePump
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -65,6 +66,8 @@ class HostShared:
     images: ImagesDir | None = None
     # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
     vcpu_nice: int = 0
+    # Moves UART output into consoles (None: the fd watcher drains at every signal).
+    console_pump: ConsolePump | None = None
 
     def count_crash(self, reason: str) -> None:
         # A small label set: the reason's kind ("shutdown", "internal_error", ...).
@@ -95,7 +98,7 @@ class Host:
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
                                  self.capabilities(), msr_index_list,
                                  images=ImagesDir(images_dir) if images_dir else None,
-                                 vcpu_nice=vcpu_nice)
+                                 vcpu_nice=vcpu_nice, console_pump=ConsolePump())
         self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------
@@ -212,5 +215,7 @@ class Host:
             vms, self._vms = list(self._vms.values()), {}
         for vm in vms:
             vm.close()
+        if self.shared.console_pump is not None:
+            self.shared.console_pump.close()
         self.watcher.close()
         self.kvm.close()

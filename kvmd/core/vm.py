@@ -263,13 +263,16 @@ class ManagedVm:
         # Devices and claims: what the vCPU threads dispatch exits to.
         self.console = Console(options.console_buffer_bytes or DEFAULT_CONSOLE_BUFFER)
         # The UART's registers live in C and the run loop completes the guest's accesses;
-        # this eventfd fires when its transmit ring gets bytes, and the fd watcher drains
+        # this eventfd fires when its transmit ring gets bytes, and the console pump drains
         # them into the console in bulk.
         self._console_ready = EventFd()
         self.uart = Uart16550(self.console, raise_irq=self._pulse_com1_irq
                               if options.irqchip else None,
                               notify_fd=self._console_ready.fileno())
-        self._watcher.add(self._console_ready.fileno(), self._on_console_ready)
+        if shared.console_pump is not None:
+            shared.console_pump.add(self._console_ready, self.uart)
+        else:
+            self._watcher.add(self._console_ready.fileno(), self._on_console_ready)
         self.debug_exit = DebugExit(options.debug_exit_port or DEFAULT_DEBUG_EXIT_PORT)
         self.bus = DeviceBus()
         self.bus.add(self.uart)
@@ -374,7 +377,10 @@ class ManagedVm:
             self._vcpus.clear()
             self._vcpu_list = ()
             self._budget.release(memory)
-            self._watcher.remove(self._console_ready.fileno())
+            if self.shared.console_pump is not None:
+                self.shared.console_pump.remove(self._console_ready)
+            else:
+                self._watcher.remove(self._console_ready.fileno())
             self._console_ready.close()
 
     # -- memory ---------------------------------------------------------------------------
@@ -1130,9 +1136,12 @@ class ManagedVm:
         return self.uart.feed(data)
 
     def _on_console_ready(self) -> None:
-        """The fd watcher: the UART's transmit ring got bytes; move them to the console."""
+        """The fd watcher (without a console pump): the UART's transmit ring got bytes; move
+        them to the console and ask for the next signal."""
         self._console_ready.read()
         self.uart.drain()
+        while self.uart.regs.arm():
+            self.uart.drain()
 
     def _pulse_com1_irq(self) -> None:
         try:

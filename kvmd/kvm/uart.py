@@ -42,9 +42,9 @@ class UartStats:
 
 
 class UartRegs:
-    """The C 16550 at ports [base, base+8). `notify_fd` (an eventfd, or -1) is signalled
-    when a byte enters an empty transmit ring; `tx_bytes` (a power of two) bounds the ring,
-    `rx_bytes` the receive FIFO."""
+    """The C 16550 at ports [base, base+8). `notify_fd` (an eventfd, or -1) is signalled by
+    the first byte transmitted after `arm()` (armed when made); `tx_bytes` (a power of two)
+    bounds the transmit ring, `rx_bytes` the receive FIFO."""
 
     def __init__(self, base: int, tx_bytes: int, rx_bytes: int, notify_fd: int = -1) -> None:
         if not 0 <= base <= (1 << 16) - REGISTERS:
@@ -76,6 +76,11 @@ class UartRegs:
         """Every transmitted byte not taken yet, oldest first (empty when none)."""
         n = lib.kvmd_uart_take_output(self.cdata, self._out, self.tx_bytes)
         return bytes(ffi.buffer(self._out, n)) if n else b""
+
+    def arm(self) -> bool:
+        """Signal notify_fd at the next transmitted byte (a signal disarms until the next
+        arm). True when bytes wait in the ring already (they signalled nothing: take them)."""
+        return bool(lib.kvmd_uart_arm(self.cdata))
 
     def feed(self, data: bytes) -> tuple[int, bool]:
         """Queue input, all or nothing: (len(data) when it fit, else the room there is,

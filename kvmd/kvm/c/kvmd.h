@@ -69,6 +69,7 @@ int kvmd_uart_io(struct kvmd_uart *u, struct kvm_run *run);
 uint8_t kvmd_uart_read(struct kvmd_uart *u, uint16_t offset);
 int kvmd_uart_write(struct kvmd_uart *u, uint16_t offset, uint8_t value);
 uint32_t kvmd_uart_take_output(struct kvmd_uart *u, uint8_t *out, uint32_t max);
+int kvmd_uart_arm(struct kvmd_uart *u);
 uint32_t kvmd_uart_feed(struct kvmd_uart *u, const uint8_t *data, uint32_t len, int *rda);
 uint32_t kvmd_uart_get_state(struct kvmd_uart *u, struct kvmd_uart_regs *regs, uint8_t *rx);
 void kvmd_uart_set_state(struct kvmd_uart *u, const struct kvmd_uart_regs *regs,

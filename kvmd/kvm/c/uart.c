@@ -2,7 +2,8 @@
  * through COM1 costs no Python per byte.
  *
  * Transmitted bytes go into a ring that Python drains in bulk (the core's Console); the
- * first byte into an empty ring signals `notify_fd` (an eventfd) so the drain is prompt.
+ * first byte after the drainer armed the UART signals `notify_fd` (an eventfd), so the first
+ * byte is drained promptly and the rest in batches.
  * Received bytes wait in a bounded FIFO, as on real hardware: input beyond it is refused
  * (feed) or, in loopback mode, dropped and counted as an overrun (LSR.OE). Every access
  * takes the UART's mutex: several vCPUs and the API may touch it at once. A write that
@@ -50,6 +51,7 @@ struct kvmd_uart {
     uint32_t rx_size;
     uint32_t rx_start, rx_len;
     uint8_t overrun;           /* LSR.OE until the next LSR read */
+    uint8_t armed;             /* the next transmitted byte signals notify_fd */
     struct kvmd_uart_stats stats;
 };
 
@@ -77,6 +79,7 @@ struct kvmd_uart *kvmd_uart_new(uint16_t base, uint32_t tx_bytes, uint32_t rx_by
     u->regs.lcr = 0x03;
     u->regs.mcr = 0x08;
     u->regs.dll = 0x0C;
+    u->armed = 1;
     return u;
 }
 
@@ -163,8 +166,10 @@ static int reg_write(struct kvmd_uart *u, uint16_t offset, uint8_t value, int *n
         } else {
             if (u->tx_head - u->tx_tail >= u->tx_size)
                 return -ENOSPC;
-            if (u->tx_head == u->tx_tail)
+            if (u->armed) {
+                u->armed = 0;
                 *notify = 1;
+            }
             u->tx[u->tx_head & (u->tx_size - 1)] = value;
             u->tx_head++;
             u->stats.tx_bytes++;
@@ -269,6 +274,18 @@ uint32_t kvmd_uart_take_output(struct kvmd_uart *u, uint8_t *out, uint32_t max)
     u->tx_tail += n;
     pthread_mutex_unlock(&u->lock);
     return (uint32_t)n;
+}
+
+/* Ask for a signal on notify_fd at the next transmitted byte (signalling disarms itself, so
+ * a guest printing fast costs one eventfd write per drain, not one per byte). Returns
+ * whether bytes are waiting in the ring already: drain them, they will not signal. */
+int kvmd_uart_arm(struct kvmd_uart *u)
+{
+    pthread_mutex_lock(&u->lock);
+    u->armed = 1;
+    int pending = u->tx_head != u->tx_tail;
+    pthread_mutex_unlock(&u->lock);
+    return pending;
 }
 
 /* Queue input for the guest, all or nothing: returns len when it fit, otherwise the room
