@@ -109,10 +109,10 @@ REFERENCE_NICE = [10]
 
 
 def c_loop_start(exits: int) -> subprocess.Popen[str]:
-    nice = REFERENCE_NICE[0]
-    return subprocess.Popen([build_reference(), str(exits), "20000", PIO_LOOP.hex(),
-                             hex(PIO_PORT)], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    # `nice` (coreutils), not a preexec_fn: this process has gRPC threads.
+    prefix = ["nice", "-n", str(REFERENCE_NICE[0])] if REFERENCE_NICE[0] else []
+    return subprocess.Popen([*prefix, build_reference(), str(exits), "20000", PIO_LOOP.hex(),
+                             hex(PIO_PORT)], stdout=subprocess.PIPE, text=True)
 
 
 def c_loop_finish(proc: subprocess.Popen[str]) -> float:
