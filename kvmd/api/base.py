@@ -52,13 +52,13 @@ class ServicerBase:
         result: T = await run_blocking(self.runtime.pool, fn, *args)
         return result
 
-    async def _paused(self, waits: list[tuple[ManagedVcpu, PauseTicket]]) -> None:
-        """Wait on the event loop, holding no thread, until every vCPU of `waits` paused
-        (or ended); the same outcomes as ManagedVcpu.wait_paused in a thread (ABORTED when
-        a resume came first, INTERNAL after the timeout). Each vCPU's state changes wake
-        the loop through a listener."""
-        if not waits:
-            return
+    async def _paused(self, vcpus: list[ManagedVcpu],
+                      request: Callable[[], list[tuple[ManagedVcpu, PauseTicket]]]) -> None:
+        """Run `request` (it kicks some of `vcpus` and returns what to wait for), then wait on
+        the event loop, holding no thread, until each of those vCPUs paused (or ended): the
+        same outcomes as ManagedVcpu.wait_paused in a thread (ABORTED when a resume came
+        first, INTERNAL after the timeout). The vCPUs' state changes wake the loop through
+        listeners, installed before the kick so that after it the loop only awaits."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
 
@@ -68,9 +68,12 @@ class ServicerBase:
             except RuntimeError:  # the loop is closed: the daemon is stopping
                 pass
 
-        for vcpu, _ticket in waits:
+        for vcpu in vcpus:
             vcpu.add_listener(wake)
         try:
+            waits = request()
+            if not waits:
+                return
             deadline = loop.time() + max(vcpu.pause_timeout() for vcpu, _ticket in waits)
             for vcpu, ticket in waits:
                 while True:
@@ -86,7 +89,7 @@ class ServicerBase:
                     except TimeoutError:
                         pass
         finally:
-            for vcpu, _ticket in waits:
+            for vcpu in vcpus:
                 vcpu.remove_listener(wake)
 
     def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext

@@ -121,7 +121,7 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         """Pause every running vCPU; returns once all are out of the guest. Kicks and waits
         on the event loop: no thread is held while the vCPUs leave the guest."""
         vm = self._vm(request.vm_id)
-        await self._paused(vm.request_pause())
+        await self._paused(vm.vcpus(), vm.request_pause)
         return convert.vm_to_pb(vm)
 
     @on_loop
@@ -541,8 +541,9 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
 
     async def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Pause one vCPU; returns once it is out of the guest (waiting on the loop)."""
-        vcpu, ticket = self._vm(request.vm_id).request_pause_vcpu(request.vcpu_id)
-        await self._paused([(vcpu, ticket)])
+        vm = self._vm(request.vm_id)
+        vcpu = vm.vcpu(request.vcpu_id)
+        await self._paused([vcpu], lambda: [vm.request_pause_vcpu(request.vcpu_id)])
         return convert.vcpu_to_pb(vcpu)
 
     @on_loop
