@@ -121,3 +121,23 @@ def test_output_printed_before_a_stop_is_in_the_backlog_at_once(api: Api) -> Non
     assert vm.console.backlog() == text
     wait_until(lambda: vm.uart.regs.stats().tx_pending == 0, WAIT, "the ring to be empty")
     api.delete("last")
+
+
+def test_deleting_a_vm_frees_its_uart(api: Api) -> None:
+    """The UART's C state (ring and FIFO) goes with the VM: nothing of a flooded console
+    outlives DeleteVm."""
+    import gc
+    import weakref
+
+    api.boot("gone", loopback_flood_program(2 * CONSOLE_INPUT_LIMIT))
+    watch = api.watch("gone")
+    api.start("gone")
+    watch.wait_for("debug_exit")
+    vm = api.daemon.host.get_vm("gone")  # type: ignore[union-attr]
+    regs = weakref.ref(vm.uart.regs)
+    console = weakref.ref(vm.console)
+    del vm
+    api.delete("gone")
+    watch.cancel()
+    wait_until(lambda: (gc.collect() is not None and regs() is None
+                        and console() is None), WAIT, "the UART and console to be freed")
