@@ -82,7 +82,8 @@ def main() -> None:
 
             def over_grpc(chunk_size: int = 0) -> Callable[[], int]:
                 request = pb.GetDirtyLogRequest(vm_id="dirty", slot=region.slot,
-                                                chunk_size=chunk_size)
+                                                chunk_size=chunk_size,
+                                                form=pb.GetDirtyLogRequest.BITMAP)
 
                 def call() -> int:
                     bitmap = b"".join(c.bitmap for c in memory.GetDirtyLog(request))
