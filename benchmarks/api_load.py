@@ -44,12 +44,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds")
     parser.add_argument("--guests", type=int, default=16, help="spinning guests")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls")
+    parser.add_argument("daemon_args", nargs="*", metavar="-- KVMD-ARG",
+                        help="extra daemon arguments (e.g. -- --vcpu-policy idle)")
     args = parser.parse_args()
     if args.quick:
         args.calls, args.rounds = 200, 3
 
     with tempfile.TemporaryDirectory(prefix="kvmd-bench-") as tmp:
-        d = Kvmd.start(os.path.join(tmp, "kvmd.sock"))
+        d = Kvmd.start(os.path.join(tmp, "kvmd.sock"), *args.daemon_args)
         try:
             d.vms.CreateVm(pb.CreateVmRequest(vm_id="probe"), timeout=30)
             guests = [pb.VmRef(vm_id=f"spin-{i}") for i in range(args.guests)]

@@ -18,6 +18,8 @@ DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
 DEFAULT_STATE_DIR = "/var/lib/kvmd"
 DEFAULT_VCPU_NICE = 10
+DEFAULT_VCPU_POLICY = "other"
+VCPU_POLICIES = ("other", "batch", "idle")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 # Guest memory limits default to what this host can hold (read once, at import).
@@ -71,6 +73,9 @@ class Config:
     # The nice value of vCPU threads (0-19; 0: the same priority as the API's threads). A
     # higher value keeps the control plane responsive while guests burn every CPU.
     vcpu_nice: int = DEFAULT_VCPU_NICE
+    # Their scheduling policy: "other" (time sharing at vcpu_nice), "batch", or "idle" (they
+    # run only when no other thread wants the CPU: the strongest isolation of the API).
+    vcpu_policy: str = DEFAULT_VCPU_POLICY
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -83,7 +88,8 @@ class Config:
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 # The schema: each key's type as written in Config (with postponed annotations: a string).
 _TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Config)}
-_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
+_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS,
+                                        "vcpu_policy": VCPU_POLICIES}
 
 
 def check_value(name: str, value: Any, where: str) -> Any:
@@ -159,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpu-nice", type=int, metavar="N",
                    help="nice value of vCPU threads, 0-19 (default "
                         f"{DEFAULT_VCPU_NICE}; 0: as the API's threads)")
+    p.add_argument("--vcpu-policy", choices=VCPU_POLICIES,
+                   help=f"scheduling policy of vCPU threads (default {DEFAULT_VCPU_POLICY})")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 

@@ -190,7 +190,7 @@ class Daemon:
                      extra={"images_dir": images_dir or "-"})
         try:
             self.host = Host(self.limits, self.cfg.kvm_device, images_dir,
-                             vcpu_nice=self.cfg.vcpu_nice)
+                             vcpu_nice=self.cfg.vcpu_nice, vcpu_policy=self.cfg.vcpu_policy)
         except DomainError as exc:
             raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)

@@ -66,6 +66,7 @@ class HostShared:
     images: ImagesDir | None = None
     # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
     vcpu_nice: int = 0
+    vcpu_policy: str = "other"  # see kvmd.core.vcpu.POLICIES
     # Moves UART output into consoles (None: the fd watcher drains at every signal).
     console_pump: ConsolePump | None = None
 
@@ -80,7 +81,8 @@ class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
     def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
-                 images_dir: str | None = None, vcpu_nice: int = 0) -> None:
+                 images_dir: str | None = None, vcpu_nice: int = 0,
+                 vcpu_policy: str = "other") -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -98,7 +100,8 @@ class Host:
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
                                  self.capabilities(), msr_index_list,
                                  images=ImagesDir(images_dir) if images_dir else None,
-                                 vcpu_nice=vcpu_nice, console_pump=ConsolePump())
+                                 vcpu_nice=vcpu_nice, vcpu_policy=vcpu_policy,
+                                 console_pump=ConsolePump())
         self.crashes = self.shared.crashes
 
     # -- hypervisor -----------------------------------------------------------------------

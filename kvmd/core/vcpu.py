@@ -56,19 +56,31 @@ ENDED = (STOPPED, CRASHED)
 STATE_CHANGE_TIMEOUT = 5.0
 
 
-def set_thread_nice(tid: int, nice: int) -> bool:
-    """Set a thread's nice value (Linux: per thread; `tid` its native id). Raising it needs
-    no privilege; lowering it needs CAP_SYS_NICE or RLIMIT_NICE (the unit's LimitNICE=).
-    Returns whether it worked; the first failure is logged, later ones are not."""
+# Scheduling policies a vCPU thread may run under (vcpu_policy): normal time sharing at
+# vcpu_nice, batch (never preempts on wake-up), or idle (runs only when nothing else wants
+# the CPU: every other thread of the host, the API's first, preempts it at once).
+POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+
+def set_thread_priority(tid: int, policy: str, nice: int) -> bool:
+    """Put a thread (`tid`, its native id) under `policy` at `nice` (Linux: per thread).
+    Lowering a priority needs no privilege; raising it back needs CAP_SYS_NICE or
+    RLIMIT_NICE (the unit's LimitNICE=). Returns whether it worked; the first failure is
+    logged, later ones are not."""
     global _nice_failed
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        if policy == "other":  # leave idle/batch first, then the nice value
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        else:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            os.sched_setscheduler(tid, POLICIES[policy], os.sched_param(0))
         return True
     except OSError as exc:
         if not _nice_failed:
             _nice_failed = True
             log.warning("cannot set a vCPU thread's priority", extra={
-                "nice": nice, "error": str(exc)})
+                "policy": policy, "nice": nice, "error": str(exc)})
         return False
 
 
@@ -126,10 +138,12 @@ class ManagedVcpu:
         # Called (under cond, from whichever thread) after every change of state, parks or
         # resumes: how a caller that cannot block on cond (an event loop) learns of them.
         self._listeners: list[Callable[[], None]] = []
-        # vCPU threads run at the host's vcpu_nice, so spinning guests cannot starve the API;
+        # vCPU threads run at the host's vcpu_policy and vcpu_nice, so spinning guests cannot
+        # starve the API;
         # a pause gives the kicked thread the API's priority back until it runs again, so it
         # leaves the guest promptly even when the host is busy.
-        self._nice = vm.shared.vcpu_nice
+        self._priority = (vm.shared.vcpu_policy, vm.shared.vcpu_nice)
+        self._lowered = self._priority != ("other", 0)
         self._tid = 0  # the thread's native id, once it runs
         self._boosted = False
 
@@ -184,8 +198,8 @@ class ManagedVcpu:
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
-            if self._nice > 0 and self._tid and not self._boosted:
-                self._boosted = set_thread_nice(self._tid, 0)
+            if self._lowered and self._tid and not self._boosted:
+                self._boosted = set_thread_priority(self._tid, "other", 0)
             self.cond.notify_all()
             return ticket
 
@@ -349,8 +363,8 @@ class ManagedVcpu:
         pio_map = self.vm.pio_map
         with self.cond:
             self._tid = threading.get_native_id()
-        if self._nice > 0:
-            set_thread_nice(self._tid, self._nice)
+        if self._lowered:
+            set_thread_priority(self._tid, *self._priority)
         try:
             while True:
                 with self.cond:
@@ -360,7 +374,7 @@ class ManagedVcpu:
                         return
                     if self._boosted and not finish_io:  # back to the guest: lower again
                         self._boosted = False
-                        set_thread_nice(self._tid, self._nice)
+                        set_thread_priority(self._tid, *self._priority)
                 if finish_io:
                     self._finish_pending_io()
                     continue

@@ -43,3 +43,22 @@ def test_vcpu_threads_run_at_the_configured_nice_value(api_factory: Callable[...
     wait_until(lambda: off.get_vm("plain").state == "running", WAIT, "running")
     assert vcpu_thread_nice("plain") == 0
     off.delete("plain")
+
+
+def test_vcpu_threads_under_the_idle_policy(api_factory: Callable[..., Api]) -> None:
+    api: Api = api_factory(vcpu_policy="idle")
+    api.boot("idle", SPIN)
+    api.start("idle")
+    wait_until(lambda: vcpu_thread_policy("idle") == os.SCHED_IDLE, WAIT, "SCHED_IDLE")
+    assert api.pause("idle").state == "paused"
+    assert vcpu_thread_policy("idle") == os.SCHED_OTHER  # paused: the API's priority
+    assert vcpu_thread_nice("idle") == 0
+    api.vms.ResumeVm(pb.VmRef(vm_id="idle"))
+    wait_until(lambda: vcpu_thread_policy("idle") == os.SCHED_IDLE, WAIT, "idle again")
+    api.delete("idle")
+
+
+def vcpu_thread_policy(vm_id: str) -> int:
+    threads = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-0"]
+    assert threads and threads[0].native_id is not None
+    return os.sched_getscheduler(threads[0].native_id)
