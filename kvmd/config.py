@@ -17,6 +17,9 @@ from kvmd.core.limits import Limits, host_limits
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
 DEFAULT_STATE_DIR = "/var/lib/kvmd"
+DEFAULT_VCPU_NICE = 10
+DEFAULT_VCPU_POLICY = "other"
+VCPU_POLICIES = ("other", "batch", "idle")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 ON_STOP = ("keep", "end")
@@ -70,6 +73,12 @@ class Config:
     # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
     metrics_listen: str = "off"
     metrics_vcpu_label: bool = False
+    # The nice value of vCPU threads (0-19; 0: the same priority as the API's threads). A
+    # higher value keeps the control plane responsive while guests burn every CPU.
+    vcpu_nice: int = DEFAULT_VCPU_NICE
+    # Their scheduling policy: "other" (time sharing at vcpu_nice), "batch", or "idle" (they
+    # run only when no other thread wants the CPU: the strongest isolation of the API).
+    vcpu_policy: str = DEFAULT_VCPU_POLICY
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -98,7 +107,8 @@ LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 # The schema: each key's type as written in Config (with postponed annotations: a string).
 _TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Config)}
 _CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS,
-                                        "on_stop": ON_STOP}
+                                        "on_stop": ON_STOP,
+                                        "vcpu_policy": VCPU_POLICIES}
 
 
 def check_value(name: str, value: Any, where: str) -> Any:
@@ -187,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                  ", from this host's memory)" if default != f.default else ")")
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
                        help=f"limit (default {default}{where}")
+    p.add_argument("--vcpu-nice", type=int, metavar="N",
+                   help="nice value of vCPU threads, 0-19 (default "
+                        f"{DEFAULT_VCPU_NICE}; 0: as the API's threads)")
+    p.add_argument("--vcpu-policy", choices=VCPU_POLICIES,
+                   help=f"scheduling policy of vCPU threads (default {DEFAULT_VCPU_POLICY})")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 
@@ -218,6 +233,8 @@ def validate(cfg: Config) -> None:
     """Checks across keys: TLS settings that cannot work or would weaken security."""
     for name in _TYPES:
         check_value(name, getattr(cfg, name), "the configuration")
+    if not 0 <= cfg.vcpu_nice <= 19:
+        raise ConfigError(f"vcpu_nice must be 0-19, not {cfg.vcpu_nice}")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
                           "be verified over TLS")

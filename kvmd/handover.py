@@ -116,7 +116,8 @@ def receive_early(cfg: Config) -> Handover | None:
     """kvmd.launch: open /dev/kvm and restore what a previous daemon handed over, before
     the server is even loaded. None if /dev/kvm cannot be opened (the server reports it)."""
     try:
-        host = Host(cfg.limits(), cfg.kvm_device, cfg.images_dir or None)
+        host = Host(cfg.limits(), cfg.kvm_device, cfg.images_dir or None,
+                    vcpu_nice=cfg.vcpu_nice, vcpu_policy=cfg.vcpu_policy)
     except DomainError:
         return None
     handover = Handover.for_config(cfg, host)

@@ -31,7 +31,7 @@ from kvmd.api.budget import Budget, BudgetInterceptor
 from kvmd.api.gate import Gate
 from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.api.handover import HandoverService
-from kvmd.api.interceptors import BlockingAdapter, ErrorInterceptor
+from kvmd.api.interceptors import CallChain
 from kvmd.api.services import Runtime, add_services
 from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
@@ -210,7 +210,9 @@ class Daemon:
                      extra={"images_dir": images_dir or "-"})
         if self.host is None:
             try:
-                self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
+                self.host = Host(self.limits, self.cfg.kvm_device, images_dir,
+                                 vcpu_nice=self.cfg.vcpu_nice,
+                                 vcpu_policy=self.cfg.vcpu_policy)
             except DomainError as exc:
                 raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") \
                     from None
@@ -278,9 +280,9 @@ class Daemon:
         ]
         server = grpc.aio.server(
             migration_thread_pool=self.executor,
-            interceptors=[MetricsInterceptor(rpc_metrics), self.gate, ErrorInterceptor(),
-                          AuthInterceptor(authorizer), BudgetInterceptor(self.budget),
-                          BlockingAdapter(self.executor)],
+            interceptors=[CallChain(self.executor, [self.gate, AuthInterceptor(authorizer),
+                                                     BudgetInterceptor(self.budget)],
+                                    metrics=MetricsInterceptor(rpc_metrics))],
             options=options,
         )
         runtime = Runtime(self.executor, self.streams)

@@ -22,14 +22,10 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import grpc.aio
-
-from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vm import ManagedVm
@@ -398,10 +394,12 @@ def _is_open(method: str) -> bool:
     return method.startswith(OPEN_PREFIXES)
 
 
-class AuthInterceptor(ScopedInterceptor):
-    """Authenticates and authorizes every call before its handler runs; denials become
-    PERMISSION_DENIED or UNAUTHENTICATED statuses, are logged and counted. Health and
-    reflection are open to all, but their callers are still identified (for budgets)."""
+class AuthInterceptor:
+    """Authenticates and authorizes every call before its handler runs (a stage of the
+    server's CallChain); denials become PERMISSION_DENIED or UNAUTHENTICATED statuses, are
+    logged and counted. Health and reflection are open to all, but their callers are still
+    identified (for budgets). Calls with a request stream are admitted on their first
+    message, which names the VM."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
@@ -431,26 +429,13 @@ class AuthInterceptor(ScopedInterceptor):
                 authz.on_denied(method, exc.reason)
             raise
 
-    @asynccontextmanager
-    async def scope(self, method: str, kind: str, request: Any,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if not kind.startswith("stream_"):
-            self.admit(method, request, context)
-            yield request
-            return
-        # A request stream: authorize on its first message (it names the VM), then hand the
-        # handler that message followed by the rest.
-        iterator = request.__aiter__()
-        try:
-            first = await iterator.__anext__()
-        except StopAsyncIteration:
-            first = None
-        self.admit(method, first, context)
-        yield _prepend(first, iterator)
+    # -- the CallChain stage ----------------------------------------------------------------
 
+    def applies(self, method: str, kind: str) -> bool:
+        return True
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    if first is not None:
-        yield first
-        async for item in rest:
-            yield item
+    def enter(self, method: str, kind: str, request: Any, context: PeerContext) -> None:
+        self.admit(method, request, context)
+
+    def leave(self, token: None) -> None:
+        pass

@@ -18,7 +18,7 @@ from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.events import Mailbox
 from kvmd.core.host import Host, missing_vm
-from kvmd.core.vcpu import ManagedVcpu
+from kvmd.core.vcpu import ManagedVcpu, PauseTicket
 from kvmd.core.vm import ManagedVm
 
 T = TypeVar("T")
@@ -87,6 +87,46 @@ class ServicerBase:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             pass  # the cleanup finishes in the pool; the cancellation goes on
+
+    async def _paused(self, vcpus: list[ManagedVcpu],
+                      request: Callable[[], list[tuple[ManagedVcpu, PauseTicket]]]) -> None:
+        """Run `request` (it kicks some of `vcpus` and returns what to wait for), then wait on
+        the event loop, holding no thread, until each of those vCPUs paused (or ended): the
+        same outcomes as ManagedVcpu.wait_paused in a thread (ABORTED when a resume came
+        first, INTERNAL after the timeout). The vCPUs' state changes wake the loop through
+        listeners, installed before the kick so that after it the loop only awaits."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:  # from the vCPU's thread, under its lock
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                pass
+
+        for vcpu in vcpus:
+            vcpu.add_listener(wake)
+        try:
+            waits = request()
+            if not waits:
+                return
+            deadline = loop.time() + max(vcpu.pause_timeout() for vcpu, _ticket in waits)
+            for vcpu, ticket in waits:
+                while True:
+                    ready.clear()
+                    if vcpu.pause_done(ticket):
+                        break
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise vcpu.timed_out("pause")
+                    try:
+                        async with asyncio.timeout(left):
+                            await ready.wait()
+                    except TimeoutError:
+                        pass
+        finally:
+            for vcpu in vcpus:
+                vcpu.remove_listener(wake)
 
     def _follow(self, mailbox: Mailbox[T], context: grpc.aio.ServicerContext
                 ) -> AsyncIterator[T]:

@@ -6,20 +6,14 @@ flight, by method, so the hand-over can wait for them before it pauses and saves
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-import grpc.aio
+from kvmd.core.errors import Unavailable
 
-from kvmd.api.interceptors import ScopedInterceptor
-
-RETRY_KEY = "kvmd-retry"
-RETRY_HANDOVER = "handover"
+RETRY_HANDOVER = "handover"  # the value of kvmd.api.errors.RETRY_KEY for a gate refusal
 # Streams that live as long as a client wants: a hand-over ends them (clients re-open).
 LONG_LIVED = frozenset({
     "/kvmd.v1.Vms/WatchVm", "/kvmd.v1.Vms/StreamConsole", "/kvmd.v1.ExitHandlers/HandleExits",
@@ -28,33 +22,38 @@ LONG_LIVED = frozenset({
 })
 
 
-class Gate(ScopedInterceptor):
-    """Admits calls while open and counts those in flight; closed by a hand-over."""
+class HandingOver(Unavailable):
+    """Refused at the gate: the call did nothing, so any call may be retried (the status
+    carries trailing metadata `kvmd-retry: handover`)."""
+
+    retry = RETRY_HANDOVER
+
+
+class Gate:
+    """The first stage of every call (kvmd.api.interceptors.CallChain): admits calls while
+    open and counts those in flight; closed by a hand-over."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._closed = False
         self._in_flight: Counter[str] = Counter()
 
-    @contextlib.asynccontextmanager
-    async def scope(self, method: str, kind: str, request: Any,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def applies(self, method: str, kind: str) -> bool:
+        return True
+
+    def enter(self, method: str, kind: str, request: Any, context: Any) -> str:
         with self._cond:
-            admitted = not self._closed
-            if admitted:
-                self._in_flight[method] += 1
-        if not admitted:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the daemon is handing over to a new process; retry",
-                                trailing_metadata=((RETRY_KEY, RETRY_HANDOVER),))
-        try:
-            yield request
-        finally:
-            with self._cond:
-                self._in_flight[method] -= 1
-                if not self._in_flight[method]:
-                    del self._in_flight[method]
-                self._cond.notify_all()
+            if self._closed:
+                raise HandingOver("the daemon is handing over to a new process; retry")
+            self._in_flight[method] += 1
+        return method
+
+    def leave(self, method: str) -> None:
+        with self._cond:
+            self._in_flight[method] -= 1
+            if not self._in_flight[method]:
+                del self._in_flight[method]
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:

@@ -18,6 +18,7 @@ from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
 from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.api.interceptors import on_loop
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.api.streams import END_KEY, END_LAGGED
@@ -35,6 +36,7 @@ MAX_PAGE_SIZE = 1000
 class HypervisorService(ServicerBase, rpc.HypervisorServicer):
     """What this host's KVM and this daemon can do."""
 
+    @on_loop
     def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.HypervisorInfo:
         """API version, capabilities by name, vCPU mmap size, limits and daemon version."""
         lim = self.host.limits
@@ -97,10 +99,12 @@ class VmsService(ServicerBase, rpc.VmsServicer):
                                  owner=caller_identity(), owner_quota=current_quota.get())
         return convert.vm_to_pb(vm)
 
+    @on_loop
     def GetVm(self, request: pb.GetVmRequest, context: Any) -> pb.Vm:
         """One VM's state, options and resource counts."""
         return convert.vm_to_pb(self._vm(request.vm_id))
 
+    @on_loop
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
         """The VMs carrying all labels of the selector, in id order, a page at a time: as
         many as page_size says and one message holds."""
@@ -136,12 +140,14 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         vm.start()
         return convert.vm_to_pb(vm)
 
-    def PauseVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
-        """Pause every running vCPU; returns once all are out of the guest."""
+    async def PauseVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
+        """Pause every running vCPU; returns once all are out of the guest. Kicks and waits
+        on the event loop: no thread is held while the vCPUs leave the guest."""
         vm = self._vm(request.vm_id)
-        vm.pause()
+        await self._paused(vm.vcpus(), vm.request_pause)
         return convert.vm_to_pb(vm)
 
+    @on_loop
     def ResumeVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
         """Resume every paused vCPU where it stopped."""
         vm = self._vm(request.vm_id)
@@ -473,6 +479,7 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         """Create a vCPU with a caller-chosen numeric id."""
         return convert.vcpu_to_pb(self._vm(request.vm_id).create_vcpu(request.vcpu_id))
 
+    @on_loop
     def ListVcpus(self, request: pb.ListVcpusRequest, context: Any) -> pb.ListVcpusResponse:
         """Every vCPU of the VM with its state."""
         vm = self._vm(request.vm_id)
@@ -572,11 +579,14 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         vcpu = self._vm(request.vm_id).start_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
-    def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
-        """Pause one vCPU; returns once it is out of the guest."""
-        vcpu = self._vm(request.vm_id).pause_vcpu(request.vcpu_id)
+    async def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """Pause one vCPU; returns once it is out of the guest (waiting on the loop)."""
+        vm = self._vm(request.vm_id)
+        vcpu = vm.vcpu(request.vcpu_id)
+        await self._paused([vcpu], lambda: [vm.request_pause_vcpu(request.vcpu_id)])
         return convert.vcpu_to_pb(vcpu)
 
+    @on_loop
     def ResumeVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Resume one paused or halted vCPU."""
         vcpu = self._vm(request.vm_id).resume_vcpu(request.vcpu_id)
@@ -587,6 +597,7 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         vcpu = self._vm(request.vm_id).stop_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
+    @on_loop
     def GetVcpuState(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """The vCPU's state and the reason it stopped or crashed."""
         return convert.vcpu_to_pb(self._vcpu(request))

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field, replace
 
 from kvmd import __version__
+from kvmd.core.devices import ConsolePump
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -86,6 +87,11 @@ class HostShared:
     images: ImagesDir | None = None
     # The file descriptors VM objects hold, against RLIMIT_NOFILE (kvmd.core.fds).
     fds: FdBudget = field(default_factory=lambda: FdBudget(UNLIMITED, UNLIMITED))
+    # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
+    vcpu_nice: int = 0
+    vcpu_policy: str = "other"  # see kvmd.core.vcpu.POLICIES
+    # Moves UART output into consoles (None: the fd watcher drains at every signal).
+    console_pump: ConsolePump | None = None
 
     def count_crash(self, reason: str) -> None:
         # A small label set: the reason's kind ("shutdown", "internal_error", ...).
@@ -98,7 +104,8 @@ class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
     def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
-                 images_dir: str | None = None) -> None:
+                 images_dir: str | None = None, vcpu_nice: int = 0,
+                 vcpu_policy: str = "other") -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -117,7 +124,8 @@ class Host:
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
                                  self.capabilities(), msr_index_list,
                                  images=ImagesDir(images_dir) if images_dir else None,
-                                 fds=self.fds)
+                                 fds=self.fds, vcpu_nice=vcpu_nice,
+                                 vcpu_policy=vcpu_policy, console_pump=ConsolePump())
         self.crashes = self.shared.crashes
 
     def _fd_budget(self) -> FdBudget:
@@ -297,5 +305,7 @@ class Host:
             vms, self._vms = list(self._vms.values()), {}
         for vm in vms:
             vm.close()
+        if self.shared.console_pump is not None:
+            self.shared.console_pump.close()
         self.watcher.close()
         self.kvm.close()

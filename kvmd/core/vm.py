@@ -20,6 +20,7 @@ from kvmd.core.devices import (
     CONSOLE_INPUT_LIMIT,
     DEFAULT_CONSOLE_BUFFER,
     DEFAULT_DEBUG_EXIT_PORT,
+    MAX_CONSOLE_BUFFER,
     Console,
     DebugExit,
     DeviceBus,
@@ -89,6 +90,7 @@ from kvmd.core.vcpu import (
     STOPPED,
     ManagedVcpu,
     Outcome,
+    PauseTicket,
 )
 from kvmd.kvm import (
     Datamatch,
@@ -308,6 +310,10 @@ class ManagedVm:
         self.last_snapshot_layout: list[SlotState] = []
         self.lock = threading.RLock()
         self._vcpus: dict[int, ManagedVcpu] = {}
+        # The vCPUs by id, replaced (never changed in place) under the lock: `vcpus()` and
+        # `vcpu()` read without the lock, so state reads (GetVm, the events a vCPU publishes
+        # under its own lock) never wait behind a long holder of the VM's lock.
+        self._vcpu_list: tuple[ManagedVcpu, ...] = ()
         self._irqfds: dict[str, IrqfdEntry] = {}
         self._ioevents: dict[str, IoeventEntry] = {}
         self.ioevent_fired: Broadcaster[Fired] = Broadcaster()
@@ -318,8 +324,17 @@ class ManagedVm:
         self.exit_code: int | None = None
         # Devices and claims: what the vCPU threads dispatch exits to.
         self.console = Console(options.console_buffer_bytes or DEFAULT_CONSOLE_BUFFER)
+        # The UART's registers live in C and the run loop completes the guest's accesses;
+        # this eventfd fires when its transmit ring gets bytes, and the console pump drains
+        # them into the console in bulk.
+        self._console_ready = EventFd()
         self.uart = Uart16550(self.console, raise_irq=self._pulse_com1_irq
-                              if options.irqchip else None)
+                              if options.irqchip else None,
+                              notify_fd=self._console_ready.fileno())
+        if shared.console_pump is not None:
+            shared.console_pump.add(self._console_ready, self.uart)
+        else:
+            self._watcher.add(self._console_ready.fileno(), self._on_console_ready)
         self.debug_exit = DebugExit(options.debug_exit_port or DEFAULT_DEBUG_EXIT_PORT)
         self.bus = DeviceBus()
         self.bus.add(self.uart)
@@ -329,6 +344,7 @@ class ManagedVm:
         self.pio_map = PioMap(unclaimed=not options.strict_io)
         for device in self.bus:
             self.pio_map.set_claimed(device.base, device.length, True)
+        self.pio_map.attach_uart(self.uart.regs)
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
@@ -349,6 +365,9 @@ class ManagedVm:
                         raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
                     vm.create_pit2()
                 cls._enable_dirty_mode(vm, options)
+            if options.console_buffer_bytes > MAX_CONSOLE_BUFFER:
+                raise InvalidArgument(f"console_buffer_bytes {options.console_buffer_bytes} is "
+                                      f"above {MAX_CONSOLE_BUFFER} (16 MiB)")
             if options.debug_exit_port and not 0 < options.debug_exit_port < 1 << 16:
                 raise InvalidArgument(f"debug_exit_port {options.debug_exit_port:#x} is not "
                                       "a port")
@@ -430,7 +449,13 @@ class ManagedVm:
             memory = self.vm.memory_size
             self.vm.close()
             self._vcpus.clear()
+            self._vcpu_list = ()
             self._budget.release(memory)
+            if self.shared.console_pump is not None:
+                self.shared.console_pump.remove(self._console_ready)
+            else:
+                self._watcher.remove(self._console_ready.fileno())
+            self._console_ready.close()
             self.fds.close()
 
     # -- memory ---------------------------------------------------------------------------
@@ -1064,18 +1089,18 @@ class ManagedVm:
                 raise
             managed = ManagedVcpu(self, vcpu)
             self._vcpus[vcpu_id] = managed
+            self._vcpu_list = tuple(self._vcpus[k] for k in sorted(self._vcpus))
             return managed
 
     def vcpu(self, vcpu_id: int) -> ManagedVcpu:
-        with self.lock:
-            managed = self._vcpus.get(vcpu_id)
-            if managed is None:
-                raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
-            return managed
+        managed = self._vcpus.get(vcpu_id)  # one dict lookup: no lock needed
+        if managed is None:
+            raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
+        return managed
 
     def vcpus(self) -> list[ManagedVcpu]:
-        with self.lock:
-            return [self._vcpus[k] for k in sorted(self._vcpus)]
+        """The vCPUs by id; takes no lock (see _vcpu_list)."""
+        return list(self._vcpu_list)
 
     # -- run control ----------------------------------------------------------------------
 
@@ -1134,6 +1159,13 @@ class ManagedVm:
 
     def pause(self) -> None:
         """Kick every running or halted vCPU at once, then wait for each to park."""
+        for v, ticket in self.request_pause():
+            v.wait_paused(ticket)
+
+    def request_pause(self) -> list[tuple[ManagedVcpu, PauseTicket]]:
+        """The first half of `pause`, which never blocks: kick every running or halted vCPU
+        and return what to wait for (ManagedVcpu.wait_paused, or pause_done polled on each
+        state change, see add_listener)."""
         self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state in PAUSABLE]
         if not vcpus:
@@ -1145,8 +1177,7 @@ class ManagedVm:
                 tickets.append((v, v.request_pause()))
             except InvalidState:
                 pass  # it parked or ended by itself meanwhile: nothing to wait for
-        for v, ticket in tickets:
-            v.wait_paused(ticket)
+        return tickets
 
     def resume(self) -> None:
         """Resume every paused or halted vCPU, and cancel pauses still in flight."""
@@ -1190,10 +1221,15 @@ class ManagedVm:
         return vcpu
 
     def pause_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        vcpu, ticket = self.request_pause_vcpu(vcpu_id)
+        vcpu.wait_paused(ticket)
+        return vcpu
+
+    def request_pause_vcpu(self, vcpu_id: int) -> tuple[ManagedVcpu, PauseTicket]:
+        """The first half of pause_vcpu, which never blocks (see request_pause)."""
         self.check_not_busy()
         vcpu = self.vcpu(vcpu_id)
-        vcpu.pause()
-        return vcpu
+        return vcpu, vcpu.request_pause()
 
     def resume_vcpu(self, vcpu_id: int) -> ManagedVcpu:
         self.check_not_busy()
@@ -1214,14 +1250,19 @@ class ManagedVm:
         self.events.publish(VmEvent(event, vcpu.id, self.state, reason, exit_code, regs,
                                     int(time.time() * 1000)))
 
-    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
-        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
-        if outcome.action == "crash":
-            self.shared.count_crash(outcome.reason)
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Why the VM ends (the first reason; the exit code), recorded by the vCPU that ends
+        it before its state changes: whoever sees that state (WatchVm, GetVm) sees these."""
         if not self.reason:
             self.reason = outcome.reason
         if outcome.exit_code is not None:
             self.exit_code = outcome.exit_code
+
+    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
+        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
+        if outcome.action == "crash":
+            self.shared.count_crash(outcome.reason)
+        self.record_outcome(outcome)
         for other in self.vcpus():
             if other is not vcpu:
                 other.request_stop(f"vcpu {vcpu.id} {outcome.reason}")
@@ -1250,6 +1291,14 @@ class ManagedVm:
                                   f"COM1 input buffer ({CONSOLE_INPUT_LIMIT} bytes): send it "
                                   "in parts", resource=self.resource)
         return self.uart.feed(data)
+
+    def _on_console_ready(self) -> None:
+        """The fd watcher (without a console pump): the UART's transmit ring got bytes; move
+        them to the console and ask for the next signal."""
+        self._console_ready.read()
+        self.uart.drain()
+        while self.uart.regs.arm():
+            self.uart.drain()
 
     def _pulse_com1_irq(self) -> None:
         try:

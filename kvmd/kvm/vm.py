@@ -98,6 +98,10 @@ class Vm:
         self._regions: dict[int, GuestMemoryRegion] = {}
         self._starts: list[int] = []  # sorted guest addresses, for lookups
         self._by_start: dict[int, GuestMemoryRegion] = {}
+        # The slot table in guest address order, replaced (never changed in place) under the
+        # lock on every change: `memory_regions()` reads it without the lock, so readers on
+        # the API's event loop never wait behind a slot being mapped or unmapped.
+        self._infos: tuple[MemoryRegionInfo, ...] = ()
         self._vcpus: dict[int, Vcpu] = {}
         self._devices: list[Device] = []
         self._irqfds: set[tuple[int, int]] = set()
@@ -137,6 +141,7 @@ class Vm:
             self._regions.clear()
             self._starts.clear()
             self._by_start.clear()
+            self._infos = ()
             self._irqfds.clear()
             self._ioevents.clear()
 
@@ -237,6 +242,7 @@ class Vm:
             self._regions[slot] = region
             bisect.insort(self._starts, guest_addr)
             self._by_start[guest_addr] = region
+            self._publish_infos()
             return slot
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
@@ -252,13 +258,18 @@ class Vm:
             del self._regions[slot]
             self._starts.remove(info.guest_addr)
             del self._by_start[info.guest_addr]
+            self._publish_infos()
             region.close()
             return info
 
+    def _publish_infos(self) -> None:
+        """Under the lock: replace the lock-free copy of the slot table."""
+        self._infos = tuple(self._by_start[a].info for a in self._starts)
+
     def memory_regions(self) -> list[MemoryRegionInfo]:
-        """Every slot, in guest address order."""
-        with self._lock:
-            return [self._by_start[a].info for a in self._starts]
+        """Every slot, in guest address order. Takes no lock (a consistent copy made at the
+        last change), so it never waits for a slot being added or removed."""
+        return list(self._infos)
 
     def memory_region(self, slot: int) -> MemoryRegionInfo:
         with self._lock:
@@ -487,6 +498,7 @@ class Vm:
             if info != region.info:
                 self._set_region(fd, info, region.host_address)
                 region.info = info
+                self._publish_infos()
             return info
 
     @property
@@ -553,9 +565,15 @@ class Vm:
 
     def allocated_bytes(self, slot: int) -> int:
         """Bytes the slot's backing file holds in memory or on disk (st_blocks * 512): for
-        the Vm's own memfd, the host RAM the slot costs now."""
-        with self._lock:
-            return self._region("allocated_bytes", slot).allocated_bytes
+        the Vm's own memfd, the host RAM the slot costs now. Takes no lock (one fstat):
+        a slot being removed meanwhile reports ENOENT (or, at worst, a stale count)."""
+        region = self._regions.get(slot)
+        if region is None:
+            raise invalid("allocated_bytes", f"no memory slot {slot}", errno.ENOENT)
+        try:
+            return region.allocated_bytes
+        except OSError as exc:
+            raise KvmError(exc.errno or errno.EBADF, "fstat", f"slot {slot}") from None
 
     def populated_ranges(self, slot: int, offset: int = 0, size: int | None = None
                          ) -> list[tuple[int, int]]:
