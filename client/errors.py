@@ -3,15 +3,18 @@
 Every failed RPC surfaces as a :class:`KvmdError` subclass chosen by its gRPC status code, from
 one table (:data:`STATUS_TO_ERROR`): the inverse of the daemon's table from domain errors to
 status codes, as googleapis ``python-api-core`` ``exceptions.py`` does it. The daemon's rich
-error details (``google.rpc.ErrorInfo`` inside a ``google.rpc.Status``) are decoded into
-:attr:`KvmdError.details`, :attr:`KvmdError.reason`, :attr:`KvmdError.errno` and
-:attr:`KvmdError.ioctl`.
+error details (AIP-193: ``google.rpc.ErrorInfo`` and, for INVALID_ARGUMENT,
+``google.rpc.BadRequest`` inside the ``google.rpc.Status`` of the ``grpc-status-details-bin``
+trailer) are decoded into :attr:`KvmdError.reason` (a specific, stable reason such as
+``"VM_NOT_FOUND"`` or ``"SLOT_OVERLAP"``; the README's "Errors" section lists them),
+:attr:`KvmdError.domain`, :attr:`KvmdError.metadata`, :attr:`KvmdError.field_violations`,
+:attr:`KvmdError.errno` and :attr:`KvmdError.ioctl`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -20,6 +23,7 @@ __all__ = [
     "AlreadyExistsError",
     "CancelledError",
     "DeadlineExceededError",
+    "FieldViolation",
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
@@ -36,17 +40,30 @@ __all__ = [
 ]
 
 
+class FieldViolation(NamedTuple):
+    """One ``google.rpc.BadRequest`` field violation: the request field at fault (a path
+    such as ``"guest_addr"`` or ``"options.dirty_ring_bytes"``) and what is wrong with it."""
+
+    field: str
+    description: str
+
+
 class KvmdError(Exception):
     """A failed kvmd RPC.
 
     Attributes:
         code: the gRPC status code.
         message: the status message the daemon sent.
-        details: ``google.rpc.ErrorInfo`` metadata (``errno``, ``ioctl``, ``resource``, ...), as
-            strings; empty when the daemon sent no rich details.
-        reason: the ``ErrorInfo`` reason (for example ``"NOT_FOUND"``, ``"KERNEL_ERROR"``), or
-            None.
+        reason: the ``ErrorInfo`` reason, specific and stable (for example
+            ``"VM_NOT_FOUND"``, ``"SLOT_OVERLAP"``, ``"LIMIT_VMS"``, ``"KERNEL_ERROR"``), or
+            None when the daemon sent no rich details (or the error never reached it).
         domain: the ``ErrorInfo`` domain (``"kvmd"``), or None.
+        metadata: ``ErrorInfo`` metadata naming the object (``vm_id``, ``vcpu_id``,
+            ``slot``, ``limit``, ``limit_value``, ``errno``, ``ioctl``, ``resource``, ...),
+            as strings; empty when the daemon sent no rich details.
+        details: the same dict as ``metadata`` (its older name).
+        field_violations: the ``BadRequest`` field violations of an INVALID_ARGUMENT, as
+            :class:`FieldViolation` (field, description) tuples; empty otherwise.
         errno: the kernel errno of a failed ioctl, when the daemon reported one.
         ioctl: the name of the failed ioctl, when the daemon reported one.
     """
@@ -62,6 +79,7 @@ class KvmdError(Exception):
         details: Mapping[str, str] | None = None,
         reason: str | None = None,
         domain: str | None = None,
+        field_violations: Iterable[tuple[str, str]] = (),
     ) -> None:
         super().__init__(message)
         resolved = code if code is not None else self.grpc_status_code
@@ -70,6 +88,9 @@ class KvmdError(Exception):
         self.details: dict[str, str] = dict(details or {})
         self.reason: str | None = reason
         self.domain: str | None = domain
+        self.metadata: dict[str, str] = self.details
+        self.field_violations: list[FieldViolation] = [
+            FieldViolation(f, d) for f, d in field_violations]
         self.errno: int | None = _int_or_none(self.details.get("errno"))
         self.ioctl: str | None = self.details.get("ioctl") or None
 
@@ -79,7 +100,10 @@ class KvmdError(Exception):
         return str(self.code.name)
 
     def __str__(self) -> str:
-        text = f"{self.code_name}: {self.message}"
+        # "NOT_FOUND (VM_NOT_FOUND): no vm 'x'": the code for the class of failure, the
+        # reason for what exactly failed.
+        reason = f" ({self.reason})" if self.reason else ""
+        text = f"{self.code_name}{reason}: {self.message}"
         extra = []
         if self.ioctl:
             extra.append(f"ioctl={self.ioctl}")
@@ -216,18 +240,21 @@ def error_for_code(
     details: Mapping[str, str] | None = None,
     reason: str | None = None,
     domain: str | None = None,
+    field_violations: Iterable[tuple[str, str]] = (),
 ) -> KvmdError:
     """Build the exception that stands for ``code`` (KvmdError for unlisted codes)."""
     cls = STATUS_TO_ERROR.get(code, KvmdError)
-    return cls(message, code=code, details=details, reason=reason, domain=domain)
+    return cls(message, code=code, details=details, reason=reason, domain=domain,
+               field_violations=field_violations)
 
 
 def from_rpc_error(error: grpc.RpcError) -> KvmdError:
     """Convert a ``grpc.RpcError`` into the matching :class:`KvmdError` subclass.
 
-    The status code and message come from the call; ``google.rpc.ErrorInfo`` rich details, when
-    the daemon attached them, fill in ``reason``, ``domain`` and ``details`` (and through them
-    ``errno`` and ``ioctl``).
+    The status code and message come from the call; the rich details of its
+    ``grpc-status-details-bin`` trailer, when the daemon attached them, fill in ``reason``,
+    ``domain`` and ``metadata`` (``google.rpc.ErrorInfo``, and through them ``errno`` and
+    ``ioctl``) and ``field_violations`` (``google.rpc.BadRequest``).
     """
     code_fn = getattr(error, "code", None)
     details_fn = getattr(error, "details", None)
@@ -237,27 +264,47 @@ def from_rpc_error(error: grpc.RpcError) -> KvmdError:
     message = details_fn() if callable(details_fn) else None
     if not isinstance(message, str):
         message = str(error) or code.name
-    reason, domain, metadata = _error_info(error)
-    return error_for_code(code, message, details=metadata, reason=reason, domain=domain)
+    rich = _rich_details(error)
+    return error_for_code(code, message, details=rich.metadata, reason=rich.reason,
+                          domain=rich.domain, field_violations=rich.field_violations)
 
 
-def _error_info(error: grpc.RpcError) -> tuple[str | None, str | None, dict[str, str]]:
-    """Decode the first ``google.rpc.ErrorInfo`` in the call's rich status, if any."""
+class _RichDetails(NamedTuple):
+    reason: str | None
+    domain: str | None
+    metadata: dict[str, str]
+    field_violations: list[FieldViolation]
+
+
+def _rich_details(error: grpc.RpcError) -> _RichDetails:
+    """Decode the first ``google.rpc.ErrorInfo`` and every ``google.rpc.BadRequest`` field
+    violation in the call's rich status, if any."""
     try:
         from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
         status: Any = rpc_status.from_call(error)  # type: ignore[arg-type]
     except Exception:  # not a call, or a malformed/mismatched status: no rich details
-        return None, None, {}
+        return _RichDetails(None, None, {}, [])
     if status is None:
-        return None, None, {}
+        return _RichDetails(None, None, {}, [])
+    reason = domain = None
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    seen_info = False
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and not seen_info:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason or None, info.domain or None, dict(info.metadata)
-    return None, None, {}
+            reason, domain, metadata = info.reason or None, info.domain or None, dict(
+                info.metadata)
+            seen_info = True
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(FieldViolation(v.field, v.description)
+                              for v in bad.field_violations)
+    return _RichDetails(reason, domain, metadata, violations)
 
 
 def _int_or_none(value: str | None) -> int | None:

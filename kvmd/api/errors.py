@@ -6,6 +6,7 @@ import logging
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -20,10 +21,12 @@ from kvmd.core.errors import (
     NotFound,
     OutcomeUnknown,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
     Unsupported,
+    error_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -56,25 +59,25 @@ def status_code(exc: DomainError) -> grpc.StatusCode:
 
 
 def to_status(exc: BaseException) -> grpc.Status:
-    """A grpc.Status carrying google.rpc.Status with an ErrorInfo (errno, ioctl, resource)."""
+    """A grpc.Status carrying google.rpc.Status (AIP-193): an ErrorInfo with the error's
+    specific reason, the daemon's domain and metadata naming the object (vm_id, vcpu_id,
+    slot, limit, errno, ioctl, resource); for INVALID_ARGUMENT with a known field, a
+    BadRequest with its field violation too."""
     if isinstance(exc, DomainError):
         code, message, reason = status_code(exc), exc.message, exc.reason
-        metadata = {}
-        if exc.errno is not None:
-            metadata["errno"] = str(exc.errno)
-        if exc.ioctl:
-            metadata["ioctl"] = exc.ioctl
-        if exc.resource:
-            metadata["resource"] = exc.resource
+        metadata = error_metadata(exc)
     else:
-        code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
+        code, reason = grpc.StatusCode.INTERNAL, Reason.INTERNAL_ERROR
         message = f"internal error: {type(exc).__name__}: {exc}"
         metadata = {}
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
+    details = [_pack(info)]
+    if isinstance(exc, InvalidArgument) and exc.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field,
+                                                                description=message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+        status_pb2.Status(code=code.value[0], message=message, details=details))
     retry = getattr(exc, "retry", "")
     if retry:
         # A refusal that did nothing (a hand-over's gate): `kvmd-retry` tells clients any
@@ -85,6 +88,12 @@ def to_status(exc: BaseException) -> grpc.Status:
 
 
 RETRY_KEY = "kvmd-retry"
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
 
 
 class _Status(grpc.Status):

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from kvmd.core.errors import Unavailable
+from kvmd.core.errors import Reason, Unavailable
 
 RETRY_HANDOVER = "handover"  # the value of kvmd.api.errors.RETRY_KEY for a gate refusal
 # Streams that live as long as a client wants: a hand-over ends them (clients re-open).
@@ -27,6 +27,7 @@ class HandingOver(Unavailable):
     carries trailing metadata `kvmd-retry: handover`)."""
 
     retry = RETRY_HANDOVER
+    default_reason = Reason.HANDOVER_IN_PROGRESS
 
 
 class Gate:

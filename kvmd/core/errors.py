@@ -3,106 +3,382 @@
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from enum import StrEnum
 
 from kvmd.kvm import KvmError
 
 
 class DomainError(Exception):
-    """Base of every error the core reports to callers. `errno`/`ioctl` are set when the
-    error came from the kernel."""
+    """Base of every error the core reports to callers.
 
-    reason = "ERROR"
+    `reason` is the stable, specific AIP-193 reason (a `Reason`): given at the raise site, or
+    derived from the class and the kind of `resource` ("vm/a/vcpu/0" -> VCPU_NOT_FOUND for a
+    NotFound). `field` names the request field at fault (INVALID_ARGUMENT's field
+    violation). `errno`/`ioctl` are set when the error came from the kernel; `metadata`
+    adds what else identifies the object (a limit's name and value)."""
 
-    def __init__(self, message: str, *, errno: int | None = None, ioctl: str | None = None,
-                 resource: str | None = None) -> None:
+    #: The reason when neither the raise site nor the resource gives one.
+    default_reason: Reason
+
+    def __init__(self, message: str, *, reason: Reason | None = None,
+                 field: str | None = None, errno: int | None = None, ioctl: str | None = None,
+                 resource: str | None = None, metadata: Mapping[str, object] | None = None
+                 ) -> None:
         super().__init__(message)
         self.message = message
         self.errno = errno
         self.ioctl = ioctl
         self.resource = resource
+        self.field = field
+        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
+        self.reason: Reason = reason if reason is not None else self._derive_reason()
+
+    def _derive_reason(self) -> Reason:
+        kind = resource_kind(self.resource)
+        for cls in type(self).__mro__:
+            found = _KIND_REASONS.get((cls, kind)) if kind else None
+            if found is not None:
+                return found
+        return type(self).default_reason
 
 
 class InvalidArgument(DomainError):
     """The request is wrong whatever the state: bad id, unaligned address, bad length."""
 
-    reason = "INVALID_ARGUMENT"
-
 
 class NotFound(DomainError):
     """The named VM, vCPU, slot, irqfd or ioevent does not exist."""
-
-    reason = "NOT_FOUND"
 
 
 class AlreadyExists(DomainError):
     """A resource with that id (or an overlapping one) already exists."""
 
-    reason = "ALREADY_EXISTS"
-
 
 class InvalidState(DomainError):
     """The resource is in the wrong state for the request (e.g. set regs while running)."""
-
-    reason = "FAILED_PRECONDITION"
 
 
 class Aborted(DomainError):
     """A concurrent request superseded this one (a resume cancelled a pause in flight);
     retrying is safe."""
 
-    reason = "ABORTED"
-
 
 class ResourceExhausted(DomainError):
     """A limit of this daemon or of KVM has been reached."""
-
-    reason = "RESOURCE_EXHAUSTED"
 
 
 class PermissionDenied(DomainError):
     """The caller may not do this."""
 
-    reason = "PERMISSION_DENIED"
-
 
 class Unauthenticated(DomainError):
     """The caller presented no identity."""
-
-    reason = "UNAUTHENTICATED"
 
 
 class Unsupported(DomainError):
     """The kernel lacks a capability the request needs."""
 
-    reason = "UNIMPLEMENTED"
-
 
 class DeadlineExceeded(DomainError):
     """Something the request waited on did not happen in time (a remote handler's reply)."""
-
-    reason = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(DomainError):
     """Another daemon this request needs (a migration's target) cannot be reached, or was
     lost; nothing was changed here, retrying may work."""
 
-    reason = "UNAVAILABLE"
-
 
 class OutcomeUnknown(DomainError):
     """The request may or may not have taken effect elsewhere (a migration's commit sent,
     its answer lost): the caller must check before acting again."""
 
-    reason = "UNKNOWN"
-
 
 class KernelError(DomainError):
     """An unexpected failure of a KVM ioctl (errno and ioctl name attached)."""
 
-    reason = "KERNEL_ERROR"
+
+class Reason(StrEnum):
+    """Every `google.rpc.ErrorInfo.reason` the daemon sends (AIP-193): UPPER_SNAKE, specific,
+    stable. Each belongs to one DomainError class, so to one status code; the README's
+    "Errors" table lists them all (a test checks it). Members are (value, class, meaning)."""
+
+    error: type[DomainError]
+    doc: str
+
+    def __new__(cls, value: str, error: type[DomainError], doc: str) -> Reason:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.error = error
+        member.doc = doc
+        return member
+
+    # -- INVALID_ARGUMENT: wrong whatever the state; a BadRequest names the field -----------
+    FIELD_REQUIRED = ("FIELD_REQUIRED", InvalidArgument,
+                      "a required field is empty (the field violation names it)")
+    ID_INVALID = ("ID_INVALID", InvalidArgument,
+                  "an id is not 1-64 characters of A-Z a-z 0-9 . _ -, starting with a "
+                  "letter or digit")
+    VALUE_OUT_OF_RANGE = ("VALUE_OUT_OF_RANGE", InvalidArgument,
+                          "a number, count or length is outside what the field allows")
+    VALUE_UNKNOWN = ("VALUE_UNKNOWN", InvalidArgument,
+                     "an enum value or mode name this daemon does not know")
+    ARGUMENTS_CONFLICT = ("ARGUMENTS_CONFLICT", InvalidArgument,
+                          "fields that cannot go together (a PIT without an irqchip, "
+                          "entries and use_supported, a duplicate MSR, overlapping ranges)")
+    ADDRESS_UNALIGNED = ("ADDRESS_UNALIGNED", InvalidArgument,
+                         "an address, offset or size is not a multiple of the page size")
+    RANGE_OUTSIDE_MEMORY = ("RANGE_OUTSIDE_MEMORY", InvalidArgument,
+                            "a guest range is not entirely inside guest memory, a slot or "
+                            "a memory file")
+    SLOT_NOT_LOGGED = ("SLOT_NOT_LOGGED", InvalidArgument,
+                       "the slot was added without dirty logging")
+    PAGE_TOKEN_INVALID = ("PAGE_TOKEN_INVALID", InvalidArgument,
+                          "page_token is not one this daemon gave")
+    FILE_NAME_INVALID = ("FILE_NAME_INVALID", InvalidArgument,
+                         "a memory or snapshot file name is empty, absolute, leaves its "
+                         "directory, or names something other than a regular file")
+    STREAM_INVALID = ("STREAM_INVALID", InvalidArgument,
+                      "a stream's messages come in the wrong order or do not belong "
+                      "together")
+    SNAPSHOT_CORRUPT = ("SNAPSHOT_CORRUPT", InvalidArgument,
+                        "snapshot or hand-over bytes are not a well-formed, intact kvmd "
+                        "snapshot")
+    STATE_INVALID = ("STATE_INVALID", InvalidArgument,
+                     "a saved CPU or device state field is malformed (wrong count, out of "
+                     "range)")
+    MIGRATION_TOKEN_REFUSED = ("MIGRATION_TOKEN_REFUSED", InvalidArgument,
+                               "the migration target refused the token")
+    KERNEL_REJECTED = ("KERNEL_REJECTED", InvalidArgument,
+                       "KVM refused the arguments (EINVAL, EFAULT, ...; errno and ioctl in "
+                       "metadata)")
+    # -- NOT_FOUND ------------------------------------------------------------------------
+    VM_NOT_FOUND = ("VM_NOT_FOUND", NotFound,
+                    "no VM with that id (or one the caller may not see)")
+    VCPU_NOT_FOUND = ("VCPU_NOT_FOUND", NotFound, "the VM has no vCPU with that index")
+    SLOT_NOT_FOUND = ("SLOT_NOT_FOUND", NotFound,
+                      "no memory slot with that number, or no memory file mapped there")
+    IRQFD_NOT_FOUND = ("IRQFD_NOT_FOUND", NotFound, "the VM has no irqfd with that id")
+    IOEVENT_NOT_FOUND = ("IOEVENT_NOT_FOUND", NotFound, "the VM has no ioevent with that id")
+    SNAPSHOT_NOT_FOUND = ("SNAPSHOT_NOT_FOUND", NotFound,
+                          "no snapshot file with that name in the state directory")
+    MIGRATION_NOT_FOUND = ("MIGRATION_NOT_FOUND", NotFound,
+                           "the VM has no migration in progress")
+    STRANDED_VM_NOT_FOUND = ("STRANDED_VM_NOT_FOUND", NotFound,
+                             "no stranded VM (left by a hand-over) with that id")
+    FILE_NOT_FOUND = ("FILE_NOT_FOUND", NotFound, "no such file in the images directory")
+    KERNEL_NOT_FOUND = ("KERNEL_NOT_FOUND", NotFound,
+                        "KVM answered ENOENT (errno and ioctl in metadata)")
+    # -- ALREADY_EXISTS -------------------------------------------------------------------
+    VM_ALREADY_EXISTS = ("VM_ALREADY_EXISTS", AlreadyExists, "a VM with that id exists")
+    VCPU_ALREADY_EXISTS = ("VCPU_ALREADY_EXISTS", AlreadyExists,
+                           "the VM has a vCPU with that index")
+    IRQFD_ALREADY_EXISTS = ("IRQFD_ALREADY_EXISTS", AlreadyExists,
+                            "the VM has an irqfd with that id")
+    IOEVENT_ALREADY_EXISTS = ("IOEVENT_ALREADY_EXISTS", AlreadyExists,
+                              "the VM has an ioevent with that id")
+    SNAPSHOT_ALREADY_EXISTS = ("SNAPSHOT_ALREADY_EXISTS", AlreadyExists,
+                               "a snapshot file with that name exists")
+    SLOT_OVERLAP = ("SLOT_OVERLAP", AlreadyExists,
+                    "the memory region or file mapping overlaps one that exists")
+    ADDRESS_IN_USE = ("ADDRESS_IN_USE", AlreadyExists,
+                      "a PIO/MMIO range is owned already (a device, a claim, an ioevent)")
+    KERNEL_CONFLICT = ("KERNEL_CONFLICT", AlreadyExists,
+                       "KVM answered EEXIST or EBUSY (errno and ioctl in metadata)")
+    # -- FAILED_PRECONDITION: the state is wrong for the request --------------------------
+    VM_RUNNING = ("VM_RUNNING", InvalidState,
+                  "the VM (or the vCPU in metadata) runs: pause or stop it first")
+    VM_NOT_RUNNING = ("VM_NOT_RUNNING", InvalidState,
+                      "only a running VM or vCPU can be paused")
+    VM_NOT_PAUSED = ("VM_NOT_PAUSED", InvalidState,
+                     "only a paused (or halted) VM or vCPU can be resumed")
+    VM_STOPPED = ("VM_STOPPED", InvalidState,
+                  "the VM or vCPU is stopped or crashed already")
+    VM_NO_VCPUS = ("VM_NO_VCPUS", InvalidState, "the VM has no vCPUs to start")
+    VM_BUSY = ("VM_BUSY", InvalidState,
+               "the VM is held for a snapshot or migration, or a vCPU is being started: "
+               "retry when it is done")
+    VM_MIGRATING = ("VM_MIGRATING", InvalidState,
+                    "the VM migrates (or its migration is past switch-over): cancel first")
+    VM_NOT_NEW = ("VM_NOT_NEW", InvalidState,
+                  "state restores only into a new VM or vCPU that has not run")
+    IRQCHIP_MODE = ("IRQCHIP_MODE", InvalidState,
+                    "the VM's in-kernel irqchip setting does not allow this")
+    DIRTY_MODE = ("DIRTY_MODE", InvalidState,
+                  "the VM's dirty tracking mode or slots do not allow this")
+    SLOT_FILE_CONFLICT = ("SLOT_FILE_CONFLICT", InvalidState,
+                          "a memory file mapping is in the way, missing, or needs a "
+                          "read-only slot")
+    FILE_NOT_WRITABLE = ("FILE_NOT_WRITABLE", InvalidState,
+                         "the memory file cannot be opened read-write")
+    FEATURE_DISABLED = ("FEATURE_DISABLED", InvalidState,
+                        "the daemon runs without what this needs (--images-dir, "
+                        "--state-dir, migration TLS)")
+    SNAPSHOT_INCOMPATIBLE = ("SNAPSHOT_INCOMPATIBLE", InvalidState,
+                             "the snapshot does not fit this host, daemon or base (format "
+                             "version, page size, XSAVE size, diff base, memory files)")
+    HANDOVER_STATE_UNUSABLE = ("HANDOVER_STATE_UNUSABLE", InvalidState,
+                               "a stranded VM's memory was not passed or does not match")
+    MIGRATION_FAILED = ("MIGRATION_FAILED", InvalidState,
+                        "the migration did not converge, or the target answered out of "
+                        "turn; the VM runs on here")
+    KERNEL_WRONG_STATE = ("KERNEL_WRONG_STATE", InvalidState,
+                          "KVM answered EBADF or EACCES (errno and ioctl in metadata)")
+    # -- ABORTED -------------------------------------------------------------------------
+    CONCURRENT_CHANGE = ("CONCURRENT_CHANGE", Aborted,
+                         "another call superseded this one (a resume during a pause): retry")
+    MIGRATION_CANCELLED = ("MIGRATION_CANCELLED", Aborted,
+                           "the migration was cancelled or its stream ended early")
+    # -- RESOURCE_EXHAUSTED: metadata `limit` (the option) and `limit_value` -------------
+    LIMIT_VMS = ("LIMIT_VMS", ResourceExhausted, "max_vms, or the caller's VM quota")
+    LIMIT_VCPUS = ("LIMIT_VCPUS", ResourceExhausted, "max_vcpus_per_vm")
+    LIMIT_MEMORY_SLOTS = ("LIMIT_MEMORY_SLOTS", ResourceExhausted, "max_memory_slots_per_vm")
+    LIMIT_VM_MEMORY = ("LIMIT_VM_MEMORY", ResourceExhausted, "max_memory_per_vm_bytes")
+    LIMIT_GUEST_MEMORY = ("LIMIT_GUEST_MEMORY", ResourceExhausted,
+                          "max_memory_total_bytes, all VMs together")
+    LIMIT_IRQFDS = ("LIMIT_IRQFDS", ResourceExhausted, "max_irqfds_per_vm")
+    LIMIT_IOEVENTS = ("LIMIT_IOEVENTS", ResourceExhausted, "max_ioevents_per_vm")
+    LIMIT_FDS = ("LIMIT_FDS", ResourceExhausted,
+                 "max_fds or max_fds_per_identity (file descriptors VM objects hold)")
+    LIMIT_STREAMS = ("LIMIT_STREAMS", ResourceExhausted,
+                     "max_streams or max_streams_per_identity")
+    LIMIT_CALLS = ("LIMIT_CALLS", ResourceExhausted,
+                   "max_calls_per_identity, or the calls kept for admins")
+    LIMIT_CLAIMS = ("LIMIT_CLAIMS", ResourceExhausted, "remote exit handlers per VM")
+    LIMIT_MIGRATIONS = ("LIMIT_MIGRATIONS", ResourceExhausted,
+                        "migrations running, or incoming migrations prepared")
+    CONSOLE_FULL = ("CONSOLE_FULL", ResourceExhausted,
+                    "the console input buffer has no room for the data")
+    HOST_EXHAUSTED = ("HOST_EXHAUSTED", ResourceExhausted,
+                      "the host ran out (memory, threads, file descriptors, disk space)")
+    # -- PERMISSION_DENIED / UNAUTHENTICATED ---------------------------------------------
+    PERMISSION_DENIED_ROLE = ("PERMISSION_DENIED_ROLE", PermissionDenied,
+                              "the caller's role (none, viewer, operator) does not allow "
+                              "the method")
+    VM_ID_RESERVED = ("VM_ID_RESERVED", PermissionDenied,
+                      "the caller may not create a VM with that id (another identity's "
+                      "prefix, or outside its own)")
+    FILE_ACCESS_DENIED = ("FILE_ACCESS_DENIED", PermissionDenied,
+                          "the memory file leads outside the images directory or may not "
+                          "be opened")
+    MIGRATION_TOKEN_INVALID = ("MIGRATION_TOKEN_INVALID", PermissionDenied,
+                               "the migration token is unknown, used or expired")
+    IDENTITY_MISSING = ("IDENTITY_MISSING", Unauthenticated,
+                        "no client identity (use the Unix socket or a client certificate)")
+    # -- UNIMPLEMENTED / DEADLINE_EXCEEDED / UNAVAILABLE / UNKNOWN / INTERNAL ------------
+    CAPABILITY_MISSING = ("CAPABILITY_MISSING", Unsupported,
+                          "the kernel lacks a KVM capability the request needs")
+    HANDLER_DEADLINE_MISSED = ("HANDLER_DEADLINE_MISSED", DeadlineExceeded,
+                               "a remote exit handler did not reply in time")
+    PEER_TIMEOUT = ("PEER_TIMEOUT", DeadlineExceeded,
+                    "the other daemon of a migration went silent")
+    PEER_UNAVAILABLE = ("PEER_UNAVAILABLE", Unavailable,
+                        "the migration target cannot be reached or stopped answering")
+    HANDOVER_IN_PROGRESS = ("HANDOVER_IN_PROGRESS", Unavailable,
+                            "the daemon hands over to a new process: retry (any call)")
+    MIGRATION_OUTCOME_UNKNOWN = ("MIGRATION_OUTCOME_UNKNOWN", OutcomeUnknown,
+                                 "the commit was sent, its answer lost: the VM may run on "
+                                 "the target")
+    KERNEL_ERROR = ("KERNEL_ERROR", KernelError,
+                    "an unexpected failure of a system call (errno and ioctl in metadata)")
+    VCPU_UNRESPONSIVE = ("VCPU_UNRESPONSIVE", KernelError,
+                         "a vCPU thread did not pause or stop in time")
+    INTERNAL_ERROR = ("INTERNAL_ERROR", KernelError,
+                      "a daemon bug: an exception that is no domain error")
+
+
+# The reason of a class when the raise site gives none and the resource kind says nothing.
+# Kernel-derived errors (from_os_error) land here; every raise site in kvmd names a reason
+# or a resource whose kind decides (tests/api/test_api_reasons.py walks them).
+InvalidArgument.default_reason = Reason.KERNEL_REJECTED
+NotFound.default_reason = Reason.KERNEL_NOT_FOUND
+AlreadyExists.default_reason = Reason.KERNEL_CONFLICT
+InvalidState.default_reason = Reason.KERNEL_WRONG_STATE
+Aborted.default_reason = Reason.CONCURRENT_CHANGE
+ResourceExhausted.default_reason = Reason.HOST_EXHAUSTED
+PermissionDenied.default_reason = Reason.PERMISSION_DENIED_ROLE
+Unauthenticated.default_reason = Reason.IDENTITY_MISSING
+Unsupported.default_reason = Reason.CAPABILITY_MISSING
+DeadlineExceeded.default_reason = Reason.PEER_TIMEOUT
+Unavailable.default_reason = Reason.PEER_UNAVAILABLE
+OutcomeUnknown.default_reason = Reason.MIGRATION_OUTCOME_UNKNOWN
+KernelError.default_reason = Reason.KERNEL_ERROR
+DomainError.default_reason = Reason.INTERNAL_ERROR
+
+# (class, resource kind) -> reason, for errors raised with a resource and no reason.
+_KIND_REASONS: dict[tuple[type[DomainError], str], Reason] = {
+    (NotFound, "vm"): Reason.VM_NOT_FOUND,
+    (NotFound, "vcpu"): Reason.VCPU_NOT_FOUND,
+    (NotFound, "slot"): Reason.SLOT_NOT_FOUND,
+    (NotFound, "irqfd"): Reason.IRQFD_NOT_FOUND,
+    (NotFound, "ioevent"): Reason.IOEVENT_NOT_FOUND,
+    (NotFound, "snapshot"): Reason.SNAPSHOT_NOT_FOUND,
+    (NotFound, "migration"): Reason.MIGRATION_NOT_FOUND,
+    (NotFound, "stranded"): Reason.STRANDED_VM_NOT_FOUND,
+    (NotFound, "images"): Reason.FILE_NOT_FOUND,
+    (AlreadyExists, "vm"): Reason.VM_ALREADY_EXISTS,
+    (AlreadyExists, "vcpu"): Reason.VCPU_ALREADY_EXISTS,
+    (AlreadyExists, "slot"): Reason.SLOT_OVERLAP,
+    (AlreadyExists, "irqfd"): Reason.IRQFD_ALREADY_EXISTS,
+    (AlreadyExists, "ioevent"): Reason.IOEVENT_ALREADY_EXISTS,
+    (AlreadyExists, "snapshot"): Reason.SNAPSHOT_ALREADY_EXISTS,
+}
+
+# Resource paths are "vm/<id>[/<kind>/<name>]", "stranded/<id>", "images/<path>", "fds":
+# the kinds whose name runs to the end of the path (a file path may hold slashes).
+_TAIL_KINDS = frozenset({"images", "stranded", "snapshot"})
+# kind -> the ErrorInfo metadata key its name goes under.
+_KIND_KEYS = {"vm": "vm_id", "vcpu": "vcpu_id", "slot": "slot", "irqfd": "irqfd_id",
+              "ioevent": "ioevent_id", "stranded": "vm_id", "images": "file",
+              "snapshot": "snapshot"}
+
+
+def resource_parts(resource: str | None) -> list[tuple[str, str]]:
+    """("vm", "a"), ("vcpu", "0") for "vm/a/vcpu/0": the kinds and names of a resource
+    path, outermost first; a kind without a name ("fds") gets ""."""
+    if not resource:
+        return []
+    parts, out = resource.split("/"), []
+    i = 0
+    while i < len(parts):
+        kind = parts[i]
+        if kind in _TAIL_KINDS:
+            out.append((kind, "/".join(parts[i + 1:])))
+            break
+        out.append((kind, parts[i + 1] if i + 1 < len(parts) else ""))
+        i += 2
+    return out
+
+
+def resource_kind(resource: str | None) -> str:
+    """The innermost kind of a resource path ("vcpu" for "vm/a/vcpu/0"), or ""."""
+    parts = resource_parts(resource)
+    return parts[-1][0] if parts else ""
+
+
+def error_metadata(exc: DomainError) -> dict[str, str]:
+    """The ErrorInfo metadata of `exc`: what identifies the object (vm_id, vcpu_id, slot,
+    irqfd_id, ioevent_id, file, snapshot), `resource`, `errno` and `ioctl` when the kernel
+    failed, and what the raise site added (`limit`, `limit_value`). All strings."""
+    metadata: dict[str, str] = {}
+    for kind, name in resource_parts(exc.resource):
+        key = _KIND_KEYS.get(kind)
+        if key and name:
+            metadata[key] = name
+    if exc.errno is not None:
+        metadata["errno"] = str(exc.errno)
+    if exc.ioctl:
+        metadata["ioctl"] = exc.ioctl
+    if exc.resource:
+        metadata["resource"] = exc.resource
+    metadata.update(exc.metadata)
+    return metadata
+
+
+def limit(name: str, value: object) -> dict[str, object]:
+    """ErrorInfo metadata naming a daemon limit (its config key) and its value."""
+    return {"limit": name, "limit_value": value}
 
 
 # errno of a KvmError -> domain error class. The binding reports userspace validation with
@@ -135,7 +411,10 @@ EXHAUSTION_ERRNOS = frozenset({_errno.ENOMEM, _errno.ENOSPC, _errno.EMFILE, _err
 def from_kvm_error(exc: KvmError, resource: str | None = None) -> DomainError:
     """Translate a binding error into the domain error a caller should see."""
     cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
-    return cls(str(exc), errno=exc.errno, ioctl=exc.ioctl, resource=resource)
+    # The kernel's answer, not the resource's kind, is the reason: EEXIST from an ioctl on
+    # a VM does not mean "a VM with that id exists".
+    return cls(str(exc), reason=cls.default_reason, errno=exc.errno, ioctl=exc.ioctl,
+               resource=resource)
 
 
 def from_os_error(exc: OSError, resource: str | None = None) -> DomainError:
@@ -145,8 +424,8 @@ def from_os_error(exc: OSError, resource: str | None = None) -> DomainError:
         return from_kvm_error(exc, resource)
     cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
     what = exc.strerror or str(exc)
-    return cls(f"{what}" + (f" ({exc.filename})" if exc.filename else ""), errno=exc.errno,
-               resource=resource)
+    return cls(f"{what}" + (f" ({exc.filename})" if exc.filename else ""),
+               reason=cls.default_reason, errno=exc.errno, resource=resource)
 
 
 @contextmanager

@@ -20,17 +20,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from kvmd import __version__
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.config import is_loopback
 from kvmd.core.errors import (
     Aborted,
+    AlreadyExists,
+    DeadlineExceeded,
     DomainError,
     InvalidArgument,
     InvalidState,
+    NotFound,
     OutcomeUnknown,
+    PermissionDenied,
+    Reason,
+    ResourceExhausted,
+    Unauthenticated,
     Unavailable,
+    Unsupported,
 )
 from kvmd.migration.precopy import MigrationOptions
 from kvmd.state.format import FORMAT_VERSION, varint
@@ -86,9 +96,39 @@ def check_target(target: str, tls: MigrationTls | None) -> None:
                            "tls_client_ca) or migrate over loopback")
 
 
-# The domain error for each status code the target may answer with.
-_BY_CODE: dict[str, type[DomainError]] = {
-    cls.reason: cls for cls in DomainError.__subclasses__() if cls.reason != "ERROR"}
+# The domain error for each status code the target may answer with (INTERNAL and codes
+# not listed: InvalidState, the migration failed).
+_BY_CODE: dict[grpc.StatusCode, type[DomainError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidState,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.UNIMPLEMENTED: Unsupported,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNKNOWN: OutcomeUnknown,
+}
+
+
+def _remote_reason(exc: grpc.RpcError, cls: type[DomainError]) -> Reason:
+    """The target's own ErrorInfo reason when it is one of ours for `cls` (a target's
+    LIMIT_VMS stays LIMIT_VMS here), else what the migration failing means here."""
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except ValueError:
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = Reason.__members__.get(info.reason)
+            if reason is not None and issubclass(cls, reason.error):
+                return reason
+    return Reason.MIGRATION_FAILED if cls is InvalidState else cls.default_reason
 
 
 def target_error(target: str, exc: grpc.RpcError) -> DomainError:
@@ -114,8 +154,8 @@ def target_error(target: str, exc: grpc.RpcError) -> DomainError:
         return Aborted(f"the link to migration target {target} was closed")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"migration target {target} did not answer in time")
-    cls = _BY_CODE.get(code.name, InvalidState)
-    return cls(f"migration target {target}: {details}")
+    cls = _BY_CODE.get(code, InvalidState)
+    return cls(f"migration target {target}: {details}", reason=_remote_reason(exc, cls))
 
 
 class GrpcTransport:

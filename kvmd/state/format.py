@@ -24,7 +24,7 @@ import xxhash
 from google.protobuf.message import DecodeError
 
 from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.core.errors import InvalidArgument, InvalidState
+from kvmd.core.errors import InvalidArgument, InvalidState, Reason
 from kvmd.kvm import PAGE_SIZE
 
 MAGIC = "kvmd-snapshot"
@@ -46,6 +46,8 @@ _TAG_DATA = (3 << 3) | 2
 
 class CorruptSnapshot(InvalidArgument):
     """The bytes are not a well-formed, intact kvmd snapshot."""
+
+    default_reason = Reason.SNAPSHOT_CORRUPT
 
 
 @dataclass(frozen=True)
