@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 from kvmd import __version__
 from kvmd.config import Config, parse_listen
-from kvmd.core.errors import DomainError, InvalidState, NotFound
+from kvmd.core.errors import DomainError, InvalidState, NotFound, Reason
 from kvmd.core.host import Host
 from kvmd.core.vcpu import PAUSABLE
 from kvmd.core.vm import ManagedVm
@@ -410,7 +410,8 @@ class StrandedVms:
         item = s.carried
         try:
             if not item.data:
-                raise InvalidState(f"vm {vm_id}: {s.reason}", resource=f"stranded/{vm_id}")
+                raise InvalidState(f"vm {vm_id}: {s.reason}", resource=f"stranded/{vm_id}",
+                                   reason=Reason.HANDOVER_STATE_UNUSABLE)
             record = carry.read_state(item.data, vm_id)
             vm = carry.restore_vm(self.host, record, item.fds, id_reserved=s.id_reserved)
         except DomainError as exc:

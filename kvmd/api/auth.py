@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
+from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Reason, Unauthenticated
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vm import ManagedVm
 
@@ -267,23 +267,28 @@ class Authorizer:
         if short in TOKEN_METHODS:
             return None  # the handler checks the token
         if grant is None:
-            raise PermissionDenied(f"identity {identity!r} has no role on this daemon")
+            raise PermissionDenied(f"identity {identity!r} has no role on this daemon",
+                                   reason=Reason.PERMISSION_DENIED_ROLE)
         if short in ADMIN_METHODS and grant.role != ADMIN:
             raise PermissionDenied(f"{identity!r} is not an admin: stranded VMs and "
-                                   "hand-overs are for admins")
+                                   "hand-overs are for admins",
+                                   reason=Reason.PERMISSION_DENIED_ROLE)
         vm_id = _request_vm_id(request)
         if grant.role == VIEWER:
             if short in GUEST_DATA_READS:
                 raise PermissionDenied(f"{identity!r} is a viewer: {short} reads guest data, "
-                                       "which only admins and the VM's owner may")
+                                       "which only admins and the VM's owner may",
+                                       reason=Reason.PERMISSION_DENIED_ROLE)
             if short not in READ_ONLY_METHODS:
-                raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}")
+                raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}",
+                                       reason=Reason.PERMISSION_DENIED_ROLE)
         if short in CREATING_METHODS:
             if grant.role == OPERATOR:
                 self._check_new_id(grant, identity, vm_id)
             return None  # the quota (max_vms) is enforced atomically by the registry
         if grant.role == OPERATOR and not vm_id and short not in VM_LESS_METHODS:
-            raise PermissionDenied(f"{identity!r} may not call {short}")
+            raise PermissionDenied(f"{identity!r} may not call {short}",
+                                   reason=Reason.PERMISSION_DENIED_ROLE)
         if not vm_id:
             return None
         try:
@@ -305,11 +310,12 @@ class Authorizer:
         prefix the policy reserves for another identity."""
         if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
             raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
-                                   f"with {grant.vm_prefix!r}")
+                                   f"with {grant.vm_prefix!r}",
+                                   reason=Reason.VM_ID_RESERVED, field="vm_id")
         owner = self.policy.prefix_owner(vm_id)
         if owner is not None and owner.identity != grant.identity:
             raise PermissionDenied(f"ids starting with {owner.vm_prefix!r} are reserved for "
-                                   "another identity")
+                                   "another identity", reason=Reason.VM_ID_RESERVED, field="vm_id")
 
     def privileged(self, owner: str) -> bool:
         """Is `owner` an admin (every caller is, without a policy)? Admins are exempt from

@@ -15,7 +15,7 @@ from kvmd.api.auth import ADMIN, authorized_vm, current_grant, current_identity
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.interceptors import run_blocking
 from kvmd.api.streams import StreamRegistry, follow
-from kvmd.core.errors import InvalidArgument
+from kvmd.core.errors import InvalidArgument, Reason
 from kvmd.core.events import Mailbox
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vcpu import ManagedVcpu, PauseTicket
@@ -137,7 +137,7 @@ class ServicerBase:
         as that very object; NotFound otherwise, never another VM that took its id. Only
         admins reach a VM the authorizer did not name."""
         if not vm_id:
-            raise InvalidArgument("vm_id is required")
+            raise InvalidArgument("vm_id is required", reason=Reason.FIELD_REQUIRED, field="vm_id")
         bound = authorized_vm.get()
         if bound is not None and bound[0] == vm_id:
             vm = bound[1]
@@ -155,7 +155,7 @@ class ServicerBase:
         reserved id): the VM authorized, if there was one, is still the one under the id,
         and a caller other than an admin still owns the id (NotFound otherwise)."""
         if not vm_id:
-            raise InvalidArgument("vm_id is required")
+            raise InvalidArgument("vm_id is required", reason=Reason.FIELD_REQUIRED, field="vm_id")
         bound = authorized_vm.get()
         if bound is not None and bound[0] == vm_id:
             self._vm(vm_id)

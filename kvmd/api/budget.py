@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmd.api.auth import ADMIN, current_grant, current_identity
-from kvmd.core.errors import ResourceExhausted
+from kvmd.core.errors import Reason, ResourceExhausted, limit
 
 EXEMPT_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
@@ -63,11 +63,15 @@ class Budget:
                         not admin and self.non_admin_streams >= self.max_streams
                         - reserve_of(self.max_streams)):
                     raise ResourceExhausted(f"the daemon has {self.streams} open streams, "
-                                            "its limit: try again later")
+                                            "its limit: try again later",
+                                            reason=Reason.LIMIT_STREAMS,
+                                            metadata=limit("max_streams", self.max_streams))
                 if usage.streams >= self.max_streams_per_identity:
                     raise ResourceExhausted(
                         f"{identity!r} holds {usage.streams} open streams, the limit per "
-                        "identity (max_streams_per_identity)")
+                        "identity (max_streams_per_identity)",
+                        reason=Reason.LIMIT_STREAMS,
+                        metadata=limit("max_streams_per_identity", self.max_streams_per_identity))
                 usage.streams += 1
                 self.streams += 1
                 self.non_admin_streams += 0 if admin else 1
@@ -75,11 +79,15 @@ class Budget:
                 if not admin and self.non_admin_calls >= self.max_calls - reserve_of(
                         self.max_calls):
                     raise ResourceExhausted(f"{self.non_admin_calls} calls are in flight, "
-                                            "the limit for non-admin callers: try again")
+                                            "the limit for non-admin callers: try again",
+                                            reason=Reason.LIMIT_CALLS,
+                                            metadata=limit("max_concurrent_rpcs", self.max_calls))
                 if usage.calls >= self.max_calls_per_identity:
                     raise ResourceExhausted(
                         f"{identity!r} has {usage.calls} calls in flight, the limit per "
-                        "identity (max_calls_per_identity)")
+                        "identity (max_calls_per_identity)",
+                        reason=Reason.LIMIT_CALLS,
+                        metadata=limit("max_calls_per_identity", self.max_calls_per_identity))
                 usage.calls += 1
                 self.calls += 1
                 self.non_admin_calls += 0 if admin else 1

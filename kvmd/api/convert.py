@@ -7,7 +7,7 @@ import base64
 from array import array
 
 from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.core.errors import InvalidArgument
+from kvmd.core.errors import InvalidArgument, Reason
 from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
@@ -150,7 +150,8 @@ def page_token_id(token: str) -> str:
     except (ValueError, UnicodeDecodeError):
         text = ""
     if not text.startswith(_TOKEN_PREFIX):
-        raise InvalidArgument("page_token is not one this daemon gave")
+        raise InvalidArgument("page_token is not one this daemon gave",
+                              reason=Reason.PAGE_TOKEN_INVALID, field="page_token")
     return text[len(_TOKEN_PREFIX):]
 
 

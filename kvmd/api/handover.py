@@ -10,7 +10,7 @@ from kvmd.api import convert
 from kvmd.api.base import Runtime, ServicerBase
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.core.errors import InvalidArgument
+from kvmd.core.errors import InvalidArgument, Reason
 from kvmd.core.host import Host
 from kvmd.core.vm import validate_id
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def _vm_id(request: pb.StrandedVmRef) -> str:
     if not request.vm_id:
-        raise InvalidArgument("vm_id is required")
+        raise InvalidArgument("vm_id is required", reason=Reason.FIELD_REQUIRED, field="vm_id")
     return validate_id("vm id", request.vm_id)
 
 

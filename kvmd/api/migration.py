@@ -12,7 +12,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument
+from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument, Reason
 from kvmd.core.host import Host
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
 from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Progress
@@ -93,7 +93,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                                  context: grpc.aio.ServicerContext) -> pb.IncomingMigration:
         """Expect a VM under `vm_id` (reserved meanwhile); returns its one-time token."""
         if not request.vm_id:
-            raise InvalidArgument("vm_id is required")
+            raise InvalidArgument("vm_id is required", reason=Reason.FIELD_REQUIRED, field="vm_id")
         incoming = self.migrations.incoming.prepare(request.vm_id, caller_identity(),
                                                     current_quota.get(), request.ttl_seconds)
         return pb.IncomingMigration(vm_id=incoming.vm_id, token=incoming.token,
@@ -151,7 +151,8 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         requests = request_iterator.__aiter__()
         first = await self._next(requests, RECEIVE_IDLE_SECONDS)
         if not isinstance(first, pb.MigrationMessage) or first.WhichOneof("message") != "start":
-            raise InvalidArgument("a migration stream starts with its token (start)")
+            raise InvalidArgument("a migration stream starts with its token (start)",
+                                  reason=Reason.STREAM_INVALID, field="start")
         start = first.start
         incoming: IncomingMigration = self.migrations.incoming.claim(start.token,
                                                                      context.peer() or "")
@@ -164,7 +165,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                 incoming.check_cancelled()
                 if msg is None:  # the source ended the stream without a commit: discard
                     raise Aborted(f"the migration stream of vm {incoming.vm_id} ended before "
-                                  "its commit: nothing was kept")
+                                  "its commit: nothing was kept", reason=Reason.MIGRATION_CANCELLED)
                 if isinstance(msg, memoryview):
                     await self._blocking(incoming.feed, msg)
                     continue
@@ -179,7 +180,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                     yield pb.MigrationReply(committed=pb.MigrationCommitted())
                 else:
                     raise InvalidArgument(f"unexpected {kind or 'empty'} message in a "
-                                          "migration stream")
+                                          "migration stream", reason=Reason.STREAM_INVALID)
         finally:
             if incoming.state != COMMITTED:
                 await self._cleanup(incoming.abort)  # the source gone: everything released
@@ -193,5 +194,6 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            raise DeadlineExceeded(f"the migration source sent nothing for {timeout:g} s")\
+            raise DeadlineExceeded(f"the migration source sent nothing for {timeout:g} s",
+                                   reason=Reason.PEER_TIMEOUT)\
                 from None

@@ -22,7 +22,7 @@ from kvmd.api.interceptors import on_loop
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.api.streams import END_KEY, END_LAGGED
-from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from kvmd.core.errors import DeadlineExceeded, InvalidArgument, Reason, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
 from kvmd.core.vm import ManagedVm
@@ -70,10 +70,12 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
         """KVM_CHECK_EXTENSION by name or number, on /dev/kvm or a VM's fd."""
         which = request.WhichOneof("capability")
         if which is None:
-            raise InvalidArgument("give a capability name or number")
+            raise InvalidArgument("give a capability name or number",
+                                  reason=Reason.FIELD_REQUIRED, field="name")
         cap: int | str = request.name if which == "name" else request.number
         if which == "name" and not request.name:
-            raise InvalidArgument("capability name is empty")
+            raise InvalidArgument("capability name is empty",
+                                  reason=Reason.FIELD_REQUIRED, field="name")
         value, number = self.host.check_extension(
             cap, self._vm(request.vm_id) if request.vm_id else "")
         return pb.CheckExtensionResponse(value=value, number=number)
@@ -112,7 +114,8 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         after = convert.page_token_id(request.page_token)
         page_size = request.page_size or MAX_PAGE_SIZE
         if page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}")
+            raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="page_size")
         budget = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
         response = pb.ListVmsResponse()
         used = 0
@@ -218,7 +221,7 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         if accepted < len(request.data):
             raise ResourceExhausted(
                 f"console input buffer has room for {accepted} bytes, not "
-                f"{len(request.data)}: nothing was queued")
+                f"{len(request.data)}: nothing was queued", reason=Reason.CONSOLE_FULL)
         return pb.WriteConsoleResponse(accepted=accepted)
 
 
@@ -266,12 +269,14 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
                 vm = self._vm(msg.vm_id)
                 addr = msg.guest_addr
             elif msg.vm_id and msg.vm_id != vm.id:
-                raise InvalidArgument("every chunk of one write must name the same vm")
+                raise InvalidArgument("every chunk of one write must name the same vm",
+                                      reason=Reason.STREAM_INVALID, field="vm_id")
             if msg.data:
                 await self._blocking(vm.write_memory, addr + written, msg.data)
                 written += len(msg.data)
         if vm is None:
-            raise InvalidArgument("empty write: the first message must name vm_id")
+            raise InvalidArgument("empty write: the first message must name vm_id",
+                                  reason=Reason.FIELD_REQUIRED, field="vm_id")
         return pb.WriteGuestMemoryResponse(bytes_written=written)
 
     async def ReadGuestMemory(self, request: pb.ReadGuestMemoryRequest,
@@ -298,7 +303,8 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         form = request.form
         if form not in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
                         pb.GetDirtyLogRequest.RANGES):
-            raise InvalidArgument(f"unknown dirty-log form {form}")
+            raise InvalidArgument(f"unknown dirty-log form {form}",
+                                  reason=Reason.VALUE_UNKNOWN, field="form")
         runs = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_run_chunks(
             bitmap, chunk, force=form == pb.GetDirtyLogRequest.RANGES)
         if runs is not None:
@@ -336,7 +342,8 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         """Map a file of the images directory over part of a slot."""
         vm = self._vm(request.vm_id)
         if not request.HasField("file"):
-            raise InvalidArgument("MapGuestMemory needs a file")
+            raise InvalidArgument("MapGuestMemory needs a file",
+                                  reason=Reason.FIELD_REQUIRED, field="file")
         record = vm.map_file(request.slot, request.offset, request.size,
                              convert.memory_file_from_pb(request.file))
         return convert.file_mapping_to_pb(record)
@@ -441,7 +448,8 @@ class IoEventsService(ServicerBase, rpc.IoEventsServicer):
         """Have KVM signal a daemon-owned eventfd on guest writes to an address."""
         vm = self._vm(request.vm_id)
         if request.space not in convert.SPACES:
-            raise InvalidArgument(f"unknown address space {request.space}")
+            raise InvalidArgument(f"unknown address space {request.space}",
+                                  reason=Reason.VALUE_UNKNOWN, field="space")
         datamatch = request.datamatch if request.HasField("datamatch") else None
         entry = vm.register_ioevent(request.ioevent_id, convert.SPACES[request.space],
                                     request.address, request.length, datamatch)
@@ -519,7 +527,8 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         """Set the vCPU's CPUID (given entries, or the host's supported set)."""
         vcpu = self._vcpu(request.vcpu)
         if request.use_supported and request.entries:
-            raise InvalidArgument("give entries or use_supported, not both")
+            raise InvalidArgument("give entries or use_supported, not both",
+                                  reason=Reason.ARGUMENTS_CONFLICT, field="use_supported")
         entries = (self.host.supported_cpuid() if request.use_supported
                    else convert.cpuid_from_pb(request.entries))
         vcpu.set_cpuid(entries)
@@ -539,7 +548,8 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         vcpu = self._vcpu(request.vcpu)
         values = {m.index: m.value for m in request.msrs}
         if len(values) != len(request.msrs):
-            raise InvalidArgument("an MSR index appears twice")
+            raise InvalidArgument("an MSR index appears twice",
+                                  reason=Reason.ARGUMENTS_CONFLICT, field="msrs")
         vcpu.set_msrs(values)
         back = vcpu.get_msrs(list(values))
         return pb.Msrs(msrs=[pb.Msr(index=i, value=v) for i, v in back.items()])
@@ -623,16 +633,19 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
         except StopAsyncIteration:
             first = None
         if first is None or first.WhichOneof("message") != "claim":
-            raise InvalidArgument("the first message of HandleExits must be a claim")
+            raise InvalidArgument("the first message of HandleExits must be a claim",
+                                  reason=Reason.STREAM_INVALID, field="claim")
         claim = first.claim
         vm = self._vm(claim.vm_id)
         deadline = claim.deadline_ms or DEFAULT_DEADLINE_MS
         if deadline > MAX_DEADLINE_MS:
-            raise InvalidArgument(f"deadline_ms must be at most {MAX_DEADLINE_MS}")
+            raise InvalidArgument(f"deadline_ms must be at most {MAX_DEADLINE_MS}",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="claim.deadline_ms")
         ranges = []
         for r in claim.ranges:
             if r.space not in convert.SPACES:
-                raise InvalidArgument(f"unknown address space {r.space}")
+                raise InvalidArgument(f"unknown address space {r.space}",
+                                      reason=Reason.VALUE_UNKNOWN, field="claim.ranges.space")
             ranges.append(ClaimRange(convert.SPACES[r.space], r.base, r.length))
         # The VM's lock can be held for milliseconds (a slot being mapped): not on the loop.
         handler = await self._blocking(vm.add_handler, ranges, deadline)
@@ -650,10 +663,10 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
             replies.cancel()
             await self._cleanup(vm.release_handler, handler, "stream ended")
         if handler.close_reason.startswith("bad reply"):
-            raise InvalidArgument(handler.close_reason)
+            raise InvalidArgument(handler.close_reason, reason=Reason.STREAM_INVALID, field="reply")
         if handler.close_reason.startswith("missed"):
             raise DeadlineExceeded(f"handler {handler.id} {handler.close_reason}; its claims "
-                                   "were released")
+                                   "were released", reason=Reason.HANDLER_DEADLINE_MISSED)
 
     @staticmethod
     async def _read_replies(requests: AsyncIterator[pb.ExitHandlerMessage],

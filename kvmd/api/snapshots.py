@@ -12,7 +12,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
-from kvmd.core.errors import InvalidArgument, InvalidState, NotFound
+from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, Reason
 from kvmd.core.host import Host
 from kvmd.state.snapshot import Restorer, SnapshotSummary, SnapshotTaker
 from kvmd.state.store import SnapshotStore, StoredSnapshot
@@ -106,7 +106,8 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
     def _store(self) -> SnapshotStore:
         if self.store is None:
             raise InvalidState("this daemon has no state directory (--state-dir): snapshot "
-                               "files are not available; stream the snapshot instead")
+                               "files are not available; stream the snapshot instead",
+                               reason=Reason.FEATURE_DISABLED)
         return self.store
 
     def _own_file(self, name: str) -> StoredSnapshot:
@@ -114,7 +115,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         existence does not leak)."""
         stored = self._store().describe(name)
         if not self.visible(caller_identity(), stored.owner):
-            raise NotFound(f"no snapshot file {name!r}")
+            raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}")
         return stored
 
     async def SnapshotVm(self, request: pb.SnapshotVmRequest,
@@ -152,7 +153,8 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
             first = None
         if not isinstance(first, pb.RestoreVmRequest) or first.WhichOneof(
                 "payload") != "options":
-            raise InvalidArgument("the first message of RestoreVm must carry its options")
+            raise InvalidArgument("the first message of RestoreVm must carry its options",
+                                  reason=Reason.STREAM_INVALID, field="options")
         options = first.options
         for name in options.files:
             self._own_file(name)  # checked before anything is created
@@ -169,7 +171,8 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                     data: bytes | memoryview
                     if isinstance(msg, pb.RestoreVmRequest):
                         if msg.WhichOneof("payload") != "data":
-                            raise InvalidArgument("only snapshot data may follow the options")
+                            raise InvalidArgument("only snapshot data may follow the options",
+                                                  reason=Reason.STREAM_INVALID, field="data")
                         data = msg.data
                     else:
                         data = msg

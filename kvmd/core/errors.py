@@ -148,6 +148,8 @@ class Reason(StrEnum):
     STATE_INVALID = ("STATE_INVALID", InvalidArgument,
                      "a saved CPU or device state field is malformed (wrong count, out of "
                      "range)")
+    TARGET_INVALID = ("TARGET_INVALID", InvalidArgument,
+                      "a migration target is not host:port")
     MIGRATION_TOKEN_REFUSED = ("MIGRATION_TOKEN_REFUSED", InvalidArgument,
                                "the migration target refused the token")
     KERNEL_REJECTED = ("KERNEL_REJECTED", InvalidArgument,
@@ -220,6 +222,10 @@ class Reason(StrEnum):
                              "version, page size, XSAVE size, diff base, memory files)")
     HANDOVER_STATE_UNUSABLE = ("HANDOVER_STATE_UNUSABLE", InvalidState,
                                "a stranded VM's memory was not passed or does not match")
+    RESTORE_NOT_READY = ("RESTORE_NOT_READY", InvalidState,
+                         "the restore has ended, or is not ready to commit")
+    DAEMON_STOPPING = ("DAEMON_STOPPING", InvalidState,
+                       "the daemon is stopping and starts nothing new")
     MIGRATION_FAILED = ("MIGRATION_FAILED", InvalidState,
                         "the migration did not converge, or the target answered out of "
                         "turn; the VM runs on here")

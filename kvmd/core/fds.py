@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvmd.core.errors import ResourceExhausted
+from kvmd.core.errors import Reason, ResourceExhausted, limit
 
 if TYPE_CHECKING:
     from kvmd.core.limits import Limits
@@ -123,17 +123,21 @@ class FdBudget:
             if self.in_use + n > self.limit:
                 raise ResourceExhausted(
                     f"{what} needs {n} file descriptors; the daemon's VMs hold {self.in_use} "
-                    f"of {self.limit} (max_fds, under RLIMIT_NOFILE)", resource="fds")
+                    f"of {self.limit} (max_fds, under RLIMIT_NOFILE)", resource="fds",
+                    reason=Reason.LIMIT_FDS, metadata=limit("max_fds", self.limit))
             held = self._by_owner.get(owner, 0)
             if not privileged:
                 if held + n > self.per_identity:
                     raise ResourceExhausted(
                         f"{what} needs {n} file descriptors; {owner!r} holds {held} of its "
-                        f"{self.per_identity} (max_fds_per_identity)", resource="fds")
+                        f"{self.per_identity} (max_fds_per_identity)", resource="fds",
+                        reason=Reason.LIMIT_FDS,
+                        metadata=limit("max_fds_per_identity", self.per_identity))
                 if self._unprivileged + n > self.limit - admin_reserve(self.limit):
                     raise ResourceExhausted(
                         f"{what} needs {n} file descriptors; what the daemon keeps for "
-                        "non-admin callers is in use: try again later", resource="fds")
+                        "non-admin callers is in use: try again later", resource="fds",
+                        reason=Reason.LIMIT_FDS, metadata=limit("max_fds", self.limit))
                 self._unprivileged += n
             self.in_use += n
             self._by_owner[owner] = held + n

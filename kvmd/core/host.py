@@ -12,8 +12,10 @@ from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
     kernel_errors,
+    limit,
 )
 from kvmd.core.events import FdWatcher
 from kvmd.core.fds import (
@@ -54,7 +56,9 @@ class MemoryBudget:
             if self.in_use + size > self.limit:
                 raise ResourceExhausted(
                     f"the daemon would hold {self.in_use + size} bytes of guest memory, the "
-                    f"limit is {self.limit}")
+                    f"limit is {self.limit}",
+                    reason=Reason.LIMIT_GUEST_MEMORY,
+                    metadata=limit("max_memory_total_bytes", self.limit))
             self.in_use += size
 
     def release(self, size: int) -> None:
@@ -188,7 +192,8 @@ class Host:
         hold, counted atomically with creations in flight."""
         labels = validate_labels(labels)
         if options.pit and not options.irqchip:
-            raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
+            raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip",
+                                  reason=Reason.ARGUMENTS_CONFLICT, field="options.pit")
         self.reserve_id(vm_id, owner, owner_quota)
         try:
             managed = self.build_vm(vm_id, labels, options, owner)
@@ -207,7 +212,8 @@ class Host:
         if size > room:
             raise InvalidArgument(f"the labels take {size} bytes; with max_message_bytes "
                                   f"{self.limits.max_message_bytes} at most {max(room, 0)} "
-                                  "fit in an answer about the VM")
+                                  "fit in an answer about the VM",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="labels")
 
     def reserve_id(self, vm_id: str, owner: str, owner_quota: int = 0) -> None:
         """Hold `vm_id` (and a place in `owner`'s quota) for a VM being made: creation or a
@@ -218,12 +224,16 @@ class Host:
                 raise AlreadyExists(f"vm {vm_id!r} already exists", resource=f"vm/{vm_id}")
             if len(self._vms) + len(self._creating) >= self.limits.max_vms:
                 raise ResourceExhausted(f"the daemon already has {self.limits.max_vms} VMs, "
-                                        "the limit")
+                                        "the limit",
+                                        reason=Reason.LIMIT_VMS,
+                                        metadata=limit("max_vms", self.limits.max_vms))
             if owner_quota:
                 owned = sum(1 for v in self._vms.values() if v.owner == owner) + sum(
                     1 for o in self._creating.values() if o == owner)
                 if owned >= owner_quota:
-                    raise ResourceExhausted(f"{owner!r} already holds {owned} VMs, its quota")
+                    raise ResourceExhausted(f"{owner!r} already holds {owned} VMs, its quota",
+                                            reason=Reason.LIMIT_VMS,
+                                            metadata=limit("vm_quota", owner_quota))
             self._creating[vm_id] = owner
 
     def release_id(self, vm_id: str) -> None:

@@ -27,6 +27,7 @@ from kvmd.core.errors import (
     KernelError,
     NotFound,
     PermissionDenied,
+    Reason,
 )
 
 DEFAULT_IMAGES_DIR = "/var/lib/kvmd/images"
@@ -132,18 +133,22 @@ def normalize_name(name: str) -> str:
     (InvalidArgument) an empty name, an absolute one, NUL bytes and any ".." component."""
     if not isinstance(name, str) or not name:
         raise InvalidArgument("a memory file needs a name (a path inside the images "
-                              "directory)")
+                              "directory)", reason=Reason.FILE_NAME_INVALID, field="file.name")
     if len(name) > MAX_NAME_LEN or "\0" in name:
-        raise InvalidArgument("memory file name is too long or contains NUL")
+        raise InvalidArgument("memory file name is too long or contains NUL",
+                              reason=Reason.FILE_NAME_INVALID, field="file.name")
     if name.startswith("/"):
         raise InvalidArgument(f"memory file {name!r} is an absolute path: name a file "
-                              "relative to the images directory")
+                              "relative to the images directory",
+                              reason=Reason.FILE_NAME_INVALID, field="file.name")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise InvalidArgument(f"memory file {name!r} contains '..': name a file inside the "
-                              "images directory")
+                              "images directory",
+                              reason=Reason.FILE_NAME_INVALID, field="file.name")
     if not parts:
-        raise InvalidArgument(f"memory file {name!r} names the images directory itself")
+        raise InvalidArgument(f"memory file {name!r} names the images directory itself",
+                              reason=Reason.FILE_NAME_INVALID, field="file.name")
     return "/".join(parts)
 
 
@@ -187,7 +192,7 @@ class ImagesDir:
         except OSError as exc:
             raise InvalidState(f"the images directory {self.root} is not available "
                                f"({exc.strerror}): file-backed memory is off",
-                               resource="images") from None
+                               resource="images", reason=Reason.FEATURE_DISABLED) from None
         try:
             fd = self._openat2(root_fd, rel, flags)
             if fd is None:
@@ -200,7 +205,8 @@ class ImagesDir:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise InvalidArgument(f"memory file {rel!r} is not a regular file",
-                                      resource=f"images/{rel}")
+                                      resource=f"images/{rel}",
+                                      reason=Reason.FILE_NAME_INVALID, field="file.name")
             try:
                 path = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
@@ -257,19 +263,22 @@ def _open_error(rel: str, writable: bool, exc: OSError) -> DomainError:
     code = exc.errno
     if code in (errno.EXDEV, errno.ELOOP):
         return PermissionDenied(f"memory file {rel!r} resolves outside the images directory "
-                                "(a symlink leads out of it)", errno=code, resource=resource)
+                                "(a symlink leads out of it)", errno=code, resource=resource,
+                                reason=Reason.FILE_ACCESS_DENIED)
     if code == errno.ENOENT:
         return NotFound(f"no file {rel!r} in the images directory", errno=code,
                         resource=resource)
     if code in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ENXIO):
         return InvalidArgument(f"memory file {rel!r} cannot be opened: {exc.strerror}",
-                               errno=code, resource=resource)
+                               errno=code, resource=resource,
+                               reason=Reason.FILE_NAME_INVALID, field="file.name")
     if code in (errno.EACCES, errno.EPERM):
         mode = "read-write" if writable else "read-only"
         return PermissionDenied(f"the daemon may not open {rel!r} {mode}: {exc.strerror}",
-                                errno=code, resource=resource)
+                                errno=code, resource=resource, reason=Reason.FILE_ACCESS_DENIED)
     if code in (errno.EROFS, errno.ETXTBSY):
         return InvalidState(f"memory file {rel!r} cannot be opened read-write: "
-                            f"{exc.strerror}", errno=code, resource=resource)
+                            f"{exc.strerror}", errno=code, resource=resource,
+                            reason=Reason.FILE_NOT_WRITABLE)
     return KernelError(f"opening memory file {rel!r}: {exc.strerror}", errno=code,
                        resource=resource)

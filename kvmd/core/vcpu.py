@@ -25,6 +25,7 @@ from kvmd.core.errors import (
     InvalidState,
     KernelError,
     NotFound,
+    Reason,
     ResourceExhausted,
     kernel_errors,
 )
@@ -197,17 +198,18 @@ class ManagedVcpu:
             if self.state not in STARTABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a created or stopped vcpu can be started",
-                                   resource=self.resource)
+                                   resource=self.resource, reason=Reason.VM_RUNNING)
             if self._launching:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is being started",
-                                   resource=self.resource)
+                                   resource=self.resource, reason=Reason.VM_BUSY)
             self._join_finished_thread()
             launch = Launch(self)
             try:
                 launch.thread.start()
             except RuntimeError as exc:  # "can't start new thread": a tasks limit
                 raise ResourceExhausted(f"cannot start a thread for vcpu {self.id} of vm "
-                                        f"{self.vm_id}: {exc}", resource=self.resource) from None
+                                        f"{self.vm_id}: {exc}", resource=self.resource,
+                                        reason=Reason.HOST_EXHAUSTED) from None
             self._launching = True
             return launch
 
@@ -254,7 +256,7 @@ class ManagedVcpu:
         with self.cond:
             if self.state != PAUSED:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}, not "
-                                   "paused", resource=self.resource)
+                                   "paused", resource=self.resource, reason=Reason.VM_NOT_PAUSED)
             self._pause_requested = False
             self._resumes += 1
             self._set_state(HALTED, "halted", "hlt")
@@ -264,7 +266,7 @@ class ManagedVcpu:
         with self.cond:
             if self.state != CREATED or state not in ENDED:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}",
-                                   resource=self.resource)
+                                   resource=self.resource, reason=Reason.VM_NOT_NEW)
             self._set_state(state, state, reason)
 
     def request_pause(self) -> PauseTicket:
@@ -274,7 +276,7 @@ class ManagedVcpu:
             if self.state not in PAUSABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a running or halted vcpu can be paused",
-                                   resource=self.resource)
+                                   resource=self.resource, reason=Reason.VM_NOT_RUNNING)
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
@@ -304,7 +306,8 @@ class ManagedVcpu:
                 return False
             if self._parks == ticket.parks and self._resumes != ticket.resumes:
                 raise Aborted(f"vcpu {self.id} of vm {self.vm_id} was resumed by another call "
-                              "before it paused", resource=self.resource)
+                              "before it paused", resource=self.resource,
+                              reason=Reason.CONCURRENT_CHANGE)
             return True
 
     def pause_timeout(self) -> float:
@@ -315,7 +318,8 @@ class ManagedVcpu:
 
     def timed_out(self, what: str) -> KernelError:
         return KernelError(f"vcpu {self.id} of vm {self.vm_id} did not {what} within "
-                           f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource)
+                           f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource,
+                           reason=Reason.VCPU_UNRESPONSIVE)
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener()` after every state change (from the changing thread, under
@@ -359,7 +363,7 @@ class ManagedVcpu:
             else:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a paused or halted vcpu can be resumed",
-                                   resource=self.resource)
+                                   resource=self.resource, reason=Reason.VM_NOT_PAUSED)
             self._changed()
 
     def stop(self, reason: str = "stopped by request") -> None:
@@ -368,7 +372,8 @@ class ManagedVcpu:
         with self.cond:
             if self.state == STOPPED:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is already "
-                                   f"{self.state}", resource=self.resource)
+                                   f"{self.state}", resource=self.resource,
+                                   reason=Reason.VM_STOPPED)
             if self.state == CREATED:
                 self._set_state(STOPPED, "stopped", reason)
                 return
@@ -416,18 +421,22 @@ class ManagedVcpu:
             thread.join(timeout)
             if thread.is_alive():
                 raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not stop within "
-                                  f"{timeout} s", resource=self.resource)
+                                  f"{timeout} s", resource=self.resource,
+                                  reason=Reason.VCPU_UNRESPONSIVE)
 
     def inject_interrupt(self, vector: int) -> None:
         """Queue an interrupt (no in-kernel irqchip); wakes a halted vCPU."""
         if not 0 <= vector <= 255:
-            raise InvalidArgument(f"interrupt vector {vector} is not 0..255")
+            raise InvalidArgument(f"interrupt vector {vector} is not 0..255",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="vector")
         if self.vm.options.irqchip:
             raise InvalidState("with the in-kernel irqchip, inject through SetIrqLine, an "
-                               "irqfd or an MSI", resource=self.resource)
+                               "irqfd or an MSI", resource=self.resource,
+                               reason=Reason.IRQCHIP_MODE)
         with self.cond:
             if self.state in (STOPPED, CRASHED):
-                raise InvalidState(f"vcpu {self.id} is {self.state}", resource=self.resource)
+                raise InvalidState(f"vcpu {self.id} is {self.state}", resource=self.resource,
+                                   reason=Reason.VM_STOPPED)
             self._pending_irqs.append(vector)
             # A maskable interrupt ends HLT only if the guest has interrupts enabled; with
             # `cli; hlt` it stays queued until the vCPU is resumed some other way.
@@ -593,7 +602,8 @@ class ManagedVcpu:
         with self.cond:
             if self.state in IN_GUEST:
                 raise InvalidState(f"cannot {what} vcpu {self.id} of vm {self.vm_id} while it "
-                                   "is running; pause it first", resource=self.resource)
+                                   "is running; pause it first", resource=self.resource,
+                                   reason=Reason.VM_RUNNING)
             with kernel_errors(self.resource):
                 return fn(*args)
 
@@ -617,7 +627,8 @@ class ManagedVcpu:
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         if not entries:
-            raise InvalidArgument("no CPUID entries given")
+            raise InvalidArgument("no CPUID entries given",
+                                  reason=Reason.FIELD_REQUIRED, field="entries")
         self._call("set CPUID of", self.vcpu.set_cpuid, entries)
 
     def get_cpuid(self) -> list[CpuidEntry]:
@@ -625,12 +636,13 @@ class ManagedVcpu:
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         if not indices:
-            raise InvalidArgument("no MSR indices given")
+            raise InvalidArgument("no MSR indices given",
+                                  reason=Reason.FIELD_REQUIRED, field="indices")
         return self._call("read MSRs of", self.vcpu.get_msrs, indices)
 
     def set_msrs(self, values: dict[int, int]) -> None:
         if not values:
-            raise InvalidArgument("no MSRs given")
+            raise InvalidArgument("no MSRs given", reason=Reason.FIELD_REQUIRED, field="msrs")
         self._call("set MSRs of", self.vcpu.set_msrs, values)
 
     def get_mp_state(self) -> MpState:
@@ -638,7 +650,8 @@ class ManagedVcpu:
 
     def set_mp_state(self, state: int) -> None:
         if state not in set(MpState):
-            raise InvalidArgument(f"unknown mp_state {state}")
+            raise InvalidArgument(f"unknown mp_state {state}",
+                                  reason=Reason.VALUE_UNKNOWN, field="mp_state")
         self._call("set the mp_state of", self.vcpu.set_mp_state, MpState(state))
 
     def get_lapic(self) -> bytes:
@@ -648,7 +661,8 @@ class ManagedVcpu:
     def set_lapic(self, regs: bytes) -> None:
         self.vm._require_irqchip("SetLapic")
         if len(regs) != 1024:
-            raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}")
+            raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="lapic.regs")
         self._call("set the LAPIC of", self.vcpu.set_lapic, regs)
 
     def get_vcpu_events(self) -> VcpuEvents:
@@ -671,7 +685,8 @@ class ManagedVcpu:
         with self.cond:
             if self.state in IN_GUEST:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is running; pause it "
-                                   "before saving it", resource=self.resource)
+                                   "before saving it", resource=self.resource,
+                                   reason=Reason.VM_RUNNING)
             v = self.vcpu
             with kernel_errors(self.resource):
                 with_xsave = bool(shared.capabilities.get("KVM_CAP_XSAVE"))
@@ -710,7 +725,8 @@ class ManagedVcpu:
         with self.cond:
             if self.state != CREATED:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} has run; restore "
-                                   "only into a new vcpu", resource=self.resource)
+                                   "only into a new vcpu", resource=self.resource,
+                                   reason=Reason.VM_NOT_NEW)
             v = self.vcpu
             with kernel_errors(self.resource):
                 if state.cpuid:

@@ -43,10 +43,12 @@ from kvmd.core.errors import (
     InvalidArgument,
     InvalidState,
     NotFound,
+    Reason,
     ResourceExhausted,
     Unsupported,
     from_kvm_error,
     kernel_errors,
+    limit,
 )
 from kvmd.core.events import Broadcaster, Subscription
 from kvmd.core.fds import (
@@ -148,18 +150,20 @@ def validate_id(kind: str, value: str) -> str:
         shown = value if len(value) <= 80 else value[:80] + "..."
         raise InvalidArgument(
             f"{kind} {shown!r} is not a valid id (1-64 characters of A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit)")
+            "starting with a letter or digit)",
+            reason=Reason.ID_INVALID, field=kind.replace(" ", "_"))
     return value
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:
     if len(labels) > MAX_LABELS:
-        raise InvalidArgument(f"at most {MAX_LABELS} labels")
+        raise InvalidArgument(f"at most {MAX_LABELS} labels",
+                              reason=Reason.VALUE_OUT_OF_RANGE, field="labels")
     for key, value in labels.items():
         if not key or len(key) > MAX_LABEL_LEN or len(value) > MAX_LABEL_LEN:
             raise InvalidArgument(
                 f"label keys must be 1-{MAX_LABEL_LEN} characters and values at most "
-                f"{MAX_LABEL_LEN}")
+                f"{MAX_LABEL_LEN}", reason=Reason.VALUE_OUT_OF_RANGE, field="labels")
     return dict(labels)
 
 
@@ -362,18 +366,25 @@ class ManagedVm:
                     vm.create_irq_chip()
                 if options.pit:
                     if not options.irqchip:
-                        raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
+                        raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip",
+                                              reason=Reason.ARGUMENTS_CONFLICT, field="options.pit")
                     vm.create_pit2()
                 cls._enable_dirty_mode(vm, options)
             if options.console_buffer_bytes > MAX_CONSOLE_BUFFER:
                 raise InvalidArgument(f"console_buffer_bytes {options.console_buffer_bytes} is "
-                                      f"above {MAX_CONSOLE_BUFFER} (16 MiB)")
+                                      f"above {MAX_CONSOLE_BUFFER} (16 MiB)",
+                                      reason=Reason.VALUE_OUT_OF_RANGE,
+                                      field="options.console_buffer_bytes")
             if options.debug_exit_port and not 0 < options.debug_exit_port < 1 << 16:
                 raise InvalidArgument(f"debug_exit_port {options.debug_exit_port:#x} is not "
-                                      "a port")
+                                      "a port",
+                                      reason=Reason.VALUE_OUT_OF_RANGE,
+                                      field="options.debug_exit_port")
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
-                raise InvalidArgument("debug_exit_port collides with the COM1 UART")
+                raise InvalidArgument("debug_exit_port collides with the COM1 UART",
+                                      reason=Reason.ARGUMENTS_CONFLICT,
+                                      field="options.debug_exit_port")
             managed = cls(vm_id, labels, options, vm, shared, owner, fds)
         except BaseException:
             vm.close()
@@ -383,7 +394,8 @@ class ManagedVm:
         except RuntimeError as exc:  # "can't start new thread": a tasks limit
             managed.close()
             raise ResourceExhausted(f"cannot start the dirty-ring reaper of vm {vm_id}: "
-                                    f"{exc}", resource=f"vm/{vm_id}") from None
+                                    f"{exc}", resource=f"vm/{vm_id}",
+                                    reason=Reason.HOST_EXHAUSTED) from None
         return managed
 
     @staticmethod
@@ -391,7 +403,8 @@ class ManagedVm:
         """Turn on the VM's dirty-tracking mode (before any vCPU: rings need that)."""
         mode = options.dirty_tracking or BITMAP
         if mode not in MODES:
-            raise InvalidArgument(f"dirty_tracking {mode!r} is not one of {', '.join(MODES)}")
+            raise InvalidArgument(f"dirty_tracking {mode!r} is not one of {', '.join(MODES)}",
+                                  reason=Reason.VALUE_UNKNOWN, field="options.dirty_tracking")
         offered = vm.dirty_log_modes()
         if mode == MANUAL:
             if not offered.manual_protect:
@@ -405,10 +418,14 @@ class ManagedVm:
                                                    offered.ring_max_bytes)
             if size > offered.ring_max_bytes:
                 raise InvalidArgument(f"dirty_ring_bytes {size} is above this kernel's "
-                                      f"{offered.ring_max_bytes}")
+                                      f"{offered.ring_max_bytes}",
+                                      reason=Reason.VALUE_OUT_OF_RANGE,
+                                      field="options.dirty_ring_bytes")
             vm.enable_dirty_ring(size)
         elif options.dirty_ring_bytes:
-            raise InvalidArgument("dirty_ring_bytes needs dirty_tracking \"ring\"")
+            raise InvalidArgument("dirty_ring_bytes needs dirty_tracking \"ring\"",
+                                  reason=Reason.ARGUMENTS_CONFLICT,
+                                  field="options.dirty_ring_bytes")
 
     @property
     def resource(self) -> str:
@@ -468,10 +485,12 @@ class ManagedVm:
         the images directory, see add_file_memory_region) within the VM's and the daemon's
         limits. `slot` asks for an exact slot number (restores)."""
         if size <= 0:
-            raise InvalidArgument("memory region size must be positive")
+            raise InvalidArgument("memory region size must be positive",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="size")
         if guest_addr % PAGE_SIZE:
             raise InvalidArgument(f"guest address {guest_addr:#x} is not page aligned "
-                                  f"({PAGE_SIZE} bytes)")
+                                  f"({PAGE_SIZE} bytes)",
+                                  reason=Reason.ADDRESS_UNALIGNED, field="guest_addr")
         rounded = round_up_to_page(size)
         with self.lock:
             self.check_layout_fixed("add memory to")
@@ -479,12 +498,16 @@ class ManagedVm:
             if len(regions) >= self._limits.max_memory_slots_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {len(regions)} memory slots, the limit is "
-                    f"{self._limits.max_memory_slots_per_vm}")
+                    f"{self._limits.max_memory_slots_per_vm}",
+                    reason=Reason.LIMIT_MEMORY_SLOTS,
+                    metadata=limit("max_memory_slots_per_vm", self._limits.max_memory_slots_per_vm))
             in_use = sum(r.size for r in regions)
             if in_use + rounded > self._limits.max_memory_per_vm_bytes:
                 raise ResourceExhausted(
                     f"vm {self.id} would have {in_use + rounded} bytes of guest memory, the "
-                    f"limit is {self._limits.max_memory_per_vm_bytes}")
+                    f"limit is {self._limits.max_memory_per_vm_bytes}",
+                    reason=Reason.LIMIT_VM_MEMORY,
+                    metadata=limit("max_memory_per_vm_bytes", self._limits.max_memory_per_vm_bytes))
             self.fds.take(FDS_PER_SLOT, "a memory slot")
             try:
                 self._budget.reserve(rounded)
@@ -554,7 +577,8 @@ class ManagedVm:
                     covered += max(0, hi - lo)
                 if covered != length:
                     raise InvalidArgument(
-                        f"{guest_addr:#x}+{length:#x} is not entirely backed by guest memory")
+                        f"{guest_addr:#x}+{length:#x} is not entirely backed by guest memory",
+                        reason=Reason.RANGE_OUTSIDE_MEMORY, field="guest_addr")
 
     def get_dirty_log(self, slot: int) -> tuple[MemoryRegionInfo, bytes]:
         """The slot's pages dirtied since the last GetDirtyLog (guest writes, and host
@@ -563,7 +587,8 @@ class ManagedVm:
             info = self.vm.memory_region(slot)
             if not info.log_dirty or slot in self._forced_logging:
                 raise InvalidArgument(f"slot {slot} was added without dirty logging",
-                                      resource=f"{self.resource}/slot/{slot}")
+                                      resource=f"{self.resource}/slot/{slot}",
+                                      reason=Reason.SLOT_NOT_LOGGED, field="slot")
             # Manual mode: reading does not reset the API's view; ClearDirtyLog does.
             bits = (self.dirty.peek(API, info) if self.dirty.mode == MANUAL
                     else self.dirty.take(API, info))
@@ -572,10 +597,11 @@ class ManagedVm:
     def measure_dirty_rate(self, duration_ms: int) -> tuple[int, float]:
         """Pages dirtied over `duration_ms` (see DirtyTracker.measure_rate)."""
         if not 0 <= duration_ms <= 60_000:
-            raise InvalidArgument("duration_ms must be 1-60000 (0: 1000)")
+            raise InvalidArgument("duration_ms must be 1-60000 (0: 1000)",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="duration_ms")
         if not any(r.log_dirty for r in self.vm.memory_regions()):
             raise InvalidState(f"vm {self.id} has no slot with dirty logging",
-                               resource=self.resource)
+                               resource=self.resource, reason=Reason.DIRTY_MODE)
         with kernel_errors(self.resource):
             return self.dirty.measure_rate((duration_ms or 1000) / 1000)
 
@@ -585,14 +611,16 @@ class ManagedVm:
         if self.dirty.mode != MANUAL:
             raise InvalidState(f"vm {self.id} tracks dirty pages in {self.dirty.mode} mode; "
                                "ClearDirtyLog is for manual mode (GetDirtyLog resets the "
-                               "log in the others)", resource=self.resource)
+                               "log in the others)", resource=self.resource,
+                               reason=Reason.DIRTY_MODE)
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.memory_region(slot)
             pages = info.size // PAGE_SIZE
             for first, count in ranges:
                 if first < 0 or count <= 0 or first + count > pages:
                     raise InvalidArgument(f"pages {first}+{count} are outside slot {slot} "
-                                          f"({pages} pages)")
+                                          f"({pages} pages)",
+                                          reason=Reason.RANGE_OUTSIDE_MEMORY, field="ranges")
             for first, count in ranges:
                 self.dirty.clear(API, slot, first, count)
 
@@ -646,7 +674,8 @@ class ManagedVm:
         images = self.shared.images
         if images is None:
             raise InvalidState("this daemon has no images directory (--images-dir): "
-                               "file-backed memory is off", resource=self.resource)
+                               "file-backed memory is off", resource=self.resource,
+                               reason=Reason.FEATURE_DISABLED)
         return images
 
     def _slot(self, slot: int) -> MemoryRegionInfo:
@@ -656,17 +685,21 @@ class ManagedVm:
     @staticmethod
     def _check_pages(what: str, offset: int, size: int, allow_empty: bool = False) -> None:
         if size < 0 or (size == 0 and not allow_empty):
-            raise InvalidArgument(f"{what} size must be positive")
+            raise InvalidArgument(f"{what} size must be positive",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="size")
         if offset % PAGE_SIZE or size % PAGE_SIZE:
             raise InvalidArgument(f"{what} {offset:#x}+{size:#x} is not page aligned "
-                                  f"({PAGE_SIZE} bytes)")
+                                  f"({PAGE_SIZE} bytes)",
+                                  reason=Reason.ADDRESS_UNALIGNED,
+                                  field="offset" if offset % PAGE_SIZE else "size")
 
     @staticmethod
     def _check_file(file: MemoryFile) -> None:
         normalize_name(file.name)
         if file.offset % PAGE_SIZE:
             raise InvalidArgument(f"file offset {file.offset:#x} is not page aligned "
-                                  f"({PAGE_SIZE} bytes)")
+                                  f"({PAGE_SIZE} bytes)",
+                                  reason=Reason.ADDRESS_UNALIGNED, field="file.offset")
 
     @staticmethod
     def _check_file_size(image: OpenedImage, file: MemoryFile, size: int) -> None:
@@ -674,7 +707,7 @@ class ManagedVm:
             raise InvalidArgument(
                 f"memory file {image.name!r} has {image.identity.size} bytes; the mapping "
                 f"needs {file.offset + size} (offset {file.offset:#x} + size {size:#x})",
-                resource=f"images/{image.name}")
+                resource=f"images/{image.name}", reason=Reason.RANGE_OUTSIDE_MEMORY, field="size")
 
     def discard_memory(self, guest_addr: int, size: int) -> int:
         """Release the host pages behind guest [guest_addr, guest_addr+size): page aligned,
@@ -688,13 +721,15 @@ class ManagedVm:
                           for r in self.vm.memory_regions())
             if covered != size:
                 raise InvalidArgument(f"{guest_addr:#x}+{size:#x} is not entirely inside "
-                                      "guest memory", resource=self.resource)
+                                      "guest memory", resource=self.resource,
+                                      reason=Reason.RANGE_OUTSIDE_MEMORY, field="guest_addr")
             for r in self._files().values():
                 if r.guest_addr < end and guest_addr < r.guest_addr + r.size:
                     raise InvalidState(
                         f"{guest_addr:#x}+{size:#x} overlaps memory file {r.image!r} at "
                         f"{r.guest_addr:#x}+{r.size:#x}: only the daemon's own memory can be "
-                        "discarded", resource=f"{self.resource}/slot/{r.slot}")
+                        "discarded", resource=f"{self.resource}/slot/{r.slot}",
+                        reason=Reason.SLOT_FILE_CONFLICT)
             with kernel_errors(self.resource):
                 released = self.vm.discard(guest_addr, size)
             self.discarded_bytes_total += released
@@ -746,10 +781,12 @@ class ManagedVm:
         slot is charged to the memory budget like any other. `slot`: an exact number
         (restores)."""
         if size <= 0:
-            raise InvalidArgument("memory region size must be positive")
+            raise InvalidArgument("memory region size must be positive",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="size")
         if guest_addr % PAGE_SIZE:
             raise InvalidArgument(f"guest address {guest_addr:#x} is not page aligned "
-                                  f"({PAGE_SIZE} bytes)")
+                                  f"({PAGE_SIZE} bytes)",
+                                  reason=Reason.ADDRESS_UNALIGNED, field="guest_addr")
         self._check_file(file)
         rounded = round_up_to_page(size)
         writable = not file.read_only
@@ -778,16 +815,19 @@ class ManagedVm:
             info = self._slot(slot)
             if offset + size > info.size:
                 raise InvalidArgument(f"{offset:#x}+{size:#x} is outside slot {slot} "
-                                      f"({info.size:#x} bytes)")
+                                      f"({info.size:#x} bytes)",
+                                      reason=Reason.RANGE_OUTSIDE_MEMORY, field="offset",
+                                      resource=f"{self.resource}/slot/{slot}")
             whole = self._files().get((slot, 0))
             if whole is not None and whole.whole_slot:
                 raise InvalidState(f"slot {slot} is backed by memory file {whole.image!r} as "
-                                   "a whole", resource=f"{self.resource}/slot/{slot}")
+                                   "a whole", resource=f"{self.resource}/slot/{slot}",
+                                   reason=Reason.SLOT_FILE_CONFLICT)
             if file.read_only and not info.read_only:
                 raise InvalidState(
                     f"a read-only file needs a read-only slot: slot {slot} is writable, and "
                     "a guest write there would fail instead of exiting as MMIO",
-                    resource=f"{self.resource}/slot/{slot}")
+                    resource=f"{self.resource}/slot/{slot}", reason=Reason.SLOT_FILE_CONFLICT)
             for r in self._files().values():
                 if r.slot == slot and r.offset < offset + size and offset < r.end:
                     raise AlreadyExists(f"{offset:#x}+{size:#x} overlaps memory file "
@@ -843,13 +883,16 @@ class ManagedVm:
             end = info.size if size == 0 else offset + size
             if offset >= info.size or end > info.size:
                 raise InvalidArgument(f"{offset:#x}+{end - offset:#x} is outside slot {slot} "
-                                      f"({info.size:#x} bytes)")
+                                      f"({info.size:#x} bytes)",
+                                      reason=Reason.RANGE_OUTSIDE_MEMORY, field="offset",
+                                      resource=f"{self.resource}/slot/{slot}")
             ranges = [r for r in self._files().values()
                       if r.slot == slot and r.offset < end and offset < r.end]
             if not ranges:
                 raise InvalidState(f"no memory file is mapped in {offset:#x}+"
                                    f"{end - offset:#x} of slot {slot}",
-                                   resource=f"{self.resource}/slot/{slot}")
+                                   resource=f"{self.resource}/slot/{slot}",
+                                   reason=Reason.SLOT_FILE_CONFLICT)
             synced = 0
             for r in ranges:
                 if not r.writable:
@@ -916,17 +959,20 @@ class ManagedVm:
     def _require_irqchip(self, what: str) -> None:
         if not self.options.irqchip:
             raise InvalidState(f"{what} needs a VM created with the in-kernel irqchip",
-                               resource=self.resource)
+                               resource=self.resource, reason=Reason.IRQCHIP_MODE)
 
     def register_irqfd(self, irqfd_id: str, gsi: int, resample: bool) -> IrqfdEntry:
         validate_id("irqfd id", irqfd_id)
         self._require_irqchip("RegisterIrqfd")
         with self.lock:
             if irqfd_id in self._irqfds:
-                raise AlreadyExists(f"irqfd {irqfd_id!r} already exists in vm {self.id}")
+                raise AlreadyExists(f"irqfd {irqfd_id!r} already exists in vm {self.id}",
+                                    resource=f"{self.resource}/irqfd/{irqfd_id}")
             if len(self._irqfds) >= self._limits.max_irqfds_per_vm:
                 raise ResourceExhausted(
-                    f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit")
+                    f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit",
+                    reason=Reason.LIMIT_IRQFDS,
+                    metadata=limit("max_irqfds_per_vm", self._limits.max_irqfds_per_vm))
             self.fds.take(irqfd_fds(resample), "an irqfd")
             event = resample_fd = None
             registered = False
@@ -989,7 +1035,8 @@ class ManagedVm:
         validate_id("irqfd id", irqfd_id)
         entry = self._irqfds.get(irqfd_id)
         if entry is None:
-            raise NotFound(f"no irqfd {irqfd_id!r} in vm {self.id}")
+            raise NotFound(f"no irqfd {irqfd_id!r} in vm {self.id}",
+                           resource=f"{self.resource}/irqfd/{irqfd_id}")
         return entry
 
     # -- ioevents -------------------------------------------------------------------------
@@ -998,17 +1045,23 @@ class ManagedVm:
                          datamatch: int | None) -> IoeventEntry:
         validate_id("ioevent id", ioevent_id)
         if length not in (0, 1, 2, 4, 8):
-            raise InvalidArgument(f"ioevent length {length} is not 0 (any), 1, 2, 4 or 8")
+            raise InvalidArgument(f"ioevent length {length} is not 0 (any), 1, 2, 4 or 8",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="length")
         if datamatch is not None and length == 0:
-            raise InvalidArgument("a datamatch needs a length of 1, 2, 4 or 8")
+            raise InvalidArgument("a datamatch needs a length of 1, 2, 4 or 8",
+                                  reason=Reason.ARGUMENTS_CONFLICT, field="datamatch")
         if datamatch is not None and datamatch >= 1 << (8 * length):
-            raise InvalidArgument(f"datamatch {datamatch:#x} does not fit {length} bytes")
+            raise InvalidArgument(f"datamatch {datamatch:#x} does not fit {length} bytes",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="datamatch")
         with self.lock:
             if ioevent_id in self._ioevents:
-                raise AlreadyExists(f"ioevent {ioevent_id!r} already exists in vm {self.id}")
+                raise AlreadyExists(f"ioevent {ioevent_id!r} already exists in vm {self.id}",
+                                    resource=f"{self.resource}/ioevent/{ioevent_id}")
             if len(self._ioevents) >= self._limits.max_ioevents_per_vm:
                 raise ResourceExhausted(
-                    f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit")
+                    f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit",
+                    reason=Reason.LIMIT_IOEVENTS,
+                    metadata=limit("max_ioevents_per_vm", self._limits.max_ioevents_per_vm))
             self.check_addresses_free(IOEVENT, [ioevent_range(space, address, length)])
             self.fds.take(FDS_PER_IOEVENT, "an ioevent")
             event = None
@@ -1049,7 +1102,8 @@ class ManagedVm:
         with self.lock:
             entry = self._ioevents.get(ioevent_id)
             if entry is None:
-                raise NotFound(f"no ioevent {ioevent_id!r} in vm {self.id}")
+                raise NotFound(f"no ioevent {ioevent_id!r} in vm {self.id}",
+                               resource=f"{self.resource}/ioevent/{ioevent_id}")
             with kernel_errors(f"{self.resource}/ioevent/{ioevent_id}"):
                 self.vm.unregister_ioevent(entry.event, entry.kvm_address, entry.kvm_datamatch)
             del self._ioevents[ioevent_id]
@@ -1075,11 +1129,14 @@ class ManagedVm:
     def create_vcpu(self, vcpu_id: int) -> ManagedVcpu:
         with self.lock:
             if vcpu_id in self._vcpus:
-                raise AlreadyExists(f"vcpu {vcpu_id} already exists in vm {self.id}")
+                raise AlreadyExists(f"vcpu {vcpu_id} already exists in vm {self.id}",
+                                    resource=f"{self.resource}/vcpu/{vcpu_id}")
             if len(self._vcpus) >= self._limits.max_vcpus_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {len(self._vcpus)} vcpus, the limit is "
-                    f"{self._limits.max_vcpus_per_vm}")
+                    f"{self._limits.max_vcpus_per_vm}",
+                    reason=Reason.LIMIT_VCPUS,
+                    metadata=limit("max_vcpus_per_vm", self._limits.max_vcpus_per_vm))
             self.fds.take(FDS_PER_VCPU, "a vcpu")
             try:
                 with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
@@ -1095,7 +1152,8 @@ class ManagedVm:
     def vcpu(self, vcpu_id: int) -> ManagedVcpu:
         managed = self._vcpus.get(vcpu_id)  # one dict lookup: no lock needed
         if managed is None:
-            raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
+            raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}",
+                           resource=f"{self.resource}/vcpu/{vcpu_id}")
         return managed
 
     def vcpus(self) -> list[ManagedVcpu]:
@@ -1124,7 +1182,7 @@ class ManagedVm:
         """Run control waits for no one: while a snapshot holds the VM paused, refuse."""
         if self.busy:
             raise InvalidState(f"vm {self.id} is held paused for a {self.busy}; try again "
-                               "when it is done", resource=self.resource)
+                               "when it is done", resource=self.resource, reason=Reason.VM_BUSY)
 
     def start(self) -> None:
         """Start every vCPU. A stopped or crashed VM starts again from its registers as
@@ -1132,12 +1190,13 @@ class ManagedVm:
         self.check_not_busy()
         vcpus = self.vcpus()
         if not vcpus:
-            raise InvalidState(f"vm {self.id} has no vcpus to start", resource=self.resource)
+            raise InvalidState(f"vm {self.id} has no vcpus to start", resource=self.resource,
+                               reason=Reason.VM_NO_VCPUS)
         bad = [v for v in vcpus if v.state not in STARTABLE]
         if bad:
             raise InvalidState(f"vm {self.id} is {self.state} (vcpu {bad[0].id} is "
                                f"{bad[0].state}); stop it before starting it again",
-                               resource=self.resource)
+                               resource=self.resource, reason=Reason.VM_RUNNING)
         # Every thread first, held at its gate: if one cannot be created (a tasks limit),
         # the others end unseen and every vCPU is as it was.
         launches = []
@@ -1170,7 +1229,7 @@ class ManagedVm:
         vcpus = [v for v in self.vcpus() if v.state in PAUSABLE]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is {self.state}; only a running vm can be "
-                               "paused", resource=self.resource)
+                               "paused", resource=self.resource, reason=Reason.VM_NOT_RUNNING)
         tickets = []
         for v in vcpus:
             try:
@@ -1185,7 +1244,7 @@ class ManagedVm:
         vcpus = [v for v in self.vcpus() if v.state in RESUMABLE or v.pause_pending]
         if not vcpus:
             raise InvalidState(f"vm {self.id} is {self.state}; only a paused vm can be "
-                               "resumed", resource=self.resource)
+                               "resumed", resource=self.resource, reason=Reason.VM_NOT_PAUSED)
         for v in vcpus:
             try:
                 v.resume()
@@ -1197,7 +1256,8 @@ class ManagedVm:
         self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state != STOPPED]
         if not vcpus:
-            raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource)
+            raise InvalidState(f"vm {self.id} is already {self.state}", resource=self.resource,
+                               reason=Reason.VM_STOPPED)
         # Wait only for the threads asked to stop: a start racing in later wins.
         asked = [(v, v.request_stop("stopped by request")) for v in vcpus]
         for v, thread in asked:
@@ -1289,7 +1349,8 @@ class ManagedVm:
         if len(data) > CONSOLE_INPUT_LIMIT:
             raise InvalidArgument(f"console input of {len(data)} bytes is larger than the "
                                   f"COM1 input buffer ({CONSOLE_INPUT_LIMIT} bytes): send it "
-                                  "in parts", resource=self.resource)
+                                  "in parts", resource=self.resource,
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="data")
         return self.uart.feed(data)
 
     def _on_console_ready(self) -> None:
@@ -1408,7 +1469,7 @@ class ManagedVm:
         if self.migrating_to:
             raise InvalidState(f"cannot {what} vm {self.id} while it migrates to "
                                f"{self.migrating_to}; cancel the migration first",
-                               resource=self.resource)
+                               resource=self.resource, reason=Reason.VM_MIGRATING)
 
     def check_deletable(self) -> None:
         with self.lock:
@@ -1422,7 +1483,8 @@ class ManagedVm:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
             if self.migrating_to:
                 raise InvalidState(f"vm {self.id} is already migrating to "
-                                   f"{self.migrating_to}", resource=self.resource)
+                                   f"{self.migrating_to}", resource=self.resource,
+                                   reason=Reason.VM_MIGRATING)
             self.check_not_busy()
             forced: set[int] = set()
             try:
@@ -1460,7 +1522,8 @@ class ManagedVm:
         auto-converge does: a guest that dirties memory faster than a migration can send it
         is slowed until the migration converges."""
         if not 0 <= percent <= 99:
-            raise InvalidArgument(f"throttle {percent}% is not 0-99")
+            raise InvalidArgument(f"throttle {percent}% is not 0-99",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="percent")
         with self.lock:
             self.throttle_percent = percent
             throttler = self._throttler
@@ -1487,10 +1550,13 @@ class ManagedVm:
         with self.lock:
             if self._vcpus or self.vm.memory_regions():
                 raise InvalidState(f"vm {self.id} is not new; restore only into a new vm",
-                                   resource=self.resource)
+                                   resource=self.resource, reason=Reason.VM_NOT_NEW)
             if len(slots) > self._limits.max_memory_slots_per_vm:
                 raise ResourceExhausted(f"the saved vm has {len(slots)} memory slots, the "
-                                        f"limit is {self._limits.max_memory_slots_per_vm}")
+                                        f"limit is {self._limits.max_memory_slots_per_vm}",
+                                        reason=Reason.LIMIT_MEMORY_SLOTS,
+                                        metadata=limit("max_memory_slots_per_vm",
+                                                       self._limits.max_memory_slots_per_vm))
             for s in slots:
                 f = whole.get(s.slot)
                 if f is not None:
@@ -1515,10 +1581,14 @@ class ManagedVm:
         all of it."""
         with self.lock:
             if self._vcpus:
-                raise InvalidState(f"vm {self.id} already has vcpus", resource=self.resource)
+                raise InvalidState(f"vm {self.id} already has vcpus", resource=self.resource,
+                                   reason=Reason.VM_NOT_NEW)
             if len(state.vcpus) > self._limits.max_vcpus_per_vm:
                 raise ResourceExhausted(f"the saved vm has {len(state.vcpus)} vcpus, the "
-                                        f"limit is {self._limits.max_vcpus_per_vm}")
+                                        f"limit is {self._limits.max_vcpus_per_vm}",
+                                        reason=Reason.LIMIT_VCPUS,
+                                        metadata=limit("max_vcpus_per_vm",
+                                                       self._limits.max_vcpus_per_vm))
             for vs in state.vcpus:
                 self.create_vcpu(vs.vcpu_id).restore_state(vs)
             with kernel_errors(self.resource):
@@ -1690,16 +1760,19 @@ class ManagedVm:
     def add_handler(self, ranges: list[ClaimRange], deadline_ms: int) -> RemoteHandler:
         """Claim ranges for a remote handler: all or nothing."""
         if not ranges:
-            raise InvalidArgument("a claim needs at least one range")
+            raise InvalidArgument("a claim needs at least one range",
+                                  reason=Reason.FIELD_REQUIRED, field="ranges")
         for r in ranges:
             limit = 1 << 16 if r.space == IoSpace.PIO else 1 << 52
             if r.length <= 0 or r.base + r.length > limit:
                 raise InvalidArgument(f"{r.space.value} range {r.base:#x}+{r.length:#x} is "
-                                      "empty or out of range")
+                                      "empty or out of range",
+                                      reason=Reason.VALUE_OUT_OF_RANGE, field="ranges")
         try:
             ClaimTable.check_disjoint(ranges)
         except ClaimConflict as exc:
-            raise InvalidArgument(exc.reason, resource=self.resource) from None
+            raise InvalidArgument(exc.reason, resource=self.resource,
+                                  reason=Reason.ARGUMENTS_CONFLICT, field="ranges") from None
         handler = RemoteHandler(self.id, ranges, deadline_ms, self.shared.remote_wait.observe)
         handler.on_close = lambda: self._drop_claims(handler)
         with self.lock:
@@ -1709,7 +1782,8 @@ class ManagedVm:
             try:
                 clash = self.claims.add(handler)
             except ClaimConflict as exc:
-                raise ResourceExhausted(exc.reason, resource=self.resource) from None
+                raise ResourceExhausted(exc.reason, resource=self.resource,
+                                        reason=Reason.LIMIT_CLAIMS) from None
             if clash is not None:
                 raise AlreadyExists(f"{clash.space.value} range {clash.base:#x}+"
                                     f"{clash.length:#x} is already claimed",

@@ -21,7 +21,9 @@ from kvmd.core.errors import (
     InvalidArgument,
     InvalidState,
     PermissionDenied,
+    Reason,
     ResourceExhausted,
+    limit,
 )
 from kvmd.core.host import Host
 from kvmd.core.vm import ManagedVm
@@ -58,7 +60,8 @@ class IncomingMigration:
         """The source presented the token: start building the VM."""
         if format_version > FORMAT_VERSION:
             raise InvalidState(f"the source sends snapshot format {format_version}; this "
-                               f"daemon reads version {FORMAT_VERSION}")
+                               f"daemon reads version {FORMAT_VERSION}",
+                               reason=Reason.SNAPSHOT_INCOMPATIBLE)
         self.source_vm_id = source_vm_id
         self.restorer = Restorer(self.host, self.vm_id, self.owner, self.owner_quota,
                                  run="as_saved", kind="migration_in", reserved=True)
@@ -67,24 +70,27 @@ class IncomingMigration:
     def check_cancelled(self) -> None:
         if self.cancelled:
             raise Aborted(f"the incoming migration of vm {self.vm_id} was cancelled on the "
-                          "target")
+                          "target", reason=Reason.MIGRATION_CANCELLED)
 
     def feed(self, data: bytes | memoryview) -> None:
         if self.state != RECEIVING or self.restorer is None:
-            raise InvalidArgument(f"migration data after {self.state}")
+            raise InvalidArgument(f"migration data after {self.state}",
+                                  reason=Reason.STREAM_INVALID)
         self.restorer.feed(data)
 
     def finish(self) -> None:
         """The final snapshot arrived: build the VM from it (not visible yet)."""
         if self.state != RECEIVING or self.restorer is None:
-            raise InvalidArgument(f"migration finish after {self.state}")
+            raise InvalidArgument(f"migration finish after {self.state}",
+                                  reason=Reason.STREAM_INVALID)
         self.restorer.prepare()
         self.state = READY
 
     def commit(self) -> ManagedVm:
         """Make the VM visible and run it as it ran on the source."""
         if self.state != READY or self.restorer is None:
-            raise InvalidArgument(f"migration commit before the VM is ready ({self.state})")
+            raise InvalidArgument(f"migration commit before the VM is ready ({self.state})",
+                                  reason=Reason.STREAM_INVALID)
         vm = self.restorer.commit()
         self.state = COMMITTED
         log.info("vm migrated in", extra={"vm_id": self.vm_id, "peer": self.peer})
@@ -118,12 +124,15 @@ class IncomingMigrations:
         """Reserve `vm_id` for a migration and return its token (valid `ttl_seconds`)."""
         if not 0 <= ttl_seconds <= MAX_TTL_SECONDS:
             raise InvalidArgument(f"ttl_seconds must be 1-{MAX_TTL_SECONDS} (0: "
-                                  f"{DEFAULT_TTL_SECONDS})")
+                                  f"{DEFAULT_TTL_SECONDS})",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="ttl_seconds")
         ttl = ttl_seconds or DEFAULT_TTL_SECONDS
         with self._lock:
             if len(self._prepared) >= MAX_PENDING:
                 raise ResourceExhausted(f"{MAX_PENDING} incoming migrations are already "
-                                        "prepared and unused; use or let them expire")
+                                        "prepared and unused; use or let them expire",
+                                        reason=Reason.LIMIT_MIGRATIONS,
+                                        metadata=limit("max_pending_incoming", MAX_PENDING))
             self.host.reserve_id(vm_id, owner, owner_quota)
             token = secrets.token_urlsafe(32)
             incoming = IncomingMigration(vm_id, owner, owner_quota, token,
@@ -152,7 +161,8 @@ class IncomingMigrations:
                     found = incoming
             if found is None:
                 raise PermissionDenied("the migration token is unknown, already used or "
-                                       "expired: prepare the incoming migration again")
+                                       "expired: prepare the incoming migration again",
+                                       reason=Reason.MIGRATION_TOKEN_INVALID)
             del self._prepared[found.token]
             self._running.append(found)
         if found.timer is not None:

@@ -32,6 +32,7 @@ from kvmd.core.errors import (
     InvalidArgument,
     InvalidState,
     OutcomeUnknown,
+    Reason,
 )
 from kvmd.core.events import Broadcaster, Subscription
 from kvmd.core.host import Host
@@ -77,17 +78,22 @@ class MigrationOptions:
         """These options with defaults filled in; bad values are INVALID_ARGUMENT."""
         if not 0 <= self.max_downtime_ms <= 60_000:
             raise InvalidArgument("max_downtime_ms must be 1-60000 (0: "
-                                  f"{DEFAULT_MAX_DOWNTIME_MS})")
+                                  f"{DEFAULT_MAX_DOWNTIME_MS})",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="options.max_downtime_ms")
         if not 0 <= self.max_rounds <= MAX_ROUNDS_LIMIT:
             raise InvalidArgument(f"max_rounds must be 1-{MAX_ROUNDS_LIMIT} (0: "
-                                  f"{DEFAULT_MAX_ROUNDS})")
+                                  f"{DEFAULT_MAX_ROUNDS})",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="options.max_rounds")
         if self.bandwidth_bytes_per_second < 0 or (
                 0 < self.bandwidth_bytes_per_second < 64 * 1024):
             raise InvalidArgument("bandwidth_bytes_per_second must be at least 65536 (0: "
-                                  "unlimited)")
+                                  "unlimited)",
+                                  reason=Reason.VALUE_OUT_OF_RANGE,
+                                  field="options.bandwidth_bytes_per_second")
         if not 0 <= self.timeout_ms <= 600_000:
             raise InvalidArgument("timeout_ms must be 1-600000 (0: "
-                                  f"{DEFAULT_TIMEOUT_MS})")
+                                  f"{DEFAULT_TIMEOUT_MS})",
+                                  reason=Reason.VALUE_OUT_OF_RANGE, field="options.timeout_ms")
         return replace(self, max_downtime_ms=self.max_downtime_ms or DEFAULT_MAX_DOWNTIME_MS,
                        max_rounds=self.max_rounds or DEFAULT_MAX_ROUNDS,
                        timeout_ms=self.timeout_ms or DEFAULT_TIMEOUT_MS)
@@ -216,10 +222,12 @@ class OutgoingMigration:
                 self.error = exc
             else:
                 log.exception("migration failed", extra={"vm_id": vm.id})
-                self.error = InvalidState(f"migration failed: {type(exc).__name__}: {exc}")
+                self.error = InvalidState(f"migration failed: {type(exc).__name__}: {exc}",
+                                          reason=Reason.MIGRATION_FAILED)
             if self._cancelled.is_set() and not self._committing:
                 self.error = Aborted(f"the migration of vm {vm.id} was {self._cancel_reason}; "
-                                     "it runs on here", resource=vm.resource)
+                                     "it runs on here", resource=vm.resource,
+                                     reason=Reason.MIGRATION_CANCELLED)
                 self.result = "cancelled"
             elif isinstance(self.error, OutcomeUnknown):
                 self.result = "unknown"
@@ -246,7 +254,8 @@ class OutgoingMigration:
 
     def _check_cancelled(self) -> None:
         if self._cancelled.is_set():
-            raise Aborted(f"the migration was {self._cancel_reason}")
+            raise Aborted(f"the migration was {self._cancel_reason}",
+                          reason=Reason.MIGRATION_CANCELLED)
 
     def _publish(self, force: bool = False, **changes: object) -> None:
         with self._lock:
@@ -310,7 +319,7 @@ class OutgoingMigration:
                     f"link carries {throughput / 1e6:.1f} MB/s, {pages} pages remain "
                     f"({expected * 1000:.0f} ms > max_downtime_ms {opts.max_downtime_ms}); "
                     "allow more downtime or bandwidth, or use auto_converge",
-                    resource=vm.resource)
+                    resource=vm.resource, reason=Reason.MIGRATION_FAILED)
             if opts.auto_converge and pages * PAGE_SIZE > DIRTY_THRESHOLD * round_bytes:
                 out_dirtied += 1
                 if out_dirtied >= 2:  # twice in a row, as QEMU: one round may be a burst
@@ -359,7 +368,8 @@ class OutgoingMigration:
                               f"it before resuming here ({exc})")
                     vm.reason = reason
                     if not isinstance(exc, OutcomeUnknown):
-                        raise OutcomeUnknown(reason, resource=vm.resource) from exc
+                        raise OutcomeUnknown(reason, resource=vm.resource,
+                                             reason=Reason.MIGRATION_OUTCOME_UNKNOWN) from exc
                 raise
             downtime = time.monotonic() - paused_at
             # Still held (no resume can slip in): the VM runs on the target now.

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import threading
 
-from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, ResourceExhausted
+from kvmd.core.errors import (
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    limit,
+)
 from kvmd.core.host import Host
 from kvmd.core.vm import ManagedVm, validate_id
 from kvmd.migration.incoming import IncomingMigrations
@@ -30,10 +37,11 @@ class Migrations:
               options: MigrationOptions) -> OutgoingMigration:
         """Start migrating `vm` to `target` with the target's `token` (checked there)."""
         if not target:
-            raise InvalidArgument("target is required: the target daemon's host:port")
+            raise InvalidArgument("target is required: the target daemon's host:port",
+                                  reason=Reason.FIELD_REQUIRED, field="target")
         if not token:
             raise InvalidArgument("token is required: the target's PrepareIncomingMigration "
-                                  "gives it")
+                                  "gives it", reason=Reason.FIELD_REQUIRED, field="token")
         check_target(target, self.tls)
         options = options.validated()
 
@@ -44,13 +52,16 @@ class Migrations:
                                       on_end=self._ended)
         with self._lock:
             if self._closed:
-                raise InvalidState("the daemon is stopping")
+                raise InvalidState("the daemon is stopping", reason=Reason.DAEMON_STOPPING)
             if vm.id in self._outgoing:
                 raise InvalidState(f"vm {vm.id} is already migrating to "
-                                   f"{self._outgoing[vm.id].target}", resource=vm.resource)
+                                   f"{self._outgoing[vm.id].target}", resource=vm.resource,
+                                   reason=Reason.VM_MIGRATING)
             if len(self._outgoing) >= MAX_OUTGOING:
                 raise ResourceExhausted(f"{MAX_OUTGOING} migrations are already running "
-                                        "from this daemon")
+                                        "from this daemon",
+                                        reason=Reason.LIMIT_MIGRATIONS,
+                                        metadata=limit("max_outgoing_migrations", MAX_OUTGOING))
             migration.start()  # claims the VM (refused if it is busy or migrating)
             self._outgoing[vm.id] = migration
         return migration
@@ -77,7 +88,8 @@ class Migrations:
         if migration is not None:
             if not migration.cancel("cancelled by CancelMigration"):
                 raise InvalidState(f"the migration of vm {vm_id} is past its switch-over; "
-                                   "it can no longer be cancelled", resource=f"vm/{vm_id}")
+                                   "it can no longer be cancelled", resource=f"vm/{vm_id}",
+                                   reason=Reason.VM_MIGRATING)
             return
         if not self.incoming.cancel(vm_id):
             raise NotFound(f"vm {vm_id!r} has no migration in progress",

@@ -71,7 +71,7 @@ class MigrationTls:
                     return fh.read()
             except OSError as exc:
                 raise InvalidState(f"cannot read migration TLS file {path}: "
-                                   f"{exc.strerror}") from None
+                                   f"{exc.strerror}", reason=Reason.FEATURE_DISABLED) from None
         return grpc.ssl_channel_credentials(root_certificates=read(self.ca),
                                             private_key=read(self.key),
                                             certificate_chain=read(self.cert))
@@ -83,7 +83,8 @@ def split_target(target: str) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or \
             "/" in target:
-        raise InvalidArgument(f"migration target {target!r} is not host:port")
+        raise InvalidArgument(f"migration target {target!r} is not host:port",
+                              reason=Reason.TARGET_INVALID, field="target")
     return host, int(port)
 
 
@@ -93,7 +94,8 @@ def check_target(target: str, tls: MigrationTls | None) -> None:
     if tls is None and not is_loopback(host):
         raise InvalidState(f"refusing to migrate to {target} over plain TCP: configure "
                            "migration TLS (migration_tls_cert/key/ca, or tls_cert/key and "
-                           "tls_client_ca) or migrate over loopback")
+                           "tls_client_ca) or migrate over loopback",
+                           reason=Reason.FEATURE_DISABLED)
 
 
 # The domain error for each status code the target may answer with (INTERNAL and codes
@@ -140,20 +142,25 @@ def target_error(target: str, exc: grpc.RpcError) -> DomainError:
         lowered = details.lower()
         if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
             hint = " (TLS: check the certificates of both daemons)"
-        return Unavailable(f"cannot reach migration target {target}: {details}{hint}")
+        return Unavailable(f"cannot reach migration target {target}: {details}{hint}",
+                           reason=Reason.PEER_UNAVAILABLE)
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return InvalidArgument(f"migration target {target} refused the token: {details}")
+        return InvalidArgument(f"migration target {target} refused the token: {details}",
+                               reason=Reason.MIGRATION_TOKEN_REFUSED, field="token")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return InvalidState(f"migration target {target} does not accept this daemon's "
-                            f"identity ({details}): configure migration_tls_cert/key")
+                            f"identity ({details}): configure migration_tls_cert/key",
+                            reason=Reason.FEATURE_DISABLED)
     if code == grpc.StatusCode.UNIMPLEMENTED and "ReceiveMigration" in details + METHOD and \
             "Method not found" in details:
         return InvalidState(f"{target} does not accept migrations (not a kvmd with "
-                            "live migration)")
+                            "live migration)", reason=Reason.MIGRATION_FAILED)
     if code == grpc.StatusCode.CANCELLED:
-        return Aborted(f"the link to migration target {target} was closed")
+        return Aborted(f"the link to migration target {target} was closed",
+                       reason=Reason.MIGRATION_CANCELLED)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Unavailable(f"migration target {target} did not answer in time")
+        return Unavailable(f"migration target {target} did not answer in time",
+                           reason=Reason.PEER_UNAVAILABLE)
     cls = _BY_CODE.get(code, InvalidState)
     return cls(f"migration target {target}: {details}", reason=_remote_reason(exc, cls))
 
@@ -166,7 +173,7 @@ class GrpcTransport:
         check_target(target, tls)
         if not token:
             raise InvalidArgument("token is required: the target's PrepareIncomingMigration "
-                                  "gives it")
+                                  "gives it", reason=Reason.FIELD_REQUIRED, field="token")
         self.target = target
         self.token = token
         self.timeout = options.timeout_ms / 1000
@@ -218,12 +225,13 @@ class GrpcTransport:
             reply = self._replies.get(timeout=timeout if timeout is not None else self.timeout)
         except queue.Empty:
             raise Unavailable(f"migration target {self.target} did not answer ({what}) "
-                              f"within {self.timeout:g} s") from None
+                              f"within {self.timeout:g} s",
+                              reason=Reason.PEER_UNAVAILABLE) from None
         if isinstance(reply, DomainError):
             raise reply
         if reply is None:
             raise Unavailable(f"migration target {self.target} ended the migration "
-                              f"({what})")
+                              f"({what})", reason=Reason.PEER_UNAVAILABLE)
         return reply
 
     def _put(self, message: bytes) -> None:
@@ -232,14 +240,16 @@ class GrpcTransport:
             if self._failure is not None:
                 raise self._failure
             if self._closed.is_set():
-                raise Aborted(f"the link to migration target {self.target} was closed")
+                raise Aborted(f"the link to migration target {self.target} was closed",
+                              reason=Reason.MIGRATION_CANCELLED)
             try:
                 self._requests.put(message, timeout=0.05)
                 return
             except queue.Full:
                 if time.monotonic() > deadline:
                     raise Unavailable(f"migration target {self.target} stopped reading for "
-                                      f"{self.timeout:g} s") from None
+                                      f"{self.timeout:g} s",
+                                      reason=Reason.PEER_UNAVAILABLE) from None
 
     # -- Transport --------------------------------------------------------------------------
 
@@ -251,7 +261,8 @@ class GrpcTransport:
             response_deserializer=pb.MigrationReply.FromString)
         with self._lock:
             if self._closed.is_set():
-                raise Aborted(f"the link to migration target {self.target} was closed")
+                raise Aborted(f"the link to migration target {self.target} was closed",
+                              reason=Reason.MIGRATION_CANCELLED)
             self._call = stream(self._request_stream())
         threading.Thread(target=self._read_replies, daemon=True,
                          name="migration-replies").start()
@@ -261,7 +272,8 @@ class GrpcTransport:
         reply = self._next_reply("accept")
         if reply.WhichOneof("reply") != "accepted":
             raise InvalidState(f"migration target {self.target} answered "
-                               f"{reply.WhichOneof('reply')} instead of accepting")
+                               f"{reply.WhichOneof('reply')} instead of accepting",
+                               reason=Reason.MIGRATION_FAILED)
         return reply.accepted.vm_id
 
     def send(self, frames: list[bytes]) -> None:
@@ -290,7 +302,8 @@ class GrpcTransport:
         reply = self._next_reply("ready")
         if reply.WhichOneof("reply") != "ready":
             raise InvalidState(f"migration target {self.target} answered "
-                               f"{reply.WhichOneof('reply')} instead of ready")
+                               f"{reply.WhichOneof('reply')} instead of ready",
+                               reason=Reason.MIGRATION_FAILED)
 
     def commit(self) -> None:
         try:
@@ -298,10 +311,12 @@ class GrpcTransport:
             reply = self._next_reply("commit")
         except DomainError as exc:
             raise OutcomeUnknown(f"the commit to migration target {self.target} was not "
-                                 f"confirmed ({exc.message}); the VM may run there") from exc
+                                 f"confirmed ({exc.message}); the VM may run there",
+                                 reason=Reason.MIGRATION_OUTCOME_UNKNOWN) from exc
         if reply.WhichOneof("reply") != "committed":
             raise OutcomeUnknown(f"migration target {self.target} answered "
-                                 f"{reply.WhichOneof('reply')} to the commit")
+                                 f"{reply.WhichOneof('reply')} to the commit",
+                                 reason=Reason.MIGRATION_OUTCOME_UNKNOWN)
         self._put(_END)  # type: ignore[arg-type]
 
     def close(self) -> None:

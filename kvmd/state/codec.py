@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.core.errors import InvalidArgument
+from kvmd.core.errors import InvalidArgument, Reason
 from kvmd.core.state import (
     ConsoleState,
     FileMappingState,
@@ -91,19 +91,21 @@ def sregs_to_pb(s: Sregs) -> pb.Sregs:
 
 def sregs_from_pb(msg: pb.Sregs) -> Sregs:
     if len(msg.interrupt_bitmap) not in (0, 4):
-        raise InvalidArgument("interrupt_bitmap must have 4 words")
+        raise InvalidArgument("interrupt_bitmap must have 4 words", reason=Reason.STATE_INVALID)
     s = Sregs(interrupt_bitmap=list(msg.interrupt_bitmap) or [0, 0, 0, 0])
     for name in SEGMENT_NAMES:
         src = getattr(msg, name)
         for f in SEGMENT_FIELDS[1:]:
             limit = 0xFFFFFFFF if f == "limit" else 0xFFFF if f == "selector" else 0xFF
             if getattr(src, f) > limit:
-                raise InvalidArgument(f"{name}.{f} = {getattr(src, f)} is out of range")
+                raise InvalidArgument(f"{name}.{f} = {getattr(src, f)} is out of range",
+                                      reason=Reason.STATE_INVALID)
         setattr(s, name, Segment(**_fields(src, SEGMENT_FIELDS)))
     for name in DTABLE_NAMES:
         src = getattr(msg, name)
         if src.limit > 0xFFFF:
-            raise InvalidArgument(f"{name}.limit = {src.limit} is out of range")
+            raise InvalidArgument(f"{name}.limit = {src.limit} is out of range",
+                                  reason=Reason.STATE_INVALID)
         setattr(s, name, DTable(src.base, src.limit))
     for name in CONTROL_NAMES:
         setattr(s, name, getattr(msg, name))
@@ -118,11 +120,12 @@ def fpu_to_pb(f: Fpu) -> pb.Fpu:
 def fpu_from_pb(msg: pb.Fpu) -> Fpu:
     if len(msg.fpr) != 8 or len(msg.xmm) != 16 or any(
             len(r) != 16 for r in list(msg.fpr) + list(msg.xmm)):
-        raise InvalidArgument("fpu needs 8 fpr and 16 xmm registers of 16 bytes each")
+        raise InvalidArgument("fpu needs 8 fpr and 16 xmm registers of 16 bytes each",
+                              reason=Reason.STATE_INVALID)
     for name, limit in (("fcw", 0xFFFF), ("fsw", 0xFFFF), ("ftwx", 0xFF),
                         ("last_opcode", 0xFFFF)):
         if getattr(msg, name) > limit:
-            raise InvalidArgument(f"fpu.{name} is out of range")
+            raise InvalidArgument(f"fpu.{name} is out of range", reason=Reason.STATE_INVALID)
     return Fpu(fpr=list(msg.fpr), fcw=msg.fcw, fsw=msg.fsw, ftwx=msg.ftwx,
                last_opcode=msg.last_opcode, last_ip=msg.last_ip, last_dp=msg.last_dp,
                xmm=list(msg.xmm), mxcsr=msg.mxcsr)
@@ -138,7 +141,8 @@ def events_from_pb(msg: pb.VcpuEvents) -> VcpuEvents:
         limit = (1 << 64) if name == "exception_payload" else (1 << 32) if name in (
             "exception_error_code", "sipi_vector", "flags") else 256
         if value >= limit:
-            raise InvalidArgument(f"vcpu_events.{name} = {value} is out of range")
+            raise InvalidArgument(f"vcpu_events.{name} = {value} is out of range",
+                                  reason=Reason.STATE_INVALID)
     return VcpuEvents(**values)
 
 
@@ -158,12 +162,14 @@ def route_from_pb(msg: pb.IrqRoute) -> IrqRoute:
     if which == "irqchip":
         chip = int(msg.irqchip.chip)
         if chip not in tuple(IrqChip):
-            raise InvalidArgument(f"route for gsi {msg.gsi}: unknown irqchip {chip}")
+            raise InvalidArgument(f"route for gsi {msg.gsi}: unknown irqchip {chip}",
+                                  reason=Reason.STATE_INVALID)
         return IrqChipRoute(msg.gsi, IrqChip(chip), msg.irqchip.pin)
     if which == "msi":
         devid = msg.msi.devid if msg.msi.HasField("devid") else None
         return MsiRoute(msg.gsi, msg.msi.address, msg.msi.data, devid)
-    raise InvalidArgument(f"route for gsi {msg.gsi} has no target (irqchip or msi)")
+    raise InvalidArgument(f"route for gsi {msg.gsi} has no target (irqchip or msi)",
+                          reason=Reason.STATE_INVALID)
 
 
 
@@ -204,7 +210,8 @@ def ioapic_to_pb(s: IoapicState) -> pb.SavedIoapic:
 
 def ioapic_from_pb(msg: pb.SavedIoapic) -> IoapicState:
     if len(msg.redirtbl) != len(IoapicState().redirtbl):
-        raise InvalidArgument(f"IOAPIC state has {len(msg.redirtbl)} redirection entries")
+        raise InvalidArgument(f"IOAPIC state has {len(msg.redirtbl)} redirection entries",
+                              reason=Reason.STATE_INVALID)
     return IoapicState(base_address=msg.base_address, ioregsel=msg.ioregsel, id=msg.id,
                        irr=msg.irr, redirtbl=list(msg.redirtbl))
 
@@ -216,7 +223,8 @@ def pit_to_pb(p: PitState) -> pb.SavedPit:
 
 def pit_from_pb(msg: pb.SavedPit) -> PitState:
     if len(msg.channels) != 3:
-        raise InvalidArgument(f"PIT state has {len(msg.channels)} channels, not 3")
+        raise InvalidArgument(f"PIT state has {len(msg.channels)} channels, not 3",
+                              reason=Reason.STATE_INVALID)
     return PitState(channels=[PitChannelState(**_pb_fields(c)) for c in msg.channels],
                     flags=msg.flags)
 
@@ -237,7 +245,8 @@ def debugregs_to_pb(d: DebugRegs) -> pb.SavedDebugRegs:
 
 def debugregs_from_pb(msg: pb.SavedDebugRegs) -> DebugRegs:
     if len(msg.db) != 4:
-        raise InvalidArgument(f"debug registers: {len(msg.db)} breakpoints, not 4")
+        raise InvalidArgument(f"debug registers: {len(msg.db)} breakpoints, not 4",
+                              reason=Reason.STATE_INVALID)
     return DebugRegs(db=list(msg.db), dr6=msg.dr6, dr7=msg.dr7, flags=msg.flags)
 
 
@@ -267,7 +276,8 @@ def vcpu_state_to_pb(v: VcpuState) -> pb.SavedVcpu:
 
 def vcpu_state_from_pb(msg: pb.SavedVcpu) -> VcpuState:
     if msg.lapic and len(msg.lapic) != LAPIC_BYTES:
-        raise InvalidArgument(f"vcpu {msg.vcpu_id}: LAPIC state of {len(msg.lapic)} bytes")
+        raise InvalidArgument(f"vcpu {msg.vcpu_id}: LAPIC state of {len(msg.lapic)} bytes",
+                              reason=Reason.STATE_INVALID)
     return VcpuState(
         vcpu_id=msg.vcpu_id, run_state=msg.run_state, reason=msg.reason,
         cpuid=cpuid_from_pb(msg.cpuid), tsc_khz=msg.tsc_khz, regs=regs_from_pb(msg.regs),
@@ -324,7 +334,8 @@ def vm_state_from_pb(msg: pb.SavedVm) -> VmState:
     ioevents = []
     for e in msg.ioevents:
         if e.space not in SPACE_NAMES:
-            raise InvalidArgument(f"ioevent {e.ioevent_id!r}: unknown address space {e.space}")
+            raise InvalidArgument(f"ioevent {e.ioevent_id!r}: unknown address space {e.space}",
+                                  reason=Reason.STATE_INVALID)
         ioevents.append(IoeventState(e.ioevent_id, SPACE_NAMES[e.space], e.address, e.length,
                                      e.datamatch if e.HasField("datamatch") else None,
                                      e.fired))

@@ -304,9 +304,9 @@ def check_header(header: pb.SnapshotHeader, magic: str = MAGIC) -> None:
     if header.format_version > FORMAT_VERSION:
         raise InvalidState(f"the snapshot has format version {header.format_version} (written "
                            f"by kvmd {header.kvmd_version}); this daemon reads version "
-                           f"{FORMAT_VERSION}")
+                           f"{FORMAT_VERSION}", reason=Reason.SNAPSHOT_INCOMPATIBLE)
     if header.format_version < 1:
         raise CorruptSnapshot(f"corrupt snapshot: format version {header.format_version}")
     if header.page_size != PAGE_SIZE:
         raise InvalidState(f"the snapshot has {header.page_size}-byte pages; this host has "
-                           f"{PAGE_SIZE}")
+                           f"{PAGE_SIZE}", reason=Reason.SNAPSHOT_INCOMPATIBLE)

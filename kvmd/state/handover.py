@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from kvmd import __version__
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import API, SNAPSHOT
-from kvmd.core.errors import InvalidState
+from kvmd.core.errors import InvalidState, Reason
 from kvmd.core.host import Host
 from kvmd.core.state import VmState
 from kvmd.core.vcpu import HALTED, RUNNING
@@ -186,19 +186,22 @@ def check_memfds(record: HandoverRecord, memfds: dict[str, int]) -> dict[int, in
         fd = memfds.get(m.name)
         if fd is None:
             raise InvalidState(f"vm {vm_id}: the memory of slot {m.slot} (memfd {m.name!r}) "
-                               "was not passed to this daemon", resource=f"vm/{vm_id}")
+                               "was not passed to this daemon", resource=f"vm/{vm_id}",
+                               reason=Reason.HANDOVER_STATE_UNUSABLE)
         try:
             st = os.fstat(fd)
         except OSError as exc:
             raise InvalidState(f"vm {vm_id}: memfd {m.name!r} is not usable: {exc.strerror}",
-                               resource=f"vm/{vm_id}") from None
+                               resource=f"vm/{vm_id}",
+                               reason=Reason.HANDOVER_STATE_UNUSABLE) from None
         if (st.st_dev, st.st_ino) != (m.device, m.inode):
             raise InvalidState(f"vm {vm_id}: the fd passed as {m.name!r} is another file "
-                               f"(inode {st.st_ino}, saved {m.inode})", resource=f"vm/{vm_id}")
+                               f"(inode {st.st_ino}, saved {m.inode})", resource=f"vm/{vm_id}",
+                               reason=Reason.HANDOVER_STATE_UNUSABLE)
         if st.st_size < max(m.size, sizes.get(m.slot, 0)):
             raise InvalidState(f"vm {vm_id}: memfd {m.name!r} has {st.st_size} bytes, the "
                                f"slot needs {sizes.get(m.slot, m.size)}",
-                               resource=f"vm/{vm_id}")
+                               resource=f"vm/{vm_id}", reason=Reason.HANDOVER_STATE_UNUSABLE)
         out[m.slot] = fd
     return out
 

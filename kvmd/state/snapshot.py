@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from kvmd import __version__
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import SNAPSHOT, page_runs
-from kvmd.core.errors import InvalidArgument, InvalidState
+from kvmd.core.errors import InvalidArgument, InvalidState, Reason
 from kvmd.core.host import Host
 from kvmd.core.state import FileMappingState, SlotState, VmState
 from kvmd.core.vm import ManagedVm, VmOptions
@@ -81,12 +81,14 @@ def check_host(features: pb.HostFeatures, state: VmState,
     here = xsave_size(capabilities)
     if features.xsave_size and features.xsave_size != here:
         raise InvalidState(f"incompatible host: the snapshot's vCPUs have {features.xsave_size}"
-                           f"-byte XSAVE images, this host's take {here}")
+                           f"-byte XSAVE images, this host's take {here}",
+                           reason=Reason.SNAPSHOT_INCOMPATIBLE)
     needs = {"irqchip": "KVM_CAP_IRQCHIP", "pit": "KVM_CAP_PIT2"}
     for option, cap in needs.items():
         if state.options.get(option) and not capabilities.get(cap):
             raise InvalidState(f"incompatible host: the VM uses the in-kernel {option}, which "
-                               f"this host's KVM lacks ({cap})")
+                               f"this host's KVM lacks ({cap})",
+                               reason=Reason.SNAPSHOT_INCOMPATIBLE)
 
 
 DIGEST_CHUNK = 4 << 20
@@ -123,7 +125,8 @@ def check_file_digests(vm: ManagedVm, state: VmState) -> None:
             raise InvalidState(
                 f"memory file {f.image!r} (slot {f.slot} at {f.offset:#x}+{f.size:#x}) is "
                 f"not the one the VM had: its bytes differ (it was {f.file_size} bytes when "
-                "saved); put the same file in this daemon's images directory")
+                "saved); put the same file in this daemon's images directory",
+                reason=Reason.SNAPSHOT_INCOMPATIBLE)
 
 
 def _file_mask(state: VmState, slot: int) -> int:
@@ -210,7 +213,8 @@ class SnapshotTaker:
         self._chunks: Iterator[bytes] | None = None
         if diff and not vm.last_snapshot_id:
             raise InvalidState(f"vm {vm.id} has no snapshot to diff against: take a full "
-                               "snapshot first", resource=vm.resource)
+                               "snapshot first", resource=vm.resource,
+                               reason=Reason.SNAPSHOT_INCOMPATIBLE)
 
     def __iter__(self) -> Iterator[bytes]:
         vm = self.vm
@@ -225,7 +229,8 @@ class SnapshotTaker:
                 layout = state.slots
                 if self.diff and layout != vm.last_snapshot_layout:
                     raise InvalidState(f"vm {vm.id}'s memory slots changed since its last "
-                                       "snapshot: take a full snapshot", resource=vm.resource)
+                                       "snapshot: take a full snapshot", resource=vm.resource,
+                                       reason=Reason.SNAPSHOT_INCOMPATIBLE)
                 base = vm.last_snapshot_id if self.diff else ""
                 vm.dirty.add_consumer(SNAPSHOT)
                 for s in layout:
@@ -288,7 +293,8 @@ class Restorer:
     def __init__(self, host: Host, vm_id: str, owner: str, owner_quota: int = 0,
                  run: str = "paused", kind: str = "restore", reserved: bool = False) -> None:
         if run not in RUN_MODES:
-            raise InvalidArgument(f"run mode {run!r} is not one of {', '.join(RUN_MODES)}")
+            raise InvalidArgument(f"run mode {run!r} is not one of {', '.join(RUN_MODES)}",
+                                  reason=Reason.VALUE_UNKNOWN, field="run")
         self.host = host
         self.vm_id = vm_id
         self.owner = owner
@@ -320,7 +326,8 @@ class Restorer:
         """Apply what `data` completes; raises (after releasing everything) on bad input."""
         with self._lock:
             if self._done or self._prepared:
-                raise InvalidState(f"the restore of {self.vm_id} has ended")
+                raise InvalidState(f"the restore of {self.vm_id} has ended",
+                                   reason=Reason.RESTORE_NOT_READY)
             try:
                 for record in self.reader.feed(data):
                     self._apply(record)
@@ -359,11 +366,12 @@ class Restorer:
     def _on_header(self, header: pb.SnapshotHeader) -> None:
         if not self._last_id and header.base_snapshot_id:
             raise InvalidState(f"snapshot {header.snapshot_id} is a diff on "
-                               f"{header.base_snapshot_id}: restore its base first")
+                               f"{header.base_snapshot_id}: restore its base first",
+                               reason=Reason.SNAPSHOT_INCOMPATIBLE)
         if self._last_id and header.base_snapshot_id != self._last_id:
             raise InvalidState(f"snapshot {header.snapshot_id} applies on "
                                f"{header.base_snapshot_id or 'nothing (it is full)'}, not on "
-                               f"{self._last_id}: wrong base")
+                               f"{self._last_id}: wrong base", reason=Reason.SNAPSHOT_INCOMPATIBLE)
         self._header = header
 
     def _on_vm(self, saved: pb.SavedVm) -> None:
@@ -383,7 +391,7 @@ class Restorer:
         elif {s.slot: s for s in state.slots} != self._slots or \
                 [f.place() for f in state.files] != self._files:
             raise InvalidState(f"snapshot {self._header.snapshot_id} has other memory slots "
-                               "or files than its base")
+                               "or files than its base", reason=Reason.SNAPSHOT_INCOMPATIBLE)
 
     def _slot(self, number: int, offset: int, length: int) -> SlotState:
         slot = self._slots.get(number)
@@ -406,7 +414,8 @@ class Restorer:
         restored, started vCPUs wait paused. The id stays reserved until commit or abort."""
         with self._lock:
             if self._done or self._prepared:
-                raise InvalidState(f"the restore of {self.vm_id} has ended")
+                raise InvalidState(f"the restore of {self.vm_id} has ended",
+                                   reason=Reason.RESTORE_NOT_READY)
             try:
                 self.reader.finish()
                 if self._last_memory_only or self._final is None:
@@ -429,7 +438,8 @@ class Restorer:
         """Make the prepared VM visible and run it as `run` says."""
         with self._lock:
             if self._done or not self._prepared:
-                raise InvalidState(f"the restore of {self.vm_id} is not ready to commit")
+                raise InvalidState(f"the restore of {self.vm_id} is not ready to commit",
+                                   reason=Reason.RESTORE_NOT_READY)
             assert self.vm is not None and self._final is not None
             vm = self.vm
             try:

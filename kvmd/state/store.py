@@ -21,6 +21,7 @@ from kvmd.core.errors import (
     InvalidState,
     KernelError,
     NotFound,
+    Reason,
     ResourceExhausted,
 )
 from kvmd.state.format import CorruptSnapshot, MemoryRecord, SnapshotReader
@@ -43,7 +44,8 @@ class StoredSnapshot:
 
 def _os_error(exc: OSError, what: str) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"{what}: the state directory is full")
+        return ResourceExhausted(f"{what}: the state directory is full",
+                                 reason=Reason.HOST_EXHAUSTED)
     return KernelError(f"{what}: {exc.strerror}", errno=exc.errno)
 
 
@@ -61,7 +63,7 @@ class SnapshotStore:
         if not isinstance(name, str) or not NAME.match(name):
             raise InvalidArgument(f"snapshot file {name[:80]!r} is not a valid name (1-64 "
                                   "characters of A-Z a-z 0-9 . _ -, starting with a letter or "
-                                  "digit)")
+                                  "digit)", reason=Reason.FILE_NAME_INVALID, field="file")
         return os.path.join(self.dir, name)
 
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
@@ -69,7 +71,8 @@ class SnapshotStore:
         before anything is written, and a failure leaves no file behind."""
         final = self.path(name)
         if os.path.lexists(final):
-            raise AlreadyExists(f"snapshot file {name!r} already exists")
+            raise AlreadyExists(f"snapshot file {name!r} already exists",
+                                resource=f"snapshot/{name}")
         tmp = os.path.join(self.dir, f".{name}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -85,7 +88,8 @@ class SnapshotStore:
                     os.fsync(fh.fileno())
                 os.link(tmp, final)  # fails if the name was taken meanwhile: never replaces
             except FileExistsError:
-                raise AlreadyExists(f"snapshot file {name!r} already exists") from None
+                raise AlreadyExists(f"snapshot file {name!r} already exists",
+                                    resource=f"snapshot/{name}") from None
             except OSError as exc:
                 raise _os_error(exc, f"cannot write {name}") from None
         finally:
@@ -100,7 +104,7 @@ class SnapshotStore:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            raise NotFound(f"no snapshot file {name!r}") from None
+            raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}") from None
         except OSError as exc:
             raise _os_error(exc, f"cannot read {name}") from None
         with os.fdopen(fd, "rb", buffering=0) as fh:
@@ -125,7 +129,7 @@ class SnapshotStore:
                         return StoredSnapshot(name, size, header, vm.vm_id, vm.owner,
                                               sum(s.size for s in vm.slots))
         except FileNotFoundError:
-            raise NotFound(f"no snapshot file {name!r}") from None
+            raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}") from None
         except (CorruptSnapshot, InvalidState) as exc:
             raise CorruptSnapshot(f"snapshot file {name!r}: {exc}") from None
         raise CorruptSnapshot(f"snapshot file {name!r} has no VM state")
@@ -140,6 +144,6 @@ class SnapshotStore:
         try:
             os.unlink(self.path(name))
         except FileNotFoundError:
-            raise NotFound(f"no snapshot file {name!r}") from None
+            raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}") from None
         except OSError as exc:
             raise _os_error(exc, f"cannot delete {name}") from None

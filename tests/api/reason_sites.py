@@ -60,7 +60,7 @@ def raise_sites() -> list[Site]:
     classes = domain_error_classes()
     sites = []
     for path in sorted(ROOT.rglob("*.py")):
-        if "gen" in path.parts or path.name == "errors.py" and path.parent.name == "core":
+        if "gen" in path.parts or (path.name == "errors.py" and path.parent.name == "core"):
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
