@@ -50,12 +50,18 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
 }
 
 
-def status_code(exc: DomainError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
+def status_code(exc: DomainError | type[DomainError]) -> grpc.StatusCode:
+    """The status code of a domain error (or error class): its nearest class in the table."""
+    for cls in (exc if isinstance(exc, type) else type(exc)).__mro__:
         code = STATUS_CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def reason_code(reason: Reason) -> grpc.StatusCode:
+    """The one status code a reason is sent with (the code of its class)."""
+    return status_code(reason.error)
 
 
 def to_status(exc: BaseException) -> grpc.Status:

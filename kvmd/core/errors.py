@@ -414,13 +414,36 @@ _ERRNO_CLASSES: dict[int, type[DomainError]] = {
 EXHAUSTION_ERRNOS = frozenset({_errno.ENOMEM, _errno.ENOSPC, _errno.EMFILE, _errno.ENFILE})
 
 
+# (errno, ioctl) -> reason, where the kernel's (or the binding's) answer means one thing.
+_KERNEL_REASONS: dict[tuple[int, str], Reason] = {
+    (_errno.EEXIST, "KVM_SET_USER_MEMORY_REGION"): Reason.SLOT_OVERLAP,
+    (_errno.EEXIST, "map_fd"): Reason.SLOT_OVERLAP,
+    (_errno.EEXIST, "KVM_IOEVENTFD"): Reason.ADDRESS_IN_USE,
+}
+
+
+def _kernel_reason(cls: type[DomainError], errno: int | None, ioctl: str | None,
+                   resource: str | None) -> Reason:
+    """The reason of an errno turned into `cls`: what (errno, ioctl) means, else the kind of
+    an object inside a VM (ENOENT on "vm/a/slot/3" is SLOT_NOT_FOUND), else the class's
+    kernel reason. Never the VM's own kind: EEXIST from an ioctl on a VM does not mean
+    "a VM with that id exists"."""
+    found = _KERNEL_REASONS.get((errno or 0, ioctl or ""))
+    if found is not None and issubclass(cls, found.error):
+        return found
+    kind = resource_kind(resource)
+    if kind not in ("", "vm"):
+        found = _KIND_REASONS.get((cls, kind))
+        if found is not None:
+            return found
+    return cls.default_reason
+
+
 def from_kvm_error(exc: KvmError, resource: str | None = None) -> DomainError:
     """Translate a binding error into the domain error a caller should see."""
     cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
-    # The kernel's answer, not the resource's kind, is the reason: EEXIST from an ioctl on
-    # a VM does not mean "a VM with that id exists".
-    return cls(str(exc), reason=cls.default_reason, errno=exc.errno, ioctl=exc.ioctl,
-               resource=resource)
+    return cls(str(exc), reason=_kernel_reason(cls, exc.errno, exc.ioctl, resource),
+               errno=exc.errno, ioctl=exc.ioctl, resource=resource)
 
 
 def from_os_error(exc: OSError, resource: str | None = None) -> DomainError:
@@ -431,7 +454,8 @@ def from_os_error(exc: OSError, resource: str | None = None) -> DomainError:
     cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
     what = exc.strerror or str(exc)
     return cls(f"{what}" + (f" ({exc.filename})" if exc.filename else ""),
-               reason=cls.default_reason, errno=exc.errno, resource=resource)
+               reason=_kernel_reason(cls, exc.errno, None, resource), errno=exc.errno,
+               resource=resource)
 
 
 @contextmanager

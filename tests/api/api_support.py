@@ -8,8 +8,10 @@ Fixtures:
   released everything (no VM left, socket removed, fd watcher thread gone).
 * `kvmd` is one daemon with the default limits; `api` is its `RunningDaemon`.
 * `assert_code(fn, code)` calls `fn`, asserts it failed with exactly `code` (and, for errors
-  the daemon produced, a google.rpc.ErrorInfo in the details), then asserts the daemon is
-  still healthy: grpc.health.v1 Check("") is SERVING and GetInfo answers.
+  the daemon produced, a google.rpc.ErrorInfo in the details whose reason is one of
+  kvmd.core.errors.Reason sent with that very code, never the code's own name), then asserts
+  the daemon is still healthy: grpc.health.v1 Check("") is SERVING and GetInfo answers.
+  `reason=` and `field=` also assert the exact reason and the BadRequest field violation.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from grpc_status import rpc_status
 from kvmd_stubs import DefaultTimeout
 from kvmd_stubs import Stubs as StubsBase
 
+from kvmd.api.errors import reason_code
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.core.errors import Reason
 from kvmd.server import Config, Daemon
 
 if not os.path.exists("/dev/kvm"):
@@ -69,6 +73,31 @@ def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
             detail.Unpack(info)
             return info
     return None
+
+
+def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
+    """The google.rpc.BadRequest field violations in an error's rich status."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    found: list[tuple[str, str]] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.extend((v.field, v.description) for v in bad.field_violations)
+    return found
+
+
+def check_reason(err: grpc.RpcError, code: grpc.StatusCode) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo of a kvmd error with `code`: AIP-193's domain, a reason that is a
+    member of Reason sent with exactly this code (so never a repeat of the code's name)."""
+    info = error_info(err)
+    assert info is not None, f"{code.name} without google.rpc.ErrorInfo details"
+    assert info.domain == "kvmd"
+    assert info.reason in Reason.__members__, f"reason {info.reason!r} is not a Reason"
+    assert reason_code(Reason[info.reason]) == code, (
+        f"{info.reason} belongs to {reason_code(Reason[info.reason]).name}, sent with "
+        f"{code.name}")
+    return info
 
 
 @dataclass
@@ -119,8 +148,10 @@ class RunningDaemon:
         assert info.api_version == 12
 
     def assert_code(self, fn: Callable[[], Any], code: grpc.StatusCode,
-                    *, details: Any = True) -> grpc.RpcError:
-        """`fn()` must fail with exactly `code`; then the daemon must still be healthy.
+                    *, details: Any = True, reason: Reason | None = None,
+                    field: str | None = None) -> grpc.RpcError:
+        """`fn()` must fail with exactly `code` (and `reason`, and a BadRequest violation of
+        `field`, when given); then the daemon must still be healthy.
 
         For a streaming RPC pass something that consumes the stream, e.g.
         `lambda: list(api.memory.ReadGuestMemory(...))`. With details=GRPC_NATIVE the error
@@ -132,10 +163,13 @@ class RunningDaemon:
         assert err.code() == code, (  # type: ignore[attr-defined]
             f"expected {code.name}, got {err.code().name}: {err.details()}")  # type: ignore[attr-defined]
         if details is not GRPC_NATIVE:
-            info = error_info(err)
-            assert info is not None, f"{code.name} without google.rpc.ErrorInfo details"
-            assert info.domain == "kvmd"
-            assert info.reason
+            info = check_reason(err, code)
+            if reason is not None:
+                assert info.reason == reason, f"expected {reason}, got {info.reason}: " \
+                    f"{err.details()}"  # type: ignore[attr-defined]
+            if field is not None:
+                fields = [f for f, _ in field_violations(err)]
+                assert fields == [field], f"expected a violation of {field}, got {fields}"
         self.assert_healthy()
         return err
 

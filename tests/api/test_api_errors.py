@@ -21,8 +21,9 @@ def test_not_found_details_name_the_resource(api: RunningDaemon) -> None:
                           grpc.StatusCode.NOT_FOUND)
     info = error_info(err)
     assert info is not None
-    assert (info.domain, info.reason) == ("kvmd", "NOT_FOUND")
+    assert (info.domain, info.reason) == ("kvmd", "VM_NOT_FOUND")
     assert info.metadata["resource"] == "vm/ghost"
+    assert info.metadata["vm_id"] == "ghost"
 
 
 def test_kernel_refusal_details_carry_errno_and_ioctl(api: RunningDaemon) -> None:
@@ -31,7 +32,7 @@ def test_kernel_refusal_details_carry_errno_and_ioctl(api: RunningDaemon) -> Non
         vm_id="tss", options=options)), INVALID)
     info = error_info(err)
     assert info is not None
-    assert info.reason == "INVALID_ARGUMENT"
+    assert info.reason == "KERNEL_REJECTED"
     assert info.metadata["errno"] == "22"  # EINVAL
     assert info.metadata["ioctl"] == "KVM_SET_TSS_ADDR"
 
@@ -40,12 +41,14 @@ def test_already_exists_and_limit_details(api: RunningDaemon) -> None:
     api.create_vm("twice")
     err = api.assert_code(lambda: api.create_vm("twice"), grpc.StatusCode.ALREADY_EXISTS)
     info = error_info(err)
-    assert info is not None and info.reason == "ALREADY_EXISTS"
+    assert info is not None and info.reason == "VM_ALREADY_EXISTS"
     assert info.metadata["resource"] == "vm/twice"
     err = api.assert_code(lambda: api.add_memory("twice", 0, 1 << 62),
                           grpc.StatusCode.RESOURCE_EXHAUSTED)
     info = error_info(err)
-    assert info is not None and info.reason == "RESOURCE_EXHAUSTED"
+    assert info is not None and info.reason == "LIMIT_VM_MEMORY"
+    assert info.metadata["limit"] == "max_memory_per_vm_bytes"
+    assert int(info.metadata["limit_value"]) > 0
 
 
 def test_vm_deleted_between_write_chunks(api: RunningDaemon) -> None:
