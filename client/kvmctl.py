@@ -1,7 +1,8 @@
 """kvmctl: the command-line interface to a kvmd daemon.
 
 Human-readable tables by default, ``--json`` for scripts. Exit codes: 0 success, 1 the daemon
-refused or failed the request (``error: <CODE>: <message>`` on stderr), 2 usage error, 3 the
+refused or failed the request (``error: <CODE> (<REASON>): <message>`` on stderr; the
+AIP-193 reason when the daemon sent one), 2 usage error, 3 the
 daemon cannot be reached. Numbers accept decimal and ``0x`` hex; sizes also take K/M/G/T
 suffixes (binary: 2M = 2 MiB).
 """
@@ -1879,6 +1880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"kvmctl: error: {e}\n")
         return EXIT_USAGE
     except UnavailableError as e:
+        if e.reason:  # the daemon answered (a hand-over in progress): its own words
+            return _fail(str(e), EXIT_UNAVAILABLE)
         return _fail(f"{e.code_name}: cannot reach kvmd at {args.address}: {e.message}",
                      EXIT_UNAVAILABLE)
     except KvmdError as e:

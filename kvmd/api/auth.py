@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvmd.api.errors import status_code
 from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Reason, Unauthenticated
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vm import ManagedVm
@@ -432,7 +433,9 @@ class AuthInterceptor:
             authz.denial_log.denied(identity, method, {"peer": context.peer(),
                                                        "reason": exc.message})
             if authz.on_denied is not None:
-                authz.on_denied(method, exc.reason)
+                # The metric's label is the status code (a small, fixed set), not the
+                # specific AIP-193 reason the caller gets.
+                authz.on_denied(method, status_code(exc).name)
             raise
 
     # -- the CallChain stage ----------------------------------------------------------------

@@ -419,6 +419,9 @@ _KERNEL_REASONS: dict[tuple[int, str], Reason] = {
     (_errno.EEXIST, "KVM_SET_USER_MEMORY_REGION"): Reason.SLOT_OVERLAP,
     (_errno.EEXIST, "map_fd"): Reason.SLOT_OVERLAP,
     (_errno.EEXIST, "KVM_IOEVENTFD"): Reason.ADDRESS_IN_USE,
+    # The binding's own guest-memory accesses answer EFAULT for a range no slot backs.
+    **{(_errno.EFAULT, op): Reason.RANGE_OUTSIDE_MEMORY
+       for op in ("read", "write", "msync", "discard", "guest memory")},
 }
 
 

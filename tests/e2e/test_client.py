@@ -138,6 +138,62 @@ def test_error_table() -> None:
     assert str(other) == "DATA_LOSS: lost"
 
 
+class _FakeCall(grpc.RpcError):
+    """What a failed call looks like to from_rpc_error: code, details, trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailing: tuple[tuple[str, bytes], ...]) -> None:
+        self._code, self._message, self._trailing = code, message, trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return self._trailing
+
+
+def test_rich_details_are_parsed() -> None:
+    """ErrorInfo and BadRequest from the grpc-status-details-bin trailer (as the daemon's
+    kvmd.api.errors.to_status packs them) become reason, domain, metadata and
+    field_violations; a call without the trailer leaves them empty."""
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    from client.errors import FieldViolation, from_rpc_error
+
+    message = "guest address 0x1001 is not page aligned"
+    info, bad = any_pb2.Any(), any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="ADDRESS_UNALIGNED", domain="kvmd",
+                                          metadata={"vm_id": "a", "resource": "vm/a"}))
+    bad.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field="guest_addr", description=message)]))
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    rich = status_pb2.Status(code=code.value[0], message=message, details=[info, bad])
+    error = from_rpc_error(_FakeCall(code, message, (
+        ("grpc-status-details-bin", rich.SerializeToString()),)))
+    assert type(error) is InvalidArgumentError
+    assert (error.reason, error.domain) == ("ADDRESS_UNALIGNED", "kvmd")
+    assert error.metadata == {"vm_id": "a", "resource": "vm/a"}
+    assert error.field_violations == [FieldViolation("guest_addr", message)]
+    assert error.field_violations[0].field == "guest_addr"
+    assert str(error) == f"INVALID_ARGUMENT (ADDRESS_UNALIGNED): {message}"
+    plain = from_rpc_error(_FakeCall(grpc.StatusCode.UNAVAILABLE, "no daemon", ()))
+    assert (plain.reason, plain.domain, plain.metadata, plain.field_violations) == (
+        None, None, {}, [])
+    assert str(plain) == "UNAVAILABLE: no daemon"
+
+
+def test_invalid_argument_names_the_field(client: KvmdClient, vm_id: str) -> None:
+    client.create_vm(vm_id)
+    with pytest.raises(InvalidArgumentError) as info:
+        client.add_memory_region(vm_id, 0x1001, 0x10000)
+    assert info.value.reason == "ADDRESS_UNALIGNED"
+    assert [v.field for v in info.value.field_violations] == ["guest_addr"]
+
+
 # ---------------------------------------------------------------------------------------------
 # VMs
 
@@ -183,9 +239,12 @@ def test_not_found(client: KvmdClient, assert_healthy: Healthy) -> None:
     error = info.value
     assert type(error) is NotFoundError
     assert error.code == grpc.StatusCode.NOT_FOUND
-    assert error.reason == "NOT_FOUND"
+    assert error.reason == "VM_NOT_FOUND"
     assert error.domain == "kvmd"
     assert error.details.get("resource") == "vm/no-such-vm"
+    assert error.metadata is error.details and error.metadata["vm_id"] == "no-such-vm"
+    assert error.field_violations == []
+    assert str(error).startswith("NOT_FOUND (VM_NOT_FOUND): ")
     for call in (
         lambda: client.delete_vm("no-such-vm"),
         lambda: client.list_memory_regions("no-such-vm"),
@@ -207,10 +266,12 @@ def test_already_exists(
     with pytest.raises(AlreadyExistsError) as info:
         client.create_vm(vm_id)
     assert type(info.value) is AlreadyExistsError
-    assert info.value.reason == "ALREADY_EXISTS"
+    assert info.value.reason == "VM_ALREADY_EXISTS"
     client.create_vcpu(vm_id, 0)
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExistsError) as info:
         client.create_vcpu(vm_id, 0)
+    assert info.value.reason == "VCPU_ALREADY_EXISTS"
+    assert info.value.metadata["vcpu_id"] == "0"
     client.register_irqfd(vm_id, "fd", 5)
     with pytest.raises(AlreadyExistsError):
         client.register_irqfd(vm_id, "fd", 6)

@@ -161,7 +161,7 @@ def test_demo_with_a_taken_id(kvmctl: Kvmctl, client: KvmdClient, vm_id: str,
     """An existing VM is refused (ALREADY_EXISTS) and left alone, never deleted."""
     client.create_vm(vm_id, {"mine": "yes"})
     result = kvmctl("demo", "--vm-id", vm_id)
-    assert result.code == 1 and result.err.startswith("error: ALREADY_EXISTS: ")
+    assert result.code == 1 and result.err.startswith("error: ALREADY_EXISTS (VM_ALREADY_EXISTS): ")
     assert result.out == ""
     assert client.get_vm(vm_id).labels["mine"] == "yes"
     assert_healthy()
@@ -247,9 +247,9 @@ def test_exits_before_running(kvmctl: Kvmctl, client: KvmdClient, vm_id: str) ->
 
 def test_exits_errors(kvmctl: Kvmctl, demo_vm: str, assert_healthy: Healthy) -> None:
     result = kvmctl("exits", "no-such-vm")
-    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND (VM_NOT_FOUND): ")
     result = kvmctl("exits", demo_vm, "--vcpu", "5")
-    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND (VCPU_NOT_FOUND): ")
     assert kvmctl("exits").code == 2
     assert kvmctl("exits", demo_vm, "--vcpu", "-1").code == 2
     assert_healthy()
@@ -271,7 +271,7 @@ def test_console_no_follow(kvmctl: Kvmctl, demo_vm: str) -> None:
 def test_console_no_follow_errors(kvmctl: Kvmctl, demo_vm: str, client: KvmdClient,
                                   vm_ids: Callable[[], str]) -> None:
     result = kvmctl("vm", "console", "no-such-vm", "--no-follow")
-    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND (VM_NOT_FOUND): ")
     assert kvmctl("vm", "console", demo_vm, "--no-follow", "--no-backlog").code == 2
     silent = vm_ids()
     client.create_vm(silent)

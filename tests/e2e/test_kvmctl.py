@@ -124,7 +124,7 @@ def test_not_found_exits_1(kvmctl: Kvmctl, assert_healthy: Healthy) -> None:
     result = kvmctl("vm", "get", "no-such-vm")
     assert result.code == 1
     assert result.out == ""
-    assert result.err.startswith("error: NOT_FOUND: ")
+    assert result.err.startswith("error: NOT_FOUND (VM_NOT_FOUND): ")
     assert "no-such-vm" in result.err
     assert kvmctl("vm", "delete", "no-such-vm").code == 1
     assert kvmctl("mem", "ls", "no-such-vm").code == 1
@@ -133,12 +133,13 @@ def test_not_found_exits_1(kvmctl: Kvmctl, assert_healthy: Healthy) -> None:
 
 def test_server_errors_exit_1(kvmctl: Kvmctl, vm: str, assert_healthy: Healthy) -> None:
     result = kvmctl("vm", "create", vm)
-    assert (result.code, result.err.split(":")[:2]) == (1, ["error", " ALREADY_EXISTS"])
+    assert (result.code, result.err.split(":")[:2]) == (
+        1, ["error", " ALREADY_EXISTS (VM_ALREADY_EXISTS)"])
     result = kvmctl("mem", "add", vm, "0x1001", "4096")
     assert result.code == 1
-    assert result.err.startswith("error: INVALID_ARGUMENT: ")
+    assert result.err.startswith("error: INVALID_ARGUMENT (ADDRESS_UNALIGNED): ")
     result = kvmctl("vm", "create", "bad/name")
-    assert result.err.startswith("error: INVALID_ARGUMENT: ")
+    assert result.err.startswith("error: INVALID_ARGUMENT (ID_INVALID): ")
     assert_healthy()
 
 
@@ -245,7 +246,8 @@ def test_mem_write_read_roundtrip(kvmctl: Kvmctl, vm: str, tmp_path: Path) -> No
 
 def test_mem_errors(kvmctl: Kvmctl, vm: str, tmp_path: Path, assert_healthy: Healthy) -> None:
     result = kvmctl("mem", "read", vm, "0xffffc", "--length", "8")  # straddles the end
-    assert result.code == 1 and result.err.startswith("error: INVALID_ARGUMENT: ")
+    assert result.code == 1
+    assert result.err.startswith("error: INVALID_ARGUMENT (RANGE_OUTSIDE_MEMORY): ")
     result = kvmctl("mem", "write", vm, "0", "--file", str(tmp_path / "missing.bin"))
     assert result.code == 1 and "missing.bin" in result.err
     assert_healthy()
@@ -274,7 +276,7 @@ def test_irqfds(kvmctl: Kvmctl, vm: str) -> None:
     assert [i["irqfd_id"] for i in ok(kvmctl("irq", "irqfd-ls", vm, "--json")).json()] == [
         "blk0"]
     result = kvmctl("irq", "irqfd-rm", vm, "net0")
-    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND (IRQFD_NOT_FOUND): ")
 
 
 def _guest_counts(kvmctl: Kvmctl, vm: str) -> dict[int, int]:
@@ -358,7 +360,8 @@ def test_ioevents(kvmctl: Kvmctl, vm: str) -> None:
     assert [e["ioevent_id"] for e in ok(kvmctl("ioevent", "ls", vm, "--json")).json()] == [
         "bell"]
     result = kvmctl("ioevent", "add", vm, "odd", "0x80", "--length", "3")
-    assert result.code == 1 and result.err.startswith("error: INVALID_ARGUMENT: ")
+    assert result.code == 1
+    assert result.err.startswith("error: INVALID_ARGUMENT (VALUE_OUT_OF_RANGE): ")
 
 
 def test_watch_commands_end_cleanly(kvmctl: Kvmctl, vm: str) -> None:
@@ -411,7 +414,7 @@ def test_vcpu_commands(kvmctl: Kvmctl, vm: str) -> None:
     assert "nmi_pending" in ok(kvmctl("vcpu", "events", vm, "0")).out
 
     result = kvmctl("vcpu", "regs", vm, "7")
-    assert result.code == 1 and result.err.startswith("error: NOT_FOUND: ")
+    assert result.code == 1 and result.err.startswith("error: NOT_FOUND (VCPU_NOT_FOUND): ")
 
 
 def test_daemon_state_matches(kvmctl: Kvmctl, vm: str, client: KvmdClient) -> None:
@@ -517,7 +520,8 @@ def test_pause_resume_from_the_shell(kvmctl: Kvmctl, vm_id: str) -> None:
     assert ok(kvmctl("vm", "start", vm_id, "--json")).json()["state"] == "running"
     assert ok(kvmctl("vm", "pause", vm_id)).out.strip() == f"vm {vm_id}: paused"
     result = kvmctl("vm", "pause", vm_id)
-    assert result.code == 1 and result.err.startswith("error: FAILED_PRECONDITION: ")
+    assert result.code == 1
+    assert result.err.startswith("error: FAILED_PRECONDITION (VM_NOT_RUNNING): ")
     assert ok(kvmctl("vm", "resume", vm_id)).out.strip() == f"vm {vm_id}: running"
     assert ok(kvmctl("vm", "stop", vm_id)).out.startswith(f"vm {vm_id}: stopped")
 
@@ -556,7 +560,7 @@ def test_subprocess_vm_roundtrip(address: str, vm_id: str) -> None:
 def test_subprocess_exit_codes(address: str, tmp_path: Path) -> None:
     proc = _run(address, "vm", "get", "no-such-vm")
     assert proc.returncode == 1
-    assert proc.stderr.startswith(b"error: NOT_FOUND: ")
+    assert proc.stderr.startswith(b"error: NOT_FOUND (VM_NOT_FOUND): ")
     proc = _run(address, "vm", "frobnicate")
     assert proc.returncode == 2
     assert b"usage:" in proc.stderr

@@ -47,8 +47,10 @@ from polling import wait_until
 
 import kvmd.api.gen
 from kvmd.api.auth import READ_ONLY_METHODS
+from kvmd.api.errors import reason_code
 from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd.core.errors import Reason
 from kvmd.server import Config, Daemon
 
 Code = grpc.StatusCode
@@ -896,6 +898,10 @@ def assert_documented(method: Method, outcome: Outcome, context: str) -> None:
             outcome.details, f"{code.name} without kvmd's google.rpc.ErrorInfo: {context}"
         return
     assert outcome.error_info.domain == "kvmd" and outcome.error_info.reason, context
+    # AIP-193: a specific reason of kvmd's, sent with the one code it belongs to.
+    reason = Reason.__members__.get(outcome.error_info.reason)
+    assert reason is not None, f"reason {outcome.error_info.reason!r} is no Reason: {context}"
+    assert reason_code(reason) == code, f"{reason} sent with {code.name}: {context}"
 
 
 def _same_state(a: Snapshot, b: Snapshot) -> bool:
