@@ -691,7 +691,8 @@ class ManagedVm:
             raise InvalidArgument(f"{what} {offset:#x}+{size:#x} is not page aligned "
                                   f"({PAGE_SIZE} bytes)",
                                   reason=Reason.ADDRESS_UNALIGNED,
-                                  field="offset" if offset % PAGE_SIZE else "size")
+                                  field=("size" if not offset % PAGE_SIZE else
+                                         "guest_addr" if what == "discard" else "offset"))
 
     @staticmethod
     def _check_file(file: MemoryFile) -> None:
