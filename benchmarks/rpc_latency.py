@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 WORKERS = 16
 MESSAGE_BYTES = 16 << 20

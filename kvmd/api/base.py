@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import grpc.aio
 
 from kvmd.api.auth import current_identity
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.interceptors import run_blocking
 from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument
@@ -19,6 +18,7 @@ from kvmd.core.events import Mailbox
 from kvmd.core.host import Host
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import ManagedVm
+from kvmd_proto import vmm_pb2 as pb
 
 T = TypeVar("T")
 MiB = 1 << 20

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from array import array
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
@@ -28,6 +27,7 @@ from kvmd.state.codec import (
     sregs_from_pb,
     sregs_to_pb,
 )
+from kvmd_proto import vmm_pb2 as pb
 
 
 def region_to_pb(r: MemoryRegionInfo, files: list[FileBackedRange] | None = None,

@@ -16,8 +16,6 @@ import grpc.aio
 from kvmd.api import convert
 from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
@@ -27,6 +25,8 @@ from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 
 class HypervisorService(ServicerBase, rpc.HypervisorServicer):

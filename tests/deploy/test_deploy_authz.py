@@ -14,7 +14,7 @@ import pytest
 from deploy_support import RPC_TIMEOUT, SAN_SUFFIX, Stubs, TlsDaemon, codes, rpc_code, vm_calls
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 OK = "OK"
 DENIED = "PERMISSION_DENIED"

@@ -13,8 +13,8 @@ from metrics_support import (
     wait_for,
 )
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.kvm._names import X86_EXIT_REASONS
+from kvmd_proto import vmm_pb2 as pb
 
 # The kernel statistics the issue names (KVM_GET_STATS_FD, per vCPU, summed per VM).
 KERNEL_VCPU_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from client import KvmdClient
+    from kvmd_client import KvmdClient
 
     with KvmdClient("unix:///run/kvmd/kvmd.sock") as kvm:
         kvm.wait_ready(5)
@@ -19,7 +19,7 @@ Conventions:
   ``get_mp_state`` -> state name, ``get_lapic`` -> bytes, ``get_msrs`` -> ``{index: value}``).
 - Setters take either a message or a mapping of field names; a mapping (and keyword fields) is
   a partial update merged with the vCPU's current state.
-- Every ``grpc.RpcError`` is raised as a :class:`client.errors.KvmdError` subclass.
+- Every ``grpc.RpcError`` is raised as a :class:`kvmd_client.errors.KvmdError` subclass.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from typing import IO, Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._convert import coerce, merge_into
-from client.errors import (
+from kvmd_client._convert import coerce, merge_into
+from kvmd_client.errors import (
     CancelledError,
     DeadlineExceededError,
     KvmdError,
     UnavailableError,
     from_rpc_error,
 )
-from kvmd.api.gen import vmm_pb2, vmm_pb2_grpc
+from kvmd_proto import vmm_pb2, vmm_pb2_grpc
 
 __all__ = [
     "DEFAULT_ADDRESS",
