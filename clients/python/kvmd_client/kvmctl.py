@@ -1791,6 +1791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
             timeout=args.timeout,
+            transfer_timeout=args.timeout,  # --timeout bounds every call, transfers too
         )
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)

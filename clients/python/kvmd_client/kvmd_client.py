@@ -20,6 +20,9 @@ Conventions:
 - Setters take either a message or a mapping of field names; a mapping (and keyword fields) is
   a partial update merged with the vCPU's current state.
 - Every ``grpc.RpcError`` is raised as a :class:`kvmd_client.errors.KvmdError` subclass.
+- Every call has a default deadline except the streams meant to stay open (watches, the
+  console, exit handlers, migrations); idempotent calls are retried on UNAVAILABLE; open
+  calls are kept alive with pings. :mod:`kvmd_client.channel` has the details.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Generic, TypeVar
 
@@ -36,6 +39,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmd_client._convert import coerce, merge_into
+from kvmd_client.channel import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_TRANSFER_TIMEOUT,
+    MAX_MESSAGE_BYTES,
+)
+from kvmd_client.channel import channel_options as _channel_options
 from kvmd_client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -48,6 +57,8 @@ from kvmd_proto import vmm_pb2, vmm_pb2_grpc
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_TRANSFER_TIMEOUT",
     "MAX_MESSAGE_BYTES",
     "DirtyLog",
     "ExitHandlerSession",
@@ -63,8 +74,6 @@ __all__ = [
 DEFAULT_ADDRESS = "unix:///run/kvmd/kvmd.sock"
 #: Bytes per streamed chunk of guest memory (well below the 4 MiB default message limit).
 DEFAULT_CHUNK_SIZE = 1 << 20
-#: Channel send/receive message limit.
-MAX_MESSAGE_BYTES = 64 << 20
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -367,8 +376,14 @@ class KvmdClient:
         tls_cert: PEM client certificate (mutual TLS), with ``tls_key``.
         tls_key: PEM private key of ``tls_cert``.
         tls_server_name: expected server name when it differs from the host in ``address``.
-        timeout: default deadline in seconds for unary calls and memory streams (None: none).
-            Watch streams never get a default deadline.
+        timeout: deadline in seconds of unary calls (None: none).
+        transfer_timeout: deadline in seconds of transfers: guest memory and dirty-log
+            streams, snapshots, restores, console backlogs (None: none).
+        channel_options: gRPC channel arguments added to, or replacing, the client's own
+            (:func:`kvmd_client.channel.channel_options`).
+
+    Watches, followed consoles, exit handlers and migrations have no default deadline (see
+    :mod:`kvmd_client.channel`, which also describes the retries and the keepalive).
     """
 
     def __init__(
@@ -379,16 +394,16 @@ class KvmdClient:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         tls_server_name: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        transfer_timeout: float | None = DEFAULT_TRANSFER_TIMEOUT,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         target, is_unix = normalize_address(address)
         self.address = address
         self.target = target
         self.timeout = timeout
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+        self.transfer_timeout = transfer_timeout
+        options = _channel_options(channel_options)
         use_tls = tls_ca is not None or tls_cert is not None or tls_key is not None
         if use_tls:
             if is_unix:
@@ -406,6 +421,8 @@ class KvmdClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self.tls = use_tls
+        #: The channel arguments the client's channel was made with.
+        self.channel_options: list[tuple[str, Any]] = options
         self._hypervisor = vmm_pb2_grpc.HypervisorStub(self._channel)
         self._vms = vmm_pb2_grpc.VmsStub(self._channel)
         self._memory = vmm_pb2_grpc.MemoryStub(self._channel)
@@ -444,8 +461,9 @@ class KvmdClient:
             raise from_rpc_error(e) from e
 
     def _server_stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
+        """A transfer's server stream (memory, dirty log, snapshot): ``transfer_timeout``."""
         try:
-            call = method(request, timeout=self.timeout)
+            call = method(request, timeout=self.transfer_timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         try:
@@ -643,7 +661,7 @@ class KvmdClient:
         request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=True, no_follow=True)
         try:
             return b"".join(bytes(m.data) for m in self._vms.StreamConsole(
-                request, timeout=self.timeout))
+                request, timeout=self.transfer_timeout))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -716,7 +734,8 @@ class KvmdClient:
             if first:  # nothing to write: still name the target
                 yield vmm_pb2.WriteGuestMemoryRequest(vm_id=vm_id, guest_addr=guest_addr)
 
-        response = self._unary(self._memory.WriteGuestMemory, requests())
+        response = self._unary(self._memory.WriteGuestMemory, requests(),
+                               timeout=self.transfer_timeout)
         return int(response.bytes_written)
 
     def write_memory(
@@ -1273,7 +1292,7 @@ class KvmdClient:
                 for chunk in chunks(source):
                     yield vmm_pb2.RestoreVmRequest(data=chunk)
 
-        return self._unary(self._snapshots.RestoreVm, requests())
+        return self._unary(self._snapshots.RestoreVm, requests(), timeout=self.transfer_timeout)
 
     def list_snapshots(self) -> list[vmm_pb2.SnapshotInfo]:
         """Snapshot files in the daemon's state directory (of VMs this caller may see)."""
