@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 LISTEN ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest bench soak clean system-install uninstall
+.PHONY: run test install lint typecheck proto pytest bench soak clean system-install uninstall
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -30,16 +30,29 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/kvmd $(LISTEN)
 
+# buf (npm @bufbuild/buf, pinned in package-lock.json) lints the contract and checks it
+# against the last released proto (buf.yaml; proto-released/README.md: cutting a release).
+BUF := node_modules/.bin/buf
+PROTO_BASELINE := proto-released/v0.1
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+proto: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_BASELINE)
+
 lint: install
 	$(VENV)/bin/ruff check kvmd $(CLIENT) tests benchmarks setup.py
 
 typecheck: install
 	$(VENV)/bin/mypy kvmd $(CLIENT)/kvmd_client
 
-pytest: install
+pytest: install $(BUF)
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+test: lint typecheck proto pytest
 
 bench: install
 	$(PY) benchmarks/run_all.py
@@ -63,4 +76,4 @@ uninstall:
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvmd/kvm/_kvm_cffi* \
-		$(CLIENT)/build $(CLIENT)/*.egg-info $(CLIENT)/kvmd_proto
+		$(CLIENT)/build $(CLIENT)/*.egg-info $(CLIENT)/kvmd_proto node_modules
