@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 LISTEN ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck proto pytest bench soak clean system-install uninstall
+.PHONY: run test install lint typecheck proto pytest bench bench-quick soak clean system-install uninstall
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -66,6 +66,10 @@ soak: install
 	$(PY) benchmarks/soak.py --duration $(SOAK_SECONDS)
 	KVMD_FUZZ_PROFILE=soak KVMD_FUZZ_SOAK_FACTOR=$(FUZZ_FACTOR) $(VENV)/bin/pytest -q -s \
 		-p no:cacheprovider --timeout 0 tests/fuzz
+
+# The figures of the README's benchmark table, in short runs (under 3 minutes).
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 # Install as a systemd service (a virtualenv under /opt/kvmd, unit, config); idempotent.
 system-install:

@@ -17,7 +17,8 @@
 
 The daemon and the ping-pong server each run as a separate process (as in production).
 Not a test: nothing here asserts on speed; it prints the numbers and their ratios. Targets
-(issue 4): (1) >= 0.90x, (2) >= 0.85x, (3) p50 <= 1.5x, (4) p99 < 10 ms.
+(issues 4 and 12): (1) >= 0.90x, UART >= 0.90x, (2) >= 0.85x, (3) p50 <= 1.2x,
+(4) p99 < 5 ms.
 """
 
 from __future__ import annotations
@@ -102,8 +103,15 @@ def build_reference() -> str:
     return C_BINARY
 
 
+# The C loops run at the daemon's vCPU nice value (vcpu_nice, default 10), so both compete
+# alike with whatever else the host runs: the rows compare exit paths, not priorities.
+REFERENCE_NICE = [10]
+
+
 def c_loop_start(exits: int) -> subprocess.Popen[str]:
-    return subprocess.Popen([build_reference(), str(exits), "20000", PIO_LOOP.hex(),
+    # `nice` (coreutils), not a preexec_fn: this process has gRPC threads.
+    prefix = ["nice", "-n", str(REFERENCE_NICE[0])] if REFERENCE_NICE[0] else []
+    return subprocess.Popen([*prefix, build_reference(), str(exits), "20000", PIO_LOOP.hex(),
                              hex(PIO_PORT)], stdout=subprocess.PIPE, text=True)
 
 
@@ -133,7 +141,9 @@ class Daemon:
 
     @classmethod
     def start(cls, sock: str) -> Daemon:
-        kvmd = os.path.join(os.path.dirname(sys.executable), "kvmd")
+        # KVMD_BENCH_DAEMON names another build's kvmd (a before/after comparison).
+        kvmd = os.environ.get("KVMD_BENCH_DAEMON") or os.path.join(
+            os.path.dirname(sys.executable), "kvmd")
         address = f"unix://{sock}"
         proc = subprocess.Popen([kvmd, "--listen", address, "--log-level", "error"])
         deadline = time.monotonic() + 20
@@ -324,6 +334,9 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, default=3000)
     parser.add_argument("--pause-cycles", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--reference-nice", type=int, default=10,
+                        help="nice value of the C loops: the daemon's vcpu_nice (0 for a "
+                             "daemon without it)")
     parser.add_argument("--echo-server", metavar="SOCK", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
@@ -331,6 +344,7 @@ def main() -> None:
         return
     if args.quick:
         args.seconds, args.rounds, args.round_trips, args.pause_cycles = 0.5, 1, 300, 20
+    REFERENCE_NICE[0] = args.reference_nice
 
     build_reference()
     tmp = tempfile.mkdtemp(prefix="kvmd-bench-")
@@ -352,9 +366,13 @@ def main() -> None:
         best_c1, best_d1 = max(c1), max(d1)
         rows.append(("1 in-daemon PIO exits, 1 VM", f"{best_d1:,.0f} exits/s",
                      f"{best_c1:,.0f} exits/s (C loop)", ratios(d1, c1), ">= 0.90x"))
-        uart = run_vms(d, UART_LOOP, 1, args.seconds, "uart")[0]
-        rows.append(("  (info) UART exits, Python path", f"{uart:,.0f} exits/s",
-                     f"{best_c1:,.0f} exits/s (C loop)", f"{uart / best_c1:.2f}x", "-"))
+        cu: list[float] = []
+        du: list[float] = []
+        for _ in range(args.rounds):
+            cu.append(c_rates(1, c_exits)[0])
+            du.append(run_vms(d, UART_LOOP, 1, args.seconds, "uart")[0])
+        rows.append(("1 UART (COM1) output exits, 1 VM", f"{max(du):,.0f} exits/s",
+                     f"{max(cu):,.0f} exits/s (C loop)", ratios(du, cu), ">= 0.90x"))
 
         # 2. Two VMs at once vs two C loops at once.
         c2: list[float] = []
@@ -367,12 +385,26 @@ def main() -> None:
                      f"{best_c2:,.0f} exits/s (2 C loops)", ratios(d2, c2), ">= 0.85x"))
 
         # 3. Remote-handled exit round trip vs a bare grpcio ping-pong.
-        remote = remote_round_trips(d, args.round_trips)
-        echo = ping_pong_round_trips(os.path.join(tmp, "echo.sock"), args.round_trips)
-        r50, r99 = percentile(remote, 50) * 1e6, percentile(remote, 99) * 1e6
-        e50, e99 = percentile(echo, 50) * 1e6, percentile(echo, 99) * 1e6
+        # Alternating rounds; each round's p50 (and p99) counts.
+        remote: list[float] = []
+        echo: list[float] = []
+        rr50, ee50, rr99, ee99 = [], [], [], []
+        per_round = max(100, args.round_trips // args.rounds)
+        for i in range(args.rounds):
+            r = remote_round_trips(d, per_round)
+            e = ping_pong_round_trips(os.path.join(tmp, f"echo{i}.sock"), per_round)
+            remote += r
+            echo += e
+            rr50.append(percentile(r, 50))
+            ee50.append(percentile(e, 50))
+            rr99.append(percentile(r, 99))
+            ee99.append(percentile(e, 99))
+        r50, e50 = statistics.median(rr50) * 1e6, statistics.median(ee50) * 1e6
+        r99, e99 = statistics.median(rr99) * 1e6, statistics.median(ee99) * 1e6
+        per_ratio = [a / b for a, b in zip(rr50, ee50, strict=True)]
         rows.append(("3 remote exit round trip p50", f"{r50:,.0f} us", f"{e50:,.0f} us "
-                     "(grpc ping-pong)", f"{r50 / e50:.2f}x", "<= 1.5x"))
+                     "(grpc ping-pong)", f"{statistics.median(per_ratio):.2f}x "
+                     f"({min(per_ratio):.2f}-{max(per_ratio):.2f})", "<= 1.2x"))
         rows.append(("  remote exit round trip p99", f"{r99:,.0f} us",
                      f"{e99:,.0f} us (grpc ping-pong)", f"{r99 / e99:.2f}x", "-"))
 
@@ -381,7 +413,7 @@ def main() -> None:
         p50, p99 = percentile(pauses, 50) * 1e3, percentile(pauses, 99) * 1e3
         rows.append(("4 PauseVm round trip p50", f"{p50:.2f} ms", "-", "-", "-"))
         rows.append((f"  PauseVm round trip p99 ({len(pauses)} cycles)", f"{p99:.2f} ms",
-                     "10 ms (target)", f"{p99 / 10:.2f}x", "< 10 ms"))
+                     "5 ms (target)", f"{p99 / 5:.2f}x", "< 5 ms"))
     finally:
         d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -394,6 +426,8 @@ def main() -> None:
     print()
     print("rounds: C 1 loop " + ", ".join(f"{r:,.0f}" for r in c1)
           + " | daemon 1 VM " + ", ".join(f"{r:,.0f}" for r in d1))
+    print("rounds: C 1 loop " + ", ".join(f"{r:,.0f}" for r in cu)
+          + " | daemon UART " + ", ".join(f"{r:,.0f}" for r in du))
     print("rounds: C 2 loops " + ", ".join(f"{r:,.0f}" for r in c2)
           + " | daemon 2 VMs " + ", ".join(f"{r:,.0f}" for r in d2))
     print(f"remote exit round trip: mean {statistics.mean(remote) * 1e6:,.0f} us over "

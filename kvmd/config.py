@@ -17,8 +17,12 @@ from kvmd.core.limits import Limits, host_limits
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
 DEFAULT_STATE_DIR = "/var/lib/kvmd"
+DEFAULT_VCPU_NICE = 10
+DEFAULT_VCPU_POLICY = "other"
+VCPU_POLICIES = ("other", "batch", "idle")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
+ON_STOP = ("keep", "end")
 # Guest memory limits default to what this host can hold (read once, at import).
 HOST_LIMITS = host_limits()
 
@@ -57,6 +61,8 @@ class Config:
     max_calls_per_identity: int = Limits.max_calls_per_identity
     max_streams: int = Limits.max_streams
     max_streams_per_identity: int = Limits.max_streams_per_identity
+    max_fds: int = HOST_LIMITS.max_fds
+    max_fds_per_identity: int = HOST_LIMITS.max_fds_per_identity
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -67,6 +73,12 @@ class Config:
     # Embedded daemons (tests) serve no metrics unless asked; the CLI defaults to the port.
     metrics_listen: str = "off"
     metrics_vcpu_label: bool = False
+    # The nice value of vCPU threads (0-19; 0: the same priority as the API's threads). A
+    # higher value keeps the control plane responsive while guests burn every CPU.
+    vcpu_nice: int = DEFAULT_VCPU_NICE
+    # Their scheduling policy: "other" (time sharing at vcpu_nice), "batch", or "idle" (they
+    # run only when no other thread wants the CPU: the strongest isolation of the API).
+    vcpu_policy: str = DEFAULT_VCPU_POLICY
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -77,6 +89,14 @@ class Config:
     migration_tls_cert: str = ""
     migration_tls_key: str = ""
     migration_tls_ca: str = ""
+    # What SIGTERM does to the VMs under systemd (NOTIFY_SOCKET set): "keep" hands their
+    # memory to systemd's fd store and their state to runtime_dir, for the next daemon
+    # (a restart, or a stop and start where systemd keeps the store); "end" ends them.
+    # Without systemd there is no store: SIGTERM ends them (upgrade with --take-over).
+    on_stop: str = "keep"
+    # Where hand-over state files live (<runtime_dir>/handover/). "" = $RUNTIME_DIRECTORY
+    # (systemd's RuntimeDirectory=), else the directory of the first Unix socket.
+    runtime_dir: str = ""
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -86,7 +106,9 @@ class Config:
 LIMIT_NAMES = tuple(f.name for f in fields(Limits))
 # The schema: each key's type as written in Config (with postponed annotations: a string).
 _TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Config)}
-_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
+_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS, "log_format": LOG_FORMATS,
+                                        "on_stop": ON_STOP,
+                                        "vcpu_policy": VCPU_POLICIES}
 
 
 def check_value(name: str, value: Any, where: str) -> Any:
@@ -160,11 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-anonymous-admin", action="store_const", const=True,
                    help="allow TLS on a non-loopback address without client certificates "
                         "or an authorization table (every peer is an admin)")
+    p.add_argument("--on-stop", choices=ON_STOP,
+                   help="under systemd, what SIGTERM does to the VMs: keep them for the next "
+                        "daemon (its fd store holds their memory) or end them (default keep)")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="where hand-over state is kept (default $RUNTIME_DIRECTORY, else the "
+                        "directory of the first Unix socket)")
+    p.add_argument("--take-over", action="store_true", default=False,
+                   help="take the VMs and the listeners over from the daemon running on the "
+                        "same Unix socket, which then exits (an upgrade without systemd)")
     for f in fields(Limits):
         default = getattr(HOST_LIMITS, f.name)
+        where = (", from RLIMIT_NOFILE)" if f.name.startswith("max_fds") else
+                 ", from this host's memory)" if default != f.default else ")")
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
-                       help=f"limit (default {default}" + (
-                           ", from this host's memory)" if default != f.default else ")"))
+                       help=f"limit (default {default}{where}")
+    p.add_argument("--vcpu-nice", type=int, metavar="N",
+                   help="nice value of vCPU threads, 0-19 (default "
+                        f"{DEFAULT_VCPU_NICE}; 0: as the API's threads)")
+    p.add_argument("--vcpu-policy", choices=VCPU_POLICIES,
+                   help=f"scheduling policy of vCPU threads (default {DEFAULT_VCPU_POLICY})")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 
@@ -196,6 +233,8 @@ def validate(cfg: Config) -> None:
     """Checks across keys: TLS settings that cannot work or would weaken security."""
     for name in _TYPES:
         check_value(name, getattr(cfg, name), "the configuration")
+    if not 0 <= cfg.vcpu_nice <= 19:
+        raise ConfigError(f"vcpu_nice must be 0-19, not {cfg.vcpu_nice}")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
                           "be verified over TLS")

@@ -7,19 +7,16 @@ statistics (KVM_GET_STATS_FD) are read the same way. Series of a deleted VM disa
 
 from __future__ import annotations
 
-import asyncio
+import bisect
 import logging
 import os
 import re
 import resource
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
-import grpc
-import grpc.aio
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -28,7 +25,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.host import Host
 from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
 from kvmd.kvm import KvmError, StatDescriptor, StatsReader
@@ -37,7 +33,6 @@ from kvmd.metrics_http import MetricsHttpServer
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
-DEADLINE_SLACK_SECONDS = 0.1
 VCPU_STATES = (CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED)
 # Exit-counter names that are not exit reasons, or are split by direction instead.
 _SPLIT = {"io": ("io_in", "io_out"), "mmio": ("mmio_read", "mmio_write")}
@@ -104,6 +99,8 @@ class KvmdCollector(Collector):
                                        labels=["vm"])
         console = CounterMetricFamily("kvmd_console_bytes", "Bytes through the guest console",
                                       labels=["vm", "direction"])
+        overruns = CounterMetricFamily("kvmd_console_rx_overruns", "Bytes the UART's receive "
+                                       "FIFO dropped (full, in loopback mode)", labels=["vm"])
         vm_state = GaugeMetricFamily("kvmd_vm_state", "1 for the state each VM is in",
                                      labels=["vm", "state"])
         discarded = CounterMetricFamily("kvmd_guest_memory_discarded_bytes", "Host memory "
@@ -139,8 +136,10 @@ class KvmdCollector(Collector):
             slots.add_metric([vm.id], len(regions))
             dirty.add_metric([vm.id], vm.dirty_pages_total)
             dirty_rate.add_metric([vm.id], vm.dirty.rate)
+            vm.console.flush()  # bytes still in the UART's ring count too
             console.add_metric([vm.id, "out"], vm.console.bytes_out)
             console.add_metric([vm.id, "in"], vm.console.bytes_in)
+            overruns.add_metric([vm.id], vm.uart.rx_overruns)
             for state in ("created", "running", "paused", "stopped", "crashed"):
                 vm_state.add_metric([vm.id, state], 1 if vm.state == state else 0)
             discarded.add_metric([vm.id], vm.discarded_bytes_total)
@@ -153,6 +152,7 @@ class KvmdCollector(Collector):
         yield dirty
         yield dirty_rate
         yield console
+        yield overruns
         yield vm_state
         yield discarded
         yield allocated
@@ -168,6 +168,10 @@ class KvmdCollector(Collector):
         yield crashes
         yield GaugeMetricFamily("kvmd_guest_memory_in_use_bytes",
                                 "Guest memory held across all VMs", value=host.budget.in_use)
+        yield GaugeMetricFamily("kvmd_vm_fds", "File descriptors VM objects hold, across "
+                                "all VMs (of kvmd_vm_fds_limit)", value=host.fds.in_use)
+        yield GaugeMetricFamily("kvmd_vm_fds_limit", "File descriptors VM objects may hold "
+                                "(max_fds, under RLIMIT_NOFILE)", value=host.fds.limit)
         buckets, total_sum, _count = host.remote_wait.snapshot()
         remote = HistogramMetricFamily(
             "kvmd_remote_exit_seconds", "Time a vCPU waited for a remote exit handler")
@@ -314,55 +318,70 @@ def _zero_counts() -> dict[str, int]:
     return {n: 0 for n in [*names, *COUNTER_SLOTS, "other"] if n != "first_extra"}
 
 
-class RpcMetrics:
-    """gRPC request counts and latencies, filled by MetricsInterceptor."""
+# The request-duration buckets (prometheus_client's defaults, as before).
+RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0)
+
+
+class RpcMetrics(Collector):
+    """gRPC request counts and latencies, filled by MetricsInterceptor for every call.
+
+    Plain dicts and lists, no lock and no prometheus_client object per call: `observe` runs
+    on the event loop (the one writer, so increments cannot race), and the collector copies
+    them when Prometheus scrapes (a dict copy is atomic under the GIL)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("kvmd_grpc_requests", "gRPC requests by method and status code",
-                                ["method", "code"], registry=registry)
-        self.duration = Histogram("kvmd_grpc_request_duration_seconds",
-                                  "gRPC request duration (streams: until the stream ends)",
-                                  ["method"], registry=registry)
+        self.counts: dict[tuple[str, str], int] = {}
+        # method -> [count per bucket (the last: +Inf), sum of seconds]
+        self.durations: dict[str, tuple[list[int], list[float]]] = {}
         self.denials = Counter("kvmd_authorization_denials", "Calls refused by authentication "
                                "or authorization", ["method", "reason"], registry=registry)
+        registry.register(self)
 
     def count_denial(self, method: str, reason: str) -> None:
         self.denials.labels(method, reason).inc()
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.duration.labels(method).observe(seconds)
+        key = (method, code)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        entry = self.durations.get(method)
+        if entry is None:
+            entry = self.durations[method] = ([0] * (len(RPC_BUCKETS) + 1), [0.0])
+        entry[0][bisect.bisect_left(RPC_BUCKETS, seconds)] += 1
+        entry[1][0] += seconds
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("kvmd_grpc_requests", "gRPC requests by method and "
+                                       "status code", labels=["method", "code"])
+        for (method, code), n in sorted(dict(self.counts).items()):
+            requests.add_metric([method, code], n)
+        yield requests
+        duration = HistogramMetricFamily("kvmd_grpc_request_duration_seconds", "gRPC request "
+                                         "duration (streams: until the stream ends)",
+                                         labels=["method"])
+        for method, (buckets, total) in sorted(dict(self.durations).items()):
+            running, cumulative = 0, []
+            for bound, n in zip((*RPC_BUCKETS, float("inf")), list(buckets), strict=True):
+                running += n
+                cumulative.append((_bound(bound), running))
+            duration.add_metric([method], cumulative, total[0])
+        yield duration
 
 
-class MetricsInterceptor(ScopedInterceptor):
-    """Counts every RPC by method and final status code and times it, streams included."""
+class MetricsInterceptor:
+    """Counts every RPC by method and final status code and times it, streams included: the
+    observer of the server's CallChain (which decides the code, see
+    kvmd.api.interceptors.status_code_name)."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
 
-    @asynccontextmanager
-    async def scope(self, method: str, kind: str, request: Any,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            yield request
-        except grpc.aio.AbortError:
-            status = context.code()
-            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away: its deadline passed, or it cancelled. The server's view
-            # of the deadline can lag the client's by a few ms.
-            remaining = context.time_remaining()
-            code = ("DEADLINE_EXCEEDED" if remaining is not None
-                    and remaining < DEADLINE_SLACK_SECONDS else "CANCELLED")
-            raise
-        except BaseException:
-            code = "UNKNOWN"
-            raise
-        finally:
-            self.metrics.observe(method, code, time.perf_counter() - started)
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.metrics.observe(method, code, seconds)
 
 
 class MetricsServer(MetricsHttpServer):

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -28,7 +28,9 @@ from grpc_reflection.v1alpha import reflection
 from kvmd import __version__
 from kvmd.api.auth import AuthInterceptor, Authorizer, Policy
 from kvmd.api.budget import Budget, BudgetInterceptor
-from kvmd.api.interceptors import BlockingAdapter, ErrorInterceptor
+from kvmd.api.gate import Gate
+from kvmd.api.handover import HandoverService
+from kvmd.api.interceptors import CallChain
 from kvmd.api.services import Runtime, add_services
 from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
@@ -44,7 +46,8 @@ from kvmd.config import (
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
-from kvmd.logs import setup_logging
+from kvmd.handover import Handover, HandoverError, leave_placeholder
+from kvmd.logs import setup_daemon_logging
 from kvmd.metrics import (
     MetricsInterceptor,
     MetricsServer,
@@ -53,7 +56,8 @@ from kvmd.metrics import (
 from kvmd.migration.registry import Migrations
 from kvmd.migration.transport import MigrationTls
 from kvmd.state.store import SnapshotStore
-from kvmd.systemd import Watchdog, notify, watchdog_interval
+from kvmd.systemd import Watchdog, notify, under_systemd, watchdog_interval
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 SOCKET_MODE = 0o660
 # The umask while grpc binds a Unix socket, so it is born 0660: no window in which another
@@ -72,6 +76,7 @@ KEEPALIVE_SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 EXIT_CONFIG_ERROR = 2
+EXIT_HANDOVER_FAILED = 1
 T = TypeVar("T")
 
 log = logging.getLogger("kvmd")
@@ -160,8 +165,16 @@ class Daemon:
     cost no thread.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, take_over: bool = False,
+                 handover: Handover | None = None) -> None:
         self.cfg = cfg
+        # Hand-over (kvmd.handover): restart and upgrade without losing VMs. `handover`:
+        # VMs already received (kvmd.launch restores them before importing the server).
+        self.take_over = take_over
+        self.gate = Gate()
+        self.handover = handover
+        self.exit_requested = threading.Event()  # main() stops the daemon when set
+        self._handed_over = False
         self.limits = cfg.limits()
         self.listeners = [parse_listen(a, bool(cfg.tls_cert)) for a in cfg.listen]
         try:
@@ -176,7 +189,8 @@ class Daemon:
             if problem:
                 raise ConfigError(problem)
         self.watchdog: Watchdog | None = None
-        self.host: Host | None = None
+        self.host: Host | None = handover.host if handover is not None else None
+        self.authorizer: Authorizer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self.metrics_server: MetricsServer | None = None
@@ -205,17 +219,30 @@ class Daemon:
         if images_dir is None or not os.path.isdir(images_dir):
             log.info("no images directory: file-backed guest memory is off",
                      extra={"images_dir": images_dir or "-"})
-        try:
-            self.host = Host(self.limits, self.cfg.kvm_device, images_dir)
-        except DomainError as exc:
-            raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") from None
+        if self.host is None:
+            try:
+                self.host = Host(self.limits, self.cfg.kvm_device, images_dir,
+                                 vcpu_nice=self.cfg.vcpu_nice,
+                                 vcpu_policy=self.cfg.vcpu_policy)
+            except DomainError as exc:
+                raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") \
+                    from None
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
+        self.authorizer = authorizer
+        self.host.fds.privileged = authorizer.privileged
         if not self.policy.enabled:
             log.warning("no authorization policy: every caller that can connect is an admin")
         self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
                                                    thread_name_prefix="kvmd-rpc")
         self.loop = grpc_loop()
+        if self.handover is None:
+            # Before binding: VMs handed over by the previous daemon run again as soon as
+            # they are restored (a take-over waits here until the old daemon freed its
+            # listeners).
+            self.handover = Handover.for_config(self.cfg, self.host)
+            self.handover.receive(self.take_over)
+        self.handover.attach(self)
         try:
             names = self.on_loop(self._serve(authorizer, rpc_metrics))
         except BaseException:
@@ -238,7 +265,11 @@ class Daemon:
         self.on_loop(self._set_serving(["", *names]))
         log.info("kvmd listening", extra={"version": __version__,
                                           "listen": ",".join(self.cfg.listen)})
-        notify(f"READY=1\nSTATUS=serving on {', '.join(self.cfg.listen)}")
+        self.handover.serving()
+        stranded = len(self.handover.stranded.all())
+        notify(f"READY=1\nSTATUS=serving on {', '.join(self.cfg.listen)}" + (
+            f"; {stranded} VMs stranded by the hand-over (kvmctl handover stranded)"
+            if stranded else ""))
         interval = watchdog_interval()
         if interval:
             self.watchdog = Watchdog(interval, self.healthy)
@@ -261,9 +292,9 @@ class Daemon:
         ]
         server = grpc.aio.server(
             migration_thread_pool=self.executor,
-            interceptors=[MetricsInterceptor(rpc_metrics), ErrorInterceptor(),
-                          AuthInterceptor(authorizer), BudgetInterceptor(self.budget),
-                          BlockingAdapter(self.executor)],
+            interceptors=[CallChain(self.executor, [self.gate, AuthInterceptor(authorizer),
+                                                     BudgetInterceptor(self.budget)],
+                                    metrics=MetricsInterceptor(rpc_metrics))],
             options=options,
         )
         runtime = Runtime(self.executor, self.streams)
@@ -272,6 +303,9 @@ class Daemon:
         self.migrations = Migrations(self.host, MigrationTls(*tls_files) if tls_files else None)
         names = add_services(server, self.host, runtime, authorizer.visible, store,
                              self.migrations)
+        assert self.handover is not None
+        rpc.add_HandoverServicer_to_server(HandoverService(self.host, runtime, self.handover),
+                                           server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -339,15 +373,23 @@ class Daemon:
             await self.server.stop(SHUTDOWN_GRACE_SECONDS)
             await self.server.wait_for_termination()
 
-    def stop(self) -> None:
-        """Stop accepting, end streams, release every VM, remove the sockets (once)."""
+    def stop(self, keep_vms: bool = False) -> bool:
+        """Stop accepting, end streams, release every VM, remove the sockets (once). With
+        `keep_vms` (SIGTERM under systemd, on_stop = "keep"), the VMs are paused, saved and
+        their memory put in systemd's fd store for the next daemon first. True if the VMs
+        were handed over so (the next daemon waits for this process to end)."""
         if self.stopped.is_set():
-            return
+            return False
         notify("STOPPING=1\nSTATUS=stopping")
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.migrations is not None:
             self.migrations.close()  # outgoing ones cancelled: their VMs run on here
+        kept = False
+        if self.handover is not None:
+            self.handover.stop_listening()
+            if keep_vms and self.host is not None:
+                kept = self.handover.to_fd_store()
         if self.loop is not None:
             try:
                 self.on_loop(self._shutdown_server(), timeout=SHUTDOWN_GRACE_SECONDS + 5)
@@ -360,10 +402,75 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.host is not None:
+            if self.handover is not None:
+                self.handover.stranded.forget_all()
+                if kept:
+                    self.handover.close_vms()  # in parallel: the guests wait for it
             self.host.close()
+        if self.authorizer is not None:
+            self.authorizer.denial_log.flush()
+        paths = list(self._owned_sockets)
         self._remove_sockets()
+        if kept:
+            for path in paths:
+                leave_placeholder(path)  # clients wait for the next daemon meanwhile
         self.stopped.set()
-        log.info("kvmd stopped")
+        log.info("kvmd stopped", extra={
+            "vms": "handed over" if kept or self._handed_over else "ended"})
+        return kept
+
+    # -- hand-over hooks (kvmd.handover.DaemonHooks) --------------------------------------
+
+    def close_api(self) -> None:
+        self.gate.close()
+
+    def open_api(self) -> None:
+        self.gate.open()
+
+    def calls_in_flight(self, timeout: float, long_lived: bool) -> dict[str, int]:
+        return self.gate.wait_idle(timeout, long_lived)
+
+    def end_streams(self) -> None:
+        self._call_on_loop(self.streams.shutdown)
+
+    def end_migrations(self) -> None:
+        if self.migrations is not None:
+            self.migrations.cancel_all("cancelled: the daemon is handing its VMs over")
+
+    def reopen_streams(self) -> None:
+        self._call_on_loop(self.streams.reopen)
+
+    def _call_on_loop(self, fn: Callable[[], None]) -> None:
+        if self.loop is None:
+            fn()
+            return
+
+        async def call() -> None:
+            fn()
+        self.on_loop(call(), timeout=10)
+
+    def release_listeners(self) -> None:
+        """A take-over committed: free every listener (gRPC sockets, /metrics) for the new
+        daemon, which binds them once told."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        if self.loop is not None and self.server is not None:
+            try:
+                self.on_loop(self._shutdown_server(), timeout=SHUTDOWN_GRACE_SECONDS + 5)
+            except (futures.TimeoutError, RuntimeError):
+                log.warning("the gRPC server did not stop in time")
+            self.server = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        self._remove_sockets()
+
+    def handed_over(self) -> None:
+        """Every VM is the new daemon's now: this one exits (0)."""
+        notify("STATUS=handed over to a new daemon")
+        self._handed_over = True
+        self.exit_requested.set()
 
     def _remove_sockets(self) -> None:
         for path in self._owned_sockets:
@@ -396,16 +503,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
-        setup_logging(cfg.log_level, cfg.log_format)
-        daemon = Daemon(cfg)
+        setup_daemon_logging(cfg.log_level, cfg.log_format)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    stop = threading.Event()
+    return run(args, cfg)
+
+
+def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
+    """The daemon's life: start, serve until a signal (or a take-over), stop. `handover`:
+    VMs kvmd.launch restored already. Should the start fail once VMs were received, they
+    go back to systemd's fd store (when there is one) rather than end."""
+    try:
+        daemon = Daemon(cfg, take_over=args.take_over, handover=handover)
+    except ConfigError as exc:
+        print(f"kvmd: {exc}", file=sys.stderr)
+        if handover is not None and under_systemd():
+            handover.to_fd_store()
+        if handover is not None:
+            handover.host.close()
+        return EXIT_CONFIG_ERROR
+    signalled = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
-        stop.set()
+        signalled.set()
+        daemon.exit_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -414,11 +537,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon.start()
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
-        daemon.stop()
+        daemon.stop(keep_vms=under_systemd())
         return EXIT_CONFIG_ERROR
-    while not stop.wait(1.0):
+    except HandoverError as exc:
+        print(f"kvmd: {exc}", file=sys.stderr)
+        daemon.stop()
+        return EXIT_HANDOVER_FAILED
+    while not daemon.exit_requested.wait(1.0):
         pass
-    daemon.stop()
+    keep = signalled.is_set() and cfg.on_stop == "keep"
+    if keep and not under_systemd():
+        log.info("not under systemd: no fd store to keep the VMs in; they end (upgrade with "
+                 "kvmd --take-over to keep them)")
+    if daemon.stop(keep_vms=keep and under_systemd()):
+        # The next daemon starts once this process is gone and the guests wait for it:
+        # everything is saved, stored and closed, so skip the interpreter's teardown.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -5,8 +5,13 @@ client certificate's subject CN and SAN names for mTLS. Roles:
 
 - admin: everything.
 - operator: create VMs (optionally only ids with a prefix, and at most `max_vms` of them),
-  and act on the VMs it created; sees only its own VMs.
-- viewer: Get/List/Watch RPCs and host information only.
+  and act on the VMs it created; sees only its own VMs. Another identity's VM answers
+  exactly as a missing one (NOT_FOUND), and ids inside another identity's prefix are
+  reserved for it.
+- viewer: host information and the metadata of every VM: Get/List/Watch RPCs for states,
+  counters, layouts and events, never guest data (guest memory, the console, and the
+  guest's CPU state: registers, FPU/XMM, MSRs, LAPIC, pending exceptions; crash events
+  come without their registers).
 
 Without an authorization policy every caller is an admin (the daemon logs this at start).
 """
@@ -15,16 +20,15 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import grpc.aio
-
-from kvmd.api.interceptors import ScopedInterceptor
-from kvmd.core.errors import DomainError, PermissionDenied, Unauthenticated
-from kvmd.core.host import Host
+from kvmd.core.errors import DomainError, NotFound, PermissionDenied, Unauthenticated
+from kvmd.core.host import Host, missing_vm
+from kvmd.core.vm import ManagedVm
 
 log = logging.getLogger("kvmd.auth")
 
@@ -38,15 +42,24 @@ current_identity: contextvars.ContextVar[str] = contextvars.ContextVar(
     "kvmd_identity", default=LOCAL)
 current_quota: contextvars.ContextVar[int] = contextvars.ContextVar("kvmd_quota", default=0)
 
-# RPCs that only read: what a viewer may call.
+# RPCs that only read metadata: what a viewer may call. States, counters, layouts, ids,
+# events (WatchVm strips a crash's registers for viewers: see may_read_guest_state) and the
+# CPUID the host gave a vCPU; never guest data.
 READ_ONLY_METHODS = frozenset({
     "Hypervisor/GetInfo", "Hypervisor/CheckExtension", "Hypervisor/GetSupportedCpuid",
     "Vms/GetVm", "Vms/ListVms", "Vms/WatchVm", "Vms/GetExitStats",
     "Memory/ListMemoryRegions", "Interrupts/ListIrqfds", "IoEvents/ListIoevents",
-    "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetRegs", "Vcpus/GetSregs",
-    "Vcpus/GetFpu", "Vcpus/GetCpuid", "Vcpus/GetMsrs", "Vcpus/GetMpState", "Vcpus/GetLapic",
-    "Vcpus/GetVcpuEvents", "Migration/ListMigrations",
+    "Vcpus/ListVcpus", "Vcpus/GetVcpuState", "Vcpus/GetCpuid", "Vcpus/GetMpState",
+    "Migration/ListMigrations",
     "grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch",
+})
+# Reads of guest data, for admins and the VM's owner only: the guest's CPU state (registers,
+# FPU/XMM, MSRs such as the GS base, the LAPIC, pending exceptions with a page fault's
+# address), its memory, its console and its dirty pages.
+GUEST_DATA_READS = frozenset({
+    "Vcpus/GetRegs", "Vcpus/GetSregs", "Vcpus/GetFpu", "Vcpus/GetMsrs", "Vcpus/GetLapic",
+    "Vcpus/GetVcpuEvents", "Memory/ReadGuestMemory", "Memory/GetDirtyLog",
+    "Vms/StreamConsole", "Snapshots/SnapshotVm",
 })
 # RPCs about the host, not a VM: any authenticated caller.
 HOST_METHODS = frozenset({
@@ -64,6 +77,12 @@ OPERATOR_LIST_METHODS = frozenset({"Migration/ListMigrations"})
 # Authorized by what they carry, not by a role: the source daemon's migration stream holds
 # the one-time token the target handed to the orchestrator (any authenticated peer).
 TOKEN_METHODS = frozenset({"Migration/ReceiveMigration"})
+# Admins only: stranded VMs are no VM an operator owns yet, and a hand-over's report is
+# about the whole daemon.
+ADMIN_METHODS = frozenset({"Handover/ListStrandedVms", "Handover/RetryStrandedVm",
+                           "Handover/DeleteStrandedVm", "Handover/GetHandoverReport"})
+# What an operator may call without naming a VM.
+VM_LESS_METHODS = HOST_METHODS | OPERATOR_FILE_METHODS | OPERATOR_LIST_METHODS
 # Always allowed, even without an identity: health and reflection.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -81,6 +100,23 @@ class Grant:
 # The caller's grant (None: no role), set with current_identity.
 current_grant: contextvars.ContextVar[Grant | None] = contextvars.ContextVar(
     "kvmd_grant", default=None)
+# The VM the call was authorized for, as (vm id, object), set with current_identity: the
+# handler acts on exactly this object (ServicerBase._vm), so a VM deleted and re-created
+# under the same id by another tenant between the check and the handler is never touched.
+authorized_vm: contextvars.ContextVar[tuple[str, ManagedVm] | None] = contextvars.ContextVar(
+    "kvmd_authorized_vm", default=None)
+
+
+class Hidden(NotFound):
+    """A denial answered as NOT_FOUND, word for word what a missing VM answers: a VM the
+    caller may not see. Logged and counted as a denial like PermissionDenied."""
+
+
+def may_read_guest_state(grant: Grant | None) -> bool:
+    """May a caller who passed authorization for a VM see its guest's CPU state where an
+    RPC open to viewers would carry it (a crash's registers in WatchVm)? Admins and the
+    VM's owner (an operator only reaches its own VMs) may; viewers may not."""
+    return grant is not None and grant.role in (ADMIN, OPERATOR)
 
 
 @dataclass
@@ -120,6 +156,11 @@ class Policy:
                 raise ValueError(f"identity {name!r}: max_vms must be a non-negative integer")
             if name in grants:
                 raise ValueError(f"identity {name!r} appears twice")
+            if prefix:
+                twin = next((g for g in grants.values() if g.vm_prefix == prefix), None)
+                if twin is not None:
+                    raise ValueError(f"identities {twin.identity!r} and {name!r} have the same "
+                                     f"vm_prefix {prefix!r}: a prefix is one identity's")
             grants[name] = Grant(name, role, prefix, quota)
         return cls(grants, enabled=True)
 
@@ -129,6 +170,16 @@ class Policy:
             if grant is not None:
                 return grant
         return None
+
+    def prefix_owner(self, vm_id: str) -> Grant | None:
+        """The identity whose vm_prefix reserves `vm_id`: the longest prefix it starts with
+        (so a prefix nested in another's, "a-b-" in "a-", is its own identity's)."""
+        best: Grant | None = None
+        for grant in self.grants.values():
+            if grant.vm_prefix and vm_id.startswith(grant.vm_prefix) and (
+                    best is None or len(grant.vm_prefix) > len(best.vm_prefix)):
+                best = grant
+        return best
 
 
 class PeerContext(Protocol):
@@ -181,10 +232,12 @@ class Authorizer:
     """Checks one call against the policy; raises the domain error of a denial."""
 
     def __init__(self, policy: Policy, host: Host,
-                 on_denied: Callable[[str, str], None] | None = None) -> None:
+                 on_denied: Callable[[str, str], None] | None = None,
+                 denial_log: DenialLog | None = None) -> None:
         self.policy = policy
         self.host = host
         self.on_denied = on_denied
+        self.denial_log = denial_log or DenialLog()
 
     def identify(self, context: PeerContext) -> tuple[str, Grant | None]:
         names = peer_names(context)
@@ -204,35 +257,67 @@ class Authorizer:
         except Unauthenticated:
             return f"peer:{peer_host(context)}", None
 
-    def check(self, method: str, grant: Grant | None, identity: str, request: Any) -> None:
+    def check(self, method: str, grant: Grant | None, identity: str, request: Any
+              ) -> ManagedVm | None:
+        """Raise the domain error of a denial (PermissionDenied; Hidden for a VM the caller
+        may not see), or return the VM the request names, as found now (None if it names
+        none, or none exists and the caller may learn that): the handler acts on exactly
+        this object."""
         short = method.lstrip("/").removeprefix("kvmd.v1.")
         if short in TOKEN_METHODS:
-            return  # the handler checks the token
+            return None  # the handler checks the token
         if grant is None:
             raise PermissionDenied(f"identity {identity!r} has no role on this daemon")
-        if grant.role == ADMIN:
-            return
+        if short in ADMIN_METHODS and grant.role != ADMIN:
+            raise PermissionDenied(f"{identity!r} is not an admin: stranded VMs and "
+                                   "hand-overs are for admins")
+        vm_id = _request_vm_id(request)
         if grant.role == VIEWER:
+            if short in GUEST_DATA_READS:
+                raise PermissionDenied(f"{identity!r} is a viewer: {short} reads guest data, "
+                                       "which only admins and the VM's owner may")
             if short not in READ_ONLY_METHODS:
                 raise PermissionDenied(f"{identity!r} is a viewer and may not call {short}")
-            return
-        # operator
-        if short in HOST_METHODS or short in OPERATOR_FILE_METHODS or \
-                short in OPERATOR_LIST_METHODS:
-            return
-        vm_id = _request_vm_id(request)
         if short in CREATING_METHODS:
-            if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
-                raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
-                                       f"with {grant.vm_prefix!r}")
-            return  # the quota (max_vms) is enforced atomically by the registry
-        if not vm_id:
+            if grant.role == OPERATOR:
+                self._check_new_id(grant, identity, vm_id)
+            return None  # the quota (max_vms) is enforced atomically by the registry
+        if grant.role == OPERATOR and not vm_id and short not in VM_LESS_METHODS:
             raise PermissionDenied(f"{identity!r} may not call {short}")
-        owner = self.host.owner_of(vm_id)  # a VM, or an id reserved for one
-        if owner is None:
-            return  # let the handler report NOT_FOUND
-        if owner != identity:
-            raise PermissionDenied(f"vm {vm_id!r} belongs to another identity")
+        if not vm_id:
+            return None
+        try:
+            vm: ManagedVm | None = self.host.get_vm(vm_id)  # a bad id: InvalidArgument
+        except NotFound:
+            vm = None
+        # A VM's owner, or who reserved the id for a VM being made (an incoming migration).
+        owner = vm.owner if vm is not None else self.host.owner_of(vm_id)
+        if grant.role == OPERATOR:
+            if owner is None:
+                raise missing_vm(vm_id)  # nothing reaches the handler; not a denial
+            if owner != identity:
+                hidden = missing_vm(vm_id)  # word for word what a missing VM answers
+                raise Hidden(hidden.message, resource=hidden.resource)
+        return vm
+
+    def _check_new_id(self, grant: Grant, identity: str, vm_id: str) -> None:
+        """An operator's new VM id: under its own prefix if it has one, and never inside a
+        prefix the policy reserves for another identity."""
+        if grant.vm_prefix and not vm_id.startswith(grant.vm_prefix):
+            raise PermissionDenied(f"{identity!r} may only create VMs whose id starts "
+                                   f"with {grant.vm_prefix!r}")
+        owner = self.policy.prefix_owner(vm_id)
+        if owner is not None and owner.identity != grant.identity:
+            raise PermissionDenied(f"ids starting with {owner.vm_prefix!r} are reserved for "
+                                   "another identity")
+
+    def privileged(self, owner: str) -> bool:
+        """Is `owner` an admin (every caller is, without a policy)? Admins are exempt from
+        per-identity shares of host resources (kvmd.core.fds) and may use their reserve."""
+        if not self.policy.enabled:
+            return True
+        grant = self.policy.grants.get(owner)
+        return grant is not None and grant.role == ADMIN
 
     def visible(self, identity: str, owner: str) -> bool:
         """May this identity see a VM in ListVms?"""
@@ -242,20 +327,86 @@ class Authorizer:
         return grant is not None and (grant.role != OPERATOR or owner == identity)
 
 
+@dataclass
+class _Window:
+    started: float
+    count: int = 0
+
+
+class DenialLog:
+    """Logs denials without letting a caller flood the log: per (identity, method), the
+    first `per_key` denials of each `interval` seconds are logged, the others only counted,
+    and summed up in one line ("rpc denials not logged", with `suppressed`) once their
+    interval is over, at the next denial of anyone or when the daemon stops. At most
+    `max_keys` pairs are tracked at once; beyond that, denials share one ("*", "*") pair.
+    (Every denial is still counted in kvmd_authorization_denials_total.)"""
+
+    def __init__(self, per_key: int = 5, interval: float = 60.0, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_key = per_key
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._lock = threading.Lock()
+
+    def denied(self, identity: str, method: str, fields: dict[str, Any]) -> None:
+        now = self._clock()
+        with self._lock:
+            ended = self._take_ended(now)
+            key = (identity, method)
+            window = self._windows.get(key)
+            if window is None:
+                if len(self._windows) >= self.max_keys:
+                    key = ("*", "*")
+                    window = self._windows.get(key)
+                if window is None:
+                    window = self._windows[key] = _Window(now)
+            window.count += 1
+            logged = window.count <= self.per_key
+        self._summarize(ended)
+        if logged:
+            log.warning("rpc denied", extra={"identity": identity, "method": method, **fields})
+
+    def flush(self) -> None:
+        """Sum up every window now (the daemon is stopping)."""
+        with self._lock:
+            ended = self._take_ended(None)
+        self._summarize(ended)
+
+    def _take_ended(self, now: float | None) -> list[tuple[tuple[str, str], _Window]]:
+        ended = [(k, w) for k, w in self._windows.items()
+                 if now is None or now - w.started >= self.interval]
+        for key, _w in ended:
+            del self._windows[key]
+        return ended
+
+    def _summarize(self, ended: list[tuple[tuple[str, str], _Window]]) -> None:
+        for (identity, method), window in ended:
+            if window.count > self.per_key:
+                log.warning("rpc denials not logged", extra={
+                    "identity": identity, "method": method,
+                    "suppressed": window.count - self.per_key,
+                    "seconds": round(self._clock() - window.started, 1)})
+
+
 def _is_open(method: str) -> bool:
     return method.startswith(OPEN_PREFIXES)
 
 
-class AuthInterceptor(ScopedInterceptor):
-    """Authenticates and authorizes every call before its handler runs; denials become
-    PERMISSION_DENIED or UNAUTHENTICATED statuses, are logged and counted. Health and
-    reflection are open to all, but their callers are still identified (for budgets)."""
+class AuthInterceptor:
+    """Authenticates and authorizes every call before its handler runs (a stage of the
+    server's CallChain); denials become PERMISSION_DENIED or UNAUTHENTICATED statuses, are
+    logged and counted. Health and reflection are open to all, but their callers are still
+    identified (for budgets). Calls with a request stream are admitted on their first
+    message, which names the VM."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
 
     def admit(self, method: str, request: Any, context: PeerContext) -> None:
         authz = self.authorizer
+        identity = f"peer:{peer_host(context)}"  # until the caller is identified
         try:
             if _is_open(method):
                 identity, grant = authz.identify_softly(context)
@@ -264,35 +415,27 @@ class AuthInterceptor(ScopedInterceptor):
             current_identity.set(identity)
             current_grant.set(grant)
             current_quota.set(grant.max_vms if grant is not None else 0)
+            authorized_vm.set(None)
             if not _is_open(method):
-                authz.check(method, grant, identity, request)
+                vm = authz.check(method, grant, identity, request)
+                if vm is not None:
+                    authorized_vm.set((vm.id, vm))
         except DomainError as exc:
-            log.warning("rpc denied", extra={"method": method, "peer": context.peer(),
-                                             "reason": exc.message})
+            if not isinstance(exc, PermissionDenied | Unauthenticated | Hidden):
+                raise  # a missing VM or a malformed id: an answer, not a denial
+            authz.denial_log.denied(identity, method, {"peer": context.peer(),
+                                                       "reason": exc.message})
             if authz.on_denied is not None:
                 authz.on_denied(method, exc.reason)
             raise
 
-    @asynccontextmanager
-    async def scope(self, method: str, kind: str, request: Any,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if not kind.startswith("stream_"):
-            self.admit(method, request, context)
-            yield request
-            return
-        # A request stream: authorize on its first message (it names the VM), then hand the
-        # handler that message followed by the rest.
-        iterator = request.__aiter__()
-        try:
-            first = await iterator.__anext__()
-        except StopAsyncIteration:
-            first = None
-        self.admit(method, first, context)
-        yield _prepend(first, iterator)
+    # -- the CallChain stage ----------------------------------------------------------------
 
+    def applies(self, method: str, kind: str) -> bool:
+        return True
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    if first is not None:
-        yield first
-        async for item in rest:
-            yield item
+    def enter(self, method: str, kind: str, request: Any, context: PeerContext) -> None:
+        self.admit(method, request, context)
+
+    def leave(self, token: None) -> None:
+        pass

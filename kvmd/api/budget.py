@@ -20,10 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import grpc.aio
-
 from kvmd.api.auth import ADMIN, current_grant, current_identity
-from kvmd.api.interceptors import ScopedInterceptor
 from kvmd.core.errors import ResourceExhausted
 
 EXEMPT_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
@@ -106,28 +103,41 @@ class Budget:
             u = self._usage.get(identity)
             return Usage(u.calls, u.streams) if u else Usage()
 
+    def take(self, identity: str, admin: bool, stream: bool) -> None:
+        """Admit one call or stream of `identity` (ResourceExhausted if over budget); pair
+        with `give`."""
+        self._take(identity, admin, stream)
+
+    def give(self, identity: str, admin: bool, stream: bool) -> None:
+        self._give(identity, admin, stream)
+
     @asynccontextmanager
     async def held(self, identity: str, admin: bool, stream: bool) -> AsyncIterator[None]:
-        self._take(identity, admin, stream)
+        """take ... give around a block."""
+        self.take(identity, admin, stream)
         try:
             yield
         finally:
-            self._give(identity, admin, stream)
+            self.give(identity, admin, stream)
 
 
-class BudgetInterceptor(ScopedInterceptor):
-    """Admits each call against the caller's budget (identity set by AuthInterceptor)."""
+class BudgetInterceptor:
+    """Admits each call against the caller's budget (identity set by AuthInterceptor, the
+    stage before this one in the server's CallChain)."""
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
 
-    @asynccontextmanager
-    async def scope(self, method: str, kind: str, request: Any,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if method in EXEMPT_METHODS:
-            yield request
-            return
+    def applies(self, method: str, kind: str) -> bool:
+        return method not in EXEMPT_METHODS
+
+    def enter(self, method: str, kind: str, request: Any,
+              context: Any) -> tuple[str, bool, bool]:
         grant = current_grant.get()
-        admin = grant is not None and grant.role == ADMIN
-        async with self.budget.held(current_identity.get(), admin, kind != "unary_unary"):
-            yield request
+        token = (current_identity.get(), grant is not None and grant.role == ADMIN,
+                 kind != "unary_unary")
+        self.budget.take(*token)
+        return token
+
+    def leave(self, token: tuple[str, bool, bool]) -> None:
+        self.budget.give(*token)

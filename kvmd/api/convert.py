@@ -3,8 +3,10 @@ register files, CPUID and routes convert in kvmd.state.codec (shared with snapsh
 
 from __future__ import annotations
 
+import base64
 from array import array
 
+from kvmd.core.errors import InvalidArgument
 from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
 from kvmd.core.vm import IoeventEntry, IrqfdEntry, ManagedVm, VmEvent, VmOptions
@@ -96,12 +98,13 @@ def vcpu_to_pb(v: ManagedVcpu) -> pb.Vcpu:
     return pb.Vcpu(vm_id=v.vm_id, vcpu_id=v.id, state=v.state, reason=v.reason)
 
 
-def event_to_pb(vm_id: str, e: VmEvent) -> pb.VmEvent:
+def event_to_pb(vm_id: str, e: VmEvent, with_regs: bool = True) -> pb.VmEvent:
+    """A VmEvent; `with_regs` False leaves a crash's registers out (guest data)."""
     msg = pb.VmEvent(vm_id=vm_id, type=e.type, vcpu_id=e.vcpu_id, state=e.state,
                      reason=e.reason, unix_ms=e.unix_ms)
     if e.exit_code is not None:
         msg.exit_code = e.exit_code
-    if e.regs is not None:
+    if e.regs is not None and with_regs:
         msg.regs.CopyFrom(regs_to_pb(e.regs))
     return msg
 
@@ -127,6 +130,28 @@ def dirty_modes_to_pb(m: DirtyLogModes) -> pb.DirtyLogModes:
     return pb.DirtyLogModes(bitmap=m.bitmap, manual_protect=m.manual_protect,
                             initially_set=m.initially_set, ring_max_bytes=m.ring_max_bytes,
                             ring_acq_rel=m.ring_acq_rel)
+
+
+_TOKEN_PREFIX = "after:"
+
+
+def page_token(last_id: str) -> str:
+    """An opaque page token: the listing resumes after this id."""
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode()
+
+
+def page_token_id(token: str) -> str:
+    """The id a page token resumes after ("" for the first page); INVALID_ARGUMENT for a
+    token this daemon did not make."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    if not text.startswith(_TOKEN_PREFIX):
+        raise InvalidArgument("page_token is not one this daemon gave")
+    return text[len(_TOKEN_PREFIX):]
 
 
 def _varint_len(value: int) -> int:
@@ -163,6 +188,8 @@ __all__ = [
     "ioevent_to_pb",
     "irqfd_to_pb",
     "page_run_chunks",
+    "page_token",
+    "page_token_id",
     "region_to_pb",
     "regs_from_pb",
     "regs_to_pb",

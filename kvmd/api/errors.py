@@ -73,5 +73,23 @@ def to_status(exc: BaseException) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(
+    status = rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    retry = getattr(exc, "retry", "")
+    if retry:
+        # A refusal that did nothing (a hand-over's gate): `kvmd-retry` tells clients any
+        # call may be retried, idempotent or not.
+        status = _Status(status.code, status.details,
+                         (*status.trailing_metadata, (RETRY_KEY, retry)))
+    return status
+
+
+RETRY_KEY = "kvmd-retry"
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc.aio
 
 from kvmd.api.auth import current_quota
-from kvmd.api.base import Runtime, ServicerBase, caller_identity
+from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument
 from kvmd.core.host import Host
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
@@ -50,19 +50,8 @@ def options_from_pb(o: pb.MigrationOptions) -> MigrationOptions:
 
 def _parse_message(wire: bytes) -> pb.MigrationMessage | memoryview:
     """A MigrationMessage; its `data` form as a view of the received bytes (no copy)."""
-    if wire[:1] == bytes([_TAG_DATA]):
-        length = shift = 0
-        pos = 1
-        while pos < len(wire) and pos < 11:
-            byte = wire[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if pos + length == len(wire):
-                    return memoryview(wire)[pos:]
-                break
-    return pb.MigrationMessage.FromString(wire)
+    view = data_field_view(wire, _TAG_DATA)
+    return view if view is not None else pb.MigrationMessage.FromString(wire)
 
 
 def add_migration_service(server: grpc.aio.Server, servicer: MigrationService) -> None:
@@ -132,8 +121,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
     def CancelMigration(self, request: pb.CancelMigrationRequest,
                         context: grpc.aio.ServicerContext) -> pb.CancelMigrationResponse:
         """Cancel the VM's migration: outgoing (before its switch-over), or incoming."""
-        if not request.vm_id:
-            raise InvalidArgument("vm_id is required")
+        self._check_id(request.vm_id)
         self.migrations.cancel(request.vm_id)
         return pb.CancelMigrationResponse()
 
@@ -194,7 +182,7 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                                           "migration stream")
         finally:
             if incoming.state != COMMITTED:
-                await self._blocking(incoming.abort)
+                await self._cleanup(incoming.abort)  # the source gone: everything released
             self.migrations.incoming.ended(incoming)
 
     @staticmethod

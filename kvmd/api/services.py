@@ -14,10 +14,12 @@ import grpc
 import grpc.aio
 
 from kvmd.api import convert
-from kvmd.api.auth import current_quota
-from kvmd.api.base import Runtime, ServicerBase, caller_identity
+from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
+from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
+from kvmd.api.interceptors import on_loop
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
+from kvmd.api.streams import END_KEY, END_LAGGED
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
@@ -28,10 +30,13 @@ from kvmd.state.store import SnapshotStore
 from kvmd_proto import vmm_pb2 as pb
 from kvmd_proto import vmm_pb2_grpc as rpc
 
+# ListVms: the most VMs one page holds (fewer when they would not fit in a message).
+MAX_PAGE_SIZE = 1000
 
 class HypervisorService(ServicerBase, rpc.HypervisorServicer):
     """What this host's KVM and this daemon can do."""
 
+    @on_loop
     def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.HypervisorInfo:
         """API version, capabilities by name, vCPU mmap size, limits and daemon version."""
         lim = self.host.limits
@@ -50,12 +55,14 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
                 max_ioevents_per_vm=lim.max_ioevents_per_vm,
                 max_calls_per_identity=lim.max_calls_per_identity,
                 max_streams=lim.max_streams,
-                max_streams_per_identity=lim.max_streams_per_identity),
+                max_streams_per_identity=lim.max_streams_per_identity,
+                max_fds=lim.max_fds, max_fds_per_identity=lim.max_fds_per_identity),
             daemon_version=self.host.version,
             vm_count=self.host.vm_count(),
             memory_in_use_bytes=self.host.budget.in_use,
             page_size=PAGE_SIZE,
             dirty_log_modes=convert.dirty_modes_to_pb(self.host.dirty_log_modes()),
+            fds_in_use=self.host.fds.in_use,
         )
 
     def CheckExtension(self, request: pb.CheckExtensionRequest,
@@ -67,7 +74,8 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
         cap: int | str = request.name if which == "name" else request.number
         if which == "name" and not request.name:
             raise InvalidArgument("capability name is empty")
-        value, number = self.host.check_extension(cap, request.vm_id)
+        value, number = self.host.check_extension(
+            cap, self._vm(request.vm_id) if request.vm_id else "")
         return pb.CheckExtensionResponse(value=value, number=number)
 
     def GetSupportedCpuid(self, request: pb.GetSupportedCpuidRequest,
@@ -91,22 +99,39 @@ class VmsService(ServicerBase, rpc.VmsServicer):
                                  owner=caller_identity(), owner_quota=current_quota.get())
         return convert.vm_to_pb(vm)
 
+    @on_loop
     def GetVm(self, request: pb.GetVmRequest, context: Any) -> pb.Vm:
         """One VM's state, options and resource counts."""
         return convert.vm_to_pb(self._vm(request.vm_id))
 
+    @on_loop
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        """Every VM carrying all labels of the selector."""
+        """The VMs carrying all labels of the selector, in id order, a page at a time: as
+        many as page_size says and one message holds."""
         identity = caller_identity()
-        vms = [v for v in self.host.list_vms(dict(request.label_selector))
-               if self.visible(identity, v.owner)]
-        return pb.ListVmsResponse(vms=[convert.vm_to_pb(v) for v in vms])
+        after = convert.page_token_id(request.page_token)
+        page_size = request.page_size or MAX_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}")
+        budget = self.host.limits.max_message_bytes - MESSAGE_OVERHEAD
+        response = pb.ListVmsResponse()
+        used = 0
+        for v in self.host.list_vms(dict(request.label_selector)):
+            if v.id <= after or not self.visible(identity, v.owner):
+                continue
+            vm = convert.vm_to_pb(v)
+            size = vm.ByteSize() + 8
+            if len(response.vms) == page_size or (response.vms and used + size > budget):
+                response.next_page_token = convert.page_token(response.vms[-1].vm_id)
+                break
+            response.vms.append(vm)
+            used += size
+        return response
 
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
         """Stop the VM and release everything it owns."""
-        if not request.vm_id:
-            raise InvalidArgument("vm_id is required")
-        self.host.delete_vm(request.vm_id)
+        vm = self._vm(request.vm_id)
+        self.host.delete_vm(vm.id, vm)
         return pb.DeleteVmResponse()
 
     def StartVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
@@ -115,12 +140,14 @@ class VmsService(ServicerBase, rpc.VmsServicer):
         vm.start()
         return convert.vm_to_pb(vm)
 
-    def PauseVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
-        """Pause every running vCPU; returns once all are out of the guest."""
+    async def PauseVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
+        """Pause every running vCPU; returns once all are out of the guest. Kicks and waits
+        on the event loop: no thread is held while the vCPUs leave the guest."""
         vm = self._vm(request.vm_id)
-        vm.pause()
+        await self._paused(vm.vcpus(), vm.request_pause)
         return convert.vm_to_pb(vm)
 
+    @on_loop
     def ResumeVm(self, request: pb.VmRef, context: Any) -> pb.Vm:
         """Resume every paused vCPU where it stopped."""
         vm = self._vm(request.vm_id)
@@ -135,14 +162,16 @@ class VmsService(ServicerBase, rpc.VmsServicer):
 
     async def WatchVm(self, request: pb.WatchVmRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VmEvent]:
-        """Stream state changes until the client cancels or the VM is deleted."""
+        """Stream state changes until the client cancels or the VM is deleted. A crash's
+        registers are guest data: viewers get the event without them."""
         vm = self._vm(request.vm_id)
+        with_regs = may_read_guest_state(current_grant.get())
         sub = vm.watch()
         try:
             if request.include_current:
                 yield convert.event_to_pb(vm.id, vm.current_event())
             async for event in self._follow(sub, context):
-                yield convert.event_to_pb(vm.id, event)
+                yield convert.event_to_pb(vm.id, event, with_regs)
         finally:
             sub.close()
 
@@ -156,17 +185,28 @@ class VmsService(ServicerBase, rpc.VmsServicer):
     async def StreamConsole(self, request: pb.StreamConsoleRequest,
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[pb.ConsoleOutput]:
-        """Console output: the backlog (if asked), then live bytes unless no_follow."""
-        backlog, sub = self._vm(request.vm_id).console.subscribe(request.backlog)
+        """Console output: the backlog (if asked, or from `from_offset`), then live bytes
+        unless no_follow; each message says where its bytes lie in the whole output."""
+        start = request.from_offset if request.from_offset else 0 if request.backlog else None
+        backlog, offset, sub = self._vm(request.vm_id).console.subscribe_from(start)
         try:
-            # The backlog may exceed one message (console_buffer_bytes): chunks.
+            # The backlog may exceed one message (console_buffer_bytes): chunks, each with
+            # its console offset (a client resumes from the last one it saw).
             step = self._chunk_size(0)
             for off in range(0, len(backlog), step):
-                yield pb.ConsoleOutput(data=backlog[off:off + step])
+                piece = backlog[off:off + step]
+                yield pb.ConsoleOutput(data=piece, offset=offset)
+                offset += len(piece)
             if request.no_follow:
                 return
             async for data in self._follow(sub, context):
-                yield pb.ConsoleOutput(data=data)
+                if sub.dropped:
+                    # This reader fell so far behind that output was dropped: the offsets
+                    # would lie. End the stream; a client resumes from its offset.
+                    context.set_trailing_metadata(((END_KEY, END_LAGGED),))
+                    return
+                yield pb.ConsoleOutput(data=data, offset=offset)
+                offset += len(data)
         finally:
             sub.close()
 
@@ -439,6 +479,7 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         """Create a vCPU with a caller-chosen numeric id."""
         return convert.vcpu_to_pb(self._vm(request.vm_id).create_vcpu(request.vcpu_id))
 
+    @on_loop
     def ListVcpus(self, request: pb.ListVcpusRequest, context: Any) -> pb.ListVcpusResponse:
         """Every vCPU of the VM with its state."""
         vm = self._vm(request.vm_id)
@@ -538,11 +579,14 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         vcpu = self._vm(request.vm_id).start_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
-    def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
-        """Pause one vCPU; returns once it is out of the guest."""
-        vcpu = self._vm(request.vm_id).pause_vcpu(request.vcpu_id)
+    async def PauseVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
+        """Pause one vCPU; returns once it is out of the guest (waiting on the loop)."""
+        vm = self._vm(request.vm_id)
+        vcpu = vm.vcpu(request.vcpu_id)
+        await self._paused([vcpu], lambda: [vm.request_pause_vcpu(request.vcpu_id)])
         return convert.vcpu_to_pb(vcpu)
 
+    @on_loop
     def ResumeVcpu(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """Resume one paused or halted vCPU."""
         vcpu = self._vm(request.vm_id).resume_vcpu(request.vcpu_id)
@@ -553,6 +597,7 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         vcpu = self._vm(request.vm_id).stop_vcpu(request.vcpu_id)
         return convert.vcpu_to_pb(vcpu)
 
+    @on_loop
     def GetVcpuState(self, request: pb.VcpuRef, context: Any) -> pb.Vcpu:
         """The vCPU's state and the reason it stopped or crashed."""
         return convert.vcpu_to_pb(self._vcpu(request))
@@ -603,7 +648,7 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                     data=item.data, count=item.count))
         finally:
             replies.cancel()
-            await self._blocking(vm.release_handler, handler, "stream ended")
+            await self._cleanup(vm.release_handler, handler, "stream ended")
         if handler.close_reason.startswith("bad reply"):
             raise InvalidArgument(handler.close_reason)
         if handler.close_reason.startswith("missed"):

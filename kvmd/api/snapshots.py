@@ -9,7 +9,7 @@ import grpc.aio
 
 from kvmd.api import convert
 from kvmd.api.auth import current_quota
-from kvmd.api.base import Runtime, ServicerBase, caller_identity
+from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.core.errors import InvalidArgument, InvalidState, NotFound
 from kvmd.core.host import Host
 from kvmd.state.snapshot import Restorer, SnapshotSummary, SnapshotTaker
@@ -49,19 +49,8 @@ def _serialize_response(message: pb.SnapshotVmResponse | DataResponse) -> bytes:
 
 def _parse_request(wire: bytes) -> pb.RestoreVmRequest | memoryview:
     """A RestoreVmRequest; its `data` form as a view of the received bytes (no copy)."""
-    if wire[:1] == bytes([_TAG_REQUEST_DATA]):
-        length = shift = 0
-        pos = 1
-        while pos < len(wire) and pos < 11:
-            byte = wire[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                if pos + length == len(wire):
-                    return memoryview(wire)[pos:]
-                break
-    return pb.RestoreVmRequest.FromString(wire)
+    view = data_field_view(wire, _TAG_REQUEST_DATA)
+    return view if view is not None else pb.RestoreVmRequest.FromString(wire)
 
 
 def add_snapshots_service(server: grpc.aio.Server, servicer: SnapshotsService) -> None:
@@ -149,7 +138,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         finally:
             # A client that went away: end the snapshot now, so the VM runs again (close
             # waits for a pull still running in the pool).
-            await self._blocking(taker.close)
+            await self._cleanup(taker.close)
         assert taker.summary is not None
         yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, request.file))
 
@@ -187,7 +176,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                     await self._blocking(restorer.feed, data)
             vm = await self._blocking(restorer.finish)
         except BaseException:
-            await self._blocking(restorer.abort)
+            await self._cleanup(restorer.abort)
             raise
         return convert.vm_to_pb(vm)
 

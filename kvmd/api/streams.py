@@ -22,6 +22,8 @@ T = TypeVar("T")
 END_KEY = "kvmd-stream-end"
 END_SHUTDOWN = "shutdown"  # the daemon is stopping (or handing over): reconnect and re-open
 END_CLOSED = "closed"  # the resource went away (VM deleted, handler closed)
+END_LAGGED = "lagged"  # the reader fell behind and items were dropped: re-open (consoles
+                       # resume from their offset)
 
 
 class StreamRegistry:
@@ -45,6 +47,10 @@ class StreamRegistry:
         self.shutting_down = True
         for event in list(self._events):
             event.set()
+
+    def reopen(self) -> None:
+        """Followers may run again (a hand-over that failed: the daemon serves on)."""
+        self.shutting_down = False
 
 
 async def follow(mailbox: Mailbox[T], streams: StreamRegistry,

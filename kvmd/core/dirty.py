@@ -60,9 +60,9 @@ class DirtyTracker:
         """Ring mode: harvest the rings every REAP_INTERVAL_S from a thread of its own."""
         if self.mode != RING or self._reaper is not None:
             return
-        self._reaper = threading.Thread(target=self._reap, daemon=True,
-                                        name=f"dirty-reaper-{name}")
-        self._reaper.start()
+        reaper = threading.Thread(target=self._reap, daemon=True, name=f"dirty-reaper-{name}")
+        reaper.start()  # may fail (a tasks limit): then there is no reaper to stop
+        self._reaper = reaper
 
     def stop_reaper(self) -> None:
         """Before the VM's fds close: waits for a harvest in progress."""

@@ -128,16 +128,32 @@ _ERRNO_CLASSES: dict[int, type[DomainError]] = {
 }
 
 
+# What the host running out looks like, from any system call: a limit, never a daemon bug.
+EXHAUSTION_ERRNOS = frozenset({_errno.ENOMEM, _errno.ENOSPC, _errno.EMFILE, _errno.ENFILE})
+
+
 def from_kvm_error(exc: KvmError, resource: str | None = None) -> DomainError:
     """Translate a binding error into the domain error a caller should see."""
     cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
     return cls(str(exc), errno=exc.errno, ioctl=exc.ioctl, resource=resource)
 
 
+def from_os_error(exc: OSError, resource: str | None = None) -> DomainError:
+    """A failed system call outside the KVM binding (memfd_create, eventfd, epoll, dup,
+    open): the same errno table, named after the call where Python knows it."""
+    if isinstance(exc, KvmError):
+        return from_kvm_error(exc, resource)
+    cls = _ERRNO_CLASSES.get(exc.errno or 0, KernelError)
+    what = exc.strerror or str(exc)
+    return cls(f"{what}" + (f" ({exc.filename})" if exc.filename else ""), errno=exc.errno,
+               resource=resource)
+
+
 @contextmanager
 def kernel_errors(resource: str) -> Iterator[None]:
-    """Turn binding errors raised inside the block into domain errors naming `resource`."""
+    """Turn binding errors, and any failed system call (OSError), raised inside the block
+    into domain errors naming `resource`."""
     try:
         yield
-    except KvmError as exc:
-        raise from_kvm_error(exc, resource) from exc
+    except OSError as exc:
+        raise from_os_error(exc, resource) from exc

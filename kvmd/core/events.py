@@ -13,6 +13,8 @@ from kvmd.kvm import EventFd
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Byte-bounded mailboxes join queued pieces up to this size.
+COALESCE_BYTES = 64 << 10
 
 
 class FdWatcher:
@@ -77,25 +79,49 @@ class Mailbox(Generic[T]):
     waker (called, from the producer's thread, after every put and at the end) and takes
     what arrived with `drain`. Core code stays free of asyncio; the API layer bridges.
     With `maxsize`, a full mailbox drops its oldest item (counted in `dropped`): a consumer
-    that stopped reading never blocks a producer.
+    that stopped reading never blocks a producer. With `max_bytes` (items are then bytes),
+    the same holds for the bytes queued: the oldest items go (`dropped_bytes`) until the
+    newest fit, and an item larger than the bound keeps only its newest `max_bytes`.
     """
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, max_bytes: int = 0) -> None:
         self._items: deque[T] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._waker: Callable[[], None] | None = None
         self._ended = False
         self.dropped = 0
+        self.dropped_bytes = 0
 
     def put(self, item: T) -> None:
         with self._cond:
             if self._ended:
                 return
             if self._maxsize and len(self._items) >= self._maxsize:
-                self._items.popleft()
+                self._forget(self._items.popleft())
                 self.dropped += 1
-            self._items.append(item)
+            if self._max_bytes:
+                size = len(item)  # type: ignore[arg-type]
+                if size > self._max_bytes:
+                    self.dropped_bytes += size - self._max_bytes
+                    item = item[-self._max_bytes:]  # type: ignore[index]
+                    size = self._max_bytes
+                while self._items and self._bytes + size > self._max_bytes:
+                    old = self._items.popleft()
+                    self._forget(old)
+                    self.dropped += 1
+                    self.dropped_bytes += len(old)  # type: ignore[arg-type]
+                self._bytes += size
+                last = self._items[-1] if self._items else None
+                if last is not None and len(last) + size <= COALESCE_BYTES:  # type: ignore
+                    # Small pieces join the last one: the item count stays bounded by the
+                    # bytes, however the producer slices them.
+                    self._items[-1] = last + item  # type: ignore[operator]
+                    item = None  # type: ignore[assignment]
+            if item is not None:
+                self._items.append(item)
             self._cond.notify()
             waker = self._waker
         if waker is not None:
@@ -127,11 +153,16 @@ class Mailbox(Generic[T]):
         if waker is not None and pending:
             waker()
 
+    def _forget(self, item: T) -> None:
+        if self._max_bytes:
+            self._bytes -= len(item)  # type: ignore[arg-type]
+
     def drain(self) -> list[T]:
         """Every item waiting now, without blocking."""
         with self._cond:
             items = list(self._items)
             self._items.clear()
+            self._bytes = 0
             return items
 
     def get(self, timeout: float) -> T | None:
@@ -139,14 +170,18 @@ class Mailbox(Generic[T]):
         with self._cond:
             if not self._items and not self._ended:
                 self._cond.wait(timeout)
-            return self._items.popleft() if self._items else None
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._forget(item)
+            return item
 
 
 class Subscription(Mailbox[T]):
     """One watcher of a Broadcaster: a bounded mailbox that unsubscribes on `close`."""
 
-    def __init__(self, owner: Broadcaster[T], maxsize: int) -> None:
-        super().__init__(maxsize)
+    def __init__(self, owner: Broadcaster[T], maxsize: int, max_bytes: int = 0) -> None:
+        super().__init__(maxsize, max_bytes)
         self._owner = owner
 
     def close(self) -> None:
@@ -155,16 +190,18 @@ class Subscription(Mailbox[T]):
 
 
 class Broadcaster(Generic[T]):
-    """Publishes items to every current subscription."""
+    """Publishes items to every current subscription (each bounded by `maxsize` items and,
+    for bytes, `max_bytes`)."""
 
-    def __init__(self, maxsize: int = 1024) -> None:
+    def __init__(self, maxsize: int = 1024, max_bytes: int = 0) -> None:
         self._subs: set[Subscription[T]] = set()
         self._lock = threading.Lock()
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
         self._ended = False
 
     def subscribe(self) -> Subscription[T]:
-        sub: Subscription[T] = Subscription(self, self._maxsize)
+        sub: Subscription[T] = Subscription(self, self._maxsize, self._max_bytes)
         with self._lock:
             if self._ended:
                 sub.end()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmd import __version__
+from kvmd.core.devices import ConsolePump
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -15,6 +16,15 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.events import FdWatcher
+from kvmd.core.fds import (
+    FDS_PER_VM,
+    UNLIMITED,
+    FdBudget,
+    derived_max_fds,
+    fds_per_vm,
+    nofile_limit,
+    open_fds,
+)
 from kvmd.core.histogram import Histogram
 from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
@@ -24,6 +34,11 @@ from kvmd.kvm import CpuidEntry, DirtyLogModes, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
 
 log = logging.getLogger(__name__)
+
+# Bytes of an answer about one VM besides its labels (id, state, options, counters, ...)
+# and per vCPU (its state in Vm.vcpu_states): what check_labels_fit keeps free.
+VM_ANSWER_OVERHEAD = 2048
+VCPU_STATE_BYTES = 16
 
 
 class MemoryBudget:
@@ -47,6 +62,12 @@ class MemoryBudget:
             self.in_use -= size
 
 
+def missing_vm(vm_id: str) -> NotFound:
+    """What asking for a VM that does not exist answers (and, word for word, a VM the caller
+    may not see: the API's authorization uses this too)."""
+    return NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+
+
 @dataclass
 class HostShared:
     """What every VM of a host shares: limits, the memory budget, the eventfd watcher,
@@ -64,6 +85,13 @@ class HostShared:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Where file-backed guest memory comes from (None: file-backed memory is off).
     images: ImagesDir | None = None
+    # The file descriptors VM objects hold, against RLIMIT_NOFILE (kvmd.core.fds).
+    fds: FdBudget = field(default_factory=lambda: FdBudget(UNLIMITED, UNLIMITED))
+    # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
+    vcpu_nice: int = 0
+    vcpu_policy: str = "other"  # see kvmd.core.vcpu.POLICIES
+    # Moves UART output into consoles (None: the fd watcher drains at every signal).
+    console_pump: ConsolePump | None = None
 
     def count_crash(self, reason: str) -> None:
         # A small label set: the reason's kind ("shutdown", "internal_error", ...).
@@ -76,7 +104,8 @@ class Host:
     """Owns /dev/kvm and every VM created through the daemon."""
 
     def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
-                 images_dir: str | None = None) -> None:
+                 images_dir: str | None = None, vcpu_nice: int = 0,
+                 vcpu_policy: str = "other") -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -91,10 +120,35 @@ class Host:
         self.remote_wait = Histogram()
         with kernel_errors("host"):
             msr_index_list = self.kvm.get_msr_index_list()
+        self.fds = self._fd_budget()
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
                                  self.capabilities(), msr_index_list,
-                                 images=ImagesDir(images_dir) if images_dir else None)
+                                 images=ImagesDir(images_dir) if images_dir else None,
+                                 fds=self.fds, vcpu_nice=vcpu_nice,
+                                 vcpu_policy=vcpu_policy, console_pump=ConsolePump())
         self.crashes = self.shared.crashes
+
+    def _fd_budget(self) -> FdBudget:
+        """The descriptor budget of VM objects: max_fds, never more than RLIMIT_NOFILE
+        leaves now (less what is open and the daemon's reserve), so the daemon refuses
+        before the kernel would (self.limits then shows what applies)."""
+        nofile, already = nofile_limit(), open_fds()
+        capacity = derived_max_fds(nofile, already)
+        lim = self.limits
+        if lim.max_fds > capacity:
+            log.warning("max_fds is more than RLIMIT_NOFILE allows: using what it allows",
+                        extra={"max_fds": lim.max_fds, "allowed": capacity, "nofile": nofile,
+                               "open": already})
+        total = min(lim.max_fds, capacity)
+        self.limits = lim = replace(lim, max_fds=total,
+                                    max_fds_per_identity=min(lim.max_fds_per_identity, total))
+        per_vm = fds_per_vm(lim)
+        if lim.max_vms * per_vm > total:
+            log.info("at the per-VM limits not every VM fits the descriptor budget: objects "
+                     "beyond it are refused (RESOURCE_EXHAUSTED)", extra={
+                         "max_fds": total, "fds_per_vm_at_limits": per_vm,
+                         "vms_at_limits": total // per_vm, "max_vms": lim.max_vms})
+        return FdBudget(total, lim.max_fds_per_identity)
 
     # -- hypervisor -----------------------------------------------------------------------
 
@@ -104,12 +158,14 @@ class Host:
                 self._capabilities = self.kvm.capabilities()
         return self._capabilities
 
-    def check_extension(self, cap: int | str, vm_id: str = "") -> tuple[int, int]:
-        """(value, capability number), asked on /dev/kvm or on the VM's fd."""
+    def check_extension(self, cap: int | str, vm: str | ManagedVm = "") -> tuple[int, int]:
+        """(value, capability number), asked on /dev/kvm or on the VM's fd (a VM or its
+        id)."""
         with kernel_errors("host"):
             number = capability_number(cap)
-            if vm_id:
-                return self.get_vm(vm_id).vm.check_extension(number), number
+            if vm:
+                managed = self.get_vm(vm) if isinstance(vm, str) else vm
+                return managed.vm.check_extension(number), number
             return self.kvm.check_extension(number), number
 
     def dirty_log_modes(self) -> DirtyLogModes:
@@ -141,6 +197,18 @@ class Host:
             self.release_id(vm_id)
         return managed
 
+    def check_labels_fit(self, labels: dict[str, str]) -> None:
+        """Every answer about one VM (its labels, state, options, vCPU states) must fit in
+        one message of max_message_bytes, or the VM could be made but never described:
+        refuse labels that leave too little room (INVALID_ARGUMENT)."""
+        size = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in labels.items())
+        room = self.limits.max_message_bytes - VM_ANSWER_OVERHEAD \
+            - VCPU_STATE_BYTES * self.limits.max_vcpus_per_vm
+        if size > room:
+            raise InvalidArgument(f"the labels take {size} bytes; with max_message_bytes "
+                                  f"{self.limits.max_message_bytes} at most {max(room, 0)} "
+                                  "fit in an answer about the VM")
+
     def reserve_id(self, vm_id: str, owner: str, owner_quota: int = 0) -> None:
         """Hold `vm_id` (and a place in `owner`'s quota) for a VM being made: creation or a
         restore that streams in. Pair with release_id, whatever happens."""
@@ -166,9 +234,16 @@ class Host:
                  owner: str) -> ManagedVm:
         """A configured VM, not yet visible (the caller registers or closes it). Kernel work
         happens outside the registry lock: other VMs stay responsive."""
-        with kernel_errors(f"vm/{vm_id}"):
-            vm = self.kvm.create_vm()
-        return ManagedVm.build(vm_id, labels, options, vm, self.shared, owner)
+        self.check_labels_fit(labels)
+        account = self.fds.account(owner)
+        account.take(FDS_PER_VM, "a vm")  # before the kernel is asked
+        try:
+            with kernel_errors(f"vm/{vm_id}"):
+                vm = self.kvm.create_vm()
+            return ManagedVm.build(vm_id, labels, options, vm, self.shared, owner, account)
+        except BaseException:
+            account.close()
+            raise
 
     def register(self, vm: ManagedVm) -> None:
         """Make a built VM visible under its (reserved) id."""
@@ -181,7 +256,7 @@ class Host:
         with self._lock:
             vm = self._vms.get(vm_id)
         if vm is None:
-            raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+            raise missing_vm(vm_id)
         return vm
 
     def owner_of(self, vm_id: str) -> str | None:
@@ -198,16 +273,17 @@ class Host:
             vms = [v for v in vms if all(v.labels.get(k) == val for k, val in selector.items())]
         return vms
 
-    def delete_vm(self, vm_id: str) -> None:
-        """Delete a VM (not one that is migrating: cancel that first)."""
+    def delete_vm(self, vm_id: str, expected: ManagedVm | None = None) -> None:
+        """Delete a VM (not one that is migrating: cancel that first); with `expected`,
+        only if that is still this very object (NotFound otherwise: it was deleted, and
+        maybe re-created, meanwhile)."""
         validate_id("vm id", vm_id)
         with self._lock:
             vm = self._vms.get(vm_id)
-            if vm is not None:
-                vm.check_deletable()
-                del self._vms[vm_id]
-        if vm is None:
-            raise NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
+            if vm is None or (expected is not None and vm is not expected):
+                raise missing_vm(vm_id)
+            vm.check_deletable()
+            del self._vms[vm_id]
         vm.close()
         log.info("vm deleted", extra={"vm_id": vm_id})
 
@@ -229,5 +305,7 @@ class Host:
             vms, self._vms = list(self._vms.values()), {}
         for vm in vms:
             vm.close()
+        if self.shared.console_pump is not None:
+            self.shared.console_pump.close()
         self.watcher.close()
         self.kvm.close()

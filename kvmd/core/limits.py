@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from kvmd.core.fds import derived_max_fds, derived_max_fds_per_identity
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -27,6 +29,12 @@ class Limits:
     # Open streams (watch, console, exit handlers, memory transfers) in all, and per identity.
     max_streams: int = 4096
     max_streams_per_identity: int = 256
+    # File descriptors VM objects may hold, in all and per owner (kvmd.core.fds): by
+    # default what this process's RLIMIT_NOFILE leaves after the daemon's own reserve, and
+    # a quarter of that. The daemon also never goes past what the limit allows when it
+    # starts (less what is open then).
+    max_fds: int = field(default_factory=derived_max_fds)
+    max_fds_per_identity: int = field(default_factory=derived_max_fds_per_identity)
 
 
 # Guest memory is overcommitted lazily (memfd pages are allocated when first touched), but

@@ -193,6 +193,11 @@ class ClaimTable:
             return entries[i - 1][0]
         return None
 
+    def overlapping(self, wanted: ClaimRange) -> ClaimRange | None:
+        """The claimed range `wanted` overlaps, if any."""
+        with self._lock:
+            return self._clash(wanted)
+
     def add(self, handler: RemoteHandler) -> ClaimRange | None:
         """Add all of the handler's ranges, or none: returns the first conflicting range.
         Raises ClaimConflict for a claim that overlaps itself or exceeds the limits."""

@@ -66,6 +66,28 @@ class SlotState:
 
 
 @dataclass
+class FileMappingState:
+    """A file of the images directory mapped into guest memory: it travels by reference.
+    `digest` (XXH3-128 of the mapped bytes, filled by the state layer when saved) and
+    `file_size` are what the restoring side checks its file of the same name against."""
+
+    slot: int
+    offset: int
+    size: int
+    image: str
+    file_offset: int
+    writable: bool
+    whole_slot: bool
+    file_size: int = 0
+    digest: bytes = b""
+
+    def place(self) -> tuple[int, int, int, str, int, bool, bool]:
+        """Where and what is mapped (without the check values)."""
+        return (self.slot, self.offset, self.size, self.image, self.file_offset,
+                self.writable, self.whole_slot)
+
+
+@dataclass
 class IrqchipState:
     """The in-kernel interrupt controllers (VMs created with the irqchip option)."""
 
@@ -145,6 +167,7 @@ class VmState:
     ioevents: list[IoeventState] = field(default_factory=list)
     uart: UartState = field(default_factory=UartState)
     console: ConsoleState = field(default_factory=ConsoleState)
+    files: list[FileMappingState] = field(default_factory=list)
     dirty_pages_total: int = 0
 
     @property

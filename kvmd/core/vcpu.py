@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from kvmd.core.errors import (
     InvalidState,
     KernelError,
     NotFound,
+    ResourceExhausted,
     kernel_errors,
 )
 from kvmd.core.state import VcpuState
@@ -62,6 +64,37 @@ ENDED = (STOPPED, CRASHED)
 STATE_CHANGE_TIMEOUT = 5.0
 
 
+# Scheduling policies a vCPU thread may run under (vcpu_policy): normal time sharing at
+# vcpu_nice, batch (never preempts on wake-up), or idle (runs only when nothing else wants
+# the CPU: every other thread of the host, the API's first, preempts it at once).
+POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+
+def set_thread_priority(tid: int, policy: str, nice: int) -> bool:
+    """Put a thread (`tid`, its native id) under `policy` at `nice` (Linux: per thread).
+    Lowering a priority needs no privilege; raising it back needs CAP_SYS_NICE or
+    RLIMIT_NICE (the unit's LimitNICE=). Returns whether it worked; the first failure is
+    logged, later ones are not."""
+    global _nice_failed
+    try:
+        if policy == "other":  # leave idle/batch first, then the nice value
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        else:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            os.sched_setscheduler(tid, POLICIES[policy], os.sched_param(0))
+        return True
+    except OSError as exc:
+        if not _nice_failed:
+            _nice_failed = True
+            log.warning("cannot set a vCPU thread's priority", extra={
+                "policy": policy, "nice": nice, "error": str(exc)})
+        return False
+
+
+_nice_failed = False
+
+
 @dataclass(frozen=True)
 class PauseTicket:
     """What `wait_paused` compares against: the vCPU's park and resume counts when the
@@ -84,6 +117,26 @@ CONTINUE = Outcome("continue")
 HALT = Outcome("halt")
 
 
+class Launch:
+    """A vCPU thread that exists but waits at its gate, the vCPU's state untouched: the
+    first half of a start. `commit()` lets it run (the vCPU is then running); `cancel()`
+    ends it unseen. A VM starts all its vCPUs this way, so a thread that cannot be created
+    (a tasks limit) leaves every vCPU as it was."""
+
+    def __init__(self, vcpu: ManagedVcpu) -> None:
+        self.vcpu = vcpu
+        self.go = False
+        self.gate = threading.Event()
+        self.thread = threading.Thread(target=vcpu._gated_loop, args=(self,), daemon=True,
+                                       name=f"vcpu-{vcpu.vm_id}-{vcpu.id}")
+
+    def commit(self) -> None:
+        self.vcpu._commit(self)
+
+    def cancel(self) -> None:
+        self.vcpu._cancel(self)
+
+
 class ManagedVcpu:
     """A vCPU as the daemon sees it: the binding's Vcpu, its thread and its state."""
 
@@ -101,15 +154,28 @@ class ManagedVcpu:
         self._stop_requested = False
         self._stop_reason = ""
         self._pending_irqs: deque[int] = deque()
+        self._window_requested = False  # kvm_run.request_interrupt_window is set
         # Times the thread parked paused, and times a resume was granted: a pause waits for
         # the first to move, and is cancelled (ABORTED) if only the second did.
         self._parks = 0
         self._resumes = 0
         self.stuck_ring_exits = 0  # dirty-ring-full exits in a row with nothing harvested
         self._io_pending = False  # the last exit was IO/MMIO, not yet completed in KVM
+        self._launching = False  # a Launch of this vCPU awaits its commit or cancel
         self._throttle_until = 0.0  # auto-converge: stay out of the guest until then
         # Set while this vCPU's thread waits for a remote exit handler's reply.
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
+        # Called (under cond, from whichever thread) after every change of state, parks or
+        # resumes: how a caller that cannot block on cond (an event loop) learns of them.
+        self._listeners: list[Callable[[], None]] = []
+        # vCPU threads run at the host's vcpu_policy and vcpu_nice, so spinning guests cannot
+        # starve the API;
+        # a pause gives the kicked thread the API's priority back until it runs again, so it
+        # leaves the guest promptly even when the host is busy.
+        self._priority = (vm.shared.vcpu_policy, vm.shared.vcpu_nice)
+        self._lowered = self._priority != ("other", 0)
+        self._tid = 0  # the thread's native id, once it runs
+        self._boosted = False
 
     @property
     def resource(self) -> str:
@@ -118,6 +184,11 @@ class ManagedVcpu:
     # -- run control (API threads) --------------------------------------------------------
 
     def start(self) -> None:
+        self.launch().commit()
+
+    def launch(self) -> Launch:
+        """Create the vCPU's thread, held at its gate; nothing else changes. A thread that
+        cannot be created is ResourceExhausted."""
         with self.cond:
             # A caller that looked this vCPU up before a concurrent DeleteVm closed the VM:
             # checked under our lock, which the close's stop request also takes.
@@ -127,15 +198,45 @@ class ManagedVcpu:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a created or stopped vcpu can be started",
                                    resource=self.resource)
+            if self._launching:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is being started",
+                                   resource=self.resource)
             self._join_finished_thread()
+            launch = Launch(self)
+            try:
+                launch.thread.start()
+            except RuntimeError as exc:  # "can't start new thread": a tasks limit
+                raise ResourceExhausted(f"cannot start a thread for vcpu {self.id} of vm "
+                                        f"{self.vm_id}: {exc}", resource=self.resource) from None
+            self._launching = True
+            return launch
+
+    def _gated_loop(self, launch: Launch) -> None:
+        launch.gate.wait()
+        if launch.go:
+            self._loop()
+
+    def _commit(self, launch: Launch) -> None:
+        with self.cond:
+            self._launching = False
+            if self.vm.closed:  # deleted meanwhile: its close saw no thread to stop
+                launch.gate.set()
+                raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             self._pause_requested = self._stop_requested = False
             self._io_pending = False
+            self._tid, self._boosted = 0, False  # the new thread sets its own
             self._stop_reason = self.reason = ""
             self.vcpu.set_immediate_exit(False)
+            self._thread = launch.thread
             self._set_state(RUNNING, "started")
-            self._thread = threading.Thread(target=self._loop, daemon=True,
-                                            name=f"vcpu-{self.vm_id}-{self.id}")
-            self._thread.start()
+            launch.go = True
+            launch.gate.set()
+
+    def _cancel(self, launch: Launch) -> None:
+        with self.cond:
+            self._launching = False
+        launch.gate.set()  # go stays False: the thread ends without entering the guest
+        launch.thread.join(STATE_CHANGE_TIMEOUT)
 
     def start_paused(self) -> None:
         """Start the vCPU's thread parked, without entering the guest (a restored vCPU that
@@ -145,6 +246,18 @@ class ManagedVcpu:
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
         self.wait_paused(ticket)
+
+    def resume_halted(self) -> None:
+        """A vCPU parked (by a hold, or restored parked by a hand-over or migration) that
+        had been halted (HLT without an in-kernel irqchip) halts again, waiting for an
+        interrupt as before, instead of running on past its HLT."""
+        with self.cond:
+            if self.state != PAUSED:
+                raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}, not "
+                                   "paused", resource=self.resource)
+            self._pause_requested = False
+            self._resumes += 1
+            self._set_state(HALTED, "halted", "hlt")
 
     def mark_ended(self, state: str, reason: str) -> None:
         """A restored vCPU that had stopped or crashed: record that, without a thread."""
@@ -165,6 +278,8 @@ class ManagedVcpu:
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
+            if self._lowered and self._tid and not self._boosted:
+                self._boosted = set_thread_priority(self._tid, "other", 0)
             self.cond.notify_all()
             return ticket
 
@@ -173,15 +288,52 @@ class ManagedVcpu:
         that leaves it running: the pause did happen), or ended. A resume granted before it
         parked cancelled the pause: ABORTED, never a timeout."""
         with self.cond:
-            # A vCPU waiting for a remote handler pauses once the reply (or deadline) comes.
-            waiting = self.waiting_remote
-            extra = waiting[0].deadline if waiting is not None else 0.0
-            self._wait_until(lambda: (self._parks != ticket.parks
-                                      or self._resumes != ticket.resumes
-                                      or self.state in ENDED), "pause", extra)
+            deadline = time.monotonic() + self.pause_timeout()
+            while not self.pause_done(ticket):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self.timed_out("pause")
+                self.cond.wait(left)
+
+    def pause_done(self, ticket: PauseTicket) -> bool:
+        """Whether the pause of `ticket` is over: parked since, or ended (True); not yet
+        (False). Raises Aborted if a resume came first. Never blocks on the vCPU."""
+        with self.cond:
+            if (self._parks == ticket.parks and self._resumes == ticket.resumes
+                    and self.state not in ENDED):
+                return False
             if self._parks == ticket.parks and self._resumes != ticket.resumes:
                 raise Aborted(f"vcpu {self.id} of vm {self.vm_id} was resumed by another call "
                               "before it paused", resource=self.resource)
+            return True
+
+    def pause_timeout(self) -> float:
+        """Seconds a pause may take: the usual bound, plus the deadline of a remote handler
+        this vCPU waits for (it pauses once the reply, or the deadline, comes)."""
+        waiting = self.waiting_remote
+        return STATE_CHANGE_TIMEOUT + (waiting[0].deadline if waiting is not None else 0.0)
+
+    def timed_out(self, what: str) -> KernelError:
+        return KernelError(f"vcpu {self.id} of vm {self.vm_id} did not {what} within "
+                           f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every state change (from the changing thread, under
+        cond: it must only hand the news on, e.g. wake an event loop)."""
+        with self.cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        """Under cond: wake waiters and listeners after a change of state, parks or
+        resumes."""
+        self.cond.notify_all()
+        for listener in self._listeners:
+            listener()
 
     def pause(self) -> None:
         """Kick the vCPU out of the guest; returns once it is paused (or ended)."""
@@ -193,15 +345,14 @@ class ManagedVcpu:
         with self.cond:
             return self._pause_requested and self.state in PAUSABLE
 
-    def resume(self, halted: bool = False) -> None:
+    def resume(self) -> None:
         """Continue a paused or halted vCPU exactly where it stopped; on a vCPU whose pause
-        is still in flight, cancel that pause (the last request wins). `halted`: a vCPU
-        paused while halted goes back to waiting for an interrupt."""
+        is still in flight, cancel that pause (the last request wins)."""
         with self.cond:
             if self.state in RESUMABLE:
                 self._pause_requested = False
                 self._resumes += 1
-                self._set_state(HALTED if halted else RUNNING, "resumed")
+                self._set_state(RUNNING, "resumed")
             elif self.state == RUNNING and self._pause_requested:
                 self._pause_requested = False
                 self._resumes += 1
@@ -209,7 +360,7 @@ class ManagedVcpu:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
                                    "a paused or halted vcpu can be resumed",
                                    resource=self.resource)
-            self.cond.notify_all()
+            self._changed()
 
     def stop(self, reason: str = "stopped by request") -> None:
         """End the vCPU's thread (from an API thread); waits for it. A crashed vCPU (its
@@ -286,15 +437,6 @@ class ManagedVcpu:
                 self.vcpu.kick()  # deliver it now rather than at the next exit
             self.cond.notify_all()
 
-    def _wait_until(self, done: Callable[[], bool], what: str, extra: float = 0.0) -> None:
-        deadline = time.monotonic() + STATE_CHANGE_TIMEOUT + extra
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise KernelError(f"vcpu {self.id} of vm {self.vm_id} did not {what} within "
-                                  f"{STATE_CHANGE_TIMEOUT} s", resource=self.resource)
-            self.cond.wait(left)
-
     def _join_finished_thread(self) -> None:
         if self._thread is not None:
             self._thread.join(STATE_CHANGE_TIMEOUT)
@@ -307,7 +449,7 @@ class ManagedVcpu:
             self._parks += 1
         if reason:
             self.reason = reason
-        self.cond.notify_all()
+        self._changed()
         self.vm.on_vcpu_event(self, event, reason, exit_code)
 
     # -- the vCPU thread ------------------------------------------------------------------
@@ -315,6 +457,10 @@ class ManagedVcpu:
     def _loop(self) -> None:
         vcpu = self.vcpu
         pio_map = self.vm.pio_map
+        with self.cond:
+            self._tid = threading.get_native_id()
+        if self._lowered:
+            set_thread_priority(self._tid, *self._priority)
         try:
             while True:
                 with self.cond:
@@ -322,6 +468,9 @@ class ManagedVcpu:
                                                       or self._stop_requested)
                     if not finish_io and not self._wait_for_go():
                         return
+                    if self._boosted and not finish_io:  # back to the guest: lower again
+                        self._boosted = False
+                        set_thread_priority(self._tid, *self._priority)
                 if finish_io:
                     self._finish_pending_io()
                     continue
@@ -338,6 +487,7 @@ class ManagedVcpu:
             log.exception("vcpu thread failed", extra={"vm_id": self.vm_id, "vcpu": self.id})
             reason = f"daemon error: {type(exc).__name__}: {exc}"
             with self.cond:
+                self.vm.record_outcome(Outcome("crash", reason))
                 self._crash(reason)
             self.vm.on_vcpu_ended(self, Outcome("crash", reason))
 
@@ -349,6 +499,8 @@ class ManagedVcpu:
         """Inject the oldest queued interrupt when the guest can take one. KVM holds only one
         KVM_INTERRUPT at a time, so the rest wait: the vCPU asks KVM for an exit as soon as
         the guest can take the next (IRQ_WINDOW_OPEN), and none is ever dropped."""
+        if not self._pending_irqs and not self._window_requested:
+            return  # the common case, every exit: nothing queued, no window asked for
         with self.cond:
             vector = self._pending_irqs[0] if self._pending_irqs else None
         if vector is not None and self.vcpu.ready_for_interrupt_injection:
@@ -365,7 +517,8 @@ class ManagedVcpu:
                 with self.cond:
                     self._pending_irqs.popleft()
         with self.cond:
-            self.vcpu.set_request_interrupt_window(bool(self._pending_irqs))
+            self._window_requested = bool(self._pending_irqs)
+            self.vcpu.set_request_interrupt_window(self._window_requested)
 
     def _finish_pending_io(self) -> None:
         """KVM completes an IO/MMIO access (IN data into the register, RIP past the
@@ -416,6 +569,7 @@ class ManagedVcpu:
                 self._pause_requested = True
                 self._set_state(PAUSED, "paused", outcome.reason)
                 return True
+            self.vm.record_outcome(outcome)
             if outcome.action == "stop":
                 self._set_state(STOPPED, outcome.reason or "stopped", outcome.reason,
                                 outcome.exit_code)

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from kvmd.core.devices import (
     COM1_IRQ,
+    CONSOLE_INPUT_LIMIT,
     DEFAULT_CONSOLE_BUFFER,
     DEFAULT_DEBUG_EXIT_PORT,
+    MAX_CONSOLE_BUFFER,
     Console,
     DebugExit,
     DeviceBus,
@@ -37,6 +39,7 @@ from kvmd.core.dirty import (
 )
 from kvmd.core.errors import (
     AlreadyExists,
+    DomainError,
     InvalidArgument,
     InvalidState,
     NotFound,
@@ -46,6 +49,15 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.events import Broadcaster, Subscription
+from kvmd.core.fds import (
+    FDS_PER_FILE_MAPPING,
+    FDS_PER_IOEVENT,
+    FDS_PER_SLOT,
+    FDS_PER_VCPU,
+    FDS_PER_VM,
+    FdAccount,
+    irqfd_fds,
+)
 from kvmd.core.images import (
     FileBackedRange,
     ImagesDir,
@@ -53,8 +65,10 @@ from kvmd.core.images import (
     OpenedImage,
     normalize_name,
 )
+from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
 from kvmd.core.state import (
+    FileMappingState,
     IoeventState,
     IrqchipState,
     IrqfdState,
@@ -76,6 +90,7 @@ from kvmd.core.vcpu import (
     STOPPED,
     ManagedVcpu,
     Outcome,
+    PauseTicket,
 )
 from kvmd.kvm import (
     Datamatch,
@@ -270,8 +285,11 @@ class ManagedVm:
     """
 
     def __init__(self, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-                 shared: HostShared, owner: str) -> None:
+                 shared: HostShared, owner: str, fds: FdAccount | None = None) -> None:
         self.id = vm_id
+        # The descriptors this VM holds, charged to its owner (kvmd.core.fds): the VM's own
+        # (charged before it was made, by Host.build_vm), then each object's before it is.
+        self.fds = fds if fds is not None else shared.fds.account(owner, FDS_PER_VM)
         self.labels = labels
         self.options = options
         self.owner = owner
@@ -292,6 +310,10 @@ class ManagedVm:
         self.last_snapshot_layout: list[SlotState] = []
         self.lock = threading.RLock()
         self._vcpus: dict[int, ManagedVcpu] = {}
+        # The vCPUs by id, replaced (never changed in place) under the lock: `vcpus()` and
+        # `vcpu()` read without the lock, so state reads (GetVm, the events a vCPU publishes
+        # under its own lock) never wait behind a long holder of the VM's lock.
+        self._vcpu_list: tuple[ManagedVcpu, ...] = ()
         self._irqfds: dict[str, IrqfdEntry] = {}
         self._ioevents: dict[str, IoeventEntry] = {}
         self.ioevent_fired: Broadcaster[Fired] = Broadcaster()
@@ -302,8 +324,17 @@ class ManagedVm:
         self.exit_code: int | None = None
         # Devices and claims: what the vCPU threads dispatch exits to.
         self.console = Console(options.console_buffer_bytes or DEFAULT_CONSOLE_BUFFER)
+        # The UART's registers live in C and the run loop completes the guest's accesses;
+        # this eventfd fires when its transmit ring gets bytes, and the console pump drains
+        # them into the console in bulk.
+        self._console_ready = EventFd()
         self.uart = Uart16550(self.console, raise_irq=self._pulse_com1_irq
-                              if options.irqchip else None)
+                              if options.irqchip else None,
+                              notify_fd=self._console_ready.fileno())
+        if shared.console_pump is not None:
+            shared.console_pump.add(self._console_ready, self.uart)
+        else:
+            self._watcher.add(self._console_ready.fileno(), self._on_console_ready)
         self.debug_exit = DebugExit(options.debug_exit_port or DEFAULT_DEBUG_EXIT_PORT)
         self.bus = DeviceBus()
         self.bus.add(self.uart)
@@ -313,10 +344,11 @@ class ManagedVm:
         self.pio_map = PioMap(unclaimed=not options.strict_io)
         for device in self.bus:
             self.pio_map.set_claimed(device.base, device.length, True)
+        self.pio_map.attach_uart(self.uart.regs)
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
-              shared: HostShared, owner: str) -> ManagedVm:
+              shared: HostShared, owner: str, fds: FdAccount | None = None) -> ManagedVm:
         """Configure the kernel VM per `options`; closes `vm` if that fails."""
         try:
             with kernel_errors(f"vm/{vm_id}"):
@@ -333,17 +365,25 @@ class ManagedVm:
                         raise InvalidArgument("the in-kernel PIT needs the in-kernel irqchip")
                     vm.create_pit2()
                 cls._enable_dirty_mode(vm, options)
+            if options.console_buffer_bytes > MAX_CONSOLE_BUFFER:
+                raise InvalidArgument(f"console_buffer_bytes {options.console_buffer_bytes} is "
+                                      f"above {MAX_CONSOLE_BUFFER} (16 MiB)")
             if options.debug_exit_port and not 0 < options.debug_exit_port < 1 << 16:
                 raise InvalidArgument(f"debug_exit_port {options.debug_exit_port:#x} is not "
                                       "a port")
             if options.debug_exit_port and COM1_BASE_RANGE[0] <= options.debug_exit_port < \
                     COM1_BASE_RANGE[1]:
                 raise InvalidArgument("debug_exit_port collides with the COM1 UART")
-            managed = cls(vm_id, labels, options, vm, shared, owner)
+            managed = cls(vm_id, labels, options, vm, shared, owner, fds)
         except BaseException:
             vm.close()
             raise
-        managed.dirty.start_reaper(vm_id)
+        try:
+            managed.dirty.start_reaper(vm_id)
+        except RuntimeError as exc:  # "can't start new thread": a tasks limit
+            managed.close()
+            raise ResourceExhausted(f"cannot start the dirty-ring reaper of vm {vm_id}: "
+                                    f"{exc}", resource=f"vm/{vm_id}") from None
         return managed
 
     @staticmethod
@@ -409,7 +449,14 @@ class ManagedVm:
             memory = self.vm.memory_size
             self.vm.close()
             self._vcpus.clear()
+            self._vcpu_list = ()
             self._budget.release(memory)
+            if self.shared.console_pump is not None:
+                self.shared.console_pump.remove(self._console_ready)
+            else:
+                self._watcher.remove(self._console_ready.fileno())
+            self._console_ready.close()
+            self.fds.close()
 
     # -- memory ---------------------------------------------------------------------------
 
@@ -438,7 +485,12 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} would have {in_use + rounded} bytes of guest memory, the "
                     f"limit is {self._limits.max_memory_per_vm_bytes}")
-            self._budget.reserve(rounded)
+            self.fds.take(FDS_PER_SLOT, "a memory slot")
+            try:
+                self._budget.reserve(rounded)
+            except BaseException:
+                self.fds.give(FDS_PER_SLOT)
+                raise
             try:
                 with kernel_errors(self.resource):
                     slot = self.vm.add_memory_region(guest_addr, rounded, read_only, log_dirty,
@@ -446,6 +498,7 @@ class ManagedVm:
                     return self.vm.memory_region(slot)
             except BaseException:
                 self._budget.release(rounded)
+                self.fds.give(FDS_PER_SLOT)
                 raise
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
@@ -453,7 +506,10 @@ class ManagedVm:
             self.check_layout_fixed("remove memory from")
             info = self.vm.remove_memory_region(slot)
             self.dirty.forget_slot(slot)
+            overlays = sum(1 for r in self._files().values() if r.slot == slot
+                           and not r.whole_slot)
             self._forget_files(slot)
+            self.fds.give(FDS_PER_SLOT + FDS_PER_FILE_MAPPING * overlays)
         self._budget.release(info.size)
         return info
 
@@ -683,10 +739,12 @@ class ManagedVm:
                 return self.vm.populated_ranges(slot, offset, size)
 
     def add_file_memory_region(self, guest_addr: int, size: int, read_only: bool,
-                               log_dirty: bool, file: MemoryFile) -> MemoryRegionInfo:
+                               log_dirty: bool, file: MemoryFile, *, slot: int | None = None
+                               ) -> MemoryRegionInfo:
         """A slot backed by a file of the images directory (MAP_SHARED; guest writes reach
         the file). A read-only file makes a read-only slot (guest writes exit as MMIO). The
-        slot is charged to the memory budget like any other."""
+        slot is charged to the memory budget like any other. `slot`: an exact number
+        (restores)."""
         if size <= 0:
             raise InvalidArgument("memory region size must be positive")
         if guest_addr % PAGE_SIZE:
@@ -700,7 +758,7 @@ class ManagedVm:
             with self.lock:
                 info = self.add_memory_region(
                     guest_addr, rounded, read_only or file.read_only, log_dirty,
-                    backing=FileBacking(image.fd, file.offset, writable))
+                    backing=FileBacking(image.fd, file.offset, writable), slot=slot)
                 self._files()[(info.slot, 0)] = FileBackedRange(
                     info.slot, info.guest_addr, 0, info.size, image.name, file.offset,
                     writable, True, image.identity)
@@ -738,8 +796,13 @@ class ManagedVm:
                                         resource=f"{self.resource}/slot/{slot}")
             with self._images().open(file.name, writable) as image:
                 self._check_file_size(image, file, size)
-                with kernel_errors(f"{self.resource}/slot/{slot}"):
-                    self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                self.fds.take(FDS_PER_FILE_MAPPING, "a file mapping")
+                try:
+                    with kernel_errors(f"{self.resource}/slot/{slot}"):
+                        self.vm.map_fd(slot, offset, size, image.fd, file.offset, writable)
+                except BaseException:
+                    self.fds.give(FDS_PER_FILE_MAPPING)
+                    raise
                 record = FileBackedRange(slot, info.guest_addr + offset, offset, size,
                                          image.name, file.offset, writable, False,
                                          image.identity)
@@ -765,6 +828,7 @@ class ManagedVm:
                 if not any(m.slot == slot and m.offset == offset
                            for m in self.vm.file_mappings()):
                     del self._files()[(slot, offset)]
+                    self.fds.give(FDS_PER_FILE_MAPPING)
         log.info("memory file unmapped", extra={"vm_id": self.id, "slot": slot,
                                                 "image": record.image})
         return record
@@ -796,17 +860,22 @@ class ManagedVm:
                 synced += hi - lo
         return synced
 
-    def check_no_files(self, purpose: str) -> None:
-        """Refuse (InvalidState) to save a VM with files of the images directory mapped:
-        a saved VmState carries guest memory by value and has no place yet for memory that
-        travels by reference (`file_backed_ranges`), so the copy would silently lose them."""
-        with self.lock:
-            files = sorted({r.image for r in self._files().values()})
-        if files:
-            raise InvalidState(
-                f"vm {self.id} has memory files mapped ({', '.join(files)}): a {purpose} of "
-                "file-backed memory is not supported yet; unmap or remove them first",
-                resource=self.resource)
+    def file_mapping_states(self, sync: bool) -> list[FileMappingState]:
+        """The files mapped into the VM as a saved state carries them (by reference; the
+        state layer adds each one's digest). `sync`: write back the writable ones first,
+        so the files hold what the guest wrote (the VM is held paused)."""
+        out = []
+        for r in self.file_backed_ranges():
+            if sync and r.writable:
+                with kernel_errors(f"{self.resource}/slot/{r.slot}"):
+                    self.vm.msync_memory_region(r.slot, r.offset, r.size)
+            try:
+                file_size = self._images().stat(r.image).st_size
+            except DomainError:
+                file_size = r.identity.size
+            out.append(FileMappingState(r.slot, r.offset, r.size, r.image, r.file_offset,
+                                        r.writable, r.whole_slot, file_size))
+        return out
 
     def file_backed_ranges(self) -> list[FileBackedRange]:
         """Every file of the images directory mapped into the VM (whole slots and parts of
@@ -858,21 +927,28 @@ class ManagedVm:
             if len(self._irqfds) >= self._limits.max_irqfds_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit")
-            if resample and any(e.gsi == gsi and e.resample for e in self._irqfds.values()):
-                raise AlreadyExists(f"gsi {gsi} already has a resample irqfd")
-            event = EventFd()
-            resample_fd = EventFd() if resample else None
-            entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
+            self.fds.take(irqfd_fds(resample), "an irqfd")
+            event = resample_fd = None
+            registered = False
             try:
                 with kernel_errors(f"{self.resource}/irqfd/{irqfd_id}"):
+                    event = EventFd()
+                    resample_fd = EventFd() if resample else None
+                    entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
                     self.vm.register_irqfd(gsi, event, resample_fd)
+                    registered = True
+                    if resample_fd is not None:
+                        self._watcher.add(resample_fd.fileno(),
+                                          lambda: self._on_resample(entry))
             except BaseException:
-                event.close()
-                if resample_fd is not None:
-                    resample_fd.close()
+                # Nothing half-made stays: not in KVM, no eventfd, nothing charged.
+                if registered and event is not None:
+                    self.vm.unregister_irqfd(gsi, event)
+                for fd in (event, resample_fd):
+                    if fd is not None:
+                        fd.close()
+                self.fds.give(irqfd_fds(resample))
                 raise
-            if resample_fd is not None:
-                self._watcher.add(resample_fd.fileno(), lambda: self._on_resample(entry))
             self._irqfds[irqfd_id] = entry
             return entry
 
@@ -897,6 +973,7 @@ class ManagedVm:
                 self.vm.unregister_irqfd(entry.gsi, entry.event)
             del self._irqfds[irqfd_id]
             self._release_irqfd(entry)
+            self.fds.give(irqfd_fds(entry.resample is not None))
 
     def _release_irqfd(self, entry: IrqfdEntry) -> None:
         if entry.resample is not None:
@@ -932,17 +1009,34 @@ class ManagedVm:
             if len(self._ioevents) >= self._limits.max_ioevents_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit")
-            event = EventFd()
-            entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
+            self.check_addresses_free(IOEVENT, [ioevent_range(space, address, length)])
+            self.fds.take(FDS_PER_IOEVENT, "an ioevent")
+            event = None
+            registered = False
             try:
                 with kernel_errors(f"{self.resource}/ioevent/{ioevent_id}"):
+                    event = EventFd()
+                    entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
                     self.vm.register_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                    registered = True
+                    self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             except BaseException:
-                event.close()
+                # Nothing half-made stays: not in KVM, no eventfd, nothing charged.
+                if registered and event is not None:
+                    self.vm.unregister_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                if event is not None:
+                    event.close()
+                self.fds.give(FDS_PER_IOEVENT)
                 raise
-            self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             self._ioevents[ioevent_id] = entry
             return entry
+
+    def check_addresses_free(self, kind: str, ranges: list[ClaimRange]) -> None:
+        """Under the lock: one owner per address among devices, claims and ioevents (see
+        kvmd.core.owners); AlreadyExists otherwise."""
+        check_free(kind, ranges, devices=self.bus, claims=self.claims, ioevents=(
+            Owned(e.space, e.address, max(1, e.length), f"ioevent {e.ioevent_id!r}")
+            for e in self._ioevents.values()), resource=self.resource)
 
     def _on_ioevent(self, entry: IoeventEntry) -> None:
         count = entry.event.read()
@@ -960,6 +1054,7 @@ class ManagedVm:
                 self.vm.unregister_ioevent(entry.event, entry.kvm_address, entry.kvm_datamatch)
             del self._ioevents[ioevent_id]
             self._release_ioevent(entry)
+            self.fds.give(FDS_PER_IOEVENT)
 
     def _release_ioevent(self, entry: IoeventEntry) -> None:
         self._watcher.remove(entry.event.fileno())
@@ -985,22 +1080,27 @@ class ManagedVm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {len(self._vcpus)} vcpus, the limit is "
                     f"{self._limits.max_vcpus_per_vm}")
-            with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
-                vcpu = self.vm.create_vcpu(vcpu_id)
+            self.fds.take(FDS_PER_VCPU, "a vcpu")
+            try:
+                with kernel_errors(f"{self.resource}/vcpu/{vcpu_id}"):
+                    vcpu = self.vm.create_vcpu(vcpu_id)
+            except BaseException:
+                self.fds.give(FDS_PER_VCPU)
+                raise
             managed = ManagedVcpu(self, vcpu)
             self._vcpus[vcpu_id] = managed
+            self._vcpu_list = tuple(self._vcpus[k] for k in sorted(self._vcpus))
             return managed
 
     def vcpu(self, vcpu_id: int) -> ManagedVcpu:
-        with self.lock:
-            managed = self._vcpus.get(vcpu_id)
-            if managed is None:
-                raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
-            return managed
+        managed = self._vcpus.get(vcpu_id)  # one dict lookup: no lock needed
+        if managed is None:
+            raise NotFound(f"no vcpu {vcpu_id} in vm {self.id}")
+        return managed
 
     def vcpus(self) -> list[ManagedVcpu]:
-        with self.lock:
-            return [self._vcpus[k] for k in sorted(self._vcpus)]
+        """The vCPUs by id; takes no lock (see _vcpu_list)."""
+        return list(self._vcpu_list)
 
     # -- run control ----------------------------------------------------------------------
 
@@ -1038,12 +1138,34 @@ class ManagedVm:
             raise InvalidState(f"vm {self.id} is {self.state} (vcpu {bad[0].id} is "
                                f"{bad[0].state}); stop it before starting it again",
                                resource=self.resource)
+        # Every thread first, held at its gate: if one cannot be created (a tasks limit),
+        # the others end unseen and every vCPU is as it was.
+        launches = []
+        try:
+            for v in vcpus:
+                launches.append(v.launch())
+        except BaseException:
+            for launch in launches:
+                launch.cancel()
+            raise
         self.reason, self.exit_code = "", None
-        for v in vcpus:
-            v.start()
+        for i, launch in enumerate(launches):
+            try:
+                launch.commit()
+            except BaseException:
+                for rest in launches[i + 1:]:
+                    rest.cancel()
+                raise
 
     def pause(self) -> None:
         """Kick every running or halted vCPU at once, then wait for each to park."""
+        for v, ticket in self.request_pause():
+            v.wait_paused(ticket)
+
+    def request_pause(self) -> list[tuple[ManagedVcpu, PauseTicket]]:
+        """The first half of `pause`, which never blocks: kick every running or halted vCPU
+        and return what to wait for (ManagedVcpu.wait_paused, or pause_done polled on each
+        state change, see add_listener)."""
         self.check_not_busy()
         vcpus = [v for v in self.vcpus() if v.state in PAUSABLE]
         if not vcpus:
@@ -1055,8 +1177,7 @@ class ManagedVm:
                 tickets.append((v, v.request_pause()))
             except InvalidState:
                 pass  # it parked or ended by itself meanwhile: nothing to wait for
-        for v, ticket in tickets:
-            v.wait_paused(ticket)
+        return tickets
 
     def resume(self) -> None:
         """Resume every paused or halted vCPU, and cancel pauses still in flight."""
@@ -1100,10 +1221,15 @@ class ManagedVm:
         return vcpu
 
     def pause_vcpu(self, vcpu_id: int) -> ManagedVcpu:
+        vcpu, ticket = self.request_pause_vcpu(vcpu_id)
+        vcpu.wait_paused(ticket)
+        return vcpu
+
+    def request_pause_vcpu(self, vcpu_id: int) -> tuple[ManagedVcpu, PauseTicket]:
+        """The first half of pause_vcpu, which never blocks (see request_pause)."""
         self.check_not_busy()
         vcpu = self.vcpu(vcpu_id)
-        vcpu.pause()
-        return vcpu
+        return vcpu, vcpu.request_pause()
 
     def resume_vcpu(self, vcpu_id: int) -> ManagedVcpu:
         self.check_not_busy()
@@ -1124,14 +1250,19 @@ class ManagedVm:
         self.events.publish(VmEvent(event, vcpu.id, self.state, reason, exit_code, regs,
                                     int(time.time() * 1000)))
 
-    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
-        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
-        if outcome.action == "crash":
-            self.shared.count_crash(outcome.reason)
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Why the VM ends (the first reason; the exit code), recorded by the vCPU that ends
+        it before its state changes: whoever sees that state (WatchVm, GetVm) sees these."""
         if not self.reason:
             self.reason = outcome.reason
         if outcome.exit_code is not None:
             self.exit_code = outcome.exit_code
+
+    def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
+        """A vCPU stopped or crashed by itself: the whole VM ends with it."""
+        if outcome.action == "crash":
+            self.shared.count_crash(outcome.reason)
+        self.record_outcome(outcome)
         for other in self.vcpus():
             if other is not vcpu:
                 other.request_stop(f"vcpu {vcpu.id} {outcome.reason}")
@@ -1153,7 +1284,21 @@ class ManagedVm:
         return total, per_vcpu
 
     def write_console(self, data: bytes) -> int:
+        """Queue input for COM1, all or nothing (see Uart16550.feed). Input larger than the
+        whole input buffer could never be taken: InvalidArgument, not a retryable limit."""
+        if len(data) > CONSOLE_INPUT_LIMIT:
+            raise InvalidArgument(f"console input of {len(data)} bytes is larger than the "
+                                  f"COM1 input buffer ({CONSOLE_INPUT_LIMIT} bytes): send it "
+                                  "in parts", resource=self.resource)
         return self.uart.feed(data)
+
+    def _on_console_ready(self) -> None:
+        """The fd watcher (without a console pump): the UART's transmit ring got bytes; move
+        them to the console and ask for the next signal."""
+        self._console_ready.read()
+        self.uart.drain()
+        while self.uart.regs.arm():
+            self.uart.drain()
 
     def _pulse_com1_irq(self) -> None:
         try:
@@ -1195,7 +1340,10 @@ class ManagedVm:
                 if not hold.leave_paused:
                     for v, _ticket in tickets:
                         try:
-                            v.resume(halted=hold.run_states.get(v.id) == HALTED)
+                            if hold.run_states.get(v.id) == HALTED:
+                                v.resume_halted()
+                            else:
+                                v.resume()
                         except InvalidState:
                             pass  # it ended meanwhile (deleted, crashed)
         finally:
@@ -1208,7 +1356,6 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
-            self.check_no_files("saved state")
             vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
             irqchip = pit = clock = None
             with kernel_errors(self.resource):
@@ -1237,6 +1384,7 @@ class ManagedVm:
                 ioevents=[IoeventState(e.ioevent_id, e.space.value, e.address, e.length,
                                        e.datamatch, e.fired) for e in self._ioevents.values()],
                 uart=self.uart.save_state(), console=self.console.save_state(),
+                files=self.file_mapping_states(sync=True),
             )
 
     def memory_layout(self) -> list[SlotState]:
@@ -1276,7 +1424,6 @@ class ManagedVm:
                 raise InvalidState(f"vm {self.id} is already migrating to "
                                    f"{self.migrating_to}", resource=self.resource)
             self.check_not_busy()
-            self.check_no_files("live migration")
             forced: set[int] = set()
             try:
                 with kernel_errors(self.resource):
@@ -1328,10 +1475,15 @@ class ManagedVm:
     _throttler: VcpuThrottler | None = None
 
     def restore_memory_layout(self, slots: list[SlotState],
-                              memfds: dict[int, int] | None = None) -> None:
+                              memfds: dict[int, int] | None = None,
+                              files: list[FileMappingState] | None = None) -> None:
         """First step of a restore into this new VM: the slot table, each slot at its saved
         number, zeroed for the caller to fill, or (a take-over) adopting the memfd given
-        for it in `memfds` {slot: fd}. Within the VM's and the daemon's limits."""
+        for it in `memfds` {slot: fd}; then the files of the images directory the VM had
+        mapped (`files`: whole slots, and over parts of slots), from this daemon's images
+        directory. Within the VM's and the daemon's limits."""
+        files = files or []
+        whole = {f.slot: f for f in files if f.whole_slot}
         with self.lock:
             if self._vcpus or self.vm.memory_regions():
                 raise InvalidState(f"vm {self.id} is not new; restore only into a new vm",
@@ -1340,10 +1492,20 @@ class ManagedVm:
                 raise ResourceExhausted(f"the saved vm has {len(slots)} memory slots, the "
                                         f"limit is {self._limits.max_memory_slots_per_vm}")
             for s in slots:
+                f = whole.get(s.slot)
+                if f is not None:
+                    self.add_file_memory_region(
+                        s.guest_addr, s.size, s.read_only, s.log_dirty,
+                        MemoryFile(f.image, f.file_offset, not f.writable), slot=s.slot)
+                    continue
                 fd = (memfds or {}).get(s.slot)
                 self.add_memory_region(s.guest_addr, s.size, s.read_only, s.log_dirty,
                                        slot=s.slot,
                                        backing=MemfdBacking(fd) if fd is not None else None)
+            for f in files:
+                if not f.whole_slot:
+                    self.map_file(f.slot, f.offset, f.size,
+                                  MemoryFile(f.image, f.file_offset, not f.writable))
 
     def restore_state(self, state: VmState) -> None:
         """Last step of a restore, once the memory is in: every vCPU in the binding's order,
@@ -1409,13 +1571,19 @@ class ManagedVm:
         elif start and all(vs.run_state == CREATED for vs in state.vcpus) and state.vcpus:
             self.start()
 
-    def resume_saved_run_states(self, state: VmState) -> None:
+    def resume_saved_run_states(self, state: VmState) -> bool:
         """After resume_run_states(start=False): each vCPU exactly as it was saved (a
-        migration: the VM goes on as it was). Running ones run, halted ones wait for an
-        interrupt, paused ones stay paused."""
+        migration, a hand-over: the VM goes on as it was). Running ones run, halted ones
+        wait for an interrupt, paused ones stay paused. True if any vCPU runs again."""
+        ran = False
         for vs in state.vcpus:
-            if vs.run_state in (RUNNING, HALTED):
-                self.vcpu(vs.vcpu_id).resume(halted=vs.run_state == HALTED)
+            if vs.run_state == RUNNING:
+                self.vcpu(vs.vcpu_id).resume()
+                ran = True
+            elif vs.run_state == HALTED:
+                self.vcpu(vs.vcpu_id).resume_halted()
+                ran = True
+        return ran
 
     # -- exit dispatch (vCPU threads) -----------------------------------------------------
 
@@ -1528,11 +1696,6 @@ class ManagedVm:
             if r.length <= 0 or r.base + r.length > limit:
                 raise InvalidArgument(f"{r.space.value} range {r.base:#x}+{r.length:#x} is "
                                       "empty or out of range")
-            if r.space == IoSpace.PIO:
-                device = self.bus.overlapping(r.base, r.length)
-                if device is not None:
-                    raise AlreadyExists(f"ports {r.base:#x}+{r.length:#x} overlap the "
-                                        f"in-daemon {device.name}", resource=self.resource)
         try:
             ClaimTable.check_disjoint(ranges)
         except ClaimConflict as exc:
@@ -1542,6 +1705,7 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            self.check_addresses_free(CLAIM, ranges)
             try:
                 clash = self.claims.add(handler)
             except ClaimConflict as exc:

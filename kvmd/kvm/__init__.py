@@ -73,6 +73,7 @@ from kvmd.kvm.types import (
     StatDescriptor,
     VcpuEvents,
 )
+from kvmd.kvm.uart import UartRegs, UartRegsState, UartStats
 from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, Vcpu, kick_signal
 from kvmd.kvm.vm import Device, Vm
 
@@ -135,6 +136,9 @@ __all__ = [
     "StatDescriptor",
     "StatsReader",
     "SystemEventExit",
+    "UartRegs",
+    "UartRegsState",
+    "UartStats",
     "Vcpu",
     "VcpuEvents",
     "VcpuExit",

@@ -25,7 +25,7 @@ EXIT_REASONS = _names["EXIT_REASONS"]
 EXIT_COUNTER_SLOTS = _names["EXIT_COUNTER_SLOTS"]
 
 _C_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c")
-_C_SOURCES = ["run.c", "vm.c", "vcpu.c", "abi.c", "state.c", "dirty.c", "memory.c"]
+_C_SOURCES = ["run.c", "vm.c", "vcpu.c", "abi.c", "state.c", "dirty.c", "memory.c", "uart.c"]
 
 # EXIT_COUNTER_SLOTS and the KVMD_COUNTER_* slot numbers (KVMD_COUNTER_IO_IN, ...), for the C
 # files: the tables live in _names.py.
@@ -199,7 +199,8 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(_C_DIR, n)) for n in _C_SOURCES],
     include_dirs=[_C_DIR],
     define_macros=_COUNTER_MACROS,
-    extra_compile_args=["-O2", "-Wall"],
+    extra_compile_args=["-O2", "-Wall", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

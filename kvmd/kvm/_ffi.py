@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from kvmd.kvm.errors import KvmError
@@ -20,12 +21,17 @@ def ioctl(fd: int, name: str, arg: Any = 0) -> int:
     """Issue the ioctl `name` (a KVM_* macro of the header) on fd; raise KvmError on failure.
 
     cffi releases the GIL around the call, so a blocking ioctl never stalls other threads.
+    A call a signal interrupted (EINTR: a SIGHUP or a profiler landing on this thread while
+    KVM_CREATE_VM waits) is made again, as Python's own system calls are (PEP 475); KVM_RUN,
+    where EINTR is the kick, never goes through here.
     """
     request = getattr(lib, name)
     if isinstance(arg, int):
-        ret = lib.ioctl(fd, request, ffi.cast("unsigned long", arg))
-    else:
+        arg = ffi.cast("unsigned long", arg)
+    while True:
         ret = lib.ioctl(fd, request, arg)
-    if ret < 0:
-        raise KvmError(ffi.errno, name)
-    return int(ret)
+        if ret >= 0:
+            return int(ret)
+        err = ffi.errno
+        if err != errno.EINTR or name == "KVM_RUN":
+            raise KvmError(err, name)

@@ -23,6 +23,7 @@ class EventFd:
     """
 
     def __init__(self, initval: int = 0) -> None:
+        self._fd = -1  # until eventfd() succeeds (EMFILE): __del__ then has nothing to close
         self._fd = os.eventfd(initval, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     def fileno(self) -> int:

@@ -34,6 +34,7 @@ from kvmd.kvm.types import (
     Sregs,
     VcpuEvents,
 )
+from kvmd.kvm.uart import REGISTERS, UartRegs
 
 LAPIC_SIZE = 1024
 # KVM_GET_MSRS/KVM_SET_MSRS refuse nmsrs >= MAX_IO_MSRS (256) with E2BIG (arch/x86/kvm/x86.c
@@ -158,8 +159,9 @@ class Vcpu:
 
     def run_until_unhandled(self, pio_map: PioMap) -> VcpuExit:
         """Like `run()`, but port IO to ports `pio_map` marks unclaimed is completed in C
-        (writes dropped, reads all-ones) and counted, without returning: the exit path for
-        such ports costs no Python and holds no GIL."""
+        (writes dropped, reads all-ones) and counted, and IO to the UART it has attached
+        goes to that UART in C, without returning: the exit path for such ports costs no
+        Python and holds no GIL."""
         return self._enter(pio_map)
 
     def _enter(self, pio_map: PioMap | None) -> VcpuExit:
@@ -176,7 +178,8 @@ class Vcpu:
             if pio_map is None:
                 ret = _kvmd_run(fd, self._run, self._exit, self._counters)
             else:
-                ret = lib.kvmd_run_loop(fd, self._run, self._exit, self._counters, pio_map.cdata)
+                ret = lib.kvmd_run_loop(fd, self._run, self._exit, self._counters, pio_map.cdata,
+                                        pio_map.uart_cdata)
         finally:
             with lock:
                 self._running_thread = None
@@ -725,14 +728,16 @@ class Vcpu:
 
 
 class PioMap:
-    """Which of the 65536 ports are unclaimed (completed in C by `run_until_unhandled`)
-    and which must reach the caller. Shared by the vCPUs of a VM; updates take effect at
-    the next exit."""
+    """Which of the 65536 ports are unclaimed (completed in C by `run_until_unhandled`),
+    which belong to a UART kept in C, and which must reach the caller. Shared by the vCPUs
+    of a VM; updates take effect at the next exit."""
 
     def __init__(self, unclaimed: bool = True) -> None:
         self.cdata = ffi.new("uint8_t[]", 1 << 16)
         if unclaimed:
             ffi.memmove(self.cdata, bytes([lib.KVMD_PIO_UNCLAIMED]) * (1 << 16), 1 << 16)
+        self.uart: UartRegs | None = None
+        self.uart_cdata: Any = ffi.NULL
 
     def set_claimed(self, first: int, length: int, claimed: bool) -> None:
         """Mark ports [first, first+length) as reaching the caller (claimed) or not."""
@@ -740,6 +745,13 @@ class PioMap:
             raise invalid("PioMap", f"ports {first:#x}+{length} out of range")
         value = 0 if claimed else lib.KVMD_PIO_UNCLAIMED
         ffi.memmove(self.cdata + first, bytes([value]) * length, length)
+
+    def attach_uart(self, uart: UartRegs) -> None:
+        """Complete IO to the UART's eight ports in C, on `uart` (one UART per map)."""
+        if self.uart is not None:
+            raise invalid("PioMap", "a UART is attached already")
+        self.uart, self.uart_cdata = uart, uart.cdata
+        ffi.memmove(self.cdata + uart.base, bytes([lib.KVMD_PIO_UART]) * REGISTERS, REGISTERS)
 
     def is_claimed(self, port: int) -> bool:
         return int(self.cdata[port]) != lib.KVMD_PIO_UNCLAIMED

@@ -61,6 +61,20 @@ PIO_LIMIT = 1 << 16
 ANY_WRITE = Datamatch()  # the default ioeventfd match: any write, of any length
 
 
+def _check_fds_available(fd: int, n: int, op: str) -> None:
+    """Raise EMFILE/ENFILE now unless `n` more descriptors can be opened (duplicates of
+    `fd`, closed again at once)."""
+    held: list[int] = []
+    try:
+        for _ in range(n):
+            held.append(os.dup(fd))
+    except OSError as exc:
+        raise KvmError(exc.errno or errno.EMFILE, op, "descriptors for a new vcpu") from None
+    finally:
+        for dup in held:
+            os.close(dup)
+
+
 @dataclass(frozen=True)
 class Device:
     """A device created with KVM_CREATE_DEVICE; its fd is owned by the Vm."""
@@ -84,6 +98,10 @@ class Vm:
         self._regions: dict[int, GuestMemoryRegion] = {}
         self._starts: list[int] = []  # sorted guest addresses, for lookups
         self._by_start: dict[int, GuestMemoryRegion] = {}
+        # The slot table in guest address order, replaced (never changed in place) under the
+        # lock on every change: `memory_regions()` reads it without the lock, so readers on
+        # the API's event loop never wait behind a slot being mapped or unmapped.
+        self._infos: tuple[MemoryRegionInfo, ...] = ()
         self._vcpus: dict[int, Vcpu] = {}
         self._devices: list[Device] = []
         self._irqfds: set[tuple[int, int]] = set()
@@ -123,6 +141,7 @@ class Vm:
             self._regions.clear()
             self._starts.clear()
             self._by_start.clear()
+            self._infos = ()
             self._irqfds.clear()
             self._ioevents.clear()
 
@@ -223,6 +242,7 @@ class Vm:
             self._regions[slot] = region
             bisect.insort(self._starts, guest_addr)
             self._by_start[guest_addr] = region
+            self._publish_infos()
             return slot
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
@@ -238,13 +258,18 @@ class Vm:
             del self._regions[slot]
             self._starts.remove(info.guest_addr)
             del self._by_start[info.guest_addr]
+            self._publish_infos()
             region.close()
             return info
 
+    def _publish_infos(self) -> None:
+        """Under the lock: replace the lock-free copy of the slot table."""
+        self._infos = tuple(self._by_start[a].info for a in self._starts)
+
     def memory_regions(self) -> list[MemoryRegionInfo]:
-        """Every slot, in guest address order."""
-        with self._lock:
-            return [self._by_start[a].info for a in self._starts]
+        """Every slot, in guest address order. Takes no lock (a consistent copy made at the
+        last change), so it never waits for a slot being added or removed."""
+        return list(self._infos)
 
     def memory_region(self, slot: int) -> MemoryRegionInfo:
         with self._lock:
@@ -473,6 +498,7 @@ class Vm:
             if info != region.info:
                 self._set_region(fd, info, region.host_address)
                 region.info = info
+                self._publish_infos()
             return info
 
     @property
@@ -539,9 +565,15 @@ class Vm:
 
     def allocated_bytes(self, slot: int) -> int:
         """Bytes the slot's backing file holds in memory or on disk (st_blocks * 512): for
-        the Vm's own memfd, the host RAM the slot costs now."""
-        with self._lock:
-            return self._region("allocated_bytes", slot).allocated_bytes
+        the Vm's own memfd, the host RAM the slot costs now. Takes no lock (one fstat):
+        a slot being removed meanwhile reports ENOENT (or, at worst, a stale count)."""
+        region = self._regions.get(slot)
+        if region is None:
+            raise invalid("allocated_bytes", f"no memory slot {slot}", errno.ENOENT)
+        try:
+            return region.allocated_bytes
+        except OSError as exc:
+            raise KvmError(exc.errno or errno.EBADF, "fstat", f"slot {slot}") from None
 
     def populated_ranges(self, slot: int, offset: int = 0, size: int | None = None
                          ) -> list[tuple[int, int]]:
@@ -794,13 +826,17 @@ class Vm:
     # -- vCPUs, devices, stats ------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """A new vCPU with its kvm_run mapping; owned (and closed) by this Vm."""
+        """A new vCPU with its kvm_run mapping; owned (and closed) by this Vm. KVM cannot
+        destroy a vCPU before its VM: the descriptors it needs (its fd, its stats fd) are
+        made sure of first, so running out refuses it (EMFILE) instead of leaving its id
+        taken by a vCPU nobody holds."""
         op = "KVM_CREATE_VCPU"
         with self._lock:
             fd = self._open_fd(op)
             if vcpu_id in self._vcpus:
                 raise invalid(op, f"vcpu {vcpu_id} already exists", errno.EEXIST)
             xsave2 = self._xsave2_cap()
+            _check_fds_available(fd, 2, op)
             vfd = ioctl(fd, op, vcpu_id)
             vcpu = Vcpu(vfd, vcpu_id, self._vcpu_mmap_size)
             vcpu._xsave2_size = xsave2

@@ -39,7 +39,7 @@ from kvmd.core.state import VmState
 from kvmd.core.vm import ManagedVm
 from kvmd.kvm import PAGE_SIZE, MemoryRegionInfo
 from kvmd.state.format import SnapshotWriter
-from kvmd.state.snapshot import snapshot_frames
+from kvmd.state.snapshot import file_digest, fill_file_digests, snapshot_frames
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class OutgoingMigration:
         self._transport: Transport | None = None
         self._committing = False
         self._next_send = 0.0  # bandwidth pacing: when the next batch may go
+        self._known_digests: dict[tuple[object, ...], bytes] = {}
         self._last_publish = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"migrate-{vm.id}")
@@ -266,8 +267,13 @@ class OutgoingMigration:
         self._publish(True, target_vm_id=target_vm, phase=COPYING)
         self._check_cancelled()
         layout = vm.memory_layout()
+        files = vm.file_mapping_states(sync=False)
         layout_only = VmState(vm_id=vm.id, labels=dict(vm.labels), owner=vm.owner,
-                              options=_options(vm), slots=layout)
+                              options=_options(vm), slots=layout, files=files)
+        # Files travel by reference, checked by digest on the target. A read-only mapping
+        # cannot change while the VM runs: its digest is taken now, not in the downtime.
+        self._known_digests = {f.place(): file_digest(vm, layout, f) for f in files
+                               if not f.writable}
         regions: dict[int, MemoryRegionInfo] = {r.slot: r for r in vm.vm.memory_regions()}
 
         # Round 0: every page with data, as it is now; what the guest writes from here on
@@ -334,6 +340,7 @@ class OutgoingMigration:
             paused_at = time.monotonic()
             try:
                 state = vm.save_state(hold.run_states)
+                fill_file_digests(vm, state, self._known_digests)
                 bits = {s.slot: pending.get(s.slot, 0)
                         | vm.dirty.take(MIGRATION, vm.vm.memory_region(s.slot))
                         for s in state.slots}

@@ -6,7 +6,7 @@ import threading
 
 from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, ResourceExhausted
 from kvmd.core.host import Host
-from kvmd.core.vm import ManagedVm
+from kvmd.core.vm import ManagedVm, validate_id
 from kvmd.migration.incoming import IncomingMigrations
 from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Transport
 from kvmd.migration.transport import MigrationTls, check_target, connect
@@ -71,6 +71,7 @@ class Migrations:
     def cancel(self, vm_id: str) -> None:
         """Cancel the VM's migration: an outgoing one before its switch-over (then
         FAILED_PRECONDITION), or an incoming one (its token voided, or its stream ended)."""
+        validate_id("vm id", vm_id)
         with self._lock:
             migration = self._outgoing.get(vm_id)
         if migration is not None:
@@ -86,14 +87,19 @@ class Migrations:
         with self._lock:
             return sorted(self._outgoing.values(), key=lambda m: m.vm.id)
 
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every outgoing migration before its commit (their VMs run on here) and
+        wait for them to end; one past its commit finishes."""
+        running = self.outgoing()
+        for migration in running:
+            migration.cancel(reason)
+        for migration in running:
+            migration.join(30)
+
     def close(self) -> None:
         """The daemon stops: outgoing migrations are cancelled (their VMs run on here)
         and waited for; unused incoming tokens are void."""
         with self._lock:
             self._closed = True
-            running = list(self._outgoing.values())
-        for migration in running:
-            migration.cancel("cancelled: the daemon is stopping")
-        for migration in running:
-            migration.join(30)
+        self.cancel_all("cancelled: the daemon is stopping")
         self.incoming.close()

@@ -12,7 +12,6 @@ for the target has a deadline.
 
 from __future__ import annotations
 
-import ipaddress
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import grpc
 
 from kvmd import __version__
+from kvmd.config import is_loopback
 from kvmd.core.errors import (
     Aborted,
     DomainError,
@@ -75,15 +75,6 @@ def split_target(target: str) -> tuple[str, int]:
             "/" in target:
         raise InvalidArgument(f"migration target {target!r} is not host:port")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_target(target: str, tls: MigrationTls | None) -> None:

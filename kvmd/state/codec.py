@@ -11,6 +11,7 @@ from typing import Any
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.state import (
     ConsoleState,
+    FileMappingState,
     IoeventState,
     IrqchipState,
     IrqfdState,
@@ -296,7 +297,11 @@ def vm_state_to_pb(s: VmState) -> pb.SavedVm:
                               triggers=i.triggers, resamples=i.resamples) for i in s.irqfds],
         uart=_dataclass_to_pb(s.uart, pb.SavedUart),
         console=pb.SavedConsole(backlog=s.console.backlog, bytes_out=s.console.bytes_out,
-                                bytes_in=s.console.bytes_in))
+                                bytes_in=s.console.bytes_in),
+        files=[pb.SavedFileMapping(slot=f.slot, offset=f.offset, size=f.size, image=f.image,
+                                   file_offset=f.file_offset, writable=f.writable,
+                                   whole_slot=f.whole_slot, file_size=f.file_size,
+                                   xxh3_128=f.digest) for f in s.files])
     if s.exit_code is not None:
         msg.exit_code = s.exit_code
     for e in s.ioevents:
@@ -344,4 +349,7 @@ def vm_state_from_pb(msg: pb.SavedVm) -> VmState:
         uart=UartState(**{k: getattr(msg.uart, k) for k in UartState.__dataclass_fields__}),
         console=ConsoleState(bytes(msg.console.backlog), msg.console.bytes_out,
                              msg.console.bytes_in),
+        files=[FileMappingState(f.slot, f.offset, f.size, f.image, f.file_offset, f.writable,
+                                f.whole_slot, f.file_size, bytes(f.xxh3_128))
+               for f in msg.files],
     )

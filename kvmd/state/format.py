@@ -29,6 +29,10 @@ from kvmd_proto import vmm_pb2 as pb
 
 MAGIC = "kvmd-snapshot"
 FORMAT_VERSION = 1
+# The state a daemon hands over to its successor (kvmd.state.handover): the same records
+# without memory, which travels as memfds. Its own magic, so no snapshot reader (of this or
+# an older daemon) ever takes it for a snapshot and restores a VM without its memory.
+HANDOVER_MAGIC = "kvmd-handover"
 # No record is larger: a corrupt length is refused before anything is buffered for it.
 MAX_RECORD_BYTES = 64 << 20
 # Guest memory per MemoryData record.
@@ -168,7 +172,8 @@ class SnapshotReader:
     may still be refused later, so a consumer must not make anything visible before
     `finish`."""
 
-    def __init__(self) -> None:
+    def __init__(self, magic: str = MAGIC) -> None:
+        self.magic = magic
         self._buf = bytearray()  # the start of a frame that did not arrive whole
         self._hash = checksum()
         self._expect = "header"  # header, vm, body (memory/zero/trailer)
@@ -238,7 +243,7 @@ class SnapshotReader:
         if isinstance(record, MemoryRecord):
             self._pages += len(record.data) // PAGE_SIZE
         elif kind == "header":
-            check_header(record.header)
+            check_header(record.header, self.magic)
             self._expect = "vm"
         elif kind == "vm":
             self._expect = "body"
@@ -287,9 +292,12 @@ def _memory_in_place(payload: memoryview) -> MemoryRecord | None:
     return MemoryRecord(slot, offset, data)
 
 
-def check_header(header: pb.SnapshotHeader) -> None:
+def check_header(header: pb.SnapshotHeader, magic: str = MAGIC) -> None:
     """Refuse what this daemon cannot read, with a clear reason."""
-    if header.magic != MAGIC:
+    if header.magic != magic:
+        if header.magic == HANDOVER_MAGIC:
+            raise CorruptSnapshot("a daemon hand-over state, not a snapshot: its guest memory "
+                                  "is not in it (it travels as memfds)")
         raise CorruptSnapshot("not a kvmd snapshot (bad magic)")
     if header.format_version > FORMAT_VERSION:
         raise InvalidState(f"the snapshot has format version {header.format_version} (written "

@@ -19,7 +19,7 @@ from kvmd import __version__
 from kvmd.core.dirty import SNAPSHOT, page_runs
 from kvmd.core.errors import InvalidArgument, InvalidState
 from kvmd.core.host import Host
-from kvmd.core.state import SlotState, VmState
+from kvmd.core.state import FileMappingState, SlotState, VmState
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import PAGE_SIZE
 from kvmd.state.codec import vm_state_from_pb, vm_state_to_pb
@@ -32,6 +32,7 @@ from kvmd.state.format import (
     Record,
     SnapshotReader,
     SnapshotWriter,
+    checksum,
 )
 from kvmd_proto import vmm_pb2 as pb
 
@@ -88,6 +89,53 @@ def check_host(features: pb.HostFeatures, state: VmState,
                                f"this host's KVM lacks ({cap})")
 
 
+DIGEST_CHUNK = 4 << 20
+
+
+def file_digest(vm: ManagedVm, slots: list[SlotState], f: FileMappingState) -> bytes:
+    """XXH3-128 of the bytes a file mapping shows the guest (read through the VM)."""
+    base = next(s.guest_addr for s in slots if s.slot == f.slot)
+    h = checksum()
+    buf = bytearray(min(DIGEST_CHUNK, f.size))
+    view = memoryview(buf)
+    for done in range(0, f.size, DIGEST_CHUNK):
+        n = min(DIGEST_CHUNK, f.size - done)
+        vm.vm.read_into(base + f.offset + done, view[:n])
+        h.update(view[:n])
+    return h.digest()
+
+
+def fill_file_digests(vm: ManagedVm, state: VmState,
+                      known: dict[tuple[object, ...], bytes] | None = None) -> None:
+    """Give each file mapping of a saved state the digest its restore checks (`known`:
+    digests already taken of read-only mappings, which cannot have changed)."""
+    for f in state.files:
+        cached = (known or {}).get(f.place()) if not f.writable else None
+        f.digest = cached if cached is not None else file_digest(vm, state.slots, f)
+
+
+def check_file_digests(vm: ManagedVm, state: VmState) -> None:
+    """After a restore mapped the files: each must show the bytes it showed when saved."""
+    for f in state.files:
+        if not f.digest:
+            raise CorruptSnapshot(f"corrupt snapshot: memory file {f.image!r} has no digest")
+        if file_digest(vm, state.slots, f) != f.digest:
+            raise InvalidState(
+                f"memory file {f.image!r} (slot {f.slot} at {f.offset:#x}+{f.size:#x}) is "
+                f"not the one the VM had: its bytes differ (it was {f.file_size} bytes when "
+                "saved); put the same file in this daemon's images directory")
+
+
+def _file_mask(state: VmState, slot: int) -> int:
+    """The pages of a slot that files cover: their bytes travel by reference."""
+    mask = 0
+    for f in state.files:
+        if f.slot == slot:
+            first, pages = f.offset // PAGE_SIZE, f.size // PAGE_SIZE
+            mask |= ((1 << pages) - 1) << first
+    return mask
+
+
 def snapshot_frames(writer: SnapshotWriter, vm: ManagedVm, state: VmState,
                     snapshot_id: str, base_id: str, memory: dict[int, int] | None,
                     memory_only: bool = False) -> Iterator[bytes]:
@@ -96,7 +144,8 @@ def snapshot_frames(writer: SnapshotWriter, vm: ManagedVm, state: VmState,
     `memory` None: every page of the slots that has data (a full snapshot). Otherwise
     {slot: bitmap}: the pages to send, zero ones as MemoryZero (a diff, a migration round).
     `memory_only` (a pre-copy round of a running VM): `state` holds only the options,
-    labels and slots. Pages are read as they are now: a page the guest writes meanwhile is
+    labels, slots and file mappings. Pages of files mapped into the VM never go: the
+    files travel by reference. Pages are read as they are now: a page the guest writes meanwhile is
     dirty again, and the next round carries it."""
     yield writer.record(pb.SnapshotRecord(header=pb.SnapshotHeader(
         magic=MAGIC, format_version=FORMAT_VERSION, kvmd_version=__version__,
@@ -110,7 +159,9 @@ def snapshot_frames(writer: SnapshotWriter, vm: ManagedVm, state: VmState,
             for offset, length in vm.guest_pages(s.slot, nonzero=True):
                 yield from _data(writer, vm, s, offset, length)
         else:
-            yield from _pages(writer, vm, s, memory.get(s.slot, 0))
+            bits = memory.get(s.slot, 0)
+            mask = _file_mask(state, s.slot)
+            yield from _pages(writer, vm, s, bits & ~mask if mask else bits)
     yield writer.trailer()
 
 
@@ -170,6 +221,7 @@ class SnapshotTaker:
         with vm.held_paused("snapshot", self.leave_paused) as hold:
             try:
                 state = vm.save_state(hold.run_states)
+                fill_file_digests(vm, state)
                 layout = state.slots
                 if self.diff and layout != vm.last_snapshot_layout:
                     raise InvalidState(f"vm {vm.id}'s memory slots changed since its last "
@@ -248,6 +300,7 @@ class Restorer:
         self._state: VmState | None = None  # of the snapshot being read
         self._final: VmState | None = None  # of the last complete snapshot with a state
         self._slots: dict[int, SlotState] = {}
+        self._files: list[tuple[object, ...]] = []  # where files are mapped (FileMappingState)
         self._last_id = ""
         self._last_memory_only = False
         self._prepared = False
@@ -324,11 +377,13 @@ class Restorer:
             except TypeError as exc:
                 raise CorruptSnapshot(f"corrupt snapshot: VM options {exc}") from None
             self.vm = self.host.build_vm(self.vm_id, state.labels, options, self.owner)
-            self.vm.restore_memory_layout(state.slots)
+            self._files = [f.place() for f in state.files]
+            self.vm.restore_memory_layout(state.slots, files=state.files)
             self._slots = {s.slot: s for s in state.slots}
-        elif {s.slot: s for s in state.slots} != self._slots:
+        elif {s.slot: s for s in state.slots} != self._slots or \
+                [f.place() for f in state.files] != self._files:
             raise InvalidState(f"snapshot {self._header.snapshot_id} has other memory slots "
-                               "than its base")
+                               "or files than its base")
 
     def _slot(self, number: int, offset: int, length: int) -> SlotState:
         slot = self._slots.get(number)
@@ -359,6 +414,7 @@ class Restorer:
                                           "pre-copy round): the VM's state is missing")
                 assert self.vm is not None
                 vm = self.vm
+                check_file_digests(vm, self._final)
                 vm.restore_state(self._final)
                 vm.last_snapshot_id = self._last_id
                 vm.last_snapshot_layout = list(self._final.slots)

@@ -198,3 +198,42 @@ def test_guest_ack_of_irqfd_interrupt_streams_resample(api: RunningDaemon) -> No
     reader.join(timeout=10)
     assert not reader.is_alive()
     api.assert_healthy()
+
+
+def test_resample_irqfds_share_a_gsi_and_each_is_told_of_the_ack(api: RunningDaemon) -> None:
+    """Several resample irqfds on one GSI (a shared level-triggered line), as KVM allows:
+    they share the GSI's one resampler, and the guest's acknowledgement signals every one
+    of them (each device behind the line re-checks whether it still asserts it)."""
+    api.create_vm("r2", irqchip=True)
+    api.add_memory("r2", 0, RAM_SIZE)
+    api.write("r2", CODE_ADDR, pic_interrupt_program())
+    api.write("r2", HANDLER_ADDR, handler_program())
+    addr, entry = ivt_entry(PIC_VECTOR_BASE + PIC_IRQ, HANDLER_ADDR)
+    api.write("r2", addr, entry)
+    api.create_vcpu("r2")
+    setup_real_mode(api, "r2")
+    for irqfd_id in ("dev-a", "dev-b"):
+        irqfd = api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(
+            vm_id="r2", irqfd_id=irqfd_id, gsi=PIC_IRQ, resample=True))
+        assert (irqfd.gsi, irqfd.resample) == (PIC_IRQ, True)
+
+    exit_ = run_vcpu(api, "r2")
+    assert isinstance(exit_, IoExit) and exit_.port == IOEVENT_PORT, exit_  # PIC programmed
+    api.interrupts.TriggerIrqfd(pb.TriggerIrqfdRequest(vm_id="r2", irqfd_id="dev-a"))
+    exit_ = run_vcpu(api, "r2")
+    assert isinstance(exit_, IoExit) and exit_.port == DONE_PORT, exit_  # interrupt taken
+
+    deadline = time.monotonic() + 10
+    while True:
+        listed = {i.irqfd_id: i for i in api.interrupts.ListIrqfds(
+            pb.ListIrqfdsRequest(vm_id="r2")).irqfds}
+        if all(i.resamples for i in listed.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert {k: (i.triggers, i.resamples) for k, i in listed.items()} == {
+        "dev-a": (1, 1), "dev-b": (0, 1)}
+    # Either one can go; the other keeps the line's resampler.
+    api.interrupts.UnregisterIrqfd(pb.UnregisterIrqfdRequest(vm_id="r2", irqfd_id="dev-a"))
+    assert [i.irqfd_id for i in api.interrupts.ListIrqfds(
+        pb.ListIrqfdsRequest(vm_id="r2")).irqfds] == ["dev-b"]
+    api.assert_healthy()

@@ -33,13 +33,13 @@ def _register(api: RunningDaemon, vm_id: str, ioevent_id: str, space: int = pb.P
 
 
 def test_register_list_unregister(api: RunningDaemon, vm: str) -> None:
-    a = _register(api, vm, "any-pio", address=0x3F8)
+    a = _register(api, vm, "any-pio", address=0x2F8)
     b = _register(api, vm, "mmio-u32", space=pb.MMIO, address=0xD000_0000, length=4)
     c = _register(api, vm, "match", address=0x80, length=1, datamatch=0x42)
     d = _register(api, vm, "u64-max", space=pb.MMIO, address=0xD000_1000, length=8,
                   datamatch=2**64 - 1)
     assert (a.vm_id, a.ioevent_id, a.space, a.address, a.length, a.HasField("datamatch"),
-            a.fired) == (vm, "any-pio", pb.PIO, 0x3F8, 0, False, 0)
+            a.fired) == (vm, "any-pio", pb.PIO, 0x2F8, 0, False, 0)
     assert (b.space, b.address, b.length) == (pb.MMIO, 0xD000_0000, 4)
     assert (c.length, c.datamatch) == (1, 0x42)
     assert d.datamatch == 2**64 - 1

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 from deploy_support import RPC_TIMEOUT, SAN_SUFFIX, Stubs, TlsDaemon, codes, rpc_code, vm_calls
+from guests import CODE_ADDR, out_bytes_program
 from polling import wait_until
 
+from kvmd.core.vm import VmOptions
 from kvmd_proto import vmm_pb2 as pb
 
 OK = "OK"
 DENIED = "PERMISSION_DENIED"
+HIDDEN = "NOT_FOUND"  # what an operator gets for another tenant's VM: as for a missing one
 QUOTA = 2
 
 POLICY: list[dict[str, Any]] = [
@@ -101,12 +105,13 @@ def test_operator_cannot_touch_another_operators_vm(d: TlsDaemon) -> None:
     b.boot("b-vm")
     a.boot("a-1")
     before = snapshot(b, "b-vm")
+    # Another tenant's VM does not exist for a (NOT_FOUND, as a missing VM).
     results = codes(vm_calls(a, "b-vm"))
-    assert results == dict.fromkeys(results, DENIED)
+    assert results == dict.fromkeys(results, HIDDEN)
     # Nor through a vCPU RPC that names the VM inside a VcpuRef.
     sregs = rpc_code(lambda: a.vcpus.GetSregs(pb.VcpuRef(vm_id="b-vm", vcpu_id=0),
                                               timeout=RPC_TIMEOUT))
-    assert sregs == grpc.StatusCode.PERMISSION_DENIED
+    assert sregs == grpc.StatusCode.NOT_FOUND
     assert a.list_ids() == {"a-1"}
     assert b.list_ids() == {"b-vm"}
     assert admin.list_ids() == {"a-1", "b-vm"}
@@ -115,7 +120,7 @@ def test_operator_cannot_touch_another_operators_vm(d: TlsDaemon) -> None:
     assert snapshot(b, "b-vm") == before
     # ... and the other way round.
     results = codes(vm_calls(b, "a-1"))
-    assert results == dict.fromkeys(results, DENIED)
+    assert results == dict.fromkeys(results, HIDDEN)
     # The owner still has its VM and full control of it.
     run_and_read_console(b, "b-vm")
     b.delete_vm("b-vm")
@@ -218,31 +223,94 @@ def test_viewer_reads_but_cannot_create_or_mutate(d: TlsDaemon) -> None:
     b.delete_vm("b-vm")
 
 
-def test_viewer_can_call_every_side_effect_free_vcpu_get(d: TlsDaemon) -> None:
-    """The issue gives viewers "Get/List/Watch": the vCPU state getters are Get RPCs that
-    change nothing, so a viewer may call them (GetDirtyLog, which resets the log, is
-    excluded on purpose)."""
-    viewer, admin = d.tls("viewer-1"), d.tls("admin-1")
-    admin.boot("adm-vm", irqchip=True)
-    ref = pb.VcpuRef(vm_id="adm-vm", vcpu_id=0)
+def vcpu_getters(s: Stubs, vm_id: str) -> dict[str, Callable[[], Any]]:
+    ref = pb.VcpuRef(vm_id=vm_id, vcpu_id=0)
     t = RPC_TIMEOUT
-    getters: dict[str, Callable[[], Any]] = {
-        "Vcpus/GetRegs": lambda: viewer.vcpus.GetRegs(ref, timeout=t),
-        "Vcpus/GetSregs": lambda: viewer.vcpus.GetSregs(ref, timeout=t),
-        "Vcpus/GetFpu": lambda: viewer.vcpus.GetFpu(ref, timeout=t),
-        "Vcpus/GetCpuid": lambda: viewer.vcpus.GetCpuid(ref, timeout=t),
-        "Vcpus/GetMsrs": lambda: viewer.vcpus.GetMsrs(
-            pb.GetMsrsRequest(vcpu=ref, indices=[0x10]), timeout=t),
-        "Vcpus/GetMpState": lambda: viewer.vcpus.GetMpState(ref, timeout=t),
-        "Vcpus/GetLapic": lambda: viewer.vcpus.GetLapic(ref, timeout=t),
-        "Vcpus/GetVcpuEvents": lambda: viewer.vcpus.GetVcpuEvents(ref, timeout=t),
+    return {
+        "Vcpus/GetRegs": lambda: s.vcpus.GetRegs(ref, timeout=t),
+        "Vcpus/GetSregs": lambda: s.vcpus.GetSregs(ref, timeout=t),
+        "Vcpus/GetFpu": lambda: s.vcpus.GetFpu(ref, timeout=t),
+        "Vcpus/GetMsrs": lambda: s.vcpus.GetMsrs(
+            pb.GetMsrsRequest(vcpu=ref, indices=[0x10, 0xC0000101]), timeout=t),  # TSC, GS base
+        "Vcpus/GetLapic": lambda: s.vcpus.GetLapic(ref, timeout=t),
+        "Vcpus/GetVcpuEvents": lambda: s.vcpus.GetVcpuEvents(ref, timeout=t),
+        "Vcpus/GetCpuid": lambda: s.vcpus.GetCpuid(ref, timeout=t),
+        "Vcpus/GetMpState": lambda: s.vcpus.GetMpState(ref, timeout=t),
+        "Vcpus/GetVcpuState": lambda: s.vcpus.GetVcpuState(ref, timeout=t),
     }
+
+
+# Guest CPU state is guest data: registers, FPU/XMM, MSRs (the GS base, syscall entry points,
+# keys in MSRs), the LAPIC and pending exceptions (a page fault's address).
+GUEST_CPU_STATE = ("Vcpus/GetRegs", "Vcpus/GetSregs", "Vcpus/GetFpu", "Vcpus/GetMsrs",
+                   "Vcpus/GetLapic", "Vcpus/GetVcpuEvents")
+# What a viewer may read about a vCPU: its run state and the configuration the host gave it.
+VCPU_METADATA = ("Vcpus/GetCpuid", "Vcpus/GetMpState", "Vcpus/GetVcpuState")
+
+
+def test_viewer_reads_no_guest_cpu_state(d: TlsDaemon) -> None:
+    """Viewers see metadata, states, counters and events, never the guest's CPU state; the
+    VM's owner (and admins) read all of it."""
+    viewer, admin, b = d.tls("viewer-1"), d.tls("admin-1"), d.tls("operator-b")
+    admin.boot("adm-vm", irqchip=True)
+    b.boot("b-vm", irqchip=True)
     try:
-        results = codes(getters)
-        denied = sorted(k for k, v in results.items() if v != OK)
-        assert not denied, f"a viewer may not call these Get RPCs: {denied} ({results})"
+        for vm_id in ("adm-vm", "b-vm"):
+            results = codes(vcpu_getters(viewer, vm_id))
+            assert {k: results[k] for k in GUEST_CPU_STATE} == dict.fromkeys(
+                GUEST_CPU_STATE, DENIED), results
+            assert {k: results[k] for k in VCPU_METADATA} == dict.fromkeys(
+                VCPU_METADATA, OK), results
+        for s, vm_id in ((admin, "adm-vm"), (admin, "b-vm"), (b, "b-vm")):
+            results = codes(vcpu_getters(s, vm_id))
+            assert results == dict.fromkeys(results, OK), (vm_id, results)
     finally:
         admin.delete_vm("adm-vm")
+        b.delete_vm("b-vm")
+
+
+def crash_events(s: Stubs, vm_id: str, out: list[pb.VmEvent], ready: threading.Event) -> None:
+    """Collect `vm_id`'s WatchVm events until it crashes."""
+    call = s.vms.WatchVm(pb.WatchVmRequest(vm_id=vm_id, include_current=True),
+                         timeout=RPC_TIMEOUT)
+    try:
+        for event in call:
+            out.append(event)
+            ready.set()
+            if event.type == "crashed":
+                return
+    finally:
+        call.cancel()
+
+
+def test_crash_events_carry_registers_only_for_those_who_may_read_them(d: TlsDaemon) -> None:
+    """WatchVm's crashed event carries the vCPU's registers for the owner and admins; a
+    viewer gets the same event (type, reason, state) without them."""
+    admin, viewer, b = d.tls("admin-1"), d.tls("viewer-1"), d.tls("operator-b")
+    b.boot("b-crash", strict_io=True)
+    # An unclaimed port write (0xe9) crashes a strict-IO VM.
+    b.memory.WriteGuestMemory(iter([pb.WriteGuestMemoryRequest(
+        vm_id="b-crash", guest_addr=CODE_ADDR, data=out_bytes_program(b"x", 0xE9))]),
+        timeout=RPC_TIMEOUT)
+    seen: dict[str, list[pb.VmEvent]] = {"admin": [], "owner": [], "viewer": []}
+    threads = []
+    for name, s in (("admin", admin), ("owner", b), ("viewer", viewer)):
+        ready = threading.Event()
+        thread = threading.Thread(target=crash_events, args=(s, "b-crash", seen[name], ready))
+        thread.start()
+        assert ready.wait(RPC_TIMEOUT), f"the {name}'s watch did not start"
+        threads.append(thread)
+    b.vms.StartVm(pb.VmRef(vm_id="b-crash"), timeout=RPC_TIMEOUT)
+    for thread in threads:
+        thread.join(RPC_TIMEOUT)
+    crashed = {name: [e for e in events if e.type == "crashed"] for name, events in seen.items()}
+    assert all(len(c) == 1 for c in crashed.values()), seen
+    for name in ("admin", "owner"):
+        assert crashed[name][0].HasField("regs") and crashed[name][0].regs.rip > CODE_ADDR
+    assert not crashed["viewer"][0].HasField("regs"), crashed["viewer"][0]
+    assert crashed["viewer"][0].reason == crashed["owner"][0].reason != ""
+    assert crashed["viewer"][0].state == "crashed"
+    b.delete_vm("b-crash")
 
 
 def test_identity_not_in_policy_is_denied(d: TlsDaemon) -> None:
@@ -293,7 +361,7 @@ def test_local_identity_follows_its_grant(d: TlsDaemon,
     assert rpc_code(lambda: local.create_vm("x-1")) == grpc.StatusCode.PERMISSION_DENIED
     admin.create_vm("adm-vm")
     assert local.list_ids() == {"l-1"}
-    assert rpc_code(lambda: local.get_vm("adm-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_code(lambda: local.get_vm("adm-vm")) == grpc.StatusCode.NOT_FOUND
     assert admin.get_vm("l-1").owner == "local"
     local.delete_vm("l-1")
     admin.delete_vm("adm-vm")
@@ -355,3 +423,214 @@ def test_denials_are_counted_and_logged(d: TlsDaemon, tls_daemon: Callable[..., 
     anonymous = tls_only.tls()
     assert rpc_code(lambda: anonymous.list_ids()) == grpc.StatusCode.UNAUTHENTICATED
     assert denials(tls_only).get(("/kvmd.v1.Vms/ListVms", "UNAUTHENTICATED")) == 1
+
+
+# -- tenants: namespaces and existence (issue 13 #8) --------------------------------------
+
+def details(code_and_error: tuple[grpc.StatusCode, str], vm_id: str) -> tuple[str, str]:
+    code, text = code_and_error
+    return code.name, text.replace(repr(vm_id), "<vm>").replace(vm_id, "<vm>")
+
+
+def failure(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    """(code, details) of a call that must fail (a stream's first message counts)."""
+    try:
+        result = call()
+        if hasattr(result, "__next__"):
+            try:
+                next(result, None)
+            finally:
+                result.cancel()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()  # type: ignore[attr-defined]
+    raise AssertionError("the call succeeded")
+
+
+def test_another_tenants_vm_is_not_found_exactly_like_a_missing_one(d: TlsDaemon) -> None:
+    """An operator cannot tell another tenant's VM from no VM: every call answers what a
+    missing VM answers (NOT_FOUND, the same message), and nothing changes."""
+    a, b = d.tls("operator-a"), d.tls("operator-b")
+    b.boot("b-vm")
+    before = snapshot(b, "b-vm")
+    counted = denials(d)
+    foreign = {k: details(failure(call), "b-vm") for k, call in vm_calls(a, "b-vm").items()}
+    # The daemon's operators see the probing: each is a denial (reason NOT_FOUND).
+    wait_until(lambda: sum(denials(d).values()) - sum(counted.values()) >= len(foreign), 5,
+               "the denials counted")
+    assert {m: n - counted.get((m, r), 0) for (m, r), n in denials(d).items()
+            if n != counted.get((m, r), 0)} == {
+                f"/kvmd.v1.{k}": 1 for k in foreign}
+    assert all(r == HIDDEN for (_m, r), n in denials(d).items() if n != counted.get((_m, r)))
+    counted = denials(d)
+    missing = {k: details(failure(call), "b-zz") for k, call in vm_calls(a, "b-zz").items()}
+    assert foreign == missing
+    assert denials(d) == counted  # a missing VM is an answer, not a denial
+    assert {code for code, _ in foreign.values()} == {"NOT_FOUND"}
+    refs = (pb.VcpuRef(vm_id="b-vm", vcpu_id=0), pb.VcpuRef(vm_id="b-zz", vcpu_id=0))
+    assert details(failure(lambda: a.vcpus.GetSregs(refs[0], timeout=RPC_TIMEOUT)), "b-vm") \
+        == details(failure(lambda: a.vcpus.GetSregs(refs[1], timeout=RPC_TIMEOUT)), "b-zz")
+    assert snapshot(b, "b-vm") == before
+    b.delete_vm("b-vm")
+
+
+def test_check_extension_on_another_tenants_vm_is_not_found(d: TlsDaemon) -> None:
+    a, b, viewer = d.tls("operator-a"), d.tls("operator-b"), d.tls("viewer-1")
+    b.create_vm("b-vm")
+    a.create_vm("a-vm")
+
+    def check(s: Stubs, vm_id: str) -> Any:
+        return s.hypervisor.CheckExtension(pb.CheckExtensionRequest(
+            name="KVM_CAP_IRQFD", vm_id=vm_id), timeout=RPC_TIMEOUT)
+
+    assert details(failure(lambda: check(a, "b-vm")), "b-vm") == \
+        details(failure(lambda: check(a, "b-zz")), "b-zz")
+    assert failure(lambda: check(a, "b-vm"))[0] == grpc.StatusCode.NOT_FOUND
+    assert check(a, "a-vm").value > 0      # its own VM
+    assert check(b, "b-vm").value > 0
+    assert check(viewer, "b-vm").value > 0  # viewers see every VM's metadata
+    assert a.hypervisor.CheckExtension(pb.CheckExtensionRequest(name="KVM_CAP_IRQFD"),
+                                       timeout=RPC_TIMEOUT).value > 0  # /dev/kvm: anyone
+    a.delete_vm("a-vm")
+    b.delete_vm("b-vm")
+
+
+def test_prefixes_are_reserved_for_their_identity(tls_daemon: Callable[..., TlsDaemon]) -> None:
+    """An operator without a prefix (or with a shorter one) cannot squat ids inside another
+    identity's prefix, by CreateVm or RestoreVm; admins may."""
+    d = tls_daemon(policy=[
+        {"name": "admin-1", "role": "admin"},
+        {"name": "operator-a", "role": "operator", "vm_prefix": "a-"},
+        {"name": "operator-b", "role": "operator", "vm_prefix": "a-b-"},
+        {"name": "stranger", "role": "operator"},
+    ])
+    a, b, free, admin = d.tls("operator-a"), d.tls("operator-b"), d.tls("stranger"), \
+        d.tls("admin-1")
+    for vm_id in ("a-1", "a-b-1", "a-"):
+        assert rpc_code(lambda vm_id=vm_id: free.create_vm(vm_id)) == \
+            grpc.StatusCode.PERMISSION_DENIED, vm_id
+    assert rpc_code(lambda: a.create_vm("a-b-2")) == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_code(lambda: free.vms.GetVm(pb.GetVmRequest(vm_id="a-1"),
+                                           timeout=RPC_TIMEOUT)) == grpc.StatusCode.NOT_FOUND
+    restore = pb.RestoreVmRequest(options=pb.RestoreVmOptions(vm_id="a-9"))
+    assert rpc_code(lambda: free.snapshots.RestoreVm(iter([restore]), timeout=RPC_TIMEOUT)) \
+        == grpc.StatusCode.PERMISSION_DENIED
+    assert free.create_vm("free-1").owner == "stranger"
+    assert a.create_vm("a-1").owner == "operator-a"
+    assert b.create_vm("a-b-1").owner == "operator-b"
+    assert admin.create_vm("a-b-admin").owner == "admin-1"
+    assert admin.list_ids() == {"free-1", "a-1", "a-b-1", "a-b-admin"}
+    for vm_id in admin.list_ids():
+        admin.delete_vm(vm_id)
+
+
+def test_a_policy_may_not_give_two_identities_one_prefix() -> None:
+    from kvmd.api.auth import Policy
+    with pytest.raises(ValueError, match="prefix"):
+        Policy.from_config({"identities": [
+            {"name": "x", "role": "operator", "vm_prefix": "p-"},
+            {"name": "y", "role": "operator", "vm_prefix": "p-"}]})
+
+
+def test_a_call_acts_on_the_vm_it_was_authorized_for(
+        tls_daemon: Callable[..., TlsDaemon]) -> None:
+    """The VM checked is the VM acted on: when an operator's VM is deleted and another
+    tenant's VM takes its id between the check and the handler, the call answers NOT_FOUND
+    and leaves the new VM alone."""
+    d = tls_daemon(policy=[{"name": "admin-1", "role": "admin"},
+                           {"name": "operator-a", "role": "operator"},
+                           {"name": "operator-b", "role": "operator"}])
+    a, b = d.tls("operator-a"), d.tls("operator-b")
+    host = d.daemon.host
+    assert host is not None
+    authorizer_check = d.daemon.authorizer.check
+    swapped: list[str] = []
+
+    def check_then_swap(method: str, grant: Any, identity: str, request: Any) -> Any:
+        result = authorizer_check(method, grant, identity, request)
+        if identity == "operator-a" and "shared" in str(request):
+            # Between the check and the handler: a's VM goes, b's takes its id.
+            host.delete_vm("shared")
+            host.create_vm("shared", {}, VmOptions(), owner="operator-b")
+            swapped.append(method)
+        return result
+
+    calls: dict[str, Callable[[], Any]] = {
+        "DeleteVm": lambda: a.delete_vm("shared"),
+        "StartVm": lambda: a.vms.StartVm(pb.VmRef(vm_id="shared"), timeout=RPC_TIMEOUT),
+        "AddMemoryRegion": lambda: a.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+            vm_id="shared", guest_addr=0, size=0x1000), timeout=RPC_TIMEOUT),
+        "CreateVcpu": lambda: a.vcpus.CreateVcpu(pb.CreateVcpuRequest(
+            vm_id="shared", vcpu_id=0), timeout=RPC_TIMEOUT),
+        "WriteGuestMemory": lambda: a.memory.WriteGuestMemory(iter([
+            pb.WriteGuestMemoryRequest(vm_id="shared", guest_addr=0, data=b"x")]),
+            timeout=RPC_TIMEOUT),
+        "HandleExits": lambda: a.exits.HandleExits(iter([pb.ExitHandlerMessage(
+            claim=pb.ClaimRequest(vm_id="shared", ranges=[
+                pb.AddressRange(space=pb.PIO, base=0x700, length=1)]))]),
+            timeout=RPC_TIMEOUT),
+        "CheckExtension": lambda: a.hypervisor.CheckExtension(pb.CheckExtensionRequest(
+            name="KVM_CAP_IRQFD", vm_id="shared"), timeout=RPC_TIMEOUT),
+    }
+    d.daemon.authorizer.check = check_then_swap  # type: ignore[method-assign]
+    try:
+        for name, call in calls.items():
+            host.create_vm("shared", {}, VmOptions(), owner="operator-a")
+            if name == "WriteGuestMemory":
+                host.get_vm("shared").add_memory_region(0, 0x1000, False, False)
+            code = rpc_code(call)
+            new = host.get_vm("shared")
+            assert code == grpc.StatusCode.NOT_FOUND, (name, code)
+            assert (new.owner, len(new.vcpus()), new.memory_regions(), new.state,
+                    list(new.claims.handlers())) == ("operator-b", 0, [], "created", []), name
+            host.delete_vm("shared")
+    finally:
+        d.daemon.authorizer.check = authorizer_check  # type: ignore[method-assign]
+    assert len(swapped) == len(calls)
+    assert b.list_ids() == set()
+
+
+def denied_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "kvmd.auth"
+            and r.getMessage() == "rpc denied"]
+
+
+def test_a_flood_of_denials_logs_a_few_lines(d: TlsDaemon,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A low-privilege identity cannot flood the log with its denials: per identity and
+    method only the first few of an interval are logged (each is still counted)."""
+    caplog.set_level(logging.WARNING, logger="kvmd.auth")
+    viewer = d.tls("viewer-1")
+    before = denials(d)
+    for _ in range(200):
+        assert rpc_code(lambda: viewer.create_vm("v-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    assert 1 <= len(denied_lines(caplog)) <= 10, len(denied_lines(caplog))
+    wait_until(lambda: sum(denials(d).values()) - sum(before.values()) == 200, 5,
+               "every denial counted")
+
+
+def test_denial_logs_are_rate_limited_per_identity_and_method(
+        d: TlsDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    """The first `per_key` denials of each identity and method per interval are logged;
+    the rest are summed up in one line once the interval is over."""
+    from kvmd.api.auth import DenialLog
+    assert d.daemon.authorizer is not None
+    limit, interval = 3, 0.5
+    d.daemon.authorizer.denial_log = DenialLog(per_key=limit, interval=interval)
+    caplog.set_level(logging.WARNING, logger="kvmd.auth")
+    viewer, local = d.tls("viewer-1"), d.local()
+    for _ in range(40):
+        assert rpc_code(lambda: viewer.create_vm("v-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    for _ in range(4):
+        assert rpc_code(lambda: local.delete_vm("x")) == grpc.StatusCode.PERMISSION_DENIED
+    lines = denied_lines(caplog)
+    assert len(lines) == 2 * limit, [r.__dict__ for r in lines]  # 3 of each kind
+    time.sleep(interval * 1.5)
+    # The next denial (of anyone) ends the interval: the suppressed ones are summed up.
+    assert rpc_code(lambda: viewer.create_vm("v-vm")) == grpc.StatusCode.PERMISSION_DENIED
+    summaries = {(r.identity, r.method): r.suppressed  # type: ignore[attr-defined]
+                 for r in caplog.records if r.getMessage() == "rpc denials not logged"}
+    assert summaries == {("viewer-1", "/kvmd.v1.Vms/CreateVm"): 40 - limit,
+                         ("local", "/kvmd.v1.Vms/DeleteVm"): 4 - limit}
+    lines = denied_lines(caplog)
+    assert len(lines) == 2 * limit + 1
+    assert lines[-1].method == "/kvmd.v1.Vms/CreateVm"  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ import pytest
 from deploy_support import RPC_TIMEOUT, Stubs, TlsDaemon, codes, run_kvmd
 
 from kvmd.api.auth import HOST_METHODS, READ_ONLY_METHODS, Authorizer, Policy
-from kvmd.core.errors import PermissionDenied
+from kvmd.core.errors import NotFound, PermissionDenied
 from kvmd_proto import vmm_pb2 as pb
 
 P = 4096
@@ -102,13 +102,14 @@ def test_viewer_and_other_operator_are_refused(d: TlsDaemon, images: Path, who: 
     prepare(a, "vm-a")
     before = state(a, "vm-a")
     results = codes(guestmem_calls(other, "vm-a"))
-    assert results == dict.fromkeys(results, DENIED)
+    # Another operator's VM does not exist for it (NOT_FOUND, as a missing VM).
+    assert results == dict.fromkeys(results, DENIED if who == "viewer-1" else "NOT_FOUND")
     assert state(a, "vm-a") == before
     assert (images / "disk.img").read_bytes() == b"\x40" * (16 * P)
     # A viewer may still read the regions, files included; another operator may not.
     code = codes({"list": lambda: other.memory.ListMemoryRegions(
         pb.ListMemoryRegionsRequest(vm_id="vm-a"), timeout=RPC_TIMEOUT)})["list"]
-    assert code == (OK if who == "viewer-1" else DENIED)
+    assert code == (OK if who == "viewer-1" else "NOT_FOUND")
 
 
 class _Host:
@@ -119,6 +120,9 @@ class _Host:
 
     def get_vm(self, vm_id: str) -> Any:
         return type("Vm", (), {"owner": self.owners[vm_id]})()
+
+    def owner_of(self, vm_id: str) -> str | None:
+        return self.owners.get(vm_id)
 
 
 def test_rule_table_for_the_new_methods() -> None:
@@ -140,9 +144,10 @@ def test_rule_table_for_the_new_methods() -> None:
         full = f"/kvmd.v1.{method}"
         for name in ("admin-1", "operator-a"):
             authz.check(full, grants[name], name, request)
-        for name in ("operator-b", "viewer-1"):
-            with pytest.raises(PermissionDenied):
-                authz.check(full, grants[name], name, request)
+        with pytest.raises(PermissionDenied):
+            authz.check(full, grants["viewer-1"], "viewer-1", request)
+        with pytest.raises(NotFound):  # another tenant's VM: as if it did not exist
+            authz.check(full, grants["operator-b"], "operator-b", request)
         with pytest.raises(PermissionDenied):
             authz.check(full, None, "stranger", request)
         with pytest.raises(PermissionDenied):    # an operator must name the VM

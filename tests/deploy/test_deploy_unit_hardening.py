@@ -18,6 +18,7 @@ import pytest
 from test_deploy_unit import comments, runnable_unit
 from unit_sandbox import SYSUSERS, TMPFILES, UNIT, unit_values, unit_words
 
+from kvmd.core.fds import derived_max_fds, fds_per_vm
 from kvmd.core.limits import Limits
 from kvmd.server import Config, build_parser, load_config
 
@@ -181,9 +182,9 @@ def needed_threads(lim: Limits) -> int:
 
 
 def needed_fds(lim: Limits) -> int:
-    per_vm = (2 + 2 * lim.max_vcpus_per_vm + lim.max_memory_slots_per_vm
-              + 2 * lim.max_irqfds_per_vm + lim.max_ioevents_per_vm)
-    return lim.max_vms * per_vm + 1024
+    """Every VM at the per-VM limits inside the descriptor budget the daemon derives from
+    LimitNOFILE (kvmd.core.fds: what is left after its own reserve)."""
+    return lim.max_vms * fds_per_vm(lim)
 
 
 def test_task_and_thread_limits_cover_the_configured_maxima() -> None:
@@ -195,7 +196,8 @@ def test_task_and_thread_limits_cover_the_configured_maxima() -> None:
 
 def test_descriptor_limit_covers_the_configured_maxima() -> None:
     need = needed_fds(maxima())
-    assert int(last("LimitNOFILE").split(":")[-1]) >= need, (last("LimitNOFILE"), need)
+    nofile = int(last("LimitNOFILE").split(":")[-1])
+    assert derived_max_fds(nofile) >= need, (last("LimitNOFILE"), need)
 
 
 def test_fd_store_holds_a_memfd_per_memory_slot_of_every_vm() -> None:

@@ -214,9 +214,9 @@ def test_already_exists(
     client.register_irqfd(vm_id, "fd", 5)
     with pytest.raises(AlreadyExistsError):
         client.register_irqfd(vm_id, "fd", 6)
-    client.register_ioevent(vm_id, "ev", 0x3F8, 1)
+    client.register_ioevent(vm_id, "ev", 0x2F8, 1)
     with pytest.raises(AlreadyExistsError):
-        client.register_ioevent(vm_id, "ev", 0x3F9, 1)
+        client.register_ioevent(vm_id, "ev", 0x2F9, 1)
     assert_healthy()
 
 
@@ -520,7 +520,7 @@ def test_watch_irqfd_resamples_cancel(client: KvmdClient, vm_id: str) -> None:
 
 def test_ioevents(client: KvmdClient, vm_id: str, assert_healthy: Healthy) -> None:
     client.create_vm(vm_id)
-    pio = client.register_ioevent(vm_id, "uart", 0x3F8, 1)
+    pio = client.register_ioevent(vm_id, "uart", 0x2F8, 1)
     assert pio.space == vmm_pb2.PIO and pio.length == 1 and not pio.HasField("datamatch")
     mmio = client.register_ioevent(vm_id, "doorbell", 0xD000_0000, 4, space="mmio",
                                    datamatch=0x1234)
@@ -552,14 +552,14 @@ def test_bad_ioevents(
 ) -> None:
     client.create_vm(vm_id)
     with pytest.raises(InvalidArgumentError):
-        client.register_ioevent(vm_id, "bad", 0x3F8, length, datamatch=datamatch)
+        client.register_ioevent(vm_id, "bad", 0x2F8, length, datamatch=datamatch)
     assert client.list_ioevents(vm_id) == []
     assert_healthy()
 
 
 def test_watch_ioevents(client: KvmdClient, vm_id: str) -> None:
     client.create_vm(vm_id)
-    client.register_ioevent(vm_id, "uart", 0x3F8, 1)
+    client.register_ioevent(vm_id, "uart", 0x2F8, 1)
     with client.watch_ioevents(vm_id) as watch:
         assert watch.collect(duration=0.3) == []
     assert watch.cancelled
@@ -693,7 +693,7 @@ def test_concurrent_clients(kvmd: Any, address: str, client: KvmdClient) -> None
                 assert c.read_memory(name, 0x1000, len(payload)) == payload
                 c.create_vcpu(name, 0)
                 c.register_irqfd(name, "fd", 5)
-                c.register_ioevent(name, "ev", 0x3F8, 1)
+                c.register_ioevent(name, "ev", 0x2F8, 1)
                 c.delete_vm(name)
 
     with ThreadPoolExecutor(16) as pool:

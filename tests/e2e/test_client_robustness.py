@@ -212,7 +212,9 @@ def test_a_retried_stream_is_retried_before_its_first_message(fake: FakeDaemon) 
 
 def test_retries_give_up_after_five_attempts(fake: FakeDaemon) -> None:
     fake.plan["GetVm"] = [UNAVAILABLE] * 10
-    with KvmdClient(fake.address) as c, pytest.raises(UnavailableError):
+    # retry_timeout=0: gRPC's policy alone (the client's own retries ride out hand-overs,
+    # tests/handover/test_handover_client.py)
+    with KvmdClient(fake.address, retry_timeout=0) as c, pytest.raises(UnavailableError):
         c.get_vm("vm1")
     assert fake.count("GetVm") == ch.RETRY_POLICY["maxAttempts"] == 5
 
@@ -362,7 +364,7 @@ def test_the_daemon_lets_pinging_streams_live(tmp_path: Path,
     outcome: dict[str, BaseException | None] = {}
     try:
         with KvmdClient(f"unix://{tmp_path}/kvmd.sock", channel_options=fast) as a, \
-                KvmdClient(control.address, channel_options=fast) as b:
+                KvmdClient(control.address, channel_options=fast, retry_timeout=0) as b:
             a.create_vm("quiet")
             with a.watch_vm("quiet", include_current=True) as kept, \
                     b.watch_vm("quiet", include_current=True) as cut:

@@ -344,8 +344,8 @@ def test_irq_line_route_msi(kvmctl: Kvmctl, vm: str, tmp_path: Path) -> None:
 
 
 def test_ioevents(kvmctl: Kvmctl, vm: str) -> None:
-    added = ok(kvmctl("ioevent", "add", vm, "uart", "0x3f8", "--length", "1", "--json")).json()
-    assert added == {"vm_id": vm, "ioevent_id": "uart", "space": "PIO", "address": 0x3F8,
+    added = ok(kvmctl("ioevent", "add", vm, "uart", "0x2f8", "--length", "1", "--json")).json()
+    assert added == {"vm_id": vm, "ioevent_id": "uart", "space": "PIO", "address": 0x2F8,
                      "length": 1, "datamatch": None, "fired": 0}
     text = ok(kvmctl("ioevent", "add", vm, "bell", "0xd0000000", "--mmio", "--length", "4",
                      "--datamatch", "0x1234")).out
@@ -353,7 +353,7 @@ def test_ioevents(kvmctl: Kvmctl, vm: str) -> None:
     table = ok(kvmctl("ioevent", "ls", vm)).out.splitlines()
     assert table[0].split() == ["IOEVENT", "SPACE", "ADDRESS", "LENGTH", "DATAMATCH", "FIRED"]
     assert table[1].split() == ["bell", "MMIO", "0xd0000000", "4", "0x1234", "0"]
-    assert table[2].split() == ["uart", "PIO", "0x3f8", "1", "-", "0"]
+    assert table[2].split() == ["uart", "PIO", "0x2f8", "1", "-", "0"]
     ok(kvmctl("ioevent", "rm", vm, "uart"))
     assert [e["ioevent_id"] for e in ok(kvmctl("ioevent", "ls", vm, "--json")).json()] == [
         "bell"]
@@ -362,7 +362,7 @@ def test_ioevents(kvmctl: Kvmctl, vm: str) -> None:
 
 
 def test_watch_commands_end_cleanly(kvmctl: Kvmctl, vm: str) -> None:
-    ok(kvmctl("ioevent", "add", vm, "uart", "0x3f8"))
+    ok(kvmctl("ioevent", "add", vm, "uart", "0x2f8"))
     result = kvmctl("ioevent", "watch", vm, "--duration", "0.3")
     assert result.code == 0 and result.out == ""
     result = kvmctl("irq", "watch-resamples", vm, "--duration", "0.3", "--json")

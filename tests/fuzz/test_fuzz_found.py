@@ -81,31 +81,47 @@ def big_labels(tag: str, count: int = 62, key_len: int = 250) -> dict[str, str]:
     return {f"{tag}{i:03d}".ljust(key_len, "k"): "v" * 256 for i in range(count)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "responses are not bounded by max_message_bytes: ListVms answers with every VM in "
-    "one message, so VMs with large (valid) labels make it fail for every caller with "
-    "grpc's RESOURCE_EXHAUSTED 'Sent message larger than max' until they are deleted; "
-    "the fix needs paging in ListVms (a proto change) or a label budget checked against "
-    "max_message_bytes * max_vms at start-up"))
-def test_list_vms_answers_whatever_labels_its_vms_carry() -> None:
-    fz = FuzzDaemon.start(max_message_bytes=64 << 10)
+def test_list_vms_pages_whatever_labels_its_vms_carry() -> None:
+    """Found by review: ListVms answered with every VM in one message, so VMs with large
+    (valid) labels made it fail for every caller with grpc's RESOURCE_EXHAUSTED "Sent
+    message larger than max" until they were deleted. Answers now come in pages that fit."""
+    limit = 64 << 10
+    fz = FuzzDaemon.start(max_message_bytes=limit)
     try:
         for i in range(3):
             request = pb.CreateVmRequest(vm_id=f"labelled-{i}", labels=big_labels(str(i)))
-            assert request.ByteSize() < 64 << 10
+            assert request.ByteSize() < limit
             fz.vms.CreateVm(request, timeout=CALL_TIMEOUT)
-        listed = fz.vms.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT).vms
-        assert len(listed) == 3
+        listed: list[str] = []
+        token, pages = "", 0
+        while True:
+            page = fz.vms.ListVms(pb.ListVmsRequest(page_token=token), timeout=CALL_TIMEOUT)
+            assert page.ByteSize() <= limit
+            listed += [v.vm_id for v in page.vms]
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == ["labelled-0", "labelled-1", "labelled-2"] and pages >= 2
+        one = fz.vms.ListVms(pb.ListVmsRequest(page_size=1), timeout=CALL_TIMEOUT)
+        assert [v.vm_id for v in one.vms] == ["labelled-0"] and one.next_page_token
+        with pytest.raises(grpc.RpcError) as err:
+            fz.vms.ListVms(pb.ListVmsRequest(page_token="bogus"), timeout=CALL_TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as err:
+            fz.vms.ListVms(pb.ListVmsRequest(page_size=5000), timeout=CALL_TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        fz.assert_healthy()
     finally:
-        fz.stop()  # deletes the VMs (ListVms cannot list them)
+        fz.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a CreateVm request that fits max_message_bytes can have a response that does not "
-    "(the Vm echoes the labels and adds state, options and owner): the call fails with "
-    "grpc's RESOURCE_EXHAUSTED 'Sent message larger than max' after the VM was created, "
-    "so a failed call changed state (and a retry is ALREADY_EXISTS)"))
-def test_a_create_vm_whose_answer_is_too_large_creates_nothing() -> None:
+def test_labels_whose_answer_would_not_fit_create_nothing() -> None:
+    """Found by review: a CreateVm request that fit max_message_bytes could have an answer
+    that did not (the Vm echoes the labels and adds state, options and owner): the call
+    failed with grpc's RESOURCE_EXHAUSTED after the VM was made, so a failed call changed
+    state (and a retry was ALREADY_EXISTS). Labels that leave too little room for the
+    answer are refused first; labels that fit get their answer."""
     limit = 32 << 10
     fz = FuzzDaemon.start(max_message_bytes=limit)
     try:
@@ -115,13 +131,18 @@ def test_a_create_vm_whose_answer_is_too_large_creates_nothing() -> None:
             labels["y"] += "w"
         request = pb.CreateVmRequest(vm_id="edge", labels=labels)
         assert request.ByteSize() <= limit
-        try:
+        with pytest.raises(grpc.RpcError) as err:
             fz.vms.CreateVm(request, timeout=CALL_TIMEOUT)
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-            host = fz.daemon.host
-            assert host is not None
-            assert host.vm_count() == 0, "the failed CreateVm created the VM"
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "fit in an answer" in err.value.details()  # type: ignore[attr-defined]
+        host = fz.daemon.host
+        assert host is not None and host.vm_count() == 0, "the refused CreateVm made a VM"
+        fitting = big_labels("f", count=40)
+        vm = fz.vms.CreateVm(pb.CreateVmRequest(vm_id="fits", labels=fitting),
+                             timeout=CALL_TIMEOUT)
+        assert dict(vm.labels) == fitting
+        assert fz.vms.GetVm(pb.GetVmRequest(vm_id="fits"), timeout=CALL_TIMEOUT).labels
+        fz.assert_healthy()
     finally:
         fz.stop()
 

@@ -377,8 +377,7 @@ class DaemonModel(RuleBasedStateMachine):
                 errors.add(AE)
             if len(vm.irqfds) >= LIMITS["max_irqfds_per_vm"]:
                 errors.add(RE)
-            if resample and any(g == gsi and r for g, r, _ in vm.irqfds.values()):
-                errors.add(AE)
+            # Several resample irqfds may share a GSI (KVM's one resampler).
         code, got = self.call(rpc.InterruptsStub(self.ch).RegisterIrqfd,
                               pb.RegisterIrqfdRequest(vm_id=vm_id, irqfd_id=irqfd_id, gsi=gsi,
                                                       resample=resample))
@@ -430,6 +429,12 @@ class DaemonModel(RuleBasedStateMachine):
                 errors.add(RE)
             wanted = (where[0], where[1], length, datamatch)
             if any(ioevent_collides(wanted, e) for e in vm.ioevents.values()):
+                errors.add(AE)
+            # One owner per address: not a device's, nor a claim's.
+            taken = (where[0], where[1], max(1, length))
+            if any(overlaps(taken, (pb.PIO, base, n)) for base, n in DEVICE_PORTS) or any(
+                    overlaps(taken, held) for c in self.claims if c.vm_id == vm_id
+                    for held in c.ranges):
                 errors.add(AE)
         request = pb.RegisterIoeventRequest(vm_id=vm_id, ioevent_id=ioevent_id,
                                             space=where[0], address=where[1], length=length)
@@ -582,6 +587,9 @@ class DaemonModel(RuleBasedStateMachine):
             if any(overlaps(r, held) for r in ranges for c in self.claims
                    if c.vm_id == vm_id for held in c.ranges):
                 errors.add(AE)
+            if any(overlaps(r, (e[0], e[1], max(1, e[2]))) for r in ranges
+                   for e in self.vms[vm_id].ioevents.values()):
+                errors.add(AE)  # one owner per address: not an ioevent's
         stream = ClaimStream(self.ch, vm_id, ranges)
         code = stream.first()
         if self.expect(code, errors, f"claim {vm_id} {ranges}"):

@@ -161,6 +161,24 @@ def test_irqfd_resample(vm: Vm, events: list[EventFd]) -> None:
     assert _errno_of(vm.register_irqfd, 4, ev1, -1) == errno.EBADF
 
 
+def test_several_resample_irqfds_share_a_gsi(vm: Vm, events: list[EventFd]) -> None:
+    # KVM keeps one resampler per GSI and lists every resample irqfd on it (a shared
+    # level-triggered line): a second one is accepted, each with its own resample fd.
+    vm.create_irq_chip()
+    ev1, ev2, ev3 = events
+    extra = EventFd()
+    try:
+        vm.register_irqfd(4, ev1, resample=ev2)
+        vm.register_irqfd(4, ev3, resample=extra)
+        # The same eventfd twice is still refused; each of the two can go on its own.
+        assert _errno_of(vm.register_irqfd, 4, ev1, ev2) == errno.EEXIST
+        vm.unregister_irqfd(4, ev1)
+        vm.unregister_irqfd(4, ev3)
+        assert _errno_of(vm.unregister_irqfd, 4, ev3) == errno.ENOENT
+    finally:
+        extra.close()
+
+
 def test_irqfd_needs_irqchip(vm: Vm, events: list[EventFd]) -> None:
     assert _errno_of(vm.register_irqfd, 4, events[0]) == errno.EINVAL
 

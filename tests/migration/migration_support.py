@@ -31,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "state"))
 
-from state_guests import COUNTER_ADDR, assemble
+from polling import wait_until
+from state_guests import COUNTER_ADDR, PRINT_ROUTINES, assemble
 from state_support import Node, connect
 
 from kvmd_proto import vmm_pb2 as pb
@@ -78,39 +79,11 @@ bad:
     out %al, %dx
     hlt
 
-print_dec:                      # %eax in decimal, then a newline
-    mov $10, %ecx
-    xor %bx, %bx
-1:  xor %edx, %edx
-    div %ecx
-    push %dx
-    inc %bx
-    test %eax, %eax
-    jnz 1b
-2:  pop %ax
-    add $0x30, %al
-    call putc
-    dec %bx
-    jnz 2b
-    mov $0x0A, %al
-    call putc
-    ret
-
-putc:                           # %al to COM1, once the transmitter is empty
-    mov %al, %ah
-    mov $0x3FD, %dx
-3:  in %dx, %al
-    test $0x20, %al
-    jz 3b
-    mov $0x3F8, %dx
-    mov %ah, %al
-    out %al, %dx
-    ret
 """
 
 
 def working_set_source(pages: int = WS_PAGES, base: int = WS_BASE) -> str:
-    return WORKING_SET_SOURCE.format(base=base, end=base + pages * 4096)
+    return WORKING_SET_SOURCE.format(base=base, end=base + pages * 4096) + PRINT_ROUTINES
 
 
 def free_port() -> int:
@@ -348,14 +321,8 @@ class LinkProxy:
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    """tests/polling.wait_until, under the name these tests use."""
+    return wait_until(predicate, timeout, what, interval=0.05)
 
 
 @pytest.fixture(scope="session")
@@ -370,12 +337,16 @@ class HostPair:
         self.directory = directory
         self.pki = pki
         self.starts = 0
+        # One images directory for both: shared storage, as between two hosts of a cluster.
+        self.images = directory / "images"
+        self.images.mkdir(mode=0o750)
         self.a = self._start("kvmd-a")
         self.b = self._start("kvmd-b")
 
     def _start(self, name: str) -> Host:
         self.starts += 1
-        return Host(self.directory / f"{name}-{self.starts}", self.pki, name)
+        return Host(self.directory / f"{name}-{self.starts}", self.pki, name,
+                    "--images-dir", str(self.images))
 
     def fresh(self) -> tuple[Host, Host]:
         if self.a.proc.poll() is not None:

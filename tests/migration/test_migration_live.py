@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import time
 
+import grpc
+import pytest
 from migration_support import (
     BAD_EXIT_CODE,
+    GUEST_MEM,
     STATIC_BASE,
     STATIC_SIZE,
     ConsoleFollower,
     Host,
+    HostPair,
     wait_for,
 )
 from state_guests import COUNTER_ADDR, PIT_SOURCE, counter_numbers
@@ -93,3 +97,54 @@ def test_a_paused_vm_arrives_paused_and_a_created_one_created(
     assert b.vm("c").state == "created"
     b.node.start("c")
     wait_for(lambda: b.passes("c") > 5, 30, "passes of the VM started on the target")
+
+
+def test_files_mapped_into_the_vm_travel_by_reference(
+        hosts: tuple[Host, Host], host_pair: HostPair) -> None:
+    a, b = hosts
+    images = host_pair.images
+    (images / "rom.img").write_bytes(b"\x40" * (16 * 4096))
+    (images / "data.img").write_bytes(b"\x11" * (64 * 4096))
+    a.boot_working_set("files")
+    s = a.stubs
+    s.memory.MapGuestMemory(pb.MapGuestMemoryRequest(
+        vm_id="files", slot=0, offset=STATIC_BASE, size=16 * 4096,
+        file=pb.MemoryFile(name="rom.img")))
+    data = s.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+        vm_id="files", guest_addr=GUEST_MEM, size=64 * 4096,
+        file=pb.MemoryFile(name="data.img")))
+    a.node.write("files", GUEST_MEM, b"the VM wrote this")
+    a.node.start("files")
+    wait_for(lambda: a.passes("files") > 10, 30, "passes")
+    progress = a.migrate("files", b)
+    assert progress[-1].phase == pb.MigrationProgress.COMPLETED
+    # The files' pages did not travel (only the guest's own: about its 4 MiB working set).
+    assert progress[-1].bytes_sent < 12 << 20
+    assert b.node.read("files", STATIC_BASE, 16 * 4096) == b"\x40" * (16 * 4096)
+    assert b.node.read("files", GUEST_MEM, 17) == b"the VM wrote this"
+    assert (images / "data.img").read_bytes()[:17] == b"the VM wrote this"
+    passes = b.passes("files")
+    wait_for(lambda: b.passes("files") > passes + 10, 30, "passes on the target")
+    regions = b.stubs.memory.ListMemoryRegions(pb.ListMemoryRegionsRequest(vm_id="files"))
+    assert [r.file.name for r in regions.regions] == ["", "data.img"]
+    assert [m.file.name for m in regions.regions[0].mappings] == ["rom.img"]
+    assert data.slot == 1
+
+
+def test_a_target_without_the_file_refuses_and_the_vm_stays(
+        hosts: tuple[Host, Host], host_pair: HostPair) -> None:
+    a, b = hosts
+    images = host_pair.images
+    (images / "gone.img").write_bytes(b"\x40" * (16 * 4096))
+    a.boot_working_set("nofile")
+    a.stubs.memory.MapGuestMemory(pb.MapGuestMemoryRequest(
+        vm_id="nofile", slot=0, offset=STATIC_BASE, size=16 * 4096,
+        file=pb.MemoryFile(name="gone.img")))
+    a.node.start("nofile")
+    (images / "gone.img").unlink()  # still mapped here; not there for the target
+    with pytest.raises(grpc.RpcError) as err:
+        a.migrate("nofile", b)
+    assert "gone.img" in err.value.details()
+    vm = a.vm("nofile")
+    assert vm.state == "running" and vm.migrating_to == ""
+    assert b.vm_ids() == []

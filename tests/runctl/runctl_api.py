@@ -211,6 +211,7 @@ class Api:
         self.vcpus = rpc.VcpusStub(self.channel)
         self.memory = rpc.MemoryStub(self.channel)
         self.exits = rpc.ExitHandlersStub(self.channel)
+        self.ioevents = rpc.IoEventsStub(self.channel)
         self.hypervisor = rpc.HypervisorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._watchers: list[Watcher] = []

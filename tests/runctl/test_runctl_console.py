@@ -152,10 +152,22 @@ def test_debug_exit_port_on_the_uart_is_refused(api: Api) -> None:
                     Code.INVALID_ARGUMENT)
 
 
-def test_console_input_beyond_the_buffer_is_resource_exhausted(api: Api) -> None:
+def test_console_input_larger_than_the_buffer_is_invalid_argument(api: Api) -> None:
+    """Input that could never fit the COM1 input buffer (4096 bytes) is a bad argument, not
+    a limit a retry could get past: INVALID_ARGUMENT. Input that fits the buffer but not its
+    free room now is RESOURCE_EXHAUSTED (retryable); nothing is queued either way."""
     api.create_vm("flood")
     api.assert_code(lambda: api.vms.WriteConsole(pb.WriteConsoleRequest(
-        vm_id="flood", data=b"x" * 5000)), Code.RESOURCE_EXHAUSTED)
+        vm_id="flood", data=b"x" * 5000)), Code.INVALID_ARGUMENT)
+    api.assert_code(lambda: api.vms.WriteConsole(pb.WriteConsoleRequest(
+        vm_id="flood", data=b"x" * 4097)), Code.INVALID_ARGUMENT)
+    # The guest does not run: nothing drains the buffer.
+    assert api.vms.WriteConsole(pb.WriteConsoleRequest(
+        vm_id="flood", data=b"y" * 4000)).accepted == 4000
+    api.assert_code(lambda: api.vms.WriteConsole(pb.WriteConsoleRequest(
+        vm_id="flood", data=b"z" * 97)), Code.RESOURCE_EXHAUSTED)
+    assert api.vms.WriteConsole(pb.WriteConsoleRequest(
+        vm_id="flood", data=b"z" * 96)).accepted == 96
     api.delete("flood")
 
 

@@ -3,8 +3,10 @@ paused, resume exactly where it stopped, stop, wrong-state calls, DeleteVm mid-r
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
 from guests import SPIN, UD2
 from guests_runctl import (
     COUNTING_LOOP_LEN,
@@ -325,3 +327,77 @@ def test_restart_after_debug_exit_clears_the_exit_code(api: Api) -> None:
     assert api.get_vm("rerun").reason == ""
     api.stop("rerun")
     api.delete("rerun")
+
+
+class FailingThreads:
+    """Stands in for kvmd.core.vcpu's `threading`: thread creation fails after `ok`
+    successes, as under a tasks limit (TasksMax=, RLIMIT_NPROC): "can't start new thread"."""
+
+    def __init__(self, ok: int) -> None:
+        self.left = ok
+        outer = self
+
+        class Thread(threading.Thread):
+            def start(self) -> None:
+                if outer.left <= 0:
+                    raise RuntimeError("can't start new thread")
+                outer.left -= 1
+                super().start()
+
+        self.Thread = Thread
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(threading, name)
+
+
+def test_a_start_that_fails_half_way_rolls_back(api: Api, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    """StartVm with thread creation failing at the third of four vCPUs: RESOURCE_EXHAUSTED,
+    every vCPU as it was (created; the next round stopped), no thread and no event left
+    behind; StartVm works once threads are available again. StartVcpu alike."""
+    import kvmd.core.vcpu as vcpu_module
+
+    entries = {i: LOOP for i in range(4)}
+    api.boot("half", SPIN, entries=entries)
+    threads_before = len(vcpu_threads())
+    for expected in ("created", "stopped"):
+        watch = api.watch("half")
+        watch.wait_for("state")
+        with monkeypatch.context() as m:
+            m.setattr(vcpu_module, "threading", FailingThreads(ok=2))
+            api.assert_code(lambda: api.start("half"), Code.RESOURCE_EXHAUSTED)
+        vm = api.get_vm("half")
+        assert (vm.state, dict(vm.vcpu_states)) == (expected, dict.fromkeys(entries, expected))
+        assert len(vcpu_threads()) == threads_before
+        with monkeypatch.context() as m:
+            m.setattr(vcpu_module, "threading", FailingThreads(ok=0))
+            api.assert_code(lambda: api.vcpus.StartVcpu(ref("half", 1)),
+                            Code.RESOURCE_EXHAUSTED)
+        assert api.vcpu_state("half", 1).state == expected
+        assert watch.types() == ["state"]  # nothing happened
+        assert api.start("half").state == "running"
+        assert len(vcpu_threads()) == threads_before + 4
+        api.stop("half")
+        watch.wait_for("stopped", nth=4)
+        watch.cancel()
+    api.delete("half")
+
+
+def test_a_vm_whose_reaper_thread_cannot_start_is_not_made(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dirty-ring VM needs a reaper thread: under a tasks limit CreateVm answers
+    RESOURCE_EXHAUSTED and leaves no VM, descriptor or thread behind."""
+    import kvmd.core.dirty as dirty_module
+
+    host = api.daemon.host
+    assert host is not None
+    api.assert_healthy()  # the client's and the daemon's descriptors for calls are open
+    fds, in_use = fd_count(), host.fds.in_use
+    with monkeypatch.context() as m:
+        m.setattr(dirty_module, "threading", FailingThreads(ok=0))
+        api.assert_code(lambda: api.create_vm("reaperless", dirty_tracking="ring"),
+                        Code.RESOURCE_EXHAUSTED)
+    assert "reaperless" not in {v.vm_id for v in api.vms.ListVms(pb.ListVmsRequest()).vms}
+    assert (fd_count(), host.fds.in_use) == (fds, in_use)
+    api.create_vm("reaperless", dirty_tracking="ring")
+    api.delete("reaperless")

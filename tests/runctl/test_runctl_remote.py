@@ -410,3 +410,71 @@ def test_strict_io_vm_crashes_once_its_handler_is_gone(api: Api) -> None:
     assert "unclaimed port read" in watch.wait_for("crashed").reason
     api.assert_healthy()
     api.delete("strict-claim")
+
+
+def _ioevent(api: Api, vm_id: str, ioevent_id: str, space: int, address: int,
+             length: int = 0, datamatch: int | None = None) -> pb.Ioevent:
+    req = pb.RegisterIoeventRequest(vm_id=vm_id, ioevent_id=ioevent_id, space=space,  # type: ignore[arg-type]
+                                    address=address, length=length)
+    if datamatch is not None:
+        req.datamatch = datamatch
+    return api.ioevents.RegisterIoevent(req)
+
+
+def test_one_owner_per_address_among_devices_claims_and_ioevents(api: Api) -> None:
+    """An address has one kind of owner: an in-daemon device (COM1, the debug-exit port), a
+    remote handler's claim, or ioevents (several of which may share an address with other
+    datamatches, as KVM allows). Taking an address another kind owns is ALREADY_EXISTS,
+    whichever came first: an ioevent there would silently swallow the guest's writes."""
+    api.create_vm("owners", debug_exit_port=0x1234)
+    for port in (0x3F8, 0x3FD, 0x3FF, 0x1234):                  # COM1, the debug-exit port
+        api.assert_code(lambda port=port: _ioevent(api, "owners", "ev", pb.PIO, port),
+                        Code.ALREADY_EXISTS)
+    api.assert_code(lambda: _ioevent(api, "owners", "ev", pb.PIO, 0x3F6, length=4),
+                    Code.ALREADY_EXISTS)                          # 0x3f6-0x3f9 reaches COM1
+    _ioevent(api, "owners", "below-com1", pb.PIO, 0x3F6, length=2)  # 0x3f6-0x3f7: free
+    _ioevent(api, "owners", "old-debug-port", pb.PIO, DEBUG_EXIT_PORT)  # moved away: free
+
+    claim = api.handler("owners", [pio(0x300, 8), mmio(MMIO_BASE, 0x1000)])
+    claim.claimed()
+    api.assert_code(lambda: _ioevent(api, "owners", "ev", pb.PIO, 0x304, length=1),
+                    Code.ALREADY_EXISTS)
+    api.assert_code(lambda: _ioevent(api, "owners", "ev", pb.MMIO, MMIO_BASE + 0xFFC,
+                                     length=4), Code.ALREADY_EXISTS)
+    api.assert_code(lambda: _ioevent(api, "owners", "ev", pb.MMIO, MMIO_BASE - 4,
+                                     length=8), Code.ALREADY_EXISTS)  # straddles the start
+    _ioevent(api, "owners", "after-claim", pb.MMIO, MMIO_BASE + 0x1000, length=4)
+
+    # Ioevents first: a claim over any of them is refused, all or nothing.
+    _ioevent(api, "owners", "m1", pb.PIO, 0x320, length=1, datamatch=1)
+    _ioevent(api, "owners", "m2", pb.PIO, 0x320, length=1, datamatch=2)  # same address: fine
+    refused(api, api.handler("owners", [pio(0x31C, 8)]), Code.ALREADY_EXISTS)
+    refused(api, api.handler("owners", [pio(0x330), mmio(MMIO_BASE + 0x1000, 1)]),
+            Code.ALREADY_EXISTS)
+    free = api.handler("owners", [pio(0x321, 7), pio(0x330)])      # next to them: free
+    free.claimed()
+
+    # Released owners free their addresses for the other kinds.
+    claim.close()
+    assert claim.wait_ended() == Code.OK
+    _ioevent(api, "owners", "where-claimed", pb.PIO, 0x304, length=1)
+    for ioevent_id in ("m1", "m2"):
+        api.ioevents.UnregisterIoevent(pb.UnregisterIoeventRequest(vm_id="owners",
+                                                                   ioevent_id=ioevent_id))
+    again = api.handler("owners", [pio(0x31C, 4), pio(0x320)])
+    again.claimed()
+    for h in (free, again):
+        h.close()
+    api.delete("owners")
+
+
+def test_a_refused_ioevent_leaves_the_uart_working(api: Api) -> None:
+    """The guest still prints through COM1 after an ioevent on its port was refused."""
+    api.boot("uart-kept", port_loop(0x3F8, ord("u")))
+    api.assert_code(lambda: _ioevent(api, "uart-kept", "steal", pb.PIO, 0x3F8),
+                    Code.ALREADY_EXISTS)
+    api.start("uart-kept")
+    wait_until(lambda: b"uuu" in b"".join(c.data for c in api.vms.StreamConsole(
+        pb.StreamConsoleRequest(vm_id="uart-kept", backlog=True, no_follow=True))), 10,
+        "the guest's bytes on the console")
+    api.delete("uart-kept")

@@ -19,26 +19,7 @@ PAGES_BASE = PAGES_SEGMENT << 4
 PAGES = 16
 STACK_TOP = 0xF000
 
-COUNTER_SOURCE = r"""
-    .code16
-start:
-    xor %ax, %ax
-    mov %ax, %ds
-    mov %ax, %ss
-    mov $0xF000, %sp
-    mov $0x2000, %bx
-    mov %bx, %es
-next:
-    incl 0x2000                 # the counter
-    mov 0x2000, %eax
-    xor %di, %di
-copy:                           # into the first dword of 16 pages at 0x20000
-    mov %eax, %es:(%di)
-    add $0x1000, %di
-    jnz copy
-    call print_dec              # then "N\n" on COM1
-    jmp next
-
+PRINT_ROUTINES = r"""
 print_dec:                      # %eax in decimal, then a newline
     mov $10, %ecx
     xor %bx, %bx
@@ -68,6 +49,28 @@ putc:                           # %al to COM1, once the transmitter is empty
     out %al, %dx
     ret
 """
+
+COUNTER_SOURCE = r"""
+    .code16
+start:
+    xor %ax, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    mov $0xF000, %sp
+    mov $0x2000, %bx
+    mov %bx, %es
+next:
+    incl 0x2000                 # the counter
+    mov 0x2000, %eax
+    xor %di, %di
+copy:                           # into the first dword of 16 pages at 0x20000
+    mov %eax, %es:(%di)
+    add $0x1000, %di
+    jnz copy
+    call print_dec              # then "N\n" on COM1
+    jmp next
+
+""" + PRINT_ROUTINES
 
 # IRQ0 of the in-kernel PIC, fed by the in-kernel PIT at 1 kHz: the handler counts ticks.
 PIT_SOURCE = r"""

@@ -75,10 +75,10 @@ MAX_MESSAGE_BYTES = 64 << 20
 KEEPALIVE_TIME_MS = 20_000
 #: How long a ping may go unanswered before the connection counts as dead.
 KEEPALIVE_TIMEOUT_MS = 10_000
-# Reconnection after a failure: first after 0.1 s, at most every 5 s (gRPC's defaults, 1 s
+# Reconnection after a failure: first after 0.1 s, at most every second (gRPC's defaults, 1 s
 # and 120 s, would leave calls failing for up to two minutes after a daemon came back).
 INITIAL_RECONNECT_BACKOFF_MS = 100
-MAX_RECONNECT_BACKOFF_MS = 5_000
+MAX_RECONNECT_BACKOFF_MS = 1_000
 
 #: The idempotent RPCs, by service: retried on UNAVAILABLE.
 RETRIED_METHODS: dict[str, tuple[str, ...]] = {
@@ -91,6 +91,7 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
                       "GetCpuid", "GetMsrs", "GetMpState", "GetLapic", "GetVcpuEvents"),
     "kvmd.v1.Snapshots": ("ListSnapshots",),
     "kvmd.v1.Migration": ("ListMigrations",),
+    "kvmd.v1.Handover": ("ListStrandedVms", "GetHandoverReport"),
     "grpc.health.v1.Health": ("Check", "Watch"),
 }
 
@@ -134,6 +135,7 @@ def channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, An
         # default stops after 2 pings without data, which leaves such streams unwatched.
         "grpc.http2.max_pings_without_data": 0,
         "grpc.initial_reconnect_backoff_ms": INITIAL_RECONNECT_BACKOFF_MS,
+        "grpc.min_reconnect_backoff_ms": INITIAL_RECONNECT_BACKOFF_MS,
         "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS,
     }
     options.update(dict(extra))

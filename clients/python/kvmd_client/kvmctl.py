@@ -380,6 +380,7 @@ def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
             ("page size", info.page_size),
             ("VMs", info.vm_count),
             ("memory in use", human_bytes(info.memory_in_use_bytes)),
+            ("fds in use", f"{info.fds_in_use} of {info.limits.max_fds}"),
         ]
     )
     limit_text = format_kv(
@@ -393,6 +394,8 @@ def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
             ("max ioevents per VM", limits.max_ioevents_per_vm),
             ("max message size", human_bytes(limits.max_message_bytes)),
             ("max concurrent RPCs", limits.max_concurrent_rpcs),
+            ("max file descriptors", limits.max_fds),
+            ("max file descriptors per identity", limits.max_fds_per_identity),
         ],
         indent=2,
     )
@@ -1085,6 +1088,53 @@ def cmd_migration_cancel(c: KvmdClient, a: argparse.Namespace) -> None:
         _out(f"cancelled the migration of vm {a.vm}; it runs on here")
 
 
+def cmd_handover_report(c: KvmdClient, a: argparse.Namespace) -> None:
+    r = c.handover_report()
+    if a.json:
+        _emit_json(message_to_dict(r))
+        return
+    if not r.mode:
+        _out("This daemon did not take VMs over from another.")
+        return
+    _out(f"hand-over ({r.mode}) at {_timestamp(r.unix_ms)} from kvmd "
+         f"{r.previous_version or '?'}: {r.restored} of {r.vms} VMs restored, "
+         f"{r.stranded} stranded\n"
+         f"  save {r.save_seconds * 1000:.1f} ms, start {r.start_seconds * 1000:.1f} ms, "
+         f"restore {r.restore_seconds * 1000:.1f} ms; longest guest pause "
+         f"{r.max_paused_seconds * 1000:.1f} ms; API unavailable "
+         f"{r.api_unavailable_seconds * 1000:.1f} ms; this daemon's start-up "
+         f"{r.startup_seconds * 1000:.1f} ms")
+    rows = [[v.vm_id, "restored" if v.restored else "stranded",
+             f"{v.paused_seconds * 1000:.1f} ms" if v.restored else "-", v.error or ""]
+            for v in r.vm_reports]
+    _out(format_table(["vm", "result", "paused", "error"], rows, empty="No VMs."))
+
+
+def cmd_handover_stranded(c: KvmdClient, a: argparse.Namespace) -> None:
+    vms = c.list_stranded_vms()
+    if a.json:
+        _emit_json([message_to_dict(v) for v in vms])
+        return
+    _out(format_table(["vm", "memory", "since", "state file", "reason"],
+                      [[v.vm_id, human_bytes(v.memory_bytes), _timestamp(v.since_unix_ms),
+                        v.state_file or "-", v.reason] for v in vms],
+                      empty="No stranded VMs."))
+
+
+def cmd_handover_retry(c: KvmdClient, a: argparse.Namespace) -> None:
+    for vm_id in a.vm:
+        vm = c.retry_stranded_vm(vm_id)
+        if not a.json:
+            _out(f"restored vm {vm.vm_id}: {vm.state}")
+
+
+def cmd_handover_delete(c: KvmdClient, a: argparse.Namespace) -> None:
+    for vm_id in a.vm:
+        c.delete_stranded_vm(vm_id)
+        if not a.json:
+            _out(f"deleted stranded vm {vm_id}: its saved state and memory are gone")
+
+
 def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
     """Print the console backlog, then (unless --no-follow) live output until Ctrl-C,
     --duration or the VM's deletion; with --interactive also send stdin lines to the guest."""
@@ -1259,6 +1309,10 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
                        help="expected server name in the daemon's certificate")
     group.add_argument("--timeout", metavar="SECONDS", type=float, default=default(30.0),
                        help="deadline for each call (default 30)")
+    group.add_argument("--retry-timeout", metavar="SECONDS", type=float,
+                       default=default(10.0),
+                       help="ride out a daemon restart or hand-over this long: calls are "
+                       "retried, streams re-opened (default 10; 0: never)")
     group.add_argument("--json", action="store_true", default=default(False),
                        help="machine-readable JSON on stdout")
 
@@ -1497,6 +1551,26 @@ def build_parser() -> argparse.ArgumentParser:
     _finish(_leaf(snaps, "list", cmd_snapshot_list, "list snapshot files", aliases=["ls"]))
     p = _leaf(snaps, "delete", cmd_snapshot_delete, "delete snapshot files", aliases=["rm"])
     p.add_argument("name", metavar="NAME", nargs="+", help="file names")
+    _finish(p)
+
+    # hand-over: stranded VMs and the last hand-over's outage
+    hand = top.add_parser("handover", help="daemon restarts and upgrades: the last hand-over, "
+                          "stranded VMs",
+                          description="A restarted or upgraded daemon (systemd fd store, or "
+                          "kvmd --take-over) re-creates every VM. One it could not restore is "
+                          "stranded: its state and memory are kept until retried or deleted.")
+    hands = _subparsers(hand, "handover_command")
+    _finish(_leaf(hands, "report", cmd_handover_report,
+                  "the last hand-over this daemon received: outage and results"))
+    _finish(_leaf(hands, "stranded", cmd_handover_stranded,
+                  "VMs a hand-over could not restore, and why", aliases=["list", "ls"]))
+    p = _leaf(hands, "retry", cmd_handover_retry, "restore stranded VMs again")
+    p.add_argument("vm", metavar="VM", nargs="+", help="stranded VM ids")
+    _finish(p)
+    p = _leaf(hands, "delete", cmd_handover_delete,
+              "give stranded VMs up: their saved state and memory are released",
+              aliases=["rm"])
+    p.add_argument("vm", metavar="VM", nargs="+", help="stranded VM ids")
     _finish(p)
 
     # exits, demo
@@ -1792,6 +1866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_server_name=args.tls_server_name,
             timeout=args.timeout,
             transfer_timeout=args.timeout,  # --timeout bounds every call, transfers too
+            retry_timeout=args.retry_timeout,
         )
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)

@@ -23,12 +23,17 @@ Conventions:
 - Every call has a default deadline except the streams meant to stay open (watches, the
   console, exit handlers, migrations); idempotent calls are retried on UNAVAILABLE; open
   calls are kept alive with pings. :mod:`kvmd_client.channel` has the details.
+- Daemon restarts and upgrades (kvmd hands its VMs over to a new process) show as a short
+  UNAVAILABLE: within ``retry_timeout`` the client retries idempotent calls, and any call the
+  daemon refused unexecuted during a hand-over, and re-opens watch and console streams (a
+  console resumes at its offset: no byte repeated or lost) and exit handler claims.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,9 +62,11 @@ from kvmd_proto import vmm_pb2, vmm_pb2_grpc
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_RETRY_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "DEFAULT_TRANSFER_TIMEOUT",
     "MAX_MESSAGE_BYTES",
+    "ConsoleWatch",
     "DirtyLog",
     "ExitHandlerSession",
     "KvmdClient",
@@ -74,6 +81,15 @@ __all__ = [
 DEFAULT_ADDRESS = "unix:///run/kvmd/kvmd.sock"
 #: Bytes per streamed chunk of guest memory (well below the 4 MiB default message limit).
 DEFAULT_CHUNK_SIZE = 1 << 20
+#: How long calls and streams ride out a daemon restart or hand-over by default (seconds).
+DEFAULT_RETRY_TIMEOUT = 30.0
+# Trailing metadata of the daemon: a call refused, unexecuted, during a hand-over; why a
+# stream ended (kvmd/api/gate.py, kvmd/api/streams.py).
+_RETRY_KEY, _RETRY_HANDOVER = "kvmd-retry", "handover"
+_END_KEY, _RESTART_ENDS = "kvmd-stream-end", ("shutdown", "lagged")
+# Unary calls that may run twice with the same effect: retried on any UNAVAILABLE.
+_IDEMPOTENT_PREFIXES = ("Get", "List", "Check", "Set", "Sync", "Measure")
+_FIRST_BACKOFF, _MAX_BACKOFF = 0.05, 1.0
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -184,30 +200,95 @@ def _set_bits(bitmap: bytes, first_page: int, limit: int) -> list[int]:
     return pages
 
 
+def _metadata(call: Any, key: str) -> str:
+    try:
+        pairs = call.trailing_metadata() or ()
+    except Exception:
+        return ""
+    return next((str(v) for k, v in pairs if k == key), "")
+
+
+class _Reconnect:
+    """Backoff and deadline of one attempt to ride out a daemon restart."""
+
+    def __init__(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.backoff = _FIRST_BACKOFF
+
+    def wait(self, cancelled: threading.Event | None = None) -> bool:
+        """Sleep before the next attempt; False once the deadline passed (or cancelled)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return False
+        pause = min(left, self.backoff * (0.5 + random.random() / 2))
+        self.backoff = min(self.backoff * 2, _MAX_BACKOFF)
+        if cancelled is not None:
+            return not cancelled.wait(pause)
+        time.sleep(pause)
+        return True
+
+
 class Watch(Generic[T]):
     """A cancellable iterator over a server stream (``watch_ioevents``, ...).
 
     Iterate it for events; call :meth:`cancel` (from any thread) or leave its ``with`` block to
     end the stream, after which iteration stops quietly. Other stream failures are raised as
     :class:`KvmdError`.
+
+    Given ``reopen`` (a function opening the stream again) it survives a daemon restart or
+    hand-over: a stream the daemon ended because it is going away (trailing metadata
+    ``kvmd-stream-end: shutdown``), or that broke with UNAVAILABLE, is opened again, for up
+    to ``retry_timeout`` seconds; events in between are not replayed (a re-opened
+    ``watch_vm`` starts with the current state).
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, reopen: Callable[[], Any] | None = None,
+                 retry_timeout: float = 0.0) -> None:
         self._call = call
         self._cancelled = threading.Event()
+        self._reopen = reopen
+        self._retry_timeout = retry_timeout
+        self._lock = threading.Lock()
+        #: Times the stream was opened again after a daemon restart or hand-over.
+        self.reopened = 0
 
     def __iter__(self) -> Watch[T]:
         return self
 
     def __next__(self) -> T:
-        try:
-            item: T = next(self._call)
-        except grpc.RpcError as e:
-            error = from_rpc_error(e)
-            if self._cancelled.is_set() and isinstance(error, CancelledError):
-                raise StopIteration from None
-            raise error from e
-        return item
+        retry: _Reconnect | None = None
+        while True:
+            try:
+                item: T = next(self._call)
+            except StopIteration:
+                if self._cancelled.is_set() or self._reopen is None or \
+                        _metadata(self._call, _END_KEY) not in _RESTART_ENDS:
+                    raise
+                retry = retry or _Reconnect(self._retry_timeout)
+                if not retry.wait(self._cancelled):
+                    raise
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+                if self._cancelled.is_set() and isinstance(error, CancelledError):
+                    raise StopIteration from None
+                if self._reopen is None or not isinstance(error, UnavailableError):
+                    raise error from e
+                retry = retry or _Reconnect(self._retry_timeout)
+                if not retry.wait(self._cancelled):
+                    if self._cancelled.is_set():
+                        raise StopIteration from None
+                    raise error from e
+            else:
+                self._seen(item)
+                return item
+            with self._lock:
+                if self._cancelled.is_set():
+                    raise StopIteration
+                self._call = self._reopen()
+                self.reopened += 1
+
+    def _seen(self, item: T) -> None:
+        """Called with every item received (resumable streams note their position)."""
 
     def next(self, timeout: float | None = None) -> T | None:
         """The next event, or None if ``timeout`` seconds pass (the stream is then cancelled)
@@ -225,7 +306,8 @@ class Watch(Generic[T]):
     def cancel(self) -> None:
         """End the stream; a blocked ``next()`` returns with StopIteration."""
         self._cancelled.set()
-        self._call.cancel()
+        with self._lock:
+            self._call.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -257,6 +339,23 @@ class Watch(Generic[T]):
         self.cancel()
 
 
+class ConsoleWatch(Watch[vmm_pb2.ConsoleOutput]):
+    """A console stream that resumes where it was after a daemon restart or hand-over: it
+    re-opens at the offset after the last byte received (``StreamConsoleRequest.from_offset``),
+    so no byte is repeated, and none is lost while the daemon's backlog still holds it (a
+    message whose ``offset`` is past :attr:`next_offset` shows a gap)."""
+
+    def __init__(self, open_at: Callable[[int], Any], retry_timeout: float,
+                 from_offset: int = 0) -> None:
+        self.next_offset = from_offset  # 0 until the first message: unknown
+        self._open_at = open_at
+        super().__init__(open_at(from_offset), lambda: self._open_at(self.next_offset),
+                         retry_timeout)
+
+    def _seen(self, item: vmm_pb2.ConsoleOutput) -> None:
+        self.next_offset = item.offset + len(item.data)
+
+
 def address_range(space: str | int, base: int, length: int) -> vmm_pb2.AddressRange:
     """A PIO or MMIO address range for :meth:`KvmdClient.handle_exits`."""
     return vmm_pb2.AddressRange(space=_space_name(space), base=base, length=length)
@@ -285,19 +384,35 @@ class ExitHandlerSession(Watch[vmm_pb2.ExitRequest]):
         ranges: the claimed ranges as the daemon confirmed them.
     """
 
-    def __init__(self, method: Callable[..., Any], claim: vmm_pb2.ClaimRequest) -> None:
+    def __init__(self, method: Callable[..., Any], claim: vmm_pb2.ClaimRequest,
+                 retry_timeout: float = 0.0) -> None:
+        self._method = method
+        self._claim = claim
         self._outbox: queue.Queue[vmm_pb2.ExitHandlerMessage | None] = queue.Queue()
-        self._outbox.put(vmm_pb2.ExitHandlerMessage(claim=claim))
+        self._open_exits: set[int] = set()
+        super().__init__(self._open(), self._reclaim if retry_timeout else None,
+                         retry_timeout)
+        self._confirm()
+
+    def _open(self) -> Any:
+        """Open the stream with the claim as its first message (a fresh outbox each time:
+        replies queued for a stream that ended are dropped with it)."""
+        outbox: queue.Queue[vmm_pb2.ExitHandlerMessage | None] = queue.Queue()
+        outbox.put(vmm_pb2.ExitHandlerMessage(claim=self._claim))
+        self._outbox.put(None)  # ends the previous stream's requests
+        self._outbox = outbox
+        self._open_exits = set()
 
         def requests() -> Iterator[vmm_pb2.ExitHandlerMessage]:
-            while (message := self._outbox.get()) is not None:
+            while (message := outbox.get()) is not None:
                 yield message
 
         try:
-            call = method(requests())
+            return self._method(requests())
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
-        super().__init__(call)
+
+    def _confirm(self) -> None:
         try:
             first = next(self._call)
         except grpc.RpcError as e:
@@ -310,15 +425,29 @@ class ExitHandlerSession(Watch[vmm_pb2.ExitRequest]):
         self.handler_id: str = first.claimed.handler_id
         self.ranges: list[vmm_pb2.AddressRange] = list(first.claimed.ranges)
 
+    def _reclaim(self) -> Any:
+        """The daemon restarted or handed over: claim the same ranges again (the new
+        daemon's first message confirms them, with a new handler id: see __next__)."""
+        return self._open()
+
     def __next__(self) -> vmm_pb2.ExitRequest:
         while True:
             event: Any = super().__next__()
+            if event.WhichOneof("event") == "claimed":  # after a re-claim
+                self.handler_id = event.claimed.handler_id
+                continue
             if event.WhichOneof("event") == "exit":
                 exit_request: vmm_pb2.ExitRequest = event.exit
+                self._open_exits.add(exit_request.exit_id)
                 return exit_request
 
     def reply(self, exit_id: int, data: bytes = b"") -> None:
-        """Answer one exit: ``data`` is exactly the access size for reads, empty for writes."""
+        """Answer one exit: ``data`` is exactly the access size for reads, empty for writes.
+        A reply to an exit of a stream that ended since (a daemon restart) is dropped: that
+        access was completed without it."""
+        if exit_id not in self._open_exits:
+            return
+        self._open_exits.discard(exit_id)
         reply = vmm_pb2.ExitReply(exit_id=exit_id, data=bytes(data))
         self._outbox.put(vmm_pb2.ExitHandlerMessage(reply=reply))
 
@@ -340,6 +469,7 @@ class ExitHandlerSession(Watch[vmm_pb2.ExitRequest]):
     def close(self, timeout: float = 2.0) -> None:
         """Release the claims gracefully: finish sending queued replies, half-close, and wait
         up to ``timeout`` seconds for the daemon to end the stream (then cancel it)."""
+        self._reopen = None
         self._outbox.put(None)
         timer = threading.Timer(timeout, super().cancel)
         timer.daemon = True
@@ -355,6 +485,7 @@ class ExitHandlerSession(Watch[vmm_pb2.ExitRequest]):
 
     def cancel(self) -> None:
         """Release the claims at once, dropping replies not yet sent."""
+        self._reopen = None
         self._outbox.put(None)
         super().cancel()
 
@@ -379,11 +510,20 @@ class KvmdClient:
         timeout: deadline in seconds of unary calls (None: none).
         transfer_timeout: deadline in seconds of transfers: guest memory and dirty-log
             streams, snapshots, restores, console backlogs (None: none).
+        retry_timeout: how long to ride out a daemon restart or hand-over, in seconds (0:
+            never retry). Idempotent unary calls (Get*, List*, Check*, Set*, Sync*,
+            Measure*, the health check) are retried on UNAVAILABLE, any unary call the daemon
+            refused unexecuted during a hand-over (``kvmd-retry: handover``) or that could not
+            reach it, each within its own deadline; watch, console and exit handler streams
+            are re-opened. A client that never reached the daemon, on a Unix socket that does
+            not exist, is not kept waiting (no daemon runs there): only gRPC's own short
+            retries apply.
         channel_options: gRPC channel arguments added to, or replacing, the client's own
             (:func:`kvmd_client.channel.channel_options`).
 
     Watches, followed consoles, exit handlers and migrations have no default deadline (see
-    :mod:`kvmd_client.channel`, which also describes the retries and the keepalive).
+    :mod:`kvmd_client.channel`, which also describes gRPC's own retries of short outages and
+    the keepalive).
     """
 
     def __init__(
@@ -396,6 +536,7 @@ class KvmdClient:
         tls_server_name: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         transfer_timeout: float | None = DEFAULT_TRANSFER_TIMEOUT,
+        retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         target, is_unix = normalize_address(address)
@@ -403,6 +544,9 @@ class KvmdClient:
         self.target = target
         self.timeout = timeout
         self.transfer_timeout = transfer_timeout
+        self.retry_timeout = retry_timeout
+        self._socket_path = _unix_path(target) if is_unix else None
+        self._reached = False  # some call got an answer from a daemon
         options = _channel_options(channel_options)
         use_tls = tls_ca is not None or tls_cert is not None or tls_key is not None
         if use_tls:
@@ -420,6 +564,9 @@ class KvmdClient:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
+        self._raw_channel = self._channel
+        if retry_timeout > 0:
+            self._channel = grpc.intercept_channel(self._channel, _RetryInterceptor(self))
         self.tls = use_tls
         #: The channel arguments the client's channel was made with.
         self.channel_options: list[tuple[str, Any]] = options
@@ -432,13 +579,14 @@ class KvmdClient:
         self._exit_handlers = vmm_pb2_grpc.ExitHandlersStub(self._channel)
         self._snapshots = vmm_pb2_grpc.SnapshotsStub(self._channel)
         self._migration = vmm_pb2_grpc.MigrationStub(self._channel)
+        self._handover = vmm_pb2_grpc.HandoverStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the channel; in-flight calls and watches are cancelled."""
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> KvmdClient:
         return self
@@ -460,10 +608,13 @@ class KvmdClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def _server_stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
-        """A transfer's server stream (memory, dirty log, snapshot): ``transfer_timeout``."""
+    def _server_stream(self, method: Callable[..., Any], request: Any,
+                       timeout: float | object | None = ...) -> Iterator[Any]:
+        """Iterate a transfer's server stream (memory, dirty log, snapshot; `timeout`: the
+        whole stream's deadline, by default ``transfer_timeout``); stopping early cancels
+        the call."""
         try:
-            call = method(request, timeout=self.transfer_timeout)
+            call = method(request, timeout=self.transfer_timeout if timeout is ... else timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         try:
@@ -473,11 +624,34 @@ class KvmdClient:
         finally:
             call.cancel()  # no-op once complete; ends the stream if the caller stopped early
 
-    def _watch(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Watch[T]:
+    def _watch(self, method: Callable[..., Any], request: Any, timeout: float | None,
+               reopen_request: Any = None) -> Watch[T]:
+        """A server stream, re-opened (with `reopen_request` if given) after a daemon
+        restart or hand-over within retry_timeout."""
+        again = reopen_request if reopen_request is not None else request
         try:
-            return Watch(method(request, timeout=timeout))
+            return Watch(method(request, timeout=timeout),
+                         (lambda: method(again, timeout=timeout)) if self.retry_timeout
+                         else None, self.retry_timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
+
+    # -- retries across daemon restarts ----------------------------------------------------
+
+    def _may_retry(self, method: str, call: Any) -> bool:
+        """Whether a unary call that failed with UNAVAILABLE may be sent again."""
+        if _metadata(call, _RETRY_KEY) == _RETRY_HANDOVER:
+            return True  # refused during a hand-over: it did nothing
+        if not self._reached and self._socket_path is not None and \
+                not os.path.exists(self._socket_path):
+            return False  # no daemon here, and none ever answered this client
+        if not self._reached and self._socket_path is None:
+            return False  # TCP: a daemon that never answered (address, TLS) is not coming
+        short = method.rsplit("/", 1)[-1]
+        if short.startswith(_IDEMPOTENT_PREFIXES):
+            return True
+        details = (call.details() or "").lower()
+        return "failed to connect" in details  # never sent
 
     # -- health ----------------------------------------------------------------------------
 
@@ -583,9 +757,17 @@ class KvmdClient:
         return self._unary(self._vms.GetVm, vmm_pb2.GetVmRequest(vm_id=vm_id))
 
     def list_vms(self, labels: Mapping[str, str] | None = None) -> list[vmm_pb2.Vm]:
-        """Every VM, or only those carrying all of ``labels``."""
-        request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}))
-        return list(self._unary(self._vms.ListVms, request).vms)
+        """Every VM, or only those carrying all of ``labels`` (all pages)."""
+        vms: list[vmm_pb2.Vm] = []
+        token = ""
+        while True:
+            request = vmm_pb2.ListVmsRequest(label_selector=dict(labels or {}),
+                                             page_token=token)
+            page = self._unary(self._vms.ListVms, request)
+            vms += page.vms
+            token = page.next_page_token
+            if not token:
+                return vms
 
     def delete_vm(self, vm_id: str) -> None:
         """Stop the VM's vCPUs and release everything it owns."""
@@ -613,9 +795,12 @@ class KvmdClient:
         self, vm_id: str, *, include_current: bool = False, timeout: float | None = None
     ) -> Watch[vmm_pb2.VmEvent]:
         """A stream of the VM's state changes (started, paused, halted, stopped, crashed,
-        debug_exit, ...); with ``include_current``, first one ``state`` event."""
+        debug_exit, ...); with ``include_current``, first one ``state`` event. Re-opened
+        after a daemon restart, it starts again with a ``state`` event (the changes in
+        between are not replayed)."""
         request = vmm_pb2.WatchVmRequest(vm_id=vm_id, include_current=include_current)
-        return self._watch(self._vms.WatchVm, request, timeout)
+        return self._watch(self._vms.WatchVm, request, timeout,
+                           vmm_pb2.WatchVmRequest(vm_id=vm_id, include_current=True))
 
     def wait_vm(
         self,
@@ -650,11 +835,24 @@ class KvmdClient:
         return self._unary(self._vms.GetExitStats, vmm_pb2.VmRef(vm_id=vm_id))
 
     def stream_console(
-        self, vm_id: str, *, backlog: bool = True, timeout: float | None = None
-    ) -> Watch[vmm_pb2.ConsoleOutput]:
-        """The guest's COM1 output: the buffered backlog first (with ``backlog``), then live."""
-        request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=backlog)
-        return self._watch(self._vms.StreamConsole, request, timeout)
+        self, vm_id: str, *, backlog: bool = True, timeout: float | None = None,
+        from_offset: int = 0,
+    ) -> ConsoleWatch:
+        """The guest's COM1 output: the buffered backlog first (with ``backlog``), then live;
+        with ``from_offset``, from that offset of everything the guest printed (each
+        message's ``offset`` says where its bytes lie). After a daemon restart or hand-over
+        the stream resumes after the last byte received."""
+        method = self._vms.StreamConsole
+
+        def open_at(offset: int) -> Any:
+            request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=backlog or offset > 0,
+                                                   from_offset=offset)
+            return method(request, timeout=timeout)
+
+        try:
+            return ConsoleWatch(open_at, self.retry_timeout, from_offset)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
 
     def console_backlog(self, vm_id: str) -> bytes:
         """The buffered console output now, without following it."""
@@ -1210,7 +1408,29 @@ class KvmdClient:
                     for r in ranges],
             deadline_ms=deadline_ms,
         )
-        return ExitHandlerSession(self._exit_handlers.HandleExits, claim)
+        return ExitHandlerSession(self._exit_handlers.HandleExits, claim, self.retry_timeout)
+
+    # -- Handover --------------------------------------------------------------------------
+
+    def list_stranded_vms(self) -> list[vmm_pb2.StrandedVm]:
+        """VMs a daemon hand-over could not restore, kept (state and memory) for a retry or
+        a forced delete, each with the reason."""
+        response = self._unary(self._handover.ListStrandedVms,
+                               vmm_pb2.ListStrandedVmsRequest())
+        return list(response.vms)
+
+    def retry_stranded_vm(self, vm_id: str) -> vmm_pb2.Vm:
+        """Restore a stranded VM again; it runs if it was running."""
+        return self._unary(self._handover.RetryStrandedVm, vmm_pb2.StrandedVmRef(vm_id=vm_id))
+
+    def delete_stranded_vm(self, vm_id: str) -> None:
+        """Give a stranded VM up: its saved state and guest memory are released."""
+        self._unary(self._handover.DeleteStrandedVm, vmm_pb2.StrandedVmRef(vm_id=vm_id))
+
+    def handover_report(self) -> vmm_pb2.HandoverReport:
+        """The outage of the last hand-over the daemon received (mode "" if none)."""
+        return self._unary(self._handover.GetHandoverReport,
+                           vmm_pb2.GetHandoverReportRequest())
 
     # -- Snapshots -------------------------------------------------------------------------
 
@@ -1329,16 +1549,8 @@ class KvmdClient:
                 bandwidth_bytes_per_second=bandwidth_bytes_per_second, max_rounds=max_rounds,
                 auto_converge=auto_converge, tls_server_name=tls_server_name,
                 timeout_ms=timeout_ms))
-        try:
-            call = self._migration.MigrateVm(request, timeout=deadline)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
-        finally:
-            call.cancel()  # no-op once complete; cancels the migration if stopped early
+        # Stopping early cancels the call, and with it the migration.
+        yield from self._server_stream(self._migration.MigrateVm, request, deadline)
 
     def migrate_vm(
         self, vm_id: str, target: str, token: str, *,
@@ -1388,6 +1600,59 @@ class KvmdClient:
         if value is not None:
             merge_into(current, value)
         return merge_into(current, fields)
+
+
+def _unix_path(target: str) -> str | None:
+    if target.startswith("unix://"):
+        return target[len("unix://"):]
+    if target.startswith("unix:"):
+        return target[len("unix:"):]
+    return None
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, base: Any, timeout: float | None, wait_for_ready: bool | None) -> None:
+        self.method = base.method
+        self.timeout = timeout
+        self.metadata = base.metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = base.compression
+
+
+class _RetryInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Unary calls across a daemon restart or hand-over (see KvmdClient's retry_timeout):
+    each call keeps its own deadline; retries wait for the channel to connect."""
+
+    def __init__(self, client: KvmdClient) -> None:
+        self.client = client
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        started = time.monotonic()
+        retry: _Reconnect | None = None
+        attempt_details = details
+        unavailable = None
+        while True:
+            call = continuation(attempt_details, request)
+            code = call.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and unavailable is not None and (
+                    details.timeout is None or time.monotonic() - started < details.timeout):
+                return unavailable  # a retry waited for a daemon that did not come back
+            if code != grpc.StatusCode.UNAVAILABLE:
+                self.client._reached = True
+                return call
+            if not self.client._may_retry(details.method, call):
+                return call
+            unavailable = call
+            retry = retry or _Reconnect(self.client.retry_timeout)
+            if not retry.wait():
+                return call
+            left = retry.deadline - time.monotonic()
+            if details.timeout is not None:
+                left = min(left, details.timeout - (time.monotonic() - started))
+                if left <= 0:
+                    return call
+            attempt_details = _CallDetails(details, max(left, 0.001), True)
 
 
 def _read(path: str | os.PathLike[str] | None) -> bytes | None:

@@ -8,6 +8,7 @@
  */
 
 #define KVMD_PIO_UNCLAIMED 1
+#define KVMD_PIO_UART 2
 
 /* A decoded exit, copied out of kvm_run so kvm_run never leaves the binding. */
 struct kvmd_exit {
@@ -48,10 +49,37 @@ struct kvmd_route {
     uint32_t address_lo, address_hi, data, flags, devid;
 };
 
+/* uart.c: a 16550's registers, transmit ring and receive FIFO, completed in C by the run
+ * loop for ports whose pio_map byte is KVMD_PIO_UART. The struct is opaque here. */
+struct kvmd_uart;
+struct kvmd_uart_regs {
+    uint8_t ier, lcr, mcr, scr, dll, dlm, thre_pending;
+};
+struct kvmd_uart_stats {
+    uint64_t tx_bytes;        /* bytes the guest transmitted (into the ring) */
+    uint64_t ring_full;       /* transmit exits handed to the caller: the ring was full */
+    uint64_t rx_overruns;     /* received bytes dropped: the FIFO was full (loopback) */
+    uint64_t tx_pending;      /* bytes in the ring now */
+    uint64_t rx_pending;      /* bytes in the receive FIFO now */
+};
+struct kvmd_uart *kvmd_uart_new(uint16_t base, uint32_t tx_bytes, uint32_t rx_bytes,
+                                int notify_fd);
+void kvmd_uart_free(struct kvmd_uart *u);
+int kvmd_uart_io(struct kvmd_uart *u, struct kvm_run *run);
+uint8_t kvmd_uart_read(struct kvmd_uart *u, uint16_t offset);
+int kvmd_uart_write(struct kvmd_uart *u, uint16_t offset, uint8_t value);
+uint32_t kvmd_uart_take_output(struct kvmd_uart *u, uint8_t *out, uint32_t max);
+int kvmd_uart_arm(struct kvmd_uart *u);
+uint32_t kvmd_uart_feed(struct kvmd_uart *u, const uint8_t *data, uint32_t len, int *rda);
+uint32_t kvmd_uart_get_state(struct kvmd_uart *u, struct kvmd_uart_regs *regs, uint8_t *rx);
+void kvmd_uart_set_state(struct kvmd_uart *u, const struct kvmd_uart_regs *regs,
+                         const uint8_t *rx, uint32_t len);
+void kvmd_uart_get_stats(struct kvmd_uart *u, struct kvmd_uart_stats *out);
+
 /* run.c: entering the guest and completing exits. */
 int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters);
 int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
-                  const uint8_t *pio_map);
+                  const uint8_t *pio_map, struct kvmd_uart *uart);
 void kvmd_set_immediate_exit(struct kvm_run *run, int value);
 int kvmd_complete_io_in(struct kvm_run *run, const uint8_t *data, uint32_t len);
 int kvmd_complete_mmio_read(struct kvm_run *run, const uint8_t *data, uint32_t len);

@@ -30,26 +30,40 @@ int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *count
     return 0;
 }
 
-/* Run until an exit that userspace code must see. Port IO to a port whose `pio_map` byte is
- * KVMD_PIO_UNCLAIMED is completed here without returning (writes dropped, reads all-ones)
- * and counted, so a guest hammering an unclaimed port costs no Python per exit. Returns
- * -EINTR when kicked (immediate_exit or a signal), like kvmd_run. */
+/* Run until an exit that userspace code must see. Port IO is completed here, without
+ * returning, when the port's `pio_map` byte says so:
+ *   KVMD_PIO_UNCLAIMED  writes dropped, reads all-ones, counted as unclaimed;
+ *   KVMD_PIO_UART       the 16550 `uart` (uart.c): its registers, transmit ring and receive
+ *                       FIFO; only a transmit that does not fit the ring comes back.
+ * So a guest hammering an unclaimed port, or printing through COM1, costs no Python per
+ * exit and holds no GIL. Returns -EINTR when kicked (immediate_exit or a signal), like
+ * kvmd_run. */
+static inline int kvmd_complete_pio(struct kvm_run *run, uint64_t *counters,
+                                    const uint8_t *pio_map, struct kvmd_uart *uart)
+{
+    uint8_t kind = __atomic_load_n(&pio_map[run->io.port], __ATOMIC_RELAXED);
+    if (kind == KVMD_PIO_UNCLAIMED) {
+        if (run->io.direction == KVM_EXIT_IO_IN)
+            memset((uint8_t *)run + run->io.data_offset, 0xff,
+                   (size_t)run->io.size * run->io.count);
+        counters[KVMD_COUNTER_UNCLAIMED_PIO]++;
+        return 1;
+    }
+    if (kind == KVMD_PIO_UART && uart != NULL)
+        return kvmd_uart_io(uart, run) == 0;
+    return 0;
+}
+
 int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
-                  const uint8_t *pio_map)
+                  const uint8_t *pio_map, struct kvmd_uart *uart)
 {
     for (;;) {
         int ret = ioctl(fd, KVM_RUN, 0);
         if (ret < 0)
             return -errno;
         kvmd_count(run, counters);
-        if (run->exit_reason == KVM_EXIT_IO
-            && __atomic_load_n(&pio_map[run->io.port], __ATOMIC_RELAXED) == KVMD_PIO_UNCLAIMED) {
-            if (run->io.direction == KVM_EXIT_IO_IN)
-                memset((uint8_t *)run + run->io.data_offset, 0xff,
-                       (size_t)run->io.size * run->io.count);
-            counters[KVMD_COUNTER_UNCLAIMED_PIO]++;
+        if (run->exit_reason == KVM_EXIT_IO && kvmd_complete_pio(run, counters, pio_map, uart))
             continue;
-        }
         kvmd_decode(run, out);
         return 0;
     }

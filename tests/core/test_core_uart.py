@@ -1,0 +1,109 @@
+"""The UART whose registers live in C (kvmd.kvm.UartRegs) as the core's device sees it: the
+transmit ring and its drain into the console, the bounded receive FIFO, save/restore, and
+byte-bounded console subscribers. No vCPU needed."""
+
+from __future__ import annotations
+
+import os
+
+from kvmd.core.devices import (
+    CONSOLE_INPUT_LIMIT,
+    MIN_SUBSCRIBER_BYTES,
+    UART_TX_RING,
+    Console,
+    Uart16550,
+)
+from kvmd.core.events import Broadcaster
+from kvmd.core.state import UartState
+
+COM1 = 0x3F8
+THR, IER, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 3, COM1 + 4, COM1 + 5
+
+
+def test_a_full_transmit_ring_is_drained_in_order_never_lost() -> None:
+    console = Console(capacity=2 * UART_TX_RING)
+    uart = Uart16550(console)
+    data = os.urandom(UART_TX_RING + 100)
+    for i, b in enumerate(data[:UART_TX_RING]):
+        assert uart.regs.write(0, b), i  # fills the ring exactly
+    assert not uart.regs.write(0, data[UART_TX_RING])  # full: nothing done
+    for b in data[UART_TX_RING:]:
+        uart.write(THR, bytes([b]))  # the Python path drains, then transmits
+    assert console.backlog() == data  # a reader drains the rest first
+    assert console.bytes_out == len(data)
+    assert uart.regs.stats().tx_bytes == len(data)
+
+
+def test_the_notify_fd_fires_when_the_ring_gets_bytes() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        uart = Uart16550(Console(64), notify_fd=w)
+        uart.write(THR, b"a")
+        assert len(os.read(r, 64)) == 8  # one eventfd-sized write: the ring was empty
+        uart.write(THR, b"b")
+        try:
+            os.read(r, 64)
+            raise AssertionError("notified again while the ring had bytes")
+        except BlockingIOError:
+            pass
+        assert uart.drain() == 2 and uart.console.backlog() == b"ab"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_loopback_input_is_bounded_and_overruns_are_counted() -> None:
+    uart = Uart16550(Console(64))
+    uart.write(MCR, b"\x10")  # loopback
+    for _ in range(CONSOLE_INPUT_LIMIT + 10):
+        uart.write(THR, b"x")
+    assert uart.rx_overruns == 10
+    assert uart.read(LSR, 1)[0] & 0x03 == 0x03  # data ready, overrun
+    assert uart.read(LSR, 1)[0] & 0x02 == 0  # OE clears once read
+    assert uart.feed(b"y") == 0  # the FIFO is full: nothing queued
+    uart.write(MCR, b"\x08")
+    assert uart.console.backlog() == b""  # nothing was transmitted
+
+
+def test_save_drains_the_ring_and_restore_puts_registers_and_fifo_back() -> None:
+    console = Console(64)
+    uart = Uart16550(console)
+    uart.write(IER, b"\x01")
+    uart.write(LCR, b"\x03")
+    uart.write(COM1 + 7, b"\x5a")  # scratch
+    uart.regs.write(0, ord("!"))  # in the ring, not drained yet
+    assert uart.feed(b"input") == 5
+    state = uart.save_state()
+    assert console.backlog() == b"!"  # drained into the console first
+    assert (state.ier, state.scr, state.rx) == (1, 0x5A, b"input")
+    again = Uart16550(Console(64))
+    again.restore_state(state)
+    assert again.save_state() == state
+    assert again.read(COM1, 1) == b"i"
+    # A FIFO saved larger than this UART's keeps its newest bytes.
+    big = UartState(rx=bytes(range(256)) * 20)
+    again.restore_state(big)
+    assert again.save_state().rx == big.rx[-CONSOLE_INPUT_LIMIT:]
+
+
+def test_console_subscribers_are_bounded_in_bytes() -> None:
+    console = Console(capacity=16)
+    _backlog, sub = console.subscribe(backlog=False)
+    for _ in range(3):
+        console.output(b"x" * MIN_SUBSCRIBER_BYTES)
+    items = []
+    while (item := sub.get(0)) is not None:
+        items.append(item)
+    assert sum(map(len, items)) <= MIN_SUBSCRIBER_BYTES  # the newest fit, no more
+    assert sub.dropped_bytes == 2 * MIN_SUBSCRIBER_BYTES
+
+
+def test_small_pieces_coalesce_so_the_item_count_stays_bounded() -> None:
+    b: Broadcaster[bytes] = Broadcaster(maxsize=8, max_bytes=1 << 20)
+    sub = b.subscribe()
+    for i in range(10_000):
+        b.publish(bytes([i & 0xFF]))
+    got = b"".join(sub.drain())
+    assert got == bytes(i & 0xFF for i in range(10_000))  # nothing dropped, in order
+    assert sub.dropped == 0

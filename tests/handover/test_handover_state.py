@@ -1,0 +1,211 @@
+"""The state a daemon hands over (kvmd.state.handover), in process: saved from a running
+guest and restored into another host over the same memfds (no copy: memory is shared),
+refused when it is corrupt, when a memfd is missing or is another file, and never taken
+for a snapshot; fd names fit systemd's rules."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from handover_support import CODE_ADDR, CODE_SEGMENT, COUNTER, COUNTER_SOURCE, MEM_SIZE
+from state_guests import assemble
+
+from kvmd.core.errors import InvalidState
+from kvmd.core.host import Host
+from kvmd.core.images import MemoryFile
+from kvmd.core.vm import ManagedVm, VmOptions
+from kvmd.kvm import IoSpace, Regs
+from kvmd.state.format import CorruptSnapshot
+from kvmd.state.handover import (
+    memfd_name,
+    parse_memfd_name,
+    read_state,
+    restore_vm,
+    resume,
+    save_vm,
+)
+from kvmd.state.snapshot import restore_bytes
+from kvmd.systemd import fd_name_valid
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[Host, Host]]:
+    a, b = Host(), Host()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+P = 4096
+
+
+def counter_vm(host: Host, vm_id: str = "src") -> ManagedVm:
+    vm = host.create_vm(vm_id, {"k": "v"}, VmOptions(irqchip=True))
+    vm.add_memory_region(0, MEM_SIZE, False, True)
+    vm.write_memory(CODE_ADDR, assemble(COUNTER_SOURCE))
+    vcpu = vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    sregs.cs.base, sregs.cs.selector = CODE_ADDR, CODE_SEGMENT
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(Regs(rip=0, rsp=0xF000, rflags=2))
+    vm.register_ioevent("out", IoSpace.PIO, 0x99, 1, None)
+    vm.register_irqfd("irq5", 5, False)
+    vm.start()
+    deadline = time.monotonic() + 30
+    while u32(vm, COUNTER) < 50:
+        assert time.monotonic() < deadline, "the guest does not count"
+        time.sleep(0.01)
+    return vm
+
+
+def u32(vm: ManagedVm, addr: int) -> int:
+    return int(struct.unpack("<I", vm.read_memory(addr, 4))[0])
+
+
+def saved(vm: ManagedVm) -> tuple[bytes, dict[str, int]]:
+    with vm.held_paused("handover", True) as hold:
+        out = save_vm(vm, hold.run_states, 1)
+    return out.data, {n: os.dup(fd) for n, fd in out.memfds.items()}
+
+
+def test_restore_adopts_the_memfds_and_continues(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    vm = counter_vm(a)
+    vm.trigger_irqfd("irq5")
+    data, fds = saved(vm)
+    paused_at = u32(vm, COUNTER)
+    console = vm.console.save_state()
+    exits = vm.exit_stats()[0]
+    record = read_state(data, "src")
+    assert record.was_running and record.memfd_names == [memfd_name("src", 0)]
+    copy = restore_vm(b, record, fds)
+    try:
+        for fd in fds.values():
+            os.close(fd)  # the new VM holds its own dup
+        assert copy.state == "paused" and u32(copy, COUNTER) == paused_at
+        # One memory, not a copy: a write through the old VM shows in the new one.
+        vm.write_memory(0x30000, b"shared")
+        assert copy.read_memory(0x30000, 6) == b"shared"
+        assert copy.console.save_state() == console
+        assert copy.exit_stats()[0] == exits  # counters continue, not reset
+        assert [(e.ioevent_id, e.fired > 0) for e in copy.ioevents()] == [("out", True)]
+        assert [(e.irqfd_id, e.triggers) for e in copy.irqfds()] == [("irq5", 1)]
+        assert copy.labels == {"k": "v"} and copy.owner == "local"
+        a.delete_vm("src")  # the old daemon lets go; the memory lives on in the new VM
+        assert resume(copy, record.state)
+        deadline = time.monotonic() + 30
+        while u32(copy, COUNTER) <= paused_at + 20:
+            assert time.monotonic() < deadline, "the restored guest does not count on"
+            time.sleep(0.01)
+        backlog = copy.console.backlog().split(b"\n")[:-1]
+        numbers = [int(x) for x in backlog if x]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    finally:
+        copy.close()
+
+
+def test_a_handover_state_is_no_snapshot(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    data, fds = saved(counter_vm(a))
+    try:
+        with pytest.raises(CorruptSnapshot, match="hand-over state, not a snapshot"):
+            restore_bytes(b, "copy", "local", iter([data]))
+        assert b.vm_count() == 0
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_corrupt_state_is_refused(hosts: tuple[Host, Host]) -> None:
+    a, _ = hosts
+    data, fds = saved(counter_vm(a))
+    try:
+        flipped = bytearray(data)
+        flipped[len(flipped) // 2] ^= 0x40
+        with pytest.raises(CorruptSnapshot):
+            read_state(bytes(flipped))
+        with pytest.raises(CorruptSnapshot):
+            read_state(data[:-10])
+        with pytest.raises(CorruptSnapshot, match="holds vm src"):
+            read_state(data, "other")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_missing_or_foreign_memfd_is_refused_and_leaves_nothing(
+        hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    data, fds = saved(counter_vm(a))
+    record = read_state(data)
+    name = memfd_name("src", 0)
+    try:
+        with pytest.raises(InvalidState, match="was not passed"):
+            restore_vm(b, record, {})
+        other = os.memfd_create("other")
+        os.ftruncate(other, MEM_SIZE)
+        try:
+            with pytest.raises(InvalidState, match="another file"):
+                restore_vm(b, record, {name: other})
+        finally:
+            os.close(other)
+        os.ftruncate(fds[name], 4096)  # truncated under us (what a broken store could do)
+        with pytest.raises(InvalidState, match="bytes, the slot needs"):
+            restore_vm(b, record, fds)
+        assert b.vm_count() == 0
+        b.create_vm("src", {}, VmOptions())  # the id is free again
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_memfd_names_are_valid_fd_store_names() -> None:
+    vm_id = "a.b-c_" + "x" * 58
+    name = memfd_name(vm_id, 255)
+    assert fd_name_valid(name) and ":" not in name
+    assert parse_memfd_name(name) == (vm_id, 255)
+    assert parse_memfd_name("kvmd-mem.x.vm") is None and parse_memfd_name("other") is None
+    assert not fd_name_valid("vm:1:slot:0")  # ':' separates LISTEN_FDNAMES
+
+
+def test_files_of_the_images_directory_go_by_name(tmp_path: Path) -> None:
+    """A VM with a file mapped over part of its memory and a file-backed slot: the memfd
+    of its own memory is handed over, the files are mapped again by name (the same host,
+    the same images directory); writes the guest made to a writable file are in it."""
+    images = tmp_path / "images"
+    images.mkdir(mode=0o750)
+    (images / "rom.img").write_bytes(b"\x40" * (4 * P))
+    (images / "data.img").write_bytes(b"\x11" * (8 * P))
+    a, b = Host(images_dir=str(images)), Host(images_dir=str(images))
+    try:
+        vm = counter_vm(a)
+        vm.map_file(0, 0x30000, 4 * P, MemoryFile("rom.img", read_only=False))
+        vm.add_file_memory_region(MEM_SIZE, 8 * P, False, False, MemoryFile("data.img"))
+        vm.write_memory(MEM_SIZE, b"through the mapping")
+        data, fds = saved(vm)
+        record = read_state(data, "src")
+        assert record.memfd_names == [memfd_name("src", 0)]  # slot 1 is the file
+        assert (images / "data.img").read_bytes()[:19] == b"through the mapping"
+        a.delete_vm("src")
+        copy = restore_vm(b, record, fds)
+        for fd in fds.values():
+            os.close(fd)
+        try:
+            assert copy.read_memory(0x30000, 4 * P) == b"\x40" * (4 * P)
+            assert copy.read_memory(MEM_SIZE, 19) == b"through the mapping"
+            assert [(r.slot, r.offset, r.image, r.whole_slot)
+                    for r in copy.file_backed_ranges()] == [(0, 0x30000, "rom.img", False),
+                                                             (1, 0, "data.img", True)]
+            assert resume(copy, record.state)
+        finally:
+            copy.close()
+    finally:
+        a.close()
+        b.close()
