@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc.aio
 
 from kvmd.api.auth import ADMIN, authorized_vm, current_grant, current_identity
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.interceptors import run_blocking
 from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument, Reason
@@ -20,6 +19,7 @@ from kvmd.core.events import Mailbox
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vcpu import ManagedVcpu, PauseTicket
 from kvmd.core.vm import ManagedVm
+from kvmd_proto import vmm_pb2 as pb
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -87,6 +87,27 @@ class ServicerBase:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             pass  # the cleanup finishes in the pool; the cancellation goes on
+
+    async def _acquire(self, fn: Callable[..., T], *args: Any,
+                       release: Callable[[T], Any]) -> T:
+        """Run blocking work that makes something the call must give back (a claim, a
+        migration), and return it. Cancelling the await does not stop the pool thread: if
+        this call is cancelled before the work returns, its result is released when it does,
+        so a client that gives up at the wrong moment leaves nothing behind."""
+        task = asyncio.ensure_future(self._blocking(fn, *args))
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def undo(done: asyncio.Future[T]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    later = asyncio.ensure_future(self._blocking(release, done.result()))
+                    _CLEANUPS.add(later)
+                    later.add_done_callback(_CLEANUPS.discard)
+
+            task.add_done_callback(undo)
+            raise
 
     async def _paused(self, vcpus: list[ManagedVcpu],
                       request: Callable[[], list[tuple[ManagedVcpu, PauseTicket]]]) -> None:

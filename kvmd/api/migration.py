@@ -10,13 +10,13 @@ import grpc.aio
 
 from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument, Reason
 from kvmd.core.host import Host
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
 from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Progress
 from kvmd.migration.registry import Migrations
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 # The target gives up on a source that sends nothing for this long (the VM reservation and
 # its memory are released), and on one that does not commit a ready VM.
@@ -104,9 +104,10 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         """Move the VM to the target; progress until it runs there. The call ending early
         (a client gone, the daemon stopping) cancels the migration before its commit."""
         vm = self._vm(request.vm_id)
-        migration: OutgoingMigration = await self._blocking(
+        migration: OutgoingMigration = await self._acquire(
             self.migrations.start, vm, request.target, request.token,
-            options_from_pb(request.options))
+            options_from_pb(request.options),
+            release=lambda m: m.cancel("cancelled: its MigrateVm call ended"))
         updates = migration.watch()
         try:
             async for progress in self._follow(updates, context):

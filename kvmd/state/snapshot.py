@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvmd import __version__
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import SNAPSHOT, page_runs
 from kvmd.core.errors import InvalidArgument, InvalidState, Reason
 from kvmd.core.host import Host
@@ -35,6 +34,7 @@ from kvmd.state.format import (
     SnapshotWriter,
     checksum,
 )
+from kvmd_proto import vmm_pb2 as pb
 
 # The capabilities a saved state depends on (recorded, and checked against the target).
 STATE_CAPABILITIES = ("KVM_CAP_XSAVE", "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CAP_DEBUGREGS",

@@ -32,10 +32,10 @@ from kvmd_stubs import DefaultTimeout
 from kvmd_stubs import Stubs as StubsBase
 
 from kvmd.api.errors import reason_code
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import Reason
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 if not os.path.exists("/dev/kvm"):
     pytest.skip("/dev/kvm is absent: the API tests need real KVM", allow_module_level=True)

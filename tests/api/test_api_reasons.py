@@ -21,7 +21,6 @@ from reason_sites import raise_sites, unspecific
 from kvmd.api.auth import Hidden
 from kvmd.api.errors import DOMAIN, RETRY_KEY, reason_code, to_status
 from kvmd.api.gate import HandingOver
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import (
     InvalidArgument,
     KernelError,
@@ -32,6 +31,7 @@ from kvmd.core.errors import (
     limit,
 )
 from kvmd.core.host import missing_vm
+from kvmd_proto import vmm_pb2 as pb
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
