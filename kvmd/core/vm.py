@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kvmd.core.devices import (
     COM1_IRQ,
@@ -67,6 +66,7 @@ from kvmd.core.images import (
 )
 from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
 from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.shared import HostShared
 from kvmd.core.state import (
     FileMappingState,
     IoeventState,
@@ -91,6 +91,7 @@ from kvmd.core.vcpu import (
     ManagedVcpu,
     Outcome,
     PauseTicket,
+    VmLink,
 )
 from kvmd.kvm import (
     Datamatch,
@@ -122,9 +123,6 @@ from kvmd.kvm import (
 )
 from kvmd.kvm.exits import DirtyRingFullExit
 from kvmd.kvm.memory import PAGE_SIZE, round_up_to_page
-
-if TYPE_CHECKING:
-    from kvmd.core.host import HostShared
 
 log = logging.getLogger(__name__)
 COM1_BASE_RANGE = (0x3F8, 0x400)
@@ -345,6 +343,14 @@ class ManagedVm:
         for device in self.bus:
             self.pio_map.set_claimed(device.base, device.length, True)
         self.pio_map.attach_uart(self.uart.regs)
+        # All a vCPU sees of this VM (kvmd.core.vcpu.VmLink).
+        self._vcpu_link = VmLink(
+            vm_id=vm_id, irqchip=options.irqchip, pio_map=self.pio_map,
+            priority=(shared.vcpu_policy, shared.vcpu_nice),
+            capabilities=shared.capabilities, msr_index_list=shared.msr_index_list,
+            is_closed=lambda: self.closed, require_irqchip=self._require_irqchip,
+            dispatch=self.dispatch, record_outcome=self.record_outcome,
+            on_event=self.on_vcpu_event, on_ended=self.on_vcpu_ended)
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
@@ -1087,7 +1093,7 @@ class ManagedVm:
             except BaseException:
                 self.fds.give(FDS_PER_VCPU)
                 raise
-            managed = ManagedVcpu(self, vcpu)
+            managed = ManagedVcpu(self._vcpu_link, vcpu)
             self._vcpus[vcpu_id] = managed
             self._vcpu_list = tuple(self._vcpus[k] for k in sorted(self._vcpus))
             return managed

@@ -6,6 +6,7 @@ failure is a `KvmError` carrying the errno and the ioctl's name. Imports only th
 cffi: nothing of gRPC, Prometheus or the daemon.
 """
 
+from kvmd.kvm.caps import CAPABILITY_NUMBERS, capability_number
 from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes, bitmap_runs
 from kvmd.kvm.errors import KvmError
 from kvmd.kvm.eventfd import EventFd
@@ -54,7 +55,7 @@ from kvmd.kvm.state_types import (
     Xsave,
 )
 from kvmd.kvm.stats import StatsReader
-from kvmd.kvm.system import CAPABILITY_NUMBERS, KVM_API_VERSION, Kvm, capability_number
+from kvmd.kvm.system import KVM_API_VERSION, Kvm
 from kvmd.kvm.types import (
     CpuidEntry,
     Datamatch,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, overload
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
+from kvmd.kvm.caps import capability_number
 from kvmd.kvm.dirty import (
     CLEAR_DIRTY_LOG_ALIGN,
     MIN_DIRTY_RING_BYTES,
@@ -20,6 +21,7 @@ from kvmd.kvm.dirty import (
 )
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.eventfd import HasFileno, fd_of
+from kvmd.kvm.marshal import enable_cap_struct
 from kvmd.kvm.memory import (
     PAGE_SIZE,
     FileBacking,
@@ -50,7 +52,7 @@ from kvmd.kvm.types import (
     IrqRoute,
     MsiRoute,
 )
-from kvmd.kvm.vcpu import Vcpu, enable_cap_struct
+from kvmd.kvm.vcpu import Vcpu
 
 GUEST_ADDR_LIMIT = 1 << 52  # x86_64 architectural maximum guest physical address width
 MAX_IRQ_ROUTES = 4096  # KVM_MAX_IRQ_ROUTES
@@ -160,15 +162,11 @@ class Vm:
 
     def check_extension(self, cap: int | str) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers may differ from /dev/kvm's)."""
-        from kvmd.kvm.system import capability_number
-
         return ioctl(self._open_fd("KVM_CHECK_EXTENSION"), "KVM_CHECK_EXTENSION",
                      capability_number(cap))
 
     def enable_cap(self, cap: int | str, args: tuple[int, ...] = (), flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM."""
-        from kvmd.kvm.system import capability_number
-
         ioctl(self._open_fd("KVM_ENABLE_CAP"), "KVM_ENABLE_CAP",
               enable_cap_struct(capability_number(cap), args, flags))
 
