@@ -65,7 +65,14 @@ from kvmd.core.images import (
     normalize_name,
 )
 from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
-from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.remote import (
+    ClaimConflict,
+    ClaimRange,
+    ClaimTable,
+    HandlerClose,
+    RemoteExit,
+    RemoteHandler,
+)
 from kvmd.core.shared import HostShared
 from kvmd.core.state import (
     FileMappingState,
@@ -433,7 +440,7 @@ class ManagedVm:
             throttler.stop()
         self.dirty.stop_reaper()
         for handler in self.claims.handlers():
-            self.release_handler(handler, "vm deleted")
+            self.release_handler(handler, HandlerClose.VM_DELETED)
         for mvcpu in vcpus:
             mvcpu.request_stop("vm deleted")
         for mvcpu in vcpus:
@@ -1725,8 +1732,8 @@ class ManagedVm:
                     self.pio_map.set_claimed(r.base, r.length, True)
         return handler
 
-    def release_handler(self, handler: RemoteHandler, reason: str) -> None:
-        handler.close(reason)  # calls _drop_claims
+    def release_handler(self, handler: RemoteHandler, cause: HandlerClose) -> None:
+        handler.close(cause)  # calls _drop_claims
 
     def _drop_claims(self, handler: RemoteHandler) -> None:
         with self.lock:
