@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from kvmd.core.errors import (
@@ -50,8 +51,23 @@ from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+
+class VcpuRunState(StrEnum):
+    """A vCPU's run state (a VM's is one of these too, see ManagedVm.state); the values are
+    what the API, the metrics and the logs show."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
 CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED = (
-    "created", "running", "paused", "halted", "stopped", "crashed")
+    VcpuRunState.CREATED, VcpuRunState.RUNNING, VcpuRunState.PAUSED, VcpuRunState.HALTED,
+    VcpuRunState.STOPPED, VcpuRunState.CRASHED)
 IN_GUEST = (RUNNING,)
 # A crashed vCPU may be started again: from its registers as they are (set them first to
 # reset it), as an operator restarts a machine.
@@ -102,17 +118,27 @@ class PauseTicket:
     resumes: int
 
 
+class Action(StrEnum):
+    """What the VM's exit dispatcher tells a vCPU thread to do after an exit."""
+
+    CONTINUE = "continue"
+    HALT = "halt"
+    PAUSE = "pause"
+    STOP = "stop"
+    CRASH = "crash"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the VM's exit dispatcher tells the vCPU thread to do next."""
 
-    action: str  # continue, halt, pause, stop, crash
+    action: Action
     reason: str = ""
     exit_code: int | None = None
 
 
-CONTINUE = Outcome("continue")
-HALT = Outcome("halt")
+CONTINUE = Outcome(Action.CONTINUE)
+HALT = Outcome(Action.HALT)
 
 
 @dataclass(frozen=True)
@@ -164,7 +190,7 @@ class ManagedVcpu:
         self.vm_id = link.vm_id
         self.vcpu = vcpu
         self.id = vcpu.id
-        self.state = CREATED
+        self.state: VcpuRunState = CREATED
         self.reason = ""
         self.crash_regs: Regs | None = None
         self.cond = threading.Condition(threading.RLock())
@@ -278,7 +304,7 @@ class ManagedVcpu:
             self._resumes += 1
             self._set_state(HALTED, "halted", "hlt")
 
-    def mark_ended(self, state: str, reason: str) -> None:
+    def mark_ended(self, state: VcpuRunState, reason: str) -> None:
         """A restored vCPU that had stopped or crashed: record that, without a thread."""
         with self.cond:
             if self.state != CREATED or state not in ENDED:
@@ -461,7 +487,7 @@ class ManagedVcpu:
             self._thread.join(STATE_CHANGE_TIMEOUT)
             self._thread = None
 
-    def _set_state(self, state: str, event: str, reason: str = "",
+    def _set_state(self, state: VcpuRunState, event: str, reason: str = "",
                    exit_code: int | None = None) -> None:
         self.state = state
         if state == PAUSED:
@@ -506,9 +532,9 @@ class ManagedVcpu:
             log.exception("vcpu thread failed", extra={"vm_id": self.vm_id, "vcpu": self.id})
             reason = f"daemon error: {type(exc).__name__}: {exc}"
             with self.cond:
-                self.link.record_outcome(Outcome("crash", reason))
+                self.link.record_outcome(Outcome(Action.CRASH, reason))
                 self._crash(reason)
-            self.link.on_ended(self, Outcome("crash", reason))
+            self.link.on_ended(self, Outcome(Action.CRASH, reason))
 
     def _can_take_interrupt(self) -> bool:
         """Under cond: a queued interrupt can end a HLT (the guest has IF set)."""
@@ -574,22 +600,22 @@ class ManagedVcpu:
 
     def _apply(self, outcome: Outcome, exit_: VcpuExit) -> bool:
         """Act on the dispatcher's verdict; False when the thread must end."""
-        if outcome.action == "continue":
+        if outcome.action is Action.CONTINUE:
             return True
-        if outcome.action == "stop" and self._io_pending:
+        if outcome.action is Action.STOP and self._io_pending:
             # e.g. the debug-exit OUT: complete it, so a stopped vCPU's RIP is past it.
             self._finish_pending_io()
         with self.cond:
-            if outcome.action == "halt":
+            if outcome.action is Action.HALT:
                 if not self._can_take_interrupt() and not self._stop_requested:
                     self._set_state(HALTED, "halted", "hlt")
                 return True
-            if outcome.action == "pause":
+            if outcome.action is Action.PAUSE:
                 self._pause_requested = True
                 self._set_state(PAUSED, "paused", outcome.reason)
                 return True
             self.link.record_outcome(outcome)
-            if outcome.action == "stop":
+            if outcome.action is Action.STOP:
                 self._set_state(STOPPED, outcome.reason or "stopped", outcome.reason,
                                 outcome.exit_code)
             else:

@@ -76,7 +76,7 @@ from kvmd.kvm.types import (
 )
 from kvmd.kvm.uart import UartRegs, UartRegsState, UartStats
 from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, Vcpu, kick_signal
-from kvmd.kvm.vm import Device, Vm
+from kvmd.kvm.vm import Device, IoeventRegistration, IrqfdRegistration, Vm, check_datamatch
 
 __all__ = [
     "CAPABILITY_NUMBERS",
@@ -114,9 +114,11 @@ __all__ = [
     "IoSpace",
     "IoapicEoiExit",
     "IoapicState",
+    "IoeventRegistration",
     "IrqChip",
     "IrqChipRoute",
     "IrqRoute",
+    "IrqfdRegistration",
     "Kvm",
     "KvmError",
     "MemfdBacking",
@@ -150,6 +152,7 @@ __all__ = [
     "Xsave",
     "bitmap_runs",
     "capability_number",
+    "check_datamatch",
     "dirty_log_bitmap_size",
     "kick_signal",
 ]
