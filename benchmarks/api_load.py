@@ -21,7 +21,7 @@ import time
 
 from bench_support import SPIN, Kvmd, load_average, percentile, spread
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 TARGET = 3.0
 

@@ -29,8 +29,8 @@ BUILD_DIR = os.path.join(HERE, ".build")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from kvmd.api.gen import vmm_pb2 as pb  # noqa: E402
-from kvmd.api.gen import vmm_pb2_grpc as rpc  # noqa: E402
+from kvmd_proto import vmm_pb2 as pb  # noqa: E402
+from kvmd_proto import vmm_pb2_grpc as rpc  # noqa: E402
 
 CODE_ADDR = 0x1000
 ECHO_UNARY = "/bench.Echo/Echo"

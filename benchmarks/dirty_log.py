@@ -36,10 +36,10 @@ sys.path.insert(0, str(HERE.parent / "tests" / "state"))
 
 from state_guests import assemble  # noqa: E402
 
-from kvmd.api.gen import vmm_pb2 as pb  # noqa: E402
-from kvmd.api.gen import vmm_pb2_grpc as rpc  # noqa: E402
 from kvmd.kvm import HltExit, Kvm, Regs  # noqa: E402
 from kvmd.server import Config, Daemon  # noqa: E402
+from kvmd_proto import vmm_pb2 as pb  # noqa: E402
+from kvmd_proto import vmm_pb2_grpc as rpc  # noqa: E402
 
 GiB = 1 << 30
 PAGE = 4096

@@ -34,8 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from client.kvmd_client import KvmdClient
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_client.kvmd_client import KvmdClient
+from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
 KVMD = str(Path(sys.executable).parent / "kvmd")

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import grpc
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 TARGET_RATIO = 0.97
 SCRAPE_INTERVAL = 0.1

@@ -35,7 +35,7 @@ for sub in ("tests", "tests/state", "tests/migration"):
 
 from migration_support import Host, Pki, wait_for  # noqa: E402
 
-from kvmd.api.gen import vmm_pb2 as pb  # noqa: E402
+from kvmd_proto import vmm_pb2 as pb  # noqa: E402
 
 MiB = 1 << 20
 THROUGHPUT_TARGET = 0.5

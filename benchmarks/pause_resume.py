@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from bench_support import SPIN, Kvmd, load_average, percentile, spread
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 TARGET = 1.2
 MANY = 64

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 from bench_support import EchoServer, Kvmd, build_c, load_average, percentile, spread
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 SLOT_BYTES = 64 << 20
 # An in-process bare grpcio server, for benchmarks that move large payloads (dirty_log.py).

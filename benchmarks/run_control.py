@@ -44,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from kvmd.api.gen import vmm_pb2 as pb  # noqa: E402
-from kvmd.api.gen import vmm_pb2_grpc as rpc  # noqa: E402
+from kvmd_proto import vmm_pb2 as pb  # noqa: E402
+from kvmd_proto import vmm_pb2_grpc as rpc  # noqa: E402
 
 C_SOURCE = os.path.join(HERE, "c", "pio_loop.c")
 BUILD_DIR = os.path.join(HERE, ".build")

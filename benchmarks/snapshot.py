@@ -29,9 +29,9 @@ from pathlib import Path
 
 import grpc
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 MiB = 1 << 20
 CHUNK = MiB

@@ -75,7 +75,14 @@ if [ ! -x "$prefix/venv/bin/python" ]; then
     "$python" -m venv "$prefix/venv"
 fi
 "$prefix/venv/bin/pip" install -q --upgrade pip
-"$prefix/venv/bin/pip" install -q "$src"
+# The client distribution (kvmd_proto, kvmctl) from this checkout, with the daemon that
+# depends on it: pip takes kvmd-client from the path, not from an index.
+# Once, from an install of before the split: kvmd-grpc then shipped kvmctl itself, and pip
+# replacing it would delete the kvmctl that kvmd-client has just installed.
+if "$prefix/venv/bin/pip" show -f kvmd-grpc 2>/dev/null | grep -q 'bin/kvmctl$'; then
+    "$prefix/venv/bin/pip" uninstall -q -y kvmd-grpc
+fi
+"$prefix/venv/bin/pip" install -q "$src/clients/python" "$src"
 install -m 0644 "$src/README.md" "$prefix/README.md"
 # Examples: the commented config, Prometheus scrape config and rules, Grafana dashboard.
 install -d "$prefix/examples/prometheus" "$prefix/examples/grafana"

@@ -29,7 +29,6 @@ from kvmd import __version__
 from kvmd.api.auth import AuthInterceptor, Authorizer, Policy
 from kvmd.api.budget import Budget, BudgetInterceptor
 from kvmd.api.gate import Gate
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.api.handover import HandoverService
 from kvmd.api.interceptors import CallChain
 from kvmd.api.services import Runtime, add_services
@@ -58,12 +57,24 @@ from kvmd.migration.registry import Migrations
 from kvmd.migration.transport import MigrationTls
 from kvmd.state.store import SnapshotStore
 from kvmd.systemd import Watchdog, notify, under_systemd, watchdog_interval
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 SOCKET_MODE = 0o660
 # The umask while grpc binds a Unix socket, so it is born 0660: no window in which another
 # user could connect and be taken for the "local" identity.
 SOCKET_UMASK = 0o117
 SHUTDOWN_GRACE_SECONDS = 2.0
+# Keepalive pings the daemon accepts: one every 10 s or slower per connection, with or
+# without open calls. gRPC's default allows one every 5 minutes and answers the third
+# faster one with GOAWAY too_many_pings, which would cut the long streams (watches, console,
+# migrations) of every client that keeps them alive: kvmd-client pings every 20 s
+# (kvmd_client.channel), grpc-go and grpc-java clients are often set to 10-30 s.
+KEEPALIVE_MIN_PING_INTERVAL_MS = 10_000
+KEEPALIVE_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_PING_INTERVAL_MS),
+    # Clients that keep an idle connection warm (no call open) are not punished for it.
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 EXIT_CONFIG_ERROR = 2
 EXIT_HANDOVER_FAILED = 1
 T = TypeVar("T")
@@ -277,6 +288,7 @@ class Daemon:
             ("grpc.so_reuseport", 0),
             ("grpc.server.max_pending_requests", pending),
             ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+            *KEEPALIVE_SERVER_OPTIONS,
         ]
         server = grpc.aio.server(
             migration_thread_pool=self.executor,

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 import grpc.aio
 
 from kvmd.api.auth import ADMIN, authorized_vm, current_grant, current_identity
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.interceptors import run_blocking
 from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument
@@ -20,6 +19,7 @@ from kvmd.core.events import Mailbox
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vcpu import ManagedVcpu, PauseTicket
 from kvmd.core.vm import ManagedVm
+from kvmd_proto import vmm_pb2 as pb
 
 T = TypeVar("T")
 MiB = 1 << 20

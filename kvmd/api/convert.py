@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 from array import array
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.images import FileBackedRange, MemoryFile
 from kvmd.core.vcpu import ManagedVcpu
@@ -30,6 +29,7 @@ from kvmd.state.codec import (
     sregs_from_pb,
     sregs_to_pb,
 )
+from kvmd_proto import vmm_pb2 as pb
 
 
 def region_to_pb(r: MemoryRegionInfo, files: list[FileBackedRange] | None = None,

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from kvmd.api import convert
 from kvmd.api.base import Runtime, ServicerBase
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.host import Host
 from kvmd.core.vm import validate_id
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 if TYPE_CHECKING:
     from kvmd.handover import Handover

@@ -10,13 +10,13 @@ import grpc.aio
 
 from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument
 from kvmd.core.host import Host
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
 from kvmd.migration.precopy import Direction, MigrationOptions, OutgoingMigration, Phase, Progress
 from kvmd.migration.registry import Migrations
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 # The target gives up on a source that sends nothing for this long (the VM reservation and
 # its memory are released), and on one that does not commit a ready VM.

@@ -16,8 +16,6 @@ import grpc.aio
 from kvmd.api import convert
 from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
 from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.api.interceptors import on_loop
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
@@ -35,6 +33,8 @@ from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 # ListVms: the most VMs one page holds (fewer when they would not fit in a message).
 MAX_PAGE_SIZE = 1000

@@ -10,12 +10,12 @@ import grpc.aio
 from kvmd.api import convert
 from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.core.errors import InvalidArgument, InvalidState, NotFound
 from kvmd.core.host import Host
 from kvmd.state.snapshot import Restorer, RunMode, SnapshotSummary, SnapshotTaker
 from kvmd.state.store import SnapshotStore, StoredSnapshot
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 DEFAULT_CHUNK = 1 << 20
 # Wire tags of the bulk fields: SnapshotVmResponse.data (1) and RestoreVmRequest.data (2).

@@ -100,6 +100,7 @@ class Console:
         what the backlog still holds; None: nothing), the offset of its first byte, and a
         subscription that continues exactly after it. Offsets count every byte the guest
         printed (`bytes_out`), which restores and hand-overs carry."""
+        self.flush()  # bytes still in the UART's transmit ring belong to the backlog
         with self._lock:
             start = self.bytes_out - len(self._backlog)
             if offset is None or offset > self.bytes_out:

@@ -1,11 +1,12 @@
 """File descriptors: what each VM object holds, and the budget that keeps them inside the
 process's RLIMIT_NOFILE (systemd's LimitNOFILE=), host-wide and per identity.
 
-Every descriptor of a VM is the daemon's: the VM fd and its binary-stats fd, a vCPU fd and
-a stats fd per vCPU (a dirty ring is a mapping of the vCPU fd, no descriptor of its own), a
-memfd per memory slot (or the dup of its file), the dup of each file mapped over part of a
-slot, an eventfd per irqfd (two with resample) and per ioevent. At the default per-VM limits
-that is 2 + 2*64 + 256 + 2*256 + 256 = 1154 per VM: 64 such VMs need 73856.
+Every descriptor of a VM is the daemon's: the VM fd, its binary-stats fd and its console's
+eventfd (the UART's transmit ring got bytes), a vCPU fd and a stats fd per vCPU (a dirty ring
+is a mapping of the vCPU fd, no descriptor of its own), a memfd per memory slot (or the dup
+of its file), the dup of each file mapped over part of a slot, an eventfd per irqfd (two
+with resample) and per ioevent. At the default per-VM limits
+that is 3 + 2*64 + 256 + 2*256 + 256 = 1155 per VM: 64 such VMs need 73920.
 
 The kernel refuses a descriptor past RLIMIT_NOFILE with EMFILE, and then refuses it to
 everyone, the daemon's own sockets included. So the daemon charges each object's descriptors
@@ -30,7 +31,7 @@ from typing import Protocol
 
 from kvmd.core.errors import ResourceExhausted
 
-FDS_PER_VM = 2  # the VM fd and its binary-stats fd
+FDS_PER_VM = 3  # the VM fd, its binary-stats fd, the eventfd of its console's transmit ring
 FDS_PER_VCPU = 2  # the vCPU fd and its stats fd (a dirty ring maps the vCPU fd)
 FDS_PER_SLOT = 1  # the slot's memfd, or the dup of its file
 FDS_PER_FILE_MAPPING = 1  # MapGuestMemory: the dup of the file mapped over the slot

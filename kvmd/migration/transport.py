@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 
 from kvmd import __version__
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.config import is_loopback
 from kvmd.core.errors import (
     Aborted,
@@ -34,6 +33,7 @@ from kvmd.core.errors import (
 )
 from kvmd.migration.precopy import MigrationOptions
 from kvmd.state.format import FORMAT_VERSION, varint
+from kvmd_proto import vmm_pb2 as pb
 
 METHOD = "/kvmd.v1.Migration/ReceiveMigration"
 # Bytes of snapshot data per gRPC message (well under every daemon's max_message_bytes).

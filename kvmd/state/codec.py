@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import InvalidArgument
 from kvmd.core.state import (
     ConsoleState,
@@ -53,6 +52,7 @@ from kvmd.kvm.types import (
     SEGMENT_NAMES,
     VCPU_EVENT_FIELDS,
 )
+from kvmd_proto import vmm_pb2 as pb
 
 LAPIC_BYTES = 1024
 SPACE_NAMES = {pb.PIO: "pio", pb.MMIO: "mmio"}

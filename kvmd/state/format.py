@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import xxhash
 from google.protobuf.message import DecodeError
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import InvalidArgument, InvalidState
 from kvmd.kvm import PAGE_SIZE
+from kvmd_proto import vmm_pb2 as pb
 
 MAGIC = "kvmd-snapshot"
 FORMAT_VERSION = 1

@@ -29,7 +29,6 @@ import uuid
 from dataclasses import dataclass
 
 from kvmd import __version__
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import API, SNAPSHOT
 from kvmd.core.errors import InvalidState
 from kvmd.core.host import Host
@@ -46,6 +45,7 @@ from kvmd.state.format import (
     SnapshotWriter,
 )
 from kvmd.state.snapshot import check_host, host_features
+from kvmd_proto import vmm_pb2 as pb
 
 # fd names: systemd's FDNAME allows printable ASCII except ':' (its LISTEN_FDNAMES
 # separator), at most 255 characters. "kvmd-mem.<slot>.<vm id>": VM ids are

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from kvmd import __version__
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.dirty import SNAPSHOT, page_runs
 from kvmd.core.errors import InvalidArgument, InvalidState
 from kvmd.core.host import Host
@@ -36,6 +35,7 @@ from kvmd.state.format import (
     SnapshotWriter,
     checksum,
 )
+from kvmd_proto import vmm_pb2 as pb
 
 # The capabilities a saved state depends on (recorded, and checked against the target).
 STATE_CAPABILITIES = ("KVM_CAP_XSAVE", "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CAP_DEBUGREGS",

@@ -14,7 +14,6 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -24,6 +23,7 @@ from kvmd.core.errors import (
     ResourceExhausted,
 )
 from kvmd.state.format import CorruptSnapshot, MemoryRecord, SnapshotReader
+from kvmd_proto import vmm_pb2 as pb
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 READ_CHUNK = 16 << 20  # large reads: few frames straddle two of them

@@ -18,7 +18,7 @@ import struct
 import threading
 from typing import Any
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 PAGE = 0x1000
 CODE_ADDR = 0x1000

@@ -29,9 +29,9 @@ from grpc_status import rpc_status
 from kvmd_stubs import DefaultTimeout
 from kvmd_stubs import Stubs as StubsBase
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 if not os.path.exists("/dev/kvm"):
     pytest.skip("/dev/kvm is absent: the API tests need real KVM", allow_module_level=True)

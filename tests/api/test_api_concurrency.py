@@ -8,7 +8,7 @@ import time
 
 from api_support import RunningDaemon, Stubs
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 CLIENTS = 16
 ROUNDS = 3

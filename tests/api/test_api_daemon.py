@@ -13,8 +13,8 @@ import grpc
 import pytest
 from api_support import Stubs
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.server import Config, ConfigError, Daemon
+from kvmd_proto import vmm_pb2 as pb
 
 
 def _open_fds() -> dict[int, str]:

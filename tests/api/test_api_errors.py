@@ -9,7 +9,7 @@ import grpc
 import pytest
 from api_support import RunningDaemon, error_info
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

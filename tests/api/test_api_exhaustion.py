@@ -15,7 +15,7 @@ import pytest
 from api_support import RunningDaemon, error_info
 from grpc_health.v1 import health_pb2
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -135,7 +135,7 @@ def test_a_watcher_that_cannot_take_an_eventfd_leaves_nothing_in_kvm(
             EXHAUSTED)
     assert vm.irqfds() == [] and vm.ioevents() == []
     assert vm.vm.irqfds() == [] and vm.vm.ioevents() == []  # nothing left in KVM
-    assert open_now() == fds and vm.fds.held == 2
+    assert open_now() == fds and vm.fds.held == 3
     api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id="watch", irqfd_id="level",
                                                          gsi=5, resample=True))
     api.ioevents.RegisterIoevent(pb.RegisterIoeventRequest(

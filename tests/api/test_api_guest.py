@@ -33,8 +33,8 @@ from api_guest import (
 )
 from api_support import RunningDaemon
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.kvm import HltExit, IoExit
+from kvmd_proto import vmm_pb2 as pb
 
 EVENT_WAIT = 2.0  # seconds to wait for a stream event before re-running the guest
 

@@ -32,9 +32,9 @@ from guests import (
 from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.images import FileIdentity
 from kvmd.server import Config, ConfigError, Daemon
+from kvmd_proto import vmm_pb2 as pb
 
 P = 4096
 MiB = 1 << 20

@@ -8,8 +8,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvmd import __version__
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.kvm import CAPABILITY_NUMBERS, Kvm
+from kvmd_proto import vmm_pb2 as pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -17,7 +17,7 @@ from api_support import RunningDaemon
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EMPTY = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from api_support import GRPC_NATIVE, DaemonFactory
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

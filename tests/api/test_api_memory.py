@@ -9,7 +9,7 @@ import grpc
 import pytest
 from api_support import GRPC_NATIVE, DaemonFactory, RunningDaemon
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

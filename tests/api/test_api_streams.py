@@ -13,8 +13,8 @@ import pytest
 from api_support import DaemonFactory, RunningDaemon, error_info
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.api.streams import END_KEY, END_SHUTDOWN
+from kvmd_proto import vmm_pb2 as pb
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,22 @@ def test_console_subscription_continues_exactly_after_the_backlog() -> None:
     assert backlog == b"early " and sub.get(1.0) == b"late"
     console.end()
     assert sub.get(1.0) is None and sub.closed
+
+
+@pytest.mark.parametrize("read", [
+    pytest.param(lambda c: c.backlog(), id="backlog"),
+    pytest.param(lambda c: c.subscribe(True)[0], id="subscribe"),
+    pytest.param(lambda c: c.subscribe_from(0)[0], id="subscribe_from"),
+    pytest.param(lambda c: c.save_state().backlog, id="save_state"),
+])
+def test_every_console_reader_first_takes_what_the_uart_still_holds(read: Any) -> None:
+    """Transmitted bytes wait in the UART's ring (C) until drained: a reader that did not
+    drain first would miss the guest's last bytes (StreamConsole after a guest's exit)."""
+    console = Console(64)
+    console.output(b"o")
+    ring = [b"k"]
+    console.add_source(lambda: console.output(ring.pop()) if ring else None)
+    assert read(console) == b"ok"
 
 
 def test_device_bus_refuses_overlaps() -> None:

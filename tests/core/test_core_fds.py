@@ -44,15 +44,16 @@ def host(tmp_path: Path) -> Iterator[Host]:
 
 def test_fds_per_vm_at_the_default_limits_and_what_the_unit_allows() -> None:
     lim = Limits()
-    # VM + stats, 64 vCPUs x (fd + stats), 256 memfds, 256 irqfds x 2 (resample), 256 ioevents.
-    assert fds_per_vm(lim) == 2 + 2 * 64 + 256 + 2 * 256 + 256 == 1154
+    # VM + stats + console eventfd, 64 vCPUs x (fd + stats), 256 memfds, 256 irqfds x 2
+    # (resample), 256 ioevents.
+    assert fds_per_vm(lim) == 3 + 2 * 64 + 256 + 2 * 256 + 256 == 1155
     nofile = int(re.findall(r"^LimitNOFILE=(\d+)", UNIT.read_text(), re.M)[-1])
     assert nofile == 131072
     assert reserve(nofile) == 16384
     assert derived_max_fds(nofile) == 114688
     assert derived_max_fds_per_identity(nofile) == 28672
     # Every VM at the per-VM limits fits, with room for the daemon's own descriptors.
-    assert lim.max_vms * fds_per_vm(lim) == 73856 <= derived_max_fds(nofile)
+    assert lim.max_vms * fds_per_vm(lim) == 73920 <= derived_max_fds(nofile)
     # A plain shell's 1024 still leaves VMs some, and the daemon 256.
     assert (reserve(1024), derived_max_fds(1024)) == (256, 768)
 
@@ -79,7 +80,7 @@ def test_the_budget_counts_exactly_what_a_vm_holds(host: Host) -> None:
     vm.register_irqfd("level", 6, True)
     vm.register_ioevent("bell", IoSpace.MMIO, 0xD000_0000, 4, None)
     check()
-    assert vm.fds.held == 2 + 3 * 2 + 3 + 2 + 1 + 2 + 1
+    assert vm.fds.held == 3 + 3 * 2 + 3 + 2 + 1 + 2 + 1
     vm.unmap_file(slot, 4 * P, 2 * P)
     vm.unregister_irqfd("level")
     vm.unregister_ioevent("bell")
@@ -91,7 +92,7 @@ def test_the_budget_counts_exactly_what_a_vm_holds(host: Host) -> None:
 
 
 def test_refusals_come_before_the_kernel_and_leave_nothing(host: Host) -> None:
-    host.fds.limit = host.fds.in_use + 2 + 2 + 1  # a VM, one vCPU, one more descriptor
+    host.fds.limit = host.fds.in_use + 3 + 2 + 1  # a VM, one vCPU, one more descriptor
     host.fds.privileged = lambda owner: True  # no per-identity share here
     vm = host.create_vm("tight", {}, VmOptions(irqchip=True))
     vm.create_vcpu(0)

@@ -25,8 +25,8 @@ from guests import CODE_ADDR, GUEST_MEM_SIZE, STACK_TOP, UART_PORT, out_bytes_pr
 from kvmd_stubs import Stubs as StubsBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
 
 BIN_DIR = Path(sys.executable).parent
 # Every RPC in these tests gets a deadline: a daemon bug fails a test, never hangs it.

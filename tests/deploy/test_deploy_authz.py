@@ -16,8 +16,8 @@ from deploy_support import RPC_TIMEOUT, SAN_SUFFIX, Stubs, TlsDaemon, codes, rpc
 from guests import CODE_ADDR, out_bytes_program
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.vm import VmOptions
+from kvmd_proto import vmm_pb2 as pb
 
 OK = "OK"
 DENIED = "PERMISSION_DENIED"

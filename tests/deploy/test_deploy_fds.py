@@ -13,7 +13,7 @@ import grpc
 import pytest
 from deploy_support import RPC_TIMEOUT, Stubs, TlsDaemon
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 from deploy_support import RPC_TIMEOUT, Stubs, TlsDaemon, codes, run_kvmd
 
 from kvmd.api.auth import HOST_METHODS, READ_ONLY_METHODS, Authorizer, Policy
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import NotFound, PermissionDenied
+from kvmd_proto import vmm_pb2 as pb
 
 P = 4096
 DATA = 0x100000

@@ -19,7 +19,7 @@ import pytest
 from deploy_support import Stubs
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "deploy" / "install.sh"

@@ -27,7 +27,7 @@ from deploy_support import (
 )
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 WAIT = 10.0
 

@@ -19,8 +19,8 @@ from deploy_support import (
     rpc_code,
 )
 
-from client import KvmdClient, PermissionDeniedError, UnavailableError
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_client import KvmdClient, PermissionDeniedError, UnavailableError
+from kvmd_proto import vmm_pb2 as pb
 
 POLICY = [
     {"name": "local", "role": "viewer"},

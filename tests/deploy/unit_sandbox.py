@@ -41,7 +41,7 @@ import pytest
 from deploy_support import RPC_TIMEOUT, CertFiles, Stubs, kvmd_script
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client import KvmdClient, KvmdError
+from kvmd_client import KvmdClient, KvmdError
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

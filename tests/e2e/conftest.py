@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from kvmctl_support import kvmctl
 
-from client import KvmdClient, KvmdError, NotFoundError
+from kvmd_client import KvmdClient, KvmdError, NotFoundError
 
 __all__ = ["kvmctl"]  # the in-process kvmctl fixture, shared by the test files
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from client.kvmctl import main
+from kvmd_client.kvmctl import main
 
 
 @dataclass
@@ -57,4 +57,4 @@ def kvmctl_command(*args: str) -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "kvmctl")
     if os.path.exists(script):
         return [script, *args]
-    return [sys.executable, "-m", "client.kvmctl", *args]
+    return [sys.executable, "-m", "kvmd_client.kvmctl", *args]

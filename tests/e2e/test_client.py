@@ -30,7 +30,7 @@ from interrupt_guests import (
     wait_ready,
 )
 
-from client import (
+from kvmd_client import (
     STATUS_TO_ERROR,
     AlreadyExistsError,
     CancelledError,
@@ -45,9 +45,9 @@ from client import (
     irqchip_route,
     msi_route,
 )
-from client.errors import error_for_code
-from client.kvmd_client import normalize_address
-from kvmd.api.gen import vmm_pb2
+from kvmd_client.errors import error_for_code
+from kvmd_client.kvmd_client import normalize_address
+from kvmd_proto import vmm_pb2
 
 MiB = 1 << 20
 PAGE = 4096

@@ -1,7 +1,7 @@
 """End-to-end tests of ``kvmctl demo``, ``kvmctl exits`` and ``kvmctl vm console``.
 
 ``kvmctl demo`` is the first thing a new user runs, so it is tested both in-process
-(``client.kvmctl.main`` with capsys) and as the installed console script, against the session
+(``kvmd_client.kvmctl.main`` with capsys) and as the installed console script, against the session
 daemon (a real kvmd process on a temporary Unix socket).
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from kvmctl_support import Kvmctl, kvmctl_command, ok
 
-from client import KvmdClient, NotFoundError
-from client import demo_guest as guest
-from client.kvmctl import main
+from kvmd_client import KvmdClient, NotFoundError
+from kvmd_client import demo_guest as guest
+from kvmd_client.kvmctl import main
 
 Healthy = Callable[[], None]
 

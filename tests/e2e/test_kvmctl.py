@@ -1,6 +1,6 @@
 """End-to-end tests of kvmctl against the kvmd process.
 
-Most tests call ``client.kvmctl.main([...])`` in-process (output captured with capsys); the
+Most tests call ``kvmd_client.kvmctl.main([...])`` in-process (output captured with capsys); the
 ``test_subprocess_*`` tests run the installed ``kvmctl`` console script for real.
 """
 
@@ -21,8 +21,8 @@ from interrupt_guests import COUNTERS, LAPIC_BASE, READY, counter_program, count
 from kvmctl_support import Kvmctl, kvmctl_command, ok
 from polling import wait_until
 
-from client import KvmdClient
-from client.kvmctl import build_parser, main
+from kvmd_client import KvmdClient
+from kvmd_client.kvmctl import build_parser, main
 
 Healthy = Callable[[], None]
 

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from kvmctl_support import Result, ok
 
-from client import (
+from kvmd_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     KvmdClient,
     NotFoundError,
     PermissionDeniedError,
 )
-from client.kvmctl import main
+from kvmd_client.kvmctl import main
 
 P = 4096
 MiB = 1 << 20

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvmctl_support import Kvmctl, ok
 
-from client import AlreadyExistsError, KvmdClient
+from kvmd_client import AlreadyExistsError, KvmdClient
 
 PATTERN = bytes(range(256)) * 64  # 16 KiB
 

@@ -7,7 +7,7 @@ A uniquely named module (tests/fuzz is on sys.path through its conftest).
   temporary Unix socket, a client channel, and a *world*: VMs with memory, vCPUs, an
   irqfd and an ioevent, built the same way before every example that needs it.
 * `METHODS`: every RPC of every kvmd service, from the generated descriptors of every
-  module in kvmd/api/gen (a new RPC or service is fuzzed without touching this file);
+  module in kvmd_proto (a new RPC or service is fuzzed without touching this file);
   `test_reflection_serves_exactly_the_fuzzed_methods` checks server reflection agrees.
 * `request_strategy(method)`: a hand-written strategy where one exists, else a generic one
   built from the request's descriptor (random values plus boundary values per field type).
@@ -45,11 +45,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from polling import wait_until
 
-import kvmd.api.gen
+import kvmd_proto
 from kvmd.api.auth import READ_ONLY_METHODS
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 Code = grpc.StatusCode
 FieldDescriptor = _descriptor.FieldDescriptor
@@ -121,9 +121,9 @@ CLIENT_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
 
 def _kvmd_files() -> list[_descriptor.FileDescriptor]:
     files = []
-    for info in pkgutil.iter_modules(kvmd.api.gen.__path__):
+    for info in pkgutil.iter_modules(kvmd_proto.__path__):
         if info.name.endswith("_pb2"):
-            module = importlib.import_module(f"kvmd.api.gen.{info.name}")
+            module = importlib.import_module(f"kvmd_proto.{info.name}")
             files.append(module.DESCRIPTOR)
     return files
 

@@ -30,8 +30,8 @@ from fuzz_support import (
 )
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 Code = grpc.StatusCode
 CI_SECONDS = 15.0

@@ -14,8 +14,8 @@ import pytest
 from fuzz_support import CALL_TIMEOUT, HALT_LOOP, METHODS_BY_NAME, FuzzDaemon, invoke
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import NotFound
+from kvmd_proto import vmm_pb2 as pb
 
 MESSAGE_LIMIT = 16 << 10
 UART, DEBUG_EXIT = 0x3F8, 0x501

@@ -36,8 +36,8 @@ from hypothesis.stateful import (
 )
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 Code = grpc.StatusCode
 OK = Code.OK

@@ -20,7 +20,7 @@ from fuzz_support import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 # Examples per RPC in CI; `make soak` runs KVMD_FUZZ_SOAK_FACTOR times as many.
 EXAMPLES_PER_RPC = 15

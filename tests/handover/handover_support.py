@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "state"))
 
 from state_guests import assemble
 
-from client.kvmd_client import KvmdClient
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_client.kvmd_client import KvmdClient
+from kvmd_proto import vmm_pb2 as pb
 
 if not os.path.exists("/dev/kvm"):
     pytest.skip("/dev/kvm is absent: the hand-over tests need real KVM",

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from client.errors import (
+from kvmd.handover import leave_placeholder
+from kvmd.server import Config, Daemon
+from kvmd_client.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     UnavailableError,
 )
-from client.kvmd_client import KvmdClient
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.handover import leave_placeholder
-from kvmd.server import Config, Daemon
+from kvmd_client.kvmd_client import KvmdClient
+from kvmd_proto import vmm_pb2 as pb
 
 
 @pytest.fixture
@@ -85,12 +85,14 @@ def test_retries_end_with_the_retry_timeout(daemon: Daemon) -> None:
             daemon.gate.open()
 
 
-def test_no_daemon_fails_at_once(tmp_path: Path) -> None:
-    with KvmdClient(f"unix://{tmp_path}/nobody.sock", timeout=20) as c:
+def test_no_daemon_is_not_waited_for(tmp_path: Path) -> None:
+    """No socket, and no daemon ever answered: only gRPC's own retries (about 3 s,
+    kvmd_client.channel.RETRY_POLICY), not retry_timeout (60 s here)."""
+    with KvmdClient(f"unix://{tmp_path}/nobody.sock", timeout=20, retry_timeout=60) as c:
         started = time.monotonic()
         with pytest.raises(UnavailableError):
             c.list_vms()
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10
 
 
 def test_a_placeholder_socket_is_waited_for(tmp_path: Path) -> None:
@@ -172,7 +174,7 @@ def test_handover_service_refusals(daemon: Daemon) -> None:
 
 
 def test_kvmctl_rides_out_a_handover(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
-    from client import kvmctl
+    from kvmd_client import kvmctl
 
     daemon.gate.close()
     reopen_later(daemon, 0.5)

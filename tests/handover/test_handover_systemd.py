@@ -29,8 +29,8 @@ from handover_support import (
     wait_until,
 )
 
-from client.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from kvmd.state.handover import memfd_name
+from kvmd_client.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 
 VMS = 16
 
@@ -187,7 +187,9 @@ def test_corrupt_state_and_missing_memfd_strand_only_their_vm(
         c.retry_stranded_vm("corrupt")
     c.delete_stranded_vm("corrupt")
     assert c.list_stranded_vms() == []
-    assert not list(state_dir.glob("*.state")) and sd.names() == []
+    assert not list(state_dir.glob("*.state"))
+    # FDSTOREREMOVE is a notification: systemd (here the fake) handles it when it reads it
+    wait_until(lambda: sd.names() == [], 10, "its memfd to leave the fd store")
     with pytest.raises(NotFoundError):
         c.delete_stranded_vm("corrupt")
     c.create_vm("corrupt")  # its id is free again

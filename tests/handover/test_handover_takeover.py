@@ -33,8 +33,8 @@ from handover_support import (
     wait_until,
 )
 
-from client.errors import KvmdError
 from kvmd.handover import Channel, socket_path
+from kvmd_client.errors import KvmdError
 
 VMS = 16
 

@@ -28,9 +28,9 @@ from metrics_support import (
     rule_expressions,
 )
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.metrics import DEFAULT_METRICS_LISTEN
 from kvmd.server import build_parser, load_config
+from kvmd_proto import vmm_pb2 as pb
 
 RULES_TEST_PATH = Path(__file__).with_name("rules_test.yml")
 

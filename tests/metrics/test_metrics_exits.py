@@ -13,8 +13,8 @@ from metrics_support import (
     wait_for,
 )
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.kvm._names import X86_EXIT_REASONS
+from kvmd_proto import vmm_pb2 as pb
 
 # The kernel statistics the issue names (KVM_GET_STATS_FD, per vCPU, summed per VM).
 KERNEL_VCPU_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits",
@@ -176,8 +176,8 @@ def test_daemon_state_metrics_follow_the_vm(mkvmd: MetricsDaemon) -> None:
     assert s.value("kvmd_guest_memory_bytes", vm="state") == RAM_SIZE
     assert s.value("kvmd_memory_slots", vm="state") == 1
     assert s.value("kvmd_guest_memory_in_use_bytes") == RAM_SIZE
-    # The VM and its stats fd, the vCPU's two, the slot's memfd.
-    assert s.value("kvmd_vm_fds") == 2 + 2 + 1
+    # The VM, its stats fd and console eventfd, the vCPU's two, the slot's memfd.
+    assert s.value("kvmd_vm_fds") == 3 + 2 + 1
     assert 0 < s.value("kvmd_vm_fds_limit") == mkvmd.daemon.host.fds.limit  # type: ignore[union-attr]
     mkvmd.pause("state")
     s = mkvmd.scrape()

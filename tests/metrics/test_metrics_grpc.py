@@ -7,7 +7,7 @@ import grpc
 import pytest
 from metrics_support import RAM_SIZE, RPC_TIMEOUT, MetricsDaemon, Scrape, wait_for
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 GET_VM = "/kvmd.v1.Vms/GetVm"
 CREATE_VM = "/kvmd.v1.Vms/CreateVm"

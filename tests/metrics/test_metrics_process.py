@@ -14,7 +14,7 @@ import grpc
 import pytest
 from metrics_support import RPC_TIMEOUT, KvmdProcess, Scrape, wait_for
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 SPIN = bytes([0xEB, 0xFE])  # jmp $   (never exits to userspace on its own)
 # A healthy daemon answers in milliseconds; these bound how long a wedged one is given.

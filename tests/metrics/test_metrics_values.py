@@ -10,8 +10,8 @@ import time
 from guests import IN_AL_DX, UART_PORT, mov_dx, out_bytes_program, real_mode_program
 from metrics_support import RPC_TIMEOUT, MetricsDaemon, Scrape, wait_for
 
-from client import KvmdClient
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_client import KvmdClient
+from kvmd_proto import vmm_pb2 as pb
 
 PRINTED = b"console bytes, counted\n"   # what the guest writes to COM1 (23 bytes)
 TYPED = b"abc"                          # what the test writes with WriteConsole

@@ -35,7 +35,7 @@ from polling import wait_until
 from state_guests import COUNTER_ADDR, PRINT_ROUTINES, assemble
 from state_support import Node, connect
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 if not os.path.exists("/dev/kvm"):
     pytest.skip("/dev/kvm is absent: the migration tests need real KVM", allow_module_level=True)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from migration_support import Host, LinkProxy, wait_for
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 SLOW = 1 << 20  # bytes/s: the 4 MiB working set takes seconds to copy
 # The 64-page guest rewrites its pages hundreds of times a second (tens of MB/s): a

@@ -22,7 +22,7 @@ from migration_support import (
 )
 from state_guests import COUNTER_ADDR, PIT_SOURCE, counter_numbers
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 def test_a_guest_rewriting_4_mib_migrates_with_contiguous_output_and_intact_memory(

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from migration_support import Host, wait_for
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 @pytest.mark.parametrize("mode", ["bitmap", "manual", "ring"])

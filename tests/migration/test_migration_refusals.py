@@ -12,8 +12,8 @@ import grpc
 import pytest
 from migration_support import Host, Pki, wait_for
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.state.format import varint
+from kvmd_proto import vmm_pb2 as pb
 
 FAIL = grpc.StatusCode
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import pytest
 from migration_support import Host, wait_for
 
-from client import KvmdClient, NotFoundError, UnavailableError
-from client.kvmctl import main
+from kvmd_client import KvmdClient, NotFoundError, UnavailableError
+from kvmd_client.kvmctl import main
 
 
 @dataclass

@@ -27,7 +27,7 @@ from guests import (
     mov_dx,
 )
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 DEBUG_EXIT_PORT = 0x501      # the daemon's default debug-exit port
 UART_LSR = UART_PORT + 5     # line status register; bit 0 = data ready

@@ -21,9 +21,9 @@ from grpc_status import rpc_status
 from kvmd_stubs import DefaultTimeout
 from polling import wait_until
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 CALL_TIMEOUT = 20.0    # deadline of every unary call
 WAIT = 10.0            # how long to wait for a guest to reach a state or an event

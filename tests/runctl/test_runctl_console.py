@@ -9,7 +9,7 @@ from guests_runctl import DATA_ADDR, echo_program, print_program
 from polling import wait_until
 from runctl_api import STREAM_TIMEOUT, WAIT, Api, Code
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 class ConsoleReader:

@@ -19,8 +19,8 @@ from guests_runctl import (
 from polling import wait_until
 from runctl_api import Api, Code
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 
 def ref(vm_id: str, vcpu_id: int = 0) -> pb.VcpuRef:

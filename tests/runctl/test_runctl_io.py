@@ -29,7 +29,7 @@ from guests_runctl import (
 from polling import wait_until
 from runctl_api import Api, fd_count, mmio, pio, vcpu_threads
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 def unclaimed_mmio_program() -> bytes:

@@ -18,7 +18,7 @@ from guests_runctl import (
 from polling import wait_until
 from runctl_api import Api, Code, fd_count, vcpu_threads
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 LOOP = 0x1000
 EXIT_STUB = 0x2000

@@ -12,8 +12,8 @@ from guests_runctl import CODE_ADDR, OUT_SPAM_PORT, counting_loop, port_loop
 from polling import wait_until
 from runctl_api import Api, Code, fd_count, vcpu_threads
 
-from kvmd.api.gen import vmm_pb2 as pb
-from kvmd.api.gen import vmm_pb2_grpc as rpc
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 N_VMS = 8
 

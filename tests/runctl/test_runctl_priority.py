@@ -11,8 +11,8 @@ from guests import SPIN
 from polling import wait_until
 from runctl_api import WAIT, Api
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.config import DEFAULT_VCPU_NICE
+from kvmd_proto import vmm_pb2 as pb
 
 
 def vcpu_thread_nice(vm_id: str) -> int:

@@ -13,7 +13,7 @@ from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_progr
 from polling import wait_until
 from runctl_api import Api, Code, ExitHandler, mmio, pio
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 LONG_DEADLINE_MS = 30_000  # longer than any wait below: only the failure can release it
 

@@ -10,7 +10,7 @@ from guests_runctl import CLAIM_PORT, in_twice_program
 from polling import wait_until
 from runctl_api import Api, vcpu_threads
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 def test_daemon_stop_with_running_vms_watchers_and_a_waiting_handler(

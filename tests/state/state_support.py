@@ -27,8 +27,8 @@ from kvmd_stubs import DefaultTimeout, Stubs
 from polling import wait_until
 from state_guests import CODE_ADDR, CODE_SEGMENT, MEM_SIZE, STACK_TOP, assemble
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.server import Config, Daemon
+from kvmd_proto import vmm_pb2 as pb
 
 if not os.path.exists("/dev/kvm"):
     pytest.skip("/dev/kvm is absent: the state tests need real KVM", allow_module_level=True)

@@ -9,7 +9,7 @@ import pytest
 from state_guests import COUNTER_ADDR, COUNTER_SOURCE, MEM_SIZE
 from state_support import Node
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 PAGE = 4096
 BIG = 16 << 20  # a second slot for host-written pages

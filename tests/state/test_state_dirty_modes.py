@@ -15,7 +15,7 @@ from state_guests import (
 )
 from state_support import Node
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 MODES = ["bitmap", "manual", "ring"]
 

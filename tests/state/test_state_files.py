@@ -11,7 +11,7 @@ import pytest
 from state_guests import COUNTER_ADDR, COUNTER_SOURCE
 from state_support import Node, NodeFactory
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 def code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.errors import InvalidArgument, InvalidState
 from kvmd.state.format import (
     FORMAT_VERSION,
@@ -17,6 +16,7 @@ from kvmd.state.format import (
     as_message,
     varint,
 )
+from kvmd_proto import vmm_pb2 as pb
 
 PAGE = 4096
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from state_support import Node, NodeFactory
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 P = 4096
 SLOT = 64 * P

@@ -11,8 +11,8 @@ import pytest
 from state_guests import COUNTER_SOURCE
 from state_support import Node, NodeFactory
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.state.format import SnapshotReader, SnapshotWriter, as_message, varint
+from kvmd_proto import vmm_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION

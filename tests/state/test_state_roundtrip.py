@@ -11,12 +11,12 @@ import pytest
 from polling import wait_until
 from state_guests import COUNTER_SOURCE, assemble
 
-from kvmd.api.gen import vmm_pb2 as pb
 from kvmd.core.host import Host
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import IoSpace, IrqChip, IrqChipRoute, MsiRoute, Regs
 from kvmd.state.format import SnapshotReader, as_message
 from kvmd.state.snapshot import SnapshotTaker, restore_bytes
+from kvmd_proto import vmm_pb2 as pb
 
 MSR_STAR, MSR_LSTAR, MSR_KERNEL_GS_BASE, MSR_SYSENTER_CS = (
     0xC0000081, 0xC0000082, 0xC0000102, 0x174)

@@ -18,7 +18,7 @@ from state_guests import (
 )
 from state_support import Node
 
-from kvmd.api.gen import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2 as pb
 
 
 def follow_console(node: Node, vm_id: str, until: int, timeout: float = 30) -> bytes:

@@ -1,6 +1,6 @@
 """The ``kvmctl demo`` scenario as a library function: boot a tiny guest and report on it.
 
-:func:`run_demo` creates a VM, maps memory, loads :data:`client.demo_guest.IMAGE`, points one
+:func:`run_demo` creates a VM, maps memory, loads :data:`kvmd_client.demo_guest.IMAGE`, points one
 vCPU at it in real mode, subscribes to the console (with backlog) and to the VM's events, starts
 the VM, waits for the debug exit, collects the console text and the exit counters, and deletes
 the VM unless asked to keep it.
@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import demo_guest
-from client.errors import DeadlineExceededError, KvmdError, NotFoundError
-from client.kvmd_client import KvmdClient, Watch
-from kvmd.api.gen import vmm_pb2
+from kvmd_client import demo_guest
+from kvmd_client.errors import DeadlineExceededError, KvmdError, NotFoundError
+from kvmd_client.kvmd_client import KvmdClient, Watch
+from kvmd_proto import vmm_pb2
 
 __all__ = ["DemoResult", "console_backlog", "new_demo_vm_id", "run_demo"]
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from client import KvmdClient
+    from kvmd_client import KvmdClient
 
     with KvmdClient("unix:///run/kvmd/kvmd.sock") as kvm:
         kvm.wait_ready(5)
@@ -19,7 +19,10 @@ Conventions:
   ``get_mp_state`` -> state name, ``get_lapic`` -> bytes, ``get_msrs`` -> ``{index: value}``).
 - Setters take either a message or a mapping of field names; a mapping (and keyword fields) is
   a partial update merged with the vCPU's current state.
-- Every ``grpc.RpcError`` is raised as a :class:`client.errors.KvmdError` subclass.
+- Every ``grpc.RpcError`` is raised as a :class:`kvmd_client.errors.KvmdError` subclass.
+- Every call has a default deadline except the streams meant to stay open (watches, the
+  console, exit handlers, migrations); idempotent calls are retried on UNAVAILABLE; open
+  calls are kept alive with pings. :mod:`kvmd_client.channel` has the details.
 - Daemon restarts and upgrades (kvmd hands its VMs over to a new process) show as a short
   UNAVAILABLE: within ``retry_timeout`` the client retries idempotent calls, and any call the
   daemon refused unexecuted during a hand-over, and re-opens watch and console streams (a
@@ -33,27 +36,35 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client._convert import coerce, merge_into
-from client.errors import (
+from kvmd_client._convert import coerce, merge_into
+from kvmd_client.channel import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_TRANSFER_TIMEOUT,
+    MAX_MESSAGE_BYTES,
+)
+from kvmd_client.channel import channel_options as _channel_options
+from kvmd_client.errors import (
     CancelledError,
     DeadlineExceededError,
     KvmdError,
     UnavailableError,
     from_rpc_error,
 )
-from kvmd.api.gen import vmm_pb2, vmm_pb2_grpc
+from kvmd_proto import vmm_pb2, vmm_pb2_grpc
 
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_RETRY_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_TRANSFER_TIMEOUT",
     "MAX_MESSAGE_BYTES",
     "ConsoleWatch",
     "DirtyLog",
@@ -70,8 +81,6 @@ __all__ = [
 DEFAULT_ADDRESS = "unix:///run/kvmd/kvmd.sock"
 #: Bytes per streamed chunk of guest memory (well below the 4 MiB default message limit).
 DEFAULT_CHUNK_SIZE = 1 << 20
-#: Channel send/receive message limit.
-MAX_MESSAGE_BYTES = 64 << 20
 #: How long calls and streams ride out a daemon restart or hand-over by default (seconds).
 DEFAULT_RETRY_TIMEOUT = 30.0
 # Trailing metadata of the daemon: a call refused, unexecuted, during a hand-over; why a
@@ -498,15 +507,23 @@ class KvmdClient:
         tls_cert: PEM client certificate (mutual TLS), with ``tls_key``.
         tls_key: PEM private key of ``tls_cert``.
         tls_server_name: expected server name when it differs from the host in ``address``.
-        timeout: default deadline in seconds for unary calls and memory streams (None: none).
-            Watch streams never get a default deadline.
+        timeout: deadline in seconds of unary calls (None: none).
+        transfer_timeout: deadline in seconds of transfers: guest memory and dirty-log
+            streams, snapshots, restores, console backlogs (None: none).
         retry_timeout: how long to ride out a daemon restart or hand-over, in seconds (0:
             never retry). Idempotent unary calls (Get*, List*, Check*, Set*, Sync*,
             Measure*, the health check) are retried on UNAVAILABLE, any unary call the daemon
             refused unexecuted during a hand-over (``kvmd-retry: handover``) or that could not
             reach it, each within its own deadline; watch, console and exit handler streams
             are re-opened. A client that never reached the daemon, on a Unix socket that does
-            not exist, fails at once (no daemon runs there).
+            not exist, is not kept waiting (no daemon runs there): only gRPC's own short
+            retries apply.
+        channel_options: gRPC channel arguments added to, or replacing, the client's own
+            (:func:`kvmd_client.channel.channel_options`).
+
+    Watches, followed consoles, exit handlers and migrations have no default deadline (see
+    :mod:`kvmd_client.channel`, which also describes gRPC's own retries of short outages and
+    the keepalive).
     """
 
     def __init__(
@@ -517,25 +534,20 @@ class KvmdClient:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         tls_server_name: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        transfer_timeout: float | None = DEFAULT_TRANSFER_TIMEOUT,
         retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         target, is_unix = normalize_address(address)
         self.address = address
         self.target = target
         self.timeout = timeout
+        self.transfer_timeout = transfer_timeout
         self.retry_timeout = retry_timeout
         self._socket_path = _unix_path(target) if is_unix else None
         self._reached = False  # some call got an answer from a daemon
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # Reconnect within a second of a restarted daemon (grpc's default waits 1 s,
-            # then backs off to minutes).
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
+        options = _channel_options(channel_options)
         use_tls = tls_ca is not None or tls_cert is not None or tls_key is not None
         if use_tls:
             if is_unix:
@@ -556,6 +568,8 @@ class KvmdClient:
         if retry_timeout > 0:
             self._channel = grpc.intercept_channel(self._channel, _RetryInterceptor(self))
         self.tls = use_tls
+        #: The channel arguments the client's channel was made with.
+        self.channel_options: list[tuple[str, Any]] = options
         self._hypervisor = vmm_pb2_grpc.HypervisorStub(self._channel)
         self._vms = vmm_pb2_grpc.VmsStub(self._channel)
         self._memory = vmm_pb2_grpc.MemoryStub(self._channel)
@@ -596,10 +610,11 @@ class KvmdClient:
 
     def _server_stream(self, method: Callable[..., Any], request: Any,
                        timeout: float | object | None = ...) -> Iterator[Any]:
-        """Iterate a server stream (`timeout`: the whole stream's deadline; default the
-        client's); stopping early cancels the call."""
+        """Iterate a transfer's server stream (memory, dirty log, snapshot; `timeout`: the
+        whole stream's deadline, by default ``transfer_timeout``); stopping early cancels
+        the call."""
         try:
-            call = method(request, timeout=self.timeout if timeout is ... else timeout)
+            call = method(request, timeout=self.transfer_timeout if timeout is ... else timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         try:
@@ -844,7 +859,7 @@ class KvmdClient:
         request = vmm_pb2.StreamConsoleRequest(vm_id=vm_id, backlog=True, no_follow=True)
         try:
             return b"".join(bytes(m.data) for m in self._vms.StreamConsole(
-                request, timeout=self.timeout))
+                request, timeout=self.transfer_timeout))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -917,7 +932,8 @@ class KvmdClient:
             if first:  # nothing to write: still name the target
                 yield vmm_pb2.WriteGuestMemoryRequest(vm_id=vm_id, guest_addr=guest_addr)
 
-        response = self._unary(self._memory.WriteGuestMemory, requests())
+        response = self._unary(self._memory.WriteGuestMemory, requests(),
+                               timeout=self.transfer_timeout)
         return int(response.bytes_written)
 
     def write_memory(
@@ -1496,7 +1512,7 @@ class KvmdClient:
                 for chunk in chunks(source):
                     yield vmm_pb2.RestoreVmRequest(data=chunk)
 
-        return self._unary(self._snapshots.RestoreVm, requests())
+        return self._unary(self._snapshots.RestoreVm, requests(), timeout=self.transfer_timeout)
 
     def list_snapshots(self) -> list[vmm_pb2.SnapshotInfo]:
         """Snapshot files in the daemon's state directory (of VMs this caller may see)."""

@@ -1,10 +1,10 @@
 """The kvmd Python client library and the kvmctl CLI.
 
 ``KvmdClient`` wraps every kvmd.v1 RPC with a typed method; failures raise the
-``client.errors.KvmdError`` subclass of their status code.
+``kvmd_client.errors.KvmdError`` subclass of their status code.
 """
 
-from client.errors import (
+from kvmd_client.errors import (
     STATUS_TO_ERROR,
     AbortedError,
     AlreadyExistsError,
@@ -24,7 +24,7 @@ from client.errors import (
     UnknownOutcomeError,
     from_rpc_error,
 )
-from client.kvmd_client import (
+from kvmd_client.kvmd_client import (
     DEFAULT_ADDRESS,
     DirtyLog,
     ExitHandlerSession,

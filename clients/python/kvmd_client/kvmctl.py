@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from client import demo_guest
-from client._convert import message_to_dict, unflatten
-from client._format import format_kv, format_ranges, format_table, hexdump, human_bytes
-from client.demo import DemoResult, console_backlog, new_demo_vm_id, run_demo
-from client.errors import KvmdError, UnavailableError
-from client.kvmd_client import (
+from kvmd_client import demo_guest
+from kvmd_client._convert import message_to_dict, unflatten
+from kvmd_client._format import format_kv, format_ranges, format_table, hexdump, human_bytes
+from kvmd_client.demo import DemoResult, console_backlog, new_demo_vm_id, run_demo
+from kvmd_client.errors import KvmdError, UnavailableError
+from kvmd_client.kvmd_client import (
     DEFAULT_ADDRESS,
     DEFAULT_CHUNK_SIZE,
     KvmdClient,
@@ -31,7 +31,7 @@ from client.kvmd_client import (
     irqchip_route,
     msi_route,
 )
-from kvmd.api.gen import vmm_pb2
+from kvmd_proto import vmm_pb2
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -1865,6 +1865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
             timeout=args.timeout,
+            transfer_timeout=args.timeout,  # --timeout bounds every call, transfers too
             retry_timeout=args.retry_timeout,
         )
     except ValueError as e:
