@@ -88,6 +88,27 @@ class ServicerBase:
         except asyncio.CancelledError:
             pass  # the cleanup finishes in the pool; the cancellation goes on
 
+    async def _acquire(self, fn: Callable[..., T], *args: Any,
+                       release: Callable[[T], Any]) -> T:
+        """Run blocking work that makes something the call must give back (a claim, a
+        migration), and return it. Cancelling the await does not stop the pool thread: if
+        this call is cancelled before the work returns, its result is released when it does,
+        so a client that gives up at the wrong moment leaves nothing behind."""
+        task = asyncio.ensure_future(self._blocking(fn, *args))
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            def undo(done: asyncio.Future[T]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    later = asyncio.ensure_future(self._blocking(release, done.result()))
+                    _CLEANUPS.add(later)
+                    later.add_done_callback(_CLEANUPS.discard)
+
+            task.add_done_callback(undo)
+            raise
+
     async def _paused(self, vcpus: list[ManagedVcpu],
                       request: Callable[[], list[tuple[ManagedVcpu, PauseTicket]]]) -> None:
         """Run `request` (it kicks some of `vcpus` and returns what to wait for), then wait on

@@ -104,9 +104,10 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         """Move the VM to the target; progress until it runs there. The call ending early
         (a client gone, the daemon stopping) cancels the migration before its commit."""
         vm = self._vm(request.vm_id)
-        migration: OutgoingMigration = await self._blocking(
+        migration: OutgoingMigration = await self._acquire(
             self.migrations.start, vm, request.target, request.token,
-            options_from_pb(request.options))
+            options_from_pb(request.options),
+            release=lambda m: m.cancel("cancelled: its MigrateVm call ended"))
         updates = migration.watch()
         try:
             async for progress in self._follow(updates, context):

@@ -478,3 +478,37 @@ def test_a_refused_ioevent_leaves_the_uart_working(api: Api) -> None:
         pb.StreamConsoleRequest(vm_id="uart-kept", backlog=True, no_follow=True))), 10,
         "the guest's bytes on the console")
     api.delete("uart-kept")
+
+
+def test_a_claim_made_after_its_stream_was_cancelled_is_released(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim is made in a pool thread, which a cancelled call cannot stop: a client that
+    gives up while the VM's lock is busy must not leave its claim behind (found by the
+    concurrent fuzz: handlers outliving every stream)."""
+    api.create_vm("late")
+    host = api.daemon.host
+    assert host is not None
+    vm = host.get_vm("late")
+    entered, go, made = threading.Event(), threading.Event(), threading.Event()
+    add_handler = vm.add_handler
+
+    def slow_add_handler(*args: object) -> object:
+        entered.set()
+        assert go.wait(30)
+        try:
+            return add_handler(*args)  # type: ignore[arg-type]
+        finally:
+            made.set()
+
+    monkeypatch.setattr(vm, "add_handler", slow_add_handler)
+    handler = api.handler("late", [pio(CLAIM_PORT)])
+    assert entered.wait(30)  # the claim is being made (the VM's lock is busy)
+    handler.cancel()
+    assert handler.wait_ended() == Code.CANCELLED
+    go.set()
+    assert made.wait(30)
+    wait_until(lambda: not vm.claims.handlers(), 10, "the late claim to be released")
+    monkeypatch.undo()
+    again = api.handler("late", [pio(CLAIM_PORT)])  # the range is free
+    again.claimed()
+    again.close()
