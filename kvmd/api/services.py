@@ -641,8 +641,9 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                 raise InvalidArgument(f"unknown address space {r.space}")
             ranges.append(ClaimRange(convert.SPACES[r.space], r.base, r.length))
         # The VM's lock can be held for milliseconds (a slot being mapped): not on the loop.
-        handler = await self._acquire(vm.add_handler, ranges, deadline,
-                                      release=lambda h: vm.release_handler(h, "stream ended"))
+        handler = await self._acquire(
+            vm.add_handler, ranges, deadline,
+            release=lambda h: vm.release_handler(h, HandlerClose.STREAM_ENDED))
         replies = asyncio.get_running_loop().create_task(
             self._read_replies(requests, handler), name=f"exits-{handler.id}")
         try:
