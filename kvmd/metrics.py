@@ -27,8 +27,10 @@ from prometheus_client.registry import Collector
 
 from kvmd.core.host import Host
 from kvmd.core.vcpu import CRASHED, CREATED, HALTED, PAUSED, RUNNING, STOPPED
+from kvmd.core.vm import VM_STATES
 from kvmd.kvm import KvmError, StatDescriptor, StatsReader
 from kvmd.metrics_http import MetricsHttpServer
+from kvmd.migration.precopy import Direction, Result
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,8 @@ _UNIT_SUFFIX = re.compile(r"_(ns|us|ms|sec|seconds|cycles|bytes)$")
 OPERATIONS = (("snapshot", "snapshots"), ("restore", "restores"))
 OPERATION_KINDS = {"snapshot": ("full", "diff"), "restore": ("full", "diff")}
 # Live migrations: (direction label, operation recorded by the core), and their results.
-MIGRATION_OPERATIONS = (("outgoing", "migration_out"), ("incoming", "migration_in"))
-MIGRATION_RESULTS = ("ok", "cancelled", "failed", "unknown")
+MIGRATION_OPERATIONS = ((Direction.OUTGOING, "migration_out"), (Direction.INCOMING, "migration_in"))
+MIGRATION_RESULTS = tuple(Result)
 
 
 def exit_reasons(counts: dict[str, int]) -> Iterator[tuple[str, int]]:
@@ -140,7 +142,7 @@ class KvmdCollector(Collector):
             console.add_metric([vm.id, "out"], vm.console.bytes_out)
             console.add_metric([vm.id, "in"], vm.console.bytes_in)
             overruns.add_metric([vm.id], vm.uart.rx_overruns)
-            for state in ("created", "running", "paused", "stopped", "crashed"):
+            for state in VM_STATES:
                 vm_state.add_metric([vm.id, state], 1 if vm.state == state else 0)
             discarded.add_metric([vm.id], vm.discarded_bytes_total)
             allocated.add_metric([vm.id], vm.memory_allocated_bytes())
@@ -218,10 +220,10 @@ class KvmdCollector(Collector):
                                      "Duration of live migrations, connect to completion",
                                      labels=["direction"])
         for direction, op in MIGRATION_OPERATIONS:
-            mine = dict.fromkeys(MIGRATION_RESULTS, 0)
+            mine: dict[str, int] = dict.fromkeys(MIGRATION_RESULTS, 0)
             for (o, _kind, result), n in counts.items():
                 if o == op:
-                    key = "failed" if result == "error" else result
+                    key = Result.FAILED if result == "error" else result
                     mine[key] = mine.get(key, 0) + n
             for result, n in mine.items():
                 total.add_metric([direction, result], n)

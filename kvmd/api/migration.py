@@ -13,7 +13,7 @@ from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_vie
 from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument, Reason
 from kvmd.core.host import Host
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
-from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Progress
+from kvmd.migration.precopy import Direction, MigrationOptions, OutgoingMigration, Phase, Progress
 from kvmd.migration.registry import Migrations
 from kvmd_proto import vmm_pb2 as pb
 from kvmd_proto import vmm_pb2_grpc as rpc
@@ -24,10 +24,10 @@ RECEIVE_IDLE_SECONDS = 60.0
 COMMIT_WAIT_SECONDS = 30.0
 _TAG_DATA = (2 << 3) | 2  # MigrationMessage.data
 
-_PHASES = {"connecting": pb.MigrationProgress.CONNECTING,
-           "copying": pb.MigrationProgress.COPYING,
-           "switching_over": pb.MigrationProgress.SWITCHING_OVER,
-           "completed": pb.MigrationProgress.COMPLETED}
+_PHASES: dict[str, pb.MigrationProgress.Phase] = {Phase.CONNECTING: pb.MigrationProgress.CONNECTING,
+           Phase.COPYING: pb.MigrationProgress.COPYING,
+           Phase.SWITCHING_OVER: pb.MigrationProgress.SWITCHING_OVER,
+           Phase.COMPLETED: pb.MigrationProgress.COMPLETED}
 
 
 def progress_to_pb(p: Progress) -> pb.MigrationProgress:
@@ -134,13 +134,13 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         for m in self.migrations.outgoing():
             if self.visible(identity, m.vm.owner):
                 p = m.snapshot_progress()
-                out.append(pb.MigrationInfo(vm_id=m.vm.id, direction="outgoing",
+                out.append(pb.MigrationInfo(vm_id=m.vm.id, direction=Direction.OUTGOING,
                                             peer=m.target, state=p.phase,
                                             progress=progress_to_pb(p)))
         for i in self.migrations.incoming.list():
             if self.visible(identity, i.owner):
                 out.append(pb.MigrationInfo(
-                    vm_id=i.vm_id, direction="incoming", peer=i.peer, state=i.state,
+                    vm_id=i.vm_id, direction=Direction.INCOMING, peer=i.peer, state=i.state,
                     expires_unix_ms=i.expires_unix_ms if not i.peer else 0))
         return pb.ListMigrationsResponse(migrations=out)
 

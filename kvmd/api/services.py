@@ -22,7 +22,13 @@ from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.api.streams import END_KEY, END_LAGGED
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, Reason, ResourceExhausted
 from kvmd.core.host import Host
-from kvmd.core.remote import DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS, ClaimRange, RemoteHandler
+from kvmd.core.remote import (
+    DEFAULT_DEADLINE_MS,
+    MAX_DEADLINE_MS,
+    ClaimRange,
+    HandlerClose,
+    RemoteHandler,
+)
 from kvmd.core.vm import ManagedVm
 from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
@@ -648,8 +654,9 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                                       reason=Reason.VALUE_UNKNOWN, field="claim.ranges.space")
             ranges.append(ClaimRange(convert.SPACES[r.space], r.base, r.length))
         # The VM's lock can be held for milliseconds (a slot being mapped): not on the loop.
-        handler = await self._acquire(vm.add_handler, ranges, deadline,
-                                      release=lambda h: vm.release_handler(h, "stream ended"))
+        handler = await self._acquire(
+            vm.add_handler, ranges, deadline,
+            release=lambda h: vm.release_handler(h, HandlerClose.STREAM_ENDED))
         replies = asyncio.get_running_loop().create_task(
             self._read_replies(requests, handler), name=f"exits-{handler.id}")
         try:
@@ -662,10 +669,10 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                     data=item.data, count=item.count))
         finally:
             replies.cancel()
-            await self._cleanup(vm.release_handler, handler, "stream ended")
-        if handler.close_reason.startswith("bad reply"):
+            await self._cleanup(vm.release_handler, handler, HandlerClose.STREAM_ENDED)
+        if handler.close_cause is HandlerClose.BAD_REPLY:
             raise InvalidArgument(handler.close_reason, reason=Reason.STREAM_INVALID, field="reply")
-        if handler.close_reason.startswith("missed"):
+        if handler.close_cause is HandlerClose.DEADLINE:
             raise DeadlineExceeded(f"handler {handler.id} {handler.close_reason}; its claims "
                                    "were released", reason=Reason.HANDLER_DEADLINE_MISSED)
 
@@ -674,24 +681,25 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                             handler: RemoteHandler) -> None:
         """Hand each reply to the waiting vCPU. A bad message, or the client closing its
         side, ends the handler's outbound stream; HandleExits then releases the claims."""
-        reason = "client closed its side"
+        cause: HandlerClose | None = HandlerClose.CLIENT_CLOSED
+        detail = ""
         try:
             async for msg in requests:
                 if msg.WhichOneof("message") != "reply":
-                    reason = "bad reply: only replies may follow the claim"
+                    cause, detail = HandlerClose.BAD_REPLY, "only replies may follow the claim"
                     return
                 error = handler.answer(msg.reply.exit_id, msg.reply.data)
                 if error is not None:
-                    reason = f"bad reply: {error}"
+                    cause, detail = HandlerClose.BAD_REPLY, error
                     return
         except asyncio.CancelledError:
-            reason = ""  # HandleExits is ending and releases the claims itself
+            cause = None  # HandleExits is ending and releases the claims itself
             raise
         except Exception:  # the request stream broke: the client is gone
-            reason = "client went away"
+            cause = HandlerClose.CLIENT_GONE
         finally:
-            if reason:
-                handler.fail(reason)
+            if cause is not None:
+                handler.fail(cause, f"{cause}: {detail}" if detail else "")
 
 
 def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,

@@ -12,7 +12,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, Reason
 from kvmd.core.host import Host
-from kvmd.state.snapshot import Restorer, SnapshotSummary, SnapshotTaker
+from kvmd.state.snapshot import Restorer, RunMode, SnapshotSummary, SnapshotTaker
 from kvmd.state.store import SnapshotStore, StoredSnapshot
 from kvmd_proto import vmm_pb2 as pb
 from kvmd_proto import vmm_pb2_grpc as rpc
@@ -159,7 +159,7 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         for name in options.files:
             self._own_file(name)  # checked before anything is created
         restorer = Restorer(self.host, options.vm_id, caller_identity(), current_quota.get(),
-                            "start" if options.start else "paused")
+                            RunMode.START if options.start else RunMode.PAUSED)
         try:
             if options.files:
                 store = self._store()

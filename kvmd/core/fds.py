@@ -27,12 +27,9 @@ import os
 import resource
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvmd.core.errors import Reason, ResourceExhausted, limit
-
-if TYPE_CHECKING:
-    from kvmd.core.limits import Limits
 
 FDS_PER_VM = 3  # the VM fd, its binary-stats fd, the eventfd of its console's transmit ring
 FDS_PER_VCPU = 2  # the vCPU fd and its stats fd (a dirty ring maps the vCPU fd)
@@ -76,7 +73,21 @@ def derived_max_fds_per_identity(nofile: int | None = None) -> int:
     return derived_max_fds(nofile) // IDENTITY_SHARE
 
 
-def fds_per_vm(limits: Limits) -> int:
+class PerVmLimits(Protocol):
+    """The per-VM limits fds_per_vm reads (kvmd.core.limits.Limits has them; that module
+    imports this one for its defaults)."""
+
+    @property
+    def max_vcpus_per_vm(self) -> int: ...
+    @property
+    def max_memory_slots_per_vm(self) -> int: ...
+    @property
+    def max_irqfds_per_vm(self) -> int: ...
+    @property
+    def max_ioevents_per_vm(self) -> int: ...
+
+
+def fds_per_vm(limits: PerVmLimits) -> int:
     """What one VM holds at the per-VM limits (resample irqfds, no file mappings)."""
     return (FDS_PER_VM + FDS_PER_VCPU * limits.max_vcpus_per_vm
             + FDS_PER_SLOT * limits.max_memory_slots_per_vm

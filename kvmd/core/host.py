@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from kvmd import __version__
 from kvmd.core.devices import ConsolePump
@@ -20,7 +20,6 @@ from kvmd.core.errors import (
 from kvmd.core.events import FdWatcher
 from kvmd.core.fds import (
     FDS_PER_VM,
-    UNLIMITED,
     FdBudget,
     derived_max_fds,
     fds_per_vm,
@@ -30,7 +29,7 @@ from kvmd.core.fds import (
 from kvmd.core.histogram import Histogram
 from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
-from kvmd.core.stats import MigrationStats, OperationStats
+from kvmd.core.shared import HostShared, MemoryBudget
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, DirtyLogModes, Kvm, capability_number
 from kvmd.kvm.memory import PAGE_SIZE
@@ -43,65 +42,10 @@ VM_ANSWER_OVERHEAD = 2048
 VCPU_STATE_BYTES = 16
 
 
-class MemoryBudget:
-    """Guest memory reserved across all VMs, against the daemon-wide limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_use = 0
-        self._lock = threading.Lock()
-
-    def reserve(self, size: int) -> None:
-        with self._lock:
-            if self.in_use + size > self.limit:
-                raise ResourceExhausted(
-                    f"the daemon would hold {self.in_use + size} bytes of guest memory, the "
-                    f"limit is {self.limit}",
-                    reason=Reason.LIMIT_GUEST_MEMORY,
-                    metadata=limit("max_memory_total_bytes", self.limit))
-            self.in_use += size
-
-    def release(self, size: int) -> None:
-        with self._lock:
-            self.in_use -= size
-
-
 def missing_vm(vm_id: str) -> NotFound:
     """What asking for a VM that does not exist answers (and, word for word, a VM the caller
     may not see: the API's authorization uses this too)."""
     return NotFound(f"no vm {vm_id!r}", resource=f"vm/{vm_id}")
-
-
-@dataclass
-class HostShared:
-    """What every VM of a host shares: limits, the memory budget, the eventfd watcher,
-    the remote-wait histogram and the crash counters (which outlive deleted VMs)."""
-
-    limits: Limits
-    budget: MemoryBudget
-    watcher: FdWatcher
-    remote_wait: Histogram
-    capabilities: dict[str, int]  # of /dev/kvm, read once
-    msr_index_list: list[int]  # KVM_GET_MSR_INDEX_LIST, read once: the MSRs to save
-    operations: OperationStats = field(default_factory=OperationStats)
-    migration: MigrationStats = field(default_factory=MigrationStats)
-    crashes: dict[str, int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    # Where file-backed guest memory comes from (None: file-backed memory is off).
-    images: ImagesDir | None = None
-    # The file descriptors VM objects hold, against RLIMIT_NOFILE (kvmd.core.fds).
-    fds: FdBudget = field(default_factory=lambda: FdBudget(UNLIMITED, UNLIMITED))
-    # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
-    vcpu_nice: int = 0
-    vcpu_policy: str = "other"  # see kvmd.core.vcpu.POLICIES
-    # Moves UART output into consoles (None: the fd watcher drains at every signal).
-    console_pump: ConsolePump | None = None
-
-    def count_crash(self, reason: str) -> None:
-        # A small label set: the reason's kind ("shutdown", "internal_error", ...).
-        kind = reason.split(":", 1)[0].split(" ", 1)[0] or "unknown"
-        with self._lock:
-            self.crashes[kind] = self.crashes.get(kind, 0) + 1
 
 
 class Host:

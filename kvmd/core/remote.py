@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from kvmd.core.events import Mailbox
 from kvmd.kvm import IoSpace
@@ -64,6 +65,18 @@ class RemoteExit:
     abandoned: bool = False  # the vCPU stopped waiting (it is being stopped)
 
 
+class HandlerClose(StrEnum):
+    """Why a HandleExits handler ended: what the API layer picks a status code by. Its
+    close_reason is the text (the cause, with details where there are any)."""
+
+    BAD_REPLY = "bad reply"  # the client sent something other than a valid reply
+    DEADLINE = "missed deadline"  # an exit waited longer than the handler's deadline
+    CLIENT_CLOSED = "client closed its side"
+    CLIENT_GONE = "client went away"  # its request stream broke
+    STREAM_ENDED = "stream ended"  # the server side of the stream ended
+    VM_DELETED = "vm deleted"
+
+
 class RemoteHandler:
     """One HandleExits stream: its claims, the exits sent to it, and their replies."""
 
@@ -80,6 +93,7 @@ class RemoteHandler:
         self._lock = threading.Lock()
         self.closed = False
         self.close_reason = ""
+        self.close_cause: HandlerClose | None = None  # set with close_reason, first wins
         self._observe_wait = observe_wait
         # Set by the VM: releases this handler's claims when it closes, however it closes.
         self.on_close: Callable[[], None] | None = None
@@ -102,7 +116,8 @@ class RemoteHandler:
         if exit_.abandoned:
             return None
         if not answered:
-            self.close(f"missed the {int(self.deadline * 1000)} ms deadline")
+            self.close(HandlerClose.DEADLINE,
+                       f"missed the {int(self.deadline * 1000)} ms deadline")
         return exit_.reply
 
     def abandon(self, exit_: RemoteExit) -> None:
@@ -131,22 +146,23 @@ class RemoteHandler:
         exit_.done.set()
         return None
 
-    def fail(self, reason: str) -> None:
+    def fail(self, cause: HandlerClose, reason: str = "") -> None:
         """Record why the handler ends and end its outbound stream without taking any lock
         but its own (safe from an event loop); whoever serves the stream then calls the
         VM's release_handler, which closes the handler and frees its claims."""
         with self._lock:
-            if not self.close_reason:
-                self.close_reason = reason
+            if self.close_cause is None:
+                self.close_cause, self.close_reason = cause, reason or cause.value
         self.outbound.end()
 
-    def close(self, reason: str) -> None:
+    def close(self, cause: HandlerClose, reason: str = "") -> None:
         """Fail every pending exit (they continue as unclaimed) and end the stream."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            self.close_reason = self.close_reason or reason
+            if self.close_cause is None:
+                self.close_cause, self.close_reason = cause, reason or cause.value
             pending, self._pending = list(self._pending.values()), {}
         if self.on_close is not None:
             self.on_close()

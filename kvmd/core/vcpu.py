@@ -15,9 +15,10 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from kvmd.core.errors import (
     Aborted,
@@ -29,6 +30,7 @@ from kvmd.core.errors import (
     ResourceExhausted,
     kernel_errors,
 )
+from kvmd.core.remote import RemoteExit, RemoteHandler
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -38,6 +40,7 @@ from kvmd.kvm import (
     KvmError,
     MmioExit,
     MpState,
+    PioMap,
     Regs,
     Sregs,
     Vcpu,
@@ -46,15 +49,26 @@ from kvmd.kvm import (
 )
 from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL
 
-if TYPE_CHECKING:
-    from kvmd.core.remote import RemoteExit, RemoteHandler
-    from kvmd.core.vm import ManagedVm
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+
+class VcpuRunState(StrEnum):
+    """A vCPU's run state (a VM's is one of these too, see ManagedVm.state); the values are
+    what the API, the metrics and the logs show."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
 CREATED, RUNNING, PAUSED, HALTED, STOPPED, CRASHED = (
-    "created", "running", "paused", "halted", "stopped", "crashed")
+    VcpuRunState.CREATED, VcpuRunState.RUNNING, VcpuRunState.PAUSED, VcpuRunState.HALTED,
+    VcpuRunState.STOPPED, VcpuRunState.CRASHED)
 IN_GUEST = (RUNNING,)
 # A crashed vCPU may be started again: from its registers as they are (set them first to
 # reset it), as an operator restarts a machine.
@@ -105,17 +119,48 @@ class PauseTicket:
     resumes: int
 
 
+class Action(StrEnum):
+    """What the VM's exit dispatcher tells a vCPU thread to do after an exit."""
+
+    CONTINUE = "continue"
+    HALT = "halt"
+    PAUSE = "pause"
+    STOP = "stop"
+    CRASH = "crash"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the VM's exit dispatcher tells the vCPU thread to do next."""
 
-    action: str  # continue, halt, pause, stop, crash
+    action: Action
     reason: str = ""
     exit_code: int | None = None
 
 
-CONTINUE = Outcome("continue")
-HALT = Outcome("halt")
+CONTINUE = Outcome(Action.CONTINUE)
+HALT = Outcome(Action.HALT)
+
+
+@dataclass(frozen=True)
+class VmLink:
+    """What a vCPU sees of its VM: values fixed when the VM was made, and the calls its
+    thread and run control make back into it. Not the VM itself: kvmd.core.vm builds one
+    for each vCPU, and this module imports nothing of it."""
+
+    vm_id: str
+    irqchip: bool  # created with the in-kernel irqchip
+    pio_map: PioMap  # the ports the C run loop completes without an exit
+    priority: tuple[str, int]  # the host's vcpu_policy and vcpu_nice
+    capabilities: Mapping[str, int]  # of /dev/kvm: what a save may read
+    msr_index_list: Sequence[int]  # the MSRs to save
+    is_closed: Callable[[], bool]  # the VM was deleted
+    require_irqchip: Callable[[str], None]  # InvalidState unless irqchip
+    dispatch: Callable[[ManagedVcpu, VcpuExit], Outcome]  # an exit -> what to do next
+    record_outcome: Callable[[Outcome], None]  # the VM's reason and exit code
+    on_event: Callable[[ManagedVcpu, str, str, int | None], None]  # (vcpu, event, reason,
+    #                                                                  exit code)
+    on_ended: Callable[[ManagedVcpu, Outcome], None]  # after a stop or crash, unlocked
 
 
 class Launch:
@@ -141,12 +186,12 @@ class Launch:
 class ManagedVcpu:
     """A vCPU as the daemon sees it: the binding's Vcpu, its thread and its state."""
 
-    def __init__(self, vm: ManagedVm, vcpu: Vcpu) -> None:
-        self.vm = vm
-        self.vm_id = vm.id
+    def __init__(self, link: VmLink, vcpu: Vcpu) -> None:
+        self.link = link
+        self.vm_id = link.vm_id
         self.vcpu = vcpu
         self.id = vcpu.id
-        self.state = CREATED
+        self.state: VcpuRunState = CREATED
         self.reason = ""
         self.crash_regs: Regs | None = None
         self.cond = threading.Condition(threading.RLock())
@@ -173,7 +218,7 @@ class ManagedVcpu:
         # starve the API;
         # a pause gives the kicked thread the API's priority back until it runs again, so it
         # leaves the guest promptly even when the host is busy.
-        self._priority = (vm.shared.vcpu_policy, vm.shared.vcpu_nice)
+        self._priority = link.priority
         self._lowered = self._priority != ("other", 0)
         self._tid = 0  # the thread's native id, once it runs
         self._boosted = False
@@ -193,7 +238,7 @@ class ManagedVcpu:
         with self.cond:
             # A caller that looked this vCPU up before a concurrent DeleteVm closed the VM:
             # checked under our lock, which the close's stop request also takes.
-            if self.vm.closed:
+            if self.link.is_closed():
                 raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             if self.state not in STARTABLE:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is {self.state}; only "
@@ -221,7 +266,7 @@ class ManagedVcpu:
     def _commit(self, launch: Launch) -> None:
         with self.cond:
             self._launching = False
-            if self.vm.closed:  # deleted meanwhile: its close saw no thread to stop
+            if self.link.is_closed():  # deleted meanwhile: its close saw no thread to stop
                 launch.gate.set()
                 raise NotFound(f"vm {self.vm_id} was deleted", resource=self.resource)
             self._pause_requested = self._stop_requested = False
@@ -261,7 +306,7 @@ class ManagedVcpu:
             self._resumes += 1
             self._set_state(HALTED, "halted", "hlt")
 
-    def mark_ended(self, state: str, reason: str) -> None:
+    def mark_ended(self, state: VcpuRunState, reason: str) -> None:
         """A restored vCPU that had stopped or crashed: record that, without a thread."""
         with self.cond:
             if self.state != CREATED or state not in ENDED:
@@ -429,7 +474,7 @@ class ManagedVcpu:
         if not 0 <= vector <= 255:
             raise InvalidArgument(f"interrupt vector {vector} is not 0..255",
                                   reason=Reason.VALUE_OUT_OF_RANGE, field="vector")
-        if self.vm.options.irqchip:
+        if self.link.irqchip:
             raise InvalidState("with the in-kernel irqchip, inject through SetIrqLine, an "
                                "irqfd or an MSI", resource=self.resource,
                                reason=Reason.IRQCHIP_MODE)
@@ -451,7 +496,7 @@ class ManagedVcpu:
             self._thread.join(STATE_CHANGE_TIMEOUT)
             self._thread = None
 
-    def _set_state(self, state: str, event: str, reason: str = "",
+    def _set_state(self, state: VcpuRunState, event: str, reason: str = "",
                    exit_code: int | None = None) -> None:
         self.state = state
         if state == PAUSED:
@@ -459,13 +504,13 @@ class ManagedVcpu:
         if reason:
             self.reason = reason
         self._changed()
-        self.vm.on_vcpu_event(self, event, reason, exit_code)
+        self.link.on_event(self, event, reason, exit_code)
 
     # -- the vCPU thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
         vcpu = self.vcpu
-        pio_map = self.vm.pio_map
+        pio_map = self.link.pio_map
         with self.cond:
             self._tid = threading.get_native_id()
         if self._lowered:
@@ -490,15 +535,15 @@ class ManagedVcpu:
                     vcpu.set_immediate_exit(False)
                     continue
                 self._io_pending = isinstance(exit_, (IoExit, MmioExit))
-                if not self._apply(self.vm.dispatch(self, exit_), exit_):
+                if not self._apply(self.link.dispatch(self, exit_), exit_):
                     return
         except Exception as exc:  # the daemon must survive any guest
             log.exception("vcpu thread failed", extra={"vm_id": self.vm_id, "vcpu": self.id})
             reason = f"daemon error: {type(exc).__name__}: {exc}"
             with self.cond:
-                self.vm.record_outcome(Outcome("crash", reason))
+                self.link.record_outcome(Outcome(Action.CRASH, reason))
                 self._crash(reason)
-            self.vm.on_vcpu_ended(self, Outcome("crash", reason))
+            self.link.on_ended(self, Outcome(Action.CRASH, reason))
 
     def _can_take_interrupt(self) -> bool:
         """Under cond: a queued interrupt can end a HLT (the guest has IF set)."""
@@ -564,28 +609,28 @@ class ManagedVcpu:
 
     def _apply(self, outcome: Outcome, exit_: VcpuExit) -> bool:
         """Act on the dispatcher's verdict; False when the thread must end."""
-        if outcome.action == "continue":
+        if outcome.action is Action.CONTINUE:
             return True
-        if outcome.action == "stop" and self._io_pending:
+        if outcome.action is Action.STOP and self._io_pending:
             # e.g. the debug-exit OUT: complete it, so a stopped vCPU's RIP is past it.
             self._finish_pending_io()
         with self.cond:
-            if outcome.action == "halt":
+            if outcome.action is Action.HALT:
                 if not self._can_take_interrupt() and not self._stop_requested:
                     self._set_state(HALTED, "halted", "hlt")
                 return True
-            if outcome.action == "pause":
+            if outcome.action is Action.PAUSE:
                 self._pause_requested = True
                 self._set_state(PAUSED, "paused", outcome.reason)
                 return True
-            self.vm.record_outcome(outcome)
-            if outcome.action == "stop":
+            self.link.record_outcome(outcome)
+            if outcome.action is Action.STOP:
                 self._set_state(STOPPED, outcome.reason or "stopped", outcome.reason,
                                 outcome.exit_code)
             else:
                 self._crash(outcome.reason)
         # Outside our lock: ending the other vCPUs takes theirs.
-        self.vm.on_vcpu_ended(self, outcome)
+        self.link.on_ended(self, outcome)
         return False
 
     def _crash(self, reason: str) -> None:
@@ -655,11 +700,11 @@ class ManagedVcpu:
         self._call("set the mp_state of", self.vcpu.set_mp_state, MpState(state))
 
     def get_lapic(self) -> bytes:
-        self.vm._require_irqchip("GetLapic")
+        self.link.require_irqchip("GetLapic")
         return self._call("read the LAPIC of", self.vcpu.get_lapic)
 
     def set_lapic(self, regs: bytes) -> None:
-        self.vm._require_irqchip("SetLapic")
+        self.link.require_irqchip("SetLapic")
         if len(regs) != 1024:
             raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}",
                                   reason=Reason.VALUE_OUT_OF_RANGE, field="lapic.regs")
@@ -681,7 +726,7 @@ class ManagedVcpu:
         (run state, queued interrupts, exit counters). The vCPU must not be in the guest:
         a paused vCPU has completed its in-flight IO, so its registers are exact.
         `run_state` is what to record as its state (the VM's state before it paused it)."""
-        shared = self.vm.shared
+        link = self.link
         with self.cond:
             if self.state in IN_GUEST:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is running; pause it "
@@ -689,8 +734,8 @@ class ManagedVcpu:
                                    reason=Reason.VM_RUNNING)
             v = self.vcpu
             with kernel_errors(self.resource):
-                with_xsave = bool(shared.capabilities.get("KVM_CAP_XSAVE"))
-                msr_indices = v.saveable_msrs(shared.msr_index_list)
+                with_xsave = bool(link.capabilities.get("KVM_CAP_XSAVE"))
+                msr_indices = v.saveable_msrs(link.msr_index_list)
                 msrs: dict[int, int] = {}
                 for i in range(0, len(msr_indices), MAX_MSRS_PER_CALL):
                     msrs.update(v.get_msrs(msr_indices[i:i + MAX_MSRS_PER_CALL]))
@@ -699,16 +744,16 @@ class ManagedVcpu:
                     run_state=run_state or self.state,
                     reason=self.reason,
                     cpuid=v.get_cpuid(),
-                    tsc_khz=v.get_tsc_khz() if shared.capabilities.get(
+                    tsc_khz=v.get_tsc_khz() if link.capabilities.get(
                         "KVM_CAP_GET_TSC_KHZ") else 0,
                     regs=v.get_regs(),
                     sregs=v.get_sregs(),
                     xsave=v.get_xsave() if with_xsave else None,
                     fpu=None if with_xsave else v.get_fpu(),
-                    xcrs=v.get_xcrs() if shared.capabilities.get("KVM_CAP_XCRS") else None,
-                    debugregs=v.get_debugregs() if shared.capabilities.get(
+                    xcrs=v.get_xcrs() if link.capabilities.get("KVM_CAP_XCRS") else None,
+                    debugregs=v.get_debugregs() if link.capabilities.get(
                         "KVM_CAP_DEBUGREGS") else None,
-                    lapic=v.get_lapic() if self.vm.options.irqchip else b"",
+                    lapic=v.get_lapic() if self.link.irqchip else b"",
                     msrs=msrs,
                     mp_state=int(v.get_mp_state()),
                     events=v.get_vcpu_events(),

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kvmd.core.devices import (
     COM1_IRQ,
@@ -68,7 +67,15 @@ from kvmd.core.images import (
     normalize_name,
 )
 from kvmd.core.owners import CLAIM, IOEVENT, Owned, check_free, ioevent_range
-from kvmd.core.remote import ClaimConflict, ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.remote import (
+    ClaimConflict,
+    ClaimRange,
+    ClaimTable,
+    HandlerClose,
+    RemoteExit,
+    RemoteHandler,
+)
+from kvmd.core.shared import HostShared
 from kvmd.core.state import (
     FileMappingState,
     IoeventState,
@@ -90,9 +97,12 @@ from kvmd.core.vcpu import (
     STARTABLE,
     STATE_CHANGE_TIMEOUT,
     STOPPED,
+    Action,
     ManagedVcpu,
     Outcome,
     PauseTicket,
+    VcpuRunState,
+    VmLink,
 )
 from kvmd.kvm import (
     Datamatch,
@@ -118,6 +128,7 @@ from kvmd.kvm import (
     VcpuExit,
     Vm,
     WrMsrExit,
+    check_datamatch,
 )
 from kvmd.kvm import (
     DebugExit as KvmDebugExit,
@@ -125,10 +136,9 @@ from kvmd.kvm import (
 from kvmd.kvm.exits import DirtyRingFullExit
 from kvmd.kvm.memory import PAGE_SIZE, round_up_to_page
 
-if TYPE_CHECKING:
-    from kvmd.core.host import HostShared
-
 log = logging.getLogger(__name__)
+# What ManagedVm.state can be (a vCPU may also be halted; its VM is then running).
+VM_STATES = (CREATED, RUNNING, PAUSED, STOPPED, CRASHED)
 COM1_BASE_RANGE = (0x3F8, 0x400)
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # 65536 entries per vCPU (or the kernel's maximum, if smaller): with the daemon's reaper
@@ -318,8 +328,6 @@ class ManagedVm:
         # `vcpu()` read without the lock, so state reads (GetVm, the events a vCPU publishes
         # under its own lock) never wait behind a long holder of the VM's lock.
         self._vcpu_list: tuple[ManagedVcpu, ...] = ()
-        self._irqfds: dict[str, IrqfdEntry] = {}
-        self._ioevents: dict[str, IoeventEntry] = {}
         self.ioevent_fired: Broadcaster[Fired] = Broadcaster()
         self.irqfd_resampled: Broadcaster[Fired] = Broadcaster()
         self.events: Broadcaster[VmEvent] = Broadcaster()
@@ -349,6 +357,14 @@ class ManagedVm:
         for device in self.bus:
             self.pio_map.set_claimed(device.base, device.length, True)
         self.pio_map.attach_uart(self.uart.regs)
+        # All a vCPU sees of this VM (kvmd.core.vcpu.VmLink).
+        self._vcpu_link = VmLink(
+            vm_id=vm_id, irqchip=options.irqchip, pio_map=self.pio_map,
+            priority=(shared.vcpu_policy, shared.vcpu_nice),
+            capabilities=shared.capabilities, msr_index_list=shared.msr_index_list,
+            is_closed=lambda: self.closed, require_irqchip=self._require_irqchip,
+            dispatch=self.dispatch, record_outcome=self.record_outcome,
+            on_event=self.on_vcpu_event, on_ended=self.on_vcpu_ended)
 
     @classmethod
     def build(cls, vm_id: str, labels: dict[str, str], options: VmOptions, vm: Vm,
@@ -444,7 +460,7 @@ class ManagedVm:
             throttler.stop()
         self.dirty.stop_reaper()
         for handler in self.claims.handlers():
-            self.release_handler(handler, "vm deleted")
+            self.release_handler(handler, HandlerClose.VM_DELETED)
         for mvcpu in vcpus:
             mvcpu.request_stop("vm deleted")
         for mvcpu in vcpus:
@@ -453,12 +469,11 @@ class ManagedVm:
             except Exception:  # closing the fd below kicks it again and waits
                 pass
         with self.lock:
-            for irqfd in self._irqfds.values():
+            # Their KVM registrations go with the VM fd (self.vm.close() below).
+            for irqfd in self._irqfds().values():
                 self._release_irqfd(irqfd)
-            for ioevent in self._ioevents.values():
+            for ioevent in self._ioevents().values():
                 self._release_ioevent(ioevent)
-            self._irqfds.clear()
-            self._ioevents.clear()
             self.ioevent_fired.end()
             self.irqfd_resampled.end()
             self.events.end()
@@ -966,10 +981,11 @@ class ManagedVm:
         validate_id("irqfd id", irqfd_id)
         self._require_irqchip("RegisterIrqfd")
         with self.lock:
-            if irqfd_id in self._irqfds:
+            irqfds = self._irqfds()
+            if irqfd_id in irqfds:
                 raise AlreadyExists(f"irqfd {irqfd_id!r} already exists in vm {self.id}",
                                     resource=f"{self.resource}/irqfd/{irqfd_id}")
-            if len(self._irqfds) >= self._limits.max_irqfds_per_vm:
+            if len(irqfds) >= self._limits.max_irqfds_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_irqfds_per_vm} irqfds, the limit",
                     reason=Reason.LIMIT_IRQFDS,
@@ -982,7 +998,7 @@ class ManagedVm:
                     event = EventFd()
                     resample_fd = EventFd() if resample else None
                     entry = IrqfdEntry(irqfd_id, gsi, event, resample_fd)
-                    self.vm.register_irqfd(gsi, event, resample_fd)
+                    self.vm.register_irqfd(gsi, event, resample_fd, tag=entry)
                     registered = True
                     if resample_fd is not None:
                         self._watcher.add(resample_fd.fileno(),
@@ -996,7 +1012,6 @@ class ManagedVm:
                         fd.close()
                 self.fds.give(irqfd_fds(resample))
                 raise
-            self._irqfds[irqfd_id] = entry
             return entry
 
     def _on_resample(self, entry: IrqfdEntry) -> None:
@@ -1018,7 +1033,6 @@ class ManagedVm:
             entry = self._irqfd(irqfd_id)
             with kernel_errors(f"{self.resource}/irqfd/{irqfd_id}"):
                 self.vm.unregister_irqfd(entry.gsi, entry.event)
-            del self._irqfds[irqfd_id]
             self._release_irqfd(entry)
             self.fds.give(irqfd_fds(entry.resample is not None))
 
@@ -1028,13 +1042,19 @@ class ManagedVm:
             entry.resample.close()
         entry.event.close()
 
+    def _irqfds(self) -> dict[str, IrqfdEntry]:
+        """The irqfds by id, as the kernel VM recorded them (it is their one record: KVM
+        itself cannot be asked), in registration order."""
+        return {r.tag.irqfd_id: r.tag for r in self.vm.irqfds()
+                if isinstance(r.tag, IrqfdEntry)}
+
     def irqfds(self) -> list[IrqfdEntry]:
         with self.lock:
-            return list(self._irqfds.values())
+            return list(self._irqfds().values())
 
     def _irqfd(self, irqfd_id: str) -> IrqfdEntry:
         validate_id("irqfd id", irqfd_id)
-        entry = self._irqfds.get(irqfd_id)
+        entry = self._irqfds().get(irqfd_id)
         if entry is None:
             raise NotFound(f"no irqfd {irqfd_id!r} in vm {self.id}",
                            resource=f"{self.resource}/irqfd/{irqfd_id}")
@@ -1045,20 +1065,21 @@ class ManagedVm:
     def register_ioevent(self, ioevent_id: str, space: IoSpace, address: int, length: int,
                          datamatch: int | None) -> IoeventEntry:
         validate_id("ioevent id", ioevent_id)
-        if length not in (0, 1, 2, 4, 8):
-            raise InvalidArgument(f"ioevent length {length} is not 0 (any), 1, 2, 4 or 8",
-                                  reason=Reason.VALUE_OUT_OF_RANGE, field="length")
-        if datamatch is not None and length == 0:
-            raise InvalidArgument("a datamatch needs a length of 1, 2, 4 or 8",
-                                  reason=Reason.ARGUMENTS_CONFLICT, field="datamatch")
-        if datamatch is not None and datamatch >= 1 << (8 * length):
-            raise InvalidArgument(f"datamatch {datamatch:#x} does not fit {length} bytes",
-                                  reason=Reason.VALUE_OUT_OF_RANGE, field="datamatch")
+        # KVM's rule (kvmd.kvm), checked before any state: the length alone, then with the
+        # value, so that the field at fault is known without reading the message.
+        for field, checked in (("length", Datamatch(length, None)),
+                               ("datamatch", Datamatch(length, datamatch))):
+            try:
+                check_datamatch(checked)
+            except KvmError as exc:
+                raise InvalidArgument(str(exc), reason=Reason.VALUE_OUT_OF_RANGE, field=field,
+                                      errno=exc.errno, ioctl=exc.ioctl) from None
         with self.lock:
-            if ioevent_id in self._ioevents:
+            ioevents = self._ioevents()
+            if ioevent_id in ioevents:
                 raise AlreadyExists(f"ioevent {ioevent_id!r} already exists in vm {self.id}",
                                     resource=f"{self.resource}/ioevent/{ioevent_id}")
-            if len(self._ioevents) >= self._limits.max_ioevents_per_vm:
+            if len(ioevents) >= self._limits.max_ioevents_per_vm:
                 raise ResourceExhausted(
                     f"vm {self.id} has {self._limits.max_ioevents_per_vm} ioevents, the limit",
                     reason=Reason.LIMIT_IOEVENTS,
@@ -1071,7 +1092,8 @@ class ManagedVm:
                 with kernel_errors(f"{self.resource}/ioevent/{ioevent_id}"):
                     event = EventFd()
                     entry = IoeventEntry(ioevent_id, space, address, length, datamatch, event)
-                    self.vm.register_ioevent(event, entry.kvm_address, entry.kvm_datamatch)
+                    self.vm.register_ioevent(event, entry.kvm_address, entry.kvm_datamatch,
+                                             tag=entry)
                     registered = True
                     self._watcher.add(event.fileno(), lambda: self._on_ioevent(entry))
             except BaseException:
@@ -1082,7 +1104,6 @@ class ManagedVm:
                     event.close()
                 self.fds.give(FDS_PER_IOEVENT)
                 raise
-            self._ioevents[ioevent_id] = entry
             return entry
 
     def check_addresses_free(self, kind: str, ranges: list[ClaimRange]) -> None:
@@ -1090,7 +1111,7 @@ class ManagedVm:
         kvmd.core.owners); AlreadyExists otherwise."""
         check_free(kind, ranges, devices=self.bus, claims=self.claims, ioevents=(
             Owned(e.space, e.address, max(1, e.length), f"ioevent {e.ioevent_id!r}")
-            for e in self._ioevents.values()), resource=self.resource)
+            for e in self._ioevents().values()), resource=self.resource)
 
     def _on_ioevent(self, entry: IoeventEntry) -> None:
         count = entry.event.read()
@@ -1101,13 +1122,12 @@ class ManagedVm:
     def unregister_ioevent(self, ioevent_id: str) -> None:
         validate_id("ioevent id", ioevent_id)
         with self.lock:
-            entry = self._ioevents.get(ioevent_id)
+            entry = self._ioevents().get(ioevent_id)
             if entry is None:
                 raise NotFound(f"no ioevent {ioevent_id!r} in vm {self.id}",
                                resource=f"{self.resource}/ioevent/{ioevent_id}")
             with kernel_errors(f"{self.resource}/ioevent/{ioevent_id}"):
                 self.vm.unregister_ioevent(entry.event, entry.kvm_address, entry.kvm_datamatch)
-            del self._ioevents[ioevent_id]
             self._release_ioevent(entry)
             self.fds.give(FDS_PER_IOEVENT)
 
@@ -1115,9 +1135,14 @@ class ManagedVm:
         self._watcher.remove(entry.event.fileno())
         entry.event.close()
 
+    def _ioevents(self) -> dict[str, IoeventEntry]:
+        """The ioevents by id, as the kernel VM recorded them, in registration order."""
+        return {r.tag.ioevent_id: r.tag for r in self.vm.ioevents()
+                if isinstance(r.tag, IoeventEntry)}
+
     def ioevents(self) -> list[IoeventEntry]:
         with self.lock:
-            return list(self._ioevents.values())
+            return list(self._ioevents().values())
 
     def watch_ioevents(self) -> Subscription[Fired]:
         return self.ioevent_fired.subscribe()
@@ -1145,7 +1170,7 @@ class ManagedVm:
             except BaseException:
                 self.fds.give(FDS_PER_VCPU)
                 raise
-            managed = ManagedVcpu(self, vcpu)
+            managed = ManagedVcpu(self._vcpu_link, vcpu)
             self._vcpus[vcpu_id] = managed
             self._vcpu_list = tuple(self._vcpus[k] for k in sorted(self._vcpus))
             return managed
@@ -1164,15 +1189,15 @@ class ManagedVm:
     # -- run control ----------------------------------------------------------------------
 
     @property
-    def state(self) -> str:
-        """created, running, paused, stopped or crashed, from the vCPU states."""
+    def state(self) -> VcpuRunState:
+        """created, running, paused, stopped or crashed (VM_STATES), from the vCPU states."""
         states = {v.state for v in self.vcpus()}
         if not states:
             return CREATED
         if CRASHED in states:
             return CRASHED
-        if states & {"running", "halted"}:
-            return "running"
+        if states & {RUNNING, HALTED}:
+            return RUNNING
         if PAUSED in states:
             return PAUSED
         if states == {CREATED}:
@@ -1307,7 +1332,7 @@ class ManagedVm:
     def on_vcpu_event(self, vcpu: ManagedVcpu, event: str, reason: str,
                       exit_code: int | None) -> None:
         """Called by a vCPU (under its lock) on every state change: publish it."""
-        regs = vcpu.crash_regs if event == "crashed" else None
+        regs = vcpu.crash_regs if event == CRASHED else None
         self.events.publish(VmEvent(event, vcpu.id, self.state, reason, exit_code, regs,
                                     int(time.time() * 1000)))
 
@@ -1321,7 +1346,7 @@ class ManagedVm:
 
     def on_vcpu_ended(self, vcpu: ManagedVcpu, outcome: Outcome) -> None:
         """A vCPU stopped or crashed by itself: the whole VM ends with it."""
-        if outcome.action == "crash":
+        if outcome.action is Action.CRASH:
             self.shared.count_crash(outcome.reason)
         self.record_outcome(outcome)
         for other in self.vcpus():
@@ -1442,9 +1467,9 @@ class ManagedVm:
                 slots=self.memory_layout(), vcpus=vcpus, irqchip=irqchip, pit=pit, clock=clock,
                 gsi_routes=list(self._gsi_routes) if self._gsi_routes is not None else None,
                 irqfds=[IrqfdState(e.irqfd_id, e.gsi, e.resample is not None, e.triggers,
-                                   e.resamples) for e in self._irqfds.values()],
+                                   e.resamples) for e in self._irqfds().values()],
                 ioevents=[IoeventState(e.ioevent_id, e.space.value, e.address, e.length,
-                                       e.datamatch, e.fired) for e in self._ioevents.values()],
+                                       e.datamatch, e.fired) for e in self._ioevents().values()],
                 uart=self.uart.save_state(), console=self.console.save_state(),
                 files=self.file_mapping_states(sync=True),
             )
@@ -1635,7 +1660,7 @@ class ManagedVm:
                     vcpu.start_paused()
                 started.append(vcpu)
             elif vs.run_state in (STOPPED, CRASHED) and not parked:
-                vcpu.mark_ended(vs.run_state, vs.reason)
+                vcpu.mark_ended(VcpuRunState(vs.run_state), vs.reason)
         if start and started:
             for vcpu in started:
                 vcpu.resume()
@@ -1667,28 +1692,28 @@ class ManagedVm:
         if isinstance(exit_, HltExit):
             return HALT
         if isinstance(exit_, ShutdownExit):
-            return Outcome("crash", "shutdown: triple fault")
+            return Outcome(Action.CRASH, "shutdown: triple fault")
         if isinstance(exit_, FailEntryExit):
-            return Outcome("crash", f"fail_entry: hardware entry failure reason "
+            return Outcome(Action.CRASH, f"fail_entry: hardware entry failure reason "
                            f"{exit_.hardware_entry_failure_reason:#x} on cpu {exit_.cpu}")
         if isinstance(exit_, InternalErrorExit):
-            return Outcome("crash", f"internal_error: {exit_.suberror_name} "
+            return Outcome(Action.CRASH, f"internal_error: {exit_.suberror_name} "
                            f"{[hex(w) for w in exit_.data]}")
         if isinstance(exit_, SystemEventExit):
             if exit_.event == "crash":
-                return Outcome("crash", "system_event: crash")
+                return Outcome(Action.CRASH, "system_event: crash")
             if exit_.event in ("shutdown", "reset"):
-                return Outcome("stop", exit_.event)
+                return Outcome(Action.STOP, exit_.event)
             return CONTINUE
         if isinstance(exit_, KvmDebugExit):
-            return Outcome("pause", "debug")
+            return Outcome(Action.PAUSE, "debug")
         if isinstance(exit_, (RdMsrExit, WrMsrExit)):
             return CONTINUE  # left failed by the binding: the guest gets #GP
         if exit_.name == "irq_window_open":
             return CONTINUE  # the vCPU thread injects its next queued interrupt
         if isinstance(exit_, DirtyRingFullExit):
             return self._ring_full(vcpu)
-        return Outcome("crash", f"unhandled exit {exit_.name}")
+        return Outcome(Action.CRASH, f"unhandled exit {exit_.name}")
 
     def _ring_full(self, vcpu: ManagedVcpu) -> Outcome:
         """A vCPU's dirty ring filled: harvest every ring (into each consumer) and go on."""
@@ -1696,7 +1721,7 @@ class ManagedVm:
             harvested = self.dirty.harvest()
         vcpu.stuck_ring_exits = 0 if harvested else vcpu.stuck_ring_exits + 1
         if vcpu.stuck_ring_exits >= STUCK_RING_EXITS:
-            return Outcome("crash", f"dirty ring full with nothing to harvest "
+            return Outcome(Action.CRASH, f"dirty ring full with nothing to harvest "
                            f"{STUCK_RING_EXITS} times in a row (the kernel lost track)")
         return CONTINUE
 
@@ -1704,7 +1729,7 @@ class ManagedVm:
         port, size, count = exit_.port, exit_.size, exit_.count
         device = self.bus.find(port)
         if device is self.debug_exit and exit_.is_write:
-            return Outcome("stop", "debug_exit", DebugExit.code(exit_.data[:size]))
+            return Outcome(Action.STOP, "debug_exit", DebugExit.code(exit_.data[:size]))
         if device is not None:
             if exit_.is_write:
                 for i in range(count):
@@ -1733,7 +1758,7 @@ class ManagedVm:
             return CONTINUE
         if self.options.strict_io:
             what = "port" if space == IoSpace.PIO else "MMIO"
-            return Outcome("crash", f"unclaimed {what} {'write' if is_write else 'read'} "
+            return Outcome(Action.CRASH, f"unclaimed {what} {'write' if is_write else 'read'} "
                            f"at {address:#x}")
         vcpu.vcpu.count_unclaimed(space)
         if not is_write:
@@ -1794,8 +1819,8 @@ class ManagedVm:
                     self.pio_map.set_claimed(r.base, r.length, True)
         return handler
 
-    def release_handler(self, handler: RemoteHandler, reason: str) -> None:
-        handler.close(reason)  # calls _drop_claims
+    def release_handler(self, handler: RemoteHandler, cause: HandlerClose) -> None:
+        handler.close(cause)  # calls _drop_claims
 
     def _drop_claims(self, handler: RemoteHandler) -> None:
         with self.lock:

@@ -6,6 +6,7 @@ failure is a `KvmError` carrying the errno and the ioctl's name. Imports only th
 cffi: nothing of gRPC, Prometheus or the daemon.
 """
 
+from kvmd.kvm.caps import CAPABILITY_NUMBERS, capability_number
 from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes, bitmap_runs
 from kvmd.kvm.errors import KvmError
 from kvmd.kvm.eventfd import EventFd
@@ -54,7 +55,7 @@ from kvmd.kvm.state_types import (
     Xsave,
 )
 from kvmd.kvm.stats import StatsReader
-from kvmd.kvm.system import CAPABILITY_NUMBERS, KVM_API_VERSION, Kvm, capability_number
+from kvmd.kvm.system import KVM_API_VERSION, Kvm
 from kvmd.kvm.types import (
     CpuidEntry,
     Datamatch,
@@ -75,7 +76,7 @@ from kvmd.kvm.types import (
 )
 from kvmd.kvm.uart import UartRegs, UartRegsState, UartStats
 from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, Vcpu, kick_signal
-from kvmd.kvm.vm import Device, Vm
+from kvmd.kvm.vm import Device, IoeventRegistration, IrqfdRegistration, Vm, check_datamatch
 
 __all__ = [
     "CAPABILITY_NUMBERS",
@@ -113,9 +114,11 @@ __all__ = [
     "IoSpace",
     "IoapicEoiExit",
     "IoapicState",
+    "IoeventRegistration",
     "IrqChip",
     "IrqChipRoute",
     "IrqRoute",
+    "IrqfdRegistration",
     "Kvm",
     "KvmError",
     "MemfdBacking",
@@ -149,6 +152,7 @@ __all__ = [
     "Xsave",
     "bitmap_runs",
     "capability_number",
+    "check_datamatch",
     "dirty_log_bitmap_size",
     "kick_signal",
 ]

@@ -5,33 +5,16 @@ from __future__ import annotations
 import errno
 import os
 
-from kvmd.kvm._ffi import ffi, ioctl, lib
-from kvmd.kvm._names import CAPABILITIES
+from kvmd.kvm._ffi import ffi, ioctl
+from kvmd.kvm.caps import CAPABILITY_NUMBERS, capability_number
 from kvmd.kvm.dirty import DirtyLogModes, dirty_log_modes
-from kvmd.kvm.errors import KvmError, invalid
+from kvmd.kvm.errors import KvmError
+from kvmd.kvm.marshal import cpuid_entries
 from kvmd.kvm.types import CpuidEntry
-from kvmd.kvm.vcpu import cpuid_entries
 from kvmd.kvm.vm import Vm
 
 KVM_API_VERSION = 12
 DEFAULT_PATH = "/dev/kvm"
-
-# Capability name ("KVM_CAP_IRQFD") -> number, as compiled from the headers (plus fallbacks).
-CAPABILITY_NUMBERS: dict[str, int] = {name: int(getattr(lib, name)) for name in CAPABILITIES}
-
-
-def capability_number(cap: int | str) -> int:
-    """Accept a capability as its number, its full name, or its short name ("irqfd")."""
-    if isinstance(cap, int):
-        return cap
-    name = cap.upper()
-    if not name.startswith("KVM_CAP_"):
-        name = "KVM_CAP_" + name
-    try:
-        return CAPABILITY_NUMBERS[name]
-    except KeyError:
-        raise invalid("KVM_CHECK_EXTENSION", f"unknown capability {cap!r}") from None
-
 
 class Kvm:
     """The KVM system: API version, capabilities, supported CPUID and MSRs, VM creation."""

@@ -12,9 +12,11 @@ from typing import Any
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm._names import COUNTER_SLOTS, EXIT_COUNTER_SLOTS, X86_EXIT_REASONS
+from kvmd.kvm.caps import capability_number
 from kvmd.kvm.dirty import DirtyBitmaps, DirtyRing
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.exits import IntrExit, VcpuExit, decode_exit
+from kvmd.kvm.marshal import cpuid2_struct, cpuid_entries, enable_cap_struct, exact, u32, u64
 from kvmd.kvm.state_types import XSAVE_LEGACY_SIZE, DebugRegs, Xcr, Xcrs, Xsave
 from kvmd.kvm.stats import StatsReader
 from kvmd.kvm.types import (
@@ -282,7 +284,7 @@ class Vcpu:
         for name, value in counts.items():
             slot = slots.get(name)
             if slot is not None:
-                self._counters[slot] = _u64(value, f"exit count {name}")
+                self._counters[slot] = u64(value, f"exit count {name}")
 
     def count_unclaimed(self, space: IoSpace) -> None:
         """Count a port or MMIO access the caller completed as unclaimed (call from the
@@ -304,7 +306,7 @@ class Vcpu:
     def set_regs(self, value: Regs) -> None:
         regs = ffi.new("struct kvm_regs *")
         for name in REG_NAMES:
-            setattr(regs, name, _u64(getattr(value, name), name))
+            setattr(regs, name, u64(getattr(value, name), name))
         ioctl(self._require_open("KVM_SET_REGS"), "KVM_SET_REGS", regs)
 
     def get_sregs(self) -> Sregs:
@@ -362,9 +364,9 @@ class Vcpu:
         f = ffi.new("struct kvm_fpu *")
         try:
             for i, reg in enumerate(value.fpr):
-                f.fpr[i] = list(_exact(reg, 16, "fpr"))
+                f.fpr[i] = list(exact(reg, 16, "fpr"))
             for i, reg in enumerate(value.xmm):
-                f.xmm[i] = list(_exact(reg, 16, "xmm"))
+                f.xmm[i] = list(exact(reg, 16, "xmm"))
             f.fcw, f.fsw, f.ftwx = value.fcw, value.fsw, value.ftwx
             f.last_opcode, f.last_ip, f.last_dp = value.last_opcode, value.last_ip, value.last_dp
             f.mxcsr = value.mxcsr
@@ -374,14 +376,7 @@ class Vcpu:
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         """Set the CPUID leaves the guest sees (usually Kvm.get_supported_cpuid())."""
-        c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
-        try:
-            for i, e in enumerate(entries):
-                dst = c.entries[i]
-                dst.function, dst.index, dst.flags = e.function, e.index, e.flags
-                dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
-        except (OverflowError, TypeError) as exc:
-            raise invalid("KVM_SET_CPUID2", str(exc)) from None
+        c = cpuid2_struct(entries, "KVM_SET_CPUID2")
         ioctl(self._require_open("KVM_SET_CPUID2"), "KVM_SET_CPUID2", c)
 
     def get_cpuid(self, max_entries: int = 256) -> list[CpuidEntry]:
@@ -396,7 +391,7 @@ class Vcpu:
             raise invalid("KVM_GET_MSRS", f"at most {_MAX_MSRS} MSRs per call", errno.E2BIG)
         m = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for i, index in enumerate(indices):
-            m.entries[i].index = _u32(index, "msr index")
+            m.entries[i].index = u32(index, "msr index")
         n = ioctl(self._require_open("KVM_GET_MSRS"), "KVM_GET_MSRS", m)
         if n != len(indices):
             raise invalid("KVM_GET_MSRS", f"MSR {indices[n]:#x} is not readable")
@@ -409,8 +404,8 @@ class Vcpu:
         items = list(values.items())
         m = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
         for i, (index, data) in enumerate(items):
-            m.entries[i].index = _u32(index, "msr index")
-            m.entries[i].data = _u64(data, "msr value")
+            m.entries[i].index = u32(index, "msr index")
+            m.entries[i].data = u64(data, "msr value")
         n = ioctl(self._require_open("KVM_SET_MSRS"), "KVM_SET_MSRS", m)
         if n != len(items):
             raise invalid("KVM_SET_MSRS", f"MSR {items[n][0]:#x} was refused")
@@ -422,7 +417,7 @@ class Vcpu:
 
     def set_mp_state(self, state: MpState | int) -> None:
         s = ffi.new("struct kvm_mp_state *")
-        s.mp_state = _u32(int(state), "mp_state")
+        s.mp_state = u32(int(state), "mp_state")
         ioctl(self._require_open("KVM_SET_MP_STATE"), "KVM_SET_MP_STATE", s)
 
     def get_lapic(self) -> bytes:
@@ -433,7 +428,7 @@ class Vcpu:
 
     def set_lapic(self, regs: bytes) -> None:
         s = ffi.new("struct kvm_lapic_state *")
-        ffi.memmove(s.regs, _exact(regs, LAPIC_SIZE, "lapic"), LAPIC_SIZE)
+        ffi.memmove(s.regs, exact(regs, LAPIC_SIZE, "lapic"), LAPIC_SIZE)
         ioctl(self._require_open("KVM_SET_LAPIC"), "KVM_SET_LAPIC", s)
 
     def get_vcpu_events(self) -> VcpuEvents:
@@ -460,7 +455,7 @@ class Vcpu:
 
     def interrupt(self, vector: int) -> None:
         """Queue an external interrupt (KVM_INTERRUPT; only without an in-kernel irqchip)."""
-        irq = ffi.new("uint32_t *", _u32(vector, "vector"))
+        irq = ffi.new("uint32_t *", u32(vector, "vector"))
         if vector > 255:
             raise invalid("KVM_INTERRUPT", "vector must be 0..255")
         ioctl(self._require_open("KVM_INTERRUPT"), "KVM_INTERRUPT", irq)
@@ -496,8 +491,6 @@ class Vcpu:
 
     def enable_cap(self, cap: int | str, args: tuple[int, ...] = (), flags: int = 0) -> None:
         """KVM_ENABLE_CAP on this vCPU (`cap` by number or name, as for Vm.enable_cap)."""
-        from kvmd.kvm.system import capability_number
-
         ioctl(self._require_open("KVM_ENABLE_CAP"), "KVM_ENABLE_CAP", enable_cap_struct(
             capability_number(cap), args, flags))
 
@@ -613,10 +606,10 @@ class Vcpu:
             raise invalid(op, f"at most {lib.KVM_MAX_XCRS} XCRs")
         x = ffi.new("struct kvm_xcrs *")
         x.nr_xcrs = len(value.xcrs)
-        x.flags = _u32(value.flags, "xcrs flags")
+        x.flags = u32(value.flags, "xcrs flags")
         for i, xcr in enumerate(value.xcrs):
-            x.xcrs[i].xcr = _u32(xcr.xcr, "xcr index")
-            x.xcrs[i].value = _u64(xcr.value, "xcr value")
+            x.xcrs[i].xcr = u32(xcr.xcr, "xcr index")
+            x.xcrs[i].value = u64(xcr.value, "xcr value")
         ioctl(self._require_open(op), op, x)
 
     def get_debugregs(self) -> DebugRegs:
@@ -635,10 +628,10 @@ class Vcpu:
             raise invalid(op, "need 4 breakpoint address registers (DR0-DR3)")
         d = ffi.new("struct kvm_debugregs *")
         for i, addr in enumerate(value.db):
-            d.db[i] = _u64(addr, "debug address")
-        d.dr6 = _u64(value.dr6, "dr6")
-        d.dr7 = _u64(value.dr7, "dr7")
-        d.flags = _u64(value.flags, "debugregs flags")
+            d.db[i] = u64(addr, "debug address")
+        d.dr6 = u64(value.dr6, "dr6")
+        d.dr7 = u64(value.dr7, "dr7")
+        d.flags = u64(value.flags, "debugregs flags")
         ioctl(self._require_open(op), op, d)
 
     def get_tsc_khz(self) -> int:
@@ -658,7 +651,7 @@ class Vcpu:
         """
         op = "KVM_SET_TSC_KHZ"
         fd = self._require_open(op)
-        _u32(khz, "tsc khz")
+        u32(khz, "tsc khz")
         before = ioctl(fd, "KVM_GET_TSC_KHZ")
         try:
             ioctl(fd, op, khz)
@@ -689,7 +682,7 @@ class Vcpu:
         """
         op = "KVM_GET_MSRS"
         fd = self._require_open(op)
-        pending = [_u32(i, "msr index") for i in dict.fromkeys(candidates)]
+        pending = [u32(i, "msr index") for i in dict.fromkeys(candidates)]
         kept: list[int] = []
         while pending:
             batch = pending[:MAX_MSRS_PER_CALL]
@@ -756,41 +749,3 @@ class PioMap:
     def is_claimed(self, port: int) -> bool:
         return int(self.cdata[port]) != lib.KVMD_PIO_UNCLAIMED
 
-
-def cpuid_entries(c: Any) -> list[CpuidEntry]:
-    return [
-        CpuidEntry(
-            function=int(e.function), index=int(e.index), flags=int(e.flags),
-            eax=int(e.eax), ebx=int(e.ebx), ecx=int(e.ecx), edx=int(e.edx),
-        )
-        for e in (c.entries[i] for i in range(c.nent))
-    ]
-
-
-def enable_cap_struct(cap: int, args: tuple[int, ...], flags: int) -> Any:
-    if len(args) > 4:
-        raise invalid("KVM_ENABLE_CAP", "at most 4 arguments")
-    s = ffi.new("struct kvm_enable_cap *")
-    s.cap = _u32(cap, "cap")
-    s.flags = _u32(flags, "flags")
-    for i, a in enumerate(args):
-        s.args[i] = _u64(a, "arg")
-    return s
-
-
-def _u64(value: int, what: str) -> int:
-    if not isinstance(value, int) or not 0 <= value < 1 << 64:
-        raise invalid("argument", f"{what} must be an unsigned 64-bit integer")
-    return value
-
-
-def _u32(value: int, what: str) -> int:
-    if not isinstance(value, int) or not 0 <= value < 1 << 32:
-        raise invalid("argument", f"{what} must be an unsigned 32-bit integer")
-    return value
-
-
-def _exact(data: bytes, size: int, what: str) -> bytes:
-    if len(data) != size:
-        raise invalid("argument", f"{what} must be exactly {size} bytes")
-    return bytes(data)

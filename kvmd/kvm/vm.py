@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, overload
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
+from kvmd.kvm.caps import capability_number
 from kvmd.kvm.dirty import (
     CLEAR_DIRTY_LOG_ALIGN,
     MIN_DIRTY_RING_BYTES,
@@ -20,6 +21,7 @@ from kvmd.kvm.dirty import (
 )
 from kvmd.kvm.errors import KvmError, check, invalid
 from kvmd.kvm.eventfd import HasFileno, fd_of
+from kvmd.kvm.marshal import enable_cap_struct
 from kvmd.kvm.memory import (
     PAGE_SIZE,
     FileBacking,
@@ -50,7 +52,7 @@ from kvmd.kvm.types import (
     IrqRoute,
     MsiRoute,
 )
-from kvmd.kvm.vcpu import Vcpu, enable_cap_struct
+from kvmd.kvm.vcpu import Vcpu
 
 GUEST_ADDR_LIMIT = 1 << 52  # x86_64 architectural maximum guest physical address width
 MAX_IRQ_ROUTES = 4096  # KVM_MAX_IRQ_ROUTES
@@ -59,6 +61,27 @@ IOAPIC_PINS = 24
 KVM_MSI_VALID_DEVID = 1
 PIO_LIMIT = 1 << 16
 ANY_WRITE = Datamatch()  # the default ioeventfd match: any write, of any length
+
+
+@dataclass(frozen=True)
+class IrqfdRegistration:
+    """An irqfd this Vm registered with KVM (which does not report unknown or doubly
+    removed ones, so the Vm is where that is known); `tag` is the caller's, kept as given."""
+
+    gsi: int
+    fd: int
+    resample_fd: int | None
+    tag: object = None
+
+
+@dataclass(frozen=True)
+class IoeventRegistration:
+    """An ioeventfd this Vm registered with KVM; `tag` is the caller's, kept as given."""
+
+    address: IoEventAddress
+    datamatch: Datamatch
+    fd: int
+    tag: object = None
 
 
 def _check_fds_available(fd: int, n: int, op: str) -> None:
@@ -104,8 +127,9 @@ class Vm:
         self._infos: tuple[MemoryRegionInfo, ...] = ()
         self._vcpus: dict[int, Vcpu] = {}
         self._devices: list[Device] = []
-        self._irqfds: set[tuple[int, int]] = set()
-        self._ioevents: dict[tuple[IoSpace, int, int, int | None], int] = {}
+        # What this Vm registered with KVM, in registration order.
+        self._irqfds: dict[tuple[int, int], IrqfdRegistration] = {}
+        self._ioevents: dict[tuple[IoSpace, int, int, int | None], IoeventRegistration] = {}
         self._stats: StatsReader | None = None
         self._max_slots = self.check_extension("KVM_CAP_NR_MEMSLOTS") or 32
 
@@ -160,15 +184,11 @@ class Vm:
 
     def check_extension(self, cap: int | str) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers may differ from /dev/kvm's)."""
-        from kvmd.kvm.system import capability_number
-
         return ioctl(self._open_fd("KVM_CHECK_EXTENSION"), "KVM_CHECK_EXTENSION",
                      capability_number(cap))
 
     def enable_cap(self, cap: int | str, args: tuple[int, ...] = (), flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM."""
-        from kvmd.kvm.system import capability_number
-
         ioctl(self._open_fd("KVM_ENABLE_CAP"), "KVM_ENABLE_CAP",
               enable_cap_struct(capability_number(cap), args, flags))
 
@@ -692,10 +712,11 @@ class Vm:
               "KVM_IRQ_LINE")
 
     def register_irqfd(self, gsi: int, event: HasFileno | int,
-                       resample: HasFileno | int | None = None) -> None:
+                       resample: HasFileno | int | None = None, *, tag: object = None) -> None:
         """Inject GSI `gsi` whenever `event` is written. With `resample`, the line is
         level-triggered and `resample` is signalled when the guest acknowledges it.
-        The same (gsi, eventfd) twice is refused (EEXIST)."""
+        The same (gsi, eventfd) twice is refused (EEXIST). `tag` is returned with the
+        registration by `irqfds()`."""
         op = "KVM_IRQFD"
         efd = fd_of(event)
         if not 0 <= gsi < MAX_IRQ_ROUTES:
@@ -707,11 +728,12 @@ class Vm:
                               errno.EEXIST)
             s = ffi.new("struct kvm_irqfd *")
             s.fd, s.gsi = efd, gsi
-            if resample is not None:
+            rfd = None if resample is None else fd_of(resample)
+            if rfd is not None:
                 s.flags = lib.KVM_IRQFD_FLAG_RESAMPLE
-                s.resamplefd = fd_of(resample) & 0xFFFFFFFF
+                s.resamplefd = rfd & 0xFFFFFFFF
             ioctl(fd, op, s)
-            self._irqfds.add((gsi, efd))
+            self._irqfds[(gsi, efd)] = IrqfdRegistration(gsi, efd, rfd, tag)
 
     def unregister_irqfd(self, gsi: int, event: HasFileno | int) -> None:
         """Detach an irqfd. KVM does not report unknown pairs, so this binding tracks them
@@ -725,7 +747,12 @@ class Vm:
             s = ffi.new("struct kvm_irqfd *")
             s.fd, s.gsi, s.flags = efd, gsi, lib.KVM_IRQFD_FLAG_DEASSIGN
             ioctl(fd, op, s)
-            self._irqfds.discard((gsi, efd))
+            del self._irqfds[(gsi, efd)]
+
+    def irqfds(self) -> list[IrqfdRegistration]:
+        """The irqfds registered (and not yet removed), oldest first."""
+        with self._lock:
+            return list(self._irqfds.values())
 
     def set_gsi_routing(self, routes: list[IrqRoute]) -> None:
         """Replace the whole GSI routing table (irqchip pins and MSI messages)."""
@@ -778,31 +805,35 @@ class Vm:
     # -- ioeventfd ------------------------------------------------------------------------
 
     def register_ioevent(self, event: HasFileno | int, addr: IoEventAddress,
-                         datamatch: Datamatch = ANY_WRITE) -> None:
+                         datamatch: Datamatch = ANY_WRITE, *, tag: object = None) -> None:
         """Signal `event` (instead of exiting) when the guest writes to `addr`, optionally
-        only for writes of `datamatch.length` bytes equal to `datamatch.value`."""
-        self._ioeventfd(event, addr, datamatch, deassign=False)
+        only for writes of `datamatch.length` bytes equal to `datamatch.value`. `tag` is
+        returned with the registration by `ioevents()`."""
+        self._ioeventfd(event, addr, datamatch, deassign=False, tag=tag)
 
     def unregister_ioevent(self, event: HasFileno | int, addr: IoEventAddress,
                            datamatch: Datamatch = ANY_WRITE) -> None:
         """Remove an ioeventfd; one never registered is refused (ENOENT)."""
         self._ioeventfd(event, addr, datamatch, deassign=True)
 
+    def ioevents(self) -> list[IoeventRegistration]:
+        """The ioeventfds registered (and not yet removed), oldest first."""
+        with self._lock:
+            return list(self._ioevents.values())
+
     def _ioeventfd(self, event: HasFileno | int, addr: IoEventAddress, dm: Datamatch,
-                   deassign: bool) -> None:
+                   deassign: bool, tag: object = None) -> None:
         op = "KVM_IOEVENTFD"
         efd = fd_of(event)
-        if dm.length not in (0, 1, 2, 4, 8):
-            raise invalid(op, f"datamatch length {dm.length} is not 0, 1, 2, 4 or 8")
-        if dm.value is not None and (dm.length == 0 or not 0 <= dm.value < 1 << (8 * dm.length)):
-            raise invalid(op, f"datamatch value {dm.value!r} does not fit {dm.length} bytes")
+        check_datamatch(dm)
         limit = PIO_LIMIT if addr.space == IoSpace.PIO else GUEST_ADDR_LIMIT
         if addr.address < 0 or addr.address + max(dm.length, 1) > limit:
             raise invalid(op, f"{addr.space.value} address {addr.address:#x} out of range")
         key = (addr.space, addr.address, dm.length, dm.value)
         with self._lock:
             fd = self._open_fd(op)
-            if deassign and self._ioevents.get(key) != efd:
+            known = self._ioevents.get(key)
+            if deassign and (known is None or known.fd != efd):
                 raise invalid(op, f"no ioevent registered at {addr.space.value} "
                               f"{addr.address:#x} for this eventfd", errno.ENOENT)
             if not deassign and key in self._ioevents:
@@ -821,7 +852,7 @@ class Vm:
             if deassign:
                 del self._ioevents[key]
             else:
-                self._ioevents[key] = efd
+                self._ioevents[key] = IoeventRegistration(addr, dm, efd, tag)
 
     # -- vCPUs, devices, stats ------------------------------------------------------------
 
@@ -992,6 +1023,17 @@ class Vm:
         except (OverflowError, TypeError) as exc:
             raise invalid(op, str(exc)) from None
         ioctl(self._open_fd(op), op, p)
+
+
+def check_datamatch(dm: Datamatch) -> None:
+    """KVM_IOEVENTFD's rule for a datamatch: a length of 0 (any), 1, 2, 4 or 8 bytes, and a
+    value (if any) that fits the length; EINVAL otherwise. Callers that check arguments
+    before anything else may call it first (kvmd.core does)."""
+    op = "KVM_IOEVENTFD"
+    if dm.length not in (0, 1, 2, 4, 8):
+        raise invalid(op, f"datamatch length {dm.length} is not 0, 1, 2, 4 or 8")
+    if dm.value is not None and (dm.length == 0 or not 0 <= dm.value < 1 << (8 * dm.length)):
+        raise invalid(op, f"datamatch value {dm.value!r} does not fit {dm.length} bytes")
 
 
 def _chip_id(op: str, chip: IrqChip | int) -> int:

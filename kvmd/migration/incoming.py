@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from kvmd.core.errors import (
     Aborted,
@@ -28,15 +29,28 @@ from kvmd.core.errors import (
 from kvmd.core.host import Host
 from kvmd.core.vm import ManagedVm
 from kvmd.state.format import FORMAT_VERSION
-from kvmd.state.snapshot import Restorer
+from kvmd.state.snapshot import Restorer, RunMode
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL_SECONDS = 300
 MAX_TTL_SECONDS = 3600
 MAX_PENDING = 64  # prepared, not yet used tokens
+
+
+class IncomingState(StrEnum):
+    """Where an incoming migration is (ListMigrations shows the value)."""
+
+    PREPARED = "prepared"
+    RECEIVING = "receiving"
+    READY = "ready"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
 PREPARED, RECEIVING, READY, COMMITTED, ABORTED = (
-    "prepared", "receiving", "ready", "committed", "aborted")
+    IncomingState.PREPARED, IncomingState.RECEIVING, IncomingState.READY,
+    IncomingState.COMMITTED, IncomingState.ABORTED)
 
 
 @dataclass
@@ -49,7 +63,7 @@ class IncomingMigration:
     token: str
     expires_unix_ms: int
     host: Host
-    state: str = PREPARED
+    state: IncomingState = PREPARED
     peer: str = ""
     source_vm_id: str = ""
     restorer: Restorer | None = None
@@ -64,7 +78,7 @@ class IncomingMigration:
                                reason=Reason.SNAPSHOT_INCOMPATIBLE)
         self.source_vm_id = source_vm_id
         self.restorer = Restorer(self.host, self.vm_id, self.owner, self.owner_quota,
-                                 run="as_saved", kind="migration_in", reserved=True)
+                                 run=RunMode.AS_SAVED, kind="migration_in", reserved=True)
         self.state = RECEIVING
 
     def check_cancelled(self) -> None:

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Protocol
 
 from kvmd.core.dirty import MIGRATION
@@ -59,8 +60,35 @@ SWITCH_OVER_OVERHEAD_S = 0.004
 SEND_BATCH_BYTES = 1 << 20
 PROGRESS_INTERVAL_S = 0.25
 
+
+
+class Phase(StrEnum):
+    """Where an outgoing migration is (MigrationProgress.phase)."""
+
+    CONNECTING = "connecting"
+    COPYING = "copying"
+    SWITCHING_OVER = "switching_over"
+    COMPLETED = "completed"
+
+
 CONNECTING, COPYING, SWITCHING_OVER, COMPLETED = (
-    "connecting", "copying", "switching_over", "completed")
+    Phase.CONNECTING, Phase.COPYING, Phase.SWITCHING_OVER, Phase.COMPLETED)
+
+
+class Result(StrEnum):
+    """How an outgoing migration ended (the result label of kvmd_migrations_total)."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # the switch-over's outcome could not be learnt
+
+
+class Direction(StrEnum):
+    """Out of this daemon or into it (ListMigrations, the direction metric label)."""
+
+    OUTGOING = "outgoing"
+    INCOMING = "incoming"
 
 
 @dataclass(frozen=True)
@@ -161,7 +189,7 @@ class OutgoingMigration:
         self.progress = Progress(guest_memory_bytes=sum(r.size for r in vm.memory_regions()))
         self.updates: Broadcaster[Progress] = Broadcaster(maxsize=64)
         self.error: DomainError | None = None
-        self.result = ""  # ok, cancelled, failed, unknown (once ended)
+        self.result: str = ""  # a Result once ended
         self.started = time.monotonic()
         self._cancelled = threading.Event()
         self._cancel_reason = ""
@@ -216,7 +244,7 @@ class OutgoingMigration:
         vm = self.vm
         try:
             self._migrate()
-            self.result = "ok"
+            self.result = Result.OK
         except BaseException as exc:
             if isinstance(exc, DomainError):
                 self.error = exc
@@ -228,11 +256,11 @@ class OutgoingMigration:
                 self.error = Aborted(f"the migration of vm {vm.id} was {self._cancel_reason}; "
                                      "it runs on here", resource=vm.resource,
                                      reason=Reason.MIGRATION_CANCELLED)
-                self.result = "cancelled"
+                self.result = Result.CANCELLED
             elif isinstance(self.error, OutcomeUnknown):
-                self.result = "unknown"
+                self.result = Result.UNKNOWN
             else:
-                self.result = "failed"
+                self.result = Result.FAILED
             log.warning("migration did not complete", extra={
                 "vm_id": vm.id, "target": self.target, "result": self.result,
                 "error": self.error.message})
@@ -244,7 +272,7 @@ class OutgoingMigration:
             p = self.snapshot_progress()
             self.host.shared.operations.record(
                 "migration_out", "live", self.result, p.bytes_sent, p.elapsed_seconds)
-            if self.result == "ok":
+            if self.result is Result.OK:
                 self.host.shared.migration.record(p.downtime_ms / 1000, p.round)
             self.updates.publish(p)
             self.updates.end()

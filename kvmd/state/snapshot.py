@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 
 from kvmd import __version__
 from kvmd.core.dirty import SNAPSHOT, page_runs
@@ -42,7 +43,17 @@ STATE_CAPABILITIES = ("KVM_CAP_XSAVE", "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CA
                       "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_TSC_CONTROL", "KVM_CAP_VCPU_EVENTS")
 LEGACY_XSAVE_BYTES = 4096
 # How a restored VM's vCPUs run once it is visible (see Restorer).
-RUN_MODES = ("paused", "start", "as_saved")
+
+
+class RunMode(StrEnum):
+    """How a restored VM's started vCPUs come back (see Restorer)."""
+
+    PAUSED = "paused"
+    START = "start"
+    AS_SAVED = "as_saved"
+
+
+RUN_MODES = tuple(RunMode)
 
 
 @dataclass
@@ -291,7 +302,7 @@ class Restorer:
     was saved in: a migration)."""
 
     def __init__(self, host: Host, vm_id: str, owner: str, owner_quota: int = 0,
-                 run: str = "paused", kind: str = "restore", reserved: bool = False) -> None:
+                 run: str = RunMode.PAUSED, kind: str = "restore", reserved: bool = False) -> None:
         if run not in RUN_MODES:
             raise InvalidArgument(f"run mode {run!r} is not one of {', '.join(RUN_MODES)}",
                                   reason=Reason.VALUE_UNKNOWN, field="run")
@@ -450,9 +461,9 @@ class Restorer:
             self._done = True
             self.host.release_id(self.vm_id)
             self._record("ok")
-            if self.run == "start":
+            if self.run == RunMode.START:
                 vm.resume_run_states(self._final, start=True, parked=True)
-            elif self.run == "as_saved":
+            elif self.run == RunMode.AS_SAVED:
                 vm.resume_saved_run_states(self._final)
             return vm
 
@@ -479,7 +490,8 @@ class Restorer:
 def restore_bytes(host: Host, vm_id: str, owner: str, chunks: Iterator[bytes],
                   start: bool = False, owner_quota: int = 0) -> ManagedVm:
     """Restore from an iterator of snapshot bytes (files, tests)."""
-    restorer = Restorer(host, vm_id, owner, owner_quota, "start" if start else "paused")
+    restorer = Restorer(host, vm_id, owner, owner_quota,
+                        RunMode.START if start else RunMode.PAUSED)
     for chunk in chunks:
         restorer.feed(chunk)
     return restorer.finish()

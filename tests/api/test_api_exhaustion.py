@@ -134,7 +134,7 @@ def test_a_watcher_that_cannot_take_an_eventfd_leaves_nothing_in_kvm(
             vm_id="watch", ioevent_id="bell", space=pb.MMIO, address=0xD000_0000, length=4)),
             EXHAUSTED)
     assert vm.irqfds() == [] and vm.ioevents() == []
-    assert vm.vm._irqfds == set() and vm.vm._ioevents == {}  # nothing left in KVM
+    assert vm.vm.irqfds() == [] and vm.vm.ioevents() == []  # nothing left in KVM
     assert open_now() == fds and vm.fds.held == 3
     api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id="watch", irqfd_id="level",
                                                          gsi=5, resample=True))
