@@ -1,9 +1,12 @@
-"""Guest memory travels sparse: pages never touched and zero pages are not in a snapshot."""
+"""Guest memory travels sparse (untouched and zero pages are not in a snapshot); a restored
+guest learns that its clock stopped."""
 
 from __future__ import annotations
 
 import os
+import time
 
+from polling import wait_until
 from state_support import Node
 
 from kvmd_proto import vmm_pb2 as pb
@@ -32,3 +35,35 @@ def test_a_4_gib_guest_that_touched_10_mib_snapshots_in_about_10_mib(node: Node)
     assert node.read("copy", 2 * GiB, MiB) == bytes(MiB)
     for vm_id in ("big", "copy"):
         s.vms.DeleteVm(pb.DeleteVmRequest(vm_id=vm_id))
+
+
+WATCHDOG_SOURCE = r"""
+    .code16
+    xor %ax, %ax
+    mov %ax, %ds
+spin:
+    mov 0x501d, %al             # the kvmclock page's flags (0x5000 + 29)
+    test $2, %al                # PVCLOCK_GUEST_STOPPED
+    jz spin
+    incb 0x6000                 # seen: count it, clear it, as a watchdog does
+    andb $0xfd, 0x501d
+    jmp spin
+"""
+
+
+def test_a_restored_guest_is_told_its_clock_stopped(node: Node) -> None:
+    """Saved paused, resumed elsewhere: KVM_KVMCLOCK_CTRL before its first entry, so a
+    guest with kvmclock knows time jumped (its soft-lockup watchdog would fire otherwise)."""
+    node.boot("clk", WATCHDOG_SOURCE)
+    ref = pb.VcpuRef(vm_id="clk", vcpu_id=0)
+    node.stubs.vcpus.SetMsrs(pb.SetMsrsRequest(vcpu=ref, msrs=[
+        pb.Msr(index=0x4B564D01, value=0x5000 | 1)]))  # MSR_KVM_SYSTEM_TIME_NEW: enabled
+    node.start("clk")
+    time.sleep(0.2)  # running, never paused: nothing seen
+    data, _ = node.snapshot("clk")  # taken paused, before the source's own resume
+    node.restore("clk2", data)
+    assert node.read("clk2", 0x6000, 1) == b"\x00"
+    node.stubs.vms.ResumeVm(pb.VmRef(vm_id="clk2"))
+    wait_until(lambda: node.read("clk2", 0x6000, 1) == b"\x01", 10, "the guest to be told")
+    for vm_id in ("clk", "clk2"):
+        node.stubs.vms.DeleteVm(pb.DeleteVmRequest(vm_id=vm_id))
