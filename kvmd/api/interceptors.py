@@ -257,6 +257,10 @@ class CallChain(grpc.aio.ServerInterceptor):
         return unary
 
     def _streaming(self, plan: Plan, behavior: Behavior) -> Behavior:
+        if not inspect.isasyncgenfunction(behavior):
+            # A coroutine that sends with context.write (grpc's own servicers: health's
+            # Watch): wrapped as a coroutine too, as grpc tells the two kinds apart.
+            return self._unary(plan, behavior)
         request_stream = plan.kind.startswith("stream_")
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext

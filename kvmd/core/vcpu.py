@@ -199,6 +199,9 @@ class ManagedVcpu:
         self._pause_requested = False
         self._stop_requested = False
         self._stop_reason = ""
+        # The guest's clock ran while it did not (a host pause, a restore): tell it once it
+        # runs again (KVM_KVMCLOCK_CTRL), so its soft-lockup watchdog ignores the gap.
+        self._clock_stopped = False
         self._pending_irqs: deque[int] = deque()
         self._window_requested = False  # kvm_run.request_interrupt_window is set
         # Times the thread parked paused, and times a resume was granted: a pause waits for
@@ -598,14 +601,29 @@ class ManagedVcpu:
             if self._pause_requested:
                 if self.state != PAUSED:
                     self._set_state(PAUSED, "paused")
+                self._clock_stopped = True
                 self.cond.wait()
                 continue
             if self.state == HALTED and not self._can_take_interrupt():
                 self.cond.wait()
                 continue
+            if self._clock_stopped:
+                self._tell_guest_it_was_stopped()
             if self.state != RUNNING:
                 self._set_state(RUNNING, "resumed")
             return True
+
+    def _tell_guest_it_was_stopped(self) -> None:
+        """KVM_KVMCLOCK_CTRL before the first entry after a host pause or a restore, as QEMU
+        does on every transition to running: KVM sets PVCLOCK_GUEST_STOPPED in the guest's
+        kvmclock page. EINVAL means the guest has no kvmclock: nothing to tell."""
+        self._clock_stopped = False
+        try:
+            self.vcpu.kvmclock_ctrl()
+        except KvmError as exc:
+            if exc.errno != errno.EINVAL:
+                log.warning("KVM_KVMCLOCK_CTRL failed", extra={
+                    "vm_id": self.vm_id, "vcpu": self.id, "error": str(exc)})
 
     def _apply(self, outcome: Outcome, exit_: VcpuExit) -> bool:
         """Act on the dispatcher's verdict; False when the thread must end."""
@@ -800,6 +818,7 @@ class ManagedVcpu:
                 v.set_vcpu_events(state.events)
                 v.restore_exit_counts(state.exit_counts)
             self._pending_irqs = deque(state.pending_irqs)
+            self._clock_stopped = True  # saved paused, resumed here
             self.reason = state.reason
             if state.run_state == CRASHED:
                 self.crash_regs = state.regs

@@ -393,6 +393,20 @@ def test_file_backed_slot_guest_writes_reach_the_file_after_sync(
     assert api.daemon.host.get_vm("filevm").file_backed_ranges() == []
 
 
+def test_a_file_shares_memory_between_two_vms_of_one_owner(gm: RunningDaemon) -> None:
+    """The same image mapped read-write into two VMs is one memory: what the first guest
+    writes, the second guest reads (both mappings are the file's pages; nothing copied)."""
+    api = gm
+    long_mode_vm(api, "writer", program(store(DATA + 2 * P + 5, 0x5A)))
+    long_mode_vm(api, "reader", program(load_or(DATA + 2 * P + 5)))
+    for vm_id in ("writer", "reader"):
+        add_file(api, vm_id, DATA, 4 * P, "disk.img")
+    assert api.read("reader", DATA + 2 * P + 5, 1) == b"\x42"  # the file's own byte
+    assert run_to_exit(api, "writer") == 0
+    assert api.read("reader", DATA + 2 * P + 5, 1) == b"\x5a"  # seen through the host too
+    assert run_to_exit(api, "reader") == 0x5A  # and by the second guest
+
+
 def test_read_only_file_slot_guest_writes_exit_as_mmio(gm: RunningDaemon,
                                                        images: Path) -> None:
     api = gm

@@ -4,6 +4,7 @@ included (issue 13 #9)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -39,5 +40,24 @@ def test_grpc_core_lines_come_out_in_the_daemons_format(short_dir: Path) -> None
             core = [p for p in parsed if p["logger"] == "grpc.core"]
             assert core, result.stderr
             assert any("Address already in use" in json.dumps(p) for p in core), core
+    finally:
+        taken.close()
+
+
+def test_a_busy_tcp_port_leaves_no_unix_socket_behind(short_dir: Path) -> None:
+    """The Unix socket is bound first; when the TCP address that follows is taken the daemon
+    exits 2 and removes it again: a socket nobody listens on would make clients wait for a
+    daemon that is not coming (they take one for a daemon being restarted)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    sock = f"{short_dir}/kvmd.sock"
+    try:
+        result = run_kvmd("--listen", f"unix://{sock}", "--listen",
+                          f"127.0.0.1:{taken.getsockname()[1]}", "--metrics-listen", "off",
+                          socket_path=sock)
+        assert result.returncode == 2, result.stderr
+        assert "cannot listen" in result.stderr
+        assert not os.path.exists(sock), "the Unix socket was left behind"
     finally:
         taken.close()

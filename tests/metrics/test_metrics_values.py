@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
+import pytest
 from guests import IN_AL_DX, UART_PORT, mov_dx, out_bytes_program, real_mode_program
 from metrics_support import RPC_TIMEOUT, MetricsDaemon, Scrape, wait_for
 
-from kvmd_client import KvmdClient
+from kvmd_client import KvmdClient, KvmdError
 from kvmd_proto import vmm_pb2 as pb
 
 PRINTED = b"console bytes, counted\n"   # what the guest writes to COM1 (23 bytes)
@@ -76,3 +78,26 @@ def test_remote_exit_seconds_observes_every_remote_exit(mkvmd: MetricsDaemon) ->
     assert [n for _, n in buckets] == sorted(n for _, n in buckets)  # cumulative
     assert all(n == 0 for le, n in buckets if le < REPLY_DELAY)  # none waited less
     mkvmd.delete("remote")
+
+
+def test_snapshots_and_restores_are_counted_timed_and_measured(
+        metrics_daemon: Any, tmp_path: Any) -> None:
+    """kvmd_snapshots_total{kind,result}, kvmd_snapshot_bytes_total, kvmd_snapshot_seconds
+    and the same for restores follow what was done, refused ones included."""
+    d = metrics_daemon(state_dir=str(tmp_path / "state"))
+    d.start_pio_guest("snap")
+    with KvmdClient(d.address, timeout=RPC_TIMEOUT) as c:
+        data, _ = c.snapshot_vm("snap")
+        c.restore_vm("copy", data)
+        with pytest.raises(KvmdError):
+            c.restore_vm("copy2", data[:-10])  # truncated: refused
+        c.delete_vm("copy")
+    d.delete("snap")
+    s = d.scrape()
+    assert s.value("kvmd_snapshots_total", kind="full", result="ok") == 1
+    assert s.value("kvmd_snapshot_bytes_total") == len(data)
+    assert s.value("kvmd_snapshot_seconds_count") == 1
+    assert s.value("kvmd_restores_total", kind="full", result="ok") == 1
+    assert s.value("kvmd_restores_total", kind="full", result="error") == 1
+    assert s.value("kvmd_restore_bytes_total") >= len(data)
+    assert s.value("kvmd_restore_seconds_count") >= 1
