@@ -35,7 +35,7 @@ def open_health_watch(s: Stubs) -> Any:
     return call
 
 
-def refused(opener: Callable[[], Any]) -> grpc.StatusCode:
+def opening_code(opener: Callable[[], Any]) -> grpc.StatusCode:
     try:
         call = opener()
     except grpc.RpcError as exc:
@@ -57,15 +57,15 @@ def test_a_viewer_and_a_stranger_at_their_stream_limit_lock_nobody_out(d: TlsDae
     held += [open_health_watch(stranger) for _ in range(PER_IDENTITY)]
     try:
         # Each is at its own limit: one more stream is refused, retryably.
-        assert refused(lambda: open_watch(viewer, "w")) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused(lambda: open_health_watch(stranger)) == \
+        assert opening_code(lambda: open_watch(viewer, "w")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert opening_code(lambda: open_health_watch(stranger)) == \
             grpc.StatusCode.RESOURCE_EXHAUSTED
         # Everyone else is served: the admin's calls and streams, another tenant's, and
         # the health check, for the two holding their streams too.
         assert admin.get_vm("w").vm_id == "w"
-        assert refused(lambda: open_watch(admin, "w")) == grpc.StatusCode.OK
+        assert opening_code(lambda: open_watch(admin, "w")) == grpc.StatusCode.OK
         operator.create_vm("mine")
-        assert refused(lambda: open_watch(operator, "mine")) == grpc.StatusCode.OK
+        assert opening_code(lambda: open_watch(operator, "mine")) == grpc.StatusCode.OK
         operator.delete_vm("mine")
         for s in (viewer, stranger, admin):
             assert s.health.Check(health_pb2.HealthCheckRequest(service=""),
@@ -76,5 +76,5 @@ def test_a_viewer_and_a_stranger_at_their_stream_limit_lock_nobody_out(d: TlsDae
         for call in held:
             call.cancel()
     # Given back: the viewer may watch again.
-    assert refused(lambda: open_watch(viewer, "w")) == grpc.StatusCode.OK
+    assert opening_code(lambda: open_watch(viewer, "w")) == grpc.StatusCode.OK
     admin.delete_vm("w")
