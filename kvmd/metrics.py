@@ -168,8 +168,13 @@ class KvmdCollector(Collector):
         for reason, n in sorted(host.crashes.items()):
             crashes.add_metric([reason], n)
         yield crashes
-        yield GaugeMetricFamily("kvmd_guest_memory_in_use_bytes",
-                                "Guest memory held across all VMs", value=host.budget.in_use)
+        yield GaugeMetricFamily("kvmd_guest_memory_in_use_bytes", "Guest memory charged to "
+                                "max_memory_total_bytes across all VMs (slot sizes less "
+                                "discard credits)", value=host.budget.in_use)
+        yield GaugeMetricFamily("kvmd_guest_memory_discard_credit_bytes", "Discarded guest "
+                                "memory not charged while its pages stay free: how far the "
+                                "charge can grow back past the limit (overcommit)",
+                                value=host.budget.credited)
         yield GaugeMetricFamily("kvmd_vm_fds", "File descriptors VM objects hold, across "
                                 "all VMs (of kvmd_vm_fds_limit)", value=host.fds.in_use)
         yield GaugeMetricFamily("kvmd_vm_fds_limit", "File descriptors VM objects may hold "

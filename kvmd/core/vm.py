@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import errno
 import logging
+import os
 import re
 import threading
 import time
@@ -75,7 +76,7 @@ from kvmd.core.remote import (
     RemoteExit,
     RemoteHandler,
 )
-from kvmd.core.shared import HostShared
+from kvmd.core.shared import Charge, HostShared
 from kvmd.core.state import (
     FileMappingState,
     IoeventState,
@@ -312,6 +313,8 @@ class ManagedVm:
         self.shared = shared
         self._limits = shared.limits
         self._budget = shared.budget
+        # Each slot's claim on the daemon's memory budget (with its discard credit).
+        self._charges: dict[int, Charge] = {}
         self._watcher = shared.watcher
         self.dirty = DirtyTracker(vm, options.dirty_tracking or BITMAP)
         # The GSI routing table this VM set (KVM cannot return it); None: KVM's default.
@@ -478,11 +481,12 @@ class ManagedVm:
             self.irqfd_resampled.end()
             self.events.end()
             self.console.end()
-            memory = self.vm.memory_size
             self.vm.close()
             self._vcpus.clear()
             self._vcpu_list = ()
-            self._budget.release(memory)
+            for charge in self._charges.values():  # and their discard credits
+                self._budget.release(charge)
+            self._charges.clear()
             if self.shared.console_pump is not None:
                 self.shared.console_pump.remove(self._console_ready)
             else:
@@ -494,11 +498,13 @@ class ManagedVm:
 
     def add_memory_region(self, guest_addr: int, size: int, read_only: bool,
                           log_dirty: bool, *, slot: int | None = None,
-                          backing: FileBacking | MemfdBacking | None = None
-                          ) -> MemoryRegionInfo:
+                          backing: FileBacking | MemfdBacking | None = None,
+                          credit: int = 0) -> MemoryRegionInfo:
         """Map new zeroed guest memory (or, for a take-over, an adopted memfd; or a file of
         the images directory, see add_file_memory_region) within the VM's and the daemon's
-        limits. `slot` asks for an exact slot number (restores)."""
+        limits. `slot` asks for an exact slot number (restores). `credit`: the discard
+        credit an adopted memfd carries from the daemon before (a take-over), charged
+        again for what the memfd holds now (MemoryBudget)."""
         if size <= 0:
             raise InvalidArgument("memory region size must be positive",
                                   reason=Reason.VALUE_OUT_OF_RANGE, field="size")
@@ -525,7 +531,10 @@ class ManagedVm:
                     metadata=limit("max_memory_per_vm_bytes", self._limits.max_memory_per_vm_bytes))
             self.fds.take(FDS_PER_SLOT, "a memory slot")
             try:
-                self._budget.reserve(rounded)
+                adopted = backing if isinstance(backing, MemfdBacking) and credit else None
+                charge = self._budget.reserve(
+                    rounded, credit if adopted else 0,
+                    (lambda: os.fstat(adopted.fd).st_blocks * 512) if adopted else None)
             except BaseException:
                 self.fds.give(FDS_PER_SLOT)
                 raise
@@ -533,11 +542,15 @@ class ManagedVm:
                 with kernel_errors(self.resource):
                     slot = self.vm.add_memory_region(guest_addr, rounded, read_only, log_dirty,
                                                      backing=backing, slot=slot)
-                    return self.vm.memory_region(slot)
+                    info = self.vm.memory_region(slot)
             except BaseException:
-                self._budget.release(rounded)
+                self._budget.release(charge)
                 self.fds.give(FDS_PER_SLOT)
                 raise
+            self._charges[info.slot] = charge
+            if not isinstance(backing, FileBacking):  # files are never discarded
+                self._budget.track(charge, lambda: self.slot_allocated_bytes(info.slot))
+            return info
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
@@ -548,7 +561,9 @@ class ManagedVm:
                            and not r.whole_slot)
             self._forget_files(slot)
             self.fds.give(FDS_PER_SLOT + FDS_PER_FILE_MAPPING * overlays)
-        self._budget.release(info.size)
+            charge = self._charges.pop(slot, None)
+        if charge is not None:
+            self._budget.release(charge)  # and its discard credit
         return info
 
     def memory_regions(self) -> list[MemoryRegionInfo]:
@@ -663,13 +678,17 @@ class ManagedVm:
     # and this section is the one place the daemon asks. DiscardGuestMemory punches holes
     # there; sparse snapshots and migration copy only what `guest_pages` returns.
     #
-    # The memory budget charges reservations, not allocations: a slot reserves its full size
-    # from AddMemoryRegion to RemoveMemoryRegion (or DeleteVm), file-backed or not, and a
-    # discard does not give any of it back. The guest may touch a discarded range again at
-    # any time, without asking, and the daemon cannot refuse that page fault; a budget that
-    # shrank on discard would let the guests' possible memory exceed max_memory_total_bytes.
-    # What the host pays now is reported beside the reservation: memory_allocated_bytes,
-    # allocated_bytes per slot, kvmd_guest_memory_allocated_bytes.
+    # The daemon-wide memory budget charges a slot its full size from AddMemoryRegion to
+    # RemoveMemoryRegion (or DeleteVm), file-backed or not, less a credit for what a discard
+    # released from its memfd, for as long as the memfd still does not hold it (the kernel's
+    # word: st_blocks; see MemoryBudget). That is the point of a balloon: memory an idle
+    # guest gave back admits other slots. The guest may touch the range again at any time
+    # without asking (the daemon cannot refuse a page fault); it is then charged again, and
+    # the total may pass the limit by what admissions took on credit: overcommit, reported
+    # as kvmd_guest_memory_discard_credit_bytes.
+    #
+    # max_memory_per_vm_bytes keeps counting slot sizes, credit or not: it bounds what one
+    # guest can have (its balloon deflated), which a discard does not change.
 
     # Class defaults, so __init__ stays as it was: set by the methods below, under the lock.
     discarded_bytes_total = 0  # bytes DiscardGuestMemory released over the VM's life
@@ -746,9 +765,18 @@ class ManagedVm:
                         f"{r.guest_addr:#x}+{r.size:#x}: only the daemon's own memory can be "
                         "discarded", resource=f"{self.resource}/slot/{r.slot}",
                         reason=Reason.SLOT_FILE_CONFLICT)
+            touched = [r.slot for r in self.vm.memory_regions()
+                       if r.guest_addr < end and guest_addr < r.end]
+            before = {s: self.slot_allocated_bytes(s) for s in touched}
             with kernel_errors(self.resource):
                 released = self.vm.discard(guest_addr, size)
             self.discarded_bytes_total += released
+            # What each slot's memfd gave back is credited to the budget (MemoryBudget).
+            for s in touched:
+                charge = self._charges.get(s)
+                if charge is not None:
+                    self._budget.credit(charge, before[s] - self.slot_allocated_bytes(s),
+                                        before[s])
             # The range now reads zeros: a change, like a host write, for diff snapshots and
             # migration (GetDirtyLog follows KVM: guest writes only).
             for region in self.vm.memory_regions():
@@ -768,6 +796,14 @@ class ManagedVm:
             return self.vm.allocated_bytes(slot)
         except KvmError:
             return 0
+
+    def discard_credits(self) -> dict[int, int]:
+        """{slot: bytes} of the slots' discard credits standing now (what a hand-over
+        carries to the next daemon, so its adoption is charged as this one is)."""
+        with self.lock:
+            charges = dict(self._charges)
+        credits = {s: self._budget.current_credit(c) for s, c in charges.items()}
+        return {s: c for s, c in credits.items() if c}
 
     def memory_allocated_bytes(self) -> int:
         """Host memory the VM's own guest memory holds now (the sum over its slots)."""
@@ -1565,12 +1601,14 @@ class ManagedVm:
 
     def restore_memory_layout(self, slots: list[SlotState],
                               memfds: dict[int, int] | None = None,
-                              files: list[FileMappingState] | None = None) -> None:
+                              files: list[FileMappingState] | None = None,
+                              credits: dict[int, int] | None = None) -> None:
         """First step of a restore into this new VM: the slot table, each slot at its saved
         number, zeroed for the caller to fill, or (a take-over) adopting the memfd given
         for it in `memfds` {slot: fd}; then the files of the images directory the VM had
         mapped (`files`: whole slots, and over parts of slots), from this daemon's images
-        directory. Within the VM's and the daemon's limits."""
+        directory. Within the VM's and the daemon's limits; `credits` {slot: bytes}: the
+        discard credits of adopted memfds (see add_memory_region)."""
         files = files or []
         whole = {f.slot: f for f in files if f.whole_slot}
         with self.lock:
@@ -1593,7 +1631,8 @@ class ManagedVm:
                 fd = (memfds or {}).get(s.slot)
                 self.add_memory_region(s.guest_addr, s.size, s.read_only, s.log_dirty,
                                        slot=s.slot,
-                                       backing=MemfdBacking(fd) if fd is not None else None)
+                                       backing=MemfdBacking(fd) if fd is not None else None,
+                                       credit=(credits or {}).get(s.slot, 0))
             for f in files:
                 if not f.whole_slot:
                     self.map_file(f.slot, f.offset, f.size,

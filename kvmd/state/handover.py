@@ -12,8 +12,10 @@ magic of its own so no snapshot reader ever restores it as a VM without memory. 
 HandoverState names each slot's memfd and records its identity (device, inode, size), so a
 missing, swapped or truncated memfd is refused before anything is mapped; it also carries
 the daemon's bookkeeping a snapshot does not need: counters that continue (discarded bytes,
-dirty pages), the pages dirtied and not yet reported to GetDirtyLog or to the next diff
-snapshot, and when the VM was paused (to measure the outage).
+dirty pages), each slot's discard credit (so the new daemon charges the adopted memory as
+the old one did, and a host overcommitted by discards is taken over), the pages dirtied and
+not yet reported to GetDirtyLog or to the next diff snapshot, and when the VM was paused
+(to measure the outage).
 
 `save_vm` (old daemon, VM held paused) -> `SavedForHandover`; `read_state` checks bytes;
 `restore_vm` (new daemon) builds, adopts the memfds, restores and registers the VM with its
@@ -92,7 +94,7 @@ def save_vm(vm: ManagedVm, run_states: dict[int, str], paused_ns: int) -> SavedF
     extras = pb.HandoverState(
         paused_boottime_ns=paused_ns, created_unix_ms=vm.created_unix_ms,
         discarded_bytes=vm.discarded_bytes_total, dirty_pages_total=vm.dirty_pages_total,
-        last_snapshot_id=vm.last_snapshot_id)
+        last_snapshot_id=vm.last_snapshot_id, discard_credit_bytes=vm.discard_credits())
     memfds: dict[str, int] = {}
     for s in state.slots:
         if s.slot in file_slots:
@@ -225,7 +227,8 @@ def restore_vm(host: Host, record: HandoverRecord, memfds: dict[str, int],
     vm: ManagedVm | None = None
     try:
         vm = host.build_vm(state.vm_id, state.labels, options, state.owner)
-        vm.restore_memory_layout(state.slots, slots, files=state.files)
+        vm.restore_memory_layout(state.slots, slots, files=state.files,
+                                 credits=dict(record.extras.discard_credit_bytes))
         vm.restore_state(state)
         _continue_bookkeeping(vm, record.extras)
         vm.resume_run_states(state, start=False)
