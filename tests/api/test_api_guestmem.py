@@ -1,12 +1,10 @@
 """Guest memory at seed parity, over gRPC on real /dev/kvm: DiscardGuestMemory (balloon
 inflate; deflate is the guest touching the range again) with the daemon's RSS and the memfd's
-allocated size measured, the memory budget across a discard, file-backed slots and files
-mapped over slots from the images directory (guest writes reach the file after
-SyncGuestMemory; a read-only file makes guest writes exit as MMIO), and every bad input with
-its exact status code, nothing mapped and no fd left behind.
-
-Guests run in 64-bit mode (identity-mapped first GiB) so they reach anywhere in a 64 MiB slot;
-they report through the debug-exit port, so each runs under StartVm like any VM.
+allocated size measured, the memory budget across a discard (credited while the pages stay
+free, charged again once the guest touches them), file-backed slots and files mapped over
+slots from the images directory (guest writes reach the file after SyncGuestMemory; a
+read-only file makes guest writes exit as MMIO), and every bad input with its exact status
+code, nothing mapped and no fd left behind.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from guests import (
 from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvmd.core.errors import Reason
 from kvmd.core.images import FileIdentity
 from kvmd.server import Config, ConfigError, Daemon
 from kvmd_proto import vmm_pb2 as pb
@@ -288,32 +287,123 @@ def test_discard_spans_adjacent_slots_and_counts_what_was_freed(gm: RunningDaemo
     assert api.read("two", DATA + 5 * P, 5 * P) == b"\x01" * P + bytes(4 * P)
 
 
-def test_discard_keeps_the_budget_reservation(daemon_factory: DaemonFactory,
-                                              images: Path) -> None:
-    # Policy: a slot reserves its whole size until removed; a discard frees host pages
-    # (allocated bytes drop) but not the reservation, because the guest may touch the range
-    # again at any time without asking. So the configured limit can never be overcommitted.
-    api = daemon_factory(max_memory_total_bytes=16 * MiB, images_dir=str(images))
-    api.create_vm("full")
-    api.create_vm("other")
-    slot = api.add_memory("full", DATA, 16 * MiB).slot
-    fill(api, "full", DATA, 16 * MiB)
-    api.memory.DiscardGuestMemory(pb.DiscardGuestMemoryRequest(
-        vm_id="full", guest_addr=DATA, size=16 * MiB))
-    info = api.hypervisor.GetInfo(pb.GetInfoRequest())
-    assert info.memory_in_use_bytes == 16 * MiB
-    assert get_vm(api, "full").memory_allocated_bytes < MiB
-    api.assert_code(lambda: api.add_memory("other", 0, P), Code.RESOURCE_EXHAUSTED)
-    # File-backed slots are charged the same way.
-    api.assert_code(lambda: add_file(api, "other", 0, P, "disk.img"),
-                    Code.RESOURCE_EXHAUSTED)
-    # Touching the range again (deflate) needs no new reservation: it is still there.
-    fill(api, "full", DATA, 16 * MiB, 0x11)
-    assert get_vm(api, "full").memory_allocated_bytes >= 16 * MiB
-    assert api.hypervisor.GetInfo(pb.GetInfoRequest()).memory_in_use_bytes == 16 * MiB
-    api.memory.RemoveMemoryRegion(pb.RemoveMemoryRegionRequest(vm_id="full", slot=slot))
-    assert api.hypervisor.GetInfo(pb.GetInfoRequest()).memory_in_use_bytes == 0
-    api.add_memory("other", 0, P)
+# The memory budget across a discard (README "Budget policy"): a slot is charged its size
+# less what a discard released from its memfd, while the memfd still does not hold it.
+ONE_VM = GUEST_MEM_SIZE + 64 * MiB  # a long-mode VM's code slot and a 64 MiB data slot
+
+
+def in_use(api: RunningDaemon) -> int:
+    return api.hypervisor.GetInfo(pb.GetInfoRequest()).memory_in_use_bytes
+
+
+def credited(api: RunningDaemon) -> float:
+    return scrape(api)[("kvmd_guest_memory_discard_credit_bytes", ())]
+
+
+def filled_vm(api: RunningDaemon, vm_id: str) -> int:
+    """A long-mode VM whose guest filled its 64 MiB data slot (a byte in every page)."""
+    long_mode_vm(api, vm_id, program(fill_loop(DATA, 64 * MiB // P)))
+    slot = api.add_memory(vm_id, DATA, 64 * MiB).slot
+    assert run_to_exit(api, vm_id) == 0
+    assert region(api, vm_id, slot).allocated_bytes >= 64 * MiB
+    return slot
+
+
+def discard(api: RunningDaemon, vm_id: str, addr: int = DATA, size: int = 64 * MiB) -> int:
+    return api.memory.DiscardGuestMemory(pb.DiscardGuestMemoryRequest(
+        vm_id=vm_id, guest_addr=addr, size=size)).released_bytes
+
+
+@pytest.fixture
+def one_vm(daemon_factory: DaemonFactory, images: Path) -> RunningDaemon:
+    """A daemon whose total limit fits one filled VM (and 1 MiB more), not two."""
+    return daemon_factory(max_memory_total_bytes=ONE_VM + MiB, images_dir=str(images),
+                          metrics_listen="127.0.0.1:0")
+
+
+def test_a_discard_makes_room_for_another_vm(one_vm: RunningDaemon) -> None:
+    api = one_vm
+    filled_vm(api, "idle")
+    api.create_vm("next")
+    assert in_use(api) == ONE_VM
+    api.assert_code(lambda: api.add_memory("next", 0, 64 * MiB), Code.RESOURCE_EXHAUSTED,
+                    reason=Reason.LIMIT_GUEST_MEMORY)
+    # The balloon inflates: what the memfd gave back is not charged any more.
+    released = discard(api, "idle")
+    assert released >= 64 * MiB - MiB
+    assert in_use(api) == ONE_VM - released
+    assert credited(api) == released
+    api.add_memory("next", 0, 64 * MiB)                # refused before the discard
+    assert in_use(api) == ONE_VM - released + 64 * MiB
+    vm = get_vm(api, "idle")                            # GetVm's counters are as before
+    assert (vm.memory_bytes, vm.discarded_bytes) == (ONE_VM, released)
+    assert vm.memory_allocated_bytes < 2 * MiB
+
+
+def test_touching_discarded_memory_again_charges_it_again(one_vm: RunningDaemon) -> None:
+    api = one_vm
+    filled_vm(api, "idle")
+    released = discard(api, "idle")
+    api.create_vm("next")
+    api.add_memory("next", 0, 64 * MiB)
+    # The guest touches half of its range again (deflate, without asking): that half is
+    # charged again; the rest stays credited.
+    set_program(api, "idle", program(fill_loop(DATA, 32 * MiB // P, 0x11)))
+    assert run_to_exit(api, "idle") == 0
+    half = in_use(api) - (ONE_VM - released + 64 * MiB)
+    assert abs(half - 32 * MiB) < MiB
+    assert credited(api) == released - half
+    # All of it: the credit is gone and the total is past the limit (the overcommit that
+    # the admission of "next" took on), so nothing more is admitted.
+    set_program(api, "idle", program(fill_loop(DATA, 64 * MiB // P, 0x22)))
+    assert run_to_exit(api, "idle") == 0
+    assert in_use(api) == ONE_VM + 64 * MiB > ONE_VM + MiB
+    assert credited(api) == 0
+    api.assert_code(lambda: api.add_memory("next", 64 * MiB, P), Code.RESOURCE_EXHAUSTED,
+                    reason=Reason.LIMIT_GUEST_MEMORY)
+    # A credit never grows back by itself (the reports recompute it): a new discard is
+    # what gives one again, and then admits again.
+    assert (in_use(api), credited(api)) == (ONE_VM + 64 * MiB, 0)
+    again = discard(api, "idle")
+    assert (in_use(api), credited(api)) == (ONE_VM + 64 * MiB - again, again)
+    api.add_memory("next", 64 * MiB, P)
+
+
+def test_removing_the_slot_or_deleting_the_vm_leaves_no_credit(one_vm: RunningDaemon) -> None:
+    api = one_vm
+    slot = filled_vm(api, "a")
+    released = discard(api, "a")
+    assert credited(api) == released
+    api.memory.RemoveMemoryRegion(pb.RemoveMemoryRegionRequest(vm_id="a", slot=slot))
+    assert (in_use(api), credited(api)) == (GUEST_MEM_SIZE, 0)
+    # The slot number comes back for a new slot: it starts without a credit.
+    assert api.add_memory("a", DATA, 64 * MiB).slot == slot
+    assert (in_use(api), credited(api)) == (ONE_VM, 0)
+    api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="a"))
+    filled_vm(api, "b")
+    discard(api, "b")
+    assert credited(api) > 0
+    api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="b"))
+    assert (in_use(api), credited(api)) == (0, 0)
+
+
+def test_the_per_vm_limit_and_file_backed_slots_ignore_credits(
+        daemon_factory: DaemonFactory, images: Path) -> None:
+    # max_memory_per_vm_bytes bounds what one guest can have with its balloon deflated,
+    # which a discard does not change; a file-backed slot is never discarded, never credited.
+    api = daemon_factory(max_memory_per_vm_bytes=16 * MiB, images_dir=str(images),
+                         metrics_listen="127.0.0.1:0")
+    api.create_vm("vm")
+    api.add_memory("vm", DATA, 16 * MiB)
+    fill(api, "vm", DATA, 16 * MiB)
+    assert discard(api, "vm", DATA, 16 * MiB) >= 15 * MiB
+    api.assert_code(lambda: api.add_memory("vm", 0, P), Code.RESOURCE_EXHAUSTED,
+                    reason=Reason.LIMIT_VM_MEMORY)
+    api.create_vm("files")
+    before = in_use(api)
+    add_file(api, "files", 0, 16 * P, "disk.img")
+    api.assert_code(lambda: discard(api, "files", 0, 16 * P), Code.FAILED_PRECONDITION)
+    assert in_use(api) == before + 16 * P
 
 
 def test_discard_bad_inputs(gm: RunningDaemon) -> None:

@@ -166,3 +166,27 @@ def test_file_backed_ranges_record_what_snapshots_need(host: Host, root: Path) -
     assert vm.file_backed_ranges() == [part]
     assert vm.unmap_file(slot, 4 * P, P) == part
     assert vm.file_backed_ranges() == []
+
+
+def test_the_budget_credits_a_discard_while_the_pages_stay_free(host: Host) -> None:
+    budget = host.budget
+    vm = host.create_vm("credit", {}, VmOptions())
+    slot = vm.add_memory_region(0, 64 * P, False, False).slot
+    vm.write_memory(0, b"\x01" * (32 * P))            # 32 of 64 pages allocated
+    assert vm.discard_memory(0, 16 * P) == 16 * P
+    assert (budget.in_use, budget.credited) == (48 * P, 16 * P)
+    # Pages never touched before do not eat the credit while the slot has room for it...
+    vm.write_memory(32 * P, b"\x02" * (16 * P))       # 32 allocated
+    assert (budget.in_use, budget.credited) == (48 * P, 16 * P)
+    # ...beyond that the kernel cannot tell them from discarded ones: charged again.
+    vm.write_memory(0, b"\x03" * (8 * P))             # 40 allocated: 24 free
+    assert (budget.in_use, budget.credited) == (48 * P, 16 * P)
+    vm.write_memory(8 * P, b"\x03" * (8 * P))         # 48 allocated: 16 free
+    assert (budget.in_use, budget.credited) == (48 * P, 16 * P)
+    vm.write_memory(48 * P, b"\x03" * (8 * P))        # 56 allocated: 8 free
+    assert (budget.in_use, budget.credited) == (56 * P, 8 * P)
+    # The credit does not come back when pages are freed other than by a discard...
+    assert vm.discard_memory(0, 8 * P) == 8 * P       # ...and a discard adds what it freed
+    assert (budget.in_use, budget.credited) == (48 * P, 16 * P)
+    vm.remove_memory_region(slot)
+    assert (budget.in_use, budget.credited) == (0, 0)

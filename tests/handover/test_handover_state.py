@@ -209,3 +209,39 @@ def test_files_of_the_images_directory_go_by_name(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_the_discard_credit_crosses_a_handover() -> None:
+    # The next daemon charges an adopted slot as the old one did: its size less the credit
+    # of what was discarded and is still not allocated, recomputed at the adoption.
+    from kvmd.core.errors import ResourceExhausted
+    from kvmd.core.limits import Limits
+
+    a = Host(Limits(max_memory_total_bytes=1 << 30))
+    b = Host(Limits(max_memory_total_bytes=32 * P))
+    try:
+        vm = a.create_vm("bal", {}, VmOptions())
+        vm.add_memory_region(0, 64 * P, False, False)
+        vm.write_memory(0, b"\x01" * (64 * P))
+        assert vm.discard_memory(16 * P, 48 * P) == 48 * P
+        assert (a.budget.in_use, a.budget.credited) == (16 * P, 48 * P)
+        b.create_vm("other", {}, VmOptions()).add_memory_region(0, 16 * P, False, False)
+        data, fds = saved(vm)
+        record = read_state(data, "bal")
+        assert dict(record.extras.discard_credit_bytes) == {0: 48 * P}
+        # Touched again after the save: the adoption charges those pages (40 > 32 pages).
+        vm.write_memory(16 * P, b"\x02" * (8 * P))
+        with pytest.raises(ResourceExhausted):
+            restore_vm(b, record, fds)
+        assert (b.budget.in_use, b.budget.credited) == (16 * P, 0)
+        assert vm.discard_memory(16 * P, 8 * P) == 8 * P
+        copy = restore_vm(b, record, fds)
+        for fd in fds.values():
+            os.close(fd)
+        assert (b.budget.in_use, b.budget.credited) == (32 * P, 48 * P)
+        assert copy.discard_credits() == {0: 48 * P}
+        copy.write_memory(16 * P, b"\x03" * P)  # the guest's to touch: past the limit
+        assert (b.budget.in_use, b.budget.credited) == (33 * P, 47 * P)
+    finally:
+        a.close()
+        b.close()
