@@ -122,10 +122,30 @@ class Vm:
     ioevents: dict[str, tuple[int, int, int, int | None]] = field(default_factory=dict)
     vcpus: dict[int, Vcpu] = field(default_factory=dict)
     code: bool = False
+    # Data slots' pages the memfd holds (host writes; discards punch holes) and their
+    # discard credits in pages, as MemoryBudget keeps them: only data slots of a VM with its
+    # code slot are written or discarded, so the model knows every page the guest has.
+    pages: dict[int, set[int]] = field(default_factory=dict)
+    credit: dict[int, int] = field(default_factory=dict)
 
     @property
     def memory(self) -> int:
         return sum(r[1] for r in self.regions.values())
+
+    @property
+    def charged(self) -> int:
+        """What the memory budget charges: the slots' sizes less their discard credits."""
+        return self.memory - PAGE * sum(self.credit.values())
+
+    def data_slots(self) -> list[int]:
+        return sorted(s for s in self.regions if s) if self.code else []
+
+    def touch(self, slot: int, pages: set[int]) -> None:
+        """Pages allocated in a slot's memfd: its credit shrinks to what is still free."""
+        held = self.pages.setdefault(slot, set())
+        held |= pages
+        free = self.regions[slot][1] // PAGE - len(held)
+        self.credit[slot] = min(self.credit.get(slot, 0), free)
 
     def running_program(self, v: Vcpu) -> str:
         """The state a started or resumed vCPU settles in."""
@@ -246,7 +266,8 @@ class DaemonModel(RuleBasedStateMachine):
         return True
 
     def total_memory(self) -> int:
-        return sum(vm.memory for vm in self.vms.values())
+        """GetInfo.memory_in_use_bytes: what the budget charges, discard credits left out."""
+        return sum(vm.charged for vm in self.vms.values())
 
     def region_errors(self, vm: Vm, addr: int, size: int) -> set[grpc.StatusCode]:
         errors: set[grpc.StatusCode] = set()
@@ -358,6 +379,52 @@ class DaemonModel(RuleBasedStateMachine):
         if self.expect(code, errors, f"RemoveMemoryRegion {vm_id} {slot}", got):
             assert vm is not None
             del vm.regions[slot]
+            vm.pages.pop(slot, None)
+            vm.credit.pop(slot, None)  # a removed slot leaves no credit
+
+    def data_range(self, vm: int, slot: int, first: int, count: int
+                   ) -> tuple[str, Vm, int, set[int]] | None:
+        """A page range inside a data slot of an existing VM (None if there is none)."""
+        vm_id = self.pick_vm(vm)
+        model = self.vms.get(vm_id)
+        slots = model.data_slots() if model else []
+        if model is None or not slots:
+            return None
+        s = slots[slot % len(slots)]
+        npages = model.regions[s][1] // PAGE
+        first %= npages
+        return vm_id, model, s, set(range(first, min(npages, first + count)))
+
+    @rule(vm=PICK, slot=PICK, first=st.integers(0, 31), count=st.integers(1, 8))
+    def write_pages(self, vm: int, slot: int, first: int, count: int) -> None:
+        picked = self.data_range(vm, slot, first, count)
+        if picked is None:
+            return
+        vm_id, model, s, pages = picked
+        addr = model.regions[s][0] + min(pages) * PAGE
+        self.memory_stub.WriteGuestMemory(iter([pb.WriteGuestMemoryRequest(
+            vm_id=vm_id, guest_addr=addr, data=b"\x5a" * (len(pages) * PAGE))]),
+            timeout=CALL_TIMEOUT)
+        model.touch(s, pages)
+
+    @rule(vm=PICK, slot=PICK, first=st.integers(0, 31), count=st.integers(1, 8))
+    def discard_pages(self, vm: int, slot: int, first: int, count: int) -> None:
+        picked = self.data_range(vm, slot, first, count)
+        if picked is None:
+            return
+        vm_id, model, s, pages = picked
+        addr = model.regions[s][0] + min(pages) * PAGE
+        code, got = self.call(self.memory_stub.DiscardGuestMemory,
+                              pb.DiscardGuestMemoryRequest(vm_id=vm_id, guest_addr=addr,
+                                                           size=len(pages) * PAGE))
+        if self.expect(code, set(), f"DiscardGuestMemory {vm_id} {addr:#x}", got):
+            held = model.pages.setdefault(s, set())
+            freed = held & pages
+            assert got.released_bytes == len(freed) * PAGE
+            model.touch(s, set())      # the credit as it stood before the discard
+            held -= freed              # then what the discard freed, while still free
+            model.credit[s] += len(freed)
+            model.touch(s, set())
 
     # -- irqfds ---------------------------------------------------------------------------
 
