@@ -1,6 +1,7 @@
 """A model of the daemon, checked after every step of random rule sequences (hypothesis
 RuleBasedStateMachine): VMs, memory slots (KVM's rules: page aligned, no overlaps, the
-lowest free slot number reused first, and the daemon's limits), irqfds, ioevents (KVM's
+lowest free slot number reused first, and the daemon's limits; host writes and discards
+of data slots, whose discard credits the budget's charge leaves out), irqfds, ioevents (KVM's
 collision rule), remote exit claims (HandleExits streams kept open in the model) and vCPU
 run states, with guests that halt or spin.
 
