@@ -15,9 +15,10 @@ import pytest
 from handover_support import CODE_ADDR, CODE_SEGMENT, COUNTER, COUNTER_SOURCE, MEM_SIZE
 from state_guests import assemble
 
-from kvmd.core.errors import InvalidState
+from kvmd.core.errors import InvalidState, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.images import MemoryFile
+from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import IoSpace, Regs
 from kvmd.state.format import CorruptSnapshot
@@ -214,9 +215,6 @@ def test_files_of_the_images_directory_go_by_name(tmp_path: Path) -> None:
 def test_the_discard_credit_crosses_a_handover() -> None:
     # The next daemon charges an adopted slot as the old one did: its size less the credit
     # of what was discarded and is still not allocated, recomputed at the adoption.
-    from kvmd.core.errors import ResourceExhausted
-    from kvmd.core.limits import Limits
-
     a = Host(Limits(max_memory_total_bytes=1 << 30))
     b = Host(Limits(max_memory_total_bytes=32 * P))
     try:
