@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import itertools
 import json
 import os
 import sys
@@ -902,28 +903,17 @@ def _console_write(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
 # commands that print as they go: streams, the console, migration progress, the demo
 
 
-def _run_stream(watch: Any, a: argparse.Namespace, kind: str,
-                line: Callable[[Any], str]) -> None:
-    """Print a watch's events as they come (JSON lines with --json) until --count events,
-    --duration seconds, Ctrl-C or the end of the stream."""
-    if not a.json:
-        sys.stderr.write(f"watching {kind} of vm {a.vm}; Ctrl-C to stop\n")
-        sys.stderr.flush()
+def _follow(watch: Any, duration: float | None, show: Callable[[Any], bool | None]) -> None:
+    """Hand each item of ``watch`` to ``show`` until it returns True, the stream ends,
+    ``duration`` seconds pass or Ctrl-C; the watch is cancelled in every case."""
     timer = None
-    if a.duration is not None:
-        timer = threading.Timer(a.duration, watch.cancel)
+    if duration is not None:
+        timer = threading.Timer(duration, watch.cancel)
         timer.daemon = True
         timer.start()
-    seen = 0
     try:
-        for event in watch:
-            seen += 1
-            if a.json:
-                _emit_json_line(message_to_dict(event))
-            else:
-                _out(line(event))
-                sys.stdout.flush()
-            if a.count is not None and seen >= a.count:
+        for item in watch:
+            if show(item):
                 break
     except KeyboardInterrupt:
         pass
@@ -931,6 +921,26 @@ def _run_stream(watch: Any, a: argparse.Namespace, kind: str,
         if timer is not None:
             timer.cancel()
         watch.cancel()
+
+
+def _run_stream(watch: Any, a: argparse.Namespace, kind: str,
+                line: Callable[[Any], str]) -> None:
+    """Print a watch's events as they come (JSON lines with --json) until --count events,
+    --duration seconds, Ctrl-C or the end of the stream."""
+    if not a.json:
+        sys.stderr.write(f"watching {kind} of vm {a.vm}; Ctrl-C to stop\n")
+        sys.stderr.flush()
+    seen = itertools.count(1)
+
+    def show(event: Any) -> bool:
+        if a.json:
+            _emit_json_line(message_to_dict(event))
+        else:
+            _out(line(event))
+            sys.stdout.flush()
+        return a.count is not None and next(seen) >= a.count
+
+    _follow(watch, a.duration, show)
 
 
 def _watch(kind: str, open_watch: Call, line: Callable[[Any], str]) -> Run:
@@ -996,20 +1006,7 @@ def _vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
             sys.stderr.flush()
         threading.Thread(target=_forward_stdin, args=(c, a.vm, watch, tty),
                          name="kvmctl-console-input", daemon=True).start()
-    timer = None
-    if a.duration is not None:
-        timer = threading.Timer(a.duration, watch.cancel)
-        timer.daemon = True
-        timer.start()
-    try:
-        for chunk in watch:
-            _write_console_output(a, chunk.data)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if timer is not None:
-            timer.cancel()
-        watch.cancel()
+    _follow(watch, a.duration, lambda chunk: _write_console_output(a, chunk.data))
 
 
 _PHASE_NAMES = {vmm_pb2.MigrationProgress.CONNECTING: "connecting",
