@@ -632,7 +632,7 @@ def _print(text: str | bytes) -> None:
         _out(text)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)  # identity: a table entry, not a value
 class Command:
     """One kvmctl command: where it is, its arguments, its request and how its result shows.
 
