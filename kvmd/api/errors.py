@@ -48,6 +48,10 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
     OutcomeUnknown: grpc.StatusCode.UNKNOWN,
     KernelError: grpc.StatusCode.INTERNAL,
 }
+#: The same table read the other way, for errors another daemon answers with (a migration's
+#: target): the class each code stands for; INTERNAL stands for none (the caller decides).
+DOMAIN_ERRORS: dict[grpc.StatusCode, type[DomainError]] = {
+    code: cls for cls, code in STATUS_CODES.items() if code != grpc.StatusCode.INTERNAL}
 
 
 def status_code(exc: DomainError | type[DomainError]) -> grpc.StatusCode:

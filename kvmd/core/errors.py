@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from enum import StrEnum
 
@@ -440,6 +440,17 @@ def _kernel_reason(cls: type[DomainError], errno: int | None, ioctl: str | None,
         if found is not None:
             return found
     return cls.default_reason
+
+
+def argument_rule(check: Callable[[], object], *, field: str, reason: Reason) -> None:
+    """Apply one of the KVM binding's argument rules (kvmd.kvm: alignment, sizes, lengths)
+    to a request field before anything else is looked at: the binding owns the rule, this
+    layer knows which field of the request it was, and says so (BadRequest)."""
+    try:
+        check()
+    except KvmError as exc:
+        raise InvalidArgument(str(exc), reason=reason, field=field, errno=exc.errno,
+                              ioctl=exc.ioctl) from None
 
 
 def from_kvm_error(exc: KvmError, resource: str | None = None) -> DomainError:

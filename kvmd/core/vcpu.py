@@ -28,6 +28,7 @@ from kvmd.core.errors import (
     NotFound,
     Reason,
     ResourceExhausted,
+    argument_rule,
     kernel_errors,
 )
 from kvmd.core.remote import RemoteExit, RemoteHandler
@@ -47,7 +48,8 @@ from kvmd.kvm import (
     VcpuEvents,
     VcpuExit,
 )
-from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL
+from kvmd.kvm.marshal import exact
+from kvmd.kvm.vcpu import LAPIC_SIZE, MAX_MSRS_PER_CALL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -723,9 +725,8 @@ class ManagedVcpu:
 
     def set_lapic(self, regs: bytes) -> None:
         self.link.require_irqchip("SetLapic")
-        if len(regs) != 1024:
-            raise InvalidArgument(f"LAPIC state must be 1024 bytes, got {len(regs)}",
-                                  reason=Reason.VALUE_OUT_OF_RANGE, field="lapic.regs")
+        argument_rule(lambda: exact(regs, LAPIC_SIZE, "LAPIC state"), field="lapic.regs",
+                      reason=Reason.VALUE_OUT_OF_RANGE)  # the binding's rule, checked first
         self._call("set the LAPIC of", self.vcpu.set_lapic, regs)
 
     def get_vcpu_events(self) -> VcpuEvents:

@@ -46,6 +46,7 @@ from kvmd.core.errors import (
     Reason,
     ResourceExhausted,
     Unsupported,
+    argument_rule,
     from_kvm_error,
     kernel_errors,
     limit,
@@ -136,6 +137,7 @@ from kvmd.kvm import (
 )
 from kvmd.kvm.exits import DirtyRingFullExit
 from kvmd.kvm.memory import PAGE_SIZE, round_up_to_page
+from kvmd.kvm.vm import check_page_aligned, check_positive_size
 
 log = logging.getLogger(__name__)
 # What ManagedVm.state can be (a vCPU may also be halted; its VM is then running).
@@ -505,13 +507,12 @@ class ManagedVm:
         limits. `slot` asks for an exact slot number (restores). `credit`: the discard
         credit an adopted memfd carries from the daemon before (a take-over), charged
         again for what the memfd holds now (MemoryBudget)."""
-        if size <= 0:
-            raise InvalidArgument("memory region size must be positive",
-                                  reason=Reason.VALUE_OUT_OF_RANGE, field="size")
-        if guest_addr % PAGE_SIZE:
-            raise InvalidArgument(f"guest address {guest_addr:#x} is not page aligned "
-                                  f"({PAGE_SIZE} bytes)",
-                                  reason=Reason.ADDRESS_UNALIGNED, field="guest_addr")
+        # KVM's rules (kvmd.kvm), checked before any state.
+        op = "KVM_SET_USER_MEMORY_REGION"
+        argument_rule(lambda: check_positive_size(op, size), field="size",
+                      reason=Reason.VALUE_OUT_OF_RANGE)
+        argument_rule(lambda: check_page_aligned(op, "guest address", guest_addr),
+                      field="guest_addr", reason=Reason.ADDRESS_UNALIGNED)
         rounded = round_up_to_page(size)
         with self.lock:
             self.check_layout_fixed("add memory to")
@@ -717,16 +718,17 @@ class ManagedVm:
             return self.vm.memory_region(slot)
 
     @staticmethod
-    def _check_pages(what: str, offset: int, size: int, allow_empty: bool = False) -> None:
-        if size < 0 or (size == 0 and not allow_empty):
-            raise InvalidArgument(f"{what} size must be positive",
-                                  reason=Reason.VALUE_OUT_OF_RANGE, field="size")
-        if offset % PAGE_SIZE or size % PAGE_SIZE:
-            raise InvalidArgument(f"{what} {offset:#x}+{size:#x} is not page aligned "
-                                  f"({PAGE_SIZE} bytes)",
-                                  reason=Reason.ADDRESS_UNALIGNED,
-                                  field=("size" if not offset % PAGE_SIZE else
-                                         "guest_addr" if what == "discard" else "offset"))
+    def _check_pages(what: str, start_field: str, offset: int, size: int,
+                     allow_empty: bool = False) -> None:
+        """A range of whole pages, by the binding's rules; `start_field` names the request
+        field of `offset`. With `allow_empty`, size 0 means "to the end"."""
+        if not (allow_empty and size == 0):
+            argument_rule(lambda: check_positive_size(what, size), field="size",
+                          reason=Reason.VALUE_OUT_OF_RANGE)
+        argument_rule(lambda: check_page_aligned(what, start_field, offset),
+                      field=start_field, reason=Reason.ADDRESS_UNALIGNED)
+        argument_rule(lambda: check_page_aligned(what, "size", size), field="size",
+                      reason=Reason.ADDRESS_UNALIGNED)
 
     @staticmethod
     def _check_file(file: MemoryFile) -> None:
@@ -749,7 +751,7 @@ class ManagedVm:
         inside guest memory (it may span adjacent slots) and backed by the slots' own
         memory, not by files (InvalidState). The range reads zeros afterwards; the guest
         touching it again gets fresh pages. Returns the bytes the kernel freed."""
-        self._check_pages("discard", guest_addr, size)
+        self._check_pages("discard", "guest_addr", guest_addr, size)
         with self.lock:
             end = guest_addr + size
             covered = sum(max(0, min(r.end, end) - max(r.guest_addr, guest_addr))
@@ -860,7 +862,7 @@ class ManagedVm:
         """Map a file of the images directory over [offset, offset+size) of a slot of the
         daemon's own memory. A read-only file needs a read-only slot (InvalidState): with a
         writable slot a guest write to it would fail KVM_RUN (EFAULT) instead of exiting."""
-        self._check_pages("mapping", offset, size)
+        self._check_pages("mapping", "offset", offset, size)
         self._check_file(file)
         writable = not file.read_only
         with self.lock:
@@ -929,7 +931,7 @@ class ManagedVm:
         """msync the writable files mapped in [offset, offset+size) of a slot (size 0: to
         the slot's end); returns the bytes synced. A range without any file mapped is
         InvalidState (there is nothing to write back)."""
-        self._check_pages("sync", offset, size, allow_empty=True)
+        self._check_pages("sync", "offset", offset, size, allow_empty=True)
         with self.lock:
             info = self._slot(slot)
             end = info.size if size == 0 else offset + size
@@ -1103,13 +1105,10 @@ class ManagedVm:
         validate_id("ioevent id", ioevent_id)
         # KVM's rule (kvmd.kvm), checked before any state: the length alone, then with the
         # value, so that the field at fault is known without reading the message.
-        for field, checked in (("length", Datamatch(length, None)),
-                               ("datamatch", Datamatch(length, datamatch))):
-            try:
-                check_datamatch(checked)
-            except KvmError as exc:
-                raise InvalidArgument(str(exc), reason=Reason.VALUE_OUT_OF_RANGE, field=field,
-                                      errno=exc.errno, ioctl=exc.ioctl) from None
+        argument_rule(lambda: check_datamatch(Datamatch(length, None)), field="length",
+                      reason=Reason.VALUE_OUT_OF_RANGE)
+        argument_rule(lambda: check_datamatch(Datamatch(length, datamatch)), field="datamatch",
+                      reason=Reason.VALUE_OUT_OF_RANGE)
         with self.lock:
             ioevents = self._ioevents()
             if ioevent_id in ioevents:

@@ -217,10 +217,8 @@ class Vm:
         the slot table as it was): EEXIST if it is taken, EINVAL beyond the table.
         """
         op = "KVM_SET_USER_MEMORY_REGION"
-        if not isinstance(guest_addr, int) or guest_addr < 0 or guest_addr % PAGE_SIZE:
-            raise invalid(op, f"guest address {guest_addr!r} is not page aligned")
-        if not isinstance(size, int) or size <= 0:
-            raise invalid(op, f"size {size!r} must be positive")
+        check_page_aligned(op, "guest address", guest_addr)
+        check_positive_size(op, size)
         size = round_up_to_page(size)
         if guest_addr + size > GUEST_ADDR_LIMIT:
             raise invalid(op, f"{guest_addr:#x}+{size:#x} is beyond guest physical addresses",
@@ -624,10 +622,7 @@ class Vm:
         page aligned and non-empty (EINVAL). Nothing is discarded if any check fails.
         Returns the bytes the backing files released (allocated size before - after)."""
         op = "discard"
-        if not isinstance(guest_addr, int) or not isinstance(size, int) or size <= 0:
-            raise invalid(op, f"{guest_addr!r}+{size!r} is not a positive range")
-        if guest_addr % PAGE_SIZE or size % PAGE_SIZE:
-            raise invalid(op, f"{guest_addr:#x}+{size:#x} is not page aligned")
+        check_page_range(op, "guest address", guest_addr, size)
         with self._lock:
             self._open_fd(op)
             pieces = self._pieces(op, guest_addr, size)
@@ -648,13 +643,12 @@ class Vm:
         file-backed slot, a file shorter than fd_offset+size (EINVAL), an overlap with
         another mapped file (EEXIST) and a closed fd (EBADF)."""
         op = "map_fd"
+        check_page_range(op, "offset", offset, size)
+        if not isinstance(fd_offset, int):
+            raise invalid(op, f"file offset {fd_offset!r} is not a number")
         with self._lock:
             region = self._region(op, slot)
-            if not all(isinstance(v, int) for v in (offset, size, fd_offset)) or size <= 0:
-                raise invalid(op, f"{offset!r}+{size!r} is not a positive range")
-            if offset % PAGE_SIZE or size % PAGE_SIZE:
-                raise invalid(op, f"{offset:#x}+{size:#x} is not page aligned")
-            if offset < 0 or offset + size > region.info.size:
+            if offset + size > region.info.size:
                 raise invalid(op, f"{offset:#x}+{size:#x} is outside slot {slot} "
                               f"({region.info.size:#x} bytes)")
             if region.is_file:
@@ -1023,6 +1017,28 @@ class Vm:
         except (OverflowError, TypeError) as exc:
             raise invalid(op, str(exc)) from None
         ioctl(self._open_fd(op), op, p)
+
+
+def check_positive_size(op: str, size: object) -> None:
+    """A region's size: a positive int (EINVAL). Callers that check arguments before
+    anything else may call it first (kvmd.core does, to name the request field)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise invalid(op, f"size {size!r} must be positive")
+
+
+def check_page_aligned(op: str, what: str, value: object) -> None:
+    """An address, offset or size that must be a non-negative multiple of the page size
+    (EINVAL)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 \
+            or value % PAGE_SIZE:
+        raise invalid(op, f"{what} {value!r} is not page aligned ({PAGE_SIZE} bytes)")
+
+
+def check_page_range(op: str, start_name: str, start: object, size: object) -> None:
+    """A non-empty range of whole pages: `start` and `size` page aligned, `size` positive."""
+    check_positive_size(op, size)
+    check_page_aligned(op, start_name, start)
+    check_page_aligned(op, "size", size)
 
 
 def check_datamatch(dm: Datamatch) -> None:

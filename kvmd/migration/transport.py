@@ -24,22 +24,16 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from kvmd import __version__
+from kvmd.api.errors import DOMAIN_ERRORS
 from kvmd.config import is_loopback
 from kvmd.core.errors import (
     Aborted,
-    AlreadyExists,
-    DeadlineExceeded,
     DomainError,
     InvalidArgument,
     InvalidState,
-    NotFound,
     OutcomeUnknown,
-    PermissionDenied,
     Reason,
-    ResourceExhausted,
-    Unauthenticated,
     Unavailable,
-    Unsupported,
 )
 from kvmd.migration.precopy import MigrationOptions
 from kvmd.state.format import FORMAT_VERSION, varint
@@ -98,24 +92,6 @@ def check_target(target: str, tls: MigrationTls | None) -> None:
                            reason=Reason.FEATURE_DISABLED)
 
 
-# The domain error for each status code the target may answer with (INTERNAL and codes
-# not listed: InvalidState, the migration failed).
-_BY_CODE: dict[grpc.StatusCode, type[DomainError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidState,
-    grpc.StatusCode.ABORTED: Aborted,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.UNIMPLEMENTED: Unsupported,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.UNKNOWN: OutcomeUnknown,
-}
-
-
 def _remote_reason(exc: grpc.RpcError, cls: type[DomainError]) -> Reason:
     """The target's own ErrorInfo reason when it is one of ours for `cls` (a target's
     LIMIT_VMS stays LIMIT_VMS here), else what the migration failing means here."""
@@ -161,7 +137,8 @@ def target_error(target: str, exc: grpc.RpcError) -> DomainError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"migration target {target} did not answer in time",
                            reason=Reason.PEER_UNAVAILABLE)
-    cls = _BY_CODE.get(code, InvalidState)
+    # Codes not in the table (INTERNAL, ...): the migration failed.
+    cls = DOMAIN_ERRORS.get(code, InvalidState)
     return cls(f"migration target {target}: {details}", reason=_remote_reason(exc, cls))
 
 

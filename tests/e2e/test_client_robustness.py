@@ -36,9 +36,10 @@ from kvmd_proto import vmm_pb2 as pb
 Code = grpc.StatusCode
 UNAVAILABLE = Code.UNAVAILABLE
 NO_DEADLINE = 1e9  # seconds: a time remaining beyond this is no deadline at all
-# The grpc-timeout header carries a deadline rounded up (to 8 digits of its unit): the
-# server may see a little more time than the client set.
-ROUNDING = 0.1
+# The grpc-timeout header carries a deadline rounded up to a coarser unit (grpc core sends
+# one of several minutes as whole seconds): the server may see up to a second more than
+# the client set.
+ROUNDING = 1.0
 
 
 @dataclass

@@ -22,7 +22,9 @@ from kvmctl_support import Kvmctl, kvmctl_command, ok
 from polling import wait_until
 
 from kvmd_client import KvmdClient
-from kvmd_client.kvmctl import build_parser, main
+from kvmd_client._convert import message_to_dict
+from kvmd_client.kvmctl import COMMANDS, build_parser, main, to_json
+from kvmd_proto import vmm_pb2
 
 Healthy = Callable[[], None]
 
@@ -69,6 +71,23 @@ def test_every_command_is_there() -> None:
         "vcpu stop", "vcpu state", "vcpu inject",
     ]:  # fmt: skip
         assert expected in names
+
+
+def test_each_command_is_one_declaration() -> None:
+    """Every command is one entry of COMMANDS with a call (output declared) or a run of its
+    own, not both; the parser is built from the table, one sub-parser per entry."""
+    paths = [command.path for command in COMMANDS]
+    assert len(paths) == len(set(paths))
+    for command in COMMANDS:
+        assert (command.call is None) != (command.run is None), command.path
+    assert set(paths) <= {" ".join(p) for p in ALL_COMMANDS}
+
+
+def test_the_json_view_is_derived_from_the_result() -> None:
+    region = vmm_pb2.MemoryRegion(slot=1, guest_addr=0x1000, size=4096)
+    assert to_json({"regions": [region], "data": b"\x01\xff", "pair": (1, "x"), "n": 3}) == {
+        "regions": [message_to_dict(region)], "data": "01ff", "pair": [1, "x"], "n": 3}
+    assert to_json(region) == message_to_dict(region)
 
 
 @pytest.mark.parametrize("path", [(), *ALL_COMMANDS], ids=lambda p: " ".join(p) or "kvmctl")

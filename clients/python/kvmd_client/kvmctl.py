@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import itertools
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
+
+from google.protobuf.message import Message
 
 from kvmd_client import demo_guest
 from kvmd_client._convert import message_to_dict, unflatten
@@ -38,9 +43,6 @@ EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
-
-#: A command handler; it may return an exit code (None means success).
-Handler = Callable[[KvmdClient, argparse.Namespace], int | None]
 
 # ---------------------------------------------------------------------------------------------
 # argument types (raise ArgumentTypeError, so argparse reports a usage error and exits 2)
@@ -153,14 +155,6 @@ def _emit_json_line(value: Any) -> None:
 
 def _out(text: str) -> None:
     sys.stdout.write(text + ("\n" if text and not text.endswith("\n") else ""))
-
-
-def _show(a: argparse.Namespace, message: Any, text: Callable[[Any], str]) -> None:
-    """Print ``message`` as JSON with --json, else as ``text(message)``."""
-    if a.json:
-        _emit_json(message_to_dict(message))
-    else:
-        _out(text(message))
 
 
 def _hex(value: int, width: int = 0) -> str:
@@ -350,26 +344,10 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# command handlers
+# more formatters: one line or table per kind of result
 
 
-def cmd_health(c: KvmdClient, a: argparse.Namespace) -> int:
-    """The daemon's grpc.health.v1 status; with --wait, first wait until it serves."""
-    if a.wait:
-        c.wait_ready(a.wait)
-    status = c.health()
-    if a.json:
-        _emit_json({"status": status})
-    else:
-        _out(status)
-    return EXIT_OK if status == "SERVING" else EXIT_SERVER_ERROR
-
-
-def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
-    info = c.info()
-    if a.json:
-        _emit_json(message_to_dict(info))
-        return
+def _info_text(info: vmm_pb2.HypervisorInfo, a: argparse.Namespace) -> str:
     caps = sorted(info.capabilities.items())
     shown = caps if a.all else [(k, v) for k, v in caps if v]
     limits = info.limits
@@ -402,53 +380,10 @@ def cmd_info(c: KvmdClient, a: argparse.Namespace) -> None:
     )
     what = "all" if a.all else f"{len(shown)} of {len(caps)} present"
     cap_table = format_table(["capability", "value"], shown)
-    _out(f"{text}\n\nlimits:\n{limit_text}\n\ncapabilities ({what}):\n{cap_table}")
+    return f"{text}\n\nlimits:\n{limit_text}\n\ncapabilities ({what}):\n{cap_table}"
 
 
-def cmd_cap(c: KvmdClient, a: argparse.Namespace) -> None:
-    capability: str | int
-    try:
-        capability = int(a.capability, 0)
-    except ValueError:
-        capability = a.capability
-    value = c.check_extension(capability, a.vm)
-    if a.json:
-        _emit_json({"capability": a.capability, "vm_id": a.vm, "value": value})
-    else:
-        _out(f"{a.capability}: {value}{'' if value else ' (absent)'}")
-
-
-def cmd_supported_cpuid(c: KvmdClient, a: argparse.Namespace) -> None:
-    entries = c.supported_cpuid()
-    if a.json:
-        _emit_json([message_to_dict(e) for e in entries])
-    else:
-        _out(_cpuid_table(entries))
-
-
-def cmd_vm_create(c: KvmdClient, a: argparse.Namespace) -> None:
-    vm = c.create_vm(
-        a.vm,
-        dict(a.label or ()),
-        irqchip=a.irqchip,
-        pit=a.pit,
-        tss_address=a.tss_address,
-        identity_map_address=a.identity_map_address,
-        dirty_tracking=a.dirty_tracking,
-        dirty_ring_bytes=a.dirty_ring_bytes,
-    )
-    _show(a, vm, _vm_details)
-
-
-def cmd_vm_get(c: KvmdClient, a: argparse.Namespace) -> None:
-    _show(a, c.get_vm(a.vm), _vm_details)
-
-
-def cmd_vm_list(c: KvmdClient, a: argparse.Namespace) -> None:
-    vms = c.list_vms(dict(a.label or ()))
-    if a.json:
-        _emit_json([message_to_dict(vm) for vm in vms])
-        return
+def _vms_table(vms: Iterable[vmm_pb2.Vm]) -> str:
     rows = [
         [
             vm.vm_id,
@@ -461,81 +396,8 @@ def cmd_vm_list(c: KvmdClient, a: argparse.Namespace) -> None:
         ]
         for vm in sorted(vms, key=lambda v: v.vm_id)
     ]
-    _out(format_table(["vm", "state", "vcpus", "slots", "memory", "created", "labels"], rows,
-                      empty="No VMs."))
-
-
-def cmd_vm_delete(c: KvmdClient, a: argparse.Namespace) -> None:
-    for vm_id in a.vm:
-        c.delete_vm(vm_id)
-        if not a.json:
-            _out(f"deleted vm {vm_id}")
-    if a.json:
-        _emit_json({"deleted": a.vm})
-
-
-def cmd_mem_add(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.offset and a.file is None:
-        raise UsageError("--offset needs --file")
-    region = c.add_memory_region(
-        a.vm, a.guest_addr, a.size, read_only=a.read_only, log_dirty=a.log_dirty,
-        file=a.file, file_offset=a.offset,
-    )
-    _show(a, region, lambda r: _regions_table([r]))
-
-
-def cmd_mem_rm(c: KvmdClient, a: argparse.Namespace) -> None:
-    region = c.remove_memory_region(a.vm, a.slot)
-    if a.json:
-        _emit_json(message_to_dict(region))
-    else:
-        _out(f"removed slot {region.slot} ({_hex(region.guest_addr)}, "
-             f"{human_bytes(region.size)}) from vm {a.vm}")
-
-
-def cmd_mem_ls(c: KvmdClient, a: argparse.Namespace) -> None:
-    regions = sorted(c.list_memory_regions(a.vm), key=lambda r: r.slot)
-    if a.json:
-        _emit_json([message_to_dict(r) for r in regions])
-    else:
-        _out(_regions_table(regions))
-
-
-def cmd_mem_write(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.file is not None:
-        written = c.write_file(a.vm, a.guest_addr, a.file, chunk_size=a.chunk_size)
-    else:
-        written = c.write_memory(a.vm, a.guest_addr, a.data_hex, chunk_size=a.chunk_size)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "bytes_written": written})
-    else:
-        _out(f"wrote {written} bytes ({human_bytes(written)}) at {_hex(a.guest_addr)} "
-             f"in vm {a.vm}")
-
-
-def cmd_mem_read(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.out is not None:
-        count = c.read_to_file(a.vm, a.guest_addr, a.length, a.out)
-        if a.json:
-            _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "length": count,
-                        "path": a.out})
-        else:
-            _out(f"read {count} bytes ({human_bytes(count)}) from {_hex(a.guest_addr)} "
-                 f"into {a.out}")
-        return
-    data = c.read_memory(a.vm, a.guest_addr, a.length)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "length": len(data),
-                    "data": data.hex()})
-    elif a.raw:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        _out(hexdump(data, a.guest_addr))
-
-
-# -- mem discard / map / unmap / sync (guest memory: discard and files) --
+    return format_table(["vm", "state", "vcpus", "slots", "memory", "created", "labels"], rows,
+                        empty="No VMs.")
 
 
 def _mapping_line(m: vmm_pb2.GuestFileMapping) -> str:
@@ -544,166 +406,19 @@ def _mapping_line(m: vmm_pb2.GuestFileMapping) -> str:
             f"{m.file.name} from {_hex(m.file.offset)}, {mode}")
 
 
-def cmd_mem_discard(c: KvmdClient, a: argparse.Namespace) -> None:
-    released = c.discard_guest_memory(a.vm, a.guest_addr, a.size)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "guest_addr": a.guest_addr, "size": a.size,
-                    "released_bytes": released})
-    else:
-        _out(f"discarded {_hex(a.guest_addr)}+{human_bytes(a.size)} in vm {a.vm}: "
-             f"{human_bytes(released)} ({released} bytes) of host memory released")
-
-
-def cmd_mem_map(c: KvmdClient, a: argparse.Namespace) -> None:
-    mapping = c.map_guest_memory(a.vm, a.slot, a.offset, a.size, a.file,
-                                 file_offset=a.file_offset, read_only=a.read_only)
-    _show(a, mapping, lambda m: "mapped " + _mapping_line(m))
-
-
-def cmd_mem_unmap(c: KvmdClient, a: argparse.Namespace) -> None:
-    mapping = c.unmap_guest_memory(a.vm, a.slot, a.offset, a.size)
-    _show(a, mapping, lambda m: "unmapped " + _mapping_line(m))
-
-
-def cmd_mem_sync(c: KvmdClient, a: argparse.Namespace) -> None:
-    synced = c.sync_guest_memory(a.vm, a.slot, a.offset, a.size)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "slot": a.slot, "synced_bytes": synced})
-    else:
-        _out(f"synced {human_bytes(synced)} ({synced} bytes) of slot {a.slot} to its files")
-
-
-def cmd_dirty_log(c: KvmdClient, a: argparse.Namespace) -> None:
-    log = c.dirty_log(a.vm, a.slot)
-    pages = log.pages()
-    if a.clear and pages:  # manual mode: the pages read are handled
-        runs: list[tuple[int, int]] = []
-        for p in pages:
-            if runs and runs[-1][0] + runs[-1][1] == p:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((p, 1))
-        c.clear_dirty_log(a.vm, a.slot, runs)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "slot": a.slot, "dirty_count": log.dirty_count,
-                    "total_pages": log.total_pages, "pages": pages})
-        return
-    lines = [f"slot {a.slot}: {log.dirty_count} of {log.total_pages} pages dirty"]
-    if pages:
-        lines.append(f"pages: {format_ranges(pages)}")
-    _out("\n".join(lines))
-
-
-def cmd_dirty_logging(c: KvmdClient, a: argparse.Namespace) -> None:
-    region = c.set_dirty_logging(a.vm, a.slot, a.state == "on")
-    _show(a, region, lambda r: f"slot {r.slot}: dirty logging "
-          f"{'on' if r.log_dirty else 'off'}")
-
-
-def cmd_dirty_rate(c: KvmdClient, a: argparse.Namespace) -> None:
-    rate = c.measure_dirty_rate(a.vm, int(a.duration * 1000))
-    _show(a, rate, lambda r: f"vm {a.vm}: {r.dirty_pages_per_second:.0f} pages/s "
-          f"({r.dirty_pages} pages in {r.seconds:.2f} s)")
-
-
-def cmd_irq_line(c: KvmdClient, a: argparse.Namespace) -> None:
-    c.set_irq_line(a.vm, a.irq, a.level)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "irq": a.irq, "active": a.level})
-    else:
-        _out(f"irq {a.irq} {'raised' if a.level else 'lowered'} in vm {a.vm}")
-
-
-def cmd_irq_route(c: KvmdClient, a: argparse.Namespace) -> None:
-    routes = [*(a.irqchip or ()), *(a.msi or ())]
-    if not routes and not a.clear:
-        raise UsageError("give --irqchip and/or --msi routes, or --clear for an empty table")
-    c.set_gsi_routing(a.vm, routes)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "routes": [message_to_dict(r) for r in routes]})
-        return
+def _routes_text(r: dict[str, Any], a: argparse.Namespace) -> str:
+    routes: list[vmm_pb2.IrqRoute] = r["routes"]
     rows = []
-    for r in sorted(routes, key=lambda r: r.gsi):
-        if r.HasField("irqchip"):
-            rows.append([r.gsi, "irqchip",
-                         f"{vmm_pb2.IrqChipPin.Chip.Name(r.irqchip.chip)} pin {r.irqchip.pin}"])
+    for route in sorted(routes, key=lambda route: route.gsi):
+        if route.HasField("irqchip"):
+            chip = vmm_pb2.IrqChipPin.Chip.Name(route.irqchip.chip)
+            rows.append([route.gsi, "irqchip", f"{chip} pin {route.irqchip.pin}"])
         else:
-            devid = f" devid {r.msi.devid}" if r.msi.HasField("devid") else ""
-            rows.append([r.gsi, "msi", f"address {_hex(r.msi.address)} data "
-                                       f"{_hex(r.msi.data)}{devid}"])
-    _out(f"set {len(routes)} GSI routes in vm {a.vm}")
-    if rows:
-        _out(format_table(["gsi", "type", "target"], rows))
-
-
-def cmd_irq_msi(c: KvmdClient, a: argparse.Namespace) -> None:
-    delivered = c.signal_msi(a.vm, a.msi_address, a.data, a.devid)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "delivered": delivered})
-    else:
-        _out("MSI delivered" if delivered else "MSI not delivered (blocked by the guest)")
-
-
-def cmd_irqfd_add(c: KvmdClient, a: argparse.Namespace) -> None:
-    irqfd = c.register_irqfd(a.vm, a.irqfd, a.gsi, resample=a.resample)
-    _show(a, irqfd, lambda i: _irqfds_table([i]))
-
-
-def cmd_irqfd_trigger(c: KvmdClient, a: argparse.Namespace) -> None:
-    for _ in range(a.count):
-        c.trigger_irqfd(a.vm, a.irqfd)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "irqfd_id": a.irqfd, "triggered": a.count})
-    else:
-        times = "" if a.count == 1 else f" {a.count} times"
-        _out(f"triggered irqfd {a.irqfd}{times}")
-
-
-def cmd_irqfd_rm(c: KvmdClient, a: argparse.Namespace) -> None:
-    c.unregister_irqfd(a.vm, a.irqfd)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "unregistered": a.irqfd})
-    else:
-        _out(f"unregistered irqfd {a.irqfd}")
-
-
-def cmd_irqfd_ls(c: KvmdClient, a: argparse.Namespace) -> None:
-    irqfds = sorted(c.list_irqfds(a.vm), key=lambda i: i.irqfd_id)
-    if a.json:
-        _emit_json([message_to_dict(i) for i in irqfds])
-    else:
-        _out(_irqfds_table(irqfds))
-
-
-def _run_stream(watch: Any, a: argparse.Namespace, kind: str,
-                line: Callable[[Any], str]) -> None:
-    """Print a watch's events as they come (JSON lines with --json) until --count events,
-    --duration seconds, Ctrl-C or the end of the stream."""
-    if not a.json:
-        sys.stderr.write(f"watching {kind} of vm {a.vm}; Ctrl-C to stop\n")
-        sys.stderr.flush()
-    timer = None
-    if a.duration is not None:
-        timer = threading.Timer(a.duration, watch.cancel)
-        timer.daemon = True
-        timer.start()
-    seen = 0
-    try:
-        for event in watch:
-            seen += 1
-            if a.json:
-                _emit_json_line(message_to_dict(event))
-            else:
-                _out(line(event))
-                sys.stdout.flush()
-            if a.count is not None and seen >= a.count:
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if timer is not None:
-            timer.cancel()
-        watch.cancel()
+            devid = f" devid {route.msi.devid}" if route.msi.HasField("devid") else ""
+            rows.append([route.gsi, "msi", f"address {_hex(route.msi.address)} data "
+                                           f"{_hex(route.msi.data)}{devid}"])
+    head = f"set {len(routes)} GSI routes in vm {a.vm}"
+    return f"{head}\n{format_table(['gsi', 'type', 'target'], rows)}" if rows else head
 
 
 def _count_line(id_field: str) -> Callable[[Any], str]:
@@ -713,137 +428,6 @@ def _count_line(id_field: str) -> Callable[[Any], str]:
     return line
 
 
-def cmd_irq_watch(c: KvmdClient, a: argparse.Namespace) -> None:
-    _run_stream(c.watch_irqfd_resamples(a.vm), a, "irqfd resamples", _count_line("irqfd_id"))
-
-
-def cmd_ioevent_add(c: KvmdClient, a: argparse.Namespace) -> None:
-    ioevent = c.register_ioevent(
-        a.vm, a.ioevent, a.io_address, a.length, space=a.space, datamatch=a.datamatch
-    )
-    _show(a, ioevent, lambda e: _ioevents_table([e]))
-
-
-def cmd_ioevent_rm(c: KvmdClient, a: argparse.Namespace) -> None:
-    c.unregister_ioevent(a.vm, a.ioevent)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "unregistered": a.ioevent})
-    else:
-        _out(f"unregistered ioevent {a.ioevent}")
-
-
-def cmd_ioevent_ls(c: KvmdClient, a: argparse.Namespace) -> None:
-    ioevents = sorted(c.list_ioevents(a.vm), key=lambda e: e.ioevent_id)
-    if a.json:
-        _emit_json([message_to_dict(e) for e in ioevents])
-    else:
-        _out(_ioevents_table(ioevents))
-
-
-def cmd_ioevent_watch(c: KvmdClient, a: argparse.Namespace) -> None:
-    _run_stream(c.watch_ioevents(a.vm), a, "ioevents", _count_line("ioevent_id"))
-
-
-def cmd_vcpu_create(c: KvmdClient, a: argparse.Namespace) -> None:
-    vcpu = c.create_vcpu(a.vm, a.vcpu)
-    if a.json:
-        _emit_json(message_to_dict(vcpu))
-    else:
-        _out(f"created vcpu {vcpu.vcpu_id} in vm {vcpu.vm_id} ({vcpu.state or 'created'})")
-
-
-def cmd_vcpu_ls(c: KvmdClient, a: argparse.Namespace) -> None:
-    vcpus = sorted(c.list_vcpus(a.vm), key=lambda v: v.vcpu_id)
-    if a.json:
-        _emit_json([message_to_dict(v) for v in vcpus])
-    else:
-        _out(format_table(["vcpu", "state"], [[v.vcpu_id, v.state] for v in vcpus],
-                          empty="No vCPUs."))
-
-
-def cmd_vcpu_regs(c: KvmdClient, a: argparse.Namespace) -> None:
-    _show(a, c.get_regs(a.vm, a.vcpu), _regs_text)
-
-
-def cmd_vcpu_set_regs(c: KvmdClient, a: argparse.Namespace) -> None:
-    _show(a, c.set_regs(a.vm, a.vcpu, _assignments(a.assignments)), _regs_text)
-
-
-def cmd_vcpu_sregs(c: KvmdClient, a: argparse.Namespace) -> None:
-    updates = _assignments(a.assignments)
-    sregs = c.set_sregs(a.vm, a.vcpu, updates) if updates else c.get_sregs(a.vm, a.vcpu)
-    _show(a, sregs, _sregs_text)
-
-
-def cmd_vcpu_fpu(c: KvmdClient, a: argparse.Namespace) -> None:
-    updates = _assignments(a.assignments)
-    fpu = c.set_fpu(a.vm, a.vcpu, updates) if updates else c.get_fpu(a.vm, a.vcpu)
-    _show(a, fpu, _fpu_text)
-
-
-def cmd_vcpu_cpuid(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.set_supported:
-        entries = c.set_cpuid(a.vm, a.vcpu, use_supported=True)
-    else:
-        entries = c.get_cpuid(a.vm, a.vcpu)
-    if a.json:
-        _emit_json([message_to_dict(e) for e in entries])
-    else:
-        _out(_cpuid_table(entries))
-
-
-def cmd_vcpu_msrs(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.set:
-        values = c.set_msrs(a.vm, a.vcpu, dict(a.set))
-        if a.indices:
-            values = {**values, **c.get_msrs(a.vm, a.vcpu, a.indices)}
-    elif a.indices:
-        values = c.get_msrs(a.vm, a.vcpu, a.indices)
-    else:
-        raise UsageError("give MSR indices to read and/or --set INDEX=VALUE")
-    if a.json:
-        _emit_json([{"index": i, "value": v} for i, v in values.items()])
-    else:
-        _out(format_table(["msr", "value"],
-                          [[_hex(i, 8), _hex(v, 16)] for i, v in values.items()]))
-
-
-def cmd_vcpu_mpstate(c: KvmdClient, a: argparse.Namespace) -> None:
-    try:
-        state = (c.set_mp_state(a.vm, a.vcpu, a.state) if a.state is not None
-                 else c.get_mp_state(a.vm, a.vcpu))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if a.json:
-        _emit_json({"state": state})
-    else:
-        _out(state)
-
-
-def cmd_vcpu_lapic(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.load is not None:
-        with open(a.load, "rb") as f:
-            regs = c.set_lapic(a.vm, a.vcpu, f.read())
-    else:
-        regs = c.get_lapic(a.vm, a.vcpu)
-    if a.out is not None:
-        with open(a.out, "wb") as f:
-            f.write(regs)
-    if a.json:
-        _emit_json({"regs": regs.hex()})
-    elif a.out is not None:
-        _out(f"wrote {len(regs)} bytes of LAPIC state to {a.out}")
-    else:
-        _out(hexdump(regs))
-
-
-def cmd_vcpu_events(c: KvmdClient, a: argparse.Namespace) -> None:
-    updates = _assignments(a.assignments)
-    events = (c.set_vcpu_events(a.vm, a.vcpu, updates) if updates
-              else c.get_vcpu_events(a.vm, a.vcpu))
-    _show(a, events, _message_kv)
-
-
 def _vm_state_line(vm: vmm_pb2.Vm) -> str:
     extra = f" ({vm.reason})" if vm.reason else ""
     if vm.HasField("exit_code"):
@@ -851,13 +435,9 @@ def _vm_state_line(vm: vmm_pb2.Vm) -> str:
     return f"vm {vm.vm_id}: {vm.state}{extra}"
 
 
-def _vm_action(action: str) -> Handler:
-    def run(c: KvmdClient, a: argparse.Namespace) -> None:
-        vm = getattr(c, f"{action}_vm")(a.vm)
-        _show(a, vm, _vm_state_line)
-
-    run.__doc__ = f"kvmctl vm {action}"
-    return run
+def _vcpu_line(vcpu: vmm_pb2.Vcpu) -> str:
+    extra = f" ({vcpu.reason})" if vcpu.reason else ""
+    return f"vcpu {vcpu.vcpu_id} of vm {vcpu.vm_id}: {vcpu.state}{extra}"
 
 
 def _event_line(event: vmm_pb2.VmEvent) -> str:
@@ -872,19 +452,11 @@ def _event_line(event: vmm_pb2.VmEvent) -> str:
     return "  ".join(parts)
 
 
-def cmd_vm_watch(c: KvmdClient, a: argparse.Namespace) -> None:
-    watch = c.watch_vm(a.vm, include_current=a.current)
-    _run_stream(watch, a, "events", _event_line)
+#: Exit stats and the vCPU ids to show: what ``kvmctl exits`` prints, as text or JSON.
+_ExitCounts = tuple[vmm_pb2.ExitStats, list[int]]
 
 
-def cmd_vm_wait(c: KvmdClient, a: argparse.Namespace) -> None:
-    states = a.state or ([] if a.event else ["stopped", "crashed"])
-    event = c.wait_vm(a.vm, states=states, events=a.event or (), timeout=a.within)
-    _show(a, event, _event_line)
-
-
-def _exit_counts(c: KvmdClient, a: argparse.Namespace) -> tuple[
-        vmm_pb2.ExitStats, list[int]]:
+def _exit_counts(c: KvmdClient, a: argparse.Namespace) -> _ExitCounts:
     """The VM's exit stats and the vCPU ids to show (all, or the one --vcpu names)."""
     stats = c.exit_stats(a.vm)
     if a.vcpu is None:
@@ -894,43 +466,497 @@ def _exit_counts(c: KvmdClient, a: argparse.Namespace) -> tuple[
     return stats, [a.vcpu]
 
 
-def cmd_exits(c: KvmdClient, a: argparse.Namespace) -> None:
-    """Exit counters by reason: the VM total and one column per vCPU (only reasons with
-    exits unless --all; only one vCPU with --vcpu)."""
-    stats, vcpu_ids = _exit_counts(c, a)
+def _vcpu_counts(stats: vmm_pb2.ExitStats, vcpu_id: int) -> Any:
+    return stats.vcpus[vcpu_id].counts if vcpu_id in stats.vcpus else {}
 
-    def counts(vcpu_id: int) -> Any:
-        return stats.vcpus[vcpu_id].counts if vcpu_id in stats.vcpus else {}
+
+def _exits_json(result: _ExitCounts, a: argparse.Namespace) -> dict[str, Any]:
+    stats, vcpu_ids = result
 
     def shown(values: Any) -> dict[str, int]:
         return {r: int(n) for r, n in sorted(values.items()) if n or a.all}
 
-    if a.json:
-        if a.vcpu is not None:
-            _emit_json({"vm_id": stats.vm_id, "vcpu_id": a.vcpu, "counts": shown(counts(a.vcpu))})
-        else:
-            _emit_json({"vm_id": stats.vm_id, "total": shown(stats.total),
-                        "vcpus": {str(v): shown(counts(v)) for v in vcpu_ids}})
-        return
     if a.vcpu is not None:
-        column = counts(a.vcpu)
+        return {"vm_id": stats.vm_id, "vcpu_id": a.vcpu,
+                "counts": shown(_vcpu_counts(stats, a.vcpu))}
+    return {"vm_id": stats.vm_id, "total": shown(stats.total),
+            "vcpus": {str(v): shown(_vcpu_counts(stats, v)) for v in vcpu_ids}}
+
+
+def _exits_text(result: _ExitCounts, a: argparse.Namespace) -> str:
+    """The VM total and one column per vCPU (only reasons with exits unless --all; only one
+    vCPU with --vcpu)."""
+    stats, vcpu_ids = result
+    if a.vcpu is not None:
+        column = _vcpu_counts(stats, a.vcpu)
         reasons = sorted(set(stats.total) | set(column))
         rows = [[r, column.get(r, 0)] for r in reasons if a.all or column.get(r, 0)]
-        _out(format_table(["reason", f"vcpu{a.vcpu}"], rows, empty="No exits yet."))
-        return
+        return format_table(["reason", f"vcpu{a.vcpu}"], rows, empty="No exits yet.")
     reasons = [r for r in sorted(stats.total) if a.all or stats.total[r]]
-    rows = [[r, stats.total[r], *(counts(v).get(r, 0) for v in vcpu_ids)] for r in reasons]
-    _out(format_table(["reason", "total", *(f"vcpu{v}" for v in vcpu_ids)], rows,
-                      empty="No exits yet."))
+    rows = [[r, stats.total[r], *(_vcpu_counts(stats, v).get(r, 0) for v in vcpu_ids)]
+            for r in reasons]
+    return format_table(["reason", "total", *(f"vcpu{v}" for v in vcpu_ids)], rows,
+                        empty="No exits yet.")
+
+
+def _snapshot_row(i: vmm_pb2.SnapshotInfo) -> list[Any]:
+    return [i.file or "-", i.vm_id, "diff" if i.diff else "full", human_bytes(i.size_bytes),
+            human_bytes(i.guest_memory_bytes), _timestamp(i.created_unix_ms), i.owner,
+            i.snapshot_id[:12]]
+
+
+SNAPSHOT_COLUMNS = ["file", "vm", "kind", "size", "guest memory", "created", "owner", "id"]
+
+
+def _snapshot_text(info: vmm_pb2.SnapshotInfo, a: argparse.Namespace) -> str:
+    where = f"state directory file {info.file}" if info.file else a.file
+    return (f"{'diff' if info.diff else 'full'} snapshot {info.snapshot_id} of vm {info.vm_id} "
+            f"-> {where}: {human_bytes(info.size_bytes)}, {info.memory_pages} pages of guest "
+            f"memory, vm held {info.seconds * 1000:.1f} ms")
+
+
+def _migrations_table(infos: Iterable[vmm_pb2.MigrationInfo]) -> str:
+    rows = [[i.vm_id, i.direction, i.peer or "-", i.state,
+             human_bytes(i.progress.bytes_sent) if i.direction == "outgoing" else "-",
+             str(i.progress.round) if i.direction == "outgoing" else "-"] for i in infos]
+    return format_table(["vm", "direction", "peer", "state", "sent", "round"], rows,
+                        empty="No migrations in progress.")
+
+
+def _handover_text(r: vmm_pb2.HandoverReport) -> str:
+    if not r.mode:
+        return "This daemon did not take VMs over from another."
+    rows = [[v.vm_id, "restored" if v.restored else "stranded",
+             f"{v.paused_seconds * 1000:.1f} ms" if v.restored else "-", v.error or ""]
+            for v in r.vm_reports]
+    return (f"hand-over ({r.mode}) at {_timestamp(r.unix_ms)} from kvmd "
+            f"{r.previous_version or '?'}: {r.restored} of {r.vms} VMs restored, "
+            f"{r.stranded} stranded\n"
+            f"  save {r.save_seconds * 1000:.1f} ms, start {r.start_seconds * 1000:.1f} ms, "
+            f"restore {r.restore_seconds * 1000:.1f} ms; longest guest pause "
+            f"{r.max_paused_seconds * 1000:.1f} ms; API unavailable "
+            f"{r.api_unavailable_seconds * 1000:.1f} ms; this daemon's start-up "
+            f"{r.startup_seconds * 1000:.1f} ms\n"
+            + format_table(["vm", "result", "paused", "error"], rows, empty="No VMs."))
+
+
+def _stranded_table(vms: Iterable[vmm_pb2.StrandedVm]) -> str:
+    return format_table(["vm", "memory", "since", "state file", "reason"],
+                        [[v.vm_id, human_bytes(v.memory_bytes), _timestamp(v.since_unix_ms),
+                          v.state_file or "-", v.reason] for v in vms],
+                        empty="No stranded VMs.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command framework: each command is one declaration; the parser and the dispatch are
+# built from the table COMMANDS below.
+
+#: A command's request: the client and the parsed arguments in, its result out.
+Call = Callable[[KvmdClient, argparse.Namespace], Any]
+#: A view of a result: a string for people (bytes are written raw), or a JSON-ready value.
+View = Callable[[Any, argparse.Namespace], Any]
+#: A command that prints as it goes (streams, the demo); it may return an exit code.
+Run = Callable[[KvmdClient, argparse.Namespace], int | None]
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument, declared as ``parser.add_argument(*flags, **options)`` would take it."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+    def add_to(self, parser: Any) -> None:
+        """Add it to ``parser`` (a parser or a mutually exclusive group)."""
+        parser.add_argument(*self.flags, **self.options)
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """Declare an argument with ``add_argument``'s own words."""
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Arguments that exclude each other (argparse's mutually exclusive group)."""
+
+    args: tuple[Arg, ...]
+    required: bool = False
+
+    def add_to(self, parser: Any) -> None:
+        """Add the group and its arguments to ``parser``."""
+        group = parser.add_mutually_exclusive_group(required=self.required)
+        for argument in self.args:
+            argument.add_to(group)
+
+
+def one_of(*args: Arg, required: bool = False) -> OneOf:
+    """Declare mutually exclusive arguments (one of them required with ``required``)."""
+    return OneOf(args, required)
+
+
+def to_json(value: Any) -> Any:
+    """The JSON form of a result: messages as :func:`message_to_dict`, bytes as hex, lists and
+    dicts item by item, anything else as it is."""
+    if isinstance(value, Message):
+        return message_to_dict(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, Mapping):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def _derived_json(result: Any, a: argparse.Namespace) -> Any:
+    return to_json(result)
+
+
+def _str_text(result: Any, a: argparse.Namespace) -> str:
+    return str(result)
+
+
+def _of(show: Callable[[Any], str]) -> View:
+    """A view from a formatter that needs the result only, not the arguments."""
+    return lambda result, a: show(result)
+
+
+def _print(text: str | bytes) -> None:
+    """Print a human view: text (a newline added), or raw bytes exactly as they are."""
+    if isinstance(text, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text)
+        sys.stdout.buffer.flush()
+    else:
+        _out(text)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)  # identity: a table entry, not a value
+class Command:
+    """One kvmctl command: where it is, its arguments, its request and how its result shows.
+
+    ``call`` makes the request and returns the result; ``text`` turns it into what people
+    read, ``json`` into what ``--json`` prints (by default :func:`to_json` of the result;
+    ``None``: nothing). With ``each`` the call yields one result per item it acts on, and
+    each is printed as it is done, so that a failure midway still shows what was done; the
+    JSON view then gets the list. Commands that print as they go (streams, the demo) give
+    ``run`` instead and print themselves.
+    """
+
+    path: str  # "vm create": the group, then the command's name
+    help: str
+    args: tuple[Arg | OneOf, ...] = ()
+    aliases: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)  # parser.set_defaults
+    call: Call | None = None
+    text: View = _str_text
+    json: View | None = _derived_json
+    each: bool = False
+    exit_code: Callable[[Any], int] | None = None  # from the result; default 0
+    run: Run | None = None
+
+    def __call__(self, c: KvmdClient, a: argparse.Namespace) -> int | None:
+        """Run the command; returns its exit code (None: success)."""
+        if self.run is not None:
+            return self.run(c, a)
+        assert self.call is not None, self.path
+        result = self.call(c, a)
+        if self.each:
+            done = []
+            for item in result:
+                done.append(item)
+                if not a.json:
+                    _print(self.text(item, a))
+            result = done
+        if a.json:
+            if self.json is not None:
+                _emit_json(self.json(result, a))
+        elif not self.each:
+            _print(self.text(result, a))
+        return self.exit_code(result) if self.exit_code is not None else None
+
+
+def _request(method: Callable[..., Any], *names: str, **keywords: str) -> Call:
+    """A call of a client ``method`` with these arguments: positional ones by name, keyword
+    ones as ``parameter="argument_name"``."""
+
+    def call(c: KvmdClient, a: argparse.Namespace) -> Any:
+        return method(c, *(getattr(a, n) for n in names),
+                      **{k: getattr(a, n) for k, n in keywords.items()})
+
+    return call
+
+
+def _listing(method: Callable[[KvmdClient, str], Iterable[Any]], key: str) -> Call:
+    """A call of a VM's ``list_*`` ``method``, its items sorted by the field ``key``."""
+    return lambda c, a: sorted(method(c, a.vm), key=attrgetter(key))
+
+
+def _each(dest: str, act: Callable[[KvmdClient, str], Any]) -> Call:
+    """A call that does ``act`` on each value of the argument ``dest`` in turn (for
+    ``each=True``), yielding what ``act`` returns, or the value where that is None."""
+
+    def call(c: KvmdClient, a: argparse.Namespace) -> Iterator[Any]:
+        for value in getattr(a, dest):
+            result = act(c, value)
+            yield value if result is None else result
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------
+# calls and views with more to them than one request
+
+
+def _health(c: KvmdClient, a: argparse.Namespace) -> str:
+    if a.wait:
+        c.wait_ready(a.wait)
+    return c.health()
+
+
+def _cap(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    capability: str | int
+    try:
+        capability = int(a.capability, 0)
+    except ValueError:
+        capability = a.capability
+    value = c.check_extension(capability, a.vm)
+    return {"capability": a.capability, "vm_id": a.vm, "value": value}
+
+
+def _vm_create(c: KvmdClient, a: argparse.Namespace) -> vmm_pb2.Vm:
+    return c.create_vm(
+        a.vm,
+        dict(a.label or ()),
+        irqchip=a.irqchip,
+        pit=a.pit,
+        tss_address=a.tss_address,
+        identity_map_address=a.identity_map_address,
+        dirty_tracking=a.dirty_tracking,
+        dirty_ring_bytes=a.dirty_ring_bytes,
+    )
+
+
+def _mem_add(c: KvmdClient, a: argparse.Namespace) -> vmm_pb2.MemoryRegion:
+    if a.offset and a.file is None:
+        raise UsageError("--offset needs --file")
+    return c.add_memory_region(
+        a.vm, a.guest_addr, a.size, read_only=a.read_only, log_dirty=a.log_dirty,
+        file=a.file, file_offset=a.offset,
+    )
+
+
+def _mem_write(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    if a.file is not None:
+        written = c.write_file(a.vm, a.guest_addr, a.file, chunk_size=a.chunk_size)
+    else:
+        written = c.write_memory(a.vm, a.guest_addr, a.data_hex, chunk_size=a.chunk_size)
+    return {"vm_id": a.vm, "guest_addr": a.guest_addr, "bytes_written": written}
+
+
+def _mem_read(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    if a.out is not None:
+        count = c.read_to_file(a.vm, a.guest_addr, a.length, a.out)
+        return {"vm_id": a.vm, "guest_addr": a.guest_addr, "length": count, "path": a.out}
+    data = c.read_memory(a.vm, a.guest_addr, a.length)
+    return {"vm_id": a.vm, "guest_addr": a.guest_addr, "length": len(data), "data": data}
+
+
+def _mem_read_text(r: dict[str, Any], a: argparse.Namespace) -> str | bytes:
+    if "path" in r:
+        return (f"read {r['length']} bytes ({human_bytes(r['length'])}) from "
+                f"{_hex(a.guest_addr)} into {r['path']}")
+    return r["data"] if a.raw else hexdump(r["data"], a.guest_addr)
+
+
+def _mem_discard(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    released = c.discard_guest_memory(a.vm, a.guest_addr, a.size)
+    return {"vm_id": a.vm, "guest_addr": a.guest_addr, "size": a.size,
+            "released_bytes": released}
+
+
+def _dirty_log(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    log = c.dirty_log(a.vm, a.slot)
+    pages = log.pages()
+    if a.clear and pages:  # manual mode: the pages read are handled
+        runs: list[tuple[int, int]] = []
+        for p in pages:
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        c.clear_dirty_log(a.vm, a.slot, runs)
+    return {"vm_id": a.vm, "slot": a.slot, "dirty_count": log.dirty_count,
+            "total_pages": log.total_pages, "pages": pages}
+
+
+def _dirty_log_text(r: dict[str, Any], a: argparse.Namespace) -> str:
+    lines = [f"slot {a.slot}: {r['dirty_count']} of {r['total_pages']} pages dirty"]
+    if r["pages"]:
+        lines.append(f"pages: {format_ranges(r['pages'])}")
+    return "\n".join(lines)
+
+
+def _irq_line(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    c.set_irq_line(a.vm, a.irq, a.level)
+    return {"vm_id": a.vm, "irq": a.irq, "active": a.level}
+
+
+def _irq_route(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    routes = [*(a.irqchip or ()), *(a.msi or ())]
+    if not routes and not a.clear:
+        raise UsageError("give --irqchip and/or --msi routes, or --clear for an empty table")
+    c.set_gsi_routing(a.vm, routes)
+    return {"vm_id": a.vm, "routes": routes}
+
+
+def _irqfd_trigger(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    for _ in range(a.count):
+        c.trigger_irqfd(a.vm, a.irqfd)
+    return {"vm_id": a.vm, "irqfd_id": a.irqfd, "triggered": a.count}
+
+
+def _get_or_set(get: Callable[[KvmdClient, str, int], Any],
+                put: Callable[[KvmdClient, str, int, dict[str, Any]], Any]) -> Call:
+    """Show a vCPU's state, or first set the FIELD=VALUE assignments given (merged with the
+    current state) and show the result."""
+
+    def call(c: KvmdClient, a: argparse.Namespace) -> Any:
+        updates = _assignments(a.assignments)
+        return put(c, a.vm, a.vcpu, updates) if updates else get(c, a.vm, a.vcpu)
+
+    return call
+
+
+def _vcpu_cpuid(c: KvmdClient, a: argparse.Namespace) -> list[vmm_pb2.CpuidEntry]:
+    if a.set_supported:
+        return c.set_cpuid(a.vm, a.vcpu, use_supported=True)
+    return c.get_cpuid(a.vm, a.vcpu)
+
+
+def _vcpu_msrs(c: KvmdClient, a: argparse.Namespace) -> list[dict[str, int]]:
+    if a.set:
+        values = c.set_msrs(a.vm, a.vcpu, dict(a.set))
+        if a.indices:
+            values = {**values, **c.get_msrs(a.vm, a.vcpu, a.indices)}
+    elif a.indices:
+        values = c.get_msrs(a.vm, a.vcpu, a.indices)
+    else:
+        raise UsageError("give MSR indices to read and/or --set INDEX=VALUE")
+    return [{"index": i, "value": v} for i, v in values.items()]
+
+
+def _vcpu_mpstate(c: KvmdClient, a: argparse.Namespace) -> dict[str, str]:
+    try:
+        state = (c.set_mp_state(a.vm, a.vcpu, a.state) if a.state is not None
+                 else c.get_mp_state(a.vm, a.vcpu))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return {"state": state}
+
+
+def _vcpu_lapic(c: KvmdClient, a: argparse.Namespace) -> dict[str, bytes]:
+    if a.load is not None:
+        with open(a.load, "rb") as f:
+            regs = c.set_lapic(a.vm, a.vcpu, f.read())
+    else:
+        regs = c.get_lapic(a.vm, a.vcpu)
+    if a.out is not None:
+        with open(a.out, "wb") as f:
+            f.write(regs)
+    return {"regs": regs}
+
+
+def _vcpu_lapic_text(r: dict[str, bytes], a: argparse.Namespace) -> str:
+    if a.out is not None:
+        return f"wrote {len(r['regs'])} bytes of LAPIC state to {a.out}"
+    return hexdump(r["regs"])
+
+
+def _vm_snapshot(c: KvmdClient, a: argparse.Namespace) -> vmm_pb2.SnapshotInfo:
+    if a.state_dir_name:
+        return c.snapshot_vm_to_state_dir(a.vm, a.state_dir_name, diff=a.diff,
+                                          leave_paused=a.leave_paused)
+    if not a.file:
+        raise KvmdError("give FILE (on this machine), or --to-state-dir NAME")
+    _data, info = c.snapshot_vm(a.vm, a.file, diff=a.diff, leave_paused=a.leave_paused)
+    return info
+
+
+def _vm_restore(c: KvmdClient, a: argparse.Namespace) -> vmm_pb2.Vm:
+    if a.from_state_dir:
+        return c.restore_vm(a.vm, start=a.start, files=a.from_state_dir)
+    if not a.file:
+        raise KvmdError("give FILE (on this machine), or --from-state-dir NAME")
+    return c.restore_vm(a.vm, *(a.base or []), a.file, start=a.start)
+
+
+def _console_write(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+    data = a.hex if a.hex is not None else (a.text or "").encode()
+    if a.newline:
+        data += b"\n"
+    return {"vm_id": a.vm, "accepted": c.write_console(a.vm, data)}
+
+
+# ---------------------------------------------------------------------------------------------
+# commands that print as they go: streams, the console, migration progress, the demo
+
+
+def _follow(watch: Any, duration: float | None, show: Callable[[Any], bool | None]) -> None:
+    """Hand each item of ``watch`` to ``show`` until it returns True, the stream ends,
+    ``duration`` seconds pass or Ctrl-C; the watch is cancelled in every case."""
+    timer = None
+    if duration is not None:
+        timer = threading.Timer(duration, watch.cancel)
+        timer.daemon = True
+        timer.start()
+    try:
+        for item in watch:
+            if show(item):
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if timer is not None:
+            timer.cancel()
+        watch.cancel()
+
+
+def _run_stream(watch: Any, a: argparse.Namespace, kind: str,
+                line: Callable[[Any], str]) -> None:
+    """Print a watch's events as they come (JSON lines with --json) until --count events,
+    --duration seconds, Ctrl-C or the end of the stream."""
+    if not a.json:
+        sys.stderr.write(f"watching {kind} of vm {a.vm}; Ctrl-C to stop\n")
+        sys.stderr.flush()
+    seen = itertools.count(1)
+
+    def show(event: Any) -> bool:
+        if a.json:
+            _emit_json_line(message_to_dict(event))
+        else:
+            _out(line(event))
+            sys.stdout.flush()
+        return a.count is not None and next(seen) >= a.count
+
+    _follow(watch, a.duration, show)
+
+
+def _watch(kind: str, open_watch: Call, line: Callable[[Any], str]) -> Run:
+    """A command that streams the events of the watch ``open_watch`` returns."""
+
+    def run(c: KvmdClient, a: argparse.Namespace) -> None:
+        _run_stream(open_watch(c, a), a, kind, line)
+
+    return run
 
 
 def _write_console_output(a: argparse.Namespace, data: bytes) -> None:
     if a.json:
         _emit_json_line({"data": data.decode("latin-1")})
     else:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        _print(data)
 
 
 def _stdin_is_tty() -> bool:
@@ -959,56 +985,28 @@ def _forward_stdin(c: KvmdClient, vm_id: str, watch: Watch[Any], end_on_eof: boo
         watch.cancel()
 
 
-def _snapshot_row(i: vmm_pb2.SnapshotInfo) -> list[Any]:
-    return [i.file or "-", i.vm_id, "diff" if i.diff else "full", human_bytes(i.size_bytes),
-            human_bytes(i.guest_memory_bytes), _timestamp(i.created_unix_ms), i.owner,
-            i.snapshot_id[:12]]
-
-
-SNAPSHOT_COLUMNS = ["file", "vm", "kind", "size", "guest memory", "created", "owner", "id"]
-
-
-def cmd_vm_snapshot(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.state_dir_name:
-        info = c.snapshot_vm_to_state_dir(a.vm, a.state_dir_name, diff=a.diff,
-                                          leave_paused=a.leave_paused)
-    else:
-        if not a.file:
-            raise KvmdError("give FILE (on this machine), or --to-state-dir NAME")
-        _data, info = c.snapshot_vm(a.vm, a.file, diff=a.diff, leave_paused=a.leave_paused)
-    if a.json:
-        _emit_json(message_to_dict(info))
+def _vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
+    """Print the console backlog, then (unless --no-follow) live output until Ctrl-C,
+    --duration or the VM's deletion; with --interactive also send stdin lines to the guest."""
+    if a.no_follow:
+        if a.no_backlog:
+            raise UsageError("--no-follow with --no-backlog would print nothing")
+        c.get_vm(a.vm)  # NOT_FOUND now rather than an empty backlog
+        data = console_backlog(c, a.vm, timeout=a.backlog_wait)
+        if data:
+            _write_console_output(a, data)
         return
-    where = f"state directory file {info.file}" if info.file else a.file
-    _out(f"{'diff' if info.diff else 'full'} snapshot {info.snapshot_id} of vm {info.vm_id} "
-         f"-> {where}: {human_bytes(info.size_bytes)}, {info.memory_pages} pages of guest "
-         f"memory, vm held {info.seconds * 1000:.1f} ms")
-
-
-def cmd_vm_restore(c: KvmdClient, a: argparse.Namespace) -> None:
-    if a.from_state_dir:
-        vm = c.restore_vm(a.vm, start=a.start, files=a.from_state_dir)
-    else:
-        if not a.file:
-            raise KvmdError("give FILE (on this machine), or --from-state-dir NAME")
-        vm = c.restore_vm(a.vm, *(a.base or []), a.file, start=a.start)
-    _show(a, vm, _vm_details)
-
-
-def cmd_snapshot_list(c: KvmdClient, a: argparse.Namespace) -> None:
-    infos = c.list_snapshots()
-    if a.json:
-        _emit_json([message_to_dict(i) for i in infos])
-        return
-    _out(format_table(SNAPSHOT_COLUMNS, [_snapshot_row(i) for i in infos],
-                      empty="No snapshot files."))
-
-
-def cmd_snapshot_delete(c: KvmdClient, a: argparse.Namespace) -> None:
-    for name in a.name:
-        c.delete_snapshot(name)
-        if not a.json:
-            _out(f"deleted snapshot file {name}")
+    interactive = a.interactive if a.interactive is not None else _stdin_is_tty()
+    watch = c.stream_console(a.vm, backlog=not a.no_backlog)
+    if interactive:
+        tty = _stdin_is_tty()
+        if tty and not a.json:
+            sys.stderr.write(f"console of vm {a.vm}: lines you type go to the guest; "
+                             "Ctrl-D stops input, Ctrl-C quits\n")
+            sys.stderr.flush()
+        threading.Thread(target=_forward_stdin, args=(c, a.vm, watch, tty),
+                         name="kvmctl-console-input", daemon=True).start()
+    _follow(watch, a.duration, lambda chunk: _write_console_output(a, chunk.data))
 
 
 _PHASE_NAMES = {vmm_pb2.MigrationProgress.CONNECTING: "connecting",
@@ -1038,7 +1036,7 @@ def _target_client(c: KvmdClient, a: argparse.Namespace) -> KvmdClient:
                       tls_key=a.tls_key, tls_server_name=a.tls_server_name, timeout=a.timeout)
 
 
-def cmd_vm_migrate(c: KvmdClient, a: argparse.Namespace) -> None:
+def _vm_migrate(c: KvmdClient, a: argparse.Namespace) -> None:
     """Prepare the target (unless --token), then migrate, printing progress."""
     token = a.token
     target_vm = a.target_vm or a.vm
@@ -1061,150 +1059,6 @@ def cmd_vm_migrate(c: KvmdClient, a: argparse.Namespace) -> None:
         _out(f"vm {a.vm} migrated to {a.to} as {last.target_vm_id}: "
              f"{human_bytes(last.bytes_sent)} in {last.elapsed_seconds:.2f} s, "
              f"{last.round} dirty rounds, downtime {last.downtime_ms:.1f} ms")
-
-
-def cmd_migration_prepare(c: KvmdClient, a: argparse.Namespace) -> None:
-    incoming = c.prepare_incoming_migration(a.vm, ttl_seconds=a.ttl)
-    if a.json:
-        _emit_json(message_to_dict(incoming))
-        return
-    _out(incoming.token)
-
-
-def cmd_migration_list(c: KvmdClient, a: argparse.Namespace) -> None:
-    infos = c.list_migrations()
-    if a.json:
-        _emit_json([message_to_dict(i) for i in infos])
-        return
-    rows = [[i.vm_id, i.direction, i.peer or "-", i.state,
-             human_bytes(i.progress.bytes_sent) if i.direction == "outgoing" else "-",
-             str(i.progress.round) if i.direction == "outgoing" else "-"] for i in infos]
-    _out(format_table(["vm", "direction", "peer", "state", "sent", "round"], rows,
-                      empty="No migrations in progress."))
-
-
-def cmd_migration_cancel(c: KvmdClient, a: argparse.Namespace) -> None:
-    c.cancel_migration(a.vm)
-    if not a.json:
-        _out(f"cancelled the migration of vm {a.vm}; it runs on here")
-
-
-def cmd_handover_report(c: KvmdClient, a: argparse.Namespace) -> None:
-    r = c.handover_report()
-    if a.json:
-        _emit_json(message_to_dict(r))
-        return
-    if not r.mode:
-        _out("This daemon did not take VMs over from another.")
-        return
-    _out(f"hand-over ({r.mode}) at {_timestamp(r.unix_ms)} from kvmd "
-         f"{r.previous_version or '?'}: {r.restored} of {r.vms} VMs restored, "
-         f"{r.stranded} stranded\n"
-         f"  save {r.save_seconds * 1000:.1f} ms, start {r.start_seconds * 1000:.1f} ms, "
-         f"restore {r.restore_seconds * 1000:.1f} ms; longest guest pause "
-         f"{r.max_paused_seconds * 1000:.1f} ms; API unavailable "
-         f"{r.api_unavailable_seconds * 1000:.1f} ms; this daemon's start-up "
-         f"{r.startup_seconds * 1000:.1f} ms")
-    rows = [[v.vm_id, "restored" if v.restored else "stranded",
-             f"{v.paused_seconds * 1000:.1f} ms" if v.restored else "-", v.error or ""]
-            for v in r.vm_reports]
-    _out(format_table(["vm", "result", "paused", "error"], rows, empty="No VMs."))
-
-
-def cmd_handover_stranded(c: KvmdClient, a: argparse.Namespace) -> None:
-    vms = c.list_stranded_vms()
-    if a.json:
-        _emit_json([message_to_dict(v) for v in vms])
-        return
-    _out(format_table(["vm", "memory", "since", "state file", "reason"],
-                      [[v.vm_id, human_bytes(v.memory_bytes), _timestamp(v.since_unix_ms),
-                        v.state_file or "-", v.reason] for v in vms],
-                      empty="No stranded VMs."))
-
-
-def cmd_handover_retry(c: KvmdClient, a: argparse.Namespace) -> None:
-    for vm_id in a.vm:
-        vm = c.retry_stranded_vm(vm_id)
-        if not a.json:
-            _out(f"restored vm {vm.vm_id}: {vm.state}")
-
-
-def cmd_handover_delete(c: KvmdClient, a: argparse.Namespace) -> None:
-    for vm_id in a.vm:
-        c.delete_stranded_vm(vm_id)
-        if not a.json:
-            _out(f"deleted stranded vm {vm_id}: its saved state and memory are gone")
-
-
-def cmd_vm_console(c: KvmdClient, a: argparse.Namespace) -> None:
-    """Print the console backlog, then (unless --no-follow) live output until Ctrl-C,
-    --duration or the VM's deletion; with --interactive also send stdin lines to the guest."""
-    if a.no_follow:
-        if a.no_backlog:
-            raise UsageError("--no-follow with --no-backlog would print nothing")
-        c.get_vm(a.vm)  # NOT_FOUND now rather than an empty backlog
-        data = console_backlog(c, a.vm, timeout=a.backlog_wait)
-        if data:
-            _write_console_output(a, data)
-        return
-    interactive = a.interactive if a.interactive is not None else _stdin_is_tty()
-    watch = c.stream_console(a.vm, backlog=not a.no_backlog)
-    if interactive:
-        tty = _stdin_is_tty()
-        if tty and not a.json:
-            sys.stderr.write(f"console of vm {a.vm}: lines you type go to the guest; "
-                             "Ctrl-D stops input, Ctrl-C quits\n")
-            sys.stderr.flush()
-        threading.Thread(target=_forward_stdin, args=(c, a.vm, watch, tty),
-                         name="kvmctl-console-input", daemon=True).start()
-    timer = None
-    if a.duration is not None:
-        timer = threading.Timer(a.duration, watch.cancel)
-        timer.daemon = True
-        timer.start()
-    try:
-        for chunk in watch:
-            _write_console_output(a, chunk.data)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if timer is not None:
-            timer.cancel()
-        watch.cancel()
-
-
-def cmd_vm_console_write(c: KvmdClient, a: argparse.Namespace) -> None:
-    data = a.hex if a.hex is not None else (a.text or "").encode()
-    if a.newline:
-        data += b"\n"
-    accepted = c.write_console(a.vm, data)
-    if a.json:
-        _emit_json({"vm_id": a.vm, "accepted": accepted})
-    else:
-        _out(f"sent {accepted} bytes to the console of vm {a.vm}")
-
-
-def _vcpu_line(vcpu: vmm_pb2.Vcpu) -> str:
-    extra = f" ({vcpu.reason})" if vcpu.reason else ""
-    return f"vcpu {vcpu.vcpu_id} of vm {vcpu.vm_id}: {vcpu.state}{extra}"
-
-
-def _vcpu_action(action: str) -> Handler:
-    method = "get_vcpu_state" if action == "state" else f"{action}_vcpu"
-
-    def run(c: KvmdClient, a: argparse.Namespace) -> None:
-        _show(a, getattr(c, method)(a.vm, a.vcpu), _vcpu_line)
-
-    run.__doc__ = f"kvmctl vcpu {action}"
-    return run
-
-
-def cmd_vcpu_inject(c: KvmdClient, a: argparse.Namespace) -> None:
-    vcpu = c.inject_interrupt(a.vm, a.vcpu, a.vector)
-    if a.json:
-        _emit_json(message_to_dict(vcpu))
-    else:
-        _out(f"queued vector {_hex(a.vector)} for vcpu {a.vcpu} of vm {a.vm}")
 
 
 # What the demo's exit counters mean for this guest.
@@ -1242,7 +1096,7 @@ def _demo_outcome(result: DemoResult) -> str:
     return f"the guest did not exit cleanly: vm {result.state} ({result.reason or 'no reason'})"
 
 
-def cmd_demo(c: KvmdClient, a: argparse.Namespace) -> int:
+def _demo(c: KvmdClient, a: argparse.Namespace) -> int:
     """Create a VM, run the demo guest with its console live on stdout, and report its exit
     code and exit counters; exit code 1 unless the guest ended with the expected code."""
     vm_id = a.vm_id or new_demo_vm_id()
@@ -1278,7 +1132,519 @@ def cmd_demo(c: KvmdClient, a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# parser
+# the commands, in the order their help lists them
+
+VM = arg("vm", metavar="VM", help="VM id")
+VCPU = (VM, arg("vcpu", metavar="VCPU", type=parse_int, help="vCPU id"))
+SLOT = arg("slot", metavar="SLOT", type=parse_int)
+WATCH = (VM, arg("--count", type=parse_int, help="stop after this many events"),
+         arg("--duration", type=float, metavar="SECONDS", help="stop after this long"))
+EXITS = (VM, arg("--vcpu", type=parse_int, metavar="N", help="only this vCPU's counters"),
+         arg("--all", action="store_true", help="show reasons with no exits too"))
+
+
+def _assign(what: str) -> Arg:
+    return arg("assignments", metavar="FIELD=VALUE", nargs="*", type=parse_assignment,
+               help=f"set these {what} fields (merged with the current state) before "
+               "showing them")
+
+
+def _unregister(path: str, kind: str, method: Callable[[KvmdClient, str, str], None],
+                aliases: tuple[str, ...] = ()) -> Command:
+    """``... rm VM ID`` for an irqfd or an ioevent (``kind``, also the ID's argument name)."""
+
+    def call(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
+        method(c, a.vm, getattr(a, kind))
+        return {"vm_id": a.vm, "unregistered": getattr(a, kind)}
+
+    return Command(path=path, help=f"unregister an {kind}", aliases=aliases,
+                   args=(VM, arg(kind, metavar="ID")), call=call,
+                   text=lambda r, a: f"unregistered {kind} {r['unregistered']}")
+
+
+def _list(path: str, kinds: str, method: Callable[[KvmdClient, str], Iterable[Any]],
+          key: str, table: Callable[[Any], str], aliases: tuple[str, ...]) -> Command:
+    """``... ls VM``: a VM's irqfds, ioevents or vCPUs, sorted by id."""
+    return Command(path=path, help=f"list {kinds}", aliases=aliases, args=(VM,),
+                   call=_listing(method, key), text=_of(table))
+
+
+def _vm_action(action: str, help_text: str) -> Command:
+    method = getattr(KvmdClient, f"{action}_vm")
+    return Command(path=f"vm {action}", help=help_text, args=(VM,),
+                   call=_request(method, "vm"), text=_of(_vm_state_line))
+
+
+def _vcpu_action(action: str, help_text: str) -> Command:
+    method = getattr(KvmdClient, "get_vcpu_state" if action == "state" else f"{action}_vcpu")
+    return Command(path=f"vcpu {action}", help=help_text, args=VCPU,
+                   call=_request(method, "vm", "vcpu"), text=_of(_vcpu_line))
+
+
+def _exits(path: str, help_text: str) -> Command:
+    return Command(path=path, help=help_text, args=EXITS, call=_exit_counts, text=_exits_text,
+                   json=_exits_json)
+
+
+#: The command groups: (help in the list of commands, description in the group's help).
+GROUPS = {
+    "vm": ("create, inspect, list, run and delete VMs",
+           "Create, inspect, list, run and delete VMs."),
+    "migration": ("live migrations: prepare a target, list, cancel",
+                  "Live migrations. A target daemon hands out a one-time token for an "
+                  "incoming VM; 'kvmctl vm migrate' on the source uses it."),
+    "snapshot": ("snapshot files in the daemon's state directory",
+                 "Snapshot files in the daemon's state directory (kvmd --state-dir). Take "
+                 "them with kvmctl vm snapshot VM --to-state-dir NAME."),
+    "handover": ("daemon restarts and upgrades: the last hand-over, stranded VMs",
+                 "A restarted or upgraded daemon (systemd fd store, or kvmd --take-over) "
+                 "re-creates every VM. One it could not restore is stranded: its state and "
+                 "memory are kept until retried or deleted."),
+    "mem": ("guest memory regions and contents", "Guest memory regions and contents."),
+    "irq": ("irq lines, GSI routing, MSIs, irqfds",
+            "Interrupts: irq lines, GSI routing, MSIs, irqfds."),
+    "ioevent": ("daemon-owned ioeventfds",
+                "Guest PIO/MMIO writes observed through ioeventfds."),
+    "vcpu": ("vCPUs: run control and register state",
+             "Create, run and pause vCPUs; get and set their state."),
+}
+
+COMMANDS: list[Command] = [
+    Command(path="health",
+            help="the daemon's health (SERVING: exit 0); --wait for one that is starting",
+            args=(arg("--wait", type=float, default=0, metavar="SECONDS",
+                      help="wait up to SECONDS for the daemon to serve"),),
+            call=_health, json=lambda status, a: {"status": status},
+            exit_code=lambda status: EXIT_OK if status == "SERVING" else EXIT_SERVER_ERROR),
+    Command(path="info", help="KVM and daemon information, limits, capabilities",
+            args=(arg("--all", action="store_true", help="list absent capabilities too"),),
+            call=_request(KvmdClient.info), text=_info_text),
+    Command(path="cap", help="check one KVM capability (KVM_CHECK_EXTENSION)",
+            args=(arg("capability", metavar="CAP",
+                      help="name (KVM_CAP_IRQFD or irqfd) or number"),
+                  arg("--vm", help="ask on this VM's fd")),
+            call=_cap,
+            text=lambda r, a: f"{r['capability']}: {r['value']}"
+                              f"{'' if r['value'] else ' (absent)'}"),
+    Command(path="supported-cpuid", help="the host's supported CPUID entries",
+            call=_request(KvmdClient.supported_cpuid), text=_of(_cpuid_table)),
+    # vm
+    Command(path="vm create", help="create a VM",
+            args=(VM,
+                  arg("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
+                      help="attach a label (repeatable)"),
+                  arg("--irqchip", action="store_true", help="in-kernel PIC/IOAPIC/LAPIC"),
+                  arg("--dirty-tracking", choices=["bitmap", "manual", "ring"], default="",
+                      help="how KVM reports dirty pages (default bitmap; see kvmctl info)"),
+                  arg("--dirty-ring-bytes", type=parse_size, default=0, metavar="SIZE",
+                      help="per-vCPU dirty ring size with --dirty-tracking ring "
+                      "(default 64K)"),
+                  arg("--pit", action="store_true", help="in-kernel PIT (needs --irqchip)"),
+                  arg("--tss-address", type=parse_int, default=0, metavar="ADDR",
+                      help="KVM_SET_TSS_ADDR (default: the daemon's)"),
+                  arg("--identity-map-address", type=parse_int, default=0, metavar="ADDR",
+                      help="KVM_SET_IDENTITY_MAP_ADDR (default: the daemon's)")),
+            call=_vm_create, text=_of(_vm_details)),
+    Command(path="vm get", help="show one VM", aliases=("show",), args=(VM,),
+            call=_request(KvmdClient.get_vm, "vm"), text=_of(_vm_details)),
+    Command(path="vm list", help="list VMs", aliases=("ls",),
+            args=(arg("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
+                      help="only VMs carrying this label (repeatable: all must match)"),),
+            call=lambda c, a: c.list_vms(dict(a.label or ())), text=_of(_vms_table)),
+    Command(path="vm delete", help="delete VMs (stops vCPUs, frees everything)",
+            aliases=("rm",), args=(arg("vm", metavar="VM", nargs="+", help="VM ids"),),
+            call=_each("vm", KvmdClient.delete_vm), each=True,
+            text=lambda vm_id, a: f"deleted vm {vm_id}",
+            json=lambda vm_ids, a: {"deleted": vm_ids}),
+    _vm_action("start", "start every vCPU in its own thread"),
+    _vm_action("pause", "pause every running vCPU"),
+    _vm_action("resume", "resume every paused vCPU"),
+    _vm_action("stop", "stop every vCPU (the VM can be inspected and started again)"),
+    Command(path="vm watch", help="stream state changes (one JSON object per line with --json)",
+            args=(*WATCH,
+                  arg("--current", action="store_true", help="first show the current state")),
+            run=_watch("events", lambda c, a: c.watch_vm(a.vm, include_current=a.current),
+                       _event_line)),
+    Command(path="vm wait",
+            help="wait until the VM reaches a state (default: stopped or crashed) or an event",
+            args=(VM,
+                  arg("--state", action="append", metavar="STATE",
+                      help="a state to wait for (repeatable)"),
+                  arg("--event", action="append", metavar="TYPE",
+                      help="an event type to wait for, e.g. halted, debug_exit (repeatable)"),
+                  arg("--within", type=float, default=30.0, metavar="SECONDS",
+                      help="give up after this long (default 30; exit code 1)")),
+            call=lambda c, a: c.wait_vm(
+                a.vm, states=a.state or ([] if a.event else ["stopped", "crashed"]),
+                events=a.event or (), timeout=a.within),
+            text=_of(_event_line)),
+    _exits("vm stats", "VM exit counters by reason, per vCPU (the same as kvmctl exits)"),
+    Command(path="vm console",
+            help="the guest's COM1 output: backlog, then live (raw bytes on stdout); "
+            "Ctrl-C quits",
+            args=(VM,
+                  arg("--no-backlog", action="store_true", help="only new output"),
+                  arg("--no-follow", action="store_true",
+                      help="print the backlog and return (like cat, not tail -f)"),
+                  arg("--backlog-wait", type=float, default=1.0, metavar="SECONDS",
+                      help="with --no-follow, how long to wait for the backlog (default 1; "
+                      "an empty backlog always takes this long)"),
+                  arg("--duration", type=float, metavar="SECONDS",
+                      help="stop after this long"),
+                  one_of(arg("--interactive", "-i", dest="interactive", action="store_true",
+                             default=None, help="send stdin lines to the guest (default "
+                             "when stdin is a terminal)"),
+                         arg("--no-interactive", dest="interactive", action="store_false",
+                             help="never read stdin"))),
+            run=_vm_console),
+    Command(path="vm console-write", help="send input to the guest's COM1",
+            args=(VM,
+                  one_of(arg("text", metavar="TEXT", nargs="?", help="text to send"),
+                         arg("--hex", "-x", type=parse_hex_data, help="bytes to send, in hex"),
+                         required=True),
+                  arg("--newline", "-n", action="store_true", help="append a newline")),
+            call=_console_write,
+            text=lambda r, a: f"sent {r['accepted']} bytes to the console of vm {a.vm}"),
+    Command(path="vm snapshot",
+            help="save the VM's complete state and memory into FILE on this machine (the VM "
+            "is held paused meanwhile, then runs again unless --leave-paused)",
+            args=(VM,
+                  arg("file", metavar="FILE", nargs="?", help="where to write it, locally"),
+                  arg("--diff", action="store_true", help="only pages dirtied since the VM's "
+                      "last snapshot (restore with --base)"),
+                  arg("--leave-paused", action="store_true",
+                      help="keep the VM paused afterwards"),
+                  arg("--to-state-dir", dest="state_dir_name", metavar="NAME",
+                      help="write it to NAME in the daemon's state directory instead")),
+            call=_vm_snapshot, text=_snapshot_text),
+    Command(path="vm restore",
+            help="create VM NEWID from a snapshot FILE on this machine (paused unless "
+            "--start)",
+            args=(arg("vm", metavar="NEWID", help="the new VM's id"),
+                  arg("file", metavar="FILE", nargs="?", help="the snapshot (the last diff)"),
+                  arg("--base", metavar="FILE", action="append",
+                      help="the full snapshot FILE is a diff on (repeat for a chain, oldest "
+                      "first)"),
+                  arg("--start", action="store_true", help="run it at once"),
+                  arg("--from-state-dir", metavar="NAME", action="append",
+                      help="restore from NAME in the daemon's state directory (repeat: the "
+                      "full snapshot first, then its diffs)")),
+            call=_vm_restore, text=_of(_vm_details)),
+    Command(path="vm migrate",
+            help="live-migrate the VM to the kvmd at --to (host:port, as this daemon reaches "
+            "it): the VM runs on there and is deleted here; any failure before the "
+            "switch-over leaves it running here",
+            args=(VM,
+                  arg("--to", metavar="ADDRESS", required=True, help="the target daemon's "
+                      "gRPC address (host:port), dialed by the source"),
+                  arg("--token", metavar="TOKEN",
+                      help="from 'kvmctl migration prepare' on the target (default: kvmctl "
+                      "prepares the target itself, through --target-address)"),
+                  arg("--target-address", metavar="ADDR",
+                      help="the target daemon as kvmctl reaches it (default: --to)"),
+                  arg("--target-vm", metavar="ID",
+                      help="the VM's id on the target (default VM)"),
+                  arg("--max-downtime-ms", type=parse_int, default=0, metavar="N",
+                      help="longest pause for the switch-over (default 300)"),
+                  arg("--bandwidth", type=parse_size, metavar="BYTES",
+                      help="bytes per second for the pre-copy rounds, e.g. 100M (default: "
+                      "as fast as the link goes)"),
+                  arg("--max-rounds", type=parse_int, default=0, metavar="N",
+                      help="dirty rounds before giving up (default 30)"),
+                  arg("--auto-converge", action="store_true", help="throttle the guest "
+                      "while it dirties memory faster than the link"),
+                  arg("--migration-server-name", metavar="NAME",
+                      help="the name the target's certificate must carry (default: --to's "
+                      "host)")),
+            run=_vm_migrate),
+    # migration
+    Command(path="migration prepare",
+            help="on the target daemon: expect VM (its id here), print the one-time token",
+            args=(VM, arg("--ttl", type=parse_int, default=0, metavar="SECONDS",
+                          help="how long the token is valid (default 300)")),
+            call=_request(KvmdClient.prepare_incoming_migration, "vm", ttl_seconds="ttl"),
+            text=lambda incoming, a: incoming.token),
+    Command(path="migration list", help="migrations in progress", aliases=("ls",),
+            call=_request(KvmdClient.list_migrations), text=_of(_migrations_table)),
+    Command(path="migration cancel",
+            help="cancel the VM's outgoing migration (before its switch-over)", args=(VM,),
+            call=_request(KvmdClient.cancel_migration, "vm"), json=None,
+            text=lambda _, a: f"cancelled the migration of vm {a.vm}; it runs on here"),
+    # snapshot files
+    Command(path="snapshot list", help="list snapshot files", aliases=("ls",),
+            call=_request(KvmdClient.list_snapshots),
+            text=lambda infos, a: format_table(SNAPSHOT_COLUMNS,
+                                               [_snapshot_row(i) for i in infos],
+                                               empty="No snapshot files.")),
+    Command(path="snapshot delete", help="delete snapshot files", aliases=("rm",),
+            args=(arg("name", metavar="NAME", nargs="+", help="file names"),),
+            call=_each("name", KvmdClient.delete_snapshot), each=True, json=None,
+            text=lambda name, a: f"deleted snapshot file {name}"),
+    # hand-over: stranded VMs and the last hand-over's outage
+    Command(path="handover report",
+            help="the last hand-over this daemon received: outage and results",
+            call=_request(KvmdClient.handover_report), text=_of(_handover_text)),
+    Command(path="handover stranded", help="VMs a hand-over could not restore, and why",
+            aliases=("list", "ls"), call=_request(KvmdClient.list_stranded_vms),
+            text=_of(_stranded_table)),
+    Command(path="handover retry", help="restore stranded VMs again",
+            args=(arg("vm", metavar="VM", nargs="+", help="stranded VM ids"),),
+            call=_each("vm", KvmdClient.retry_stranded_vm), each=True, json=None,
+            text=lambda vm, a: f"restored vm {vm.vm_id}: {vm.state}"),
+    Command(path="handover delete",
+            help="give stranded VMs up: their saved state and memory are released",
+            aliases=("rm",), args=(arg("vm", metavar="VM", nargs="+", help="stranded VM ids"),),
+            call=_each("vm", KvmdClient.delete_stranded_vm), each=True, json=None,
+            text=lambda vm_id, a: f"deleted stranded vm {vm_id}: its saved state and memory "
+                                  "are gone"),
+    # exits, demo
+    _exits("exits", "VM exit counters by reason: the VM total and per vCPU"),
+    Command(path="demo",
+            help="run a tiny guest that greets you on its console, counts and exits: shows "
+            "the console and the exit counters, then deletes the VM",
+            args=(arg("--vm-id", metavar="ID", help="the VM's id (default demo-<random>)"),
+                  arg("--keep", action="store_true", help="keep the VM afterwards (inspect "
+                      "it with vm get, exits, vm console)"),
+                  arg("--within", type=float, default=30.0, metavar="SECONDS",
+                      help="give up if the guest has not stopped after this long "
+                      "(default 30)")),
+            run=_demo),
+    # mem
+    Command(path="mem add", help="map new zeroed memory into the guest",
+            args=(VM,
+                  arg("guest_addr", metavar="ADDR", type=parse_int,
+                      help="page-aligned address"),
+                  arg("size", metavar="SIZE", type=parse_size, help="bytes (K/M/G suffixes)"),
+                  arg("--read-only", action="store_true", help="guest writes exit as MMIO "
+                      "(with --file: the file is opened read-only)"),
+                  arg("--log-dirty", action="store_true", help="track dirty pages"),
+                  arg("--file", metavar="NAME",
+                      help="back the slot with this file of the daemon's images directory "
+                      "(shared: guest writes reach it)"),
+                  arg("--offset", type=parse_int, default=0, metavar="N",
+                      help="with --file: where the slot starts in the file (page aligned)")),
+            call=_mem_add, text=lambda region, a: _regions_table([region])),
+    Command(path="mem rm", help="remove a memory region", aliases=("remove",),
+            args=(VM, SLOT), call=_request(KvmdClient.remove_memory_region, "vm", "slot"),
+            text=lambda r, a: f"removed slot {r.slot} ({_hex(r.guest_addr)}, "
+                              f"{human_bytes(r.size)}) from vm {a.vm}"),
+    Command(path="mem ls", help="list memory regions", aliases=("list",), args=(VM,),
+            call=_listing(KvmdClient.list_memory_regions, "slot"), text=_of(_regions_table)),
+    Command(path="mem write", help="write bytes into guest memory",
+            args=(VM,
+                  arg("guest_addr", metavar="ADDR", type=parse_int),
+                  one_of(arg("--file", "-f", metavar="PATH", help="stream this file"),
+                         arg("--data-hex", "-x", metavar="HEX", type=parse_hex_data,
+                             help="these bytes, in hex (e.g. f4 or 'b8 01 00 f4')"),
+                         required=True),
+                  arg("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+                      help="bytes per streamed message (default 1M)")),
+            call=_mem_write,
+            text=lambda r, a: f"wrote {r['bytes_written']} bytes "
+                              f"({human_bytes(r['bytes_written'])}) at {_hex(a.guest_addr)} "
+                              f"in vm {a.vm}"),
+    Command(path="mem read", help="read guest memory (hex dump, raw, or to a file)",
+            args=(VM,
+                  arg("guest_addr", metavar="ADDR", type=parse_int),
+                  arg("--length", "-n", type=parse_size, required=True, help="bytes to read"),
+                  one_of(arg("--out", "-o", metavar="PATH",
+                             help="write the bytes to this file"),
+                         arg("--raw", action="store_true",
+                             help="write the raw bytes to stdout"))),
+            call=_mem_read, text=_mem_read_text),
+    Command(path="mem discard",
+            help="give the host pages behind a guest range back (balloon inflate); the range "
+            "reads zeros until the guest writes it again",
+            args=(VM,
+                  arg("guest_addr", metavar="ADDR", type=parse_int,
+                      help="page-aligned address"),
+                  arg("size", metavar="SIZE", type=parse_size, help="page-aligned bytes")),
+            call=_mem_discard,
+            text=lambda r, a: f"discarded {_hex(a.guest_addr)}+{human_bytes(a.size)} in vm "
+                              f"{a.vm}: {human_bytes(r['released_bytes'])} "
+                              f"({r['released_bytes']} bytes) of host memory released"),
+    Command(path="mem map",
+            help="map a file of the daemon's images directory over part of a slot",
+            args=(VM, SLOT,
+                  arg("offset", metavar="OFFSET", type=parse_int, help="within the slot"),
+                  arg("size", metavar="SIZE", type=parse_size, help="page-aligned bytes"),
+                  arg("--file", metavar="NAME", required=True,
+                      help="file name relative to the images directory"),
+                  arg("--file-offset", type=parse_int, default=0, metavar="N",
+                      help="where the mapping starts in the file (page aligned)"),
+                  arg("--read-only", action="store_true",
+                      help="open and map the file read-only (needs a read-only slot)")),
+            call=_request(KvmdClient.map_guest_memory, "vm", "slot", "offset", "size", "file",
+                          file_offset="file_offset", read_only="read_only"),
+            text=lambda m, a: "mapped " + _mapping_line(m)),
+    Command(path="mem unmap", help="unmap a file mapped over part of a slot (msync first)",
+            args=(VM, SLOT, arg("offset", metavar="OFFSET", type=parse_int),
+                  arg("size", metavar="SIZE", type=parse_size)),
+            call=_request(KvmdClient.unmap_guest_memory, "vm", "slot", "offset", "size"),
+            text=lambda m, a: "unmapped " + _mapping_line(m)),
+    Command(path="mem sync", help="write guest writes to a slot's files back to disk (msync)",
+            args=(VM, SLOT,
+                  arg("--offset", type=parse_int, default=0, metavar="N",
+                      help="start within the slot (default 0)"),
+                  arg("--size", type=parse_size, default=0, metavar="N",
+                      help="bytes (default: to the end of the slot)")),
+            call=lambda c, a: {"vm_id": a.vm, "slot": a.slot, "synced_bytes":
+                               c.sync_guest_memory(a.vm, a.slot, a.offset, a.size)},
+            text=lambda r, a: f"synced {human_bytes(r['synced_bytes'])} ({r['synced_bytes']} "
+                              f"bytes) of slot {a.slot} to its files"),
+    # dirty pages
+    Command(path="dirty-log",
+            help="dirty pages of a slot since the last read (reading resets the log, except "
+            "in manual mode: see --clear)",
+            args=(VM, SLOT, arg("--clear", action="store_true", help="manual mode: then mark "
+                                "the pages read clean (ClearDirtyLog)")),
+            call=_dirty_log, text=_dirty_log_text),
+    Command(path="dirty-logging", help="turn dirty logging of an existing slot on or off",
+            args=(VM, SLOT, arg("state", choices=["on", "off"])),
+            call=lambda c, a: c.set_dirty_logging(a.vm, a.slot, a.state == "on"),
+            text=lambda r, a: f"slot {r.slot}: dirty logging {'on' if r.log_dirty else 'off'}"),
+    Command(path="dirty-rate",
+            help="measure the VM's dirty rate (pages per second) over a period",
+            args=(VM, arg("--duration", type=float, default=1.0, metavar="SECONDS",
+                          help="how long to measure (default 1)")),
+            call=lambda c, a: c.measure_dirty_rate(a.vm, int(a.duration * 1000)),
+            text=lambda r, a: f"vm {a.vm}: {r.dirty_pages_per_second:.0f} pages/s "
+                              f"({r.dirty_pages} pages in {r.seconds:.2f} s)"),
+    # irq
+    Command(path="irq line", help="raise or lower an in-kernel irqchip line",
+            args=(VM, arg("irq", metavar="IRQ", type=parse_int),
+                  arg("level", metavar="LEVEL", type=parse_level,
+                      help="1/high/on or 0/low/off")),
+            call=_irq_line,
+            text=lambda r, a: f"irq {a.irq} {'raised' if a.level else 'lowered'} in vm {a.vm}"),
+    Command(path="irq route", help="replace the whole GSI routing table",
+            args=(VM,
+                  arg("--irqchip", metavar="GSI:CHIP:PIN", action="append",
+                      type=parse_irqchip_route, help="route GSI to an irqchip pin; CHIP is "
+                      "pic-master, pic-slave or ioapic"),
+                  arg("--msi", metavar="GSI:ADDR:DATA[:DEVID]", action="append",
+                      type=parse_msi_route, help="route GSI to an MSI"),
+                  arg("--clear", action="store_true", help="allow an empty table")),
+            call=_irq_route, text=_routes_text),
+    Command(path="irq msi", help="inject an MSI",
+            args=(VM, arg("msi_address", metavar="ADDR", type=parse_int),
+                  arg("data", metavar="DATA", type=parse_int), arg("--devid", type=parse_int)),
+            call=lambda c, a: {"vm_id": a.vm, "delivered":
+                               c.signal_msi(a.vm, a.msi_address, a.data, a.devid)},
+            text=lambda r, a: "MSI delivered" if r["delivered"]
+            else "MSI not delivered (blocked by the guest)"),
+    Command(path="irq irqfd-add", help="bind a new daemon-owned irqfd to a GSI",
+            args=(VM, arg("irqfd", metavar="ID"), arg("gsi", metavar="GSI", type=parse_int),
+                  arg("--resample", action="store_true",
+                      help="level-triggered, with resample")),
+            call=_request(KvmdClient.register_irqfd, "vm", "irqfd", "gsi",
+                          resample="resample"),
+            text=lambda irqfd, a: _irqfds_table([irqfd])),
+    Command(path="irq irqfd-trigger", help="signal an irqfd (inject its irq)",
+            args=(VM, arg("irqfd", metavar="ID"),
+                  arg("--count", type=parse_int, default=1, help="times to trigger "
+                      "(default 1)")),
+            call=_irqfd_trigger,
+            text=lambda r, a: f"triggered irqfd {a.irqfd}"
+                              f"{'' if a.count == 1 else f' {a.count} times'}"),
+    _unregister("irq irqfd-rm", "irqfd", KvmdClient.unregister_irqfd),
+    _list("irq irqfd-ls", "irqfds", KvmdClient.list_irqfds, "irqfd_id", _irqfds_table, ()),
+    Command(path="irq watch-resamples",
+            help="stream resample events (one JSON object per line with --json)", args=WATCH,
+            run=_watch("irqfd resamples", _request(KvmdClient.watch_irqfd_resamples, "vm"),
+                       _count_line("irqfd_id"))),
+    # ioevent
+    Command(path="ioevent add", help="watch guest writes to a PIO or MMIO address",
+            args=(VM, arg("ioevent", metavar="ID"),
+                  arg("io_address", metavar="ADDR", type=parse_int),
+                  one_of(arg("--pio", dest="space", action="store_const", const="pio",
+                             help="port I/O address (default)"),
+                         arg("--mmio", dest="space", action="store_const", const="mmio",
+                             help="MMIO address")),
+                  arg("--length", type=parse_int, default=0,
+                      help="access size 1, 2, 4 or 8 (default 0: any)"),
+                  arg("--datamatch", type=parse_int, help="only writes of this value")),
+            defaults={"space": "pio"},
+            call=_request(KvmdClient.register_ioevent, "vm", "ioevent", "io_address",
+                          "length", space="space", datamatch="datamatch"),
+            text=lambda ioevent, a: _ioevents_table([ioevent])),
+    _unregister("ioevent rm", "ioevent", KvmdClient.unregister_ioevent, ("remove",)),
+    _list("ioevent ls", "ioevents", KvmdClient.list_ioevents, "ioevent_id", _ioevents_table,
+          ("list",)),
+    Command(path="ioevent watch",
+            help="stream ioevent firings (one JSON object per line with --json)", args=WATCH,
+            run=_watch("ioevents", _request(KvmdClient.watch_ioevents, "vm"),
+                       _count_line("ioevent_id"))),
+    # vcpu
+    Command(path="vcpu create", help="create a vCPU", args=VCPU,
+            call=_request(KvmdClient.create_vcpu, "vm", "vcpu"),
+            text=lambda v, a: f"created vcpu {v.vcpu_id} in vm {v.vm_id} "
+                              f"({v.state or 'created'})"),
+    _list("vcpu ls", "vCPUs", KvmdClient.list_vcpus, "vcpu_id",
+          lambda vcpus: format_table(["vcpu", "state"], [[v.vcpu_id, v.state] for v in vcpus],
+                                     empty="No vCPUs."), ("list",)),
+    _vcpu_action("start", "start one vCPU's thread"),
+    _vcpu_action("pause", "pause one vCPU"),
+    _vcpu_action("resume", "resume one vCPU"),
+    _vcpu_action("stop", "stop one vCPU"),
+    _vcpu_action("state", "show one vCPU's run state"),
+    Command(path="vcpu inject",
+            help="queue an external interrupt (VMs without the in-kernel irqchip)",
+            args=(*VCPU, arg("vector", metavar="VECTOR", type=parse_int)),
+            call=_request(KvmdClient.inject_interrupt, "vm", "vcpu", "vector"),
+            text=lambda _, a: f"queued vector {_hex(a.vector)} for vcpu {a.vcpu} of vm {a.vm}"),
+    Command(path="vcpu regs", help="show general-purpose registers", args=VCPU,
+            call=_request(KvmdClient.get_regs, "vm", "vcpu"), text=_of(_regs_text)),
+    Command(path="vcpu set-regs",
+            help="set general-purpose registers, e.g. rip=0x1000 rflags=0x2",
+            args=(*VCPU, arg("assignments", metavar="REG=VALUE", nargs="+",
+                             type=parse_assignment,
+                             help="registers to change; the others keep their values")),
+            call=lambda c, a: c.set_regs(a.vm, a.vcpu, _assignments(a.assignments)),
+            text=_of(_regs_text)),
+    Command(path="vcpu sregs",
+            help="show (or set, e.g. cr0=0x10 cs.base=0 cs.selector=0) special registers",
+            args=(*VCPU, _assign("special register")),
+            call=_get_or_set(KvmdClient.get_sregs, KvmdClient.set_sregs),
+            text=_of(_sregs_text)),
+    Command(path="vcpu fpu", help="show (or set, e.g. fcw=0x37f) the FPU/SSE state",
+            args=(*VCPU, _assign("FPU")),
+            call=_get_or_set(KvmdClient.get_fpu, KvmdClient.set_fpu), text=_of(_fpu_text)),
+    Command(path="vcpu cpuid", help="show the vCPU's CPUID entries",
+            args=(*VCPU, arg("--set-supported", action="store_true",
+                             help="first set the host's supported CPUID")),
+            call=_vcpu_cpuid, text=_of(_cpuid_table)),
+    Command(path="vcpu msrs", help="read (and/or write) MSRs",
+            args=(*VCPU,
+                  arg("indices", metavar="INDEX", nargs="*", type=parse_int,
+                      help="MSRs to read, e.g. 0x10 0x174"),
+                  arg("--set", metavar="INDEX=VALUE", action="append",
+                      type=parse_msr_assignment, help="write an MSR (repeatable)")),
+            call=_vcpu_msrs,
+            text=lambda msrs, a: format_table(
+                ["msr", "value"], [[_hex(m["index"], 8), _hex(m["value"], 16)] for m in msrs])),
+    Command(path="vcpu mpstate", help="show (or set) the multiprocessing state",
+            args=(*VCPU, arg("state", metavar="STATE", nargs="?",
+                             choices=[v.name.lower()
+                                      for v in vmm_pb2.MpState.State.DESCRIPTOR.values],
+                             type=str.lower, help="set this state first: %(choices)s")),
+            call=_vcpu_mpstate, text=lambda r, a: r["state"]),
+    Command(path="vcpu lapic", help="show (save, load) the local APIC page",
+            args=(*VCPU,
+                  arg("--out", "-o", metavar="PATH",
+                      help="save the 1024-byte page to a file"),
+                  arg("--load", metavar="PATH", help="first load the page from a file")),
+            call=_vcpu_lapic, text=_vcpu_lapic_text),
+    Command(path="vcpu events",
+            help="show (or set, e.g. nmi_pending=1) pending exceptions/interrupts/NMIs",
+            args=(*VCPU, _assign("vCPU event")),
+            call=_get_or_set(KvmdClient.get_vcpu_events, KvmdClient.set_vcpu_events),
+            text=_of(_message_kv)),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# parser: built from GROUPS and COMMANDS
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -1322,51 +1688,8 @@ def _subparsers(parser: argparse.ArgumentParser, dest: str) -> Any:
     return parser.add_subparsers(dest=dest, metavar="COMMAND", title="commands", required=True)
 
 
-def _leaf(
-    subs: Any, name: str, handler: Handler, help_text: str, *, aliases: Sequence[str] = ()
-) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = subs.add_parser(
-        name, help=help_text, description=help_text, aliases=list(aliases),
-        formatter_class=_Formatter,
-    )
-    p.set_defaults(func=handler)
-    return p
-
-
-def _finish(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    _add_common(p, top=False)
-    return p
-
-
-def _vm_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vm", metavar="VM", help="VM id")
-
-
-def _vcpu_args(p: argparse.ArgumentParser) -> None:
-    _vm_arg(p)
-    p.add_argument("vcpu", metavar="VCPU", type=parse_int, help="vCPU id")
-
-
-def _assign_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("assignments", metavar="FIELD=VALUE", nargs="*", type=parse_assignment,
-                   help=f"set these {what} fields (merged with the current state) before "
-                   "showing them")
-
-
-def _watch_args(p: argparse.ArgumentParser) -> None:
-    _vm_arg(p)
-    p.add_argument("--count", type=parse_int, help="stop after this many events")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
-
-
-def _exits_args(p: argparse.ArgumentParser) -> None:
-    _vm_arg(p)
-    p.add_argument("--vcpu", type=parse_int, metavar="N", help="only this vCPU's counters")
-    p.add_argument("--all", action="store_true", help="show reasons with no exits too")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The kvmctl argument parser."""
+    """The kvmctl argument parser, one sub-parser per entry of COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="kvmctl",
         description="Control a kvmd daemon: VMs, guest memory, interrupts, ioevents, vCPUs.",
@@ -1377,468 +1700,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(parser, top=True)
     top = _subparsers(parser, "command")
-
-    # info, cap, supported-cpuid
-    p = _leaf(top, "health", cmd_health,
-              "the daemon's health (SERVING: exit 0); --wait for one that is starting")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="wait up to SECONDS for the daemon to serve")
-    _finish(p)
-    p = _leaf(top, "info", cmd_info, "KVM and daemon information, limits, capabilities")
-    p.add_argument("--all", action="store_true", help="list absent capabilities too")
-    _finish(p)
-    p = _leaf(top, "cap", cmd_cap, "check one KVM capability (KVM_CHECK_EXTENSION)")
-    p.add_argument("capability", metavar="CAP", help="name (KVM_CAP_IRQFD or irqfd) or number")
-    p.add_argument("--vm", help="ask on this VM's fd")
-    _finish(p)
-    _finish(_leaf(top, "supported-cpuid", cmd_supported_cpuid,
-                  "the host's supported CPUID entries"))
-
-    # vm
-    vm = top.add_parser("vm", help="create, inspect, list, run and delete VMs",
-                        description="Create, inspect, list, run and delete VMs.")
-    vms = _subparsers(vm, "vm_command")
-    p = _leaf(vms, "create", cmd_vm_create, "create a VM")
-    _vm_arg(p)
-    p.add_argument("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
-                   help="attach a label (repeatable)")
-    p.add_argument("--irqchip", action="store_true", help="in-kernel PIC/IOAPIC/LAPIC")
-    p.add_argument("--dirty-tracking", choices=["bitmap", "manual", "ring"], default="",
-                   help="how KVM reports dirty pages (default bitmap; see kvmctl info)")
-    p.add_argument("--dirty-ring-bytes", type=parse_size, default=0, metavar="SIZE",
-                   help="per-vCPU dirty ring size with --dirty-tracking ring (default 64K)")
-    p.add_argument("--pit", action="store_true", help="in-kernel PIT (needs --irqchip)")
-    p.add_argument("--tss-address", type=parse_int, default=0, metavar="ADDR",
-                   help="KVM_SET_TSS_ADDR (default: the daemon's)")
-    p.add_argument("--identity-map-address", type=parse_int, default=0, metavar="ADDR",
-                   help="KVM_SET_IDENTITY_MAP_ADDR (default: the daemon's)")
-    _finish(p)
-    p = _leaf(vms, "get", cmd_vm_get, "show one VM", aliases=["show"])
-    _vm_arg(p)
-    _finish(p)
-    p = _leaf(vms, "list", cmd_vm_list, "list VMs", aliases=["ls"])
-    p.add_argument("--label", "-l", metavar="KEY=VALUE", action="append", type=parse_label,
-                   help="only VMs carrying this label (repeatable: all must match)")
-    _finish(p)
-    p = _leaf(vms, "delete", cmd_vm_delete, "delete VMs (stops vCPUs, frees everything)",
-              aliases=["rm"])
-    p.add_argument("vm", metavar="VM", nargs="+", help="VM ids")
-    _finish(p)
-    for action, text in [
-        ("start", "start every vCPU in its own thread"),
-        ("pause", "pause every running vCPU"),
-        ("resume", "resume every paused vCPU"),
-        ("stop", "stop every vCPU (the VM can be inspected and started again)"),
-    ]:
-        p = _leaf(vms, action, _vm_action(action), text)
-        _vm_arg(p)
-        _finish(p)
-    p = _leaf(vms, "watch", cmd_vm_watch,
-              "stream state changes (one JSON object per line with --json)")
-    _watch_args(p)
-    p.add_argument("--current", action="store_true", help="first show the current state")
-    _finish(p)
-    p = _leaf(vms, "wait", cmd_vm_wait,
-              "wait until the VM reaches a state (default: stopped or crashed) or an event")
-    _vm_arg(p)
-    p.add_argument("--state", action="append", metavar="STATE",
-                   help="a state to wait for (repeatable)")
-    p.add_argument("--event", action="append", metavar="TYPE",
-                   help="an event type to wait for, e.g. halted, debug_exit (repeatable)")
-    p.add_argument("--within", type=float, default=30.0, metavar="SECONDS",
-                   help="give up after this long (default 30; exit code 1)")
-    _finish(p)
-    p = _leaf(vms, "stats", cmd_exits, "VM exit counters by reason, per vCPU "
-              "(the same as kvmctl exits)")
-    _exits_args(p)
-    _finish(p)
-    p = _leaf(vms, "console", cmd_vm_console,
-              "the guest's COM1 output: backlog, then live (raw bytes on stdout); "
-              "Ctrl-C quits")
-    _vm_arg(p)
-    p.add_argument("--no-backlog", action="store_true", help="only new output")
-    p.add_argument("--no-follow", action="store_true",
-                   help="print the backlog and return (like cat, not tail -f)")
-    p.add_argument("--backlog-wait", type=float, default=1.0, metavar="SECONDS",
-                   help="with --no-follow, how long to wait for the backlog (default 1; "
-                   "an empty backlog always takes this long)")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--interactive", "-i", dest="interactive", action="store_true",
-                      default=None,
-                      help="send stdin lines to the guest (default when stdin is a terminal)")
-    mode.add_argument("--no-interactive", dest="interactive", action="store_false",
-                      help="never read stdin")
-    _finish(p)
-    p = _leaf(vms, "console-write", cmd_vm_console_write, "send input to the guest's COM1")
-    _vm_arg(p)
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("text", metavar="TEXT", nargs="?", help="text to send")
-    data.add_argument("--hex", "-x", type=parse_hex_data, help="bytes to send, in hex")
-    p.add_argument("--newline", "-n", action="store_true", help="append a newline")
-    _finish(p)
-
-    p = _leaf(vms, "snapshot", cmd_vm_snapshot,
-              "save the VM's complete state and memory into FILE on this machine (the VM is "
-              "held paused meanwhile, then runs again unless --leave-paused)")
-    _vm_arg(p)
-    p.add_argument("file", metavar="FILE", nargs="?", help="where to write it, locally")
-    p.add_argument("--diff", action="store_true",
-                   help="only pages dirtied since the VM's last snapshot (restore with --base)")
-    p.add_argument("--leave-paused", action="store_true", help="keep the VM paused afterwards")
-    p.add_argument("--to-state-dir", dest="state_dir_name", metavar="NAME",
-                   help="write it to NAME in the daemon's state directory instead")
-    _finish(p)
-    p = _leaf(vms, "restore", cmd_vm_restore,
-              "create VM NEWID from a snapshot FILE on this machine (paused unless --start)")
-    p.add_argument("vm", metavar="NEWID", help="the new VM's id")
-    p.add_argument("file", metavar="FILE", nargs="?", help="the snapshot (the last diff)")
-    p.add_argument("--base", metavar="FILE", action="append",
-                   help="the full snapshot FILE is a diff on (repeat for a chain, oldest first)")
-    p.add_argument("--start", action="store_true", help="run it at once")
-    p.add_argument("--from-state-dir", metavar="NAME", action="append",
-                   help="restore from NAME in the daemon's state directory (repeat: the full "
-                   "snapshot first, then its diffs)")
-    _finish(p)
-
-    p = _leaf(vms, "migrate", cmd_vm_migrate,
-              "live-migrate the VM to the kvmd at --to (host:port, as this daemon reaches it): "
-              "the VM runs on there and is deleted here; any failure before the switch-over "
-              "leaves it running here")
-    _vm_arg(p)
-    p.add_argument("--to", metavar="ADDRESS", required=True,
-                   help="the target daemon's gRPC address (host:port), dialed by the source")
-    p.add_argument("--token", metavar="TOKEN",
-                   help="from 'kvmctl migration prepare' on the target (default: kvmctl "
-                   "prepares the target itself, through --target-address)")
-    p.add_argument("--target-address", metavar="ADDR",
-                   help="the target daemon as kvmctl reaches it (default: --to)")
-    p.add_argument("--target-vm", metavar="ID", help="the VM's id on the target (default VM)")
-    p.add_argument("--max-downtime-ms", type=parse_int, default=0, metavar="N",
-                   help="longest pause for the switch-over (default 300)")
-    p.add_argument("--bandwidth", type=parse_size, metavar="BYTES",
-                   help="bytes per second for the pre-copy rounds, e.g. 100M (default: as "
-                   "fast as the link goes)")
-    p.add_argument("--max-rounds", type=parse_int, default=0, metavar="N",
-                   help="dirty rounds before giving up (default 30)")
-    p.add_argument("--auto-converge", action="store_true",
-                   help="throttle the guest while it dirties memory faster than the link")
-    p.add_argument("--migration-server-name", metavar="NAME",
-                   help="the name the target's certificate must carry (default: --to's host)")
-    _finish(p)
-
-    mig = top.add_parser("migration", help="live migrations: prepare a target, list, cancel",
-                         description="Live migrations. A target daemon hands out a one-time "
-                         "token for an incoming VM; 'kvmctl vm migrate' on the source uses it.")
-    migs = _subparsers(mig, "migration_command")
-    p = _leaf(migs, "prepare", cmd_migration_prepare,
-              "on the target daemon: expect VM (its id here), print the one-time token")
-    _vm_arg(p)
-    p.add_argument("--ttl", type=parse_int, default=0, metavar="SECONDS",
-                   help="how long the token is valid (default 300)")
-    _finish(p)
-    _finish(_leaf(migs, "list", cmd_migration_list, "migrations in progress", aliases=["ls"]))
-    p = _leaf(migs, "cancel", cmd_migration_cancel,
-              "cancel the VM's outgoing migration (before its switch-over)")
-    _vm_arg(p)
-    _finish(p)
-
-    # snapshot files
-    snap = top.add_parser("snapshot", help="snapshot files in the daemon's state directory",
-                          description="Snapshot files in the daemon's state directory "
-                          "(kvmd --state-dir). Take them with kvmctl vm snapshot VM "
-                          "--to-state-dir NAME.")
-    snaps = _subparsers(snap, "snapshot_command")
-    _finish(_leaf(snaps, "list", cmd_snapshot_list, "list snapshot files", aliases=["ls"]))
-    p = _leaf(snaps, "delete", cmd_snapshot_delete, "delete snapshot files", aliases=["rm"])
-    p.add_argument("name", metavar="NAME", nargs="+", help="file names")
-    _finish(p)
-
-    # hand-over: stranded VMs and the last hand-over's outage
-    hand = top.add_parser("handover", help="daemon restarts and upgrades: the last hand-over, "
-                          "stranded VMs",
-                          description="A restarted or upgraded daemon (systemd fd store, or "
-                          "kvmd --take-over) re-creates every VM. One it could not restore is "
-                          "stranded: its state and memory are kept until retried or deleted.")
-    hands = _subparsers(hand, "handover_command")
-    _finish(_leaf(hands, "report", cmd_handover_report,
-                  "the last hand-over this daemon received: outage and results"))
-    _finish(_leaf(hands, "stranded", cmd_handover_stranded,
-                  "VMs a hand-over could not restore, and why", aliases=["list", "ls"]))
-    p = _leaf(hands, "retry", cmd_handover_retry, "restore stranded VMs again")
-    p.add_argument("vm", metavar="VM", nargs="+", help="stranded VM ids")
-    _finish(p)
-    p = _leaf(hands, "delete", cmd_handover_delete,
-              "give stranded VMs up: their saved state and memory are released",
-              aliases=["rm"])
-    p.add_argument("vm", metavar="VM", nargs="+", help="stranded VM ids")
-    _finish(p)
-
-    # exits, demo
-    p = _leaf(top, "exits", cmd_exits,
-              "VM exit counters by reason: the VM total and per vCPU")
-    _exits_args(p)
-    _finish(p)
-    p = _leaf(top, "demo", cmd_demo,
-              "run a tiny guest that greets you on its console, counts and exits: "
-              "shows the console and the exit counters, then deletes the VM")
-    p.add_argument("--vm-id", metavar="ID", help="the VM's id (default demo-<random>)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the VM afterwards (inspect it with vm get, exits, vm console)")
-    p.add_argument("--within", type=float, default=30.0, metavar="SECONDS",
-                   help="give up if the guest has not stopped after this long (default 30)")
-    _finish(p)
-
-    # mem
-    mem = top.add_parser("mem", help="guest memory regions and contents",
-                         description="Guest memory regions and contents.")
-    mems = _subparsers(mem, "mem_command")
-    p = _leaf(mems, "add", cmd_mem_add, "map new zeroed memory into the guest")
-    _vm_arg(p)
-    p.add_argument("guest_addr", metavar="ADDR", type=parse_int, help="page-aligned address")
-    p.add_argument("size", metavar="SIZE", type=parse_size, help="bytes (K/M/G suffixes)")
-    p.add_argument("--read-only", action="store_true",
-                   help="guest writes exit as MMIO (with --file: the file is opened read-only)")
-    p.add_argument("--log-dirty", action="store_true", help="track dirty pages")
-    p.add_argument("--file", metavar="NAME",
-                   help="back the slot with this file of the daemon's images directory "
-                   "(shared: guest writes reach it)")
-    p.add_argument("--offset", type=parse_int, default=0, metavar="N",
-                   help="with --file: where the slot starts in the file (page aligned)")
-    _finish(p)
-    p = _leaf(mems, "rm", cmd_mem_rm, "remove a memory region", aliases=["remove"])
-    _vm_arg(p)
-    p.add_argument("slot", metavar="SLOT", type=parse_int)
-    _finish(p)
-    p = _leaf(mems, "ls", cmd_mem_ls, "list memory regions", aliases=["list"])
-    _vm_arg(p)
-    _finish(p)
-    p = _leaf(mems, "write", cmd_mem_write, "write bytes into guest memory")
-    _vm_arg(p)
-    p.add_argument("guest_addr", metavar="ADDR", type=parse_int)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--file", "-f", metavar="PATH", help="stream this file")
-    source.add_argument("--data-hex", "-x", metavar="HEX", type=parse_hex_data,
-                        help="these bytes, in hex (e.g. f4 or 'b8 01 00 f4')")
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
-                   help="bytes per streamed message (default 1M)")
-    _finish(p)
-    p = _leaf(mems, "read", cmd_mem_read, "read guest memory (hex dump, raw, or to a file)")
-    _vm_arg(p)
-    p.add_argument("guest_addr", metavar="ADDR", type=parse_int)
-    p.add_argument("--length", "-n", type=parse_size, required=True, help="bytes to read")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--out", "-o", metavar="PATH", help="write the bytes to this file")
-    out.add_argument("--raw", action="store_true", help="write the raw bytes to stdout")
-    _finish(p)
-    # mem discard / map / unmap / sync
-    p = _leaf(mems, "discard", cmd_mem_discard,
-              "give the host pages behind a guest range back (balloon inflate); the range "
-              "reads zeros until the guest writes it again")
-    _vm_arg(p)
-    p.add_argument("guest_addr", metavar="ADDR", type=parse_int, help="page-aligned address")
-    p.add_argument("size", metavar="SIZE", type=parse_size, help="page-aligned bytes")
-    _finish(p)
-    p = _leaf(mems, "map", cmd_mem_map,
-              "map a file of the daemon's images directory over part of a slot")
-    _vm_arg(p)
-    p.add_argument("slot", metavar="SLOT", type=parse_int)
-    p.add_argument("offset", metavar="OFFSET", type=parse_int, help="within the slot")
-    p.add_argument("size", metavar="SIZE", type=parse_size, help="page-aligned bytes")
-    p.add_argument("--file", metavar="NAME", required=True,
-                   help="file name relative to the images directory")
-    p.add_argument("--file-offset", type=parse_int, default=0, metavar="N",
-                   help="where the mapping starts in the file (page aligned)")
-    p.add_argument("--read-only", action="store_true",
-                   help="open and map the file read-only (needs a read-only slot)")
-    _finish(p)
-    p = _leaf(mems, "unmap", cmd_mem_unmap,
-              "unmap a file mapped over part of a slot (msync first)")
-    _vm_arg(p)
-    p.add_argument("slot", metavar="SLOT", type=parse_int)
-    p.add_argument("offset", metavar="OFFSET", type=parse_int)
-    p.add_argument("size", metavar="SIZE", type=parse_size)
-    _finish(p)
-    p = _leaf(mems, "sync", cmd_mem_sync,
-              "write guest writes to a slot's files back to disk (msync)")
-    _vm_arg(p)
-    p.add_argument("slot", metavar="SLOT", type=parse_int)
-    p.add_argument("--offset", type=parse_int, default=0, metavar="N",
-                   help="start within the slot (default 0)")
-    p.add_argument("--size", type=parse_size, default=0, metavar="N",
-                   help="bytes (default: to the end of the slot)")
-    _finish(p)
-
-    # dirty-log
-    p = _leaf(top, "dirty-log", cmd_dirty_log,
-              "dirty pages of a slot since the last read (reading resets the log, except in "
-              "manual mode: see --clear)")
-    _vm_arg(p)
-    p.add_argument("slot", metavar="SLOT", type=parse_int)
-    p.add_argument("--clear", action="store_true",
-                   help="manual mode: then mark the pages read clean (ClearDirtyLog)")
-    _finish(p)
-    p = _leaf(top, "dirty-logging", cmd_dirty_logging,
-              "turn dirty logging of an existing slot on or off")
-    _vm_arg(p)
-    p.add_argument("slot", metavar="SLOT", type=parse_int)
-    p.add_argument("state", choices=["on", "off"])
-    _finish(p)
-    p = _leaf(top, "dirty-rate", cmd_dirty_rate,
-              "measure the VM's dirty rate (pages per second) over a period")
-    _vm_arg(p)
-    p.add_argument("--duration", type=float, default=1.0, metavar="SECONDS",
-                   help="how long to measure (default 1)")
-    _finish(p)
-
-    # irq
-    irq = top.add_parser("irq", help="irq lines, GSI routing, MSIs, irqfds",
-                         description="Interrupts: irq lines, GSI routing, MSIs, irqfds.")
-    irqs = _subparsers(irq, "irq_command")
-    p = _leaf(irqs, "line", cmd_irq_line, "raise or lower an in-kernel irqchip line")
-    _vm_arg(p)
-    p.add_argument("irq", metavar="IRQ", type=parse_int)
-    p.add_argument("level", metavar="LEVEL", type=parse_level, help="1/high/on or 0/low/off")
-    _finish(p)
-    p = _leaf(irqs, "route", cmd_irq_route, "replace the whole GSI routing table")
-    _vm_arg(p)
-    p.add_argument("--irqchip", metavar="GSI:CHIP:PIN", action="append",
-                   type=parse_irqchip_route,
-                   help="route GSI to an irqchip pin; CHIP is pic-master, pic-slave or ioapic")
-    p.add_argument("--msi", metavar="GSI:ADDR:DATA[:DEVID]", action="append",
-                   type=parse_msi_route, help="route GSI to an MSI")
-    p.add_argument("--clear", action="store_true", help="allow an empty table")
-    _finish(p)
-    p = _leaf(irqs, "msi", cmd_irq_msi, "inject an MSI")
-    _vm_arg(p)
-    p.add_argument("msi_address", metavar="ADDR", type=parse_int)
-    p.add_argument("data", metavar="DATA", type=parse_int)
-    p.add_argument("--devid", type=parse_int)
-    _finish(p)
-    p = _leaf(irqs, "irqfd-add", cmd_irqfd_add, "bind a new daemon-owned irqfd to a GSI")
-    _vm_arg(p)
-    p.add_argument("irqfd", metavar="ID")
-    p.add_argument("gsi", metavar="GSI", type=parse_int)
-    p.add_argument("--resample", action="store_true", help="level-triggered, with resample")
-    _finish(p)
-    p = _leaf(irqs, "irqfd-trigger", cmd_irqfd_trigger, "signal an irqfd (inject its irq)")
-    _vm_arg(p)
-    p.add_argument("irqfd", metavar="ID")
-    p.add_argument("--count", type=parse_int, default=1, help="times to trigger (default 1)")
-    _finish(p)
-    p = _leaf(irqs, "irqfd-rm", cmd_irqfd_rm, "unregister an irqfd")
-    _vm_arg(p)
-    p.add_argument("irqfd", metavar="ID")
-    _finish(p)
-    p = _leaf(irqs, "irqfd-ls", cmd_irqfd_ls, "list irqfds")
-    _vm_arg(p)
-    _finish(p)
-    p = _leaf(irqs, "watch-resamples", cmd_irq_watch,
-              "stream resample events (one JSON object per line with --json)")
-    _watch_args(p)
-    _finish(p)
-
-    # ioevent
-    ioe = top.add_parser("ioevent", help="daemon-owned ioeventfds",
-                         description="Guest PIO/MMIO writes observed through ioeventfds.")
-    ioes = _subparsers(ioe, "ioevent_command")
-    p = _leaf(ioes, "add", cmd_ioevent_add, "watch guest writes to a PIO or MMIO address")
-    _vm_arg(p)
-    p.add_argument("ioevent", metavar="ID")
-    p.add_argument("io_address", metavar="ADDR", type=parse_int)
-    space = p.add_mutually_exclusive_group()
-    space.add_argument("--pio", dest="space", action="store_const", const="pio",
-                       help="port I/O address (default)")
-    space.add_argument("--mmio", dest="space", action="store_const", const="mmio",
-                       help="MMIO address")
-    p.set_defaults(space="pio")
-    p.add_argument("--length", type=parse_int, default=0,
-                   help="access size 1, 2, 4 or 8 (default 0: any)")
-    p.add_argument("--datamatch", type=parse_int, help="only writes of this value")
-    _finish(p)
-    p = _leaf(ioes, "rm", cmd_ioevent_rm, "unregister an ioevent", aliases=["remove"])
-    _vm_arg(p)
-    p.add_argument("ioevent", metavar="ID")
-    _finish(p)
-    p = _leaf(ioes, "ls", cmd_ioevent_ls, "list ioevents", aliases=["list"])
-    _vm_arg(p)
-    _finish(p)
-    p = _leaf(ioes, "watch", cmd_ioevent_watch,
-              "stream ioevent firings (one JSON object per line with --json)")
-    _watch_args(p)
-    _finish(p)
-
-    # vcpu
-    vcpu = top.add_parser("vcpu", help="vCPUs: run control and register state",
-                          description="Create, run and pause vCPUs; get and set their state.")
-    vcpus = _subparsers(vcpu, "vcpu_command")
-    p = _leaf(vcpus, "create", cmd_vcpu_create, "create a vCPU")
-    _vcpu_args(p)
-    _finish(p)
-    p = _leaf(vcpus, "ls", cmd_vcpu_ls, "list vCPUs", aliases=["list"])
-    _vm_arg(p)
-    _finish(p)
-    for action, text in [
-        ("start", "start one vCPU's thread"),
-        ("pause", "pause one vCPU"),
-        ("resume", "resume one vCPU"),
-        ("stop", "stop one vCPU"),
-        ("state", "show one vCPU's run state"),
-    ]:
-        p = _leaf(vcpus, action, _vcpu_action(action), text)
-        _vcpu_args(p)
-        _finish(p)
-    p = _leaf(vcpus, "inject", cmd_vcpu_inject,
-              "queue an external interrupt (VMs without the in-kernel irqchip)")
-    _vcpu_args(p)
-    p.add_argument("vector", metavar="VECTOR", type=parse_int)
-    _finish(p)
-    p = _leaf(vcpus, "regs", cmd_vcpu_regs, "show general-purpose registers")
-    _vcpu_args(p)
-    _finish(p)
-    p = _leaf(vcpus, "set-regs", cmd_vcpu_set_regs,
-              "set general-purpose registers, e.g. rip=0x1000 rflags=0x2")
-    _vcpu_args(p)
-    p.add_argument("assignments", metavar="REG=VALUE", nargs="+", type=parse_assignment,
-                   help="registers to change; the others keep their values")
-    _finish(p)
-    p = _leaf(vcpus, "sregs", cmd_vcpu_sregs,
-              "show (or set, e.g. cr0=0x10 cs.base=0 cs.selector=0) special registers")
-    _vcpu_args(p)
-    _assign_arg(p, "special register")
-    _finish(p)
-    p = _leaf(vcpus, "fpu", cmd_vcpu_fpu, "show (or set, e.g. fcw=0x37f) the FPU/SSE state")
-    _vcpu_args(p)
-    _assign_arg(p, "FPU")
-    _finish(p)
-    p = _leaf(vcpus, "cpuid", cmd_vcpu_cpuid, "show the vCPU's CPUID entries")
-    _vcpu_args(p)
-    p.add_argument("--set-supported", action="store_true",
-                   help="first set the host's supported CPUID")
-    _finish(p)
-    p = _leaf(vcpus, "msrs", cmd_vcpu_msrs, "read (and/or write) MSRs")
-    _vcpu_args(p)
-    p.add_argument("indices", metavar="INDEX", nargs="*", type=parse_int,
-                   help="MSRs to read, e.g. 0x10 0x174")
-    p.add_argument("--set", metavar="INDEX=VALUE", action="append",
-                   type=parse_msr_assignment, help="write an MSR (repeatable)")
-    _finish(p)
-    p = _leaf(vcpus, "mpstate", cmd_vcpu_mpstate, "show (or set) the multiprocessing state")
-    _vcpu_args(p)
-    p.add_argument("state", metavar="STATE", nargs="?",
-                   choices=[v.name.lower() for v in vmm_pb2.MpState.State.DESCRIPTOR.values],
-                   type=str.lower, help="set this state first: %(choices)s")
-    _finish(p)
-    p = _leaf(vcpus, "lapic", cmd_vcpu_lapic, "show (save, load) the local APIC page")
-    _vcpu_args(p)
-    p.add_argument("--out", "-o", metavar="PATH", help="save the 1024-byte page to a file")
-    p.add_argument("--load", metavar="PATH", help="first load the page from a file")
-    _finish(p)
-    p = _leaf(vcpus, "events", cmd_vcpu_events,
-              "show (or set, e.g. nmi_pending=1) pending exceptions/interrupts/NMIs")
-    _vcpu_args(p)
-    _assign_arg(p, "vCPU event")
-    _finish(p)
+    groups: dict[str, Any] = {}
+    for command in COMMANDS:
+        group, _, name = command.path.rpartition(" ")
+        subs = top
+        if group:
+            if group not in groups:  # a group's parser comes with its first command
+                help_text, description = GROUPS[group]
+                sub = top.add_parser(group, help=help_text, description=description)
+                groups[group] = _subparsers(sub, f"{group}_command")
+            subs = groups[group]
+        p = subs.add_parser(name, help=command.help, description=command.help,
+                            aliases=list(command.aliases), formatter_class=_Formatter)
+        p.set_defaults(func=command)
+        for argument in command.args:
+            argument.add_to(p)
+        if command.defaults:
+            p.set_defaults(**command.defaults)
+        _add_common(p, top=False)
     return parser
 
 
