@@ -185,11 +185,12 @@ class SnapshotReader:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
         view = memoryview(data).cast("B")
         self.bytes_read += len(view)
-        if self._buf:  # only a frame cut by the previous feed is ever copied
-            self._buf += view
-            view = memoryview(self._buf)
-            self._buf = bytearray()
         out: list[Record] = []
+        if self._buf:  # only a frame cut by the previous feed is ever copied
+            rest = self._complete(view, out)
+            if rest is None:
+                return out
+            view = rest
         pos = 0
         while True:
             head = _read_varint(view, pos)
@@ -209,6 +210,40 @@ class SnapshotReader:
             pos = end
         self._buf = bytearray(view[pos:])
         return out
+
+    def _complete(self, view: memoryview, out: list[Record]) -> memoryview | None:
+        """Complete the frame the previous feed cut, copying only its missing bytes from
+        `view` (not the whole feed); the rest of `view`, or None when it ends first."""
+        while True:
+            head = _read_varint(self._buf, 0)
+            if head is None:  # the cut is inside the length: take its next bytes
+                take = min(len(view), 10)
+                if not take:
+                    return None
+                self._buf += view[:take]
+                view = view[take:]
+                continue
+            length, start = head
+            if length > MAX_RECORD_BYTES:
+                raise CorruptSnapshot(f"corrupt snapshot: a record of {length} bytes (at most "
+                                      f"{MAX_RECORD_BYTES})")
+            missing = start + length - len(self._buf)
+            if missing > len(view):
+                self._buf += view
+                return None
+            if missing > 0:
+                self._buf += view[:missing]
+            # the bytes taken for the length may reach past a very short frame
+            excess = -missing if missing < 0 else 0
+            frame = memoryview(self._buf)[:len(self._buf) - excess]
+            rest = bytes(self._buf[len(frame):])
+            self._buf = bytearray()  # `frame` keeps the old buffer alive for its record
+            record = self._decode(frame[start:])
+            self._check(record, frame)
+            out.append(record)
+            if missing >= 0:
+                return view[missing:]
+            self._buf = bytearray(rest)  # the start of the next frame: complete it too
 
     def _decode(self, payload: memoryview) -> Record:
         memory = _memory_in_place(payload)
