@@ -132,15 +132,35 @@ class SnapshotWriter:
             view[:] = data
         return bytes(self.memory_filled(slot, offset, len(data), copy))
 
-    def memory_filled(self, slot: int, offset: int, length: int,
-                      fill: Callable[[memoryview], None]) -> bytearray:
-        """A MemoryData record of `length` bytes that `fill` copies into the frame's data
-        part: encoded by hand so guest memory is copied once (protobuf readers parse it like
-        any record)."""
+    @staticmethod
+    def _memory_prefix(slot: int, offset: int, length: int) -> bytes:
+        """The bytes of a MemoryData frame before its `length` bytes of data: encoded by
+        hand so guest memory is copied once (protobuf readers parse it like any record)."""
         inner = (bytes([_TAG_SLOT]) + varint(slot) + bytes([_TAG_OFFSET]) + varint(offset)
                  + bytes([_TAG_DATA]) + varint(length))
         head = bytes([_TAG_MEMORY]) + varint(len(inner) + length) + inner
-        prefix = varint(len(head) + length) + head
+        return varint(len(head) + length) + head
+
+    def memory_read(self, slot: int, offset: int, length: int,
+                    read: Callable[[bytes], bytes]) -> bytes:
+        """A MemoryData record of `length` bytes: `read(prefix)` returns the frame, the
+        prefix followed by the data (e.g. Vm.read_joined: guest memory copied once)."""
+        prefix = self._memory_prefix(slot, offset, length)
+        frame = read(prefix)
+        if len(frame) != len(prefix) + length:
+            raise ValueError(f"a memory frame of {len(frame)} bytes, not "
+                             f"{len(prefix) + length}")
+        self._hash.update(frame)
+        self.records += 1
+        self.size += len(frame)
+        self.memory_pages += length // PAGE_SIZE
+        return frame
+
+    def memory_filled(self, slot: int, offset: int, length: int,
+                      fill: Callable[[memoryview], None]) -> bytearray:
+        """A MemoryData record of `length` bytes that `fill` copies into the frame's data
+        part."""
+        prefix = self._memory_prefix(slot, offset, length)
         frame = bytearray(len(prefix) + length)
         frame[:len(prefix)] = prefix
         fill(memoryview(frame)[len(prefix):])

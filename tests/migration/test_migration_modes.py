@@ -18,7 +18,9 @@ def test_each_dirty_tracking_mode_migrates_a_busy_guest_intact(
     a.boot_working_set(mode, dirty_tracking=mode)
     a.node.start(mode)
     wait_for(lambda: a.passes(mode) > 20, 30, "passes")
-    progress = a.migrate(mode, b)
+    # Paced, so the first round lasts long enough (~150 ms) for the guest, on a loaded host,
+    # to dirty pages during it: a round of a few ms may see none, and no dirty rate.
+    progress = a.migrate(mode, b, bandwidth_bytes_per_second=32 << 20)
     assert progress[-1].phase == pb.MigrationProgress.COMPLETED
     vm = b.vm(mode)
     assert vm.options.dirty_tracking == mode
