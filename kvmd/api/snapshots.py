@@ -3,7 +3,8 @@ format and of saving and restoring) and to the state directory's files."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc.aio
 
@@ -41,6 +42,17 @@ class DataResponse:
         self.wire = b"".join([bytes([_TAG_RESPONSE_DATA]), _varint(size), *frames])
 
 
+def _next_response(taker: SnapshotTaker, size: int) -> DataResponse | None:
+    """The next data message of a streamed snapshot (None when it is complete)."""
+    frames = taker.pull(size)
+    return None if frames is None else DataResponse(frames)
+
+
+def _forget(future: asyncio.Future[DataResponse | None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _serialize_response(message: pb.SnapshotVmResponse | DataResponse) -> bytes:
     if isinstance(message, DataResponse):
         return message.wire
@@ -51,6 +63,15 @@ def _parse_request(wire: bytes) -> pb.RestoreVmRequest | memoryview:
     """A RestoreVmRequest; its `data` form as a view of the received bytes (no copy)."""
     view = data_field_view(wire, _TAG_REQUEST_DATA)
     return view if view is not None else pb.RestoreVmRequest.FromString(wire)
+
+
+def _feed_next(restorer: Restorer, pieces: Iterator[memoryview]) -> bool:
+    """Feed the next piece of a file to `restorer`; False at the end of the file."""
+    piece = next(pieces, None)
+    if piece is None:
+        return False
+    restorer.feed(piece)
+    return True
 
 
 def add_snapshots_service(server: grpc.aio.Server, servicer: SnapshotsService) -> None:
@@ -134,8 +155,16 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                     for frame in frames))
             else:
                 size = self._chunk_size(request.chunk_size or DEFAULT_CHUNK)
-                while (frames := await self._blocking(taker.pull, size)) is not None:
-                    yield DataResponse(frames)  # type: ignore[misc]
+                # One message ahead: the pool reads and frames the next part of the snapshot
+                # while grpc sends this one.
+                ahead = asyncio.ensure_future(self._blocking(_next_response, taker, size))
+                try:
+                    while (response := await ahead) is not None:
+                        ahead = asyncio.ensure_future(
+                            self._blocking(_next_response, taker, size))
+                        yield response  # type: ignore[misc]
+                finally:  # the client went away: what the pool still does is nobody's
+                    ahead.add_done_callback(_forget)
         finally:
             # A client that went away: end the snapshot now, so the VM runs again (close
             # waits for a pull still running in the pool).
@@ -164,8 +193,10 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
             if options.files:
                 store = self._store()
                 for name in options.files:
-                    for chunk in store.read(name):
-                        await self._blocking(restorer.feed, chunk)
+                    # Read and applied in the pool, a piece at a time (cancellable between)
+                    pieces = store.read(name)
+                    while await self._blocking(_feed_next, restorer, pieces):
+                        pass
             else:
                 async for msg in requests:  # data arrives as views (see _parse_request)
                     data: bytes | memoryview

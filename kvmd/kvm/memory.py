@@ -162,6 +162,12 @@ class GuestMemoryRegion:
         self.read_into(offset, memoryview(out))
         return bytes(out)
 
+    def mapped(self, offset: int, length: int) -> Any:
+        """A buffer over [offset, offset+length) of the mapping itself (no copy): valid
+        while the region stays mapped; reading a hole of the memfd through it allocates
+        that page (zeroed), as a guest read would."""
+        return ffi.buffer(self.ptr + offset, length)
+
     def read_into(self, offset: int, out: memoryview) -> None:
         """Copy len(out) bytes from `offset` into `out` (one copy, in pieces so other
         threads get the GIL). From the backing file where nothing is mapped over it: a

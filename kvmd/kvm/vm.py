@@ -349,6 +349,17 @@ class Vm:
                 region.read_into(off, view[done:done + n])
                 done += n
 
+    def read_joined(self, guest_addr: int, length: int, head: bytes = b"") -> bytes:
+        """`head` then `length` bytes of guest memory, as one bytes object copied once,
+        straight from the mappings: a snapshot's or a migration's frame of guest pages.
+        For pages that hold data (see `nonzero_page_runs`): unlike `read_into`, which goes
+        through the file, a hole read here is allocated (zeroed). Several times faster on
+        these hosts than preadv of the memfd into a buffer, then a join."""
+        with self._lock:
+            self._open_fd("read")
+            return b"".join([head, *(region.mapped(off, n) for region, off, n in
+                                     self._pieces("read", guest_addr, length))])
+
     def write(self, guest_addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory (host writes do not mark the dirty log; read-only slots are
         writable from the host, as in KVM, except where a file is mapped read-only: EACCES,

@@ -134,15 +134,35 @@ class SnapshotWriter:
             view[:] = data
         return bytes(self.memory_filled(slot, offset, len(data), copy))
 
-    def memory_filled(self, slot: int, offset: int, length: int,
-                      fill: Callable[[memoryview], None]) -> bytearray:
-        """A MemoryData record of `length` bytes that `fill` copies into the frame's data
-        part: encoded by hand so guest memory is copied once (protobuf readers parse it like
-        any record)."""
+    @staticmethod
+    def _memory_prefix(slot: int, offset: int, length: int) -> bytes:
+        """The bytes of a MemoryData frame before its `length` bytes of data: encoded by
+        hand so guest memory is copied once (protobuf readers parse it like any record)."""
         inner = (bytes([_TAG_SLOT]) + varint(slot) + bytes([_TAG_OFFSET]) + varint(offset)
                  + bytes([_TAG_DATA]) + varint(length))
         head = bytes([_TAG_MEMORY]) + varint(len(inner) + length) + inner
-        prefix = varint(len(head) + length) + head
+        return varint(len(head) + length) + head
+
+    def memory_read(self, slot: int, offset: int, length: int,
+                    read: Callable[[bytes], bytes]) -> bytes:
+        """A MemoryData record of `length` bytes: `read(prefix)` returns the frame, the
+        prefix followed by the data (e.g. Vm.read_joined: guest memory copied once)."""
+        prefix = self._memory_prefix(slot, offset, length)
+        frame = read(prefix)
+        if len(frame) != len(prefix) + length:
+            raise ValueError(f"a memory frame of {len(frame)} bytes, not "
+                             f"{len(prefix) + length}")
+        self._hash.update(frame)
+        self.records += 1
+        self.size += len(frame)
+        self.memory_pages += length // PAGE_SIZE
+        return frame
+
+    def memory_filled(self, slot: int, offset: int, length: int,
+                      fill: Callable[[memoryview], None]) -> bytearray:
+        """A MemoryData record of `length` bytes that `fill` copies into the frame's data
+        part."""
+        prefix = self._memory_prefix(slot, offset, length)
         frame = bytearray(len(prefix) + length)
         frame[:len(prefix)] = prefix
         fill(memoryview(frame)[len(prefix):])
@@ -187,11 +207,12 @@ class SnapshotReader:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
         view = memoryview(data).cast("B")
         self.bytes_read += len(view)
-        if self._buf:  # only a frame cut by the previous feed is ever copied
-            self._buf += view
-            view = memoryview(self._buf)
-            self._buf = bytearray()
         out: list[Record] = []
+        if self._buf:  # only a frame cut by the previous feed is ever copied
+            rest = self._complete(view, out)
+            if rest is None:
+                return out
+            view = rest
         pos = 0
         while True:
             head = _read_varint(view, pos)
@@ -211,6 +232,40 @@ class SnapshotReader:
             pos = end
         self._buf = bytearray(view[pos:])
         return out
+
+    def _complete(self, view: memoryview, out: list[Record]) -> memoryview | None:
+        """Complete the frame the previous feed cut, copying only its missing bytes from
+        `view` (not the whole feed); the rest of `view`, or None when it ends first."""
+        while True:
+            head = _read_varint(self._buf, 0)
+            if head is None:  # the cut is inside the length: take its next bytes
+                take = min(len(view), 10)
+                if not take:
+                    return None
+                self._buf += view[:take]
+                view = view[take:]
+                continue
+            length, start = head
+            if length > MAX_RECORD_BYTES:
+                raise CorruptSnapshot(f"corrupt snapshot: a record of {length} bytes (at most "
+                                      f"{MAX_RECORD_BYTES})")
+            missing = start + length - len(self._buf)
+            if missing > len(view):
+                self._buf += view
+                return None
+            if missing > 0:
+                self._buf += view[:missing]
+            # the bytes taken for the length may reach past a very short frame
+            excess = -missing if missing < 0 else 0
+            frame = memoryview(self._buf)[:len(self._buf) - excess]
+            rest = bytes(self._buf[len(frame):])
+            self._buf = bytearray()  # `frame` keeps the old buffer alive for its record
+            record = self._decode(frame[start:])
+            self._check(record, frame)
+            out.append(record)
+            if missing >= 0:
+                return view[missing:]
+            self._buf = bytearray(rest)  # the start of the next frame: complete it too
 
     def _decode(self, payload: memoryview) -> Record:
         memory = _memory_in_place(payload)

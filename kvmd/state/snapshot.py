@@ -196,14 +196,16 @@ def _pages(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, bits: int
 
 def _data(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, offset: int,
           length: int) -> Iterator[bytes]:
-    read_into = vm.vm.read_into
+    """Frames of pages that hold data, copied once from the guest's mapping (the checksum
+    is of that copy: a page a running guest writes meanwhile goes again next round)."""
+    read_joined = vm.vm.read_joined
     for done in range(0, length, MEMORY_RECORD_BYTES):
         n = min(MEMORY_RECORD_BYTES, length - done)
         addr = s.guest_addr + offset + done
 
-        def fill(view: memoryview, addr: int = addr) -> None:
-            read_into(addr, view)
-        yield writer.memory_filled(s.slot, offset + done, n, fill)  # type: ignore[misc]
+        def read(prefix: bytes, addr: int = addr, n: int = n) -> bytes:
+            return read_joined(addr, n, prefix)
+        yield writer.memory_read(s.slot, offset + done, n, read)
 
 
 class SnapshotTaker:

@@ -27,7 +27,10 @@ from kvmd.state.format import CorruptSnapshot, MemoryRecord, SnapshotReader
 from kvmd_proto import vmm_pb2 as pb
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-READ_CHUNK = 16 << 20  # large reads: few frames straddle two of them
+# Reads into one reused buffer: large enough that few frames straddle two reads (the
+# reader copies a straddling frame), small enough to stay in the cache while the reader
+# checks what was read and copies it on (into the guest).
+READ_CHUNK = 8 << 20
 
 
 @dataclass
@@ -99,7 +102,9 @@ class SnapshotStore:
                 pass
         return size
 
-    def read(self, name: str) -> Iterator[bytes]:
+    def read(self, name: str) -> Iterator[memoryview]:
+        """The file's bytes in pieces, each a view of one reused buffer: valid until the
+        next piece is asked for (a SnapshotReader consumes a piece in its `feed`)."""
         path = self.path(name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -108,8 +113,9 @@ class SnapshotStore:
         except OSError as exc:
             raise _os_error(exc, f"cannot read {name}") from None
         with os.fdopen(fd, "rb", buffering=0) as fh:
-            while chunk := fh.read(READ_CHUNK):
-                yield chunk
+            buf = memoryview(bytearray(READ_CHUNK))
+            while n := fh.readinto(buf):
+                yield buf[:n]
 
     def describe(self, name: str) -> StoredSnapshot:
         """Header, VM id and owner of a file (its first records)."""

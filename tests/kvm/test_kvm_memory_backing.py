@@ -141,6 +141,23 @@ def test_nonzero_page_runs_skip_zero_and_untouched_pages(vm: Vm) -> None:
     assert vm.nonzero_page_runs(slot, 0, 4 * P) == []
 
 
+def test_read_joined_is_head_then_guest_memory_across_slots(vm: Vm, datafile: int) -> None:
+    # Two adjacent slots, a file mapped over part of the second: the frame of a snapshot
+    # reads what the guest sees, in one bytes object after its head.
+    a = vm.add_memory_region(DATA_SLOT_ADDR, 4 * P)
+    b = vm.add_memory_region(DATA_SLOT_ADDR + 4 * P, 4 * P)
+    data = bytes(range(256)) * (8 * P // 256)
+    vm.write(DATA_SLOT_ADDR, data)
+    vm.map_fd(b, 2 * P, P, datafile, fd_offset=8 * P)
+    seen = vm.read(DATA_SLOT_ADDR + P, 6 * P)
+    got = vm.read_joined(DATA_SLOT_ADDR + P, 6 * P, b"head")
+    assert isinstance(got, bytes) and got == b"head" + seen
+    assert got[4 + 5 * P:4 + 6 * P] == os.pread(datafile, P, 8 * P)
+    assert vm.read_joined(DATA_SLOT_ADDR, 0) == b""
+    assert _errno_of(vm.read_joined, DATA_SLOT_ADDR + 7 * P, 2 * P) == errno.EFAULT
+    assert vm.populated_ranges(a) == [(0, 4 * P)]
+
+
 def test_nonzero_page_runs_of_a_large_sparse_slot(vm: Vm,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # 16 MiB written all at once (populated), data in every 97th page and a run of 5000,

@@ -55,6 +55,23 @@ def test_read_back_whatever_the_chunking(chunk: int) -> None:
     assert reader.snapshots == 1 and reader.bytes_read == len(data)
 
 
+def test_read_back_whatever_the_cuts() -> None:
+    """Cuts anywhere (inside a length, right after one, inside the data, one byte before a
+    frame ends), and several records in the piece that completes a cut one."""
+    data = small_snapshot()
+    cuts = [*range(0, 300), *range(300, len(data), 97), len(data) - 1]
+    for i in cuts:
+        for j in (i + 1, i + 5, i + 4200, len(data)):
+            reader = SnapshotReader()
+            records = []
+            for piece in (data[:i], data[i:j], data[j:]):
+                records += [as_message(r) for r in reader.feed(piece)]
+            reader.finish()
+            assert [r.WhichOneof("record") for r in records] == [
+                "header", "vm", "memory", "zero", "memory", "trailer"], (i, j)
+            assert records[4].memory.data == b"\x02" * (3 * PAGE)
+
+
 def test_hand_encoded_memory_is_what_protobuf_reads() -> None:
     w = SnapshotWriter()
     frame = w.memory(3, 5 * PAGE, b"xyz" * 10)

@@ -134,8 +134,10 @@ def test_client_gone_mid_snapshot_leaves_the_vm_running(node: Node) -> None:
 
 
 def test_run_control_is_refused_while_a_snapshot_holds_the_vm(node: Node) -> None:
-    node.boot("h", COUNTER_SOURCE, mem_size=8 << 20)
-    node.write("h", 0x100000, b"\x5a" * (6 << 20))
+    # More data than grpc's flow-control windows and the socket buffer hold together (they
+    # grow to several MiB): the snapshot cannot end before the client reads on.
+    node.boot("h", COUNTER_SOURCE, mem_size=64 << 20)
+    node.write("h", 0x100000, b"\x5a" * (48 << 20))
     node.start("h")
     stream = node.stubs.snapshots.SnapshotVm(pb.SnapshotVmRequest(vm_id="h",
                                                                   chunk_size=64 << 10))
