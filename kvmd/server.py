@@ -301,6 +301,11 @@ class Daemon:
         store = SnapshotStore(self.cfg.state_dir) if self.cfg.state_dir else None
         tls_files = migration_tls_files(self.cfg)
         self.migrations = Migrations(self.host, MigrationTls(*tls_files) if tls_files else None)
+        tcp = [listener.target for listener in self.listeners if listener.unix_path is None]
+        if tcp:
+            self.migrations.data_host = tcp[0].rpartition(":")[0].strip("[]")
+        if self.tls is not None:
+            self.migrations.data_tls = (self.tls.cert, self.tls.key, self.tls.client_ca)
         names = add_services(server, self.host, runtime, authorizer.visible, store,
                              self.migrations)
         assert self.handover is not None

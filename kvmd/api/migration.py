@@ -4,6 +4,9 @@ pre-copy loop, the tokens and the daemon-to-daemon link)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc.aio
@@ -12,6 +15,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument, Reason
 from kvmd.core.host import Host
+from kvmd.migration.dataplane import DataListener, server_context
 from kvmd.migration.incoming import COMMITTED, READY, IncomingMigration
 from kvmd.migration.precopy import Direction, MigrationOptions, OutgoingMigration, Phase, Progress
 from kvmd.migration.registry import Migrations
@@ -23,6 +27,9 @@ from kvmd_proto import vmm_pb2_grpc as rpc
 RECEIVE_IDLE_SECONDS = 60.0
 COMMIT_WAIT_SECONDS = 30.0
 _TAG_DATA = (2 << 3) | 2  # MigrationMessage.data
+POLL_SECONDS = 0.25  # how often a waiting stream looks at its data socket and a cancel
+
+log = logging.getLogger(__name__)
 
 _PHASES: dict[str, pb.MigrationProgress.Phase] = {Phase.CONNECTING: pb.MigrationProgress.CONNECTING,
            Phase.COPYING: pb.MigrationProgress.COPYING,
@@ -147,22 +154,37 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
     async def ReceiveMigration(self, request_iterator: AsyncIterator[pb.MigrationMessage],
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.MigrationReply]:
-        """The source daemon's stream: start (the token), snapshot data, finish, commit.
-        Anything but a commit leaves nothing here."""
-        requests = request_iterator.__aiter__()
-        first = await self._next(requests, RECEIVE_IDLE_SECONDS)
+        """The source daemon's stream: start (the token), snapshot data (here or on the data
+        socket offered with the accept), finish, commit. Anything but a commit leaves
+        nothing here."""
+        requests = _Requests(request_iterator)
+        first = await requests.next(RECEIVE_IDLE_SECONDS)
         if not isinstance(first, pb.MigrationMessage) or first.WhichOneof("message") != "start":
+            requests.close()
             raise InvalidArgument("a migration stream starts with its token (start)",
                                   reason=Reason.STREAM_INVALID, field="start")
         start = first.start
         incoming: IncomingMigration = self.migrations.incoming.claim(start.token,
                                                                      context.peer() or "")
+        data: DataListener | None = None
+
+        def release() -> None:
+            if data is not None:
+                data.close()  # no feed runs after this
+            if incoming.state != COMMITTED:
+                incoming.abort()  # the source gone: everything released
+
         try:
             await self._blocking(incoming.begin, start.source_vm_id, start.format_version)
-            yield pb.MigrationReply(accepted=pb.MigrationAccepted(vm_id=incoming.vm_id))
+            accepted = pb.MigrationAccepted(vm_id=incoming.vm_id)
+            if start.data_socket:
+                data = await self._blocking(self._data_listener, incoming, context)
+                if data is not None:
+                    accepted.data_port, accepted.data_secret = data.port, data.secret
+            yield pb.MigrationReply(accepted=accepted)
             while incoming.state != COMMITTED:
                 wait = COMMIT_WAIT_SECONDS if incoming.state == READY else RECEIVE_IDLE_SECONDS
-                msg = await self._next(requests, wait)
+                msg = await requests.next(wait, incoming, data)
                 incoming.check_cancelled()
                 if msg is None:  # the source ended the stream without a commit: discard
                     raise Aborted(f"the migration stream of vm {incoming.vm_id} ended before "
@@ -174,6 +196,13 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                 if kind == "data":
                     await self._blocking(incoming.feed, msg.data)
                 elif kind == "finish":
+                    if msg.finish.data_bytes:
+                        if data is None:
+                            raise InvalidArgument("finish counts data-socket bytes but no "
+                                                  "data socket was offered",
+                                                  reason=Reason.STREAM_INVALID)
+                        await self._blocking(data.wait, msg.finish.data_bytes,
+                                             RECEIVE_IDLE_SECONDS)
                     await self._blocking(incoming.finish)
                     yield pb.MigrationReply(ready=pb.MigrationReady())
                 elif kind == "commit":
@@ -183,18 +212,78 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
                     raise InvalidArgument(f"unexpected {kind or 'empty'} message in a "
                                           "migration stream", reason=Reason.STREAM_INVALID)
         finally:
-            if incoming.state != COMMITTED:
-                await self._cleanup(incoming.abort)  # the source gone: everything released
+            requests.close()
+            await self._cleanup(release)
             self.migrations.incoming.ended(incoming)
 
-    @staticmethod
-    async def _next(requests: AsyncIterator[pb.MigrationMessage | memoryview],
-                    timeout: float) -> pb.MigrationMessage | memoryview | None:
+    def _data_listener(self, incoming: IncomingMigration,
+                       context: grpc.aio.ServicerContext) -> DataListener | None:
+        """The data socket offered to this stream's source: TLS with the daemon's own
+        certificates when the stream is TLS, plain only when it is plain TCP over loopback;
+        None (the data goes on the stream) otherwise."""
+        auth = context.auth_context() or {}
+        secure = b"ssl" in auth.get("transport_security_type", [])
+        peer = context.peer() or ""
+        if secure:
+            files = self.migrations.data_tls
+            host = self.migrations.data_host
+            if files is None or not host:
+                return None
+            try:
+                tls = server_context(*files)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("no migration data socket: %s", exc)
+                return None
+        else:
+            if peer.startswith("ipv4:127."):
+                host = "127.0.0.1"
+            elif peer.startswith("ipv6:[::1]"):
+                host = "::1"
+            else:
+                return None
+            tls = None
         try:
-            return await asyncio.wait_for(requests.__anext__(), timeout)
+            return DataListener(host, incoming.feed, tls, RECEIVE_IDLE_SECONDS)
+        except OSError as exc:
+            log.warning("no migration data socket: %s", exc)
+            return None
+
+
+class _Requests:
+    """A stream's requests, one at a time with a deadline, that also watches the data socket
+    (its failure ends the stream; its traffic counts as the source being alive) and a cancel
+    on this side. The pending read is never cancelled between waits."""
+
+    def __init__(self, iterator: AsyncIterator[pb.MigrationMessage | memoryview]) -> None:
+        self._iterator = iterator.__aiter__()
+        self._pending: asyncio.Future[pb.MigrationMessage | memoryview] | None = None
+
+    async def next(self, timeout: float, incoming: IncomingMigration | None = None,
+                   data: DataListener | None = None) -> pb.MigrationMessage | memoryview | None:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._iterator.__anext__())
+        task = self._pending
+        deadline = time.monotonic() + timeout
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=min(POLL_SECONDS, timeout))
+            if done:
+                break
+            if incoming is not None:
+                incoming.check_cancelled()
+            if data is not None:
+                if data.error is not None:
+                    raise data.error
+                deadline = max(deadline, data.last_activity + timeout)
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"the migration source sent nothing for {timeout:g} s",
+                                       reason=Reason.PEER_TIMEOUT)
+        self._pending = None
+        try:
+            return task.result()
         except StopAsyncIteration:
             return None
-        except TimeoutError:
-            raise DeadlineExceeded(f"the migration source sent nothing for {timeout:g} s",
-                                   reason=Reason.PEER_TIMEOUT)\
-                from None
+
+    def close(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+        self._pending = None

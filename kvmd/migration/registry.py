@@ -28,6 +28,10 @@ class Migrations:
     def __init__(self, host: Host, tls: MigrationTls | None = None) -> None:
         self.host = host
         self.tls = tls
+        # Incoming data sockets: the host they bind (the TCP listener's), and the server
+        # certificate, key and client CA that wrap them when the stream is TLS.
+        self.data_host = ""
+        self.data_tls: tuple[str, str, str] | None = None
         self.incoming = IncomingMigrations(host)
         self._outgoing: dict[str, OutgoingMigration] = {}
         self._lock = threading.Lock()

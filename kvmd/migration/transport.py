@@ -3,7 +3,9 @@ Migration/ReceiveMigration, a bidirectional gRPC stream, over TLS (mutual, with 
 certificates of the source's configuration) or, to a loopback target only, plain TCP.
 
 Messages are MigrationMessage (source to target) and MigrationReply (back). Snapshot bytes
-go as `data` messages encoded here by hand: the frames are joined once, into the message.
+go on the data socket the target offers when it accepts (kvmd.migration.dataplane: the
+frames as they are, with sendmsg), the byte count with the finish; to a target that offers
+none, as `data` messages encoded here by hand: the frames are joined once, into the message.
 A bounded queue between the migration thread and grpc's sending thread is the flow control:
 `send` blocks while the link is full, and fails (Unavailable) when the target stops reading
 for longer than the timeout. Replies are read by a small thread into a queue, so every wait
@@ -12,6 +14,7 @@ for the target has a deadline.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -35,9 +38,12 @@ from kvmd.core.errors import (
     Reason,
     Unavailable,
 )
+from kvmd.migration.dataplane import DataSender, client_context
 from kvmd.migration.precopy import MigrationOptions
 from kvmd.state.format import FORMAT_VERSION, varint
 from kvmd_proto import vmm_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 METHOD = "/kvmd.v1.Migration/ReceiveMigration"
 # Bytes of snapshot data per gRPC message (well under every daemon's max_message_bytes).
@@ -153,6 +159,9 @@ class GrpcTransport:
                                   "gives it", reason=Reason.FIELD_REQUIRED, field="token")
         self.target = target
         self.token = token
+        self.tls = tls
+        self.server_name = options.tls_server_name
+        self._data: DataSender | None = None  # the target's data socket, when it offers one
         self.timeout = options.timeout_ms / 1000
         channel_options: list[tuple[str, int | str]] = [
                            ("grpc.max_send_message_length", MAX_DATA_MESSAGE + 4096),
@@ -245,15 +254,38 @@ class GrpcTransport:
                          name="migration-replies").start()
         self._put(pb.MigrationMessage(start=pb.MigrationStart(
             token=self.token, source_vm_id=source_vm_id, kvmd_version=__version__,
-            format_version=FORMAT_VERSION)).SerializeToString())
+            format_version=FORMAT_VERSION, data_socket=True)).SerializeToString())
         reply = self._next_reply("accept")
         if reply.WhichOneof("reply") != "accepted":
             raise InvalidState(f"migration target {self.target} answered "
                                f"{reply.WhichOneof('reply')} instead of accepting",
                                reason=Reason.MIGRATION_FAILED)
+        if reply.accepted.data_port:
+            self._open_data(reply.accepted.data_port, reply.accepted.data_secret)
         return reply.accepted.vm_id
 
+    def _open_data(self, port: int, secret: bytes) -> None:
+        """Connect to the target's data socket; on failure the bytes go on the stream."""
+        host, _port = split_target(self.target)
+        try:
+            tls = client_context(self.tls.cert, self.tls.key, self.tls.ca) \
+                if self.tls is not None else None
+            sender = DataSender(host, port, secret, tls, self.server_name, self.timeout)
+        except (OSError, ValueError) as exc:
+            log.warning("migration data socket refused; sending on the stream",
+                        extra={"target": self.target, "port": port, "error": str(exc)})
+            return
+        with self._lock:
+            if self._closed.is_set():
+                sender.close()
+                raise Aborted(f"the link to migration target {self.target} was closed",
+                              reason=Reason.MIGRATION_CANCELLED)
+            self._data = sender
+
     def send(self, frames: list[bytes]) -> None:
+        if self._data is not None:
+            self._send_socket(self._data, frames)
+            return
         message: list[bytes] = []
         size = 0
         for frame in frames:
@@ -271,11 +303,37 @@ class GrpcTransport:
         if message:
             self._send_data(message, size)
 
+    def _send_socket(self, data: DataSender, frames: list[bytes]) -> None:
+        if self._failure is not None:
+            raise self._failure
+        try:
+            data.send(frames)
+            return
+        except (OSError, ValueError) as exc:
+            error = exc
+        if not self._closed.is_set():  # the stream may say why: let its reason through
+            deadline = time.monotonic() + 1.0
+            while self._failure is None and time.monotonic() < deadline and \
+                    not self._closed.is_set():
+                time.sleep(0.02)
+        if self._failure is not None:
+            raise self._failure
+        if self._closed.is_set():
+            raise Aborted(f"the link to migration target {self.target} was closed",
+                          reason=Reason.MIGRATION_CANCELLED)
+        if isinstance(error, TimeoutError):
+            raise Unavailable(f"migration target {self.target} stopped reading for "
+                              f"{self.timeout:g} s", reason=Reason.PEER_UNAVAILABLE)
+        raise Unavailable(f"the data link to migration target {self.target} broke: {error}",
+                          reason=Reason.PEER_UNAVAILABLE)
+
     def _send_data(self, frames: list[bytes], size: int) -> None:
         self._put(b"".join([bytes([_TAG_DATA]), varint(size), *frames]))
 
     def finish(self) -> None:
-        self._put(pb.MigrationMessage(finish=pb.MigrationFinish()).SerializeToString())
+        sent = self._data.sent if self._data is not None else 0
+        self._put(pb.MigrationMessage(finish=pb.MigrationFinish(data_bytes=sent))
+                  .SerializeToString())
         reply = self._next_reply("ready")
         if reply.WhichOneof("reply") != "ready":
             raise InvalidState(f"migration target {self.target} answered "
@@ -301,7 +359,9 @@ class GrpcTransport:
             if self._closed.is_set():
                 return
             self._closed.set()
-            call = self._call
+            call, data = self._call, self._data
+        if data is not None:
+            data.close()  # wakes a send blocked on it
         if call is not None:
             call.cancel()
         self._channel.close()

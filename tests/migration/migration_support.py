@@ -270,13 +270,13 @@ class LinkProxy:
     """A TCP proxy between two daemons: `cut()` closes every connection through it, as a
     broken network link would."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
         self.upstream = upstream_port
         self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((host, 0))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
-        self.target = f"127.0.0.1:{self.port}"
+        self.target = f"{host}:{self.port}"
         self.bytes = 0
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
