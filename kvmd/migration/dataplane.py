@@ -182,7 +182,7 @@ class DataListener:
                                       f"of {total} bytes", reason=Reason.PEER_UNAVAILABLE)
                 if time.monotonic() - self.last_activity > timeout:
                     raise Unavailable(f"the migration source sent no data for {timeout:g} s",
-                                      reason=Reason.PEER_TIMEOUT)
+                                      reason=Reason.PEER_UNAVAILABLE)
                 self._cond.wait(0.2)
             if self.received > total:
                 raise InvalidArgument(f"the migration source wrote {self.received} bytes on "
