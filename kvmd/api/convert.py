@@ -15,6 +15,7 @@ from kvmd.kvm import (
     IoSpace,
     MemoryRegionInfo,
     bitmap_runs,
+    pack_varints,
 )
 from kvmd.state.codec import (
     cpuid_from_pb,
@@ -175,12 +176,39 @@ def page_run_chunks(bitmap: bytes, limit: int, force: bool
             for i in range(0, len(firsts), step)] or [(firsts, counts)]
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _packed_field(number: int, body: bytes) -> bytes:
+    """A packed repeated field on the wire (nothing when empty, as protobuf writes it)."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body if body else b""
+
+
+def dirty_runs_to_pb(msg: pb.DirtyLogChunk, firsts: array[int], counts: array[int]) -> int:
+    """Add runs to a DirtyLogChunk; returns the pages they cover. The packed fields are
+    encoded in C and read by protobuf's own parser: no Python int per run (extending the
+    repeated fields from arrays cost more than the rest of a GetDirtyLog)."""
+    packed_firsts, _ = pack_varints(firsts)
+    packed_counts, pages = pack_varints(counts)
+    msg.MergeFromString(
+        _packed_field(pb.DirtyLogChunk.RUN_FIRST_PAGES_FIELD_NUMBER, packed_firsts)
+        + _packed_field(pb.DirtyLogChunk.RUN_PAGES_FIELD_NUMBER, packed_counts))
+    return pages
+
+
 __all__ = [
     "SPACES",
     "SPACES_PB",
     "cpuid_from_pb",
     "cpuid_to_pb",
     "dirty_modes_to_pb",
+    "dirty_runs_to_pb",
     "event_to_pb",
     "events_from_pb",
     "events_to_pb",

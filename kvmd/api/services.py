@@ -30,6 +30,7 @@ from kvmd.core.remote import (
     RemoteHandler,
 )
 from kvmd.core.vm import ManagedVm
+from kvmd.kvm import bitmap_popcount
 from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
@@ -316,20 +317,19 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         if runs is not None:
             total = 0
             for i, (firsts, counts) in enumerate(runs):
-                dirty = sum(counts)
-                total += dirty
                 last = i == len(runs) - 1
-                msg = pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
-                                       dirty_pages=dirty, total_dirty_pages=total if last else 0)
-                msg.run_first_pages.extend(firsts)
-                msg.run_pages.extend(counts)
+                msg = pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last)
+                msg.dirty_pages = dirty = convert.dirty_runs_to_pb(msg, firsts, counts)
+                total += dirty
+                if last:
+                    msg.total_dirty_pages = total
                 yield msg
             return
         total_dirty = 0
         offsets = range(0, len(bitmap), chunk)
         for i, off in enumerate(offsets):
             piece = bitmap[off : off + chunk]
-            dirty = int.from_bytes(piece, "little").bit_count()
+            dirty = bitmap_popcount(piece)
             total_dirty += dirty
             last = i == len(offsets) - 1
             yield pb.DirtyLogChunk(
