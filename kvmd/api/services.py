@@ -301,8 +301,9 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
 
     async def GetDirtyLog(self, request: pb.GetDirtyLogRequest,
                           context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[pb.DirtyLogChunk]:
-        """Fetch (and reset) the slot's dirty bitmap, streamed in chunks."""
+                          ) -> AsyncIterator[pb.DirtyLogChunk | bytes]:
+        """Fetch (and reset) the slot's dirty bitmap, streamed in chunks (runs come
+        serialized already)."""
         vm = self._vm(request.vm_id)
         info, bitmap = await self._blocking(vm.get_dirty_log, request.slot)
         total_pages = info.size // PAGE_SIZE
@@ -317,13 +318,11 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         if runs is not None:
             total = 0
             for i, (firsts, counts) in enumerate(runs):
-                last = i == len(runs) - 1
-                msg = pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last)
-                msg.dirty_pages = dirty = convert.dirty_runs_to_pb(msg, firsts, counts)
+                # Serialized already (see interceptors.serialized_as_is).
+                wire, dirty = convert.dirty_runs_chunk(info.slot, total_pages, firsts, counts,
+                                                       total, i == len(runs) - 1)
                 total += dirty
-                if last:
-                    msg.total_dirty_pages = total
-                yield msg
+                yield wire
             return
         total_dirty = 0
         offsets = range(0, len(bitmap), chunk)

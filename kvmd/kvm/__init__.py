@@ -13,6 +13,7 @@ from kvmd.kvm.dirty import (
     bitmap_or,
     bitmap_popcount,
     bitmap_runs,
+    max_u64,
     pack_varints,
 )
 from kvmd.kvm.errors import KvmError
@@ -164,5 +165,6 @@ __all__ = [
     "check_datamatch",
     "dirty_log_bitmap_size",
     "kick_signal",
+    "max_u64",
     "pack_varints",
 ]

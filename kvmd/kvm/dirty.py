@@ -259,3 +259,10 @@ def pack_varints(values: array[int]) -> tuple[bytes, int]:
                                  ffi.from_buffer("uint8_t[]", out), total)
     del out[size:]
     return bytes(out), int(total[0])
+
+
+def max_u64(values: array[int]) -> int:
+    """The largest of unsigned 64-bit `values` (array "Q"), 0 for none; in C."""
+    if not len(values):
+        return 0
+    return int(lib.kvmd_max_u64(ffi.from_buffer("uint64_t[]", values), len(values)))

@@ -160,3 +160,13 @@ uint64_t kvmd_pack_varints(const uint64_t *values, uint64_t n, uint8_t *out, uin
     *sum = s;
     return (uint64_t)(p - out);
 }
+
+/* The largest of `n` values (0 when there are none). */
+uint64_t kvmd_max_u64(const uint64_t *values, uint64_t n)
+{
+    uint64_t m = 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (values[i] > m)
+            m = values[i];
+    return m;
+}
