@@ -15,6 +15,8 @@ from kvmd.kvm import (
     IoSpace,
     MemoryRegionInfo,
     bitmap_runs,
+    max_u64,
+    pack_varints,
 )
 from kvmd.state.codec import (
     cpuid_from_pb,
@@ -166,13 +168,42 @@ def page_run_chunks(bitmap: bytes, limit: int, force: bool
     bitmap."""
     firsts, counts = bitmap_runs(bitmap)
     # Packed varints: the first pages grow, so sizing by the largest is close and safe.
-    per_run = _varint_len(firsts[-1] if firsts else 0) + _varint_len(
-        max(counts) if counts else 0)
+    per_run = _varint_len(firsts[-1] if firsts else 0) + _varint_len(max_u64(counts))
     if not force and len(firsts) * per_run + 8 >= len(bitmap):
         return None
     step = max(1, limit // per_run)
     return [(firsts[i:i + step], counts[i:i + step])
             for i in range(0, len(firsts), step)] or [(firsts, counts)]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _packed_field(number: int, body: bytes) -> bytes:
+    """A packed repeated field on the wire (nothing when empty, as protobuf writes it)."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body if body else b""
+
+
+def dirty_runs_chunk(slot: int, total_pages: int, firsts: array[int], counts: array[int],
+                     total_before: int, last: bool) -> tuple[bytes, int]:
+    """A DirtyLogChunk of runs, serialized, and the pages its runs cover. The packed fields
+    are encoded in C and appended to the serialized scalar fields (protobuf's own field
+    order): no Python int per run and no parse (extending the repeated fields from arrays
+    cost more than the rest of a GetDirtyLog). `total_before`: dirty pages of the chunks
+    before it."""
+    packed_firsts, _ = pack_varints(firsts)
+    packed_counts, pages = pack_varints(counts)
+    head = pb.DirtyLogChunk(slot=slot, total_pages=total_pages, last=last, dirty_pages=pages,
+                            total_dirty_pages=total_before + pages if last else 0)
+    return (head.SerializeToString()
+            + _packed_field(pb.DirtyLogChunk.RUN_FIRST_PAGES_FIELD_NUMBER, packed_firsts)
+            + _packed_field(pb.DirtyLogChunk.RUN_PAGES_FIELD_NUMBER, packed_counts)), pages
 
 
 __all__ = [
@@ -181,6 +212,7 @@ __all__ = [
     "cpuid_from_pb",
     "cpuid_to_pb",
     "dirty_modes_to_pb",
+    "dirty_runs_chunk",
     "event_to_pb",
     "events_from_pb",
     "events_to_pb",

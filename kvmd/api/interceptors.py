@@ -13,6 +13,10 @@ bounded thread pool (they may take VM locks, do ioctls, copy memory). Methods ma
 never block and take no lock that can be held long (reads of state the core publishes
 without locks, run control that only flips a vCPU's state). Streaming methods are async
 generators or coroutines and run on the loop, so an idle stream costs no thread.
+
+A handler may answer with a message it has already serialized (bytes, where the method's
+answer is a message): it is sent as is. For big answers built faster as bytes than through
+protobuf's API (GetDirtyLog's packed page runs).
 """
 
 from __future__ import annotations
@@ -64,8 +68,20 @@ def rewrap(handler: Any, wrap: Callable[[str, Behavior], Behavior]) -> Any:
         behavior = getattr(handler, kind)
         if behavior:
             return make(wrap(kind, behavior), handler.request_deserializer,
-                        handler.response_serializer)
+                        serialized_as_is(handler.response_serializer))
     return handler
+
+
+def serialized_as_is(serializer: Callable[[Any], bytes] | None
+                     ) -> Callable[[Any], bytes] | None:
+    """`serializer`, except that an answer already serialized (bytes) goes as it is."""
+    if serializer is None:
+        return None
+    serialize = serializer
+
+    def serialize_unless_bytes(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+    return serialize_unless_bytes
 
 
 def streams_responses(kind: str) -> bool:

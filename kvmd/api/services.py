@@ -30,6 +30,7 @@ from kvmd.core.remote import (
     RemoteHandler,
 )
 from kvmd.core.vm import ManagedVm
+from kvmd.kvm import bitmap_popcount
 from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
@@ -300,8 +301,9 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
 
     async def GetDirtyLog(self, request: pb.GetDirtyLogRequest,
                           context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[pb.DirtyLogChunk]:
-        """Fetch (and reset) the slot's dirty bitmap, streamed in chunks."""
+                          ) -> AsyncIterator[pb.DirtyLogChunk | bytes]:
+        """Fetch (and reset) the slot's dirty bitmap, streamed in chunks (runs come
+        serialized already)."""
         vm = self._vm(request.vm_id)
         info, bitmap = await self._blocking(vm.get_dirty_log, request.slot)
         total_pages = info.size // PAGE_SIZE
@@ -316,20 +318,17 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         if runs is not None:
             total = 0
             for i, (firsts, counts) in enumerate(runs):
-                dirty = sum(counts)
+                # Serialized already (see interceptors.serialized_as_is).
+                wire, dirty = convert.dirty_runs_chunk(info.slot, total_pages, firsts, counts,
+                                                       total, i == len(runs) - 1)
                 total += dirty
-                last = i == len(runs) - 1
-                msg = pb.DirtyLogChunk(slot=info.slot, total_pages=total_pages, last=last,
-                                       dirty_pages=dirty, total_dirty_pages=total if last else 0)
-                msg.run_first_pages.extend(firsts)
-                msg.run_pages.extend(counts)
-                yield msg
+                yield wire
             return
         total_dirty = 0
         offsets = range(0, len(bitmap), chunk)
         for i, off in enumerate(offsets):
             piece = bitmap[off : off + chunk]
-            dirty = int.from_bytes(piece, "little").bit_count()
+            dirty = bitmap_popcount(piece)
             total_dirty += dirty
             last = i == len(offsets) - 1
             yield pb.DirtyLogChunk(

@@ -8,6 +8,12 @@ takes (reads and clears) only its own. Host writes through the daemon (WriteGues
 mark pages for the daemon's own consumers (a snapshot or migration must carry them), but
 not for the API's view, which reports what KVM reports: guest writes only. Bitmaps have
 one bit per page of the slot, least significant bit first, as KVM's.
+
+A consumer's bitmap of a slot is kept as KVM returned it (bytes) for as long as harvests
+only add to it: the first harvest stores KVM's bytes as they are (shared, never changed in
+place), later ones OR into a new copy in C. Only the rarer edits (host writes, clears,
+bits put back) turn it into an int. So a harvest and a GetDirtyLog of a big slot cost the
+ioctl and a pass or two in C, not big-int conversions of the whole bitmap per consumer.
 """
 
 from __future__ import annotations
@@ -16,7 +22,15 @@ import logging
 import threading
 import time
 
-from kvmd.kvm import PAGE_SIZE, DirtyBitmaps, MemoryRegionInfo, Vm, bitmap_runs
+from kvmd.kvm import (
+    PAGE_SIZE,
+    DirtyBitmaps,
+    MemoryRegionInfo,
+    Vm,
+    bitmap_or,
+    bitmap_popcount,
+    bitmap_runs,
+)
 
 API = "api"  # GetDirtyLog: always present (KVM's log starts at the slot's creation)
 SNAPSHOT = "snapshot"  # diff snapshots: pages dirtied since the last snapshot
@@ -36,6 +50,20 @@ REAP_INTERVAL_S = 0.02
 
 log = logging.getLogger(__name__)
 
+# A consumer's bitmap of a slot: KVM's bytes, or an int (bit i: page i).
+Bitmap = int | bytes | bytearray
+
+
+def _as_int(bits: Bitmap) -> int:
+    return bits if isinstance(bits, int) else int.from_bytes(bits, "little")
+
+
+def _merge(old: Bitmap, new: bytes) -> Bitmap:
+    """old | new, without changing either (bytes may be shared between consumers)."""
+    if not isinstance(old, int) and len(old) == len(new):
+        return bitmap_or(old, new)
+    return _as_int(old) | int.from_bytes(new, "little")
+
 
 class DirtyTracker:
     """Per-consumer dirty bitmaps over one VM's logging slots, filled from KVM in the VM's
@@ -46,8 +74,8 @@ class DirtyTracker:
         self.mode = mode
         self._lock = threading.Lock()
         self._harvest_lock = threading.Lock()  # one harvest at a time (rings, clears)
-        # consumer -> slot -> bitmap as an int (bit i: page i of the slot)
-        self._consumers: dict[str, dict[int, int]] = {API: {}}
+        # consumer -> slot -> bitmap (see Bitmap)
+        self._consumers: dict[str, dict[int, Bitmap]] = {API: {}}
         self.harvested_pages = 0  # dirty pages KVM reported, all slots, ever
         self.rate = 0.0  # pages/s, from the last MeasureDirtyRate or migration round
         self.rate_unix_ms = 0
@@ -110,12 +138,12 @@ class DirtyTracker:
                 if not info.log_dirty:
                     continue
                 raw = self._vm.get_dirty_log(info.slot)
-                bits = int.from_bytes(raw, "little")
-                if not bits:
+                pages = bitmap_popcount(raw)
+                if not pages:
                     continue
                 if self.mode == MANUAL:  # re-protect exactly what was reported
                     self._vm.clear_dirty_log(info.slot, 0, info.size // PAGE_SIZE, raw)
-                total += self._distribute(info.slot, bits)
+                total += self._distribute(info.slot, raw, pages)
             return total
 
     def _harvest_rings(self) -> int:
@@ -124,17 +152,19 @@ class DirtyTracker:
         self._vm.reset_dirty_rings()
         total = 0
         for slot in bitmaps.slots:
-            bits = int.from_bytes(bitmaps.bitmap(slot), "little")
-            if bits:
-                total += self._distribute(slot, bits)
+            raw = bitmaps.bitmap(slot)
+            pages = bitmap_popcount(raw)
+            if pages:
+                total += self._distribute(slot, raw, pages)
         return total
 
-    def _distribute(self, slot: int, bits: int) -> int:
-        pages = bits.bit_count()
+    def _distribute(self, slot: int, raw: bytes, pages: int) -> int:
+        """OR KVM's bitmap `raw` of a slot (`pages` bits set) into every consumer's."""
         with self._lock:
             self.harvested_pages += pages
             for bitmaps in self._consumers.values():
-                bitmaps[slot] = bitmaps.get(slot, 0) | bits
+                old = bitmaps.get(slot)
+                bitmaps[slot] = _merge(old, raw) if old else raw
         return pages
 
     def peek(self, name: str, info: MemoryRegionInfo) -> int:
@@ -142,7 +172,13 @@ class DirtyTracker:
         API's manual mode: the caller clears the ranges it handled)."""
         self.harvest([info])
         with self._lock:
-            return self._consumers.get(name, {}).get(info.slot, 0)
+            return _as_int(self._consumers.get(name, {}).get(info.slot, 0))
+
+    def peek_bitmap(self, name: str, info: MemoryRegionInfo) -> bytes:
+        """`peek`, as KVM's bytes (`bitmap_bytes`)."""
+        self.harvest([info])
+        with self._lock:
+            return _to_bytes(self._consumers.get(name, {}).get(info.slot, 0), info)
 
     def clear(self, name: str, slot: int, first_page: int, pages: int) -> None:
         """Clear pages [first_page, first_page+pages) of `name`'s bitmap of a slot."""
@@ -150,7 +186,7 @@ class DirtyTracker:
         with self._lock:
             bitmaps = self._consumers.get(name)
             if bitmaps is not None and slot in bitmaps:
-                bitmaps[slot] &= ~mask
+                bitmaps[slot] = _as_int(bitmaps[slot]) & ~mask
 
     def measure_rate(self, seconds: float) -> tuple[int, float]:
         """Pages the guest dirtied over `seconds`, and the seconds it took (as QEMU's
@@ -174,14 +210,20 @@ class DirtyTracker:
         """Harvest the slot, then return and clear `name`'s bitmap of it (as an int)."""
         self.harvest([info])
         with self._lock:
-            return self._consumers.get(name, {}).pop(info.slot, 0)
+            return _as_int(self._consumers.get(name, {}).pop(info.slot, 0))
+
+    def take_bitmap(self, name: str, info: MemoryRegionInfo) -> bytes:
+        """`take`, as KVM's bytes (`bitmap_bytes`)."""
+        self.harvest([info])
+        with self._lock:
+            return _to_bytes(self._consumers.get(name, {}).pop(info.slot, 0), info)
 
     def put_back(self, name: str, slot: int, bits: int) -> None:
         """Merge bits taken earlier back (the work that took them failed)."""
         with self._lock:
             bitmaps = self._consumers.get(name)
             if bitmaps is not None and bits:
-                bitmaps[slot] = bitmaps.get(slot, 0) | bits
+                bitmaps[slot] = _as_int(bitmaps.get(slot, 0)) | bits
 
     # -- writing --------------------------------------------------------------------------
 
@@ -195,7 +237,7 @@ class DirtyTracker:
         with self._lock:
             for name, bitmaps in self._consumers.items():
                 if name != API:
-                    bitmaps[slot] = bitmaps.get(slot, 0) | bits
+                    bitmaps[slot] = _as_int(bitmaps.get(slot, 0)) | bits
 
     def mark_all(self, name: str, info: MemoryRegionInfo) -> None:
         """Every page of a slot is dirty for `name` (a slot it cannot track otherwise)."""
@@ -215,6 +257,15 @@ class DirtyTracker:
 def bitmap_bytes(bits: int, pages: int) -> bytes:
     """A bitmap int as KVM's byte layout: one bit per page, LSB first, whole bytes."""
     return bits.to_bytes((pages + 7) // 8, "little")
+
+
+def _to_bytes(bits: Bitmap, info: MemoryRegionInfo) -> bytes:
+    pages = info.size // PAGE_SIZE
+    if isinstance(bits, int):
+        return bitmap_bytes(bits, pages)
+    if len(bits) != (pages + 7) // 8:  # not from this slot's size: as bitmap_bytes would
+        return bitmap_bytes(int.from_bytes(bits, "little"), pages)
+    return bytes(bits)
 
 
 def page_runs(bits: int) -> list[tuple[int, int]]:

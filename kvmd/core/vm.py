@@ -35,7 +35,6 @@ from kvmd.core.dirty import (
     RING,
     SNAPSHOT,
     DirtyTracker,
-    bitmap_bytes,
 )
 from kvmd.core.errors import (
     AlreadyExists,
@@ -621,9 +620,9 @@ class ManagedVm:
                                       resource=f"{self.resource}/slot/{slot}",
                                       reason=Reason.SLOT_NOT_LOGGED, field="slot")
             # Manual mode: reading does not reset the API's view; ClearDirtyLog does.
-            bits = (self.dirty.peek(API, info) if self.dirty.mode == MANUAL
-                    else self.dirty.take(API, info))
-            return info, bitmap_bytes(bits, info.size // PAGE_SIZE)
+            if self.dirty.mode == MANUAL:
+                return info, self.dirty.peek_bitmap(API, info)
+            return info, self.dirty.take_bitmap(API, info)
 
     def measure_dirty_rate(self, duration_ms: int) -> tuple[int, float]:
         """Pages dirtied over `duration_ms` (see DirtyTracker.measure_rate)."""

@@ -7,7 +7,15 @@ cffi: nothing of gRPC, Prometheus or the daemon.
 """
 
 from kvmd.kvm.caps import CAPABILITY_NUMBERS, capability_number
-from kvmd.kvm.dirty import DirtyBitmaps, DirtyLogModes, bitmap_runs
+from kvmd.kvm.dirty import (
+    DirtyBitmaps,
+    DirtyLogModes,
+    bitmap_or,
+    bitmap_popcount,
+    bitmap_runs,
+    max_u64,
+    pack_varints,
+)
 from kvmd.kvm.errors import KvmError
 from kvmd.kvm.eventfd import EventFd
 from kvmd.kvm.exits import (
@@ -150,9 +158,13 @@ __all__ = [
     "Xcr",
     "Xcrs",
     "Xsave",
+    "bitmap_or",
+    "bitmap_popcount",
     "bitmap_runs",
     "capability_number",
     "check_datamatch",
     "dirty_log_bitmap_size",
     "kick_signal",
+    "max_u64",
+    "pack_varints",
 ]

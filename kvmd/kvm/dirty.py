@@ -226,3 +226,43 @@ def bitmap_runs(bitmap: bytes | bytearray | memoryview) -> tuple[array[int], arr
         lib.kvmd_bitmap_runs(words, nwords, ffi.from_buffer("uint64_t[]", firsts),
                              ffi.from_buffer("uint64_t[]", counts))
     return firsts, counts
+
+
+def bitmap_popcount(bitmap: bytes | bytearray | memoryview) -> int:
+    """Set bits of a bitmap (in C: no big int made of it)."""
+    view = memoryview(bitmap).cast("B")
+    if not len(view):
+        return 0
+    return int(lib.kvmd_bitmap_popcount(ffi.from_buffer("uint8_t[]", view), len(view)))
+
+
+def bitmap_or(a: bytes | bytearray, b: bytes | bytearray) -> bytearray:
+    """A new bitmap, `a | b` (the same length), in C; neither argument changes."""
+    if len(a) != len(b):
+        raise ValueError(f"bitmaps of {len(a)} and {len(b)} bytes")
+    out = bytearray(a)
+    if out:
+        lib.kvmd_bitmap_or(ffi.from_buffer("uint8_t[]", out), ffi.from_buffer("uint8_t[]", b),
+                           len(out))
+    return out
+
+
+def pack_varints(values: array[int]) -> tuple[bytes, int]:
+    """Unsigned 64-bit `values` (array "Q") as the body of a packed repeated protobuf field
+    (varints back to back), and their sum; in C."""
+    n = len(values)
+    if not n:
+        return b"", 0
+    out = bytearray(10 * n)
+    total = ffi.new("uint64_t *")
+    size = lib.kvmd_pack_varints(ffi.from_buffer("uint64_t[]", values), n,
+                                 ffi.from_buffer("uint8_t[]", out), total)
+    del out[size:]
+    return bytes(out), int(total[0])
+
+
+def max_u64(values: array[int]) -> int:
+    """The largest of unsigned 64-bit `values` (array "Q"), 0 for none; in C."""
+    if not len(values):
+        return 0
+    return int(lib.kvmd_max_u64(ffi.from_buffer("uint64_t[]", values), len(values)))

@@ -112,3 +112,61 @@ uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firs
 #undef EMIT
     return n;
 }
+
+/* Set bits of a bitmap of `n` bytes (8 bytes at a time; the tail byte by byte). */
+uint64_t kvmd_bitmap_popcount(const uint8_t *bytes, uint64_t n)
+{
+    uint64_t total = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, bytes + i, 8);
+        total += (uint64_t)__builtin_popcountll(w);
+    }
+    for (; i < n; i++)
+        total += (uint64_t)__builtin_popcount(bytes[i]);
+    return total;
+}
+
+/* dst |= src over `n` bytes. */
+void kvmd_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t n)
+{
+    uint64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t a, b;
+        memcpy(&a, dst + i, 8);
+        memcpy(&b, src + i, 8);
+        a |= b;
+        memcpy(dst + i, &a, 8);
+    }
+    for (; i < n; i++)
+        dst[i] |= src[i];
+}
+
+/* `n` values as protobuf varints, back to back (the body of a packed repeated field), into
+ * `out` (room for 10 bytes a value); their sum into `*sum`. Returns the bytes written. */
+uint64_t kvmd_pack_varints(const uint64_t *values, uint64_t n, uint8_t *out, uint64_t *sum)
+{
+    uint8_t *p = out;
+    uint64_t s = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t v = values[i];
+        s += v;
+        while (v >= 0x80) {
+            *p++ = (uint8_t)(v | 0x80);
+            v >>= 7;
+        }
+        *p++ = (uint8_t)v;
+    }
+    *sum = s;
+    return (uint64_t)(p - out);
+}
+
+/* The largest of `n` values (0 when there are none). */
+uint64_t kvmd_max_u64(const uint64_t *values, uint64_t n)
+{
+    uint64_t m = 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (values[i] > m)
+            m = values[i];
+    return m;
+}

@@ -143,6 +143,10 @@ int64_t kvmd_dirty_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries,
 size_t kvmd_sizeof_dirty_gfn(void);
 uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firsts,
                           uint64_t *counts);
+uint64_t kvmd_bitmap_popcount(const uint8_t *bytes, uint64_t n);
+void kvmd_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t n);
+uint64_t kvmd_pack_varints(const uint64_t *values, uint64_t n, uint8_t *out, uint64_t *sum);
+uint64_t kvmd_max_u64(const uint64_t *values, uint64_t n);
 int kvmd_punch_hole(int fd, uint64_t offset, uint64_t length);
 int64_t kvmd_nonzero_page_runs(const uint8_t *base, uint64_t npages, uint64_t page_size,
                                uint64_t *runs, uint64_t max_runs, uint64_t *scanned);

@@ -1,0 +1,81 @@
+"""DirtyTracker's consumers over a stand-in VM whose dirty log is scripted: each consumer
+gets every dirty page once, whether its bitmap is still KVM's bytes (harvests only) or has
+become an int (host writes, clears, bits put back)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from kvmd.core.dirty import API, SNAPSHOT, DirtyTracker, bitmap_bytes
+from kvmd.kvm import PAGE_SIZE, MemoryRegionInfo, Vm
+
+PAGES = 200
+INFO = MemoryRegionInfo(slot=0, guest_addr=0, size=PAGES * PAGE_SIZE, read_only=False,
+                        log_dirty=True)
+
+
+class ScriptedVm:
+    """get_dirty_log answers the next bitmap queued (then nothing dirty)."""
+
+    def __init__(self) -> None:
+        self.logs: list[bytes] = []
+
+    def memory_regions(self) -> list[MemoryRegionInfo]:
+        return [INFO]
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        return self.logs.pop(0) if self.logs else bytes((PAGES + 7) // 8)
+
+    def clear_dirty_log(self, *args: Any) -> None:
+        pass
+
+
+def pages(*numbers: int) -> int:
+    return sum(1 << n for n in numbers)
+
+
+def tracker() -> tuple[DirtyTracker, ScriptedVm]:
+    vm = ScriptedVm()
+    return DirtyTracker(cast(Vm, vm)), vm
+
+
+def test_each_consumer_gets_each_page_once() -> None:
+    t, vm = tracker()
+    t.add_consumer(SNAPSHOT)
+    vm.logs = [bitmap_bytes(pages(1, 199), PAGES)]
+    assert t.take_bitmap(API, INFO) == bitmap_bytes(pages(1, 199), PAGES)
+    assert t.take_bitmap(API, INFO) == bytes((PAGES + 7) // 8)  # taken: nothing again
+    vm.logs = [bitmap_bytes(pages(2, 64), PAGES)]
+    assert t.harvest() == 2
+    # The snapshot's view: both harvests, OR-ed (bytes with bytes), once.
+    assert t.take(SNAPSHOT, INFO) == pages(1, 2, 64, 199)
+    assert t.take(SNAPSHOT, INFO) == 0
+    assert t.take(API, INFO) == pages(2, 64)
+    assert t.harvested_pages == 4
+
+
+def test_harvest_onto_an_int_bitmap_and_back_to_bytes() -> None:
+    t, vm = tracker()
+    t.add_consumer(SNAPSHOT)
+    t.mark(0, 5 * PAGE_SIZE, 2 * PAGE_SIZE)  # host write: the snapshot's, not the API's
+    vm.logs = [bitmap_bytes(pages(0, 6), PAGES)]
+    t.harvest()
+    assert t.take(SNAPSHOT, INFO) == pages(0, 5, 6)
+    assert t.take_bitmap(API, INFO) == bitmap_bytes(pages(0, 6), PAGES)
+    t.put_back(SNAPSHOT, 0, pages(3))
+    vm.logs = [bitmap_bytes(pages(4), PAGES)]
+    assert t.peek_bitmap(SNAPSHOT, INFO) == bitmap_bytes(pages(3, 4), PAGES)
+    t.clear(SNAPSHOT, 0, 3, 1)
+    assert t.peek(SNAPSHOT, INFO) == pages(4)
+
+
+def test_a_shared_harvest_is_never_changed_in_place() -> None:
+    t, vm = tracker()
+    t.add_consumer(SNAPSHOT)
+    first = bitmap_bytes(pages(1), PAGES)
+    vm.logs = [first]
+    t.harvest()  # both consumers now hold KVM's bytes
+    vm.logs = [bitmap_bytes(pages(2), PAGES)]
+    assert t.take_bitmap(API, INFO) == bitmap_bytes(pages(1, 2), PAGES)
+    assert first == bitmap_bytes(pages(1), PAGES)
+    assert t.take(SNAPSHOT, INFO) == pages(1, 2)
