@@ -211,9 +211,10 @@ def test_triple_fault_crashes_vm_with_reason_and_regs(api: Api) -> None:
     assert api.vcpu_state("tf").state == "stopped"
     api.assert_code(lambda: api.vms.StopVm(pb.VmRef(vm_id="tf")), Code.FAILED_PRECONDITION)
     api.start("tf")  # the same ud2 at the same rip: it crashes again
-    assert "shutdown" in watch.wait_for("crashed").reason
+    assert "shutdown" in watch.wait_for("crashed", nth=2).reason
+    api.wait_vm_state("tf", "crashed")
     api.start("tf")  # a crashed VM also starts directly
-    assert "shutdown" in watch.wait_for("crashed").reason
+    assert "shutdown" in watch.wait_for("crashed", nth=3).reason
     assert api.stats("tf").total["shutdown"] == 3
     api.delete("tf")
 
