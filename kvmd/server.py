@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -38,8 +38,6 @@ from kvmd.config import (
     Config,
     ConfigError,
     Listener,
-    build_parser,
-    load_config,
     migration_tls_files,
     parse_listen,
 )
@@ -47,7 +45,6 @@ from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
 from kvmd.handover import Handover, HandoverError, leave_placeholder
-from kvmd.logs import setup_daemon_logging
 from kvmd.metrics import (
     MetricsInterceptor,
     MetricsServer,
@@ -504,17 +501,6 @@ def tune_allocator() -> None:
         pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args)
-        setup_daemon_logging(cfg.log_level, cfg.log_format)
-    except ConfigError as exc:
-        print(f"kvmd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    return run(args, cfg)
-
-
 def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
     """The daemon's life: start, serve until a signal (or a take-over), stop. `handover`:
     VMs kvmd.launch restored already. Should the start fail once VMs were received, they
@@ -561,6 +547,3 @@ def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
         os._exit(0)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from deploy_support import kvmd_script
 
-from kvmd.server import ConfigError, Daemon, build_parser, load_config
+from kvmd.config import ConfigError, build_parser, load_config
+from kvmd.server import Daemon
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "kvmd.service"

@@ -18,9 +18,9 @@ import pytest
 from test_deploy_unit import comments, runnable_unit
 from unit_sandbox import SYSUSERS, TMPFILES, UNIT, unit_values, unit_words
 
+from kvmd.config import Config, build_parser, load_config
 from kvmd.core.fds import derived_max_fds, fds_per_vm
 from kvmd.core.limits import Limits
-from kvmd.server import Config, build_parser, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "config" / "kvmd.toml"

@@ -113,7 +113,7 @@ class UnitPython:
         python.symlink_to(system)
         (lib / "kvmd-checkout.pth").write_text(f"import site; site.addsitedir({site!r})\n")
         kvmd = directory / "bin" / "kvmd"
-        kvmd.write_text(f"#!{python}\nimport sys\nfrom kvmd.server import main\n"
+        kvmd.write_text(f"#!{python}\nimport sys\nfrom kvmd.launch import main\n"
                         "sys.exit(main())\n")
         for path in directory.rglob("*"):
             if not path.is_symlink():

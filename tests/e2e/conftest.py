@@ -38,7 +38,7 @@ def kvmd_command(*args: str) -> list[str]:
     found = shutil.which("kvmd")
     if found:
         return [found, *args]
-    return [sys.executable, "-c", "import sys; from kvmd.server import main; sys.exit(main())",
+    return [sys.executable, "-c", "import sys; from kvmd.launch import main; sys.exit(main())",
             *args]
 
 

@@ -210,7 +210,7 @@ class KvmdProcess(MetricsDaemon):
         self.address = f"unix://{self.socket_path}"
         self.port = free_port()
         script = Path(sys.executable).with_name("kvmd")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "kvmd.server"]
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "kvmd.launch"]
         self.log_path = directory / "kvmd.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

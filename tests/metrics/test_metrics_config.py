@@ -17,8 +17,9 @@ import pytest
 import trustme
 from metrics_support import REPO, RPC_TIMEOUT
 
+from kvmd.config import Config, build_parser, load_config
 from kvmd.metrics import MetricsServer
-from kvmd.server import Config, Daemon, build_parser, load_config
+from kvmd.server import Daemon
 
 CONFIG = REPO / "deploy" / "config" / "kvmd.toml"
 COMMENTED = re.compile(r'^# (metrics_(?:listen|tls_\w+)) = "([^"]*)"', re.M)

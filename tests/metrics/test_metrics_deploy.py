@@ -28,8 +28,8 @@ from metrics_support import (
     rule_expressions,
 )
 
+from kvmd.config import build_parser, load_config
 from kvmd.metrics import DEFAULT_METRICS_LISTEN
-from kvmd.server import build_parser, load_config
 from kvmd_proto import vmm_pb2 as pb
 
 RULES_TEST_PATH = Path(__file__).with_name("rules_test.yml")
