@@ -7,6 +7,7 @@ accesses to it without Python, and its transmitted bytes reach the console in bu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import select
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from kvmd.core.events import Broadcaster, Subscription
 from kvmd.core.state import ConsoleState, UartState
-from kvmd.kvm import EventFd, UartRegs, UartRegsState
+from kvmd.kvm import EventFd, UartRegs
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +178,12 @@ class Uart16550(PioDevice):
         """Registers and receive FIFO; the transmit ring is drained into the console first
         (so the console's own state holds every byte the guest wrote)."""
         self.drain()
-        r = self.regs.get_state()
-        return UartState(r.ier, r.lcr, r.mcr, r.scr, r.dll, r.dlm, r.thre_pending, r.rx)
+        return self.regs.get_state()
 
     def restore_state(self, state: UartState) -> None:
         """Before the VM runs: registers and the receive FIFO (its newest
         CONSOLE_INPUT_LIMIT bytes)."""
-        self.regs.set_state(UartRegsState(state.ier, state.lcr, state.mcr, state.scr,
-                                          state.dll, state.dlm, state.thre_pending,
-                                          state.rx[-CONSOLE_INPUT_LIMIT:]))
+        self.regs.set_state(dataclasses.replace(state, rx=state.rx[-CONSOLE_INPUT_LIMIT:]))
 
     # The Python path: exits the run loop hands back (a full transmit ring), direct calls.
 

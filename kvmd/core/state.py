@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvmd.kvm import CpuidEntry, Fpu, IrqRoute, Regs, Sregs, VcpuEvents
+from kvmd.kvm import CpuidEntry, Fpu, IrqRoute, Regs, Sregs, UartRegsState, VcpuEvents
 from kvmd.kvm.state_types import (
     ClockData,
     DebugRegs,
@@ -119,18 +119,9 @@ class IoeventState:
     fired: int = 0
 
 
-@dataclass
-class UartState:
-    """The COM1 16550's registers and its receive FIFO (guest input not yet read)."""
-
-    ier: int = 0
-    lcr: int = 0x03
-    mcr: int = 0x08
-    scr: int = 0
-    dll: int = 0x0C
-    dlm: int = 0
-    thre_pending: bool = False
-    rx: bytes = b""
+# The COM1 16550's registers and its receive FIFO (guest input not yet read): the state the
+# binding's UART registers (kvmd.kvm.uart, in C) save and restore, as they are.
+UartState = UartRegsState
 
 
 @dataclass
