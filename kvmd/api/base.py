@@ -74,15 +74,19 @@ class ServicerBase:
         result: T = await run_blocking(self.runtime.pool, fn, *args)
         return result
 
+    def _in_pool_held(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`fn(*args)` in the pool as a task held until it is done: the loop keeps only weak
+        references to tasks, and a cancelled caller's work could be collected half way."""
+        task = asyncio.ensure_future(self._blocking(fn, *args))
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+        return task
+
     async def _cleanup(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run blocking cleanup (release a VM half-built, a handler, a held pause) to its
         end, even when this call is being cancelled: a cancelled task is cancelled again at
         each await, which would abandon the cleanup half way and leak what it releases."""
-        task = asyncio.ensure_future(self._blocking(fn, *args))
-        # The loop keeps only weak references to tasks: hold this one until it is done, or
-        # a cancelled caller's cleanup could be collected half way.
-        _CLEANUPS.add(task)
-        task.add_done_callback(_CLEANUPS.discard)
+        task = self._in_pool_held(fn, *args)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -94,17 +98,13 @@ class ServicerBase:
         migration), and return it. Cancelling the await does not stop the pool thread: if
         this call is cancelled before the work returns, its result is released when it does,
         so a client that gives up at the wrong moment leaves nothing behind."""
-        task = asyncio.ensure_future(self._blocking(fn, *args))
-        _CLEANUPS.add(task)
-        task.add_done_callback(_CLEANUPS.discard)
+        task = self._in_pool_held(fn, *args)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             def undo(done: asyncio.Future[T]) -> None:
                 if not done.cancelled() and done.exception() is None:
-                    later = asyncio.ensure_future(self._blocking(release, done.result()))
-                    _CLEANUPS.add(later)
-                    later.add_done_callback(_CLEANUPS.discard)
+                    self._in_pool_held(release, done.result())
 
             task.add_done_callback(undo)
             raise
