@@ -52,21 +52,8 @@ TARGET_SECONDS = 1.0
 GUEST = bytes.fromhex(
     "fac70620003100c70622000001b011e620b008e621b004e621b001e621b0fee621b034e643b09ce640"
     "b02ee640fbf4ebfd50b020e62058cf")
-# A wrapper doing what systemd does between fork and exec for a unit with stored fds.
-LISTEN_EXEC = """
-import fcntl, os, sys
-src = [int(x) for x in os.environ.pop("LISTEN_FDS_FROM").split(",") if x]
-base = 3 + len(src) + max(src, default=0)
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in src]
-for fd in src:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i, inheritable=True)
-    os.close(fd)
-os.environ["LISTEN_FDS"] = str(len(high))
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[1], sys.argv[1:])
-"""
+# What systemd does between fork and exec for a unit with stored fds: the tests' wrapper.
+LISTEN_EXEC = str(Path(__file__).resolve().parent.parent / "tests" / "handover" / "listen_exec.py")
 
 
 class NotifySocket:
@@ -141,7 +128,7 @@ class Service:
         if held:
             env["LISTEN_FDNAMES"] = ":".join(n for n, _ in held)
             env["LISTEN_FDS_FROM"] = ",".join(str(fd) for _, fd in held)
-            argv = [sys.executable, "-c", LISTEN_EXEC, *self.args]
+            argv = [sys.executable, LISTEN_EXEC, *self.args]
         started = time.monotonic()
         self.proc = subprocess.Popen(argv, env=env, pass_fds=[fd for _, fd in held],
                                      stdin=subprocess.DEVNULL)
