@@ -34,7 +34,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "state"))
 
-from state_guests import assemble
+from state_guests import PRINT_ROUTINES, assemble
 
 from kvmd_client.kvmd_client import KvmdClient
 from kvmd_proto import vmm_pb2 as pb
@@ -106,35 +106,6 @@ next:
     out %al, $0x99
     jmp next
 
-print_dec:                      # %eax in decimal, then a newline
-    mov $10, %ecx
-    xor %bx, %bx
-1:  xor %edx, %edx
-    div %ecx
-    push %dx
-    inc %bx
-    test %eax, %eax
-    jnz 1b
-2:  pop %ax
-    add $0x30, %al
-    call putc
-    dec %bx
-    jnz 2b
-    mov $0x0A, %al
-    call putc
-    ret
-
-putc:                           # %al to COM1, once the transmitter is empty
-    mov %al, %ah
-    mov $0x3FD, %dx
-3:  in %dx, %al
-    test $0x20, %al
-    jz 3b
-    mov $0x3F8, %dx
-    mov %ah, %al
-    out %al, %dx
-    ret
-
 .if IRQS
 tick:
     incl 0x2004
@@ -152,9 +123,9 @@ irq5:
     iret
 .endif
 """
-COUNTER_SOURCE = ".set IRQS, 0\n.set CLAIMED, 0\n" + _COUNTER
-IRQ_COUNTER_SOURCE = ".set IRQS, 1\n.set CLAIMED, 0\n" + _COUNTER
-CLAIMED_COUNTER_SOURCE = ".set IRQS, 0\n.set CLAIMED, 1\n" + _COUNTER
+COUNTER_SOURCE = ".set IRQS, 0\n.set CLAIMED, 0\n" + _COUNTER + PRINT_ROUTINES
+IRQ_COUNTER_SOURCE = ".set IRQS, 1\n.set CLAIMED, 0\n" + _COUNTER + PRINT_ROUTINES
+CLAIMED_COUNTER_SOURCE = ".set IRQS, 0\n.set CLAIMED, 1\n" + _COUNTER + PRINT_ROUTINES
 CLAIMED_PORT = 0x98
 
 
