@@ -13,6 +13,7 @@ from kvmd.kvm.dirty import (
     bitmap_or,
     bitmap_popcount,
     bitmap_runs,
+    bitmap_runs_packed,
     max_u64,
     pack_varints,
 )
@@ -161,6 +162,7 @@ __all__ = [
     "bitmap_or",
     "bitmap_popcount",
     "bitmap_runs",
+    "bitmap_runs_packed",
     "capability_number",
     "check_datamatch",
     "dirty_log_bitmap_size",

@@ -228,6 +228,27 @@ def bitmap_runs(bitmap: bytes | bytearray | memoryview) -> tuple[array[int], arr
     return firsts, counts
 
 
+U64_MAX = (1 << 64) - 1
+
+
+def bitmap_runs_packed(bitmap: bytes | bytearray | memoryview, cap: int
+                       ) -> tuple[bytes, bytes, int] | None:
+    """The runs of `bitmap_runs` in one pass, already as the bodies of two packed repeated
+    protobuf fields (first pages; page counts), and the pages they cover; None when either
+    body would pass `cap` bytes (give the bitmap's size to have them only when shorter)."""
+    view = memoryview(bitmap).cast("B")
+    pad = -len(view) % 8
+    data = bytes(view) + bytes(pad) if pad else view
+    firsts, counts = bytearray(cap), bytearray(cap)
+    lens = ffi.new("uint64_t[3]")
+    n = lib.kvmd_bitmap_runs_packed(ffi.from_buffer("uint64_t[]", data), len(data) // 8,
+                                    ffi.from_buffer("uint8_t[]", firsts),
+                                    ffi.from_buffer("uint8_t[]", counts), cap, lens)
+    if n == U64_MAX:
+        return None
+    return bytes(firsts[:lens[0]]), bytes(counts[:lens[1]]), int(lens[2])
+
+
 def bitmap_popcount(bitmap: bytes | bytearray | memoryview) -> int:
     """Set bits of a bitmap (in C: no big int made of it)."""
     view = memoryview(bitmap).cast("B")

@@ -8,7 +8,14 @@ from array import array
 
 import pytest
 
-from kvmd.kvm import bitmap_or, bitmap_popcount, max_u64, pack_varints
+from kvmd.kvm import (
+    bitmap_or,
+    bitmap_popcount,
+    bitmap_runs,
+    bitmap_runs_packed,
+    max_u64,
+    pack_varints,
+)
 
 
 def varint(value: int) -> bytes:
@@ -43,3 +50,40 @@ def test_pack_varints_and_max(values: list[int]) -> None:
     assert packed == b"".join(varint(v) for v in values)
     assert total == sum(values) % 2**64
     assert max_u64(array("Q", values)) == max(values, default=0)
+
+
+def python_runs(bitmap: bytes) -> list[tuple[int, int]]:
+    bits = int.from_bytes(bitmap, "little")
+    runs: list[tuple[int, int]] = []
+    for page in range(len(bitmap) * 8):
+        if bits >> page & 1:
+            if runs and runs[-1][0] + runs[-1][1] == page:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((page, 1))
+    return runs
+
+
+@pytest.mark.parametrize(("length", "density"), [
+    (0, 0.5), (1, 0.5), (7, 0.9), (8, 0.01), (13, 0.5), (4096, 0.01), (4096, 0.97),
+    (4096, 1.0)])
+def test_packed_runs_match_python(length: int, density: float) -> None:
+    rng = random.Random(length * 1000 + int(density * 100))
+    bits = sum(1 << i for i in range(length * 8) if rng.random() < density)
+    bitmap = bits.to_bytes(length, "little")
+    runs = python_runs(bitmap)
+    firsts, counts = bitmap_runs(bitmap)
+    assert list(zip(firsts, counts, strict=True)) == runs
+    expected_firsts = b"".join(varint(first) for first, _ in runs)
+    expected_counts = b"".join(varint(count) for _, count in runs)
+    packed = bitmap_runs_packed(bitmap, max(len(expected_firsts), len(expected_counts)))
+    assert packed == (expected_firsts, expected_counts, sum(c for _, c in runs))
+
+
+def test_packed_runs_past_their_cap_are_given_up() -> None:
+    bitmap = bytes([0b0101_0101]) * 64  # 256 one-page runs, first pages up to 510
+    firsts = b"".join(varint(page) for page in range(0, 512, 2))
+    assert bitmap_runs_packed(bitmap, len(firsts)) is not None
+    assert bitmap_runs_packed(bitmap, len(firsts) - 1) is None
+    assert bitmap_runs_packed(bitmap, 0) is None
+    assert bitmap_runs_packed(bytes(64), 0) == (b"", b"", 0)

@@ -13,6 +13,15 @@
 #include <sys/mman.h>
 #include <linux/kvm.h>
 
+/* Bit loops over dirty bitmaps (popcount, runs, OR) built twice, for x86-64-v3 (POPCNT,
+ * BMI, AVX2) and for the baseline, the loader picking one for the CPU (an ifunc): the
+ * baseline's popcount is a dozen instructions a word. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVMD_BIT_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KVMD_BIT_LOOP
+#endif
+
 #ifndef KVM_CAP_USER_MEMORY2
 #define KVM_CAP_USER_MEMORY2 231
 #endif

@@ -55,17 +55,61 @@ int64_t kvmd_dirty_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t entries,
 
 size_t kvmd_sizeof_dirty_gfn(void) { return sizeof(struct kvm_dirty_gfn); }
 
+/* Where scan_runs puts each run: two arrays, or two packed-varint bodies of at most `cap`
+ * bytes each, or nowhere (only counted). */
+struct run_sink {
+    uint64_t *firsts, *counts;
+    uint8_t *packed_firsts, *packed_counts;
+    uint64_t cap, firsts_len, counts_len, pages, n;
+};
+
+static inline __attribute__((always_inline)) int
+put_varint(uint8_t *out, uint64_t *len, uint64_t cap, uint64_t v)
+{
+    if (*len + 10 > cap) {
+        uint64_t need = 1;
+        for (uint64_t x = v; x >= 0x80; x >>= 7)
+            need++;
+        if (*len + need > cap)
+            return 0;
+    }
+    uint8_t *p = out + *len;
+    while (v >= 0x80) {
+        *p++ = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (uint8_t)v;
+    *len = (uint64_t)(p - out);
+    return 1;
+}
+
+static inline __attribute__((always_inline)) int
+emit_run(struct run_sink *s, uint64_t first, uint64_t count)
+{
+    if (s->firsts) {
+        s->firsts[s->n] = first;
+        s->counts[s->n] = count;
+    } else if (s->packed_firsts) {
+        if (!put_varint(s->packed_firsts, &s->firsts_len, s->cap, first) ||
+            !put_varint(s->packed_counts, &s->counts_len, s->cap, count))
+            return 0;
+    }
+    s->n++;
+    s->pages += count;
+    return 1;
+}
+
 /* The runs of set bits of a bitmap of `nwords` little-endian 64-bit words (bit i: page i),
- * as first pages and lengths into `firsts` and `counts` (both NULL: only count them).
- * Returns the number of runs. Word by word: an empty or full word costs one test, a mixed
- * one a few count-trailing-zeros; a caller counts first, then sizes its arrays exactly. */
-uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firsts,
-                          uint64_t *counts)
+ * into `sink`. Returns the number of runs, or UINT64_MAX when a packed body would pass its
+ * cap. Word by word: an empty or full word costs one test, a mixed one a few
+ * count-trailing-zeros. */
+static inline __attribute__((always_inline)) uint64_t
+scan_runs(const uint64_t *words, uint64_t nwords, struct run_sink *sink)
 {
     const uint64_t none = UINT64_MAX;
-    uint64_t n = 0, open = none;
-#define EMIT(first, count) do { if (firsts) { firsts[n] = (first); counts[n] = (count); } \
-                                n++; } while (0)
+    uint64_t open = none;
+#define EMIT(first, count) do { if (!emit_run(sink, (first), (count))) return UINT64_MAX; \
+                              } while (0)
     for (uint64_t i = 0; i < nwords; i++) {
         uint64_t w = words[i], base = i * 64;
         if (w == 0) {
@@ -110,10 +154,38 @@ uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firs
     if (open != none)
         EMIT(open, nwords * 64 - open);
 #undef EMIT
+    return sink->n;
+}
+
+/* The runs as first pages and lengths into `firsts` and `counts` (both NULL: only count
+ * them). Returns the number of runs; a caller counts first, then sizes its arrays
+ * exactly. */
+KVMD_BIT_LOOP
+uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firsts,
+                          uint64_t *counts)
+{
+    struct run_sink sink = {firsts, counts, NULL, NULL, 0, 0, 0, 0, 0};
+    return scan_runs(words, nwords, &sink);
+}
+
+/* The runs in one pass as the bodies of two packed repeated fields (first pages, lengths),
+ * each at most `cap` bytes: a caller that wants them only when shorter than the bitmap
+ * gives the bitmap's size. Returns the number of runs, or UINT64_MAX past the cap; sets
+ * lens[0], lens[1] to the bytes of each body and lens[2] to the pages they cover. */
+KVMD_BIT_LOOP
+uint64_t kvmd_bitmap_runs_packed(const uint64_t *words, uint64_t nwords, uint8_t *firsts,
+                                 uint8_t *counts, uint64_t cap, uint64_t *lens)
+{
+    struct run_sink sink = {NULL, NULL, firsts, counts, cap, 0, 0, 0, 0};
+    uint64_t n = scan_runs(words, nwords, &sink);
+    lens[0] = sink.firsts_len;
+    lens[1] = sink.counts_len;
+    lens[2] = sink.pages;
     return n;
 }
 
 /* Set bits of a bitmap of `n` bytes (8 bytes at a time; the tail byte by byte). */
+KVMD_BIT_LOOP
 uint64_t kvmd_bitmap_popcount(const uint8_t *bytes, uint64_t n)
 {
     uint64_t total = 0, i = 0;
@@ -128,6 +200,7 @@ uint64_t kvmd_bitmap_popcount(const uint8_t *bytes, uint64_t n)
 }
 
 /* dst |= src over `n` bytes. */
+KVMD_BIT_LOOP
 void kvmd_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t n)
 {
     uint64_t i = 0;
@@ -144,6 +217,7 @@ void kvmd_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t n)
 
 /* `n` values as protobuf varints, back to back (the body of a packed repeated field), into
  * `out` (room for 10 bytes a value); their sum into `*sum`. Returns the bytes written. */
+KVMD_BIT_LOOP
 uint64_t kvmd_pack_varints(const uint64_t *values, uint64_t n, uint8_t *out, uint64_t *sum)
 {
     uint8_t *p = out;

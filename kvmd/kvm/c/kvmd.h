@@ -145,6 +145,8 @@ uint64_t kvmd_bitmap_runs(const uint64_t *words, uint64_t nwords, uint64_t *firs
                           uint64_t *counts);
 uint64_t kvmd_bitmap_popcount(const uint8_t *bytes, uint64_t n);
 void kvmd_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t n);
+uint64_t kvmd_bitmap_runs_packed(const uint64_t *words, uint64_t nwords, uint8_t *firsts,
+                                 uint8_t *counts, uint64_t cap, uint64_t *lens);
 uint64_t kvmd_pack_varints(const uint64_t *values, uint64_t n, uint8_t *out, uint64_t *sum);
 uint64_t kvmd_max_u64(const uint64_t *values, uint64_t n);
 int kvmd_punch_hole(int fd, uint64_t offset, uint64_t length);
