@@ -60,6 +60,7 @@ READ_ONLY_METHODS = frozenset({
 GUEST_DATA_READS = frozenset({
     "Vcpus/GetRegs", "Vcpus/GetSregs", "Vcpus/GetFpu", "Vcpus/GetMsrs", "Vcpus/GetLapic",
     "Vcpus/GetVcpuEvents", "Memory/ReadGuestMemory", "Memory/GetDirtyLog",
+    "Memory/PollDirtyLog",
     "Vms/StreamConsole", "Snapshots/SnapshotVm",
 })
 # RPCs about the host, not a VM: any authenticated caller.

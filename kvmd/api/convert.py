@@ -14,7 +14,9 @@ from kvmd.kvm import (
     DirtyLogModes,
     IoSpace,
     MemoryRegionInfo,
+    bitmap_popcount,
     bitmap_runs,
+    bitmap_runs_packed,
     max_u64,
     pack_varints,
 )
@@ -199,11 +201,56 @@ def dirty_runs_chunk(slot: int, total_pages: int, firsts: array[int], counts: ar
     before it."""
     packed_firsts, _ = pack_varints(firsts)
     packed_counts, pages = pack_varints(counts)
+    return _runs_chunk(slot, total_pages, packed_firsts, packed_counts, pages, total_before,
+                       last), pages
+
+
+# A packed field's tag and length take at most this many bytes.
+_RUNS_FIELD_HEAD = 11
+
+
+def _runs_chunk(slot: int, total_pages: int, packed_firsts: bytes, packed_counts: bytes,
+                pages: int, total_before: int, last: bool) -> bytes:
     head = pb.DirtyLogChunk(slot=slot, total_pages=total_pages, last=last, dirty_pages=pages,
                             total_dirty_pages=total_before + pages if last else 0)
     return (head.SerializeToString()
             + _packed_field(pb.DirtyLogChunk.RUN_FIRST_PAGES_FIELD_NUMBER, packed_firsts)
-            + _packed_field(pb.DirtyLogChunk.RUN_PAGES_FIELD_NUMBER, packed_counts)), pages
+            + _packed_field(pb.DirtyLogChunk.RUN_PAGES_FIELD_NUMBER, packed_counts))
+
+
+def dirty_log_answer_bound(pages: int, form: int) -> int:
+    """The most bytes a whole-slot DirtyLogChunk of `pages` pages can take in `form`: the
+    bitmap (AUTO never chooses runs longer than it), or with RANGES forced the worst case,
+    a one-page run at every other page. Known before the log is read."""
+    bitmap = (pages + 7) // 8
+    if form != pb.GetDirtyLogRequest.RANGES:
+        return bitmap + 64
+    runs = (pages + 1) // 2
+    return runs * (_varint_len(pages) + 1) + 64
+
+
+def whole_dirty_log(slot: int, bitmap: bytes, total_pages: int, form: int) -> bytes:
+    """A serialized PollDirtyLogResponse: the slot's whole log as one DirtyLogChunk
+    (first_page 0, last), as runs when `form` is RANGES, or AUTO and they are shorter; as
+    the bitmap otherwise. The runs are packed in one pass in C, given up as soon as they
+    would be longer than the bitmap (AUTO)."""
+    runs = None
+    if form != pb.GetDirtyLogRequest.BITMAP:
+        cap = (len(bitmap) if form == pb.GetDirtyLogRequest.AUTO
+               else dirty_log_answer_bound(total_pages, form))
+        runs = bitmap_runs_packed(bitmap, cap)
+        if runs is not None and form == pb.GetDirtyLogRequest.AUTO and \
+                len(runs[0]) + len(runs[1]) + 2 * _RUNS_FIELD_HEAD >= len(bitmap):
+            runs = None
+    if runs is None:
+        dirty = bitmap_popcount(bitmap)
+        chunk = pb.DirtyLogChunk(slot=slot, bitmap=bitmap, dirty_pages=dirty,
+                                 total_pages=total_pages, last=True,
+                                 total_dirty_pages=dirty).SerializeToString()
+    else:
+        packed_firsts, packed_counts, pages = runs
+        chunk = _runs_chunk(slot, total_pages, packed_firsts, packed_counts, pages, 0, True)
+    return _varint(pb.PollDirtyLogResponse.LOG_FIELD_NUMBER << 3 | 2) + _varint(len(chunk)) + chunk
 
 
 __all__ = [
@@ -211,6 +258,7 @@ __all__ = [
     "SPACES_PB",
     "cpuid_from_pb",
     "cpuid_to_pb",
+    "dirty_log_answer_bound",
     "dirty_modes_to_pb",
     "dirty_runs_chunk",
     "event_to_pb",
@@ -232,4 +280,5 @@ __all__ = [
     "vcpu_to_pb",
     "vm_options_from_pb",
     "vm_to_pb",
+    "whole_dirty_log",
 ]

@@ -21,6 +21,7 @@ from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.api.streams import END_KEY, END_LAGGED
 from kvmd.core.errors import DeadlineExceeded, InvalidArgument, Reason, ResourceExhausted
+from kvmd.core.errors import limit as limit_metadata
 from kvmd.core.host import Host
 from kvmd.core.remote import (
     DEFAULT_DEADLINE_MS,
@@ -305,14 +306,10 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         """Fetch (and reset) the slot's dirty bitmap, streamed in chunks (runs come
         serialized already)."""
         vm = self._vm(request.vm_id)
+        form = _dirty_log_form(request.form)  # before the read: a refusal loses no pages
         info, bitmap = await self._blocking(vm.get_dirty_log, request.slot)
         total_pages = info.size // PAGE_SIZE
         chunk = self._chunk_size(request.chunk_size)
-        form = request.form
-        if form not in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
-                        pb.GetDirtyLogRequest.RANGES):
-            raise InvalidArgument(f"unknown dirty-log form {form}",
-                                  reason=Reason.VALUE_UNKNOWN, field="form")
         runs = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_run_chunks(
             bitmap, chunk, force=form == pb.GetDirtyLogRequest.RANGES)
         if runs is not None:
@@ -335,6 +332,25 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
                 slot=info.slot, first_page=off * 8, bitmap=piece, dirty_pages=dirty,
                 total_pages=total_pages, last=last,
                 total_dirty_pages=total_dirty if last else 0)
+
+    def PollDirtyLog(self, request: pb.PollDirtyLogRequest,
+                     context: Any) -> pb.PollDirtyLogResponse | bytes:
+        """GetDirtyLog's answer in one reply (one round trip); slots whose log might not fit
+        one message are refused before their log is read."""
+        vm = self._vm(request.vm_id)
+        form = _dirty_log_form(request.form)
+        limit = self.host.limits.max_message_bytes
+        for info in vm.memory_regions():
+            if info.slot == request.slot and convert.dirty_log_answer_bound(
+                    info.size // PAGE_SIZE, form) > limit:
+                raise ResourceExhausted(
+                    f"the dirty log of slot {info.slot} ({info.size // PAGE_SIZE} pages) might "
+                    f"not fit one {limit}-byte message: use the streamed GetDirtyLog",
+                    resource=f"{vm.resource}/slot/{info.slot}", reason=Reason.LIMIT_MESSAGE,
+                    metadata=limit_metadata("max_message_bytes", limit))
+        info, bitmap = vm.get_dirty_log(request.slot)
+        # Serialized already (see interceptors.serialized_as_is).
+        return convert.whole_dirty_log(info.slot, bitmap, info.size // PAGE_SIZE, form)
 
     def DiscardGuestMemory(self, request: pb.DiscardGuestMemoryRequest,
                            context: Any) -> pb.DiscardGuestMemoryResponse:
@@ -386,6 +402,14 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
         pages, seconds = self._vm(request.vm_id).measure_dirty_rate(request.duration_ms)
         return pb.MeasureDirtyRateResponse(dirty_pages_per_second=pages / seconds,
                                            dirty_pages=pages, seconds=seconds)
+
+
+def _dirty_log_form(form: int) -> int:
+    if form not in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
+                    pb.GetDirtyLogRequest.RANGES):
+        raise InvalidArgument(f"unknown dirty-log form {form}",
+                              reason=Reason.VALUE_UNKNOWN, field="form")
+    return form
 
 
 class InterruptsService(ServicerBase, rpc.InterruptsServicer):

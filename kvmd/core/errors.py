@@ -254,6 +254,9 @@ class Reason(StrEnum):
     LIMIT_CLAIMS = ("LIMIT_CLAIMS", ResourceExhausted, "remote exit handlers per VM")
     LIMIT_MIGRATIONS = ("LIMIT_MIGRATIONS", ResourceExhausted,
                         "migrations running, or incoming migrations prepared")
+    LIMIT_MESSAGE = ("LIMIT_MESSAGE", ResourceExhausted,
+                     "max_message_bytes: the answer could not fit one message (PollDirtyLog "
+                     "of a slot too large for it; GetDirtyLog streams any size)")
     CONSOLE_FULL = ("CONSOLE_FULL", ResourceExhausted,
                     "the console input buffer has no room for the data")
     HOST_EXHAUSTED = ("HOST_EXHAUSTED", ResourceExhausted,

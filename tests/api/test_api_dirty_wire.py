@@ -38,3 +38,35 @@ def test_serializer_passes_bytes_and_serializes_messages() -> None:
     assert serialize(msg) == msg.SerializeToString()
     assert serialize(b"\x08\x01") == b"\x08\x01"
     assert serialized_as_is(None) is None
+
+
+@pytest.mark.parametrize("form", [pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
+                                  pb.GetDirtyLogRequest.RANGES])
+@pytest.mark.parametrize("pages", [[], [0], [3, 4, 5, 100, 2**20 - 1], list(range(0, 4096, 2))])
+def test_poll_answer_is_protobufs_own_serialization(form: int, pages: list[int]) -> None:
+    total = 1 << 20
+    bits = sum(1 << p for p in pages)
+    bitmap = bits.to_bytes(total // 8, "little")
+    wire = convert.whole_dirty_log(7, bitmap, total, form)
+    answer = pb.PollDirtyLogResponse.FromString(wire)
+    assert answer.SerializeToString() == wire
+    log = answer.log
+    assert (log.slot, log.first_page, log.total_pages, log.last) == (7, 0, total, True)
+    assert log.dirty_pages == log.total_dirty_pages == len(pages)
+    runs = convert.bitmap_runs(bitmap)
+    as_runs = (list(runs[0]), list(runs[1]))
+    if form == pb.GetDirtyLogRequest.BITMAP:
+        assert log.bitmap == bitmap and not log.run_first_pages
+    elif form == pb.GetDirtyLogRequest.RANGES:
+        assert (list(log.run_first_pages), list(log.run_pages)) == as_runs and not log.bitmap
+    else:  # AUTO: whichever is shorter; a sparse log of a 128 KiB bitmap is runs
+        assert (list(log.run_first_pages), list(log.run_pages)) == as_runs
+        assert not log.bitmap and len(wire) < len(bitmap)
+
+
+def test_poll_auto_sends_a_dense_log_as_its_bitmap() -> None:
+    bitmap = bytes([0b0101_0101]) * 4096  # a one-page run at every other page
+    log = pb.PollDirtyLogResponse.FromString(
+        convert.whole_dirty_log(1, bitmap, 4096 * 8, pb.GetDirtyLogRequest.AUTO)).log
+    assert log.bitmap == bitmap and not log.run_first_pages
+    assert log.total_dirty_pages == 4096 * 4

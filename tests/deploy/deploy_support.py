@@ -229,6 +229,8 @@ def vm_calls(s: Stubs, vm_id: str) -> dict[str, Callable[[], Any]]:
             timeout=t),
         "Memory/GetDirtyLog": lambda: s.memory.GetDirtyLog(
             pb.GetDirtyLogRequest(vm_id=vm_id, slot=0), timeout=t),
+        "Memory/PollDirtyLog": lambda: s.memory.PollDirtyLog(
+            pb.PollDirtyLogRequest(vm_id=vm_id, slot=0), timeout=t),
         "Interrupts/SetIrqLine": lambda: s.interrupts.SetIrqLine(
             pb.SetIrqLineRequest(vm_id=vm_id, irq=4, active=True), timeout=t),
         "IoEvents/RegisterIoevent": lambda: s.ioevents.RegisterIoevent(

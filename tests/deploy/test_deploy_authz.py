@@ -32,10 +32,11 @@ POLICY: list[dict[str, Any]] = [
     {"name": "local", "role": "viewer"},
 ]
 
-# What a viewer may not do (each is a mutation, or GetDirtyLog, which resets the log).
+# What a viewer may not do (each is a mutation, or a dirty-log read, which resets the log).
 MUTATIONS = ("Vms/DeleteVm", "Vms/StartVm", "Vms/PauseVm", "Vms/StopVm", "Vms/WriteConsole",
              "Memory/AddMemoryRegion", "Memory/RemoveMemoryRegion", "Memory/WriteGuestMemory",
-             "Memory/GetDirtyLog", "Interrupts/SetIrqLine", "IoEvents/RegisterIoevent",
+             "Memory/GetDirtyLog", "Memory/PollDirtyLog", "Interrupts/SetIrqLine",
+             "IoEvents/RegisterIoevent",
              "Vcpus/CreateVcpu", "Vcpus/SetRegs", "Vcpus/StartVcpu",
              "ExitHandlers/HandleExits")
 VIEWER_READS = ("Vms/GetVm", "Vms/WatchVm", "Vms/GetExitStats", "Memory/ListMemoryRegions",

@@ -82,6 +82,9 @@ class FakeDaemon:
                 "GetDirtyLog": grpc.unary_stream_rpc_method_handler(
                     self._dirty, pb.GetDirtyLogRequest.FromString,
                     pb.DirtyLogChunk.SerializeToString),
+                "PollDirtyLog": grpc.unary_unary_rpc_method_handler(
+                    self._poll, pb.PollDirtyLogRequest.FromString,
+                    pb.PollDirtyLogResponse.SerializeToString),
             },
         }
         server = grpc.server(futures.ThreadPoolExecutor(8), options=options or [])
@@ -138,6 +141,11 @@ class FakeDaemon:
     def _dirty(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.DirtyLogChunk]:
         self._attempt("GetDirtyLog", context)
         yield pb.DirtyLogChunk(slot=request.slot, total_pages=8, last=True)
+
+    def _poll(self, request: Any, context: grpc.ServicerContext) -> pb.PollDirtyLogResponse:
+        self._attempt("PollDirtyLog", context)
+        return pb.PollDirtyLogResponse(log=pb.DirtyLogChunk(
+            slot=request.slot, total_pages=8, last=True, bitmap=b"\x00"))
 
 
 @pytest.fixture
@@ -223,7 +231,8 @@ def test_retries_give_up_after_five_attempts(fake: FakeDaemon) -> None:
 @pytest.mark.parametrize("call", [
     pytest.param(lambda c: c.create_vm("vm1"), id="CreateVm"),
     pytest.param(lambda c: c.delete_vm("vm1"), id="DeleteVm"),
-    pytest.param(lambda c: c.dirty_log("vm1", 0), id="GetDirtyLog"),
+    pytest.param(lambda c: c.dirty_log("vm1", 0), id="PollDirtyLog"),
+    pytest.param(lambda c: list(c.iter_dirty_log("vm1", 0)), id="GetDirtyLog"),
 ])
 def test_a_call_that_is_not_idempotent_is_not_retried(fake: FakeDaemon,
                                                      call: Callable[[KvmdClient], Any],
@@ -233,6 +242,16 @@ def test_a_call_that_is_not_idempotent_is_not_retried(fake: FakeDaemon,
     with KvmdClient(fake.address) as c, pytest.raises(UnavailableError):
         call(c)
     assert fake.count(method) == 1
+
+
+def test_dirty_log_streams_when_the_daemon_has_no_poll(fake: FakeDaemon) -> None:
+    fake.plan["PollDirtyLog"] = [Code.UNIMPLEMENTED]  # a daemon before PollDirtyLog
+    with KvmdClient(fake.address) as c:
+        log = c.dirty_log("vm1", 0)
+        assert (log.total_pages, log.dirty_count) == (8, 0)
+        assert (fake.count("PollDirtyLog"), fake.count("GetDirtyLog")) == (1, 1)
+        c.dirty_log("vm1", 0)  # PollDirtyLog answers now: no stream
+        assert (fake.count("PollDirtyLog"), fake.count("GetDirtyLog")) == (2, 1)
 
 
 @pytest.mark.parametrize(("code", "error"), [(Code.INTERNAL, InternalError),

@@ -277,7 +277,10 @@ def test_dirty_log(kvmctl: Kvmctl, vm: str) -> None:
     assert ok(kvmctl("dirty-log", vm, "0")).out.strip() == "slot 0: 0 of 256 pages dirty"
     data = ok(kvmctl("dirty-log", vm, "0", "--json")).json()
     assert data == {"vm_id": vm, "slot": 0, "dirty_count": 0, "total_pages": 256, "pages": []}
+    # --stream reads the same log through GetDirtyLog's chunks instead of PollDirtyLog.
+    assert ok(kvmctl("dirty-log", vm, "0", "--stream", "--json")).json() == data
     assert kvmctl("dirty-log", vm, "7").code == 1
+    assert kvmctl("dirty-log", vm, "7", "--stream").code == 1
 
 
 def test_irqfds(kvmctl: Kvmctl, vm: str) -> None:

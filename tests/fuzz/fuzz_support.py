@@ -104,6 +104,7 @@ CALL_TIMEOUT = 15.0    # deadline of every other call: reaching it is a hang, a 
 # snapshot must be unchanged.
 NON_MUTATING = frozenset({f"kvmd.v1.{m}" for m in READ_ONLY_METHODS} | {
     "kvmd.v1.Memory/ReadGuestMemory", "kvmd.v1.Memory/GetDirtyLog",
+    "kvmd.v1.Memory/PollDirtyLog",
     "kvmd.v1.Vms/StreamConsole", "kvmd.v1.Interrupts/WatchIrqfdResamples",
     "kvmd.v1.IoEvents/WatchIoevents",
 })
@@ -599,6 +600,9 @@ HAND_WRITTEN: dict[str, st.SearchStrategy[Any]] = {
     "kvmd.v1.Memory/GetDirtyLog": _msg(
         pb.GetDirtyLogRequest, vm_id=VM_IDS, slot=ints(0, U32_MAX, [0, 1, 2, 3, U32_MAX]),
         chunk_size=ints(0, U32_MAX, [0, 1, 2, 8, U32_MAX])),
+    "kvmd.v1.Memory/PollDirtyLog": _msg(
+        pb.PollDirtyLogRequest, vm_id=VM_IDS, slot=ints(0, U32_MAX, [0, 1, 2, 3, U32_MAX]),
+        form=st.sampled_from([0, 1, 2, 3, -1])),
     "kvmd.v1.IoEvents/RegisterIoevent": _msg(
         pb.RegisterIoeventRequest, vm_id=VM_IDS, ioevent_id=IOEVENT_IDS,
         space=st.sampled_from([0, 1, 2, -1]),

@@ -99,6 +99,7 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
 NOT_RETRIED_READS: dict[str, str] = {
     "kvmd.v1.Memory/GetDirtyLog": "reading resets the log: a retry would lose the pages "
                                   "the first attempt took",
+    "kvmd.v1.Memory/PollDirtyLog": "reading resets the log, as GetDirtyLog",
     "kvmd.v1.Snapshots/SnapshotVm": "pauses the VM while it streams, and a diff snapshot "
                                     "moves the base of the next one",
 }

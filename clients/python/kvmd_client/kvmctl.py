@@ -776,8 +776,12 @@ def _mem_discard(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
             "released_bytes": released}
 
 
+DIRTY_LOG_CHUNK = 1 << 20  # kvmctl dirty-log --stream: GetDirtyLog's chunk size
+
+
 def _dirty_log(c: KvmdClient, a: argparse.Namespace) -> dict[str, Any]:
-    log = c.dirty_log(a.vm, a.slot)
+    # One round trip (PollDirtyLog), or with --stream chunks of GetDirtyLog.
+    log = c.dirty_log(a.vm, a.slot, chunk_size=DIRTY_LOG_CHUNK if a.stream else 0)
     pages = log.pages()
     if a.clear and pages:  # manual mode: the pages read are handled
         runs: list[tuple[int, int]] = []
@@ -1497,7 +1501,10 @@ COMMANDS: list[Command] = [
             help="dirty pages of a slot since the last read (reading resets the log, except "
             "in manual mode: see --clear)",
             args=(VM, SLOT, arg("--clear", action="store_true", help="manual mode: then mark "
-                                "the pages read clean (ClearDirtyLog)")),
+                                "the pages read clean (ClearDirtyLog)"),
+                  arg("--stream", action="store_true", help="stream the log in chunks "
+                      "(GetDirtyLog) rather than one reply (PollDirtyLog; slots too big "
+                      "for one message are streamed anyway)")),
             call=_dirty_log, text=_dirty_log_text),
     Command(path="dirty-logging", help="turn dirty logging of an existing slot on or off",
             args=(VM, SLOT, arg("state", choices=["on", "off"])),

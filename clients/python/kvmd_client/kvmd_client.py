@@ -1027,17 +1027,41 @@ class KvmdClient:
                                              form=form.upper())
         return self._server_stream(self._memory.GetDirtyLog, request)
 
+    def poll_dirty_log(self, vm_id: str, slot: int, form: str = "auto"
+                       ) -> vmm_pb2.DirtyLogChunk:
+        """The slot's whole dirty log as one chunk, in one round trip (``PollDirtyLog``;
+        resets the log as KVM does): "auto" (runs or bitmap, whichever is shorter),
+        "bitmap" or "ranges". A slot whose log might not fit one message is refused
+        (RESOURCE_EXHAUSTED, reason ``LIMIT_MESSAGE``) before its log is read:
+        :meth:`iter_dirty_log` streams any size."""
+        request = vmm_pb2.PollDirtyLogRequest(vm_id=vm_id, slot=slot, form=form.upper())
+        return self._unary(self._memory.PollDirtyLog, request).log
+
     def dirty_log(self, vm_id: str, slot: int, chunk_size: int = 0) -> DirtyLog:
-        """The slot's whole dirty bitmap and dirty-page count (resets the log).
+        """The slot's whole dirty bitmap and dirty-page count (resets the log): in one
+        round trip (``PollDirtyLog``) unless the slot is too big for one message (or
+        ``chunk_size`` asks for chunks), streamed by ``GetDirtyLog`` then.
 
         Unpacks as ``bitmap, dirty_count``; ``.pages()`` lists the dirty page indices.
         """
+        chunks: Iterable[vmm_pb2.DirtyLogChunk] | None = None
+        if not chunk_size:
+            try:
+                chunks = [self.poll_dirty_log(vm_id, slot)]
+            except KvmdError as exc:
+                # Too big for one message, or a daemon before PollDirtyLog: nothing was
+                # read, so the stream gets every page.
+                if exc.reason != "LIMIT_MESSAGE" and \
+                        exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+        if chunks is None:
+            chunks = self.iter_dirty_log(vm_id, slot, chunk_size, form="auto")
         bitmap = bytearray()
         runs: list[tuple[int, int]] = []  # when the daemon sent runs (the shorter form)
         dirty = 0
         total_dirty: int | None = None
         total_pages = 0
-        for chunk in self.iter_dirty_log(vm_id, slot, chunk_size, form="auto"):
+        for chunk in chunks:
             bitmap += chunk.bitmap
             runs += zip(chunk.run_first_pages, chunk.run_pages, strict=True)
             dirty += chunk.dirty_pages
