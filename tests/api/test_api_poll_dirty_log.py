@@ -136,3 +136,12 @@ def test_the_client_streams_a_log_too_big_to_poll(daemon_factory: DaemonFactory)
             client.poll_dirty_log("p5", big.slot)
         assert refused.value.reason == "LIMIT_MESSAGE"
         assert refused.value.metadata["limit"] == "max_message_bytes"
+
+
+def test_an_unknown_form_is_refused_before_either_rpc_reads_the_log(api: RunningDaemon) -> None:
+    slot0, _ = boot_dirtying_guest(api, "p6")
+    api.assert_code(lambda: api.dirty_log("p6", slot0, form=9), INVALID,
+                    reason=Reason.VALUE_UNKNOWN, field="form")
+    api.assert_code(lambda: poll(api, "p6", slot0, 9), INVALID, reason=Reason.VALUE_UNKNOWN,
+                    field="form")
+    assert pages_of(poll(api, "p6", slot0)) == DIRTY_PAGES_SLOT0  # nothing was lost
