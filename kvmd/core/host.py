@@ -241,13 +241,17 @@ class Host:
         vm.close()
         log.info("vm deleted", extra={"vm_id": vm_id})
 
-    def remove_migrated(self, vm: ManagedVm) -> None:
-        """A VM that now runs on another daemon: gone from this one."""
+    def forget_migrated(self, vm: ManagedVm) -> None:
+        """A VM that now runs on another daemon: gone from this one's registry (its id is
+        free, no call finds it). Its memory and descriptors go with `release_migrated`."""
         with self._lock:
             if self._vms.get(vm.id) is vm:
                 del self._vms[vm.id]
-        vm.close()
         log.info("vm migrated away", extra={"vm_id": vm.id})
+
+    def release_migrated(self, vm: ManagedVm) -> None:
+        """Free what a VM forgotten by `forget_migrated` still holds."""
+        vm.close()
 
     def vm_count(self) -> int:
         with self._lock:

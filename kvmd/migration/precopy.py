@@ -196,6 +196,7 @@ class OutgoingMigration:
         self._lock = threading.Lock()
         self._transport: Transport | None = None
         self._committing = False
+        self._migrated_away = False  # the target runs the VM: this daemon frees it
         self._next_send = 0.0  # bandwidth pacing: when the next batch may go
         self._known_digests: dict[tuple[object, ...], bytes] = {}
         self._last_publish = 0.0
@@ -276,6 +277,11 @@ class OutgoingMigration:
                 self.host.shared.migration.record(p.downtime_ms / 1000, p.round)
             self.updates.publish(p)
             self.updates.end()
+            if self._migrated_away:
+                # After the caller's answer: unmapping a big guest takes tens of ms (45 ms
+                # for 256 MiB here), which the migration's caller need not wait for. `done`
+                # still waits for it, so nothing outlives a daemon's stop.
+                self.host.release_migrated(vm)
             self.done.set()
             if self._on_end is not None:
                 self._on_end(self)
@@ -400,8 +406,10 @@ class OutgoingMigration:
                                              reason=Reason.MIGRATION_OUTCOME_UNKNOWN) from exc
                 raise
             downtime = time.monotonic() - paused_at
-            # Still held (no resume can slip in): the VM runs on the target now.
-            self.host.remove_migrated(vm)
+            # Still held (no resume can slip in): the VM runs on the target now. Its memory
+            # is freed once the caller has the outcome (see _run).
+            self.host.forget_migrated(vm)
+            self._migrated_away = True
         self._publish(True, phase=COMPLETED, downtime_ms=downtime * 1000, pages_remaining=0)
         log.info("vm migrated", extra={"vm_id": vm.id, "target": self.target,
                                        "downtime_ms": round(downtime * 1000, 1)})

@@ -85,6 +85,10 @@ def test_the_client_library_migrates_cancels_and_reports(hosts: tuple[Host, Host
                                max_downtime_ms=500, on_progress=seen.append)
         assert final.downtime_ms > 0 and seen[-1] == final
         assert [v.vm_id for v in dst.list_vms()] == ["lib"]
+        assert src.list_vms() == []  # gone from the source before the call returned
+    # Its memory and descriptors are released just after the answer.
+    wait_for(lambda: a.metrics()[("kvmd_guest_memory_in_use_bytes", ())] == 0
+             and a.metrics()[("kvmd_vm_fds", ())] == 0, 10, "the source freeing the VM")
     metrics_a, metrics_b = a.metrics(), b.metrics()
     ok_out = metrics_a[("kvmd_migrations_total",
                         (("direction", "outgoing"), ("result", "ok")))]
