@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -501,6 +502,16 @@ def tune_allocator() -> None:
         pass
 
 
+def freeze_startup_objects() -> None:
+    """Move what start-up built (modules, protobuf descriptors, the daemon's own structures,
+    VMs handed over) out of the collector's reach: it lives as long as the process, yet each
+    full collection walked all of it, 12-50 ms here, holding the GIL that every call and
+    every vCPU thread needs. Garbage goes first; later objects are collected as before."""
+    gc.collect()
+    gc.freeze()
+    log.info("start-up objects frozen", extra={"objects": gc.get_freeze_count()})
+
+
 def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
     """The daemon's life: start, serve until a signal (or a take-over), stop. `handover`:
     VMs kvmd.launch restored already. Should the start fail once VMs were received, they
@@ -534,6 +545,7 @@ def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
         print(f"kvmd: {exc}", file=sys.stderr)
         daemon.stop()
         return EXIT_HANDOVER_FAILED
+    freeze_startup_objects()
     while not daemon.exit_requested.wait(1.0):
         pass
     keep = signalled.is_set() and cfg.on_stop == "keep"

@@ -8,6 +8,7 @@ restore is stranded there, not lost."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import threading
@@ -238,3 +239,17 @@ def test_take_over_with_nothing_to_take_over_fails_clearly(tmp_path: Path) -> No
     lone = Kvmd(tmp_path, "--take-over", wait=False)
     assert lone.wait(60) == 1
     assert "no daemon to take over" in lone.log
+
+
+def test_a_serving_daemon_keeps_its_start_up_objects_out_of_full_collections(
+        tmp_path: Path) -> None:
+    # What start-up built lives as long as the process: frozen out of the collector, a full
+    # collection no longer walks it while holding the GIL every call needs.
+    daemon = Kvmd(tmp_path)
+    try:
+        line = wait_until(lambda: re.search(r'msg="start-up objects frozen" objects=(\d+)',
+                                            daemon.log), 30, "the freeze")
+        assert int(line.group(1)) > 10_000
+        assert line.start() > daemon.log.index("kvmd listening")
+    finally:
+        assert daemon.stop() == 0
