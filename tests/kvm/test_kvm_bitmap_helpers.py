@@ -4,6 +4,7 @@ plain Python on the same data (odd lengths, empty input, 64-bit extremes)."""
 from __future__ import annotations
 
 import random
+import re
 from array import array
 
 import pytest
@@ -53,15 +54,8 @@ def test_pack_varints_and_max(values: list[int]) -> None:
 
 
 def python_runs(bitmap: bytes) -> list[tuple[int, int]]:
-    bits = int.from_bytes(bitmap, "little")
-    runs: list[tuple[int, int]] = []
-    for page in range(len(bitmap) * 8):
-        if bits >> page & 1:
-            if runs and runs[-1][0] + runs[-1][1] == page:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((page, 1))
-    return runs
+    bits = "".join(f"{byte:08b}"[::-1] for byte in bitmap)  # character i: page i
+    return [(run.start(), len(run.group())) for run in re.finditer("1+", bits)]
 
 
 @pytest.mark.parametrize(("length", "density"), [
