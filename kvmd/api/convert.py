@@ -33,6 +33,7 @@ from kvmd.state.codec import (
     sregs_from_pb,
     sregs_to_pb,
 )
+from kvmd.state.format import varint
 from kvmd_proto import vmm_pb2 as pb
 
 
@@ -178,18 +179,11 @@ def page_run_chunks(bitmap: bytes, limit: int, force: bool
             for i in range(0, len(firsts), step)] or [(firsts, counts)]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _packed_field(number: int, body: bytes) -> bytes:
-    """A packed repeated field on the wire (nothing when empty, as protobuf writes it)."""
-    return _varint(number << 3 | 2) + _varint(len(body)) + body if body else b""
+def _length_delimited(number: int, body: bytes) -> bytes:
+    """A length-delimited field on the wire: a packed repeated field, or a sub-message;
+    nothing when empty, as protobuf writes an empty packed field (no sub-message written
+    here is empty)."""
+    return varint(number << 3 | 2) + varint(len(body)) + body if body else b""
 
 
 def dirty_runs_chunk(slot: int, total_pages: int, firsts: array[int], counts: array[int],
@@ -214,8 +208,8 @@ def _runs_chunk(slot: int, total_pages: int, packed_firsts: bytes, packed_counts
     head = pb.DirtyLogChunk(slot=slot, total_pages=total_pages, last=last, dirty_pages=pages,
                             total_dirty_pages=total_before + pages if last else 0)
     return (head.SerializeToString()
-            + _packed_field(pb.DirtyLogChunk.RUN_FIRST_PAGES_FIELD_NUMBER, packed_firsts)
-            + _packed_field(pb.DirtyLogChunk.RUN_PAGES_FIELD_NUMBER, packed_counts))
+            + _length_delimited(pb.DirtyLogChunk.RUN_FIRST_PAGES_FIELD_NUMBER, packed_firsts)
+            + _length_delimited(pb.DirtyLogChunk.RUN_PAGES_FIELD_NUMBER, packed_counts))
 
 
 def dirty_log_answer_bound(pages: int, form: int) -> int:
@@ -250,7 +244,7 @@ def whole_dirty_log(slot: int, bitmap: bytes, total_pages: int, form: int) -> by
     else:
         packed_firsts, packed_counts, pages = runs
         chunk = _runs_chunk(slot, total_pages, packed_firsts, packed_counts, pages, 0, True)
-    return _varint(pb.PollDirtyLogResponse.LOG_FIELD_NUMBER << 3 | 2) + _varint(len(chunk)) + chunk
+    return _length_delimited(pb.PollDirtyLogResponse.LOG_FIELD_NUMBER, chunk)
 
 
 __all__ = [

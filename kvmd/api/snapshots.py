@@ -13,6 +13,7 @@ from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
 from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, Reason
 from kvmd.core.host import Host
+from kvmd.state.format import varint
 from kvmd.state.snapshot import Restorer, RunMode, SnapshotSummary, SnapshotTaker
 from kvmd.state.store import SnapshotStore, StoredSnapshot
 from kvmd_proto import vmm_pb2 as pb
@@ -24,22 +25,13 @@ _TAG_RESPONSE_DATA = (1 << 3) | 2
 _TAG_REQUEST_DATA = (2 << 3) | 2
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class DataResponse:
     """A SnapshotVmResponse{data} already in wire form: the snapshot's frames are joined
     once, into the message, instead of into bytes and then again by protobuf."""
 
     def __init__(self, frames: list[bytes]) -> None:
         size = sum(len(f) for f in frames)
-        self.wire = b"".join([bytes([_TAG_RESPONSE_DATA]), _varint(size), *frames])
+        self.wire = b"".join([bytes([_TAG_RESPONSE_DATA]), varint(size), *frames])
 
 
 def _next_response(taker: SnapshotTaker, size: int) -> DataResponse | None:
