@@ -216,23 +216,18 @@ void kvmd_bitmap_or(uint8_t *dst, const uint8_t *src, uint64_t n)
 }
 
 /* `n` values as protobuf varints, back to back (the body of a packed repeated field), into
- * `out` (room for 10 bytes a value); their sum into `*sum`. Returns the bytes written. */
+ * `out` (room for 10 bytes a value; put_varint, as the runs use); their sum into `*sum`.
+ * Returns the bytes written. */
 KVMD_BIT_LOOP
 uint64_t kvmd_pack_varints(const uint64_t *values, uint64_t n, uint8_t *out, uint64_t *sum)
 {
-    uint8_t *p = out;
-    uint64_t s = 0;
+    uint64_t len = 0, s = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t v = values[i];
-        s += v;
-        while (v >= 0x80) {
-            *p++ = (uint8_t)(v | 0x80);
-            v >>= 7;
-        }
-        *p++ = (uint8_t)v;
+        s += values[i];
+        put_varint(out, &len, UINT64_MAX, values[i]);  /* `out` has room: no cap */
     }
     *sum = s;
-    return (uint64_t)(p - out);
+    return len;
 }
 
 /* The largest of `n` values (0 when there are none). */
