@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from array import array
+from collections.abc import Iterator
 
 from kvmd.core.errors import InvalidArgument, Reason
 from kvmd.core.images import FileBackedRange, MemoryFile
@@ -164,16 +165,12 @@ def _varint_len(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def page_run_chunks(bitmap: bytes, limit: int, force: bool
-                    ) -> list[tuple[array[int], array[int]]] | None:
+def page_run_chunks(bitmap: bytes, limit: int) -> list[tuple[array[int], array[int]]]:
     """The dirty pages as runs (first pages, page counts), in parts of at most about
-    `limit` bytes each, when that is shorter than the bitmap or `force`d; None to send the
-    bitmap."""
+    `limit` bytes each."""
     firsts, counts = bitmap_runs(bitmap)
     # Packed varints: the first pages grow, so sizing by the largest is close and safe.
     per_run = _varint_len(firsts[-1] if firsts else 0) + _varint_len(max_u64(counts))
-    if not force and len(firsts) * per_run + 8 >= len(bitmap):
-        return None
     step = max(1, limit // per_run)
     return [(firsts[i:i + step], counts[i:i + step])
             for i in range(0, len(firsts), step)] or [(firsts, counts)]
@@ -223,28 +220,80 @@ def dirty_log_answer_bound(pages: int, form: int) -> int:
     return runs * (_varint_len(pages) + 1) + 64
 
 
+def shorter_runs(bitmap: bytes) -> tuple[bytes, bytes, int] | None:
+    """AUTO's one rule, for GetDirtyLog and PollDirtyLog alike: the dirty pages as packed
+    runs (first pages, page counts, pages covered) when both fields take fewer bytes than
+    the bitmap, by their exact sizes; None to send the bitmap. Packed in one pass in C,
+    given up as soon as the runs pass the bitmap's size."""
+    runs = bitmap_runs_packed(bitmap, len(bitmap))
+    if runs is None or len(runs[0]) + len(runs[1]) + 2 * _RUNS_FIELD_HEAD >= len(bitmap):
+        return None
+    return runs
+
+
 def whole_dirty_log(slot: int, bitmap: bytes, total_pages: int, form: int) -> bytes:
     """A serialized PollDirtyLogResponse: the slot's whole log as one DirtyLogChunk
-    (first_page 0, last), as runs when `form` is RANGES, or AUTO and they are shorter; as
-    the bitmap otherwise. The runs are packed in one pass in C, given up as soon as they
-    would be longer than the bitmap (AUTO)."""
+    (first_page 0, last), as runs when `form` is RANGES, or AUTO and they are shorter
+    (shorter_runs); as the bitmap otherwise."""
     runs = None
-    if form != pb.GetDirtyLogRequest.BITMAP:
-        cap = (len(bitmap) if form == pb.GetDirtyLogRequest.AUTO
-               else dirty_log_answer_bound(total_pages, form))
-        runs = bitmap_runs_packed(bitmap, cap)
-        if runs is not None and form == pb.GetDirtyLogRequest.AUTO and \
-                len(runs[0]) + len(runs[1]) + 2 * _RUNS_FIELD_HEAD >= len(bitmap):
-            runs = None
+    if form == pb.GetDirtyLogRequest.AUTO:
+        runs = shorter_runs(bitmap)
+    elif form == pb.GetDirtyLogRequest.RANGES:
+        runs = bitmap_runs_packed(bitmap, dirty_log_answer_bound(total_pages, form))
     if runs is None:
-        dirty = bitmap_popcount(bitmap)
-        chunk = pb.DirtyLogChunk(slot=slot, bitmap=bitmap, dirty_pages=dirty,
-                                 total_pages=total_pages, last=True,
-                                 total_dirty_pages=dirty).SerializeToString()
+        chunk = _bitmap_chunk(slot, bitmap, 0, total_pages, 0, True)
     else:
         packed_firsts, packed_counts, pages = runs
         chunk = _runs_chunk(slot, total_pages, packed_firsts, packed_counts, pages, 0, True)
     return _length_delimited(pb.PollDirtyLogResponse.LOG_FIELD_NUMBER, chunk)
+
+
+def _bitmap_chunk(slot: int, piece: bytes, first_page: int, total_pages: int,
+                  total_before: int, last: bool) -> bytes:
+    dirty = bitmap_popcount(piece)
+    return pb.DirtyLogChunk(slot=slot, first_page=first_page, bitmap=piece, dirty_pages=dirty,
+                            total_pages=total_pages, last=last,
+                            total_dirty_pages=total_before + dirty if last else 0
+                            ).SerializeToString()
+
+
+def dirty_log_chunks(slot: int, bitmap: bytes, total_pages: int, form: int,
+                     chunk_bytes: int) -> Iterator[bytes]:
+    """GetDirtyLog's answer, serialized: DirtyLogChunks of at most about `chunk_bytes` of
+    bitmap or runs each, the form chosen as PollDirtyLog chooses it (AUTO: shorter_runs),
+    so the two RPCs answer one log alike."""
+    if form == pb.GetDirtyLogRequest.AUTO:
+        runs = shorter_runs(bitmap)
+        if runs is None:
+            yield from _bitmap_chunks(slot, bitmap, total_pages, chunk_bytes)
+            return
+        packed_firsts, packed_counts, pages = runs
+        if len(packed_firsts) + len(packed_counts) <= chunk_bytes:  # the usual case
+            yield _runs_chunk(slot, total_pages, packed_firsts, packed_counts, pages, 0, True)
+            return
+    elif form == pb.GetDirtyLogRequest.BITMAP:
+        yield from _bitmap_chunks(slot, bitmap, total_pages, chunk_bytes)
+        return
+    # Runs in several chunks (or RANGES, whose runs may pass the bitmap's size): split
+    # from arrays, as many runs to a chunk as fit.
+    parts = page_run_chunks(bitmap, chunk_bytes)
+    total = 0
+    for i, (firsts, counts) in enumerate(parts):
+        wire, dirty = dirty_runs_chunk(slot, total_pages, firsts, counts, total,
+                                       i == len(parts) - 1)
+        total += dirty
+        yield wire
+
+
+def _bitmap_chunks(slot: int, bitmap: bytes, total_pages: int,
+                   chunk_bytes: int) -> Iterator[bytes]:
+    total = 0
+    offsets = range(0, len(bitmap), chunk_bytes)
+    for i, off in enumerate(offsets):
+        piece = bitmap[off:off + chunk_bytes]
+        wire = _bitmap_chunk(slot, piece, off * 8, total_pages, total, i == len(offsets) - 1)
+        total += bitmap_popcount(piece)
+        yield wire
 
 
 __all__ = [
@@ -253,6 +302,7 @@ __all__ = [
     "cpuid_from_pb",
     "cpuid_to_pb",
     "dirty_log_answer_bound",
+    "dirty_log_chunks",
     "dirty_modes_to_pb",
     "dirty_runs_chunk",
     "event_to_pb",
@@ -269,6 +319,7 @@ __all__ = [
     "regs_from_pb",
     "regs_to_pb",
     "route_from_pb",
+    "shorter_runs",
     "sregs_from_pb",
     "sregs_to_pb",
     "vcpu_to_pb",

@@ -31,7 +31,6 @@ from kvmd.core.remote import (
     RemoteHandler,
 )
 from kvmd.core.vm import ManagedVm
-from kvmd.kvm import bitmap_popcount
 from kvmd.kvm.memory import PAGE_SIZE
 from kvmd.migration.registry import Migrations
 from kvmd.state.store import SnapshotStore
@@ -301,37 +300,16 @@ class MemoryService(ServicerBase, rpc.MemoryServicer):
             yield pb.GuestMemoryChunk(guest_addr=addr, data=data)
 
     async def GetDirtyLog(self, request: pb.GetDirtyLogRequest,
-                          context: grpc.aio.ServicerContext
-                          ) -> AsyncIterator[pb.DirtyLogChunk | bytes]:
-        """Fetch (and reset) the slot's dirty bitmap, streamed in chunks (runs come
-        serialized already)."""
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Fetch (and reset) the slot's dirty log, streamed in chunks of its bitmap or its
+        runs (AUTO: whichever is shorter, as PollDirtyLog chooses)."""
         vm = self._vm(request.vm_id)
         form = _dirty_log_form(request.form)  # before the read: a refusal loses no pages
         info, bitmap = await self._blocking(vm.get_dirty_log, request.slot)
-        total_pages = info.size // PAGE_SIZE
-        chunk = self._chunk_size(request.chunk_size)
-        runs = None if form == pb.GetDirtyLogRequest.BITMAP else convert.page_run_chunks(
-            bitmap, chunk, force=form == pb.GetDirtyLogRequest.RANGES)
-        if runs is not None:
-            total = 0
-            for i, (firsts, counts) in enumerate(runs):
-                # Serialized already (see interceptors.serialized_as_is).
-                wire, dirty = convert.dirty_runs_chunk(info.slot, total_pages, firsts, counts,
-                                                       total, i == len(runs) - 1)
-                total += dirty
-                yield wire
-            return
-        total_dirty = 0
-        offsets = range(0, len(bitmap), chunk)
-        for i, off in enumerate(offsets):
-            piece = bitmap[off : off + chunk]
-            dirty = bitmap_popcount(piece)
-            total_dirty += dirty
-            last = i == len(offsets) - 1
-            yield pb.DirtyLogChunk(
-                slot=info.slot, first_page=off * 8, bitmap=piece, dirty_pages=dirty,
-                total_pages=total_pages, last=last,
-                total_dirty_pages=total_dirty if last else 0)
+        # Serialized already (see interceptors.serialized_as_is).
+        for chunk in convert.dirty_log_chunks(info.slot, bitmap, info.size // PAGE_SIZE, form,
+                                              self._chunk_size(request.chunk_size)):
+            yield chunk
 
     def PollDirtyLog(self, request: pb.PollDirtyLogRequest,
                      context: Any) -> pb.PollDirtyLogResponse | bytes:

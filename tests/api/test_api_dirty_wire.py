@@ -70,3 +70,53 @@ def test_poll_auto_sends_a_dense_log_as_its_bitmap() -> None:
         convert.whole_dirty_log(1, bitmap, 4096 * 8, pb.GetDirtyLogRequest.AUTO)).log
     assert log.bitmap == bitmap and not log.run_first_pages
     assert log.total_dirty_pages == 4096 * 4
+
+
+def _pages(chunks: list[pb.DirtyLogChunk]) -> set[int]:
+    pages: set[int] = set()
+    for c in chunks:
+        for i, byte in enumerate(c.bitmap):
+            pages.update(c.first_page + i * 8 + b for b in range(8) if byte >> b & 1)
+        for first, count in zip(c.run_first_pages, c.run_pages, strict=True):
+            pages.update(range(first, first + count))
+    return pages
+
+
+def _streamed(bitmap: bytes, total: int, form: int, chunk_bytes: int = 1 << 20
+              ) -> list[pb.DirtyLogChunk]:
+    return [pb.DirtyLogChunk.FromString(wire)
+            for wire in convert.dirty_log_chunks(5, bitmap, total, form, chunk_bytes)]
+
+
+def test_both_rpcs_choose_auto_by_the_exact_size_of_the_runs() -> None:
+    # 600 one-page runs and one of 200 pages in a 16384-page slot: packed, the runs take
+    # 1762 bytes, fewer than the 2048-byte bitmap; sized as if each run were the largest
+    # (4 bytes), they would not. Both RPCs must send the runs.
+    total = 16384
+    pages = [2 * i for i in range(600)] + list(range(2000, 2200))
+    bitmap = sum(1 << p for p in pages).to_bytes(total // 8, "little")
+    streamed = _streamed(bitmap, total, pb.GetDirtyLogRequest.AUTO)
+    polled = pb.PollDirtyLogResponse.FromString(
+        convert.whole_dirty_log(5, bitmap, total, pb.GetDirtyLogRequest.AUTO)).log
+    assert len(streamed) == 1 and streamed[0] == polled
+    assert not polled.bitmap and len(polled.run_first_pages) == 601
+    assert _pages([polled]) == set(pages)
+
+
+@pytest.mark.parametrize("pages", [[], [0], list(range(0, 4096, 2)), list(range(0, 4096, 3)),
+                                   [7, *range(100, 900), 2**16 - 1]])
+def test_streamed_and_polled_answers_agree_in_every_form(pages: list[int]) -> None:
+    total = 1 << 16
+    bitmap = sum(1 << p for p in pages).to_bytes(total // 8, "little")
+    for form in (pb.GetDirtyLogRequest.AUTO, pb.GetDirtyLogRequest.BITMAP,
+                 pb.GetDirtyLogRequest.RANGES):
+        polled = pb.PollDirtyLogResponse.FromString(
+            convert.whole_dirty_log(5, bitmap, total, form)).log
+        assert _streamed(bitmap, total, form) == [polled]
+        # In small chunks: the same pages, the same form, counted across the chunks.
+        small = _streamed(bitmap, total, form, chunk_bytes=64)
+        assert _pages(small) == set(pages) == _pages([polled])
+        assert all(bool(c.bitmap) == bool(polled.bitmap) for c in small if c.dirty_pages)
+        assert [c.last for c in small] == [False] * (len(small) - 1) + [True]
+        assert small[-1].total_dirty_pages == len(pages)
+        assert sum(c.dirty_pages for c in small) == len(pages)
