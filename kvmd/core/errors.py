@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno as _errno
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from enum import StrEnum
+from enum import StrEnum, auto
+from typing import Any
 
 from kvmd.kvm import KvmError
 
@@ -102,10 +103,16 @@ class KernelError(DomainError):
 class Reason(StrEnum):
     """Every `google.rpc.ErrorInfo.reason` the daemon sends (AIP-193): UPPER_SNAKE, specific,
     stable. Each belongs to one DomainError class, so to one status code; the README's
-    "Errors" table lists them all (a test checks it). Members are (value, class, meaning)."""
+    "Errors" table lists them all (a test checks it). Members are (auto(): the value is the
+    name, class, meaning)."""
 
     error: type[DomainError]
     doc: str
+
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list[Any]
+                              ) -> str:
+        return name  # each value is its member's name
 
     def __new__(cls, value: str, error: type[DomainError], doc: str) -> Reason:
         member = str.__new__(cls, value)
@@ -115,185 +122,185 @@ class Reason(StrEnum):
         return member
 
     # -- INVALID_ARGUMENT: wrong whatever the state; a BadRequest names the field -----------
-    FIELD_REQUIRED = ("FIELD_REQUIRED", InvalidArgument,
+    FIELD_REQUIRED = (auto(), InvalidArgument,
                       "a required field is empty (the field violation names it)")
-    ID_INVALID = ("ID_INVALID", InvalidArgument,
+    ID_INVALID = (auto(), InvalidArgument,
                   "an id is not 1-64 characters of A-Z a-z 0-9 . _ -, starting with a "
                   "letter or digit")
-    VALUE_OUT_OF_RANGE = ("VALUE_OUT_OF_RANGE", InvalidArgument,
+    VALUE_OUT_OF_RANGE = (auto(), InvalidArgument,
                           "a number, count or length is outside what the field allows")
-    VALUE_UNKNOWN = ("VALUE_UNKNOWN", InvalidArgument,
+    VALUE_UNKNOWN = (auto(), InvalidArgument,
                      "an enum value or mode name this daemon does not know")
-    ARGUMENTS_CONFLICT = ("ARGUMENTS_CONFLICT", InvalidArgument,
+    ARGUMENTS_CONFLICT = (auto(), InvalidArgument,
                           "fields that cannot go together (a PIT without an irqchip, "
                           "entries and use_supported, a duplicate MSR, overlapping ranges)")
-    ADDRESS_UNALIGNED = ("ADDRESS_UNALIGNED", InvalidArgument,
+    ADDRESS_UNALIGNED = (auto(), InvalidArgument,
                          "an address, offset or size is not a multiple of the page size")
-    RANGE_OUTSIDE_MEMORY = ("RANGE_OUTSIDE_MEMORY", InvalidArgument,
+    RANGE_OUTSIDE_MEMORY = (auto(), InvalidArgument,
                             "a guest range is not entirely inside guest memory, a slot or "
                             "a memory file")
-    SLOT_NOT_LOGGED = ("SLOT_NOT_LOGGED", InvalidArgument,
+    SLOT_NOT_LOGGED = (auto(), InvalidArgument,
                        "the slot was added without dirty logging")
-    PAGE_TOKEN_INVALID = ("PAGE_TOKEN_INVALID", InvalidArgument,
+    PAGE_TOKEN_INVALID = (auto(), InvalidArgument,
                           "page_token is not one this daemon gave")
-    FILE_NAME_INVALID = ("FILE_NAME_INVALID", InvalidArgument,
+    FILE_NAME_INVALID = (auto(), InvalidArgument,
                          "a memory or snapshot file name is empty, absolute, leaves its "
                          "directory, or names something other than a regular file")
-    STREAM_INVALID = ("STREAM_INVALID", InvalidArgument,
+    STREAM_INVALID = (auto(), InvalidArgument,
                       "a stream's messages come in the wrong order or do not belong "
                       "together")
-    SNAPSHOT_CORRUPT = ("SNAPSHOT_CORRUPT", InvalidArgument,
+    SNAPSHOT_CORRUPT = (auto(), InvalidArgument,
                         "snapshot or hand-over bytes are not a well-formed, intact kvmd "
                         "snapshot")
-    STATE_INVALID = ("STATE_INVALID", InvalidArgument,
+    STATE_INVALID = (auto(), InvalidArgument,
                      "a saved CPU or device state field is malformed (wrong count, out of "
                      "range)")
-    TARGET_INVALID = ("TARGET_INVALID", InvalidArgument,
+    TARGET_INVALID = (auto(), InvalidArgument,
                       "a migration target is not host:port")
-    MIGRATION_TOKEN_REFUSED = ("MIGRATION_TOKEN_REFUSED", InvalidArgument,
+    MIGRATION_TOKEN_REFUSED = (auto(), InvalidArgument,
                                "the migration target refused the token")
-    KERNEL_REJECTED = ("KERNEL_REJECTED", InvalidArgument,
+    KERNEL_REJECTED = (auto(), InvalidArgument,
                        "KVM refused the arguments (EINVAL, EFAULT, ...; errno and ioctl in "
                        "metadata)")
     # -- NOT_FOUND ------------------------------------------------------------------------
-    VM_NOT_FOUND = ("VM_NOT_FOUND", NotFound,
+    VM_NOT_FOUND = (auto(), NotFound,
                     "no VM with that id (or one the caller may not see)")
-    VCPU_NOT_FOUND = ("VCPU_NOT_FOUND", NotFound, "the VM has no vCPU with that index")
-    SLOT_NOT_FOUND = ("SLOT_NOT_FOUND", NotFound,
+    VCPU_NOT_FOUND = (auto(), NotFound, "the VM has no vCPU with that index")
+    SLOT_NOT_FOUND = (auto(), NotFound,
                       "no memory slot with that number, or no memory file mapped there")
-    IRQFD_NOT_FOUND = ("IRQFD_NOT_FOUND", NotFound, "the VM has no irqfd with that id")
-    IOEVENT_NOT_FOUND = ("IOEVENT_NOT_FOUND", NotFound, "the VM has no ioevent with that id")
-    SNAPSHOT_NOT_FOUND = ("SNAPSHOT_NOT_FOUND", NotFound,
+    IRQFD_NOT_FOUND = (auto(), NotFound, "the VM has no irqfd with that id")
+    IOEVENT_NOT_FOUND = (auto(), NotFound, "the VM has no ioevent with that id")
+    SNAPSHOT_NOT_FOUND = (auto(), NotFound,
                           "no snapshot file with that name in the state directory")
-    MIGRATION_NOT_FOUND = ("MIGRATION_NOT_FOUND", NotFound,
+    MIGRATION_NOT_FOUND = (auto(), NotFound,
                            "the VM has no migration in progress")
-    STRANDED_VM_NOT_FOUND = ("STRANDED_VM_NOT_FOUND", NotFound,
+    STRANDED_VM_NOT_FOUND = (auto(), NotFound,
                              "no stranded VM (left by a hand-over) with that id")
-    FILE_NOT_FOUND = ("FILE_NOT_FOUND", NotFound, "no such file in the images directory")
-    KERNEL_NOT_FOUND = ("KERNEL_NOT_FOUND", NotFound,
+    FILE_NOT_FOUND = (auto(), NotFound, "no such file in the images directory")
+    KERNEL_NOT_FOUND = (auto(), NotFound,
                         "KVM answered ENOENT (errno and ioctl in metadata)")
     # -- ALREADY_EXISTS -------------------------------------------------------------------
-    VM_ALREADY_EXISTS = ("VM_ALREADY_EXISTS", AlreadyExists, "a VM with that id exists")
-    VCPU_ALREADY_EXISTS = ("VCPU_ALREADY_EXISTS", AlreadyExists,
+    VM_ALREADY_EXISTS = (auto(), AlreadyExists, "a VM with that id exists")
+    VCPU_ALREADY_EXISTS = (auto(), AlreadyExists,
                            "the VM has a vCPU with that index")
-    IRQFD_ALREADY_EXISTS = ("IRQFD_ALREADY_EXISTS", AlreadyExists,
+    IRQFD_ALREADY_EXISTS = (auto(), AlreadyExists,
                             "the VM has an irqfd with that id")
-    IOEVENT_ALREADY_EXISTS = ("IOEVENT_ALREADY_EXISTS", AlreadyExists,
+    IOEVENT_ALREADY_EXISTS = (auto(), AlreadyExists,
                               "the VM has an ioevent with that id")
-    SNAPSHOT_ALREADY_EXISTS = ("SNAPSHOT_ALREADY_EXISTS", AlreadyExists,
+    SNAPSHOT_ALREADY_EXISTS = (auto(), AlreadyExists,
                                "a snapshot file with that name exists")
-    SLOT_OVERLAP = ("SLOT_OVERLAP", AlreadyExists,
+    SLOT_OVERLAP = (auto(), AlreadyExists,
                     "the memory region or file mapping overlaps one that exists")
-    ADDRESS_IN_USE = ("ADDRESS_IN_USE", AlreadyExists,
+    ADDRESS_IN_USE = (auto(), AlreadyExists,
                       "a PIO/MMIO range is owned already (a device, a claim, an ioevent)")
-    KERNEL_CONFLICT = ("KERNEL_CONFLICT", AlreadyExists,
+    KERNEL_CONFLICT = (auto(), AlreadyExists,
                        "KVM answered EEXIST or EBUSY (errno and ioctl in metadata)")
     # -- FAILED_PRECONDITION: the state is wrong for the request --------------------------
-    VM_RUNNING = ("VM_RUNNING", InvalidState,
+    VM_RUNNING = (auto(), InvalidState,
                   "the VM (or the vCPU in metadata) runs: pause or stop it first")
-    VM_NOT_RUNNING = ("VM_NOT_RUNNING", InvalidState,
+    VM_NOT_RUNNING = (auto(), InvalidState,
                       "only a running VM or vCPU can be paused")
-    VM_NOT_PAUSED = ("VM_NOT_PAUSED", InvalidState,
+    VM_NOT_PAUSED = (auto(), InvalidState,
                      "only a paused (or halted) VM or vCPU can be resumed")
-    VM_STOPPED = ("VM_STOPPED", InvalidState,
+    VM_STOPPED = (auto(), InvalidState,
                   "the VM or vCPU is stopped or crashed already")
-    VM_NO_VCPUS = ("VM_NO_VCPUS", InvalidState, "the VM has no vCPUs to start")
-    VM_BUSY = ("VM_BUSY", InvalidState,
+    VM_NO_VCPUS = (auto(), InvalidState, "the VM has no vCPUs to start")
+    VM_BUSY = (auto(), InvalidState,
                "the VM is held for a snapshot or migration, or a vCPU is being started: "
                "retry when it is done")
-    VM_MIGRATING = ("VM_MIGRATING", InvalidState,
+    VM_MIGRATING = (auto(), InvalidState,
                     "the VM migrates (or its migration is past switch-over): cancel first")
-    VM_NOT_NEW = ("VM_NOT_NEW", InvalidState,
+    VM_NOT_NEW = (auto(), InvalidState,
                   "state restores only into a new VM or vCPU that has not run")
-    IRQCHIP_MODE = ("IRQCHIP_MODE", InvalidState,
+    IRQCHIP_MODE = (auto(), InvalidState,
                     "the VM's in-kernel irqchip setting does not allow this")
-    DIRTY_MODE = ("DIRTY_MODE", InvalidState,
+    DIRTY_MODE = (auto(), InvalidState,
                   "the VM's dirty tracking mode or slots do not allow this")
-    SLOT_FILE_CONFLICT = ("SLOT_FILE_CONFLICT", InvalidState,
+    SLOT_FILE_CONFLICT = (auto(), InvalidState,
                           "a memory file mapping is in the way, missing, or needs a "
                           "read-only slot")
-    FILE_NOT_WRITABLE = ("FILE_NOT_WRITABLE", InvalidState,
+    FILE_NOT_WRITABLE = (auto(), InvalidState,
                          "the memory file cannot be opened read-write")
-    FEATURE_DISABLED = ("FEATURE_DISABLED", InvalidState,
+    FEATURE_DISABLED = (auto(), InvalidState,
                         "the daemon runs without what this needs (--images-dir, "
                         "--state-dir, migration TLS)")
-    SNAPSHOT_INCOMPATIBLE = ("SNAPSHOT_INCOMPATIBLE", InvalidState,
+    SNAPSHOT_INCOMPATIBLE = (auto(), InvalidState,
                              "the snapshot does not fit this host, daemon or base (format "
                              "version, page size, XSAVE size, diff base, memory files)")
-    HANDOVER_STATE_UNUSABLE = ("HANDOVER_STATE_UNUSABLE", InvalidState,
+    HANDOVER_STATE_UNUSABLE = (auto(), InvalidState,
                                "a stranded VM's memory was not passed or does not match")
-    RESTORE_NOT_READY = ("RESTORE_NOT_READY", InvalidState,
+    RESTORE_NOT_READY = (auto(), InvalidState,
                          "the restore has ended, or is not ready to commit")
-    DAEMON_STOPPING = ("DAEMON_STOPPING", InvalidState,
+    DAEMON_STOPPING = (auto(), InvalidState,
                        "the daemon is stopping and starts nothing new")
-    MIGRATION_FAILED = ("MIGRATION_FAILED", InvalidState,
+    MIGRATION_FAILED = (auto(), InvalidState,
                         "the migration did not converge, or the target answered out of "
                         "turn; the VM runs on here")
-    KERNEL_WRONG_STATE = ("KERNEL_WRONG_STATE", InvalidState,
+    KERNEL_WRONG_STATE = (auto(), InvalidState,
                           "KVM answered EBADF or EACCES (errno and ioctl in metadata)")
     # -- ABORTED -------------------------------------------------------------------------
-    CONCURRENT_CHANGE = ("CONCURRENT_CHANGE", Aborted,
+    CONCURRENT_CHANGE = (auto(), Aborted,
                          "another call superseded this one (a resume during a pause): retry")
-    MIGRATION_CANCELLED = ("MIGRATION_CANCELLED", Aborted,
+    MIGRATION_CANCELLED = (auto(), Aborted,
                            "the migration was cancelled or its stream ended early")
     # -- RESOURCE_EXHAUSTED: metadata `limit` (the option) and `limit_value` -------------
-    LIMIT_VMS = ("LIMIT_VMS", ResourceExhausted, "max_vms, or the caller's VM quota")
-    LIMIT_VCPUS = ("LIMIT_VCPUS", ResourceExhausted, "max_vcpus_per_vm")
-    LIMIT_MEMORY_SLOTS = ("LIMIT_MEMORY_SLOTS", ResourceExhausted, "max_memory_slots_per_vm")
-    LIMIT_VM_MEMORY = ("LIMIT_VM_MEMORY", ResourceExhausted, "max_memory_per_vm_bytes")
-    LIMIT_GUEST_MEMORY = ("LIMIT_GUEST_MEMORY", ResourceExhausted,
+    LIMIT_VMS = (auto(), ResourceExhausted, "max_vms, or the caller's VM quota")
+    LIMIT_VCPUS = (auto(), ResourceExhausted, "max_vcpus_per_vm")
+    LIMIT_MEMORY_SLOTS = (auto(), ResourceExhausted, "max_memory_slots_per_vm")
+    LIMIT_VM_MEMORY = (auto(), ResourceExhausted, "max_memory_per_vm_bytes")
+    LIMIT_GUEST_MEMORY = (auto(), ResourceExhausted,
                           "max_memory_total_bytes, all VMs together")
-    LIMIT_IRQFDS = ("LIMIT_IRQFDS", ResourceExhausted, "max_irqfds_per_vm")
-    LIMIT_IOEVENTS = ("LIMIT_IOEVENTS", ResourceExhausted, "max_ioevents_per_vm")
-    LIMIT_FDS = ("LIMIT_FDS", ResourceExhausted,
+    LIMIT_IRQFDS = (auto(), ResourceExhausted, "max_irqfds_per_vm")
+    LIMIT_IOEVENTS = (auto(), ResourceExhausted, "max_ioevents_per_vm")
+    LIMIT_FDS = (auto(), ResourceExhausted,
                  "max_fds or max_fds_per_identity (file descriptors VM objects hold)")
-    LIMIT_STREAMS = ("LIMIT_STREAMS", ResourceExhausted,
+    LIMIT_STREAMS = (auto(), ResourceExhausted,
                      "max_streams or max_streams_per_identity")
-    LIMIT_CALLS = ("LIMIT_CALLS", ResourceExhausted,
+    LIMIT_CALLS = (auto(), ResourceExhausted,
                    "max_calls_per_identity, or the calls kept for admins")
-    LIMIT_CLAIMS = ("LIMIT_CLAIMS", ResourceExhausted, "remote exit handlers per VM")
-    LIMIT_MIGRATIONS = ("LIMIT_MIGRATIONS", ResourceExhausted,
+    LIMIT_CLAIMS = (auto(), ResourceExhausted, "remote exit handlers per VM")
+    LIMIT_MIGRATIONS = (auto(), ResourceExhausted,
                         "migrations running, or incoming migrations prepared")
-    LIMIT_MESSAGE = ("LIMIT_MESSAGE", ResourceExhausted,
+    LIMIT_MESSAGE = (auto(), ResourceExhausted,
                      "max_message_bytes: the answer could not fit one message (PollDirtyLog "
                      "of a slot too large for it; GetDirtyLog streams any size)")
-    CONSOLE_FULL = ("CONSOLE_FULL", ResourceExhausted,
+    CONSOLE_FULL = (auto(), ResourceExhausted,
                     "the console input buffer has no room for the data")
-    HOST_EXHAUSTED = ("HOST_EXHAUSTED", ResourceExhausted,
+    HOST_EXHAUSTED = (auto(), ResourceExhausted,
                       "the host ran out (memory, threads, file descriptors, disk space)")
     # -- PERMISSION_DENIED / UNAUTHENTICATED ---------------------------------------------
-    PERMISSION_DENIED_ROLE = ("PERMISSION_DENIED_ROLE", PermissionDenied,
+    PERMISSION_DENIED_ROLE = (auto(), PermissionDenied,
                               "the caller's role (none, viewer, operator) does not allow "
                               "the method")
-    VM_ID_RESERVED = ("VM_ID_RESERVED", PermissionDenied,
+    VM_ID_RESERVED = (auto(), PermissionDenied,
                       "the caller may not create a VM with that id (another identity's "
                       "prefix, or outside its own)")
-    FILE_ACCESS_DENIED = ("FILE_ACCESS_DENIED", PermissionDenied,
+    FILE_ACCESS_DENIED = (auto(), PermissionDenied,
                           "the memory file leads outside the images directory or may not "
                           "be opened")
-    MIGRATION_TOKEN_INVALID = ("MIGRATION_TOKEN_INVALID", PermissionDenied,
+    MIGRATION_TOKEN_INVALID = (auto(), PermissionDenied,
                                "the migration token is unknown, used or expired")
-    IDENTITY_MISSING = ("IDENTITY_MISSING", Unauthenticated,
+    IDENTITY_MISSING = (auto(), Unauthenticated,
                         "no client identity (use the Unix socket or a client certificate)")
     # -- UNIMPLEMENTED / DEADLINE_EXCEEDED / UNAVAILABLE / UNKNOWN / INTERNAL ------------
-    CAPABILITY_MISSING = ("CAPABILITY_MISSING", Unsupported,
+    CAPABILITY_MISSING = (auto(), Unsupported,
                           "the kernel lacks a KVM capability the request needs")
-    HANDLER_DEADLINE_MISSED = ("HANDLER_DEADLINE_MISSED", DeadlineExceeded,
+    HANDLER_DEADLINE_MISSED = (auto(), DeadlineExceeded,
                                "a remote exit handler did not reply in time")
-    PEER_TIMEOUT = ("PEER_TIMEOUT", DeadlineExceeded,
+    PEER_TIMEOUT = (auto(), DeadlineExceeded,
                     "the other daemon of a migration went silent")
-    PEER_UNAVAILABLE = ("PEER_UNAVAILABLE", Unavailable,
+    PEER_UNAVAILABLE = (auto(), Unavailable,
                         "the migration target cannot be reached or stopped answering")
-    HANDOVER_IN_PROGRESS = ("HANDOVER_IN_PROGRESS", Unavailable,
+    HANDOVER_IN_PROGRESS = (auto(), Unavailable,
                             "the daemon hands over to a new process: retry (any call)")
-    MIGRATION_OUTCOME_UNKNOWN = ("MIGRATION_OUTCOME_UNKNOWN", OutcomeUnknown,
+    MIGRATION_OUTCOME_UNKNOWN = (auto(), OutcomeUnknown,
                                  "the commit was sent, its answer lost: the VM may run on "
                                  "the target")
-    KERNEL_ERROR = ("KERNEL_ERROR", KernelError,
+    KERNEL_ERROR = (auto(), KernelError,
                     "an unexpected failure of a system call (errno and ioctl in metadata)")
-    VCPU_UNRESPONSIVE = ("VCPU_UNRESPONSIVE", KernelError,
+    VCPU_UNRESPONSIVE = (auto(), KernelError,
                          "a vCPU thread did not pause or stop in time")
-    INTERNAL_ERROR = ("INTERNAL_ERROR", KernelError,
+    INTERNAL_ERROR = (auto(), KernelError,
                       "a daemon bug: an exception that is no domain error")
 
 
