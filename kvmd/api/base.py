@@ -19,6 +19,7 @@ from kvmd.core.events import Mailbox
 from kvmd.core.host import Host, missing_vm
 from kvmd.core.vcpu import ManagedVcpu, PauseTicket
 from kvmd.core.vm import ManagedVm
+from kvmd.state.format import read_varint
 from kvmd_proto import vmm_pb2 as pb
 
 T = TypeVar("T")
@@ -38,16 +39,13 @@ def data_field_view(wire: bytes, tag: int) -> memoryview | None:
     protobuf parse. None for anything else (the caller parses it as a message)."""
     if wire[:1] != bytes([tag]):
         return None
-    length = shift = 0
-    pos = 1
-    while pos < len(wire) and pos < 11:
-        byte = wire[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return memoryview(wire)[pos:] if pos + length == len(wire) else None
-    return None
+    try:
+        head = read_varint(wire, 1)
+    except ValueError:
+        return None
+    if head is None or head[1] + head[0] != len(wire):
+        return None
+    return memoryview(wire)[head[1]:]
 
 
 def caller_identity() -> str:

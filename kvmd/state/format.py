@@ -89,8 +89,9 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: bytearray | memoryview, pos: int) -> tuple[int, int] | None:
-    """(value, next position), or None if the buffer ends inside the varint."""
+def read_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
+    """(value, next position) of the varint at `pos`, or None if the buffer ends inside
+    it; ValueError if it runs past 64 bits."""
     value = shift = 0
     while pos < len(buf):
         byte = buf[pos]
@@ -100,8 +101,15 @@ def _read_varint(buf: bytearray | memoryview, pos: int) -> tuple[int, int] | Non
             return value, pos
         shift += 7
         if shift > 63:
-            raise CorruptSnapshot("corrupt snapshot: a record length is not a varint")
+            raise ValueError("a varint runs past 64 bits")
     return None
+
+
+def _read_varint(buf: bytearray | memoryview, pos: int) -> tuple[int, int] | None:
+    try:
+        return read_varint(buf, pos)
+    except ValueError:
+        raise CorruptSnapshot("corrupt snapshot: a record length is not a varint") from None
 
 
 class SnapshotWriter:
