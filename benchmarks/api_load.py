@@ -3,7 +3,11 @@ vCPU each) against the same daemon with those guests paused, in alternating roun
 
 On a 2-core host 16 spinning vCPU threads want 8 times the CPUs there are; the API's event
 loop and call threads must still answer promptly (vCPU threads run at a lower scheduling
-priority: see `vcpu_nice` in the README).
+priority and the daemon's other threads with a shorter slice: see `vcpu_nice` and
+`api_slice_us` in the README). Interleaved with each GetVm, under the same load, two
+references: the same call to a second daemon started with `--api-slice-us 0` (the kernel's
+default slice: what the short slice gains) and a bare grpcio echo server (its own process,
+at the kernel's default slice: what the platform gives any server).
 
     .venv/bin/python benchmarks/api_load.py [--calls N] [--rounds N] [--guests N] [--quick]
 
@@ -18,24 +22,29 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
-from bench_support import SPIN, Kvmd, load_average, percentile, spread
+from bench_support import SPIN, EchoServer, Kvmd, load_average, percentile, spread
 
 from kvmd_proto import vmm_pb2 as pb
 
 TARGET = 3.0
 
 
-def get_vm_times(d: Kvmd, n: int) -> list[float]:
-    request = pb.GetVmRequest(vm_id="probe")
-    out = []
+ECHO_BYTES = 200  # about a GetVm answer
+
+
+def timed_calls(calls: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+    """`n` latencies of each call, interleaved, 1 ms apart (a client polling, not a flood)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     clock = time.perf_counter
     for _ in range(n):
-        t0 = clock()
-        d.vms.GetVm(request, timeout=30)
-        out.append(clock() - t0)
-        time.sleep(0.001)  # a client polling, not a flood
-    return out
+        for name, call in calls.items():
+            t0 = clock()
+            call()
+            times[name].append(clock() - t0)
+            time.sleep(0.001)
+    return times
 
 
 def main() -> None:
@@ -50,44 +59,65 @@ def main() -> None:
     if args.quick:
         args.calls, args.rounds = 200, 3
 
+    # Per-round p50 and p99 of each call, idle and busy.
+    p50: dict[str, list[float]] = {}
+    p99: dict[str, list[float]] = {}
+
+    def record(phase: str, times: dict[str, list[float]]) -> None:
+        for name, t in times.items():
+            p50.setdefault(f"{name} {phase}", []).append(percentile(t, 50))
+            p99.setdefault(f"{name} {phase}", []).append(percentile(t, 99))
+
     with tempfile.TemporaryDirectory(prefix="kvmd-bench-") as tmp:
         d = Kvmd.start(os.path.join(tmp, "kvmd.sock"), *args.daemon_args)
+        plain = Kvmd.start(os.path.join(tmp, "plain.sock"), "--api-slice-us", "0")
+        echo = EchoServer(os.path.join(tmp, "echo.sock"))
         try:
-            d.vms.CreateVm(pb.CreateVmRequest(vm_id="probe"), timeout=30)
+            probe = pb.GetVmRequest(vm_id="probe")
+            for daemon in (d, plain):
+                daemon.vms.CreateVm(pb.CreateVmRequest(vm_id="probe"), timeout=30)
+            payload = bytes(ECHO_BYTES)
+            calls: dict[str, Callable[[], object]] = {
+                "kvmd": lambda: d.vms.GetVm(probe, timeout=30),
+                "plain": lambda: plain.vms.GetVm(probe, timeout=30),
+                "echo": lambda: echo.unary(payload, timeout=30)}
             guests = [pb.VmRef(vm_id=f"spin-{i}") for i in range(args.guests)]
             for ref in guests:
                 d.boot(ref.vm_id, SPIN)
                 d.vms.StartVm(ref, timeout=30)
                 d.vms.PauseVm(ref, timeout=60)
-            get_vm_times(d, 100)  # warm-up
-            idle50, idle99, busy50, busy99 = [], [], [], []
+            timed_calls(calls, 100)  # warm-up
             for _ in range(args.rounds):
-                t = get_vm_times(d, args.calls)
-                idle50.append(percentile(t, 50))
-                idle99.append(percentile(t, 99))
+                record("idle", timed_calls(calls, args.calls))
                 for ref in guests:
                     d.vms.ResumeVm(ref, timeout=60)
                 time.sleep(0.2)
-                t = get_vm_times(d, args.calls)
-                busy50.append(percentile(t, 50))
-                busy99.append(percentile(t, 99))
+                record("busy", timed_calls(calls, args.calls))
                 for ref in guests:
                     d.vms.PauseVm(ref, timeout=60)
             for ref in guests:
                 d.delete(ref.vm_id)
         finally:
+            echo.stop()
+            plain.stop()
             d.stop()
 
-    ratios = [b / i for b, i in zip(busy99, idle99, strict=True)]
     print(f"GetVm under guest load: {os.cpu_count()} CPUs (load average {load_average()}); "
-          f"{args.rounds} alternating rounds of {args.calls} calls; per-round percentiles, "
-          "median (min-max), in us")
-    print(f"  idle (guests paused)        p50 {spread(idle50, 1e6)}   p99 {spread(idle99, 1e6)}")
-    print(f"  {args.guests} guests spinning         p50 {spread(busy50, 1e6)}   "
-          f"p99 {spread(busy99, 1e6)}")
-    print(f"  p99 loaded/idle: {spread(ratios, fmt='{:.2f}')}x "
-          f"(median of the medians {statistics.median(busy99) / statistics.median(idle99):.2f}x)"
-          f"; target <= {TARGET}x")
+          f"{args.rounds} alternating rounds of {args.calls} calls of each, interleaved; "
+          "per-round percentiles, median (min-max), in us")
+    labels = {"kvmd": "GetVm", "plain": "GetVm, --api-slice-us 0", "echo": "bare echo"}
+    for name, label in labels.items():
+        for phase, what in (("idle", "idle (guests paused)"),
+                            ("busy", f"{args.guests} guests spinning")):
+            key = f"{name} {phase}"
+            print(f"  {label + ', ' + what:<50} p50 {spread(p50[key], 1e6)}   "
+                  f"p99 {spread(p99[key], 1e6)}")
+    for name, label in labels.items():
+        busy, idle = p99[f"{name} busy"], p99[f"{name} idle"]
+        ratios = [b / i for b, i in zip(busy, idle, strict=True)]
+        target = f"; target <= {TARGET}x" if name == "kvmd" else ""
+        print(f"  {label} p99 loaded/idle: {spread(ratios, fmt='{:.2f}')}x (median of the "
+              f"medians {statistics.median(busy) / statistics.median(idle):.2f}x){target}")
 
 
 if __name__ == "__main__":

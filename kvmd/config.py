@@ -13,6 +13,7 @@ from typing import Any
 from kvmd import __version__
 from kvmd.core.images import DEFAULT_IMAGES_DIR
 from kvmd.core.limits import Limits, host_limits
+from kvmd.core.sched import MAX_SLICE_US, MIN_SLICE_US
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
@@ -20,6 +21,7 @@ DEFAULT_STATE_DIR = "/var/lib/kvmd"
 DEFAULT_VCPU_NICE = 10
 DEFAULT_VCPU_POLICY = "other"
 VCPU_POLICIES = ("other", "batch", "idle")
+DEFAULT_API_SLICE_US = 100
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("logfmt", "json")
 ON_STOP = ("keep", "end")
@@ -79,6 +81,10 @@ class Config:
     # Their scheduling policy: "other" (time sharing at vcpu_nice), "batch", or "idle" (they
     # run only when no other thread wants the CPU: the strongest isolation of the API).
     vcpu_policy: str = DEFAULT_VCPU_POLICY
+    # The scheduler slice (us) every other thread of the daemon asks for (EEVDF, Linux
+    # 6.12+): shorter than a vCPU thread's, so a waking API thread preempts a spinning
+    # guest at once. 0: the kernel's default. See kvmd.core.sched.
+    api_slice_us: int = DEFAULT_API_SLICE_US
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -202,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_VCPU_NICE}; 0: as the API's threads)")
     p.add_argument("--vcpu-policy", choices=VCPU_POLICIES,
                    help=f"scheduling policy of vCPU threads (default {DEFAULT_VCPU_POLICY})")
+    p.add_argument("--api-slice-us", type=int, metavar="US",
+                   help="scheduler slice of the daemon's threads but vCPUs, "
+                        f"{MIN_SLICE_US}-{MAX_SLICE_US} us (default {DEFAULT_API_SLICE_US}; "
+                        "0: the kernel's; Linux 6.12+)")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 
@@ -235,6 +245,9 @@ def validate(cfg: Config) -> None:
         check_value(name, getattr(cfg, name), "the configuration")
     if not 0 <= cfg.vcpu_nice <= 19:
         raise ConfigError(f"vcpu_nice must be 0-19, not {cfg.vcpu_nice}")
+    if cfg.api_slice_us and not MIN_SLICE_US <= cfg.api_slice_us <= MAX_SLICE_US:
+        raise ConfigError(f"api_slice_us must be 0 (the kernel's default) or "
+                          f"{MIN_SLICE_US}-{MAX_SLICE_US}, not {cfg.api_slice_us}")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
                           "be verified over TLS")

@@ -12,15 +12,19 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from kvmd.config import ConfigError, build_parser, load_config
+    from kvmd.core.sched import report_api_slice, shorten_api_slice
     from kvmd.logs import setup_daemon_logging
 
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args)
+        # Before any thread (logging starts one): every thread but vCPUs inherits it.
+        slice_outcome = shorten_api_slice(cfg.api_slice_us)
         setup_daemon_logging(cfg.log_level, cfg.log_format)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
         return 2
+    report_api_slice(slice_outcome, cfg.api_slice_us)
     early = None
     if not args.take_over:
         from kvmd import handover

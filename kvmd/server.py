@@ -45,6 +45,7 @@ from kvmd.config import (
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
+from kvmd.core.sched import report_api_slice, shorten_api_slice
 from kvmd.handover import Handover, HandoverError, leave_placeholder
 from kvmd.metrics import (
     MetricsInterceptor,
@@ -212,6 +213,8 @@ class Daemon:
     # -- start and stop -------------------------------------------------------------------
 
     def start(self) -> None:
+        # Before this starts any thread (done already when started from the command line).
+        report_api_slice(shorten_api_slice(self.cfg.api_slice_us), self.cfg.api_slice_us)
         tune_allocator()
         images_dir = self.cfg.images_dir or None
         if images_dir is None or not os.path.isdir(images_dir):

@@ -169,7 +169,7 @@ class HostShared:
     fds: FdBudget = field(default_factory=lambda: FdBudget(UNLIMITED, UNLIMITED))
     # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
     vcpu_nice: int = 0
-    vcpu_policy: str = "other"  # see kvmd.core.vcpu.POLICIES
+    vcpu_policy: str = "other"  # see kvmd.core.sched.POLICIES
     # Moves UART output into consoles (None: the fd watcher drains at every signal).
     console_pump: ConsolePump | None = None
 

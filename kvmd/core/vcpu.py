@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.remote import RemoteExit, RemoteHandler
+from kvmd.core.sched import reset_vcpu_slice, set_thread_priority
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -79,37 +79,6 @@ PAUSABLE = (RUNNING, HALTED)
 RESUMABLE = (PAUSED, HALTED)
 ENDED = (STOPPED, CRASHED)
 STATE_CHANGE_TIMEOUT = 5.0
-
-
-# Scheduling policies a vCPU thread may run under (vcpu_policy): normal time sharing at
-# vcpu_nice, batch (never preempts on wake-up), or idle (runs only when nothing else wants
-# the CPU: every other thread of the host, the API's first, preempts it at once).
-POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
-
-
-def set_thread_priority(tid: int, policy: str, nice: int) -> bool:
-    """Put a thread (`tid`, its native id) under `policy` at `nice` (Linux: per thread).
-    Lowering a priority needs no privilege; raising it back needs CAP_SYS_NICE or
-    RLIMIT_NICE (the unit's LimitNICE=). Returns whether it worked; the first failure is
-    logged, later ones are not."""
-    global _nice_failed
-    try:
-        if policy == "other":  # leave idle/batch first, then the nice value
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-        else:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-            os.sched_setscheduler(tid, POLICIES[policy], os.sched_param(0))
-        return True
-    except OSError as exc:
-        if not _nice_failed:
-            _nice_failed = True
-            log.warning("cannot set a vCPU thread's priority", extra={
-                "policy": policy, "nice": nice, "error": str(exc)})
-        return False
-
-
-_nice_failed = False
 
 
 @dataclass(frozen=True)
@@ -518,6 +487,8 @@ class ManagedVcpu:
         pio_map = self.link.pio_map
         with self.cond:
             self._tid = threading.get_native_id()
+        # The API's short slice was inherited: a vCPU takes the kernel's (see kvmd.core.sched).
+        reset_vcpu_slice(self._tid)
         if self._lowered:
             set_thread_priority(self._tid, *self._priority)
         try:

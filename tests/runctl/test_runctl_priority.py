@@ -1,17 +1,24 @@
 """vCPU threads lower their own scheduling priority (vcpu_nice); the API's threads keep
-theirs, so the control plane stays responsive while guests spin."""
+theirs and ask for a shorter slice (api_slice_us), so the control plane stays responsive
+while guests spin."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from guests import SPIN
+import pytest
+from guests import CODE_ADDR, SPIN
 from polling import wait_until
 from runctl_api import WAIT, Api
 
-from kvmd.config import DEFAULT_VCPU_NICE
+from kvmd.config import DEFAULT_API_SLICE_US, DEFAULT_VCPU_NICE, Config, ConfigError, validate
+from kvmd.core import sched
+from kvmd_client import KvmdClient
 from kvmd_proto import vmm_pb2 as pb
 
 
@@ -62,3 +69,73 @@ def vcpu_thread_policy(vm_id: str) -> int:
     threads = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-0"]
     assert threads and threads[0].native_id is not None
     return os.sched_getscheduler(threads[0].native_id)
+
+
+# -- scheduler slices (api_slice_us) ----------------------------------------------------------
+
+def _threads(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread of process `pid`: (nice value, scheduler slice in us). Not KVM's own
+    workers (kvm-nx-lpage-recovery: a kernel thread the first KVM_RUN adds to the process,
+    with the attributes of the vCPU thread that made it)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        tid = int(name)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                if comm.read().startswith("kvm-"):
+                    continue
+            out[tid] = (os.getpriority(os.PRIO_PROCESS, tid), sched.thread_slice_ns(tid) // 1000)
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+def _spinning_daemon(directory: Path, *args: str) -> tuple[subprocess.Popen[bytes], KvmdClient]:
+    """A kvmd process (the command line's start-up path) running one spinning guest."""
+    sock = directory / "kvmd.sock"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("kvmd")), "--listen",
+                             f"unix://{sock}", "--metrics-listen", "off", "--log-level",
+                             "error", *args], stdin=subprocess.DEVNULL)
+    wait_until(lambda: sock.exists() or proc.poll() is not None, WAIT, "kvmd to listen")
+    client = KvmdClient(f"unix://{sock}", timeout=30.0)
+    client.create_vm("spin")
+    client.add_memory_region("spin", 0, 0x10000)
+    client.write_memory("spin", CODE_ADDR, SPIN)
+    client.create_vcpu("spin", 0)
+    client.set_sregs("spin", 0, cs={"base": CODE_ADDR, "selector": CODE_ADDR >> 4})
+    client.set_regs("spin", 0, rip=0, rflags=2)
+    client.start_vm("spin")
+    # The vCPU thread is the one at vcpu_nice (10); every other stays at 0.
+    wait_until(lambda: any(nice == 10 for nice, _ in _threads(proc.pid).values()), WAIT,
+               "the vCPU thread at nice 10")
+    return proc, client
+
+
+def test_daemon_threads_take_a_short_slice_and_vcpu_threads_the_kernels(tmp_path: Path) -> None:
+    if not sched.thread_slice_ns(0):
+        pytest.skip("this kernel has no per-thread scheduler slices (Linux 6.12+)")
+    for args, api_slice in (((), DEFAULT_API_SLICE_US), (("--api-slice-us", "0"), 0)):
+        directory = tmp_path / ("default" if api_slice else "off")
+        directory.mkdir()
+        proc, client = _spinning_daemon(directory, *args)
+        try:
+            threads = _threads(proc.pid)
+            vcpu = [s for nice, s in threads.values() if nice == 10]
+            others = {s for nice, s in threads.values() if nice == 0}
+            assert len(vcpu) == 1 and vcpu[0] > DEFAULT_API_SLICE_US, threads
+            if api_slice:  # the loop, the call pool, grpc's threads: all short
+                assert others == {api_slice}, threads
+            else:  # 0: nothing asked, every thread at the kernel's default
+                assert others == {vcpu[0]}, threads
+        finally:
+            client.close()
+            proc.terminate()
+            assert proc.wait(30) == 0
+
+
+def test_a_bad_api_slice_is_refused() -> None:
+    for value in (-1, 1, 99, 100_001):
+        with pytest.raises(ConfigError, match="api_slice_us"):
+            validate(Config(api_slice_us=value))
+    for value in (0, 100, 100_000):
+        validate(Config(api_slice_us=value))

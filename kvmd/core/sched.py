@@ -1,0 +1,134 @@
+"""How the daemon's threads share the CPUs with its guests (Linux scheduling is per thread).
+
+Two levers, both lowering or shortening, never raising, so neither needs a privilege:
+
+- vCPU threads run at a lower priority (`vcpu_nice`, `vcpu_policy`): spinning guests cannot
+  starve the control plane.
+- The other threads (event loop, call pool, grpc's own) ask the kernel for a short slice
+  (`api_slice_us`; EEVDF, Linux 6.12+: `sched_attr.sched_runtime` of a SCHED_OTHER thread).
+  A waking thread with a shorter slice than the running one preempts it at once, where at
+  the kernel's default slice (0.7 ms x (1 + log2 CPUs)) it could wait for the running vCPU
+  thread's slice to end. Threads inherit the slice of the thread that creates them, so the
+  daemon sets it once, before it starts any, and every vCPU thread puts itself back to the
+  kernel's default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+
+log = logging.getLogger(__name__)
+
+# Scheduling policies a vCPU thread may run under (vcpu_policy): normal time sharing at
+# vcpu_nice, batch (never preempts on wake-up), or idle (runs only when nothing else wants
+# the CPU: every other thread of the host, the API's first, preempts it at once).
+POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+# The kernel clamps a requested slice to 0.1-100 ms; 0 asks for its default.
+MIN_SLICE_US = 100
+MAX_SLICE_US = 100_000
+KERNEL_DEFAULT = 0
+
+# x86-64 system call numbers (kvmd drives x86 KVM only).
+_SYS_SCHED_SETATTR = 314
+_SYS_SCHED_GETATTR = 315
+# struct sched_attr, SCHED_ATTR_SIZE_VER0: size, policy, flags, nice, priority, runtime,
+# deadline, period.
+_ATTR = struct.Struct("=IIQiIQQQ")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_warned: set[str] = set()
+
+
+def _syscall(number: int, *args: int | ctypes.Array[ctypes.c_char]) -> None:
+    if _libc.syscall(number, *args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _get_attr(tid: int) -> list[int]:
+    buf = ctypes.create_string_buffer(_ATTR.size)
+    _syscall(_SYS_SCHED_GETATTR, tid, buf, _ATTR.size, 0)
+    return list(_ATTR.unpack(buf.raw))
+
+
+def thread_slice_ns(tid: int) -> int:
+    """The slice the kernel gives thread `tid` (0 = this process), in ns; 0 where the kernel
+    has no per-thread slices."""
+    return _get_attr(tid)[5]
+
+
+def set_thread_slice(tid: int, slice_us: int) -> bool:
+    """Ask for a slice of `slice_us` (KERNEL_DEFAULT: the kernel's) for thread `tid` (0: the
+    calling one), keeping its policy and nice value. Returns whether the kernel took it: a
+    kernel without per-thread slices (before 6.12) accepts and ignores it. OSError where
+    the call is refused (a system call filter without sched_setattr)."""
+    attr = _get_attr(tid)
+    attr[0], attr[2], attr[5] = _ATTR.size, 0, slice_us * 1000
+    attr[6] = attr[7] = 0
+    _syscall(_SYS_SCHED_SETATTR, tid, ctypes.create_string_buffer(_ATTR.pack(*attr)), 0)
+    return slice_us == KERNEL_DEFAULT or thread_slice_ns(tid) == slice_us * 1000
+
+
+def reset_vcpu_slice(tid: int) -> None:
+    """Give vCPU thread `tid` the kernel's default slice back (it inherited the API's). A
+    failure is logged once."""
+    try:
+        set_thread_slice(tid, KERNEL_DEFAULT)
+    except OSError as exc:
+        if "vcpu slice" not in _warned:
+            _warned.add("vcpu slice")
+            log.warning("cannot set a vCPU thread's scheduler slice",
+                        extra={"error": str(exc)})
+
+
+def shorten_api_slice(slice_us: int) -> str:
+    """Give the calling thread, and so every thread it starts after this, a slice of
+    `slice_us` (KERNEL_DEFAULT: the kernel's default, whatever the parent process had).
+    Call before the daemon starts threads (before logging, whose relay is one); returns
+    what happened, for report_api_slice: "" (nothing to say), "set", "unsupported" (a
+    kernel without per-thread slices) or an error."""
+    try:
+        if thread_slice_ns(0) == slice_us * 1000:
+            return ""  # done already (the command line, then the daemon)
+        applied = set_thread_slice(0, slice_us)
+    except OSError as exc:
+        return str(exc)
+    return "" if slice_us == KERNEL_DEFAULT else "set" if applied else "unsupported"
+
+
+def report_api_slice(outcome: str, slice_us: int) -> None:
+    """Log what shorten_api_slice did."""
+    if outcome == "set":
+        log.info("API threads' scheduler slice set", extra={"slice_us": slice_us})
+    elif outcome == "unsupported":
+        log.info("this kernel has no per-thread scheduler slices (Linux 6.12+): "
+                 "api_slice_us has no effect", extra={"slice_us": slice_us})
+    elif outcome and "api slice" not in _warned:
+        _warned.add("api slice")
+        log.warning("cannot set the API threads' scheduler slice",
+                    extra={"slice_us": slice_us, "error": outcome})
+
+
+def set_thread_priority(tid: int, policy: str, nice: int) -> bool:
+    """Put a thread (`tid`, its native id) under `policy` at `nice` (Linux: per thread).
+    Lowering a priority needs no privilege; raising it back needs CAP_SYS_NICE or
+    RLIMIT_NICE (the unit's LimitNICE=). Returns whether it worked; the first failure is
+    logged, later ones are not."""
+    try:
+        if policy == "other":  # leave idle/batch first, then the nice value
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        else:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            os.sched_setscheduler(tid, POLICIES[policy], os.sched_param(0))
+        return True
+    except OSError as exc:
+        if "priority" not in _warned:
+            _warned.add("priority")
+            log.warning("cannot set a vCPU thread's priority", extra={
+                "policy": policy, "nice": nice, "error": str(exc)})
+        return False
