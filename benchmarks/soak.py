@@ -107,14 +107,23 @@ class DaemonProcess:
         return self.proc.pid
 
     def stats(self) -> tuple[int, int, int]:
-        """(RSS bytes, open fds, threads) of the daemon, from /proc."""
+        """(RSS bytes, open fds, threads) of the daemon, from /proc. Threads are the
+        daemon's own: not KVM's per-VM workers (kvm-nx-lpage-recovery), which the kernel
+        adds to the process at a VM's first KVM_RUN and ends with the VM, so a VM that
+        first runs during the load would count as a leaked thread."""
         rss = 0
         with open(f"/proc/{self.pid}/status") as fh:
             for line in fh:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
         fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-        threads = len(os.listdir(f"/proc/{self.pid}/task"))
+        threads = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as comm:
+                    threads += not comm.read().startswith("kvm-")
+            except OSError:  # ended meanwhile
+                continue
         return rss, fds, threads
 
     def stop(self) -> int:

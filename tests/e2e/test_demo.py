@@ -326,6 +326,9 @@ def test_ctrl_c_ends_cleanly(address: str, demo_vm: str, command: list[str]) -> 
     proc = subprocess.Popen(
         kvmctl_command("--address", address, *command[:2], demo_vm, *command[2:]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # As from a terminal: a suite started in the background without job control has
+        # SIGINT ignored, and kvmctl would inherit that (Python then keeps it ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
