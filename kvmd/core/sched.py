@@ -41,6 +41,8 @@ _ATTR = struct.Struct("=IIQiIQQQ")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _warned: set[str] = set()
+# The slice shorten_api_slice gave the daemon's threads (a paused vCPU gets it too).
+_api_slice_us = KERNEL_DEFAULT
 
 
 def _syscall(number: int, *args: int | ctypes.Array[ctypes.c_char]) -> None:
@@ -66,18 +68,28 @@ def set_thread_slice(tid: int, slice_us: int) -> bool:
     calling one), keeping its policy and nice value. Returns whether the kernel took it: a
     kernel without per-thread slices (before 6.12) accepts and ignores it. OSError where
     the call is refused (a system call filter without sched_setattr)."""
+    _set_slice(tid, slice_us)
+    return slice_us == KERNEL_DEFAULT or thread_slice_ns(tid) == slice_us * 1000
+
+
+def _set_slice(tid: int, slice_us: int) -> None:
     attr = _get_attr(tid)
     attr[0], attr[2], attr[5] = _ATTR.size, 0, slice_us * 1000
     attr[6] = attr[7] = 0
     _syscall(_SYS_SCHED_SETATTR, tid, ctypes.create_string_buffer(_ATTR.pack(*attr)), 0)
-    return slice_us == KERNEL_DEFAULT or thread_slice_ns(tid) == slice_us * 1000
 
 
-def reset_vcpu_slice(tid: int) -> None:
-    """Give vCPU thread `tid` the kernel's default slice back (it inherited the API's). A
-    failure is logged once."""
+def api_slice_us() -> int:
+    """The slice the daemon's threads run with (KERNEL_DEFAULT when none was set)."""
+    return _api_slice_us
+
+
+def set_vcpu_slice(tid: int, boosted: bool) -> None:
+    """A vCPU thread's slice: the kernel's default while it runs the guest (it inherited the
+    API's), the API's while a pause is pending (`boosted`), so it leaves the guest as
+    promptly as the API thread that asked. A failure is logged once."""
     try:
-        set_thread_slice(tid, KERNEL_DEFAULT)
+        _set_slice(tid, _api_slice_us if boosted else KERNEL_DEFAULT)
     except OSError as exc:
         if "vcpu slice" not in _warned:
             _warned.add("vcpu slice")
@@ -91,12 +103,15 @@ def shorten_api_slice(slice_us: int) -> str:
     Call before the daemon starts threads (before logging, whose relay is one); returns
     what happened, for report_api_slice: "" (nothing to say), "set", "unsupported" (a
     kernel without per-thread slices) or an error."""
+    global _api_slice_us
     try:
         if thread_slice_ns(0) == slice_us * 1000:
+            _api_slice_us = slice_us
             return ""  # done already (the command line, then the daemon)
         applied = set_thread_slice(0, slice_us)
     except OSError as exc:
         return str(exc)
+    _api_slice_us = slice_us if applied else KERNEL_DEFAULT
     return "" if slice_us == KERNEL_DEFAULT else "set" if applied else "unsupported"
 
 

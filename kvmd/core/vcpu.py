@@ -31,7 +31,7 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.remote import RemoteExit, RemoteHandler
-from kvmd.core.sched import reset_vcpu_slice, set_thread_priority
+from kvmd.core.sched import api_slice_us, set_thread_priority, set_vcpu_slice
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -190,8 +190,8 @@ class ManagedVcpu:
         self._listeners: list[Callable[[], None]] = []
         # vCPU threads run at the host's vcpu_policy and vcpu_nice, so spinning guests cannot
         # starve the API;
-        # a pause gives the kicked thread the API's priority back until it runs again, so it
-        # leaves the guest promptly even when the host is busy.
+        # a pause gives the kicked thread the API's priority (and scheduler slice) back until
+        # it runs again, so it leaves the guest promptly even when the host is busy.
         self._priority = link.priority
         self._lowered = self._priority != ("other", 0)
         self._tid = 0  # the thread's native id, once it runs
@@ -299,8 +299,9 @@ class ManagedVcpu:
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
-            if self._lowered and self._tid and not self._boosted:
+            if self._tid and not self._boosted and (self._lowered or api_slice_us()):
                 self._boosted = set_thread_priority(self._tid, "other", 0)
+                set_vcpu_slice(self._tid, boosted=True)
             self.cond.notify_all()
             return ticket
 
@@ -488,7 +489,7 @@ class ManagedVcpu:
         with self.cond:
             self._tid = threading.get_native_id()
         # The API's short slice was inherited: a vCPU takes the kernel's (see kvmd.core.sched).
-        reset_vcpu_slice(self._tid)
+        set_vcpu_slice(self._tid, boosted=False)
         if self._lowered:
             set_thread_priority(self._tid, *self._priority)
         try:
@@ -501,6 +502,7 @@ class ManagedVcpu:
                     if self._boosted and not finish_io:  # back to the guest: lower again
                         self._boosted = False
                         set_thread_priority(self._tid, *self._priority)
+                        set_vcpu_slice(self._tid, boosted=False)
                 if finish_io:
                     self._finish_pending_io()
                     continue

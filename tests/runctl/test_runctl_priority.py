@@ -73,6 +73,31 @@ def vcpu_thread_policy(vm_id: str) -> int:
 
 # -- scheduler slices (api_slice_us) ----------------------------------------------------------
 
+def vcpu_thread_slice_us(vm_id: str) -> int:
+    threads = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-0"]
+    assert threads and threads[0].native_id is not None
+    return sched.thread_slice_ns(threads[0].native_id) // 1000
+
+
+def test_a_paused_vcpu_has_the_api_slice_until_it_runs_again(
+        api_factory: Callable[..., Api]) -> None:
+    api: Api = api_factory()  # the default api_slice_us
+    short = sched.api_slice_us()
+    if not short:
+        pytest.skip("this kernel has no per-thread scheduler slices (Linux 6.12+)")
+    assert short == DEFAULT_API_SLICE_US
+    api.boot("sliced", SPIN)
+    api.start("sliced")
+    wait_until(lambda: vcpu_thread_slice_us("sliced") > short, WAIT, "the kernel's slice")
+    # Paused, it leaves the guest as promptly as the API thread that asked...
+    assert api.pause("sliced").state == "paused"
+    assert vcpu_thread_slice_us("sliced") == short
+    # ... and back in the guest it has the kernel's slice again.
+    api.vms.ResumeVm(pb.VmRef(vm_id="sliced"))
+    wait_until(lambda: vcpu_thread_slice_us("sliced") > short, WAIT, "the kernel's slice again")
+    api.delete("sliced")
+
+
 def _threads(pid: int) -> dict[int, tuple[int, int]]:
     """Each thread of process `pid`: (nice value, scheduler slice in us). Not KVM's own
     workers (kvm-nx-lpage-recovery: a kernel thread the first KVM_RUN adds to the process,
