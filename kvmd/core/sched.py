@@ -1,6 +1,7 @@
 """How the daemon's threads share the CPUs with its guests (Linux scheduling is per thread).
 
-Two levers, both lowering or shortening, never raising, so neither needs a privilege:
+Two levers, neither above what the daemon starts with, so neither needs a privilege (but
+LimitNICE=+0, for a paused vCPU's way back from vcpu_nice to nice 0):
 
 - vCPU threads run at a lower priority (`vcpu_nice`, `vcpu_policy`): spinning guests cannot
   starve the control plane.
@@ -58,8 +59,8 @@ def _get_attr(tid: int) -> list[int]:
 
 
 def thread_slice_ns(tid: int) -> int:
-    """The slice the kernel gives thread `tid` (0 = this process), in ns; 0 where the kernel
-    has no per-thread slices."""
+    """The slice the kernel gives thread `tid` (0: the calling one), in ns; 0 where the
+    kernel has no per-thread slices."""
     return _get_attr(tid)[5]
 
 
