@@ -41,7 +41,9 @@ def vcpu_threads() -> list[threading.Thread]:
 
 
 class Watcher:
-    """Collects a VM's WatchVm events (include_current=True) in a background thread."""
+    """Collects a VM's WatchVm events (include_current=True) in a background thread. Made,
+    it has subscribed: it waits for the current state, which the daemon sends only after
+    subscribing, so no later change can happen before the watch and be missed."""
 
     def __init__(self, stub: rpc.VmsStub, vm_id: str) -> None:
         self.call = stub.WatchVm(pb.WatchVmRequest(vm_id=vm_id, include_current=True),
@@ -52,6 +54,8 @@ class Watcher:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, daemon=True, name=f"watch-{vm_id}")
         self._thread.start()
+        with self._cond:
+            self._cond.wait_for(lambda: self.events or self.ended, WAIT)
 
     def _read(self) -> None:
         code = Code.OK
