@@ -241,7 +241,7 @@ def whole_dirty_log(slot: int, bitmap: bytes, total_pages: int, form: int) -> by
     elif form == pb.GetDirtyLogRequest.RANGES:
         runs = bitmap_runs_packed(bitmap, dirty_log_answer_bound(total_pages, form))
     if runs is None:
-        chunk = _bitmap_chunk(slot, bitmap, 0, total_pages, 0, True)
+        chunk, _ = _bitmap_chunk(slot, bitmap, 0, total_pages, 0, True)
     else:
         packed_firsts, packed_counts, pages = runs
         chunk = _runs_chunk(slot, total_pages, packed_firsts, packed_counts, pages, 0, True)
@@ -249,12 +249,13 @@ def whole_dirty_log(slot: int, bitmap: bytes, total_pages: int, form: int) -> by
 
 
 def _bitmap_chunk(slot: int, piece: bytes, first_page: int, total_pages: int,
-                  total_before: int, last: bool) -> bytes:
+                  total_before: int, last: bool) -> tuple[bytes, int]:
+    """A DirtyLogChunk of bitmap, serialized, and the pages it marks dirty."""
     dirty = bitmap_popcount(piece)
     return pb.DirtyLogChunk(slot=slot, first_page=first_page, bitmap=piece, dirty_pages=dirty,
                             total_pages=total_pages, last=last,
                             total_dirty_pages=total_before + dirty if last else 0
-                            ).SerializeToString()
+                            ).SerializeToString(), dirty
 
 
 def dirty_log_chunks(slot: int, bitmap: bytes, total_pages: int, form: int,
@@ -290,9 +291,9 @@ def _bitmap_chunks(slot: int, bitmap: bytes, total_pages: int,
     total = 0
     offsets = range(0, len(bitmap), chunk_bytes)
     for i, off in enumerate(offsets):
-        piece = bitmap[off:off + chunk_bytes]
-        wire = _bitmap_chunk(slot, piece, off * 8, total_pages, total, i == len(offsets) - 1)
-        total += bitmap_popcount(piece)
+        wire, dirty = _bitmap_chunk(slot, bitmap[off:off + chunk_bytes], off * 8, total_pages,
+                                    total, i == len(offsets) - 1)
+        total += dirty
         yield wire
 
 

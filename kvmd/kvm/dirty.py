@@ -211,15 +211,20 @@ class DirtyRing:
                 self._gfns = ffi.NULL
 
 
+def _words(bitmap: bytes | bytearray | memoryview) -> tuple[Any, int]:
+    """A bitmap as the 64-bit words the C loops take (zero-padded to a whole word, copied
+    only then), and how many."""
+    view = memoryview(bitmap).cast("B")
+    pad = -len(view) % 8
+    data = bytes(view) + bytes(pad) if pad else view
+    return ffi.from_buffer("uint64_t[]", data), len(data) // 8
+
+
 def bitmap_runs(bitmap: bytes | bytearray | memoryview) -> tuple[array[int], array[int]]:
     """The runs of set bits of a dirty bitmap (bit i, least significant first: page i), as
     two arrays of the same length: first pages and page counts. In C, word by word: a
     4 GiB slot's 128 KiB bitmap takes well under a millisecond whatever its runs."""
-    view = memoryview(bitmap).cast("B")
-    pad = -len(view) % 8
-    data = bytes(view) + bytes(pad) if pad else view
-    nwords = len(data) // 8
-    words = ffi.from_buffer("uint64_t[]", data)
+    words, nwords = _words(bitmap)
     n = lib.kvmd_bitmap_runs(words, nwords, ffi.NULL, ffi.NULL)
     firsts, counts = array("Q", bytes(8 * n)), array("Q", bytes(8 * n))
     if n:
@@ -236,13 +241,10 @@ def bitmap_runs_packed(bitmap: bytes | bytearray | memoryview, cap: int
     """The runs of `bitmap_runs` in one pass, already as the bodies of two packed repeated
     protobuf fields (first pages; page counts), and the pages they cover; None when either
     body would pass `cap` bytes (give the bitmap's size to have them only when shorter)."""
-    view = memoryview(bitmap).cast("B")
-    pad = -len(view) % 8
-    data = bytes(view) + bytes(pad) if pad else view
+    words, nwords = _words(bitmap)
     firsts, counts = bytearray(cap), bytearray(cap)
     lens = ffi.new("uint64_t[3]")
-    n = lib.kvmd_bitmap_runs_packed(ffi.from_buffer("uint64_t[]", data), len(data) // 8,
-                                    ffi.from_buffer("uint8_t[]", firsts),
+    n = lib.kvmd_bitmap_runs_packed(words, nwords, ffi.from_buffer("uint8_t[]", firsts),
                                     ffi.from_buffer("uint8_t[]", counts), cap, lens)
     if n == U64_MAX:
         return None
