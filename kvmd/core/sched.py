@@ -88,7 +88,10 @@ def api_slice_us() -> int:
 def set_vcpu_slice(tid: int, boosted: bool) -> None:
     """A vCPU thread's slice: the kernel's default while it runs the guest (it inherited the
     API's), the API's while a pause is pending (`boosted`), so it leaves the guest as
-    promptly as the API thread that asked. A failure is logged once."""
+    promptly as the API thread that asked. Nothing to do when the daemon's threads have
+    the kernel's slice too. A failure is logged once."""
+    if _api_slice_us == KERNEL_DEFAULT:
+        return
     try:
         _set_slice(tid, _api_slice_us if boosted else KERNEL_DEFAULT)
     except OSError as exc:
