@@ -22,10 +22,15 @@ from kvmd_client import KvmdClient
 from kvmd_proto import vmm_pb2 as pb
 
 
-def vcpu_thread_nice(vm_id: str) -> int:
+def vcpu_tid(vm_id: str) -> int:
+    """The native thread id of vCPU 0 of `vm_id` (a daemon in this process)."""
     threads = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-0"]
     assert threads and threads[0].native_id is not None
-    return os.getpriority(os.PRIO_PROCESS, threads[0].native_id)
+    return threads[0].native_id
+
+
+def vcpu_thread_nice(vm_id: str) -> int:
+    return os.getpriority(os.PRIO_PROCESS, vcpu_tid(vm_id))
 
 
 def test_vcpu_threads_run_at_the_configured_nice_value(api_factory: Callable[..., Api]) -> None:
@@ -66,17 +71,13 @@ def test_vcpu_threads_under_the_idle_policy(api_factory: Callable[..., Api]) -> 
 
 
 def vcpu_thread_policy(vm_id: str) -> int:
-    threads = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-0"]
-    assert threads and threads[0].native_id is not None
-    return os.sched_getscheduler(threads[0].native_id)
+    return os.sched_getscheduler(vcpu_tid(vm_id))
 
 
 # -- scheduler slices (api_slice_us) ----------------------------------------------------------
 
 def vcpu_thread_slice_us(vm_id: str) -> int:
-    threads = [t for t in threading.enumerate() if t.name == f"vcpu-{vm_id}-0"]
-    assert threads and threads[0].native_id is not None
-    return sched.thread_slice_ns(threads[0].native_id) // 1000
+    return sched.thread_slice_ns(vcpu_tid(vm_id)) // 1000
 
 
 def test_a_paused_vcpu_has_the_api_slice_until_it_runs_again(
