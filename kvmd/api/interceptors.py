@@ -111,6 +111,13 @@ class Stage(Protocol):
         ...
 
 
+class HandlerRegistry(Protocol):
+    """Where services are added: a grpc.aio server, or a view of one (see
+    kvmd.server.GenericHandlersOnly)."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None: ...
+
+
 class Observer(Protocol):
     def observe(self, method: str, code: str, seconds: float) -> None: ...
 

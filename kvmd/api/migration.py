@@ -13,6 +13,7 @@ import grpc.aio
 
 from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
+from kvmd.api.interceptors import HandlerRegistry
 from kvmd.core.errors import Aborted, DeadlineExceeded, InvalidArgument, Reason
 from kvmd.core.host import Host
 from kvmd.migration.dataplane import DataListener, server_context
@@ -61,7 +62,7 @@ def _parse_message(wire: bytes) -> pb.MigrationMessage | memoryview:
     return view if view is not None else pb.MigrationMessage.FromString(wire)
 
 
-def add_migration_service(server: grpc.aio.Server, servicer: MigrationService) -> None:
+def add_migration_service(server: HandlerRegistry, servicer: MigrationService) -> None:
     """Register the Migration service as the generated code does, but with the bulk-data
     parser above for ReceiveMigration's messages."""
     handlers = {

@@ -16,7 +16,7 @@ import grpc.aio
 from kvmd.api import convert
 from kvmd.api.auth import current_grant, current_quota, may_read_guest_state
 from kvmd.api.base import MESSAGE_OVERHEAD, Runtime, ServicerBase, caller_identity
-from kvmd.api.interceptors import on_loop
+from kvmd.api.interceptors import HandlerRegistry, on_loop
 from kvmd.api.migration import MigrationService, add_migration_service
 from kvmd.api.snapshots import SnapshotsService, add_snapshots_service
 from kvmd.api.streams import END_KEY, END_LAGGED
@@ -703,7 +703,7 @@ class ExitHandlersService(ServicerBase, rpc.ExitHandlersServicer):
                 handler.fail(cause, f"{cause}: {detail}" if detail else "")
 
 
-def add_services(server: grpc.aio.Server, host: Host, runtime: Runtime,
+def add_services(server: HandlerRegistry, host: Host, runtime: Runtime,
                  visible: Callable[[str, str], bool] = lambda identity, owner: True,
                  store: SnapshotStore | None = None,
                  migrations: Migrations | None = None) -> list[str]:

@@ -11,6 +11,7 @@ import grpc.aio
 from kvmd.api import convert
 from kvmd.api.auth import current_quota
 from kvmd.api.base import Runtime, ServicerBase, caller_identity, data_field_view
+from kvmd.api.interceptors import HandlerRegistry
 from kvmd.core.errors import InvalidArgument, InvalidState, NotFound, Reason
 from kvmd.core.host import Host
 from kvmd.state.format import varint
@@ -66,7 +67,7 @@ def _feed_next(restorer: Restorer, pieces: Iterator[memoryview]) -> bool:
     return True
 
 
-def add_snapshots_service(server: grpc.aio.Server, servicer: SnapshotsService) -> None:
+def add_snapshots_service(server: HandlerRegistry, servicer: SnapshotsService) -> None:
     """Register the Snapshots service as the generated code does, but with the bulk-data
     (de)serializers above for SnapshotVm responses and RestoreVm requests."""
     handlers = {
