@@ -40,7 +40,9 @@ _SYS_SCHED_GETATTR = 315
 # deadline, period.
 _ATTR = struct.Struct("=IIQiIQQQ")
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# PyDLL: these system calls return at once, so they keep the GIL. Through CDLL the caller
+# would drop it and then queue for it again behind the vCPU threads a resume just woke.
+_libc = ctypes.PyDLL(None, use_errno=True)
 _warned: set[str] = set()
 # The slice shorten_api_slice gave the daemon's threads (a paused vCPU gets it too).
 _api_slice_us = KERNEL_DEFAULT

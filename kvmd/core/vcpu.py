@@ -187,7 +187,11 @@ class ManagedVcpu:
         self.waiting_remote: tuple[RemoteHandler, RemoteExit] | None = None
         # Called (under cond, from whichever thread) after every change of state, parks or
         # resumes: how a caller that cannot block on cond (an event loop) learns of them.
-        self._listeners: list[Callable[[], None]] = []
+        # Replaced, never changed in place: _changed reads it under cond, but adding and
+        # removing listeners takes only _listeners_lock, never waiting for a vCPU thread
+        # (which may hold cond while it is preempted, behind a host full of spinning vCPUs).
+        self._listeners: tuple[Callable[[], None], ...] = ()
+        self._listeners_lock = threading.Lock()
         # vCPU threads run at the host's vcpu_policy and vcpu_nice, so spinning guests cannot
         # starve the API;
         # a pause gives the kicked thread the API's priority (and scheduler slice) back until
@@ -344,13 +348,15 @@ class ManagedVcpu:
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener()` after every state change (from the changing thread, under
         cond: it must only hand the news on, e.g. wake an event loop)."""
-        with self.cond:
-            self._listeners.append(listener)
+        with self._listeners_lock:
+            self._listeners = (*self._listeners, listener)
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
-        with self.cond:
+        with self._listeners_lock:
             if listener in self._listeners:
-                self._listeners.remove(listener)
+                rest = list(self._listeners)
+                rest.remove(listener)
+                self._listeners = tuple(rest)
 
     def _changed(self) -> None:
         """Under cond: wake waiters and listeners after a change of state, parks or
@@ -376,6 +382,7 @@ class ManagedVcpu:
             if self.state in RESUMABLE:
                 self._pause_requested = False
                 self._resumes += 1
+                self._lower_again()
                 self._set_state(RUNNING, "resumed")
             elif self.state == RUNNING and self._pause_requested:
                 self._pause_requested = False
@@ -411,6 +418,16 @@ class ManagedVcpu:
             if self.state == RUNNING and not self._pause_requested:
                 self._throttle_until = time.monotonic() + seconds
                 self.vcpu.kick()
+
+    def _lower_again(self) -> None:
+        """Under cond: end the boost a pause gave the thread. The resumer does it before
+        waking the thread: a woken vCPU thread still at the API's priority would compete as
+        an equal with the API threads (for the CPU, and for the GIL its way back into the
+        guest takes), and a VM of many vCPUs delays the resume's reply by hundreds of ms."""
+        if self._boosted:
+            self._boosted = False
+            set_thread_priority(self._tid, *self._priority)
+            set_vcpu_slice(self._tid, boosted=False)
 
     def _thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -499,13 +516,15 @@ class ManagedVcpu:
                                                       or self._stop_requested)
                     if not finish_io and not self._wait_for_go():
                         return
-                    if self._boosted and not finish_io:  # back to the guest: lower again
-                        self._boosted = False
-                        set_thread_priority(self._tid, *self._priority)
-                        set_vcpu_slice(self._tid, boosted=False)
+                    tell_clock = self._clock_stopped and not finish_io
+                    if not finish_io:  # back to the guest
+                        self._clock_stopped = False
+                        self._lower_again()
                 if finish_io:
                     self._finish_pending_io()
                     continue
+                if tell_clock:  # an ioctl: not under cond (see _listeners)
+                    self._tell_guest_it_was_stopped()
                 self._deliver_interrupt()
                 exit_ = vcpu.run_until_unhandled(pio_map)
                 if isinstance(exit_, IntrExit):
@@ -582,8 +601,6 @@ class ManagedVcpu:
             if self.state == HALTED and not self._can_take_interrupt():
                 self.cond.wait()
                 continue
-            if self._clock_stopped:
-                self._tell_guest_it_was_stopped()
             if self.state != RUNNING:
                 self._set_state(RUNNING, "resumed")
             return True
@@ -592,7 +609,6 @@ class ManagedVcpu:
         """KVM_KVMCLOCK_CTRL before the first entry after a host pause or a restore, as QEMU
         does on every transition to running: KVM sets PVCLOCK_GUEST_STOPPED in the guest's
         kvmclock page. EINVAL means the guest has no kvmclock: nothing to tell."""
-        self._clock_stopped = False
         try:
             self.vcpu.kvmclock_ctrl()
         except KvmError as exc:

@@ -18,6 +18,7 @@ from runctl_api import WAIT, Api
 
 from kvmd.config import DEFAULT_API_SLICE_US, DEFAULT_VCPU_NICE, Config, ConfigError, validate
 from kvmd.core import sched
+from kvmd.core import vcpu as vcpu_module
 from kvmd_client import KvmdClient
 from kvmd_proto import vmm_pb2 as pb
 
@@ -97,6 +98,94 @@ def test_a_paused_vcpu_has_the_api_slice_until_it_runs_again(
     api.vms.ResumeVm(pb.VmRef(vm_id="sliced"))
     wait_until(lambda: vcpu_thread_slice_us("sliced") > short, WAIT, "the kernel's slice again")
     api.delete("sliced")
+
+
+def test_resume_lowers_the_vcpu_thread_before_waking_it(
+        api_factory: Callable[..., Api], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resumer, not the woken vCPU thread, ends the pause's boost: woken at the API's
+    priority, the threads of a many-vCPU VM competed as equals with the API threads and
+    delayed the resume's reply (and the next call) by hundreds of ms."""
+    api: Api = api_factory()
+    api.boot("lowered", SPIN)
+    api.start("lowered")
+    tid = vcpu_tid("lowered")
+    assert api.pause("lowered").state == "paused"
+    assert vcpu_thread_nice("lowered") == 0  # boosted while paused
+    lowered_by: list[int] = []
+    real = vcpu_module.set_thread_priority
+
+    def recording(thread: int, policy: str, nice: int) -> bool:
+        if thread == tid and nice == DEFAULT_VCPU_NICE:
+            lowered_by.append(threading.get_native_id())
+        return real(thread, policy, nice)
+
+    monkeypatch.setattr(vcpu_module, "set_thread_priority", recording)
+    api.vms.ResumeVm(pb.VmRef(vm_id="lowered"))
+    assert lowered_by and tid not in lowered_by, lowered_by  # by an API thread
+    assert vcpu_thread_nice("lowered") == DEFAULT_VCPU_NICE  # when ResumeVm returns
+    api.delete("lowered")
+
+
+def test_the_vcpu_thread_makes_no_system_call_under_its_lock_on_its_way_back(
+        api_factory: Callable[..., Api]) -> None:
+    """KVM_KVMCLOCK_CTRL (on the way back into the guest after a pause) runs outside the
+    vCPU's lock: a low-priority vCPU thread preempted inside a system call would otherwise
+    hold up every API call that takes that lock (a pause, a watch, GetVcpuState)."""
+    api: Api = api_factory()
+    api.boot("clocked", SPIN)
+    api.start("clocked")
+    host = api.daemon.host
+    assert host is not None
+    managed = host.get_vm("clocked").vcpu(0)
+    held: list[bool] = []
+    real = managed.vcpu.kvmclock_ctrl
+
+    def recording() -> None:
+        held.append(managed.cond._is_owned())  # type: ignore[attr-defined]
+        real()
+
+    managed.vcpu.kvmclock_ctrl = recording  # type: ignore[method-assign]
+    for _ in range(3):
+        api.pause("clocked")
+        api.vms.ResumeVm(pb.VmRef(vm_id="clocked"))
+    wait_until(lambda: len(held) >= 3, WAIT, "three returns to the guest")
+    assert not any(held), held
+    api.delete("clocked")
+
+
+def test_watching_a_vcpu_never_waits_for_its_lock(api_factory: Callable[..., Api]) -> None:
+    """Adding and removing a state listener (what PauseVm does on the event loop for every
+    vCPU) does not take the vCPU's lock, which its thread may hold."""
+    api: Api = api_factory()
+    api.boot("watched", SPIN)
+    host = api.daemon.host
+    assert host is not None
+    managed = host.get_vm("watched").vcpu(0)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with managed.cond:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        done = threading.Event()
+
+        def listen() -> None:
+            listener = done.is_set
+            managed.add_listener(listener)
+            managed.remove_listener(listener)
+            done.set()
+
+        threading.Thread(target=listen, daemon=True).start()
+        assert done.wait(10), "add_listener waited for the vCPU's lock"
+    finally:
+        release.set()
+        holder.join(10)
+    api.delete("watched")
 
 
 def _threads(pid: int) -> dict[int, tuple[int, int]]:
