@@ -32,6 +32,7 @@ from kvmd.api.budget import Budget, BudgetInterceptor
 from kvmd.api.gate import Gate
 from kvmd.api.handover import HandoverService
 from kvmd.api.interceptors import CallChain, HandlerRegistry
+from kvmd.api.pool import CallPool
 from kvmd.api.services import Runtime, add_services
 from kvmd.api.streams import StreamRegistry
 from kvmd.api.tls import TlsFiles
@@ -214,7 +215,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self.metrics_server: MetricsServer | None = None
-        self.executor: futures.ThreadPoolExecutor | None = None
+        self.executor: CallPool | None = None
         self.streams = StreamRegistry()
         self.budget = Budget(self.limits.max_concurrent_rpcs, self.limits.max_calls_per_identity,
                              self.limits.max_streams, self.limits.max_streams_per_identity)
@@ -255,8 +256,8 @@ class Daemon:
         self.host.fds.privileged = authorizer.privileged
         if not self.policy.enabled:
             log.warning("no authorization policy: every caller that can connect is an admin")
-        self.executor = futures.ThreadPoolExecutor(max_workers=self.limits.max_concurrent_rpcs,
-                                                   thread_name_prefix="kvmd-rpc")
+        self.executor = CallPool(max_workers=self.limits.max_concurrent_rpcs,
+                                 thread_name_prefix="kvmd-rpc")
         self.loop = grpc_loop()
         if self.handover is None:
             # Before binding: VMs handed over by the previous daemon run again as soon as

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -13,6 +12,7 @@ import grpc.aio
 
 from kvmd.api.auth import ADMIN, authorized_vm, current_grant, current_identity
 from kvmd.api.interceptors import run_blocking
+from kvmd.api.pool import CallPool
 from kvmd.api.streams import StreamRegistry, follow
 from kvmd.core.errors import InvalidArgument, Reason
 from kvmd.core.events import Mailbox
@@ -58,7 +58,7 @@ class Runtime:
     """What async handlers need besides the core: the pool for blocking work and the
     registry of open streams."""
 
-    pool: futures.ThreadPoolExecutor
+    pool: CallPool
     streams: StreamRegistry
 
 

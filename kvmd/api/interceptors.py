@@ -22,12 +22,10 @@ protobuf's API (GetDirtyLog's packed page runs).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -35,6 +33,7 @@ import grpc
 import grpc.aio
 
 from kvmd.api.errors import to_status
+from kvmd.api.pool import CallPool
 from kvmd.core.errors import EXHAUSTION_ERRNOS, DomainError, KernelError, from_os_error
 
 log = logging.getLogger("kvmd.api")
@@ -171,7 +170,7 @@ class CallChain(grpc.aio.ServerInterceptor):
     cached per method, so after the first call of a method the server's handler lookup and
     the wrapping cost nothing."""
 
-    def __init__(self, pool: futures.Executor, stages: list[Stage],
+    def __init__(self, pool: CallPool, stages: list[Stage],
                  metrics: Observer | None = None) -> None:
         self.pool = pool
         self.stages = list(stages)
@@ -262,9 +261,7 @@ class CallChain(grpc.aio.ServerInterceptor):
                             return behavior(request, context)
                         if dispatch == "async":
                             return await behavior(request, context)
-                        call = contextvars.copy_context()
-                        return await asyncio.get_running_loop().run_in_executor(
-                            pool, call.run, behavior, request, context)
+                        return await pool.run(behavior, request, context)
                     finally:
                         self._leave(entered)
                 except Exception as exc:
@@ -321,8 +318,7 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
             yield item
 
 
-async def run_blocking(pool: futures.Executor, fn: Callable[..., Any], *args: Any) -> Any:
+async def run_blocking(pool: CallPool, fn: Callable[..., Any], *args: Any) -> Any:
     """Run blocking core work from an async handler in the pool, with the caller's context
     variables."""
-    call = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(pool, call.run, fn, *args)
+    return await pool.run(fn, *args)

@@ -1,0 +1,96 @@
+"""The call pool: results, exceptions, context variables, the worker bound, cancellation
+before a worker takes a call, and shutdown (threads end, queued calls are cancelled)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from concurrent import futures
+
+import pytest
+
+from kvmd.api.pool import CallPool
+
+caller = contextvars.ContextVar("caller", default="")
+
+
+def test_run_returns_results_and_raises_exceptions_with_the_callers_context() -> None:
+    pool = CallPool(2, "t-pool")
+
+    async def main() -> None:
+        caller.set("me")
+        assert await pool.run(lambda a, b: (a + b, caller.get()), 1, 2) == (3, "me")
+        with pytest.raises(KeyError, match="boom"):
+            await pool.run(lambda: {}["boom"])
+        # submit: the Executor interface grpc may use
+        assert pool.submit(pow, 2, 10).result(10) == 1024
+
+    asyncio.run(main())
+    pool.shutdown()
+
+
+def test_at_most_max_workers_run_at_once_and_the_rest_queue() -> None:
+    pool = CallPool(3, "t-bound")
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return threading.current_thread().name
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(pool.run(work) for _ in range(12))))
+
+    names = asyncio.run(main())
+    assert peak[0] == 3
+    assert set(names) <= {"t-bound_0", "t-bound_1", "t-bound_2"}
+    pool.shutdown()
+
+
+def test_a_call_cancelled_before_a_worker_takes_it_never_runs() -> None:
+    pool = CallPool(1, "t-cancel")
+    gate, ran = threading.Event(), []
+
+    async def main() -> None:
+        busy = asyncio.ensure_future(pool.run(gate.wait, 10))
+        queued = asyncio.ensure_future(pool.run(ran.append, "queued"))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await busy
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        await pool.run(ran.append, "after")
+
+    asyncio.run(main())
+    assert ran == ["after"]
+    pool.shutdown()
+
+
+def test_shutdown_ends_the_workers_and_cancels_queued_calls() -> None:
+    before = set(threading.enumerate())
+    pool = CallPool(1, "t-stop")
+    gate = threading.Event()
+    first = pool.submit(gate.wait, 10)
+    deadline = time.monotonic() + 10
+    while not first.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = pool.submit(time.sleep, 0)
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
+    stopper.start()
+    time.sleep(0.05)
+    gate.set()
+    stopper.join(10)
+    assert first.result(1) is True and queued.cancelled()
+    assert set(threading.enumerate()) <= before | {threading.current_thread()}
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(time.sleep, 0)
+    with pytest.raises(futures.CancelledError):
+        queued.result(0)
