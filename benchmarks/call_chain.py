@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from concurrent import futures
 from typing import Any
 
 from bench_support import load_average
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from kvmd.api.auth import AuthInterceptor, Authorizer, Policy
 from kvmd.api.budget import Budget, BudgetInterceptor
 from kvmd.api.interceptors import CallChain, on_loop
+from kvmd.api.pool import CallPool
 from kvmd.metrics import MetricsInterceptor, RpcMetrics
 
 METHOD = "/kvmd.v1.Vms/GetVm"
@@ -54,7 +54,7 @@ def loop_handler(request: Any, context: Any) -> Any:
 
 
 async def measure(calls: int, rounds: int) -> list[tuple[str, float]]:
-    pool = futures.ThreadPoolExecutor(4)
+    pool = CallPool(4, "bench-pool")  # the daemon's call pool
     metrics = MetricsInterceptor(RpcMetrics(CollectorRegistry()))
     auth = AuthInterceptor(Authorizer(Policy(), None))  # type: ignore[arg-type]
     budget = BudgetInterceptor(Budget(64, 16, 4096, 256))
@@ -68,7 +68,7 @@ async def measure(calls: int, rounds: int) -> list[tuple[str, float]]:
     context = Context()
     for dispatch, fn in (("on the loop", loop_handler), ("in the pool", handler)):
         for name, stages, observer in variants:
-            chain = CallChain(pool, stages, observer)  # type: ignore[arg-type]
+            chain = CallChain(pool, stages, observer)
             call = chain.wrap(METHOD, "unary_unary", fn)
             for _ in range(min(calls, 1000)):
                 await call(1, context)
