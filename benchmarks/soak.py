@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -125,6 +126,18 @@ class DaemonProcess:
             except OSError:  # ended meanwhile
                 continue
         return rss, fds, threads
+
+    def thread_names(self) -> Counter[str]:
+        """The daemon's threads by name (comm: the loop and call pool show as the process's
+        name, grpc core's own as event_engine, ...), to tell which kind a changed count was."""
+        names: Counter[str] = Counter()
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as comm:
+                    names[comm.read().strip()] += 1
+            except OSError:  # ended meanwhile
+                continue
+        return names
 
     def stop(self) -> int:
         """SIGTERM; returns the exit code (killed after 30 s: -9)."""
@@ -452,6 +465,7 @@ class Report:
     fds_end: int
     threads_baseline: int
     threads_end: int
+    threads_changed: str  # by name, e.g. "+1 event_engine"; empty if none
     vms_end: int
     daemon_exit: int
     unexpected: list[Unexpected] = field(default_factory=list)
@@ -470,7 +484,8 @@ class Report:
         if self.fds_end != self.fds_baseline:
             out.append(f"daemon fds {self.fds_end}, baseline {self.fds_baseline}")
         if self.threads_end != self.threads_baseline:
-            out.append(f"daemon threads {self.threads_end}, baseline {self.threads_baseline}")
+            out.append(f"daemon threads {self.threads_end}, baseline {self.threads_baseline}"
+                       f" ({self.threads_changed or 'the same names'})")
         if self.daemon_exit != 0:
             out.append(f"the daemon exited {self.daemon_exit} on SIGTERM")
         return out
@@ -501,6 +516,12 @@ class Report:
         return "\n".join(lines)
 
 
+def name_changes(before: Counter[str], after: Counter[str]) -> str:
+    """What changed between two counts by name: "+1 event_engine, -1 kvmd"."""
+    return ", ".join(f"{after[n] - before[n]:+d} {n}" for n in sorted(before | after)
+                     if after[n] != before[n] and not n.startswith("kvm-"))
+
+
 def settle(daemon: DaemonProcess, baseline: tuple[int, int], timeout: float
            ) -> tuple[int, int]:
     """Wait (bounded) for fds and threads to come back to `baseline`; the last seen."""
@@ -529,6 +550,7 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
             prime_pool(daemon.address)
             time.sleep(0.5)
             _, fds0, threads0 = daemon.stats()
+            names0 = daemon.thread_names()
             log(f"soak: baseline {fds0} fds, {threads0} threads; loading for "
                 f"{duration:.0f} s")
             recorder = Recorder()
@@ -538,6 +560,7 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
             elapsed = time.monotonic() - started
             sampler.stop()
             fds1, threads1 = settle(daemon, (fds0, threads0), SETTLE_TIMEOUT)
+            changed = name_changes(names0, daemon.thread_names())
             setup.call("DeleteVm", setup.vms.DeleteVm, pb.DeleteVmRequest(vm_id=SHARED_VM))
             vms_end = len(setup.vms.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT).vms)
             setup.close()
@@ -565,7 +588,7 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
         rss_slope_second_half_mib_per_min=slope_per_minute(rss[len(rss) // 2:]),
         samples=len(rss),
         fds_baseline=fds0, fds_end=fds1, threads_baseline=threads0, threads_end=threads1,
-        vms_end=vms_end, daemon_exit=code, unexpected=recorder.unexpected)
+        threads_changed=changed, vms_end=vms_end, daemon_exit=code, unexpected=recorder.unexpected)
 
 
 def main(argv: list[str] | None = None) -> int:
