@@ -118,18 +118,13 @@ class DaemonProcess:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
         fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-        threads = 0
-        for tid in os.listdir(f"/proc/{self.pid}/task"):
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/comm") as comm:
-                    threads += not comm.read().startswith("kvm-")
-            except OSError:  # ended meanwhile
-                continue
+        threads = sum(n for name, n in self.thread_names().items() if is_daemons_own(name))
         return rss, fds, threads
 
     def thread_names(self) -> Counter[str]:
-        """The daemon's threads by name (comm: the loop and call pool show as the process's
-        name, grpc core's own as event_engine, ...), to tell which kind a changed count was."""
+        """The process's threads by name (comm: the loop and call pool show as the process's
+        name, grpc core's own as event_engine, KVM's as kvm-...), to tell which kind a
+        changed count was."""
         names: Counter[str] = Counter()
         for tid in os.listdir(f"/proc/{self.pid}/task"):
             try:
@@ -516,10 +511,17 @@ class Report:
         return "\n".join(lines)
 
 
+def is_daemons_own(thread_name: str) -> bool:
+    """Not one of KVM's per-VM workers (kvm-nx-lpage-recovery), which the kernel adds to the
+    process at a VM's first KVM_RUN and ends with the VM (see DaemonProcess.stats)."""
+    return not thread_name.startswith("kvm-")
+
+
 def name_changes(before: Counter[str], after: Counter[str]) -> str:
-    """What changed between two counts by name: "+1 event_engine, -1 kvmd"."""
+    """What changed between two counts of the daemon's own threads by name: "+1
+    event_engine, -1 kvmd"."""
     return ", ".join(f"{after[n] - before[n]:+d} {n}" for n in sorted(before | after)
-                     if after[n] != before[n] and not n.startswith("kvm-"))
+                     if after[n] != before[n] and is_daemons_own(n))
 
 
 def settle(daemon: DaemonProcess, baseline: tuple[int, int], timeout: float
