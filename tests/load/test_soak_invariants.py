@@ -1,0 +1,32 @@
+"""The soak's thread invariant (benchmarks/soak.py threads_returned): a leaked thread of any
+kind is caught; grpc core's elastic pool may end below its baseline, never above it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from load_support import soak
+
+BASELINE = Counter({"kvmd": 12, "event_engine": 9, "kvm-nx-lpage-re": 1})
+
+
+def test_the_same_threads_have_returned() -> None:
+    assert soak.threads_returned(BASELINE, Counter(BASELINE))
+
+
+def test_one_more_grpc_pool_thread_is_a_leak() -> None:
+    assert not soak.threads_returned(BASELINE, BASELINE + Counter({"event_engine": 1}))
+
+
+def test_a_grpc_pool_thread_reclaimed_since_the_baseline_is_not() -> None:
+    assert soak.threads_returned(BASELINE, BASELINE - Counter({"event_engine": 1}))
+
+
+def test_one_more_or_one_fewer_of_the_daemons_own_threads_is_caught() -> None:
+    assert not soak.threads_returned(BASELINE, BASELINE + Counter({"kvmd": 1}))
+    assert not soak.threads_returned(BASELINE, BASELINE - Counter({"kvmd": 1}))
+    assert not soak.threads_returned(BASELINE, BASELINE + Counter({"soak-new-kind": 1}))
+
+
+def test_kvms_own_workers_do_not_count() -> None:
+    assert soak.threads_returned(BASELINE, BASELINE + Counter({"kvm-nx-lpage-re": 3}))
