@@ -61,8 +61,8 @@ HEALTH_TIMEOUT = 5.0  # a check slower than this counts as failed
 RETRY_PAUSE = 0.005
 MAX_RETRIES = 2000
 SHARED_VM = "soak-shared"
-# grpc core's EventEngine pool (threads named event_engine) adds a thread when its queue
-# backs up and reclaims an extra one only after it has idled 20 s (kIdleThreadLimit in
+# grpc core's EventEngine pool (threads named event_engine) adds a thread when all of its
+# threads are busy and reclaims an extra one only after it has idled 20 s (kIdleThreadLimit in
 # work_stealing_thread_pool.cc), so the wait for the baseline must outlast that.
 GRPC_POOL_THREAD = "event_engine"
 SETTLE_TIMEOUT = 30.0
@@ -122,9 +122,10 @@ class DaemonProcess:
             for line in fh:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
-        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-        threads = sum(n for name, n in self.thread_names().items() if is_daemons_own(name))
-        return rss, fds, threads
+        return rss, self.fd_count(), own_threads(self.thread_names())
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def thread_names(self) -> Counter[str]:
         """The process's threads by name (comm: the loop and call pool show as the process's
@@ -523,6 +524,11 @@ def is_daemons_own(thread_name: str) -> bool:
     return not thread_name.startswith("kvm-")
 
 
+def own_threads(names: Counter[str]) -> int:
+    """How many of the daemon's own threads a count by name holds."""
+    return sum(n for name, n in names.items() if is_daemons_own(name))
+
+
 def name_changes(before: Counter[str], after: Counter[str]) -> str:
     """What changed between two counts of the daemon's own threads by name: "+1
     event_engine, -1 kvmd"."""
@@ -544,10 +550,9 @@ def settle(daemon: DaemonProcess, fds0: int, names0: Counter[str], timeout: floa
     (fds, own threads, threads by name)."""
     deadline = time.monotonic() + timeout
     while True:
-        _, fds, threads = daemon.stats()
-        names = daemon.thread_names()
+        fds, names = daemon.fd_count(), daemon.thread_names()
         if (fds == fds0 and threads_returned(names0, names)) or time.monotonic() > deadline:
-            return fds, threads, names
+            return fds, own_threads(names), names
         time.sleep(0.1)
 
 
@@ -567,8 +572,8 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
             run_clients(daemon.address, clients, warmup, Recorder(), "warm")
             prime_pool(daemon.address)
             time.sleep(0.5)
-            _, fds0, threads0 = daemon.stats()
-            names0 = daemon.thread_names()
+            fds0, names0 = daemon.fd_count(), daemon.thread_names()
+            threads0 = own_threads(names0)  # from the same walk as the names it is checked by
             log(f"soak: baseline {fds0} fds, {threads0} threads; loading for "
                 f"{duration:.0f} s")
             recorder = Recorder()
