@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from kvmd import __version__
 from kvmd.core.images import DEFAULT_IMAGES_DIR
 from kvmd.core.limits import Limits, host_limits
-from kvmd.core.sched import MAX_SLICE_US, MIN_SLICE_US
+from kvmd.core.sched import MAX_SLICE_US, MIN_SLICE_US, format_cpu_list, parse_cpu_list
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
@@ -85,6 +86,10 @@ class Config:
     # 6.12+): shorter than a vCPU thread's, so a waking API thread preempts a spinning
     # guest at once. 0: the kernel's default. See kvmd.core.sched.
     api_slice_us: int = DEFAULT_API_SLICE_US
+    # The CPUs vCPU threads may run on, as a Linux CPU list ("1-3"); "": every CPU the
+    # daemon may use. Leaving one out for the control plane keeps it responsive however
+    # hard the guests spin (a housekeeping CPU). See kvmd.core.sched.
+    vcpu_cpus: str = ""
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -103,6 +108,10 @@ class Config:
     # Where hand-over state files live (<runtime_dir>/handover/). "" = $RUNTIME_DIRECTORY
     # (systemd's RuntimeDirectory=), else the directory of the first Unix socket.
     runtime_dir: str = ""
+
+    def vcpu_cpu_set(self) -> frozenset[int] | None:
+        """vcpu_cpus as CPU numbers; None where vCPUs may run on every CPU (validated)."""
+        return parse_cpu_list(self.vcpu_cpus) if self.vcpu_cpus else None
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -212,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheduler slice of the daemon's threads but vCPUs, "
                         f"{MIN_SLICE_US}-{MAX_SLICE_US} us (default {DEFAULT_API_SLICE_US}; "
                         "0: the kernel's; Linux 6.12+)")
+    p.add_argument("--vcpu-cpus", metavar="LIST",
+                   help="CPUs vCPU threads may run on, e.g. 1-3 (default: all; leave one to "
+                        "keep the control plane responsive under guest load)")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 
@@ -239,6 +251,20 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def check_vcpu_cpus(text: str) -> None:
+    """vcpu_cpus must name CPUs this process may run on (systemd's CPUAffinity= and
+    AllowedCPUs= narrow them before the daemon starts)."""
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError as exc:
+        raise ConfigError(f"vcpu_cpus: {exc}") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ConfigError(f"vcpu_cpus {text!r} names CPUs {format_cpu_list(cpus - allowed)} "
+                          f"that the daemon may not run on (it may use "
+                          f"{format_cpu_list(allowed)})")
+
+
 def validate(cfg: Config) -> None:
     """Checks across keys: TLS settings that cannot work or would weaken security."""
     for name in _TYPES:
@@ -248,6 +274,8 @@ def validate(cfg: Config) -> None:
     if cfg.api_slice_us and not MIN_SLICE_US <= cfg.api_slice_us <= MAX_SLICE_US:
         raise ConfigError(f"api_slice_us must be 0 (the kernel's default) or "
                           f"{MIN_SLICE_US}-{MAX_SLICE_US}, not {cfg.api_slice_us}")
+    if cfg.vcpu_cpus:
+        check_vcpu_cpus(cfg.vcpu_cpus)
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
                           "be verified over TLS")

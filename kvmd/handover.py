@@ -117,7 +117,8 @@ def receive_early(cfg: Config) -> Handover | None:
     the server is even loaded. None if /dev/kvm cannot be opened (the server reports it)."""
     try:
         host = Host(cfg.limits(), cfg.kvm_device, cfg.images_dir or None,
-                    vcpu_nice=cfg.vcpu_nice, vcpu_policy=cfg.vcpu_policy)
+                    vcpu_nice=cfg.vcpu_nice, vcpu_policy=cfg.vcpu_policy,
+                    vcpu_cpus=cfg.vcpu_cpu_set())
     except DomainError:
         return None
     handover = Handover.for_config(cfg, host)

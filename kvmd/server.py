@@ -46,7 +46,7 @@ from kvmd.config import (
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
-from kvmd.core.sched import report_api_slice, shorten_api_slice
+from kvmd.core.sched import format_cpu_list, report_api_slice, shorten_api_slice
 from kvmd.handover import Handover, HandoverError, leave_placeholder
 from kvmd.metrics import (
     MetricsInterceptor,
@@ -246,10 +246,17 @@ class Daemon:
             try:
                 self.host = Host(self.limits, self.cfg.kvm_device, images_dir,
                                  vcpu_nice=self.cfg.vcpu_nice,
-                                 vcpu_policy=self.cfg.vcpu_policy)
+                                 vcpu_policy=self.cfg.vcpu_policy,
+                                 vcpu_cpus=self.cfg.vcpu_cpu_set())
             except DomainError as exc:
                 raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") \
                     from None
+        vcpu_cpus = self.cfg.vcpu_cpu_set()
+        if vcpu_cpus is not None:
+            log.info("vCPU threads confined to vcpu_cpus", extra={
+                "vcpu_cpus": format_cpu_list(vcpu_cpus),
+                "cpus_without_guests": format_cpu_list(os.sched_getaffinity(0) - vcpu_cpus)
+                or "none"})
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
         self.authorizer = authorizer

@@ -53,7 +53,8 @@ class Host:
 
     def __init__(self, limits: Limits | None = None, kvm_path: str = "/dev/kvm",
                  images_dir: str | None = None, vcpu_nice: int = 0,
-                 vcpu_policy: str = "other") -> None:
+                 vcpu_policy: str = "other",
+                 vcpu_cpus: frozenset[int] | None = None) -> None:
         self.limits = limits or Limits()
         with kernel_errors("host"):
             self.kvm = Kvm(kvm_path)
@@ -73,7 +74,8 @@ class Host:
                                  self.capabilities(), msr_index_list,
                                  images=ImagesDir(images_dir) if images_dir else None,
                                  fds=self.fds, vcpu_nice=vcpu_nice,
-                                 vcpu_policy=vcpu_policy, console_pump=ConsolePump())
+                                 vcpu_policy=vcpu_policy, vcpu_cpus=vcpu_cpus,
+                                 console_pump=ConsolePump())
         self.crashes = self.shared.crashes
 
     def _fd_budget(self) -> FdBudget:

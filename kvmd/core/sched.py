@@ -1,6 +1,6 @@
 """How the daemon's threads share the CPUs with its guests (Linux scheduling is per thread).
 
-Two levers, neither above what the daemon starts with, so neither needs a privilege (but
+Three levers, none above what the daemon starts with, so none needs a privilege (but
 LimitNICE=+0, for a paused vCPU's way back from vcpu_nice to nice 0):
 
 - vCPU threads run at a lower priority (`vcpu_nice`, `vcpu_policy`): spinning guests cannot
@@ -12,6 +12,11 @@ LimitNICE=+0, for a paused vCPU's way back from vcpu_nice to nice 0):
   thread's slice to end. Threads inherit the slice of the thread that creates them, so the
   daemon sets it once, before it starts any, and every vCPU thread puts itself back to the
   kernel's default.
+- vCPU threads may be confined to some of the daemon's CPUs (`vcpu_cpus`): the others are
+  left to the control plane (and the rest of the host), as a housekeeping CPU is on hosts
+  that dedicate cores to guests. Priorities only decide who runs next on a CPU; a CPU no
+  guest may use needs no decision. Affinity is per thread too, and narrowing one's own
+  needs no privilege.
 """
 
 from __future__ import annotations
@@ -80,6 +85,48 @@ def _set_slice(tid: int, slice_us: int) -> None:
     attr[0], attr[2], attr[5] = _ATTR.size, 0, slice_us * 1000
     attr[6] = attr[7] = 0
     _syscall(_SYS_SCHED_SETATTR, tid, ctypes.create_string_buffer(_ATTR.pack(*attr)), 0)
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """The CPUs of a Linux CPU list ("1-3", "0,2,4-7"). ValueError if it is malformed or
+    empty."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{text!r} is not a CPU list such as 1-3 or 0,2,4-7")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"{part.strip()!r} in {text!r} is a descending range")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: frozenset[int] | set[int]) -> str:
+    """`cpus` as a Linux CPU list, runs as ranges: {0, 1, 2, 5} -> "0-2,5"."""
+    runs: list[str] = []
+    ordered = sorted(cpus)
+    start = 0
+    for i, cpu in enumerate(ordered):
+        if i + 1 == len(ordered) or ordered[i + 1] != cpu + 1:
+            first = ordered[start]
+            runs.append(str(cpu) if first == cpu else f"{first}-{cpu}")
+            start = i + 1
+    return ",".join(runs)
+
+
+def confine_thread(tid: int, cpus: frozenset[int]) -> bool:
+    """Let thread `tid` (0: the calling one) run only on `cpus` (a vCPU thread: vcpu_cpus).
+    Returns whether it worked; the first failure is logged, later ones are not."""
+    try:
+        os.sched_setaffinity(tid, cpus)
+        return True
+    except OSError as exc:
+        if "affinity" not in _warned:
+            _warned.add("affinity")
+            log.warning("cannot set a vCPU thread's CPU affinity (vcpu_cpus)", extra={
+                "cpus": format_cpu_list(cpus), "error": str(exc)})
+        return False
 
 
 def api_slice_us() -> int:

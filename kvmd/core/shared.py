@@ -170,6 +170,7 @@ class HostShared:
     # The nice value vCPU threads give themselves (0: none), see ManagedVcpu.
     vcpu_nice: int = 0
     vcpu_policy: str = "other"  # see kvmd.core.sched.POLICIES
+    vcpu_cpus: frozenset[int] | None = None  # where vCPU threads run (None: anywhere)
     # Moves UART output into consoles (None: the fd watcher drains at every signal).
     console_pump: ConsolePump | None = None
 

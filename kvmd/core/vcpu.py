@@ -31,7 +31,7 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.remote import RemoteExit, RemoteHandler
-from kvmd.core.sched import api_slice_us, set_thread_priority, set_vcpu_slice
+from kvmd.core.sched import api_slice_us, confine_thread, set_thread_priority, set_vcpu_slice
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -123,6 +123,7 @@ class VmLink:
     irqchip: bool  # created with the in-kernel irqchip
     pio_map: PioMap  # the ports the C run loop completes without an exit
     priority: tuple[str, int]  # the host's vcpu_policy and vcpu_nice
+    cpus: frozenset[int] | None  # the host's vcpu_cpus (None: any CPU)
     capabilities: Mapping[str, int]  # of /dev/kvm: what a save may read
     msr_index_list: Sequence[int]  # the MSRs to save
     is_closed: Callable[[], bool]  # the VM was deleted
@@ -509,6 +510,8 @@ class ManagedVcpu:
         set_vcpu_slice(self._tid, boosted=False)
         if self._lowered:
             set_thread_priority(self._tid, *self._priority)
+        if self.link.cpus is not None:  # for good: a pause needs no other CPU
+            confine_thread(self._tid, self.link.cpus)
         try:
             while True:
                 with self.cond:

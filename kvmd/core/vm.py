@@ -364,7 +364,7 @@ class ManagedVm:
         # All a vCPU sees of this VM (kvmd.core.vcpu.VmLink).
         self._vcpu_link = VmLink(
             vm_id=vm_id, irqchip=options.irqchip, pio_map=self.pio_map,
-            priority=(shared.vcpu_policy, shared.vcpu_nice),
+            priority=(shared.vcpu_policy, shared.vcpu_nice), cpus=shared.vcpu_cpus,
             capabilities=shared.capabilities, msr_index_list=shared.msr_index_list,
             is_closed=lambda: self.closed, require_irqchip=self._require_irqchip,
             dispatch=self.dispatch, record_outcome=self.record_outcome,

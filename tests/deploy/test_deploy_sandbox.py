@@ -163,8 +163,9 @@ def test_daemon_lives_with_the_units_system_call_filter(
               seccomp_prefix(unit_python.python, short_dir, {"allow": allowed, "errno": code}))
     log = sandboxed(short_dir, identity, runtime, prefix, unit_python)["log"]
     # The filter lets the daemon give its threads their scheduler slices (api_slice_us;
-    # sched_setattr: every vCPU thread sets its own) and its vCPU threads their priority
-    # (setpriority, sched_setscheduler).
+    # sched_setattr: every vCPU thread sets its own), its vCPU threads their priority
+    # (setpriority, sched_setscheduler) and their CPUs (vcpu_cpus, which the workload sets:
+    # sched_setaffinity).
     assert "cannot set" not in log, log
 
 

@@ -256,3 +256,62 @@ def test_a_bad_api_slice_is_refused() -> None:
             validate(Config(api_slice_us=value))
     for value in (0, 100, 100_000):
         validate(Config(api_slice_us=value))
+
+
+# -- CPUs (vcpu_cpus) -------------------------------------------------------------------------
+
+def test_vcpu_threads_run_only_on_vcpu_cpus_and_the_others_anywhere(tmp_path: Path) -> None:
+    """The command line's --vcpu-cpus reaches every vCPU thread, and only them: the CPUs
+    left out are the control plane's."""
+    allowed = os.sched_getaffinity(0)
+    guest_cpu = max(allowed)
+    proc, client = _spinning_daemon(tmp_path, "--vcpu-cpus", str(guest_cpu))
+    try:
+        vcpus = [tid for tid, (nice, _) in _threads(proc.pid).items() if nice == 10]
+        others = [tid for tid, (nice, _) in _threads(proc.pid).items() if nice == 0]
+        assert len(vcpus) == 1 and others
+        assert os.sched_getaffinity(vcpus[0]) == {guest_cpu}
+        for tid in others:  # the event loop, the call pool, grpc's threads
+            assert os.sched_getaffinity(tid) == allowed, tid
+        # Paused (boosted to the API's priority) and resumed, it stays where it was put.
+        client.pause_vm("spin")
+        client.resume_vm("spin")
+        assert os.sched_getaffinity(vcpus[0]) == {guest_cpu}
+    finally:
+        client.close()
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_vcpu_cpus_from_an_embedded_daemon_confine_each_vcpu(
+        api_factory: Callable[..., Api]) -> None:
+    guest_cpu = min(os.sched_getaffinity(0))
+    api: Api = api_factory(vcpu_cpus=str(guest_cpu))
+    api.boot("pinned", SPIN)
+    api.start("pinned")
+    wait_until(lambda: os.sched_getaffinity(vcpu_tid("pinned")) == {guest_cpu}, WAIT,
+               "the vCPU thread on its CPU")
+    assert os.sched_getaffinity(threading.get_native_id()) == os.sched_getaffinity(0)
+    api.delete("pinned")
+
+
+def test_cpu_lists_read_as_linux_writes_them() -> None:
+    assert sched.parse_cpu_list("3") == {3}
+    assert sched.parse_cpu_list("0,2-4, 7") == {0, 2, 3, 4, 7}
+    assert sched.format_cpu_list(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
+    for bad in ("", "a", "1-", "-1", "3-1", "1,,2", "1.5"):
+        with pytest.raises(ValueError):
+            sched.parse_cpu_list(bad)
+
+
+def test_bad_vcpu_cpus_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"vcpu_cpus: .* is not a CPU list"):
+        validate(Config(vcpu_cpus="one"))
+    with pytest.raises(ConfigError, match="descending"):
+        validate(Config(vcpu_cpus="1-0"))
+    outside = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ConfigError, match=f"names CPUs {outside} that the daemon may not run"):
+        validate(Config(vcpu_cpus=f"0,{outside}"))
+    validate(Config(vcpu_cpus=sched.format_cpu_list(frozenset(os.sched_getaffinity(0)))))
+    assert Config().vcpu_cpu_set() is None
+    assert Config(vcpu_cpus="0").vcpu_cpu_set() == {0}
