@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "state"))
 
 from state_guests import PRINT_ROUTINES, assemble
 
+from kvmd.config import DEFAULT_VCPU_NICE
 from kvmd_client.kvmd_client import KvmdClient
 from kvmd_proto import vmm_pb2 as pb
 
@@ -194,6 +195,9 @@ class Kvmd:
     """One kvmd process on `directory`/kvmd.sock (its log in `directory`/kvmd-<n>.log)."""
 
     _numbers = iter(range(1000))
+    # Every process started, so that a failed test cannot leave daemons (and their spinning
+    # guests) running into the tests after it (reap_daemons).
+    started: list[Kvmd] = []
 
     def __init__(self, directory: Path, *args: str, env: dict[str, str] | None = None,
                  argv: list[str] | None = None, pass_fds: tuple[int, ...] = (),
@@ -208,6 +212,7 @@ class Kvmd:
         self.proc = subprocess.Popen(
             (argv or []) + base, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, pass_fds=pass_fds)
+        Kvmd.started.append(self)
         if wait:
             self.wait_serving()
 
@@ -383,3 +388,30 @@ def fake_systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
         yield sd
     finally:
         sd.close()
+
+
+@pytest.fixture(autouse=True)
+def reap_daemons() -> Iterator[None]:
+    """After each test, kill any daemon it left running (a test that failed half-way)."""
+    yield
+    while Kvmd.started:
+        kvmd = Kvmd.started.pop()
+        if kvmd.proc.poll() is None:
+            kvmd.proc.kill()
+            kvmd.wait()
+
+
+def vcpu_thread_ids(pid: int) -> list[int]:
+    """The threads of `pid` at vcpu_nice (10 by default: only vCPU threads lower their
+    priority), KVM's own workers left out."""
+    tids = []
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                if comm.read().startswith("kvm-"):
+                    continue
+            if os.getpriority(os.PRIO_PROCESS, tid) == DEFAULT_VCPU_NICE:
+                tids.append(tid)
+        except OSError:  # the thread ended meanwhile
+            continue
+    return tids

@@ -26,6 +26,7 @@ from handover_support import (
     numbers,
     pattern,
     u32,
+    vcpu_thread_ids,
     wait_until,
 )
 
@@ -64,6 +65,9 @@ def test_sixteen_guests_survive_a_restart(fake_systemd: FakeSystemd) -> None:
     before = snapshot_counters(c, vm_ids)
     ticks = {v: u32(c, v, TICKS) for v in irq_vms}
 
+    # The next daemon confines its vCPU threads (vcpu_cpus): the restored VMs' threads too.
+    guest_cpu = max(os.sched_getaffinity(0))
+    sd.args = (*sd.args, "--vcpu-cpus", str(guest_cpu))
     second = sd.restart()
     sd.wait_ready()
     assert "vms handed to the fd store" in first.log
@@ -88,6 +92,10 @@ def test_sixteen_guests_survive_a_restart(fake_systemd: FakeSystemd) -> None:
         wait_until(lambda v=vm_id: u32(c, v, TICKS) > ticks[v] + 5, 30, f"{vm_id}'s PIT")
         c.trigger_irqfd(vm_id, "irq5")
         wait_until(lambda v=vm_id: u32(c, v, IRQ5S) == 2, 30, f"{vm_id}'s irqfd")
+    wait_until(lambda: len(vcpu_thread_ids(second.proc.pid)) == VMS, 30,
+               "every restored vCPU thread running at vcpu_nice")
+    assert all(os.sched_getaffinity(tid) == {guest_cpu}
+               for tid in vcpu_thread_ids(second.proc.pid))
     # Every console: one sequence from 1, nothing lost or repeated across the restart.
     for vm_id in vm_ids:
         printed = numbers(c.console_backlog(vm_id))

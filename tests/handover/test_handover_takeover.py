@@ -31,6 +31,7 @@ from handover_support import (
     numbers,
     pattern,
     u32,
+    vcpu_thread_ids,
     wait_until,
 )
 
@@ -87,8 +88,14 @@ def test_sixteen_guests_survive_a_take_over(tmp_path: Path) -> None:
     before = {v: (u32(c, v, COUNTER), c.exit_stats(v).total["io_out"]) for v in vm_ids}
     ticks = {v: u32(c, v, TICKS) for v in irq_vms}
 
-    new = Kvmd(tmp_path, "--take-over")
+    # The new daemon confines its vCPU threads (vcpu_cpus): the restored VMs' threads too.
+    guest_cpu = max(os.sched_getaffinity(0))
+    new = Kvmd(tmp_path, "--take-over", "--vcpu-cpus", str(guest_cpu))
     assert old.wait(60) == 0, old.log
+    wait_until(lambda: len(vcpu_thread_ids(new.proc.pid)) == VMS, 30,
+               "every restored vCPU thread running at vcpu_nice")
+    vcpu_threads = vcpu_thread_ids(new.proc.pid)
+    assert all(os.sched_getaffinity(tid) == {guest_cpu} for tid in vcpu_threads)
     # A call that is not idempotent, issued right after the switch: done exactly once.
     c.create_vm("made-after")
     time.sleep(0.5)
