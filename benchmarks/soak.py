@@ -23,8 +23,9 @@ RPC the calls, calls/s, p50 and p99 latency (client side, retries included) and 
 the health checks; the RSS slope by linear regression over the samples (MiB per minute);
 and the invariants: only expected codes, the health check always answered, no VM left, the
 daemon's fds and threads back to their baseline (taken after a warm-up that also fills the
-RPC thread pool; grpc core's own pool, which reclaims a thread idle for 20 s, may end with
-fewer, never with more), the daemon exiting 0 on SIGTERM. Exits 1 if an invariant fails.
+RPC thread pool; grpc core's own elastic pool may end with fewer, or with more by at most
+the load's concurrency: see GRPC_POOL_THREAD), the daemon exiting 0 on SIGTERM. Exits 1 if
+an invariant fails.
 
 `make soak` runs it for SOAK_SECONDS (default 600); tests/load/test_load.py runs the same
 workload for 40 s in CI. Nothing here asserts on speed.
@@ -62,9 +63,16 @@ RETRY_PAUSE = 0.005
 MAX_RETRIES = 2000
 SHARED_VM = "soak-shared"
 # grpc core's EventEngine pool (threads named event_engine) adds a thread when all of its
-# threads are busy and reclaims an extra one only after it has idled 20 s (kIdleThreadLimit in
-# work_stealing_thread_pool.cc), so the wait for the baseline must outlast that.
+# threads are busy (at most one a second) and ends an extra one only once that thread has
+# gone 20 s without taking any work (kIdleThreadLimit in work_stealing_thread_pool.cc).
+# In the daemon that may never happen: measured here, a fifth thread added under load
+# stayed through 70 s without a call, twice. So the pool keeps its high-water mark, which
+# the load's concurrency bounds (a busy thread per call in flight at most); the check
+# allows that much above the baseline (threads_returned's pool_slack), where a thread
+# leaked per call or per stream would show as hundreds after a soak's calls.
 GRPC_POOL_THREAD = "event_engine"
+# How long the daemon's own threads and fds get to come back (vCPU threads ending, streams
+# closing) once the load has stopped.
 SETTLE_TIMEOUT = 30.0
 
 CODE_ADDR, FILL_ADDR, MEM_SIZE = 0x1000, 0x4000, 0x10000
@@ -509,8 +517,9 @@ class Report:
             f"{self.samples} samples ({self.rss_slope_second_half_mib_per_min:+.3f} over the "
             "second half)",
             f"daemon fds {self.fds_baseline} -> {self.fds_end}, threads "
-            f"{self.threads_baseline} -> {self.threads_end}, VMs left {self.vms_end}, exit "
-            f"{self.daemon_exit}",
+            f"{self.threads_baseline} -> {self.threads_end}"
+            f"{f' ({self.threads_changed})' if self.threads_changed else ''}, VMs left "
+            f"{self.vms_end}, exit {self.daemon_exit}",
         ]
         bad = self.violations()
         lines.append("invariants: " + ("all held" if not bad else "BROKEN"))
@@ -536,22 +545,24 @@ def name_changes(before: Counter[str], after: Counter[str]) -> str:
                      if after[n] != before[n] and is_daemons_own(n))
 
 
-def threads_returned(before: Counter[str], after: Counter[str]) -> bool:
+def threads_returned(before: Counter[str], after: Counter[str], pool_slack: int) -> bool:
     """The daemon's own threads are back: every kind as many as before, except grpc's
-    elastic pool, which may also have fewer (a thread it had added before the baseline and
-    has reclaimed since is not a leak; one more than the baseline is)."""
-    return all(after[n] == before[n] or (n == GRPC_POOL_THREAD and after[n] < before[n])
+    elastic pool, which may have fewer (reclaimed since the baseline) or up to `pool_slack`
+    more (the load's concurrency: see GRPC_POOL_THREAD)."""
+    return all(after[n] == before[n] or (n == GRPC_POOL_THREAD and
+                                         after[n] <= before[n] + pool_slack)
                for n in before | after if is_daemons_own(n))
 
 
-def settle(daemon: DaemonProcess, fds0: int, names0: Counter[str], timeout: float
-           ) -> tuple[int, int, Counter[str]]:
+def settle(daemon: DaemonProcess, fds0: int, names0: Counter[str], pool_slack: int,
+           timeout: float) -> tuple[int, int, Counter[str]]:
     """Wait (bounded) for fds and threads to come back to the baseline; the last seen
     (fds, own threads, threads by name)."""
     deadline = time.monotonic() + timeout
     while True:
         fds, names = daemon.fd_count(), daemon.thread_names()
-        if (fds == fds0 and threads_returned(names0, names)) or time.monotonic() > deadline:
+        if ((fds == fds0 and threads_returned(names0, names, pool_slack))
+                or time.monotonic() > deadline):
             return fds, own_threads(names), names
         time.sleep(0.1)
 
@@ -582,8 +593,9 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
             run_clients(daemon.address, clients, duration, recorder, "main")
             elapsed = time.monotonic() - started
             sampler.stop()
-            health.stop()  # no traffic while settling: grpc reclaims only a thread idle 20 s
-            fds1, threads1, names1 = settle(daemon, fds0, names0, SETTLE_TIMEOUT)
+            health.stop()  # no traffic while settling
+            pool_slack = clients + 1  # every client and the health poller with a call open
+            fds1, threads1, names1 = settle(daemon, fds0, names0, pool_slack, SETTLE_TIMEOUT)
             changed = name_changes(names0, names1)
             setup.call("DeleteVm", setup.vms.DeleteVm, pb.DeleteVmRequest(vm_id=SHARED_VM))
             vms_end = len(setup.vms.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT).vms)
@@ -612,7 +624,8 @@ def run(duration: float, clients: int = 8, warmup: float = 5.0,
         rss_slope_second_half_mib_per_min=slope_per_minute(rss[len(rss) // 2:]),
         samples=len(rss),
         fds_baseline=fds0, fds_end=fds1, threads_baseline=threads0, threads_end=threads1,
-        threads_changed=changed, threads_returned=threads_returned(names0, names1),
+        threads_changed=changed,
+        threads_returned=threads_returned(names0, names1, pool_slack),
         vms_end=vms_end, daemon_exit=code, unexpected=recorder.unexpected)
 
 
