@@ -51,8 +51,10 @@ class Qmp:
             f.write(rom)
         sock = os.path.join(tmp, f"qmp-{cpus}.sock")
         self.proc = subprocess.Popen(
-            [qemu, "-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "16",
-             "-smp", str(cpus), "-nodefaults", "-no-user-config", "-nographic",
+            # arch-capabilities off: on some hosts (this one's nested PVM) KVM refuses the
+            # MSR QEMU then writes (0x10a) and QEMU aborts; a spinning guest needs none.
+            [qemu, "-machine", "microvm", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+             "-m", "16", "-smp", str(cpus), "-nodefaults", "-no-user-config", "-nographic",
              "-display", "none", "-bios", bios, "-S", "-qmp", f"unix:{sock},server=on,wait=off"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
@@ -69,7 +71,9 @@ class Qmp:
                 break
             except ConnectionRefusedError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
+                    self.proc.kill()
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"QEMU did not start: {err.strip()}") from None
                 time.sleep(0.02)
         self.file = self.sock.makefile("rwb", buffering=0)
         self.file.readline()  # greeting
