@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import replace
 
@@ -77,6 +78,10 @@ class Host:
                                  vcpu_policy=vcpu_policy, vcpu_cpus=vcpu_cpus,
                                  console_pump=ConsolePump())
         self.crashes = self.shared.crashes
+
+    def vcpu_cpus(self) -> frozenset[int]:
+        """The CPUs vCPU threads run on: vcpu_cpus, else every CPU the daemon may use."""
+        return self.shared.vcpu_cpus or frozenset(os.sched_getaffinity(0))
 
     def _fd_budget(self) -> FdBudget:
         """The descriptor budget of VM objects: max_fds, never more than RLIMIT_NOFILE

@@ -5,6 +5,7 @@ while guests spin."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -277,6 +278,12 @@ def test_vcpu_threads_run_only_on_vcpu_cpus_and_the_others_anywhere(tmp_path: Pa
         client.pause_vm("spin")
         client.resume_vm("spin")
         assert os.sched_getaffinity(vcpus[0]) == {guest_cpu}
+        # GetInfo tells orchestrators where guests run; kvmctl info shows it.
+        assert list(client.info().vcpu_cpus) == [guest_cpu]
+        shown = subprocess.run([str(Path(sys.executable).with_name("kvmctl")), "--address",
+                                f"unix://{tmp_path / 'kvmd.sock'}", "info"],
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+        assert re.search(rf"^guest CPUs\s+{guest_cpu}$", shown, re.M), shown
     finally:
         client.close()
         proc.terminate()
@@ -293,6 +300,10 @@ def test_vcpu_cpus_from_an_embedded_daemon_confine_each_vcpu(
                "the vCPU thread on its CPU")
     assert os.sched_getaffinity(threading.get_native_id()) == os.sched_getaffinity(0)
     api.delete("pinned")
+    # Without vcpu_cpus, guests may use every CPU the daemon may use, and GetInfo says so.
+    anywhere: Api = api_factory()
+    info = anywhere.hypervisor.GetInfo(pb.GetInfoRequest(), timeout=WAIT)
+    assert list(info.vcpu_cpus) == sorted(os.sched_getaffinity(0))
 
 
 def test_cpu_lists_read_as_linux_writes_them() -> None:
