@@ -251,7 +251,8 @@ class Daemon:
             except DomainError as exc:
                 raise ConfigError(f"cannot open {self.cfg.kvm_device}: {exc.message}") \
                     from None
-        vcpu_cpus = self.cfg.vcpu_cpu_set()
+        # What the host holds (it may have been made before the server, by the hand-over).
+        vcpu_cpus = self.host.shared.vcpu_cpus
         if vcpu_cpus is not None:
             log.info("vCPU threads confined to vcpu_cpus", extra={
                 "vcpu_cpus": format_cpu_list(vcpu_cpus),

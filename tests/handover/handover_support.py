@@ -34,6 +34,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "state"))
 
+from daemon_threads import own_thread_nices
 from state_guests import PRINT_ROUTINES, assemble
 
 from kvmd.config import DEFAULT_VCPU_NICE
@@ -402,16 +403,6 @@ def reap_daemons() -> Iterator[None]:
 
 
 def vcpu_thread_ids(pid: int) -> list[int]:
-    """The threads of `pid` at vcpu_nice (10 by default: only vCPU threads lower their
-    priority), KVM's own workers left out."""
-    tids = []
-    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
-                if comm.read().startswith("kvm-"):
-                    continue
-            if os.getpriority(os.PRIO_PROCESS, tid) == DEFAULT_VCPU_NICE:
-                tids.append(tid)
-        except OSError:  # the thread ended meanwhile
-            continue
-    return tids
+    """The daemon's threads at vcpu_nice (10 by default: only vCPU threads lower their
+    priority)."""
+    return [tid for tid, nice in own_thread_nices(pid).items() if nice == DEFAULT_VCPU_NICE]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from daemon_threads import own_thread_nices
 from guests import CODE_ADDR, SPIN
 from polling import wait_until
 from runctl_api import WAIT, Api
@@ -192,17 +193,12 @@ def test_watching_a_vcpu_never_waits_for_its_lock(api_factory: Callable[..., Api
 
 
 def _threads(pid: int) -> dict[int, tuple[int, int]]:
-    """Each thread of process `pid`: (nice value, scheduler slice in us). Not KVM's own
-    workers (kvm-nx-lpage-recovery: a kernel thread the first KVM_RUN adds to the process,
-    with the attributes of the vCPU thread that made it)."""
+    """Each of the daemon's own threads of process `pid`: (nice value, scheduler slice in
+    us)."""
     out = {}
-    for name in os.listdir(f"/proc/{pid}/task"):
-        tid = int(name)
+    for tid, nice in own_thread_nices(pid).items():
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
-                if comm.read().startswith("kvm-"):
-                    continue
-            out[tid] = (os.getpriority(os.PRIO_PROCESS, tid), sched.thread_slice_ns(tid) // 1000)
+            out[tid] = (nice, sched.thread_slice_ns(tid) // 1000)
         except OSError:  # the thread ended meanwhile
             continue
     return out
@@ -268,8 +264,9 @@ def test_vcpu_threads_run_only_on_vcpu_cpus_and_the_others_anywhere(tmp_path: Pa
     guest_cpu = max(allowed)
     proc, client = _spinning_daemon(tmp_path, "--vcpu-cpus", str(guest_cpu))
     try:
-        vcpus = [tid for tid, (nice, _) in _threads(proc.pid).items() if nice == 10]
-        others = [tid for tid, (nice, _) in _threads(proc.pid).items() if nice == 0]
+        nices = own_thread_nices(proc.pid)
+        vcpus = [tid for tid, nice in nices.items() if nice == 10]
+        others = [tid for tid, nice in nices.items() if nice == 0]
         assert len(vcpus) == 1 and others
         assert os.sched_getaffinity(vcpus[0]) == {guest_cpu}
         for tid in others:  # the event loop, the call pool, grpc's threads
@@ -298,7 +295,10 @@ def test_vcpu_cpus_from_an_embedded_daemon_confine_each_vcpu(
     api.start("pinned")
     wait_until(lambda: os.sched_getaffinity(vcpu_tid("pinned")) == {guest_cpu}, WAIT,
                "the vCPU thread on its CPU")
-    assert os.sched_getaffinity(threading.get_native_id()) == os.sched_getaffinity(0)
+    # Every other thread of the (embedded) daemon keeps every CPU.
+    for thread in threading.enumerate():
+        if not thread.name.startswith("vcpu-") and thread.native_id is not None:
+            assert os.sched_getaffinity(thread.native_id) == os.sched_getaffinity(0), thread
     api.delete("pinned")
     # Without vcpu_cpus, guests may use every CPU the daemon may use, and GetInfo says so.
     anywhere: Api = api_factory()
