@@ -7,7 +7,10 @@
  * #defines only.
  */
 
-#define KVMD_PIO_UNCLAIMED 1
+/* A port's byte in a pio_map. Unclaimed is 0, so a fresh zero-filled map (pages the kernel
+ * has not even touched yet) means "every port unclaimed". */
+#define KVMD_PIO_UNCLAIMED 0
+#define KVMD_PIO_CALLER 1
 #define KVMD_PIO_UART 2
 
 /* A decoded exit, copied out of kvm_run so kvm_run never leaves the binding. */
