@@ -14,7 +14,11 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "kvmd's KVM binding is not compiled; install the package (make install)"
     ) from exc
 
-__all__ = ["ffi", "ioctl", "lib"]
+__all__ = ["ffi", "ioctl", "lib", "new_uncleared"]
+
+#: `ffi.new` without the clearing: for buffers C fills before anything reads them. Clearing
+#: a large one writes (and here faults in) every page of it, for bytes never read.
+new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def ioctl(fd: int, name: str, arg: Any = 0) -> int:

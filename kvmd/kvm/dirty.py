@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kvmd.kvm._ffi import ffi, lib
+from kvmd.kvm._ffi import ffi, lib, new_uncleared
 from kvmd.kvm.errors import KvmError, invalid
 from kvmd.kvm.memory import PAGE_SIZE, MemoryRegionInfo, dirty_log_bitmap_size
 
@@ -242,13 +242,14 @@ def bitmap_runs_packed(bitmap: bytes | bytearray | memoryview, cap: int
     protobuf fields (first pages; page counts), and the pages they cover; None when either
     body would pass `cap` bytes (give the bitmap's size to have them only when shorter)."""
     words, nwords = _words(bitmap)
-    firsts, counts = bytearray(cap), bytearray(cap)
+    # Uncleared, and copied once: zeroing two bitmap-sized buffers and slicing then copying
+    # the bodies was a third of this call for a 4 GiB slot's log.
+    firsts, counts = new_uncleared("uint8_t[]", cap), new_uncleared("uint8_t[]", cap)
     lens = ffi.new("uint64_t[3]")
-    n = lib.kvmd_bitmap_runs_packed(words, nwords, ffi.from_buffer("uint8_t[]", firsts),
-                                    ffi.from_buffer("uint8_t[]", counts), cap, lens)
+    n = lib.kvmd_bitmap_runs_packed(words, nwords, firsts, counts, cap, lens)
     if n == U64_MAX:
         return None
-    return bytes(firsts[:lens[0]]), bytes(counts[:lens[1]]), int(lens[2])
+    return ffi.buffer(firsts, lens[0])[:], ffi.buffer(counts, lens[1])[:], int(lens[2])
 
 
 def bitmap_popcount(bitmap: bytes | bytearray | memoryview) -> int:

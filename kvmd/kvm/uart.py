@@ -12,13 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvmd.kvm._ffi import ffi, lib
+from kvmd.kvm._ffi import ffi, lib, new_uncleared
 from kvmd.kvm.errors import KvmError, invalid
 
 REGISTERS = 8  # ports from the base: RBR/THR, IER, IIR/FCR, LCR, MCR, LSR, MSR, SCR
-
-
-_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class UartRegs:
         self.rx_bytes = rx_bytes
         # Not cleared: take_output writes before it reads, and clearing 64 KiB would fault
         # every page in at CreateVm (about 25 us here) for a console that may stay silent.
-        self._out = _uncleared("uint8_t[]", tx_bytes)
+        self._out = new_uncleared("uint8_t[]", tx_bytes)
         self._rda = ffi.new("int *")
 
     def read(self, offset: int) -> int:
