@@ -65,7 +65,9 @@ class Host:
         self._vms: dict[str, ManagedVm] = {}
         self._creating: dict[str, str] = {}  # vm id -> owner, while being created
         self._lock = threading.Lock()
+        # What the kernel offers does not change while the daemon runs: asked once.
         self._capabilities: dict[str, int] | None = None
+        self._dirty_log_modes: DirtyLogModes | None = None
         # Time vCPUs waited for remote exit handlers, across VMs (exported as a histogram).
         self.remote_wait = Histogram()
         with kernel_errors("host"):
@@ -124,8 +126,10 @@ class Host:
             return self.kvm.check_extension(number), number
 
     def dirty_log_modes(self) -> DirtyLogModes:
-        with kernel_errors("host"):
-            return self.kvm.dirty_log_modes()
+        if self._dirty_log_modes is None:
+            with kernel_errors("host"):
+                self._dirty_log_modes = self.kvm.dirty_log_modes()
+        return self._dirty_log_modes
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         with kernel_errors("host"):
