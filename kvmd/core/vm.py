@@ -826,6 +826,13 @@ class ManagedVm:
                     return self.vm.nonzero_page_runs(slot, offset, size)
                 return self.vm.populated_ranges(slot, offset, size)
 
+    def data_pages_within(self, slot: int, offset: int, size: int) -> list[tuple[int, int]]:
+        """The runs of pages holding a non-zero byte in [offset, offset+size) of a slot, a
+        range `guest_pages` returned (or part of one): scanned without asking the backing
+        again, so a large range can be gone through a piece at a time (kvmd.state.snapshot)."""
+        with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
+            return self.vm.nonzero_page_runs(slot, offset, size, populated=True)
+
     def add_file_memory_region(self, guest_addr: int, size: int, read_only: bool,
                                log_dirty: bool, file: MemoryFile, *, slot: int | None = None
                                ) -> MemoryRegionInfo:

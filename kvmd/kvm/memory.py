@@ -241,15 +241,24 @@ class GuestMemoryRegion:
             pos = hi
         return _subtract(ranges, [(m.offset, m.size) for m, _ in self._overlays.values()])
 
-    def nonzero_page_runs(self, offset: int = 0, size: int | None = None
-                          ) -> list[tuple[int, int]]:
+    def nonzero_page_runs(self, offset: int = 0, size: int | None = None,
+                          populated: bool = False) -> list[tuple[int, int]]:
         """The (offset, length) runs of pages in [offset, offset+size) that hold a non-zero
         byte: the populated ranges, with pages that are all zeros left out (scanned in C).
-        What a sparse snapshot or a migration must send; everything else reads as zeros."""
+        What a sparse snapshot or a migration must send; everything else reads as zeros.
+        `populated`: the caller knows the range is (from populated_ranges), so the backing
+        is not asked again; its SEEK_HOLE walks all the data after `offset`, which costs a
+        caller going through a large range piece by piece once per piece. (A hole in the
+        range after all is read, so allocated, and reported as zeros.)"""
         out: list[tuple[int, int]] = []
         runs = ffi.new("uint64_t[]", 2 * _RUNS_PER_CALL)
         scanned = ffi.new("uint64_t *")
-        for lo, length in self.populated_ranges(offset, size):
+        if populated:
+            start, end = self._range("nonzero_page_runs", offset, size)
+            ranges = [(start, end - start)]
+        else:
+            ranges = self.populated_ranges(offset, size)
+        for lo, length in ranges:
             first, npages = lo // PAGE_SIZE, length // PAGE_SIZE
             done = 0
             while done < npages:

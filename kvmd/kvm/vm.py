@@ -616,13 +616,15 @@ class Vm:
         with self._lock:
             return self._region("populated_ranges", slot).populated_ranges(offset, size)
 
-    def nonzero_page_runs(self, slot: int, offset: int = 0, size: int | None = None
-                          ) -> list[tuple[int, int]]:
+    def nonzero_page_runs(self, slot: int, offset: int = 0, size: int | None = None,
+                          populated: bool = False) -> list[tuple[int, int]]:
         """(offset, length) runs of the slot's pages that hold a non-zero byte: the
         populated ranges less the pages that read all zeros (found in C, GIL released).
-        What a sparse snapshot or a migration sends; the rest of the slot reads as zeros."""
+        What a sparse snapshot or a migration sends; the rest of the slot reads as zeros.
+        `populated`: the range is known to hold data (GuestMemoryRegion.nonzero_page_runs)."""
         with self._lock:
-            return self._region("nonzero_page_runs", slot).nonzero_page_runs(offset, size)
+            return self._region("nonzero_page_runs", slot).nonzero_page_runs(
+                offset, size, populated)
 
     def discard(self, guest_addr: int, size: int) -> int:
         """Give the host pages behind guest [guest_addr, guest_addr+size) back (as crosvm's

@@ -9,6 +9,7 @@ every snapshot in the stream has been verified; anything else leaves nothing beh
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import uuid
@@ -168,30 +169,66 @@ def snapshot_frames(writer: SnapshotWriter, vm: ManagedVm, state: VmState,
         host=host_features(vm.shared.capabilities), memory_only=memory_only)))
     yield writer.record(pb.SnapshotRecord(vm=vm_state_to_pb(state)))
     for s in state.slots:
+        # The backing is asked once per slot which ranges hold data (see _data_runs).
         if memory is None:
             # "pages the guest has", as discard counts them: ManagedVm.guest_pages
-            for offset, length in vm.guest_pages(s.slot, nonzero=True):
-                yield from _data(writer, vm, s, offset, length)
+            for data_off, data_len in _data_runs(vm, s.slot, vm.guest_pages(s.slot)):
+                yield from _data(writer, vm, s, data_off, data_len)
         else:
             bits = memory.get(s.slot, 0)
             mask = _file_mask(state, s.slot)
-            yield from _pages(writer, vm, s, bits & ~mask if mask else bits)
+            if mask:
+                bits &= ~mask
+            if bits:
+                yield from _pages(writer, vm, s, bits, vm.guest_pages(s.slot))
     yield writer.trailer()
 
 
-def _pages(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, bits: int
-           ) -> Iterator[bytes]:
+def _pages(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, bits: int,
+           populated: list[tuple[int, int]]) -> Iterator[bytes]:
     """The records of the pages of a slot in `bits`: data where there is some, zero
-    where the page reads zero (or was discarded)."""
+    where the page reads zero (or was discarded; `populated`: the slot's ranges that hold
+    data)."""
+    starts = [lo for lo, _ in populated]
     for first, count in page_runs(bits):
         offset, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-        for data_off, data_len in vm.guest_pages(s.slot, offset, end - offset, nonzero=True):
+        within = _clip(populated, starts, offset, end)
+        for data_off, data_len in _data_runs(vm, s.slot, within):
             if data_off > offset:
                 yield writer.zero(s.slot, offset, data_off - offset)
             yield from _data(writer, vm, s, data_off, data_len)
             offset = data_off + data_len
         if offset < end:
             yield writer.zero(s.slot, offset, end - offset)
+
+
+def _clip(ranges: list[tuple[int, int]], starts: list[int], lo: int, hi: int
+          ) -> list[tuple[int, int]]:
+    """The parts of sorted, disjoint `ranges` (`starts`: their first offsets) inside
+    [lo, hi)."""
+    out = []
+    i = max(bisect.bisect_right(starts, lo) - 1, 0)
+    while i < len(ranges) and ranges[i][0] < hi:
+        r_lo, r_hi = max(ranges[i][0], lo), min(ranges[i][0] + ranges[i][1], hi)
+        if r_lo < r_hi:
+            out.append((r_lo, r_hi - r_lo))
+        i += 1
+    return out
+
+
+def _data_runs(vm: ManagedVm, slot: int, populated: list[tuple[int, int]]
+               ) -> Iterator[tuple[int, int]]:
+    """The runs of pages holding a non-zero byte within `populated` (ranges of the slot
+    that hold data, from guest_pages), found one record's worth at a time just before
+    `_data` copies them. The copy then reads pages the zero scan has just brought into the
+    cache instead of all of guest memory from DRAM a second time; and the backing is not
+    asked again per piece: its SEEK_HOLE walks every page of data after the offset (1.6 ms
+    from the start of 256 MiB here), which a dirty round of scattered pages paid per run."""
+    for lo, length in populated:
+        end = lo + length
+        for window in range(lo, end, MEMORY_RECORD_BYTES):
+            yield from vm.data_pages_within(slot, window,
+                                            min(MEMORY_RECORD_BYTES, end - window))
 
 
 def _data(writer: SnapshotWriter, vm: ManagedVm, s: SlotState, offset: int,
