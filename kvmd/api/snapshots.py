@@ -27,18 +27,24 @@ _TAG_REQUEST_DATA = (2 << 3) | 2
 
 
 class DataResponse:
-    """A SnapshotVmResponse{data} already in wire form: the snapshot's frames are joined
-    once, into the message, instead of into bytes and then again by protobuf."""
+    """A SnapshotVmResponse{data} already in wire form (SnapshotTaker.pull_message): its
+    frame of guest pages was copied from the guest straight behind the message's header."""
 
-    def __init__(self, frames: list[bytes]) -> None:
-        size = sum(len(f) for f in frames)
-        self.wire = b"".join([bytes([_TAG_RESPONSE_DATA]), varint(size), *frames])
+    __slots__ = ("wire",)
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire
+
+
+def _data_lead(size: int) -> bytes:
+    """The bytes of a SnapshotVmResponse before a `data` of `size` bytes: its only field."""
+    return bytes([_TAG_RESPONSE_DATA]) + varint(size)
 
 
 def _next_response(taker: SnapshotTaker, size: int) -> DataResponse | None:
     """The next data message of a streamed snapshot (None when it is complete)."""
-    frames = taker.pull(size)
-    return None if frames is None else DataResponse(frames)
+    wire = taker.pull_message(size)
+    return None if wire is None else DataResponse(wire)
 
 
 def _forget(future: asyncio.Future[DataResponse | None]) -> None:
@@ -140,7 +146,8 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         store = self._store() if request.file else None
         if store is not None:
             store.path(request.file)  # a bad name is refused before the VM is touched
-        taker = SnapshotTaker(vm, request.diff, request.leave_paused)
+        taker = SnapshotTaker(vm, request.diff, request.leave_paused,
+                              lead=None if store is not None else _data_lead)
         try:
             if store is not None:
                 await self._blocking(store.write, request.file, (

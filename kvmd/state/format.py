@@ -113,10 +113,18 @@ def _read_varint(buf: bytearray | memoryview, pos: int) -> tuple[int, int] | Non
 
 
 class SnapshotWriter:
-    """Frames the records of one snapshot and keeps its checksum and counts."""
+    """Frames the records of one snapshot and keeps its checksum and counts.
 
-    def __init__(self) -> None:
+    `lead` (a gRPC stream's): given a frame's length, the bytes of the message that will
+    carry that frame alone, which `memory_read` puts in front of each frame of guest pages
+    as the pages are copied, so the frame is sent as it is, without being copied into its
+    message (256 MiB of copies in a 256 MiB snapshot). The lead is not part of the
+    snapshot: not checksummed, not counted. `last_message` is the latest such frame."""
+
+    def __init__(self, lead: Callable[[int], bytes] | None = None) -> None:
         self._hash = checksum()
+        self._lead = lead
+        self.last_message: bytes | None = None
         self.records = 0
         self.memory_pages = 0
         self.size = 0
@@ -154,16 +162,20 @@ class SnapshotWriter:
     def memory_read(self, slot: int, offset: int, length: int,
                     read: Callable[[bytes], bytes]) -> bytes:
         """A MemoryData record of `length` bytes: `read(prefix)` returns the frame, the
-        prefix followed by the data (e.g. Vm.read_joined: guest memory copied once)."""
+        prefix followed by the data (e.g. Vm.read_joined: guest memory copied once); with a
+        `lead`, the frame comes after it, in the one bytes object returned."""
         prefix = self._memory_prefix(slot, offset, length)
-        frame = read(prefix)
-        if len(frame) != len(prefix) + length:
-            raise ValueError(f"a memory frame of {len(frame)} bytes, not "
+        lead = self._lead(len(prefix) + length) if self._lead is not None else b""
+        frame = read(lead + prefix)
+        if len(frame) != len(lead) + len(prefix) + length:
+            raise ValueError(f"a memory frame of {len(frame) - len(lead)} bytes, not "
                              f"{len(prefix) + length}")
-        self._hash.update(frame)
+        self._hash.update(memoryview(frame)[len(lead):] if lead else frame)
         self.records += 1
-        self.size += len(frame)
+        self.size += len(prefix) + length
         self.memory_pages += length // PAGE_SIZE
+        if lead:
+            self.last_message = frame
         return frame
 
     def memory_filled(self, slot: int, offset: int, length: int,

@@ -13,7 +13,7 @@ import bisect
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -251,10 +251,16 @@ class SnapshotTaker:
     VM is left as it was: running again unless asked otherwise, and a diff's dirty pages
     still owed to the next snapshot."""
 
-    def __init__(self, vm: ManagedVm, diff: bool = False, leave_paused: bool = False) -> None:
+    def __init__(self, vm: ManagedVm, diff: bool = False, leave_paused: bool = False,
+                 lead: Callable[[int], bytes] | None = None) -> None:
         self.vm = vm
         self.diff = diff
         self.leave_paused = leave_paused
+        # A stream's message header for a payload of n bytes (see SnapshotWriter, and
+        # pull_message); None for files.
+        self._lead = lead
+        self._writer = SnapshotWriter(lead)
+        self._held: bytes | None = None  # a frame pulled but left for the next message
         self.summary: SnapshotSummary | None = None
         self.snapshot_id = uuid.uuid4().hex
         # pull() and close() may come from different threads (an RPC's pool work, then its
@@ -269,7 +275,7 @@ class SnapshotTaker:
     def __iter__(self) -> Iterator[bytes]:
         vm = self.vm
         started = time.monotonic()
-        writer = SnapshotWriter()
+        writer = self._writer
         taken: dict[int, int] = {}  # slot -> dirty bits taken (given back on failure)
         done = False
         with vm.held_paused("snapshot", self.leave_paused) as hold:
@@ -322,6 +328,32 @@ class SnapshotTaker:
                 if got >= size:
                     break
             return parts or None
+
+    def pull_message(self, size: int) -> bytes | None:
+        """The next message of a streamed snapshot, whole on the wire (the taker was made
+        with a `lead`): a frame of guest pages alone, built behind its lead as its pages
+        were copied; or the other frames (header, state, zero pages, trailer) joined behind
+        one lead, about `size` bytes of them. None when the snapshot is complete."""
+        assert self._lead is not None, "pull_message needs a taker made with a lead"
+        with self._lock:
+            if self._chunks is None:
+                self._chunks = iter(self)
+            parts: list[bytes] = []
+            got = 0
+            while got < size:
+                frame, self._held = self._held, None
+                if frame is None:
+                    frame = next(self._chunks, None)
+                    if frame is None:
+                        break
+                if frame is self._writer.last_message:
+                    if parts:
+                        self._held = frame  # the next message: this one is small frames
+                        break
+                    return frame
+                parts.append(frame)
+                got += len(frame)
+            return b"".join([self._lead(got), *parts]) if parts else None
 
     def close(self) -> None:
         """End the snapshot now (complete or not): the VM is released at once."""

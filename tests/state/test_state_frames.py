@@ -9,12 +9,14 @@ from collections.abc import Iterator
 import pytest
 
 import kvmd.kvm.memory
+from kvmd.api.snapshots import _data_lead
 from kvmd.core.host import Host
 from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import PAGE_SIZE
 from kvmd.state.format import MemoryRecord, SnapshotReader, SnapshotWriter
-from kvmd.state.snapshot import snapshot_frames
+from kvmd.state.snapshot import SnapshotTaker, snapshot_frames
+from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
 SLOT_PAGES = 64 * MiB // PAGE_SIZE
@@ -87,3 +89,28 @@ def test_a_diff_of_scattered_pages_walks_the_backing_once_per_slot(
     data, zeros = _records(vm, pages)
     assert len(data) == len(pages) and not zeros
     assert holes == [0], holes  # the one populated range, walked once
+
+
+def test_a_streamed_snapshot_sends_each_frame_of_pages_as_its_own_message(
+        vm: ManagedVm) -> None:
+    """With a lead (the stream's message header), every frame of guest pages is a whole
+    SnapshotVmResponse built as the pages were copied; the other frames are joined behind
+    one lead. The data of the messages in order is the snapshot, intact."""
+    taker = SnapshotTaker(vm, lead=_data_lead)
+    messages = list(iter(lambda: taker.pull_message(1 << 20), None))
+    reader = SnapshotReader()
+    pages: dict[int, bytes] = {}
+    kinds = []
+    for wire in messages:
+        records = reader.feed(pb.SnapshotVmResponse.FromString(wire).data)
+        kinds.append(["memory" if isinstance(r, MemoryRecord) else r.WhichOneof("record")
+                      for r in records])
+        for r in records:
+            if isinstance(r, MemoryRecord):
+                pages[r.offset] = bytes(r.data)
+    assert reader.snapshots == 1 and taker.summary is not None
+    page = bytes(range(256)) * (PAGE_SIZE // 256)
+    assert b"".join(pages[k] for k in sorted(pages)) == page * (TOUCHED_PAGES - 1)
+    # 16 MiB in 1 MiB records, the first MiB in two (page 7 is zeros): 17, each alone
+    assert [k for k in kinds if "memory" in k] == [["memory"]] * 17
+    assert kinds[0] == ["header", "vm"] and kinds[-1] == ["trailer"]
