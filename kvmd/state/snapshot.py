@@ -220,10 +220,9 @@ def _data_runs(vm: ManagedVm, slot: int, populated: list[tuple[int, int]]
                ) -> Iterator[tuple[int, int]]:
     """The runs of pages holding a non-zero byte within `populated` (ranges of the slot
     that hold data, from guest_pages), found one record's worth at a time just before
-    `_data` copies them. The copy then reads pages the zero scan has just brought into the
-    cache instead of all of guest memory from DRAM a second time; and the backing is not
-    asked again per piece: its SEEK_HOLE walks every page of data after the offset (1.6 ms
-    from the start of 256 MiB here), which a dirty round of scattered pages paid per run."""
+    `_data` copies them, without asking the backing again: its SEEK_HOLE walks every page
+    of data after the offset (1.6 ms from the start of 256 MiB here), which a dirty round
+    of scattered pages used to pay once per run."""
     for lo, length in populated:
         end = lo + length
         for window in range(lo, end, MEMORY_RECORD_BYTES):
@@ -259,7 +258,7 @@ class SnapshotTaker:
         # A stream's message header for a payload of n bytes (see SnapshotWriter, and
         # pull_message); None for files.
         self._lead = lead
-        self._writer = SnapshotWriter(lead)
+        self._writer = SnapshotWriter(lead)  # the current iteration's (see __iter__)
         self._held: bytes | None = None  # a frame pulled but left for the next message
         self.summary: SnapshotSummary | None = None
         self.snapshot_id = uuid.uuid4().hex
@@ -275,7 +274,7 @@ class SnapshotTaker:
     def __iter__(self) -> Iterator[bytes]:
         vm = self.vm
         started = time.monotonic()
-        writer = self._writer
+        writer = self._writer = SnapshotWriter(self._lead)
         taken: dict[int, int] = {}  # slot -> dirty bits taken (given back on failure)
         done = False
         with vm.held_paused("snapshot", self.leave_paused) as hold:
