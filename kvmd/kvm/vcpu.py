@@ -730,11 +730,11 @@ class PioMap:
     of a VM; updates take effect at the next exit."""
 
     def __init__(self, unclaimed: bool = True) -> None:
-        # An anonymous mapping, not ffi.new: its zero pages (every port unclaimed) are not
-        # written here, so a new VM does not fault in 64 KiB it mostly never reads (about
-        # 50 us of CreateVm here). Unmapped when the last reference goes, as ffi.new's
-        # memory was freed.
-        self._memory = mmap.mmap(-1, 1 << 16)
+        # A private anonymous mapping, not ffi.new: its zero pages (every port unclaimed)
+        # are not written here, so a new VM does not fault in 64 KiB it mostly never reads
+        # (about 50 us of CreateVm here), and a read of an untouched page maps the kernel's
+        # zero page. Unmapped when the last reference goes, as ffi.new's memory was freed.
+        self._memory = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.cdata = ffi.from_buffer("uint8_t[]", self._memory)
         if not unclaimed:
             self._memory[:] = _EVERY_PORT_TO_CALLER
