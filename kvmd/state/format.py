@@ -125,6 +125,7 @@ class SnapshotWriter:
         self._hash = checksum()
         self._lead = lead
         self.last_message: bytes | None = None
+        self.last_lead = 0  # the length of last_message's lead
         self.records = 0
         self.memory_pages = 0
         self.size = 0
@@ -175,7 +176,7 @@ class SnapshotWriter:
         self.size += len(prefix) + length
         self.memory_pages += length // PAGE_SIZE
         if lead:
-            self.last_message = frame
+            self.last_message, self.last_lead = frame, len(lead)
         return frame
 
     def memory_filled(self, slot: int, offset: int, length: int,

@@ -330,14 +330,15 @@ class SnapshotTaker:
 
     def pull_message(self, size: int) -> bytes | None:
         """The next message of a streamed snapshot, whole on the wire (the taker was made
-        with a `lead`): a frame of guest pages alone, built behind its lead as its pages
-        were copied; or the other frames (header, state, zero pages, trailer) joined behind
-        one lead, about `size` bytes of them. None when the snapshot is complete."""
+        with a `lead`), about `size` bytes of frames: a frame of guest pages that fills a
+        message alone goes as it was built, behind its lead, without a copy; smaller frames
+        (header, state, zero pages, short runs of pages, trailer) are joined behind one
+        lead. None when the snapshot is complete."""
         assert self._lead is not None, "pull_message needs a taker made with a lead"
         with self._lock:
             if self._chunks is None:
                 self._chunks = iter(self)
-            parts: list[bytes] = []
+            parts: list[bytes | memoryview] = []
             got = 0
             while got < size:
                 frame, self._held = self._held, None
@@ -345,13 +346,17 @@ class SnapshotTaker:
                     frame = next(self._chunks, None)
                     if frame is None:
                         break
-                if frame is self._writer.last_message:
-                    if parts:
-                        self._held = frame  # the next message: this one is small frames
-                        break
-                    return frame
-                parts.append(frame)
-                got += len(frame)
+                part: bytes | memoryview = frame
+                writer = self._writer
+                if frame is writer.last_message:
+                    if len(frame) - writer.last_lead >= size:
+                        if parts:
+                            self._held = frame  # the next message, alone
+                            break
+                        return frame
+                    part = memoryview(frame)[writer.last_lead:]
+                parts.append(part)
+                got += len(part)
             return b"".join([self._lead(got), *parts]) if parts else None
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 import kvmd.kvm.memory
 from kvmd.api.snapshots import _data_lead
+from kvmd.core.dirty import SNAPSHOT
 from kvmd.core.host import Host
 from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
@@ -91,26 +92,42 @@ def test_a_diff_of_scattered_pages_walks_the_backing_once_per_slot(
     assert holes == [0], holes  # the one populated range, walked once
 
 
-def test_a_streamed_snapshot_sends_each_frame_of_pages_as_its_own_message(
-        vm: ManagedVm) -> None:
-    """With a lead (the stream's message header), every frame of guest pages is a whole
-    SnapshotVmResponse built as the pages were copied; the other frames are joined behind
-    one lead. The data of the messages in order is the snapshot, intact."""
-    taker = SnapshotTaker(vm, lead=_data_lead)
-    messages = list(iter(lambda: taker.pull_message(1 << 20), None))
+def _streamed(taker: SnapshotTaker) -> tuple[list[list[str]], dict[int, bytes]]:
+    """The messages of a streamed snapshot, parsed: the kinds of records each holds, and
+    the data of every memory record by offset."""
     reader = SnapshotReader()
-    pages: dict[int, bytes] = {}
     kinds = []
-    for wire in messages:
+    pages: dict[int, bytes] = {}
+    for wire in iter(lambda: taker.pull_message(1 << 20), None):
         records = reader.feed(pb.SnapshotVmResponse.FromString(wire).data)
         kinds.append(["memory" if isinstance(r, MemoryRecord) else r.WhichOneof("record")
                       for r in records])
-        for r in records:
-            if isinstance(r, MemoryRecord):
-                pages[r.offset] = bytes(r.data)
+        pages.update((r.offset, bytes(r.data)) for r in records if isinstance(r, MemoryRecord))
     assert reader.snapshots == 1 and taker.summary is not None
+    return kinds, pages
+
+
+def test_a_streamed_snapshot_sends_a_frame_of_pages_that_fills_a_message_alone(
+        vm: ManagedVm) -> None:
+    """With a lead (the stream's message header), a frame of guest pages that fills a
+    message is sent as it was built; smaller frames are joined behind one lead. The data of
+    the messages in order is the snapshot, intact."""
+    kinds, pages = _streamed(SnapshotTaker(vm, lead=_data_lead))
     page = bytes(range(256)) * (PAGE_SIZE // 256)
     assert b"".join(pages[k] for k in sorted(pages)) == page * (TOUCHED_PAGES - 1)
-    # 16 MiB in 1 MiB records, the first MiB in two (page 7 is zeros): 17, each alone
-    assert [k for k in kinds if "memory" in k] == [["memory"]] * 17
-    assert kinds[0] == ["header", "vm"] and kinds[-1] == ["trailer"]
+    # The first MiB is two short frames (page 7 is zeros), joined with the header and the
+    # state; each of the other 15 MiB fills a message alone.
+    assert kinds == [["header", "vm", "memory", "memory"], *[["memory"]] * 15, ["trailer"]]
+
+
+def test_a_streamed_diff_of_scattered_pages_joins_them_into_few_messages(
+        vm: ManagedVm) -> None:
+    """512 one-page frames go in a few messages of about 1 MiB, not one message each."""
+    vm.last_snapshot_id, vm.last_snapshot_layout = "base", vm.save_state().slots
+    vm.dirty.add_consumer(SNAPSHOT)
+    scattered = list(range(1, TOUCHED_PAGES, 8))
+    vm.dirty.put_back(SNAPSHOT, 0, sum(1 << p for p in scattered))
+    kinds, pages = _streamed(SnapshotTaker(vm, diff=True, lead=_data_lead))
+    assert sorted(pages) == [p * PAGE_SIZE for p in scattered]
+    # 512 frames of 4 KiB and a little: three messages of about 1 MiB and the rest
+    assert len(kinds) <= 4, [len(k) for k in kinds]
