@@ -810,26 +810,25 @@ class ManagedVm:
         """Host memory the VM's own guest memory holds now (the sum over its slots)."""
         return sum(self.slot_allocated_bytes(r.slot) for r in self.vm.memory_regions())
 
-    def guest_pages(self, slot: int, offset: int = 0, size: int | None = None,
-                    nonzero: bool = False) -> list[tuple[int, int]]:
+    def guest_pages(self, slot: int, offset: int = 0, size: int | None = None
+                    ) -> list[tuple[int, int]]:
         """The (offset, length) ranges of a slot the guest has: pages its memfd holds
         (never touched and discarded pages are holes; files mapped over the slot are left
-        out), or with `nonzero` only pages holding a non-zero byte. What a sparse snapshot
-        or a migration copies; everything else reads as zeros. A file-backed slot has none
+        out). What a sparse snapshot or a migration copies, less the pages of zeros
+        (`data_pages_within`); everything else reads as zeros. A file-backed slot has none
         (see `file_backed_ranges`)."""
         with self.lock:
             if (slot, 0) in self._files() and self._files()[(slot, 0)].whole_slot:
                 self._slot(slot)
                 return []
             with kernel_errors(f"{self.resource}/slot/{slot}"):
-                if nonzero:
-                    return self.vm.nonzero_page_runs(slot, offset, size)
                 return self.vm.populated_ranges(slot, offset, size)
 
     def data_pages_within(self, slot: int, offset: int, size: int) -> list[tuple[int, int]]:
         """The runs of pages holding a non-zero byte in [offset, offset+size) of a slot, a
         range `guest_pages` returned (or part of one): scanned without asking the backing
-        again, so a large range can be gone through a piece at a time (kvmd.state.snapshot)."""
+        again, so a large range can be gone through a piece at a time (kvmd.state.snapshot).
+        """
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             return self.vm.nonzero_page_runs(slot, offset, size, populated=True)
 
