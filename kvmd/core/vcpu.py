@@ -508,10 +508,11 @@ class ManagedVcpu:
             self._tid = threading.get_native_id()
         # The API's short slice was inherited: a vCPU takes the kernel's (see kvmd.core.sched).
         set_vcpu_slice(self._tid, boosted=False)
-        if self._lowered:
-            set_thread_priority(self._tid, *self._priority)
+        # Confined before lowered: a thread seen at vcpu_nice is already on its CPUs.
         if self.link.cpus is not None:  # for good: a pause needs no other CPU
             confine_thread(self._tid, self.link.cpus)
+        if self._lowered:
+            set_thread_priority(self._tid, *self._priority)
         try:
             while True:
                 with self.cond:
