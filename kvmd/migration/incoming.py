@@ -148,7 +148,8 @@ class IncomingMigrations:
                                         reason=Reason.LIMIT_MIGRATIONS,
                                         metadata=limit("max_pending_incoming", MAX_PENDING))
             self.host.reserve_id(vm_id, owner, owner_quota)
-            token = secrets.token_urlsafe(32)
+            # Hex: a token never starts with '-', which command lines read as an option.
+            token = secrets.token_hex(32)
             incoming = IncomingMigration(vm_id, owner, owner_quota, token,
                                          int((time.time() + ttl) * 1000), self.host)
             incoming.timer = threading.Timer(ttl, self._expire, (token,))

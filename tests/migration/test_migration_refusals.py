@@ -4,6 +4,7 @@ not hold before), and both daemons still healthy."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,19 @@ def test_bad_prepare_and_cancel_requests(hosts: tuple[Host, Host]) -> None:
             "no migration in progress")
     refused(lambda: cancel(pb.CancelMigrationRequest(vm_id="")), FAIL.INVALID_ARGUMENT)
     assert b.node.healthy()
+
+
+def test_tokens_are_hex_so_a_command_line_never_reads_one_as_an_option(
+        hosts: tuple[Host, Host]) -> None:
+    """A token is 32 random bytes in hex: one starting with '-' (as a base64url token does
+    once in 64) made `kvmctl vm migrate --token T` fail as a missing argument."""
+    _a, b = hosts
+    prepare = b.stubs.migration.PrepareIncomingMigration
+    cancel = b.stubs.migration.CancelMigration
+    for i in range(8):
+        token = prepare(pb.PrepareIncomingMigrationRequest(vm_id=f"hex{i}")).token
+        assert re.fullmatch(r"[0-9a-f]{64}", token), token
+        cancel(pb.CancelMigrationRequest(vm_id=f"hex{i}"))
 
 
 def test_an_unused_token_expires_and_frees_the_id(hosts: tuple[Host, Host]) -> None:
