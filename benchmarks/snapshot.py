@@ -7,7 +7,7 @@ References, measured here with the same bytes (256 MiB of guest pages in a memfd
 - over the Unix socket: a bare grpcio server streaming the pages in 1 MiB messages to the
   same kind of client loop, and a bare grpcio client stream of them into a memfd (restore).
 kvmd's numbers include pausing the VM, saving its state, finding the pages (SEEK_DATA and a
-zero-page scan of the whole 1 GiB), the protobuf framing and the SHA-256.
+zero-page scan of the whole 1 GiB), the protobuf framing and the XXH3-128 checksum.
 
     .venv/bin/python benchmarks/snapshot.py [--touched-mib N] [--guest-mib N] [--rounds N]
 

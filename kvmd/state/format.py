@@ -1,4 +1,4 @@
-"""The snapshot byte format: records framed with a varint length, checksummed with SHA-256.
+"""The snapshot byte format: records framed with a varint length, checksummed with XXH3-128.
 
     snapshot := header vm (memory | zero)* trailer
     stream   := snapshot+          (a full snapshot, then diffs on it)
