@@ -425,27 +425,27 @@ class ManagedVm:
         if mode not in MODES:
             raise InvalidArgument(f"dirty_tracking {mode!r} is not one of {', '.join(MODES)}",
                                   reason=Reason.VALUE_UNKNOWN, field="options.dirty_tracking")
-        offered = vm.dirty_log_modes()
+        if options.dirty_ring_bytes and mode != RING:
+            raise InvalidArgument("dirty_ring_bytes needs dirty_tracking \"ring\"",
+                                  reason=Reason.ARGUMENTS_CONFLICT,
+                                  field="options.dirty_ring_bytes")
+        if mode == BITMAP:  # the default: always there, nothing to enable
+            return
+        offered = vm.dirty_log_modes()  # three ioctls: asked only for the other modes
         if mode == MANUAL:
             if not offered.manual_protect:
                 raise Unsupported("this kernel has no manual dirty-log protect "
                                   "(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
             vm.enable_manual_dirty_log_protect()
-        elif mode == RING:
-            if not offered.ring:
-                raise Unsupported("this kernel has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
-            size = options.dirty_ring_bytes or min(DEFAULT_DIRTY_RING_BYTES,
-                                                   offered.ring_max_bytes)
-            if size > offered.ring_max_bytes:
-                raise InvalidArgument(f"dirty_ring_bytes {size} is above this kernel's "
-                                      f"{offered.ring_max_bytes}",
-                                      reason=Reason.VALUE_OUT_OF_RANGE,
-                                      field="options.dirty_ring_bytes")
-            vm.enable_dirty_ring(size)
-        elif options.dirty_ring_bytes:
-            raise InvalidArgument("dirty_ring_bytes needs dirty_tracking \"ring\"",
-                                  reason=Reason.ARGUMENTS_CONFLICT,
+            return
+        if not offered.ring:
+            raise Unsupported("this kernel has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+        size = options.dirty_ring_bytes or min(DEFAULT_DIRTY_RING_BYTES, offered.ring_max_bytes)
+        if size > offered.ring_max_bytes:
+            raise InvalidArgument(f"dirty_ring_bytes {size} is above this kernel's "
+                                  f"{offered.ring_max_bytes}", reason=Reason.VALUE_OUT_OF_RANGE,
                                   field="options.dirty_ring_bytes")
+        vm.enable_dirty_ring(size)
 
     @property
     def resource(self) -> str:

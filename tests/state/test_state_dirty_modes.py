@@ -143,6 +143,8 @@ def test_dirty_rate(node: Node) -> None:
 def test_bad_modes(node: Node) -> None:
     for options, code in ((pb.VmOptions(dirty_tracking="rings"), "INVALID_ARGUMENT"),
                           (pb.VmOptions(dirty_ring_bytes=4096), "INVALID_ARGUMENT"),
+                          (pb.VmOptions(dirty_tracking="manual", dirty_ring_bytes=4096),
+                           "INVALID_ARGUMENT"),
                           (pb.VmOptions(dirty_tracking="ring", dirty_ring_bytes=1 << 30),
                            "INVALID_ARGUMENT"),
                           (pb.VmOptions(dirty_tracking="ring", dirty_ring_bytes=1000),
