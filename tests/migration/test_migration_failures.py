@@ -16,8 +16,11 @@ from kvmd_proto import vmm_pb2 as pb
 
 SLOW = 1 << 20  # bytes/s: the 4 MiB working set takes seconds to copy
 # The 64-page guest rewrites its pages hundreds of times a second (tens of MB/s): a
-# 4 MiB/s link never carries a round's worth within 20 ms.
-FAST_DIRTIER_LINK = 4 << 20
+# 1 MiB/s link never carries a round's worth within 20 ms. A round of its 64 pages takes
+# 250 ms there, so even a guest starved on a loaded host (its vCPU at vcpu_nice) rewrites
+# them within each; at 4 MiB/s (62 ms rounds) rounds sometimes converged with two CPU
+# hogs per CPU beside the suite.
+FAST_DIRTIER_LINK = 1 << 20
 
 
 def start_migration(a: Host, vm_id: str, target: str, token: str,
