@@ -25,6 +25,7 @@ Targets (issue 11): throughput >= 0.5x the bare stream; downtime with a 4 MiB ho
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -80,7 +81,6 @@ def bare_tcp_seconds(data: memoryview, rounds: int = 3) -> float:
 def fresh_memfd_seconds(data: memoryview, rounds: int = 3) -> float:
     """Best time to write `data` into a fresh memfd with pwritev, 4 MiB at a time: what the
     target pays for the pages alone (their allocation and one copy), whatever the link."""
-    import os
     best = float("inf")
     piece = 4 * MiB
     for _ in range(rounds):
