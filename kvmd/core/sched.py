@@ -135,10 +135,13 @@ def api_slice_us() -> int:
 
 
 def set_vcpu_slice(tid: int, boosted: bool) -> None:
-    """A vCPU thread's slice: the kernel's default while it runs the guest (it inherited the
-    API's), the API's while a pause is pending (`boosted`), so it leaves the guest as
-    promptly as the API thread that asked. Nothing to do when the daemon's threads have
-    the kernel's slice too. A failure is logged once."""
+    """A vCPU thread's slice: the API's while a pause is pending (`boosted`), so it leaves
+    the guest as promptly as the API thread that asked; the kernel's default again when it
+    is resumed, before it is woken (its nice value it lowers itself, on its way into the
+    guest: kvmd.kvm.ThreadScheduling). With the API's short slice each woken thread would
+    preempt the resumer at once, twice a vCPU (woken, then waiting for the GIL the resumer
+    holds). Nothing to do when the daemon's threads have the kernel's slice too. A failure
+    is logged once."""
     if _api_slice_us == KERNEL_DEFAULT:
         return
     try:
@@ -148,6 +151,15 @@ def set_vcpu_slice(tid: int, boosted: bool) -> None:
             _warned.add("vcpu slice")
             log.warning("cannot set a vCPU thread's scheduler slice",
                         extra={"error": str(exc)})
+
+
+def report_lowering_failure(policy: str, nice: int, error: int) -> None:
+    """Log, once, that a vCPU thread could not lower itself to `policy` at `nice` (and the
+    kernel's slice) on its way into the guest (`error`: the errno)."""
+    if "priority" not in _warned:
+        _warned.add("priority")
+        log.warning("cannot set a vCPU thread's priority", extra={
+            "policy": policy, "nice": nice, "error": os.strerror(error)})
 
 
 def shorten_api_slice(slice_us: int) -> str:

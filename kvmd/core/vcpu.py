@@ -31,7 +31,14 @@ from kvmd.core.errors import (
     kernel_errors,
 )
 from kvmd.core.remote import RemoteExit, RemoteHandler
-from kvmd.core.sched import api_slice_us, confine_thread, set_thread_priority, set_vcpu_slice
+from kvmd.core.sched import (
+    POLICIES,
+    api_slice_us,
+    confine_thread,
+    report_lowering_failure,
+    set_thread_priority,
+    set_vcpu_slice,
+)
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
     CpuidEntry,
@@ -44,6 +51,7 @@ from kvmd.kvm import (
     PioMap,
     Regs,
     Sregs,
+    ThreadScheduling,
     Vcpu,
     VcpuEvents,
     VcpuExit,
@@ -193,10 +201,14 @@ class ManagedVcpu:
         # (which may hold cond while it is preempted, behind a host full of spinning vCPUs).
         self._listeners: tuple[Callable[[], None], ...] = ()
         self._listeners_lock = threading.Lock()
-        # vCPU threads run at the host's vcpu_policy and vcpu_nice, so spinning guests cannot
-        # starve the API;
-        # a pause gives the kicked thread the API's priority (and scheduler slice) back until
-        # it runs again, so it leaves the guest promptly even when the host is busy.
+        # vCPU threads run the guest at the host's vcpu_policy and vcpu_nice, so spinning
+        # guests cannot starve the API; a pause gives the kicked thread the API's priority
+        # (and scheduler slice) back, so it leaves the guest promptly even when the host is
+        # busy. `_boosted`: the thread is at the API's priority (new, or paused) and lowers
+        # itself on its next way into the guest, in C with the GIL released: Python it runs
+        # at the lower priority could be preempted holding the GIL, behind every spinning
+        # vCPU of its CPU, and stall the API's threads (with 64 vCPUs on one CPU, a GetVm
+        # after a ResumeVm waited 0.4-0.7 s).
         self._priority = link.priority
         self._lowered = self._priority != ("other", 0)
         self._tid = 0  # the thread's native id, once it runs
@@ -383,7 +395,8 @@ class ManagedVcpu:
             if self.state in RESUMABLE:
                 self._pause_requested = False
                 self._resumes += 1
-                self._lower_again()
+                if self._boosted:
+                    set_vcpu_slice(self._tid, boosted=False)
                 self._set_state(RUNNING, "resumed")
             elif self.state == RUNNING and self._pause_requested:
                 self._pause_requested = False
@@ -419,16 +432,6 @@ class ManagedVcpu:
             if self.state == RUNNING and not self._pause_requested:
                 self._throttle_until = time.monotonic() + seconds
                 self.vcpu.kick()
-
-    def _lower_again(self) -> None:
-        """Under cond: end the boost a pause gave the thread. The resumer does it before
-        waking the thread: a woken vCPU thread still at the API's priority would compete as
-        an equal with the API threads (for the CPU, and for the GIL its way back into the
-        guest takes), and a VM of many vCPUs delays the resume's reply by hundreds of ms."""
-        if self._boosted:
-            self._boosted = False
-            set_thread_priority(self._tid, *self._priority)
-            set_vcpu_slice(self._tid, boosted=False)
 
     def _thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -504,15 +507,16 @@ class ManagedVcpu:
     def _loop(self) -> None:
         vcpu = self.vcpu
         pio_map = self.link.pio_map
+        policy, nice = self._priority
+        # The thread inherited the API's priority and short slice: it takes vcpu_nice and the
+        # kernel's slice on its first way into the guest, as after every pause (_boosted).
+        lowering = ThreadScheduling(POLICIES[policy], nice, default_slice=bool(api_slice_us()))
         with self.cond:
             self._tid = threading.get_native_id()
-        # The API's short slice was inherited: a vCPU takes the kernel's (see kvmd.core.sched).
-        set_vcpu_slice(self._tid, boosted=False)
+            self._boosted = self._lowered or bool(api_slice_us())
         # Confined before lowered: a thread seen at vcpu_nice is already on its CPUs.
         if self.link.cpus is not None:  # for good: a pause needs no other CPU
             confine_thread(self._tid, self.link.cpus)
-        if self._lowered:
-            set_thread_priority(self._tid, *self._priority)
         try:
             while True:
                 with self.cond:
@@ -521,16 +525,19 @@ class ManagedVcpu:
                     if not finish_io and not self._wait_for_go():
                         return
                     tell_clock = self._clock_stopped and not finish_io
+                    lower = False
                     if not finish_io:  # back to the guest
                         self._clock_stopped = False
-                        self._lower_again()
+                        lower, self._boosted = self._boosted, False
                 if finish_io:
                     self._finish_pending_io()
                     continue
                 if tell_clock:  # an ioctl: not under cond (see _listeners)
                     self._tell_guest_it_was_stopped()
                 self._deliver_interrupt()
-                exit_ = vcpu.run_until_unhandled(pio_map)
+                exit_ = vcpu.run_until_unhandled(pio_map, lowering if lower else None)
+                if lower:
+                    self._lowered_on_entry(lowering)
                 if isinstance(exit_, IntrExit):
                     # Kicked: clear the flag first, then the loop head sees why.
                     vcpu.set_immediate_exit(False)
@@ -545,6 +552,15 @@ class ManagedVcpu:
                 self.link.record_outcome(Outcome(Action.CRASH, reason))
                 self._crash(reason)
             self.link.on_ended(self, Outcome(Action.CRASH, reason))
+
+    def _lowered_on_entry(self, lowering: ThreadScheduling) -> None:
+        """After an entry that was to lower the thread: skipped (a kick came first), it
+        is still at the API's priority, to lower next time; a failure is logged once."""
+        if not lowering.applied:
+            with self.cond:
+                self._boosted = True
+        elif lowering.error:
+            report_lowering_failure(*self._priority, lowering.error)
 
     def _can_take_interrupt(self) -> bool:
         """Under cond: a queued interrupt can end a HLT (the guest has IF set)."""

@@ -84,7 +84,7 @@ from kvmd.kvm.types import (
     VcpuEvents,
 )
 from kvmd.kvm.uart import UartRegs, UartRegsState, UartStats
-from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, Vcpu, kick_signal
+from kvmd.kvm.vcpu import MAX_MSRS_PER_CALL, PioMap, ThreadScheduling, Vcpu, kick_signal
 from kvmd.kvm.vm import Device, IoeventRegistration, IrqfdRegistration, Vm, check_datamatch
 
 __all__ = [
@@ -148,6 +148,7 @@ __all__ = [
     "StatDescriptor",
     "StatsReader",
     "SystemEventExit",
+    "ThreadScheduling",
     "UartRegs",
     "UartRegsState",
     "UartStats",

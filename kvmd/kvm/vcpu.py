@@ -56,11 +56,13 @@ _kvmd_run = lib.kvmd_run
 
 _kick_lock = threading.Lock()
 _kick_installed = False
+# Asked once: a kick must make no C call, which would drop the GIL (see _kick_locked).
+_KICK_SIGNAL = int(lib.kvmd_kick_signal())
 
 
 def kick_signal() -> int:
     """The signal used to kick a vCPU thread out of KVM_RUN (SIGRTMIN+1)."""
-    return int(lib.kvmd_kick_signal())
+    return _KICK_SIGNAL
 
 
 def _install_kick_handler() -> None:
@@ -69,6 +71,30 @@ def _install_kick_handler() -> None:
         if not _kick_installed:
             check(lib.kvmd_install_kick_handler(), "sigaction")
             _kick_installed = True
+
+
+class ThreadScheduling:
+    """A scheduling the calling thread takes on its way into the guest
+    (`Vcpu.run_until_unhandled`'s `sched`): a policy (os.SCHED_OTHER, SCHED_BATCH,
+    SCHED_IDLE), a nice value, and whether to go back to the kernel's default slice.
+
+    Set in C after the GIL is released: a thread that lowers itself below other threads of
+    the process then never runs Python, holding the GIL, at the lower priority on its way
+    in, where preempted by what shares its CPU it would stall every thread waiting for the
+    GIL. Skipped (`applied` False) when the vCPU is already kicked; `error` is the errno
+    of a failed call (0 if none). One per vCPU thread: not shared between threads."""
+
+    def __init__(self, policy: int, nice: int, default_slice: bool) -> None:
+        self.cdata = ffi.new("struct kvmd_sched *", {
+            "policy": policy, "nice": nice, "default_slice": int(default_slice)})
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.cdata.applied)
+
+    @property
+    def error(self) -> int:
+        return int(self.cdata.error)
 
 
 class Vcpu:
@@ -160,14 +186,17 @@ class Vcpu:
         """
         return self._enter(None)
 
-    def run_until_unhandled(self, pio_map: PioMap) -> VcpuExit:
+    def run_until_unhandled(self, pio_map: PioMap,
+                            sched: ThreadScheduling | None = None) -> VcpuExit:
         """Like `run()`, but port IO to ports `pio_map` marks unclaimed is completed in C
         (writes dropped, reads all-ones) and counted, and IO to the UART it has attached
         goes to that UART in C, without returning: the exit path for such ports costs no
-        Python and holds no GIL."""
-        return self._enter(pio_map)
+        Python and holds no GIL. With `sched`, the calling thread first takes that
+        scheduling, once the GIL is released (see ThreadScheduling)."""
+        return self._enter(pio_map, sched)
 
-    def _enter(self, pio_map: PioMap | None) -> VcpuExit:
+    def _enter(self, pio_map: PioMap | None,
+               sched: ThreadScheduling | None = None) -> VcpuExit:
         # The per-exit path: kept to two uncontended lock round trips and one C call.
         lock = self._state_lock
         with lock:
@@ -182,7 +211,8 @@ class Vcpu:
                 ret = _kvmd_run(fd, self._run, self._exit, self._counters)
             else:
                 ret = lib.kvmd_run_loop(fd, self._run, self._exit, self._counters, pio_map.cdata,
-                                        pio_map.uart_cdata)
+                                        pio_map.uart_cdata,
+                                        ffi.NULL if sched is None else sched.cdata)
         finally:
             with lock:
                 self._running_thread = None
@@ -205,9 +235,9 @@ class Vcpu:
                 raise KvmError(errno.EBUSY, "KVM_RUN", "vcpu is already running in a thread")
             self._running_thread = threading.get_ident()
         try:
-            lib.kvmd_set_immediate_exit(self._run, 1)
+            self._run.immediate_exit = 1
             ret = lib.kvmd_run(fd, self._run, self._exit, ffi.NULL)
-            lib.kvmd_set_immediate_exit(self._run, 0)
+            self._run.immediate_exit = 0
         finally:
             with self._state_lock:
                 self._running_thread = None
@@ -219,7 +249,7 @@ class Vcpu:
     def set_immediate_exit(self, value: bool) -> None:
         """Set kvm_run.immediate_exit: while set, KVM_RUN returns EINTR at once."""
         self._require_open("immediate_exit")
-        lib.kvmd_set_immediate_exit(self._run, 1 if value else 0)
+        self._run.immediate_exit = 1 if value else 0
 
     def kick(self) -> None:
         """Make a run() in progress in another thread (or the next one) return IntrExit.
@@ -232,10 +262,15 @@ class Vcpu:
             self._kick_locked()
 
     def _kick_locked(self) -> None:
-        lib.kvmd_set_immediate_exit(self._run, 1)
+        # No C call here: cffi drops the GIL around each, and the thread kicking a VM's
+        # vCPUs (the event loop) would queue for it again behind every vCPU thread already
+        # out of the guest, once per vCPU (a pause of 64 took up to 0.6 s). A store through
+        # the cffi pointer and pthread_kill keep it. The vCPU thread takes _state_lock
+        # before KVM_RUN, so it sees the store; one already in KVM_RUN gets the signal.
+        self._run.immediate_exit = 1
         if self._running_thread is not None:
             # The thread cannot leave run() without this lock, so it is alive to signal.
-            signal.pthread_kill(self._running_thread, kick_signal())
+            signal.pthread_kill(self._running_thread, _KICK_SIGNAL)
 
     @property
     def is_running(self) -> bool:

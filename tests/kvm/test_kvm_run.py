@@ -5,6 +5,7 @@ can produce (from hand-filled exit structs)."""
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -49,6 +50,7 @@ from kvmd.kvm import (
     RdMsrExit,
     ShutdownExit,
     SystemEventExit,
+    ThreadScheduling,
     Vcpu,
     Vm,
     WrMsrExit,
@@ -332,6 +334,45 @@ def test_run_until_unhandled(vm: Vm) -> None:
     counts = vcpu.exit_counts()
     assert counts["unclaimed_pio"] == 2
     assert (counts["io"], counts["io_in"], counts["io_out"]) == (3, 1, 2)
+
+
+def _entered_with(vcpu: Vcpu, sched: ThreadScheduling) -> tuple[object, int]:
+    """Run `vcpu` once with `sched` in a thread of its own (the test's keeps its priority):
+    the exit, and that thread's nice value after it."""
+    out: list[tuple[object, int]] = []
+
+    def enter() -> None:
+        exit_ = vcpu.run_until_unhandled(PioMap(), sched)
+        out.append((exit_, os.getpriority(os.PRIO_PROCESS, 0)))  # 0: this thread
+
+    t = threading.Thread(target=enter)
+    t.start()
+    t.join(10)
+    assert out, "the run did not return"
+    return out[0]
+
+
+def test_run_until_unhandled_lowers_the_calling_thread_first(vm: Vm) -> None:
+    """The scheduling is the calling thread's before the guest runs (set in C, where the
+    GIL is released); a vCPU already kicked keeps its priority (`applied` False)."""
+    vcpu = boot_real_mode(vm, real_mode_program(HLT))
+    lower = ThreadScheduling(os.SCHED_OTHER, 7, default_slice=False)
+    vcpu.set_immediate_exit(True)  # kicked: nothing changes, the run returns at once
+    exit_, nice = _entered_with(vcpu, lower)
+    assert isinstance(exit_, IntrExit) and nice == 0
+    assert not lower.applied and lower.error == 0
+    vcpu.set_immediate_exit(False)
+    exit_, nice = _entered_with(vcpu, lower)
+    assert isinstance(exit_, HltExit) and nice == 7
+    assert lower.applied and lower.error == 0
+
+
+def test_run_until_unhandled_reports_a_scheduling_it_could_not_set(vm: Vm) -> None:
+    vcpu = boot_real_mode(vm, real_mode_program(HLT))
+    bad = ThreadScheduling(99, 0, default_slice=False)  # no such policy
+    exit_, _nice = _entered_with(vcpu, bad)
+    assert isinstance(exit_, HltExit)  # the guest still ran
+    assert bad.applied and bad.error == errno.EINVAL
 
 
 def test_pio_map_range_checks() -> None:

@@ -80,10 +80,19 @@ void kvmd_uart_set_state(struct kvmd_uart *u, const struct kvmd_uart_regs *regs,
 void kvmd_uart_get_stats(struct kvmd_uart *u, struct kvmd_uart_stats *out);
 
 /* run.c: entering the guest and completing exits. */
+/* The scheduling a thread takes on its way into the guest (kvmd_run_loop's `sched`): set
+ * there, after the caller released the GIL, so a thread lowered below the API's threads
+ * never holds the GIL at that priority on its way in. */
+struct kvmd_sched {
+    int32_t policy;         /* SCHED_OTHER, SCHED_BATCH or SCHED_IDLE */
+    int32_t nice;
+    int32_t default_slice;  /* also go back to the kernel's default slice (sched_setattr) */
+    int32_t applied;        /* out: 1 if set; 0 if skipped, the vCPU being kicked already */
+    int32_t error;          /* out: the errno of the first call that failed, else 0 */
+};
 int kvmd_run(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters);
 int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
-                  const uint8_t *pio_map, struct kvmd_uart *uart);
-void kvmd_set_immediate_exit(struct kvm_run *run, int value);
+                  const uint8_t *pio_map, struct kvmd_uart *uart, struct kvmd_sched *sched);
 int kvmd_complete_io_in(struct kvm_run *run, const uint8_t *data, uint32_t len);
 int kvmd_complete_mmio_read(struct kvm_run *run, const uint8_t *data, uint32_t len);
 int kvmd_complete_msr(struct kvm_run *run, uint64_t data, uint8_t error);

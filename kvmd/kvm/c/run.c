@@ -2,6 +2,11 @@
  * slots are compiler definitions generated from _names.py by _build.py. */
 #include "compat.h"
 
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 
 /* One KVM_RUN, then a copy of the exit out of kvm_run: the decoded exit is plain data and
  * kvm_run itself never leaves this module. `counters` (EXIT_COUNTER_SLOTS words, owned by the
@@ -54,9 +59,52 @@ static inline int kvmd_complete_pio(struct kvm_run *run, uint64_t *counters,
     return 0;
 }
 
-int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
-                  const uint8_t *pio_map, struct kvmd_uart *uart)
+/* struct sched_attr, SCHED_ATTR_SIZE_VER0 (glibc has no wrapper for sched_setattr). */
+struct kvmd_sched_attr {
+    uint32_t size, policy;
+    uint64_t flags;
+    int32_t nice;
+    uint32_t priority;
+    uint64_t runtime, deadline, period;
+};
+
+/* Put the calling thread under `s`, in the order kvmd.core.sched.set_thread_priority uses:
+ * leaving idle/batch before the nice value changes, or after. */
+static void kvmd_apply_sched(struct kvmd_sched *s)
 {
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    struct sched_param param = {0};
+    int failed;
+    if (s->policy == SCHED_OTHER)
+        failed = sched_setscheduler(tid, SCHED_OTHER, &param) != 0
+                 || setpriority(PRIO_PROCESS, (id_t)tid, s->nice) != 0;
+    else
+        failed = setpriority(PRIO_PROCESS, (id_t)tid, s->nice) != 0
+                 || sched_setscheduler(tid, s->policy, &param) != 0;
+    if (!failed && s->default_slice) {
+        struct kvmd_sched_attr attr;
+        failed = syscall(SYS_sched_getattr, tid, &attr, sizeof attr, 0) != 0;
+        if (!failed) {
+            attr.size = sizeof attr;
+            attr.flags = 0;
+            attr.runtime = attr.deadline = attr.period = 0;  /* 0: the kernel's slice */
+            failed = syscall(SYS_sched_setattr, tid, &attr, 0) != 0;
+        }
+    }
+    s->error = failed ? errno : 0;
+}
+
+int kvmd_run_loop(int fd, struct kvm_run *run, struct kvmd_exit *out, uint64_t *counters,
+                  const uint8_t *pio_map, struct kvmd_uart *uart, struct kvmd_sched *sched)
+{
+    if (sched) {
+        /* A kick since the caller decided to lower (it boosts the thread for the pause):
+         * stay at that priority; the caller lowers on the next entry. */
+        sched->applied = !__atomic_load_n(&run->immediate_exit, __ATOMIC_SEQ_CST);
+        sched->error = 0;
+        if (sched->applied)
+            kvmd_apply_sched(sched);
+    }
     for (;;) {
         int ret = ioctl(fd, KVM_RUN, 0);
         if (ret < 0)
@@ -172,11 +220,6 @@ static void kvmd_decode(struct kvm_run *run, struct kvmd_exit *out)
     default:
         break;
     }
-}
-
-void kvmd_set_immediate_exit(struct kvm_run *run, int value)
-{
-    __atomic_store_n(&run->immediate_exit, (uint8_t)value, __ATOMIC_SEQ_CST);
 }
 
 int kvmd_complete_io_in(struct kvm_run *run, const uint8_t *data, uint32_t len)
