@@ -7,9 +7,10 @@
   whose reset vector is `jmp $`, so its vCPU spins too, driven over QMP (JSON over a Unix
   socket) by a minimal synchronous client. Without QEMU, or when it cannot start with KVM
   here, the reference is reported unavailable.
-- Many vCPUs: PauseVm (and the pair) on a VM of 64 spinning vCPUs, and QEMU `stop`+`cont`
-  with `-smp 64` for information (QEMU's application processors wait for a SIPI instead of
-  spinning).
+- Many vCPUs: PauseVm (and the pair) on a VM of 64 spinning vCPUs, a GetVm 20 ms after
+  each of its resumes (the 64 threads on their way back into the guest must not stall the
+  API), and QEMU `stop`+`cont` with `-smp 64` for information (QEMU's application
+  processors wait for a SIPI instead of spinning).
 
     .venv/bin/python benchmarks/pause_resume.py [--pairs N] [--rounds N] [--quick]
 
@@ -104,10 +105,12 @@ class Qmp:
             self.proc.wait()
 
 
-def timed_pairs(pause: Callable[[], None], resume: Callable[[], None], n: int,
-                settle: float) -> tuple[list[float], list[float]]:
+def timed_pairs(pause: Callable[[], object], resume: Callable[[], object], n: int,
+                settle: float, probe: Callable[[], object] | None = None,
+                probes: list[float] | None = None) -> tuple[list[float], list[float]]:
     """(pair times, pause times) of n pause+resume pairs, `settle` seconds apart so the
-    guest spins again before the next pause."""
+    guest spins again before the next pause; with `probe`, it is timed after each settle
+    (into `probes`): how soon the daemon answers again after a resume."""
     pairs, pauses = [], []
     clock = time.perf_counter
     for _ in range(n):
@@ -120,6 +123,10 @@ def timed_pairs(pause: Callable[[], None], resume: Callable[[], None], n: int,
         pauses.append(t1 - t0)
         if settle:
             time.sleep(settle)
+        if probe is not None and probes is not None:
+            t3 = clock()
+            probe()
+            probes.append(clock() - t3)
     return pairs, pauses
 
 
@@ -169,7 +176,8 @@ def main() -> None:
                         args.settle)
 
         k50, k99, kp99, q50, q99, ratios = [], [], [], [], [], []
-        m50, mp50, mp99, qm50 = [], [], [], []
+        m50, mp50, mp99, qm50, g50, g99 = [], [], [], [], [], []
+        get64 = pb.GetVmRequest(vm_id="spin64")
         # Only one guest spins at a time: each side's guest is paused outside its rounds.
         if qemu is not None:
             qemu.command("stop")
@@ -196,9 +204,13 @@ def main() -> None:
             # 64 vCPUs: resumed, given time to spin, then the timed pairs.
             d.vms.ResumeVm(ref64, timeout=60)
             time.sleep(0.05)
+            gets: list[float] = []
             pairs, pauses = timed_pairs(lambda: k_pause(ref64), lambda: k_resume(ref64),
-                                        args.many_pairs, 0.02)
+                                        args.many_pairs, 0.02,
+                                        lambda: d.vms.GetVm(get64, timeout=60), gets)
             d.vms.PauseVm(ref64, timeout=60)
+            g50.append(percentile(gets, 50))
+            g99.append(percentile(gets, 99))
             m50.append(percentile(pairs, 50))
             mp50.append(percentile(pauses, 50))
             mp99.append(percentile(pauses, 99))
@@ -228,6 +240,10 @@ def main() -> None:
         ("PauseVm on a spinning vCPU, p99", spread(kp99, 1e6), "-", "-", "< 5000 us"),
         (f"PauseVm, {MANY} spinning vCPUs, p50", spread(mp50, 1e6), "-", "-", "-"),
         (f"PauseVm, {MANY} spinning vCPUs, p99", spread(mp99, 1e6), "-", "-", "-"),
+        (f"GetVm 20 ms after a ResumeVm, {MANY} vCPUs, p50", spread(g50, 1e6), "-", "-",
+         "-"),
+        (f"GetVm 20 ms after a ResumeVm, {MANY} vCPUs, p99", spread(g99, 1e6), "-", "-",
+         "-"),
         (f"the pair, {MANY} vCPUs, p50", spread(m50, 1e6),
          spread(qm50, 1e6) + f" (QEMU -smp {MANY}, info)" if qm50 else "-",
          (f"{statistics.median(m50) / statistics.median(qm50):.2f}x" if qm50 else "-"), "-"),
