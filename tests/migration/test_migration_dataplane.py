@@ -30,6 +30,8 @@ def test_guest_memory_goes_on_a_tls_data_socket_beside_the_stream(
     opened = len(_data_socket_opens(b))
     a.boot_working_set("d", static=os.urandom(MiB))
     a.node.start("d")
+    # Its working set touched once: a guest starved on a loaded host had touched 2.4 MiB.
+    wait_for(lambda: a.passes("d") > 0, 30, "a first pass over the working set")
     progress = a.migrate("d", proxy.target, b.prepare("d"), tls_server_name="localhost")
     assert progress[-1].phase == pb.MigrationProgress.COMPLETED
     assert progress[-1].bytes_sent > 4 * MiB

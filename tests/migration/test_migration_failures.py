@@ -77,6 +77,7 @@ def test_the_target_killed_mid_copy_leaves_the_vm_running_at_the_source(
     a, b = hosts
     a.boot_working_set("k")
     a.node.start("k")
+    wait_for(lambda: a.passes("k") > 0, 30, "a first pass over the working set")
     _call, seen, thread, errors = start_migration(a, "k", b.target, b.prepare("k"),
                                                  bandwidth_bytes_per_second=SLOW)
     wait_for(copying(seen), 30, "the copy to start")
@@ -92,6 +93,7 @@ def test_a_cut_link_leaves_the_vm_at_the_source_and_nothing_at_the_target(
     proxy = LinkProxy(b.port)
     a.boot_working_set("cut")
     a.node.start("cut")
+    wait_for(lambda: a.passes("cut") > 0, 30, "a first pass over the working set")
     _call, seen, thread, errors = start_migration(
         a, "cut", proxy.target, b.prepare("cut"), bandwidth_bytes_per_second=SLOW,
         tls_server_name="localhost")
@@ -110,6 +112,7 @@ def test_a_cancel_leaves_the_vm_at_the_source(hosts: tuple[Host, Host], how: str
     a, b = hosts
     a.boot_working_set("c")
     a.node.start("c")
+    wait_for(lambda: a.passes("c") > 0, 30, "a first pass over the working set")
     call, seen, thread, errors = start_migration(a, "c", b.target, b.prepare("c"),
                                                  bandwidth_bytes_per_second=SLOW)
     wait_for(copying(seen), 30, "the copy to start")
