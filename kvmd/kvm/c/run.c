@@ -68,20 +68,16 @@ struct kvmd_sched_attr {
     uint64_t runtime, deadline, period;
 };
 
-/* Put the calling thread under `s`, in the order kvmd.core.sched.set_thread_priority uses:
- * leaving idle/batch before the nice value changes, or after. */
+/* Put the calling thread under `s`: the kernel's slice first, so a thread seen at its new
+ * nice value has it already; then the policy and nice value in the order
+ * kvmd.core.sched.set_thread_priority uses (leaving idle/batch before the nice value
+ * changes, or after). */
 static void kvmd_apply_sched(struct kvmd_sched *s)
 {
     pid_t tid = (pid_t)syscall(SYS_gettid);
     struct sched_param param = {0};
-    int failed;
-    if (s->policy == SCHED_OTHER)
-        failed = sched_setscheduler(tid, SCHED_OTHER, &param) != 0
-                 || setpriority(PRIO_PROCESS, (id_t)tid, s->nice) != 0;
-    else
-        failed = setpriority(PRIO_PROCESS, (id_t)tid, s->nice) != 0
-                 || sched_setscheduler(tid, s->policy, &param) != 0;
-    if (!failed && s->default_slice) {
+    int failed = 0;
+    if (s->default_slice) {
         struct kvmd_sched_attr attr;
         failed = syscall(SYS_sched_getattr, tid, &attr, sizeof attr, 0) != 0;
         if (!failed) {
@@ -90,6 +86,14 @@ static void kvmd_apply_sched(struct kvmd_sched *s)
             attr.runtime = attr.deadline = attr.period = 0;  /* 0: the kernel's slice */
             failed = syscall(SYS_sched_setattr, tid, &attr, 0) != 0;
         }
+    }
+    if (!failed) {
+        if (s->policy == SCHED_OTHER)
+            failed = sched_setscheduler(tid, SCHED_OTHER, &param) != 0
+                     || setpriority(PRIO_PROCESS, (id_t)tid, s->nice) != 0;
+        else
+            failed = setpriority(PRIO_PROCESS, (id_t)tid, s->nice) != 0
+                     || sched_setscheduler(tid, s->policy, &param) != 0;
     }
     s->error = failed ? errno : 0;
 }
