@@ -153,13 +153,14 @@ def set_vcpu_slice(tid: int, boosted: bool) -> None:
                         extra={"error": str(exc)})
 
 
-def report_lowering_failure(policy: str, nice: int, error: int) -> None:
-    """Log, once, that a vCPU thread could not lower itself to `policy` at `nice` (and the
-    kernel's slice) on its way into the guest (`error`: the errno)."""
+def report_priority_failure(policy: str, nice: int, error: str) -> None:
+    """Log, once for the daemon, that a vCPU thread could not be put under `policy` at
+    `nice`: by set_thread_priority, or by the thread itself on its way into the guest
+    (kvmd.kvm.ThreadScheduling)."""
     if "priority" not in _warned:
         _warned.add("priority")
         log.warning("cannot set a vCPU thread's priority", extra={
-            "policy": policy, "nice": nice, "error": os.strerror(error)})
+            "policy": policy, "nice": nice, "error": error})
 
 
 def shorten_api_slice(slice_us: int) -> str:
@@ -207,8 +208,5 @@ def set_thread_priority(tid: int, policy: str, nice: int) -> bool:
             os.sched_setscheduler(tid, POLICIES[policy], os.sched_param(0))
         return True
     except OSError as exc:
-        if "priority" not in _warned:
-            _warned.add("priority")
-            log.warning("cannot set a vCPU thread's priority", extra={
-                "policy": policy, "nice": nice, "error": str(exc)})
+        report_priority_failure(policy, nice, str(exc))
         return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from kvmd.core.sched import (
     POLICIES,
     api_slice_us,
     confine_thread,
-    report_lowering_failure,
+    report_priority_failure,
     set_thread_priority,
     set_vcpu_slice,
 )
@@ -316,7 +317,7 @@ class ManagedVcpu:
             ticket = PauseTicket(self._parks, self._resumes)
             self._pause_requested = True
             self.vcpu.kick()
-            if self._tid and not self._boosted and (self._lowered or api_slice_us()):
+            if self._tid and not self._boosted and self._differs_from_api():
                 self._boosted = set_thread_priority(self._tid, "other", 0)
                 set_vcpu_slice(self._tid, boosted=True)
             self.cond.notify_all()
@@ -513,7 +514,7 @@ class ManagedVcpu:
         lowering = ThreadScheduling(POLICIES[policy], nice, default_slice=bool(api_slice_us()))
         with self.cond:
             self._tid = threading.get_native_id()
-            self._boosted = self._lowered or bool(api_slice_us())
+            self._boosted = self._differs_from_api()
         # Confined before lowered: a thread seen at vcpu_nice is already on its CPUs.
         if self.link.cpus is not None:  # for good: a pause needs no other CPU
             confine_thread(self._tid, self.link.cpus)
@@ -553,6 +554,11 @@ class ManagedVcpu:
                 self._crash(reason)
             self.link.on_ended(self, Outcome(Action.CRASH, reason))
 
+    def _differs_from_api(self) -> bool:
+        """The thread runs the guest at another priority or slice than the API's threads
+        have: a pause boosts it to theirs, and it lowers itself again on its way in."""
+        return self._lowered or bool(api_slice_us())
+
     def _lowered_on_entry(self, lowering: ThreadScheduling) -> None:
         """After an entry that was to lower the thread: skipped (a kick came first), it
         is still at the API's priority, to lower next time; a failure is logged once."""
@@ -560,7 +566,7 @@ class ManagedVcpu:
             with self.cond:
                 self._boosted = True
         elif lowering.error:
-            report_lowering_failure(*self._priority, lowering.error)
+            report_priority_failure(*self._priority, os.strerror(lowering.error))
 
     def _can_take_interrupt(self) -> bool:
         """Under cond: a queued interrupt can end a HLT (the guest has IF set)."""
