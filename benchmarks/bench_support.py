@@ -95,12 +95,15 @@ class Kvmd:
 
     @classmethod
     def start(cls, sock: str, *args: str) -> Kvmd:
-        # KVMD_BENCH_DAEMON names another build's kvmd (a before/after comparison).
+        # KVMD_BENCH_DAEMON names another build's kvmd (a before/after comparison);
+        # KVMD_BENCH_ARGS adds flags to every daemon a benchmark starts (a layout such as
+        # "--api-cpus 0").
         kvmd = os.environ.get("KVMD_BENCH_DAEMON") or os.path.join(
             os.path.dirname(sys.executable), "kvmd")
         address = f"unix://{sock}"
         proc = subprocess.Popen([kvmd, "--listen", address, "--log-level", "error",
-                                 "--metrics-listen", "off", *args])
+                                 "--metrics-listen", "off", *args,
+                                 *os.environ.get("KVMD_BENCH_ARGS", "").split()])
         wait_for_socket(sock, proc, "kvmd")
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=30)

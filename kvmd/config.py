@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,7 +13,14 @@ from typing import Any
 from kvmd import __version__
 from kvmd.core.images import DEFAULT_IMAGES_DIR
 from kvmd.core.limits import Limits, host_limits
-from kvmd.core.sched import MAX_SLICE_US, MIN_SLICE_US, format_cpu_list, parse_cpu_list
+from kvmd.core.sched import (
+    MAX_SLICE_US,
+    MIN_SLICE_US,
+    confine_api_threads,
+    daemon_cpus,
+    format_cpu_list,
+    parse_cpu_list,
+)
 
 DEFAULT_LISTEN = "unix:///run/kvmd/kvmd.sock"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9474"
@@ -90,6 +96,12 @@ class Config:
     # daemon may use. Leaving one out for the control plane keeps it responsive however
     # hard the guests spin (a housekeeping CPU). See kvmd.core.sched.
     vcpu_cpus: str = ""
+    # The CPUs every other thread of the daemon (event loop, call pool, grpc's, transfers)
+    # runs on, as a Linux CPU list ("0"); "": every CPU the daemon may use. Threads that
+    # hand calls to each other on one CPU wake each other without waking another CPU (on
+    # a virtualized host, an idle CPU is slow to wake), but every transfer then shares it.
+    # vCPU threads keep vcpu_cpus, or every CPU of the daemon. See kvmd.core.sched.
+    api_cpus: str = ""
     metrics_tls_cert: str = ""
     metrics_tls_key: str = ""
     metrics_tls_client_ca: str = ""
@@ -112,6 +124,11 @@ class Config:
     def vcpu_cpu_set(self) -> frozenset[int] | None:
         """vcpu_cpus as CPU numbers; None where vCPUs may run on every CPU (validated)."""
         return parse_cpu_list(self.vcpu_cpus) if self.vcpu_cpus else None
+
+    def api_cpu_set(self) -> frozenset[int] | None:
+        """api_cpus as CPU numbers; None where the API's threads may run on every CPU
+        (validated)."""
+        return parse_cpu_list(self.api_cpus) if self.api_cpus else None
 
     def limits(self) -> Limits:
         names = {f.name for f in fields(Limits)}
@@ -224,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpu-cpus", metavar="LIST",
                    help="CPUs vCPU threads may run on, e.g. 1-3 (default: all; leave one to "
                         "keep the control plane responsive under guest load)")
+    p.add_argument("--api-cpus", metavar="LIST",
+                   help="CPUs the daemon's other threads run on, e.g. 0 (default: all; "
+                        "one CPU makes calls faster, transfers share it)")
     p.add_argument("--version", action="version", version=f"kvmd {__version__}")
     return p
 
@@ -251,18 +271,28 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def check_vcpu_cpus(text: str) -> None:
-    """vcpu_cpus must name CPUs this process may run on (systemd's CPUAffinity= and
-    AllowedCPUs= narrow them before the daemon starts)."""
+def check_cpu_list(name: str, text: str) -> None:
+    """vcpu_cpus and api_cpus must name CPUs this process may run on (systemd's
+    CPUAffinity= and AllowedCPUs= narrow them before the daemon starts)."""
     try:
         cpus = parse_cpu_list(text)
     except ValueError as exc:
-        raise ConfigError(f"vcpu_cpus: {exc}") from None
-    allowed = os.sched_getaffinity(0)
+        raise ConfigError(f"{name}: {exc}") from None
+    allowed = daemon_cpus()
     if not cpus <= allowed:
-        raise ConfigError(f"vcpu_cpus {text!r} names CPUs {format_cpu_list(cpus - allowed)} "
+        raise ConfigError(f"{name} {text!r} names CPUs {format_cpu_list(cpus - allowed)} "
                           f"that the daemon may not run on (it may use "
                           f"{format_cpu_list(allowed)})")
+
+
+def confine_api_cpus(cfg: Config) -> None:
+    """Put the calling thread, and every thread it starts after this, on api_cpus (every
+    CPU the daemon may use when unset). Before the daemon starts threads."""
+    try:
+        confine_api_threads(cfg.api_cpu_set())
+    except OSError as exc:
+        raise ConfigError(f"api_cpus {cfg.api_cpus!r}: cannot run the daemon's threads "
+                          f"there: {exc}") from None
 
 
 def validate(cfg: Config) -> None:
@@ -274,8 +304,9 @@ def validate(cfg: Config) -> None:
     if cfg.api_slice_us and not MIN_SLICE_US <= cfg.api_slice_us <= MAX_SLICE_US:
         raise ConfigError(f"api_slice_us must be 0 (the kernel's default) or "
                           f"{MIN_SLICE_US}-{MAX_SLICE_US}, not {cfg.api_slice_us}")
-    if cfg.vcpu_cpus:
-        check_vcpu_cpus(cfg.vcpu_cpus)
+    for name in ("vcpu_cpus", "api_cpus"):
+        if getattr(cfg, name):
+            check_cpu_list(name, getattr(cfg, name))
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: clients can only "
                           "be verified over TLS")

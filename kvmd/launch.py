@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kvmd.config import ConfigError, build_parser, load_config
+    from kvmd.config import ConfigError, build_parser, confine_api_cpus, load_config
     from kvmd.core.sched import report_api_slice, shorten_api_slice
     from kvmd.logs import setup_daemon_logging
 
@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args)
         # Before any thread (logging starts one): every thread but vCPUs inherits it.
         slice_outcome = shorten_api_slice(cfg.api_slice_us)
+        confine_api_cpus(cfg)  # the same way, inherited
         setup_daemon_logging(cfg.log_level, cfg.log_format)
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)

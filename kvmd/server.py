@@ -40,13 +40,20 @@ from kvmd.config import (
     Config,
     ConfigError,
     Listener,
+    confine_api_cpus,
     migration_tls_files,
     parse_listen,
 )
 from kvmd.core.errors import DomainError
 from kvmd.core.host import Host
 from kvmd.core.images import DEFAULT_IMAGES_DIR, validate_images_dir
-from kvmd.core.sched import format_cpu_list, report_api_slice, shorten_api_slice
+from kvmd.core.sched import (
+    api_cpus,
+    daemon_cpus,
+    format_cpu_list,
+    report_api_slice,
+    shorten_api_slice,
+)
 from kvmd.handover import Handover, HandoverError, leave_placeholder
 from kvmd.metrics import (
     MetricsInterceptor,
@@ -237,6 +244,7 @@ class Daemon:
     def start(self) -> None:
         # Before this starts any thread (done already when started from the command line).
         report_api_slice(shorten_api_slice(self.cfg.api_slice_us), self.cfg.api_slice_us)
+        confine_api_cpus(self.cfg)
         tune_allocator()
         images_dir = self.cfg.images_dir or None
         if images_dir is None or not os.path.isdir(images_dir):
@@ -253,11 +261,13 @@ class Daemon:
                     from None
         # What the host holds (it may have been made before the server, by the hand-over).
         vcpu_cpus = self.host.shared.vcpu_cpus
-        if vcpu_cpus is not None:
+        if vcpu_cpus is not None and vcpu_cpus != daemon_cpus():
             log.info("vCPU threads confined to vcpu_cpus", extra={
                 "vcpu_cpus": format_cpu_list(vcpu_cpus),
-                "cpus_without_guests": format_cpu_list(os.sched_getaffinity(0) - vcpu_cpus)
-                or "none"})
+                "cpus_without_guests": format_cpu_list(daemon_cpus() - vcpu_cpus) or "none"})
+        if self.cfg.api_cpus:
+            log.info("the daemon's other threads confined to api_cpus", extra={
+                "api_cpus": format_cpu_list(api_cpus())})
         registry, rpc_metrics = build_registry(self.host, self.cfg.metrics_vcpu_label)
         authorizer = Authorizer(self.policy, self.host, rpc_metrics.count_denial)
         self.authorizer = authorizer

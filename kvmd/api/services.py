@@ -71,6 +71,7 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
             dirty_log_modes=convert.dirty_modes_to_pb(self.host.dirty_log_modes()),
             fds_in_use=self.host.fds.in_use,
             vcpu_cpus=sorted(self.host.vcpu_cpus()),
+            api_cpus=sorted(self.host.api_cpus()),
         )
 
     def CheckExtension(self, request: pb.CheckExtensionRequest,

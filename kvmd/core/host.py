@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import replace
 
@@ -30,6 +29,7 @@ from kvmd.core.fds import (
 from kvmd.core.histogram import Histogram
 from kvmd.core.images import ImagesDir
 from kvmd.core.limits import Limits
+from kvmd.core.sched import api_cpus, daemon_cpus
 from kvmd.core.shared import HostShared, MemoryBudget
 from kvmd.core.vm import ManagedVm, VmOptions, validate_id, validate_labels
 from kvmd.kvm import CpuidEntry, DirtyLogModes, Kvm, capability_number
@@ -73,6 +73,10 @@ class Host:
         with kernel_errors("host"):
             msr_index_list = self.kvm.get_msr_index_list()
         self.fds = self._fd_budget()
+        if vcpu_cpus is None and api_cpus() != daemon_cpus():
+            # The API's threads were confined (api_cpus) and vCPU threads, which inherit
+            # that, take back every CPU the daemon may use.
+            vcpu_cpus = daemon_cpus()
         self.shared = HostShared(self.limits, self.budget, self.watcher, self.remote_wait,
                                  self.capabilities(), msr_index_list,
                                  images=ImagesDir(images_dir) if images_dir else None,
@@ -83,7 +87,13 @@ class Host:
 
     def vcpu_cpus(self) -> frozenset[int]:
         """The CPUs vCPU threads run on: vcpu_cpus, else every CPU the daemon may use."""
-        return self.shared.vcpu_cpus or frozenset(os.sched_getaffinity(0))
+        return self.shared.vcpu_cpus or daemon_cpus()
+
+    @staticmethod
+    def api_cpus() -> frozenset[int]:
+        """The CPUs the daemon's other threads run on: api_cpus, else every CPU it may
+        use."""
+        return api_cpus()
 
     def _fd_budget(self) -> FdBudget:
         """The descriptor budget of VM objects: max_fds, never more than RLIMIT_NOFILE

@@ -164,8 +164,8 @@ def test_daemon_lives_with_the_units_system_call_filter(
     log = sandboxed(short_dir, identity, runtime, prefix, unit_python)["log"]
     # The filter lets the daemon give its threads their scheduler slices (api_slice_us;
     # sched_setattr: every vCPU thread sets its own), its vCPU threads their priority
-    # (setpriority, sched_setscheduler) and their CPUs (vcpu_cpus, which the workload sets:
-    # sched_setaffinity).
+    # (setpriority, sched_setscheduler) and every thread its CPUs (vcpu_cpus and api_cpus,
+    # which the workload sets: sched_setaffinity).
     assert "cannot set" not in log, log
 
 

@@ -374,7 +374,8 @@ def start_kvmd(prefix: list[str], runtime: Path, log_path: Path, group: str, tls
             [*prefix, kvmd or kvmd_script(), "--listen", f"unix://{runtime}/kvmd.sock",
              "--listen", "127.0.0.1:0", "--tls-cert", tls.cert, "--tls-key", tls.key,
              "--socket-group", group, "--metrics-listen", "127.0.0.1:0",
-             "--log-level", "info", "--vcpu-cpus", str(max(os.sched_getaffinity(0)))],
+             "--log-level", "info", "--vcpu-cpus", str(max(os.sched_getaffinity(0))),
+             "--api-cpus", str(min(os.sched_getaffinity(0)))],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 

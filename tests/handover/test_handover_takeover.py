@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_threads import own_thread_nices
 from handover_support import (
     CLAIMED_PORT,
     COUNTER,
@@ -88,14 +89,18 @@ def test_sixteen_guests_survive_a_take_over(tmp_path: Path) -> None:
     before = {v: (u32(c, v, COUNTER), c.exit_stats(v).total["io_out"]) for v in vm_ids}
     ticks = {v: u32(c, v, TICKS) for v in irq_vms}
 
-    # The new daemon confines its vCPU threads (vcpu_cpus): the restored VMs' threads too.
-    guest_cpu = max(os.sched_getaffinity(0))
-    new = Kvmd(tmp_path, "--take-over", "--vcpu-cpus", str(guest_cpu))
+    # The new daemon confines its vCPU threads (vcpu_cpus): the restored VMs' threads too;
+    # and its other threads (api_cpus), from before it restores anything.
+    guest_cpu, api_cpu = max(os.sched_getaffinity(0)), min(os.sched_getaffinity(0))
+    new = Kvmd(tmp_path, "--take-over", "--vcpu-cpus", str(guest_cpu),
+               "--api-cpus", str(api_cpu))
     assert old.wait(60) == 0, old.log
     wait_until(lambda: len(vcpu_thread_ids(new.proc.pid)) == VMS, 30,
                "every restored vCPU thread running at vcpu_nice")
     vcpu_threads = vcpu_thread_ids(new.proc.pid)
     assert all(os.sched_getaffinity(tid) == {guest_cpu} for tid in vcpu_threads)
+    others = [tid for tid, nice in own_thread_nices(new.proc.pid).items() if nice == 0]
+    assert others and all(os.sched_getaffinity(tid) == {api_cpu} for tid in others)
     # A call that is not idempotent, issued right after the switch: done exactly once.
     c.create_vm("made-after")
     time.sleep(0.5)

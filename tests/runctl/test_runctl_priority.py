@@ -314,6 +314,74 @@ def test_vcpu_cpus_from_an_embedded_daemon_confine_each_vcpu(
     assert list(info.vcpu_cpus) == sorted(os.sched_getaffinity(0))
 
 
+# -- CPUs of the other threads (api_cpus) --------------------------------------------------
+
+def _kvmctl_info(directory: Path) -> str:
+    return subprocess.run([str(Path(sys.executable).with_name("kvmctl")), "--address",
+                           f"unix://{directory / 'kvmd.sock'}", "info"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def test_api_threads_run_only_on_api_cpus_and_vcpu_threads_on_every_cpu(
+        tmp_path: Path) -> None:
+    """--api-cpus confines every thread but the vCPUs' (the event loop, the call pool,
+    grpc's); vCPU threads take back every CPU the daemon may use, or vcpu_cpus."""
+    allowed = os.sched_getaffinity(0)
+    api_cpu, guest_cpu = min(allowed), max(allowed)
+    for args, guest_cpus in ((("--api-cpus", str(api_cpu)), allowed),
+                             (("--api-cpus", str(api_cpu), "--vcpu-cpus", str(guest_cpu)),
+                              {guest_cpu})):
+        directory = tmp_path / str(len(args))
+        directory.mkdir()
+        proc, client = _spinning_daemon(directory, *args)
+        try:
+            nices = own_thread_nices(proc.pid)
+            vcpus = [tid for tid, nice in nices.items() if nice == 10]
+            others = [tid for tid, nice in nices.items() if nice == 0]
+            assert len(vcpus) == 1 and len(others) > 3, nices
+            assert os.sched_getaffinity(vcpus[0]) == guest_cpus
+            for tid in others:
+                assert os.sched_getaffinity(tid) == {api_cpu}, tid
+            # A pause and a resume leave each where it was put; a new VM's vCPU thread
+            # (started by a call thread, on api_cpus) takes the guests' CPUs too.
+            client.pause_vm("spin")
+            client.resume_vm("spin")
+            assert os.sched_getaffinity(vcpus[0]) == guest_cpus
+            info = client.info()
+            assert list(info.api_cpus) == [api_cpu]
+            assert list(info.vcpu_cpus) == sorted(guest_cpus)
+            assert re.search(rf"^API CPUs\s+{api_cpu}$", _kvmctl_info(directory), re.M)
+        finally:
+            client.close()
+            proc.terminate()
+            assert proc.wait(30) == 0
+
+
+def test_without_api_cpus_every_thread_may_use_every_cpu(api_factory: Callable[..., Api]
+                                                         ) -> None:
+    api: Api = api_factory()
+    info = api.hypervisor.GetInfo(pb.GetInfoRequest(), timeout=WAIT)
+    assert list(info.api_cpus) == sorted(os.sched_getaffinity(0))
+    assert list(info.vcpu_cpus) == sorted(os.sched_getaffinity(0))
+
+
+def test_bad_api_cpus_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"api_cpus: .* is not a CPU list"):
+        validate(Config(api_cpus="0-"))
+    outside = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ConfigError, match=f"names CPUs {outside} that the daemon may not run"):
+        validate(Config(api_cpus=str(outside)))
+    validate(Config(api_cpus=str(min(os.sched_getaffinity(0)))))
+    assert Config().api_cpu_set() is None
+    assert Config(api_cpus="0").api_cpu_set() == {0}
+    # The daemon refuses to start on them (exit 2), saying why.
+    done = subprocess.run([str(Path(sys.executable).with_name("kvmd")), "--listen",
+                           f"unix://{tmp_path / 'kvmd.sock'}", "--api-cpus", str(outside)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"api_cpus '{outside}' names CPUs {outside}" in done.stderr
+
+
 def test_cpu_lists_read_as_linux_writes_them() -> None:
     assert sched.parse_cpu_list("3") == {3}
     assert sched.parse_cpu_list("0,2-4, 7") == {0, 2, 3, 4, 7}

@@ -361,6 +361,7 @@ def _info_text(info: vmm_pb2.HypervisorInfo, a: argparse.Namespace) -> str:
             ("memory in use", human_bytes(info.memory_in_use_bytes)),
             ("fds in use", f"{info.fds_in_use} of {info.limits.max_fds}"),
             ("guest CPUs", format_ranges(info.vcpu_cpus)),
+            ("API CPUs", format_ranges(info.api_cpus)),
         ]
     )
     limit_text = format_kv(
