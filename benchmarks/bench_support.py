@@ -80,6 +80,16 @@ def wait_for_socket(path: str, proc: subprocess.Popen[Any], what: str) -> None:
         time.sleep(0.02)
 
 
+def kvmd_command(address: str, *args: str) -> list[str]:
+    """The command line of a benchmark's daemon on `address`. KVMD_BENCH_DAEMON names
+    another build's kvmd (a before/after comparison); KVMD_BENCH_ARGS adds flags (a layout
+    such as "--api-cpus 0")."""
+    kvmd = os.environ.get("KVMD_BENCH_DAEMON") or os.path.join(
+        os.path.dirname(sys.executable), "kvmd")
+    return [kvmd, "--listen", address, "--log-level", "error", *args,
+            *os.environ.get("KVMD_BENCH_ARGS", "").split()]
+
+
 @dataclass
 class Kvmd:
     """The daemon as its own process (as in production), with stubs on one channel."""
@@ -95,15 +105,8 @@ class Kvmd:
 
     @classmethod
     def start(cls, sock: str, *args: str) -> Kvmd:
-        # KVMD_BENCH_DAEMON names another build's kvmd (a before/after comparison);
-        # KVMD_BENCH_ARGS adds flags to every daemon a benchmark starts (a layout such as
-        # "--api-cpus 0").
-        kvmd = os.environ.get("KVMD_BENCH_DAEMON") or os.path.join(
-            os.path.dirname(sys.executable), "kvmd")
         address = f"unix://{sock}"
-        proc = subprocess.Popen([kvmd, "--listen", address, "--log-level", "error",
-                                 "--metrics-listen", "off", *args,
-                                 *os.environ.get("KVMD_BENCH_ARGS", "").split()])
+        proc = subprocess.Popen(kvmd_command(address, "--metrics-listen", "off", *args))
         wait_for_socket(sock, proc, "kvmd")
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=30)

@@ -44,6 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from bench_support import kvmd_command  # noqa: E402
+
 from kvmd_proto import vmm_pb2 as pb  # noqa: E402
 from kvmd_proto import vmm_pb2_grpc as rpc  # noqa: E402
 
@@ -141,11 +143,8 @@ class Daemon:
 
     @classmethod
     def start(cls, sock: str) -> Daemon:
-        # KVMD_BENCH_DAEMON names another build's kvmd (a before/after comparison).
-        kvmd = os.environ.get("KVMD_BENCH_DAEMON") or os.path.join(
-            os.path.dirname(sys.executable), "kvmd")
         address = f"unix://{sock}"
-        proc = subprocess.Popen([kvmd, "--listen", address, "--log-level", "error"])
+        proc = subprocess.Popen(kvmd_command(address))
         deadline = time.monotonic() + 20
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
