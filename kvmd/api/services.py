@@ -91,7 +91,7 @@ class HypervisorService(ServicerBase, rpc.HypervisorServicer):
 
     def GetSupportedCpuid(self, request: pb.GetSupportedCpuidRequest,
                           context: Any) -> pb.CpuidEntries:
-        """KVM_GET_SUPPORTED_CPUID."""
+        """KVM_GET_SUPPORTED_CPUID, with APIC ID 0 whichever host CPU answers."""
         return convert.cpuid_to_pb(self.host.supported_cpuid())
 
 
@@ -533,14 +533,16 @@ class VcpusService(ServicerBase, rpc.VcpusServicer):
         return convert.fpu_to_pb(vcpu.get_fpu())
 
     def SetCpuid(self, request: pb.SetCpuidRequest, context: Any) -> pb.CpuidEntries:
-        """Set the vCPU's CPUID (given entries, or the host's supported set)."""
+        """Set the vCPU's CPUID (given entries, or the host's supported set with the
+        vCPU's own APIC ID)."""
         vcpu = self._vcpu(request.vcpu)
         if request.use_supported and request.entries:
             raise InvalidArgument("give entries or use_supported, not both",
                                   reason=Reason.ARGUMENTS_CONFLICT, field="use_supported")
-        entries = (self.host.supported_cpuid() if request.use_supported
-                   else convert.cpuid_from_pb(request.entries))
-        vcpu.set_cpuid(entries)
+        if request.use_supported:
+            vcpu.set_supported_cpuid(self.host.supported_cpuid())
+        else:
+            vcpu.set_cpuid(convert.cpuid_from_pb(request.entries))
         return convert.cpuid_to_pb(vcpu.get_cpuid())
 
     def GetCpuid(self, request: pb.VcpuRef, context: Any) -> pb.CpuidEntries:

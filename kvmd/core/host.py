@@ -7,6 +7,7 @@ import threading
 from dataclasses import replace
 
 from kvmd import __version__
+from kvmd.core.cpuid import with_apic_id
 from kvmd.core.devices import ConsolePump
 from kvmd.core.errors import (
     AlreadyExists,
@@ -142,8 +143,10 @@ class Host:
         return self._dirty_log_modes
 
     def supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID as a template: APIC ID 0, whichever host CPU asked
+        (kvmd.core.cpuid)."""
         with kernel_errors("host"):
-            return self.kvm.get_supported_cpuid()
+            return with_apic_id(self.kvm.get_supported_cpuid(), 0)
 
     @property
     def page_size(self) -> int:

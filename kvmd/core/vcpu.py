@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from kvmd.core.cpuid import with_apic_id
 from kvmd.core.errors import (
     Aborted,
     InvalidArgument,
@@ -710,6 +711,11 @@ class ManagedVcpu:
             raise InvalidArgument("no CPUID entries given",
                                   reason=Reason.FIELD_REQUIRED, field="entries")
         self._call("set CPUID of", self.vcpu.set_cpuid, entries)
+
+    def set_supported_cpuid(self, supported: list[CpuidEntry]) -> None:
+        """Set the host's supported CPUID (Host.supported_cpuid) naming this vCPU: its own
+        APIC ID, the vCPU id its in-kernel LAPIC has (kvmd.core.cpuid)."""
+        self.set_cpuid(with_apic_id(supported, self.id))
 
     def get_cpuid(self) -> list[CpuidEntry]:
         return self._call("read CPUID of", self.vcpu.get_cpuid)

@@ -110,6 +110,10 @@ def test_cpuid_use_supported_and_explicit(api: RunningDaemon, ref: pb.VcpuRef) -
     assert wanted <= {(e.function, e.index) for e in back.entries} <= {
         (e.function, e.index) for e in supported}
     assert api.vcpus.GetCpuid(ref) == back
+    # The supported set is a template (APIC ID 0); the vCPU given it names itself.
+    leaf1 = next(e for e in supported if e.function == 1)
+    assert leaf1.ebx >> 24 == 0
+    assert next(e for e in back.entries if e.function == 1).ebx >> 24 == ref.vcpu_id
 
     # A second vCPU with an explicit, smaller CPUID.
     api.create_vcpu("cpu", 1)

@@ -327,7 +327,7 @@ def test_api_threads_run_only_on_api_cpus_and_vcpu_threads_on_every_cpu(
     """--api-cpus confines every thread but the vCPUs' (the event loop, the call pool,
     grpc's); vCPU threads take back every CPU the daemon may use, or vcpu_cpus."""
     allowed = os.sched_getaffinity(0)
-    api_cpu, guest_cpu = min(allowed), max(allowed)
+    api_cpu, guest_cpu = max(allowed), min(allowed)
     for args, guest_cpus in ((("--api-cpus", str(api_cpu)), allowed),
                              (("--api-cpus", str(api_cpu), "--vcpu-cpus", str(guest_cpu)),
                               {guest_cpu})):
@@ -351,6 +351,17 @@ def test_api_threads_run_only_on_api_cpus_and_vcpu_threads_on_every_cpu(
             assert list(info.api_cpus) == [api_cpu]
             assert list(info.vcpu_cpus) == sorted(guest_cpus)
             assert re.search(rf"^API CPUs\s+{api_cpu}$", _kvmctl_info(directory), re.M)
+            # Calls answered on the last CPU (APIC ID 1 here, not 0): the supported CPUID
+            # is the template, and a vCPU given it names itself (kvmd.core.cpuid).
+            supported = client.supported_cpuid()
+            assert next(e for e in supported if e.function == 1).ebx >> 24 == 0
+            client.create_vm("ids")
+            for vcpu_id in (0, 1):
+                client.create_vcpu("ids", vcpu_id)
+                client.set_cpuid("ids", vcpu_id, use_supported=True)
+                leaf1 = next(e for e in client.get_cpuid("ids", vcpu_id) if e.function == 1)
+                assert leaf1.ebx >> 24 == vcpu_id
+            client.delete_vm("ids")
         finally:
             client.close()
             proc.terminate()
