@@ -3,24 +3,14 @@ host CPU asked), and each vCPU given it with its own APIC ID (kvmd.core.cpuid)."
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+
+from pinning import on_cpu
 
 from kvmd.core.cpuid import with_apic_id
 from kvmd.core.host import Host
 from kvmd.core.vm import VmOptions
 from kvmd.kvm import CpuidEntry
-
-
-@contextlib.contextmanager
-def on_cpu(cpu: int) -> Iterator[None]:
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def apic_ids(entries: list[CpuidEntry]) -> tuple[int, list[int]]:

@@ -6,9 +6,9 @@ import contextlib
 import errno
 import os
 import pathlib
-from collections.abc import Iterator
 
 import pytest
+from pinning import on_cpu
 
 from kvmd.kvm import (
     CAPABILITY_NUMBERS,
@@ -116,17 +116,6 @@ def test_supported_cpuid_names_the_cpu_that_asked(kvm: Kvm) -> None:
                           0 if e.function in (0xB, 0x1F) else e.edx) for e in answer)
                    for answer in answers.values()}
     assert len(without_ids) == 1
-
-
-@contextlib.contextmanager
-def on_cpu(cpu: int) -> Iterator[None]:
-    """The calling thread on `cpu` only, for the block."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def apic_ids() -> dict[int, int]:
