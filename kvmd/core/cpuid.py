@@ -2,11 +2,11 @@
 
 KVM_GET_SUPPORTED_CPUID runs CPUID on the host CPU that asks, and passes that CPU's identity
 through: its initial APIC ID in leaf 1 EBX[31:24] and its x2APIC ID in EDX of leaves 0xB
-and 0x1F (tests/kvm/test_kvm_pvm_quirks.py shows it). Left as they are, the answer would
-change with the CPU the call ran on, and every vCPU given the supported set would claim that
-host CPU's APIC ID instead of its own (its in-kernel LAPIC has the vCPU id: a guest sees two
-IDs for one CPU). As Firecracker and Cloud Hypervisor do, the supported set is a template
-with APIC ID 0, and a vCPU given it gets its own id there.
+and 0x1F (tests/kvm/test_kvm_system.py shows it). Left as they are, the answer would change
+with the CPU the call ran on, and every vCPU given the supported set would claim that host
+CPU's APIC ID instead of its own (its in-kernel LAPIC has the vCPU id: a guest sees two IDs
+for one CPU). So the supported set is handed out as a template with APIC ID 0, and a vCPU
+given it gets its own id there, as Firecracker and Cloud Hypervisor set their vCPUs'.
 """
 
 from __future__ import annotations
