@@ -18,11 +18,11 @@ LimitNICE=+0, for a paused vCPU's way back from vcpu_nice to nice 0):
   guest may use needs no decision. Affinity is per thread too, and narrowing one's own
   needs no privilege.
 - The other threads may be confined too (`api_cpus`): threads that hand a call to each
-  other on one CPU wake each other there, where waking an idle CPU costs a round trip to
-  the host's hypervisor on a virtualized host (measured in the README: control calls about
-  15% faster, a pause's tail halved). They take it from the thread that starts the daemon,
-  as they take the slice; each vCPU thread then confines itself to vcpu_cpus, or to every
-  CPU the daemon had.
+  other on one CPU wake each other there, where waking another CPU costs more (likely much
+  more on a virtualized host; measured in the README: control calls 10-25% faster, a
+  pause's p99 below 5 ms). They take it from the thread that starts the daemon, as they
+  take the slice; each vCPU thread then confines itself to vcpu_cpus, or to every CPU the
+  daemon had.
 """
 
 from __future__ import annotations
