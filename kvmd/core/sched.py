@@ -19,7 +19,7 @@ LimitNICE=+0, for a paused vCPU's way back from vcpu_nice to nice 0):
   needs no privilege.
 - The other threads may be confined too (`api_cpus`): threads that hand a call to each
   other on one CPU wake each other there, where waking another CPU costs more (likely much
-  more on a virtualized host; measured in the README: control calls 10-25% faster, a
+  more on a virtualized host; measured in the README: control calls 14-27% faster, a
   pause's p99 below 5 ms). They take it from the thread that starts the daemon, as they
   take the slice; each vCPU thread then confines itself to vcpu_cpus, or to every CPU the
   daemon had.
