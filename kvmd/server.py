@@ -261,7 +261,7 @@ class Daemon:
                     from None
         # What the host holds (it may have been made before the server, by the hand-over).
         vcpu_cpus = self.host.shared.vcpu_cpus
-        if vcpu_cpus is not None and vcpu_cpus != daemon_cpus():
+        if self.cfg.vcpu_cpus and vcpu_cpus is not None:  # not api_cpus' widening
             log.info("vCPU threads confined to vcpu_cpus", extra={
                 "vcpu_cpus": format_cpu_list(vcpu_cpus),
                 "cpus_without_guests": format_cpu_list(daemon_cpus() - vcpu_cpus) or "none"})
