@@ -212,6 +212,13 @@ def _threads(pid: int) -> dict[int, tuple[int, int]]:
     return out
 
 
+def _kvmctl_info(directory: Path) -> str:
+    """What `kvmctl info` prints for the daemon listening in `directory`."""
+    return subprocess.run([str(Path(sys.executable).with_name("kvmctl")), "--address",
+                           f"unix://{directory / 'kvmd.sock'}", "info"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+
+
 def _spinning_daemon(directory: Path, *args: str) -> tuple[subprocess.Popen[bytes], KvmdClient]:
     """A kvmd process (the command line's start-up path) running one spinning guest."""
     sock = directory / "kvmd.sock"
@@ -285,9 +292,7 @@ def test_vcpu_threads_run_only_on_vcpu_cpus_and_the_others_anywhere(tmp_path: Pa
         assert os.sched_getaffinity(vcpus[0]) == {guest_cpu}
         # GetInfo tells orchestrators where guests run; kvmctl info shows it.
         assert list(client.info().vcpu_cpus) == [guest_cpu]
-        shown = subprocess.run([str(Path(sys.executable).with_name("kvmctl")), "--address",
-                                f"unix://{tmp_path / 'kvmd.sock'}", "info"],
-                               capture_output=True, text=True, timeout=60, check=True).stdout
+        shown = _kvmctl_info(tmp_path)
         assert re.search(rf"^guest CPUs\s+{guest_cpu}$", shown, re.M), shown
     finally:
         client.close()
@@ -316,12 +321,6 @@ def test_vcpu_cpus_from_an_embedded_daemon_confine_each_vcpu(
 
 # -- CPUs of the other threads (api_cpus) --------------------------------------------------
 
-def _kvmctl_info(directory: Path) -> str:
-    return subprocess.run([str(Path(sys.executable).with_name("kvmctl")), "--address",
-                           f"unix://{directory / 'kvmd.sock'}", "info"],
-                          capture_output=True, text=True, timeout=60, check=True).stdout
-
-
 def test_api_threads_run_only_on_api_cpus_and_vcpu_threads_on_every_cpu(
         tmp_path: Path) -> None:
     """--api-cpus confines every thread but the vCPUs' (the event loop, the call pool,
@@ -342,8 +341,8 @@ def test_api_threads_run_only_on_api_cpus_and_vcpu_threads_on_every_cpu(
             assert os.sched_getaffinity(vcpus[0]) == guest_cpus
             for tid in others:
                 assert os.sched_getaffinity(tid) == {api_cpu}, tid
-            # A pause and a resume leave each where it was put; a new VM's vCPU thread
-            # (started by a call thread, on api_cpus) takes the guests' CPUs too.
+            # A pause and a resume leave it where it was put (its thread was started by a
+            # call thread, on api_cpus, and took the guests' CPUs itself).
             client.pause_vm("spin")
             client.resume_vm("spin")
             assert os.sched_getaffinity(vcpus[0]) == guest_cpus
