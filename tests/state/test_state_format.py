@@ -127,3 +127,47 @@ def test_end_of_stream_checks() -> None:
     two.feed(data + data)
     two.finish()
     assert two.snapshots == 2
+
+
+def test_a_stream_cut_inside_a_later_snapshot_is_truncated() -> None:
+    """A complete snapshot, then the first bytes of a diff: the diff must not be dropped
+    in silence."""
+    data = small_snapshot()
+    for cut in (1, 5, 40):
+        reader = SnapshotReader()
+        reader.feed(data + data[:cut])
+        with pytest.raises(CorruptSnapshot, match="truncated"):
+            reader.finish()
+
+
+def test_an_oversized_length_is_refused_when_it_arrives_in_pieces() -> None:
+    """Refused as soon as the length is whole, not buffered up to it."""
+    length = varint(1 << 40)
+    reader = SnapshotReader()
+    reader.feed(length[:1])
+    with pytest.raises(CorruptSnapshot, match="a record of"):
+        reader.feed(length[1:] + b"x")
+
+
+@pytest.mark.parametrize("count", ["records", "memory_pages"])
+def test_trailer_counts_must_match(count: str) -> None:
+    """The trailer's record and page counts are checked as well as its checksum."""
+    w = SnapshotWriter()
+    data = b"".join([w.record(header()), w.record(pb.SnapshotRecord(vm=pb.SavedVm())),
+                     w.memory(0, 0, b"\x01" * PAGE)])
+    setattr(w, count, getattr(w, count) + 1)
+    with pytest.raises(CorruptSnapshot, match="checksum"):
+        SnapshotReader().feed(data + w.trailer())
+
+
+def test_memory_data_longer_than_its_record_is_refused() -> None:
+    """A hand-encoded MemoryData whose data field claims more bytes than its record holds
+    is refused, not handed out cut short."""
+    data = b"\x05" * 50
+    inner = (bytes([1 << 3]) + varint(0) + bytes([2 << 3]) + varint(0)   # slot, offset
+             + bytes([(3 << 3) | 2]) + varint(100) + data)                # data: 100 claimed
+    payload = bytes([(3 << 3) | 2]) + varint(len(inner)) + inner
+    reader = SnapshotReader()
+    reader._expect = "body"  # type: ignore[attr-defined]  # a frame out of context
+    with pytest.raises(CorruptSnapshot):
+        reader.feed(varint(len(payload)) + payload)
