@@ -129,6 +129,71 @@ def test_contents_that_cannot_be_right(node: Node, snapshot: bytes) -> None:
     assert_refused(node, rewrite(snapshot, no_vm), INVALID)
 
 
+def test_memory_past_its_slot_or_not_whole_pages(node: Node, snapshot: bytes) -> None:
+    """Each memory record must lie in whole pages of its slot: a record that starts inside
+    slot 1 (4 MiB) and runs past its end, or with an unaligned offset or length, is
+    refused, whatever its checksum."""
+    def past_the_end(r: pb.SnapshotRecord) -> None:
+        if r.HasField("memory") and r.memory.slot == 1:
+            r.memory.offset = (4 << 20) - 4096  # its 1 MiB of data run 1 MiB - 4 KiB past
+    assert_refused(node, rewrite(snapshot, past_the_end), INVALID, "whole pages of slot 1")
+
+    def unaligned_offset(r: pb.SnapshotRecord) -> None:
+        if r.HasField("memory") and r.memory.slot == 1:
+            r.memory.offset += 1
+    assert_refused(node, rewrite(snapshot, unaligned_offset), INVALID, "whole pages")
+
+    def unaligned_length(r: pb.SnapshotRecord) -> None:
+        if r.HasField("memory") and r.memory.slot == 1:
+            r.memory.data = r.memory.data[:100]
+    assert_refused(node, rewrite(snapshot, unaligned_length), INVALID, "whole pages")
+
+    def unaligned_zero(r: pb.SnapshotRecord) -> None:
+        if r.HasField("memory") and r.memory.slot == 1:
+            r.ClearField("memory")
+            r.zero.CopyFrom(pb.MemoryZero(slot=1, offset=0, length=100))
+    assert_refused(node, rewrite(snapshot, unaligned_zero), INVALID, "whole pages")
+
+
+def _second_vm_record(edit: Callable[[pb.SnapshotRecord], None]
+                      ) -> Callable[[pb.SnapshotRecord], None]:
+    """`edit` applied to the records of the second snapshot of a stream only (a diff)."""
+    seen = {"headers": 0}
+
+    def apply(r: pb.SnapshotRecord) -> None:
+        if r.HasField("header"):
+            seen["headers"] += 1
+        if seen["headers"] == 2:
+            edit(r)
+    return apply
+
+
+def test_a_diff_must_keep_its_base_layout(node: Node, snapshot: bytes) -> None:
+    """A diff whose state has other memory slots than its base is refused: the VM built
+    from the base would not be the one the diff describes."""
+    diff, _ = node.snapshot("src", diff=True)
+
+    def bigger_slot(r: pb.SnapshotRecord) -> None:
+        if r.HasField("vm"):
+            r.vm.slots[-1].size *= 2
+    assert_refused(node, rewrite(snapshot + diff, _second_vm_record(bigger_slot)),
+                   PRECONDITION, "other memory slots")
+
+
+def test_a_stream_may_not_end_on_a_memory_only_round(node: Node, snapshot: bytes) -> None:
+    """A memory-only round (of a pre-copy) carries no vCPU or device state: a stream that
+    ends on one would give the VM newer memory with older registers."""
+    diff, _ = node.snapshot("src", diff=True)
+
+    def memory_only(r: pb.SnapshotRecord) -> None:
+        if r.HasField("header"):
+            r.header.memory_only = True
+    assert_refused(node, rewrite(snapshot + diff, _second_vm_record(memory_only)),
+                   INVALID, "memory-only")
+    # the same diff, as the state it is, restores
+    assert node.restore("new", snapshot + diff).vm_id == "new"
+
+
 def test_existing_id_and_bad_ids(node: Node, snapshot: bytes) -> None:
     assert_refused(node, snapshot, grpc.StatusCode.ALREADY_EXISTS, vm_id="src")
     assert_refused(node, snapshot, INVALID, vm_id="../etc")
