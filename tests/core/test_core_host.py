@@ -13,6 +13,7 @@ from kvmd.core.errors import (
     InvalidArgument,
     InvalidState,
     NotFound,
+    Reason,
     ResourceExhausted,
 )
 from kvmd.core.host import Host
@@ -45,6 +46,21 @@ def test_vm_limit_and_memory_budget(host: Host) -> None:
     host.delete_vm("v1")  # deleting a VM returns its memory to the budget
     vms[2].add_memory_region(0, 0x1000, False, False)
     assert host.budget.in_use == (1 << 24) + 0x1000
+
+
+def test_ids_held_for_vms_in_the_making_count_against_max_vms(host: Host) -> None:
+    """A VM being created, restored or migrated in holds its place: max_vms (4 here) cannot
+    be passed by starting several at once."""
+    host.create_vm("made", {}, VmOptions())
+    for vm_id in ("r1", "r2", "r3"):
+        host.reserve_id(vm_id, "local")
+    with pytest.raises(ResourceExhausted) as err:
+        host.reserve_id("r4", "local")
+    assert err.value.reason == Reason.LIMIT_VMS
+    with pytest.raises(ResourceExhausted):
+        host.create_vm("v5", {}, VmOptions())
+    host.release_id("r1")
+    host.create_vm("v5", {}, VmOptions())
 
 
 def test_labels_select_vms(host: Host) -> None:

@@ -364,6 +364,11 @@ def test_local_identity_follows_its_grant(d: TlsDaemon,
     assert local.list_ids() == {"l-1"}
     assert rpc_code(lambda: local.get_vm("adm-vm")) == grpc.StatusCode.NOT_FOUND
     assert admin.get_vm("l-1").owner == "local"
+    # "local" names the Unix socket only: a certificate whose CN says "local" is not it.
+    op.pki.clients["local"] = op.pki.issue_client(op.pki.ca, "local", "local")
+    claims_local = op.tls("local")
+    assert rpc_code(lambda: claims_local.create_vm("l-2")) == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_code(lambda: claims_local.list_ids()) == grpc.StatusCode.PERMISSION_DENIED
     local.delete_vm("l-1")
     admin.delete_vm("adm-vm")
 
