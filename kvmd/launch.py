@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from kvmd.config import ConfigError, build_parser, confine_api_cpus, load_config
-    from kvmd.core.sched import report_api_slice, shorten_api_slice
+    from kvmd.core.sched import shorten_api_slice
     from kvmd.logs import setup_daemon_logging
 
     args = build_parser().parse_args(argv)
@@ -25,7 +25,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kvmd: {exc}", file=sys.stderr)
         return 2
-    report_api_slice(slice_outcome, cfg.api_slice_us)
     early = None
     if not args.take_over:
         from kvmd import handover
@@ -34,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             early = handover.receive_early(cfg)
     from kvmd.server import run
 
-    return run(args, cfg, early)
+    return run(args, cfg, early, slice_outcome)
 
 
 if __name__ == "__main__":

@@ -558,10 +558,13 @@ def freeze_startup_objects() -> None:
     log.info("start-up objects frozen", extra={"objects": gc.get_freeze_count()})
 
 
-def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
+def run(args: Any, cfg: Config, handover: Handover | None = None,
+        slice_outcome: str = "") -> int:
     """The daemon's life: start, serve until a signal (or a take-over), stop. `handover`:
     VMs kvmd.launch restored already. Should the start fail once VMs were received, they
-    go back to systemd's fd store (when there is one) rather than end."""
+    go back to systemd's fd store (when there is one) rather than end. `slice_outcome`:
+    what kvmd.launch's shorten_api_slice did, logged once the configuration is known to
+    be good (a refused one gets its one line on stderr, nothing before it)."""
     try:
         daemon = Daemon(cfg, take_over=args.take_over, handover=handover)
     except ConfigError as exc:
@@ -571,6 +574,7 @@ def run(args: Any, cfg: Config, handover: Handover | None = None) -> int:
         if handover is not None:
             handover.host.close()
         return EXIT_CONFIG_ERROR
+    report_api_slice(slice_outcome, cfg.api_slice_us)
     signalled = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -39,9 +39,12 @@ def base_args(sock: str) -> list[str]:
 
 def refuse(sock: str, *args: str, prefix: tuple[str, ...] = ()
            ) -> subprocess.CompletedProcess[str]:
-    """Run kvmd on `sock` (plus `args`); it must exit rather than serve."""
-    return run_kvmd(*base_args(sock), *args, socket_path=sock.removeprefix("unix://"),
-                    prefix=prefix)
+    """Run kvmd on `sock` (plus `args`); it must exit rather than serve. With a scheduler
+    slice this process cannot have handed down (in-process daemons of other tests give its
+    thread 100 us), so the daemon sets the slice itself, and would say so: no log line may
+    come before the reason."""
+    return run_kvmd(*base_args(sock), "--api-slice-us", "250", *args,
+                    socket_path=sock.removeprefix("unix://"), prefix=prefix)
 
 
 # -- unsafe network and TLS settings ------------------------------------------------------
