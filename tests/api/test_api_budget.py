@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
+import grpc
 import pytest
+from api_support import DaemonFactory
+from grpc_health.v1 import health_pb2
+from polling import wait_until
 
 from kvmd.api.budget import Budget, reserve_of
 from kvmd.core.errors import ResourceExhausted
+from kvmd_proto import vmm_pb2 as pb
 
 
 def test_reserve_is_an_eighth_at_least_one() -> None:
@@ -63,3 +68,38 @@ def test_streams_per_identity_in_all_and_reserve() -> None:
         assert budget.streams == 0 and budget.calls == 0
 
     asyncio.run(scenario())
+
+
+def test_a_full_budget_still_answers_the_health_check(daemon_factory: DaemonFactory) -> None:
+    """Health.Check is exempt from the call budget: a liveness probe answers while the
+    caller's calls are all taken (here the one a MeasureDirtyRate holds for 2 s)."""
+    api = daemon_factory(max_calls_per_identity=1)
+    api.create_vm("rate")
+    api.add_memory("rate", 0, 1 << 16, log_dirty=True)
+    held = api.memory.MeasureDirtyRate.future(pb.MeasureDirtyRateRequest(
+        vm_id="rate", duration_ms=2000))
+    try:
+        wait_until(lambda: api.daemon.budget.usage("local").calls == 1, 10,
+                   "the measurement to hold the caller's one call")
+        with pytest.raises(grpc.RpcError) as err:
+            api.vms.GetVm(pb.GetVmRequest(vm_id="rate"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the budget is full
+        reply = api.stubs.health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        held.result(timeout=30)
+    api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="rate"))
+
+
+def test_an_identity_leaves_no_entry_once_its_calls_and_streams_end() -> None:
+    """The per-identity table holds callers with something open only: it does not grow
+    with every identity that ever called."""
+    budget = Budget(max_calls=8, max_calls_per_identity=8, max_streams=8,
+                    max_streams_per_identity=8)
+
+    async def scenario() -> None:
+        for identity in ("a", "b", "c"):
+            async with budget.held(identity, False, False), budget.held(identity, False, True):
+                assert budget.usage(identity).calls == 1
+    asyncio.run(scenario())
+    assert budget._usage == {}  # internal, but it is the leak this test is about

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from kvmd.core.dirty import API, SNAPSHOT, DirtyTracker, bitmap_bytes
+from kvmd.core.dirty import API, MIGRATION, SNAPSHOT, DirtyTracker, bitmap_bytes
 from kvmd.kvm import PAGE_SIZE, MemoryRegionInfo, Vm
 
 PAGES = 200
@@ -79,3 +79,41 @@ def test_a_shared_harvest_is_never_changed_in_place() -> None:
     assert t.take_bitmap(API, INFO) == bitmap_bytes(pages(1, 2), PAGES)
     assert first == bitmap_bytes(pages(1), PAGES)
     assert t.take(SNAPSHOT, INFO) == pages(1, 2)
+
+
+def test_bits_put_back_merge_with_pages_dirtied_since() -> None:
+    """A failed snapshot puts back what it took; pages harvested meanwhile stay too."""
+    t, vm = tracker()
+    t.add_consumer(SNAPSHOT)
+    vm.logs = [bitmap_bytes(pages(3), PAGES)]
+    taken = t.take(SNAPSHOT, INFO)
+    assert taken == pages(3)
+    vm.logs = [bitmap_bytes(pages(7), PAGES)]
+    t.harvest()  # the guest dirtied page 7 while the snapshot ran
+    t.put_back(SNAPSHOT, INFO.slot, taken)
+    assert t.take(SNAPSHOT, INFO) == pages(3, 7)
+
+
+def test_host_writes_mark_every_page_they_touch() -> None:
+    t, _ = tracker()
+    t.add_consumer(SNAPSHOT)
+    t.mark(INFO.slot, 0, 1)  # one byte
+    assert t.take(SNAPSHOT, INFO) == pages(0)
+    t.mark(INFO.slot, PAGE_SIZE - 1, 2)  # across a page boundary
+    assert t.take(SNAPSHOT, INFO) == pages(0, 1)
+    t.mark(INFO.slot, 5 * PAGE_SIZE, PAGE_SIZE)  # exactly one page
+    assert t.take(SNAPSHOT, INFO) == pages(5)
+    assert t.take(API, INFO) == 0  # the API's view follows KVM: guest writes only
+
+
+def test_a_removed_slot_leaves_no_bits_in_any_consumer() -> None:
+    """A new slot that takes the number must not inherit the old one's pages."""
+    t, vm = tracker()
+    t.add_consumer(SNAPSHOT)
+    t.add_consumer(MIGRATION)
+    vm.logs = [bitmap_bytes(pages(4, 9), PAGES)]
+    t.harvest()
+    t.mark(INFO.slot, 0, PAGE_SIZE)
+    t.forget_slot(INFO.slot)
+    for consumer in (API, SNAPSHOT, MIGRATION):
+        assert t.take(consumer, INFO) == 0, consumer

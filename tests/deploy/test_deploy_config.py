@@ -220,3 +220,8 @@ def test_valid_policy_in_config_file_is_accepted(tmp_path: Path, sock: str) -> N
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("nice", ["-1", "20"])
+def test_vcpu_nice_outside_0_to_19_is_refused(sock: str, nice: str) -> None:
+    assert_refused(refuse(sock, f"--vcpu-nice={nice}"), "vcpu_nice must be 0-19")
