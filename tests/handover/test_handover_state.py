@@ -15,6 +15,7 @@ import pytest
 from handover_support import CODE_ADDR, CODE_SEGMENT, COUNTER, COUNTER_SOURCE, MEM_SIZE
 from state_guests import assemble
 
+from kvmd.core.dirty import API
 from kvmd.core.errors import InvalidState, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.images import MemoryFile
@@ -243,3 +244,25 @@ def test_the_discard_credit_crosses_a_handover() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_dirty_pages_cross_a_handover_and_stay_if_it_fails(hosts: tuple[Host, Host]) -> None:
+    """The pages the guest dirtied before the hand-over that GetDirtyLog has not reported
+    yet: the state carries them to the new VM, and saving it does not take them from the
+    old one (should the hand-over fail, that VM runs on and reports them)."""
+    a, b = hosts
+    vm = counter_vm(a)
+    counter_page = 1 << (COUNTER // P)
+    vm.get_dirty_log(0)  # reported up to here; the guest goes on counting
+    time.sleep(0.05)
+    data, fds = saved(vm)
+    info = vm.vm.memory_region(0)
+    assert vm.dirty.peek(API, info) & counter_page  # still the old VM's to report
+    copy = restore_vm(b, read_state(data, "src"), fds)
+    try:
+        for fd in fds.values():
+            os.close(fd)
+        _, bitmap = copy.get_dirty_log(0)
+        assert int.from_bytes(bitmap, "little") & counter_page  # and the new VM's
+    finally:
+        copy.close()
