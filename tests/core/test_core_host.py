@@ -134,3 +134,19 @@ def test_debug_exit_stops_every_vcpu_and_records_the_code(host: Host) -> None:
         seen.append(e.type)
     assert "debug_exit" in seen and "started" in seen
     events.close()
+
+
+def test_a_halted_vcpu_is_halted_again_after_a_hold(host: Host) -> None:
+    """A snapshot or a migration's switch-over holds the VM paused; afterwards a vCPU that
+    had halted (HLT without the in-kernel irqchip) waits halted again, as before: it is
+    not made to run past its HLT."""
+    vm = host.create_vm("halts", {}, VmOptions())
+    boot(vm, bytes([0xF4, 0xEB, 0xFE]))  # hlt; then spin (reached only if run past it)
+    vm.start()
+    wait_until(lambda: vm.vcpu(0).state == "halted", 10, "the vCPU to halt")
+    with vm.held_paused("snapshot") as hold:
+        assert hold.run_states == {0: "halted"}
+        assert vm.vcpu(0).state == "paused"
+    assert vm.vcpu(0).state == "halted"
+    assert vm.state == "running"  # a halted vCPU is a running VM's
+    vm.stop()
