@@ -10,7 +10,15 @@ import pytest
 from kvmd.core.devices import Console, DebugExit, DeviceBus, Uart16550
 from kvmd.core.events import Broadcaster
 from kvmd.core.histogram import Histogram
-from kvmd.core.remote import ClaimRange, ClaimTable, RemoteExit, RemoteHandler
+from kvmd.core.remote import (
+    MAX_CLAIMED_RANGES,
+    MAX_RANGES_PER_CLAIM,
+    ClaimConflict,
+    ClaimRange,
+    ClaimTable,
+    RemoteExit,
+    RemoteHandler,
+)
 from kvmd.kvm import IoSpace
 
 COM1 = 0x3F8
@@ -83,6 +91,8 @@ def test_device_bus_refuses_overlaps() -> None:
         bus.add(DebugExit(COM1 + 2))
     bus.add(DebugExit(0x501))
     assert bus.find(0x501) is not None and bus.find(0x500) is None
+    # A device answers its own ports only: the UART's last port, not the one after it.
+    assert bus.find(COM1 + 7) is not None and bus.find(COM1 + 8) is None
     assert DebugExit.code(b"\x2a\x00") == 42
 
 
@@ -140,3 +150,23 @@ def test_histogram_is_cumulative() -> None:
     buckets, total, count = h.snapshot()
     assert buckets == [(0.1, 1), (1.0, 2), (float("inf"), 3)]
     assert count == 3 and total == pytest.approx(5.55)
+
+
+def test_claim_ranges_meet_without_overlapping() -> None:
+    """Ranges overlap when they share one byte, and not when one ends where the next
+    begins."""
+    first = ClaimRange(IoSpace.PIO, 0x100, 4)
+    assert first.overlaps(ClaimRange(IoSpace.PIO, 0x103, 1))
+    assert ClaimRange(IoSpace.PIO, 0x103, 1).overlaps(first)
+    assert not first.overlaps(ClaimRange(IoSpace.PIO, 0x104, 1))
+    assert not first.overlaps(ClaimRange(IoSpace.MMIO, 0x100, 4))  # another space
+
+
+def test_a_vm_holds_at_most_max_claimed_ranges() -> None:
+    """Exactly MAX_CLAIMED_RANGES in all, in several claims; then not one more."""
+    table = ClaimTable()
+    ranges = [ClaimRange(IoSpace.MMIO, 0x1000 * i, 1) for i in range(MAX_CLAIMED_RANGES)]
+    for i in range(0, MAX_CLAIMED_RANGES, MAX_RANGES_PER_CLAIM):  # claims of the most each
+        assert table.add(RemoteHandler("vm", ranges[i:i + MAX_RANGES_PER_CLAIM], 100)) is None
+    with pytest.raises(ClaimConflict, match="more than"):
+        table.add(RemoteHandler("vm", [ClaimRange(IoSpace.PIO, 0x60, 1)], 100))
