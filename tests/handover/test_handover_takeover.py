@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from daemon_threads import own_thread_nices
 from handover_support import (
@@ -38,6 +39,8 @@ from handover_support import (
 
 from kvmd.handover import Channel, socket_path
 from kvmd_client.errors import KvmdError
+from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 VMS = 16
 
@@ -245,6 +248,32 @@ def test_a_vm_the_new_daemon_cannot_restore_is_stranded_there(tmp_path: Path) ->
     assert c.list_stranded_vms() == []
     c.close()
     new.stop()
+
+
+def test_a_call_that_will_not_finish_refuses_the_take_over_and_the_api_serves_on(
+        tmp_path: Path) -> None:
+    """A take-over waits for the calls in flight; one that does not finish in time (a
+    12 s dirty-rate measurement against 5 s) fails the take-over, and the old daemon opens
+    its API again at once: calls are answered, not refused as during a hand-over."""
+    old = Kvmd(tmp_path)
+    channel = grpc.insecure_channel(old.address)
+    vms, memory = rpc.VmsStub(channel), rpc.MemoryStub(channel)
+    vms.CreateVm(pb.CreateVmRequest(vm_id="busy"), timeout=30)
+    memory.AddMemoryRegion(pb.AddMemoryRegionRequest(vm_id="busy", guest_addr=0,
+                                                     size=1 << 16, log_dirty=True), timeout=30)
+    held = memory.MeasureDirtyRate.future(pb.MeasureDirtyRateRequest(
+        vm_id="busy", duration_ms=12_000), timeout=60)
+    try:
+        new = Kvmd(tmp_path, "--take-over", wait=False)
+        assert new.wait(60) == 1
+        assert "calls still in flight" in new.log
+        assert vms.GetVm(pb.GetVmRequest(vm_id="busy"), timeout=5).vm_id == "busy"
+        assert not held.done()  # the refusal did not wait for the measurement
+        held.result(timeout=30)
+        assert old.proc.poll() is None
+    finally:
+        channel.close()
+        old.stop()
 
 
 def test_take_over_with_nothing_to_take_over_fails_clearly(tmp_path: Path) -> None:
