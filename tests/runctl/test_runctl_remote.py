@@ -241,6 +241,36 @@ def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     api.delete("stuck-pause")
 
 
+def test_a_resume_cancels_a_pause_still_waiting_for_a_handler(api: Api) -> None:
+    """The last request wins: a ResumeVm while a PauseVm waits for a vCPU held in a remote
+    exit cancels that pause. The resume succeeds, the waiting PauseVm answers ABORTED
+    (CONCURRENT_CHANGE), and once the exit is answered the guest runs on, never parked."""
+    api.boot("last-wins", in_twice_program())
+    handler = api.handler("last-wins", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("last-wins")
+    exit_ = handler.next_exit()
+    pause = api.vms.PauseVm.future(pb.VmRef(vm_id="last-wins"), timeout=30)
+    deadline = time.monotonic() + 20
+    while True:  # until the pause is in flight (before, there is nothing to resume)
+        try:
+            api.vms.ResumeVm(pb.VmRef(vm_id="last-wins"), timeout=10)
+            break
+        except grpc.RpcError as err:
+            assert err.code() == Code.FAILED_PRECONDITION, err  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the resume never found the pause in flight"
+            time.sleep(0.05)
+    with pytest.raises(grpc.RpcError) as aborted:
+        pause.result(timeout=30)
+    assert aborted.value.code() == Code.ABORTED  # type: ignore[attr-defined]
+    assert "resumed by another call" in aborted.value.details()  # type: ignore[attr-defined]
+    handler.reply(exit_.exit_id, b"\x07")
+    api.wait_vcpu_state("last-wins", "halted")  # ran on to its hlt, never paused
+    assert api.regs("last-wins").rbx & 0xFF == 0x07
+    api.stop("last-wins")
+    api.delete("last-wins")
+
+
 def test_registers_read_while_paused_reflect_a_completed_in(api: Api) -> None:
     """Paused right after an IN answered by a handler, the registers must show the IN
     retired (AL = the reply, RIP past it). KVM applies an IO completion only at the next
