@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from handover_support import CODE_ADDR, CODE_SEGMENT, COUNTER, COUNTER_SOURCE, MEM_SIZE
 from state_guests import assemble
+from state_support import rewrite
 
 from kvmd.core.dirty import API
 from kvmd.core.errors import InvalidState, ResourceExhausted
@@ -22,13 +23,7 @@ from kvmd.core.images import MemoryFile
 from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import IoSpace, Regs
-from kvmd.state.format import (
-    HANDOVER_MAGIC,
-    CorruptSnapshot,
-    SnapshotReader,
-    SnapshotWriter,
-    as_message,
-)
+from kvmd.state.format import HANDOVER_MAGIC, CorruptSnapshot
 from kvmd.state.handover import (
     memfd_name,
     parse_memfd_name,
@@ -275,21 +270,6 @@ def test_dirty_pages_cross_a_handover_and_stay_if_it_fails(hosts: tuple[Host, Ho
         copy.close()
 
 
-def _rewritten(data: bytes, edit: Callable[[pb.SnapshotRecord], None]) -> bytes:
-    """The hand-over state re-framed after `edit` changed its records (a valid checksum:
-    a refusal is about the contents)."""
-    records = [as_message(r) for r in SnapshotReader(HANDOVER_MAGIC).feed(data)]
-    writer = SnapshotWriter()
-    out = b""
-    for record in records:
-        if record.HasField("trailer"):
-            out += writer.trailer()
-            continue
-        edit(record)
-        out += writer.record(record)
-    return out
-
-
 def test_a_state_without_a_memfd_for_a_slot_or_too_short_a_memfd_is_refused(
         hosts: tuple[Host, Host]) -> None:
     a, b = hosts
@@ -299,13 +279,13 @@ def test_a_state_without_a_memfd_for_a_slot_or_too_short_a_memfd_is_refused(
             if r.HasField("header"):
                 del r.header.handover.memory_fds[:]
         with pytest.raises(CorruptSnapshot, match="no memfd named for slots"):
-            read_state(_rewritten(data, no_memfd))
+            read_state(rewrite(data, no_memfd, HANDOVER_MAGIC))
 
         # The memfd must hold the whole slot, even where the saved size says less.
         def small_record(r: pb.SnapshotRecord) -> None:
             if r.HasField("header"):
                 r.header.handover.memory_fds[0].size = P
-        record = read_state(_rewritten(data, small_record))
+        record = read_state(rewrite(data, small_record, HANDOVER_MAGIC))
         os.ftruncate(fds[memfd_name("src", 0)], MEM_SIZE // 2)
         with pytest.raises(InvalidState, match="bytes, the slot needs"):
             restore_vm(b, record, fds)

@@ -28,6 +28,7 @@ from polling import wait_until
 from state_guests import CODE_ADDR, CODE_SEGMENT, MEM_SIZE, STACK_TOP, assemble
 
 from kvmd.server import Config, Daemon
+from kvmd.state.format import MAGIC, SnapshotReader, SnapshotWriter, as_message
 from kvmd_proto import vmm_pb2 as pb
 
 if not os.path.exists("/dev/kvm"):
@@ -208,3 +209,21 @@ def other_process(tmp_path: Path) -> Iterator[Node]:
         yield Node(daemon.address, daemon.stubs, directory / "state")
     finally:
         daemon.stop()
+
+
+def rewrite(data: bytes, edit: Callable[[pb.SnapshotRecord], None], magic: str = MAGIC) -> bytes:
+    """The snapshot (or hand-over state: `magic`) re-framed after `edit` changed its
+    records, with a valid checksum: so a refusal is about the contents, not a checksum
+    mismatch."""
+    reader = SnapshotReader(magic)
+    records = [as_message(r) for r in reader.feed(data)]
+    writer = SnapshotWriter()
+    out = b""
+    for record in records:
+        if record.HasField("trailer"):
+            out += writer.trailer()
+            writer = SnapshotWriter()
+            continue
+        edit(record)
+        out += writer.record(record)
+    return out

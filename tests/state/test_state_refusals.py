@@ -9,30 +9,13 @@ from collections.abc import Callable
 import grpc
 import pytest
 from state_guests import COUNTER_SOURCE
-from state_support import Node, NodeFactory
+from state_support import Node, NodeFactory, rewrite
 
-from kvmd.state.format import SnapshotReader, SnapshotWriter, as_message, varint
+from kvmd.state.format import varint
 from kvmd_proto import vmm_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-
-
-def rewrite(data: bytes, edit: Callable[[pb.SnapshotRecord], None]) -> bytes:
-    """The snapshot re-framed after `edit` changed its records, with a valid checksum: so a
-    refusal is about the contents, not a checksum mismatch."""
-    reader = SnapshotReader()
-    records = [as_message(r) for r in reader.feed(data)]
-    writer = SnapshotWriter()
-    out = b""
-    for record in records:
-        if record.HasField("trailer"):
-            out += writer.trailer()
-            writer = SnapshotWriter()
-            continue
-        edit(record)
-        out += writer.record(record)
-    return out
 
 
 def resources() -> tuple[int, int]:
