@@ -36,11 +36,11 @@ from handover_support import (
     vcpu_thread_ids,
     wait_until,
 )
+from kvmd_stubs import Stubs
 
 from kvmd.handover import Channel, socket_path
 from kvmd_client.errors import KvmdError
 from kvmd_proto import vmm_pb2 as pb
-from kvmd_proto import vmm_pb2_grpc as rpc
 
 VMS = 16
 
@@ -256,8 +256,8 @@ def test_a_call_that_will_not_finish_refuses_the_take_over_and_the_api_serves_on
     12 s dirty-rate measurement against 5 s) fails the take-over, and the old daemon opens
     its API again at once: calls are answered, not refused as during a hand-over."""
     old = Kvmd(tmp_path)
-    channel = grpc.insecure_channel(old.address)
-    vms, memory = rpc.VmsStub(channel), rpc.MemoryStub(channel)
+    stubs = Stubs.of(grpc.insecure_channel(old.address))
+    vms, memory = stubs.vms, stubs.memory
     vms.CreateVm(pb.CreateVmRequest(vm_id="busy"), timeout=30)
     memory.AddMemoryRegion(pb.AddMemoryRegionRequest(vm_id="busy", guest_addr=0,
                                                      size=1 << 16, log_dirty=True), timeout=30)
@@ -272,7 +272,7 @@ def test_a_call_that_will_not_finish_refuses_the_take_over_and_the_api_serves_on
         held.result(timeout=30)
         assert old.proc.poll() is None
     finally:
-        channel.close()
+        stubs.close()
         old.stop()
 
 
