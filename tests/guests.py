@@ -31,8 +31,12 @@ import os
 import struct
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from kvmd.kvm import KvmError, Regs, Segment, Sregs, Vcpu, VcpuExit, Vm
+
+if TYPE_CHECKING:
+    from kvmd.core.vm import ManagedVm
 
 # True on hosts whose /dev/kvm is the "PVM" software nested virtualization (kvm_pvm module):
 # every guest instruction is emulated there, and a few KVM behaviours differ (see
@@ -443,3 +447,13 @@ def run_guarded(vcpu: Vcpu, timeout: float = 10.0) -> VcpuExit:
 def _kick_quietly(vcpu: Vcpu) -> None:
     with contextlib.suppress(KvmError):
         vcpu.kick()
+
+
+def boot(vm: ManagedVm, code: bytes, vcpus: int = 1) -> None:
+    """Memory at 0, the program at CODE_ADDR, vCPUs in real mode at its entry."""
+    vm.add_memory_region(0, GUEST_MEM_SIZE, False, False)
+    vm.write_memory(CODE_ADDR, code)
+    for i in range(vcpus):
+        v = vm.create_vcpu(i)
+        v.set_sregs(real_mode_sregs(v.get_sregs()))
+        v.set_regs(Regs(rip=CODE_ADDR, rflags=2, rsp=0x8000))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from core_guests import SPIN, boot, debug_exit_program
+from core_guests import SPIN, debug_exit_program
+from guests import boot
 from polling import wait_until
 
 from kvmd.core.errors import (

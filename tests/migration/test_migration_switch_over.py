@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from guests import CODE_ADDR, GUEST_MEM_SIZE, SPIN, real_mode_sregs
+from guests import SPIN, boot
 
 from kvmd.core.errors import InvalidState, Reason, Unavailable
 from kvmd.core.host import Host
 from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
-from kvmd.kvm import Regs
 from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Result
 from kvmd.state.snapshot import Restorer, SnapshotTaker
 
@@ -56,11 +55,7 @@ def host() -> Iterator[Host]:
 @pytest.fixture
 def spinning(host: Host) -> ManagedVm:
     vm = host.create_vm("mover", {}, VmOptions())
-    vm.add_memory_region(0, GUEST_MEM_SIZE, False, True)
-    vm.write_memory(CODE_ADDR, SPIN)
-    vcpu = vm.create_vcpu(0)
-    vcpu.set_sregs(real_mode_sregs(vcpu.get_sregs()))
-    vcpu.set_regs(Regs(rip=CODE_ADDR, rflags=2, rsp=0x8000))
+    boot(vm, SPIN)  # its slot without dirty logging: the migration logs it for its time
     vm.start()
     return vm
 
