@@ -3,13 +3,15 @@ KVM_GET_DIRTY_LOG ioctl plus one bare grpcio echo of the same answer bytes, in t
 
 Two VMs, each with one 4 GiB dirty-logged slot at guest address 0 (memfd-backed and sparse)
 and the same real-mode guest ("unreal" ES with a 4 GiB limit): one pass stores a byte into
-every 100th page (10480 pages, 1%), then halts. One VM belongs to an in-process kvmd reached
-over a Unix socket (the guest is woken for each pass by InjectInterrupt); the other is made
-directly with the binding (`kvmd.kvm`), its vCPU run to the HLT from Python. After every
+every 100th page (10480 pages, 1%), then halts. One VM belongs to kvmd, run as its own
+process (as in production) and reached over a Unix socket (the guest is woken for each pass
+by InjectInterrupt); the other is made directly with the binding (`kvmd.kvm`), its vCPU run
+to the HLT from this process. After every
 pass, one call is timed: GetDirtyLog (form AUTO: the pages as ranges, being shorter than the
 128 KiB bitmap here; also BITMAP), against the raw ioctl plus a bare grpcio unary echo of as
-many bytes as GetDirtyLog's answer carried (the floor any gRPC answer pays here). Not a
-test: it asserts nothing about speed.
+many bytes as GetDirtyLog's answer carried (the floor any gRPC answer pays here), served by
+the bare grpcio server of the other benchmarks in its own process. Not a test: it asserts
+nothing about speed.
 
     .venv/bin/python benchmarks/dirty_log.py [--passes N] [--slot-gib N]
 
@@ -20,7 +22,7 @@ manual-protect and ring modes beside the bitmap's: benchmarks/dirty_modes.py.
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -29,8 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-from rpc_latency import ECHO_METHOD, start_echo_server
+from bench_support import EchoServer, Kvmd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "state"))
@@ -38,9 +39,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "state"))
 from state_guests import assemble  # noqa: E402
 
 from kvmd.kvm import HltExit, Kvm, Regs  # noqa: E402
-from kvmd.server import Config, Daemon  # noqa: E402
 from kvmd_proto import vmm_pb2 as pb  # noqa: E402
-from kvmd_proto import vmm_pb2_grpc as rpc  # noqa: E402
 
 GiB = 1 << 30
 PAGE = 4096
@@ -92,25 +91,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slot-gib", type=int, default=4)
     args = parser.parse_args()
-    logging.disable(logging.WARNING)
     size = args.slot_gib * GiB
     pages = (size - FIRST) // (STRIDE_PAGES * PAGE) - 1
     code = guest(pages)
 
-    with tempfile.TemporaryDirectory(prefix="kvmd-bench-") as tmp, Kvm() as kvm:
-        address = f"unix://{tmp}/kvmd.sock"
-        daemon = Daemon(Config(listen=[address], log_level="warning",
-                               max_memory_per_vm_bytes=2 * size,
-                               max_memory_total_bytes=3 * size))
-        daemon.start()
-        echo_server = start_echo_server(f"unix://{tmp}/echo.sock")
-        options = [("grpc.max_receive_message_length", 16 << 20)]
-        echo_channel = grpc.insecure_channel(f"unix://{tmp}/echo.sock", options=options)
-        channel = grpc.insecure_channel(address, options=options)
-        raw_vm = kvm.create_vm()
+    with tempfile.TemporaryDirectory(prefix="kvmd-bench-") as tmp, Kvm() as kvm, \
+            kvm.create_vm() as raw_vm:
+        daemon = Kvmd.start(os.path.join(tmp, "kvmd.sock"))
+        echo_server: EchoServer | None = None
         try:
-            vms, memory, vcpus = (rpc.VmsStub(channel), rpc.MemoryStub(channel),
-                                  rpc.VcpusStub(channel))
+            echo_server = EchoServer(os.path.join(tmp, "echo.sock"))
+            vms, memory, vcpus = daemon.vms, daemon.memory, daemon.vcpus
             vms.CreateVm(pb.CreateVmRequest(vm_id="dirty"))
             region = memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
                 vm_id="dirty", guest_addr=0, size=size, log_dirty=True))
@@ -169,7 +160,7 @@ def main() -> None:
                 request = pb.PollDirtyLogRequest(vm_id="dirty", slot=region.slot, form=form)
                 return lambda: [memory.PollDirtyLog(request).log]
 
-            echo = echo_channel.unary_unary(ECHO_METHOD)
+            echo = echo_server.unary
             forms = dict(zip(CALLS, (
                 get_dirty_log(pb.GetDirtyLogRequest.AUTO),
                 get_dirty_log(pb.GetDirtyLogRequest.BITMAP),
@@ -205,11 +196,9 @@ def main() -> None:
                 rounds.append({k: statistics.median(v) for k, v in times.items()})
             dirty = sum(bin(b).count("1") for b in bitmap)
         finally:
-            echo_channel.close()
-            echo_server.stop(None)
-            channel.close()
+            if echo_server is not None:
+                echo_server.stop()
             daemon.stop()
-            raw_vm.close()
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in rounds)

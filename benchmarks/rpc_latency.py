@@ -28,21 +28,14 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 from bench_support import EchoServer, Kvmd, build_c, load_average, percentile, spread
 
 from kvmd_proto import vmm_pb2 as pb
 
 SLOT_BYTES = 64 << 20
-# An in-process bare grpcio server, for benchmarks that move large payloads (dirty_log.py).
-WORKERS = 16
-MESSAGE_BYTES = 16 << 20
-ECHO_METHOD = "/bench.Echo/Echo"
-ECHO_STREAM_METHOD = "/bench.Echo/EchoStream"
 BATCH = 20
 STEP_TARGET = 1.10
 CYCLE_TARGET = 1.15
@@ -64,31 +57,6 @@ class Row:
 
     def ratios(self) -> list[float]:
         return [a / b for a, b in zip(self.p50s, self.refs, strict=True)]
-
-
-def _echo_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-    yield request
-
-
-def start_echo_server(address: str) -> grpc.Server:
-    """A bare grpcio server in this process returning its request (bytes in, bytes out):
-    unary `Echo`, and `EchoStream`, a server stream of one message (the shape of
-    GetDirtyLog). Used by dirty_log.py."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=WORKERS),
-        options=[("grpc.max_receive_message_length", MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MESSAGE_BYTES)])
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.unary_unary_rpc_method_handler(
-            lambda request, context: request,
-            request_deserializer=None, response_serializer=None),
-        "EchoStream": grpc.unary_stream_rpc_method_handler(
-            _echo_stream, request_deserializer=None, response_serializer=None),
-    })
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(address)
-    server.start()
-    return server
 
 
 def run_c(cycles: int) -> dict[str, float]:
