@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 from api_support import RunningDaemon, error_info
 
+from kvmd.api import convert
+from kvmd.core.errors import InvalidArgument, KernelError, Reason
 from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
@@ -84,3 +90,44 @@ def test_resource_removed_during_read_stream(api: RunningDaemon, what: str) -> N
         expected = INVALID  # the rest of the range is no longer guest memory
     # Chunks already produced may still arrive; then the stream fails with the code.
     api.assert_code(lambda: list(stream), expected)
+
+
+# What a GetVm raises, the status the caller gets, and how the daemon logs it: a caller's
+# mistake or the host running out at INFO without a traceback; a kernel failure, another
+# OSError, a daemon bug at ERROR with the traceback an operator needs.
+FAILURES = {
+    "caller's mistake": (InvalidArgument("bad", reason=Reason.VALUE_OUT_OF_RANGE),
+                         INVALID, logging.INFO),
+    "kernel failure": (KernelError("boom", errno=errno.EIO, ioctl="KVM_RUN"),
+                       grpc.StatusCode.INTERNAL, logging.ERROR),
+    "host out of memory": (OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED, logging.INFO),
+    "other OSError": (OSError(errno.EIO, os.strerror(errno.EIO)), grpc.StatusCode.INTERNAL,
+                      logging.ERROR),
+    "daemon bug": (RuntimeError("bug"), grpc.StatusCode.INTERNAL, logging.ERROR),
+}
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_a_failure_is_logged_by_whose_fault_it_is(api: RunningDaemon,
+                                                  caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  case: str) -> None:
+    exc, code, level = FAILURES[case]
+
+    def fail(*args: Any) -> Any:
+        raise exc
+
+    api.create_vm("logged")
+    caplog.set_level(logging.INFO, logger="kvmd")
+    with monkeypatch.context() as m:
+        m.setattr(convert, "vm_to_pb", fail)
+        err = api.assert_code(lambda: api.vms.GetVm(pb.GetVmRequest(vm_id="logged")), code)
+    if isinstance(exc, OSError) and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        info = error_info(err)
+        assert info is not None and info.metadata["errno"] == str(errno.ENOMEM)
+    records = [r for r in caplog.records if r.getMessage() == "rpc failed"
+               and getattr(r, "method", "").endswith("/GetVm")]
+    assert [(r.levelno, r.exc_info is not None) for r in records] \
+        == [(level, level == logging.ERROR)], records
+    assert api.vms.GetVm(pb.GetVmRequest(vm_id="logged")).vm_id == "logged"
