@@ -291,6 +291,20 @@ def test_ring_entries_for_an_untracked_slot_are_counted_as_dropped(vm: Vm) -> No
     assert vm.reset_dirty_rings() == 3
 
 
+def test_ring_entries_past_the_end_of_a_tracked_slot_are_dropped_not_set(vm: Vm) -> None:
+    # Bitmaps made for a 2-page slot (the slot grew since: removed and added again): the
+    # entry for page 2, the first past them, is dropped as page 3's is, not set as a bit.
+    vm.enable_dirty_ring(MIN_DIRTY_RING_BYTES * 4)
+    vcpu = boot_long_mode(vm, store_bytes_program(page_addrs(DATA_SLOT_ADDR, [1, 2, 3])))
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 16 * PAGE_SIZE, log_dirty=True)
+    bitmaps = DirtyBitmaps({slot: 2 * PAGE_SIZE})
+    run_to_hlt(vcpu)
+    assert vm.harvest_dirty_rings(bitmaps) == 3
+    assert bitmaps.dirty_pages(slot) == [1]
+    assert bitmaps.dropped == 2
+    assert vm.reset_dirty_rings() == 3
+
+
 def test_ring_full_exit_then_harvest_reset_and_continue(kvm: Kvm, vm: Vm) -> None:
     # A ring of the smallest size the kernel takes; the guest stores to 300 pages, with an
     # exit after each store so KVM checks the ring between stores (see the PVM quirk
