@@ -91,6 +91,28 @@ def test_a_full_budget_still_answers_the_health_check(daemon_factory: DaemonFact
     api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="rate"))
 
 
+def test_a_call_the_budget_refuses_leaves_the_gate_it_passed(
+        daemon_factory: DaemonFactory) -> None:
+    """The hand-over gate admits a call before the budget refuses it: the refusal must
+    leave the gate too, or a later hand-over waits for a call that no longer exists."""
+    api = daemon_factory(max_calls_per_identity=1)
+    api.create_vm("gated")
+    api.add_memory("gated", 0, 1 << 16, log_dirty=True)
+    held = api.memory.MeasureDirtyRate.future(pb.MeasureDirtyRateRequest(
+        vm_id="gated", duration_ms=500))
+    try:
+        wait_until(lambda: api.daemon.budget.usage("local").calls == 1, 10,
+                   "the measurement to hold the caller's one call")
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as err:
+                api.vms.GetVm(pb.GetVmRequest(vm_id="gated"))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        held.result(timeout=30)
+    assert api.daemon.gate.wait_idle(10, long_lived=False) == {}
+    api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="gated"))
+
+
 def test_an_identity_leaves_no_entry_once_its_calls_and_streams_end() -> None:
     """The per-identity table holds callers with something open only: it does not grow
     with every identity that ever called."""

@@ -81,3 +81,14 @@ def test_packed_runs_past_their_cap_are_given_up() -> None:
     assert bitmap_runs_packed(bitmap, len(firsts) - 1) is None
     assert bitmap_runs_packed(bitmap, 0) is None
     assert bitmap_runs_packed(bytes(64), 0) == (b"", b"", 0)
+
+
+@pytest.mark.parametrize("first", [128, 16384, 1 << 21])
+def test_a_run_whose_varint_just_fills_the_cap_is_kept_and_one_byte_less_gives_up(
+        first: int) -> None:
+    # First pages whose varint is exactly one byte longer than the value below them
+    # (128: 2 bytes, 16384: 3, 2^21: 4): the exact size counts near the cap, never past it.
+    bitmap = (1 << first).to_bytes(first // 8 + 1, "little")
+    size = len(varint(first))
+    assert bitmap_runs_packed(bitmap, size) == (varint(first), varint(1), 1)
+    assert bitmap_runs_packed(bitmap, size - 1) is None
