@@ -13,7 +13,7 @@ import pytest
 from api_support import DaemonFactory, RunningDaemon, error_info
 from polling import wait_until
 
-from kvmd.api.streams import END_KEY, END_SHUTDOWN
+from kvmd.api.streams import END_CLOSED, END_KEY, END_SHUTDOWN
 from kvmd_proto import vmm_pb2 as pb
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -136,6 +136,21 @@ def test_stop_ends_every_stream_cleanly(daemon_factory: DaemonFactory) -> None:
         assert isinstance(received[name], list), received[name]
         assert stream.code() == grpc.StatusCode.OK
         assert _trailing(stream).get(END_KEY) == END_SHUTDOWN
+
+
+def test_streams_of_a_deleted_vm_end_saying_closed(api: RunningDaemon) -> None:
+    # "closed", not "shutdown": the client library re-opens a stream after "shutdown", which
+    # for a VM that is gone would only fail NOT_FOUND.
+    api.create_vm("gone")
+    watch = api.vms.WatchVm(pb.WatchVmRequest(vm_id="gone", include_current=True), timeout=60)
+    console = api.vms.StreamConsole(pb.StreamConsoleRequest(vm_id="gone"), timeout=60)
+    assert next(watch).type == "state"
+    wait_until(lambda: len(api.daemon.streams) == 2, 10, "both streams to follow")
+    api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="gone"))
+    for stream in (watch, console):
+        list(stream)
+        assert stream.code() == grpc.StatusCode.OK
+        assert _trailing(stream).get(END_KEY) == END_CLOSED
 
 
 @pytest.mark.parametrize("ranges", [1025])

@@ -209,6 +209,16 @@ def test_a_new_daemon_failing_before_the_switch_leaves_the_old_serving(
         received += item.data
     console.cancel()
     assert_consecutive(numbers(received), "v1")
+    # A stream opened now is followed (its events arrive), not ended at once as the
+    # hand-over ended those open then: the client above would only have reconnected.
+    stubs = Stubs.of(grpc.insecure_channel(old.address))
+    watch = stubs.vms.WatchVm(pb.WatchVmRequest(vm_id="v1", include_current=True), timeout=30)
+    assert next(watch).state == "running"
+    c.pause_vm("v1")
+    assert next(watch).state == "paused"
+    c.resume_vm("v1")
+    watch.cancel()
+    stubs.close()
     # And it can still be taken over properly.
     new = Kvmd(tmp_path, "--take-over")
     assert old.wait(60) == 0

@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from guests import mov_al_mem16, mov_ax, mov_ds_ax, mov_mem16_al
+from guests import SPIN, mov_al_mem16, mov_ax, mov_ds_ax, mov_mem16_al
 from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_program, port_loop
 from polling import wait_until
 from runctl_api import Api, Code, ExitHandler, mmio, pio
@@ -138,6 +138,11 @@ def test_bad_claims_are_refused(api: Api) -> None:
     ]
     for first, code in cases:
         refused(api, api.handler("claims", [], first=first), code)
+    # The documented longest deadline itself is taken.
+    longest = api.handler("claims", [pio(0x300)], deadline_ms=60_000)
+    longest.claimed()
+    longest.close()
+    assert longest.wait_ended() == Code.OK
     api.delete("claims")
 
 
@@ -224,19 +229,22 @@ def test_stop_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
 
 def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     """PauseVm while a vCPU waits for a slow handler must not fail with INTERNAL: the
-    pause takes effect once the exit is answered (within the claim's deadline)."""
-    api.boot("stuck-pause", in_twice_program())
+    pause takes effect once the exit is answered (within the claim's deadline), also
+    beside a vCPU that pauses at once (the VM's wait is its slowest vCPU's)."""
+    api.boot("stuck-pause", {0x1000: SPIN, 0x1100: in_twice_program()},
+             entries={0: 0x1000, 1: 0x1100})
     handler = api.handler("stuck-pause", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
     handler.claimed()
     api.start("stuck-pause")
     exit_ = handler.next_exit()
+    assert exit_.vcpu_id == 1
     # Answer after 6 s: longer than the daemon's internal 5 s state-change wait.
     threading.Timer(6.0, handler.reply, (exit_.exit_id, b"\x07")).start()
     vm = api.vms.PauseVm(pb.VmRef(vm_id="stuck-pause"), timeout=15)
     assert vm.state == "paused"
     api.resume("stuck-pause")
-    api.wait_vcpu_state("stuck-pause", "halted")  # at the program's hlt
-    assert api.regs("stuck-pause").rbx & 0xFF == 0x07  # the answer reached the guest
+    api.wait_vcpu_state("stuck-pause", "halted", 1)  # at the program's hlt
+    assert api.regs("stuck-pause", 1).rbx & 0xFF == 0x07  # the answer reached the guest
     api.stop("stuck-pause")
     api.delete("stuck-pause")
 
