@@ -15,9 +15,10 @@ from kvmd.core.devices import (
 )
 from kvmd.core.events import Broadcaster
 from kvmd.core.state import UartState
+from kvmd.kvm import UartRegs
 
 COM1 = 0x3F8
-THR, IER, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 3, COM1 + 4, COM1 + 5
+THR, IER, IIR, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 2, COM1 + 3, COM1 + 4, COM1 + 5
 
 
 def test_a_full_transmit_ring_is_drained_in_order_never_lost() -> None:
@@ -64,6 +65,51 @@ def test_loopback_input_is_bounded_and_overruns_are_counted() -> None:
     assert uart.feed(b"y") == 0  # the FIFO is full: nothing queued
     uart.write(MCR, b"\x08")
     assert uart.console.backlog() == b""  # nothing was transmitted
+
+
+def test_arming_says_when_bytes_already_wait_unsignalled() -> None:
+    # A byte sent while disarmed (the pump between its drain and its arm) signals nothing:
+    # arm() must say it waits, or it sits in the ring until the guest prints again.
+    regs = UartRegs(COM1, tx_bytes=16, rx_bytes=16)
+    assert regs.write(0, ord("A"))  # the first byte signals, and disarms
+    assert regs.write(0, ord("B"))  # sent while disarmed
+    assert regs.arm() is True
+    assert regs.take_output() == b"AB"
+    assert regs.arm() is False
+
+
+def test_the_transmitter_interrupt_is_acknowledged_by_reading_iir() -> None:
+    uart = Uart16550(Console(64))
+    uart.write(IER, b"\x02")  # THR-empty interrupt on: pending at once
+    assert uart.read(IIR, 1) == b"\xc2"  # FIFOs, THR empty
+    assert uart.read(IIR, 1) == b"\xc1"  # acknowledged: no interrupt
+    assert uart.save_state().thre_pending is False
+    uart.write(THR, b"x")  # the next byte sent empties the THR again
+    assert uart.read(IIR, 1) == b"\xc2"
+    uart.write(IER, b"\x03")  # received data too: it outranks THR empty
+    assert uart.feed(b"z") == 1
+    assert uart.read(IIR, 1) == b"\xc4"
+    assert uart.read(IIR, 1) == b"\xc4"  # until the byte is read
+    assert uart.read(THR, 1) == b"z"
+    assert uart.read(IIR, 1) == b"\xc2"
+
+
+def test_the_receive_fifo_keeps_its_order_across_many_wraps() -> None:
+    regs = UartRegs(COM1, tx_bytes=16, rx_bytes=4)
+    for chunk in (b"abcd", b"efgh", b"ijkl", b"mn", b"opqr"):
+        assert regs.feed(chunk)[0] == len(chunk)
+        assert bytes([regs.read(0)]) == chunk[:1]
+        assert regs.get_state().rx == chunk[1:]  # what save_state would carry
+        assert bytes(regs.read(0) for _ in chunk[1:]) == chunk[1:]
+
+
+def test_a_restore_clears_an_overrun_latched_before_it() -> None:
+    uart = Uart16550(Console(64))
+    uart.write(MCR, b"\x10")  # loopback
+    for _ in range(CONSOLE_INPUT_LIMIT + 1):
+        uart.write(THR, b"x")  # one more than the FIFO holds: an overrun, LSR not read
+    uart.restore_state(UartState())
+    assert uart.read(LSR, 1)[0] & 0x03 == 0  # no data, no overrun: the state has none
 
 
 def test_save_drains_the_ring_and_restore_puts_registers_and_fifo_back() -> None:

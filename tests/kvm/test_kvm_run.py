@@ -51,6 +51,7 @@ from kvmd.kvm import (
     ShutdownExit,
     SystemEventExit,
     ThreadScheduling,
+    UartRegs,
     Vcpu,
     Vm,
     WrMsrExit,
@@ -334,6 +335,38 @@ def test_run_until_unhandled(vm: Vm) -> None:
     counts = vcpu.exit_counts()
     assert counts["unclaimed_pio"] == 2
     assert (counts["io"], counts["io_in"], counts["io_out"]) == (3, 1, 2)
+
+
+def test_uart_output_is_completed_in_c_while_it_fits_the_ring(vm: Vm) -> None:
+    # A 16-byte ring and 17 OUTs: the 16th fills it exactly (still done in C), the 17th
+    # does not fit and comes back to the caller, counted as a full ring, nothing changed.
+    vcpu = boot_real_mode(vm, real_mode_program(
+        mov_dx(UART_PORT), [0xB0, ord("A")],   # mov dx, COM1; mov al, 'A'
+        [0xEE] * 17,                            # out dx, al (x17)
+        HLT))
+    uart = UartRegs(UART_PORT, tx_bytes=16, rx_bytes=16)
+    pio = PioMap()
+    pio.attach_uart(uart)
+    assert vcpu.run_until_unhandled(pio) == _out(b"A", UART_PORT)
+    stats = uart.stats()
+    assert (stats.tx_bytes, stats.tx_pending, stats.ring_full) == (16, 16, 1)
+    assert uart.take_output() == b"A" * 16
+    assert uart.write(0, ord("A"))  # the caller's path completes the returned OUT
+    assert isinstance(vcpu.run_until_unhandled(pio), HltExit)
+    assert uart.take_output() == b"A"
+
+
+def test_a_wide_in_from_a_uart_port_reads_ones_above_the_register(vm: Vm) -> None:
+    # As Uart16550.read pads a 16-bit read, and as unclaimed ports read: 0xff.
+    vcpu = boot_real_mode(vm, real_mode_program(
+        mov_dx(UART_PORT + 5), [0xED],          # in ax, dx (LSR, completed in C)
+        mov_dx(DEBUG_PORT), [0xEF],             # out dx, ax (claimed: returned)
+        HLT))
+    uart = UartRegs(UART_PORT, tx_bytes=16, rx_bytes=16)
+    pio = PioMap()
+    pio.attach_uart(uart)
+    pio.set_claimed(DEBUG_PORT, 2, True)
+    assert vcpu.run_until_unhandled(pio) == _out(b"\x60\xff", size=2)  # THRE|TEMT
 
 
 def _entered_with(vcpu: Vcpu, sched: ThreadScheduling) -> tuple[object, int]:
