@@ -53,6 +53,27 @@ def test_at_most_max_workers_run_at_once_and_the_rest_queue() -> None:
     pool.shutdown()
 
 
+def test_idle_workers_are_reused_and_more_start_when_calls_overlap() -> None:
+    """Sequential calls need one worker; after them, calls that overlap still get a worker
+    each (up to the bound), not a queue behind the one idle worker."""
+    pool = CallPool(3, "t-reuse")
+    together = threading.Barrier(3, timeout=10)  # broken if the three never run at once
+
+    def meet() -> str:
+        together.wait()
+        return threading.current_thread().name
+
+    async def main() -> tuple[set[str], set[str]]:
+        alone = {await pool.run(lambda: threading.current_thread().name) for _ in range(50)}
+        overlapping = set(await asyncio.gather(*(pool.run(meet) for _ in range(3))))
+        return alone, overlapping
+
+    alone, overlapping = asyncio.run(main())
+    assert alone == {"t-reuse_0"}
+    assert overlapping == {"t-reuse_0", "t-reuse_1", "t-reuse_2"}
+    pool.shutdown()
+
+
 def test_a_call_cancelled_before_a_worker_takes_it_never_runs() -> None:
     pool = CallPool(1, "t-cancel")
     gate, ran = threading.Event(), []
