@@ -119,7 +119,8 @@ def test_complete_pending_io_finishes_the_in_without_running_the_guest(vm: Vm) -
 def test_complete_io_in_refused(vm: Vm) -> None:
     vcpu = boot_real_mode(vm, in_then_out_program(0x10, 0x11))
     assert run_guarded(vcpu) == _in(0x10)
-    assert _errno_of(vcpu.complete_io_in, b"\x41\x41") == errno.EINVAL   # wrong length
+    assert _errno_of(vcpu.complete_io_in, b"\x41\x41") == errno.EINVAL   # too long
+    assert _errno_of(vcpu.complete_io_in, b"") == errno.EINVAL           # too short
     assert _errno_of(vcpu.complete_mmio_read, b"\x41") == errno.EINVAL   # not an MMIO exit
     assert _errno_of(vcpu.complete_msr, 1) == errno.EINVAL               # not an MSR exit
     vcpu.complete_io_in(b"\x41")
@@ -190,6 +191,8 @@ def test_mmio_dword_write(vm: Vm) -> None:
     ))
     assert run_guarded(vcpu) == MmioExit(address=MMIO_ADDR + 0x20, length=4, is_write=True,
                                          data=bytes.fromhex("efbeadde"))
+    counts = vcpu.exit_counts()  # a write alone: counted as one, not as a read
+    assert (counts["mmio"], counts["mmio_write"], counts["mmio_read"]) == (1, 1, 0)
 
 
 def test_hlt(vm: Vm) -> None:
