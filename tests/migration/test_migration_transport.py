@@ -1,0 +1,51 @@
+"""The source's stream to a target (kvmd.migration.transport.GrpcTransport) on its own,
+against a stand-in target: what it does when the target stops reading."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from kvmd.core.errors import Unavailable
+from kvmd.migration.precopy import MigrationOptions
+from kvmd.migration.transport import METHOD, GrpcTransport
+from kvmd_proto import vmm_pb2 as pb
+
+FRAME = bytes(1 << 20)
+
+
+def test_a_target_that_stops_reading_fails_the_send_after_the_timeout() -> None:
+    """No data socket: the bytes go on the stream. The target accepts, then reads nothing
+    more (hung, stopped): once grpc's window and the queue are full, the source gives up
+    after timeout_ms with UNAVAILABLE, instead of waiting for ever with the VM migrating."""
+    release = threading.Event()
+
+    def receive(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        pb.MigrationMessage.FromString(next(requests))  # the start
+        yield pb.MigrationReply(accepted=pb.MigrationAccepted(vm_id="v")).SerializeToString()
+        release.wait(60)  # and never reads again
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    service, method = METHOD.rsplit("/", 1)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(receive)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    transport = GrpcTransport(f"127.0.0.1:{port}", "token", None,
+                              MigrationOptions(timeout_ms=1000))
+    try:
+        assert transport.start("v") == "v"
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="stopped reading for 1 s"):
+            for _ in range(1000):  # 1 GiB: far more than any window or queue holds
+                transport.send([FRAME])
+        assert time.monotonic() - started < 30
+    finally:
+        release.set()
+        transport.close()
+        server.stop(None)
