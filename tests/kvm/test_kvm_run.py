@@ -172,7 +172,8 @@ def test_mmio_write_and_read(vm: Vm) -> None:
                                          data=b"\x5a")
     assert run_guarded(vcpu) == MmioExit(address=MMIO_ADDR + 0x18, length=1, is_write=False,
                                          data=b"")
-    assert _errno_of(vcpu.complete_mmio_read, b"\x77\x77") == errno.EINVAL   # wrong length
+    assert _errno_of(vcpu.complete_mmio_read, b"\x77\x77") == errno.EINVAL   # too long
+    assert _errno_of(vcpu.complete_mmio_read, b"") == errno.EINVAL           # too short
     assert _errno_of(vcpu.complete_io_in, b"\x77") == errno.EINVAL           # not an IN
     vcpu.complete_mmio_read(b"\x77")
     assert isinstance(run_guarded(vcpu), HltExit)

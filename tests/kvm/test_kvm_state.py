@@ -758,6 +758,10 @@ SLAVE = PicState(last_irr=0, irr=0x40, imr=0x5A, isr=0, priority_add=3, irq_base
                  read_reg_select=0, poll=0, special_mask=1, init_state=0, auto_eoi=1,
                  rotate_on_auto_eoi=0, special_fully_nested_mode=0, init4=1, elcr=0x0C,
                  elcr_mask=0xDE)
+# The flags MASTER and SLAVE both leave clear (set here only: poll mode would change what
+# the guest reads from them in the tests below).
+FLAGS = PicState(irq_base=0x20, poll=1, init_state=1, rotate_on_auto_eoi=1, init4=1,
+                 elcr_mask=0xF8)
 
 
 def test_irqchip_reset_state(vm: Vm) -> None:
@@ -774,6 +778,8 @@ def test_pic_roundtrip(vm: Vm) -> None:
     assert vm.get_irqchip(IrqChip.PIC_MASTER) == MASTER
     assert vm.get_irqchip(IrqChip.PIC_SLAVE) == SLAVE
     assert vm.get_irqchip(0) == MASTER   # plain chip numbers work too
+    vm.set_irqchip(IrqChip.PIC_MASTER, FLAGS)
+    assert vm.get_irqchip(IrqChip.PIC_MASTER) == FLAGS
 
 
 def test_pic_state_reaches_the_guest(vm: Vm) -> None:

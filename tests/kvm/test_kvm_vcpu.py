@@ -244,6 +244,21 @@ def test_vcpu_events_roundtrip(vm: Vm) -> None:
     assert vcpu.get_vcpu_events() == events
 
 
+@pytest.mark.parametrize("injected", [
+    {"interrupt_injected": 1, "interrupt_nr": 0x31},
+    {"exception_injected": 1, "exception_nr": 13, "exception_has_error_code": 1,
+     "exception_error_code": 0x10},
+    {"nmi_injected": 1},
+])
+def test_an_event_being_injected_roundtrips(vm: Vm, injected: dict[str, int]) -> None:
+    # What a vCPU saved in the middle of delivering an event must get back: the vector too.
+    vm.create_irq_chip()
+    vcpu = vm.create_vcpu(0)
+    events = dataclasses.replace(vcpu.get_vcpu_events(), **injected)
+    vcpu.set_vcpu_events(events)
+    assert vcpu.get_vcpu_events() == events
+
+
 def test_vcpu_events_refused(vm: Vm) -> None:
     vcpu = vm.create_vcpu(0)
     events = vcpu.get_vcpu_events()
