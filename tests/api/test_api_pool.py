@@ -74,6 +74,34 @@ def test_idle_workers_are_reused_and_more_start_when_calls_overlap() -> None:
     pool.shutdown()
 
 
+def test_a_call_whose_caller_left_while_it_ran_reports_nothing_to_the_loop() -> None:
+    """The client went away while a worker ran its call: the outcome is dropped quietly,
+    not set on the cancelled future (asyncio would log an InvalidStateError as ERROR)."""
+    pool = CallPool(1, "t-left")
+    taken, finish = threading.Event(), threading.Event()
+    problems: list[dict[str, object]] = []
+
+    def work() -> str:
+        taken.set()
+        finish.wait(10)
+        return "late"
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: problems.append(ctx))
+        call = asyncio.ensure_future(pool.run(work))
+        while not taken.is_set():
+            await asyncio.sleep(0.005)
+        call.cancel()
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.2)  # the outcome reaches the loop meanwhile
+
+    asyncio.run(main())
+    pool.shutdown()
+    assert problems == []
+
+
 def test_a_call_cancelled_before_a_worker_takes_it_never_runs() -> None:
     pool = CallPool(1, "t-cancel")
     gate, ran = threading.Event(), []
