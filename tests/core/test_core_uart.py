@@ -112,6 +112,16 @@ def test_a_restore_clears_an_overrun_latched_before_it() -> None:
     assert uart.read(LSR, 1)[0] & 0x03 == 0  # no data, no overrun: the state has none
 
 
+def test_input_raises_the_interrupt_only_when_the_guest_enabled_it() -> None:
+    raised: list[int] = []
+    uart = Uart16550(Console(64), raise_irq=lambda: raised.append(1))
+    assert uart.feed(b"a") == 1
+    assert raised == []  # a polling guest (IER bit 0 clear) gets no interrupt
+    uart.write(IER, b"\x01")
+    assert uart.feed(b"b") == 1
+    assert raised == [1]
+
+
 def test_save_drains_the_ring_and_restore_puts_registers_and_fifo_back() -> None:
     console = Console(64)
     uart = Uart16550(console)
