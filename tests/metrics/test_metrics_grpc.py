@@ -120,6 +120,26 @@ def test_a_stream_the_client_abandons_is_counted_with_the_clients_code(
     mkvmd.delete("vm1")
 
 
+def test_a_busy_stream_the_client_abandons_is_counted_cancelled(mkvmd: MetricsDaemon) -> None:
+    """Abandoned while the daemon is still sending (a long ReadGuestMemory, not an idle
+    WatchVm): its generator ends with GeneratorExit at a yield, and that is still the
+    client's CANCELLED, not an UNKNOWN error."""
+    mkvmd.vms.CreateVm(pb.CreateVmRequest(vm_id="vm1"), timeout=RPC_TIMEOUT)
+    size = 64 << 20
+    mkvmd.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+        vm_id="vm1", guest_addr=0, size=size), timeout=RPC_TIMEOUT)
+    stream = mkvmd.memory.ReadGuestMemory(pb.ReadGuestMemoryRequest(
+        vm_id="vm1", guest_addr=0, length=size, chunk_size=4096), timeout=RPC_TIMEOUT)
+    next(stream)
+    stream.cancel()
+    wait_for(lambda: durations(mkvmd.scrape(), READ_MEMORY) >= 1,
+             "the ReadGuestMemory stream counted")
+    counted = {smp.labels["code"]: smp.value
+               for smp in mkvmd.scrape().find("kvmd_grpc_requests_total", method=READ_MEMORY)}
+    assert counted == {"CANCELLED": 1}, counted
+    mkvmd.delete("vm1")
+
+
 def test_a_stream_ended_by_deleting_its_vm_is_counted_once(mkvmd: MetricsDaemon) -> None:
     """A WatchVm stream ends (server side) when its VM is deleted: counted exactly once."""
     mkvmd.vms.CreateVm(pb.CreateVmRequest(vm_id="vm1"), timeout=RPC_TIMEOUT)
