@@ -3,8 +3,11 @@ every RPC is counted once with its final status code, unary and streaming alike.
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from metrics_support import RAM_SIZE, RPC_TIMEOUT, MetricsDaemon, Scrape, wait_for
 
 from kvmd_proto import vmm_pb2 as pb
@@ -14,6 +17,7 @@ CREATE_VM = "/kvmd.v1.Vms/CreateVm"
 READ_MEMORY = "/kvmd.v1.Memory/ReadGuestMemory"
 WRITE_MEMORY = "/kvmd.v1.Memory/WriteGuestMemory"
 WATCH_VM = "/kvmd.v1.Vms/WatchVm"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 def requests(scrape: Scrape, method: str, code: str) -> float:
@@ -155,3 +159,17 @@ def test_a_stream_ended_by_deleting_its_vm_is_counted_once(mkvmd: MetricsDaemon)
     wait_for(lambda: durations(mkvmd.scrape(), WATCH_VM) >= 1, "the WatchVm stream counted")
     s = mkvmd.scrape()
     assert sum(smp.value for smp in s.find("kvmd_grpc_requests_total", method=WATCH_VM)) == 1
+
+
+def test_a_health_check_of_an_unknown_service_is_not_found_and_no_error(
+        mkvmd: MetricsDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    """grpc's own health servicer aborts the call itself (NOT_FOUND): the daemon passes its
+    status through, counts it as NOT_FOUND and logs no error (a load balancer probing a
+    wrong name is not a daemon failure)."""
+    health = health_pb2_grpc.HealthStub(mkvmd.channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=RPC_TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    wait_for(lambda: durations(mkvmd.scrape(), HEALTH_CHECK) >= 1, "the check counted")
+    assert requests(mkvmd.scrape(), HEALTH_CHECK, "NOT_FOUND") == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
