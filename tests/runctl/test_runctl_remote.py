@@ -14,6 +14,7 @@ from polling import wait_until
 from runctl_api import Api, Code, ExitHandler, mmio, pio
 
 from kvmd_proto import vmm_pb2 as pb
+from kvmd_proto import vmm_pb2_grpc as rpc
 
 LONG_DEADLINE_MS = 30_000  # longer than any wait below: only the failure can release it
 
@@ -247,6 +248,25 @@ def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     assert api.regs("stuck-pause", 1).rbx & 0xFF == 0x07  # the answer reached the guest
     api.stop("stuck-pause")
     api.delete("stuck-pause")
+
+
+def test_a_snapshot_waits_for_a_vcpu_in_a_slow_remote_exit(api: Api) -> None:
+    """The daemon's own pauses (a snapshot's hold; a migration's switch-over and a
+    hand-over pause the same way) wait for an exit within the claim's deadline too: the
+    snapshot is taken once the handler answers, after the 5 s state-change wait."""
+    api.boot("stuck-snap", in_twice_program())
+    handler = api.handler("stuck-snap", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("stuck-snap")
+    exit_ = handler.next_exit()
+    threading.Timer(6.0, handler.reply, (exit_.exit_id, b"\x07")).start()
+    snapshots = rpc.SnapshotsStub(api.channel)
+    replies = list(snapshots.SnapshotVm(pb.SnapshotVmRequest(vm_id="stuck-snap"), timeout=20))
+    assert replies[-1].HasField("done"), replies[-1]
+    api.wait_vcpu_state("stuck-snap", "halted")  # ran on: the answer, then the hlt
+    assert api.regs("stuck-snap").rbx & 0xFF == 0x07
+    api.stop("stuck-snap")
+    api.delete("stuck-snap")
 
 
 def test_a_resume_cancels_a_pause_still_waiting_for_a_handler(api: Api) -> None:
