@@ -1,16 +1,21 @@
 """The target's data socket on its own (kvmd.migration.dataplane), over real sockets: what
-it refuses besides a wrong secret (test_migration_dataplane has that, through a daemon)."""
+it refuses besides a wrong secret (test_migration_dataplane has that, through a daemon); and
+its traffic keeping the target's stream alive."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from dataclasses import dataclass, field
 
 import pytest
 from migration_support import Pki
 
-from kvmd.core.errors import DomainError, InvalidArgument
+from kvmd.api.migration import _Requests
+from kvmd.core.errors import DeadlineExceeded, DomainError, InvalidArgument
 from kvmd.migration.dataplane import DataListener, DataSender, client_context, server_context
+from kvmd_proto import vmm_pb2 as pb
 
 
 def test_more_bytes_than_the_finish_counts_are_refused() -> None:
@@ -61,3 +66,56 @@ def test_a_tls_data_socket_wants_a_client_certificate(pki: Pki) -> None:
         assert b"".join(fed) == b"\x02" * 10
     finally:
         listener.close()
+
+
+class _Silent:
+    """A request stream that sends nothing until told, then one message."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    def __aiter__(self) -> _Silent:
+        return self
+
+    async def __anext__(self) -> pb.MigrationMessage:
+        await self.go.wait()
+        return pb.MigrationMessage()
+
+
+@dataclass
+class _Traffic:
+    """What the stream's wait reads of a data socket."""
+
+    error: DomainError | None = None
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+@pytest.mark.parametrize("moving", [True, False])
+def test_bytes_on_the_data_socket_keep_a_silent_stream_alive(moving: bool) -> None:
+    """The source sends pages on its data socket and nothing on the stream meanwhile: that
+    is a source alive, not one that went quiet. Without traffic either, the wait ends."""
+    idle = 0.5
+
+    async def scenario() -> pb.MigrationMessage | memoryview | None:
+        silent, traffic = _Silent(), _Traffic()
+        requests = _Requests(silent)
+
+        async def source() -> None:
+            for _ in range(int(4 * idle / 0.05)):  # four idle periods of traffic
+                if moving:
+                    traffic.last_activity = time.monotonic()
+                await asyncio.sleep(0.05)
+            silent.go.set()
+
+        sending = asyncio.ensure_future(source())
+        try:
+            return await requests.next(idle, None, traffic)  # type: ignore[arg-type]
+        finally:
+            sending.cancel()
+            requests.close()
+
+    if moving:
+        assert asyncio.run(scenario()) == pb.MigrationMessage()
+    else:
+        with pytest.raises(DeadlineExceeded, match=r"sent nothing for 0\.5 s"):
+            asyncio.run(scenario())
