@@ -6,12 +6,11 @@ and the same real-mode guest ("unreal" ES with a 4 GiB limit): one pass stores a
 every 100th page (10480 pages, 1%), then halts. One VM belongs to kvmd, run as its own
 process (as in production) and reached over a Unix socket (the guest is woken for each pass
 by InjectInterrupt); the other is made directly with the binding (`kvmd.kvm`), its vCPU run
-to the HLT from this process. After every
-pass, one call is timed: GetDirtyLog (form AUTO: the pages as ranges, being shorter than the
-128 KiB bitmap here; also BITMAP), against the raw ioctl plus a bare grpcio unary echo of as
-many bytes as GetDirtyLog's answer carried (the floor any gRPC answer pays here), served by
-the bare grpcio server of the other benchmarks in its own process. Not a test: it asserts
-nothing about speed.
+to the HLT from this process. After every pass, one call is timed: GetDirtyLog (form AUTO:
+the pages as ranges, being shorter than the 128 KiB bitmap here; also BITMAP), against the
+raw ioctl plus a bare grpcio unary echo of as many bytes as GetDirtyLog's answer carried
+(the floor any gRPC answer pays here), served by the other benchmarks' bare grpcio server,
+in its own process too. Not a test: it asserts nothing about speed.
 
     .venv/bin/python benchmarks/dirty_log.py [--passes N] [--slot-gib N]
 
