@@ -153,11 +153,19 @@ def test_text_or_openmetrics_by_accept_header_gzip_and_head(
     status, headers, body = get(server.port, method="HEAD")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
     # Only /metrics (and /) are served; other methods are refused.
+    status, _h, body = get(server.port, "/")
+    assert status == 200 and f"{SAMPLE} 1.0".encode() in body
     assert get(server.port, "/other")[0] == 404
     assert get(server.port, method="POST")[0] == 405
     status, _h, body = get(server.port, f"/metrics?name[]={SAMPLE}")
     assert status == 200 and SAMPLE.encode() in body
     assert b"kvmd_metrics_http_connections" not in body
+    # gzip refused with q=0 (RFC 9110): plain text; any other weight: gzip.
+    status, headers, body = get(server.port, headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert "content-encoding" not in headers and f"{SAMPLE} 1.0".encode() in body
+    status, headers, body = get(server.port, headers={"Accept-Encoding": "gzip; q=0.5"})
+    assert headers.get("content-encoding") == "gzip"
+    assert f"{SAMPLE} 1.0".encode() in gzip.decompress(body)
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(
@@ -290,6 +298,21 @@ def test_malformed_requests_are_answered_and_closed(serve: Callable[..., Metrics
                 reply += chunk
             assert reply.startswith(b"HTTP/1.1 " + status), (request[:40], reply[:80])
     assert server.closed_counts()["bad_request"] == 4
+
+
+def test_an_http_1_1_client_asking_to_close_gets_the_connection_closed(
+        serve: Callable[..., MetricsServer]) -> None:
+    """`Connection: close` from an HTTP/1.1 client (curl, a health probe reading to EOF):
+    the reply says close and the server ends the connection, not at its idle timeout."""
+    server = serve(idle_timeout=60)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=PROMPT) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):  # EOF: the server closed (a timeout would raise)
+            reply += chunk
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in head
+    wait_for(lambda: server.open_connections == 0, "the connection to be let go")
 
 
 def test_http_1_0_client_that_shuts_down_its_side_is_answered(
