@@ -85,6 +85,11 @@ def test_snapshots_and_restores_are_counted_timed_and_measured(
     """kvmd_snapshots_total{kind,result}, kvmd_snapshot_bytes_total, kvmd_snapshot_seconds
     and the same for restores follow what was done, refused ones included."""
     d = metrics_daemon(state_dir=str(tmp_path / "state"))
+    before = d.scrape()  # every kind and result from the start (rate() and alerts need it)
+    for name in ("kvmd_snapshots_total", "kvmd_restores_total"):
+        for kind in ("full", "diff"):
+            for result in ("ok", "error"):
+                assert before.value(name, kind=kind, result=result) == 0, (name, kind, result)
     d.start_pio_guest("snap")
     with KvmdClient(d.address, timeout=RPC_TIMEOUT) as c:
         data, _ = c.snapshot_vm("snap")
