@@ -12,6 +12,7 @@ import grpc
 import pytest
 from migration_support import Host, LinkProxy, wait_for
 
+from kvmd.migration.precopy import Result
 from kvmd_proto import vmm_pb2 as pb
 
 # bytes/s: the 4 MiB working set takes 16 s to copy, so the failure each test causes once
@@ -105,6 +106,10 @@ def test_a_cut_link_leaves_the_vm_at_the_source_and_nothing_at_the_target(
     assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
     assert_runs_on_at_source(a, "cut")
     assert_target_keeps_nothing(b, "cut")
+    # Counted as a failed incoming migration at the target (the documented result values).
+    incoming = {dict(labels)["result"]: value for (name, labels), value in b.metrics().items()
+                if name == "kvmd_migrations_total" and dict(labels)["direction"] == "incoming"}
+    assert incoming["failed"] == 1 and set(incoming) == {r.value for r in Result}, incoming
 
 
 @pytest.mark.parametrize("how", ["CancelMigration", "caller gone"])

@@ -85,6 +85,7 @@ def test_a_vm_migrating_refuses_a_second_migration_and_changes_to_its_layout(
     first = next(iter(call))
     assert first.phase in (pb.MigrationProgress.CONNECTING, pb.MigrationProgress.COPYING)
     wait_for(lambda: a.vm("busy").migrating_to == b.target, 10, "the migration to start")
+    assert a.metrics()[("kvmd_migrations_in_progress", ())] == 1
     refused(migrate(a, "busy", b.target, "x"), FAIL.FAILED_PRECONDITION, "already migrating")
     refused(lambda: a.stubs.vms.DeleteVm(pb.DeleteVmRequest(vm_id="busy")),
             FAIL.FAILED_PRECONDITION, "migrates to", "cancel the migration")
@@ -100,6 +101,7 @@ def test_a_vm_migrating_refuses_a_second_migration_and_changes_to_its_layout(
     assert [(m.vm_id, m.direction) for m in incoming] == [("busy", "incoming")]
     call.cancel()
     wait_for(lambda: a.vm("busy").migrating_to == "", 15, "the cancel")
+    assert a.metrics()[("kvmd_migrations_in_progress", ())] == 0
     untouched(a, b, "busy")
 
 
