@@ -1,5 +1,6 @@
 """kvmd.systemd's side of systemd's protocols on its own, against real sockets: notify to an
-abstract socket, the fd store's barrier, and the fds a started daemon takes from LISTEN_*."""
+abstract socket, the fd store's barrier, the fds a started daemon takes from LISTEN_*, and
+the watchdog's interval."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmd.systemd import barrier, fd_name_valid, fd_store, notify
+from kvmd.systemd import barrier, fd_name_valid, fd_store, notify, watchdog_interval
 
 
 @pytest.fixture
@@ -104,3 +105,22 @@ def test_listen_fds_are_taken_only_when_meant_for_this_process(whose: str) -> No
     else:
         assert result["fds"] == []  # variables inherited from elsewhere name no fd of ours
         assert not result["cloexec"]
+
+
+@pytest.mark.parametrize(("usec", "pid", "interval"), [
+    ("200000", None, 0.1),            # half what systemd asks: a ping is never late
+    ("200000", "mine", 0.1),
+    ("200000", "another", None),      # meant for another process
+    ("abc", None, None),
+    (None, None, None),               # no watchdog
+])
+def test_the_watchdog_pings_at_half_the_interval_systemd_asks_for(
+        monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None,
+        interval: float | None) -> None:
+    for key, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, {"mine": str(os.getpid()),
+                                     "another": str(os.getpid() + 1)}.get(value, value))
+    assert watchdog_interval() == interval

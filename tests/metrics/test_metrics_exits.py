@@ -14,7 +14,9 @@ from metrics_support import (
     wait_for,
 )
 
+from kvmd.kvm import StatDescriptor
 from kvmd.kvm._names import X86_EXIT_REASONS
+from kvmd.metrics import _hist_buckets
 from kvmd_proto import vmm_pb2 as pb
 
 # The kernel statistics the issue names (KVM_GET_STATS_FD, per vCPU, summed per VM).
@@ -285,3 +287,14 @@ def test_the_dirty_rate_gauge_shows_the_last_measurement(mkvmd: MetricsDaemon) -
     assert mkvmd.scrape().value("kvmd_dirty_pages_per_second", vm="rate") \
         == pytest.approx(rate.dirty_pages_per_second)
     mkvmd.delete("rate")
+
+
+def test_kernel_histograms_keep_the_kernels_bucket_bounds() -> None:
+    """A log2 histogram's bucket i holds [2^(i-1), 2^i): its Prometheus bound (le) is
+    2^i - 1 units (bucket 0: zero); a linear one's bucket i ends at (i+1) bucket sizes; the
+    last bucket is +Inf. Counts become cumulative."""
+    log2 = StatDescriptor("halt_wait_hist", "log_hist", "seconds", 10, -9, 4, 0, 0)
+    assert _hist_buckets(log2, [1, 2, 3, 4], 1e-9) == [
+        ("0.0", 1), ("1e-09", 3), ("3e-09", 6), ("+Inf", 10)]
+    linear = StatDescriptor("halt_poll_hist", "linear_hist", "none", 10, 0, 3, 0, 10)
+    assert _hist_buckets(linear, [1, 1, 1], 1.0) == [("10.0", 1), ("20.0", 2), ("+Inf", 3)]
