@@ -5,6 +5,7 @@ ManagedVm's records and "pages the guest has" on a real VM."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +75,14 @@ def test_files_inside_open_and_escapes_are_refused(images: ImagesDir, root: Path
         os.fstat(fd)
     with images.open("in-link", writable=False) as opened:    # a symlink that stays inside
         assert opened.identity.same_file(os.stat(root / "sub" / "b.img"))
-    for name in ("out-link", "sub/dir-out/secret", "proc-magic"):
+        # Read-only means the descriptor cannot write (root could open it either way).
+        assert fcntl.fcntl(opened.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    # A sibling directory whose name begins with the images directory's is still outside.
+    sibling = root.parent / (root.name + "-evil")
+    sibling.mkdir()
+    (sibling / "secret").write_bytes(b"s" * P)
+    (root / "sibling-link").symlink_to(f"../{sibling.name}/secret")
+    for name in ("out-link", "sub/dir-out/secret", "proc-magic", "sibling-link"):
         with pytest.raises(PermissionDenied):
             images.open(name, writable=False)
     with pytest.raises(PermissionDenied):
