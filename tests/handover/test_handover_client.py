@@ -131,6 +131,60 @@ def test_a_console_resumes_at_its_offset(daemon: Daemon) -> None:
         again.cancel()
 
 
+def test_a_console_that_fell_behind_is_resumed_not_ended(daemon: Daemon) -> None:
+    """A reader so far behind that the daemon dropped output for it is ended "lagged": the
+    client opens it again from its offset and the output goes on."""
+    with KvmdClient(address(daemon), timeout=20) as c:
+        c.create_vm("flood")
+        vm = daemon.host.get_vm("flood")  # type: ignore[union-attr]
+        stream = c.stream_console("flood", backlog=True)
+        vm.console.output(b"start")
+        assert stream.next(10) is not None
+        for _ in range(1024):  # 16 MiB while the client reads nothing
+            vm.console.output(b"x" * (16 << 10))
+        vm.console.output(b"END")
+        deadline = time.monotonic() + 30
+        seen = b""
+        while not seen.endswith(b"END"):
+            assert time.monotonic() < deadline, "the output after the flood never came"
+            item = stream.next(10)
+            assert item is not None, "the console stream ended"
+            seen = (seen + item.data)[-3:]
+        assert stream.reopened >= 1
+        stream.cancel()
+
+
+def test_a_watch_whose_daemon_never_comes_back_gives_up_at_the_retry_timeout(
+        daemon: Daemon) -> None:
+    """Streams ended for a hand-over and the API kept closed: the watch re-opens (refused)
+    until retry_timeout, then fails UNAVAILABLE; it does not retry for ever."""
+    with KvmdClient(address(daemon), timeout=20, retry_timeout=0.5) as c:
+        c.create_vm("gone")
+        watch = c.watch_vm("gone", include_current=True)
+        assert watch.next(10) is not None
+        outcome: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                watch.next(None)
+                outcome.append(None)  # returned: an event, or the stream ended
+            except BaseException as exc:
+                outcome.append(exc)
+
+        daemon.gate.close()
+        daemon.end_streams()
+        reader = threading.Thread(target=read, daemon=True)
+        try:
+            reader.start()
+            reader.join(15)
+            assert not reader.is_alive(), "the watch kept retrying past its retry_timeout"
+            assert isinstance(outcome[0], UnavailableError), outcome
+        finally:
+            watch.cancel()
+            daemon.reopen_streams()
+            daemon.gate.open()
+
+
 def test_stream_console_offsets_are_clamped_to_the_backlog(daemon: Daemon) -> None:
     with KvmdClient(address(daemon), timeout=20) as c:
         c._vms.CreateVm(pb.CreateVmRequest(  # the client has no console_buffer_bytes
