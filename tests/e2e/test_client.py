@@ -627,10 +627,11 @@ def test_watch_ioevents(client: KvmdClient, vm_id: str) -> None:
 
 
 def test_watch_unknown_vm(client: KvmdClient, assert_healthy: Healthy) -> None:
-    with pytest.raises(NotFoundError):
-        next(iter(client.watch_ioevents("no-such-vm")))
-    with pytest.raises(NotFoundError):
-        next(iter(client.watch_irqfd_resamples("no-such-vm")))
+    for watch in (client.watch_ioevents("no-such-vm"),
+                  client.watch_irqfd_resamples("no-such-vm")):
+        with pytest.raises(NotFoundError):
+            next(iter(watch))
+        assert watch.reopened == 0  # a lasting refusal is not re-opened (only UNAVAILABLE)
     assert_healthy()
 
 

@@ -72,6 +72,9 @@ class FakeDaemon:
                 "DeleteVm": grpc.unary_unary_rpc_method_handler(
                     self._deleted, pb.DeleteVmRequest.FromString,
                     pb.DeleteVmResponse.SerializeToString),
+                "ListVms": grpc.unary_unary_rpc_method_handler(
+                    self._list, pb.ListVmsRequest.FromString,
+                    pb.ListVmsResponse.SerializeToString),
                 "WatchVm": grpc.unary_stream_rpc_method_handler(
                     self._watch, pb.WatchVmRequest.FromString, pb.VmEvent.SerializeToString),
             },
@@ -120,6 +123,10 @@ class FakeDaemon:
             self._attempt(method, context)
             return pb.Vm(vm_id=request.vm_id, state="created")
         return handle
+
+    def _list(self, request: Any, context: grpc.ServicerContext) -> pb.ListVmsResponse:
+        self._attempt("ListVms", context)
+        return pb.ListVmsResponse()
 
     def _deleted(self, request: Any, context: grpc.ServicerContext) -> pb.DeleteVmResponse:
         self._attempt("DeleteVm", context)
@@ -226,6 +233,22 @@ def test_retries_give_up_after_five_attempts(fake: FakeDaemon) -> None:
     with KvmdClient(fake.address, retry_timeout=0) as c, pytest.raises(UnavailableError):
         c.get_vm("vm1")
     assert fake.count("GetVm") == ch.RETRY_POLICY["maxAttempts"] == 5
+
+
+@pytest.mark.parametrize(("method", "call"), [
+    ("GetVm", lambda c: c.get_vm("vm1")),
+    ("ListVms", lambda c: c.list_vms()),
+])
+def test_an_idempotent_call_outlasts_grpcs_attempts_within_the_retry_timeout(
+        fake: FakeDaemon, method: str, call: Callable[[KvmdClient], Any]) -> None:
+    """A daemon that answered once and now fails (restarting, not refusing for a hand-over):
+    Get and List calls are sent again by the client itself once gRPC's five attempts are
+    spent, until retry_timeout."""
+    with KvmdClient(fake.address, retry_timeout=10) as c:
+        c.get_vm("vm0")  # the daemon was reached
+        fake.plan[method] = [UNAVAILABLE] * 7
+        call(c)
+    assert fake.count(method) == 8 + (method == "GetVm")
 
 
 @pytest.mark.parametrize("call", [
