@@ -119,10 +119,12 @@ def test_address_forms() -> None:
     assert normalize_address("/tmp/k.sock") == ("unix:///tmp/k.sock", True)
     assert normalize_address("127.0.0.1:7000") == ("127.0.0.1:7000", False)
     assert normalize_address("tcp://[::1]:7000") == ("[::1]:7000", False)
+    assert normalize_address("unix-abstract:kvmd") == ("unix-abstract:kvmd", True)
     with pytest.raises(ValueError):
         normalize_address("")
-    with pytest.raises(ValueError, match="TLS"):
-        KvmdClient("unix:///tmp/k.sock", tls_ca="/nonexistent")
+    for local in ("unix:///tmp/k.sock", "unix-abstract:kvmd"):  # Unix sockets: no TLS
+        with pytest.raises(ValueError, match="TLS"):
+            KvmdClient(local, tls_ca="/nonexistent")
 
 
 def test_error_table() -> None:
@@ -171,7 +173,9 @@ def test_rich_details_are_parsed() -> None:
     bad.Pack(error_details_pb2.BadRequest(field_violations=[
         error_details_pb2.BadRequest.FieldViolation(field="guest_addr", description=message)]))
     code = grpc.StatusCode.INVALID_ARGUMENT
-    rich = status_pb2.Status(code=code.value[0], message=message, details=[info, bad])
+    second = any_pb2.Any()  # AIP-193: one ErrorInfo; should a second come, the first counts
+    second.Pack(error_details_pb2.ErrorInfo(reason="SECOND", domain="other"))
+    rich = status_pb2.Status(code=code.value[0], message=message, details=[info, bad, second])
     error = from_rpc_error(_FakeCall(code, message, (
         ("grpc-status-details-bin", rich.SerializeToString()),)))
     assert type(error) is InvalidArgumentError

@@ -105,6 +105,7 @@ def test_help_everywhere(path: tuple[str, ...], capsys: pytest.CaptureFixture[st
         ["vm"],
         ["vm", "create"],
         ["vm", "create", "x", "--label", "novalue"],
+        ["vm", "create", "x", "--label", "=value"],             # an empty key
         ["mem", "add", "x", "0xZZ", "4096"],
         ["mem", "add", "x", "0", "-5"],
         ["mem", "write", "x", "0"],
@@ -125,6 +126,12 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in captured.err or "error:" in captured.err
 
 
+def test_a_negative_number_is_a_usage_error_before_any_call(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["vcpu", "create", "x", "-1"]) == 2
+    assert "must not be negative: '-1'" in capsys.readouterr().err
+
+
 def test_usage_errors_found_after_parsing(kvmctl: Kvmctl, vm: str) -> None:
     ok(kvmctl("vcpu", "create", vm, "0"))
     result = kvmctl("vcpu", "set-regs", vm, "0", "rpi=0x1000")  # no such register
@@ -132,6 +139,9 @@ def test_usage_errors_found_after_parsing(kvmctl: Kvmctl, vm: str) -> None:
     assert "rpi" in result.err
     result = kvmctl("vcpu", "sregs", vm, "0", "cs.base=notanumber")
     assert result.code == 2
+    result = kvmctl("vcpu", "sregs", vm, "0", "cs=5")  # a segment given a number
+    assert result.code == 2
+    assert "takes a mapping" in result.err and "Traceback" not in result.err
     assert kvmctl("irq", "route", vm).code == 2  # an empty table needs --clear
 
 
