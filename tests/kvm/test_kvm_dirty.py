@@ -235,6 +235,8 @@ def test_clear_dirty_log_refusals(vm: Vm) -> None:
     assert _errno_of(vm.clear_dirty_log, logged, 192, 64) == errno.EINVAL   # past the end
     assert _errno_of(vm.clear_dirty_log, logged, 256, 0) == errno.EINVAL    # past the end
     assert _errno_of(vm.clear_dirty_log, logged, 0, 128, b"\xff") == errno.EINVAL  # short
+    assert _errno_of(vm.clear_dirty_log, logged, 0, 128, bytes(15)) == errno.EINVAL  # a byte
+    vm.clear_dirty_log(logged, 0, 128, bytes(16))   # exactly one bit per page
     # A slot without logging: the kernel's ENOENT; an unknown slot: ENOENT.
     assert _errno_of(vm.clear_dirty_log, plain, 0, 16) == errno.ENOENT
     assert _errno_of(vm.clear_dirty_log, 9, 0, 64) == errno.ENOENT

@@ -236,6 +236,14 @@ def test_set_irq_line(vm: Vm) -> None:
 # -- GSI routing -------------------------------------------------------------------------
 
 
+def test_a_full_routing_table_is_taken_and_one_more_route_refused(vm: Vm) -> None:
+    vm.create_irq_chip()
+    table = [MsiRoute(gsi, MSI_ADDRESS, 0x20 + gsi % 200) for gsi in range(4096)]
+    vm.set_gsi_routing(table)  # KVM_MAX_IRQ_ROUTES exactly
+    assert _errno_of(vm.set_gsi_routing, [*table, MsiRoute(1, MSI_ADDRESS, 0x30)]) \
+        == errno.EINVAL
+
+
 def test_set_gsi_routing(vm: Vm, events: list[EventFd]) -> None:
     assert _errno_of(vm.set_gsi_routing, []) == errno.EINVAL   # needs the irqchip
     vm.create_irq_chip()
