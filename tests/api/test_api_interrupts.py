@@ -179,6 +179,19 @@ def test_signal_msi(api: RunningDaemon, vm: str) -> None:
     assert guest.counts() == {0x30: 3}  # the one refused before never arrived
 
 
+def test_an_msi_no_vcpu_can_take_is_not_delivered_and_no_error(api: RunningDaemon,
+                                                                vm: str) -> None:
+    """KVM answers EPERM for an MSI without a destination: that is delivered=false, as for a
+    disabled LAPIC, not a failure of the call."""
+    api.create_vm("no-vcpus", irqchip=True)
+    for vm_id, address in (("no-vcpus", MSI_ADDRESS),      # no vCPU at all
+                           (vm, MSI_ADDRESS | 5 << 12)):   # APIC ID 5: no such vCPU
+        reply = api.interrupts.SignalMsi(pb.SignalMsiRequest(
+            vm_id=vm_id, msi=pb.MsiMessage(address=address, data=0x30)))
+        assert reply.delivered is False
+    api.assert_healthy()
+
+
 def test_irqfd_lifecycle(api: RunningDaemon, vm: str) -> None:
     a = api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(vm_id=vm, irqfd_id="a", gsi=5))
     b = api.interrupts.RegisterIrqfd(pb.RegisterIrqfdRequest(

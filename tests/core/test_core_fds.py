@@ -76,19 +76,23 @@ def test_the_budget_counts_exactly_what_a_vm_holds(host: Host) -> None:
     vm.add_file_memory_region(0x200000, 4 * P, False, False, MemoryFile("f.img"))
     vm.map_file(slot, 4 * P, 2 * P, MemoryFile("f.img"))
     vm.map_file(slot, 8 * P, 2 * P, MemoryFile("f.img"))
-    vm.register_irqfd("plain", 5, False)
-    vm.register_irqfd("level", 6, True)
-    vm.register_ioevent("bell", IoSpace.MMIO, 0xD000_0000, 4, None)
+    plain = vm.register_irqfd("plain", 5, False)
+    level = vm.register_irqfd("level", 6, True)
+    bell = vm.register_ioevent("bell", IoSpace.MMIO, 0xD000_0000, 4, None)
     check()
     assert vm.fds.held == 3 + 3 * 2 + 3 + 2 + 1 + 2 + 1
     vm.unmap_file(slot, 4 * P, 2 * P)
     vm.unregister_irqfd("level")
     vm.unregister_ioevent("bell")
     check()
+    # Closed when unregistered, not whenever the last reference happens to go.
+    assert level.event.closed and level.resample is not None and level.resample.closed
+    assert bell.event.closed and not plain.event.closed
     vm.remove_memory_region(slot)  # its memfd and the file still mapped over it
     check()
     host.delete_vm("count")
     assert open_now() == base and host.fds.in_use == in_use
+    assert plain.event.closed
 
 
 def test_refusals_come_before_the_kernel_and_leave_nothing(host: Host) -> None:
