@@ -125,6 +125,12 @@ def test_create_vm_bad_labels(api: RunningDaemon) -> None:
     api.assert_code(lambda: api.create_vm("l4", labels={f"k{i}": "" for i in range(65)}),
                     INVALID)
     assert list(api.vms.ListVms(pb.ListVmsRequest()).vms) == []
+    # The documented limits themselves are taken: 64 labels, keys and values of 256.
+    for vm_id, labels in (("most-labels", {f"k{i}": "" for i in range(64)}),
+                          ("longest-key", {"k" * 256: "v"}),
+                          ("longest-value", {"k": "v" * 256})):
+        api.create_vm(vm_id, labels=labels)
+        assert dict(api.vms.GetVm(pb.GetVmRequest(vm_id=vm_id)).labels) == labels
 
 
 def test_create_vm_bad_tss_address_releases_the_vm(api: RunningDaemon) -> None:

@@ -511,6 +511,11 @@ def test_one_owner_per_address_among_devices_claims_and_ioevents(api: Api) -> No
             Code.ALREADY_EXISTS)
     free = api.handler("owners", [pio(0x321, 7), pio(0x330)])      # next to them: free
     free.claimed()
+    # An any-length ioevent (length 0) owns its address's first byte too.
+    _ioevent(api, "owners", "any-pio", pb.PIO, 0x340)
+    _ioevent(api, "owners", "any-mmio", pb.MMIO, MMIO_BASE + 0x3000)
+    refused(api, api.handler("owners", [pio(0x340)]), Code.ALREADY_EXISTS)
+    refused(api, api.handler("owners", [mmio(MMIO_BASE + 0x3000, 1)]), Code.ALREADY_EXISTS)
 
     # Released owners free their addresses for the other kinds.
     claim.close()
