@@ -406,3 +406,14 @@ def test_nmi(vm: Vm) -> None:
     assert isinstance(run_guarded(vcpu), HltExit)
     vcpu.nmi()
     assert run_guarded(vcpu) == _out(2)
+
+
+def test_an_msis_upper_address_bits_reach_kvm(vm: Vm) -> None:
+    # With the x2APIC API, KVM reads destination bits from the address's upper half and
+    # refuses a set low byte there: a binding dropping address_hi would send it silently.
+    vm.create_irq_chip()
+    vm.enable_cap("KVM_CAP_X2APIC_API", (1,))
+    vm.create_vcpu(0)
+    bad = (1 << 32) | MSI_ADDRESS
+    assert _errno_of(vm.set_gsi_routing, [MsiRoute(5, bad, 0x30)]) == errno.EINVAL
+    assert _errno_of(vm.signal_msi, bad, 0x30) == errno.EINVAL

@@ -294,8 +294,11 @@ def test_read_only_file_slot(vm: Vm, datafile: int) -> None:
         assert ex == MmioExit(address=addr, length=1, is_write=True, data=b"\x5a")
         assert isinstance(run_guarded(vcpu), HltExit)
         assert os.pread(datafile, 1, 0) == b"\x40"
-        # The host cannot write through a read-only mapping either.
+        # The host cannot write through a read-only mapping either; an empty write is a
+        # no-op there as anywhere.
         assert _errno_of(vm.write, addr, b"x") == errno.EACCES
+        vm.write(addr, b"")
+        assert vm.read(addr, 0) == b""
         assert vm.file_mappings()[0].writable is False
     finally:
         os.close(rofd)
@@ -364,6 +367,13 @@ def test_map_fd_and_unmap_fd_over_part_of_a_slot(vm: Vm, datafile: int) -> None:
     # The guest sees its own memory again too.
     restart(vm, vcpu, load_program([addr + 4 * P + 1]))
     assert guest_reads(vcpu) == own[1:2]
+    # Overlays that touch do not overlap: two files side by side, and the page after one
+    # is still the slot's own (a discard there is fine).
+    first = vm.map_fd(slot, 4 * P, P, datafile)
+    second = vm.map_fd(slot, 5 * P, P, datafile, fd_offset=P)
+    assert vm.file_mappings() == [first, second]
+    vm.discard(addr + 6 * P, P)
+    assert vm.read(addr + 6 * P, P) == bytes(P)
 
 
 def test_read_only_map_fd(vm: Vm, datafile: int) -> None:

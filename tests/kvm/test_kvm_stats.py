@@ -14,6 +14,7 @@ import pytest
 from guests import ON_PVM, boot_real_mode, mmio_write_read_program, run_guarded
 
 from kvmd.kvm import HltExit, KvmError, StatDescriptor, Vm
+from kvmd.kvm.stats import _DESC, _parse_descriptors
 
 VM_STATS = {"remote_tlb_flush", "mmu_shadow_zapped", "mmu_cache_miss", "pages_4k",
             "pages_2m", "max_mmu_page_hash_collisions"}
@@ -92,3 +93,16 @@ def test_stats_closed_with_their_owner(vm: Vm) -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_descriptor_flags_decode_kind_unit_and_base() -> None:
+    # No statistic of this kernel has a power-of-two base; a synthetic descriptor block
+    # checks the decoding a future one (bytes in KiB, say) would need.
+    name_size = 16
+    # linux/kvm.h: KVM_STATS_TYPE_PEAK (2), KVM_STATS_UNIT_BYTES (1 << 4), KVM_STATS_BASE_POW2
+    # (1 << 8).
+    flags = 2 | 1 << 4 | 1 << 8
+    raw = _DESC.pack(flags, 10, 1, 8, 0) + b"cache_peak".ljust(name_size, b"\0")
+    [desc] = _parse_descriptors(raw, _DESC.size + name_size, 1)
+    assert (desc.name, desc.kind, desc.unit, desc.base, desc.exponent) == (
+        "cache_peak", "peak", "bytes", 2, 10)
