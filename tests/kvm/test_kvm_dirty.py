@@ -30,7 +30,7 @@ from kvmd.kvm import (
     dirty_log_bitmap_size,
 )
 from kvmd.kvm._ffi import ffi, lib
-from kvmd.kvm.dirty import DIRTY_GFN_SIZE, MIN_DIRTY_RING_BYTES
+from kvmd.kvm.dirty import DIRTY_GFN_SIZE, MIN_DIRTY_RING_BYTES, dirty_log_modes
 
 DATA_SLOT_ADDR = 0x400000  # logged slots start here, inside the guest's identity map
 RING_RESERVED_ENTRIES = 64  # KVM_DIRTY_RING_RSVD_ENTRIES: the ring is "soft full" this early
@@ -508,3 +508,11 @@ def test_tight_store_loop_overruns_the_soft_full_ring(kvm: Kvm, vm: Vm) -> None:
         assert harvested > entries - RING_RESERVED_ENTRIES
     else:
         assert harvested <= entries
+
+
+def test_modes_read_each_flag_of_the_manual_protect_capability() -> None:
+    # Every kernel since 5.8 answers both flags; one answering manual protect alone must not
+    # be asked for initially-set pages (KVM_ENABLE_CAP would refuse it).
+    answers = {"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2": 1}
+    modes = dirty_log_modes(lambda cap: answers.get(cap, 0))
+    assert (modes.manual_protect, modes.initially_set, modes.ring) == (True, False, False)
