@@ -61,6 +61,13 @@ def test_datamatch_lengths(api: RunningDaemon, vm: str, length: int) -> None:
     got = _register(api, vm, f"l{length}", space=pb.MMIO, address=0xE000_0000, length=length,
                     datamatch=top)
     assert (got.length, got.datamatch) == (length, top)
+    # A datamatch of 0 is a datamatch (writes of 0 only), not "any value".
+    zero = _register(api, vm, f"z{length}", space=pb.MMIO, address=0xE000_1000, length=length,
+                     datamatch=0)
+    assert zero.HasField("datamatch") and zero.datamatch == 0
+    listed = {e.ioevent_id: e for e in api.ioevents.ListIoevents(
+        pb.ListIoeventsRequest(vm_id=vm)).ioevents}
+    assert listed[f"z{length}"] == zero
 
 
 def test_same_address_different_datamatch(api: RunningDaemon, vm: str) -> None:

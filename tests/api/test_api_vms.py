@@ -133,6 +133,19 @@ def test_create_vm_bad_labels(api: RunningDaemon) -> None:
         assert dict(api.vms.GetVm(pb.GetVmRequest(vm_id=vm_id)).labels) == labels
 
 
+def test_list_vms_pages_follow_their_tokens(api: RunningDaemon) -> None:
+    for vm_id in ("c", "a", "b"):
+        api.create_vm(vm_id)
+    seen, token = [], ""
+    for _ in range(4):
+        page = api.vms.ListVms(pb.ListVmsRequest(page_size=1, page_token=token))
+        seen += [v.vm_id for v in page.vms]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["a", "b", "c"] and token == ""
+
+
 def test_create_vm_bad_tss_address_releases_the_vm(api: RunningDaemon) -> None:
     options = pb.VmOptions(tss_address=(1 << 64) - 1)
     api.assert_code(lambda: api.vms.CreateVm(pb.CreateVmRequest(vm_id="t", options=options)),
