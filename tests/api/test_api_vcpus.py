@@ -6,6 +6,7 @@ import grpc
 import pytest
 from api_support import DaemonFactory, RunningDaemon
 
+from kvmd.core.errors import Reason
 from kvmd_proto import vmm_pb2 as pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -243,8 +244,10 @@ def test_cpuid_bad_inputs(api: RunningDaemon, ref: pb.VcpuRef) -> None:
 
 def test_msrs_bad_inputs(api: RunningDaemon, ref: pb.VcpuRef) -> None:
     v = api.vcpus
-    api.assert_code(lambda: v.GetMsrs(pb.GetMsrsRequest(vcpu=ref)), INVALID)  # none
-    api.assert_code(lambda: v.SetMsrs(pb.SetMsrsRequest(vcpu=ref)), INVALID)
+    api.assert_code(lambda: v.GetMsrs(pb.GetMsrsRequest(vcpu=ref)), INVALID,  # none
+                    reason=Reason.FIELD_REQUIRED, field="indices")
+    api.assert_code(lambda: v.SetMsrs(pb.SetMsrsRequest(vcpu=ref)), INVALID,
+                    reason=Reason.FIELD_REQUIRED, field="msrs")
     api.assert_code(lambda: v.GetMsrs(pb.GetMsrsRequest(vcpu=ref, indices=[0xDEADBEEF])),
                     INVALID)
     api.assert_code(lambda: v.SetMsrs(pb.SetMsrsRequest(
