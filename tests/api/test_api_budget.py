@@ -4,11 +4,13 @@ non-admin callers leave for admins."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import grpc
 import pytest
-from api_support import DaemonFactory
+from api_support import DaemonFactory, RunningDaemon
 from grpc_health.v1 import health_pb2
 from polling import wait_until
 
@@ -70,24 +72,36 @@ def test_streams_per_identity_in_all_and_reserve() -> None:
     asyncio.run(scenario())
 
 
+@contextlib.contextmanager
+def one_call_held(api: RunningDaemon, vm_id: str, duration_ms: int) -> Iterator[None]:
+    """A daemon allowing the caller one call, that call taken meanwhile (a MeasureDirtyRate
+    of `duration_ms` on a new VM `vm_id`), and waited for afterwards."""
+    api.create_vm(vm_id)
+    api.add_memory(vm_id, 0, 1 << 16, log_dirty=True)
+    held = api.memory.MeasureDirtyRate.future(pb.MeasureDirtyRateRequest(
+        vm_id=vm_id, duration_ms=duration_ms))
+    try:
+        wait_until(lambda: api.daemon.budget.usage("local").calls == 1, 10,
+                   "the measurement to hold the caller's one call")
+        yield
+    finally:
+        held.result(timeout=30)
+
+
+def refused_for_the_budget(api: RunningDaemon, vm_id: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        api.vms.GetVm(pb.GetVmRequest(vm_id=vm_id))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_a_full_budget_still_answers_the_health_check(daemon_factory: DaemonFactory) -> None:
     """Health.Check is exempt from the call budget: a liveness probe answers while the
     caller's calls are all taken (here the one a MeasureDirtyRate holds for 2 s)."""
     api = daemon_factory(max_calls_per_identity=1)
-    api.create_vm("rate")
-    api.add_memory("rate", 0, 1 << 16, log_dirty=True)
-    held = api.memory.MeasureDirtyRate.future(pb.MeasureDirtyRateRequest(
-        vm_id="rate", duration_ms=2000))
-    try:
-        wait_until(lambda: api.daemon.budget.usage("local").calls == 1, 10,
-                   "the measurement to hold the caller's one call")
-        with pytest.raises(grpc.RpcError) as err:
-            api.vms.GetVm(pb.GetVmRequest(vm_id="rate"))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the budget is full
+    with one_call_held(api, "rate", 2000):
+        refused_for_the_budget(api, "rate")  # the budget is full
         reply = api.stubs.health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        held.result(timeout=30)
     api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="rate"))
 
 
@@ -96,19 +110,9 @@ def test_a_call_the_budget_refuses_leaves_the_gate_it_passed(
     """The hand-over gate admits a call before the budget refuses it: the refusal must
     leave the gate too, or a later hand-over waits for a call that no longer exists."""
     api = daemon_factory(max_calls_per_identity=1)
-    api.create_vm("gated")
-    api.add_memory("gated", 0, 1 << 16, log_dirty=True)
-    held = api.memory.MeasureDirtyRate.future(pb.MeasureDirtyRateRequest(
-        vm_id="gated", duration_ms=500))
-    try:
-        wait_until(lambda: api.daemon.budget.usage("local").calls == 1, 10,
-                   "the measurement to hold the caller's one call")
+    with one_call_held(api, "gated", 500):
         for _ in range(3):
-            with pytest.raises(grpc.RpcError) as err:
-                api.vms.GetVm(pb.GetVmRequest(vm_id="gated"))
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        held.result(timeout=30)
+            refused_for_the_budget(api, "gated")
     assert api.daemon.gate.wait_idle(10, long_lived=False) == {}
     api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="gated"))
 
