@@ -9,9 +9,9 @@ hop here, against about 45 us this way (benchmarks/rpc_latency.py times the RPCs
 
 Workers start on demand, up to `max_workers` (the daemon's max_concurrent_rpcs), and end at
 `shutdown`. A worker counts as idle before its caller hears back, so calls made one after
-another share one worker. A call whose awaiting coroutine was cancelled before a worker took it (its
-client went away) is skipped, as run_in_executor skips a cancelled future's work; one that
-has started runs to its end.
+another share one worker. A call whose awaiting coroutine was cancelled before a worker
+took it (its client went away) is skipped, as run_in_executor skips a cancelled future's
+work; one that has started runs to its end.
 """
 
 from __future__ import annotations
