@@ -103,7 +103,7 @@ def busy_vm(host: Host) -> ManagedVm:
     vm.vm.set_pit2(pit)
     vm.set_gsi_routing([IrqChipRoute(0, IrqChip.PIC_MASTER, 0),
                         IrqChipRoute(5, IrqChip.IOAPIC, 5),
-                        MsiRoute(24, 0xFEE00000, 0x41)])
+                        MsiRoute(24, 0xFEE00000, 0x41, devid=7)])
     vm.register_irqfd("net", 5, False).triggers = 7
     vm.register_irqfd("blk", 24, False)
     vm.register_ioevent("doorbell", IoSpace.PIO, 0x700, 2, 0x55).fired = 3
@@ -137,6 +137,7 @@ def test_snapshot_restore_snapshot_is_identical(host: Host) -> None:
     assert vm1.irqchip.pic_master.imr == 0xF0 and vm1.irqchip.ioapic.redirtbl[5] == 0x35
     assert vm1.pit.channels[2].count == 1000
     assert len(vm1.gsi_routes) == 3 and vm1.custom_gsi_routes
+    assert vm1.gsi_routes[2].msi.HasField("devid") and vm1.gsi_routes[2].msi.devid == 7
     assert [(i.irqfd_id, i.triggers) for i in vm1.irqfds] == [("net", 7), ("blk", 0)]
     assert vm1.ioevents[0].datamatch == 0x55 and vm1.ioevents[0].fired == 3
     assert vm1.uart.dll == 1 and vm1.uart.scr == 0x42 and vm1.uart.rx == b"typed ahead"
