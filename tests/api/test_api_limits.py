@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from api_support import GRPC_NATIVE, DaemonFactory, error_info
+from api_support import GRPC_NATIVE, DaemonFactory
 
+from kvmd.core.errors import Reason
 from kvmd_proto import vmm_pb2 as pb
 
 MiB = 1 << 20
@@ -30,9 +31,8 @@ def test_max_vcpus_per_vm(daemon_factory: DaemonFactory) -> None:
     api.create_vcpu("a", 5)
     api.assert_code(lambda: api.create_vcpu("a", 1), EXHAUSTED)
     # An id in use is a duplicate first, whatever the limit says.
-    err = api.assert_code(lambda: api.create_vcpu("a", 5), grpc.StatusCode.ALREADY_EXISTS)
-    info = error_info(err)
-    assert info is not None and info.reason == "VCPU_ALREADY_EXISTS"
+    api.assert_code(lambda: api.create_vcpu("a", 5), grpc.StatusCode.ALREADY_EXISTS,
+                    reason=Reason.VCPU_ALREADY_EXISTS)
     api.create_vcpu("b", 0)  # per VM, not per daemon
     api.create_vcpu("b", 1)
     assert api.vms.GetVm(pb.GetVmRequest(vm_id="a")).vcpu_count == 2
