@@ -1,4 +1,5 @@
-"""Shared fixtures: a `Kvm` on the real /dev/kvm and a `Vm`, both closed after each test.
+"""Shared fixtures: a `Kvm` on the real /dev/kvm and a `Vm`, both closed after each test, and
+in-process daemons (`start_daemon`).
 
 Tests that need KVM skip only when /dev/kvm does not exist; on a machine that has it, any
 other problem (permissions, a broken binding) fails the test instead of hiding it.
@@ -6,13 +7,19 @@ other problem (permissions, a broken binding) fails the test instead of hiding i
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from kvmd.kvm import Kvm, Vm
+
+if TYPE_CHECKING:
+    from kvmd.server import Daemon
 
 # Let every test layer import the shared guest helpers as `from guests import ...`.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -46,3 +53,27 @@ def vm(kvm: Kvm) -> Iterator[Vm]:
         yield v
     finally:
         v.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start in-process daemons (kvmd.server.Daemon, real /dev/kvm): Config fields as
+    keywords, `listen` one Unix socket in tmp_path unless given; each is stopped after the
+    test."""
+    from kvmd.server import Config, Daemon
+
+    require_kvm()
+    started: list[Daemon] = []
+    numbers = itertools.count()
+
+    def start(**config: Any) -> Daemon:
+        config.setdefault("listen", [f"unix://{tmp_path}/d{next(numbers)}.sock"])
+        config.setdefault("log_level", "warning")
+        daemon = Daemon(Config(**config))
+        started.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -50,6 +51,10 @@ def _os_error(exc: OSError, what: str) -> Exception:
         return ResourceExhausted(f"{what}: the state directory is full",
                                  reason=Reason.HOST_EXHAUSTED)
     return KernelError(f"{what}: {exc.strerror}", errno=exc.errno)
+
+
+def _not_regular(name: str) -> CorruptSnapshot:
+    return CorruptSnapshot(f"snapshot file {name!r} is not a regular file")
 
 
 class SnapshotStore:
@@ -106,12 +111,20 @@ class SnapshotStore:
         """The file's bytes in pieces, each a view of one reused buffer: valid until the
         next piece is asked for (a SnapshotReader consumes a piece in its `feed`)."""
         path = self.path(name)
+        # O_NONBLOCK: a FIFO planted under a snapshot's name must not hang the open (a
+        # regular file's reads ignore the flag).
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, flags)
         except FileNotFoundError:
             raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                raise _not_regular(name) from None
             raise _os_error(exc, f"cannot read {name}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_regular(name)
         with os.fdopen(fd, "rb", buffering=0) as fh:
             buf = memoryview(bytearray(READ_CHUNK))
             while n := fh.readinto(buf):
@@ -123,7 +136,7 @@ class SnapshotStore:
         reader = SnapshotReader()
         header: pb.SnapshotHeader | None = None
         try:
-            size = os.path.getsize(path)
+            size = os.lstat(path).st_size
             for chunk in self.read(name):
                 for record in reader.feed(chunk):
                     if isinstance(record, MemoryRecord):
@@ -141,8 +154,13 @@ class SnapshotStore:
         raise CorruptSnapshot(f"snapshot file {name!r} has no VM state")
 
     def names(self) -> list[str]:
+        """The names of the regular files of the directory (never what only looks like
+        one: a directory, a link or a FIFO put there by hand is not a snapshot)."""
         try:
-            return sorted(n for n in os.listdir(self.dir) if NAME.match(n))
+            with os.scandir(self.dir) as entries:
+                return sorted(entry.name for entry in entries
+                              if NAME.match(entry.name)
+                              and entry.is_file(follow_symlinks=False))
         except OSError as exc:
             raise _os_error(exc, f"cannot list {self.dir}") from None
 
