@@ -109,3 +109,26 @@ def test_the_daemons_stream_needs_a_token_not_a_role(
     # Everything else stays closed to it.
     assert code(lambda: prepare(stranger, "s-x")) == "PERMISSION_DENIED"
     assert code(lambda: listed(stranger)) == "PERMISSION_DENIED"
+
+
+def test_an_outgoing_migration_is_listed_only_to_who_may_see_its_vm(
+        pair: tuple[TlsDaemon, TlsDaemon]) -> None:
+    """On the source, a migration under way is listed to its VM's owner and the admin only:
+    another operator sees nothing of it (for it the VM does not exist)."""
+    src, dst = pair
+    owner, other, admin = src.tls("operator-a"), src.tls("operator-b"), src.tls("admin-1")
+    owner.boot("a-vm")
+    owner.memory.AddMemoryRegion(pb.AddMemoryRegionRequest(
+        vm_id="a-vm", guest_addr=1 << 20, size=1 << 20), timeout=RPC_TIMEOUT)
+    owner.memory.WriteGuestMemory(iter([pb.WriteGuestMemoryRequest(
+        vm_id="a-vm", guest_addr=1 << 20, data=b"\x5a" * (1 << 20))]), timeout=RPC_TIMEOUT)
+    token = prepare(dst.tls("operator-a"), "a-vm").token
+    progress = owner.migration.MigrateVm(pb.MigrateVmRequest(
+        vm_id="a-vm", target=dst.target, token=token,
+        options=pb.MigrationOptions(bandwidth_bytes_per_second=64 << 10)), timeout=60)
+    try:
+        next(progress)  # under way, and slow: 64 KiB/s
+        assert listed(other) == set()
+        assert listed(owner) == listed(admin) == {"a-vm"}
+    finally:
+        progress.cancel()
