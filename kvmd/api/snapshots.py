@@ -147,12 +147,14 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         if store is not None:
             store.path(request.file)  # a bad name is refused before the VM is touched
         taker = SnapshotTaker(vm, request.diff, request.leave_paused,
-                              lead=None if store is not None else _data_lead)
+                              lead=None if store is not None else _data_lead,
+                              confirm=store is not None)
         try:
             if store is not None:
                 await self._blocking(store.write, request.file, (
                     frame for frames in iter(lambda: taker.pull(DEFAULT_CHUNK), None)
                     for frame in frames))
+                taker.confirm()  # the file has its name: the next diff follows it
             else:
                 size = self._chunk_size(request.chunk_size or DEFAULT_CHUNK)
                 # One message ahead: the pool reads and frames the next part of the snapshot
@@ -223,8 +225,8 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         for name in store.names():
             try:
                 stored = store.describe(name)
-            except (NotFound, InvalidArgument):
-                continue  # deleted meanwhile, or not a snapshot: not listed
+            except (NotFound, InvalidArgument, InvalidState):
+                continue  # deleted meanwhile, not a snapshot, or of a newer kvmd: not listed
             if self.visible(identity, stored.owner):
                 out.append(stored_to_pb(stored))
         return pb.ListSnapshotsResponse(snapshots=out)

@@ -248,11 +248,16 @@ class SnapshotTaker:
     """Iterate to get a snapshot of `vm` as bytes, the VM held paused meanwhile; `summary`
     is set once the last byte is out. Close the iterator early (a client went away) and the
     VM is left as it was: running again unless asked otherwise, and a diff's dirty pages
-    still owed to the next snapshot."""
+    still owed to the next snapshot.
+
+    With `confirm`, a complete snapshot becomes the VM's base for diffs only at `confirm()`
+    (a file, once it has its name); `close()` before that counts it as failed."""
 
     def __init__(self, vm: ManagedVm, diff: bool = False, leave_paused: bool = False,
-                 lead: Callable[[int], bytes] | None = None) -> None:
+                 lead: Callable[[int], bytes] | None = None, confirm: bool = False) -> None:
         self.vm = vm
+        self._needs_confirm = confirm
+        self._settle: Callable[[bool], None] | None = None  # awaiting confirm() or close()
         self.diff = diff
         self.leave_paused = leave_paused
         # A stream's message header for a payload of n bytes (see SnapshotWriter, and
@@ -298,14 +303,19 @@ class SnapshotTaker:
                 yield from snapshot_frames(writer, vm, state, self.snapshot_id, base, memory)
                 done = True
             finally:
-                if done:
-                    vm.last_snapshot_id, vm.last_snapshot_layout = self.snapshot_id, layout
+                def settle(ok: bool) -> None:
+                    if ok:
+                        vm.last_snapshot_id, vm.last_snapshot_layout = self.snapshot_id, layout
+                    else:
+                        for slot, bits in taken.items():
+                            vm.dirty.put_back(SNAPSHOT, slot, bits)
+                    vm.shared.operations.record("snapshot", "diff" if self.diff else "full",
+                                                "ok" if ok else "error", writer.size,
+                                                time.monotonic() - started)
+                if done and self._needs_confirm:
+                    self._settle = settle
                 else:
-                    for slot, bits in taken.items():
-                        vm.dirty.put_back(SNAPSHOT, slot, bits)
-                vm.shared.operations.record("snapshot", "diff" if self.diff else "full",
-                                            "ok" if done else "error", writer.size,
-                                            time.monotonic() - started)
+                    settle(done)
         self.summary = SnapshotSummary(
             snapshot_id=self.snapshot_id, base_snapshot_id=base, vm_id=vm.id, diff=self.diff,
             size_bytes=writer.size, memory_pages=writer.memory_pages,
@@ -359,11 +369,22 @@ class SnapshotTaker:
                 got += len(part)
             return b"".join([self._lead(got), *parts]) if parts else None
 
+    def confirm(self) -> None:
+        """The complete snapshot was kept (a taker made with `confirm`): diffs follow it."""
+        with self._lock:
+            settle, self._settle = self._settle, None
+        if settle is not None:
+            settle(True)
+
     def close(self) -> None:
-        """End the snapshot now (complete or not): the VM is released at once."""
+        """End the snapshot now (complete or not): the VM is released at once. An
+        unconfirmed snapshot counts as failed: its dirty pages are owed again."""
         with self._lock:
             if self._chunks is not None:
                 self._chunks.close()  # type: ignore[attr-defined]
+            settle, self._settle = self._settle, None
+        if settle is not None:
+            settle(False)
 
 
 class Restorer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -76,36 +77,67 @@ class SnapshotStore:
 
     def write(self, name: str, chunks: Iterable[bytes]) -> int:
         """Write a new file from `chunks`; returns its size. An existing name is refused
-        before anything is written, and a failure leaves no file behind."""
+        before anything is written, and a failure leaves no file behind. The bytes go to a
+        file without a name (O_TMPFILE) that gets the name only once complete and synced:
+        writers of one name never meet, and a crash leaves nothing to clean up."""
         final = self.path(name)
         if os.path.lexists(final):
             raise AlreadyExists(f"snapshot file {name!r} already exists",
                                 resource=f"snapshot/{name}")
-        tmp = os.path.join(self.dir, f".{name}.{os.getpid()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise _os_error(exc, f"cannot write {name}") from None
+        fd, tmp = self._open_unnamed(name)
         size = 0
         try:
+            for chunk in chunks:  # what producing the bytes raises is not a write error
+                view = memoryview(chunk).cast("B")
+                try:
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError as exc:
+                    raise _os_error(exc, f"cannot write {name}") from None
+                size += len(chunk)
             try:
-                with os.fdopen(fd, "wb", buffering=0) as fh:
-                    for chunk in chunks:
-                        fh.write(chunk)
-                        size += len(chunk)
-                    os.fsync(fh.fileno())
-                os.link(tmp, final)  # fails if the name was taken meanwhile: never replaces
+                os.fsync(fd)
+                self._link(tmp or f"/proc/self/fd/{fd}", name)
             except FileExistsError:
                 raise AlreadyExists(f"snapshot file {name!r} already exists",
                                     resource=f"snapshot/{name}") from None
             except OSError as exc:
                 raise _os_error(exc, f"cannot write {name}") from None
         finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            os.close(fd)
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
         return size
+
+    def _link(self, source: str, name: str) -> None:
+        """Give the file at `source` its name, durably; never replaces (FileExistsError
+        when the name was taken meanwhile)."""
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # linkat with AT_SYMLINK_FOLLOW (os.link calls plain link(), which does not
+            # follow /proc/self/fd's link to an unnamed file): a dir_fd makes it linkat.
+            os.link(source, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=True)
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _open_unnamed(self, name: str) -> tuple[int, str]:
+        """A new file for `name`'s bytes: unnamed where the file system can (the path is
+        ""), else under a unique hidden name (which NAME never matches)."""
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        try:
+            return os.open(self.dir, flags | os.O_TMPFILE, 0o600), ""
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise _os_error(exc, f"cannot write {name}") from None
+        tmp = os.path.join(self.dir, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except OSError as exc:
+            raise _os_error(exc, f"cannot write {name}") from None
 
     def read(self, name: str) -> Iterator[memoryview]:
         """The file's bytes in pieces, each a view of one reused buffer: valid until the
@@ -149,8 +181,10 @@ class SnapshotStore:
                                               sum(s.size for s in vm.slots))
         except FileNotFoundError:
             raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}") from None
-        except (CorruptSnapshot, InvalidState) as exc:
+        except CorruptSnapshot as exc:
             raise CorruptSnapshot(f"snapshot file {name!r}: {exc}") from None
+        except InvalidState as exc:  # a snapshot this daemon cannot take (a newer format)
+            raise InvalidState(f"snapshot file {name!r}: {exc}", reason=exc.reason) from None
         raise CorruptSnapshot(f"snapshot file {name!r} has no VM state")
 
     def names(self) -> list[str]:

@@ -374,6 +374,7 @@ def start_kvmd(prefix: list[str], runtime: Path, log_path: Path, group: str, tls
             [*prefix, kvmd or kvmd_script(), "--listen", f"unix://{runtime}/kvmd.sock",
              "--listen", "127.0.0.1:0", "--tls-cert", tls.cert, "--tls-key", tls.key,
              "--socket-group", group, "--metrics-listen", "127.0.0.1:0",
+             "--state-dir", f"{runtime}/state",
              "--log-level", "info", "--vcpu-cpus", str(max(os.sched_getaffinity(0))),
              "--api-cpus", str(min(os.sched_getaffinity(0)))],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -382,7 +383,8 @@ def start_kvmd(prefix: list[str], runtime: Path, log_path: Path, group: str, tls
 def run_workload(prefix: list[str], runtime: Path, log_path: Path, group: str,
                  tls: CertFiles, kvmd: str | None = None) -> dict[str, str]:
     """Run kvmd (after `prefix`) like the shipped config does (Unix socket with a group,
-    metrics) plus a TLS listener; drive a guest through it; SIGHUP; SIGTERM. Returns the
+    metrics, a state directory) plus a TLS listener; drive a guest through it, and a
+    snapshot file; SIGHUP; SIGTERM. Returns the
     metrics text and the log. Fails with the daemon's log at the first step that goes
     wrong."""
     sock = runtime / "kvmd.sock"
@@ -411,6 +413,17 @@ def run_workload(prefix: list[str], runtime: Path, log_path: Path, group: str,
             stubs.vms.StartVm(pb.VmRef(vm_id="sandboxed"), timeout=RPC_TIMEOUT)
             assert stubs.console_backlog("sandboxed", 2) == b"hi"
             stubs.vms.StopVm(pb.VmRef(vm_id="sandboxed"), timeout=RPC_TIMEOUT)
+            # A snapshot file: written unnamed (O_TMPFILE), named through /proc/self/fd.
+            list(stubs.snapshots.SnapshotVm(pb.SnapshotVmRequest(
+                vm_id="sandboxed", file="saved"), timeout=RPC_TIMEOUT))
+            listed = stubs.snapshots.ListSnapshots(pb.ListSnapshotsRequest(),
+                                                   timeout=RPC_TIMEOUT).snapshots
+            assert [s.file for s in listed] == ["saved"], step(f"listed {listed}")
+            stubs.snapshots.RestoreVm(iter([pb.RestoreVmRequest(options=pb.RestoreVmOptions(
+                vm_id="restored", files=["saved"]))]), timeout=RPC_TIMEOUT)
+            stubs.delete_vm("restored")
+            stubs.snapshots.DeleteSnapshot(pb.DeleteSnapshotRequest(file="saved"),
+                                           timeout=RPC_TIMEOUT)
             stubs.delete_vm("sandboxed")
         except grpc.RpcError as exc:
             pytest.fail(step(f"RPC failed: {exc.code()} {exc.details()}"))  # type: ignore[attr-defined]
