@@ -146,15 +146,16 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
         store = self._store() if request.file else None
         if store is not None:
             store.path(request.file)  # a bad name is refused before the VM is touched
+        # The snapshot becomes the base of the VM's next diff only once it was kept: a file
+        # once it has its name, a stream once grpc took its last message.
         taker = SnapshotTaker(vm, request.diff, request.leave_paused,
-                              lead=None if store is not None else _data_lead,
-                              confirm=store is not None)
+                              lead=None if store is not None else _data_lead, confirm=True)
         try:
             if store is not None:
                 await self._blocking(store.write, request.file, (
                     frame for frames in iter(lambda: taker.pull(DEFAULT_CHUNK), None)
                     for frame in frames))
-                taker.confirm()  # the file has its name: the next diff follows it
+                taker.confirm()
             else:
                 size = self._chunk_size(request.chunk_size or DEFAULT_CHUNK)
                 # One message ahead: the pool reads and frames the next part of the snapshot
@@ -167,12 +168,16 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                         yield response  # type: ignore[misc]
                 finally:  # the client went away: what the pool still does is nobody's
                     ahead.add_done_callback(_forget)
+                assert taker.summary is not None
+                yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, ""))
+                taker.confirm()
         finally:
             # A client that went away: end the snapshot now, so the VM runs again (close
-            # waits for a pull still running in the pool).
+            # waits for a pull still running in the pool), and count it as failed.
             await self._cleanup(taker.close)
-        assert taker.summary is not None
-        yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, request.file))
+        if store is not None:
+            assert taker.summary is not None
+            yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, request.file))
 
     async def RestoreVm(self, request_iterator: AsyncIterator[pb.RestoreVmRequest],
                         context: grpc.aio.ServicerContext) -> pb.Vm:
