@@ -19,6 +19,7 @@ import pytest
 from kvmd.kvm import Kvm, Vm
 
 if TYPE_CHECKING:
+    from kvmd.core.host import Host
     from kvmd.server import Daemon
 
 # Let every test layer import the shared guest helpers as `from guests import ...`.
@@ -77,3 +78,31 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    """A core Host (the daemon's VM registry, default limits) on the real /dev/kvm, closed
+    with its VMs after the test. Layers needing other limits define their own."""
+    from kvmd.core.host import Host
+
+    require_kvm()
+    h = Host()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[Host, Host]]:
+    """Two Hosts in one process, standing for two daemons (an old and a new one)."""
+    from kvmd.core.host import Host
+
+    require_kvm()
+    a, b = Host(), Host()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()

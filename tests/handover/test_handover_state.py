@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,17 +34,6 @@ from kvmd.state.handover import (
 from kvmd.state.snapshot import restore_bytes
 from kvmd.systemd import fd_name_valid
 from kvmd_proto import vmm_pb2 as pb
-
-
-@pytest.fixture
-def hosts() -> Iterator[tuple[Host, Host]]:
-    a, b = Host(), Host()
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
 
 P = 4096
 

@@ -6,7 +6,7 @@ real /dev/kvm, through the API where a client can see it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -68,15 +68,6 @@ def resnapshot(host: Host, vm: ManagedVm, vm_id: str) -> tuple[ManagedVm, pb.Sav
     """Snapshot `vm`, restore it as `vm_id` and return the copy with its own saved state."""
     restored = restore_bytes(host, vm_id, "local", iter([b"".join(SnapshotTaker(vm))]))
     return restored, saved_vm(b"".join(SnapshotTaker(restored)))
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -29,16 +28,6 @@ P = 4096
 
 
 # -- hand-over --------------------------------------------------------------------------------
-
-@pytest.fixture
-def hosts() -> Iterator[tuple[Host, Host]]:
-    a, b = Host(), Host()
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
 
 def paused_counter_vm(host: Host, vm_id: str = "src") -> ManagedVm:
     """A counter guest that has run a little and is paused."""

@@ -5,9 +5,7 @@ binding can set what the API does not expose (XSAVE, XCRs, debug registers)."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 
-import pytest
 from polling import wait_until
 from state_guests import COUNTER_SOURCE, assemble
 
@@ -23,15 +21,6 @@ MSR_STAR, MSR_LSTAR, MSR_KERNEL_GS_BASE, MSR_SYSENTER_CS = (
 MSR_TSC = 0x10
 LAPIC_TPR = 0x80
 XCR0_X87_SSE_AVX = 0x7
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def decoded(data: bytes) -> tuple[pb.SnapshotHeader, pb.SavedVm, list[pb.SnapshotRecord]]:

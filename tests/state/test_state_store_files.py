@@ -26,15 +26,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 P = 4096
 
 
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 
 def test_the_snapshot_directory_is_private(node: Node) -> None:
     """<state-dir>/snapshots is created 0700: the files in it hold guest memory."""
