@@ -15,6 +15,7 @@ import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from io import FileIO
 
 from kvmd.core.errors import (
     AlreadyExists,
@@ -56,6 +57,13 @@ def _os_error(exc: OSError, what: str) -> Exception:
 
 def _not_regular(name: str) -> CorruptSnapshot:
     return CorruptSnapshot(f"snapshot file {name!r} is not a regular file")
+
+
+def _pieces(fh: FileIO) -> Iterator[memoryview]:
+    """The bytes of open file `fh` in views of one reused buffer."""
+    buf = memoryview(bytearray(READ_CHUNK))
+    while n := fh.readinto(buf):
+        yield buf[:n]
 
 
 class SnapshotStore:
@@ -142,6 +150,12 @@ class SnapshotStore:
     def read(self, name: str) -> Iterator[memoryview]:
         """The file's bytes in pieces, each a view of one reused buffer: valid until the
         next piece is asked for (a SnapshotReader consumes a piece in its `feed`)."""
+        with os.fdopen(self._open(name), "rb", buffering=0) as fh:
+            yield from _pieces(fh)
+
+    def _open(self, name: str) -> int:
+        """The file of `name`, opened for reading: NotFound without one, CorruptSnapshot for
+        anything but a regular file (never followed through a link)."""
         path = self.path(name)
         # O_NONBLOCK: a FIFO planted under a snapshot's name must not hang the open (a
         # regular file's reads ignore the flag).
@@ -157,34 +171,30 @@ class SnapshotStore:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise _not_regular(name)
-        with os.fdopen(fd, "rb", buffering=0) as fh:
-            buf = memoryview(bytearray(READ_CHUNK))
-            while n := fh.readinto(buf):
-                yield buf[:n]
+        return fd
 
     def describe(self, name: str) -> StoredSnapshot:
         """Header, VM id and owner of a file (its first records)."""
-        path = self.path(name)
         reader = SnapshotReader()
         header: pb.SnapshotHeader | None = None
-        try:
-            size = os.lstat(path).st_size
-            for chunk in self.read(name):
-                for record in reader.feed(chunk):
-                    if isinstance(record, MemoryRecord):
-                        continue
-                    if record.HasField("header"):
-                        header = record.header
-                    elif record.HasField("vm") and header is not None:
-                        vm = record.vm
-                        return StoredSnapshot(name, size, header, vm.vm_id, vm.owner,
-                                              sum(s.size for s in vm.slots))
-        except FileNotFoundError:
-            raise NotFound(f"no snapshot file {name!r}", resource=f"snapshot/{name}") from None
-        except CorruptSnapshot as exc:
-            raise CorruptSnapshot(f"snapshot file {name!r}: {exc}") from None
-        except InvalidState as exc:  # a snapshot this daemon cannot take (a newer format)
-            raise InvalidState(f"snapshot file {name!r}: {exc}", reason=exc.reason) from None
+        with os.fdopen(self._open(name), "rb", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            try:
+                for chunk in _pieces(fh):
+                    for record in reader.feed(chunk):
+                        if isinstance(record, MemoryRecord):
+                            continue
+                        if record.HasField("header"):
+                            header = record.header
+                        elif record.HasField("vm") and header is not None:
+                            vm = record.vm
+                            return StoredSnapshot(name, size, header, vm.vm_id, vm.owner,
+                                                  sum(s.size for s in vm.slots))
+            except CorruptSnapshot as exc:
+                raise CorruptSnapshot(f"snapshot file {name!r}: {exc}") from None
+            except InvalidState as exc:  # a snapshot this daemon cannot take (newer format)
+                raise InvalidState(f"snapshot file {name!r}: {exc}",
+                                   reason=exc.reason) from None
         raise CorruptSnapshot(f"snapshot file {name!r} has no VM state")
 
     def names(self) -> list[str]:
