@@ -81,7 +81,8 @@ class Mailbox(Generic[T]):
     With `maxsize`, a full mailbox drops its oldest item (counted in `dropped`): a consumer
     that stopped reading never blocks a producer. With `max_bytes` (items are then bytes),
     the same holds for the bytes queued: the oldest items go (`dropped_bytes`) until the
-    newest fit, and an item larger than the bound keeps only its newest `max_bytes`.
+    newest fit, and an item larger than the bound keeps only its newest `max_bytes` (a drop
+    too: `dropped` counts every item lost in whole or in part).
     """
 
     def __init__(self, maxsize: int = 0, max_bytes: int = 0) -> None:
@@ -104,7 +105,8 @@ class Mailbox(Generic[T]):
                 self.dropped += 1
             if self._max_bytes:
                 size = len(item)  # type: ignore[arg-type]
-                if size > self._max_bytes:
+                if size > self._max_bytes:  # cut: counted as a drop, as lost output is
+                    self.dropped += 1
                     self.dropped_bytes += size - self._max_bytes
                     item = item[-self._max_bytes:]  # type: ignore[index]
                     size = self._max_bytes
