@@ -8,8 +8,9 @@ component) and no magic link can lead out of it. Where openat2 is missing (or fi
 seccomp) the fallback resolves the name with realpath, refuses anything outside, opens the
 result with O_NOFOLLOW and checks the opened file's real path again.
 
-What a mapping of such a file is recorded as (`FileBackedRange`, with the file's identity
-at mapping time) is what snapshots, migration and take-over carry by reference.
+What a mapping of such a file is recorded as (`FileBackedRange`: the file's name, offsets
+and size) is what snapshots, migration and take-over carry by reference; they check the
+file's contents by the digest of its mapped bytes (kvmd.state.snapshot.check_file_digests).
 """
 
 from __future__ import annotations
@@ -61,20 +62,19 @@ class MemoryFile:
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """Which file, exactly, and how it looked when it was mapped: what the other side of a
-    snapshot, migration or take-over checks before it maps "the same" file again."""
+    """Which file, and its size, when it was opened: the size bounds what may be mapped of
+    it (and stands in for it in a saved state when the file cannot be read any more)."""
 
     device: int
     inode: int
     size: int
-    mtime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size)
 
     def same_file(self, st: os.stat_result) -> bool:
-        """The same inode on the same device (its contents may have changed since)."""
+        """The same inode on the same device as `st` (which file was opened)."""
         return (self.device, self.inode) == (st.st_dev, st.st_ino)
 
 
@@ -85,7 +85,7 @@ class FileBackedRange:
 
     `offset`/`size` place it in the slot (`guest_addr` in the guest), `file_offset` in the
     file; `image` is its name in the images directory and `identity` the file as it was when
-    mapped (st_dev, st_ino, st_size, st_mtime_ns)."""
+    mapped (st_dev, st_ino, st_size)."""
 
     slot: int
     guest_addr: int
@@ -217,8 +217,8 @@ class ImagesDir:
             raise
 
     def stat(self, name: str) -> os.stat_result:
-        """fstat of the file `name` now (opened read-only, as `open` does): to check that
-        a recorded FileIdentity still names the same file."""
+        """fstat of the file `name` now (opened read-only, as `open` does): its size as a
+        saved state records it."""
         with self.open(name, writable=False) as image:
             return os.fstat(image.fd)
 
