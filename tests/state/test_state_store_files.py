@@ -220,3 +220,31 @@ def test_deleting_a_file_that_is_gone_is_not_found(tmp_path: Path) -> None:
     store = SnapshotStore(str(tmp_path))
     with pytest.raises(NotFound):
         store.delete("gone")
+
+
+def test_a_taker_awaiting_confirmation_counts_only_once_confirmed(host: Host) -> None:
+    """A taker made with `confirm` (the API's, for files and streams): a complete snapshot
+    closed unconfirmed (its client gone before the last message) is no diff base and its
+    pages stay owed; confirmed, the next diff follows it and holds only newer pages."""
+    vm = host.create_vm("t", {}, VmOptions())
+    vm.add_memory_region(0, 16 * P, False, True)
+    first = SnapshotTaker(vm)
+    base = b"".join(first)
+    vm.write_memory(2 * P, b"\x22" * P)
+    lost = SnapshotTaker(vm, confirm=True)
+    b"".join(lost)
+    lost.close()
+    assert vm.last_snapshot_id == first.snapshot_id
+    kept = SnapshotTaker(vm, diff=True, confirm=True)
+    diff = b"".join(kept)
+    kept.confirm()
+    kept.close()  # after confirm(): changes nothing
+    assert vm.last_snapshot_id == kept.snapshot_id
+    restored = restore_bytes(host, "r", "local", iter([base, diff]))
+    assert restored.read_memory(2 * P, P) == b"\x22" * P
+    assert kept.summary is not None and kept.summary.memory_pages >= 1
+    vm.write_memory(5 * P, b"\x55" * P)
+    after = SnapshotTaker(vm, diff=True)
+    b"".join(after)
+    assert after.summary is not None and after.summary.base_snapshot_id == kept.snapshot_id
+    assert after.summary.memory_pages == 1
