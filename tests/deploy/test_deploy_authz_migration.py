@@ -132,3 +132,15 @@ def test_an_outgoing_migration_is_listed_only_to_who_may_see_its_vm(
         assert listed(owner) == listed(admin) == {"a-vm"}
     finally:
         progress.cancel()
+
+
+def test_an_operator_cancels_its_own_prepared_migration(
+        pair: tuple[TlsDaemon, TlsDaemon]) -> None:
+    """The operator who prepared an incoming migration may cancel it (its id is reserved,
+    not yet a VM): the token is voided and nothing is listed any more."""
+    _src, dst = pair
+    owner = dst.tls("operator-a")
+    prepare(owner, "a-in")
+    assert listed(owner) == {"a-in"}
+    cancel(owner, "a-in")
+    assert listed(owner) == set()
