@@ -580,8 +580,9 @@ class ManagedVm:
         return self.dirty.harvested_pages
 
     def write_memory(self, guest_addr: int, data: bytes | memoryview) -> None:
-        """Write guest memory from the host; the pages count as dirty for every dirty-page
-        consumer (KVM logs only guest writes)."""
+        """Write guest memory from the host; the pages count as dirty for the daemon's own
+        consumers (snapshots, migration), which must send them. GetDirtyLog follows KVM,
+        which logs only guest writes."""
         with kernel_errors(self.resource):
             self.vm.write(guest_addr, data)
         end = guest_addr + len(data)
@@ -611,8 +612,8 @@ class ManagedVm:
                         reason=Reason.RANGE_OUTSIDE_MEMORY, field="guest_addr")
 
     def get_dirty_log(self, slot: int) -> tuple[MemoryRegionInfo, bytes]:
-        """The slot's pages dirtied since the last GetDirtyLog (guest writes, and host
-        writes through the daemon); reading resets this view only, not other consumers'."""
+        """The slot's pages the guest dirtied since the last GetDirtyLog (as KVM logs them:
+        host writes are not in it); reading resets this view only, not other consumers'."""
         with self.lock, kernel_errors(f"{self.resource}/slot/{slot}"):
             info = self.vm.memory_region(slot)
             if not info.log_dirty or slot in self._forced_logging:
