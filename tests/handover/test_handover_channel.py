@@ -1,0 +1,55 @@
+"""The take-over wire (kvmd.handover.Channel) over a socketpair: fd frames must carry as
+many fds as names, and a message other than the one expected fails with the peer's
+reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from kvmd.handover import _HEAD, Channel, HandoverError
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Channel, Channel]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        yield Channel(a), Channel(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_an_fd_frame_with_fewer_fds_than_names_is_refused_and_closes_them(
+        pair: tuple[Channel, Channel]) -> None:
+    """Two names but one fd: HandoverError naming both counts, and the fd that did arrive
+    is closed (never attributed to the wrong name)."""
+    sender, receiver = pair
+    r, w = os.pipe()
+    try:
+        payload = json.dumps(["kvmd-mem.0.a", "kvmd-mem.1.a"]).encode()
+        before = open_fds()
+        socket.send_fds(sender.sock, [_HEAD.pack(len(payload), ord("F")) + payload], [r])
+        with pytest.raises(HandoverError, match="2 fd names but 1 fds arrived"):
+            receiver.recv(5)
+        assert open_fds() <= before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_expect_fails_with_the_peers_reason(pair: tuple[Channel, Channel]) -> None:
+    """Waiting for "accepted", a refusal fails with the reason the peer gave."""
+    sender, receiver = pair
+    sender.send_json({"op": "refused", "reason": "another hand-over is in progress"})
+    with pytest.raises(HandoverError,
+                       match="expected 'accepted', got 'another hand-over is in progress'"):
+        receiver.expect("accepted", 5)
