@@ -31,7 +31,7 @@ from kvmd.state.handover import (
     resume,
     save_vm,
 )
-from kvmd.state.snapshot import restore_bytes
+from kvmd.state.snapshot import SnapshotTaker, restore_bytes
 from kvmd.systemd import fd_name_valid
 from kvmd_proto import vmm_pb2 as pb
 
@@ -281,3 +281,100 @@ def test_a_state_without_a_memfd_for_a_slot_or_too_short_a_memfd_is_refused(
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_a_diff_after_a_handover_continues_the_snapshot_chain(
+        hosts: tuple[Host, Host]) -> None:
+    """A VM snapshotted before a hand-over takes a diff afterwards: based on that
+    snapshot, holding the pages written since the hand-over (base + diff restores them)."""
+    a, b = hosts
+    vm = counter_vm(a)
+    vm.pause()
+    base = b"".join(SnapshotTaker(vm))
+    data, fds = saved(vm)
+    a.delete_vm("src")
+    copy = restore_vm(b, read_state(data, "src"), fds)
+    for fd in fds.values():
+        os.close(fd)
+    try:
+        copy.write_memory(0x30000, b"\x5a" * P)
+        diff = b"".join(SnapshotTaker(copy, diff=True))
+        restored = restore_bytes(b, "back", "local", iter([base, diff]))
+        assert restored.read_memory(0x30000, P) == b"\x5a" * P
+        b.delete_vm("back")
+    finally:
+        copy.close()
+
+
+def test_counters_continue_across_a_handover(hosts: tuple[Host, Host]) -> None:
+    """The bytes discarded and the dirty pages reported so far (GetVm.discarded_bytes, the
+    dirty-pages metric) continue in the new daemon instead of starting from 0."""
+    a, b = hosts
+    vm = counter_vm(a)
+    vm.pause()
+    vm.write_memory(0x30000, b"\x01" * (8 * P))
+    assert vm.discard_memory(0x30000, 8 * P) == 8 * P
+    vm.get_dirty_log(0)
+    discarded, dirty = vm.discarded_bytes_total, vm.dirty_pages_total
+    assert discarded == 8 * P and dirty > 0
+    data, fds = saved(vm)
+    copy = restore_vm(b, read_state(data, "src"), fds)
+    for fd in fds.values():
+        os.close(fd)
+    try:
+        assert (copy.discarded_bytes_total, copy.dirty_pages_total) == (discarded, dirty)
+    finally:
+        copy.close()
+
+
+def test_a_handover_state_for_another_host_is_refused(hosts: tuple[Host, Host]) -> None:
+    """A hand-over state from a host this one is not compatible with (a larger XSAVE
+    image) is refused before anything is built."""
+    a, b = hosts
+    data, fds = saved(counter_vm(a))
+    try:
+        def bigger_xsave(r: pb.SnapshotRecord) -> None:
+            if r.HasField("header"):
+                r.header.host.xsave_size = 1 << 16
+        record = read_state(rewrite(data, bigger_xsave, HANDOVER_MAGIC))
+        with pytest.raises(InvalidState, match="incompatible host"):
+            restore_vm(b, record, fds)
+        assert b.vm_count() == 0
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_a_handover_state_holding_two_vms_is_refused(hosts: tuple[Host, Host]) -> None:
+    """A hand-over state is exactly one VM: two states back to back are corrupt."""
+    a, _ = hosts
+    data, fds = saved(counter_vm(a))
+    for fd in fds.values():
+        os.close(fd)
+    with pytest.raises(CorruptSnapshot, match="not exactly one VM"):
+        read_state(data + data)
+
+
+def test_unsaved_pages_of_a_slot_of_9_pages_cross_a_handover(
+        hosts: tuple[Host, Host]) -> None:
+    """A slot whose page count is not a multiple of 8 (its dirty bitmap ends in a partial
+    byte): a page written after the last snapshot, the slot's last, is handed over as
+    owed to the next diff, which then holds it."""
+    a, b = hosts
+    vm = counter_vm(a)
+    vm.pause()
+    vm.add_memory_region(1 << 20, 9 * P, False, True)
+    base = b"".join(SnapshotTaker(vm))
+    vm.write_memory((1 << 20) + 8 * P, b"\x77" * P)
+    data, fds = saved(vm)
+    a.delete_vm("src")
+    copy = restore_vm(b, read_state(data, "src"), fds)
+    for fd in fds.values():
+        os.close(fd)
+    try:
+        diff = b"".join(SnapshotTaker(copy, diff=True))
+        restored = restore_bytes(b, "back", "local", iter([base, diff]))
+        assert restored.read_memory((1 << 20) + 8 * P, P) == b"\x77" * P
+        b.delete_vm("back")
+    finally:
+        copy.close()
