@@ -168,16 +168,14 @@ class SnapshotsService(ServicerBase, rpc.SnapshotsServicer):
                         yield response  # type: ignore[misc]
                 finally:  # the client went away: what the pool still does is nobody's
                     ahead.add_done_callback(_forget)
-                assert taker.summary is not None
-                yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, ""))
-                taker.confirm()
-        finally:
-            # A client that went away: end the snapshot now, so the VM runs again (close
-            # waits for a pull still running in the pool), and count it as failed.
-            await self._cleanup(taker.close)
-        if store is not None:
             assert taker.summary is not None
             yield pb.SnapshotVmResponse(done=summary_to_pb(taker.summary, request.file))
+            taker.confirm()  # a stream's: grpc took its last message (a file's is done)
+        finally:
+            # A client that went away: end the snapshot now, so the VM runs again (close
+            # waits for a pull still running in the pool), and count it as failed unless
+            # it was confirmed.
+            await self._cleanup(taker.close)
 
     async def RestoreVm(self, request_iterator: AsyncIterator[pb.RestoreVmRequest],
                         context: grpc.aio.ServicerContext) -> pb.Vm:
