@@ -67,6 +67,12 @@ def saved(vm: ManagedVm) -> tuple[bytes, dict[str, int]]:
     return out.data, {n: os.dup(fd) for n, fd in out.memfds.items()}
 
 
+def close_all(fds: dict[str, int]) -> None:
+    """Close the test's copies of handed-over memfds (a restored VM holds its own dups)."""
+    for fd in fds.values():
+        os.close(fd)
+
+
 def test_restore_adopts_the_memfds_and_continues(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     vm = counter_vm(a)
@@ -79,8 +85,7 @@ def test_restore_adopts_the_memfds_and_continues(hosts: tuple[Host, Host]) -> No
     assert record.was_running and record.memfd_names == [memfd_name("src", 0)]
     copy = restore_vm(b, record, fds)
     try:
-        for fd in fds.values():
-            os.close(fd)  # the new VM holds its own dup
+        close_all(fds)  # the new VM holds its own dup
         assert copy.state == "paused" and u32(copy, COUNTER) == paused_at
         # One memory, not a copy: a write through the old VM shows in the new one.
         vm.write_memory(0x30000, b"shared")
@@ -111,8 +116,7 @@ def test_a_handover_state_is_no_snapshot(hosts: tuple[Host, Host]) -> None:
             restore_bytes(b, "copy", "local", iter([data]))
         assert b.vm_count() == 0
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def test_corrupt_state_is_refused(hosts: tuple[Host, Host]) -> None:
@@ -128,8 +132,7 @@ def test_corrupt_state_is_refused(hosts: tuple[Host, Host]) -> None:
         with pytest.raises(CorruptSnapshot, match="holds vm src"):
             read_state(data, "other")
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def test_missing_or_foreign_memfd_is_refused_and_leaves_nothing(
@@ -154,8 +157,7 @@ def test_missing_or_foreign_memfd_is_refused_and_leaves_nothing(
         assert b.vm_count() == 0
         b.create_vm("src", {}, VmOptions())  # the id is free again
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def test_memfd_names_are_valid_fd_store_names() -> None:
@@ -187,8 +189,7 @@ def test_files_of_the_images_directory_go_by_name(tmp_path: Path) -> None:
         assert (images / "data.img").read_bytes()[:19] == b"through the mapping"
         a.delete_vm("src")
         copy = restore_vm(b, record, fds)
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
         try:
             assert copy.read_memory(0x30000, 4 * P) == b"\x40" * (4 * P)
             assert copy.read_memory(MEM_SIZE, 19) == b"through the mapping"
@@ -225,8 +226,7 @@ def test_the_discard_credit_crosses_a_handover() -> None:
         assert (b.budget.in_use, b.budget.credited) == (16 * P, 0)
         assert vm.discard_memory(16 * P, 8 * P) == 8 * P
         copy = restore_vm(b, record, fds)
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
         assert (b.budget.in_use, b.budget.credited) == (32 * P, 48 * P)
         assert copy.discard_credits() == {0: 48 * P}
         copy.write_memory(16 * P, b"\x03" * P)  # the guest's to touch: past the limit
@@ -250,8 +250,7 @@ def test_dirty_pages_cross_a_handover_and_stay_if_it_fails(hosts: tuple[Host, Ho
     assert vm.dirty.peek(API, info) & counter_page  # still the old VM's to report
     copy = restore_vm(b, read_state(data, "src"), fds)
     try:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
         _, bitmap = copy.get_dirty_log(0)
         assert int.from_bytes(bitmap, "little") & counter_page  # and the new VM's
     finally:
@@ -279,8 +278,7 @@ def test_a_state_without_a_memfd_for_a_slot_or_too_short_a_memfd_is_refused(
             restore_vm(b, record, fds)
         assert b.vm_count() == 0
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def test_a_diff_after_a_handover_continues_the_snapshot_chain(
@@ -294,8 +292,7 @@ def test_a_diff_after_a_handover_continues_the_snapshot_chain(
     data, fds = saved(vm)
     a.delete_vm("src")
     copy = restore_vm(b, read_state(data, "src"), fds)
-    for fd in fds.values():
-        os.close(fd)
+    close_all(fds)
     try:
         copy.write_memory(0x30000, b"\x5a" * P)
         diff = b"".join(SnapshotTaker(copy, diff=True))
@@ -319,8 +316,7 @@ def test_counters_continue_across_a_handover(hosts: tuple[Host, Host]) -> None:
     assert discarded == 8 * P and dirty > 0
     data, fds = saved(vm)
     copy = restore_vm(b, read_state(data, "src"), fds)
-    for fd in fds.values():
-        os.close(fd)
+    close_all(fds)
     try:
         assert (copy.discarded_bytes_total, copy.dirty_pages_total) == (discarded, dirty)
     finally:
@@ -341,16 +337,14 @@ def test_a_handover_state_for_another_host_is_refused(hosts: tuple[Host, Host]) 
             restore_vm(b, record, fds)
         assert b.vm_count() == 0
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        close_all(fds)
 
 
 def test_a_handover_state_holding_two_vms_is_refused(hosts: tuple[Host, Host]) -> None:
     """A hand-over state is exactly one VM: two states back to back are corrupt."""
     a, _ = hosts
     data, fds = saved(counter_vm(a))
-    for fd in fds.values():
-        os.close(fd)
+    close_all(fds)
     with pytest.raises(CorruptSnapshot, match="not exactly one VM"):
         read_state(data + data)
 
@@ -369,8 +363,7 @@ def test_unsaved_pages_of_a_slot_of_9_pages_cross_a_handover(
     data, fds = saved(vm)
     a.delete_vm("src")
     copy = restore_vm(b, read_state(data, "src"), fds)
-    for fd in fds.values():
-        os.close(fd)
+    close_all(fds)
     try:
         diff = b"".join(SnapshotTaker(copy, diff=True))
         restored = restore_bytes(b, "back", "local", iter([base, diff]))
