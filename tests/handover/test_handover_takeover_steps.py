@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,45 @@ def test_the_handover_socket_is_for_the_daemons_user_only(old: Daemon) -> None:
     """The hand-over socket (it gives every VM away) is a socket of mode 0600."""
     mode = os.stat(hand_over_socket(old)).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+
+
+# Run as another user: connect to the hand-over socket by its name in the working directory,
+# send a hello, print (hex) the head of the daemon's answer, or nothing when it closes.
+OTHER_USER_HELLO = """
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+hello = json.dumps({"op": "hello", "version": 1, "kvmd_version": "x", "pid": 0}).encode()
+got = b""
+try:  # a refusing daemon may close before the hello is sent
+    s.sendall(struct.pack(">IB", len(hello), ord("J")) + hello)
+    s.settimeout(20)
+    while len(got) < 5 and (chunk := s.recv(4096)):  # a frame's head, or the close
+        got += chunk
+except (BrokenPipeError, ConnectionResetError):
+    pass
+print(got.hex())
+"""
+
+
+def test_a_peer_of_another_user_is_refused_even_when_it_can_reach_the_socket(
+        old: Daemon) -> None:
+    """The socket's mode keeps other users out; behind it, the peer's credentials are
+    checked too: a hello from another user (the socket opened to everyone here) is answered
+    with nothing, and nothing stops or pauses."""
+    c = client_of(old)
+    boot(c, "v1")
+    path = Path(hand_over_socket(old))
+    os.chmod(path.parent, 0o711)
+    os.chmod(path, 0o666)
+    nobody = 65534
+    done = subprocess.run(["/usr/bin/python3", "-I", "-c", OTHER_USER_HELLO, path.name],
+                          cwd=path.parent, user=nobody, group=nobody, extra_groups=[],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", "the other user's hello was answered"
+    assert c.get_vm("v1").state == "running" and not old.exit_requested.is_set()
+    c.close()
 
 
 def test_a_hello_of_another_protocol_version_is_refused_before_anything_stops(
