@@ -110,6 +110,7 @@ class NativeStderr:
         os.dup2(write_end, 2)  # fd 2 itself stays inheritable, as stderr is
         os.close(write_end)
         self._read_end = read_end
+        self._closed = False
         self._saved_stderr = sys.stderr
         sys.stderr = self.stderr
         self._thread = threading.Thread(target=self._relay, name="kvmd-native-stderr",
@@ -136,7 +137,11 @@ class NativeStderr:
             native_record(pending.decode(errors="backslashreplace").rstrip())
 
     def close(self) -> None:
-        """Point fd 2 back at the original stderr; the reader relays what is left."""
+        """Point fd 2 back at the original stderr; the reader relays what is left. Once:
+        a second call (atexit's, after the owner's) does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         os.dup2(self._original, 2)  # the pipe's last write end closes: the reader ends
         self._thread.join(5.0)
         os.close(self._read_end)
