@@ -37,6 +37,8 @@ def test_only_the_set_member_of_a_oneof_is_present() -> None:
     assert message_to_dict(route) == {
         "gsi": 5, "msi": {"address": 0xFEE00000, "data": 0x41, "devid": None}}
     assert "msi" not in message_to_dict(pb.IrqRoute(gsi=5))
+    # Scalar members too: left out, not None as an unset optional is.
+    assert message_to_dict(pb.CheckExtensionRequest(number=5)) == {"number": 5, "vm_id": ""}
 
 
 def test_maps_and_repeated_fields_of_scalars_and_messages() -> None:
