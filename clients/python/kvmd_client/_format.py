@@ -16,12 +16,9 @@ __all__ = [
 ]
 
 
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and (value.isdigit() or value.startswith("0x") or value == "-")
+def _is_number(cell: str) -> bool:
+    """A cell as rendered (ints are digit strings by then; a bool is a word)."""
+    return cell.isdigit() or cell.startswith("0x") or cell == "-"
 
 
 def format_table(
