@@ -152,6 +152,14 @@ def test_histogram_is_cumulative() -> None:
     assert count == 3 and total == pytest.approx(5.55)
 
 
+def test_a_value_on_a_bound_counts_in_that_bucket() -> None:
+    """Prometheus buckets are "less than or equal": 0.1 s is in le="0.1"."""
+    h = Histogram((0.1, 1.0))
+    h.observe(0.1)
+    h.observe(1.0)
+    assert h.snapshot()[0] == [(0.1, 1), (1.0, 2), (float("inf"), 2)]
+
+
 def test_claim_ranges_meet_without_overlapping() -> None:
     """Ranges overlap when they share one byte, and not when one ends where the next
     begins."""
