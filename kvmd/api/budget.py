@@ -57,7 +57,8 @@ class Budget:
 
     def _take(self, identity: str, admin: bool, stream: bool) -> None:
         with self._lock:
-            usage = self._usage.setdefault(identity, Usage())
+            # Stored only once admitted: a refused caller leaves no entry behind.
+            usage = self._usage.get(identity) or Usage()
             if stream:
                 if self.streams >= self.max_streams or (
                         not admin and self.non_admin_streams >= self.max_streams
@@ -72,6 +73,7 @@ class Budget:
                         "identity (max_streams_per_identity)",
                         reason=Reason.LIMIT_STREAMS,
                         metadata=limit("max_streams_per_identity", self.max_streams_per_identity))
+                self._usage[identity] = usage
                 usage.streams += 1
                 self.streams += 1
                 self.non_admin_streams += 0 if admin else 1
@@ -88,6 +90,7 @@ class Budget:
                         "identity (max_calls_per_identity)",
                         reason=Reason.LIMIT_CALLS,
                         metadata=limit("max_calls_per_identity", self.max_calls_per_identity))
+                self._usage[identity] = usage
                 usage.calls += 1
                 self.calls += 1
                 self.non_admin_calls += 0 if admin else 1
