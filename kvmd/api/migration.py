@@ -170,10 +170,15 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         data: DataListener | None = None
 
         def release() -> None:
-            if data is not None:
-                data.close()  # no feed runs after this
-            if incoming.state != COMMITTED:
-                incoming.abort()  # the source gone: everything released
+            try:
+                if data is not None:
+                    data.close()  # no feed runs after this
+                if incoming.state != COMMITTED:
+                    incoming.abort()  # the source gone: everything released
+            finally:
+                # Listed until released: a release that outlives a cancelled call (see
+                # _cleanup) must not show the id as free while it is still reserved.
+                self.migrations.incoming.ended(incoming)
 
         try:
             await self._blocking(incoming.begin, start.source_vm_id, start.format_version)
@@ -215,7 +220,6 @@ class MigrationService(ServicerBase, rpc.MigrationServicer):
         finally:
             requests.close()
             await self._cleanup(release)
-            self.migrations.incoming.ended(incoming)
 
     def _data_listener(self, incoming: IncomingMigration,
                        context: grpc.aio.ServicerContext) -> DataListener | None:

@@ -3,11 +3,15 @@ in-process target daemon playing no real source."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
+import pytest
 from inprocess_daemon import assert_refused, client_of, raw_stubs
 
+from kvmd.migration.incoming import IncomingMigration
 from kvmd.server import Daemon
 from kvmd_client import KvmdError
 from kvmd_client.errors import from_rpc_error
@@ -75,3 +79,46 @@ def test_an_unexpected_message_in_a_migration_stream_is_refused(
     assert "unexpected start message" in err.message
     with client_of(daemon) as client:
         assert client.create_vm("in-1").vm_id == "in-1"
+
+
+def test_a_stream_cancelled_during_its_release_is_listed_until_its_id_is_free(
+        start_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source whose stream ends without a commit, then is cancelled while the target
+    releases what it holds: the release runs on in the pool, and the migration stays in
+    ListMigrations until it is done, so an orchestrator that waits for the listing to empty
+    can prepare the id again at once. (The release is slowed so the cancel lands in it; the
+    migration was listed as gone while its id was still reserved: ALREADY_EXISTS.)"""
+    daemon = start_daemon()
+    aborting = threading.Event()
+    real_abort = IncomingMigration.abort
+
+    def slow_abort(self: IncomingMigration) -> None:
+        aborting.set()
+        time.sleep(0.5)
+        real_abort(self)
+
+    monkeypatch.setattr(IncomingMigration, "abort", slow_abort)
+    stubs = raw_stubs(daemon)
+    try:
+        token = stubs.migration.PrepareIncomingMigration(
+            pb.PrepareIncomingMigrationRequest(vm_id="in-1"), timeout=10).token
+        start = pb.MigrationMessage(start=pb.MigrationStart(token=token, source_vm_id="src"))
+        accepted = threading.Event()
+
+        def requests() -> Iterator[pb.MigrationMessage]:
+            yield start
+            accepted.wait(30)  # then the source ends its side: no commit
+
+        call = stubs.migration.ReceiveMigration(requests(), timeout=30)
+        assert next(call).WhichOneof("reply") == "accepted"
+        accepted.set()
+        assert aborting.wait(15), "the target never released the migration"
+        call.cancel()
+        deadline = time.monotonic() + 15
+        while stubs.migration.ListMigrations(pb.ListMigrationsRequest()).migrations:
+            assert time.monotonic() < deadline, "the migration stayed listed"
+            time.sleep(0.01)
+        assert stubs.migration.PrepareIncomingMigration(
+            pb.PrepareIncomingMigrationRequest(vm_id="in-1"), timeout=10).token
+    finally:
+        stubs.close()
