@@ -13,6 +13,7 @@ from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_progr
 from polling import wait_until
 from runctl_api import Api, Code, ExitHandler, mmio, pio
 
+import kvmd.core.vcpu
 from kvmd_proto import vmm_pb2 as pb
 from kvmd_proto import vmm_pb2_grpc as rpc
 
@@ -228,7 +229,16 @@ def test_stop_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     api.delete("stuck")
 
 
-def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
+@pytest.fixture
+def short_state_change_wait(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The daemon's state-change wait (5 s) cut to 1 s (the daemon runs in this process),
+    so a handler can answer after it without the test waiting 6 s."""
+    monkeypatch.setattr(kvmd.core.vcpu, "STATE_CHANGE_TIMEOUT", 1.0)
+    return 1.0
+
+
+def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api,
+                                                   short_state_change_wait: float) -> None:
     """PauseVm while a vCPU waits for a slow handler must not fail with INTERNAL: the
     pause takes effect once the exit is answered (within the claim's deadline), also
     beside a vCPU that pauses at once (the VM's wait is its slowest vCPU's)."""
@@ -239,8 +249,9 @@ def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     api.start("stuck-pause")
     exit_ = handler.next_exit()
     assert exit_.vcpu_id == 1
-    # Answer after 6 s: longer than the daemon's internal 5 s state-change wait.
-    threading.Timer(6.0, handler.reply, (exit_.exit_id, b"\x07")).start()
+    # Answer after twice the daemon's state-change wait.
+    threading.Timer(2 * short_state_change_wait, handler.reply,
+                    (exit_.exit_id, b"\x07")).start()
     vm = api.vms.PauseVm(pb.VmRef(vm_id="stuck-pause"), timeout=15)
     assert vm.state == "paused"
     api.resume("stuck-pause")
@@ -250,16 +261,18 @@ def test_pause_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     api.delete("stuck-pause")
 
 
-def test_a_snapshot_waits_for_a_vcpu_in_a_slow_remote_exit(api: Api) -> None:
+def test_a_snapshot_waits_for_a_vcpu_in_a_slow_remote_exit(
+        api: Api, short_state_change_wait: float) -> None:
     """The daemon's own pauses (a snapshot's hold; a migration's switch-over and a
     hand-over pause the same way) wait for an exit within the claim's deadline too: the
-    snapshot is taken once the handler answers, after the 5 s state-change wait."""
+    snapshot is taken once the handler answers, after the state-change wait."""
     api.boot("stuck-snap", in_twice_program())
     handler = api.handler("stuck-snap", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
     handler.claimed()
     api.start("stuck-snap")
     exit_ = handler.next_exit()
-    threading.Timer(6.0, handler.reply, (exit_.exit_id, b"\x07")).start()
+    threading.Timer(2 * short_state_change_wait, handler.reply,
+                    (exit_.exit_id, b"\x07")).start()
     snapshots = rpc.SnapshotsStub(api.channel)
     replies = list(snapshots.SnapshotVm(pb.SnapshotVmRequest(vm_id="stuck-snap"), timeout=20))
     assert replies[-1].HasField("done"), replies[-1]
