@@ -410,8 +410,9 @@ class ManagedVcpu:
             self._changed()
 
     def stop(self, reason: str = "stopped by request") -> None:
-        """End the vCPU's thread (from an API thread); waits for it. A crashed vCPU (its
-        thread already gone) becomes stopped, keeping why it crashed."""
+        """End the vCPU's thread (from an API thread); waits for it. A crashed vCPU becomes
+        stopped, keeping why it crashed, once its thread is gone (waited for when it is
+        still telling the VM of the crash)."""
         with self.cond:
             if self.state == STOPPED:
                 raise InvalidState(f"vcpu {self.id} of vm {self.vm_id} is already "
@@ -420,12 +421,21 @@ class ManagedVcpu:
             if self.state == CREATED:
                 self._set_state(STOPPED, "stopped", reason)
                 return
-            if self.state == CRASHED and not self._thread_alive():
-                self._set_state(STOPPED, "stopped")
+            if self._stopped_if_crashed():
                 return
         thread = self.request_stop(reason)
         if thread is not None:
             self.join(thread=thread)
+            with self.cond:
+                self._stopped_if_crashed()
+
+    def _stopped_if_crashed(self) -> bool:
+        """Under cond: a crashed vCPU whose thread has ended becomes stopped (its reason
+        kept); whether it did."""
+        if self.state == CRASHED and not self._thread_alive():
+            self._set_state(STOPPED, "stopped")
+            return True
+        return False
 
     def throttle(self, seconds: float) -> None:
         """Keep a running vCPU out of the guest for `seconds` (kicked at once), still
