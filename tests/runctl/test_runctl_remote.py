@@ -202,7 +202,7 @@ def test_handler_serves_every_exit_of_a_loop(api: Api) -> None:
     handler.claimed()
     handler.serve(lambda e: b"", seen)
     api.start("served")
-    time.sleep(0.2)
+    wait_until(lambda: len(seen) > 10, 30, "the handler to serve a few exits")
     api.pause("served")
     total = api.stats("served").total
     # Paused only once the exit in flight was answered: the handler saw every exit.
