@@ -56,6 +56,8 @@ DIRTY_THRESHOLD = 0.5
 # What the switch-over costs besides the memory: saving and restoring the state, two round
 # trips (ready, commit). Added to the memory estimate; the measured downtime is reported.
 SWITCH_OVER_OVERHEAD_S = 0.004
+# Below this no round could ever fit: the overhead alone is more.
+MIN_DOWNTIME_MS = 4
 # Bytes handed to the transport at once (it frames them into gRPC messages).
 SEND_BATCH_BYTES = 1 << 20
 PROGRESS_INTERVAL_S = 0.25
@@ -104,8 +106,8 @@ class MigrationOptions:
 
     def validated(self) -> MigrationOptions:
         """These options with defaults filled in; bad values are INVALID_ARGUMENT."""
-        if not 0 <= self.max_downtime_ms <= 60_000:
-            raise InvalidArgument("max_downtime_ms must be 1-60000 (0: "
+        if self.max_downtime_ms != 0 and not MIN_DOWNTIME_MS <= self.max_downtime_ms <= 60_000:
+            raise InvalidArgument(f"max_downtime_ms must be {MIN_DOWNTIME_MS}-60000 (0: "
                                   f"{DEFAULT_MAX_DOWNTIME_MS})",
                                   reason=Reason.VALUE_OUT_OF_RANGE, field="options.max_downtime_ms")
         if not 0 <= self.max_rounds <= MAX_ROUNDS_LIMIT:
