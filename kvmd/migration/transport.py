@@ -352,7 +352,10 @@ class GrpcTransport:
             raise OutcomeUnknown(f"migration target {self.target} answered "
                                  f"{reply.WhichOneof('reply')} to the commit",
                                  reason=Reason.MIGRATION_OUTCOME_UNKNOWN)
-        self._put(_END)  # type: ignore[arg-type]
+        try:
+            self._put(_END)  # type: ignore[arg-type]
+        except DomainError:
+            pass  # the commit is confirmed: the half-close is only a courtesy
 
     def close(self) -> None:
         with self._lock:
