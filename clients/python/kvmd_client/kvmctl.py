@@ -1351,7 +1351,7 @@ COMMANDS: list[Command] = [
                   arg("--target-vm", metavar="ID",
                       help="the VM's id on the target (default VM)"),
                   arg("--max-downtime-ms", type=parse_int, default=0, metavar="N",
-                      help="longest pause for the switch-over (default 300)"),
+                      help="longest pause for the switch-over (default 300, at least 4)"),
                   arg("--bandwidth", type=parse_size, metavar="BYTES",
                       help="bytes per second for the pre-copy rounds, e.g. 100M (default: "
                       "as fast as the link goes)"),
