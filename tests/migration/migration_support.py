@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from polling import wait_until
 from state_guests import COUNTER_ADDR, PRINT_ROUTINES, assemble
 from state_support import Node, connect
 
+from kvmd.migration.transport import METHOD
 from kvmd_proto import vmm_pb2 as pb
 
 if not os.path.exists("/dev/kvm"):
@@ -395,3 +397,17 @@ def hosts(host_pair: HostPair) -> Iterator[tuple[Host, Host]]:
         yield pair
     finally:
         host_pair.clean()
+
+
+def fake_target(receive: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]],
+                *options: tuple[str, Any]) -> tuple[grpc.Server, str]:
+    """A started grpcio server playing the target's ReceiveMigration with `receive` (raw
+    message bytes in and out), and its address: a source's GrpcTransport against a target
+    that misbehaves as a test needs. Stop the server after the test."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=list(options))
+    service, method = METHOD.rsplit("/", 1)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(receive)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
+from migration_support import fake_target
 
 from kvmd.migration.precopy import MigrationOptions
-from kvmd.migration.transport import METHOD, GrpcTransport
+from kvmd.migration.transport import GrpcTransport
 from kvmd_proto import vmm_pb2 as pb
 
 
@@ -44,13 +44,8 @@ class _LinkBreaksAfterTheConfirmation(GrpcTransport):
 
 
 def test_a_confirmed_commit_stays_confirmed_when_the_link_breaks_after_it() -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    service, method = METHOD.rsplit("/", 1)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(_target)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    transport = _LinkBreaksAfterTheConfirmation(f"127.0.0.1:{port}", "token", None,
+    server, address = fake_target(_target)
+    transport = _LinkBreaksAfterTheConfirmation(address, "token", None,
                                                 MigrationOptions(timeout_ms=5000))
     try:
         assert transport.start("v") == "v"

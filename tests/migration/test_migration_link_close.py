@@ -8,14 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
+from migration_support import fake_target
 
 from kvmd.core.errors import Aborted, DomainError, InvalidState
 from kvmd.migration.precopy import MigrationOptions
-from kvmd.migration.transport import METHOD, GrpcTransport
+from kvmd.migration.transport import GrpcTransport
 from kvmd_proto import vmm_pb2 as pb
 
 FRAME = bytes(1 << 20)
@@ -35,14 +35,9 @@ def test_closing_the_link_wakes_a_send_blocked_on_the_data_socket() -> None:
         ).SerializeToString()
         release.wait(60)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    service, method = METHOD.rsplit("/", 1)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(receive)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, address = fake_target(receive)
     # The longest timeout there is: only the close can end the send within the test.
-    transport = GrpcTransport(f"127.0.0.1:{port}", "token", None,
+    transport = GrpcTransport(address, "token", None,
                               MigrationOptions(timeout_ms=600_000))
     errors: list[DomainError] = []
     blocked = threading.Event()
@@ -95,13 +90,8 @@ def test_a_target_failing_says_why_though_its_data_socket_broke_first() -> None:
         time.sleep(0.05)
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the target could not build the VM")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    service, method = METHOD.rsplit("/", 1)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(receive)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    transport = GrpcTransport(f"127.0.0.1:{port}", "token", None,
+    server, address = fake_target(receive)
+    transport = GrpcTransport(address, "token", None,
                               MigrationOptions(timeout_ms=30_000))
     try:
         assert transport.start("v") == "v"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
+from migration_support import fake_target
 
 from kvmd.migration.precopy import MigrationOptions
-from kvmd.migration.transport import MAX_DATA_MESSAGE, METHOD, GrpcTransport
+from kvmd.migration.transport import MAX_DATA_MESSAGE, GrpcTransport
 from kvmd_proto import vmm_pb2 as pb
 
 
@@ -32,14 +32,8 @@ def test_frames_go_in_bounded_data_messages_in_order() -> None:
                 yield pb.MigrationReply(ready=pb.MigrationReady()).SerializeToString()
                 return
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                         options=[("grpc.max_receive_message_length", 64 << 20)])
-    service, method = METHOD.rsplit("/", 1)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(receive)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    transport = GrpcTransport(f"127.0.0.1:{port}", "token", None,
+    server, address = fake_target(receive, ("grpc.max_receive_message_length", 64 << 20))
+    transport = GrpcTransport(address, "token", None,
                               MigrationOptions(timeout_ms=30_000))
     frames = [os.urandom(n) for n in (100, MAX_DATA_MESSAGE - 50, 3 * MAX_DATA_MESSAGE // 2,
                                       10, 7 * MAX_DATA_MESSAGE // 2 + 1, 1)]

@@ -4,12 +4,12 @@ target addresses it accepts, and what each failure of a call to the target means
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from migration_support import fake_target
 
 from kvmd.core.errors import (
     Aborted,
@@ -20,7 +20,7 @@ from kvmd.core.errors import (
     Unavailable,
 )
 from kvmd.migration.precopy import MigrationOptions
-from kvmd.migration.transport import METHOD, GrpcTransport, split_target, target_error
+from kvmd.migration.transport import GrpcTransport, split_target, target_error
 from kvmd_proto import vmm_pb2 as pb
 
 TARGET = "10.0.0.2:7000"
@@ -102,13 +102,8 @@ def test_a_target_that_ends_the_stream_without_an_answer_fails_the_wait_at_once(
         pb.MigrationMessage.FromString(next(requests))  # the start, then nothing
         yield from ()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    service, method = METHOD.rsplit("/", 1)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(hang_up)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    transport = GrpcTransport(f"127.0.0.1:{port}", "token", None,
+    server, address = fake_target(hang_up)
+    transport = GrpcTransport(address, "token", None,
                               MigrationOptions(timeout_ms=20_000))
     try:
         with pytest.raises(Unavailable, match=r"ended the migration \(accept\)"):

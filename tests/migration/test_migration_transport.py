@@ -6,14 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
+from migration_support import fake_target
 
 from kvmd.core.errors import Unavailable
 from kvmd.migration.precopy import MigrationOptions
-from kvmd.migration.transport import METHOD, GrpcTransport
+from kvmd.migration.transport import GrpcTransport
 from kvmd_proto import vmm_pb2 as pb
 
 FRAME = bytes(1 << 20)
@@ -30,13 +30,8 @@ def test_a_target_that_stops_reading_fails_the_send_after_the_timeout() -> None:
         yield pb.MigrationReply(accepted=pb.MigrationAccepted(vm_id="v")).SerializeToString()
         release.wait(60)  # and never reads again
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    service, method = METHOD.rsplit("/", 1)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        service.strip("/"), {method: grpc.stream_stream_rpc_method_handler(receive)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    transport = GrpcTransport(f"127.0.0.1:{port}", "token", None,
+    server, address = fake_target(receive)
+    transport = GrpcTransport(address, "token", None,
                               MigrationOptions(timeout_ms=1000))
     try:
         assert transport.start("v") == "v"
