@@ -18,7 +18,6 @@ from kvmd.core.errors import (
     Reason,
 )
 from kvmd.core.host import Host
-from kvmd.core.limits import Limits
 from kvmd.core.vm import VmOptions
 from kvmd.migration.incoming import (
     COMMITTED,
@@ -27,13 +26,6 @@ from kvmd.migration.incoming import (
 )
 from kvmd.state.format import FORMAT_VERSION
 from kvmd.state.snapshot import SnapshotTaker
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host(Limits(max_vms=4))
-    yield h
-    h.close()
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ while a round that leaves nothing dirty is the switch-over overhead alone (4 ms)
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from guests import SPIN, boot
 
 from kvmd.core.errors import InvalidState, OutcomeUnknown, Reason
 from kvmd.core.host import Host
-from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import PAGE_SIZE
 from kvmd.migration import precopy
@@ -84,13 +83,6 @@ class Link:
 
     def close(self) -> None:
         self.closed = True
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host(Limits(max_vms=2))
-    yield h
-    h.close()
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ takes no more bytes before its commit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from guests import SPIN, boot
 
 from kvmd.core.errors import InvalidState, Reason, Unavailable
 from kvmd.core.host import Host
-from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.migration.precopy import MigrationOptions, OutgoingMigration, Result
 from kvmd.state.snapshot import Restorer, SnapshotTaker
@@ -43,13 +42,6 @@ class SwitchOverTarget:
 
     def close(self) -> None:
         self.closed = True
-
-
-@pytest.fixture
-def host() -> Iterator[Host]:
-    h = Host(Limits(max_vms=2))
-    yield h
-    h.close()
 
 
 @pytest.fixture
