@@ -414,6 +414,9 @@ class Restorer:
         self._final: VmState | None = None  # of the last complete snapshot with a state
         self._slots: dict[int, SlotState] = {}
         self._files: list[tuple[object, ...]] = []  # where files are mapped (FileMappingState)
+        # slot -> (offset, size, image) of each file mapped into it: their pages travel by
+        # reference, so no memory or zero record may touch them
+        self._file_ranges: dict[int, list[tuple[int, int, str]]] = {}
         self._last_id = ""
         self._last_memory_only = False
         self._prepared = False
@@ -493,6 +496,8 @@ class Restorer:
                 raise CorruptSnapshot(f"corrupt snapshot: VM options {exc}") from None
             self.vm = self.host.build_vm(self.vm_id, state.labels, options, self.owner)
             self._files = [f.place() for f in state.files]
+            for f in state.files:
+                self._file_ranges.setdefault(f.slot, []).append((f.offset, f.size, f.image))
             self.vm.restore_memory_layout(state.slots, files=state.files)
             self._slots = {s.slot: s for s in state.slots}
         elif {s.slot: s for s in state.slots} != self._slots or \
@@ -506,6 +511,12 @@ class Restorer:
                 offset + length > slot.size:
             raise CorruptSnapshot(f"corrupt snapshot: memory {offset:#x}+{length:#x} is not "
                                   f"whole pages of slot {number}")
+        for lo, size, image in self._file_ranges.get(number, ()):
+            if length and offset < lo + size and lo < offset + length:
+                raise CorruptSnapshot(f"corrupt snapshot: memory {offset:#x}+{length:#x} of "
+                                      f"slot {number} lies over memory file {image!r} (a file "
+                                      "travels by reference, its pages are never in a "
+                                      "snapshot)")
         return slot
 
     def finish(self) -> ManagedVm:
