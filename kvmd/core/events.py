@@ -44,6 +44,12 @@ class FdWatcher:
             if self._callbacks.pop(fd, None) is not None:
                 self._epoll.unregister(fd)
 
+    def quiet(self) -> threading.Lock:
+        """Hold it (`with watcher.quiet():`) and no callback runs meanwhile: the holder may
+        take what a watched fd holds itself, without racing its callback. Never held by a
+        callback; taken after a VM's lock, as `remove` is."""
+        return self._lock
+
     def _loop(self) -> None:
         while not self._stopping:
             try:

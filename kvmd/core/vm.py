@@ -1484,6 +1484,13 @@ class ManagedVm:
         with self.lock:
             if self.closed:
                 raise NotFound(f"vm {self.id} was deleted", resource=self.resource)
+            # The eventfds do not travel: what they hold that the fd watcher has not taken
+            # yet (guest writes to an ioevent, resamples) is counted now, not lost.
+            with self._watcher.quiet():
+                for ioevent in self._ioevents().values():
+                    self._on_ioevent(ioevent)
+                for irqfd in self._irqfds().values():
+                    self._on_resample(irqfd)
             vcpus = [v.save_state(states.get(v.id)) for v in self.vcpus()]
             irqchip = pit = clock = None
             with kernel_errors(self.resource):
