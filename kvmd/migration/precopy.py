@@ -57,7 +57,7 @@ DIRTY_THRESHOLD = 0.5
 # trips (ready, commit). Added to the memory estimate; the measured downtime is reported.
 SWITCH_OVER_OVERHEAD_S = 0.004
 # Below this no round could ever fit: the overhead alone is more.
-MIN_DOWNTIME_MS = 4
+MIN_DOWNTIME_MS = round(SWITCH_OVER_OVERHEAD_S * 1000)
 # Bytes handed to the transport at once (it frames them into gRPC messages).
 SEND_BATCH_BYTES = 1 << 20
 PROGRESS_INTERVAL_S = 0.25
