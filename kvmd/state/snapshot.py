@@ -413,10 +413,9 @@ class Restorer:
         self._state: VmState | None = None  # of the snapshot being read
         self._final: VmState | None = None  # of the last complete snapshot with a state
         self._slots: dict[int, SlotState] = {}
-        self._files: list[tuple[object, ...]] = []  # where files are mapped (FileMappingState)
-        # slot -> (offset, size, image) of each file mapped into it: their pages travel by
-        # reference, so no memory or zero record may touch them
-        self._file_ranges: dict[int, list[tuple[int, int, str]]] = {}
+        # Where files are mapped: their pages travel by reference, so no memory or zero
+        # record may touch them, and a diff must map them where its base did.
+        self._files: list[FileMappingState] = []
         self._last_id = ""
         self._last_memory_only = False
         self._prepared = False
@@ -495,13 +494,11 @@ class Restorer:
             except TypeError as exc:
                 raise CorruptSnapshot(f"corrupt snapshot: VM options {exc}") from None
             self.vm = self.host.build_vm(self.vm_id, state.labels, options, self.owner)
-            self._files = [f.place() for f in state.files]
-            for f in state.files:
-                self._file_ranges.setdefault(f.slot, []).append((f.offset, f.size, f.image))
+            self._files = list(state.files)
             self.vm.restore_memory_layout(state.slots, files=state.files)
             self._slots = {s.slot: s for s in state.slots}
         elif {s.slot: s for s in state.slots} != self._slots or \
-                [f.place() for f in state.files] != self._files:
+                [f.place() for f in state.files] != [f.place() for f in self._files]:
             raise InvalidState(f"snapshot {self._header.snapshot_id} has other memory slots "
                                "or files than its base", reason=Reason.SNAPSHOT_INCOMPATIBLE)
 
@@ -511,10 +508,11 @@ class Restorer:
                 offset + length > slot.size:
             raise CorruptSnapshot(f"corrupt snapshot: memory {offset:#x}+{length:#x} is not "
                                   f"whole pages of slot {number}")
-        for lo, size, image in self._file_ranges.get(number, ()):
-            if length and offset < lo + size and lo < offset + length:
+        for f in self._files:
+            if f.slot == number and length and offset < f.offset + f.size and \
+                    f.offset < offset + length:
                 raise CorruptSnapshot(f"corrupt snapshot: memory {offset:#x}+{length:#x} of "
-                                      f"slot {number} lies over memory file {image!r} (a file "
+                                      f"slot {number} lies over memory file {f.image!r} (a file "
                                       "travels by reference, its pages are never in a "
                                       "snapshot)")
         return slot
