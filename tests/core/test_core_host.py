@@ -7,7 +7,7 @@ import os
 import pytest
 from core_guests import SPIN, debug_exit_program
 from guests import boot
-from polling import wait_until
+from polling import drained, wait_until
 
 from kvmd.core.errors import (
     AlreadyExists,
@@ -130,9 +130,7 @@ def test_debug_exit_stops_every_vcpu_and_records_the_code(host: Host) -> None:
     assert vm.exit_code == 0x2A and vm.reason == "debug_exit"
     # The OUT that ended the VM was completed: the stopped vCPU's RIP is past it.
     assert 0x1006 in {v.get_regs().rip for v in vm.vcpus()}
-    seen = []
-    while (e := events.get(0.1)) is not None:
-        seen.append(e.type)
+    seen = [e.type for e in drained(events.get)]
     assert "debug_exit" in seen and "started" in seen
     events.close()
 

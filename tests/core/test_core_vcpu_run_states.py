@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from core_guests import DEBUG_EXIT, SPIN
 from guests import boot
-from polling import wait_until
+from polling import drained, wait_until
 
 from kvmd.core.errors import Aborted, InvalidState, NotFound, Reason
 from kvmd.core.host import Host
@@ -171,9 +171,7 @@ def test_waking_a_paused_vcpu_does_not_report_it_paused_again(host: Host) -> Non
         v.inject_interrupt(0x20)  # wakes the parked thread (delivered once it runs)
     wait_until(lambda: waits() > before, WAIT, "the vCPU thread to park again")
     vm.stop()
-    seen = []
-    while (e := events.get(0.1)) is not None:
-        seen.append(e.type)
+    seen = [e.type for e in drained(events.get)]
     events.close()
     assert seen.count("paused") == 1, seen
 
@@ -191,9 +189,7 @@ def test_a_halted_vcpu_parks_when_paused_and_halts_again_when_resumed(host: Host
     assert v.state == "running"  # resumed past its HLT: to the debug exit
     reaches(v, "stopped")
     assert vm.exit_code == 0x2A
-    seen = []
-    while (e := events.get(0.1)) is not None:
-        seen.append(e.type)
+    seen = [e.type for e in drained(events.get)]
     events.close()
     assert seen.count("paused") == 1, seen
 
@@ -283,9 +279,7 @@ def test_a_hlt_exit_racing_a_stop_never_reports_the_vcpu_halted(host: Host) -> N
     events = vm.watch()
     v.start()
     reaches(v, "stopped")
-    seen = []
-    while (e := events.get(0.1)) is not None:
-        seen.append(e.type)
+    seen = [e.type for e in drained(events.get)]
     events.close()
     assert "halted" not in seen, seen
     assert v.reason == "stopped while halting"

@@ -56,6 +56,15 @@ def take_over(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         daemon.stop()
 
 
+def took_over(old: Daemon, take_over: Callable[..., Daemon], **config: Any) -> Daemon:
+    """Take over from `old` (Config fields as keywords) and stop `old` once it has let go
+    of its VMs: the new daemon, serving them."""
+    new = take_over(**config)
+    assert old.exit_requested.wait(10)
+    old.stop()
+    return new
+
+
 def hand_over_socket(daemon: Daemon) -> str:
     return socket_path(daemon.cfg.listen[0].removeprefix("unix://"))
 
@@ -210,9 +219,7 @@ def test_memory_of_a_handed_over_vm_is_freed_when_the_new_daemon_deletes_it(
     guest_memory = memfd_inodes() - before
     assert guest_memory
     c.close()
-    new = take_over()
-    assert old.exit_requested.wait(10)
-    old.stop()
+    new = took_over(old, take_over)
     n = client_of(new)
     assert n.read_memory("m", 0x1000, 4) == b"kept"
     n.delete_vm("m")
@@ -248,16 +255,12 @@ def test_a_stranded_vm_keeps_its_earlier_reason_when_stranded_again(
     """A VM stranded by one take-over travels on with the next; stranded again there, its
     reason says why it was stranded before."""
     small_and_big(old)
-    second = take_over(max_memory_per_vm_bytes=1 << 17)
-    assert old.exit_requested.wait(10)
-    old.stop()
+    second = took_over(old, take_over, max_memory_per_vm_bytes=1 << 17)
     c = client_of(second)
     [first] = c.list_stranded_vms()
     assert first.vm_id == "big" and "131072" in first.reason
     c.close()
-    third = take_over(max_memory_per_vm_bytes=3 << 16)
-    assert second.exit_requested.wait(10)
-    second.stop()
+    third = took_over(second, take_over, max_memory_per_vm_bytes=3 << 16)
     c = client_of(third)
     [again] = c.list_stranded_vms()
     assert again.vm_id == "big" and "196608" in again.reason
@@ -285,9 +288,7 @@ def test_a_failed_take_over_keeps_no_extra_descriptor_of_a_stranded_vm(
     daemon aborts, the old one closes the copies: it holds the stranded memory exactly as
     often as before."""
     small_and_big(old)
-    keeper = take_over(max_memory_per_vm_bytes=1 << 17)
-    assert old.exit_requested.wait(10)
-    old.stop()
+    keeper = took_over(old, take_over, max_memory_per_vm_bytes=1 << 17)
     c = client_of(keeper)
     assert [s.vm_id for s in c.list_stranded_vms()] == ["big"]
     held = sorted(memfd_descriptors())
