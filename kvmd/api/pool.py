@@ -8,8 +8,10 @@ takes the executor's semaphore and the future's condition on both sides: about 1
 hop here, against about 45 us this way (benchmarks/rpc_latency.py times the RPCs).
 
 Workers start on demand, up to `max_workers` (the daemon's max_concurrent_rpcs), and end at
-`shutdown`. A worker counts as idle before its caller hears back, so calls made one after
-another share one worker. A call whose awaiting coroutine was cancelled before a worker
+`shutdown`: the pool keeps its high-water mark, which the calls in flight at once bound.
+Each shows the prefix as its name to the kernel too (top -H, /proc/PID/task/TID/comm).
+A worker counts as idle before its caller hears back, so calls made one after another
+share one worker. A call whose awaiting coroutine was cancelled before a worker
 took it (its client went away) is skipped, as run_in_executor skips a cancelled future's
 work; one that has started runs to its end.
 """
@@ -25,6 +27,8 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, TypeVar
+
+from kvmd.core.sched import name_thread
 
 T = TypeVar("T")
 
@@ -160,6 +164,7 @@ class CallPool(futures.Executor):
         self._queue.put(call)
 
     def _work(self) -> None:
+        name_thread(self._prefix)
         get = self._queue.get
         while True:
             item = get()

@@ -143,3 +143,16 @@ def test_shutdown_ends_the_workers_and_cancels_queued_calls() -> None:
         pool.submit(time.sleep, 0)
     with pytest.raises(futures.CancelledError):
         queued.result(0)
+
+
+def test_workers_show_the_prefix_as_their_kernel_name() -> None:
+    """Tools that read the kernel's thread names (top -H, the soak's thread invariant) tell
+    the pool's workers from the daemon's other threads."""
+    pool = CallPool(1, "t-named")
+
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    assert pool.submit(comm).result(10) == "t-named"
+    pool.shutdown()
