@@ -97,14 +97,14 @@ def _set_slice(tid: int, slice_us: int) -> None:
 
 
 _PR_SET_NAME = 15
-_COMM_BYTES = 15  # a thread's name (comm) holds at most 15 bytes
+COMM_BYTES = 15  # a thread's name (comm) holds at most 15 bytes
 
 
 def name_thread(name: str) -> None:
     """Give the calling thread `name` as the kernel shows it (comm: top -H, ps -L,
     /proc/PID/task/TID/comm, py-spy), cut to 15 bytes. Python names its threads for itself
     only: every other thread shows the process's name."""
-    _libc.prctl(_PR_SET_NAME, name.encode()[:_COMM_BYTES], 0, 0, 0)
+    _libc.prctl(_PR_SET_NAME, name.encode()[:COMM_BYTES], 0, 0, 0)
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:

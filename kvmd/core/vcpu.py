@@ -34,9 +34,11 @@ from kvmd.core.errors import (
 )
 from kvmd.core.remote import RemoteExit, RemoteHandler
 from kvmd.core.sched import (
+    COMM_BYTES,
     POLICIES,
     api_slice_us,
     confine_thread,
+    name_thread,
     report_priority_failure,
     set_thread_priority,
     set_vcpu_slice,
@@ -143,6 +145,13 @@ class VmLink:
     on_event: Callable[[ManagedVcpu, str, str, int | None], None]  # (vcpu, event, reason,
     #                                                                  exit code)
     on_ended: Callable[[ManagedVcpu, Outcome], None]  # after a stop or crash, unlocked
+
+
+def native_name(vm_id: str, vcpu_id: int) -> str:
+    """The name a vCPU thread shows the kernel (top -H, ps -L): `<vm>/<vcpu>`, the VM's id
+    cut so that the vCPU's number stays within the kernel's 15 bytes."""
+    tail = f"/{vcpu_id}"
+    return vm_id.encode()[:COMM_BYTES - len(tail)].decode(errors="ignore") + tail
 
 
 class Launch:
@@ -523,6 +532,7 @@ class ManagedVcpu:
         # The thread inherited the API's priority and short slice: it takes vcpu_nice and the
         # kernel's slice on its first way into the guest, as after every pause (_boosted).
         lowering = ThreadScheduling(POLICIES[policy], nice, default_slice=bool(api_slice_us()))
+        name_thread(native_name(self.vm_id, self.id))
         with self.cond:
             self._tid = threading.get_native_id()
             self._boosted = self._differs_from_api()
