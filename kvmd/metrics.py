@@ -89,6 +89,10 @@ class KvmdCollector(Collector):
         labels = ["vm", "reason"] + (["vcpu"] if self.vcpu_label else [])
         exits = CounterMetricFamily("kvmd_vcpu_exits", "vCPU exits by reason (io and mmio "
                                     "split by direction)", labels=labels)
+        cpu = CounterMetricFamily("kvmd_vcpu_cpu_seconds", "CPU time of the VM's vCPU "
+                                  "threads (guest code and the host side of its exits) since "
+                                  "the VM was made in this daemon",
+                                  labels=["vm"] + (["vcpu"] if self.vcpu_label else []))
         unclaimed = CounterMetricFamily("kvmd_unclaimed_accesses", "Guest port/MMIO accesses "
                                         "no device or handler claimed", labels=["vm", "space"])
         memory = GaugeMetricFamily("kvmd_guest_memory_bytes", "Guest memory mapped per VM",
@@ -114,9 +118,16 @@ class KvmdCollector(Collector):
         kernel: dict[str, Any] = {}
         for vm in vms:
             per_vcpu: list[tuple[int, dict[str, int]]] = []
+            cpu_seconds = 0.0
             for v in vm.vcpus():
                 vcpus[v.state] = vcpus.get(v.state, 0) + 1
                 per_vcpu.append((v.id, v.exit_counts()))
+                seconds = v.cpu_seconds()
+                cpu_seconds += seconds
+                if self.vcpu_label:
+                    cpu.add_metric([vm.id, str(v.id)], seconds)
+            if not self.vcpu_label:
+                cpu.add_metric([vm.id], cpu_seconds)
             if self.vcpu_label:
                 for vid, counts in per_vcpu:
                     for reason, n in exit_reasons(counts):
@@ -148,6 +159,7 @@ class KvmdCollector(Collector):
             allocated.add_metric([vm.id], vm.memory_allocated_bytes())
             self._kernel_stats(vm, kernel)
         yield exits
+        yield cpu
         yield unclaimed
         yield memory
         yield slots

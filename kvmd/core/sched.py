@@ -107,6 +107,15 @@ def name_thread(name: str) -> None:
     _libc.prctl(_PR_SET_NAME, name.encode()[:COMM_BYTES], 0, 0, 0)
 
 
+def thread_cpu_clock(tid: int) -> int:
+    """The clock id of thread `tid`'s CPU time (user and system; a vCPU thread's guest time
+    is user time), for time.clock_gettime_ns from any thread of the process: the kernel's
+    encoding of a per-thread CPU clock (CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED, ~tid << 3),
+    what pthread_getcpuclockid returns, without the pthread handle of a thread that may
+    have ended. Reading it fails (EINVAL) once the thread is gone."""
+    return (~tid << 3) | 6
+
+
 def parse_cpu_list(text: str) -> frozenset[int]:
     """The CPUs of a Linux CPU list ("1-3", "0,2,4-7"). ValueError if it is malformed or
     empty."""

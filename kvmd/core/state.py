@@ -52,6 +52,7 @@ class VcpuState:
     events: VcpuEvents = field(default_factory=VcpuEvents)
     pending_irqs: list[int] = field(default_factory=list)  # queued KVM_INTERRUPT vectors
     exit_counts: dict[str, int] = field(default_factory=dict)
+    cpu_ns: int = 0  # CPU time of its threads so far
 
 
 @dataclass

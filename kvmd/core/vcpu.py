@@ -42,6 +42,7 @@ from kvmd.core.sched import (
     report_priority_failure,
     set_thread_priority,
     set_vcpu_slice,
+    thread_cpu_clock,
 )
 from kvmd.core.state import VcpuState
 from kvmd.kvm import (
@@ -222,7 +223,8 @@ class ManagedVcpu:
         # after a ResumeVm waited 0.4-0.7 s).
         self._priority = link.priority
         self._lowered = self._priority != ("other", 0)
-        self._tid = 0  # the thread's native id, once it runs
+        self._tid = 0  # the thread's native id, once it runs (0 again once it ended)
+        self._cpu_ns_ended = 0  # CPU time of this vCPU's threads that have ended
         self._boosted = False
 
     @property
@@ -263,7 +265,30 @@ class ManagedVcpu:
     def _gated_loop(self, launch: Launch) -> None:
         launch.gate.wait()
         if launch.go:
-            self._loop()
+            try:
+                self._loop()
+            finally:
+                with self.cond:
+                    self._cpu_ns_ended += time.thread_time_ns()
+                    self._tid = 0
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this vCPU's threads (the guest's and the exits' host side): those
+        that ended (and, restored, those of the VM it was saved from) plus the running
+        one's. Never goes back: see _cpu_ns."""
+        with self.cond:
+            return self._cpu_ns() / 1e9
+
+    def _cpu_ns(self) -> int:
+        """Under cond, where the running thread cannot end (it adds its time to
+        _cpu_ns_ended under cond), so its clock can be read."""
+        ns = self._cpu_ns_ended
+        if self._tid:
+            try:
+                ns += time.clock_gettime_ns(thread_cpu_clock(self._tid))
+            except OSError:  # not expected: see above
+                pass
+        return ns
 
     def _commit(self, launch: Launch) -> None:
         with self.cond:
@@ -819,6 +844,7 @@ class ManagedVcpu:
                     events=v.get_vcpu_events(),
                     pending_irqs=list(self._pending_irqs),
                     exit_counts=v.exit_counts(),
+                    cpu_ns=self._cpu_ns(),
                 )
 
     def restore_state(self, state: VcpuState) -> None:
@@ -859,6 +885,7 @@ class ManagedVcpu:
                 v.set_mp_state(state.mp_state)
                 v.set_vcpu_events(state.events)
                 v.restore_exit_counts(state.exit_counts)
+                self._cpu_ns_ended = state.cpu_ns
             self._pending_irqs = deque(state.pending_irqs)
             self._clock_stopped = True  # saved paused, resumed here
             self.reason = state.reason

@@ -259,7 +259,7 @@ def vcpu_state_to_pb(v: VcpuState) -> pb.SavedVcpu:
         sregs=sregs_to_pb(v.sregs), lapic=v.lapic,
         msrs=[pb.Msr(index=i, value=x) for i, x in sorted(v.msrs.items())],
         mp_state=v.mp_state, events=events_to_pb(v.events), pending_irqs=v.pending_irqs,
-        exit_counts=v.exit_counts)
+        exit_counts=v.exit_counts, cpu_ns=v.cpu_ns)
     if v.xsave is not None:
         msg.xsave = v.xsave.region
     if v.fpu is not None:
@@ -289,7 +289,8 @@ def vcpu_state_from_pb(msg: pb.SavedVcpu) -> VcpuState:
         debugregs=debugregs_from_pb(msg.debugregs) if msg.has_debugregs else None,
         lapic=bytes(msg.lapic), msrs={m.index: m.value for m in msg.msrs},
         mp_state=msg.mp_state, events=events_from_pb(msg.events),
-        pending_irqs=list(msg.pending_irqs), exit_counts=dict(msg.exit_counts))
+        pending_irqs=list(msg.pending_irqs), exit_counts=dict(msg.exit_counts),
+        cpu_ns=msg.cpu_ns)
 
 
 def vm_state_to_pb(s: VmState) -> pb.SavedVm:

@@ -13,6 +13,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from guests import SPIN, boot
+from polling import wait_until
 from state_guests import CODE_ADDR, CODE_SEGMENT, COUNTER_SOURCE, STACK_TOP, assemble
 from state_support import Node, NodeFactory, rewrite
 
@@ -257,6 +259,26 @@ def test_queued_interrupts_survive_a_restore(host: Host) -> None:
     _, saved = resnapshot(host, vm, "irq2")
     assert list(saved.vcpus[0].pending_irqs) == [0x30, 0x31]
     host.delete_vm("irq2")
+
+
+def test_the_vcpus_cpu_time_goes_on_from_the_saved_one(host: Host) -> None:
+    """Like the exit counters, the vCPU's CPU time travels with its state: the restored
+    VM's kvmd_vcpu_cpu_seconds_total starts where the saved one was, not at 0."""
+    vm = host.create_vm("cpu", {}, VmOptions())
+    boot(vm, SPIN)
+    mv = vm.vcpu(0)
+    mv.start()
+    wait_until(lambda: mv.cpu_seconds() > 0.02, 30, "the guest's CPU time")
+    vm.pause()
+    spent = mv.cpu_seconds()
+    data = b"".join(SnapshotTaker(vm))
+    saved_ns = saved_vm(data).vcpus[0].cpu_ns
+    assert saved_ns >= spent * 1e9  # (the parked thread may have used a little since)
+    restored = restore_bytes(host, "cpu2", "local", iter([data]))
+    # (its own thread, parked at once as the snapshot was of a paused VM, adds a little)
+    assert restored.vcpu(0).cpu_seconds() >= saved_ns / 1e9
+    host.delete_vm("cpu2")
+    host.delete_vm("cpu")
 
 
 def test_a_file_mapped_at_a_file_offset_is_restored_from_that_offset(
