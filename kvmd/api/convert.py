@@ -101,7 +101,8 @@ def vm_to_pb(vm: ManagedVm) -> pb.Vm:
 
 
 def vcpu_to_pb(v: ManagedVcpu) -> pb.Vcpu:
-    return pb.Vcpu(vm_id=v.vm_id, vcpu_id=v.id, state=v.state, reason=v.reason)
+    return pb.Vcpu(vm_id=v.vm_id, vcpu_id=v.id, state=v.state, reason=v.reason,
+                   cpu_seconds=v.cpu_seconds())
 
 
 def event_to_pb(vm_id: str, e: VmEvent, with_regs: bool = True) -> pb.VmEvent:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -410,7 +411,9 @@ def test_vcpu_commands(kvmctl: Kvmctl, vm: str) -> None:
     assert ok(kvmctl("vcpu", "create", vm, "0")).out.startswith(f"created vcpu 0 in vm {vm}")
     assert ok(kvmctl("vcpu", "create", vm, "1", "--json")).json()["vcpu_id"] == 1
     table = ok(kvmctl("vcpu", "ls", vm)).out.splitlines()
-    assert [line.split()[0] for line in table] == ["VCPU", "0", "1"]
+    assert [line.split() for line in table] == [["VCPU", "STATE", "CPU"],
+                                                ["0", "created", "0.00s"],
+                                                ["1", "created", "0.00s"]]
 
     regs_text = ok(kvmctl("vcpu", "regs", vm, "0")).out
     assert "rip 0x000000000000fff0" in regs_text
@@ -485,7 +488,9 @@ def test_run_a_guest(kvmctl: Kvmctl, vm_id: str) -> None:
     assert stats[0].split() == ["REASON", "TOTAL", "VCPU0"]
     assert ["io_out", "3", "3"] in [line.split() for line in stats]  # 'H', 'i', debug exit
     state = ok(kvmctl("vcpu", "state", vm_id, "0", "--json")).json()
-    assert state["state"] == "stopped"
+    assert state["state"] == "stopped" and state["cpu_seconds"] > 0
+    assert re.fullmatch(rf"vcpu 0 of vm {vm_id}: stopped \(.*\), \d+\.\d\d s of CPU\n",
+                        ok(kvmctl("vcpu", "state", vm_id, "0")).out)
     result = kvmctl("vm", "wait", vm_id, "--event", "halted", "--within", "0.3")
     assert result.code == 1 and result.err.startswith("error: DEADLINE_EXCEEDED: ")
 

@@ -442,6 +442,10 @@ def _vcpu_line(vcpu: vmm_pb2.Vcpu) -> str:
     return f"vcpu {vcpu.vcpu_id} of vm {vcpu.vm_id}: {vcpu.state}{extra}"
 
 
+def _vcpu_state_line(vcpu: vmm_pb2.Vcpu) -> str:
+    return f"{_vcpu_line(vcpu)}, {vcpu.cpu_seconds:.2f} s of CPU"
+
+
 def _event_line(event: vmm_pb2.VmEvent) -> str:
     who = f"vcpu {event.vcpu_id}" if event.vcpu_id >= 0 else "vm"
     parts = [_timestamp(event.unix_ms), f"{event.type:<10}", f"{who:<7}", f"-> {event.state}"]
@@ -1184,7 +1188,8 @@ def _vm_action(action: str, help_text: str) -> Command:
 def _vcpu_action(action: str, help_text: str) -> Command:
     method = getattr(KvmdClient, "get_vcpu_state" if action == "state" else f"{action}_vcpu")
     return Command(path=f"vcpu {action}", help=help_text, args=VCPU,
-                   call=_request(method, "vm", "vcpu"), text=_of(_vcpu_line))
+                   call=_request(method, "vm", "vcpu"),
+                   text=_of(_vcpu_state_line if action == "state" else _vcpu_line))
 
 
 def _exits(path: str, help_text: str) -> Command:
@@ -1590,8 +1595,9 @@ COMMANDS: list[Command] = [
             text=lambda v, a: f"created vcpu {v.vcpu_id} in vm {v.vm_id} "
                               f"({v.state or 'created'})"),
     _list("vcpu ls", "vCPUs", KvmdClient.list_vcpus, "vcpu_id",
-          lambda vcpus: format_table(["vcpu", "state"], [[v.vcpu_id, v.state] for v in vcpus],
-                                     empty="No vCPUs."), ("list",)),
+          lambda vcpus: format_table(["vcpu", "state", "cpu"],
+                                     [[v.vcpu_id, v.state, f"{v.cpu_seconds:.2f}s"]
+                                      for v in vcpus], empty="No vCPUs."), ("list",)),
     _vcpu_action("start", "start one vCPU's thread"),
     _vcpu_action("pause", "pause one vCPU"),
     _vcpu_action("resume", "resume one vCPU"),
