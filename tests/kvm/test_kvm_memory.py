@@ -105,6 +105,7 @@ def test_sync_memory(vm: Vm) -> None:
     assert _errno_of(vm.msync_memory_region, slot, mem_size + 1, 0) == errno.EFAULT
     assert _errno_of(vm.msync_memory_region, slot + 1, mem_size, 0) == errno.ENOENT
     assert _errno_of(vm.msync_memory_region, slot, 0, mem_size + 1) == errno.EFAULT
+    assert _errno_of(vm.msync_memory_region, slot, mem_size, -mem_size) == errno.EFAULT
 
 
 # -- slot numbers ------------------------------------------------------------------------
@@ -144,6 +145,12 @@ def test_add_memory_invalid(vm: Vm, addr: int, size: int, err: int) -> None:
     assert vm.memory_regions() == []
 
 
+def test_a_bool_is_not_a_size(vm: Vm) -> None:
+    """A size is an int, not a bool (True would map a page): EINVAL, nothing mapped."""
+    assert _errno_of(vm.add_memory_region, 0, True) == errno.EINVAL
+    assert vm.memory_regions() == []
+
+
 def test_the_last_page_of_guest_physical_space_is_not_refused_by_the_binding(vm: Vm) -> None:
     # A slot ending exactly at 2^52: the binding passes it on (this host's KVM takes it;
     # a kernel with a smaller physical width would say EINVAL, never EOVERFLOW).
@@ -169,6 +176,18 @@ def test_an_explicit_slot_number_is_checked(vm: Vm) -> None:
     assert [r.slot for r in vm.memory_regions()] == [used]
     assert open_kvm_fds() == fds
     assert vm.add_memory_region(0x100000, PAGE_SIZE, slot=last) == last
+
+
+def test_a_full_slot_table_is_enospc(vm: Vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every slot taken, one more is refused (ENOSPC) before KVM, nothing mapped. The
+    VM's limit is cut to 2 (filling KVM's 32764 would take as many memfds): the next slot
+    number, 2, is one KVM itself would still take."""
+    monkeypatch.setattr(vm, "_max_slots", 2)
+    assert [vm.add_memory_region(i * PAGE_SIZE, PAGE_SIZE) for i in range(2)] == [0, 1]
+    fds = open_kvm_fds()
+    assert _errno_of(vm.add_memory_region, 0x100000, PAGE_SIZE) == errno.ENOSPC
+    assert [r.slot for r in vm.memory_regions()] == [0, 1]
+    assert open_kvm_fds() == fds
 
 
 def test_add_memory_too_large_for_kvm(vm: Vm) -> None:
@@ -208,6 +227,29 @@ def test_read_write_across_adjacent_slots(vm: Vm) -> None:
     vm.write(0x1000 - 256, data)
     assert vm.read(0x1000 - 256, len(data)) == data
     assert vm.read(0x1000, 256) == data[256:]
+
+
+def test_read_into_across_adjacent_slots(vm: Vm) -> None:
+    """read_into fills the caller's buffer piece by piece across a slot boundary: each
+    slot's bytes land after the previous slot's, not over them."""
+    vm.add_memory_region(0, 0x1000)
+    vm.add_memory_region(0x1000, 0x1000)
+    data = bytes(range(256)) * 2
+    vm.write(0x1000 - 256, data)
+    out = bytearray(len(data))
+    vm.read_into(0x1000 - 256, out)
+    assert out == data
+
+
+def test_empty_access_needs_a_backed_address(vm: Vm) -> None:
+    """A zero-length read or write is still checked: at a backed address it reads b"" and
+    writes nothing; in a hole (or past the last slot) it is EFAULT, as a longer one."""
+    vm.add_memory_region(0, 0x1000)
+    assert vm.read(0x800, 0) == b""
+    vm.write(0x800, b"")
+    assert _errno_of(vm.read, 0x1000, 0) == errno.EFAULT
+    assert _errno_of(vm.write, 0x5000, b"") == errno.EFAULT
+    assert _errno_of(vm.read_into, 0x1000, bytearray()) == errno.EFAULT
 
 
 def test_read_write_outside_memory_is_efault(vm: Vm) -> None:

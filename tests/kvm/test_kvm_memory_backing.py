@@ -124,6 +124,39 @@ def test_populated_ranges_are_exactly_the_touched_pages(vm: Vm) -> None:
     assert _errno_of(vm.populated_ranges, slot + 1) == errno.ENOENT
 
 
+def test_populated_ranges_around_overlays_at_their_edges(vm: Vm, datafile: int) -> None:
+    """Files mapped over the first and the last page of a populated range cut exactly
+    those pages out of it: no empty ranges are left where they meet."""
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 8 * P)
+    vm.write(DATA_SLOT_ADDR + 2 * P, b"own" * (4 * P // 3))
+    assert vm.populated_ranges(slot) == [(2 * P, 4 * P)]
+    vm.map_fd(slot, 2 * P, P, datafile)
+    vm.map_fd(slot, 5 * P, P, datafile)
+    assert vm.populated_ranges(slot) == [(3 * P, 2 * P)]
+
+
+def test_nonzero_page_runs_of_a_range_known_populated_reach_its_end(vm: Vm) -> None:
+    """With populated=True the whole range asked for is scanned, its last page included."""
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 4 * P)
+    vm.write(DATA_SLOT_ADDR, bytes(4 * P))
+    vm.write(DATA_SLOT_ADDR + 3 * P + 5, b"z")
+    assert vm.nonzero_page_runs(slot, P, 3 * P, populated=True) == [(3 * P, P)]
+    assert vm.nonzero_page_runs(slot, populated=True) == [(3 * P, P)]
+
+
+def test_populated_ranges_end_at_the_range_asked_for(vm: Vm) -> None:
+    """Data that begins exactly at the end of the range asked about is not in it: no
+    range, not even an empty one, is reported. Without a size, the range runs from the
+    offset to the end of the slot."""
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 4 * P)
+    vm.write(DATA_SLOT_ADDR + 2 * P, b"x")
+    assert vm.populated_ranges(slot, 0, 2 * P) == []
+    assert vm.populated_ranges(slot, 0, 3 * P) == [(2 * P, P)]
+    assert vm.populated_ranges(slot, 3 * P) == []
+    assert vm.populated_ranges(slot, P) == [(2 * P, P)]
+    assert vm.populated_ranges(slot, 4 * P) == []
+
+
 def test_nonzero_page_runs_skip_zero_and_untouched_pages(vm: Vm) -> None:
     slot = vm.add_memory_region(DATA_SLOT_ADDR, 64 * P)
     vm.write(DATA_SLOT_ADDR + 2 * P, bytes(2 * P))          # populated, but zeros
@@ -277,6 +310,40 @@ def test_file_backed_slot_guest_writes_reach_the_file(vm: Vm, datafile: int) -> 
     assert vm.file_mappings() == []
 
 
+def test_host_read_past_the_end_of_a_truncated_file_is_efault(vm: Vm, datafile: int) -> None:
+    """A file cut shorter while mapped (the caller's mistake) makes a host read of the
+    part past its end EFAULT (read through the file, it cannot SIGBUS); the part before
+    the end still reads."""
+    vm.add_memory_region(DATA_SLOT_ADDR, 4 * P, backing=FileBacking(datafile))
+    os.ftruncate(datafile, 2 * P)
+    assert vm.read(DATA_SLOT_ADDR + P, 2) == b"\x41\x41"
+    assert _errno_of(vm.read, DATA_SLOT_ADDR + P, P + 1) == errno.EFAULT
+    assert _errno_of(vm.read_into, DATA_SLOT_ADDR + 3 * P, bytearray(1)) == errno.EFAULT
+
+
+def test_a_slot_too_large_to_map_leaves_no_memfd(vm: Vm) -> None:
+    """A slot the host cannot map (2 PiB: past the process's address space, mmap's
+    ENOMEM) is refused without leaving its new memfd open."""
+    before = fds_and_maps()
+    assert _errno_of(vm.add_memory_region, 0, 1 << 51) == errno.ENOMEM
+    assert fds_and_maps() == before and vm.memory_regions() == []
+
+
+def test_a_backing_too_large_to_map_leaves_no_dup(vm: Vm) -> None:
+    """The same for a memfd to adopt (sparse, 2 PiB long): refused (ENOMEM), and the Vm's
+    dup of it is closed again; the caller's fd stays open."""
+    fd = os.memfd_create("kvmd-test-huge", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 1 << 51)
+        before = fds_and_maps()
+        assert _errno_of(vm.add_memory_region, 0, 1 << 51,
+                         backing=MemfdBacking(fd)) == errno.ENOMEM
+        assert fds_and_maps() == before and vm.memory_regions() == []
+        os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def test_read_only_file_slot(vm: Vm, datafile: int) -> None:
     rofd = os.open(f"/proc/self/fd/{datafile}", os.O_RDONLY)
     try:
@@ -338,6 +405,34 @@ def test_file_backing_refusals_leave_nothing_behind(vm: Vm, datafile: int) -> No
         os.close(w)
 
 
+def test_a_directory_is_not_a_backing_even_when_long_enough(vm: Vm, tmp_path: object) -> None:
+    """A directory whose size covers the slot is still not a file to map: EINVAL before any
+    mmap (which would say ENODEV), nothing left open."""
+    dirfd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if os.fstat(dirfd).st_size < P:
+            pytest.skip("a directory on this filesystem reports less than a page")
+        before = fds_and_maps()
+        assert _errno_of(vm.add_memory_region, DATA_SLOT_ADDR, P,
+                         backing=FileBacking(dirfd, writable=False)) == errno.EINVAL
+        assert fds_and_maps() == before and vm.memory_regions() == []
+    finally:
+        os.close(dirfd)
+
+
+def test_the_vms_dup_of_a_backing_is_close_on_exec(vm: Vm) -> None:
+    """The Vm's dup of an adopted memfd is close-on-exec, as the memfds it makes: a child
+    the daemon starts does not inherit guest memory."""
+    fd = os.memfd_create("kvmd-test-adopt")   # the caller's own may be inheritable
+    try:
+        os.ftruncate(fd, P)
+        slot = vm.add_memory_region(DATA_SLOT_ADDR, P, backing=MemfdBacking(fd))
+        assert not os.get_inheritable(vm.memory_fd(slot))
+        assert not os.get_inheritable(vm.memory_fd(vm.add_memory_region(0, P)))
+    finally:
+        os.close(fd)
+
+
 # -- files mapped over part of a slot ------------------------------------------------------
 
 
@@ -374,6 +469,23 @@ def test_map_fd_and_unmap_fd_over_part_of_a_slot(vm: Vm, datafile: int) -> None:
     assert vm.file_mappings() == [first, second]
     vm.discard(addr + 6 * P, P)
     assert vm.read(addr + 6 * P, P) == bytes(P)
+
+
+def test_ranges_that_end_where_an_overlay_begins_do_not_overlap_it(
+        vm: Vm, datafile: int) -> None:
+    """A file mapped, or a discard, right below an overlay (ending where it begins) does
+    not overlap it; unmap_fd closes the Vm's dup of the file and unmaps it."""
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 8 * P)
+    vm.write(DATA_SLOT_ADDR, b"own" * P)
+    before = fds_and_maps()
+    upper = vm.map_fd(slot, 4 * P, P, datafile)
+    lower = vm.map_fd(slot, 3 * P, P, datafile, fd_offset=P)
+    assert vm.file_mappings() == [lower, upper]
+    assert vm.discard(DATA_SLOT_ADDR + 2 * P, P) == P
+    assert vm.read(DATA_SLOT_ADDR + 2 * P, P) == bytes(P)
+    vm.unmap_fd(slot, 3 * P, P)
+    vm.unmap_fd(slot, 4 * P, P)
+    assert fds_and_maps() == before
 
 
 def test_read_only_map_fd(vm: Vm, datafile: int) -> None:
@@ -452,6 +564,25 @@ def test_adopted_memfd_keeps_its_contents(kvm: Kvm) -> None:
     finally:
         second.close()
     assert fds_and_maps() == before
+
+
+def test_discard_in_a_memfd_adopted_from_an_offset(vm: Vm) -> None:
+    """A memfd adopted from an offset: a discard frees the slot's pages where they are in
+    the memfd (offset + slot offset), leaving the memfd's pages before the slot alone."""
+    fd = os.memfd_create("kvmd-test-adopt", os.MFD_CLOEXEC)
+    try:
+        os.pwrite(fd, b"".join(bytes([0x60 + i]) * P for i in range(6)), 0)
+        slot = vm.add_memory_region(DATA_SLOT_ADDR, 4 * P,
+                                    backing=MemfdBacking(fd, offset=2 * P))
+        assert vm.read(DATA_SLOT_ADDR, 1) == b"\x62"
+        assert vm.populated_ranges(slot) == [(0, 4 * P)]
+        assert vm.discard(DATA_SLOT_ADDR, P) == P
+        assert vm.read(DATA_SLOT_ADDR, P) == bytes(P)
+        assert vm.populated_ranges(slot) == [(P, 3 * P)]
+        assert os.pread(fd, 1, 0) + os.pread(fd, 1, P) + os.pread(fd, 1, 3 * P) \
+            == b"\x60\x61\x63"
+    finally:
+        os.close(fd)
 
 
 def test_close_releases_every_mapping_and_fd(kvm: Kvm, datafile: int) -> None:
