@@ -10,10 +10,11 @@ DATA_SLOT_ADDR, so every logged page is one the test chose.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 
 import pytest
-from guests import ON_PVM, boot_long_mode, run_guarded
+from guests import ON_PVM, boot_long_mode, open_kvm_fds, run_guarded
 
 from kvmd.kvm import (
     PAGE_SIZE,
@@ -30,7 +31,7 @@ from kvmd.kvm import (
     dirty_log_bitmap_size,
 )
 from kvmd.kvm._ffi import ffi, lib
-from kvmd.kvm.dirty import DIRTY_GFN_SIZE, MIN_DIRTY_RING_BYTES, dirty_log_modes
+from kvmd.kvm.dirty import DIRTY_GFN_SIZE, MIN_DIRTY_RING_BYTES, DirtyRing, dirty_log_modes
 
 DATA_SLOT_ADDR = 0x400000  # logged slots start here, inside the guest's identity map
 RING_RESERVED_ENTRIES = 64  # KVM_DIRTY_RING_RSVD_ENTRIES: the ring is "soft full" this early
@@ -241,6 +242,9 @@ def test_clear_dirty_log_refusals(vm: Vm) -> None:
     assert _errno_of(vm.clear_dirty_log, plain, 0, 16) == errno.ENOENT
     assert _errno_of(vm.clear_dirty_log, 9, 0, 64) == errno.ENOENT
     vm.clear_dirty_log(logged, 0, 0)    # nothing to clear is fine
+    # Page numbers are integers: a float is refused as the kernel's rules are (EINVAL).
+    assert _errno_of(vm.clear_dirty_log, logged, 0.0, 64) == errno.EINVAL
+    assert _errno_of(vm.clear_dirty_log, logged, 0, 64.0) == errno.EINVAL
     vm.close()
     assert _errno_of(vm.clear_dirty_log, logged, 0, 64) == errno.EBADF
     assert _errno_of(vm.enable_manual_dirty_log_protect) == errno.EBADF
@@ -283,14 +287,35 @@ def test_ring_reports_exactly_the_written_pages(vm: Vm) -> None:
 
 
 def test_ring_entries_for_an_untracked_slot_are_counted_as_dropped(vm: Vm) -> None:
+    """Entries naming no tracked slot are counted as dropped; clearing one slot's bitmap
+    keeps that count, clearing them all resets it."""
     vm.enable_dirty_ring(MIN_DIRTY_RING_BYTES * 4)
     vcpu = boot_long_mode(vm, store_bytes_program(page_addrs(DATA_SLOT_ADDR, [1, 2, 3])))
     vm.add_memory_region(DATA_SLOT_ADDR, 16 * PAGE_SIZE, log_dirty=True)
-    bitmaps = DirtyBitmaps({})   # made before the slot: tracks nothing
+    bitmaps = DirtyBitmaps({5: PAGE_SIZE})   # made before the slot: tracks another
     run_to_hlt(vcpu)
     assert vm.harvest_dirty_rings(bitmaps) == 3
     assert bitmaps.dropped == 3 and bitmaps.count() == 0
     assert vm.reset_dirty_rings() == 3
+    bitmaps.clear(5)
+    assert bitmaps.dropped == 3
+    bitmaps.clear()
+    assert bitmaps.dropped == 0
+
+
+def test_harvest_collects_the_ring_of_every_vcpu(vm: Vm) -> None:
+    """Vm.harvest_dirty_rings takes every vCPU's ring, not only the first vCPU's: here the
+    pages were dirtied by vCPU 1, vCPU 0 never ran."""
+    vm.enable_dirty_ring(MIN_DIRTY_RING_BYTES * 4)
+    vm.create_vcpu(0)
+    vcpu = boot_long_mode(vm, store_bytes_program(page_addrs(DATA_SLOT_ADDR, [1, 2])),
+                          vcpu_id=1)
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 16 * PAGE_SIZE, log_dirty=True)
+    bitmaps = vm.dirty_bitmaps()
+    run_to_hlt(vcpu)
+    assert vm.harvest_dirty_rings(bitmaps) == 2
+    assert bitmaps.dirty_pages(slot) == [1, 2]
+    assert vm.reset_dirty_rings() == 2
 
 
 def test_ring_entries_past_the_end_of_a_tracked_slot_are_dropped_not_set(vm: Vm) -> None:
@@ -391,6 +416,47 @@ def test_ring_mapping_is_released_with_the_vcpu(kvm: Kvm) -> None:
     assert _errno_of(vm.harvest_dirty_rings, DirtyBitmaps({})) == errno.EBADF
 
 
+def test_a_vcpu_whose_ring_cannot_be_mapped_releases_its_fds(
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vCPU whose dirty ring fails to map (forced here: the mmap cannot be made to fail
+    on demand) is refused with that error, and its fd, stats fd and kvm_run mapping are
+    closed at once, not left open until the VM closes."""
+    def no_ring(fd: int, size_bytes: int) -> None:
+        raise KvmError(errno.ENOMEM, "mmap(dirty ring)", "forced")
+
+    with kvm.create_vm() as vm:
+        vm.enable_dirty_ring(MIN_DIRTY_RING_BYTES * 2)
+        before, maps = open_kvm_fds(), _vcpu_maps()
+        monkeypatch.setattr("kvmd.kvm.vcpu.DirtyRing", no_ring)
+        assert _errno_of(vm.create_vcpu, 0) == errno.ENOMEM
+        assert (open_kvm_fds(), _vcpu_maps()) == (before, maps)
+        assert vm.vcpus() == []
+
+
+def test_harvest_from_a_closed_vcpu_without_a_ring_is_ebadf(vm: Vm) -> None:
+    """A closed vCPU says so first (EBADF), whether or not its VM has dirty rings (without
+    one, an open vCPU's answer is ENXIO)."""
+    vcpu = vm.create_vcpu(0)
+    assert _errno_of(vcpu.harvest_dirty_ring, DirtyBitmaps({})) == errno.ENXIO
+    vcpu.close()
+    assert _errno_of(vcpu.harvest_dirty_ring, DirtyBitmaps({})) == errno.EBADF
+
+
+def test_a_ring_mapping_refused_reports_mmaps_errno() -> None:
+    """A ring that cannot be mapped raises with mmap's own errno and names the mapping: a
+    closed vCPU fd is EBADF."""
+    closed = os.open("/dev/null", os.O_RDONLY)
+    os.close(closed)
+    with pytest.raises(KvmError) as exc:
+        DirtyRing(closed, MIN_DIRTY_RING_BYTES)
+    assert (exc.value.errno, exc.value.ioctl) == (errno.EBADF, "mmap(dirty ring)")
+
+
+def _vcpu_maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("kvm-vcpu" in line for line in f)
+
+
 def test_dirty_gfn_layout() -> None:
     # struct kvm_dirty_gfn as cffi sees it and as the C harvest helper was compiled.
     assert DIRTY_GFN_SIZE == ffi.sizeof("struct kvm_dirty_gfn") == lib.kvmd_sizeof_dirty_gfn()
@@ -434,6 +500,26 @@ def test_set_dirty_logging_on_and_off_keeps_memory(vm: Vm) -> None:
         b"\x11", b"\x22", b"\x33"]
     assert vm.read(DATA_SLOT_ADDR + 10 * PAGE_SIZE, 9) == b"host data"
     assert _errno_of(vm.set_dirty_logging, 7, True) == errno.ENOENT
+
+
+def test_set_dirty_logging_shows_in_the_slot_table(vm: Vm) -> None:
+    """memory_regions() (the lock-free copy of the slot table) reports a slot's logging as
+    set_dirty_logging left it, as memory_region(slot) does."""
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, 16 * PAGE_SIZE)
+    for enabled in (True, False):
+        info = vm.set_dirty_logging(slot, enabled)
+        assert vm.memory_regions() == [info] == [vm.memory_region(slot)]
+        assert info.log_dirty is enabled
+    assert vm.set_dirty_logging(slot, 1).log_dirty is True   # a flag, whatever was given
+
+
+def test_clear_dirty_log_bitmap_of_no_byte_for_one_page(vm: Vm) -> None:
+    """The bitmap must have a bit for each page cleared: an empty one for the one page of
+    a one-page slot is refused (EINVAL), a byte is enough."""
+    slot = vm.add_memory_region(DATA_SLOT_ADDR, PAGE_SIZE, log_dirty=True)
+    vm.enable_manual_dirty_log_protect()
+    assert _errno_of(vm.clear_dirty_log, slot, 0, 1, b"") == errno.EINVAL
+    vm.clear_dirty_log(slot, 0, 1, b"\x01")
 
 
 def test_set_dirty_logging_with_a_ring(vm: Vm) -> None:
@@ -508,6 +594,16 @@ def test_tight_store_loop_overruns_the_soft_full_ring(kvm: Kvm, vm: Vm) -> None:
         assert harvested > entries - RING_RESERVED_ENTRIES
     else:
         assert harvested <= entries
+
+
+def test_modes_take_the_ring_from_either_capability() -> None:
+    """The ring's largest size is the larger of the two ring capabilities' answers (a kernel
+    may offer only the acquire/release one), and acquire/release is what it offers."""
+    for ring, acq_rel in ((0, 65536), (65536, 0), (4096, 65536), (0, 0)):
+        answers = {"KVM_CAP_DIRTY_LOG_RING": ring, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL": acq_rel}
+        modes = dirty_log_modes(lambda cap, a=answers: a.get(cap, 0))
+        assert (modes.ring_max_bytes, modes.ring_acq_rel, modes.ring) == (
+            max(ring, acq_rel), acq_rel > 0, max(ring, acq_rel) > 0), (ring, acq_rel)
 
 
 def test_modes_read_each_flag_of_the_manual_protect_capability() -> None:
