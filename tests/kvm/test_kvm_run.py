@@ -43,6 +43,7 @@ from kvmd.kvm import (
     IntrExit,
     IoapicEoiExit,
     IoExit,
+    IoSpace,
     KvmError,
     MmioExit,
     OtherExit,
@@ -102,6 +103,26 @@ def test_pio_in_value_reaches_the_guest(vm: Vm) -> None:
     assert vcpu.get_regs().rax & 0xFF == 0x42
     assert isinstance(run_guarded(vcpu), HltExit)
     assert vcpu.exit_counts()["io_in"] == 1
+
+
+def test_exit_counts_restore_round_trip(vm: Vm) -> None:
+    """restore_exit_counts sets every counter exit_counts reports, `other` included, so a
+    restored vCPU reports what the saved one did; unknown names are ignored."""
+    vcpu = vm.create_vcpu(0)
+    saved = {name: i + 1 for i, name in enumerate(vcpu.exit_counts())}
+    vcpu.restore_exit_counts({**saved, "no_such_counter": 7})
+    assert vcpu.exit_counts() == saved
+
+
+def test_count_unclaimed_counts_by_space(vm: Vm) -> None:
+    """count_unclaimed adds one to the counter of the access's space: a port to
+    unclaimed_pio, an MMIO access to unclaimed_mmio."""
+    vcpu = vm.create_vcpu(0)
+    vcpu.count_unclaimed(IoSpace.PIO)
+    vcpu.count_unclaimed(IoSpace.MMIO)
+    vcpu.count_unclaimed(IoSpace.MMIO)
+    counts = vcpu.exit_counts()
+    assert (counts["unclaimed_pio"], counts["unclaimed_mmio"]) == (1, 2)
 
 
 def test_complete_pending_io_finishes_the_in_without_running_the_guest(vm: Vm) -> None:
@@ -363,6 +384,22 @@ def test_uart_output_is_completed_in_c_while_it_fits_the_ring(vm: Vm) -> None:
     assert uart.take_output() == b"A"
 
 
+def test_a_uart_takes_all_eight_of_its_ports(vm: Vm) -> None:
+    """Attaching a UART hands all its eight ports to it, the last (the scratch register,
+    base+7) included: a byte written there in C reads back in C."""
+    vcpu = boot_real_mode(vm, real_mode_program(
+        mov_dx(UART_PORT + 7), [0xB0, 0x5A, 0xEE],   # mov al, 0x5a; out dx, al (SCR)
+        [0xB0, 0x00, 0xEC],                           # mov al, 0; in al, dx (SCR)
+        mov_dx(DEBUG_PORT), [0xEE],                   # out dx, al (claimed: returned)
+        HLT))
+    uart = UartRegs(UART_PORT, tx_bytes=16, rx_bytes=16)
+    pio = PioMap()
+    pio.attach_uart(uart)
+    pio.set_claimed(DEBUG_PORT, 1, True)
+    assert vcpu.run_until_unhandled(pio) == _out(b"\x5a")
+    assert vcpu.exit_counts()["unclaimed_pio"] == 0
+
+
 def test_a_wide_in_from_a_uart_port_reads_ones_above_the_register(vm: Vm) -> None:
     # As Uart16550.read pads a 16-bit read, and as unclaimed ports read: 0xff.
     vcpu = boot_real_mode(vm, real_mode_program(
@@ -413,6 +450,16 @@ def test_run_until_unhandled_reports_a_scheduling_it_could_not_set(vm: Vm) -> No
     exit_, _nice = _entered_with(vcpu, bad)
     assert isinstance(exit_, HltExit)  # the guest still ran
     assert bad.applied and bad.error == errno.EINVAL
+
+
+def test_a_pio_map_takes_one_uart() -> None:
+    """A second UART on the same map is refused (EINVAL): the first stays attached."""
+    pio = PioMap()
+    first = UartRegs(UART_PORT, tx_bytes=16, rx_bytes=16)
+    pio.attach_uart(first)
+    assert _errno_of(pio.attach_uart, UartRegs(0x2F8, tx_bytes=16, rx_bytes=16)) \
+        == errno.EINVAL
+    assert pio.uart is first and pio.is_claimed(0x2F8) is False
 
 
 def test_pio_map_range_checks() -> None:

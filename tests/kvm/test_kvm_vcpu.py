@@ -9,7 +9,7 @@ import signal
 import struct
 
 import pytest
-from guests import long_mode_sregs
+from guests import long_mode_sregs, open_kvm_fds
 
 from kvmd.kvm import (
     CpuidEntry,
@@ -70,7 +70,11 @@ def test_closed_vcpu_gives_ebadf(vm: Vm) -> None:
                        (vcpu.get_mp_state, ()), (vcpu.get_vcpu_events, ()),
                        (vcpu.set_signal_mask, ([],)), (vcpu.kick, ()),
                        (vcpu.set_immediate_exit, (True,)), (vcpu.complete_io_in, (b"x",)),
-                       (vcpu.set_single_step, (True,)), (vcpu.stats, ()), (vcpu.nmi, ())):
+                       (vcpu.set_single_step, (True,)), (vcpu.stats, ()), (vcpu.nmi, ()),
+                       # kvm_run is unmapped: these must not reach it
+                       (vcpu.complete_mmio_read, (b"x",)), (vcpu.complete_msr, (1,)),
+                       (vcpu.complete_hyperv, (0,)), (vcpu.set_request_interrupt_window,
+                                                      (True,))):
         assert _errno_of(call, *args) == errno.EBADF, call
 
 
@@ -101,6 +105,18 @@ def test_regs_out_of_range(vm: Vm) -> None:
     assert _errno_of(vcpu.set_regs, Regs(rbx=-1)) == errno.EINVAL
 
 
+def test_a_vcpu_whose_run_mapping_fails_closes_its_fd(
+        vm: Vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vCPU whose kvm_run cannot be mapped (forced: a mapping size of 0) is refused with
+    mmap's errno, and its new fd is closed, not left open with nobody holding it."""
+    before = open_kvm_fds()
+    monkeypatch.setattr(vm, "_vcpu_mmap_size", 0)
+    with pytest.raises(KvmError) as exc:
+        vm.create_vcpu(0)
+    assert (exc.value.errno, exc.value.ioctl) == (errno.EINVAL, "mmap(kvm_run)")
+    assert open_kvm_fds() == before and vm.vcpus() == []
+
+
 def test_sregs_roundtrip(vm: Vm) -> None:
     vcpu = vm.create_vcpu(0)
     sregs = long_mode_sregs(vcpu.get_sregs(), cr3=0x9000)
@@ -116,6 +132,15 @@ def test_sregs_refused(vm: Vm) -> None:
     assert _errno_of(vcpu.set_sregs, sregs) == errno.EINVAL
     sregs = vcpu.get_sregs()
     sregs.cs.limit = 1 << 32   # does not fit the field
+    assert _errno_of(vcpu.set_sregs, sregs) == errno.EINVAL
+
+
+def test_sregs_interrupt_bitmap_too_short_is_einval(vm: Vm) -> None:
+    """The interrupt bitmap has 4 words: fewer is refused (EINVAL), as any other sregs
+    value that does not fit, not an IndexError."""
+    vcpu = vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    sregs.interrupt_bitmap = [0, 0]
     assert _errno_of(vcpu.set_sregs, sregs) == errno.EINVAL
 
 
@@ -200,6 +225,17 @@ def test_mp_state_without_irqchip(vm: Vm) -> None:
     vcpu.set_mp_state(MpState.RUNNABLE)
     # Without the in-kernel LAPIC only RUNNABLE is accepted.
     assert _errno_of(vcpu.set_mp_state, MpState.HALTED) == errno.EINVAL
+
+
+def test_mp_state_must_fit_32_bits(vm: Vm) -> None:
+    """An mp_state beyond 32 bits is refused (EINVAL), not cut to its low bits (2^32 would
+    become RUNNABLE, 0), and the vCPU's state stays."""
+    vm.create_irq_chip()
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_mp_state(MpState.HALTED)
+    for bad in (1 << 32, (1 << 32) | MpState.RUNNABLE, -1):
+        assert _errno_of(vcpu.set_mp_state, bad) == errno.EINVAL, bad
+    assert vcpu.get_mp_state() == MpState.HALTED
 
 
 def test_mp_state_roundtrip(vm: Vm) -> None:
