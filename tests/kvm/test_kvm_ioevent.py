@@ -161,6 +161,7 @@ def test_datamatch_other_lengths_refused(vm: Vm, ev: EventFd, length: int) -> No
 
 @pytest.mark.parametrize("dm", [
     Datamatch(0, 1),          # a value needs a length
+    Datamatch(0, 0),          # even a value of zero
     Datamatch(1, 0x100),      # does not fit one byte
     Datamatch(2, 0x1_0000),
     Datamatch(4, 1 << 32),
@@ -168,7 +169,10 @@ def test_datamatch_other_lengths_refused(vm: Vm, ev: EventFd, length: int) -> No
     Datamatch(1, -1),
 ])
 def test_datamatch_value_must_fit(vm: Vm, ev: EventFd, dm: Datamatch) -> None:
+    """A datamatch whose value has no length or does not fit it is refused (EINVAL) by
+    register and unregister alike: checked before the lookup (which would say ENOENT)."""
     assert _errno_of(vm.register_ioevent, ev, Pio(0x100), dm) == errno.EINVAL
+    assert _errno_of(vm.unregister_ioevent, ev, Pio(0x100), dm) == errno.EINVAL
 
 
 def test_ioevent_address_range(vm: Vm, ev: EventFd) -> None:

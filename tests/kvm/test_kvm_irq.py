@@ -35,6 +35,7 @@ from kvmd.kvm import (
     EventFd,
     HltExit,
     IntrExit,
+    IoEventAddress,
     IoExit,
     IrqChip,
     IrqChipRoute,
@@ -144,6 +145,17 @@ def test_unregister_unknown_irqfd_is_enoent(vm: Vm, events: list[EventFd]) -> No
     assert _errno_of(vm.unregister_irqfd, 5, ev1) == errno.ENOENT   # on another GSI
     vm.unregister_irqfd(4, ev1)
     assert _errno_of(vm.unregister_irqfd, 4, ev1) == errno.ENOENT   # twice
+
+
+def test_closed_vm_reports_no_irqfds_or_ioevents(vm: Vm, events: list[EventFd]) -> None:
+    """Closing the VM drops its registrations with it: irqfds() and ioevents() report
+    nothing afterwards (KVM let go of them with the VM fd)."""
+    vm.create_irq_chip()
+    vm.register_irqfd(4, events[0], tag="irq4")
+    vm.register_ioevent(events[1], IoEventAddress.pio(0xF4))
+    assert [r.tag for r in vm.irqfds()] == ["irq4"] and len(vm.ioevents()) == 1
+    vm.close()
+    assert vm.irqfds() == [] and vm.ioevents() == []
 
 
 def test_kernel_accepts_unknown_irqfd_deassign(vm: Vm, events: list[EventFd]) -> None:
@@ -313,6 +325,9 @@ def test_signal_msi_invalid(vm: Vm) -> None:
     vm.create_irq_chip()
     assert _errno_of(vm.signal_msi, 1 << 64, 0) == errno.EINVAL
     assert _errno_of(vm.signal_msi, MSI_ADDRESS, 1 << 32) == errno.EINVAL
+    # A device id must fit 32 bits: the first that does not is refused like the others.
+    assert _errno_of(vm.signal_msi, MSI_ADDRESS, 0x30, 1 << 32) == errno.EINVAL
+    assert _errno_of(vm.signal_msi, MSI_ADDRESS, 0x30, -1) == errno.EINVAL
 
 
 def test_signal_msi_reaches_the_guest(vm: Vm) -> None:

@@ -163,4 +163,5 @@ def test_vm_context_manager_releases_everything(kvm: Kvm) -> None:
         vm.stats()
         vm.create_device(lib.KVM_DEV_TYPE_VFIO)
     assert vm.closed and vcpu.closed
+    assert vm.vcpus() == []   # closed with the VM, no longer listed
     assert open_kvm_fds() == before
