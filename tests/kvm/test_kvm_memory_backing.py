@@ -488,6 +488,19 @@ def test_ranges_that_end_where_an_overlay_begins_do_not_overlap_it(
     assert fds_and_maps() == before
 
 
+def test_file_mappings_are_in_guest_address_order(vm: Vm, datafile: int) -> None:
+    """file_mappings lists mappings by guest address, not by slot number: a file-backed
+    slot added later, below an earlier one, comes first, and overlays sit in between."""
+    high = vm.add_memory_region(DATA_SLOT_ADDR + 16 * P, 2 * P,
+                                backing=FileBacking(datafile, offset=2 * P))
+    low = vm.add_memory_region(DATA_SLOT_ADDR, 2 * P, backing=FileBacking(datafile))
+    own = vm.add_memory_region(DATA_SLOT_ADDR + 8 * P, 4 * P)
+    vm.map_fd(own, P, P, datafile, fd_offset=4 * P)
+    assert (low, high) == (1, 0)
+    assert [(m.slot, m.guest_addr) for m in vm.file_mappings()] == [
+        (low, DATA_SLOT_ADDR), (own, DATA_SLOT_ADDR + 9 * P), (high, DATA_SLOT_ADDR + 16 * P)]
+
+
 def test_read_only_map_fd(vm: Vm, datafile: int) -> None:
     slot = vm.add_memory_region(DATA_SLOT_ADDR, 16 * P, read_only=True)
     vm.map_fd(slot, 0, P, datafile, writable=False)
