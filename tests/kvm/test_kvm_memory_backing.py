@@ -107,6 +107,7 @@ def test_populated_ranges_are_exactly_the_touched_pages(vm: Vm) -> None:
     slot = vm.add_memory_region(DATA_SLOT_ADDR, 128 * P)
     assert vm.populated_ranges(slot) == []
     assert vm.allocated_bytes(slot) == 0
+    assert _errno_of(vm.allocated_bytes, slot + 1) == errno.ENOENT   # no such slot
     for page in (0, 1, 5, 100):
         vm.write(DATA_SLOT_ADDR + page * P + 100, b"host")
     assert isinstance(run_guarded(vcpu), HltExit)       # the guest touches page 50

@@ -321,6 +321,8 @@ def test_run_in_two_threads_is_ebusy(vm: Vm) -> None:
         time.sleep(0.001)
     assert vcpu.is_running
     assert _errno_of(vcpu.run) == errno.EBUSY
+    # Completing pending IO enters KVM_RUN too: refused, not queued behind the running one.
+    assert _errno_of(vcpu.complete_pending_io) == errno.EBUSY
     vcpu.kick()
     t.join(5)
     assert result == [IntrExit()]
