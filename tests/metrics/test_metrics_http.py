@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvmd.metrics import MetricsServer
-from kvmd.metrics_http import DEFAULT_WORKERS
+from kvmd.metrics_http import DEFAULT_WORKERS, MAX_REQUEST_BYTES, parse_listen
 
 HELD = 95  # idle connections, as in the report
 SAMPLE = "kvmd_test_scrapes_total"
@@ -504,3 +504,274 @@ def test_warning_when_listening_beyond_loopback_without_tls_and_client_certifica
         assert not warnings, warnings
     else:
         assert len(warnings) == 1 and warning in warnings[0], warnings
+
+
+# -- requests at the edges -------------------------------------------------------------------
+
+def exchange(port: int, request: bytes, shut: bool = False) -> bytes:
+    """Send raw `request` bytes (then shut down the sending side if `shut`) and read until
+    the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PROMPT) as s:
+        s.sendall(request)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):  # EOF: the server closed (a timeout would raise)
+            reply += chunk
+    return reply
+
+
+def test_listen_addresses_are_checked_and_an_empty_host_is_loopback(
+        serve: Callable[..., MetricsServer]) -> None:
+    """"host:port" with a port of at most 65535, else ValueError naming the address; ":port"
+    listens on 127.0.0.1, never on every interface."""
+    assert parse_listen("127.0.0.1:65535") == ("127.0.0.1", 65535)
+    assert parse_listen("[::1]:9474") == ("::1", 9474)
+    for bad in ("127.0.0.1:65536", "127.0.0.1", "127.0.0.1:x", "127.0.0.1:-1"):
+        with pytest.raises(ValueError, match="not host:port"):
+            parse_listen(bad)
+    assert serve(":0").address == "127.0.0.1"
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /metrics HTTP/1.1 extra\r\n\r\n",  # four parts in the request line
+    b"GET /metrics HTTP/1.1\r\nHost : x\r\n\r\n",  # whitespace before the colon
+    b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # a body
+])
+def test_requests_http_forbids_are_refused_and_the_endpoint_still_serves(
+        serve: Callable[..., MetricsServer], request_head: bytes) -> None:
+    """A request line of more than three parts, a header name followed by whitespace (RFC
+    9112 5.1: 400) and a chunked body get 400 and the connection closed; /metrics is still
+    served after each."""
+    server = serve()
+    reply = exchange(server.port, request_head)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    assert server.closed_counts()["bad_request"] == 1
+    status, _h, body = get(server.port)
+    assert status == 200 and SAMPLE.encode() in body
+
+
+def test_a_request_head_of_max_request_bytes_is_served_and_one_more_is_not(
+        serve: Callable[..., MetricsServer]) -> None:
+    """MAX_REQUEST_BYTES bounds the request head (up to the blank line): a head of exactly
+    that size is answered, one byte more gets 431."""
+    server = serve()
+    start = b"GET /metrics HTTP/1.1\r\nX: "
+    head = start + b"a" * (MAX_REQUEST_BYTES - len(start))
+    assert len(head) == MAX_REQUEST_BYTES
+    reply = exchange(server.port, head + b"\r\n\r\n", shut=True)
+    assert reply.startswith(b"HTTP/1.1 200 ") and SAMPLE.encode() in reply, reply[:80]
+    reply = exchange(server.port, head + b"a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+
+
+def test_a_method_not_allowed_names_the_allowed_ones(serve: Callable[..., MetricsServer]
+                                                     ) -> None:
+    """405 carries the Allow header RFC 9110 requires: GET, HEAD."""
+    server = serve()
+    status, headers, _body = get(server.port, method="DELETE")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+
+
+def test_gzip_refused_with_any_spelling_of_weight_zero(serve: Callable[..., MetricsServer]
+                                                       ) -> None:
+    """q=0, q=0.0, q=0.00 and q=0.000 all refuse gzip: the body is plain text."""
+    server = serve()
+    for weight in ("0", "0.0", "0.00", "0.000"):
+        _s, headers, body = get(server.port, headers={"Accept-Encoding": f"gzip;q={weight}"})
+        assert "content-encoding" not in headers and SAMPLE.encode() in body, weight
+
+
+def test_an_http_1_0_client_is_answered_and_closed_unless_it_asks_to_keep_alive(
+        serve: Callable[..., MetricsServer]) -> None:
+    """HTTP/1.0 closes after the response by default (the server closes, the client need
+    not shut down its side); with Connection: keep-alive the connection stays open."""
+    server = serve(idle_timeout=60)
+    reply = exchange(server.port, b"GET /metrics HTTP/1.0\r\n\r\n")
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in head
+    with socket.create_connection(("127.0.0.1", server.port), timeout=PROMPT) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert server.open_connections == 1
+
+
+def test_pipelined_requests_are_answered_in_order_before_the_clients_end(
+        serve: Callable[..., MetricsServer]) -> None:
+    """Two requests sent at once, then the client's end of sending (before the first is
+    rendered): both are answered, the first keep-alive, the last says close, and then the
+    server closes."""
+    blocking = BlockingCollector()
+    registry = registry_with_sample()
+    registry.register(blocking)
+    server = serve(registry=registry, idle_timeout=60)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=PROMPT) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\nHEAD / HTTP/1.1\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        assert blocking.entered.acquire(timeout=PROMPT), "the first scrape did not start"
+        blocking.release.set()
+        reply = b""
+        while chunk := s.recv(65536):  # EOF: the server closed (a timeout would raise)
+            reply += chunk
+    first, sep, second = reply.partition(b"HTTP/1.1 200 OK\r\n")[2].partition(
+        b"HTTP/1.1 200 OK\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and sep, reply[:200]
+    assert b"Connection: keep-alive" in first and SAMPLE.encode() in first
+    assert b"Connection: close" in second and SAMPLE.encode() not in second  # HEAD
+    wait_for(lambda: server.open_connections == 0, "the connection to be let go")
+
+
+class FailingCollector(Collector):
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a collector bug")
+
+
+def test_a_failing_render_is_500_and_the_connection_closed(
+        serve: Callable[..., MetricsServer], caplog: pytest.LogCaptureFixture) -> None:
+    """A collector that raises: the scrape gets 500 with Connection: close and the server
+    closes the connection (a keep-alive client would wait for a body that is not coming);
+    the endpoint then serves the next scrape of a working registry as before."""
+    registry = registry_with_sample()
+    failing = FailingCollector()
+    registry.register(failing)
+    server = serve(registry=registry, idle_timeout=60)
+    with caplog.at_level(logging.ERROR, logger="kvmd.metrics_http"):
+        reply = exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 500 ") and b"Connection: close" in reply, reply[:80]
+    assert any("rendering /metrics failed" in r.getMessage() for r in caplog.records)
+    registry.unregister(failing)
+    assert get(server.port)[0] == 200
+
+
+def test_a_render_slower_than_the_idle_timeout_is_still_answered(
+        serve: Callable[..., MetricsServer], held: list[socket.socket]) -> None:
+    """The idle timeout bounds waiting for a request or a response's reader, not the
+    server's own rendering: a scrape whose collector takes longer than idle_timeout gets
+    its 200 (an idle connection opened after it has timed out meanwhile)."""
+    blocking = BlockingCollector()
+    registry = registry_with_sample()
+    registry.register(blocking)
+    server = serve(registry=registry, idle_timeout=0.3)
+    results: list[int] = []
+    scraper = threading.Thread(target=lambda: results.append(get(server.port)[0]))
+    scraper.start()
+    try:
+        assert blocking.entered.acquire(timeout=PROMPT), "the scrape did not start"
+        held += hold(server.port, 1)
+        wait_for(lambda: closed_by_server(held[0]), "the later idle connection to time out")
+    finally:
+        blocking.release.set()
+        scraper.join(PROMPT)
+    assert results == [200]
+    assert server.closed_counts()["timeout"] == 1
+
+
+def test_the_connection_waiting_longest_is_the_one_evicted(
+        serve: Callable[..., MetricsServer], held: list[socket.socket]) -> None:
+    """Connections all taken: a newcomer replaces the one that has waited longest for a
+    request, counted from its last response for a keep-alive one (not from its opening),
+    and the other keeps being served."""
+    server = serve(max_connections=2, idle_timeout=60)
+    held += hold(server.port, 1)
+    wait_for(lambda: server.open_connections == 1, "the first connection")
+    held += hold(server.port, 1)
+    wait_for(lambda: server.open_connections == 2, "the second connection")
+    for s in held:
+        s.setblocking(True)
+    held[0].sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # the first one is answered:
+    assert held[0].recv(65536).startswith(b"HTTP/1.1 200")  # it waits since now
+    status, _h, _body = get(server.port)  # a third: evicts the second
+    assert status == 200
+    wait_for(lambda: closed_by_server(held[1]), "the longest-waiting connection's eviction")
+    held[0].setblocking(True)
+    held[0].sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
+    assert server.closed_counts()["evicted"] == 1
+
+
+def test_a_stalled_tls_handshake_is_evicted_for_a_scrape(
+        serve: Callable[..., MetricsServer], certs: Certs, held: list[socket.socket]) -> None:
+    """A connection that never starts its TLS handshake holds no slot against a scrape:
+    with max_connections taken by such connections, a TLS scrape still gets through."""
+    server = serve(tls_cert=certs.cert, tls_key=certs.key, max_connections=1,
+                   idle_timeout=60)
+    held += hold(server.port, 1)
+    wait_for(lambda: server.open_connections == 1, "the silent connection")
+    status, _h, body = get(server.port, context=certs.client_context())
+    assert status == 200 and SAMPLE.encode() in body
+    assert server.closed_counts()["evicted"] == 1 and server.closed_counts()["capacity"] == 0
+
+
+def test_certificate_files_that_stop_loading_leave_the_previous_ones_served(
+        serve: Callable[..., MetricsServer], certs: Certs, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A certificate file rewritten with something that does not load (a renewal half
+    done): a warning, and scrapes go on with the certificate loaded before."""
+    server = serve(tls_cert=certs.cert, tls_key=certs.key)
+    first = served_serial(server.port, certs)
+    with caplog.at_level(logging.WARNING, logger="kvmd.metrics_http"):
+        Path(certs.cert).write_text("not a certificate")
+        assert served_serial(server.port, certs) == first
+    assert any("do not load" in r.getMessage() for r in caplog.records)
+    status, _h, body = get(server.port, context=certs.client_context())
+    assert status == 200 and SAMPLE.encode() in body
+
+
+def test_a_renewal_of_the_same_size_is_noticed_by_its_modification_time(
+        serve: Callable[..., MetricsServer], certs: Certs) -> None:
+    """Certificate files rewritten in place with contents of the very same sizes (only the
+    modification time tells): the next connection is served the renewed certificate."""
+    size = 8192  # PEM ignores text around its blocks: pad every file to one size
+
+    def padded(data: bytes) -> bytes:
+        assert len(data) < size
+        return data + b"\n" * (size - len(data))
+
+    for path in (certs.cert, certs.key):
+        Path(path).write_bytes(padded(Path(path).read_bytes()))
+    server = serve(tls_cert=certs.cert, tls_key=certs.key)
+    first = served_serial(server.port, certs)
+    new_cert, new_key = certs.issue_server("renewed")
+    Path(certs.key).write_bytes(padded(Path(new_key).read_bytes()))
+    Path(certs.cert).write_bytes(padded(Path(new_cert).read_bytes()))
+    renewed = served_serial(server.port, certs)
+    assert renewed != first
+    assert renewed == x509.load_pem_x509_certificate(Path(new_cert).read_bytes()).serial_number
+
+
+def test_pipelined_requests_are_answered_without_waiting_for_more_input(
+        serve: Callable[..., MetricsServer]) -> None:
+    """Two requests in one send, the connection left open: both answers come, the second
+    without the client sending anything more (it is buffered already)."""
+    server = serve(idle_timeout=60)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=PROMPT) as s:
+        s.sendall(b"HEAD /metrics HTTP/1.1\r\n\r\nHEAD / HTTP/1.1\r\n\r\n")
+        reply = b""
+        while reply.count(b"HTTP/1.1 200 OK") < 2:
+            chunk = s.recv(65536)  # a timeout raises: the second answer never came
+            assert chunk, reply
+            reply += chunk
+
+
+def test_an_unterminated_request_beyond_max_request_bytes_gets_431(
+        serve: Callable[..., MetricsServer]) -> None:
+    """A client that sends more than MAX_REQUEST_BYTES without ever ending its request head
+    is answered 431 and closed at once, not buffered until its idle timeout."""
+    server = serve(idle_timeout=60)
+    reply = exchange(server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * MAX_REQUEST_BYTES)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+    assert server.closed_counts()["bad_request"] == 1
+
+
+def test_limits_that_cannot_work_are_refused() -> None:
+    """max_connections and workers of at least 1, a positive idle_timeout: anything else is
+    a ValueError before the port is taken."""
+    registry = registry_with_sample()
+    for bad in ({"idle_timeout": 0}, {"idle_timeout": -1}, {"workers": 0},
+                {"max_connections": 0}):
+        with pytest.raises(ValueError):
+            MetricsServer(registry, "127.0.0.1:0", **bad)
+
