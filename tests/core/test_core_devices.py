@@ -19,6 +19,7 @@ from kvmd.core.remote import (
     RemoteExit,
     RemoteHandler,
 )
+from kvmd.core.state import ConsoleState
 from kvmd.kvm import IoSpace
 
 COM1 = 0x3F8
@@ -178,3 +179,70 @@ def test_a_vm_holds_at_most_max_claimed_ranges() -> None:
         assert table.add(RemoteHandler("vm", ranges[i:i + MAX_RANGES_PER_CLAIM], 100)) is None
     with pytest.raises(ClaimConflict, match="more than"):
         table.add(RemoteHandler("vm", [ClaimRange(IoSpace.PIO, 0x60, 1)], 100))
+
+
+def test_a_device_added_right_below_another_is_accepted() -> None:
+    """Devices whose port ranges meet (one ends where the other begins) do not overlap, in
+    either order of adding; a range found overlapping is one sharing a port."""
+    bus = DeviceBus()
+    bus.add(Uart16550(Console(8)))  # ports COM1..COM1+7
+    bus.add(DebugExit(COM1 - 1))  # ends where the UART begins
+    bus.add(DebugExit(COM1 + 8))  # begins where the UART ends
+    assert bus.overlapping(COM1 + 9, 4) is None  # starts right after the last device
+    assert bus.overlapping(COM1 - 5, 4) is None  # ends right before the first
+    uart = bus.overlapping(COM1 + 7, 1)
+    assert uart is not None and uart.name == "uart16550"
+
+
+def test_reads_of_the_uart_and_the_debug_exit_port_pad_with_ones() -> None:
+    """A wider read than a port has (a 16-bit IN from an 8-bit register) reads the
+    register and 0xff for the bytes beyond it, as an open ISA bus does; the write-only
+    debug-exit port reads as all ones."""
+    uart = Uart16550(Console(8))
+    assert uart.read(LSR, 2) == bytes([uart.read(LSR, 1)[0], 0xFF])
+    assert uart.read(LSR, 4)[1:] == b"\xff\xff\xff"
+    assert DebugExit().read(0x501, 1) == b"\xff" and DebugExit().read(0x501, 2) == b"\xff\xff"
+
+
+def printed(capacity: int, data: bytes) -> Console:
+    console = Console(capacity)
+    console.output(data)
+    return console
+
+
+def test_reading_from_the_end_of_the_output_gives_nothing_old() -> None:
+    """subscribe_from(bytes_out), a reader resuming right where it stopped: no backlog,
+    offset bytes_out, and the subscription continues with what comes next."""
+    console = printed(16, b"0123456789")
+    backlog, offset, sub = console.subscribe_from(10)
+    assert (backlog, offset) == (b"", 10)
+    console.output(b"ab")
+    assert sub.get(0) == b"ab"
+
+
+def test_an_offset_past_the_output_gives_the_whole_backlog() -> None:
+    """An offset beyond everything printed (a reader of another life of the VM) is clamped
+    to the start of the backlog: it gets every byte the console still holds."""
+    console = printed(16, b"0123456789")
+    backlog, offset, _sub = console.subscribe_from(1000)
+    assert (backlog, offset) == (b"0123456789", 0)
+
+
+def test_an_offset_older_than_the_backlog_starts_at_its_oldest_byte() -> None:
+    """An offset the backlog no longer holds (dropped by its bound) starts at the oldest
+    byte kept, and says so in the offset."""
+    console = printed(10, b"abcdefghijklmnopqrstuvwxy")  # 25 bytes, the last 10 kept
+    backlog, offset, _sub = console.subscribe_from(3)
+    assert (backlog, offset) == (b"pqrstuvwxy", 15)
+    backlog, offset, _sub = console.subscribe_from(20)
+    assert (backlog, offset) == (b"uvwxy", 20)
+
+
+def test_a_restored_console_keeps_its_newest_bytes_and_both_counts() -> None:
+    """restore_state of a backlog larger than this console's capacity keeps its newest
+    bytes; bytes_out and bytes_in come back as saved (offsets and metrics go on)."""
+    console = Console(capacity=4)
+    console.restore_state(ConsoleState(b"abcdefgh", bytes_out=100, bytes_in=7))
+    assert console.backlog() == b"efgh"
+    assert (console.bytes_out, console.bytes_in) == (100, 7)
+    assert console.subscribe_from(0)[:2] == (b"efgh", 96)

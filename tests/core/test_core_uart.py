@@ -4,18 +4,25 @@ byte-bounded console subscribers. No vCPU needed."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from polling import wait_until
 
 from kvmd.core.devices import (
     CONSOLE_INPUT_LIMIT,
     MIN_SUBSCRIBER_BYTES,
     UART_TX_RING,
     Console,
+    ConsolePump,
     Uart16550,
 )
 from kvmd.core.events import Broadcaster
 from kvmd.core.state import UartState
-from kvmd.kvm import UartRegs
+from kvmd.kvm import EventFd, UartRegs
 
 COM1 = 0x3F8
 THR, IER, IIR, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 2, COM1 + 3, COM1 + 4, COM1 + 5
@@ -138,7 +145,7 @@ def test_save_drains_the_ring_and_restore_puts_registers_and_fifo_back() -> None
     assert again.save_state() == state
     assert again.read(COM1, 1) == b"i"
     # A FIFO saved larger than this UART's keeps its newest bytes.
-    big = UartState(rx=bytes(range(256)) * 20)
+    big = UartState(rx=bytes(i % 251 for i in range(5000)))  # no period of 4096 bytes
     again.restore_state(big)
     assert again.save_state().rx == big.rx[-CONSOLE_INPUT_LIMIT:]
 
@@ -163,3 +170,103 @@ def test_small_pieces_coalesce_so_the_item_count_stays_bounded() -> None:
     got = b"".join(sub.drain())
     assert got == bytes(i & 0xFF for i in range(10_000))  # nothing dropped, in order
     assert sub.dropped == 0
+
+
+# -- the console pump ------------------------------------------------------------------------
+
+WAIT = 10.0
+
+
+class Pumped:
+    """A UART with its own console and notify eventfd, for a ConsolePump."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(64)
+        self.event = EventFd()
+        self.uart = Uart16550(self.console, notify_fd=self.event.fileno())
+
+    def close(self) -> None:
+        self.event.close()
+
+
+@pytest.fixture
+def pump() -> Iterator[ConsolePump]:
+    p = ConsolePump()
+    yield p
+    p.close()
+
+
+def test_bytes_written_between_a_batchs_drain_and_its_rearm_get_another_round(
+        pump: ConsolePump) -> None:
+    """The guest prints right after the pump's batch drain, before the pump re-arms the
+    UART (so those bytes signalled nothing): the pump drains again, they reach the console
+    with no reader asking."""
+    a = Pumped()
+    drain = a.uart.drain
+    calls = 0
+
+    def drain_then_the_guest_prints() -> int:
+        nonlocal calls
+        n = drain()
+        calls += 1
+        if calls == 2:  # the batch's drain: one more byte lands before the re-arm
+            assert a.uart.regs.write(0, ord("!"))
+        return n
+
+    a.uart.drain = drain_then_the_guest_prints  # type: ignore[method-assign]
+    pump.add(a.event, a.uart)
+    try:
+        assert a.uart.regs.write(0, ord("a"))  # the first byte after arming: a signal
+        wait_until(lambda: a.console.bytes_out == 2, WAIT, "both bytes in the console")
+    finally:
+        pump.remove(a.event)
+        a.close()
+
+
+def test_a_uart_removed_during_its_batch_leaves_the_pump_running(pump: ConsolePump) -> None:
+    """A UART removed while the pump still meant to drain it once more (a VM deleted just
+    after it printed): the pump goes on pumping the other UARTs past that moment."""
+    pump.interval = 0.2
+    a, b = Pumped(), Pumped()
+    pump.add(a.event, a.uart)
+    pump.add(b.event, b.uart)
+    try:
+        assert a.uart.regs.write(0, ord("a"))
+        wait_until(lambda: a.console.bytes_out == 1, WAIT, "a's byte", interval=0.001)
+        pump.remove(a.event)  # a's batch round is due 0.2 s after its drain
+        removed = time.monotonic()
+        sent = 0
+        while time.monotonic() < removed + 2 * pump.interval:
+            sent += 1
+            assert b.uart.regs.write(0, ord("b"))
+            wait_until(lambda n=sent: b.console.bytes_out == n, WAIT, "b's byte to be pumped")
+    finally:
+        pump.remove(b.event)
+        a.close()
+        b.close()
+
+
+class BrokenConsole(Console):
+    def output(self, data: bytes) -> None:
+        raise RuntimeError("a console bug")
+
+
+def test_a_console_that_fails_does_not_stop_the_others(
+        pump: ConsolePump, caplog: pytest.LogCaptureFixture) -> None:
+    """A drain that raises (a bug in one VM's console) is logged; the pump goes on with the
+    other UARTs."""
+    a, b = Pumped(BrokenConsole(64)), Pumped()
+    pump.add(a.event, a.uart)
+    pump.add(b.event, b.uart)
+    try:
+        with caplog.at_level(logging.ERROR, logger="kvmd.core.devices"):
+            assert a.uart.regs.write(0, ord("a"))
+            wait_until(lambda: any("console drain failed" in r.getMessage()
+                                   for r in caplog.records), WAIT, "a's drain to fail")
+        assert b.uart.regs.write(0, ord("b"))
+        wait_until(lambda: b.console.bytes_out == 1, WAIT, "b's byte to be pumped")
+    finally:
+        pump.remove(a.event)
+        pump.remove(b.event)
+        a.close()
+        b.close()

@@ -8,6 +8,7 @@ import struct
 from guests import IN_AL_DX, mov_ax, mov_ds_ax, mov_dx
 from guests_runctl import (
     CLAIM_PORT,
+    DEBUG_EXIT_PORT,
     DIRTY_PAGE,
     DIRTY_SLOT_ADDR,
     DIRTY_SLOT_PAGES,
@@ -52,6 +53,17 @@ def test_unclaimed_pio_read_returns_all_ones_and_is_counted(api: Api) -> None:
     assert stats.total["io_in"] == 1
     assert stats.vcpus[0].counts["unclaimed_pio"] == 1
     api.delete("unclaimed")
+
+
+def test_the_debug_exit_port_reads_all_ones(api: Api) -> None:
+    """`in ax` from the debug-exit port (write-only, as QEMU's isa-debug-exit) reads 0xffff
+    and goes on: the guest then debug-exits with what it read."""
+    api.boot("dbgread", unclaimed_in_program(DEBUG_EXIT_PORT))
+    watch = api.watch("dbgread")
+    api.start("dbgread")
+    assert watch.wait_for("debug_exit").exit_code == 0xFFFF
+    assert api.stats("dbgread").total["unclaimed_pio"] == 0  # a device answered it
+    api.delete("dbgread")
 
 
 def test_unclaimed_mmio_reads_all_ones_writes_dropped_and_counted(api: Api) -> None:
