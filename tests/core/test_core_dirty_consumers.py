@@ -117,3 +117,39 @@ def test_a_removed_slot_leaves_no_bits_in_any_consumer() -> None:
     t.forget_slot(INFO.slot)
     for consumer in (API, SNAPSHOT, MIGRATION):
         assert t.take(consumer, INFO) == 0, consumer
+
+
+def test_a_measured_rate_counts_only_the_pages_dirtied_while_measuring() -> None:
+    """measure_rate harvests first: pages KVM logged before the measurement are not counted
+    in its pages or rate, but still reach every consumer (nothing is lost)."""
+    t, vm = tracker()
+    vm.logs = [bitmap_bytes(pages(1, 2, 3), PAGES),  # dirtied before the measurement
+               bitmap_bytes(pages(4, 5), PAGES)]  # dirtied during it
+    dirtied, seconds = t.measure_rate(0.001)
+    assert dirtied == 2 and seconds > 0
+    assert t.rate == dirtied / seconds
+    assert t.take(API, INFO) == pages(1, 2, 3, 4, 5)
+
+
+class TwoSlotVm(ScriptedVm):
+    """Slot 0 logs dirty pages, slot 1 does not: KVM refuses its dirty log (ENOENT)."""
+
+    UNLOGGED = MemoryRegionInfo(slot=1, guest_addr=PAGES * PAGE_SIZE, size=PAGES * PAGE_SIZE,
+                                read_only=False, log_dirty=False)
+
+    def memory_regions(self) -> list[MemoryRegionInfo]:
+        return [INFO, self.UNLOGGED]
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        assert slot == INFO.slot, f"the dirty log of slot {slot}, which logs nothing"
+        return super().get_dirty_log(slot)
+
+
+def test_a_harvest_of_every_slot_reads_only_the_logging_ones() -> None:
+    """harvest() of a VM with a slot that does not log dirty pages reads the logging slots
+    only (KVM has no log for the other)."""
+    vm = TwoSlotVm()
+    t = DirtyTracker(cast(Vm, vm))
+    vm.logs = [bitmap_bytes(pages(8), PAGES)]
+    assert t.harvest() == 1
+    assert t.take(API, INFO) == pages(8)
