@@ -153,3 +153,13 @@ def test_a_harvest_of_every_slot_reads_only_the_logging_ones() -> None:
     vm.logs = [bitmap_bytes(pages(8), PAGES)]
     assert t.harvest() == 1
     assert t.take(API, INFO) == pages(8)
+
+
+def test_mark_all_marks_every_page_of_the_slot_the_last_included() -> None:
+    """mark_all (dirty logging turned off: the consumer cannot track the slot) makes every
+    page of the slot dirty for that consumer, the last one too, and for no other."""
+    t, _ = tracker()
+    t.add_consumer(SNAPSHOT)
+    t.mark_all(SNAPSHOT, INFO)
+    assert t.take_bitmap(SNAPSHOT, INFO) == bitmap_bytes((1 << PAGES) - 1, PAGES)
+    assert t.take(API, INFO) == 0
