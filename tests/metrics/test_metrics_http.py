@@ -775,3 +775,16 @@ def test_limits_that_cannot_work_are_refused() -> None:
         with pytest.raises(ValueError):
             MetricsServer(registry, "127.0.0.1:0", **bad)
 
+
+
+def test_close_closes_every_open_connection(held: list[socket.socket]) -> None:
+    """close() ends the connections still open (idle ones, keep-alive ones): their clients
+    see the end at once and the server holds no descriptor for them."""
+    server = MetricsServer(registry_with_sample(), "127.0.0.1:0", idle_timeout=60)
+    try:
+        held += hold(server.port, 3)
+        wait_for(lambda: server.open_connections == 3, "the connections")
+    finally:
+        server.close()
+    assert server.open_connections == 0
+    wait_for(lambda: all(closed_by_server(s) for s in held), "every connection closed")
