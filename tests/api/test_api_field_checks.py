@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 from api_support import RunningDaemon
 
+from kvmd.api.services import MAX_PAGE_SIZE
 from kvmd.core.errors import Reason
 from kvmd.core.remote import MAX_DEADLINE_MS
 from kvmd_proto import vmm_pb2 as pb
@@ -25,6 +26,16 @@ def test_list_vms_page_holds_exactly_page_size(api: RunningDaemon) -> None:
     assert page.next_page_token
     rest = api.vms.ListVms(pb.ListVmsRequest(page_size=2, page_token=page.next_page_token))
     assert [v.vm_id for v in rest.vms] == ["p2", "p3"]
+
+
+def test_list_vms_page_size_is_at_most_max_page_size(api: RunningDaemon) -> None:
+    """page_size MAX_PAGE_SIZE is accepted, one more is refused VALUE_OUT_OF_RANGE on
+    page_size."""
+    api.create_vm("one")
+    page = api.vms.ListVms(pb.ListVmsRequest(page_size=MAX_PAGE_SIZE))
+    assert [v.vm_id for v in page.vms] == ["one"] and not page.next_page_token
+    api.assert_code(lambda: api.vms.ListVms(pb.ListVmsRequest(page_size=MAX_PAGE_SIZE + 1)),
+                    INVALID, reason=Reason.VALUE_OUT_OF_RANGE, field="page_size")
 
 
 def test_empty_write_stream_names_vm_id(api: RunningDaemon) -> None:

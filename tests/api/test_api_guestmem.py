@@ -665,6 +665,9 @@ def test_mapping_bad_inputs_map_nothing(gm: RunningDaemon) -> None:
          Code.FAILED_PRECONDITION),                               # writable slot
     ):
         api.assert_code(lambda a=args: map_(*a), code)
+    # No file at all names the missing field (not the empty name of a default file).
+    api.assert_code(lambda: map_(slot, 0, P, None), Code.INVALID_ARGUMENT,
+                    reason=Reason.FIELD_REQUIRED, field="file")
     for args, code in (((slot, 8 * P, P), Code.NOT_FOUND),       # not exactly as mapped
                        ((slot, 0, P), Code.NOT_FOUND),            # nothing there
                        ((file_slot, 0, 4 * P), Code.NOT_FOUND),   # a whole-slot file

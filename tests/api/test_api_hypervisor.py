@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvmd import __version__
+from kvmd.core.errors import Reason
 from kvmd.kvm import CAPABILITY_NUMBERS, Kvm
 from kvmd_proto import vmm_pb2 as pb
 
@@ -19,7 +20,9 @@ def test_get_info_reports_kvm_and_daemon(daemon_factory: DaemonFactory) -> None:
     api = daemon_factory(max_vms=7, max_vcpus_per_vm=3, max_memory_per_vm_bytes=1 << 24,
                          max_memory_total_bytes=1 << 25, max_memory_slots_per_vm=5,
                          max_irqfds_per_vm=6, max_ioevents_per_vm=9,
-                         max_message_bytes=3 << 20, max_concurrent_rpcs=33)
+                         max_message_bytes=3 << 20, max_concurrent_rpcs=33,
+                         max_calls_per_identity=11, max_streams=444,
+                         max_streams_per_identity=44, max_fds=555, max_fds_per_identity=55)
     info = api.hypervisor.GetInfo(pb.GetInfoRequest())
     with Kvm() as kvm:
         assert info.api_version == 12
@@ -36,6 +39,8 @@ def test_get_info_reports_kvm_and_daemon(daemon_factory: DaemonFactory) -> None:
             lim.max_memory_total_bytes, lim.max_memory_slots_per_vm, lim.max_irqfds_per_vm,
             lim.max_ioevents_per_vm, lim.max_message_bytes, lim.max_concurrent_rpcs) == (
         7, 3, 1 << 24, 1 << 25, 5, 6, 9, 3 << 20, 33)
+    assert (lim.max_calls_per_identity, lim.max_streams, lim.max_streams_per_identity,
+            lim.max_fds, lim.max_fds_per_identity) == (11, 444, 44, 555, 55)
 
 
 def test_get_info_counts_vms_and_memory(api: RunningDaemon) -> None:
@@ -80,8 +85,10 @@ def test_check_extension_bad_inputs(api: RunningDaemon) -> None:
     check = api.hypervisor.CheckExtension
     api.assert_code(lambda: check(pb.CheckExtensionRequest(name="KVM_CAP_NO_SUCH_THING")),
                     INVALID)
-    api.assert_code(lambda: check(pb.CheckExtensionRequest(name="")), INVALID)
-    api.assert_code(lambda: check(pb.CheckExtensionRequest()), INVALID)
+    api.assert_code(lambda: check(pb.CheckExtensionRequest(name="")), INVALID,
+                    reason=Reason.FIELD_REQUIRED, field="name")
+    api.assert_code(lambda: check(pb.CheckExtensionRequest()), INVALID,
+                    reason=Reason.FIELD_REQUIRED, field="name")
     api.assert_code(lambda: check(pb.CheckExtensionRequest(name="irqfd", vm_id="nope")),
                     NOT_FOUND)
 

@@ -145,3 +145,19 @@ def test_an_unknown_form_is_refused_before_either_rpc_reads_the_log(api: Running
     api.assert_code(lambda: poll(api, "p6", slot0, 9), INVALID, reason=Reason.VALUE_UNKNOWN,
                     field="form")
     assert pages_of(poll(api, "p6", slot0)) == DIRTY_PAGES_SLOT0  # nothing was lost
+
+
+def test_a_log_whose_bound_is_exactly_the_message_limit_is_polled(
+        daemon_factory: DaemonFactory) -> None:
+    """The refusal's edge: a slot whose whole answer can take exactly max_message_bytes is
+    polled; a slot whose answer could take one byte more is refused LIMIT_MESSAGE."""
+    gib_pages = (1 << 30) // 4096
+    limit = gib_pages // 8 + 64  # a 1 GiB slot's bitmap and the chunk's other fields
+    api = daemon_factory(max_message_bytes=limit)
+    api.create_vm("edge")
+    fits = api.add_memory("edge", 0, 1 << 30, log_dirty=True)
+    over = api.add_memory("edge", 2 << 30, (1 << 30) + 8 * 4096, log_dirty=True)  # +1 byte
+    api.assert_code(lambda: poll(api, "edge", over.slot, BITMAP), EXHAUSTED,
+                    reason=Reason.LIMIT_MESSAGE)
+    got = poll(api, "edge", fits.slot, BITMAP)
+    assert (got.total_pages, got.total_dirty_pages) == (gib_pages, 0)
