@@ -90,3 +90,13 @@ def test_second_claim_ends_the_stream_invalid(api: RunningDaemon) -> None:
     err = api.assert_code(lambda: _run_bad_stream(api, again), INVALID,
                           reason=Reason.STREAM_INVALID, field="reply")
     assert "only replies" in (err.details() or "")  # type: ignore[attr-defined]
+
+
+def test_a_stream_that_does_not_start_with_a_claim_is_refused(api: RunningDaemon) -> None:
+    """HandleExits whose first message is a reply, or that sends nothing, is refused
+    STREAM_INVALID on `claim` before anything is claimed."""
+    api.create_vm("h")
+    for first in ([pb.ExitHandlerMessage(reply=pb.ExitReply(exit_id=1))], []):
+        api.assert_code(lambda f=first: list(api.stubs.exits.HandleExits(  # type: ignore[misc]
+            iter(f), timeout=30)), INVALID, reason=Reason.STREAM_INVALID, field="claim")
+    _claim_is_free(api, "h")
