@@ -44,15 +44,19 @@ def test_get_info_reports_kvm_and_daemon(daemon_factory: DaemonFactory) -> None:
 
 
 def test_get_info_counts_vms_and_memory(api: RunningDaemon) -> None:
+    """GetInfo's vm_count, memory_in_use_bytes and fds_in_use follow the VMs there are."""
     api.create_vm("a")
     api.create_vm("b")
     api.add_memory("a", 0, 0x10000)
     api.add_memory("b", 0x100000, 0x3000)
     info = api.hypervisor.GetInfo(pb.GetInfoRequest())
     assert (info.vm_count, info.memory_in_use_bytes) == (2, 0x13000)
+    assert info.fds_in_use == api.daemon.host.fds.in_use > 0  # type: ignore[union-attr]
     api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="a"))
     info = api.hypervisor.GetInfo(pb.GetInfoRequest())
     assert (info.vm_count, info.memory_in_use_bytes) == (1, 0x3000)
+    api.vms.DeleteVm(pb.DeleteVmRequest(vm_id="b"))
+    assert api.hypervisor.GetInfo(pb.GetInfoRequest()).fds_in_use == 0
 
 
 def test_check_extension_by_full_name_short_name_and_number(api: RunningDaemon) -> None:
