@@ -124,3 +124,29 @@ def test_every_crash_kind_is_listed(host: Host) -> None:
     crashes = {dict(labels)["reason"]: value for (name, labels), value in got.items()
                if name == "kvmd_vm_crashes_total"}
     assert crashes == {"internal_error": 1, "unclaimed": 2}
+
+
+def test_migration_metrics_follow_what_the_core_recorded(host: Host) -> None:
+    """A failed incoming migration (its restorer records "error") is counted under
+    result="failed" like an outgoing one; the completed migrations' rounds add up, their
+    downtimes fill the histogram's sum and count; a VM migrating now is in progress."""
+    host.shared.operations.record("migration_in", "live", "error", 100, 0.5)
+    host.shared.operations.record("migration_out", "live", "failed", 0, 0.1)
+    host.shared.migration.record(0.25, 3)
+    host.shared.migration.record(0.5, 4)
+    vm = host.create_vm("leaving", {}, VmOptions())
+    vm.migrating_to = "127.0.0.1:7000"  # what the core sets while pre-copy runs
+    got = collect(host)
+    migrations = {(dict(labels)["direction"], dict(labels)["result"]): value
+                  for (name, labels), value in got.items() if name == "kvmd_migrations_total"}
+    assert migrations[("incoming", "failed")] == 1 and migrations[("outgoing", "failed")] == 1
+    assert sum(migrations.values()) == 2
+    assert set(migrations) == {(d, r) for d in ("outgoing", "incoming")
+                               for r in ("ok", "cancelled", "failed", "unknown")}
+    assert got[("kvmd_migration_rounds_total", ())] == 7
+    assert got[("kvmd_migration_downtime_seconds_sum", ())] == 0.75
+    assert got[("kvmd_migration_downtime_seconds_count", ())] == 2
+    assert got[("kvmd_migrations_in_progress", ())] == 1
+    vm.migrating_to = ""
+    assert collect(host)[("kvmd_migrations_in_progress", ())] == 0
+    host.delete_vm("leaving")
