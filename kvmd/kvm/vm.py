@@ -236,7 +236,8 @@ class Vm:
             if slot is None:
                 slot = next(i for i in range(len(self._regions) + 1)
                             if i not in self._regions)
-            elif not isinstance(slot, int) or not 0 <= slot < self._max_slots:
+            elif (not isinstance(slot, int) or isinstance(slot, bool)
+                  or not 0 <= slot < self._max_slots):
                 raise invalid(op, f"slot {slot!r} is not a slot number below "
                               f"{self._max_slots}")
             elif slot in self._regions:
@@ -355,6 +356,8 @@ class Vm:
         For pages that hold data (see `nonzero_page_runs`): unlike `read_into`, which goes
         through the file, a hole read here is allocated (zeroed). Several times faster on
         these hosts than preadv of the memfd into a buffer, then a join."""
+        if length < 0:
+            raise invalid("read", "negative length")
         with self._lock:
             self._open_fd("read")
             return b"".join([head, *(region.mapped(off, n) for region, off, n in

@@ -189,7 +189,18 @@ def test_read_joined_is_head_then_guest_memory_across_slots(vm: Vm, datafile: in
     assert got[4 + 5 * P:4 + 6 * P] == os.pread(datafile, P, 8 * P)
     assert vm.read_joined(DATA_SLOT_ADDR, 0) == b""
     assert _errno_of(vm.read_joined, DATA_SLOT_ADDR + 7 * P, 2 * P) == errno.EFAULT
+    # A negative length is refused as read refuses it, not read as "just the head".
+    assert _errno_of(vm.read_joined, DATA_SLOT_ADDR, -1, b"head") == errno.EINVAL
+    assert _errno_of(vm.read, DATA_SLOT_ADDR, -1) == errno.EINVAL
     assert vm.populated_ranges(a) == [(0, 4 * P)]
+
+
+def test_a_slot_number_asked_for_is_an_int_not_a_bool(vm: Vm) -> None:
+    """A restore asks for exact slot numbers: True is no slot number (as a bool size is no
+    size), and nothing is made."""
+    assert _errno_of(vm.add_memory_region, DATA_SLOT_ADDR, P, slot=True) == errno.EINVAL
+    assert vm.memory_regions() == []
+    assert vm.add_memory_region(DATA_SLOT_ADDR, P, slot=1) == 1
 
 
 def test_nonzero_page_runs_of_a_large_sparse_slot(vm: Vm,
