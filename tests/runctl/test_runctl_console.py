@@ -146,8 +146,14 @@ def test_debug_exit_on_a_custom_port(api: Api) -> None:
 
 
 def test_debug_exit_port_on_the_uart_is_refused(api: Api) -> None:
-    api.assert_code(lambda: api.create_vm("bad-port", debug_exit_port=0x3FA),
-                    Code.INVALID_ARGUMENT)
+    """Each of COM1's eight ports (0x3f8-0x3ff) is refused as the debug-exit port, as a
+    bad argument; the ports just outside it are taken."""
+    for port in (0x3F8, 0x3FA, 0x3FF):
+        api.assert_code(lambda port=port: api.create_vm("bad-port", debug_exit_port=port),
+                        Code.INVALID_ARGUMENT)
+    for port in (0x3F7, 0x400):
+        api.create_vm("next-to-com1", debug_exit_port=port)
+        api.delete("next-to-com1")
     api.assert_code(lambda: api.create_vm("bad-port", debug_exit_port=0x10000),
                     Code.INVALID_ARGUMENT)
 
@@ -169,6 +175,10 @@ def test_console_input_larger_than_the_buffer_is_invalid_argument(api: Api) -> N
     assert api.vms.WriteConsole(pb.WriteConsoleRequest(
         vm_id="flood", data=b"z" * 96)).accepted == 96
     api.delete("flood")
+    api.create_vm("full")  # input exactly the buffer's size fits an empty buffer
+    assert api.vms.WriteConsole(pb.WriteConsoleRequest(
+        vm_id="full", data=b"x" * 4096)).accepted == 4096
+    api.delete("full")
 
 
 def test_deleting_the_vm_ends_console_streams(api: Api) -> None:

@@ -9,7 +9,14 @@ import time
 import grpc
 import pytest
 from guests import SPIN, mov_al_mem16, mov_ax, mov_ds_ax, mov_mem16_al
-from guests_runctl import CLAIM_PORT, DEBUG_EXIT_PORT, MMIO_BASE, in_twice_program, port_loop
+from guests_runctl import (
+    CLAIM_PORT,
+    DEBUG_EXIT_PORT,
+    MMIO_BASE,
+    in_twice_program,
+    port_loop,
+    string_io_program,
+)
 from polling import wait_until
 from runctl_api import Api, Code, ExitHandler, mmio, pio
 
@@ -227,6 +234,21 @@ def test_stop_vm_while_a_vcpu_waits_for_a_handler(api: Api) -> None:
     assert vm.state == "stopped"
     api.assert_healthy()
     api.delete("stuck")
+
+
+def test_stop_vm_while_a_rep_ins_waits_for_a_handler(api: Api) -> None:
+    """A `rep insb` of four bytes from a claimed port, waiting for a slow handler, is
+    completed in full (all-ones) when StopVm gives it up: the VM is stopped by the request,
+    not crashed by an access completed short."""
+    api.boot("stuck-rep", string_io_program(0, CLAIM_PORT))
+    handler = api.handler("stuck-rep", [pio(CLAIM_PORT)], LONG_DEADLINE_MS)
+    handler.claimed()
+    api.start("stuck-rep")
+    handler.next_exit()
+    vm = api.vms.StopVm(pb.VmRef(vm_id="stuck-rep"), timeout=10)
+    assert (vm.state, vm.reason) == ("stopped", "stopped by request")
+    api.assert_healthy()
+    api.delete("stuck-rep")
 
 
 @pytest.fixture
