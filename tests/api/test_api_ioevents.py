@@ -10,6 +10,7 @@ import pytest
 from api_support import RunningDaemon
 from polling import wait_until
 
+from kvmd.core.errors import Reason
 from kvmd_proto import vmm_pb2 as pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -88,7 +89,9 @@ def test_bad_datamatch_length(api: RunningDaemon, vm: str, length: int) -> None:
     (1, 0x100), (2, 0x1_0000), (4, 0x1_0000_0000), (0, 0), (0, 1)])
 def test_datamatch_value_does_not_fit(api: RunningDaemon, vm: str, length: int,
                                       value: int) -> None:
-    api.assert_code(lambda: _register(api, vm, "bad", length=length, datamatch=value), INVALID)
+    """A length KVM takes with a value it cannot hold: the datamatch is the field at fault."""
+    api.assert_code(lambda: _register(api, vm, "bad", length=length, datamatch=value), INVALID,
+                    reason=Reason.VALUE_OUT_OF_RANGE, field="datamatch")
 
 
 def test_register_bad_inputs(api: RunningDaemon, vm: str) -> None:

@@ -29,7 +29,7 @@ def test_max_vcpus_per_vm(daemon_factory: DaemonFactory) -> None:
     api.create_vm("b")
     api.create_vcpu("a", 0)
     api.create_vcpu("a", 5)
-    api.assert_code(lambda: api.create_vcpu("a", 1), EXHAUSTED)
+    api.assert_code(lambda: api.create_vcpu("a", 1), EXHAUSTED, reason=Reason.LIMIT_VCPUS)
     # An id in use is a duplicate first, whatever the limit says.
     api.assert_code(lambda: api.create_vcpu("a", 5), grpc.StatusCode.ALREADY_EXISTS,
                     reason=Reason.VCPU_ALREADY_EXISTS)
@@ -89,7 +89,7 @@ def test_max_irqfds_per_vm(daemon_factory: DaemonFactory) -> None:
 
     register("one")
     register("two")
-    api.assert_code(lambda: register("three"), EXHAUSTED)
+    api.assert_code(lambda: register("three"), EXHAUSTED, reason=Reason.LIMIT_IRQFDS)
     api.interrupts.UnregisterIrqfd(pb.UnregisterIrqfdRequest(vm_id="a", irqfd_id="one"))
     register("three")
 
@@ -104,7 +104,7 @@ def test_max_ioevents_per_vm(daemon_factory: DaemonFactory) -> None:
 
     register("one", 0x10)
     register("two", 0x11)
-    api.assert_code(lambda: register("three", 0x12), EXHAUSTED)
+    api.assert_code(lambda: register("three", 0x12), EXHAUSTED, reason=Reason.LIMIT_IOEVENTS)
     api.ioevents.UnregisterIoevent(pb.UnregisterIoeventRequest(vm_id="a", ioevent_id="one"))
     register("three", 0x12)
 
