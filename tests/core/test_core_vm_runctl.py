@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from core_guests import SPIN
 from guests import boot
-from polling import wait_until
+from polling import drained, wait_until
 
 from kvmd.core.dirty import MIGRATION
 from kvmd.core.errors import (
@@ -250,3 +250,45 @@ def test_a_throttle_turned_off_and_on_again_throttles(host: Host) -> None:
     assert throttling() and vm.throttle_percent == 30
     vm.set_throttle(0)
     assert not throttling()
+
+
+def test_a_vm_migrates_to_one_target_at_a_time(host: Host) -> None:
+    """A second BeginMigration while one runs is VM_MIGRATING and changes nothing: the
+    first target stays, and its end still turns off the logging it turned on."""
+    vm = host.create_vm("once", {}, VmOptions())
+    vm.add_memory_region(0, 0x1000, False, False)
+    vm.begin_migration("first:1")
+    with pytest.raises(InvalidState) as caught:
+        vm.begin_migration("second:1")
+    assert caught.value.reason == Reason.VM_MIGRATING and vm.migrating_to == "first:1"
+    vm.end_migration()
+    assert [r.log_dirty for r in vm.vm.memory_regions()] == [False]
+
+
+def test_a_deleted_vm_is_not_saved_migrated_or_throttled(host: Host) -> None:
+    """After a delete (racing a snapshot or a migration), save_state and begin_migration
+    are NotFound, and a throttle starts no thread."""
+    vm = host.create_vm("deleted", {}, VmOptions())
+    vm.create_vcpu(0)
+    host.delete_vm("deleted")
+    with pytest.raises(NotFound):
+        vm.save_state()
+    with pytest.raises(NotFound):
+        vm.begin_migration("elsewhere:1")
+    assert vm.migrating_to == ""
+    vm.set_throttle(50)
+    assert not [t for t in threading.enumerate() if t.name == "throttle-deleted"]
+
+
+def test_a_vcpu_event_carries_the_vms_state(host: Host) -> None:
+    """The state a vCPU's event reports is its VM's: one vCPU of two paused leaves the VM
+    running, and the "paused" event says so."""
+    vm = host.create_vm("two-states", {}, VmOptions())
+    boot(vm, SPIN, vcpus=2)
+    vm.start()
+    events = vm.watch()
+    vm.pause_vcpu(0)
+    paused = [e for e in drained(events.get) if e.type == "paused"]
+    assert [(e.vcpu_id, e.state) for e in paused] == [(0, "running")]
+    events.close()
+    vm.stop()
