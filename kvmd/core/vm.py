@@ -1460,9 +1460,15 @@ class ManagedVm:
                         tickets.append((v, v.request_pause()))
                     except InvalidState:
                         pass  # it parked or ended by itself
-            for v, ticket in tickets:
-                v.wait_paused(ticket)
             try:
+                try:
+                    for v, ticket in tickets:
+                        v.wait_paused(ticket)
+                except BaseException:
+                    # A vCPU did not park (in time): the hold fails, and the holder that
+                    # never got it cannot resume what it paused, so that runs again now.
+                    hold.leave_paused = False
+                    raise
                 yield hold
             finally:
                 if not hold.leave_paused:

@@ -18,11 +18,12 @@ from kvmd.core.errors import (
     DomainError,
     InvalidArgument,
     InvalidState,
+    KernelError,
     NotFound,
     Reason,
 )
 from kvmd.core.host import Host
-from kvmd.core.vcpu import Action, Launch, Outcome
+from kvmd.core.vcpu import Action, Launch, Outcome, PauseTicket
 from kvmd.core.vm import VmOptions
 from kvmd.kvm import KvmError
 from kvmd.kvm.exits import DirtyRingFullExit
@@ -263,6 +264,31 @@ def test_a_vm_migrates_to_one_target_at_a_time(host: Host) -> None:
     assert caught.value.reason == Reason.VM_MIGRATING and vm.migrating_to == "first:1"
     vm.end_migration()
     assert [r.log_dirty for r in vm.vm.memory_regions()] == [False]
+
+
+def test_a_hold_that_cannot_pause_every_vcpu_lets_the_paused_ones_run_again(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hold whose pause fails for one vCPU (it did not park in time: VCPU_UNRESPONSIVE)
+    fails, and the vCPUs it did pause run again, even for a holder that wanted the VM left
+    paused (it never got the hold to resume it): a failed snapshot, switch-over or
+    hand-over does not leave the VM paused."""
+    vm = host.create_vm("half-held", {}, VmOptions())
+    boot(vm, SPIN, vcpus=2)
+    vm.start()
+    late = vm.vcpu(1)
+    wait_paused = late.wait_paused
+
+    def unresponsive(ticket: PauseTicket) -> None:
+        wait_paused(ticket)
+        raise late.timed_out("pause")
+
+    monkeypatch.setattr(late, "wait_paused", unresponsive)
+    for leave_paused in (False, True):
+        with pytest.raises(KernelError) as caught, vm.held_paused("snapshot", leave_paused):
+            pass
+        assert caught.value.reason == Reason.VCPU_UNRESPONSIVE
+        assert [v.state for v in vm.vcpus()] == ["running", "running"] and vm.busy == ""
+    vm.stop()
 
 
 def test_a_deleted_vm_is_not_saved_migrated_or_throttled(host: Host) -> None:
