@@ -12,10 +12,19 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from kvmd.systemd import barrier, fd_name_valid, fd_store, notify, watchdog_interval
+from kvmd.systemd import (
+    barrier,
+    fd_name_valid,
+    fd_store,
+    listen_fds,
+    notify,
+    notify_fds,
+    watchdog_interval,
+)
 
 
 @pytest.fixture
@@ -77,6 +86,49 @@ def test_fd_names_are_checked_at_systemds_length_limit() -> None:
     assert not fd_name_valid("a" * 256)
 
 
+@pytest.mark.parametrize(("name", "valid"), [
+    ("kvmd-mem.0.a b", True), ("~", True), ("", True),  # printable ASCII, space and all
+    ("a:b", False),                                     # LISTEN_FDNAMES's separator
+    ("a\x7f", False), ("a\x1f", False), ("a\n", False), ("\u00e9", False),
+])
+def test_fd_names_are_checked_as_systemd_checks_them(name: str, valid: bool) -> None:
+    """fd_name_valid is systemd's fdname_is_valid: every printable ASCII character but ':'
+    (a name systemd would refuse is never sent: the memfd would be lost)."""
+    assert fd_name_valid(name) is valid
+
+
+def test_fd_store_refuses_a_name_systemd_would_refuse_before_sending_anything(
+        manager: socket.socket) -> None:
+    """An invalid FDNAME would make systemd drop the fd (and the guest memory with it):
+    fd_store raises ValueError instead, and the manager receives nothing."""
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="not a valid fd store name"):
+            fd_store({"kvmd-mem.0.a:b": r})
+    finally:
+        os.close(r)
+        os.close(w)
+    manager.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        manager.recv(4096)
+
+
+def test_notify_without_a_manager_listening_says_so_and_does_not_raise(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A notify socket that is gone (systemd restarted, a stale NOTIFY_SOCKET): notify
+    returns False and logs, it never raises into the daemon; notify_fds, whose caller
+    stores fds, raises."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    assert notify("READY=1") is False
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError):
+            notify_fds("FDSTORE=1\nFDNAME=kvmd-mem.0.a", [r])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 # In a child of its own: LISTEN_FDS numbers fds from 3, which this process may be using.
 LISTEN_CHILD = r"""
 import fcntl, json, os, sys
@@ -105,6 +157,44 @@ def test_listen_fds_are_taken_only_when_meant_for_this_process(whose: str) -> No
     else:
         assert result["fds"] == []  # variables inherited from elsewhere name no fd of ours
         assert not result["cloexec"]
+
+
+# fds 3 and 5 passed, 4 not open (closed meanwhile); fewer names than fds.
+GAPPED_CHILD = r"""
+import json, os
+r, w = os.pipe()
+os.dup2(r, 3)
+os.dup2(w, 5)
+for fd in {r, w} - {3, 5}:
+    os.close(fd)
+for fd in (3, 5):
+    os.set_inheritable(fd, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="3",
+                  LISTEN_FDNAMES="kvmd-mem.0.a:kvmd-mem.0.b")
+from kvmd.systemd import listen_fds
+print(json.dumps(listen_fds()))
+"""
+
+
+def test_listen_fds_skips_an_fd_that_is_not_open_and_names_the_unnamed_unknown() -> None:
+    """LISTEN_FDS=3 with fd 4 not open and two names for three fds: the open fds are taken
+    (never a crash at start, which would lose every VM), the ones without a name as
+    "unknown" (closed later as no memfd of a VM)."""
+    out = subprocess.run([sys.executable, "-c", GAPPED_CHILD], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert json.loads(out) == [["kvmd-mem.0.a", 3], ["unknown", 5]]
+
+
+@pytest.mark.parametrize("count", ["", "two", "-1", "1 "])
+def test_a_listen_fds_that_is_no_count_passes_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                      count: str) -> None:
+    """LISTEN_FDS that is not a number (even with this process's LISTEN_PID) names no fd:
+    nothing is taken, nothing raises, and the variables are still removed."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", count)
+    monkeypatch.setenv("LISTEN_FDNAMES", "kvmd-mem.0.a")
+    assert listen_fds() == []
+    assert not [k for k in os.environ if k.startswith("LISTEN_")]
 
 
 @pytest.mark.parametrize(("usec", "pid", "interval"), [
