@@ -13,10 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from polling import wait_until
 
 from kvmd.systemd import (
+    Watchdog,
     barrier,
     fd_name_valid,
     fd_store,
@@ -159,9 +162,9 @@ def test_listen_fds_are_taken_only_when_meant_for_this_process(whose: str) -> No
         assert not result["cloexec"]
 
 
-# fds 3 and 5 passed, 4 not open (closed meanwhile); fewer names than fds.
+# fds 3 and 5 passed, 4 not open (closed meanwhile); LISTEN_FDNAMES as argv[1] says.
 GAPPED_CHILD = r"""
-import json, os
+import json, os, sys
 r, w = os.pipe()
 os.dup2(r, 3)
 os.dup2(w, 5)
@@ -169,20 +172,26 @@ for fd in {r, w} - {3, 5}:
     os.close(fd)
 for fd in (3, 5):
     os.set_inheritable(fd, True)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="3",
-                  LISTEN_FDNAMES="kvmd-mem.0.a:kvmd-mem.0.b")
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="3")
+if sys.argv[1]:
+    os.environ["LISTEN_FDNAMES"] = sys.argv[1]
 from kvmd.systemd import listen_fds
 print(json.dumps(listen_fds()))
 """
 
 
-def test_listen_fds_skips_an_fd_that_is_not_open_and_names_the_unnamed_unknown() -> None:
-    """LISTEN_FDS=3 with fd 4 not open and two names for three fds: the open fds are taken
-    (never a crash at start, which would lose every VM), the ones without a name as
-    "unknown" (closed later as no memfd of a VM)."""
-    out = subprocess.run([sys.executable, "-c", GAPPED_CHILD], check=True,
+@pytest.mark.parametrize(("names", "expected"), [
+    ("kvmd-mem.0.a:kvmd-mem.0.b", [["kvmd-mem.0.a", 3], ["unknown", 5]]),
+    ("", [["unknown", 3], ["unknown", 5]]),
+])
+def test_listen_fds_skips_an_fd_that_is_not_open_and_names_the_unnamed_unknown(
+        names: str, expected: list[list[Any]]) -> None:
+    """LISTEN_FDS=3 with fd 4 not open, and fewer names than fds or none: the open fds are
+    taken (never a crash at start, which would lose every VM), those without a name as
+    "unknown" (later closed as no VM's memfd)."""
+    out = subprocess.run([sys.executable, "-c", GAPPED_CHILD, names], check=True,
                          capture_output=True, text=True, timeout=60).stdout
-    assert json.loads(out) == [["kvmd-mem.0.a", 3], ["unknown", 5]]
+    assert json.loads(out) == expected
 
 
 @pytest.mark.parametrize("count", ["", "two", "-1", "1 "])
@@ -214,3 +223,30 @@ def test_the_watchdog_pings_at_half_the_interval_systemd_asks_for(
             monkeypatch.setenv(key, {"mine": str(os.getpid()),
                                      "another": str(os.getpid() + 1)}.get(value, value))
     assert watchdog_interval() == interval
+
+
+def test_a_health_check_that_raises_stops_the_watchdog_pings(manager: socket.socket) -> None:
+    """A health check that raises counts as failed: no WATCHDOG=1 after it (systemd then
+    restarts the daemon), as after one that returns False."""
+    checks: list[int] = []
+
+    def healthy() -> bool:
+        checks.append(1)
+        if len(checks) > 2:
+            raise RuntimeError("the health check itself is broken")
+        return True
+
+    dog = Watchdog(0.01, healthy)
+    dog.start()
+    try:
+        wait_until(lambda: len(checks) >= 6, 10, "six health checks")
+    finally:
+        dog.stop()
+    manager.setblocking(False)
+    got = []
+    while True:
+        try:
+            got.append(manager.recv(4096))
+        except BlockingIOError:
+            break
+    assert got == [b"WATCHDOG=1"] * 2
