@@ -5,6 +5,7 @@ each side lets go of (memory of a VM deleted later, a stranded VM's id)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -21,6 +22,7 @@ from inprocess_daemon import client_of
 from kvmd.core.vm import VmOptions
 from kvmd.handover import Channel, HandoverError, socket_path
 from kvmd.server import Config, Daemon
+from kvmd.state import handover as carry
 
 UNCLAIMED_OUT = bytes([
     0xBA, 0x34, 0x12,  # mov dx, 0x1234 (no device there)
@@ -180,7 +182,8 @@ def receive_and_abort(daemon: Daemon) -> list[str]:
 
 def test_a_failed_take_over_leaves_a_vm_the_user_paused_paused(old: Daemon) -> None:
     """The new daemon aborts after receiving everything: the old one runs again the VMs
-    that were running, and leaves the one its user had paused paused."""
+    that were running, and leaves the one its user had paused paused; the hand-over's hold
+    on them is gone (their user may pause and resume them again)."""
     c = client_of(old)
     boot(c, "running", irqs=True)
     boot(c, "paused", irqs=True)
@@ -190,6 +193,9 @@ def test_a_failed_take_over_leaves_a_vm_the_user_paused_paused(old: Daemon) -> N
     wait_until(lambda: c.get_vm("running").state == "running", 30, "the old daemon to serve")
     assert c.get_vm("paused").state == "paused"
     assert not old.exit_requested.is_set()
+    c.resume_vm("paused")
+    c.pause_vm("running")
+    assert (c.get_vm("paused").state, c.get_vm("running").state) == ("running", "paused")
     c.close()
 
 
@@ -332,4 +338,33 @@ def test_a_vm_that_cannot_be_saved_refuses_the_take_over(old: Daemon) -> None:
             chan.close()
         wait_until(lambda: c.get_vm("free").state == "running", 30, "the old daemon to serve")
     assert c.get_vm("held").state == "running" and not old.exit_requested.is_set()
+    c.close()
+
+
+def test_a_vm_whose_save_fails_in_the_kernel_or_a_file_refuses_the_take_over(
+        old: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving a VM fails with an OSError (a mapped file's msync, a memfd's fstat): the
+    old daemon refuses the take-over naming the VM and the error, rather than hand over
+    the others and lose it at the commit, and runs its VMs on."""
+    c = client_of(old)
+    boot(c, "good", irqs=True)
+    boot(c, "bad", irqs=True)
+    real = carry.save_vm
+
+    def save_vm(vm: Any, *args: Any) -> Any:
+        if vm.id == "bad":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(vm, *args)
+
+    monkeypatch.setattr(carry, "save_vm", save_vm)
+    chan = fake_new_daemon(old)
+    try:
+        chan.expect("accepted", 10)
+        with pytest.raises(HandoverError, match="cannot hand over: bad: Input/output error"):
+            chan.expect("manifest", 30)
+    finally:
+        chan.close()
+    for vm_id in ("good", "bad"):
+        wait_until(lambda v=vm_id: c.get_vm(v).state == "running", 30, f"{vm_id} to run")
+    assert not old.exit_requested.is_set()
     c.close()
