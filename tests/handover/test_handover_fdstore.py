@@ -16,9 +16,19 @@ from handover_support import FakeSystemd
 from polling import wait_until
 
 from kvmd.config import Config
+from kvmd.core.errors import AlreadyExists, InvalidState, Reason, ResourceExhausted
 from kvmd.core.host import Host
+from kvmd.core.limits import Limits
 from kvmd.core.vm import VmOptions
-from kvmd.handover import MANIFEST, STATE_SUBDIR, Carried, Handover, pending, runtime_dir
+from kvmd.handover import (
+    MANIFEST,
+    STATE_SUBDIR,
+    Carried,
+    Handover,
+    StrandedVms,
+    pending,
+    runtime_dir,
+)
 from kvmd.state import handover as carry
 from kvmd.state.handover import memfd_name
 
@@ -189,3 +199,112 @@ def test_a_bug_restoring_one_vm_strands_it_and_the_others_are_restored(
     assert sorted(os.listdir(run_dir / STATE_SUBDIR)) == ["b.state", MANIFEST]
     wait_until(lambda: systemd.names() == [memfd_name("b", 0)], 10, "a's memfd to go")
     new.stranded.forget_all()
+
+
+def strand_on_restore(systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+                      monkeypatch: pytest.MonkeyPatch) -> Handover:
+    """VM "a" handed to the store, and stranded by the next start (its restore failing
+    once): the new daemon's Handover."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    hand_to_store(old_host, run_dir)
+    real = carry.restore_vm
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise InvalidState("not now", reason=Reason.HANDOVER_STATE_UNUSABLE)
+
+    monkeypatch.setattr(carry, "restore_vm", refuse)
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, str(run_dir), None)
+    new.receive(False)
+    monkeypatch.setattr(carry, "restore_vm", real)
+    assert [s.carried.vm_id for s in new.stranded.all()] == ["a"]
+    return new
+
+
+def test_a_stranded_vm_retried_runs_and_its_state_file_and_memfds_are_let_go(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RetryStrandedVm succeeds: the VM is back over the same memory, its state file is
+    removed (never restored again over newer memory), its memfds leave the store and the
+    daemon's copies are closed (only the VM holds its memory), its id is the VM's."""
+    new = strand_on_restore(systemd, run_dir, hosts, monkeypatch)
+    new_host = hosts[1]
+    [(_, stored)] = systemd.store
+    inode = os.fstat(stored).st_ino
+    vm = new.stranded.retry("a")
+    assert vm.read_memory(0, SIZE) == PATTERN and new.stranded.all() == []
+    assert not (run_dir / STATE_SUBDIR / "a.state").exists()
+    wait_until(lambda: systemd.names() == [], 10, "the memfd to leave the store")
+    assert fd_inodes().count(inode) == 1
+    new_host.delete_vm("a")
+    new_host.reserve_id("a", "local")  # the id is free again
+    new_host.release_id("a")
+
+
+def test_retrying_a_stranded_vm_without_a_state_says_so_and_keeps_it(
+        host: Host, run_dir: Path) -> None:
+    """A stranded VM of which only memory arrived cannot be retried: FAILED_PRECONDITION
+    (HANDOVER_STATE_UNUSABLE) with the reason it was stranded; it stays stranded, its
+    memfd kept."""
+    stranded = StrandedVms(host, None)
+    r, w = os.pipe()
+    stranded.add(Carried("m", b"", {memfd_name("m", 0): r}), "no saved state")
+    with pytest.raises(InvalidState, match="no saved state") as err:
+        stranded.retry("m")
+    assert err.value.reason == Reason.HANDOVER_STATE_UNUSABLE
+    [kept] = stranded.all()
+    assert kept.carried.fds == {memfd_name("m", 0): r}
+    stranded.delete("m")
+    with pytest.raises(OSError):
+        os.fstat(r)
+    os.close(w)
+
+
+def test_a_vm_stranded_twice_keeps_the_memfds_of_both_and_its_id_until_deleted(
+        host: Host) -> None:
+    """The same id stranded twice (its memory, then its state): one stranded VM holding
+    every memfd of both; the id stays reserved (the second add could not reserve it: the
+    first holds it) until the VM is deleted, which closes every memfd."""
+    stranded = StrandedVms(host, None)
+    pipes = [os.pipe() for _ in range(2)]
+    stranded.add(Carried("v", b"", {memfd_name("v", 0): pipes[0][0]}), "memory only")
+    stranded.add(Carried("v", b"state", {memfd_name("v", 1): pipes[1][0]}), "state")
+    [s] = stranded.all()
+    assert s.carried.fds == {memfd_name("v", 0): pipes[0][0], memfd_name("v", 1): pipes[1][0]}
+    with pytest.raises(AlreadyExists):
+        host.reserve_id("v", "local")
+    stranded.delete("v")
+    host.reserve_id("v", "local")
+    host.release_id("v")
+    for r, w in pipes:
+        with pytest.raises(OSError):
+            os.fstat(r)
+        os.close(w)
+
+
+def test_a_stranded_vm_over_the_vm_limit_is_kept_but_its_retry_respects_the_limit(
+        run_dir: Path) -> None:
+    """A VM stranded while the daemon is at max_vms cannot reserve its id; it is kept all
+    the same, and a retry must reserve it then: RESOURCE_EXHAUSTED (LIMIT_VMS) while the
+    limit holds, never a VM over the limit."""
+    old_host, new_host = Host(), Host(Limits(max_vms=1))
+    try:
+        make_vm(old_host, "a")
+        vm = old_host.get_vm("a")
+        with vm.held_paused("handover", True) as hold:
+            saved = carry.save_vm(vm, hold.run_states, 1)
+        make_vm(new_host, "full")
+        stranded = StrandedVms(new_host, None)
+        stranded.add(Carried("a", saved.data, {n: os.dup(fd) for n, fd in saved.memfds.items()}),
+                     "stranded at the limit")
+        assert stranded.all()[0].id_reserved is False
+        with pytest.raises(ResourceExhausted) as err:
+            stranded.retry("a")
+        assert err.value.reason == Reason.LIMIT_VMS
+        assert [v.id for v in new_host.list_vms()] == ["full"]
+        new_host.delete_vm("full")
+        assert stranded.retry("a").read_memory(0, SIZE) == PATTERN
+    finally:
+        old_host.close()
+        new_host.close()
