@@ -308,3 +308,16 @@ def test_a_stranded_vm_over_the_vm_limit_is_kept_but_its_retry_respects_the_limi
     finally:
         old_host.close()
         new_host.close()
+
+
+def test_a_store_that_cannot_be_reached_ends_the_vms_and_keeps_nothing(
+        host: Host, run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """systemd cannot be told (its notify socket is gone): to_fd_store answers False (the
+    VMs end with this daemon), removes the state it wrote (no later start restores it
+    without its memory) and closes the copies of the memfds it made."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    make_vm(host, "a")
+    own = sorted(fd_inodes())
+    assert Handover(host, str(run_dir), None).to_fd_store() is False
+    assert not (run_dir / STATE_SUBDIR / "a.state").exists()
+    assert sorted(fd_inodes()) == own
