@@ -321,3 +321,18 @@ def test_a_store_that_cannot_be_reached_ends_the_vms_and_keeps_nothing(
     assert Handover(host, str(run_dir), None).to_fd_store() is False
     assert not (run_dir / STATE_SUBDIR / "a.state").exists()
     assert sorted(fd_inodes()) == own
+
+
+def test_a_daemon_ending_forgets_its_stranded_vms_closing_their_memfds(host: Host) -> None:
+    """forget_all (the daemon ends; the fd store or the next daemon holds the memory):
+    every stranded VM's memfds are closed here and its id is released."""
+    stranded = StrandedVms(host, None)
+    r, w = os.pipe()
+    stranded.add(Carried("s", b"", {memfd_name("s", 0): r}), "memory only")
+    stranded.forget_all()
+    assert stranded.all() == []
+    with pytest.raises(OSError):
+        os.fstat(r)
+    os.close(w)
+    host.reserve_id("s", "local")
+    host.release_id("s")
