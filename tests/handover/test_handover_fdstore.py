@@ -132,15 +132,17 @@ def test_the_runtime_directory_is_the_configured_one_else_systemds_first_else_th
 
 
 @pytest.mark.parametrize(("listen_pid", "listen_fds", "state", "expected"), [
-    ("mine", "2", False, True),       # systemd passed this process memfds
-    ("mine", "0", False, False),      # nothing in the store
-    ("another", "2", False, False),   # variables meant for another process
-    (None, None, True, True),         # states wait in the runtime directory
-    (None, None, False, False),
+    ("mine", "2", "", True),              # systemd passed this process memfds
+    ("mine", "0", "", False),             # nothing in the store
+    ("another", "2", "", False),          # variables meant for another process
+    (None, None, "a.state", True),        # states wait in the runtime directory
+    (None, None, MANIFEST, True),         # a manifest alone (stranded VMs' memory only)
+    (None, None, "a.state.tmp1", False),  # a write that never completed
+    (None, None, "", False),
 ])
 def test_a_hand_over_is_pending_when_fds_were_passed_to_this_process_or_states_wait(
         monkeypatch: pytest.MonkeyPatch, run_dir: Path, listen_pid: str | None,
-        listen_fds: str | None, state: bool, expected: bool) -> None:
+        listen_fds: str | None, state: str, expected: bool) -> None:
     """kvmd.launch restores early (before the server loads) only when a previous daemon
     handed VMs over: fds meant for this process, or state files waiting."""
     for key in ("LISTEN_PID", "LISTEN_FDS"):
@@ -150,9 +152,9 @@ def test_a_hand_over_is_pending_when_fds_were_passed_to_this_process_or_states_w
         monkeypatch.setenv("LISTEN_PID", str(pid))
     if listen_fds is not None:
         monkeypatch.setenv("LISTEN_FDS", listen_fds)
+    (run_dir / STATE_SUBDIR).mkdir(parents=True)
     if state:
-        (run_dir / STATE_SUBDIR).mkdir(parents=True)
-        (run_dir / STATE_SUBDIR / "a.state").write_bytes(b"")
+        (run_dir / STATE_SUBDIR / state).write_bytes(b"")
     assert pending(Config(listen=["127.0.0.1:0"], runtime_dir=str(run_dir))) is expected
 
 
@@ -336,3 +338,60 @@ def test_a_daemon_ending_forgets_its_stranded_vms_closing_their_memfds(host: Hos
     os.close(w)
     host.reserve_id("s", "local")
     host.release_id("s")
+
+
+def test_a_stranded_vm_travels_on_through_the_store_with_its_reason(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM stranded here (its memory only, e.g. from a take-over) goes to the store with
+    the others: its memfd stored, no state file written for it, the manifest naming its
+    reason; the next start restores the others and strands it again, with that reason and
+    its memory."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    old = Handover(old_host, str(run_dir), None)
+    memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, SIZE)
+    old.stranded.add(Carried("s", b"", {memfd_name("s", 0): memfd}), "it was big")
+    assert old.to_fd_store()
+    old.close_vms()
+    assert systemd.names() == [memfd_name("a", 0), memfd_name("s", 0)]
+    state_dir = run_dir / STATE_SUBDIR
+    assert sorted(os.listdir(state_dir)) == ["a.state", MANIFEST]
+    manifest = json.loads((state_dir / MANIFEST).read_text())
+    assert {v["vm_id"]: v.get("stranded", "") for v in manifest["vms"]} == {
+        "a": "", "s": "it was big"}
+
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, str(run_dir), None)
+    new.receive(False)
+    assert [v.id for v in new_host.list_vms()] == ["a"]
+    [s] = new.stranded.all()
+    assert (s.carried.vm_id, s.reason, list(s.carried.fds)) == (
+        "s", "it was big", [memfd_name("s", 0)])
+    assert s.memory_bytes == SIZE
+    manifest = json.loads((state_dir / MANIFEST).read_text())
+    assert [(v["vm_id"], v["stranded"]) for v in manifest["vms"]] == [("s", "it was big")]
+    wait_until(lambda: systemd.names() == [memfd_name("s", 0)], 10, "a's memfd to go")
+    new.stranded.forget_all()
+
+
+def test_a_manifest_naming_a_vm_that_left_nothing_does_not_stop_the_restore(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest names a stranded VM of which neither a state file nor a memfd is left
+    (deleted since, the daemon killed before it rewrote the manifest): it is skipped, the
+    VMs that are there are restored, and the rewritten manifest goes."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    hand_to_store(old_host, run_dir)
+    path = run_dir / STATE_SUBDIR / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["vms"].append({"vm_id": "gone", "memfds": [memfd_name("gone", 0)],
+                            "stranded": "deleted since"})
+    path.write_text(json.dumps(manifest))
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, str(run_dir), None)
+    new.receive(False)
+    assert [v.id for v in new_host.list_vms()] == ["a"] and new.stranded.all() == []
+    assert not path.exists()
