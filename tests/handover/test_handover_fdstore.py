@@ -395,3 +395,44 @@ def test_a_manifest_naming_a_vm_that_left_nothing_does_not_stop_the_restore(
     new.receive(False)
     assert [v.id for v in new_host.list_vms()] == ["a"] and new.stranded.all() == []
     assert not path.exists()
+
+
+@pytest.mark.parametrize("manifest", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_an_unusable_manifest_is_ignored_the_state_files_suffice(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch, manifest: bytes) -> None:
+    """A manifest that is not JSON, or not an object: the start restores from the state
+    files alone (the manifest only adds reasons and timings)."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    hand_to_store(old_host, run_dir)
+    (run_dir / STATE_SUBDIR / MANIFEST).write_bytes(manifest)
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, str(run_dir), None)
+    new.receive(False)
+    assert new_host.get_vm("a").read_memory(0, SIZE) == PATTERN
+    assert new.stranded.all() == []
+
+
+def test_a_state_file_that_cannot_be_read_strands_its_vm_saying_why(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A <vm>.state that cannot be read (here: a directory): that VM is stranded with the
+    read error as its reason, the others are restored; files that are not states
+    (an interrupted write's temporary, a copy) are no VMs."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    make_vm(old_host, "b")
+    hand_to_store(old_host, run_dir)
+    state_dir = run_dir / STATE_SUBDIR
+    (state_dir / "b.state").unlink()
+    (state_dir / "b.state").mkdir()
+    (state_dir / "a.state.tmp4242").write_bytes(b"half")
+    (state_dir / "a.state.save").write_bytes((state_dir / "a.state").read_bytes())
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, str(run_dir), None)
+    new.receive(False)
+    assert [v.id for v in new_host.list_vms()] == ["a"]
+    [s] = new.stranded.all()
+    assert (s.carried.vm_id, s.reason) == ("b", "cannot read its state file: Is a directory")
+    new.stranded.forget_all()
