@@ -533,12 +533,14 @@ class StateFiles:
             os.unlink(self.path(vm_id))
 
     def rewrite_manifest(self, stranded: list[Stranded]) -> None:
-        """After a restore: the manifest lists what is still kept (none: it goes)."""
+        """After a restore: the manifest lists what is still kept (none: it goes). The
+        directory is made again if it went (memfds passed without their states)."""
         path = os.path.join(self.dir, MANIFEST)
         if not stranded:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         _write_atomic(path, json.dumps({
             "kvmd_handover": PROTOCOL_VERSION, "kvmd_version": __version__,
             "vms": [{"vm_id": s.carried.vm_id, "memfds": sorted(s.carried.fds),

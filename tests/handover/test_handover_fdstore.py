@@ -436,3 +436,26 @@ def test_a_state_file_that_cannot_be_read_strands_its_vm_saying_why(
     [s] = new.stranded.all()
     assert (s.carried.vm_id, s.reason) == ("b", "cannot read its state file: Is a directory")
     new.stranded.forget_all()
+
+
+def test_memory_whose_state_directory_is_gone_is_stranded_not_lost(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store passes a VM's memfd but the state directory is gone (the runtime directory
+    was emptied): the start does not fail; the VM is stranded, its memory kept, saying its
+    saved state is missing, and a new manifest lists it."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    hand_to_store(old_host, run_dir)
+    for name in os.listdir(run_dir / STATE_SUBDIR):
+        os.unlink(run_dir / STATE_SUBDIR / name)
+    os.rmdir(run_dir / STATE_SUBDIR)
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, str(run_dir), None)
+    new.receive(False)
+    [s] = new.stranded.all()
+    assert s.carried.vm_id == "a" and "saved state is missing" in s.reason
+    assert list(s.carried.fds) == [memfd_name("a", 0)]
+    manifest = json.loads((run_dir / STATE_SUBDIR / MANIFEST).read_text())
+    assert [v["vm_id"] for v in manifest["vms"]] == ["a"]  # the directory is back
+    new.stranded.forget_all()
