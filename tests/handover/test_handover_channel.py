@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmd.handover import _HEAD, Channel, HandoverError
+from kvmd.handover import _HEAD, FD_BATCH, Channel, HandoverError
 
 
 @pytest.fixture
@@ -53,3 +53,24 @@ def test_expect_fails_with_the_peers_reason(pair: tuple[Channel, Channel]) -> No
     with pytest.raises(HandoverError,
                        match="expected 'accepted', got 'another hand-over is in progress'"):
         receiver.expect("accepted", 5)
+
+
+def test_more_fds_than_one_message_carries_arrive_in_batches_every_one_named(
+        pair: tuple[Channel, Channel]) -> None:
+    """A VM of more memfds than one SCM_RIGHTS message may carry: send_fds splits them in
+    frames of FD_BATCH; every fd arrives, under its name, in order."""
+    sender, receiver = pair
+    r, w = os.pipe()
+    names = [f"kvmd-mem.{i}.a" for i in range(FD_BATCH + 2)]
+    got: dict[str, int] = {}
+    try:
+        sender.send_fds({n: r for n in names})
+        while len(got) < len(names):
+            kind, frame_names, fds = receiver.recv(10)
+            assert kind == "F" and len(frame_names) == len(fds) <= FD_BATCH
+            got.update(zip(frame_names, fds, strict=True))
+        assert list(got) == names
+        assert {os.fstat(fd).st_ino for fd in got.values()} == {os.fstat(r).st_ino}
+    finally:
+        for fd in (r, w, *got.values()):
+            os.close(fd)
