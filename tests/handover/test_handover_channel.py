@@ -74,3 +74,58 @@ def test_more_fds_than_one_message_carries_arrive_in_batches_every_one_named(
     finally:
         for fd in (r, w, *got.values()):
             os.close(fd)
+
+
+def test_more_fds_than_the_receiver_takes_are_refused_as_lost_and_closed(
+        pair: tuple[Channel, Channel]) -> None:
+    """One message of more fds than FD_BATCH: the kernel drops the rest (MSG_CTRUNC); the
+    frame is refused as fds lost in transit, and those that arrived are closed."""
+    sender, receiver = pair
+    r, w = os.pipe()
+    try:
+        names = [f"kvmd-mem.{i}.a" for i in range(FD_BATCH + 1)]
+        payload = json.dumps(names).encode()
+        before = open_fds()
+        socket.send_fds(sender.sock, [_HEAD.pack(len(payload), ord("F")) + payload],
+                        [r] * len(names))
+        with pytest.raises(HandoverError, match=r"fds were lost in transit \(MSG_CTRUNC\)"):
+            receiver.recv(5)
+        assert open_fds() <= before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_fds_of_a_frame_cut_short_are_closed(pair: tuple[Channel, Channel]) -> None:
+    """The peer sends an fd frame's header and fds, then goes before its payload: the
+    connection's end is the error, and the fds that arrived are closed."""
+    sender, receiver = pair
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        socket.send_fds(sender.sock, [_HEAD.pack(100, ord("F"))], [r])
+        sender.sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(HandoverError, match="closed the hand-over connection"):
+            receiver.recv(5)
+        assert open_fds() <= before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b'"accepted"'])
+def test_expect_refuses_a_message_that_is_no_object_and_closes_fds_sent_with_it(
+        pair: tuple[Channel, Channel], payload: bytes) -> None:
+    """A JSON frame that is not an object, with an fd attached: HandoverError (never an
+    AttributeError from inside), and the fd is not kept."""
+    sender, receiver = pair
+    r, w = os.pipe()
+    try:
+        before = open_fds()
+        socket.send_fds(sender.sock, [_HEAD.pack(len(payload), ord("J")) + payload], [r])
+        with pytest.raises(HandoverError, match="expected 'accepted', got a J frame"):
+            receiver.expect("accepted", 5)
+        assert open_fds() <= before
+    finally:
+        os.close(r)
+        os.close(w)
