@@ -101,9 +101,10 @@ def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
     """The memfd goes to the store, the state to <run>/handover/a.state (0600) with the
     manifest; the next start restores the VM over the same memory, then removes the state
     file and the manifest, takes the memfd out of the store (FDSTOREREMOVE) and closes the
-    copies it was passed: only the restored VM holds the memory."""
+    copies it was passed: only the restored VM holds the memory. Crash counts continue."""
     old_host, new_host = hosts
     make_vm(old_host, "a")
+    old_host.crashes["unclaimed"] = 2  # the crash counts by kind continue too
     hand_to_store(old_host, run_dir)
     state_dir = run_dir / STATE_SUBDIR
     assert systemd.names() == [memfd_name("a", 0)]
@@ -121,6 +122,7 @@ def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
     assert new.report is not None and [(v.vm_id, v.restored) for v in new.report.vms] == [
         ("a", True)]
     assert new_host.get_vm("a").read_memory(0, SIZE) == PATTERN
+    assert new_host.crashes == {"unclaimed": 2}
     assert os.listdir(state_dir) == []
     wait_until(lambda: systemd.names() == [], 10, "the memfd to leave the store")
     assert fd_inodes().count(inode) == 1  # the restored VM's own
