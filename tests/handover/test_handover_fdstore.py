@@ -412,7 +412,8 @@ def test_an_unusable_manifest_is_ignored_the_state_files_suffice(
         systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
         monkeypatch: pytest.MonkeyPatch, manifest: bytes) -> None:
     """A manifest that is not JSON, or not an object: the start restores from the state
-    files alone (the manifest only adds reasons and timings)."""
+    files alone (the manifest only adds reasons and timings: without them the report
+    claims no API outage rather than one since boot)."""
     old_host, new_host = hosts
     make_vm(old_host, "a")
     hand_to_store(old_host, run_dir)
@@ -422,6 +423,9 @@ def test_an_unusable_manifest_is_ignored_the_state_files_suffice(
     new.receive(False)
     assert new_host.get_vm("a").read_memory(0, SIZE) == PATTERN
     assert new.stranded.all() == []
+    new.serving()
+    assert new.report is not None and new.report.restored == 1
+    assert (new.report.api_unavailable_seconds, new.report.save_seconds) == (0.0, 0.0)
 
 
 def test_a_state_file_that_cannot_be_read_strands_its_vm_saying_why(
