@@ -19,8 +19,9 @@ from guests import boot as boot_core
 from handover_support import boot, wait_until
 from inprocess_daemon import client_of
 
+from kvmd.core.host import Host
 from kvmd.core.vm import VmOptions
-from kvmd.handover import Channel, HandoverError, socket_path
+from kvmd.handover import Channel, Handover, HandoverError, socket_path
 from kvmd.server import Config, Daemon
 from kvmd.state import handover as carry
 
@@ -368,3 +369,18 @@ def test_a_vm_whose_save_fails_in_the_kernel_or_a_file_refuses_the_take_over(
         wait_until(lambda v=vm_id: c.get_vm(v).state == "running", 30, f"{vm_id} to run")
     assert not old.exit_requested.is_set()
     c.close()
+
+
+def test_a_file_that_is_no_socket_at_the_handover_path_is_left_alone(
+        host: Host, tmp_path: Path) -> None:
+    """Only a stale socket at <socket>.handover is replaced: a regular file there is not
+    the daemon's to delete; the daemon serves on without a hand-over socket."""
+    path = tmp_path / "kvmd.sock.handover"
+    path.write_text("someone's file")
+    handover = Handover(host, "", str(tmp_path / "kvmd.sock"))
+    handover.serving()
+    try:
+        assert path.read_text() == "someone's file"
+    finally:
+        handover.stop_listening()
+    assert path.read_text() == "someone's file"
