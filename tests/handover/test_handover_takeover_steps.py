@@ -384,3 +384,15 @@ def test_a_file_that_is_no_socket_at_the_handover_path_is_left_alone(
     finally:
         handover.stop_listening()
     assert path.read_text() == "someone's file"
+
+
+def test_the_handover_socket_goes_when_the_daemon_stops_listening(
+        host: Host, tmp_path: Path) -> None:
+    """stop_listening removes <socket>.handover: a later --take-over finds no daemon there
+    rather than a socket nobody answers."""
+    path = tmp_path / "kvmd.sock.handover"
+    handover = Handover(host, "", str(tmp_path / "kvmd.sock"))
+    handover.serving()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    handover.stop_listening()
+    assert not path.exists()
