@@ -6,6 +6,9 @@ admins; StreamConsole's offsets."""
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -109,6 +112,19 @@ def test_a_placeholder_socket_is_waited_for(tmp_path: Path) -> None:
     finally:
         starter.join()
         d.stop()
+
+
+def test_a_placeholder_answers_the_sockets_group_with_a_refusal(tmp_path: Path) -> None:
+    """The placeholder is of the socket's mode, 0660: a client of the socket's group
+    connecting meanwhile is refused (ECONNREFUSED: it waits) rather than denied (EACCES:
+    it would give up)."""
+    path = tmp_path / "kvmd.sock"
+    leave_placeholder(str(path))
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, \
+            pytest.raises(ConnectionRefusedError):
+        sock.connect(str(path))
 
 
 def test_a_console_resumes_at_its_offset(daemon: Daemon) -> None:
