@@ -16,13 +16,13 @@ from state_guests import assemble
 from state_support import rewrite
 
 from kvmd.core.dirty import API
-from kvmd.core.errors import InvalidState, ResourceExhausted
+from kvmd.core.errors import AlreadyExists, InvalidState, ResourceExhausted
 from kvmd.core.host import Host
 from kvmd.core.images import MemoryFile
 from kvmd.core.limits import Limits
 from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.kvm import IoSpace, Regs
-from kvmd.state.format import HANDOVER_MAGIC, CorruptSnapshot
+from kvmd.state.format import HANDOVER_MAGIC, CorruptSnapshot, SnapshotReader, SnapshotWriter
 from kvmd.state.handover import (
     memfd_name,
     parse_memfd_name,
@@ -371,3 +371,72 @@ def test_unsaved_pages_of_a_slot_of_9_pages_cross_a_handover(
         b.delete_vm("back")
     finally:
         copy.close()
+
+
+def kvm_vm_descriptors() -> int:
+    """How many KVM VM descriptors this process holds."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:kvm-vm"
+        except OSError:
+            pass
+    return count
+
+
+def test_a_restore_keeps_to_the_id_rules_and_frees_the_id_with_the_vm(
+        hosts: tuple[Host, Host]) -> None:
+    """A hand-over state of an id the host already has is refused (ALREADY_EXISTS) and the
+    VM there is untouched; once restored, the VM holds its id like any other: deleted, the
+    id is free again; a restore failing past the build (over the memory limit) leaves no
+    VM and no KVM descriptor behind."""
+    a, b = hosts
+    data, fds = saved(counter_vm(a))
+    record = read_state(data, "src")
+    try:
+        mine = b.create_vm("src", {}, VmOptions())
+        with pytest.raises(AlreadyExists):
+            restore_vm(b, record, fds)
+        assert b.get_vm("src") is mine and b.vm_count() == 1
+        b.delete_vm("src")
+        restore_vm(b, record, fds)
+        b.delete_vm("src")
+        b.create_vm("src", {}, VmOptions())
+        b.delete_vm("src")
+        small = Host(Limits(max_memory_total_bytes=MEM_SIZE // 2))
+        try:
+            held = kvm_vm_descriptors()
+            with pytest.raises(ResourceExhausted):
+                restore_vm(small, record, fds)
+            assert small.vm_count() == 0 and kvm_vm_descriptors() == held
+        finally:
+            small.close()
+    finally:
+        close_all(fds)
+
+
+def test_a_truncated_or_memory_carrying_state_is_refused(hosts: tuple[Host, Host]) -> None:
+    """Every cut of a state's tail is refused (its trailer gone or half there), and a
+    state with a memory record (the hand-over format carries none) is refused naming it."""
+    a, _ = hosts
+    data, fds = saved(counter_vm(a))
+    close_all(fds)
+    for cut in range(1, 80):
+        with pytest.raises(CorruptSnapshot):
+            read_state(data[:-cut])
+    records = list(SnapshotReader(HANDOVER_MAGIC).feed(data))
+    writer = SnapshotWriter()
+    with_zero = b"".join(writer.record(r) for r in records
+                         if isinstance(r, pb.SnapshotRecord) and not r.HasField("trailer"))
+    with_zero += writer.record(pb.SnapshotRecord(zero=pb.MemoryZero(slot=0, length=P)))
+    with_zero += writer.trailer()
+    with pytest.raises(CorruptSnapshot, match="a zero record"):
+        read_state(with_zero)
+
+
+def test_memfd_names_parse_back_for_every_slot_number_and_id_length() -> None:
+    """Slot numbers up to KVM's (32763) and ids up to 64 characters name a memfd that
+    parses back."""
+    for slot in (0, 9999, 10000, 32763):
+        for vm_id in ("a", "Z" * 64):
+            assert parse_memfd_name(memfd_name(vm_id, slot)) == (vm_id, slot)
