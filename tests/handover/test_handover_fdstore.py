@@ -407,11 +407,13 @@ def test_a_manifest_naming_a_vm_that_left_nothing_does_not_stop_the_restore(
     assert not path.exists()
 
 
-@pytest.mark.parametrize("manifest", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize("manifest", [b"{not json", b"[1, 2]", b"\xff\xfe",
+                                      b'{"vms": [1, "a", null]}'])
 def test_an_unusable_manifest_is_ignored_the_state_files_suffice(
         systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
         monkeypatch: pytest.MonkeyPatch, manifest: bytes) -> None:
-    """A manifest that is not JSON, or not an object: the start restores from the state
+    """A manifest that is not JSON, not an object, or lists no objects: the start restores
+    from the state
     files alone (the manifest only adds reasons and timings: without them the report
     claims no API outage rather than one since boot)."""
     old_host, new_host = hosts
@@ -491,3 +493,13 @@ def test_an_fd_of_another_name_passed_at_start_is_closed(
     assert [v.id for v in new_host.list_vms()] == ["a"]
     assert descriptors_of(f"pipe:[{pipe}]") == [w]  # its read end is closed
     os.close(w)
+
+
+def test_without_a_runtime_directory_nothing_is_handed_to_the_store(
+        systemd: FakeSystemd, host: Host) -> None:
+    """No runtime directory for the states (TCP listeners only, no runtime_dir): the
+    memory alone cannot be restored, so to_fd_store answers False (the VMs end) and puts
+    nothing in the store."""
+    make_vm(host, "a")
+    assert Handover(host, "", None).to_fd_store() is False
+    assert systemd.names() == []

@@ -396,3 +396,20 @@ def test_the_handover_socket_goes_when_the_daemon_stops_listening(
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
     handover.stop_listening()
     assert not path.exists()
+
+
+def test_a_second_take_over_while_one_is_in_progress_is_refused(old: Daemon) -> None:
+    """One hand-over at a time: a new daemon asking while another hand-over holds the
+    daemon is refused with that reason, and nothing stops."""
+    c = client_of(old)
+    c.create_vm("v")
+    assert old.handover is not None
+    with old.handover._lock:
+        chan = fake_new_daemon(old)
+        try:
+            with pytest.raises(HandoverError, match="another hand-over is in progress"):
+                chan.expect("accepted", 10)
+        finally:
+            chan.close()
+    assert c.get_vm("v").vm_id == "v" and not old.exit_requested.is_set()
+    c.close()
