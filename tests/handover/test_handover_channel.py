@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmd.handover import _HEAD, FD_BATCH, Channel, HandoverError
+from kvmd.handover import _HEAD, FD_BATCH, MAX_FRAME, Channel, HandoverError
 
 
 @pytest.fixture
@@ -129,3 +129,13 @@ def test_expect_refuses_a_message_that_is_no_object_and_closes_fds_sent_with_it(
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_frame_larger_than_the_limit_is_refused_before_its_payload(
+        pair: tuple[Channel, Channel]) -> None:
+    """A header announcing more than MAX_FRAME bytes is refused at once (never buffered:
+    a broken or hostile peer cannot make the daemon allocate it)."""
+    sender, receiver = pair
+    sender.sock.sendall(_HEAD.pack(MAX_FRAME + 1, ord("B")))
+    with pytest.raises(HandoverError, match=f"a hand-over frame of {MAX_FRAME + 1} bytes"):
+        receiver.recv(1)

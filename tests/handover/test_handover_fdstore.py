@@ -98,7 +98,7 @@ def fd_inodes() -> list[int]:
 def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
         systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The memfd goes to the store, the state to <run>/handover/a.state (0600) with the
+    """The memfd goes to the store, the state to <run>/handover/ (0700) as a.state (0600) with the
     manifest; the next start restores the VM over the same memory, then removes the state
     file and the manifest, takes the memfd out of the store (FDSTOREREMOVE) and closes the
     copies it was passed: only the restored VM holds the memory. Crash counts continue."""
@@ -110,6 +110,7 @@ def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
     assert systemd.names() == [memfd_name("a", 0)]
     assert sorted(os.listdir(state_dir)) == ["a.state", MANIFEST]
     assert os.stat(state_dir / "a.state").st_mode & 0o777 == 0o600
+    assert os.stat(state_dir).st_mode & 0o777 == 0o700
     manifest = json.loads((state_dir / MANIFEST).read_text())
     assert [(v["vm_id"], v["memfds"], v["state_file"]) for v in manifest["vms"]] == [
         ("a", [memfd_name("a", 0)], "a.state")]
