@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,9 +284,11 @@ def test_a_vm_stranded_twice_keeps_the_memfds_of_both_and_its_id_until_deleted(
     first holds it) until the VM is deleted, which closes every memfd."""
     stranded = StrandedVms(host, None)
     pipes = [os.pipe() for _ in range(2)]
+    since = int(time.time() * 1000)
     stranded.add(Carried("v", b"", {memfd_name("v", 0): pipes[0][0]}), "memory only")
     stranded.add(Carried("v", b"state", {memfd_name("v", 1): pipes[1][0]}), "state")
     [s] = stranded.all()
+    assert since <= s.since_unix_ms <= int(time.time() * 1000)  # when it was stranded
     assert s.carried.fds == {memfd_name("v", 0): pipes[0][0], memfd_name("v", 1): pipes[1][0]}
     with pytest.raises(AlreadyExists):
         host.reserve_id("v", "local")
@@ -504,3 +507,21 @@ def test_without_a_runtime_directory_nothing_is_handed_to_the_store(
     make_vm(host, "a")
     assert Handover(host, "", None).to_fd_store() is False
     assert systemd.names() == []
+
+
+def test_memory_passed_to_a_daemon_without_a_runtime_directory_is_stranded_not_lost(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store passes memfds to a daemon that has no runtime directory (its states
+    cannot be found): each VM is stranded with its memory, for a forced delete or a start
+    with the right configuration, never dropped."""
+    old_host, new_host = hosts
+    make_vm(old_host, "a")
+    hand_to_store(old_host, run_dir)
+    pass_store(systemd, monkeypatch)
+    new = Handover(new_host, "", None)
+    new.receive(False)
+    [s] = new.stranded.all()
+    assert s.carried.vm_id == "a" and list(s.carried.fds) == [memfd_name("a", 0)]
+    assert "saved state is missing" in s.reason and new_host.list_vms() == []
+    new.stranded.forget_all()
