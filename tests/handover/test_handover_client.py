@@ -117,9 +117,11 @@ def test_a_placeholder_socket_is_waited_for(tmp_path: Path) -> None:
 def test_a_placeholder_answers_the_sockets_group_with_a_refusal(tmp_path: Path) -> None:
     """The placeholder is of the socket's mode, 0660: a client of the socket's group
     connecting meanwhile is refused (ECONNREFUSED: it waits) rather than denied (EACCES:
-    it would give up)."""
+    it would give up). The daemon keeps no descriptor of it."""
     path = tmp_path / "kvmd.sock"
+    held = len([n for n in os.listdir("/proc/self/fd")])
     leave_placeholder(str(path))
+    assert len([n for n in os.listdir("/proc/self/fd")]) == held  # its socket is closed
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, \

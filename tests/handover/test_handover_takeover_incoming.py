@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_until
 
 from kvmd.core.host import Host
 from kvmd.core.vm import VmOptions
@@ -142,6 +143,7 @@ def test_an_old_daemon_with_only_a_stranded_vm_is_taken_over_and_the_vm_stays_st
     verdict = old_daemon(only_stranded)
     new = new_daemon(new_host, tmp_path)
     new.receive(True)
+    wait_until(lambda: verdict, 10, "the old daemon's script to end")  # it ends after us
     assert verdict == [{"op": "restored", "results": {}}]
     [stranded] = new.stranded.all()
     assert (stranded.carried.vm_id, stranded.reason, sorted(stranded.carried.fds)) == (
@@ -174,3 +176,24 @@ def test_a_broken_exchange_fails_the_take_over_and_closes_every_fd_sent(
         new_daemon(new_host, tmp_path).receive(True)
     assert memfd_inodes().count(inode) == held
     assert new_host.list_vms() == []
+
+
+def sockets() -> int:
+    """How many socket descriptors this process holds."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def test_no_daemon_to_take_over_fails_at_once_keeping_no_socket(
+        host: Host, tmp_path: Path) -> None:
+    """--take-over with nobody on the hand-over socket: HandoverError naming the path,
+    and the socket it tried with is closed."""
+    held = sockets()
+    with pytest.raises(HandoverError, match=r"no daemon to take over at .*kvmd\.sock\.handover"):
+        new_daemon(host, tmp_path).receive(True)
+    assert sockets() == held
