@@ -70,8 +70,11 @@ def test_fd_store_returns_only_once_the_manager_has_processed_its_messages(
     reader.start()
     r, w = os.pipe()
     try:
+        held = sorted(os.listdir("/proc/self/fd"))
         fd_store({"kvmd-mem.0.a": r})
         assert closed.is_set()  # not before the manager let the barrier go
+        reader.join(10)
+        assert sorted(os.listdir("/proc/self/fd")) == held  # the barrier's pipe is closed
     finally:
         os.close(r)
         os.close(w)
