@@ -462,7 +462,8 @@ class Daemon:
         self._remove_sockets()
         if kept:
             for path in paths:
-                leave_placeholder(path)  # clients wait for the next daemon meanwhile
+                # clients wait for the next daemon meanwhile
+                leave_placeholder(path, self.cfg.socket_group)
         self.stopped.set()
         log.info("kvmd stopped", extra={
             "vms": "handed over" if kept or self._handed_over else "ended"})

@@ -6,6 +6,7 @@ admins; StreamConsole's offsets."""
 
 from __future__ import annotations
 
+import grp
 import os
 import socket
 import stat
@@ -127,6 +128,20 @@ def test_a_placeholder_answers_the_sockets_group_with_a_refusal(tmp_path: Path) 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, \
             pytest.raises(ConnectionRefusedError):
         sock.connect(str(path))
+
+
+def test_a_placeholder_has_the_sockets_group(tmp_path: Path) -> None:
+    """The placeholder takes the daemon's socket_group, as its socket had: that group's
+    clients are refused (and wait), not denied (and give up), also when the daemon's own
+    group is another (root, say)."""
+    group = next(g for g in grp.getgrall() if g.gr_gid != os.getegid())
+    path = tmp_path / "kvmd.sock"
+    leave_placeholder(str(path), group.gr_name)
+    assert os.stat(path).st_gid == group.gr_gid
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    other = tmp_path / "other.sock"
+    leave_placeholder(str(other), "no-such-group-here")  # left, with the daemon's group
+    assert stat.S_ISSOCK(os.stat(other).st_mode) and os.stat(other).st_gid == os.getegid()
 
 
 def test_a_console_resumes_at_its_offset(daemon: Daemon) -> None:
