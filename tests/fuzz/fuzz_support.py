@@ -820,6 +820,10 @@ class FuzzDaemon:
         for vm in self.vms.ListVms(pb.ListVmsRequest(), timeout=t).vms:
             ref = vm.vm_id
             try:
+                vcpus = list(self.vcpus.ListVcpus(pb.ListVcpusRequest(vm_id=ref),
+                                                  timeout=t).vcpus)
+                for vcpu in vcpus:  # a running guest's CPU time grows by itself, not a call
+                    vcpu.cpu_seconds = 0
                 out[ref] = {
                     "listed": vm,
                     "vm": self.vms.GetVm(pb.GetVmRequest(vm_id=ref), timeout=t),
@@ -829,8 +833,7 @@ class FuzzDaemon:
                         pb.ListIrqfdsRequest(vm_id=ref), timeout=t).irqfds),
                     "ioevents": list(self.ioevents.ListIoevents(
                         pb.ListIoeventsRequest(vm_id=ref), timeout=t).ioevents),
-                    "vcpus": list(self.vcpus.ListVcpus(
-                        pb.ListVcpusRequest(vm_id=ref), timeout=t).vcpus),
+                    "vcpus": vcpus,
                 }
             except grpc.RpcError as err:  # pragma: no cover - reported with context
                 raise AssertionError(f"snapshot of {ref}: {err.code()}: "  # type: ignore[attr-defined]
