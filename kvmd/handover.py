@@ -227,12 +227,30 @@ class Outgoing:
 
     def pause_all(self) -> None:
         for vm in self.host.list_vms():
+            self._hold(vm)
+
+    def pause_failed_again(self) -> None:
+        """A second try for the VMs whose pause failed, where a failure loses them (the fd
+        store: they end with this daemon): a vCPU slow to park on a loaded host, or one
+        waiting for a remote handler whose stream has ended since, parks now."""
+        failed, self.failed = self.failed, {}
+        for vm_id, reason in failed.items():
             try:
-                hold = self._stack.enter_context(vm.held_paused("handover", True))
-            except DomainError as exc:
-                self.failed[vm.id] = exc.message
+                vm = self.host.get_vm(vm_id)
+            except DomainError:
+                self.failed[vm_id] = reason  # deleted meanwhile: nothing to hand over
                 continue
-            self.held.append((vm, hold.run_states, boottime_ns()))
+            log.warning("vm pause failed for the hand-over: trying again",
+                        extra={"vm_id": vm_id, "error": reason})
+            self._hold(vm)
+
+    def _hold(self, vm: ManagedVm) -> None:
+        try:
+            hold = self._stack.enter_context(vm.held_paused("handover", True))
+        except DomainError as exc:
+            self.failed[vm.id] = exc.message
+            return
+        self.held.append((vm, hold.run_states, boottime_ns()))
 
     def save_all(self) -> None:
         for vm, before, paused_ns in self.held:
@@ -906,6 +924,7 @@ class Handover:
             out = Outgoing(self.host, frozen)
             out.pause_all()
             self._end_streams()
+            out.pause_failed_again()
             out.save_all()
             stranded = self.stranded.take_all()
             for vm_id, reason in out.failed.items():

@@ -18,10 +18,16 @@ from handover_support import FakeSystemd
 from polling import wait_until
 
 from kvmd.config import Config
-from kvmd.core.errors import AlreadyExists, InvalidState, Reason, ResourceExhausted
+from kvmd.core.errors import (
+    AlreadyExists,
+    InvalidState,
+    KernelError,
+    Reason,
+    ResourceExhausted,
+)
 from kvmd.core.host import Host
 from kvmd.core.limits import Limits
-from kvmd.core.vm import VmOptions
+from kvmd.core.vm import ManagedVm, VmOptions
 from kvmd.handover import (
     MANIFEST,
     STATE_SUBDIR,
@@ -130,6 +136,30 @@ def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
     assert fd_inodes().count(inode) == 1  # the restored VM's own
     new_host.delete_vm("a")
     assert inode not in fd_inodes()
+
+
+def test_a_vm_whose_pause_fails_once_still_reaches_the_store(
+        systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a SIGTERM a VM that cannot be handed over ends with the daemon, so one whose pause
+    failed (a vCPU slow to park on a loaded host) gets a second try, and travels."""
+    old_host, _new_host = hosts
+    make_vm(old_host, "a")
+    make_vm(old_host, "b")
+    real = ManagedVm.held_paused
+    holds: list[str] = []
+
+    def first_fails(vm: ManagedVm, purpose: str, leave_paused: bool = False) -> Any:
+        holds.append(vm.id)
+        if vm.id == "a" and holds.count("a") == 1:
+            raise KernelError("vcpu 0 of vm a did not pause within 5.0 s",
+                              reason=Reason.VCPU_UNRESPONSIVE)
+        return real(vm, purpose, leave_paused)
+
+    monkeypatch.setattr(ManagedVm, "held_paused", first_fails)
+    hand_to_store(old_host, run_dir)
+    assert holds == ["a", "b", "a"]
+    assert sorted(systemd.names()) == [memfd_name("a", 0), memfd_name("b", 0)]
 
 
 def test_the_runtime_directory_is_the_configured_one_else_systemds_first_else_the_sockets(
