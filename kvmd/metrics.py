@@ -90,8 +90,8 @@ class KvmdCollector(Collector):
         exits = CounterMetricFamily("kvmd_vcpu_exits", "vCPU exits by reason (io and mmio "
                                     "split by direction)", labels=labels)
         cpu = CounterMetricFamily("kvmd_vcpu_cpu_seconds", "CPU time of the VM's vCPU "
-                                  "threads (guest code and the host side of its exits) since "
-                                  "the VM was made in this daemon",
+                                  "threads: guest code and the host side of its exits "
+                                  "(carried with the VM's saved state, as exit counts are)",
                                   labels=["vm"] + (["vcpu"] if self.vcpu_label else []))
         unclaimed = CounterMetricFamily("kvmd_unclaimed_accesses", "Guest port/MMIO accesses "
                                         "no device or handler claimed", labels=["vm", "space"])
