@@ -406,3 +406,15 @@ def vcpu_thread_ids(pid: int) -> list[int]:
     """The daemon's threads at vcpu_nice (10 by default: only vCPU threads lower their
     priority)."""
     return [tid for tid, nice in own_thread_nices(pid).items() if nice == DEFAULT_VCPU_NICE]
+
+
+def memfd_descriptors() -> list[int]:
+    """The inode behind each memfd descriptor this process holds (one per descriptor)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:"):
+                out.append(os.stat(f"/proc/self/fd/{name}").st_ino)
+        except OSError:
+            pass
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from handover_support import FakeSystemd
+from handover_support import FakeSystemd, memfd_descriptors
 from polling import wait_until
 
 from kvmd.config import Config
@@ -90,18 +90,6 @@ def descriptors_of(link: str) -> list[int]:
     return sorted(out)
 
 
-def fd_inodes() -> list[int]:
-    """The inode behind each memfd descriptor this process holds (one per descriptor)."""
-    out = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:"):
-                out.append(os.stat(f"/proc/self/fd/{name}").st_ino)
-        except OSError:
-            pass
-    return out
-
-
 def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
         systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Host],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,9 +121,9 @@ def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
     assert new_host.crashes == {"unclaimed": 2}
     assert os.listdir(state_dir) == []
     wait_until(lambda: systemd.names() == [], 10, "the memfd to leave the store")
-    assert fd_inodes().count(inode) == 1  # the restored VM's own
+    assert memfd_descriptors().count(inode) == 1  # the restored VM's own
     new_host.delete_vm("a")
-    assert inode not in fd_inodes()
+    assert inode not in memfd_descriptors()
 
 
 def test_a_vm_whose_pause_fails_once_still_reaches_the_store(
@@ -283,7 +271,7 @@ def test_a_stranded_vm_retried_runs_and_its_state_file_and_memfds_are_let_go(
     assert vm.read_memory(0, SIZE) == PATTERN and new.stranded.all() == []
     assert not (run_dir / STATE_SUBDIR / "a.state").exists()
     wait_until(lambda: systemd.names() == [], 10, "the memfd to leave the store")
-    assert fd_inodes().count(inode) == 1
+    assert memfd_descriptors().count(inode) == 1
     new_host.delete_vm("a")
     new_host.reserve_id("a", "local")  # the id is free again
     new_host.release_id("a")
@@ -364,10 +352,10 @@ def test_a_store_that_cannot_be_reached_ends_the_vms_and_keeps_nothing(
     without its memory) and closes the copies of the memfds it made."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
     make_vm(host, "a")
-    own = sorted(fd_inodes())
+    own = sorted(memfd_descriptors())
     assert Handover(host, str(run_dir), None).to_fd_store() is False
     assert not (run_dir / STATE_SUBDIR / "a.state").exists()
-    assert sorted(fd_inodes()) == own
+    assert sorted(memfd_descriptors()) == own
 
 
 def test_a_daemon_ending_forgets_its_stranded_vms_closing_their_memfds(host: Host) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from handover_support import memfd_descriptors
 from polling import wait_until
 
 from kvmd.core.host import Host
@@ -21,18 +22,6 @@ from kvmd.handover import Channel, Handover, HandoverError, socket_path
 from kvmd.state.handover import SavedForHandover, save_vm
 
 SIZE = 0x10000
-
-
-def memfd_inodes() -> list[int]:
-    """The inode behind each memfd descriptor this process holds (one per descriptor)."""
-    out = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:"):
-                out.append(os.stat(f"/proc/self/fd/{name}").st_ino)
-        except OSError:
-            pass
-    return out
 
 
 def saved_vm(host: Host, vm_id: str) -> SavedForHandover:
@@ -104,7 +93,7 @@ def test_an_old_daemon_that_never_commits_leaves_the_new_one_nothing(
     old_host, new_host = hosts
     saved = saved_vm(old_host, "a")
     inode = os.fstat(next(iter(saved.memfds.values()))).st_ino
-    held = memfd_inodes().count(inode)
+    held = memfd_descriptors().count(inode)
 
     def no_commit(chan: Channel) -> dict[str, Any]:
         send_vms(chan, [saved])
@@ -115,7 +104,7 @@ def test_an_old_daemon_that_never_commits_leaves_the_new_one_nothing(
         new_daemon(new_host, tmp_path).receive(True)
     assert verdict == [{"op": "restored", "results": {"a": ""}}]
     assert new_host.list_vms() == []
-    assert memfd_inodes().count(inode) == held
+    assert memfd_descriptors().count(inode) == held
 
 
 def test_an_old_daemon_with_only_a_stranded_vm_is_taken_over_and_the_vm_stays_stranded(
@@ -160,7 +149,7 @@ def test_a_broken_exchange_fails_the_take_over_and_closes_every_fd_sent(
     old_host, new_host = hosts
     saved = saved_vm(old_host, "a")
     inode = os.fstat(next(iter(saved.memfds.values()))).st_ino
-    held = memfd_inodes().count(inode)
+    held = memfd_descriptors().count(inode)
 
     def broken(chan: Channel) -> None:
         chan.expect("hello", 10)
@@ -174,7 +163,7 @@ def test_a_broken_exchange_fails_the_take_over_and_closes_every_fd_sent(
     old_daemon(broken)
     with pytest.raises(HandoverError, match="take-over failed"):
         new_daemon(new_host, tmp_path).receive(True)
-    assert memfd_inodes().count(inode) == held
+    assert memfd_descriptors().count(inode) == held
     assert new_host.list_vms() == []
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from guests import boot as boot_core
-from handover_support import boot, wait_until
+from handover_support import boot, memfd_descriptors, wait_until
 from inprocess_daemon import client_of
 
 from kvmd.core.host import Host
@@ -78,18 +78,6 @@ def fake_new_daemon(daemon: Daemon, version: int = 1) -> Channel:
     chan = Channel(sock)
     chan.send_json({"op": "hello", "version": version, "kvmd_version": "fake", "pid": 0})
     return chan
-
-
-def memfd_descriptors() -> list[int]:
-    """The inode of each memfd descriptor this process holds open (one per descriptor)."""
-    out = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:"):
-                out.append(os.stat(f"/proc/self/fd/{name}").st_ino)
-        except OSError:
-            pass
-    return out
 
 
 def memfd_inodes() -> set[int]:
