@@ -1133,11 +1133,11 @@ class Handover:
             self._lock.release()
 
 
-def leave_placeholder(path: str, group: str = "") -> None:
+def leave_placeholder(path: str) -> bool:
     """A socket file nobody listens on, where the daemon's socket was: clients connecting
     meanwhile get ECONNREFUSED rather than ENOENT, and retry (a daemon is coming back);
-    the next daemon replaces it as stale. Mode 0660 and the socket's `group`, as the
-    daemon's socket had: a client of that group denied (EACCES) would give up instead."""
+    the next daemon replaces it as stale. Mode 0660; whether it was made (not when
+    something is at `path` already)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o117)
     try:
@@ -1145,19 +1145,10 @@ def leave_placeholder(path: str, group: str = "") -> None:
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             log.debug("no placeholder socket", extra={"path": path, "error": exc.strerror})
-        return
+        return False
     finally:
         os.umask(old)
         sock.close()
-    if group:
-        import grp
-
-        try:
-            gid = grp.getgrnam(group).gr_gid
-            if os.stat(path).st_gid != gid:
-                os.chown(path, -1, gid)
-        except (KeyError, OSError) as exc:
-            log.warning("placeholder socket left without its group", extra={
-                "path": path, "group": group, "error": str(exc)})
+    return True
 
 

@@ -131,6 +131,19 @@ def finish_unix_socket(path: str, group: str) -> None:
     os.chmod(path, SOCKET_MODE)
 
 
+def leave_placeholder_socket(path: str, group: str) -> None:
+    """At a stop that keeps the VMs: a placeholder where the socket was, so clients wait for
+    the next daemon (kvmd.handover.leave_placeholder), of the socket's group and mode: a
+    client of that group denied (EACCES) would give up instead."""
+    if not leave_placeholder(path):
+        return
+    try:
+        finish_unix_socket(path, group)
+    except (ConfigError, OSError) as exc:
+        log.warning("placeholder socket left without its group", extra={
+            "path": path, "group": group, "error": str(exc)})
+
+
 # -- the event loop ------------------------------------------------------------------------
 
 _loop_lock = threading.Lock()
@@ -462,8 +475,7 @@ class Daemon:
         self._remove_sockets()
         if kept:
             for path in paths:
-                # clients wait for the next daemon meanwhile
-                leave_placeholder(path, self.cfg.socket_group)
+                leave_placeholder_socket(path, self.cfg.socket_group)
         self.stopped.set()
         log.info("kvmd stopped", extra={
             "vms": "handed over" if kept or self._handed_over else "ended"})

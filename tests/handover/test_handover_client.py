@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvmd.handover import leave_placeholder
-from kvmd.server import Config, Daemon
+from kvmd.server import Config, Daemon, leave_placeholder_socket
 from kvmd_client.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -136,11 +136,11 @@ def test_a_placeholder_has_the_sockets_group(tmp_path: Path) -> None:
     group is another (root, say)."""
     group = next(g for g in grp.getgrall() if g.gr_gid != os.getegid())
     path = tmp_path / "kvmd.sock"
-    leave_placeholder(str(path), group.gr_name)
+    leave_placeholder_socket(str(path), group.gr_name)
     assert os.stat(path).st_gid == group.gr_gid
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
     other = tmp_path / "other.sock"
-    leave_placeholder(str(other), "no-such-group-here")  # left, with the daemon's group
+    leave_placeholder_socket(str(other), "no-such-group-here")  # left, the daemon's group
     assert stat.S_ISSOCK(os.stat(other).st_mode) and os.stat(other).st_gid == os.getegid()
 
 
