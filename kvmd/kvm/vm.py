@@ -8,7 +8,7 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Literal, TypeGuard, overload
 
 from kvmd.kvm._ffi import ffi, ioctl, lib
 from kvmd.kvm.caps import capability_number
@@ -236,8 +236,7 @@ class Vm:
             if slot is None:
                 slot = next(i for i in range(len(self._regions) + 1)
                             if i not in self._regions)
-            elif (not isinstance(slot, int) or isinstance(slot, bool)
-                  or not 0 <= slot < self._max_slots):
+            elif not is_int(slot) or not 0 <= slot < self._max_slots:
                 raise invalid(op, f"slot {slot!r} is not a slot number below "
                               f"{self._max_slots}")
             elif slot in self._regions:
@@ -1035,18 +1034,22 @@ class Vm:
         ioctl(self._open_fd(op), op, p)
 
 
+def is_int(value: object) -> TypeGuard[int]:
+    """An int, and not a bool (which Python counts as one: True would be slot or size 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_positive_size(op: str, size: object) -> None:
     """A region's size: a positive int (EINVAL). Callers that check arguments before
     anything else may call it first (kvmd.core does, to name the request field)."""
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+    if not is_int(size) or size <= 0:
         raise invalid(op, f"size {size!r} must be positive")
 
 
 def check_page_aligned(op: str, what: str, value: object) -> None:
     """An address, offset or size that must be a non-negative multiple of the page size
     (EINVAL)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 \
-            or value % PAGE_SIZE:
+    if not is_int(value) or value < 0 or value % PAGE_SIZE:
         raise invalid(op, f"{what} {value!r} is not page aligned ({PAGE_SIZE} bytes)")
 
 
