@@ -117,24 +117,19 @@ class KvmdCollector(Collector):
         vcpus = {state: 0 for state in VCPU_STATES}
         kernel: dict[str, Any] = {}
         for vm in vms:
-            per_vcpu: list[tuple[int, dict[str, int]]] = []
-            cpu_seconds = 0.0
+            per_vcpu: list[tuple[int, dict[str, int], float]] = []
             for v in vm.vcpus():
                 vcpus[v.state] = vcpus.get(v.state, 0) + 1
-                per_vcpu.append((v.id, v.exit_counts()))
-                seconds = v.cpu_seconds()
-                cpu_seconds += seconds
-                if self.vcpu_label:
-                    cpu.add_metric([vm.id, str(v.id)], seconds)
-            if not self.vcpu_label:
-                cpu.add_metric([vm.id], cpu_seconds)
+                per_vcpu.append((v.id, v.exit_counts(), v.cpu_seconds()))
             if self.vcpu_label:
-                for vid, counts in per_vcpu:
+                for vid, counts, seconds in per_vcpu:
                     for reason, n in exit_reasons(counts):
                         exits.add_metric([vm.id, reason, str(vid)], n)
+                    cpu.add_metric([vm.id, str(vid)], seconds)
             else:
+                cpu.add_metric([vm.id], sum(seconds for _vid, _c, seconds in per_vcpu))
                 total: dict[str, int] = {}
-                for _vid, counts in per_vcpu:
+                for _vid, counts, _seconds in per_vcpu:
                     for name, n in counts.items():
                         total[name] = total.get(name, 0) + n
                 if not per_vcpu:  # zero from VM creation, every known reason
@@ -143,7 +138,7 @@ class KvmdCollector(Collector):
                     exits.add_metric([vm.id, reason], n)
             for space in ("pio", "mmio"):
                 unclaimed.add_metric([vm.id, space], sum(
-                    c.get(f"unclaimed_{space}", 0) for _vid, c in per_vcpu))
+                    c.get(f"unclaimed_{space}", 0) for _vid, c, _seconds in per_vcpu))
             regions = vm.memory_regions()
             memory.add_metric([vm.id], sum(r.size for r in regions))
             slots.add_metric([vm.id], len(regions))
