@@ -80,6 +80,15 @@ def hand_to_store(host: Host, run_dir: Path) -> Handover:
     return old
 
 
+def receive_from_store(sd: FakeSystemd, monkeypatch: pytest.MonkeyPatch, host: Host,
+                       run_dir: Path) -> Handover:
+    """The next start: the store passed as LISTEN_FDS, the VMs restored into `host`."""
+    pass_store(sd, monkeypatch)
+    new = Handover(host, str(run_dir), None)
+    new.receive(False)
+    return new
+
+
 def descriptors_of(link: str) -> list[int]:
     """This process's descriptors of `link` (what /proc/self/fd/N links to)."""
     out = []
@@ -112,9 +121,7 @@ def test_a_vm_crosses_the_fd_store_and_each_side_lets_go_of_its_memory(
     [(_, stored)] = systemd.store
     inode = os.fstat(stored).st_ino
 
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     assert new.report is not None and [(v.vm_id, v.restored) for v in new.report.vms] == [
         ("a", True)]
     assert new_host.get_vm("a").read_memory(0, SIZE) == PATTERN
@@ -225,9 +232,7 @@ def test_a_bug_restoring_one_vm_strands_it_and_the_others_are_restored(
         return real(host, record, memfds, **kw)
 
     monkeypatch.setattr(carry, "restore_vm", restore_vm)
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     assert [vm.id for vm in new_host.list_vms()] == ["a"]
     [stranded] = new.stranded.all()
     assert (stranded.carried.vm_id, stranded.reason) == ("b", "RuntimeError: a bug")
@@ -249,9 +254,7 @@ def strand_on_restore(systemd: FakeSystemd, run_dir: Path, hosts: tuple[Host, Ho
         raise InvalidState("not now", reason=Reason.HANDOVER_STATE_UNUSABLE)
 
     monkeypatch.setattr(carry, "restore_vm", refuse)
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     monkeypatch.setattr(carry, "restore_vm", real)
     assert [s.carried.vm_id for s in new.stranded.all()] == ["a"]
     return new
@@ -394,9 +397,7 @@ def test_a_stranded_vm_travels_on_through_the_store_with_its_reason(
     assert {v["vm_id"]: v.get("stranded", "") for v in manifest["vms"]} == {
         "a": "", "s": "it was big"}
 
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     assert [v.id for v in new_host.list_vms()] == ["a"]
     [s] = new.stranded.all()
     assert (s.carried.vm_id, s.reason, list(s.carried.fds)) == (
@@ -422,9 +423,7 @@ def test_a_manifest_naming_a_vm_that_left_nothing_does_not_stop_the_restore(
     manifest["vms"].append({"vm_id": "gone", "memfds": [memfd_name("gone", 0)],
                             "stranded": "deleted since"})
     path.write_text(json.dumps(manifest))
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     assert [v.id for v in new_host.list_vms()] == ["a"] and new.stranded.all() == []
     assert not path.exists()
 
@@ -442,9 +441,7 @@ def test_an_unusable_manifest_is_ignored_the_state_files_suffice(
     make_vm(old_host, "a")
     hand_to_store(old_host, run_dir)
     (run_dir / STATE_SUBDIR / MANIFEST).write_bytes(manifest)
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     assert new_host.get_vm("a").read_memory(0, SIZE) == PATTERN
     assert new.stranded.all() == []
     new.serving()
@@ -467,9 +464,7 @@ def test_a_state_file_that_cannot_be_read_strands_its_vm_saying_why(
     (state_dir / "b.state").mkdir()
     (state_dir / "a.state.tmp4242").write_bytes(b"half")
     (state_dir / "a.state.save").write_bytes((state_dir / "a.state").read_bytes())
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     assert [v.id for v in new_host.list_vms()] == ["a"]
     [s] = new.stranded.all()
     assert (s.carried.vm_id, s.reason) == ("b", "cannot read its state file: Is a directory")
@@ -488,9 +483,7 @@ def test_memory_whose_state_directory_is_gone_is_stranded_not_lost(
     for name in os.listdir(run_dir / STATE_SUBDIR):
         os.unlink(run_dir / STATE_SUBDIR / name)
     os.rmdir(run_dir / STATE_SUBDIR)
-    pass_store(systemd, monkeypatch)
-    new = Handover(new_host, str(run_dir), None)
-    new.receive(False)
+    new = receive_from_store(systemd, monkeypatch, new_host, run_dir)
     [s] = new.stranded.all()
     assert s.carried.vm_id == "a" and "saved state is missing" in s.reason
     assert list(s.carried.fds) == [memfd_name("a", 0)]
